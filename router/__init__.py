@@ -1,0 +1,1 @@
+"""The live driver: OpenAI-compatible front door, forwarding, discovery, shared state."""

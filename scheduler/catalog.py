@@ -1,0 +1,287 @@
+"""GPU and model catalogs: the hardware and architecture facts the engine model needs.
+
+Names are stable, case-insensitive ids (`A100-80GB`, `llama-3-8b`). Users extend or
+override entries in YAML (`load_catalog_yaml`), and a model can be described by the
+architecture fields of a HuggingFace `config.json` (`model_from_hf_config`).
+Prices are on-demand list prices in USD per GPU-hour, meant as defaults to override.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+
+class CatalogError(ValueError):
+    """An unknown name or an invalid catalog entry; the message lists what is allowed."""
+
+
+@dataclass(frozen=True, slots=True)
+class GpuSpec:
+    name: str
+    memory_gib: float
+    bf16_tflops: float  # dense tensor-core peak
+    hbm_gbps: float  # device memory bandwidth, GB/s
+    interconnect: str  # "nvlink" or "pcie"
+    interconnect_gbps: float  # per-GPU bidirectional bandwidth used by tensor-parallel all-reduce
+    usd_per_hour: float
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    name: str
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    vocab_size: int
+    num_params: float  # all parameters (weights held in memory)
+    active_params: float  # parameters touched per token (== num_params unless MoE)
+    dtype_bytes: int = 2
+    max_context_tokens: int = 8192
+    num_experts: int = 1
+    experts_per_token: int = 1
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V cache one token occupies across all layers."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+    @property
+    def weight_bytes(self) -> float:
+        return self.num_params * self.dtype_bytes
+
+
+_BUILTIN_GPUS: tuple[GpuSpec, ...] = (
+    GpuSpec("A10G", 24, 70.0, 600, "pcie", 32, 1.01),
+    GpuSpec("L4", 24, 121.0, 300, "pcie", 32, 0.70),
+    GpuSpec("L40S", 48, 362.0, 864, "pcie", 32, 1.96),
+    GpuSpec("A100-40GB", 40, 312.0, 1555, "nvlink", 600, 3.00),
+    GpuSpec("A100-80GB", 80, 312.0, 2039, "nvlink", 600, 3.67),
+    GpuSpec("H100-80GB", 80, 989.0, 3350, "nvlink", 900, 7.52),
+    GpuSpec("H200", 141, 989.0, 4800, "nvlink", 900, 9.10),
+)
+
+_BUILTIN_MODELS: tuple[ModelSpec, ...] = (
+    ModelSpec("llama-3-8b", 32, 4096, 32, 8, 14336, 128256, 8.03e9, 8.03e9, max_context_tokens=8192),
+    ModelSpec("llama-3-70b", 80, 8192, 64, 8, 28672, 128256, 70.6e9, 70.6e9, max_context_tokens=8192),
+    ModelSpec("llama-2-7b", 32, 4096, 32, 32, 11008, 32000, 6.74e9, 6.74e9, max_context_tokens=4096),
+    ModelSpec("llama-2-70b", 80, 8192, 64, 8, 28672, 32000, 69.0e9, 69.0e9, max_context_tokens=4096),
+    ModelSpec("codellama-34b", 48, 8192, 64, 8, 22016, 32000, 33.7e9, 33.7e9, max_context_tokens=16384),
+    ModelSpec("phi-2", 32, 2560, 32, 32, 10240, 51200, 2.78e9, 2.78e9, max_context_tokens=2048),
+    ModelSpec("qwen2.5-0.5b", 24, 896, 14, 2, 4864, 151936, 0.494e9, 0.494e9, max_context_tokens=32768),
+    ModelSpec("qwen2.5-1.5b", 28, 1536, 12, 2, 8960, 151936, 1.54e9, 1.54e9, max_context_tokens=32768),
+    ModelSpec("qwen2.5-7b", 28, 3584, 28, 4, 18944, 152064, 7.62e9, 7.62e9, max_context_tokens=32768),
+    ModelSpec(
+        "mixtral-8x7b", 32, 4096, 32, 8, 14336, 32000, 46.7e9, 12.9e9,
+        max_context_tokens=32768, num_experts=8, experts_per_token=2,
+    ),
+)
+
+
+@dataclass(slots=True)
+class Catalog:
+    """Known GPUs and models, keyed by lower-cased name."""
+
+    gpus: dict[str, GpuSpec] = field(default_factory=dict)
+    models: dict[str, ModelSpec] = field(default_factory=dict)
+
+    def gpu(self, name: str) -> GpuSpec:
+        found = self.gpus.get(name.lower())
+        if found is None:
+            known = ", ".join(sorted(g.name for g in self.gpus.values()))
+            raise CatalogError(f"unknown GPU {name!r}; known GPUs: {known}")
+        return found
+
+    def model(self, name: str) -> ModelSpec:
+        found = self.models.get(name.lower())
+        if found is None:
+            known = ", ".join(sorted(m.name for m in self.models.values()))
+            raise CatalogError(f"unknown model {name!r}; known models: {known}")
+        return found
+
+    def add_gpu(self, spec: GpuSpec) -> None:
+        self.gpus[spec.name.lower()] = spec
+
+    def add_model(self, spec: ModelSpec) -> None:
+        self.models[spec.name.lower()] = spec
+
+    def copy(self) -> Catalog:
+        return Catalog(dict(self.gpus), dict(self.models))
+
+
+def default_catalog() -> Catalog:
+    catalog = Catalog()
+    for gpu in _BUILTIN_GPUS:
+        catalog.add_gpu(gpu)
+    for model in _BUILTIN_MODELS:
+        catalog.add_model(model)
+    return catalog
+
+
+_GPU_FIELDS: dict[str, type] = {
+    "memory_gib": float,
+    "bf16_tflops": float,
+    "hbm_gbps": float,
+    "interconnect": str,
+    "interconnect_gbps": float,
+    "usd_per_hour": float,
+}
+_MODEL_FIELDS: dict[str, type] = {
+    "num_layers": int,
+    "hidden_size": int,
+    "num_attention_heads": int,
+    "num_kv_heads": int,
+    "intermediate_size": int,
+    "vocab_size": int,
+    "num_params": float,
+    "active_params": float,
+    "dtype_bytes": int,
+    "max_context_tokens": int,
+    "num_experts": int,
+    "experts_per_token": int,
+}
+
+
+def _coerce(where: str, key: str, value: Any, kind: type) -> Any:
+    if kind is str:
+        if not isinstance(value, str):
+            raise CatalogError(f"{where}.{key}: expected a string, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise CatalogError(f"{where}.{key}: expected a number, got {value!r}")
+    if value <= 0:
+        raise CatalogError(f"{where}.{key}: expected a positive number, got {value!r}")
+    if kind is int:
+        if float(value) != int(value):
+            raise CatalogError(f"{where}.{key}: expected an integer, got {value!r}")
+        return int(value)
+    return float(value)
+
+
+def _check_keys(where: str, entry: Mapping[str, Any], allowed: Mapping[str, type]) -> None:
+    unknown = sorted(set(entry) - set(allowed) - {"name", "hf_config"})
+    if unknown:
+        raise CatalogError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}"
+        )
+
+
+def estimate_num_params(
+    num_layers: int,
+    hidden_size: int,
+    num_attention_heads: int,
+    num_kv_heads: int,
+    intermediate_size: int,
+    vocab_size: int,
+    num_experts: int = 1,
+    tied_embeddings: bool = False,
+) -> float:
+    """Parameter count of a gated-MLP decoder-only transformer (Llama-style)."""
+    head_dim = hidden_size // num_attention_heads
+    attn = hidden_size * head_dim * (2 * num_attention_heads + 2 * num_kv_heads)
+    mlp = 3 * hidden_size * intermediate_size * num_experts
+    embed = vocab_size * hidden_size * (1 if tied_embeddings else 2)
+    return float(num_layers * (attn + mlp) + embed)
+
+
+def model_from_hf_config(name: str, config: Mapping[str, Any]) -> ModelSpec:
+    """Build a ModelSpec from the architecture fields of a HuggingFace `config.json`."""
+    where = f"model {name!r} hf_config"
+    required = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
+    missing = [k for k in required if k not in config]
+    if missing:
+        raise CatalogError(f"{where}: missing field(s) {', '.join(missing)}")
+    layers = _coerce(where, "num_hidden_layers", config["num_hidden_layers"], int)
+    hidden = _coerce(where, "hidden_size", config["hidden_size"], int)
+    heads = _coerce(where, "num_attention_heads", config["num_attention_heads"], int)
+    kv_heads = _coerce(where, "num_key_value_heads", config.get("num_key_value_heads", heads), int)
+    inter = _coerce(where, "intermediate_size", config["intermediate_size"], int)
+    vocab = _coerce(where, "vocab_size", config["vocab_size"], int)
+    experts = int(config.get("num_local_experts", config.get("num_experts", 1)) or 1)
+    per_token = int(config.get("num_experts_per_tok", 1) or 1) if experts > 1 else 1
+    dtype = str(config.get("torch_dtype", "bfloat16"))
+    dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2, "float8": 1}.get(dtype, 2)
+    tied = bool(config.get("tie_word_embeddings", False))
+    total = estimate_num_params(layers, hidden, heads, kv_heads, inter, vocab, experts, tied)
+    active = estimate_num_params(layers, hidden, heads, kv_heads, inter, vocab, per_token, tied)
+    return ModelSpec(
+        name=name,
+        num_layers=layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_kv_heads=kv_heads,
+        intermediate_size=inter,
+        vocab_size=vocab,
+        num_params=total,
+        active_params=active,
+        dtype_bytes=dtype_bytes,
+        max_context_tokens=int(config.get("max_position_embeddings", 8192)),
+        num_experts=experts,
+        experts_per_token=per_token,
+    )
+
+
+def extend_catalog(catalog: Catalog, document: Mapping[str, Any], source: str = "<yaml>") -> Catalog:
+    """Return a copy of `catalog` with the `gpus:` and `models:` entries of a parsed YAML document.
+
+    An entry whose name is already known overrides only the fields it sets (e.g. a price).
+    A new model may give `hf_config:` (the dict of a HuggingFace config.json) instead of fields.
+    """
+    if not isinstance(document, Mapping):
+        raise CatalogError(f"{source}: expected a mapping with keys 'gpus' and/or 'models'")
+    unknown = sorted(set(document) - {"gpus", "models"})
+    if unknown:
+        raise CatalogError(f"{source}: unknown top-level key(s) {', '.join(unknown)}; allowed: gpus, models")
+    result = catalog.copy()
+    for index, entry in enumerate(document.get("gpus") or []):
+        where = f"{source}: gpus[{index}]"
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str):
+            raise CatalogError(f"{where}: expected a mapping with a string 'name'")
+        _check_keys(where, entry, _GPU_FIELDS)
+        values = {k: _coerce(where, k, v, _GPU_FIELDS[k]) for k, v in entry.items() if k != "name"}
+        existing = result.gpus.get(entry["name"].lower())
+        if existing is not None:
+            result.add_gpu(replace(existing, **values))
+        else:
+            missing = sorted(set(_GPU_FIELDS) - set(values))
+            if missing:
+                raise CatalogError(f"{where}: new GPU {entry['name']!r} is missing {', '.join(missing)}")
+            result.add_gpu(GpuSpec(name=entry["name"], **values))
+    for index, entry in enumerate(document.get("models") or []):
+        where = f"{source}: models[{index}]"
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str):
+            raise CatalogError(f"{where}: expected a mapping with a string 'name'")
+        _check_keys(where, entry, _MODEL_FIELDS)
+        name = entry["name"]
+        if "hf_config" in entry:
+            if not isinstance(entry["hf_config"], Mapping):
+                raise CatalogError(f"{where}.hf_config: expected the mapping of a config.json")
+            result.add_model(model_from_hf_config(name, entry["hf_config"]))
+            continue
+        values = {
+            k: _coerce(where, k, v, _MODEL_FIELDS[k]) for k, v in entry.items() if k != "name"
+        }
+        existing_model = result.models.get(name.lower())
+        if existing_model is not None:
+            result.add_model(replace(existing_model, **values))
+            continue
+        required = set(_MODEL_FIELDS) - {"active_params", "dtype_bytes", "max_context_tokens", "num_experts", "experts_per_token", "num_params"}
+        missing = sorted(required - set(values))
+        if missing:
+            raise CatalogError(f"{where}: new model {name!r} is missing {', '.join(missing)}")
+        if "num_params" not in values:
+            values["num_params"] = estimate_num_params(
+                values["num_layers"], values["hidden_size"], values["num_attention_heads"],
+                values["num_kv_heads"], values["intermediate_size"], values["vocab_size"],
+                values.get("num_experts", 1),
+            )
+        values.setdefault("active_params", values["num_params"])
+        result.add_model(ModelSpec(name=name, **values))
+    return result

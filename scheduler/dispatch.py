@@ -1,0 +1,237 @@
+"""Dispatch extension points: filter -> score -> pick, each a small class registered by name.
+
+A `DispatchPolicy` is assembled from config (names and parameters) and answers
+`decide(view, request) -> Decision`. Drivers (router, simulator) call exactly this and
+report outcomes back through `on_dispatch` / `on_finish`, so stateful policies
+(round-robin, affinity tables) see the same events live and simulated.
+
+A new policy is one new module in `scheduler/policies/` that registers itself:
+
+    @register_scorer("least_outstanding")
+    class LeastOutstanding(Scorer): ...
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+from scheduler.types import Decision, InstanceState, NoInstanceAvailable, RequestInfo
+
+
+class PolicyConfigError(ValueError):
+    """Unknown policy name or bad parameters; the message lists what is allowed."""
+
+
+@dataclass(slots=True)
+class ClusterView:
+    """Everything a dispatch decision may look at: instances and the driver's clock."""
+
+    instances: Sequence[InstanceState]
+    now_s: float = 0.0
+
+
+@dataclass(slots=True)
+class DispatchContext:
+    """Per-decision inputs that are not instance load: clock and a seeded RNG."""
+
+    now_s: float
+    rng: random.Random
+
+
+class Filter:
+    """Removes instances that must not receive the request."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, **params: Any) -> None:
+        if params:
+            raise PolicyConfigError(f"filter {self.name!r} takes no parameters, got {sorted(params)}")
+
+    def keep(self, request: RequestInfo, instance: InstanceState, ctx: DispatchContext) -> bool:
+        raise NotImplementedError
+
+
+class Scorer:
+    """Scores an instance for a request; higher is better. Scores are combined by weight."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, **params: Any) -> None:
+        if params:
+            raise PolicyConfigError(f"scorer {self.name!r} takes no parameters, got {sorted(params)}")
+
+    def score(self, request: RequestInfo, instance: InstanceState, ctx: DispatchContext) -> float:
+        raise NotImplementedError
+
+    def on_dispatch(self, request: RequestInfo, instance_id: str) -> None:
+        """The driver sent `request` to `instance_id`."""
+
+    def on_finish(self, request: RequestInfo, instance_id: str) -> None:
+        """`request` finished (or failed) on `instance_id`."""
+
+
+class Picker:
+    """Orders the scored candidates; the first is chosen, the rest are fallbacks."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, **params: Any) -> None:
+        if params:
+            raise PolicyConfigError(f"picker {self.name!r} takes no parameters, got {sorted(params)}")
+
+    def order(
+        self,
+        request: RequestInfo,
+        scored: list[tuple[InstanceState, float]],
+        ctx: DispatchContext,
+    ) -> list[InstanceState]:
+        raise NotImplementedError
+
+    def on_dispatch(self, request: RequestInfo, instance_id: str) -> None:
+        """The driver sent `request` to `instance_id`."""
+
+
+FILTERS: dict[str, type[Filter]] = {}
+SCORERS: dict[str, type[Scorer]] = {}
+PICKERS: dict[str, type[Picker]] = {}
+
+_F = TypeVar("_F", bound=type[Filter])
+_S = TypeVar("_S", bound=type[Scorer])
+_P = TypeVar("_P", bound=type[Picker])
+
+
+def register_filter(name: str) -> Callable[[_F], _F]:
+    def wrap(cls: _F) -> _F:
+        cls.name = name
+        FILTERS[name] = cls
+        return cls
+
+    return wrap
+
+
+def register_scorer(name: str) -> Callable[[_S], _S]:
+    def wrap(cls: _S) -> _S:
+        cls.name = name
+        SCORERS[name] = cls
+        return cls
+
+    return wrap
+
+
+def register_picker(name: str) -> Callable[[_P], _P]:
+    def wrap(cls: _P) -> _P:
+        cls.name = name
+        PICKERS[name] = cls
+        return cls
+
+    return wrap
+
+
+def _load_builtin_policies() -> None:
+    # Importing the package registers every built-in policy module.
+    import scheduler.policies  # noqa: F401
+
+
+@dataclass(slots=True)
+class DispatchPolicy:
+    """filter -> score -> pick, assembled from registered parts."""
+
+    filters: list[Filter]
+    scorers: list[tuple[Scorer, float]]
+    picker: Picker
+    seed: int = 0
+    rng: random.Random = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+
+    def decide(self, view: ClusterView, request: RequestInfo) -> Decision:
+        ctx = DispatchContext(now_s=view.now_s, rng=self.rng)
+        candidates = list(view.instances)
+        if not candidates:
+            raise NoInstanceAvailable(f"request {request.request_id}: no instances registered")
+        for flt in self.filters:
+            kept = [inst for inst in candidates if flt.keep(request, inst, ctx)]
+            if not kept:
+                raise NoInstanceAvailable(
+                    f"request {request.request_id} (model {request.model!r}): filter {flt.name!r} "
+                    f"removed the last {len(candidates)} candidate(s)"
+                )
+            candidates = kept
+        scored: list[tuple[InstanceState, float]] = []
+        for inst in candidates:
+            total = 0.0
+            for scorer, weight in self.scorers:
+                total += weight * scorer.score(request, inst, ctx)
+            scored.append((inst, total))
+        ordered = self.picker.order(request, scored, ctx)
+        score_of = {inst.instance_id: s for inst, s in scored}
+        return Decision(
+            instance_ids=tuple(inst.instance_id for inst in ordered),
+            reason=self.picker.name,
+            scores=tuple((inst.instance_id, score_of[inst.instance_id]) for inst in ordered),
+        )
+
+    def on_dispatch(self, request: RequestInfo, instance_id: str) -> None:
+        for scorer, _ in self.scorers:
+            scorer.on_dispatch(request, instance_id)
+        self.picker.on_dispatch(request, instance_id)
+
+    def on_finish(self, request: RequestInfo, instance_id: str) -> None:
+        for scorer, _ in self.scorers:
+            scorer.on_finish(request, instance_id)
+
+
+def _named(kind: str, registry: Mapping[str, type[Any]], spec: Any, where: str) -> tuple[str, dict[str, Any]]:
+    """A part is given as `name` or `{name: {param: value}}`."""
+    if isinstance(spec, str):
+        name, params = spec, {}
+    elif isinstance(spec, Mapping) and len(spec) == 1:
+        name, raw = next(iter(spec.items()))
+        params = dict(raw or {})
+    else:
+        raise PolicyConfigError(f"{where}: expected a {kind} name or {{name: params}}, got {spec!r}")
+    if name not in registry:
+        raise PolicyConfigError(
+            f"{where}: unknown {kind} {name!r}; known: {', '.join(sorted(registry))}"
+        )
+    return name, params
+
+
+def build_policy(config: Mapping[str, Any] | None, where: str = "dispatch", seed: int = 0) -> DispatchPolicy:
+    """Assemble a policy from config:
+
+        filters: [model, healthy, not_draining]       # default
+        scorers: [{least_outstanding: {weight: 1.0}}] # weight defaults to 1
+        picker: max_score                             # or round_robin, random, ...
+    """
+    _load_builtin_policies()
+    config = dict(config or {})
+    unknown = sorted(set(config) - {"filters", "scorers", "picker", "seed"})
+    if unknown:
+        raise PolicyConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: filters, scorers, picker, seed")
+    filters: list[Filter] = []
+    for i, spec in enumerate(config.get("filters", ["model", "healthy", "not_draining"])):
+        name, params = _named("filter", FILTERS, spec, f"{where}.filters[{i}]")
+        filters.append(_construct(FILTERS[name], params, f"{where}.filters[{i}]"))
+    scorers: list[tuple[Scorer, float]] = []
+    for i, spec in enumerate(config.get("scorers", ["least_outstanding"])):
+        name, params = _named("scorer", SCORERS, spec, f"{where}.scorers[{i}]")
+        weight = float(params.pop("weight", 1.0))
+        scorers.append((_construct(SCORERS[name], params, f"{where}.scorers[{i}]"), weight))
+    name, params = _named("picker", PICKERS, config.get("picker", "max_score"), f"{where}.picker")
+    picker = _construct(PICKERS[name], params, f"{where}.picker")
+    return DispatchPolicy(filters, scorers, picker, seed=int(config.get("seed", seed)))
+
+
+_T = TypeVar("_T")
+
+
+def _construct(cls: Callable[..., _T], params: dict[str, Any], where: str) -> _T:
+    try:
+        return cls(**params)
+    except TypeError as exc:
+        raise PolicyConfigError(f"{where}: {exc}") from exc

@@ -1,0 +1,53 @@
+"""The filters every deployment needs, and the plain max-score picker."""
+
+from __future__ import annotations
+
+from scheduler.dispatch import DispatchContext, Filter, Picker, register_filter, register_picker
+from scheduler.types import InstanceState, RequestInfo
+
+
+@register_filter("model")
+class ServesModel(Filter):
+    """Keeps instances serving the requested model (case-insensitive)."""
+
+    def keep(self, request: RequestInfo, instance: InstanceState, ctx: DispatchContext) -> bool:
+        return instance.model.lower() == request.model.lower()
+
+
+@register_filter("healthy")
+class Healthy(Filter):
+    def keep(self, request: RequestInfo, instance: InstanceState, ctx: DispatchContext) -> bool:
+        return instance.healthy
+
+
+@register_filter("not_draining")
+class NotDraining(Filter):
+    """A draining or terminating instance finishes its running requests but gets no new ones."""
+
+    def keep(self, request: RequestInfo, instance: InstanceState, ctx: DispatchContext) -> bool:
+        return not instance.draining
+
+
+@register_filter("kv_room")
+class HasKvRoom(Filter):
+    """Keeps instances with free KV blocks for the prompt (unknown capacity passes)."""
+
+    def keep(self, request: RequestInfo, instance: InstanceState, ctx: DispatchContext) -> bool:
+        if instance.kv_blocks_total <= 0:
+            return True
+        needed = -(-request.input_tokens // max(1, instance.block_size_tokens))
+        return instance.kv_blocks_free >= needed
+
+
+@register_picker("max_score")
+class MaxScore(Picker):
+    """Highest score first; ties broken by instance id so decisions are reproducible."""
+
+    def order(
+        self,
+        request: RequestInfo,
+        scored: list[tuple[InstanceState, float]],
+        ctx: DispatchContext,
+    ) -> list[InstanceState]:
+        ranked = sorted(scored, key=lambda pair: (-pair[1], pair[0].instance_id))
+        return [inst for inst, _ in ranked]

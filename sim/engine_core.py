@@ -1,0 +1,434 @@
+"""One engine core, two clocks: the continuous-batching iteration logic of a vLLM-like engine.
+
+The core owns the waiting and running queues, KV-block accounting with a prefix cache,
+admission, chunked prefill and preemption (by recomputation, as vLLM v1 does). It has no
+clock: a driver asks `schedule()` for the next iteration, waits the iteration's
+`duration_s` (a real `asyncio.sleep` in the emulated engine, a heap event in the
+simulator), then calls `complete(batch, end_s)` to apply it and learn which tokens came
+out and which requests finished.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from enum import Enum
+
+from scheduler.engine_model import EngineModel
+
+
+class EngineConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    enable_prefix_caching: bool = True
+    scheduling_policy: str = "fcfs"  # "fcfs" or "priority" (lower priority value runs earlier)
+    max_model_len: int | None = None  # defaults to the model's max context
+    num_kv_blocks: int | None = None  # defaults to the engine model's KV capacity
+
+    def __post_init__(self) -> None:
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise EngineConfigError(
+                f"scheduling_policy: expected 'fcfs' or 'priority', got {self.scheduling_policy!r}"
+            )
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise EngineConfigError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+
+
+class RequestStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+    ABORTED = "aborted"
+
+
+@dataclass(slots=True, eq=False)
+class EngineRequest:
+    """A request inside the engine, with its progress."""
+
+    request_id: str
+    prompt_tokens: int
+    output_tokens: int  # how many tokens this request will generate (>= 1)
+    arrival_s: float = 0.0
+    priority: int = 0
+    prefix_hashes: tuple[int, ...] = ()
+    prefix_block_tokens: int = 16  # prompt tokens covered by each prefix hash
+
+    status: RequestStatus = RequestStatus.WAITING
+    computed_tokens: int = 0  # tokens whose KV is in the cache
+    generated_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache (last admission)
+    first_token_s: float | None = None
+    last_token_s: float | None = None
+    finish_s: float | None = None
+    preemptions: int = 0
+    own_blocks: int = 0  # KV blocks held privately
+    shared_hashes: list[int] = field(default_factory=list)  # prefix-cache entries referenced
+    _seq: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens that exist for this request: the prompt and what it generated so far."""
+        return self.prompt_tokens + self.generated_tokens
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_tokens - self.computed_tokens > 1 or self.generated_tokens == 0
+
+
+@dataclass(slots=True)
+class Batch:
+    """One iteration: which requests compute how many tokens, and what it costs."""
+
+    scheduled: list[tuple[EngineRequest, int]]
+    prefill_tokens: int
+    decode_seqs: int
+    context_tokens: int
+    prefill_attention_pairs: float
+    duration_s: float
+    preempted: list[EngineRequest]
+
+
+@dataclass(slots=True)
+class StepOutput:
+    """What one completed iteration produced."""
+
+    tokens: list[EngineRequest]  # requests that emitted one new token (in batch order)
+    first_tokens: list[EngineRequest]  # subset: emitted their first token
+    finished: list[EngineRequest]
+
+
+@dataclass(slots=True)
+class _CacheEntry:
+    blocks: int
+    refs: int = 0
+
+
+class EngineCore:
+    """Continuous batching with KV blocks, prefix caching, chunked prefill and preemption."""
+
+    def __init__(self, model: EngineModel, config: EngineConfig | None = None) -> None:
+        self.model = model
+        self.config = config or EngineConfig()
+        capacity = self.config.num_kv_blocks
+        if capacity is None:
+            capacity = model.kv_capacity_blocks(self.config.block_size)
+        if capacity <= 0:
+            raise EngineConfigError(
+                f"{model.name}: weights leave no room for a KV cache "
+                f"({model.gpu.memory_gib} GiB x tp {model.tp}); use a larger GPU or tensor parallelism"
+            )
+        self.num_kv_blocks = capacity
+        self.max_model_len = self.config.max_model_len or model.model.max_context_tokens
+        self.free_blocks = capacity
+        self._cache: OrderedDict[int, _CacheEntry] = OrderedDict()  # LRU order, evictable if refs == 0
+        self._evictable_blocks = 0
+        self._waiting: list[tuple[tuple[float, ...], EngineRequest]] = []  # heap
+        self.running: list[EngineRequest] = []
+        self._seq = itertools.count()
+        self.requests: dict[str, EngineRequest] = {}
+        # Counters, exported by drivers as metrics.
+        self.prefix_cache_queries_tokens = 0
+        self.prefix_cache_hits_tokens = 0
+        self.preemptions_total = 0
+        self.iterations_total = 0
+
+    # ----------------------------------------------------------------- queues
+    def _wait_key(self, req: EngineRequest) -> tuple[float, ...]:
+        if self.config.scheduling_policy == "priority":
+            return (float(req.priority), req.arrival_s, float(req._seq))
+        return (req.arrival_s, float(req._seq))
+
+    def add_request(self, req: EngineRequest) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in the engine")
+        if req.prompt_tokens < 1 or req.output_tokens < 1:
+            raise ValueError(
+                f"request {req.request_id}: prompt_tokens and output_tokens must be >= 1, "
+                f"got {req.prompt_tokens} and {req.output_tokens}"
+            )
+        if req.prompt_tokens + req.output_tokens > self.max_model_len:
+            raise ValueError(
+                f"request {req.request_id}: {req.prompt_tokens} prompt + {req.output_tokens} output "
+                f"tokens exceed the model's maximum context length of {self.max_model_len}"
+            )
+        if req.prefix_hashes and req.prefix_block_tokens % self.config.block_size:
+            raise ValueError(
+                f"request {req.request_id}: prefix_block_tokens ({req.prefix_block_tokens}) must be a "
+                f"multiple of the engine's block size ({self.config.block_size})"
+            )
+        blocks_needed = -(-(req.prompt_tokens + req.output_tokens) // self.config.block_size)
+        if blocks_needed > self.num_kv_blocks:
+            raise ValueError(
+                f"request {req.request_id}: needs {blocks_needed} KV blocks, the engine has "
+                f"{self.num_kv_blocks} in all"
+            )
+        req._seq = next(self._seq)
+        req.status = RequestStatus.WAITING
+        self.requests[req.request_id] = req
+        heapq.heappush(self._waiting, (self._wait_key(req), req))
+
+    def abort(self, request_id: str) -> EngineRequest | None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+            self._release(req)
+        elif req.status is RequestStatus.WAITING:
+            self._waiting = [(k, r) for k, r in self._waiting if r is not req]
+            heapq.heapify(self._waiting)
+        req.status = RequestStatus.ABORTED
+        return req
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self.running)
+
+    @property
+    def kv_blocks_used(self) -> int:
+        """Blocks held by requests (cached prefixes nobody references count as free)."""
+        return self.num_kv_blocks - self.free_blocks - self._evictable_blocks
+
+    @property
+    def tokens_in_flight(self) -> int:
+        return sum(r.num_tokens for r in self.running)
+
+    # ------------------------------------------------------------- KV blocks
+    def _blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.config.block_size)
+
+    def _shared_blocks(self, req: EngineRequest) -> int:
+        return sum(self._cache[h].blocks for h in req.shared_hashes)
+
+    def _allocate(self, blocks: int) -> bool:
+        if blocks <= 0:
+            return True
+        if self.free_blocks + self._evictable_blocks < blocks:
+            return False
+        while self.free_blocks < blocks:
+            self._evict_one()
+        self.free_blocks -= blocks
+        return True
+
+    def _evict_one(self) -> None:
+        for key, entry in self._cache.items():
+            if entry.refs == 0:
+                del self._cache[key]
+                self._evictable_blocks -= entry.blocks
+                self.free_blocks += entry.blocks
+                return
+        raise AssertionError("no evictable prefix-cache block although accounting says there is")
+
+    def _release(self, req: EngineRequest) -> None:
+        self.free_blocks += req.own_blocks
+        req.own_blocks = 0
+        for key in req.shared_hashes:
+            entry = self._cache[key]
+            entry.refs -= 1
+            if entry.refs == 0:
+                self._evictable_blocks += entry.blocks
+        req.shared_hashes.clear()
+
+    def _hash_blocks(self, req: EngineRequest) -> int:
+        return req.prefix_block_tokens // self.config.block_size
+
+    def _lookup_prefix(self, req: EngineRequest) -> None:
+        """On admission: reference the cached leading prefix blocks, skip computing them."""
+        if not self.config.enable_prefix_caching or not req.prefix_hashes:
+            return
+        usable = min(len(req.prefix_hashes), req.prompt_tokens // req.prefix_block_tokens)
+        self.prefix_cache_queries_tokens += req.prompt_tokens
+        hits = 0
+        for key in req.prefix_hashes[:usable]:
+            entry = self._cache.get(key)
+            if entry is None:
+                break
+            hits += 1
+        # Always compute at least the prompt's last token, as vLLM does.
+        while hits and hits * req.prefix_block_tokens >= req.prompt_tokens:
+            hits -= 1
+        for key in req.prefix_hashes[:hits]:
+            entry = self._cache[key]
+            if entry.refs == 0:
+                self._evictable_blocks -= entry.blocks
+            entry.refs += 1
+            self._cache.move_to_end(key)
+            req.shared_hashes.append(key)
+        req.computed_tokens = hits * req.prefix_block_tokens
+        req.cached_prompt_tokens = req.computed_tokens
+        self.prefix_cache_hits_tokens += req.computed_tokens
+
+    def _promote_prefix(self, req: EngineRequest) -> None:
+        """Move fully computed prompt blocks with a hash from private to shared (cached)."""
+        if not self.config.enable_prefix_caching or not req.prefix_hashes:
+            return
+        done = min(req.computed_tokens, req.prompt_tokens) // req.prefix_block_tokens
+        done = min(done, len(req.prefix_hashes))
+        per_hash = self._hash_blocks(req)
+        while len(req.shared_hashes) < done:
+            key = req.prefix_hashes[len(req.shared_hashes)]
+            entry = self._cache.get(key)
+            if entry is None:
+                entry = _CacheEntry(blocks=per_hash)
+                self._cache[key] = entry
+            else:
+                # Someone else computed the same block meanwhile: keep theirs, free ours.
+                self.free_blocks += per_hash
+                if entry.refs == 0:
+                    self._evictable_blocks -= entry.blocks
+            self._cache.move_to_end(key)
+            entry.refs += 1
+            req.own_blocks -= per_hash
+            req.shared_hashes.append(key)
+
+    def _grow(self, req: EngineRequest, new_tokens: int) -> bool:
+        """Make sure `req` holds blocks for computed + new tokens."""
+        needed = self._blocks_for(req.computed_tokens + new_tokens) - req.own_blocks - self._shared_blocks(req)
+        if needed <= 0:
+            return True
+        if not self._allocate(needed):
+            return False
+        req.own_blocks += needed
+        return True
+
+    def _preempt(self, req: EngineRequest) -> None:
+        self.running.remove(req)
+        self._release(req)
+        req.computed_tokens = 0
+        req.preemptions += 1
+        req.status = RequestStatus.WAITING
+        self.preemptions_total += 1
+        heapq.heappush(self._waiting, (self._wait_key(req), req))
+
+    def _victim(self) -> EngineRequest:
+        """Who is preempted when KV runs out: the lowest priority, then the latest arrival."""
+        if self.config.scheduling_policy == "priority":
+            return max(self.running, key=lambda r: (r.priority, r.arrival_s, r._seq))
+        return max(self.running, key=lambda r: (r.arrival_s, r._seq))
+
+    # ------------------------------------------------------------- iteration
+    def schedule(self) -> Batch:
+        """Choose the next iteration's work; call `complete` when it has run."""
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[tuple[EngineRequest, int]] = []
+        preempted: list[EngineRequest] = []
+        for req in list(self.running):
+            if req.status is not RequestStatus.RUNNING or budget <= 0:
+                continue
+            new = min(req.num_tokens - req.computed_tokens, budget)
+            while not self._grow(req, new):
+                victim = self._victim()
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status is not RequestStatus.RUNNING:
+                continue
+            scheduled.append((req, new))
+            budget -= new
+        # Preempted requests were already scheduled? Drop them from this batch.
+        if preempted:
+            scheduled = [(r, n) for r, n in scheduled if r.status is RequestStatus.RUNNING]
+        else:
+            while self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+                _, req = self._waiting[0]
+                if req.computed_tokens == 0 and not req.shared_hashes:
+                    self._lookup_prefix(req)
+                new = min(req.num_tokens - req.computed_tokens, budget)
+                if not self._grow(req, new):
+                    if (
+                        self.config.scheduling_policy == "priority"
+                        and self.running
+                        and self._victim().priority > req.priority
+                    ):
+                        victim = self._victim()
+                        self._preempt(victim)
+                        preempted.append(victim)
+                        scheduled = [(r, n) for r, n in scheduled if r is not victim]
+                        continue
+                    # Not admitted: give back the prefix references taken for it.
+                    self._release(req)
+                    req.computed_tokens = 0
+                    break
+                heapq.heappop(self._waiting)
+                req.status = RequestStatus.RUNNING
+                self.running.append(req)
+                scheduled.append((req, new))
+                budget -= new
+        return self._shape(scheduled, preempted)
+
+    def _shape(self, scheduled: list[tuple[EngineRequest, int]], preempted: list[EngineRequest]) -> Batch:
+        prefill_tokens = 0
+        decode_seqs = 0
+        context = 0
+        pairs = 0.0
+        for req, new in scheduled:
+            if new == 1 and req.generated_tokens > 0:
+                decode_seqs += 1
+                context += req.computed_tokens + 1
+            else:
+                prefill_tokens += new
+                pairs += new * (req.computed_tokens + (new + 1) / 2.0)
+        duration = self.model.iteration_time_s(prefill_tokens, decode_seqs, context, pairs)
+        return Batch(scheduled, prefill_tokens, decode_seqs, context, pairs, duration, preempted)
+
+    def complete(self, batch: Batch, end_s: float) -> StepOutput:
+        """Apply an iteration that ended at `end_s`: advance progress, emit tokens, finish."""
+        self.iterations_total += 1
+        tokens: list[EngineRequest] = []
+        first: list[EngineRequest] = []
+        finished: list[EngineRequest] = []
+        for req, new in batch.scheduled:
+            if req.status is not RequestStatus.RUNNING:
+                continue  # aborted while the iteration ran
+            req.computed_tokens += new
+            self._promote_prefix(req)
+            if req.computed_tokens < req.num_tokens:
+                continue  # a prefill chunk; no token yet
+            req.generated_tokens += 1
+            req.last_token_s = end_s
+            tokens.append(req)
+            if req.first_token_s is None:
+                req.first_token_s = end_s
+                first.append(req)
+            if req.generated_tokens >= req.output_tokens:
+                req.finish_s = end_s
+                req.status = RequestStatus.FINISHED
+                self.running.remove(req)
+                self._release(req)
+                del self.requests[req.request_id]
+                finished.append(req)
+        return StepOutput(tokens, first, finished)
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the block accounting is inconsistent (for tests)."""
+        held = sum(r.own_blocks for r in self.running)
+        cached = sum(e.blocks for e in self._cache.values())
+        evictable = sum(e.blocks for e in self._cache.values() if e.refs == 0)
+        assert self.free_blocks >= 0, self.free_blocks
+        assert evictable == self._evictable_blocks, (evictable, self._evictable_blocks)
+        assert held + cached + self.free_blocks == self.num_kv_blocks, (
+            held, cached, self.free_blocks, self.num_kv_blocks,
+        )
+        refs: dict[int, int] = {}
+        for r in self.running:
+            for key in r.shared_hashes:
+                refs[key] = refs.get(key, 0) + 1
+        for key, entry in self._cache.items():
+            assert entry.refs == refs.get(key, 0), (key, entry.refs, refs.get(key, 0))

@@ -1,0 +1,63 @@
+"""The `tokenyard` command: one argparse tree; each subcommand lives in its own module.
+
+Every module listed in `SUBCOMMAND_MODULES` exposes `register(subparsers)`, which adds its
+subcommand(s) with `set_defaults(handler=fn)`; `fn(args) -> int` is the exit code. Modules
+keep heavy imports inside their handlers so that `tokenyard --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from tokenyard import __version__
+from tokenyard.logs import configure_logging
+
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "sim.cli_engine",  # tokenyard engine
+    "sim.calibrate",  # tokenyard model predict, tokenyard calibrate
+    "sim.cli",  # tokenyard sim run|compare|sweep
+    "router.cli",  # tokenyard router
+    "tokenyard.up",  # tokenyard up
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokenyard",
+        description="Control plane for LLM serving fleets: route, schedule, migrate, size, simulate.",
+    )
+    parser.add_argument("--version", action="version", version=f"tokenyard {__version__}")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default="text", choices=["json", "text"],
+                        help="structured JSON lines, or plain text for a terminal (default: text)")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue  # subcommand not built yet
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    configure_logging(args.log_level, args.log_format)
+    try:
+        return int(handler(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
