@@ -1,0 +1,202 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class SloPolicy(_message.Message):
+    __slots__ = ("tenant", "slo_class", "ttft_slo_ms", "tpot_slo_ms", "priority", "dispatch_policy")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    SLO_CLASS_FIELD_NUMBER: _ClassVar[int]
+    TTFT_SLO_MS_FIELD_NUMBER: _ClassVar[int]
+    TPOT_SLO_MS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    DISPATCH_POLICY_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    slo_class: str
+    ttft_slo_ms: float
+    tpot_slo_ms: float
+    priority: int
+    dispatch_policy: str
+    def __init__(self, tenant: _Optional[str] = ..., slo_class: _Optional[str] = ..., ttft_slo_ms: _Optional[float] = ..., tpot_slo_ms: _Optional[float] = ..., priority: _Optional[int] = ..., dispatch_policy: _Optional[str] = ...) -> None: ...
+
+class GetPolicyRequest(_message.Message):
+    __slots__ = ("tenant",)
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    def __init__(self, tenant: _Optional[str] = ...) -> None: ...
+
+class PutPolicyRequest(_message.Message):
+    __slots__ = ("policy",)
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    policy: SloPolicy
+    def __init__(self, policy: _Optional[_Union[SloPolicy, _Mapping]] = ...) -> None: ...
+
+class DeletePolicyRequest(_message.Message):
+    __slots__ = ("tenant",)
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    def __init__(self, tenant: _Optional[str] = ...) -> None: ...
+
+class DeletePolicyResponse(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: bool
+    def __init__(self, deleted: _Optional[bool] = ...) -> None: ...
+
+class ListPoliciesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListPoliciesResponse(_message.Message):
+    __slots__ = ("policies",)
+    POLICIES_FIELD_NUMBER: _ClassVar[int]
+    policies: _containers.RepeatedCompositeFieldContainer[SloPolicy]
+    def __init__(self, policies: _Optional[_Iterable[_Union[SloPolicy, _Mapping]]] = ...) -> None: ...
+
+class Pool(_message.Message):
+    __slots__ = ("name", "gpu", "model", "tensor_parallel", "desired_count", "ready_count")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    GPU_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    READY_COUNT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    gpu: str
+    model: str
+    tensor_parallel: int
+    desired_count: int
+    ready_count: int
+    def __init__(self, name: _Optional[str] = ..., gpu: _Optional[str] = ..., model: _Optional[str] = ..., tensor_parallel: _Optional[int] = ..., desired_count: _Optional[int] = ..., ready_count: _Optional[int] = ...) -> None: ...
+
+class ListPoolsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListPoolsResponse(_message.Message):
+    __slots__ = ("pools",)
+    POOLS_FIELD_NUMBER: _ClassVar[int]
+    pools: _containers.RepeatedCompositeFieldContainer[Pool]
+    def __init__(self, pools: _Optional[_Iterable[_Union[Pool, _Mapping]]] = ...) -> None: ...
+
+class InstanceRegistration(_message.Message):
+    __slots__ = ("instance_id", "url", "model", "gpu", "pool", "tensor_parallel", "labels", "worker_address")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    GPU_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    url: str
+    model: str
+    gpu: str
+    pool: str
+    tensor_parallel: int
+    labels: _containers.ScalarMap[str, str]
+    worker_address: str
+    def __init__(self, instance_id: _Optional[str] = ..., url: _Optional[str] = ..., model: _Optional[str] = ..., gpu: _Optional[str] = ..., pool: _Optional[str] = ..., tensor_parallel: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., worker_address: _Optional[str] = ...) -> None: ...
+
+class RegisterInstanceRequest(_message.Message):
+    __slots__ = ("instance", "lease_ttl_ms")
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    instance: InstanceRegistration
+    lease_ttl_ms: int
+    def __init__(self, instance: _Optional[_Union[InstanceRegistration, _Mapping]] = ..., lease_ttl_ms: _Optional[int] = ...) -> None: ...
+
+class RegisterInstanceResponse(_message.Message):
+    __slots__ = ("lease_ttl_ms",)
+    LEASE_TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    lease_ttl_ms: int
+    def __init__(self, lease_ttl_ms: _Optional[int] = ...) -> None: ...
+
+class DeregisterInstanceRequest(_message.Message):
+    __slots__ = ("instance_id",)
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    def __init__(self, instance_id: _Optional[str] = ...) -> None: ...
+
+class DeregisterInstanceResponse(_message.Message):
+    __slots__ = ("removed",)
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    removed: bool
+    def __init__(self, removed: _Optional[bool] = ...) -> None: ...
+
+class DrainInstanceRequest(_message.Message):
+    __slots__ = ("instance_id", "draining")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    draining: bool
+    def __init__(self, instance_id: _Optional[str] = ..., draining: _Optional[bool] = ...) -> None: ...
+
+class DrainInstanceResponse(_message.Message):
+    __slots__ = ("instance",)
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    instance: InstanceInfo
+    def __init__(self, instance: _Optional[_Union[InstanceInfo, _Mapping]] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("instance_id",)
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    def __init__(self, instance_id: _Optional[str] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("lease_ttl_ms",)
+    LEASE_TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    lease_ttl_ms: int
+    def __init__(self, lease_ttl_ms: _Optional[int] = ...) -> None: ...
+
+class ListInstancesRequest(_message.Message):
+    __slots__ = ("pool", "model")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    model: str
+    def __init__(self, pool: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+
+class InstanceInfo(_message.Message):
+    __slots__ = ("registration", "source", "healthy", "draining", "running", "waiting", "kv_blocks_used", "kv_blocks_total", "router_inflight", "load_updated_unix_ms", "lease_expires_unix_ms")
+    REGISTRATION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_INFLIGHT_FIELD_NUMBER: _ClassVar[int]
+    LOAD_UPDATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    registration: InstanceRegistration
+    source: str
+    healthy: bool
+    draining: bool
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    router_inflight: int
+    load_updated_unix_ms: int
+    lease_expires_unix_ms: int
+    def __init__(self, registration: _Optional[_Union[InstanceRegistration, _Mapping]] = ..., source: _Optional[str] = ..., healthy: _Optional[bool] = ..., draining: _Optional[bool] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., router_inflight: _Optional[int] = ..., load_updated_unix_ms: _Optional[int] = ..., lease_expires_unix_ms: _Optional[int] = ...) -> None: ...
+
+class ListInstancesResponse(_message.Message):
+    __slots__ = ("instances",)
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    instances: _containers.RepeatedCompositeFieldContainer[InstanceInfo]
+    def __init__(self, instances: _Optional[_Iterable[_Union[InstanceInfo, _Mapping]]] = ...) -> None: ...
