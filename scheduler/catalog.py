@@ -43,10 +43,29 @@ class ModelSpec:
     max_context_tokens: int = 8192
     num_experts: int = 1
     experts_per_token: int = 1
+    gated_mlp: bool = True  # SwiGLU-style up+gate+down (Llama); False: up+down (BLOOM, phi-2)
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def attention_params_per_layer(self) -> int:
+        """Q, K, V and output projection weights of one layer."""
+        return self.hidden_size * self.head_dim * (2 * self.num_attention_heads + 2 * self.num_kv_heads)
+
+    @property
+    def mlp_params_per_expert_per_layer(self) -> int:
+        return (3 if self.gated_mlp else 2) * self.hidden_size * self.intermediate_size
+
+    @property
+    def active_linear_params_per_layer(self) -> int:
+        """Weights one token multiplies in one layer (attention + its experts' MLPs)."""
+        return self.attention_params_per_layer + self.experts_per_token * self.mlp_params_per_expert_per_layer
+
+    @property
+    def lm_head_params(self) -> int:
+        return self.vocab_size * self.hidden_size
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -74,7 +93,9 @@ _BUILTIN_MODELS: tuple[ModelSpec, ...] = (
     ModelSpec("llama-2-7b", 32, 4096, 32, 32, 11008, 32000, 6.74e9, 6.74e9, max_context_tokens=4096),
     ModelSpec("llama-2-70b", 80, 8192, 64, 8, 28672, 32000, 69.0e9, 69.0e9, max_context_tokens=4096),
     ModelSpec("codellama-34b", 48, 8192, 64, 8, 22016, 32000, 33.7e9, 33.7e9, max_context_tokens=16384),
-    ModelSpec("phi-2", 32, 2560, 32, 32, 10240, 51200, 2.78e9, 2.78e9, max_context_tokens=2048),
+    ModelSpec(
+        "phi-2", 32, 2560, 32, 32, 10240, 51200, 2.78e9, 2.78e9, max_context_tokens=2048, gated_mlp=False
+    ),
     ModelSpec("qwen2.5-0.5b", 24, 896, 14, 2, 4864, 151936, 0.494e9, 0.494e9, max_context_tokens=32768),
     ModelSpec("qwen2.5-1.5b", 28, 1536, 12, 2, 8960, 151936, 1.54e9, 1.54e9, max_context_tokens=32768),
     ModelSpec("qwen2.5-7b", 28, 3584, 28, 4, 18944, 152064, 7.62e9, 7.62e9, max_context_tokens=32768),
@@ -82,6 +103,13 @@ _BUILTIN_MODELS: tuple[ModelSpec, ...] = (
         "mixtral-8x7b", 32, 4096, 32, 8, 14336, 32000, 46.7e9, 12.9e9,
         max_context_tokens=32768, num_experts=8, experts_per_token=2,
     ),
+    # Measured in the Splitwise performance model (shared/data/perf/splitwise_sim).
+    ModelSpec(
+        "bloom-176b", 70, 14336, 112, 112, 57344, 250880, 176.2e9, 176.2e9,
+        max_context_tokens=2048, gated_mlp=False,
+    ),
+    # In the TensorRT-LLM throughput tables (shared/data/perf/trtllm_perf_overview).
+    ModelSpec("llama-3.1-405b", 126, 16384, 128, 8, 53248, 128256, 405.9e9, 405.9e9, max_context_tokens=131072),
 )
 
 
@@ -146,6 +174,7 @@ _MODEL_FIELDS: dict[str, type] = {
     "max_context_tokens": int,
     "num_experts": int,
     "experts_per_token": int,
+    "gated_mlp": bool,
 }
 
 
@@ -153,6 +182,10 @@ def _coerce(where: str, key: str, value: Any, kind: type) -> Any:
     if kind is str:
         if not isinstance(value, str):
             raise CatalogError(f"{where}.{key}: expected a string, got {value!r}")
+        return value
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise CatalogError(f"{where}.{key}: expected true or false, got {value!r}")
         return value
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise CatalogError(f"{where}.{key}: expected a number, got {value!r}")
@@ -182,35 +215,72 @@ def estimate_num_params(
     vocab_size: int,
     num_experts: int = 1,
     tied_embeddings: bool = False,
+    gated_mlp: bool = True,
 ) -> float:
-    """Parameter count of a gated-MLP decoder-only transformer (Llama-style)."""
+    """Parameter count of a decoder-only transformer (Llama-style when `gated_mlp`).
+
+    Norms and biases are left out: they are far below 1% of the weights.
+    """
     head_dim = hidden_size // num_attention_heads
     attn = hidden_size * head_dim * (2 * num_attention_heads + 2 * num_kv_heads)
-    mlp = 3 * hidden_size * intermediate_size * num_experts
+    mlp = (3 if gated_mlp else 2) * hidden_size * intermediate_size * num_experts
     embed = vocab_size * hidden_size * (1 if tied_embeddings else 2)
     return float(num_layers * (attn + mlp) + embed)
 
 
-def model_from_hf_config(name: str, config: Mapping[str, Any]) -> ModelSpec:
-    """Build a ModelSpec from the architecture fields of a HuggingFace `config.json`."""
-    where = f"model {name!r} hf_config"
-    required = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
-    missing = [k for k in required if k not in config]
+# HuggingFace architectures whose MLP is up -> activation -> down (no gate projection).
+_NON_GATED_MODEL_TYPES = frozenset(
+    {"bloom", "phi", "gpt2", "gpt_neox", "gptj", "gpt_bigcode", "opt", "falcon", "starcoder2", "mpt"}
+)
+# Field names differ between architectures; the first one present wins.
+_HF_ALIASES: dict[str, tuple[str, ...]] = {
+    "num_hidden_layers": ("num_hidden_layers", "n_layer", "num_layers", "n_layers"),
+    "hidden_size": ("hidden_size", "n_embed", "n_embd", "d_model"),
+    "num_attention_heads": ("num_attention_heads", "n_head", "n_heads"),
+    "vocab_size": ("vocab_size",),
+}
+
+
+def model_from_hf_config(name: str, config: Mapping[str, Any], where: str | None = None) -> ModelSpec:
+    """Build a ModelSpec from the architecture fields of a HuggingFace `config.json`.
+
+    Understands Llama/Mistral/Qwen2/Mixtral field names and the GPT-style ones
+    (`n_layer`, `n_embed`, `n_head`, as BLOOM writes them); a model without
+    `intermediate_size` gets the classic 4 x hidden MLP. `where` names the entry in errors.
+    """
+    where = where or f"model {name!r} hf_config"
+    if not isinstance(config, Mapping):
+        raise CatalogError(f"{where}: expected the mapping of a config.json, got {type(config).__name__}")
+    found: dict[str, Any] = {}
+    missing: list[str] = []
+    for key, aliases in _HF_ALIASES.items():
+        present = next((a for a in aliases if a in config), None)
+        if present is None:
+            missing.append(" or ".join(aliases))
+        else:
+            found[key] = _coerce(where, present, config[present], int)
     if missing:
         raise CatalogError(f"{where}: missing field(s) {', '.join(missing)}")
-    layers = _coerce(where, "num_hidden_layers", config["num_hidden_layers"], int)
-    hidden = _coerce(where, "hidden_size", config["hidden_size"], int)
-    heads = _coerce(where, "num_attention_heads", config["num_attention_heads"], int)
-    kv_heads = _coerce(where, "num_key_value_heads", config.get("num_key_value_heads", heads), int)
-    inter = _coerce(where, "intermediate_size", config["intermediate_size"], int)
-    vocab = _coerce(where, "vocab_size", config["vocab_size"], int)
+    layers = found["num_hidden_layers"]
+    hidden = found["hidden_size"]
+    heads = found["num_attention_heads"]
+    vocab = found["vocab_size"]
+    kv_key = next((k for k in ("num_key_value_heads", "num_kv_heads", "multi_query_group_num") if k in config), None)
+    kv_heads = _coerce(where, kv_key, config[kv_key], int) if kv_key else heads
+    inter_key = next((k for k in ("intermediate_size", "n_inner", "ffn_dim") if config.get(k)), None)
+    inter = _coerce(where, inter_key, config[inter_key], int) if inter_key else 4 * hidden
+    model_type = str(config.get("model_type", "")).lower()
+    gated = model_type not in _NON_GATED_MODEL_TYPES
     experts = int(config.get("num_local_experts", config.get("num_experts", 1)) or 1)
     per_token = int(config.get("num_experts_per_tok", 1) or 1) if experts > 1 else 1
+    if experts > 1 and "moe_intermediate_size" in config:
+        inter = _coerce(where, "moe_intermediate_size", config["moe_intermediate_size"], int)
     dtype = str(config.get("torch_dtype", "bfloat16"))
     dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2, "float8": 1}.get(dtype, 2)
     tied = bool(config.get("tie_word_embeddings", False))
-    total = estimate_num_params(layers, hidden, heads, kv_heads, inter, vocab, experts, tied)
-    active = estimate_num_params(layers, hidden, heads, kv_heads, inter, vocab, per_token, tied)
+    total = estimate_num_params(layers, hidden, heads, kv_heads, inter, vocab, experts, tied, gated)
+    active = estimate_num_params(layers, hidden, heads, kv_heads, inter, vocab, per_token, tied, gated)
+    max_context = config.get("max_position_embeddings", config.get("seq_length", 8192))
     return ModelSpec(
         name=name,
         num_layers=layers,
@@ -222,9 +292,10 @@ def model_from_hf_config(name: str, config: Mapping[str, Any]) -> ModelSpec:
         num_params=total,
         active_params=active,
         dtype_bytes=dtype_bytes,
-        max_context_tokens=int(config.get("max_position_embeddings", 8192)),
+        max_context_tokens=int(max_context) if isinstance(max_context, int) and max_context > 0 else 8192,
         num_experts=experts,
         experts_per_token=per_token,
+        gated_mlp=gated,
     )
 
 
@@ -260,28 +331,38 @@ def extend_catalog(catalog: Catalog, document: Mapping[str, Any], source: str = 
             raise CatalogError(f"{where}: expected a mapping with a string 'name'")
         _check_keys(where, entry, _MODEL_FIELDS)
         name = entry["name"]
-        if "hf_config" in entry:
-            if not isinstance(entry["hf_config"], Mapping):
-                raise CatalogError(f"{where}.hf_config: expected the mapping of a config.json")
-            result.add_model(model_from_hf_config(name, entry["hf_config"]))
-            continue
         values = {
-            k: _coerce(where, k, v, _MODEL_FIELDS[k]) for k, v in entry.items() if k != "name"
+            k: _coerce(where, k, v, _MODEL_FIELDS[k])
+            for k, v in entry.items()
+            if k not in ("name", "hf_config")
         }
+        if "hf_config" in entry:
+            # Fields given next to hf_config (say max_context_tokens) override what it implies.
+            base = model_from_hf_config(name, entry["hf_config"], where=f"{where}.hf_config")
+            result.add_model(replace(base, **values))
+            continue
         existing_model = result.models.get(name.lower())
         if existing_model is not None:
             result.add_model(replace(existing_model, **values))
             continue
-        required = set(_MODEL_FIELDS) - {"active_params", "dtype_bytes", "max_context_tokens", "num_experts", "experts_per_token", "num_params"}
+        optional = {"active_params", "dtype_bytes", "max_context_tokens", "num_experts",
+                    "experts_per_token", "num_params", "gated_mlp"}
+        required = set(_MODEL_FIELDS) - optional
         missing = sorted(required - set(values))
         if missing:
             raise CatalogError(f"{where}: new model {name!r} is missing {', '.join(missing)}")
+        arch = (values["num_layers"], values["hidden_size"], values["num_attention_heads"],
+                values["num_kv_heads"], values["intermediate_size"], values["vocab_size"])
+        gated = values.get("gated_mlp", True)
         if "num_params" not in values:
             values["num_params"] = estimate_num_params(
-                values["num_layers"], values["hidden_size"], values["num_attention_heads"],
-                values["num_kv_heads"], values["intermediate_size"], values["vocab_size"],
-                values.get("num_experts", 1),
+                *arch, values.get("num_experts", 1), gated_mlp=gated
             )
-        values.setdefault("active_params", values["num_params"])
+        if "active_params" not in values:
+            values["active_params"] = (
+                estimate_num_params(*arch, values.get("experts_per_token", 1), gated_mlp=gated)
+                if values.get("num_experts", 1) > 1
+                else values["num_params"]
+            )
         result.add_model(ModelSpec(name=name, **values))
     return result

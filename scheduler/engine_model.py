@@ -1,10 +1,16 @@
 """The engine performance model: how long one continuous-batching iteration takes.
 
-A roofline per iteration: linear layers and attention are compute-bound for prefill
-tokens, weight and KV-cache reads are memory-bound for decode; tensor parallelism splits
-both and adds all-reduce time. Efficiency factors (achieved fraction of peak FLOP/s and
-of HBM bandwidth, a fixed per-iteration overhead) are fitted to real measurements by
-`tokenyard calibrate` and stored in `perf_factors.json` next to this module.
+A roofline per iteration. Linear layers (the Q/K/V/O and MLP projections, and the LM head
+for each sequence that emits a token) cost the larger of their FLOPs at the achieved
+fraction of peak and their weight bytes at the achieved fraction of HBM bandwidth, plus a
+fitted share of the smaller one (the two overlap imperfectly at moderate batch sizes).
+Attention costs the larger of its query x key FLOPs and its KV-cache bytes. Tensor
+parallelism splits all of that over `tp` GPUs and adds two all-reduces per layer. A fixed
+per-iteration and a per-sequence overhead cover the scheduler, sampling and launches.
+
+The efficiency factors (`PerfFactors`) are fitted to real measurements by
+`tokenyard calibrate` (sim/calibrate.py) and stored in `perf_factors.json` next to this
+module, per GPU type, with a fallback entry `"*"` for GPU types without measurements.
 
 Pure arithmetic: no I/O besides reading the packaged factors once.
 """
@@ -12,9 +18,10 @@ Pure arithmetic: no I/O besides reading the packaged factors once.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache
 from importlib import resources
+from typing import Any
 
 from scheduler.catalog import GpuSpec, ModelSpec
 
@@ -29,6 +36,26 @@ class PerfFactors:
     iteration_overhead_s: float = 0.004  # scheduler, sampling, kernel launches per iteration
     per_seq_overhead_s: float = 0.00002  # per sequence in the batch (sampling, bookkeeping)
     allreduce_latency_s: float = 0.00001  # per all-reduce call with tensor parallelism
+    # Achieved / peak unidirectional interconnect bandwidth in a ring all-reduce.
+    interconnect_efficiency: float = 0.7
+    # Share of the smaller roofline term (compute or weight reads) added to the larger one:
+    # 0 is a perfect roofline (max), 1 is no overlap at all (sum).
+    roofline_overlap_loss: float = 0.0
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any], where: str = "perf factors") -> PerfFactors:
+        """Build from a JSON object; unknown keys or non-positive numbers name the entry."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+        for key, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ValueError(f"{where}.{key}: expected a non-negative number, got {value!r}")
+        return cls(**{k: float(v) for k, v in values.items()})
+
+    def as_dict(self) -> dict[str, float]:
+        return {f.name: float(getattr(self, f.name)) for f in fields(self)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +79,19 @@ class BatchShape:
         return chunk_tokens * (cached_tokens + (chunk_tokens + 1) / 2.0)
 
 
+def _parse_factors_document(raw: Any, where: str) -> dict[str, PerfFactors]:
+    if not isinstance(raw, dict) or not isinstance(raw.get("gpus", {}), dict):
+        raise ValueError(f"{where}: expected an object with 'gpus' (name -> factors) and 'default'")
+    table = {
+        str(name).lower(): PerfFactors.from_mapping(values, f"{where}: gpus.{name}")
+        for name, values in raw.get("gpus", {}).items()
+    }
+    table["*"] = (
+        PerfFactors.from_mapping(raw["default"], f"{where}: default") if "default" in raw else PerfFactors()
+    )
+    return table
+
+
 @lru_cache(maxsize=1)
 def fitted_factors() -> dict[str, PerfFactors]:
     """Factors per GPU name (lower-case) from the packaged fit; `"*"` is the fallback."""
@@ -59,10 +99,13 @@ def fitted_factors() -> dict[str, PerfFactors]:
         text = resources.files("scheduler").joinpath("perf_factors.json").read_text()
     except FileNotFoundError:
         return {"*": PerfFactors()}
-    raw = json.loads(text)
-    table = {name.lower(): PerfFactors(**values) for name, values in raw.get("gpus", {}).items()}
-    table.setdefault("*", PerfFactors(**raw["default"]) if "default" in raw else PerfFactors())
-    return table
+    return _parse_factors_document(json.loads(text), "scheduler/perf_factors.json")
+
+
+def load_factors_file(path: str) -> dict[str, PerfFactors]:
+    """Read a factors file written by `tokenyard calibrate` (same layout as the packaged one)."""
+    with open(path) as handle:
+        return _parse_factors_document(json.load(handle), path)
 
 
 def factors_for(gpu: GpuSpec) -> PerfFactors:
@@ -91,27 +134,58 @@ class EngineModel:
         self.factors = factors or factors_for(gpu)
         self.gpu_memory_utilization = gpu_memory_utilization
         f = self.factors
+        m = model
         # Per-token and per-byte constants, precomputed: iteration_time_s is on the hot path.
-        peak_flops = gpu.bf16_tflops * 1e12 * tp
-        self._s_per_linear_token = 2.0 * model.active_params / (peak_flops * f.compute_efficiency)
-        attn_flops_per_pair = 4.0 * model.num_layers * model.num_attention_heads * model.head_dim
-        self._s_per_attn_pair = attn_flops_per_pair / (peak_flops * f.attention_efficiency)
+        flops = gpu.bf16_tflops * 1e12 * tp * f.compute_efficiency
         bandwidth = gpu.hbm_gbps * 1e9 * tp * f.memory_efficiency
-        self._weight_read_s = model.weight_bytes / bandwidth
-        self._s_per_context_token = model.kv_bytes_per_token / bandwidth
+        self._s_per_linear_token = 2.0 * m.num_layers * m.active_linear_params_per_layer / flops
+        # vLLM computes logits only for the last position of each sequence.
+        self._s_per_lm_head_seq = 2.0 * m.lm_head_params / flops
+        # Weight reads: attention and LM head always; of the MoE experts only those routed to.
+        dense_params = m.num_layers * m.attention_params_per_layer + m.lm_head_params
+        expert_params = m.num_layers * m.mlp_params_per_expert_per_layer
+        if m.num_experts > 1:
+            self._dense_read_s = dense_params * m.dtype_bytes / bandwidth
+            self._expert_read_s = expert_params * m.dtype_bytes / bandwidth
+        else:
+            self._dense_read_s = (dense_params + expert_params) * m.dtype_bytes / bandwidth
+            self._expert_read_s = 0.0
+        self._experts_per_token = m.experts_per_token
+        self._num_experts = m.num_experts
+        self._overlap_loss = f.roofline_overlap_loss
+        attn_flops_per_pair = 4.0 * m.num_layers * m.num_attention_heads * m.head_dim
+        self._s_per_attn_pair = attn_flops_per_pair / (gpu.bf16_tflops * 1e12 * tp * f.attention_efficiency)
+        self._s_per_context_token = m.kv_bytes_per_token / bandwidth
         if tp > 1:
-            # Two all-reduces per layer of (tokens x hidden) activations; ring all-reduce
-            # moves 2 (tp - 1) / tp of the data per GPU.
-            bytes_per_token = 2 * model.hidden_size * model.dtype_bytes * 2 * (tp - 1) / tp
-            self._s_per_comm_token = model.num_layers * bytes_per_token / (gpu.interconnect_gbps * 1e9)
-            self._comm_fixed_s = 2 * model.num_layers * f.allreduce_latency_s
+            # Two all-reduces per layer of (tokens x hidden) activations; a ring all-reduce
+            # moves 2 (tp - 1) / tp of the data over each GPU's one-way link bandwidth.
+            self._s_per_comm_token = 2 * m.num_layers * self._allreduce_s_per_byte() * m.hidden_size * m.dtype_bytes
+            self._comm_fixed_s = 2 * m.num_layers * f.allreduce_latency_s
         else:
             self._s_per_comm_token = 0.0
             self._comm_fixed_s = 0.0
+        self._overhead_s = f.iteration_overhead_s
+        self._per_seq_s = f.per_seq_overhead_s
 
     @property
     def name(self) -> str:
         return f"{self.model.name}@{self.gpu.name}x{self.tp}"
+
+    def _allreduce_s_per_byte(self) -> float:
+        if self.tp <= 1:
+            return 0.0
+        link_bytes_per_s = self.gpu.interconnect_gbps * 1e9 / 2.0 * self.factors.interconnect_efficiency
+        return 2.0 * (self.tp - 1) / self.tp / link_bytes_per_s
+
+    def _linear_s(self, tokens: int, seqs: int) -> float:
+        compute = tokens * self._s_per_linear_token + seqs * self._s_per_lm_head_seq
+        memory = self._dense_read_s
+        if self._expert_read_s:
+            routed = tokens * self._experts_per_token
+            memory += self._expert_read_s * (routed if routed < self._num_experts else self._num_experts)
+        if compute > memory:
+            return compute + self._overlap_loss * memory
+        return memory + self._overlap_loss * compute
 
     def iteration_time_s(
         self,
@@ -119,26 +193,50 @@ class EngineModel:
         decode_seqs: int = 0,
         context_tokens: int = 0,
         prefill_attention_pairs: float = 0.0,
+        prefill_seqs: int | None = None,
     ) -> float:
-        """Wall time of one iteration computing the given batch."""
+        """Wall time of one iteration computing the given batch.
+
+        prefill_seqs: sequences whose prefill chunk is in the batch (each emits logits);
+        `None` counts one when there are prefill tokens.
+
+        Form: with T = prefill_tokens + decode_seqs and S = decode_seqs + prefill_seqs,
+
+            t = linear(T, S) + max(a_c * (pairs + ctx), a_m * ctx) + comm(T) + o_i + o_s * S
+
+        where linear(T, S) = max(C, M) + loss * min(C, M) with C = T * c_tok + S * c_head
+        (GEMM FLOPs) and M the weight-read time (constant for dense models, rising with T
+        up to all experts for MoE), comm(T) = T * c_comm + o_comm (zero without tensor
+        parallelism), ctx = context_tokens and pairs = prefill_attention_pairs. For a fixed
+        batch (T, S, pairs) the time is therefore a convex piecewise-linear function of ctx
+        with at most one breakpoint, and exactly linear, t = t0 + ctx * slope, when
+        pairs == 0 (pure decode): see `decode_step_linear_s`.
+        """
         tokens = prefill_tokens + decode_seqs
         if tokens <= 0:
             return 0.0
-        compute = tokens * self._s_per_linear_token
-        memory = self._weight_read_s
-        linear = compute if compute > memory else memory
+        if prefill_seqs is None:
+            prefill_seqs = 1 if prefill_tokens else 0
+        seqs = decode_seqs + prefill_seqs
+        linear = self._linear_s(tokens, seqs)
         attention_compute = (prefill_attention_pairs + context_tokens) * self._s_per_attn_pair
         attention_memory = context_tokens * self._s_per_context_token
         attention = attention_compute if attention_compute > attention_memory else attention_memory
         comm = tokens * self._s_per_comm_token + self._comm_fixed_s
-        seqs = decode_seqs + (1 if prefill_tokens else 0)
-        return (
-            linear
-            + attention
-            + comm
-            + self.factors.iteration_overhead_s
-            + seqs * self.factors.per_seq_overhead_s
-        )
+        return linear + attention + comm + self._overhead_s + seqs * self._per_seq_s
+
+    def decode_step_linear_s(self, decode_seqs: int) -> tuple[float, float]:
+        """(t0, slope): a pure decode step of `decode_seqs` sequences with `ctx` context
+        tokens in total takes exactly t0 + slope * ctx seconds (see `iteration_time_s`).
+
+        Summing over decode steps whose context grows by `decode_seqs` each step is then
+        an arithmetic series: n steps from ctx0 take n * t0 + slope * (n * ctx0 + b n (n-1) / 2).
+        """
+        if decode_seqs <= 0:
+            return 0.0, 0.0
+        t0 = self.iteration_time_s(decode_seqs=decode_seqs)
+        slope = max(self._s_per_attn_pair, self._s_per_context_token)
+        return t0, slope
 
     def batch_time_s(self, batch: BatchShape) -> float:
         return self.iteration_time_s(
@@ -148,13 +246,38 @@ class EngineModel:
     def prefill_time_s(self, prompt_tokens: int, batch_size: int = 1) -> float:
         """Time to prefill `batch_size` prompts of `prompt_tokens` each in one iteration."""
         pairs = batch_size * BatchShape.prefill_pairs(prompt_tokens, 0)
-        return self.iteration_time_s(prefill_tokens=prompt_tokens * batch_size, prefill_attention_pairs=pairs)
+        return self.iteration_time_s(
+            prefill_tokens=prompt_tokens * batch_size, prefill_attention_pairs=pairs, prefill_seqs=batch_size
+        )
 
     def decode_time_per_token_s(self, batch_size: int, context_tokens_per_seq: int) -> float:
         """Time of one decode iteration of `batch_size` sequences of the given context length."""
         return self.iteration_time_s(
             decode_seqs=batch_size, context_tokens=batch_size * context_tokens_per_seq
         )
+
+    def linear_time_per_layer_s(self, num_tokens: int) -> float:
+        """Time of one layer's projection GEMMs (QKV, O, MLP up/gate, down) on one TP shard,
+        the quantity Vidur's per-layer operator profiles measure."""
+        layers = self.model.num_layers
+        compute = num_tokens * self._s_per_linear_token / layers
+        memory = (self._dense_read_s - self._lm_head_read_s()) / layers
+        if self._expert_read_s:
+            routed = min(num_tokens * self._experts_per_token, self._num_experts)
+            memory += self._expert_read_s * routed / layers
+        if compute > memory:
+            return compute + self._overlap_loss * memory
+        return memory + self._overlap_loss * compute
+
+    def _lm_head_read_s(self) -> float:
+        bandwidth = self.gpu.hbm_gbps * 1e9 * self.tp * self.factors.memory_efficiency
+        return self.model.lm_head_params * self.model.dtype_bytes / bandwidth
+
+    def allreduce_time_s(self, num_bytes: float) -> float:
+        """One all-reduce of `num_bytes` over this instance's `tp` GPUs (0 without TP)."""
+        if self.tp <= 1:
+            return 0.0
+        return self.factors.allreduce_latency_s + num_bytes * self._allreduce_s_per_byte()
 
     def kv_capacity_tokens(self) -> int:
         """KV-cache tokens that fit after weights, per instance (all TP shards together)."""
