@@ -1,0 +1,365 @@
+"""The Worker gRPC service (proto/tokenyard/v1/worker.proto) over any engine backend.
+
+An engine (the emulated engine, or a sidecar next to a real one) implements the small
+`WorkerBackend` protocol: its fixed description, its current load, and a way to wait
+until the load changes. This module turns that into the `Worker` service: `Describe`,
+and `Status`, a stream that sends a snapshot every `interval_ms` (a heartbeat) and
+promptly whenever the load changes (coalesced to one per `CHANGE_COALESCE_S`).
+
+`EngineCoreBackend` adapts a bare `sim.engine_core.EngineCore`, so a core can be served
+and tested without the HTTP engine around it; its driver calls `notify_changed()` after
+each change it makes to the core (or uses the `add_request`/`abort`/`complete` wrappers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import grpc
+
+import tokenyard
+from tokenyard.v1 import worker_pb2, worker_pb2_grpc
+
+if TYPE_CHECKING:
+    from sim.engine_core import Batch, EngineCore, EngineRequest, StepOutput
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INTERVAL_MS = 200
+MIN_INTERVAL_MS = 10
+MAX_INTERVAL_MS = 60_000
+# Engines change load every iteration (tens of ms); without coalescing a busy engine
+# would send a snapshot per iteration per subscriber.
+CHANGE_COALESCE_S = 0.010
+ENGINE_KIND_EMULATED = "tokenyard-emulated"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineDescriptionInfo:
+    """What `Describe` answers: fixed facts of one engine instance (see worker.proto)."""
+
+    instance_id: str
+    model: str
+    gpu: str
+    tensor_parallel: int
+    num_kv_blocks: int
+    block_size_tokens: int
+    kv_bytes_per_token: int
+    max_model_len: int
+    engine_kind: str
+    engine_version: str
+    incarnation_id: str
+    max_num_seqs: int = 0
+    max_num_batched_tokens: int = 0
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    def to_proto(self) -> worker_pb2.EngineDescription:
+        return worker_pb2.EngineDescription(
+            instance_id=self.instance_id,
+            model=self.model,
+            gpu=self.gpu,
+            tensor_parallel=self.tensor_parallel,
+            num_kv_blocks=self.num_kv_blocks,
+            block_size_tokens=self.block_size_tokens,
+            kv_bytes_per_token=self.kv_bytes_per_token,
+            max_model_len=self.max_model_len,
+            engine_kind=self.engine_kind,
+            engine_version=self.engine_version,
+            incarnation_id=self.incarnation_id,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            labels=dict(self.labels),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LoadInfo:
+    """One engine's load at one moment (the payload of a `LoadSnapshot`)."""
+
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    block_size_tokens: int
+    tokens_in_flight: int
+    preemptions_total: int = 0
+    prefix_cache_hit_tokens_total: int = 0
+    prefix_cache_query_tokens_total: int = 0
+    draining: bool = False
+
+
+class WorkerBackend(Protocol):
+    """What an engine provides so that `WorkerServicer` can serve it."""
+
+    def describe(self) -> EngineDescriptionInfo:
+        """The instance's fixed facts; the same value for the life of the process."""
+        ...
+
+    def load(self) -> LoadInfo:
+        """The current load; cheap, called on the event loop for every snapshot."""
+        ...
+
+    async def changed(self, seen_version: int, timeout_s: float) -> int:
+        """Wait until the load version differs from `seen_version`, or `timeout_s` passes.
+
+        Returns the current version (equal to `seen_version` on timeout). Returning at
+        once when the version already differs is what makes a change between a
+        snapshot and the next wait impossible to miss.
+        """
+        ...
+
+
+class LoadChangeNotifier:
+    """A version counter that waiters can block on; backends call `notify()` on change."""
+
+    def __init__(self) -> None:
+        self.version = 0
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self.version += 1
+        # Waking every waiter and handing out a fresh event: each waiter then re-checks
+        # the version, so none sleeps through a change.
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, seen_version: int, timeout_s: float) -> int:
+        if self.version != seen_version or timeout_s <= 0:
+            return self.version
+        event = self._event
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout_s)
+        return self.version
+
+
+class EngineCoreBackend:
+    """`WorkerBackend` over a bare `EngineCore`; the driver reports changes to it.
+
+    The core has no hooks of its own (it is shared with the simulator, which must not
+    pay for notifications), so whoever mutates the core calls `notify_changed()`, or
+    goes through the wrappers below that do it.
+    """
+
+    def __init__(
+        self,
+        core: EngineCore,
+        instance_id: str,
+        gpu: str | None = None,
+        model: str | None = None,
+        *,
+        engine_kind: str = ENGINE_KIND_EMULATED,
+        engine_version: str = tokenyard.__version__,
+        labels: Mapping[str, str] | None = None,
+    ) -> None:
+        if not instance_id:
+            raise ValueError("EngineCoreBackend: instance_id must be a non-empty string")
+        self.core = core
+        self.draining = False
+        self._notifier = LoadChangeNotifier()
+        engine = core.model
+        self._description = EngineDescriptionInfo(
+            instance_id=instance_id,
+            model=model or engine.model.name,
+            gpu=gpu or engine.gpu.name,
+            tensor_parallel=engine.tp,
+            num_kv_blocks=core.num_kv_blocks,
+            block_size_tokens=core.config.block_size,
+            kv_bytes_per_token=engine.model.kv_bytes_per_token,
+            max_model_len=core.max_model_len,
+            engine_kind=engine_kind,
+            engine_version=engine_version,
+            incarnation_id=uuid.uuid4().hex,
+            max_num_seqs=core.config.max_num_seqs,
+            max_num_batched_tokens=core.config.max_num_batched_tokens,
+            labels=dict(labels or {}),
+        )
+
+    # ------------------------------------------------------------ WorkerBackend
+    def describe(self) -> EngineDescriptionInfo:
+        return self._description
+
+    def load(self) -> LoadInfo:
+        core = self.core
+        return LoadInfo(
+            running=core.num_running,
+            waiting=core.num_waiting,
+            kv_blocks_used=core.kv_blocks_used,
+            kv_blocks_total=core.num_kv_blocks,
+            block_size_tokens=core.config.block_size,
+            tokens_in_flight=core.tokens_in_flight,
+            preemptions_total=core.preemptions_total,
+            prefix_cache_hit_tokens_total=core.prefix_cache_hits_tokens,
+            prefix_cache_query_tokens_total=core.prefix_cache_queries_tokens,
+            draining=self.draining,
+        )
+
+    async def changed(self, seen_version: int, timeout_s: float) -> int:
+        return await self._notifier.wait(seen_version, timeout_s)
+
+    # ------------------------------------------------------------ driver side
+    def notify_changed(self) -> None:
+        """Tell Status subscribers that the core's load may have changed."""
+        self._notifier.notify()
+
+    def set_draining(self, draining: bool) -> None:
+        self.draining = draining
+        self.notify_changed()
+
+    def add_request(self, request: EngineRequest) -> None:
+        self.core.add_request(request)
+        self.notify_changed()
+
+    def abort(self, request_id: str) -> EngineRequest | None:
+        aborted = self.core.abort(request_id)
+        self.notify_changed()
+        return aborted
+
+    def schedule(self) -> Batch:
+        batch = self.core.schedule()
+        self.notify_changed()  # admission and preemption change running/waiting/KV
+        return batch
+
+    def complete(self, batch: Batch, end_s: float) -> StepOutput:
+        out = self.core.complete(batch, end_s)
+        self.notify_changed()
+        return out
+
+
+def _check_interval_ms(interval_ms: int) -> int:
+    if interval_ms == 0:
+        return DEFAULT_INTERVAL_MS
+    if not MIN_INTERVAL_MS <= interval_ms <= MAX_INTERVAL_MS:
+        raise ValueError(
+            f"StatusRequest.interval_ms: expected 0 (default {DEFAULT_INTERVAL_MS}) or a value "
+            f"in [{MIN_INTERVAL_MS}, {MAX_INTERVAL_MS}], got {interval_ms}"
+        )
+    return interval_ms
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    """Serves one backend; `close()` ends every open Status stream with status OK."""
+
+    def __init__(self, backend: WorkerBackend) -> None:
+        self.backend = backend
+        self._sequence = itertools.count(1)  # one sequence per instance, across streams
+        self._closing = asyncio.Event()
+        self.open_streams = 0
+
+    def close(self) -> None:
+        self._closing.set()
+
+    def snapshot(self) -> worker_pb2.LoadSnapshot:
+        description = self.backend.describe()
+        load = self.backend.load()
+        return worker_pb2.LoadSnapshot(
+            instance_id=description.instance_id,
+            sequence=next(self._sequence),
+            timestamp_unix_ms=time.time_ns() // 1_000_000,
+            running=load.running,
+            waiting=load.waiting,
+            kv_blocks_used=load.kv_blocks_used,
+            kv_blocks_total=load.kv_blocks_total,
+            block_size_tokens=load.block_size_tokens,
+            tokens_in_flight=load.tokens_in_flight,
+            preemptions_total=load.preemptions_total,
+            prefix_cache_hit_tokens_total=load.prefix_cache_hit_tokens_total,
+            prefix_cache_query_tokens_total=load.prefix_cache_query_tokens_total,
+            draining=load.draining,
+            incarnation_id=description.incarnation_id,
+        )
+
+    async def Describe(  # noqa: N802 (gRPC method name)
+        self, request: worker_pb2.DescribeRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.EngineDescription:
+        return self.backend.describe().to_proto()
+
+    async def Status(  # noqa: N802 (gRPC method name)
+        self, request: worker_pb2.StatusRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.LoadSnapshot]:
+        try:
+            interval_s = _check_interval_ms(request.interval_ms) / 1000.0
+        except ValueError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        peer = context.peer()
+        instance_id = self.backend.describe().instance_id
+        log.debug("status stream opened", extra={"instance": instance_id, "peer": peer, "interval_s": interval_s})
+        self.open_streams += 1
+        loop = asyncio.get_running_loop()
+        closing = asyncio.ensure_future(self._closing.wait())
+        waiter: asyncio.Future[int] | None = None
+        sent = 0
+        try:
+            seen_version = -1  # differs from any version: the first snapshot goes out at once
+            last_sent_s = float("-inf")
+            next_beat_s = loop.time()
+            while not self._closing.is_set():
+                waiter = asyncio.ensure_future(
+                    self.backend.changed(seen_version, max(0.0, next_beat_s - loop.time()))
+                )
+                done, _ = await asyncio.wait({waiter, closing}, return_when=asyncio.FIRST_COMPLETED)
+                if waiter not in done:
+                    waiter.cancel()
+                    break
+                version = waiter.result()
+                now_s = loop.time()
+                if version != seen_version and now_s < next_beat_s:
+                    # A change, not a heartbeat: hold it back to coalesce a burst.
+                    hold_s = last_sent_s + CHANGE_COALESCE_S - now_s
+                    if hold_s > 0:
+                        await asyncio.sleep(hold_s)
+                        version = await self.backend.changed(version, 0.0)
+                seen_version = version
+                yield self.snapshot()
+                sent += 1
+                last_sent_s = loop.time()
+                next_beat_s = last_sent_s + interval_s
+        except asyncio.CancelledError:
+            # Client cancelled or the server stopped without grace: a normal end.
+            log.debug("status stream cancelled", extra={"instance": instance_id, "peer": peer, "sent": sent})
+            raise
+        finally:
+            closing.cancel()
+            if waiter is not None:
+                waiter.cancel()
+            self.open_streams -= 1
+        log.debug("status stream closed", extra={"instance": instance_id, "peer": peer, "sent": sent})
+
+
+def add_worker_servicer(server: grpc.aio.Server, backend: WorkerBackend) -> WorkerServicer:
+    """Serve `backend` as the Worker service on an existing server (to share a port)."""
+    servicer = WorkerServicer(backend)
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    return servicer
+
+
+async def start_worker_server(
+    backend: WorkerBackend, host: str = "127.0.0.1", port: int = 0
+) -> grpc.aio.Server:
+    """Start a grpc.aio server serving only the Worker service for `backend`.
+
+    Stop it with `await server.stop(grace_s)`; open Status streams are cancelled when
+    the grace period ends (clients see CANCELLED or UNAVAILABLE and reconnect).
+    """
+    server = grpc.aio.server()
+    add_worker_servicer(server, backend)
+    address = f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as err:
+        raise OSError(f"Worker gRPC server: cannot listen on {address}: {err}") from err
+    if bound == 0:
+        raise OSError(f"Worker gRPC server: cannot listen on {address} (port in use or bad host?)")
+    await server.start()
+    log.info(
+        "worker grpc server started",
+        extra={"instance": backend.describe().instance_id, "address": f"{host}:{bound}"},
+    )
+    return server
