@@ -1,0 +1,311 @@
+"""The in-memory live view of the fleet that every request reads: `InstanceRegistry`.
+
+The hot path only reads `instances()` (a cached tuple, rebuilt on membership change)
+and bumps counters (`inflight_started` / `inflight_finished`, `update_load`), all O(1)
+and without I/O. Membership and draining are written through to an optional
+`StateStore` by one background writer, in order, so that several router replicas over the
+same store converge; other replicas' changes arrive through `StateStore.watch()` and are
+reconciled against the store's list. Health and load stay local: each replica checks
+and scrapes engines itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+from router.state import InstanceRecord, StateChange, StateStore, StateStoreError
+from scheduler.types import InstanceState
+
+log = logging.getLogger(__name__)
+
+#: A membership listener gets ("added" | "updated" | "removed" | "draining", record).
+MembershipListener = Callable[[str, InstanceRecord], None]
+
+_WRITE_PUT = "put"
+_WRITE_REMOVE = "remove"
+_WRITE_DRAIN = "drain"
+
+
+class InstanceRegistry:
+    """Instances by id: their record (where/what) and their state (load, health)."""
+
+    def __init__(self, store: StateStore | None = None, *,
+                 clock: Callable[[], float] = time.monotonic, resync_s: float = 5.0) -> None:
+        self.store = store
+        self.resync_s = resync_s
+        self._clock = clock
+        self._records: dict[str, InstanceRecord] = {}
+        self._states: dict[str, InstanceState] = {}
+        self._snapshot: tuple[InstanceState, ...] = ()
+        self._listeners: list[MembershipListener] = []
+        self._writes: asyncio.Queue[tuple[str, str, object]] | None = None
+        self._pending_writes: dict[str, int] = {}  # instance id -> queued, unfinished writes
+        self._tasks: list[asyncio.Task[None]] = []
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load the store's instances and follow its changes (no-op without a store)."""
+        if self.store is None:
+            return
+        self._writes = asyncio.Queue()
+        await self.reconcile()
+        self._tasks.append(asyncio.create_task(self._writer(), name="registry-writer"))
+        self._tasks.append(asyncio.create_task(self._follow(), name="registry-follow"))
+
+    async def flush(self) -> None:
+        """Wait until every queued write-through has reached the store."""
+        await self._idle.wait()
+
+    async def close(self) -> None:
+        if self._writes is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.flush(), 5.0)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+
+    # -- hot path (O(1), no I/O) -------------------------------------------------------
+    def instances(self) -> Sequence[InstanceState]:
+        return self._snapshot
+
+    def get(self, instance_id: str) -> tuple[InstanceRecord, InstanceState]:
+        try:
+            return self._records[instance_id], self._states[instance_id]
+        except KeyError:
+            raise KeyError(f"unknown instance {instance_id!r}") from None
+
+    def find(self, instance_id: str) -> tuple[InstanceRecord, InstanceState] | None:
+        record = self._records.get(instance_id)
+        return None if record is None else (record, self._states[instance_id])
+
+    def __contains__(self, instance_id: object) -> bool:
+        return instance_id in self._records
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def records(self) -> list[InstanceRecord]:
+        return list(self._records.values())
+
+    def inflight_started(self, instance_id: str) -> None:
+        state = self._states.get(instance_id)
+        if state is not None:
+            state.router_inflight += 1
+
+    def inflight_finished(self, instance_id: str) -> None:
+        state = self._states.get(instance_id)
+        if state is not None and state.router_inflight > 0:
+            state.router_inflight -= 1
+
+    def update_load(self, instance_id: str, *, running: int | None = None,
+                    waiting: int | None = None, kv_blocks_used: int | None = None,
+                    kv_blocks_total: int | None = None, block_size_tokens: int | None = None,
+                    tokens_in_flight: int | None = None, now_s: float | None = None) -> bool:
+        """Overwrite the given load fields in place; False when the instance is unknown."""
+        state = self._states.get(instance_id)
+        if state is None:
+            return False
+        if running is not None:
+            state.running = running
+        if waiting is not None:
+            state.waiting = waiting
+        if kv_blocks_used is not None:
+            state.kv_blocks_used = kv_blocks_used
+        if kv_blocks_total is not None:
+            state.kv_blocks_total = kv_blocks_total
+        if block_size_tokens is not None:
+            state.block_size_tokens = block_size_tokens
+        if tokens_in_flight is not None:
+            state.tokens_in_flight = tokens_in_flight
+        state.updated_s = self._clock() if now_s is None else now_s
+        return True
+
+    def mark_health(self, instance_id: str, healthy: bool) -> bool:
+        state = self._states.get(instance_id)
+        if state is None:
+            return False
+        state.healthy = healthy
+        return True
+
+    # -- membership --------------------------------------------------------------------
+    def add_listener(self, callback: MembershipListener) -> None:
+        self._listeners.append(callback)
+
+    def remove_listener(self, callback: MembershipListener) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(callback)
+
+    def upsert(self, record: InstanceRecord) -> None:
+        """Add or update an instance (load and health survive an update)."""
+        self._apply_upsert(record)
+        self._enqueue(_WRITE_PUT, record.instance_id, replace(record, labels=dict(record.labels)))
+
+    def remove(self, instance_id: str) -> bool:
+        found = self._apply_remove(instance_id)
+        self._enqueue(_WRITE_REMOVE, instance_id, None)
+        return found
+
+    def set_draining(self, instance_id: str, draining: bool) -> bool:
+        found = self._apply_draining(instance_id, draining)
+        if found:
+            self._enqueue(_WRITE_DRAIN, instance_id, draining)
+        return found
+
+    def _apply_upsert(self, record: InstanceRecord) -> None:
+        iid = record.instance_id
+        old = self._records.get(iid)
+        state = self._states.get(iid)
+        if old is not None and old == record:
+            return
+        self._records[iid] = record
+        if state is None:
+            self._states[iid] = InstanceState(
+                instance_id=iid, model=record.model, gpu=record.gpu, pool=record.pool,
+                tp=record.tp, url=record.url, draining=record.draining,
+                updated_s=self._clock())
+            self._snapshot = tuple(self._states.values())
+            event = "added"
+        else:
+            state.model, state.gpu, state.pool = record.model, record.gpu, record.pool
+            state.tp, state.url, state.draining = record.tp, record.url, record.draining
+            assert old is not None
+            only_drain = replace(old, draining=record.draining) == record
+            event = "draining" if only_drain else "updated"
+        log.info("instance %s", event, extra={
+            "instance": iid, "model": record.model, "pool": record.pool, "url": record.url,
+            "source": record.source, "draining": record.draining})
+        self._notify(event, record)
+
+    def _apply_remove(self, instance_id: str) -> bool:
+        record = self._records.pop(instance_id, None)
+        if record is None:
+            return False
+        del self._states[instance_id]
+        self._snapshot = tuple(self._states.values())
+        log.info("instance removed", extra={"instance": instance_id, "source": record.source})
+        self._notify("removed", record)
+        return True
+
+    def _apply_draining(self, instance_id: str, draining: bool) -> bool:
+        record = self._records.get(instance_id)
+        if record is None:
+            return False
+        if record.draining != draining:
+            self._apply_upsert(replace(record, draining=draining))
+        return True
+
+    def _notify(self, event: str, record: InstanceRecord) -> None:
+        for callback in list(self._listeners):
+            try:
+                callback(event, record)
+            except Exception:
+                log.exception("membership listener failed",
+                              extra={"event": event, "instance": record.instance_id})
+
+    # -- write-through and following other replicas ------------------------------------
+    def _enqueue(self, op: str, instance_id: str, arg: object) -> None:
+        if self._writes is None:
+            return
+        self._pending_writes[instance_id] = self._pending_writes.get(instance_id, 0) + 1
+        self._idle.clear()
+        self._writes.put_nowait((op, instance_id, arg))
+
+    async def _writer(self) -> None:
+        assert self._writes is not None and self.store is not None
+        while True:
+            op, iid, arg = await self._writes.get()
+            try:
+                for attempt in range(5):
+                    try:
+                        if op == _WRITE_PUT:
+                            assert isinstance(arg, InstanceRecord)
+                            await self.store.put_instance(arg)
+                        elif op == _WRITE_REMOVE:
+                            await self.store.remove_instance(iid)
+                        else:
+                            await self.store.set_draining(iid, bool(arg))
+                        break
+                    except (OSError, StateStoreError, ConnectionError) as exc:
+                        log.warning("state store write failed; retrying", extra={
+                            "op": op, "instance": iid, "attempt": attempt + 1, "error": str(exc)})
+                        await asyncio.sleep(0.2 * 2 ** attempt)
+                else:
+                    log.error("state store write dropped after retries",
+                              extra={"op": op, "instance": iid, "store": self.store.url})
+            except Exception:
+                log.exception("state store write failed", extra={"op": op, "instance": iid})
+            finally:
+                left = self._pending_writes.get(iid, 1) - 1
+                if left <= 0:
+                    self._pending_writes.pop(iid, None)
+                else:
+                    self._pending_writes[iid] = left
+                if self._writes.empty() and not self._pending_writes:
+                    self._idle.set()
+
+    async def reconcile(self) -> None:
+        """Make local membership match the store, except instances with queued writes."""
+        if self.store is None:
+            return
+        stored = {rec.instance_id: rec for rec in await self.store.list_instances()}
+        for iid in list(self._records):
+            if iid not in stored and iid not in self._pending_writes:
+                self._apply_remove(iid)
+        for iid, rec in stored.items():
+            if iid not in self._pending_writes:
+                self._apply_upsert(rec)
+
+    async def _pump(self, changes: asyncio.Queue[StateChange]) -> None:
+        """Copy the store's change notices into `changes`, resubscribing after failures."""
+        assert self.store is not None
+        backoff_s = 0.2
+        while True:
+            try:
+                async for change in self.store.watch():
+                    backoff_s = 0.2
+                    if change.origin and change.origin == self.store.origin:
+                        continue  # our own write: already applied locally
+                    if change.kind in ("instance", "any"):
+                        changes.put_nowait(change)
+                return  # the store was closed
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("watching the state store failed; resubscribing", extra={
+                    "store": self.store.url, "error": str(exc), "backoff_s": backoff_s})
+                # Notices were lost while down: the periodic reconcile catches up.
+                changes.put_nowait(StateChange("any"))
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(5.0, backoff_s * 2)
+
+    async def _follow(self) -> None:
+        """Reconcile on every batch of change notices, and every `resync_s` regardless
+        (pub/sub is at-most-once: a notice sent while a replica reconnects is lost)."""
+        assert self.store is not None
+        changes: asyncio.Queue[StateChange] = asyncio.Queue()
+        pump = asyncio.create_task(self._pump(changes), name="registry-pump")
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changes.get(), self.resync_s)
+                while not changes.empty():  # coalesce a burst into one reconcile
+                    changes.get_nowait()
+                try:
+                    await self.reconcile()
+                except Exception as exc:
+                    log.warning("reconciling with the state store failed",
+                                extra={"store": self.store.url, "error": str(exc)})
+        finally:
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pump
