@@ -80,11 +80,12 @@ class TraceError(ValueError):
 class _BadRow(Exception):
     """Raised by a row parser; the reader turns it into a TraceError or a skip."""
 
-    def __init__(self, column: str | None, problem: str, reason: str) -> None:
+    def __init__(self, column: str | None, problem: str, reason: str, always_skip: bool = False) -> None:
         super().__init__(problem)
         self.column = column
         self.problem = problem
         self.reason = reason
+        self.always_skip = always_skip  # not malformed, just nothing to replay
 
 
 @dataclass(slots=True)
@@ -169,7 +170,7 @@ class Trace:
                 break
 
     def _bad(self, line: int | None, bad: _BadRow) -> None:
-        if not self.skip_bad_rows:
+        if not (self.skip_bad_rows or bad.always_skip):
             raise TraceError(self.path, bad.problem, line, bad.column)
         self.counts.skipped[bad.reason] += 1
 
@@ -457,7 +458,8 @@ def _csv_row_parser(fmt: str, names: list[str], path: Path, line: int, slo_class
             output_tokens = _tokens(_cell(row, i_out, "Response tokens"), "Response tokens", allow_zero=True)
             if output_tokens == 0:
                 # a failed request: nothing was generated, so there is nothing to replay
-                raise _BadRow("Response tokens", "failed request (0 response tokens)", "failed_response")
+                raise _BadRow("Response tokens", "failed request (0 response tokens)", "failed_response",
+                              always_skip=True)
             return TraceRequest(request_id=f"burstgpt-{index}", arrival_s=arrival,
                                 input_tokens=input_tokens, output_tokens=output_tokens,
                                 slo_class=slo_class)
@@ -486,7 +488,9 @@ def _require_keys(row: dict[str, Any], wanted: Sequence[str]) -> None:
 
 def _mooncake_row(obj: dict[str, Any], index: int, slo_class: str) -> TraceRequest:
     _require_keys(obj, _MOONCAKE_KEYS)
-    hashes = obj.get("hash_ids") or ()
+    hashes = obj.get("hash_ids")
+    if hashes is None:
+        hashes = []
     if not isinstance(hashes, list) or not all(isinstance(h, int) and not isinstance(h, bool) for h in hashes):
         raise _BadRow("hash_ids", f"expected a list of integers, got {hashes!r}", "bad_prefix_hashes")
     return TraceRequest(
