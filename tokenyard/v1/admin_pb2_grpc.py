@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class AdminStub:
-    """Missing associated documentation comment in .proto file."""
+    """Served by the router (every replica).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -87,7 +88,8 @@ class AdminStub:
 
 
 class AdminServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Served by the router (every replica).
+    """
 
     def GetPolicy(self, request, context):
         """The policy of one tenant. NOT_FOUND when the tenant has none.
@@ -225,7 +227,8 @@ def add_AdminServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Admin:
-    """Missing associated documentation comment in .proto file."""
+    """Served by the router (every replica).
+    """
 
     @staticmethod
     def GetPolicy(request,
