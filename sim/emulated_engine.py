@@ -1,0 +1,623 @@
+"""The emulated engine: the shared engine core run on the real clock, with vLLM's metrics.
+
+`EmulatedEngine` owns one `EngineCore` and an asyncio task that drives it: ask the core
+for the next iteration, sleep the iteration's modelled duration (times `time_scale`),
+apply it, and hand the tokens that came out to the per-request `RequestHandle`s the HTTP
+layer (sim/engine_http.py) streams from. The task idles when there is no work and is
+woken by the next request. Several engines can live in one process and one event loop:
+each has its own prometheus `CollectorRegistry`.
+
+Timing: an iteration's sleep is measured from the moment it was scheduled, so the
+loop's own CPU time is counted inside the modelled duration, not added to it. Timer
+overshoot (the event loop waking late) is absorbed by letting the next iteration end on
+the modelled schedule, up to `_MAX_CATCH_UP_S` behind; a loop more behind than that is
+really overloaded, and the lag shows in `loop_lag` and in clients' TPOT.
+
+`time_scale` 0 runs iterations back to back with only a yield to the event loop between
+them: a zero-latency engine for router benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import random
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from scheduler.catalog import Catalog, default_catalog
+from scheduler.engine_model import EngineModel
+from sim.engine_core import Batch, EngineConfig, EngineCore, EngineRequest, StepOutput
+from sim.textgen import OutputLengthDist, OutputText
+
+log = logging.getLogger(__name__)
+
+_MAX_CATCH_UP_S = 0.005
+_LAG_SAMPLES = 4096  # ring of recent loop-lag samples kept for `stats()`
+
+DEFAULT_OUTPUT_LEN_DIST = "lognormal:200:0.8"
+
+
+class EngineRequestError(ValueError):
+    """A request the engine cannot take (too long for the KV cache or the context)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EmulatedEngineConfig:
+    """Everything `tokenyard engine` takes, minus the sockets."""
+
+    gpu: str = "A100-80GB"
+    model: str = "llama-3-8b"
+    tp: int = 1
+    served_model_name: str | None = None  # default: the catalog name of `model`
+    instance_id: str | None = None  # default: "<model>@<gpu>-<random>"
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    output_len_dist: str = DEFAULT_OUTPUT_LEN_DIST
+    seed: int = 0
+    time_scale: float = 1.0
+    max_request_body_bytes: int = 16 << 20
+
+    def __post_init__(self) -> None:
+        if self.tp < 1:
+            raise ValueError(f"tp: expected a positive integer, got {self.tp}")
+        if not self.time_scale >= 0:
+            raise ValueError(f"time_scale: expected a number >= 0, got {self.time_scale}")
+        if self.max_request_body_bytes < 1:
+            raise ValueError(f"max_request_body_bytes: expected a positive integer, got {self.max_request_body_bytes}")
+        OutputLengthDist.parse(self.output_len_dist)  # raises with the expected forms
+
+
+class RequestHandle:
+    """One request's progress as the HTTP layer sees it: how many tokens are out, and the text.
+
+    The engine loop calls `_emit` per token; the HTTP task awaits `next_tokens()`, which
+    returns how many new tokens came since its last call (more than one when it fell
+    behind), or 0 once the request finished or was aborted and everything was read.
+    """
+
+    __slots__ = (
+        "request_id", "prompt_tokens", "output_tokens", "max_tokens", "priority",
+        "arrival_s", "scheduled_s", "first_token_s", "last_token_s", "finish_s",
+        "emitted", "consumed", "done", "finish_reason", "cached_prompt_tokens",
+        "text", "_waiter", "_model_last_s",
+    )
+
+    def __init__(
+        self, request_id: str, prompt_tokens: int, output_tokens: int, max_tokens: int,
+        priority: int, arrival_s: float, text: OutputText,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_tokens = prompt_tokens
+        self.output_tokens = output_tokens
+        self.max_tokens = max_tokens
+        self.priority = priority
+        self.arrival_s = arrival_s
+        self.scheduled_s: float | None = None
+        self.first_token_s: float | None = None
+        self.last_token_s: float | None = None
+        self.finish_s: float | None = None
+        self.emitted = 0
+        self.consumed = 0
+        self.done = False
+        self.finish_reason: str | None = None  # "length", "stop", "abort"
+        self.cached_prompt_tokens = 0
+        self.text = text
+        self._waiter: asyncio.Future[None] | None = None
+        self._model_last_s = 0.0
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def next_tokens(self) -> int:
+        while self.emitted == self.consumed and not self.done:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        new = self.emitted - self.consumed
+        self.consumed = self.emitted
+        return new
+
+    async def wait_finished(self) -> None:
+        while not self.done:
+            await self.next_tokens()
+        self.consumed = self.emitted
+
+
+@dataclass(slots=True)
+class EngineLoad:
+    """A load snapshot, the fields of the Worker service's Status stream."""
+
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    block_size: int
+    tokens_in_flight: int
+    kv_cache_usage: float
+
+
+@dataclass(slots=True)
+class EngineDescription:
+    """What the engine is, the fields of the Worker service's Describe call."""
+
+    instance_id: str
+    served_model_names: tuple[str, ...]
+    model: str
+    gpu: str
+    tp: int
+    block_size: int
+    num_kv_blocks: int
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    scheduling_policy: str
+    kv_bytes_per_token: int
+
+
+_TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                   2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_ITL_BUCKETS_S = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+                  5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_REQUEST_BUCKETS_S = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
+                      50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+def _one_two_five(limit: int) -> list[float]:
+    buckets: list[float] = []
+    scale = 1
+    while True:
+        for mantissa in (1, 2, 5):
+            if mantissa * scale > limit:
+                return buckets
+            buckets.append(float(mantissa * scale))
+        scale *= 10
+
+
+class _EngineMetrics:
+    """vLLM's metric names (v1 engine, current names), labelled model_name and engine.
+
+    Gauges and counters that mirror the core's state are read at scrape time by a
+    collector (nothing to update per iteration); latency histograms are observed as
+    requests progress.
+    """
+
+    def __init__(self, engine: EmulatedEngine, registry: CollectorRegistry) -> None:
+        self.engine = engine
+        self.labels = {"model_name": engine.served_model_names[0], "engine": "0"}
+        names = list(self.labels)
+        values = list(self.labels.values())
+        max_len = engine.core.max_model_len
+
+        def hist(name: str, doc: str, buckets: Iterable[float]) -> Any:
+            return Histogram(name, doc, names, registry=registry, buckets=tuple(buckets)).labels(*values)
+
+        self.ttft = hist("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", _TTFT_BUCKETS_S)
+        self.itl = hist("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", _ITL_BUCKETS_S)
+        self.request_tpot = hist(
+            "vllm:request_time_per_output_token_seconds",
+            "Histogram of time_per_output_token_seconds per request.", _ITL_BUCKETS_S,
+        )
+        self.e2e = hist("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", _REQUEST_BUCKETS_S)
+        self.queue = hist(
+            "vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.", _REQUEST_BUCKETS_S
+        )
+        self.prefill = hist(
+            "vllm:request_prefill_time_seconds", "Histogram of time spent in PREFILL phase for request.", _REQUEST_BUCKETS_S
+        )
+        self.decode = hist(
+            "vllm:request_decode_time_seconds", "Histogram of time spent in DECODE phase for request.", _REQUEST_BUCKETS_S
+        )
+        self.prompt_len = hist("vllm:request_prompt_tokens", "Number of prefill tokens processed.", _one_two_five(max_len))
+        self.generation_len = hist(
+            "vllm:request_generation_tokens", "Number of generation tokens processed.", _one_two_five(max_len)
+        )
+        self.max_tokens = hist(
+            "vllm:request_params_max_tokens", "Histogram of the max_tokens request parameter.", _one_two_five(max_len)
+        )
+        self.iteration_tokens = hist(
+            "vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.",
+            (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384),
+        )
+        # Counters the engine keeps as plain ints (cheaper than Counter.inc per token).
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.request_success = dict.fromkeys(FINISH_REASONS, 0)
+        registry.register(_StateCollector(self))
+
+
+class _StateCollector:
+    """Scrape-time view of the core: queue gauges, KV usage, cache and token counters."""
+
+    def __init__(self, metrics: _EngineMetrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> list[Metric]:
+        return []  # unchecked collector: names are produced at scrape time
+
+    def collect(self) -> Iterable[Metric]:
+        metrics = self.metrics
+        engine = metrics.engine
+        core = engine.core
+        names = list(metrics.labels)
+        values = list(metrics.labels.values())
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(name, doc, labels=names)
+            family.add_metric(values, value)
+            return family
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            family = CounterMetricFamily(name, doc, labels=names)
+            family.add_metric(values, value)
+            return family
+
+        yield gauge("vllm:num_requests_running", "Number of requests in model execution batches.", core.num_running)
+        yield gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", core.num_waiting)
+        yield gauge(
+            "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+            core.kv_blocks_used / core.num_kv_blocks,
+        )
+        yield counter(
+            "vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
+            core.prefix_cache_queries_tokens,
+        )
+        yield counter(
+            "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
+            core.prefix_cache_hits_tokens,
+        )
+        yield counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.", core.preemptions_total)
+        yield counter("vllm:prompt_tokens", "Number of prefill tokens processed.", metrics.prompt_tokens_total)
+        yield counter("vllm:generation_tokens", "Number of generation tokens processed.", metrics.generation_tokens_total)
+        success = CounterMetricFamily(
+            "vllm:request_success", "Count of successfully processed requests.", labels=[*names, "finished_reason"]
+        )
+        for reason, count in metrics.request_success.items():
+            success.add_metric([*values, reason], count)
+        yield success
+        config = core.config
+        info_labels = {
+            **metrics.labels,
+            "block_size": str(config.block_size),
+            "cache_dtype": "auto",
+            "enable_prefix_caching": str(config.enable_prefix_caching),
+            "gpu_memory_utilization": str(engine.engine_model.gpu_memory_utilization),
+            "num_gpu_blocks": str(core.num_kv_blocks),
+            "num_cpu_blocks": "0",
+        }
+        info = GaugeMetricFamily(
+            "vllm:cache_config_info", "Information of the LLMEngine CacheConfig", labels=list(info_labels)
+        )
+        info.add_metric(list(info_labels.values()), 1.0)
+        yield info
+
+
+class EmulatedEngine:
+    """An `EngineCore` on the real clock, with request handles and vLLM metrics."""
+
+    def __init__(self, config: EmulatedEngineConfig | None = None, catalog: Catalog | None = None) -> None:
+        self.config = config = config or EmulatedEngineConfig()
+        catalog = catalog or default_catalog()
+        gpu = catalog.gpu(config.gpu)
+        model = catalog.model(config.model)
+        self.engine_model = EngineModel(gpu, model, config.tp)
+        self.core = EngineCore(self.engine_model, config.engine)
+        self.served_model_names: tuple[str, ...] = (config.served_model_name or model.name,)
+        self.instance_id = config.instance_id or f"{model.name}@{gpu.name}-{uuid.uuid4().hex[:8]}"
+        self.output_len_dist = OutputLengthDist.parse(config.output_len_dist)
+        self.time_scale = config.time_scale
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.metrics = _EngineMetrics(self, self.registry)
+        self.created_s = int(time.time())
+        self._handles: dict[str, RequestHandle] = {}
+        self._ids = itertools.count()
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        # Loop statistics, for benchmarks (`stats()`).
+        self._model_clock_s = 0.0  # sum of modelled iteration durations (unscaled)
+        self._modelled_itl_sum_s = 0.0
+        self._modelled_itl_count = 0
+        self._lag_samples: list[float] = []
+        self._lag_index = 0
+        self._iterations = 0
+        self._busy_wall_s = 0.0
+
+    # ------------------------------------------------------------- lifecycle
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def start(self) -> None:
+        if self.running:
+            return
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name=f"engine-loop {self.instance_id}")
+        log.info(
+            "emulated engine started",
+            extra={
+                "instance_id": self.instance_id, "model": self.engine_model.name,
+                "num_kv_blocks": self.core.num_kv_blocks, "max_model_len": self.core.max_model_len,
+                "time_scale": self.time_scale,
+            },
+        )
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for request_id in list(self._handles):
+            self.abort(request_id)
+
+    # ------------------------------------------------------------- requests
+    @property
+    def max_model_len(self) -> int:
+        return self.core.max_model_len
+
+    @property
+    def block_size(self) -> int:
+        return self.core.config.block_size
+
+    def new_request_id(self) -> str:
+        return f"{uuid.uuid4().hex[:16]}-{next(self._ids)}"
+
+    def choose_output_tokens(
+        self, max_tokens: int, seed: int, *, ignore_eos: bool = False, min_tokens: int = 0,
+        fixed: int | None = None,
+    ) -> tuple[int, str]:
+        """How many tokens a request generates, and its finish reason ("length" or "stop")."""
+        if ignore_eos:
+            wanted = max_tokens
+        elif fixed is not None:
+            wanted = fixed
+        else:
+            wanted = self.output_len_dist.sample(random.Random(seed))
+        wanted = max(wanted, min_tokens, 1)
+        if wanted >= max_tokens:
+            return max_tokens, "length"
+        return wanted, "stop"
+
+    def submit(
+        self,
+        *,
+        prompt_tokens: int,
+        output_tokens: int,
+        max_tokens: int,
+        text_seed: int,
+        priority: int = 0,
+        prefix_hashes: tuple[int, ...] = (),
+        request_id: str | None = None,
+    ) -> RequestHandle:
+        """Queue a request; the returned handle yields its tokens as iterations complete."""
+        if self._wake is None or not self.running:
+            raise RuntimeError(f"engine {self.instance_id} is not started; await engine.start() first")
+        loop_now = time.monotonic()
+        request_id = request_id or self.new_request_id()
+        if request_id in self._handles:
+            raise EngineRequestError(f"request id {request_id!r} is already in the engine")
+        req = EngineRequest(
+            request_id=request_id,
+            prompt_tokens=prompt_tokens,
+            output_tokens=output_tokens,
+            arrival_s=loop_now,
+            priority=priority,
+            prefix_hashes=prefix_hashes,
+            prefix_block_tokens=self.block_size,
+        )
+        try:
+            self.core.add_request(req)
+        except ValueError as exc:
+            raise EngineRequestError(str(exc)) from None
+        handle = RequestHandle(
+            request_id, prompt_tokens, output_tokens, max_tokens, priority, loop_now, OutputText(text_seed)
+        )
+        self._handles[request_id] = handle
+        self.metrics.max_tokens.observe(max_tokens)
+        self._wake.set()
+        return handle
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request (client gone); True if it was still in the engine."""
+        handle = self._handles.pop(request_id, None)
+        self.core.abort(request_id)
+        if handle is None:
+            return False
+        handle.done = True
+        handle.finish_reason = "abort"
+        handle.finish_s = time.monotonic()
+        self.metrics.request_success["abort"] += 1
+        handle._wake()
+        if self._wake is not None:
+            self._wake.set()  # the loop may be waiting on blocked work that now fits
+        return True
+
+    # ------------------------------------------------------------- views
+    def load(self) -> EngineLoad:
+        core = self.core
+        return EngineLoad(
+            running=core.num_running,
+            waiting=core.num_waiting,
+            kv_blocks_used=core.kv_blocks_used,
+            kv_blocks_total=core.num_kv_blocks,
+            block_size=core.config.block_size,
+            tokens_in_flight=core.tokens_in_flight,
+            kv_cache_usage=core.kv_blocks_used / core.num_kv_blocks,
+        )
+
+    def describe(self) -> EngineDescription:
+        core = self.core
+        return EngineDescription(
+            instance_id=self.instance_id,
+            served_model_names=self.served_model_names,
+            model=self.engine_model.model.name,
+            gpu=self.engine_model.gpu.name,
+            tp=self.engine_model.tp,
+            block_size=core.config.block_size,
+            num_kv_blocks=core.num_kv_blocks,
+            max_model_len=core.max_model_len,
+            max_num_seqs=core.config.max_num_seqs,
+            max_num_batched_tokens=core.config.max_num_batched_tokens,
+            scheduling_policy=core.config.scheduling_policy,
+            kv_bytes_per_token=self.engine_model.model.kv_bytes_per_token,
+        )
+
+    def stats(self) -> dict[str, Any]:
+        """Loop statistics for benchmarks: modelled inter-token time and event-loop lag."""
+        lags = sorted(self._lag_samples)
+
+        def pct(q: float) -> float:
+            return lags[min(len(lags) - 1, int(q * len(lags)))] if lags else 0.0
+
+        return {
+            "iterations": self._iterations,
+            "model_clock_s": self._model_clock_s,
+            "busy_wall_s": self._busy_wall_s,
+            "time_scale": self.time_scale,
+            "modelled_itl_sum_s": self._modelled_itl_sum_s * self.time_scale,
+            "modelled_itl_count": self._modelled_itl_count,
+            "modelled_itl_mean_s": (
+                self._modelled_itl_sum_s * self.time_scale / self._modelled_itl_count
+                if self._modelled_itl_count else 0.0
+            ),
+            "loop_lag_p50_s": pct(0.5),
+            "loop_lag_p99_s": pct(0.99),
+            "loop_lag_max_s": lags[-1] if lags else 0.0,
+            "loop_lag_samples": len(lags),
+        }
+
+    def reset_stats(self) -> None:
+        self._modelled_itl_sum_s = 0.0
+        self._modelled_itl_count = 0
+        self._lag_samples = []
+        self._lag_index = 0
+        self._iterations = 0
+        self._busy_wall_s = 0.0
+
+    # ------------------------------------------------------------- the loop
+    def _record_lag(self, lag_s: float) -> None:
+        if len(self._lag_samples) < _LAG_SAMPLES:
+            self._lag_samples.append(lag_s)
+        else:
+            self._lag_samples[self._lag_index] = lag_s
+            self._lag_index = (self._lag_index + 1) % _LAG_SAMPLES
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        wake = self._wake
+        core = self.core
+        clock = time.monotonic
+        scale = self.time_scale
+        deadline = clock()
+        while True:
+            if not core.has_work():
+                wake.clear()
+                await wake.wait()
+                deadline = clock()
+                continue
+            start = clock()
+            batch = core.schedule()
+            if not batch.scheduled:
+                # Work waits on KV blocks that only an arrival or an abort can change.
+                wake.clear()
+                await wake.wait()
+                deadline = clock()
+                continue
+            if scale > 0:
+                target = max(deadline, start - _MAX_CATCH_UP_S) + batch.duration_s * scale
+                delay = target - clock()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                    now = clock()
+                    self._record_lag(now - target)
+                else:
+                    await asyncio.sleep(0)
+                    now = clock()
+                    self._record_lag(now - target)
+                deadline = target
+            else:
+                await asyncio.sleep(0)
+                now = clock()
+            try:
+                out = core.complete(batch, now)
+                self._deliver(batch, out, start, now)
+            except Exception:
+                log.exception("engine iteration failed", extra={"instance_id": self.instance_id})
+                raise
+            self._busy_wall_s += now - start
+
+    def _deliver(self, batch: Batch, out: StepOutput, start: float, now: float) -> None:
+        handles = self._handles
+        metrics = self.metrics
+        self._iterations += 1
+        self._model_clock_s += batch.duration_s
+        model_clock = self._model_clock_s
+        metrics.iteration_tokens.observe(batch.prefill_tokens + batch.decode_seqs)
+        for req, _ in batch.scheduled:
+            handle = handles.get(req.request_id)
+            if handle is not None and handle.scheduled_s is None:
+                handle.scheduled_s = start
+        itl = metrics.itl
+        itl_sum = 0.0
+        itl_count = 0
+        for req in out.tokens:
+            handle = handles.get(req.request_id)
+            if handle is None:
+                continue
+            if handle.first_token_s is None:
+                handle.first_token_s = now
+                handle.cached_prompt_tokens = req.cached_prompt_tokens
+                metrics.ttft.observe(now - handle.arrival_s)
+                metrics.prompt_tokens_total += handle.prompt_tokens
+            else:
+                itl.observe(now - handle.last_token_s)  # type: ignore[operator]
+                itl_sum += model_clock - handle._model_last_s
+                itl_count += 1
+            handle._model_last_s = model_clock
+            handle.last_token_s = now
+            handle.emitted += 1
+            handle._wake()
+        metrics.generation_tokens_total += len(out.tokens)
+        self._modelled_itl_sum_s += itl_sum
+        self._modelled_itl_count += itl_count
+        for req in out.finished:
+            handle = handles.pop(req.request_id, None)
+            if handle is None:
+                continue
+            handle.done = True
+            handle.finish_s = now
+            handle.finish_reason = "length" if handle.output_tokens >= handle.max_tokens else "stop"
+            self._observe_finished(handle)
+            handle._wake()
+
+    def _observe_finished(self, handle: RequestHandle) -> None:
+        metrics = self.metrics
+        metrics.request_success[handle.finish_reason or "stop"] += 1
+        finish = handle.finish_s or 0.0
+        first = handle.first_token_s or finish
+        scheduled = handle.scheduled_s or handle.arrival_s
+        metrics.e2e.observe(finish - handle.arrival_s)
+        metrics.queue.observe(scheduled - handle.arrival_s)
+        metrics.prefill.observe(first - scheduled)
+        metrics.decode.observe(finish - first)
+        metrics.prompt_len.observe(handle.prompt_tokens)
+        metrics.generation_len.observe(handle.emitted)
+        if handle.emitted > 1:
+            metrics.request_tpot.observe((finish - first) / (handle.emitted - 1))
+
+
+def engine_requests_in_flight(engine: EmulatedEngine) -> int:
+    """Requests the engine holds (waiting or running); for tests and draining."""
+    return len(engine._handles)

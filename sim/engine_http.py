@@ -1,0 +1,657 @@
+"""vLLM's OpenAI-compatible HTTP API in front of an `EmulatedEngine`: a raw ASGI app on uvicorn.
+
+Routes, shaped as vLLM (v1 engine, 2025) shapes them:
+
+- `POST /v1/chat/completions`, `POST /v1/completions`: streaming (SSE `data: {...}` chunks,
+  then `data: [DONE]`; `stream_options.include_usage` adds a final chunk with empty
+  `choices` and `usage`; `continuous_usage_stats` puts usage in every chunk) and
+  non-streaming (one JSON object with `usage`). Chat streams start with a
+  `{"role": "assistant", "content": ""}` delta sent with the first token; the last token's
+  chunk carries `finish_reason` ("length" at max_tokens, else "stop") and `stop_reason`.
+- `GET /v1/models`, `GET /health` (200, empty body), `GET /metrics` (this engine's registry).
+- `GET /tokenyard/stats`, `POST /tokenyard/stats/reset`: not vLLM; loop statistics for
+  benchmarks (modelled inter-token time, event-loop lag).
+
+Errors use vLLM's nested shape `{"error": {"message", "type", "param", "code"}}` with `code`
+the HTTP status: 400 `BadRequestError` for invalid JSON, missing or wrong-typed fields,
+max_tokens < 1, a prompt plus max_tokens over max_model_len (vLLM's wording), a priority
+on an fcfs engine (vLLM's wording); 404 `NotFoundError` for an unknown model; 413 for a
+body over the limit (vLLM sets none; the emulator does, to protect the process).
+
+Limits of the emulation: one prompt and one choice per request (`n` > 1 and batched
+prompts are rejected with a 400 that says so), no logprobs (always null), `stop`
+sequences and sampling parameters are accepted and ignored, tools are not called.
+
+A client disconnect aborts the request in the engine: a task waits on ASGI `receive()`,
+which uvicorn answers with `http.disconnect` when the connection drops.
+
+Sockets: uvicorn with httptools on the running loop (uvloop when the CLI runs it);
+accepted sockets get TCP_NODELAY (uvloop and asyncio already set it; the protocol
+subclass below makes it explicit, so a token chunk never waits for Nagle's algorithm).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable, Generator, Mapping, MutableMapping
+from typing import Any
+
+import orjson
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from sim.emulated_engine import EmulatedEngine, EngineRequestError, RequestHandle
+from sim.textgen import (
+    ChatFormatError,
+    count_tokens,
+    prefix_block_hashes,
+    render_chat,
+    request_seed,
+    tokenize,
+)
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+OUTPUT_TOKENS_HEADER = b"x-tokenyard-output-tokens"
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+_SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+_DONE = b"data: [DONE]\n\n"
+
+
+class ApiError(Exception):
+    """An error response in vLLM's shape."""
+
+    def __init__(self, message: str, status: int = 400, err_type: str = "BadRequestError", param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.err_type = err_type
+        self.param = param
+
+    def body(self) -> bytes:
+        return orjson.dumps(
+            {"error": {"message": self.message, "type": self.err_type, "param": self.param, "code": self.status}}
+        )
+
+
+# ----------------------------------------------------------------- validation
+_TYPE_NAMES = {int: "a valid integer", bool: "a valid boolean", str: "a valid string",
+               dict: "a valid dictionary", list: "a valid list"}
+
+
+def _type_error(name: str, kind: type, value: Any) -> ApiError:
+    return ApiError(
+        f"1 validation error for request body: {name}: Input should be {_TYPE_NAMES[kind]} "
+        f"[input_value={value!r:.60}, input_type={type(value).__name__}]",
+        param=name,
+    )
+
+
+def _get(body: Mapping[str, Any], name: str, kind: type, default: Any = None, *, nullable: bool = True) -> Any:
+    value = body.get(name, default)
+    if value is None:
+        if not nullable and name in body:
+            raise _type_error(name, kind, value)
+        return default
+    if kind is int:
+        # JSON true/false are not integers; an integral float (2.0) is, as pydantic allows.
+        if isinstance(value, bool):
+            raise _type_error(name, kind, value)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    if not isinstance(value, kind):
+        raise _type_error(name, kind, value)
+    return value
+
+
+def _positive(name: str, value: int | None) -> int | None:
+    if value is not None and value < 1:
+        raise ApiError(f"{name} must be at least 1, got {value}.", param=name)
+    return value
+
+
+class _Prompt:
+    __slots__ = ("text", "tokens", "hashes")
+
+    def __init__(self, text: str | None, tokens: int, hashes: tuple[int, ...]):
+        self.text = text
+        self.tokens = tokens
+        self.hashes = hashes
+
+
+class EngineHttpApp:
+    """The ASGI application for one engine."""
+
+    def __init__(self, engine: EmulatedEngine) -> None:
+        self.engine = engine
+        self.max_body_bytes = engine.config.max_request_body_bytes
+        self._model_names = set(engine.served_model_names)
+        self._routes: dict[tuple[str, str], Callable[[Scope, Receive, Send], Awaitable[None]]] = {
+            ("POST", "/v1/chat/completions"): self._chat,
+            ("POST", "/v1/completions"): self._completions,
+            ("GET", "/v1/models"): self._models,
+            ("GET", "/health"): self._health,
+            ("GET", "/metrics"): self._metrics,
+            ("GET", "/tokenyard/stats"): self._stats,
+            ("POST", "/tokenyard/stats/reset"): self._stats_reset,
+        }
+        self._paths = {path for _, path in self._routes}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        path = scope["path"]
+        handler = self._routes.get((scope["method"], path))
+        if handler is None:
+            if path in self._paths:
+                await _send_bytes(send, 405, b'{"detail":"Method Not Allowed"}', _JSON_HEADERS)
+            else:
+                await _send_bytes(send, 404, b'{"detail":"Not Found"}', _JSON_HEADERS)
+            return
+        try:
+            await handler(scope, receive, send)
+        except ApiError as exc:
+            await _send_bytes(send, exc.status, exc.body(), _JSON_HEADERS)
+
+    # ------------------------------------------------------------- simple routes
+    async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _send_bytes(send, 200, b"", [])
+
+    async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
+        engine = self.engine
+        data = [
+            {
+                "id": name,
+                "object": "model",
+                "created": engine.created_s,
+                "owned_by": "vllm",
+                "root": engine.engine_model.model.name,
+                "parent": None,
+                "max_model_len": engine.max_model_len,
+                "permission": [
+                    {
+                        "id": f"modelperm-{engine.instance_id}",
+                        "object": "model_permission",
+                        "created": engine.created_s,
+                        "allow_create_engine": False,
+                        "allow_sampling": True,
+                        "allow_logprobs": True,
+                        "allow_search_indices": False,
+                        "allow_view": True,
+                        "allow_fine_tuning": False,
+                        "organization": "*",
+                        "group": None,
+                        "is_blocking": False,
+                    }
+                ],
+            }
+            for name in engine.served_model_names
+        ]
+        await _send_bytes(send, 200, orjson.dumps({"object": "list", "data": data}), _JSON_HEADERS)
+
+    async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = generate_latest(self.engine.registry)
+        await _send_bytes(send, 200, body, [(b"content-type", CONTENT_TYPE_LATEST.encode())])
+
+    async def _stats(self, scope: Scope, receive: Receive, send: Send) -> None:
+        stats = self.engine.stats()
+        load = self.engine.load()
+        stats.update(running=load.running, waiting=load.waiting, kv_cache_usage=load.kv_cache_usage)
+        await _send_bytes(send, 200, orjson.dumps(stats), _JSON_HEADERS)
+
+    async def _stats_reset(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._read_body(scope, receive)
+        self.engine.reset_stats()
+        await _send_bytes(send, 200, b"{}", _JSON_HEADERS)
+
+    # ------------------------------------------------------------- completions
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        limit = self.max_body_bytes
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    raise ApiError(f"content-length: expected an integer, got {value!r}") from None
+                if declared > limit:
+                    raise _too_large(declared, limit)
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ApiError("client disconnected before sending the whole body", 400)
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(size, limit)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _json_body(self, scope: Scope, receive: Receive) -> dict[str, Any]:
+        raw = await self._read_body(scope, receive)
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise ApiError(f"JSON decode error: {exc}", param="body") from None
+        if not isinstance(body, dict):
+            raise ApiError(
+                f"request body: Input should be a valid dictionary or object, got {type(body).__name__}",
+                param="body",
+            )
+        return body
+
+    def _check_model(self, body: Mapping[str, Any]) -> str:
+        model = _get(body, "model", str)
+        if model is None:
+            return self.engine.served_model_names[0]
+        if model not in self._model_names:
+            raise ApiError(f"The model `{model}` does not exist.", 404, "NotFoundError", "model")
+        return str(model)
+
+    def _chat_prompt(self, body: Mapping[str, Any]) -> _Prompt:
+        if "messages" not in body:
+            raise ApiError("1 validation error for request body: messages: Field required", param="messages")
+        messages = _get(body, "messages", list, nullable=False)
+        if not messages:
+            raise ApiError("messages: expected at least one message", param="messages")
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict):
+                raise ApiError(f"messages[{index}]: Input should be a valid dictionary", param="messages")
+        try:
+            text = render_chat(messages, bool(body.get("add_generation_prompt", True)))
+        except ChatFormatError as exc:
+            raise ApiError(str(exc), param="messages") from None
+        pieces = tokenize(text)
+        return _Prompt(text, len(pieces), prefix_block_hashes(pieces, self.engine.block_size))
+
+    def _completion_prompt(self, body: Mapping[str, Any]) -> _Prompt:
+        if "prompt" not in body or body["prompt"] is None:
+            raise ApiError("1 validation error for request body: prompt: Field required", param="prompt")
+        prompt = body["prompt"]
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+            prompt = prompt[0]  # a batch of one
+        if isinstance(prompt, str):
+            # The tokenizer adds a BOS token, as Llama's does.
+            pieces = ["<|begin_of_text|>", *tokenize(prompt)]
+            return _Prompt(prompt, len(pieces), prefix_block_hashes(pieces, self.engine.block_size))
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return _Prompt(None, len(prompt), prefix_block_hashes(prompt, self.engine.block_size))
+        if isinstance(prompt, list) and len(prompt) > 1:
+            raise ApiError(
+                f"prompt: the emulated engine takes one prompt per request, got a batch of {len(prompt)}",
+                param="prompt",
+            )
+        raise ApiError(
+            "prompt: Input should be a string, a list of token ids, or a list of one of those", param="prompt"
+        )
+
+    async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = await self._json_body(scope, receive)
+        model = self._check_model(body)
+        prompt = self._chat_prompt(body)
+        max_tokens = _get(body, "max_completion_tokens", int)
+        if max_tokens is None:
+            max_tokens = _get(body, "max_tokens", int)
+        await self._generate(scope, receive, send, body, model, prompt, max_tokens, chat=True)
+
+    async def _completions(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = await self._json_body(scope, receive)
+        model = self._check_model(body)
+        prompt = self._completion_prompt(body)
+        max_tokens = _get(body, "max_tokens", int, 16)  # the OpenAI completions default, as vLLM
+        await self._generate(scope, receive, send, body, model, prompt, max_tokens, chat=False)
+
+    async def _generate(
+        self, scope: Scope, receive: Receive, send: Send, body: Mapping[str, Any], model: str,
+        prompt: _Prompt, max_tokens: int | None, *, chat: bool,
+    ) -> None:
+        engine = self.engine
+        name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+        _positive(name, max_tokens)
+        stream = _get(body, "stream", bool, False)
+        stream_options = _get(body, "stream_options", dict)
+        if stream_options is not None and not stream:
+            raise ApiError("Stream options can only be defined when `stream=True`.", param="stream_options")
+        include_usage = bool(stream_options and _get(stream_options, "include_usage", bool, False))
+        continuous_usage = bool(stream_options and _get(stream_options, "continuous_usage_stats", bool, False))
+        n = _get(body, "n", int, 1)
+        if n != 1:
+            raise ApiError(f"n: the emulated engine generates one choice per request, got n={n}", param="n")
+        priority = _get(body, "priority", int, 0)
+        if priority != 0 and engine.core.config.scheduling_policy != "priority":
+            raise ApiError(f"Got priority {priority} but Priority scheduling is not enabled.", param="priority")
+        ignore_eos = _get(body, "ignore_eos", bool, False)
+        min_tokens = _get(body, "min_tokens", int, 0)
+        if min_tokens < 0:
+            raise ApiError(f"min_tokens must be greater than or equal to 0, got {min_tokens}.", param="min_tokens")
+        seed = _get(body, "seed", int)
+
+        max_len = engine.max_model_len
+        if prompt.tokens >= max_len and max_tokens is None or prompt.tokens > max_len:
+            raise ApiError(
+                f"This model's maximum context length is {max_len} tokens. However, your request has "
+                f"{prompt.tokens} input tokens. Please reduce the length of the input messages.",
+                param="input_tokens",
+            )
+        if max_tokens is None:
+            max_tokens = max_len - prompt.tokens
+        elif prompt.tokens + max_tokens > max_len:
+            raise ApiError(
+                f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's maximum "
+                f"context length is {max_len} tokens and your request has {prompt.tokens} input tokens "
+                f"({max_tokens} > {max_len} - {prompt.tokens}). (parameter={name}, value={max_tokens})",
+                param=name,
+            )
+        if min_tokens > max_tokens:
+            raise ApiError(
+                f"min_tokens must be less than or equal to max_tokens={max_tokens}, got {min_tokens}.",
+                param="min_tokens",
+            )
+
+        fixed = None
+        request_id = None
+        for header, value in scope["headers"]:
+            if header == OUTPUT_TOKENS_HEADER:
+                try:
+                    fixed = int(value)
+                except ValueError:
+                    fixed = 0
+                if fixed < 1:
+                    raise ApiError(
+                        f"header {OUTPUT_TOKENS_HEADER.decode()}: expected a positive integer, got {value.decode()!r}",
+                        param=OUTPUT_TOKENS_HEADER.decode(),
+                    )
+            elif header == b"x-request-id":
+                request_id = value.decode("latin-1")
+        prompt_key = prompt.text if prompt.text is not None else ",".join(map(str, prompt.hashes)) + f"/{prompt.tokens}"
+        text_seed = request_seed(engine.config.seed if seed is None else seed, prompt_key)
+        output_tokens, _ = engine.choose_output_tokens(
+            max_tokens, text_seed ^ 0x5EED, ignore_eos=ignore_eos, min_tokens=min_tokens, fixed=fixed
+        )
+        if request_id is not None and request_id in engine._handles:
+            request_id = None  # a reused client id: let the engine pick a fresh one
+        try:
+            handle = engine.submit(
+                prompt_tokens=prompt.tokens, output_tokens=output_tokens, max_tokens=max_tokens,
+                text_seed=text_seed, priority=priority, prefix_hashes=prompt.hashes, request_id=request_id,
+            )
+        except EngineRequestError as exc:
+            raise ApiError(str(exc), param="input_tokens") from None
+
+        watcher = asyncio.ensure_future(receive())
+        watcher.add_done_callback(lambda _: engine.abort(handle.request_id))
+        try:
+            if stream:
+                await self._stream(send, handle, model, chat, include_usage, continuous_usage)
+            else:
+                await self._complete(send, handle, model, chat)
+        finally:
+            # Cancelling runs the callback too: a no-op for a finished request.
+            watcher.cancel()
+            if not handle.done:
+                engine.abort(handle.request_id)
+
+    async def _complete(self, send: Send, handle: RequestHandle, model: str, chat: bool) -> None:
+        await handle.wait_finished()
+        if handle.finish_reason == "abort":
+            return  # the client is gone
+        text = "".join(handle.text.take(handle.emitted))
+        usage = {
+            "prompt_tokens": handle.prompt_tokens,
+            "total_tokens": handle.prompt_tokens + handle.emitted,
+            "completion_tokens": handle.emitted,
+            "prompt_tokens_details": None,
+        }
+        created = int(time.time())
+        if chat:
+            payload: dict[str, Any] = {
+                "id": f"chatcmpl-{handle.request_id}",
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {
+                            "role": "assistant",
+                            "content": text,
+                            "refusal": None,
+                            "annotations": None,
+                            "audio": None,
+                            "function_call": None,
+                            "tool_calls": [],
+                            "reasoning_content": None,
+                        },
+                        "logprobs": None,
+                        "finish_reason": handle.finish_reason,
+                        "stop_reason": None,
+                    }
+                ],
+                "service_tier": None,
+                "system_fingerprint": None,
+                "usage": usage,
+                "prompt_logprobs": None,
+                "kv_transfer_params": None,
+            }
+        else:
+            payload = {
+                "id": f"cmpl-{handle.request_id}",
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "text": text,
+                        "logprobs": None,
+                        "finish_reason": handle.finish_reason,
+                        "stop_reason": None,
+                        "prompt_logprobs": None,
+                    }
+                ],
+                "usage": usage,
+                "kv_transfer_params": None,
+            }
+        headers = [*_JSON_HEADERS, (b"x-request-id", handle.request_id.encode())]
+        await _send_bytes(send, 200, orjson.dumps(payload), headers)
+
+    async def _stream(
+        self, send: Send, handle: RequestHandle, model: str, chat: bool, include_usage: bool, continuous_usage: bool
+    ) -> None:
+        created = int(time.time())
+        model_json = orjson.dumps(model)
+        if chat:
+            head = (
+                b'data: {"id":"chatcmpl-' + handle.request_id.encode() + b'","object":"chat.completion.chunk","created":'
+                + str(created).encode() + b',"model":' + model_json
+            )
+            open_choice = b',"choices":[{"index":0,"delta":{"content":'
+            close_choice = b'},"logprobs":null,"finish_reason":null}]'
+            role_chunk = head + b',"choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]'
+        else:
+            head = (
+                b'data: {"id":"cmpl-' + handle.request_id.encode() + b'","object":"text_completion","created":'
+                + str(created).encode() + b',"model":' + model_json
+            )
+            open_choice = b',"choices":[{"index":0,"text":'
+            close_choice = b',"logprobs":null,"finish_reason":null,"stop_reason":null}]'
+            role_chunk = b""
+        tail = b"}\n\n" if chat else b',"usage":null}\n\n'
+        prompt_tokens = handle.prompt_tokens
+
+        def usage_json(completion: int) -> bytes:
+            return (
+                b'{"prompt_tokens":' + str(prompt_tokens).encode() + b',"total_tokens":'
+                + str(prompt_tokens + completion).encode() + b',"completion_tokens":' + str(completion).encode() + b"}"
+            )
+
+        await send({
+            "type": "http.response.start", "status": 200,
+            "headers": [*_SSE_HEADERS, (b"x-request-id", handle.request_id.encode())],
+        })
+        sent = 0
+        while True:
+            new = await handle.next_tokens()
+            if handle.finish_reason == "abort":
+                return  # the client is gone; nothing more to send
+            if new == 0:
+                break
+            parts: list[bytes] = []
+            if sent == 0 and chat:
+                parts.append(role_chunk + (b',"usage":' + usage_json(0) + b"}\n\n" if continuous_usage else b"}\n\n"))
+            tokens = handle.text.take(new)
+            last = len(tokens) - 1
+            for index, token in enumerate(tokens):
+                sent += 1
+                if handle.done and index == last:
+                    if chat:
+                        close = b'},"logprobs":null,"finish_reason":"' + str(handle.finish_reason).encode() + b'","stop_reason":null}]'
+                    else:
+                        close = (b',"logprobs":null,"finish_reason":"' + str(handle.finish_reason).encode()
+                                 + b'","stop_reason":null}]')
+                else:
+                    close = close_choice
+                if continuous_usage:
+                    end = b',"usage":' + usage_json(sent) + b"}\n\n"
+                else:
+                    end = tail
+                parts.append(head + open_choice + orjson.dumps(token) + close + end)
+            await send({"type": "http.response.body", "body": b"".join(parts), "more_body": True})
+            if handle.done:
+                break
+        final = [_DONE]
+        if include_usage:
+            choices_key = b',"choices":[],"usage":'
+            final.insert(0, head + choices_key + usage_json(sent) + b"}\n\n")
+        await send({"type": "http.response.body", "body": b"".join(final), "more_body": False})
+
+
+def _too_large(size: int, limit: int) -> ApiError:
+    return ApiError(
+        f"request body of {size} bytes is over this engine's limit of {limit} bytes "
+        "(--max-request-body-bytes)",
+        413, "RequestEntityTooLargeError", "body",
+    )
+
+
+async def _send_bytes(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+# ----------------------------------------------------------------- serving
+class NoDelayHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with TCP_NODELAY set on every accepted socket."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().connection_made(transport)
+
+
+class _InProcessServer(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to its owner (several run in one loop)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+class EngineServer:
+    """An emulated engine served over HTTP on the running event loop.
+
+        server = EngineServer(EmulatedEngine(config), host="127.0.0.1", port=0)
+        await server.start()      # starts the engine loop and the listener
+        ... server.port, server.base_url ...
+        await server.stop()
+    """
+
+    def __init__(self, engine: EmulatedEngine, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.engine = engine
+        self.host = host
+        self.port = port
+        self.app = EngineHttpApp(engine)
+        self._server: _InProcessServer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def base_url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def connections(self) -> set[Any]:
+        """The live HTTP protocol objects (each has `.transport`), for socket-level tests."""
+        return set(self._server.server_state.connections) if self._server else set()
+
+    async def start(self) -> None:
+        await self.engine.start()
+        config = uvicorn.Config(
+            self.app, host=self.host, port=self.port, loop="none", http=NoDelayHttpToolsProtocol,
+            ws="none", lifespan="off", access_log=False, log_config=None, server_header=False,
+            date_header=False,
+        )
+        # Bind here, not in uvicorn: its bind failure is a sys.exit, which would end the loop.
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.port))
+        except OSError as exc:
+            sock.close()
+            await self.engine.stop()
+            raise OSError(f"engine {self.engine.instance_id}: cannot listen on {self.host}:{self.port}: {exc}") from exc
+        sock.set_inheritable(False)
+        self._server = _InProcessServer(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name=f"http {self.engine.instance_id}")
+        while not self._server.started:
+            if self._task.done():
+                exc = self._task.exception() if not self._task.cancelled() else None
+                await self.engine.stop()
+                raise OSError(f"engine {self.engine.instance_id}: could not listen on {self.host}:{self.port}: {exc}")
+            await asyncio.sleep(0.005)
+        sockets = self._server.servers[0].sockets
+        self.port = int(sockets[0].getsockname()[1])
+        log.info("engine listening", extra={"instance_id": self.engine.instance_id, "url": self.base_url})
+
+    async def stop(self) -> None:
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.engine.stop()
+
+    async def __aenter__(self) -> EngineServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def prompt_token_count(text: str) -> int:
+    """The engine's count of prompt tokens for a completions prompt (for tests and routers)."""
+    return count_tokens(text)
