@@ -1,0 +1,56 @@
+"""The router's Prometheus metrics, on a registry of its own (several routers may share a process).
+
+Label children are cached per (tenant, model, code) so a request costs a few dict hits,
+not a `labels()` call per metric.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
+
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+DECIDE_BUCKETS_S = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.005)
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("tokenyard_router_requests", "Requests answered, by tenant, model and HTTP status",
+                                ["tenant", "model", "code"], registry=r)
+        self.first_byte = Histogram("tokenyard_router_first_byte_seconds",
+                                    "Time from request arrival to the first response byte relayed",
+                                    ["tenant", "model"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.attempts = Counter("tokenyard_router_upstream_attempts", "Attempts to engines, by instance and outcome",
+                                ["instance", "outcome"], registry=r)
+        self.retries = Counter("tokenyard_router_retries", "Retries on another instance, by tenant", ["tenant"],
+                               registry=r)
+        self.retry_budget_exhausted = Counter("tokenyard_router_retry_budget_exhausted",
+                                              "Retries refused by the tenant's retry budget", ["tenant"], registry=r)
+        self.midstream_errors = Counter("tokenyard_router_midstream_errors",
+                                        "Streams ended with an error event after the first byte", ["instance"],
+                                        registry=r)
+        self.decide_seconds = Histogram("tokenyard_router_decide_seconds", "Dispatch decision time",
+                                        buckets=DECIDE_BUCKETS_S, registry=r)
+        self.inflight = Gauge("tokenyard_router_inflight", "Requests in flight through this router", registry=r)
+        self.instance_healthy = Gauge("tokenyard_router_instance_healthy", "1 if the instance takes traffic",
+                                      ["instance"], registry=r)
+        self.circuit_state = Gauge("tokenyard_router_circuit_state", "0 closed, 1 half-open, 2 open",
+                                   ["instance"], registry=r)
+        self.scrape_errors = Counter("tokenyard_router_scrape_errors", "Failed load scrapes of engine /metrics",
+                                     ["instance"], registry=r)
+        self._children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
+
+    def child(self, metric: MetricWrapperBase, *labels: str) -> MetricWrapperBase:
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
+    def request_done(self, tenant: str, model: str, code: int) -> None:
+        self.child(self.requests, tenant, model, str(code)).inc()  # type: ignore[attr-defined]
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

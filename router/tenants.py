@@ -1,0 +1,87 @@
+"""Tenants: API keys to tenants, each with an SLO class, a dispatch policy and a retry budget.
+
+Lookup is one dict access per request. The retry budget is Envoy's idea: retries may add
+at most `ratio` of the tenant's request rate (plus a small floor of retries per second),
+so a dying fleet is not hammered with a multiple of its normal load.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class RetryBudget:
+    """Token bucket: each request deposits `ratio` tokens, each retry spends one.
+
+    `min_per_s` tokens also accrue per second so that a quiet tenant can still retry;
+    the bucket holds at most `burst` tokens.
+    """
+
+    ratio: float = 0.2
+    min_per_s: float = 5.0
+    burst: float = 50.0
+    tokens: float = 10.0
+    updated_s: float = field(default_factory=time.monotonic)
+
+    def on_request(self) -> None:
+        tokens = self.tokens + self.ratio
+        self.tokens = tokens if tokens < self.burst else self.burst
+
+    def try_spend(self, now_s: float | None = None) -> bool:
+        now_s = time.monotonic() if now_s is None else now_s
+        tokens = self.tokens + (now_s - self.updated_s) * self.min_per_s
+        self.updated_s = now_s
+        tokens = tokens if tokens < self.burst else self.burst
+        if tokens >= 1.0:
+            self.tokens = tokens - 1.0
+            return True
+        self.tokens = tokens
+        return False
+
+
+@dataclass(slots=True)
+class Tenant:
+    name: str
+    slo_class: str = "default"
+    policy: str | None = None  # name of a dispatch policy in the router config; None: by SLO class
+    retry_budget: RetryBudget = field(default_factory=RetryBudget)
+
+
+class AuthError(Exception):
+    """Missing or unknown API key; the message is safe to show the client."""
+
+
+class TenantTable:
+    """API key -> Tenant. With no keys configured, every request is the anonymous tenant."""
+
+    def __init__(self, tenants: list[tuple[Tenant, list[str]]], anonymous: Tenant | None = None) -> None:
+        self._by_key: dict[str, Tenant] = {}
+        self.tenants: dict[str, Tenant] = {}
+        for tenant, keys in tenants:
+            self.tenants[tenant.name] = tenant
+            for key in keys:
+                self._by_key[key] = tenant
+        self.anonymous = anonymous
+        if anonymous is not None:
+            self.tenants.setdefault(anonymous.name, anonymous)
+
+    def authenticate(self, authorization: bytes | None) -> Tenant:
+        """The tenant for an `Authorization: Bearer KEY` header value."""
+        if authorization is None:
+            if self.anonymous is not None:
+                return self.anonymous
+            raise AuthError("missing API key: send 'Authorization: Bearer <key>'")
+        value = authorization.decode("latin-1")
+        scheme, _, key = value.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            if self.anonymous is not None:
+                return self.anonymous
+            raise AuthError("malformed Authorization header: expected 'Bearer <key>'")
+        tenant = self._by_key.get(key.strip())
+        if tenant is not None:
+            return tenant
+        if self.anonymous is not None and not self._by_key:
+            return self.anonymous
+        raise AuthError("incorrect API key provided")
