@@ -20,7 +20,8 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 
@@ -28,6 +29,8 @@ from scheduler.types import InstanceState
 from tokenyard.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def apply_description(state: InstanceState, description: worker_pb2.EngineDescription) -> None:
@@ -77,6 +80,7 @@ class WorkerClient:
         state: InstanceState | None = None,
         *,
         interval_ms: int = 200,
+        min_change_interval_ms: int = 0,
         on_update: Callable[[InstanceState], None] | None = None,
         stale_after_s: float | None = None,
         connect_timeout_s: float = 5.0,
@@ -89,6 +93,11 @@ class WorkerClient:
             raise ValueError(f"WorkerClient: address must be 'host:port', got {address!r}")
         if not 10 <= interval_ms <= 60_000:
             raise ValueError(f"WorkerClient: interval_ms must be in [10, 60000], got {interval_ms}")
+        if min_change_interval_ms and not 10 <= min_change_interval_ms <= 60_000:
+            raise ValueError(
+                f"WorkerClient: min_change_interval_ms must be 0 (the server's default) or in "
+                f"[10, 60000], got {min_change_interval_ms}"
+            )
         if not 0 < backoff_initial_s <= backoff_max_s:
             raise ValueError(
                 f"WorkerClient: expected 0 < backoff_initial_s <= backoff_max_s, "
@@ -97,6 +106,8 @@ class WorkerClient:
         self.address = address
         self.state = state
         self.interval_ms = interval_ms
+        # Raise it when watching many busy engines: it bounds snapshots per second.
+        self.min_change_interval_ms = min_change_interval_ms
         self.on_update = on_update
         # Snapshots come at least every interval; a few missed ones mean a hung peer.
         self.stale_after_s = stale_after_s or max(1.0, 5 * interval_ms / 1000.0)
@@ -142,7 +153,11 @@ class WorkerClient:
                 if description is None:
                     break
                 self._on_description(description)
-                call = stub.Status(worker_pb2.StatusRequest(interval_ms=self.interval_ms))
+                call = stub.Status(
+                    worker_pb2.StatusRequest(
+                        interval_ms=self.interval_ms, min_change_interval_ms=self.min_change_interval_ms
+                    )
+                )
                 while True:
                     snapshot = await self._until_stopped(call.read(), timeout_s=self.stale_after_s)
                     if snapshot is None:
@@ -197,9 +212,9 @@ class WorkerClient:
                 log.exception("worker client on_update failed", extra={"address": self.address})
 
     # ------------------------------------------------------------ internals
-    async def _until_stopped(self, awaitable: object, timeout_s: float | None = None) -> object:
+    async def _until_stopped(self, awaitable: Awaitable[T], timeout_s: float | None = None) -> T | None:
         """Await `awaitable` unless stop() comes first (then None); TimeoutError on timeout."""
-        work = asyncio.ensure_future(awaitable)  # type: ignore[arg-type]
+        work = asyncio.ensure_future(awaitable)
         stopper = asyncio.ensure_future(self._stop.wait())
         try:
             done, _ = await asyncio.wait({work, stopper}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)

@@ -4,7 +4,7 @@ An engine (the emulated engine, or a sidecar next to a real one) implements the 
 `WorkerBackend` protocol: its fixed description, its current load, and a way to wait
 until the load changes. This module turns that into the `Worker` service: `Describe`,
 and `Status`, a stream that sends a snapshot every `interval_ms` (a heartbeat) and
-promptly whenever the load changes (coalesced to one per `CHANGE_COALESCE_S`).
+promptly whenever the load changes (at most one per `min_change_interval_ms`).
 
 `EngineCoreBackend` adapts a bare `sim.engine_core.EngineCore`, so a core can be served
 and tested without the HTTP engine around it; its driver calls `notify_changed()` after
@@ -38,7 +38,7 @@ MIN_INTERVAL_MS = 10
 MAX_INTERVAL_MS = 60_000
 # Engines change load every iteration (tens of ms); without coalescing a busy engine
 # would send a snapshot per iteration per subscriber.
-CHANGE_COALESCE_S = 0.010
+DEFAULT_MIN_CHANGE_INTERVAL_MS = 10
 ENGINE_KIND_EMULATED = "tokenyard-emulated"
 
 
@@ -233,15 +233,15 @@ class EngineCoreBackend:
         return out
 
 
-def _check_interval_ms(interval_ms: int) -> int:
-    if interval_ms == 0:
-        return DEFAULT_INTERVAL_MS
-    if not MIN_INTERVAL_MS <= interval_ms <= MAX_INTERVAL_MS:
+def _check_interval_ms(name: str, value_ms: int, default_ms: int) -> int:
+    if value_ms == 0:
+        return default_ms
+    if not MIN_INTERVAL_MS <= value_ms <= MAX_INTERVAL_MS:
         raise ValueError(
-            f"StatusRequest.interval_ms: expected 0 (default {DEFAULT_INTERVAL_MS}) or a value "
-            f"in [{MIN_INTERVAL_MS}, {MAX_INTERVAL_MS}], got {interval_ms}"
+            f"StatusRequest.{name}: expected 0 (default {default_ms}) or a value "
+            f"in [{MIN_INTERVAL_MS}, {MAX_INTERVAL_MS}], got {value_ms}"
         )
-    return interval_ms
+    return value_ms
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
@@ -285,7 +285,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self, request: worker_pb2.StatusRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.LoadSnapshot]:
         try:
-            interval_s = _check_interval_ms(request.interval_ms) / 1000.0
+            interval_s = _check_interval_ms("interval_ms", request.interval_ms, DEFAULT_INTERVAL_MS) / 1000.0
+            min_change_s = _check_interval_ms(
+                "min_change_interval_ms", request.min_change_interval_ms, DEFAULT_MIN_CHANGE_INTERVAL_MS
+            ) / 1000.0
         except ValueError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         peer = context.peer()
@@ -312,7 +315,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 now_s = loop.time()
                 if version != seen_version and now_s < next_beat_s:
                     # A change, not a heartbeat: hold it back to coalesce a burst.
-                    hold_s = last_sent_s + CHANGE_COALESCE_S - now_s
+                    hold_s = min(last_sent_s + min_change_s, next_beat_s) - now_s
                     if hold_s > 0:
                         await asyncio.sleep(hold_s)
                         version = await self.backend.changed(version, 0.0)

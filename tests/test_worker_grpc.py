@@ -150,15 +150,51 @@ async def test_heartbeats_respect_the_interval(served: tuple[EngineCoreBackend, 
     assert elapsed_s >= 4 * interval_s
 
 
-@pytest.mark.parametrize("interval_ms", [5, 60_001])
-async def test_bad_interval_is_invalid_argument(served: tuple[EngineCoreBackend, str], interval_ms: int) -> None:
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("interval_ms", 5), ("interval_ms", 60_001), ("min_change_interval_ms", 9), ("min_change_interval_ms", 70_000)],
+)
+async def test_bad_interval_is_invalid_argument(
+    served: tuple[EngineCoreBackend, str], field: str, value: int
+) -> None:
     _, address = served
     async with grpc.aio.insecure_channel(address) as channel:
-        call = worker_pb2_grpc.WorkerStub(channel).Status(worker_pb2.StatusRequest(interval_ms=interval_ms))
+        call = worker_pb2_grpc.WorkerStub(channel).Status(worker_pb2.StatusRequest(**{field: value}))
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await call.read()
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "interval_ms" in (err.value.details() or "") and str(interval_ms) in (err.value.details() or "")
+    details = err.value.details() or ""
+    assert f"StatusRequest.{field}:" in details and str(value) in details
+
+
+async def test_min_change_interval_bounds_the_snapshot_rate(served: tuple[EngineCoreBackend, str]) -> None:
+    backend, address = served
+    min_change_s = 0.1
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = worker_pb2_grpc.WorkerStub(channel).Status(
+            worker_pb2.StatusRequest(interval_ms=60_000, min_change_interval_ms=int(min_change_s * 1000))
+        )
+        await read_until(call, lambda s: True)
+        started = time.monotonic()
+        received = 0
+
+        async def reader() -> None:
+            nonlocal received
+            while (await call.read()) is not grpc.aio.EOF:
+                received += 1
+
+        reading = asyncio.ensure_future(reader())
+        # A change every few ms, as a busy engine makes them, for 40 changes.
+        for i in range(40):
+            backend.add_request(EngineRequest(f"m{i}", prompt_tokens=16, output_tokens=4))
+            await asyncio.sleep(0.005)
+        await until(lambda: received >= 1, "a change-triggered snapshot")
+        elapsed_s = time.monotonic() - started
+        call.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
+    # Snapshots after the first are at least min_change_s apart; a slow machine only
+    # lowers the count.
+    assert 1 <= received <= elapsed_s / min_change_s + 1
 
 
 async def test_cancel_and_close_end_streams_on_the_server() -> None:

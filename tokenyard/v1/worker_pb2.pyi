@@ -50,10 +50,12 @@ class EngineDescription(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ..., model: _Optional[str] = ..., gpu: _Optional[str] = ..., tensor_parallel: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., block_size_tokens: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., max_model_len: _Optional[int] = ..., engine_kind: _Optional[str] = ..., engine_version: _Optional[str] = ..., incarnation_id: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
-    __slots__ = ("interval_ms",)
+    __slots__ = ("interval_ms", "min_change_interval_ms")
     INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    MIN_CHANGE_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     interval_ms: int
-    def __init__(self, interval_ms: _Optional[int] = ...) -> None: ...
+    min_change_interval_ms: int
+    def __init__(self, interval_ms: _Optional[int] = ..., min_change_interval_ms: _Optional[int] = ...) -> None: ...
 
 class LoadSnapshot(_message.Message):
     __slots__ = ("instance_id", "sequence", "timestamp_unix_ms", "running", "waiting", "kv_blocks_used", "kv_blocks_total", "block_size_tokens", "tokens_in_flight", "preemptions_total", "prefix_cache_hit_tokens_total", "prefix_cache_query_tokens_total", "draining", "incarnation_id")

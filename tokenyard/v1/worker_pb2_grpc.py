@@ -112,13 +112,14 @@ class WorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Status(self, request, context):
-        """A stream of load snapshots: one every `interval_ms`, and one promptly whenever
-        the load changes (changes are coalesced: at most one extra snapshot per 10 ms).
-        The periodic snapshots double as a heartbeat: a consumer that receives none for
-        a few intervals treats the instance as unreachable.
+        """A stream of load snapshots: one every `interval_ms` (a heartbeat), and one
+        promptly whenever the load changes, but no sooner than `min_change_interval_ms`
+        after the previous snapshot (a burst of changes becomes one snapshot).
+        A consumer that receives nothing for a few intervals treats the instance as
+        unreachable.
         The stream runs until the client cancels it or the server stops (then it ends
-        with status OK or UNAVAILABLE). Errors: INVALID_ARGUMENT when interval_ms is
-        outside [10, 60000] (0 means the default).
+        with status OK, CANCELLED or UNAVAILABLE). Errors: INVALID_ARGUMENT when
+        interval_ms or min_change_interval_ms is out of range (the message says which).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
