@@ -33,10 +33,17 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+import tokenyard
 from scheduler.catalog import Catalog, default_catalog
 from scheduler.engine_model import EngineModel
 from sim.engine_core import Batch, EngineConfig, EngineCore, EngineRequest, StepOutput
 from sim.textgen import OutputLengthDist, OutputText
+from sim.worker_grpc import (
+    ENGINE_KIND_EMULATED,
+    EngineDescriptionInfo,
+    LoadChangeNotifier,
+    LoadInfo,
+)
 
 log = logging.getLogger(__name__)
 
@@ -133,37 +140,6 @@ class RequestHandle:
         while not self.done:
             await self.next_tokens()
         self.consumed = self.emitted
-
-
-@dataclass(slots=True)
-class EngineLoad:
-    """A load snapshot, the fields of the Worker service's Status stream."""
-
-    running: int
-    waiting: int
-    kv_blocks_used: int
-    kv_blocks_total: int
-    block_size: int
-    tokens_in_flight: int
-    kv_cache_usage: float
-
-
-@dataclass(slots=True)
-class EngineDescription:
-    """What the engine is, the fields of the Worker service's Describe call."""
-
-    instance_id: str
-    served_model_names: tuple[str, ...]
-    model: str
-    gpu: str
-    tp: int
-    block_size: int
-    num_kv_blocks: int
-    max_model_len: int
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    scheduling_policy: str
-    kv_bytes_per_token: int
 
 
 _TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
@@ -321,6 +297,24 @@ class EmulatedEngine:
         self.registry = CollectorRegistry(auto_describe=True)
         self.metrics = _EngineMetrics(self, self.registry)
         self.created_s = int(time.time())
+        self.draining = False
+        self._notifier = LoadChangeNotifier()
+        self._description = EngineDescriptionInfo(
+            instance_id=self.instance_id,
+            model=model.name,
+            gpu=gpu.name,
+            tensor_parallel=config.tp,
+            num_kv_blocks=self.core.num_kv_blocks,
+            block_size_tokens=self.core.config.block_size,
+            kv_bytes_per_token=model.kv_bytes_per_token,
+            max_model_len=self.core.max_model_len,
+            engine_kind=ENGINE_KIND_EMULATED,
+            engine_version=tokenyard.__version__,
+            incarnation_id=uuid.uuid4().hex,
+            max_num_seqs=self.core.config.max_num_seqs,
+            max_num_batched_tokens=self.core.config.max_num_batched_tokens,
+            labels={"served_model_name": self.served_model_names[0], "time_scale": f"{config.time_scale:g}"},
+        )
         self._handles: dict[str, RequestHandle] = {}
         self._ids = itertools.count()
         self._wake: asyncio.Event | None = None
@@ -427,6 +421,7 @@ class EmulatedEngine:
         self._handles[request_id] = handle
         self.metrics.max_tokens.observe(max_tokens)
         self._wake.set()
+        self._notifier.notify()
         return handle
 
     def abort(self, request_id: str) -> bool:
@@ -442,37 +437,37 @@ class EmulatedEngine:
         handle._wake()
         if self._wake is not None:
             self._wake.set()  # the loop may be waiting on blocked work that now fits
+        self._notifier.notify()
         return True
 
     # ------------------------------------------------------------- views
-    def load(self) -> EngineLoad:
+    def load(self) -> LoadInfo:
+        """The current load (the Worker service's Status payload)."""
         core = self.core
-        return EngineLoad(
+        return LoadInfo(
             running=core.num_running,
             waiting=core.num_waiting,
             kv_blocks_used=core.kv_blocks_used,
             kv_blocks_total=core.num_kv_blocks,
-            block_size=core.config.block_size,
+            block_size_tokens=core.config.block_size,
             tokens_in_flight=core.tokens_in_flight,
-            kv_cache_usage=core.kv_blocks_used / core.num_kv_blocks,
+            preemptions_total=core.preemptions_total,
+            prefix_cache_hit_tokens_total=core.prefix_cache_hits_tokens,
+            prefix_cache_query_tokens_total=core.prefix_cache_queries_tokens,
+            draining=self.draining,
         )
 
-    def describe(self) -> EngineDescription:
-        core = self.core
-        return EngineDescription(
-            instance_id=self.instance_id,
-            served_model_names=self.served_model_names,
-            model=self.engine_model.model.name,
-            gpu=self.engine_model.gpu.name,
-            tp=self.engine_model.tp,
-            block_size=core.config.block_size,
-            num_kv_blocks=core.num_kv_blocks,
-            max_model_len=core.max_model_len,
-            max_num_seqs=core.config.max_num_seqs,
-            max_num_batched_tokens=core.config.max_num_batched_tokens,
-            scheduling_policy=core.config.scheduling_policy,
-            kv_bytes_per_token=self.engine_model.model.kv_bytes_per_token,
-        )
+    def describe(self) -> EngineDescriptionInfo:
+        """Fixed facts of this instance (the Worker service's Describe answer)."""
+        return self._description
+
+    async def changed(self, seen_version: int, timeout_s: float) -> int:
+        """Wait for a load change after `seen_version` (WorkerBackend); returns the version."""
+        return await self._notifier.wait(seen_version, timeout_s)
+
+    def set_draining(self, draining: bool) -> None:
+        self.draining = draining
+        self._notifier.notify()
 
     def stats(self) -> dict[str, Any]:
         """Loop statistics for benchmarks: modelled inter-token time and event-loop lag."""
@@ -557,6 +552,7 @@ class EmulatedEngine:
                 log.exception("engine iteration failed", extra={"instance_id": self.instance_id})
                 raise
             self._busy_wall_s += now - start
+            self._notifier.notify()
 
     def _deliver(self, batch: Batch, out: StepOutput, start: float, now: float) -> None:
         handles = self._handles

@@ -214,7 +214,8 @@ class EngineHttpApp:
     async def _stats(self, scope: Scope, receive: Receive, send: Send) -> None:
         stats = self.engine.stats()
         load = self.engine.load()
-        stats.update(running=load.running, waiting=load.waiting, kv_cache_usage=load.kv_cache_usage)
+        stats.update(running=load.running, waiting=load.waiting, kv_blocks_used=load.kv_blocks_used,
+                     kv_blocks_total=load.kv_blocks_total)
         await _send_bytes(send, 200, orjson.dumps(stats), _JSON_HEADERS)
 
     async def _stats_reset(self, scope: Scope, receive: Receive, send: Send) -> None:

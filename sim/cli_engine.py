@@ -1,0 +1,177 @@
+"""`tokenyard engine`: serve one emulated engine (vLLM's HTTP API, optionally the Worker gRPC service).
+
+    tokenyard engine --gpu A100-80GB --model llama-3-8b --port 8001 [--grpc-port 9001]
+
+Runs on uvloop until SIGINT or SIGTERM, then closes the listeners and aborts what is in
+flight. With `--port 0` the OS picks a port; the "engine listening" log line says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from sim.textgen import OutputLengthDist, OutputLengthError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {value}")
+    return value
+
+
+def _time_scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def _length_dist(text: str) -> str:
+    try:
+        return str(OutputLengthDist.parse(text))
+    except OutputLengthError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def register(subparsers: Any) -> None:
+    from sim.emulated_engine import DEFAULT_OUTPUT_LEN_DIST
+
+    parser = subparsers.add_parser(
+        "engine",
+        help="serve an emulated vLLM engine (OpenAI-compatible HTTP API, /metrics, Worker gRPC)",
+        description=(
+            "Serve one emulated engine: a real HTTP server with vLLM's OpenAI-compatible API and "
+            "metrics, whose iterations take the time the engine performance model gives for the "
+            "GPU and model."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--gpu", default="A100-80GB", help="GPU type from the catalog, e.g. A100-80GB, H100-80GB, L4")
+    parser.add_argument("--model", default="llama-3-8b", help="model from the catalog, e.g. llama-3-8b, qwen2.5-7b")
+    parser.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel degree")
+    parser.add_argument("--served-model-name", default=None,
+                        help="the model name clients send and /v1/models lists (default: --model)")
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP listen address")
+    parser.add_argument("--port", type=_port, default=8000, help="HTTP port (0: any free port)")
+    parser.add_argument("--grpc-port", type=_port, default=None,
+                        help="also serve the Worker gRPC service on this port (0: any free port)")
+    parser.add_argument("--instance-id", default=None, help="instance id (default: model@gpu-<random>)")
+    parser.add_argument("--max-num-seqs", type=_positive_int, default=256, help="most sequences in one batch")
+    parser.add_argument("--max-num-batched-tokens", type=_positive_int, default=8192,
+                        help="most tokens (prefill + decode) in one iteration")
+    parser.add_argument("--num-kv-blocks", type=_positive_int, default=None,
+                        help="KV-cache blocks (default: what fits in GPU memory after the weights)")
+    parser.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV block")
+    parser.add_argument("--max-model-len", type=_positive_int, default=None,
+                        help="longest prompt + output (default: the model's context length)")
+    parser.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
+    parser.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
+                        help="queue order; 'priority' honours the request field priority (lower runs earlier)")
+    parser.add_argument("--output-len-dist", type=_length_dist, default=DEFAULT_OUTPUT_LEN_DIST,
+                        help="output length when max_tokens does not bind: fixed:N, uniform:A:B, lognormal:MEDIAN:SIGMA")
+    parser.add_argument("--seed", type=int, default=0, help="seed of generated text and output lengths")
+    parser.add_argument("--time-scale", type=_time_scale, default=1.0,
+                        help="multiplies modelled iteration times; 0 runs iterations back to back")
+    parser.add_argument("--max-request-body-bytes", type=_positive_int, default=16 << 20,
+                        help="larger request bodies get 413")
+    parser.set_defaults(handler=run_engine)
+
+
+def build_config(args: argparse.Namespace) -> Any:
+    from sim.emulated_engine import EmulatedEngineConfig
+    from sim.engine_core import EngineConfig
+
+    return EmulatedEngineConfig(
+        gpu=args.gpu,
+        model=args.model,
+        tp=args.tp,
+        served_model_name=args.served_model_name,
+        instance_id=args.instance_id,
+        engine=EngineConfig(
+            block_size=args.block_size,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            enable_prefix_caching=not args.no_prefix_caching,
+            scheduling_policy=args.scheduling_policy,
+            max_model_len=args.max_model_len,
+            num_kv_blocks=args.num_kv_blocks,
+        ),
+        output_len_dist=args.output_len_dist,
+        seed=args.seed,
+        time_scale=args.time_scale,
+        max_request_body_bytes=args.max_request_body_bytes,
+    )
+
+
+def run_engine(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import signal
+    import sys
+
+    from scheduler.catalog import CatalogError
+    from sim.emulated_engine import EmulatedEngine
+    from sim.engine_core import EngineConfigError
+    from sim.engine_http import EngineServer
+
+    log = logging.getLogger("sim.cli_engine")
+    try:
+        engine = EmulatedEngine(build_config(args))
+    except (CatalogError, EngineConfigError, ValueError) as exc:
+        print(f"tokenyard engine: {exc}", file=sys.stderr)
+        return 2
+
+    async def serve() -> int:
+        server = EngineServer(engine, args.host, args.port)
+        try:
+            await server.start()
+        except OSError as exc:
+            print(f"tokenyard engine: {exc}", file=sys.stderr)
+            return 1
+        grpc_server = None
+        if args.grpc_port is not None:
+            from sim.worker_grpc import start_worker_server
+
+            try:
+                grpc_server = await start_worker_server(engine, args.host, args.grpc_port)
+            except OSError as exc:
+                print(f"tokenyard engine: {exc}", file=sys.stderr)
+                await server.stop()
+                return 1
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        log.info("engine ready", extra={"instance_id": engine.instance_id, "url": server.base_url,
+                                        "grpc_port": args.grpc_port})
+        await stop.wait()
+        log.info("engine stopping", extra={"instance_id": engine.instance_id})
+        if grpc_server is not None:
+            await grpc_server.stop(1.0)
+        await server.stop()
+        return 0
+
+    try:
+        import uvloop
+
+        return uvloop.run(serve())
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        return asyncio.run(serve())
