@@ -18,6 +18,7 @@ Pure arithmetic: no I/O besides reading the packaged factors once.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from importlib import resources
@@ -38,6 +39,12 @@ class PerfFactors:
     allreduce_latency_s: float = 0.00001  # per all-reduce call with tensor parallelism
     # Achieved / peak unidirectional interconnect bandwidth in a ring all-reduce.
     interconnect_efficiency: float = 0.7
+    # Fixed cost per layer per iteration (kernel launches, synchronisation between TP
+    # workers): large in eager-mode engines, small with CUDA graphs.
+    layer_overhead_s: float = 0.0
+    # Per token per layer work that tensor parallelism does not split (norms, residual
+    # adds, rotary embedding run on every worker).
+    unsharded_s_per_token_layer: float = 0.0
     # Share of the smaller roofline term (compute or weight reads) added to the larger one:
     # 0 is a perfect roofline (max), 1 is no overlap at all (sum).
     roofline_overlap_loss: float = 0.0
@@ -160,12 +167,13 @@ class EngineModel:
             # Two all-reduces per layer of (tokens x hidden) activations; a ring all-reduce
             # moves 2 (tp - 1) / tp of the data over each GPU's one-way link bandwidth.
             self._s_per_comm_token = 2 * m.num_layers * self._allreduce_s_per_byte() * m.hidden_size * m.dtype_bytes
-            self._comm_fixed_s = 2 * m.num_layers * f.allreduce_latency_s
+            self._comm_fixed_s = 2 * m.num_layers * self.allreduce_time_s(0.0)
         else:
             self._s_per_comm_token = 0.0
             self._comm_fixed_s = 0.0
-        self._overhead_s = f.iteration_overhead_s
+        self._overhead_s = f.iteration_overhead_s + m.num_layers * f.layer_overhead_s
         self._per_seq_s = f.per_seq_overhead_s
+        self._s_per_unsharded_token = m.num_layers * f.unsharded_s_per_token_layer
 
     @property
     def name(self) -> str:
@@ -206,8 +214,9 @@ class EngineModel:
 
         where linear(T, S) = max(C, M) + loss * min(C, M) with C = T * c_tok + S * c_head
         (GEMM FLOPs) and M the weight-read time (constant for dense models, rising with T
-        up to all experts for MoE), comm(T) = T * c_comm + o_comm (zero without tensor
-        parallelism), ctx = context_tokens and pairs = prefill_attention_pairs. For a fixed
+        up to all experts for MoE), comm(T) = T * c_comm + o_comm (all-reduces, zero without
+        tensor parallelism, plus per-token work TP does not split), o_i the per-iteration and
+        per-layer fixed costs, ctx = context_tokens and pairs = prefill_attention_pairs. For a fixed
         batch (T, S, pairs) the time is therefore a convex piecewise-linear function of ctx
         with at most one breakpoint, and exactly linear, t = t0 + ctx * slope, when
         pairs == 0 (pure decode): see `decode_step_linear_s`.
@@ -222,7 +231,7 @@ class EngineModel:
         attention_compute = (prefill_attention_pairs + context_tokens) * self._s_per_attn_pair
         attention_memory = context_tokens * self._s_per_context_token
         attention = attention_compute if attention_compute > attention_memory else attention_memory
-        comm = tokens * self._s_per_comm_token + self._comm_fixed_s
+        comm = tokens * (self._s_per_comm_token + self._s_per_unsharded_token) + self._comm_fixed_s
         return linear + attention + comm + self._overhead_s + seqs * self._per_seq_s
 
     def decode_step_linear_s(self, decode_seqs: int) -> tuple[float, float]:
@@ -274,10 +283,13 @@ class EngineModel:
         return self.model.lm_head_params * self.model.dtype_bytes / bandwidth
 
     def allreduce_time_s(self, num_bytes: float) -> float:
-        """One all-reduce of `num_bytes` over this instance's `tp` GPUs (0 without TP)."""
+        """One all-reduce of `num_bytes` over this instance's `tp` GPUs (0 without TP).
+
+        Latency grows with log2(tp) (tree-like step count), bandwidth as a ring all-reduce.
+        """
         if self.tp <= 1:
             return 0.0
-        return self.factors.allreduce_latency_s + num_bytes * self._allreduce_s_per_byte()
+        return self.factors.allreduce_latency_s * math.log2(self.tp) + num_bytes * self._allreduce_s_per_byte()
 
     def kv_capacity_tokens(self) -> int:
         """KV-cache tokens that fit after weights, per instance (all TP shards together)."""

@@ -1,0 +1,680 @@
+"""Engine model calibration against real measurements, and `tokenyard model predict`.
+
+Reads the public performance data in `shared/data/perf` (see its MANIFEST.md):
+
+- Vidur per-layer operator profiles (`vidur/profiling/compute/<gpu>/<model>/mlp.csv`):
+  the four projection GEMMs of one layer (attn_pre_proj, attn_post_proj, mlp_up_proj,
+  mlp_down_proj) vs tokens and tensor parallelism -> quantity `linear_op_time`.
+- Vidur all-reduce profiles (`vidur/profiling/network/<gpu>_dgx/all_reduce.csv`, one node)
+  -> quantity `allreduce_time`.
+- Splitwise's measured performance model (`splitwise_sim/perf_model.csv`): Llama2-70B and
+  BLOOM-176B with TP on A100/H100 -> `prefill_time` (a batch of prompts in one iteration)
+  and `decode_time_per_token` (mean over the generation, so at the mean context).
+- TensorRT-LLM's published max-throughput tables (`derived_trtllm_throughput.csv`): a
+  secondary check only (another engine, FP8), never fitted; see `trtllm_observations`.
+
+Each GPU type with measurements (A100-80GB, H100-80GB) gets its own `PerfFactors`, fitted by
+scipy least squares on log(predicted / measured) with a robust loss; the fallback `"*"` for
+other GPU types is the mean of the fits. Configurations are split deterministically:
+every k-th configuration of each source (sorted by its key) is held out of the fit and
+the error table reports train and held-out errors separately.
+
+The file written (`scheduler/perf_factors.json` by default) is what `EngineModel` loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import tempfile
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from scheduler.catalog import Catalog, CatalogError, GpuSpec, ModelSpec, default_catalog
+from scheduler.engine_model import BatchShape, EngineModel, PerfFactors
+
+log = logging.getLogger(__name__)
+
+HELD_OUT_EVERY = 4  # every 4th configuration of a source (sorted by key) is held out
+
+# Vidur and Splitwise folder / column names -> catalog names.
+VIDUR_GPUS = {"a100": "A100-80GB", "h100": "H100-80GB"}  # a40: not in the catalog
+VIDUR_MODELS = {
+    "Llama-2-7b-hf": "llama-2-7b",
+    "Llama-2-70b-hf": "llama-2-70b",
+    "Meta-Llama-3-8B": "llama-3-8b",
+    "Meta-Llama-3-70B": "llama-3-70b",
+    "CodeLlama-34b-Instruct-hf": "codellama-34b",
+    "phi-2": "phi-2",
+}
+VIDUR_LINEAR_OPS = ("attn_pre_proj", "attn_post_proj", "mlp_up_proj", "mlp_down_proj")
+SPLITWISE_GPUS = {"a100-80gb": "A100-80GB", "h100-80gb": "H100-80GB"}  # h100-80gb-pcap: power-capped
+SPLITWISE_MODELS = {"llama2-70b": "llama-2-70b", "bloom-176b": "bloom-176b"}
+TRTLLM_GPUS = {"H100": "H100-80GB", "H200": "H200"}
+TRTLLM_MODELS = {"Llama 3.1 8B": "llama-3-8b", "Llama 3.3 70B": "llama-3-70b", "Llama 3.1 405B": "llama-3.1-405b"}
+# Assumption for the TensorRT-LLM check: the batch is bounded by the KV cache and by this cap
+# (trtllm-bench's default maximum batch size).
+TRTLLM_MAX_BATCH = 2048
+
+# Factors fitted, with bounds; the rest keep their defaults.
+FIT_BOUNDS: dict[str, tuple[float, float]] = {
+    "compute_efficiency": (0.05, 1.0),
+    "memory_efficiency": (0.05, 1.0),
+    "attention_efficiency": (0.02, 1.0),
+    "iteration_overhead_s": (1e-5, 0.05),
+    "per_seq_overhead_s": (1e-7, 2e-3),
+    "allreduce_latency_s": (1e-7, 2e-4),
+    "interconnect_efficiency": (0.05, 1.0),
+    "roofline_overlap_loss": (1e-4, 1.0),
+    "layer_overhead_s": (1e-7, 2e-3),
+    "unsharded_s_per_token_layer": (1e-10, 1e-5),
+}
+# Relative weight of each quantity in the fit (each quantity's residuals are also divided by
+# sqrt(count), so that the ~5000 operator profiles do not drown the ~60 end-to-end figures).
+QUANTITY_WEIGHTS = {
+    "prefill_time": 2.0,
+    "decode_time_per_token": 1.0,
+    "linear_op_time": 0.5,
+    "allreduce_time": 0.3,
+}
+
+
+def default_data_dir() -> Path:
+    env = os.environ.get("TOKENYARD_SHARED_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """One measured configuration: `measured` is seconds, or tokens/s for `throughput`."""
+
+    source: str
+    quantity: str
+    gpu: str
+    model: str
+    tp: int
+    key: str  # human-readable configuration, unique within the source
+    measured: float
+    num_tokens: int = 0  # linear_op_time
+    num_bytes: int = 0  # allreduce_time
+    prompt_tokens: int = 0
+    batch_size: int = 0
+    context_tokens: int = 0  # decode_time_per_token: mean context per sequence
+    output_tokens: int = 0  # throughput
+    held_out: bool = False
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    try:
+        with path.open(newline="") as handle:
+            return list(csv.DictReader(handle))
+    except OSError as exc:
+        raise FileNotFoundError(f"{path}: cannot read measurements ({exc.strerror or exc})") from exc
+
+
+def _mark_held_out(observations: list[Observation]) -> list[Observation]:
+    ordered = sorted(observations, key=lambda o: o.key)
+    return [replace(o, held_out=(i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1)) for i, o in enumerate(ordered)]
+
+
+def vidur_compute_observations(data_dir: Path) -> list[Observation]:
+    base = data_dir / "perf" / "vidur" / "profiling" / "compute"
+    samples: dict[tuple[str, str, int, int], list[float]] = defaultdict(list)
+    for gpu_dir, gpu in VIDUR_GPUS.items():
+        for path in sorted((base / gpu_dir).glob("*/*/mlp.csv")):
+            model = VIDUR_MODELS.get(path.parent.name)
+            if model is None:
+                continue
+            for row in _read_csv(path):
+                ms = sum(float(row[f"time_stats.{op}.median"]) for op in VIDUR_LINEAR_OPS)
+                key = (gpu, model, int(row["num_tensor_parallel_workers"]), int(row["num_tokens"]))
+                samples[key].append(ms / 1e3)
+    observations = [
+        Observation(
+            source="vidur", quantity="linear_op_time", gpu=gpu, model=model, tp=tp,
+            key=f"{gpu} {model} tp{tp} tokens={tokens:05d}", measured=statistics.median(values),
+            num_tokens=tokens,
+        )
+        for (gpu, model, tp, tokens), values in samples.items()
+    ]
+    return _mark_held_out(observations)
+
+
+def vidur_network_observations(data_dir: Path) -> list[Observation]:
+    base = data_dir / "perf" / "vidur" / "profiling" / "network"
+    observations = []
+    for gpu_dir, gpu in VIDUR_GPUS.items():
+        path = base / f"{gpu_dir}_dgx" / "all_reduce.csv"
+        if not path.exists():
+            continue
+        samples: dict[tuple[int, int], list[float]] = defaultdict(list)
+        for row in _read_csv(path):
+            workers = int(row["num_workers"])
+            # One node only: TP across nodes is not what an engine instance does.
+            if workers != int(row["devices_per_node"]) or workers < 2:
+                continue
+            samples[(workers, int(row["size"]))].append(float(row["time_stats.all_reduce.median"]) / 1e3)
+        for (workers, size), values in samples.items():
+            observations.append(Observation(
+                source="vidur", quantity="allreduce_time", gpu=gpu, model="", tp=workers,
+                key=f"{gpu} allreduce tp{workers} bytes={size:010d}", measured=statistics.median(values),
+                num_bytes=size,
+            ))
+    return _mark_held_out(observations)
+
+
+def splitwise_observations(data_dir: Path) -> list[Observation]:
+    rows = _read_csv(data_dir / "perf" / "splitwise_sim" / "perf_model.csv")
+    prefill: dict[tuple[str, str, int, int, int], list[float]] = defaultdict(list)
+    decode: dict[tuple[str, str, int, int, int, int], list[float]] = defaultdict(list)
+    for row in rows:
+        gpu = SPLITWISE_GPUS.get(row["hardware"])
+        model = SPLITWISE_MODELS.get(row["model"])
+        if gpu is None or model is None:
+            continue
+        tp = int(row["tensor_parallel"])
+        prompt, batch, output = int(row["prompt_size"]), int(row["batch_size"]), int(row["token_size"])
+        prefill[(gpu, model, tp, prompt, batch)].append(float(row["prompt_time"]) / 1e3)
+        decode[(gpu, model, tp, prompt, batch, output)].append(float(row["token_time"]) / 1e3)
+    prefill_obs = [
+        Observation(
+            source="splitwise", quantity="prefill_time", gpu=gpu, model=model, tp=tp,
+            key=f"{gpu} {model} tp{tp} prompt={prompt:05d} batch={batch:03d}",
+            measured=statistics.median(values), prompt_tokens=prompt, batch_size=batch,
+        )
+        for (gpu, model, tp, prompt, batch), values in prefill.items()
+    ]
+    decode_obs = [
+        Observation(
+            source="splitwise", quantity="decode_time_per_token", gpu=gpu, model=model, tp=tp,
+            key=f"{gpu} {model} tp{tp} prompt={prompt:05d} batch={batch:03d} out={output:05d}",
+            # The mean over a generation of `output` tokens is at the mean context, because
+            # the step time is linear in context (EngineModel.decode_step_linear_s).
+            measured=statistics.median(values), prompt_tokens=prompt, batch_size=batch,
+            context_tokens=prompt + output // 2, output_tokens=output,
+        )
+        for (gpu, model, tp, prompt, batch, output), values in decode.items()
+    ]
+    return _mark_held_out(prefill_obs) + _mark_held_out(decode_obs)
+
+
+def trtllm_observations(data_dir: Path) -> list[Observation]:
+    """TensorRT-LLM max-throughput figures usable as a check: H100/H200, FP8 or BF16, and a
+    model whose architecture is in the catalog (Llama 3.1/3.3 share Llama 3's layers)."""
+    rows = _read_csv(data_dir / "perf" / "trtllm_perf_overview" / "derived_trtllm_throughput.csv")
+    observations = []
+    for row in rows:
+        gpu = TRTLLM_GPUS.get(row["gpu"])
+        model = TRTLLM_MODELS.get(row["model"])
+        if gpu is None or model is None or row["precision"] not in ("FP8", "BF16") or row["pp"] != "1":
+            continue
+        isl, osl = int(row["isl"]), int(row["osl"])
+        observations.append(Observation(
+            source="trtllm", quantity="throughput", gpu=gpu, model=f"{model}:{row['precision'].lower()}",
+            tp=int(row["tp"]), key=f"{gpu} {model} tp{row['tp']} {row['precision']} isl={isl} osl={osl}",
+            measured=float(row["total_output_tok_per_s"]), prompt_tokens=isl, output_tokens=osl,
+            held_out=True,
+        ))
+    return observations
+
+
+def load_observations(data_dir: Path) -> list[Observation]:
+    """All observations of all sources; a missing file is a FileNotFoundError naming it."""
+    return (
+        vidur_compute_observations(data_dir)
+        + vidur_network_observations(data_dir)
+        + splitwise_observations(data_dir)
+        + trtllm_observations(data_dir)
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Prediction
+
+
+def _precision_variant(gpu: GpuSpec, model: ModelSpec, precision: str) -> tuple[GpuSpec, ModelSpec]:
+    if precision == "fp8":
+        # Hopper's FP8 tensor cores double the bf16 peak; weights and KV cache take 1 byte.
+        return replace(gpu, bf16_tflops=gpu.bf16_tflops * 2), replace(model, dtype_bytes=1)
+    return gpu, model
+
+
+class Predictor:
+    """Predicts observations with one set of factors; caches an EngineModel per configuration."""
+
+    def __init__(self, catalog: Catalog, factors: PerfFactors) -> None:
+        self.catalog = catalog
+        self.factors = factors
+        self._engines: dict[tuple[str, str, int], EngineModel] = {}
+
+    def engine(self, gpu: str, model: str, tp: int) -> EngineModel:
+        cache_key = (gpu, model, tp)
+        found = self._engines.get(cache_key)
+        if found is None:
+            name, _, precision = model.partition(":")
+            gpu_spec = self.catalog.gpu(gpu)
+            model_spec = self.catalog.model(name or "llama-2-7b")
+            gpu_spec, model_spec = _precision_variant(gpu_spec, model_spec, precision)
+            found = EngineModel(gpu_spec, model_spec, tp=tp, factors=self.factors)
+            self._engines[cache_key] = found
+        return found
+
+    def predict(self, obs: Observation) -> float:
+        engine = self.engine(obs.gpu, obs.model, obs.tp)
+        if obs.quantity == "linear_op_time":
+            return engine.linear_time_per_layer_s(obs.num_tokens)
+        if obs.quantity == "allreduce_time":
+            return engine.allreduce_time_s(obs.num_bytes)
+        if obs.quantity == "prefill_time":
+            if obs.source == "splitwise":
+                return splitwise_prefill_time_s(engine, obs.prompt_tokens, obs.batch_size)
+            return engine.prefill_time_s(obs.prompt_tokens, obs.batch_size)
+        if obs.quantity == "decode_time_per_token":
+            return engine.decode_time_per_token_s(obs.batch_size, obs.context_tokens)
+        if obs.quantity == "throughput":
+            return modelled_max_throughput(engine, obs.prompt_tokens, obs.output_tokens)
+        raise ValueError(f"unknown quantity {obs.quantity!r}")
+
+
+def splitwise_prefill_time_s(engine: EngineModel, prompt_tokens: int, batch_size: int) -> float:
+    """Splitwise's engine prefills a batch of B prompts like one causal sequence of B x P
+    tokens: its times for (P, B) track those of a single prompt of B x P tokens (within the
+    per-sequence overhead), far above what block-diagonal attention over B prompts costs.
+    So its attention work is that of the concatenated sequence."""
+    tokens = prompt_tokens * batch_size
+    return engine.iteration_time_s(
+        prefill_tokens=tokens,
+        prefill_attention_pairs=BatchShape.prefill_pairs(tokens, 0),
+        prefill_seqs=batch_size,
+    )
+
+
+def modelled_max_throughput(engine: EngineModel, input_tokens: int, output_tokens: int) -> float:
+    """Output tokens/s of an offline run at the largest batch the KV cache holds.
+
+    A batch of B requests costs one prefill of B prompts plus `output_tokens` decode steps of
+    B sequences at the mean context; B = KV tokens / tokens per request, capped.
+    """
+    per_request = input_tokens + output_tokens
+    batch = min(engine.kv_capacity_tokens() // per_request, TRTLLM_MAX_BATCH)
+    if batch < 1:
+        return 0.0
+    seconds = engine.prefill_time_s(input_tokens, batch) + output_tokens * engine.decode_time_per_token_s(
+        batch, input_tokens + output_tokens // 2
+    )
+    return batch * output_tokens / seconds
+
+
+# ---------------------------------------------------------------------------------------
+# Fitting
+
+
+@dataclass(slots=True)
+class FitResult:
+    factors: dict[str, PerfFactors]  # per GPU name, plus "*"
+    observations: list[Observation]
+    predictions: list[float]
+    cost: dict[str, float] = field(default_factory=dict)  # per GPU: final least-squares cost
+
+    def errors(self) -> list[dict[str, Any]]:
+        """Absolute percentage error per (source, quantity, split): median, p90, count."""
+        groups: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+        for obs, pred in zip(self.observations, self.predictions, strict=True):
+            split = "held-out" if obs.held_out else "train"
+            groups[(obs.source, obs.quantity, split)].append(abs(pred - obs.measured) / obs.measured * 100)
+        table = []
+        for (source, quantity, split), values in sorted(groups.items()):
+            values.sort()
+            table.append({
+                "source": source, "quantity": quantity, "split": split, "count": len(values),
+                "median_ape_pct": round(_quantile(values, 0.5), 2),
+                "p90_ape_pct": round(_quantile(values, 0.9), 2),
+            })
+        return table
+
+    def median_error(self, quantity: str, split: str = "held-out", source: str | None = None) -> float:
+        for row in self.errors():
+            if row["quantity"] == quantity and row["split"] == split and source in (None, row["source"]):
+                return float(row["median_ape_pct"])
+        raise KeyError(f"no {split} observations of {quantity}")
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    if not sorted_values:
+        return math.nan
+    position = q * (len(sorted_values) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+def _factors_from_vector(vector: Sequence[float]) -> PerfFactors:
+    return PerfFactors(**{name: math.exp(v) for name, v in zip(FIT_BOUNDS, vector, strict=True)})
+
+
+def fit_gpu(
+    catalog: Catalog,
+    train: list[Observation],
+    start: PerfFactors | None = None,
+    on_evaluation: Callable[[float], None] | None = None,
+) -> tuple[PerfFactors, float]:
+    """Least squares on the log ratio predicted / measured of one GPU type's observations."""
+    import numpy as np
+    from scipy.optimize import least_squares
+
+    counts: dict[str, int] = defaultdict(int)
+    for obs in train:
+        counts[obs.quantity] += 1
+    weights = np.array([QUANTITY_WEIGHTS[o.quantity] / math.sqrt(counts[o.quantity]) for o in train])
+    log_measured = np.log([o.measured for o in train])
+    start = start or PerfFactors()
+    lower = np.log([b[0] for b in FIT_BOUNDS.values()])
+    upper = np.log([b[1] for b in FIT_BOUNDS.values()])
+    x0 = np.clip(np.log([max(getattr(start, name), FIT_BOUNDS[name][0]) for name in FIT_BOUNDS]), lower, upper)
+
+    def residuals(vector: Any) -> Any:
+        predictor = Predictor(catalog, _factors_from_vector(vector))
+        predicted = np.array([predictor.predict(o) for o in train])
+        result = weights * (np.log(np.maximum(predicted, 1e-12)) - log_measured)
+        if on_evaluation is not None:
+            on_evaluation(float(np.sum(result**2)))
+        return result
+
+    # soft_l1: a few broken measurements (Splitwise's A100 TP2 batch-64 prefill is faster than
+    # batch 32) must not pull the fit; f_scale is about a 10% log error after weighting.
+    solution = least_squares(
+        residuals, x0, bounds=(lower, upper), loss="soft_l1", f_scale=0.1 / math.sqrt(len(train)),
+        x_scale=1.0, max_nfev=400,
+    )
+    return _factors_from_vector(solution.x), float(solution.cost)
+
+
+def mean_factors(factors: Iterable[PerfFactors]) -> PerfFactors:
+    """Arithmetic mean per factor: the fallback for GPU types without measurements. (Not the
+    geometric mean: a factor one fit pins at its lower bound would drag it towards zero.)"""
+    table = [f.as_dict() for f in factors]
+    if not table:
+        return PerfFactors()
+    return PerfFactors(**{name: statistics.fmean(row[name] for row in table) for name in table[0]})
+
+
+def calibrate(data_dir: Path, catalog: Catalog | None = None, progress: bool = True) -> FitResult:
+    """Fit factors per GPU type on the training split; predict every observation."""
+    from tqdm import tqdm
+
+    catalog = catalog or default_catalog()
+    observations = load_observations(data_dir)
+    if not observations:
+        raise ValueError(f"{data_dir}/perf: no usable measurements found")
+    fitted: dict[str, PerfFactors] = {}
+    costs: dict[str, float] = {}
+    gpus = sorted({o.gpu for o in observations if o.source != "trtllm"})
+    for gpu in gpus:
+        train = [o for o in observations if o.gpu == gpu and not o.held_out and o.source != "trtllm"]
+        with tqdm(desc=f"fit {gpu}", unit="eval", disable=not progress, file=sys.stderr) as bar:
+            def on_evaluation(cost: float, bar: Any = bar) -> None:
+                bar.update(1)
+                bar.set_postfix(cost=f"{cost:.4g}", refresh=False)
+
+            fitted[gpu], costs[gpu] = fit_gpu(catalog, train, on_evaluation=on_evaluation)
+        log.info("fitted perf factors", extra={"gpu": gpu, "train_configs": len(train), **fitted[gpu].as_dict()})
+    fitted["*"] = mean_factors(fitted[g] for g in gpus)
+    predictions = []
+    predictors = {name: Predictor(catalog, f) for name, f in fitted.items()}
+    for obs in observations:
+        predictor = predictors.get(obs.gpu, predictors["*"])
+        predictions.append(predictor.predict(obs))
+    return FitResult(fitted, observations, predictions, costs)
+
+
+# ---------------------------------------------------------------------------------------
+# Output
+
+
+def factors_document(result: FitResult, data_dir: Path) -> dict[str, Any]:
+    return {
+        "comment": "Fitted by `tokenyard calibrate` (sim/calibrate.py) to shared/data/perf; "
+                   "'default' (mean of the fits) serves GPU types without measurements.",
+        "held_out_every": HELD_OUT_EVERY,
+        "gpus": {name: f.as_dict() for name, f in sorted(result.factors.items()) if name != "*"},
+        "default": result.factors["*"].as_dict(),
+        "errors": result.errors(),
+    }
+
+
+def write_json_atomically(path: Path, document: dict[str, Any]) -> None:
+    """Write to a temporary file in the same folder, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as out:
+            json.dump(document, out, indent=2, sort_keys=False)
+            out.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+SOURCE_COLOURS = {
+    ("vidur", "linear_op_time"): "tab:blue",
+    ("vidur", "allreduce_time"): "tab:gray",
+    ("splitwise", "prefill_time"): "tab:orange",
+    ("splitwise", "decode_time_per_token"): "tab:green",
+    ("trtllm", "throughput"): "tab:red",
+}
+
+
+def plot_fit(result: FitResult, path: Path) -> None:
+    """Predicted vs measured, log-log, one colour per source and quantity, with y = x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 6))
+    panels = (("times (s)", lambda o: o.quantity != "throughput"), ("throughput (tokens/s)", lambda o: o.quantity == "throughput"))
+    for ax, (label, wanted) in zip(axes, panels, strict=True):
+        groups: dict[tuple[str, str], list[tuple[float, float, bool]]] = defaultdict(list)
+        for obs, pred in zip(result.observations, result.predictions, strict=True):
+            if wanted(obs) and pred > 0:
+                groups[(obs.source, obs.quantity)].append((obs.measured, pred, obs.held_out))
+        low, high = math.inf, 0.0
+        for (source, quantity), points in sorted(groups.items()):
+            colour = SOURCE_COLOURS.get((source, quantity), "black")
+            for held_out in (False, True):
+                xs = [p[0] for p in points if p[2] == held_out]
+                ys = [p[1] for p in points if p[2] == held_out]
+                if not xs:
+                    continue
+                ax.scatter(xs, ys, s=10 if held_out else 5, alpha=0.8 if held_out else 0.35, c=colour,
+                           marker="o" if held_out else ".",
+                           label=f"{source} {quantity} ({'held-out' if held_out else 'train'}, n={len(xs)})")
+                low, high = min(low, *xs, *ys), max(high, *xs, *ys)
+        if high > 0:
+            ax.plot([low, high], [low, high], "k--", linewidth=1, label="y = x")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"measured {label}")
+        ax.set_ylabel(f"modelled {label}")
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    axes[0].set_title("Engine model vs Vidur / Splitwise (A100-80GB, H100-80GB)")
+    axes[1].set_title("Check: TensorRT-LLM max throughput, H100/H200 FP8 (not fitted)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def format_error_table(rows: list[dict[str, Any]]) -> str:
+    header = f"{'source':<10} {'quantity':<22} {'split':<9} {'n':>5} {'median APE %':>13} {'p90 APE %':>10}"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        lines.append(
+            f"{row['source']:<10} {row['quantity']:<22} {row['split']:<9} {row['count']:>5} "
+            f"{row['median_ape_pct']:>13.1f} {row['p90_ape_pct']:>10.1f}"
+        )
+    return "\n".join(lines)
+
+
+def format_factors(factors: dict[str, PerfFactors]) -> str:
+    names = list(PerfFactors().as_dict())
+    header = f"{'factor':<26}" + "".join(f"{gpu:>12}" for gpu in factors)
+    lines = [header]
+    for name in names:
+        lines.append(f"{name:<26}" + "".join(f"{getattr(f, name):>12.4g}" for f in factors.values()))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# CLI
+
+
+def _load_catalog(args: argparse.Namespace) -> Catalog:
+    from scheduler.catalog import extend_catalog
+    from tokenyard.config import load_yaml
+
+    catalog = default_catalog()
+    if getattr(args, "catalog", None):
+        catalog = extend_catalog(catalog, load_yaml(args.catalog), source=str(args.catalog))
+    if getattr(args, "hf_config", None):
+        from scheduler.catalog import model_from_hf_config
+
+        path = Path(args.hf_config)
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CatalogError(f"{path}: cannot read a HuggingFace config.json: {exc}") from exc
+        catalog.add_model(model_from_hf_config(args.model, config, where=str(path)))
+    return catalog
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    data_dir = Path(args.data) if args.data else default_data_dir()
+    if not (data_dir / "perf").is_dir():
+        print(f"error: {data_dir}/perf: no such folder (expected shared/data with perf/; "
+              "set --data or TOKENYARD_SHARED_DATA)", file=sys.stderr)
+        return 2
+    try:
+        result = calibrate(data_dir, progress=not args.json)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    document = factors_document(result, data_dir)
+    if args.write:
+        write_json_atomically(Path(args.write), document)
+    if args.plot:
+        plot_fit(result, Path(args.plot))
+    if args.json:
+        print(json.dumps(document, indent=2))
+    else:
+        print(format_error_table(result.errors()))
+        print()
+        print(format_factors(result.factors))
+        if args.write:
+            print(f"\nwrote {args.write}")
+        if args.plot:
+            print(f"wrote {args.plot}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from tokenyard.config import ConfigError
+
+    try:
+        catalog = _load_catalog(args)
+        gpu = catalog.gpu(args.gpu)
+        model = catalog.model(args.model)
+    except (CatalogError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for name in ("tp", "batch"):
+        if getattr(args, name) < 1:
+            print(f"error: --{name} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
+            return 2
+    if args.context < 1:
+        print(f"error: --context must be >= 1 token, got {args.context}", file=sys.stderr)
+        return 2
+    engine = EngineModel(gpu, model, tp=args.tp)
+    report = {
+        "engine": engine.name,
+        "gpu": gpu.name,
+        "model": model.name,
+        "tp": args.tp,
+        "batch": args.batch,
+        "context_tokens": args.context,
+        "prefill_time_ms": engine.prefill_time_s(args.context, 1) * 1e3,
+        "prefill_time_batch_ms": engine.prefill_time_s(args.context, args.batch) * 1e3,
+        "decode_time_per_token_ms": engine.decode_time_per_token_s(args.batch, args.context) * 1e3,
+        "decode_tokens_per_s": args.batch / engine.decode_time_per_token_s(args.batch, args.context),
+        "kv_capacity_tokens": engine.kv_capacity_tokens(),
+        "kv_capacity_blocks": engine.kv_capacity_blocks(16),
+        "fits": engine.fits(),
+        "usd_per_hour": gpu.usd_per_hour * args.tp,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{engine.name}  (batch {args.batch}, context {args.context} tokens)")
+    print(f"  prefill, 1 prompt of {args.context} tokens   {report['prefill_time_ms']:10.2f} ms")
+    print(f"  prefill, {args.batch} x {args.context} tokens at once    {report['prefill_time_batch_ms']:10.2f} ms")
+    print(f"  decode time per token at batch {args.batch}  {report['decode_time_per_token_ms']:10.2f} ms"
+          f"  ({report['decode_tokens_per_s']:.0f} tokens/s)")
+    print(f"  KV capacity                     {report['kv_capacity_tokens']:10d} tokens"
+          f" = {report['kv_capacity_blocks']} blocks of 16")
+    print(f"  fits                            {'yes' if report['fits'] else 'no'}")
+    print(f"  cost                            {report['usd_per_hour']:10.2f} $/hour")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    calibrate_parser = subparsers.add_parser(
+        "calibrate",
+        help="fit the engine model's efficiency factors to the measurements in shared/data/perf",
+        description="Fit per-GPU efficiency factors (Vidur, Splitwise; TensorRT-LLM as a check) "
+                    "and print the median / p90 absolute percentage error per source on train "
+                    "and held-out configurations.",
+    )
+    calibrate_parser.add_argument("--data", metavar="DIR",
+                                  help="the shared data folder holding perf/ (default: $TOKENYARD_SHARED_DATA or ../shared/data)")
+    calibrate_parser.add_argument("--write", metavar="JSON",
+                                  help="write the fitted factors here (e.g. scheduler/perf_factors.json), atomically")
+    calibrate_parser.add_argument("--plot", metavar="PNG", help="write a predicted-vs-measured scatter plot")
+    calibrate_parser.add_argument("--json", action="store_true", help="print the factors and errors as JSON")
+    calibrate_parser.set_defaults(handler=_cmd_calibrate)
+
+    model_parser = subparsers.add_parser("model", help="query the engine performance model")
+    model_sub = model_parser.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    predict = model_sub.add_parser(
+        "predict",
+        help="modelled prefill / decode time, KV capacity and cost of one engine instance",
+        description="Print the engine model's prefill time (one prompt of --context tokens, and "
+                    "--batch of them), decode time per token at --batch sequences of --context "
+                    "tokens, KV capacity, whether the model fits, and $/hour.",
+    )
+    predict.add_argument("--gpu", required=True, help="GPU name, e.g. A100-80GB (case-insensitive)")
+    predict.add_argument("--model", required=True, help="model name, e.g. llama-3-8b (or the name for --hf-config)")
+    predict.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
+    predict.add_argument("--batch", type=int, default=1, help="sequences in the batch (default 1)")
+    predict.add_argument("--context", type=int, default=1024, help="tokens per sequence (default 1024)")
+    predict.add_argument("--catalog", metavar="YAML", help="extra or overriding gpus:/models: entries")
+    predict.add_argument("--hf-config", metavar="CONFIG_JSON",
+                         help="a HuggingFace config.json describing --model")
+    predict.add_argument("--json", action="store_true", help="print JSON")
+    predict.set_defaults(handler=_cmd_predict)
