@@ -145,6 +145,7 @@ class WorkerClient:
             # minutes, and this loop wants its own, bounded one.
             channel = grpc.aio.insecure_channel(self.address)
             call: grpc.aio.UnaryStreamCall | None = None
+            delay_s = backoff_s
             try:
                 stub = worker_pb2_grpc.WorkerStub(channel)
                 description = await self._until_stopped(
@@ -169,10 +170,13 @@ class WorkerClient:
                         assert self.state is not None
                         yield self.state
             except (grpc.aio.AioRpcError, ConnectionError, TimeoutError) as err:
-                reason = err.code().name if isinstance(err, grpc.aio.AioRpcError) else str(err) or "no snapshot in time"
-                log.warning(
-                    "worker status stream lost",
-                    extra={"address": self.address, "reason": reason, "retry_in_s": round(backoff_s, 3)},
+                reason = err.code().name if isinstance(err, grpc.aio.AioRpcError) else str(err)
+                delay_s = backoff_s * random.uniform(0.5, 1.0)  # jitter: engines restart in herds
+                # Loud once when a live stream breaks, quiet while the engine stays down.
+                log.log(
+                    logging.WARNING if self.connected else logging.DEBUG,
+                    "worker status stream lost" if self.connected else "worker status stream not available",
+                    extra={"address": self.address, "reason": reason, "retry_in_s": round(delay_s, 3)},
                 )
                 if self._on_loss():
                     assert self.state is not None
@@ -181,7 +185,6 @@ class WorkerClient:
                 if call is not None:
                     call.cancel()
                 await channel.close()
-            delay_s = backoff_s * random.uniform(0.5, 1.0)  # jitter: engines restart in herds
             backoff_s = min(backoff_s * 2.0, self.backoff_max_s)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), delay_s)

@@ -118,7 +118,10 @@ class WorkerBackend(Protocol):
 
 
 class LoadChangeNotifier:
-    """A version counter that waiters can block on; backends call `notify()` on change."""
+    """A version counter that waiters can block on; backends call `notify()` on change.
+
+    Not thread-safe: call `notify()` on the event loop that serves the Worker service.
+    """
 
     def __init__(self) -> None:
         self.version = 0
