@@ -1,0 +1,144 @@
+"""Shape properties of the engine performance model, with the packaged (fitted) factors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scheduler.catalog import default_catalog
+from scheduler.engine_model import (
+    BatchShape,
+    EngineModel,
+    PerfFactors,
+    factors_for,
+    fitted_factors,
+    load_factors_file,
+)
+
+CATALOG = default_catalog()
+
+
+def engine(gpu: str = "A100-80GB", model: str = "llama-3-8b", tp: int = 1) -> EngineModel:
+    return EngineModel(CATALOG.gpu(gpu), CATALOG.model(model), tp=tp)
+
+
+def test_packaged_factors_are_the_fitted_ones() -> None:
+    table = fitted_factors()
+    assert {"a100-80gb", "h100-80gb", "*"} <= set(table)
+    # A GPU type without measurements gets the fallback, measured ones their own fit.
+    assert factors_for(CATALOG.gpu("L4")) == table["*"]
+    assert factors_for(CATALOG.gpu("H100-80GB")) == table["h100-80gb"]
+    for factors in table.values():
+        assert 0.05 <= factors.compute_efficiency <= 1.0
+        assert 0.05 <= factors.memory_efficiency <= 1.0
+
+
+def test_prefill_grows_about_linearly_once_compute_bound() -> None:
+    model = engine()
+    times = {n: model.prefill_time_s(n) for n in (1024, 2048, 4096)}
+    # Linear layers dominate: doubling the prompt roughly doubles the time (attention adds
+    # a quadratic share, fixed costs a constant one).
+    for small, large in ((1024, 2048), (2048, 4096)):
+        assert 1.6 < times[large] / times[small] < 2.5
+    # And a batch of prompts costs about the sum of its tokens.
+    assert model.prefill_time_s(1024, batch_size=4) == pytest.approx(4 * times[1024], rel=0.35)
+
+
+def test_decode_step_nearly_flat_in_batch_at_small_batch() -> None:
+    model = engine()
+    one = model.decode_time_per_token_s(1, 512)
+    eight = model.decode_time_per_token_s(8, 512)
+    assert one < eight < 1.3 * one  # memory-bound: the weights are read once per step
+    # ... and throughput rises almost linearly with the batch there.
+    assert 8 / eight > 6 * (1 / one)
+
+
+def test_tensor_parallelism_speeds_up_a_70b_iteration() -> None:
+    for gpu in ("A100-80GB", "H100-80GB"):
+        decode = [engine(gpu, "llama-3-70b", tp).decode_time_per_token_s(8, 1024) for tp in (1, 2, 4, 8)]
+        prefill = [engine(gpu, "llama-3-70b", tp).prefill_time_s(2048) for tp in (1, 2, 4, 8)]
+        assert decode == sorted(decode, reverse=True) and decode[1] < decode[0]
+        assert prefill == sorted(prefill, reverse=True) and prefill[3] < prefill[0] / 2
+
+
+def test_kv_capacity() -> None:
+    small = engine("A100-80GB", "llama-3-8b")
+    assert small.kv_capacity_tokens() > 100_000
+    assert small.kv_capacity_blocks(16) == small.kv_capacity_tokens() // 16
+    assert small.fits()
+    too_big = engine("L4", "llama-3-70b")
+    assert too_big.kv_capacity_tokens() == 0
+    assert too_big.kv_capacity_blocks() == 0
+    assert not too_big.fits()
+    # More GPUs, more room for KV.
+    assert engine("H100-80GB", "llama-3-70b", 4).kv_capacity_tokens() > engine("H100-80GB", "llama-3-70b", 2).kv_capacity_tokens()
+
+
+@pytest.mark.parametrize("gpu", ["A100-80GB", "H100-80GB", "L4", "H200"])
+def test_decode_time_is_monotone_in_context(gpu: str) -> None:
+    model = engine(gpu, "qwen2.5-7b")
+    times = [model.decode_time_per_token_s(4, context) for context in (1, 128, 1024, 8192, 32768)]
+    assert times == sorted(times)
+    assert times[-1] > times[0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    prefill_tokens=st.integers(0, 8192),
+    decode_seqs=st.integers(0, 256),
+    context_tokens=st.integers(0, 500_000),
+    cached_tokens=st.integers(0, 8192),
+    extra_context=st.integers(1, 100_000),
+)
+def test_iteration_time_is_monotone_and_piecewise_linear_in_context(
+    prefill_tokens: int, decode_seqs: int, context_tokens: int, cached_tokens: int, extra_context: int
+) -> None:
+    model = engine("H100-80GB", "llama-3-8b")
+    pairs = BatchShape.prefill_pairs(prefill_tokens, cached_tokens)
+    t = model.iteration_time_s(prefill_tokens, decode_seqs, context_tokens, pairs)
+    t_more = model.iteration_time_s(prefill_tokens, decode_seqs, context_tokens + extra_context, pairs)
+    if prefill_tokens + decode_seqs == 0:
+        assert t == 0.0
+        return
+    assert t_more >= t > 0
+    if decode_seqs and not prefill_tokens:
+        # Pure decode: exactly linear in context, as decode_step_linear_s promises.
+        t0, slope = model.decode_step_linear_s(decode_seqs)
+        assert t == pytest.approx(t0 + slope * context_tokens, rel=1e-9)
+        assert t_more == pytest.approx(t0 + slope * (context_tokens + extra_context), rel=1e-9)
+
+
+def test_batch_shape_matches_iteration_arguments() -> None:
+    model = engine()
+    shape = BatchShape(prefill_tokens=512, decode_seqs=7, context_tokens=9000,
+                       prefill_attention_pairs=BatchShape.prefill_pairs(512, 100))
+    assert model.batch_time_s(shape) == model.iteration_time_s(512, 7, 9000, shape.prefill_attention_pairs)
+    assert BatchShape.prefill_pairs(4, 0) == 4 * 2.5
+
+
+def test_moe_reads_fewer_weights_at_batch_one() -> None:
+    # Mixtral at batch 1 touches 2 of 8 experts: faster than a dense model of its full size.
+    mixtral = engine("H100-80GB", "mixtral-8x7b")
+    dense = CATALOG.model("llama-2-70b")
+    assert mixtral.decode_time_per_token_s(1, 256) < EngineModel(CATALOG.gpu("H100-80GB"), dense).decode_time_per_token_s(1, 256)
+    assert mixtral.decode_time_per_token_s(1, 256) < mixtral.decode_time_per_token_s(64, 256)
+
+
+def test_explicit_factors_override_and_validation(tmp_path: Path) -> None:
+    slow = PerfFactors(compute_efficiency=0.1)
+    assert engine().prefill_time_s(4096) < EngineModel(CATALOG.gpu("A100-80GB"), CATALOG.model("llama-3-8b"), factors=slow).prefill_time_s(4096)
+    with pytest.raises(ValueError, match="tensor parallel degree"):
+        EngineModel(CATALOG.gpu("A100-80GB"), CATALOG.model("llama-3-8b"), tp=0)
+    path = tmp_path / "factors.json"
+    path.write_text(json.dumps({"gpus": {"L4": {"compute_efficiency": 0.5}}, "default": {}}))
+    assert load_factors_file(str(path))["l4"].compute_efficiency == 0.5
+    path.write_text(json.dumps({"gpus": {"L4": {"compute_efficency": 0.5}}}))
+    with pytest.raises(ValueError, match=r"gpus\.L4: unknown key\(s\) compute_efficency"):
+        load_factors_file(str(path))
+    path.write_text(json.dumps({"gpus": {"L4": {"memory_efficiency": -1}}}))
+    with pytest.raises(ValueError, match=r"gpus\.L4\.memory_efficiency: expected a non-negative number"):
+        load_factors_file(str(path))
