@@ -6,12 +6,21 @@ clock: a driver asks `schedule()` for the next iteration, waits the iteration's
 `duration_s` (a real `asyncio.sleep` in the emulated engine, a heap event in the
 simulator), then calls `complete(batch, end_s)` to apply it and learn which tokens came
 out and which requests finished.
+
+Fast-forward (for the simulator): when a just-scheduled batch is all decode and nothing
+can change it for a while, `plan_decode_run(batch, start_s)` returns a `DecodeRun` of k
+steps whose durations are an arithmetic series (the engine model's pure-decode step time
+is linear in context tokens), and `complete_run(run, end_s)` applies all k steps at once,
+leaving exactly the state k `complete`/`schedule` rounds would have left. The run can be
+cut short (`DecodeRun.truncate`) when a new request arrives, and reports the load an
+observer would see at any instant inside it (`kv_blocks_used_at`, `tokens_in_flight_at`).
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
@@ -104,6 +113,88 @@ class StepOutput:
     tokens: list[EngineRequest]  # requests that emitted one new token (in batch order)
     first_tokens: list[EngineRequest]  # subset: emitted their first token
     finished: list[EngineRequest]
+
+
+@dataclass(slots=True)
+class DecodeRun:
+    """`steps` decode iterations of an unchanged batch, applied at once by `complete_run`.
+
+    Step 0 is `batch`, already scheduled; step j repeats it with every sequence j tokens
+    longer, so it lasts `first_step_s + j * step_growth_s`. Within the run no request
+    finishes before the last step, none is admitted or preempted, and the KV blocks the
+    sequences grow into come from free blocks (no prefix-cache eviction), so the state
+    after the run is a closed-form function of `steps`.
+    """
+
+    batch: Batch
+    start_s: float
+    steps: int
+    first_step_s: float
+    step_growth_s: float
+    requests: list[EngineRequest]  # the running requests, in batch order
+    slack_tokens: list[int]  # tokens each can still add before it needs a new KV block
+    block_size: int
+    kv_blocks_used_start: int  # while step 0 runs
+    tokens_in_flight_start: int  # while step 0 runs
+    waiting_queries_tokens: int = 0  # prefix-cache counters a blocked waiting head adds per step
+    waiting_hits_tokens: int = 0
+    _slack_groups: list[tuple[int, int]] = field(default_factory=list)  # (slack, how many)
+
+    def elapsed_s(self, steps: int) -> float:
+        """Time from the run's start to the end of its `steps`-th step."""
+        return steps * self.first_step_s + self.step_growth_s * (steps * (steps - 1) / 2.0)
+
+    @property
+    def end_s(self) -> float:
+        return self.start_s + self.elapsed_s(self.steps)
+
+    def step_end_s(self, steps: int) -> float:
+        """Absolute end time of the `steps`-th step (the same float drivers schedule)."""
+        return self.start_s + self.elapsed_s(steps)
+
+    def steps_done_by(self, now_s: float) -> int:
+        """How many of the run's steps have ended by `now_s` (an end at `now_s` counts)."""
+        elapsed = now_s - self.start_s
+        if elapsed <= 0.0:
+            return 0
+        d0, g = self.first_step_s, self.step_growth_s
+        if g <= 0.0:
+            guess = int(elapsed / d0) if d0 > 0 else self.steps
+        else:
+            b = d0 - g / 2.0
+            guess = int((-b + math.sqrt(b * b + 2.0 * g * elapsed)) / g)
+        m = max(0, min(guess, self.steps))
+        while m < self.steps and self.step_end_s(m + 1) <= now_s:
+            m += 1
+        while m > 0 and self.step_end_s(m) > now_s:
+            m -= 1
+        return m
+
+    def blocks_allocated(self, steps_started: int) -> int:
+        """KV blocks the sequences grew into during steps 1..`steps_started`."""
+        if steps_started <= 0:
+            return 0
+        bs = self.block_size
+        total = 0
+        for slack, count in self._slack_groups:
+            extra = steps_started - slack
+            if extra > 0:
+                total += count * -(-extra // bs)
+        return total
+
+    def kv_blocks_used_at(self, steps_done: int) -> int:
+        """Blocks in use while step `steps_done` runs (its blocks are already allocated)."""
+        in_progress = min(steps_done, self.steps - 1)
+        return self.kv_blocks_used_start + self.blocks_allocated(in_progress)
+
+    def tokens_in_flight_at(self, steps_done: int) -> int:
+        return self.tokens_in_flight_start + len(self.requests) * min(steps_done, self.steps)
+
+    def truncate(self, steps: int) -> None:
+        """Stop the run after `steps` steps (something outside changed the next batch)."""
+        if not 1 <= steps <= self.steps:
+            raise ValueError(f"a run of {self.steps} steps cannot be cut to {steps}")
+        self.steps = steps
 
 
 @dataclass(slots=True)
@@ -415,6 +506,123 @@ class EngineCore:
                 del self.requests[req.request_id]
                 finished.append(req)
         return StepOutput(tokens, first, finished)
+
+    # ---------------------------------------------------------- fast-forward
+    def plan_decode_run(self, batch: Batch, start_s: float, max_steps: int | None = None) -> DecodeRun | None:
+        """If `batch` (just returned by `schedule`, starting at `start_s`) begins a stretch of
+        identical decode steps, describe the longest such stretch; None if it is one step.
+
+        The stretch ends at the first step where a request finishes, or before a step whose
+        KV growth would need more than the free blocks (eviction or preemption would follow).
+        A waiting request that could not be admitted in `batch` cannot be admitted later in
+        the stretch either: nothing frees blocks or seats until a request finishes. Only an
+        arrival can change that; the driver then cuts the run short (`DecodeRun.truncate`).
+        """
+        running = self.running
+        n = len(running)
+        if (
+            n == 0
+            or batch.preempted
+            or batch.prefill_tokens
+            or batch.decode_seqs != n
+            or len(batch.scheduled) != n
+        ):
+            return None
+        steps = min(r.output_tokens - r.generated_tokens for r in running)
+        if max_steps is not None:
+            steps = min(steps, max_steps)
+        if steps <= 1:
+            return None
+        model_step = getattr(self.model, "decode_step_linear_s", None)
+        if model_step is None:
+            return None
+        t0, slope = model_step(n)
+        first = batch.duration_s
+        # The engine model promises a pure decode step is t0 + slope * context; if a model
+        # breaks that promise, fall back to stepping rather than drift.
+        if abs(t0 + slope * batch.context_tokens - first) > 1e-9 * max(1.0, first):
+            return None
+        bs = self.config.block_size
+        slacks: list[int] = []
+        groups: dict[int, int] = {}
+        for req in running:
+            held = req.own_blocks + (self._shared_blocks(req) if req.shared_hashes else 0)
+            slack = held * bs - req.computed_tokens - 1
+            slacks.append(slack)
+            groups[slack] = groups.get(slack, 0) + 1
+        run = DecodeRun(
+            batch=batch,
+            start_s=start_s,
+            steps=steps,
+            first_step_s=first,
+            step_growth_s=slope * n,
+            requests=list(running),
+            slack_tokens=slacks,
+            block_size=bs,
+            kv_blocks_used_start=self.kv_blocks_used,
+            tokens_in_flight_start=sum(r.prompt_tokens + r.generated_tokens for r in running),
+            _slack_groups=sorted(groups.items()),
+        )
+        free = self.free_blocks
+        if run.blocks_allocated(steps - 1) > free:
+            lo, hi = 1, steps  # lo fits (step 0 grows nothing more), hi does not
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if run.blocks_allocated(mid - 1) <= free:
+                    lo = mid
+                else:
+                    hi = mid
+            if lo <= 1:
+                return None
+            run.steps = lo
+        if (
+            self._waiting
+            and self.config.max_num_batched_tokens > n
+            and n < self.config.max_num_seqs
+            and self.config.enable_prefix_caching
+        ):
+            # `schedule` tried the waiting head and failed; it will try (and count the
+            # prefix-cache query) again every step.
+            head = self._waiting[0][1]
+            if head.prefix_hashes:
+                run.waiting_queries_tokens = head.prompt_tokens
+                run.waiting_hits_tokens = head.cached_prompt_tokens
+        return run
+
+    def complete_run(self, run: DecodeRun, end_s: float) -> StepOutput:
+        """Apply all `run.steps` steps of a run ending at `end_s`: the state, counters and
+        token times are those of as many `complete`/`schedule` rounds. `tokens` lists the
+        requests that emitted tokens (`run.steps` each); `first_tokens` is empty."""
+        steps = run.steps
+        bs = run.block_size
+        allocated = 0
+        tokens: list[EngineRequest] = []
+        finished: list[EngineRequest] = []
+        for req, slack in zip(run.requests, run.slack_tokens, strict=True):
+            if req.status is not RequestStatus.RUNNING:
+                continue  # aborted during the run
+            extra = steps - 1 - slack
+            if extra > 0:
+                grow = -(-extra // bs)
+                req.own_blocks += grow
+                allocated += grow
+            req.computed_tokens += steps
+            req.generated_tokens += steps
+            req.last_token_s = end_s
+            tokens.append(req)
+            if req.generated_tokens >= req.output_tokens:
+                finished.append(req)
+        self.free_blocks -= allocated
+        self.iterations_total += steps
+        self.prefix_cache_queries_tokens += (steps - 1) * run.waiting_queries_tokens
+        self.prefix_cache_hits_tokens += (steps - 1) * run.waiting_hits_tokens
+        for req in finished:
+            req.finish_s = end_s
+            req.status = RequestStatus.FINISHED
+            self.running.remove(req)
+            self._release(req)
+            del self.requests[req.request_id]
+        return StepOutput(tokens, [], finished)
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the block accounting is inconsistent (for tests)."""

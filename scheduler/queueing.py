@@ -1,0 +1,102 @@
+"""Queue ordering extension point: which queued request an engine runs first.
+
+A queue policy turns what the scheduler knows about a request (its SLO class, later its
+predicted output-length rank) into the integer `priority` that vLLM's priority scheduling
+takes (lower runs earlier). Drivers attach it to every request they send: the router in
+the `priority` field of the forwarded body, the simulator on the engine core's request.
+Policies register by name, like dispatch parts, and are chosen in config:
+
+    queue: {policy: slo_priority}
+
+`needs_engine_priority` tells drivers whether the engines must run with
+`scheduling_policy=priority`; with `fcfs` every request gets 0 and engines stay FCFS.
+A learned length-rank policy (shortest predicted job first with a starvation guard) is
+one more module registering itself here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, TypeVar
+
+from scheduler.types import RequestInfo, SloClass
+
+
+class QueuePolicyError(ValueError):
+    """Unknown queue policy or bad parameters; the message lists what is allowed."""
+
+
+class QueuePolicy:
+    """Computes the engine priority of a request (lower runs earlier)."""
+
+    name: ClassVar[str] = ""
+    needs_engine_priority: ClassVar[bool] = True
+
+    def __init__(self, **params: Any) -> None:
+        if params:
+            raise QueuePolicyError(f"queue policy {self.name!r} takes no parameters, got {sorted(params)}")
+
+    def priority(self, request: RequestInfo, slo_class: SloClass | None, now_s: float) -> int:
+        raise NotImplementedError
+
+
+QUEUE_POLICIES: dict[str, type[QueuePolicy]] = {}
+
+_Q = TypeVar("_Q", bound=type[QueuePolicy])
+
+
+def register_queue_policy(name: str) -> Callable[[_Q], _Q]:
+    def wrap(cls: _Q) -> _Q:
+        cls.name = name
+        QUEUE_POLICIES[name] = cls
+        return cls
+
+    return wrap
+
+
+@register_queue_policy("fcfs")
+class FirstComeFirstServed(QueuePolicy):
+    """Every request has priority 0: engines run them in arrival order."""
+
+    needs_engine_priority = False
+
+    def priority(self, request: RequestInfo, slo_class: SloClass | None, now_s: float) -> int:
+        return 0
+
+
+@register_queue_policy("slo_priority")
+class SloPriority(QueuePolicy):
+    """The request's SLO class priority (e.g. interactive 0 before default 1 before batch 2);
+    arrival order within a class. A request of an unknown class gets `unknown_priority`."""
+
+    def __init__(self, unknown_priority: int = 1) -> None:
+        if isinstance(unknown_priority, bool) or not isinstance(unknown_priority, int):
+            raise QueuePolicyError(f"unknown_priority: expected an integer, got {unknown_priority!r}")
+        self.unknown_priority = unknown_priority
+
+    def priority(self, request: RequestInfo, slo_class: SloClass | None, now_s: float) -> int:
+        return self.unknown_priority if slo_class is None else slo_class.priority
+
+
+def build_queue_policy(spec: str | Mapping[str, Any] | None, where: str = "queue.policy") -> QueuePolicy:
+    """`fcfs`, or `{slo_priority: {unknown_priority: 1}}`; None means fcfs."""
+    if spec is None:
+        spec = "fcfs"
+    if isinstance(spec, str):
+        name, params = spec, {}
+    elif isinstance(spec, Mapping) and len(spec) == 1:
+        name, raw = next(iter(spec.items()))
+        if raw is not None and not isinstance(raw, Mapping):
+            raise QueuePolicyError(f"{where}.{name}: expected a mapping of parameters, got {raw!r}")
+        params = dict(raw or {})
+    else:
+        raise QueuePolicyError(f"{where}: expected a queue policy name or {{name: params}}, got {spec!r}")
+    cls = QUEUE_POLICIES.get(str(name))
+    if cls is None:
+        raise QueuePolicyError(
+            f"{where}: unknown queue policy {name!r}; known: {', '.join(sorted(QUEUE_POLICIES))}"
+        )
+    try:
+        return cls(**params)
+    except TypeError as exc:
+        raise QueuePolicyError(f"{where}: {exc}") from exc

@@ -1,0 +1,497 @@
+"""The discrete-event simulator: replays a trace through the live scheduler classes.
+
+One event loop on simulated time (a heap of iteration ends; arrivals are streamed from the
+trace iterable, never all held in memory). Each engine instance is an `EngineCore` driven
+exactly as the emulated engine drives it, with a heap event instead of a sleep. Every
+arrival is placed by the same `DispatchPolicy.decide(ClusterView, RequestInfo)` the router
+calls, on `InstanceState`s kept the way the router keeps them: `router_inflight` +1 on
+dispatch and -1 on finish, engine load either live (`load_refresh_s: 0`) or as last
+scraped every `load_refresh_s`. Queue order comes from a `scheduler.queueing` policy.
+
+Speed: a stretch of identical decode steps is one event (`EngineCore.plan_decode_run`),
+cut short when an arrival lands on that instance; the load other instances' dispatch
+decisions see inside a stretch is computed in closed form, so fast-forward on and off
+produce the same decisions and the same token times.
+
+Events at equal times: iteration ends first, then arrivals (in trace order); timeline
+samples and load scrapes at time t see the state after every event at t.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from scheduler.dispatch import ClusterView, DispatchPolicy
+from scheduler.types import InstanceState, NoInstanceAvailable, RequestInfo, SloClass
+from sim.cluster import ClusterSpec, PoolSpec
+from sim.engine_core import Batch, DecodeRun, EngineCore, EngineRequest
+from sim.records import InstanceStats, RequestRecord, SimResult, TimelineSample
+from sim.workload import TraceRequest
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[float, int, int], None]
+
+_PROGRESS_EVERY_EVENTS = 2048  # check the wall clock this often
+_PROGRESS_MIN_WALL_S = 0.25  # and report at most this often
+
+
+@dataclass(slots=True, eq=False)
+class _SimRequest(EngineRequest):
+    """An engine request with what the driver needs to record it and report its finish."""
+
+    trace: TraceRequest | None = None
+    info: RequestInfo | None = None
+    slo: SloClass | None = None
+    policy: DispatchPolicy | None = None
+    instance: _Instance | None = None
+    dispatch_s: float = 0.0
+
+
+class _Instance:
+    """One engine instance: its core, the load snapshot dispatch sees, and its stats."""
+
+    __slots__ = (
+        "index", "pool", "core", "state", "stats", "batch", "run", "iter_start_s", "version",
+        "next_change_s", "kv_block_s",
+    )
+
+    def __init__(self, index: int, instance_id: str, pool: PoolSpec) -> None:
+        self.index = index
+        self.pool = pool
+        self.core = EngineCore(pool.engine_model(), pool.engine)
+        self.state = InstanceState(
+            instance_id=instance_id,
+            model=pool.model.name,
+            gpu=pool.gpu.name,
+            pool=pool.name,
+            tp=pool.tp,
+            url=f"sim://{instance_id}",
+            kv_blocks_total=self.core.num_kv_blocks,
+            block_size_tokens=pool.engine.block_size,
+        )
+        self.stats = InstanceStats(
+            instance_id=instance_id,
+            pool=pool.name,
+            gpu=pool.gpu.name,
+            model=pool.model.name,
+            tp=pool.tp,
+            usd_per_hour=pool.usd_per_hour,
+        )
+        self.batch: Batch | None = None  # the iteration in flight (step mode)
+        self.run: DecodeRun | None = None  # the run in flight (fast-forward)
+        self.iter_start_s = 0.0
+        self.version = 0  # bumps when the scheduled end event is replaced
+        self.next_change_s = math.inf  # inside a run: when the observable load next changes
+        self.kv_block_s = 0.0  # integral of KV blocks used over time
+
+    @property
+    def busy(self) -> bool:
+        return self.batch is not None or self.run is not None
+
+
+class Simulation:
+    """One run of a cluster over a trace; `simulate` is the usual entry point."""
+
+    def __init__(
+        self,
+        cluster: ClusterSpec,
+        *,
+        policy: DispatchPolicy | None = None,
+        progress: ProgressFn | None = None,
+        seed: int = 0,
+        timeline_interval_s: float = 10.0,
+        fast_forward: bool = True,
+        total_requests: int = 0,
+    ) -> None:
+        if timeline_interval_s <= 0:
+            raise ValueError(f"timeline_interval_s: expected a positive number, got {timeline_interval_s}")
+        self.cluster = cluster
+        self.policy = policy or cluster.build_dispatch(seed)
+        self.class_policies: dict[str, DispatchPolicy] = {} if policy else cluster.build_dispatch_per_class(seed)
+        self.queue = cluster.build_queue_policy()
+        self.progress = progress
+        self.timeline_interval_s = timeline_interval_s
+        self.fast_forward = fast_forward
+        self.total_requests = total_requests
+        self.live_load = cluster.load_refresh_s <= 0
+        self.instances: list[_Instance] = []
+        for pool in cluster.pools:
+            for instance_id in pool.instance_ids():
+                self.instances.append(_Instance(len(self.instances), instance_id, pool))
+        self.by_id = {inst.state.instance_id: inst for inst in self.instances}
+        self.view = ClusterView([inst.state for inst in self.instances])
+        self.in_runs: dict[int, _Instance] = {}  # instances inside a fast-forward run
+        self.heap: list[tuple[float, int, _Instance, int]] = []
+        self.seq = 0
+        self.now_s = 0.0
+        self.records: list[RequestRecord] = []
+        self.timeline: list[TimelineSample] = []
+        self.events = 0
+        self.finished = 0
+        self.arrived = 0
+        self.default_slo = cluster.slo_classes.get("default")
+
+    # ------------------------------------------------------------------ loop
+    def run(self, requests: Iterable[TraceRequest]) -> SimResult:
+        wall_start = time.perf_counter()
+        arrivals = iter(requests)
+        upcoming = next(arrivals, None)
+        start_s = upcoming.arrival_s if upcoming is not None else 0.0
+        self.now_s = start_s
+        next_sample_s = start_s
+        next_scrape_s = math.inf if self.live_load else start_s
+        heap = self.heap
+        last_progress_wall = wall_start
+        last_arrival_s = -math.inf
+        while True:
+            if heap and (upcoming is None or heap[0][0] <= upcoming.arrival_s):
+                t = heap[0][0]
+                is_arrival = False
+            elif upcoming is not None:
+                t = upcoming.arrival_s
+                is_arrival = True
+            else:
+                break
+            if next_sample_s < t:
+                next_sample_s = self._sample_until(next_sample_s, t)
+            if next_scrape_s < t:
+                next_scrape_s = self._scrape_until(next_scrape_s, t)
+            self.now_s = t
+            self.events += 1
+            if is_arrival:
+                assert upcoming is not None
+                if t < last_arrival_s:
+                    raise ValueError(
+                        f"trace is not sorted by arrival time: request {upcoming.request_id!r} "
+                        f"arrives at {t} s, after one at {last_arrival_s} s"
+                    )
+                last_arrival_s = t
+                self._arrive(upcoming)
+                upcoming = next(arrivals, None)
+            else:
+                _, _, inst, version = heapq.heappop(heap)
+                if version == inst.version:
+                    self._iteration_end(inst, t)
+            if self.progress is not None and not self.events % _PROGRESS_EVERY_EVENTS:
+                wall = time.perf_counter()
+                if wall - last_progress_wall >= _PROGRESS_MIN_WALL_S:
+                    last_progress_wall = wall
+                    self.progress(self.now_s, self.finished, max(self.total_requests, self.arrived))
+        end_s = self.now_s
+        self._sample_until(next_sample_s, end_s + 1e-12)
+        if self.progress is not None:
+            self.progress(end_s, self.finished, max(self.total_requests, self.arrived))
+        for inst in self.instances:
+            inst.stats.kv_usage_time_integral = inst.kv_block_s / max(1, inst.core.num_kv_blocks)
+            inst.stats.preemptions = inst.core.preemptions_total
+        return SimResult(
+            records=self.records,
+            instances=[inst.stats for inst in self.instances],
+            timeline=self.timeline,
+            start_s=start_s,
+            end_s=end_s,
+            wall_s=time.perf_counter() - wall_start,
+            events=self.events,
+            policy=self.cluster.label or self.cluster.describe_dispatch(),
+        )
+
+    # -------------------------------------------------------------- arrivals
+    def _arrive(self, trace: TraceRequest) -> None:
+        now = self.now_s
+        self.arrived += 1
+        model = trace.model or self.cluster.default_model
+        slo = self.cluster.slo_classes.get(trace.slo_class, self.default_slo)
+        info = RequestInfo(
+            request_id=trace.request_id,
+            model=model,
+            input_tokens=trace.input_tokens,
+            tenant=trace.tenant,
+            slo_class=trace.slo_class,
+            session_id=trace.session_id,
+            prefix_hashes=trace.prefix_hashes,
+            arrival_s=now,
+        )
+        policy = self.class_policies.get(trace.slo_class, self.policy) if self.class_policies else self.policy
+        if self.live_load and self.in_runs:
+            self._refresh_runs(now)
+        self.view.now_s = now
+        try:
+            decision = policy.decide(self.view, info)
+        except NoInstanceAvailable as exc:
+            self._reject(trace, info, slo, f"no instance available: {exc}")
+            return
+        priority = self.queue.priority(info, slo, now)
+        reasons: list[str] = []
+        for instance_id in decision.instance_ids:
+            inst = self._by_id(instance_id)
+            req = _SimRequest(
+                request_id=trace.request_id,
+                prompt_tokens=trace.input_tokens,
+                output_tokens=trace.output_tokens,
+                arrival_s=now,
+                priority=priority,
+                prefix_hashes=trace.prefix_hashes,
+                prefix_block_tokens=trace.prefix_block_tokens,
+                trace=trace,
+                info=info,
+                slo=slo,
+                policy=policy,
+                instance=inst,
+                dispatch_s=now,
+            )
+            try:
+                inst.core.add_request(req)
+            except ValueError as exc:
+                reasons.append(f"{instance_id}: {exc}")
+                continue
+            state = inst.state
+            state.router_inflight += 1
+            state.waiting = inst.core.num_waiting if self.live_load else state.waiting
+            inst.stats.requests += 1
+            policy.on_dispatch(info, instance_id)
+            if inst.run is not None:
+                self._cut_run(inst, now)
+            elif inst.batch is None:
+                self._start_iteration(inst, now)
+            return
+        self._reject(trace, info, slo, "no instance can take it: " + "; ".join(reasons[:3]))
+
+    def _by_id(self, instance_id: str) -> _Instance:
+        inst = self.by_id.get(instance_id)
+        if inst is None:
+            raise KeyError(f"the dispatch policy chose an unknown instance {instance_id!r}")
+        return inst
+
+    def _reject(self, trace: TraceRequest, info: RequestInfo, slo: SloClass | None, reason: str) -> None:
+        self.finished += 1
+        self.records.append(
+            RequestRecord(
+                request_id=trace.request_id,
+                tenant=trace.tenant,
+                slo_class=trace.slo_class,
+                model=info.model,
+                pool="",
+                instance_id="",
+                gpu="",
+                arrival_s=self.now_s,
+                dispatch_s=self.now_s,
+                first_token_s=None,
+                finish_s=None,
+                input_tokens=trace.input_tokens,
+                output_tokens=0,
+                rejected=True,
+                reject_reason=reason,
+                ttft_slo_s=slo.ttft_slo_ms / 1000.0 if slo else math.inf,
+                tpot_slo_s=slo.tpot_slo_ms / 1000.0 if slo else math.inf,
+            )
+        )
+
+    # ------------------------------------------------------------ iterations
+    def _start_iteration(self, inst: _Instance, now: float) -> None:
+        core = inst.core
+        batch = core.schedule()
+        if not batch.scheduled:
+            if core.has_work():
+                raise RuntimeError(
+                    f"{inst.state.instance_id}: engine has {core.num_waiting} waiting and "
+                    f"{core.num_running} running requests but scheduled nothing"
+                )
+            return
+        inst.iter_start_s = now
+        run = core.plan_decode_run(batch, now) if self.fast_forward else None
+        if run is not None:
+            inst.run = run
+            end = run.end_s
+            self.in_runs[inst.index] = inst
+            inst.next_change_s = run.step_end_s(1)
+        else:
+            inst.batch = batch
+            end = now + batch.duration_s
+        self.seq += 1
+        heapq.heappush(self.heap, (end, self.seq, inst, inst.version))
+        if self.live_load:
+            self._publish(inst)
+
+    def _cut_run(self, inst: _Instance, now: float) -> None:
+        """A request arrived while `inst` was inside a run: the next schedule must see it."""
+        run = inst.run
+        assert run is not None
+        done = run.steps_done_by(now)
+        if done + 1 < run.steps:
+            run.truncate(done + 1)
+            inst.version += 1
+            self.seq += 1
+            heapq.heappush(self.heap, (run.end_s, self.seq, inst, inst.version))
+
+    def _iteration_end(self, inst: _Instance, now: float) -> None:
+        core = inst.core
+        run = inst.run
+        if run is not None:
+            inst.kv_block_s += _run_kv_block_s(run)
+            out = core.complete_run(run, now)
+            inst.run = None
+            del self.in_runs[inst.index]
+        else:
+            batch = inst.batch
+            assert batch is not None
+            inst.kv_block_s += core.kv_blocks_used * batch.duration_s
+            out = core.complete(batch, now)
+            inst.batch = None
+        inst.stats.busy_s += now - inst.iter_start_s
+        if out.finished:
+            state = inst.state
+            instance_id = state.instance_id
+            for req in out.finished:
+                assert isinstance(req, _SimRequest)
+                self._record(req, inst)
+                state.router_inflight -= 1
+                assert req.policy is not None and req.info is not None
+                req.policy.on_finish(req.info, instance_id)
+        if core.has_work():
+            self._start_iteration(inst, now)
+        elif self.live_load:
+            self._publish(inst)
+
+    def _record(self, req: _SimRequest, inst: _Instance) -> None:
+        self.finished += 1
+        trace = req.trace
+        info = req.info
+        slo = req.slo
+        assert trace is not None and info is not None
+        self.records.append(
+            RequestRecord(
+                request_id=req.request_id,
+                tenant=trace.tenant,
+                slo_class=trace.slo_class,
+                model=info.model,
+                pool=inst.pool.name,
+                instance_id=inst.state.instance_id,
+                gpu=inst.pool.gpu.name,
+                arrival_s=req.arrival_s,
+                dispatch_s=req.dispatch_s,
+                first_token_s=req.first_token_s,
+                finish_s=req.finish_s,
+                input_tokens=req.prompt_tokens,
+                output_tokens=req.generated_tokens,
+                cached_prompt_tokens=req.cached_prompt_tokens,
+                preemptions=req.preemptions,
+                ttft_slo_s=slo.ttft_slo_ms / 1000.0 if slo else math.inf,
+                tpot_slo_s=slo.tpot_slo_ms / 1000.0 if slo else math.inf,
+            )
+        )
+
+    # ------------------------------------------------------ load snapshots
+    def _publish(self, inst: _Instance, at_s: float | None = None) -> None:
+        """Copy the engine's load into the snapshot dispatch reads (at `at_s` inside a run)."""
+        state = inst.state
+        core = inst.core
+        run = inst.run
+        state.running = len(core.running)
+        state.waiting = core.num_waiting
+        if run is not None:
+            done = run.steps_done_by(self.now_s if at_s is None else at_s)
+            state.kv_blocks_used = run.kv_blocks_used_at(done)
+            state.tokens_in_flight = run.tokens_in_flight_at(done)
+            inst.next_change_s = run.step_end_s(done + 1) if done + 1 < run.steps else math.inf
+        else:
+            state.kv_blocks_used = core.kv_blocks_used
+            state.tokens_in_flight = core.tokens_in_flight
+        state.updated_s = self.now_s if at_s is None else at_s
+
+    def _refresh_runs(self, now: float) -> None:
+        for inst in self.in_runs.values():
+            if inst.next_change_s <= now:
+                self._publish(inst, now)
+
+    def _scrape_until(self, next_scrape_s: float, t: float) -> float:
+        """Refresh every snapshot as a router scraping at `next_scrape_s`, ... < t would."""
+        interval = self.cluster.load_refresh_s
+        # Nothing changes between events, so only the last scrape before `t` matters.
+        ticks = math.ceil((t - next_scrape_s) / interval)
+        last = next_scrape_s + (ticks - 1) * interval
+        if last >= t:
+            last -= interval
+        last = max(last, next_scrape_s)
+        for inst in self.instances:
+            self._publish(inst, last)
+        return last + interval
+
+    def _sample_until(self, next_sample_s: float, t: float) -> float:
+        interval = self.timeline_interval_s
+        while next_sample_s < t:
+            by_pool: dict[str, list[int | float]] = {}
+            for inst in self.instances:
+                run = inst.run
+                core = inst.core
+                if run is not None:
+                    used = run.kv_blocks_used_at(run.steps_done_by(next_sample_s))
+                else:
+                    used = core.kv_blocks_used
+                acc = by_pool.setdefault(inst.pool.name, [0, 0, 0.0, 0])
+                acc[0] += len(core.running)
+                acc[1] += core.num_waiting
+                acc[2] += used / max(1, core.num_kv_blocks)
+                acc[3] += 1
+            for pool_name, (running, waiting, kv_sum, count) in by_pool.items():
+                self.timeline.append(
+                    TimelineSample(next_sample_s, pool_name, int(running), int(waiting), kv_sum / max(1, count))
+                )
+            next_sample_s += interval
+        return next_sample_s
+
+
+def _run_kv_block_s(run: DecodeRun) -> float:
+    """KV block-seconds over a run (trapezoid over its steps: growth is near-linear)."""
+    last = run.kv_blocks_used_start + run.blocks_allocated(run.steps - 1)
+    return run.elapsed_s(run.steps) * (run.kv_blocks_used_start + last) / 2.0
+
+
+def simulate(
+    cluster: ClusterSpec,
+    requests: Iterable[TraceRequest],
+    *,
+    policy: DispatchPolicy | None = None,
+    progress: ProgressFn | None = None,
+    seed: int = 0,
+    timeline_interval_s: float = 10.0,
+    fast_forward: bool = True,
+    total_requests: int = 0,
+) -> SimResult:
+    """Replay `requests` (sorted by arrival) on `cluster`; see the module docstring.
+
+    policy: dispatch policy for every request (default: the cluster's, per SLO class).
+    progress(sim_now_s, finished, total): called a few times per wall second at most;
+        `total` is `total_requests` if given, else the requests seen so far.
+    seed: seeds the dispatch policy's random choices.
+    fast_forward: advance stretches of identical decode steps at once (same results).
+    """
+    sim = Simulation(
+        cluster,
+        policy=policy,
+        progress=progress,
+        seed=seed,
+        timeline_interval_s=timeline_interval_s,
+        fast_forward=fast_forward,
+        total_requests=total_requests,
+    )
+    return sim.run(requests)
+
+
+def describe(result: SimResult) -> dict[str, Any]:
+    """A few headline numbers of a run (for logs and quick checks; reports are sim.report)."""
+    done = [r for r in result.records if not r.rejected]
+    return {
+        "policy": result.policy,
+        "requests": len(result.records),
+        "rejected": len(result.records) - len(done),
+        "sim_s": result.end_s - result.start_s,
+        "wall_s": result.wall_s,
+        "events": result.events,
+    }
