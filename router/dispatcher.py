@@ -1,0 +1,237 @@
+"""Live dispatch: a request's RequestInfo, its tenant's DispatchPolicy, and session affinity.
+
+The policies are the scheduler's (`scheduler.dispatch.build_policy`), the very objects
+the simulator drives; this module only feeds them the live `InstanceRegistry` view and
+reports `on_dispatch` / `on_finish` back.
+
+Two things keep a decision cheap on a large fleet:
+- candidates are indexed by model (rebuilt only when membership changes, detected by the
+  identity of the registry's cached tuple), so a policy never walks other models'
+  instances;
+- above `max_candidates` instances for one model, the policy scores a window of that many
+  at a random offset (the "power of d choices" that Envoy's least-request balancer also
+  uses): with router-side in-flight counts this balances as well as a full scan, at a
+  fixed cost. If nothing in the window passes the filters the full list is scanned, so a
+  mostly-draining fleet still finds its healthy instances.
+
+Session affinity (header `x-session-id`, or the request's `user`) goes through the
+shared store's atomic claim (Redis SET NX), so router replicas agree on the owner; the
+owner goes first in the decision while it is healthy and not draining.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+from router.config import RouterConfig
+from router.registry import InstanceRegistry
+from router.state import StateStore
+from router.tenants import Tenant
+from scheduler.dispatch import ClusterView, DispatchPolicy, build_policy
+from scheduler.types import Decision, InstanceState, NoInstanceAvailable, RequestInfo, SloClass
+
+log = logging.getLogger(__name__)
+
+CHARS_PER_TOKEN = 4  # estimate of prompt tokens from characters (no tokenizer on the hot path)
+PREFIX_BLOCK_CHARS = 64  # ~16 tokens, vLLM's default KV block size
+MAX_PREFIX_BLOCKS = 64
+
+
+def prompt_text(body: dict[str, Any], chat: bool) -> str:
+    """The prompt's text, concatenated (message contents for chat, the prompt otherwise)."""
+    if chat:
+        parts: list[str] = []
+        for message in body.get("messages") or ():
+            if not isinstance(message, dict):
+                continue
+            content = message.get("content")
+            if isinstance(content, str):
+                parts.append(content)
+            elif isinstance(content, list):
+                for part in content:
+                    if isinstance(part, dict) and isinstance(part.get("text"), str):
+                        parts.append(part["text"])
+        return "\n".join(parts)
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        return "\n".join(p for p in prompt if isinstance(p, str))
+    return ""
+
+
+def estimate_tokens(body: dict[str, Any], text: str) -> int:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        return len(prompt)  # already token ids
+    return max(1, len(text) // CHARS_PER_TOKEN)
+
+
+def prefix_hashes(text: str) -> tuple[int, ...]:
+    """Chained CRC32 of the prompt's leading blocks: equal prefixes give equal leading hashes,
+    in every router replica (Python's hash() is salted per process)."""
+    data = text.encode("utf-8", "surrogatepass")
+    hashes = []
+    value = 0
+    end = min(len(data), PREFIX_BLOCK_CHARS * MAX_PREFIX_BLOCKS)
+    for start in range(0, end - PREFIX_BLOCK_CHARS + 1, PREFIX_BLOCK_CHARS):
+        value = zlib.crc32(data[start:start + PREFIX_BLOCK_CHARS], value)
+        hashes.append(value)
+    return tuple(hashes)
+
+
+def _inject_slo_targets(policy: dict[str, Any], slo_classes: dict[str, SloClass]) -> dict[str, Any]:
+    """Give `slo_headroom` scorers the router's SLO classes unless the policy names its own."""
+    scorers = []
+    for spec in policy.get("scorers", []):
+        if spec == "slo_headroom":
+            spec = {"slo_headroom": {}}
+        if isinstance(spec, dict) and "slo_headroom" in spec:
+            params = dict(spec["slo_headroom"] or {})
+            params.setdefault("ttft_slo_ms", {name: c.ttft_slo_ms for name, c in slo_classes.items()})
+            spec = {"slo_headroom": params}
+        scorers.append(spec)
+    if "scorers" in policy:
+        return {**policy, "scorers": scorers}
+    return dict(policy)
+
+
+class Dispatcher:
+    def __init__(self, config: RouterConfig, registry: InstanceRegistry, store: StateStore | None = None,
+                 seed: int = 0) -> None:
+        self.config = config
+        self.registry = registry
+        self.store = store
+        self.policies: dict[str, DispatchPolicy] = {
+            name: build_policy(_inject_slo_targets(body, config.slo_classes), where=f"policies.{name}", seed=seed)
+            for name, body in config.policies.items()
+        }
+        self.max_candidates = config.max_candidates
+        self._rng = random.Random(seed)
+        self._snapshot: Sequence[InstanceState] | None = None
+        self._by_model: dict[str, tuple[InstanceState, ...]] = {}
+        self._models: list[str] = []
+
+    # -- request description ------------------------------------------------------------
+    def slo_class(self, tenant: Tenant) -> SloClass:
+        found = self.config.slo_classes.get(tenant.slo_class)
+        if found is None:
+            found = next(iter(self.config.slo_classes.values()))
+        return found
+
+    def policy_name(self, tenant: Tenant) -> str:
+        if tenant.policy is not None:
+            return tenant.policy
+        return self.config.policy_by_slo_class.get(tenant.slo_class, self.config.default_policy)
+
+    def request_info(self, body: dict[str, Any], chat: bool, tenant: Tenant, request_id: str,
+                     session_id: str | None) -> RequestInfo:
+        text = prompt_text(body, chat)
+        max_tokens = body.get("max_completion_tokens") if chat else None
+        if max_tokens is None:
+            max_tokens = body.get("max_tokens")
+        if session_id is None:
+            user = body.get("user")
+            session_id = user if isinstance(user, str) and user else None
+        return RequestInfo(
+            request_id=request_id,
+            model=body["model"],
+            input_tokens=estimate_tokens(body, text),
+            max_output_tokens=max_tokens if isinstance(max_tokens, int) else None,
+            tenant=tenant.name,
+            slo_class=tenant.slo_class,
+            session_id=session_id,
+            prefix_hashes=prefix_hashes(text),
+            arrival_s=time.monotonic(),
+        )
+
+    # -- candidates ---------------------------------------------------------------------
+    def _index(self) -> dict[str, tuple[InstanceState, ...]]:
+        snapshot = self.registry.instances()
+        if snapshot is not self._snapshot:
+            by_model: dict[str, list[InstanceState]] = {}
+            for state in snapshot:
+                by_model.setdefault(state.model.lower(), []).append(state)
+            self._by_model = {model: tuple(states) for model, states in by_model.items()}
+            self._models = sorted({state.model for state in snapshot})
+            self._snapshot = snapshot
+        return self._by_model
+
+    def models(self) -> list[str]:
+        """Models the fleet serves (the union over registered instances)."""
+        self._index()
+        return self._models
+
+    def serves(self, model: str) -> bool:
+        return model.lower() in self._index()
+
+    def candidates(self, model: str) -> tuple[InstanceState, ...]:
+        return self._index().get(model.lower(), ())
+
+    # -- decisions ----------------------------------------------------------------------
+    def decide_local(self, info: RequestInfo, policy: DispatchPolicy) -> Decision:
+        """The policy's decision over this model's instances (pure CPU, no I/O)."""
+        group = self.candidates(info.model)
+        now_s = time.monotonic()
+        limit = self.max_candidates
+        if limit and len(group) > limit:
+            start = self._rng.randrange(len(group))
+            window = group[start:start + limit]
+            if len(window) < limit:
+                window += group[:limit - len(window)]
+            try:
+                return policy.decide(ClusterView(window, now_s), info)
+            except NoInstanceAvailable:
+                pass  # nothing usable in the window: scan everything
+        return policy.decide(ClusterView(group or self.registry.instances(), now_s), info)
+
+    async def decide(self, info: RequestInfo, policy: DispatchPolicy) -> Decision:
+        decision = self.decide_local(info, policy)
+        if info.session_id is None or self.store is None:
+            return decision
+        return await self._apply_affinity(info, decision)
+
+    def affinity_key(self, info: RequestInfo) -> str:
+        return f"{info.model.lower()}:{info.session_id}"
+
+    def usable(self, instance_id: str, model: str) -> bool:
+        found = self.registry.find(instance_id)
+        if found is None:
+            return False
+        state = found[1]
+        return state.healthy and not state.draining and state.model.lower() == model.lower()
+
+    async def _apply_affinity(self, info: RequestInfo, decision: Decision) -> Decision:
+        assert self.store is not None
+        key = self.affinity_key(info)
+        chosen = decision.instance_id
+        try:
+            owner = await self.store.claim_affinity(key, chosen, self.config.affinity_ttl_s)
+            if owner != chosen and not self.usable(owner, info.model):
+                # The owner left or is unhealthy: the session moves to this decision's pick.
+                await self.store.drop_affinity(key)
+                owner = await self.store.claim_affinity(key, chosen, self.config.affinity_ttl_s)
+        except Exception as exc:  # the store being down must not fail the request
+            log.warning("session affinity unavailable", extra={"session": info.session_id, "error": str(exc)})
+            return decision
+        if owner == chosen or not self.usable(owner, info.model):
+            return decision
+        rest = tuple(iid for iid in decision.instance_ids if iid != owner)
+        return Decision(instance_ids=(owner, *rest), priority=decision.priority,
+                        reason=f"{decision.reason}+session_affinity", scores=decision.scores)
+
+    async def moved(self, info: RequestInfo, instance_id: str) -> None:
+        """The session's request was served by a fallback: the session follows it."""
+        if info.session_id is None or self.store is None:
+            return
+        key = self.affinity_key(info)
+        try:
+            await self.store.drop_affinity(key)
+            await self.store.claim_affinity(key, instance_id, self.config.affinity_ttl_s)
+        except Exception as exc:
+            log.warning("session affinity update failed", extra={"session": info.session_id, "error": str(exc)})
