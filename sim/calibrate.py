@@ -611,7 +611,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.context < 1:
         print(f"error: --context must be >= 1 token, got {args.context}", file=sys.stderr)
         return 2
-    engine = EngineModel(gpu, model, tp=args.tp)
+    factors = None
+    if args.factors:
+        from scheduler.engine_model import load_factors_file
+
+        try:
+            table = load_factors_file(args.factors)
+        except (OSError, ValueError) as exc:
+            print(f"error: {args.factors}: {exc}", file=sys.stderr)
+            return 2
+        factors = table.get(gpu.name.lower(), table["*"])
+    engine = EngineModel(gpu, model, tp=args.tp, factors=factors)
     report = {
         "engine": engine.name,
         "gpu": gpu.name,
@@ -676,5 +686,8 @@ def register(subparsers: Any) -> None:
     predict.add_argument("--catalog", metavar="YAML", help="extra or overriding gpus:/models: entries")
     predict.add_argument("--hf-config", metavar="CONFIG_JSON",
                          help="a HuggingFace config.json describing --model")
+    predict.add_argument("--factors", metavar="JSON",
+                         help="efficiency factors written by `tokenyard calibrate --write` "
+                              "(default: the packaged scheduler/perf_factors.json)")
     predict.add_argument("--json", action="store_true", help="print JSON")
     predict.set_defaults(handler=_cmd_predict)

@@ -103,6 +103,17 @@ def test_calibrate_cli_writes_factors_plot_and_json(small_data: Path, tmp_path: 
     table = load_factors_file(str(factors_path))
     assert {"a100-80gb", "h100-80gb", "*"} <= set(table)
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # model predict uses a written factors file when asked to.
+    args = ["model", "predict", "--gpu", "H100-80GB", "--model", "llama-2-7b", "--json"]
+    assert main([*args, "--factors", str(factors_path)]) == 0
+    with_file = json.loads(capsys.readouterr().out)
+    factors_path.write_text(json.dumps({"gpus": {"H100-80GB": {"compute_efficiency": 0.05}}}))
+    assert main([*args, "--factors", str(factors_path)]) == 0
+    slow = json.loads(capsys.readouterr().out)
+    assert slow["prefill_time_ms"] > with_file["prefill_time_ms"]
+    factors_path.write_text("{not json")
+    assert main([*args, "--factors", str(factors_path)]) == 2
+    assert str(factors_path) in capsys.readouterr().err
 
 
 def test_calibrate_cli_reports_a_missing_data_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
