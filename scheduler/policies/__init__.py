@@ -1,4 +1,9 @@
 """Built-in dispatch policies. Each module registers its parts on import."""
 
-from scheduler.policies import basic, load  # noqa: F401
-from scheduler.policies import slo_headroom  # noqa: F401  (router-core)
+from scheduler.policies import (  # noqa: F401
+    affinity,  # simulator core: session_affinity, prefix_affinity
+    basic,
+    load,
+    slo_headroom,  # router-core
+    spread,  # simulator core: round_robin, random, power_of_two, least_kv
+)

@@ -1,0 +1,191 @@
+"""Each baseline dispatch policy behaves as named, on constructed cluster states; queue
+policies give the priorities they promise."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scheduler.dispatch import ClusterView, DispatchPolicy, PolicyConfigError, build_policy
+from scheduler.queueing import QueuePolicyError, build_queue_policy
+from scheduler.types import InstanceState, RequestInfo, SloClass
+
+MODEL = "llama-3-8b"
+
+
+def instances(*loads: int, kv: tuple[float, ...] | None = None) -> list[InstanceState]:
+    out = []
+    for i, load in enumerate(loads):
+        state = InstanceState(instance_id=f"i{i}", model=MODEL, router_inflight=load,
+                              kv_blocks_total=1000)
+        if kv is not None:
+            state.kv_blocks_used = int(kv[i] * 1000)
+        out.append(state)
+    return out
+
+
+def request(n: int = 0, session: str | None = None, prefix: tuple[int, ...] = ()) -> RequestInfo:
+    return RequestInfo(request_id=f"r{n}", model=MODEL, input_tokens=100, session_id=session,
+                       prefix_hashes=prefix)
+
+
+def dispatch(policy: DispatchPolicy, insts: list[InstanceState], req: RequestInfo) -> str:
+    """Decide and report the dispatch, as drivers do; the chosen instance's load goes up."""
+    chosen = policy.decide(ClusterView(insts), req).instance_id
+    policy.on_dispatch(req, chosen)
+    next(i for i in insts if i.instance_id == chosen).router_inflight += 1
+    return chosen
+
+
+def test_round_robin_cycles_in_id_order_and_survives_a_filtered_instance() -> None:
+    policy = build_policy({"scorers": [], "picker": "round_robin"})
+    insts = instances(0, 0, 0)
+    assert [dispatch(policy, insts, request(n)) for n in range(6)] == ["i0", "i1", "i2"] * 2
+    insts[1].healthy = False
+    assert [dispatch(policy, insts, request(n)) for n in range(4)] == ["i0", "i2", "i0", "i2"]
+
+
+def test_random_is_seeded_and_covers_every_instance() -> None:
+    insts = instances(0, 0, 0, 0)
+
+    def picks(seed: int, count: int) -> list[str]:
+        policy = build_policy({"picker": "random"}, seed=seed)
+        return [policy.decide(ClusterView(insts), request(n)).instance_id for n in range(count)]
+
+    many = Counter(picks(7, 400))
+    assert set(many) == {"i0", "i1", "i2", "i3"}
+    assert min(many.values()) > 50  # roughly uniform, not stuck
+    assert picks(7, 20) == picks(7, 20)  # reproducible from the seed
+    assert picks(7, 20) != picks(8, 20)
+
+
+def test_least_outstanding_picks_the_least_loaded() -> None:
+    policy = build_policy({"scorers": ["least_outstanding"]})
+    insts = instances(5, 2, 9)
+    insts[2].running = 0
+    assert policy.decide(ClusterView(insts), request()).instance_ids == ("i1", "i0", "i2")
+    # Scraped load larger than the router's count wins.
+    insts[1].running, insts[1].waiting = 10, 3
+    assert policy.decide(ClusterView(insts), request()).instance_id == "i0"
+
+
+def test_least_kv_picks_the_lowest_kv_usage_even_with_more_requests() -> None:
+    policy = build_policy({"scorers": ["least_kv"]})
+    insts = instances(1, 8, 3, kv=(0.7, 0.2, 0.5))
+    assert policy.decide(ClusterView(insts), request()).instance_ids == ("i1", "i2", "i0")
+    # Equal usage: fewer outstanding requests breaks the tie.
+    insts = instances(4, 1, 3, kv=(0.5, 0.5, 0.5))
+    assert policy.decide(ClusterView(insts), request()).instance_id == "i1"
+
+
+def test_power_of_two_never_picks_the_worst_and_is_not_plain_least_load() -> None:
+    policy = build_policy({"scorers": ["least_outstanding"], "picker": "power_of_two"}, seed=3)
+    insts = instances(0, 1, 2, 3, 4, 5, 6, 7)
+    picks = Counter(policy.decide(ClusterView(insts), request(n)).instance_id for n in range(500))
+    assert "i7" not in picks  # the worst loses against any other sampled instance
+    assert picks["i0"] > picks["i6"]  # better instances win more often
+    assert len(picks) >= 5  # but it is two random choices, not a global minimum
+    two = instances(3, 1)
+    assert all(policy.decide(ClusterView(two), request(n)).instance_id == "i1" for n in range(20))
+
+
+def test_session_affinity_keeps_sessions_and_moves_few_on_membership_change() -> None:
+    policy = build_policy({"scorers": ["least_outstanding"], "picker": "session_affinity"})
+    insts = instances(*([0] * 8))
+    home = {f"s{k}": policy.decide(ClusterView(insts), request(session=f"s{k}")).instance_id for k in range(200)}
+    # Same session, same instance, every time (loads all equal here).
+    assert all(policy.decide(ClusterView(insts), request(session=s)).instance_id == i for s, i in home.items())
+    assert len(set(home.values())) == 8  # sessions spread over the ring
+    # Remove one instance: only its sessions move (consistent hashing).
+    fewer = [i for i in insts if i.instance_id != "i3"]
+    moved = [s for s, i in home.items()
+             if policy.decide(ClusterView(fewer), request(session=s)).instance_id != i]
+    assert moved and all(home[s] == "i3" for s in moved)
+
+
+def test_session_affinity_bounded_load_falls_back_to_the_next_on_the_ring() -> None:
+    policy = build_policy({"scorers": ["least_outstanding"], "picker": "session_affinity"})
+    insts = instances(0, 0, 0, 0)
+    home = policy.decide(ClusterView(insts), request(session="alice")).instance_id
+    overloaded = [InstanceState(i.instance_id, MODEL, router_inflight=20 if i.instance_id == home else 1)
+                  for i in insts]
+    decision = policy.decide(ClusterView(overloaded), request(session="alice"))
+    assert decision.instance_id != home and decision.instance_ids[-1] == home
+    # No session id: plain least-load order.
+    assert policy.decide(ClusterView(instances(3, 0, 2, 1)), request()).instance_id == "i1"
+
+
+def test_prefix_affinity_prefers_the_longest_match_then_load() -> None:
+    policy = build_policy({"scorers": ["least_outstanding"], "picker": "prefix_affinity"})
+    insts = instances(0, 0, 0, 0)
+    # Dispatches recorded by on_dispatch (through DispatchPolicy, as drivers report them).
+    policy.on_dispatch(request(prefix=(1, 2, 3)), "i2")
+    policy.on_dispatch(request(prefix=(1, 2, 9)), "i1")
+    insts[2].router_inflight = 3  # busier, still within the bounded load
+    assert policy.decide(ClusterView(insts), request(prefix=(1, 2, 3, 4))).instance_id == "i2"
+    assert policy.decide(ClusterView(insts), request(prefix=(1, 2, 9, 9))).instance_id == "i1"
+    # i1 and i2 both received (1, 2): equal matches, the less loaded wins.
+    assert policy.decide(ClusterView(insts), request(prefix=(1, 2, 7))).instance_id == "i1"
+    # No match: least outstanding.
+    insts[0].router_inflight = insts[1].router_inflight = 1
+    assert policy.decide(ClusterView(insts), request(prefix=(42,))).instance_id == "i3"
+    # Over the bounded load: the match is ignored.
+    insts[2].router_inflight = 50
+    assert policy.decide(ClusterView(insts), request(prefix=(1, 2, 3, 4))).instance_id != "i2"
+
+
+def test_prefix_affinity_table_is_lru_bounded() -> None:
+    policy = build_policy({"picker": {"prefix_affinity": {"capacity_blocks": 2}}})
+    insts = instances(0, 0, 0)
+    policy.on_dispatch(request(prefix=(1,)), "i2")
+    policy.on_dispatch(request(prefix=(2,)), "i1")
+    assert policy.decide(ClusterView(insts), request(prefix=(1,))).instance_id == "i2"
+    policy.on_dispatch(request(prefix=(3,)), "i1")  # evicts block 1, the least recent
+    assert policy.decide(ClusterView(insts), request(prefix=(1,))).instance_id == "i0"
+    assert policy.decide(ClusterView(insts), request(prefix=(2,))).instance_id == "i1"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    loads=st.lists(st.integers(0, 20), min_size=1, max_size=9),
+    picker=st.sampled_from(["max_score", "round_robin", "random", "power_of_two", "session_affinity",
+                            "prefix_affinity"]),
+    session=st.one_of(st.none(), st.text(min_size=1, max_size=5)),
+    prefix=st.lists(st.integers(0, 5), max_size=4),
+)
+def test_every_picker_returns_each_candidate_once(loads: list[int], picker: str, session: str | None,
+                                                 prefix: list[int]) -> None:
+    policy = build_policy({"scorers": ["least_outstanding"], "picker": picker}, seed=1)
+    insts = instances(*loads)
+    for n in range(3):
+        req = request(n, session, tuple(prefix))
+        decision = policy.decide(ClusterView(insts), req)
+        assert sorted(decision.instance_ids) == sorted(i.instance_id for i in insts)
+        policy.on_dispatch(req, decision.instance_id)
+
+
+def test_unknown_and_bad_parameters_name_the_allowed_values() -> None:
+    with pytest.raises(PolicyConfigError, match="known: .*power_of_two.*session_affinity"):
+        build_policy({"picker": "power_of_three"})
+    with pytest.raises(PolicyConfigError, match="least_kv"):
+        build_policy({"scorers": ["most_kv"]})
+    with pytest.raises(PolicyConfigError, match="load_factor"):
+        build_policy({"picker": {"session_affinity": {"load_factor": 0.5}}})
+
+
+def test_queue_policies() -> None:
+    interactive = SloClass("interactive", 500, 50, priority=0)
+    batch = SloClass("batch", 60000, 1000, priority=2)
+    fcfs = build_queue_policy("fcfs")
+    assert not fcfs.needs_engine_priority
+    assert fcfs.priority(request(), batch, 0.0) == 0
+    slo = build_queue_policy({"slo_priority": {"unknown_priority": 5}})
+    assert slo.needs_engine_priority
+    assert [slo.priority(request(), c, 0.0) for c in (interactive, batch, None)] == [0, 2, 5]
+    with pytest.raises(QueuePolicyError, match="known: fcfs, slo_priority"):
+        build_queue_policy("lifo")
+    with pytest.raises(QueuePolicyError, match="takes no parameters"):
+        build_queue_policy({"fcfs": {"x": 1}})
