@@ -190,12 +190,15 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['concurrency']}\n(x{r['time_scale']:g})" for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    labels = [f"{r['concurrency']}\nx{r['time_scale']:g}" for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for axis in (left, right):
+        axis.tick_params(axis="x", labelsize=8)
     left.bar(labels, [r["tpot_ratio"] for r in rows], color="#4477aa")
     left.axhline(1.0, color="black", lw=0.8)
     left.set_title("measured / modelled TPOT")
-    left.set_xlabel("concurrent streams (time scale)")
+    left.set_xlabel("concurrent streams, time scale")
+    right.set_xlabel("concurrent streams, time scale")
     right.bar(labels, [r["loop_lag_p99_ms"] for r in rows], color="#cc6677", label="p99")
     right.bar(labels, [r["loop_lag_p50_ms"] for r in rows], color="#ee9988", label="p50")
     right.set_title("engine event-loop lag (ms)")
