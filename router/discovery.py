@@ -294,12 +294,17 @@ class KubernetesDiscovery(Discovery):
 
     async def stop(self) -> None:
         self._stopping.set()
-        w = self._watch
-        if w is not None:
-            w.stop()
         if self._thread_done is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._thread_done), 10)
+            # Watch.stop() can only cut the socket once the watch response has arrived,
+            # so a watch just being opened needs the stop repeated.
+            for _ in range(200):
+                w = self._watch
+                if w is not None:
+                    w.stop()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._thread_done), 0.05)
+                if self._thread_done.done():
+                    break
         if self._consumer is not None:
             self._consumer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
