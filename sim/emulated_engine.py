@@ -424,6 +424,14 @@ class EmulatedEngine:
         self._notifier.notify()
         return handle
 
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self._handles
+
+    @property
+    def requests_in_flight(self) -> int:
+        """Requests the engine holds, waiting or running (for draining and tests)."""
+        return len(self._handles)
+
     def abort(self, request_id: str) -> bool:
         """Drop a request (client gone); True if it was still in the engine."""
         handle = self._handles.pop(request_id, None)
@@ -613,7 +621,3 @@ class EmulatedEngine:
         if handle.emitted > 1:
             metrics.request_tpot.observe((finish - first) / (handle.emitted - 1))
 
-
-def engine_requests_in_flight(engine: EmulatedEngine) -> int:
-    """Requests the engine holds (waiting or running); for tests and draining."""
-    return len(engine._handles)

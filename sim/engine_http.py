@@ -389,7 +389,7 @@ class EngineHttpApp:
         output_tokens, _ = engine.choose_output_tokens(
             max_tokens, text_seed ^ 0x5EED, ignore_eos=ignore_eos, min_tokens=min_tokens, fixed=fixed
         )
-        if request_id is not None and request_id in engine._handles:
+        if request_id is not None and engine.has_request(request_id):
             request_id = None  # a reused client id: let the engine pick a fresh one
         try:
             handle = engine.submit(
@@ -630,9 +630,12 @@ class EngineServer:
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name=f"http {self.engine.instance_id}")
         while not self._server.started:
             if self._task.done():
-                exc = self._task.exception() if not self._task.cancelled() else None
+                failure = self._task.exception() if not self._task.cancelled() else None
                 await self.engine.stop()
-                raise OSError(f"engine {self.engine.instance_id}: could not listen on {self.host}:{self.port}: {exc}")
+                raise OSError(
+                    f"engine {self.engine.instance_id}: the HTTP server on {self.host}:{self.port} "
+                    f"stopped while starting: {failure!r}"
+                )
             await asyncio.sleep(0.005)
         sockets = self._server.servers[0].sockets
         self.port = int(sockets[0].getsockname()[1])
