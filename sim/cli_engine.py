@@ -140,32 +140,20 @@ def run_engine(args: argparse.Namespace) -> int:
         return 2
 
     async def serve() -> int:
-        server = EngineServer(engine, args.host, args.port)
+        server = EngineServer(engine, args.host, args.port, grpc_port=args.grpc_port)
         try:
             await server.start()
         except OSError as exc:
             print(f"tokenyard engine: {exc}", file=sys.stderr)
             return 1
-        grpc_server = None
-        if args.grpc_port is not None:
-            from sim.worker_grpc import start_worker_server
-
-            try:
-                grpc_server = await start_worker_server(engine, args.host, args.grpc_port)
-            except OSError as exc:
-                print(f"tokenyard engine: {exc}", file=sys.stderr)
-                await server.stop()
-                return 1
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         log.info("engine ready", extra={"instance_id": engine.instance_id, "url": server.base_url,
-                                        "grpc_port": args.grpc_port})
+                                        "grpc": server.grpc_address})
         await stop.wait()
         log.info("engine stopping", extra={"instance_id": engine.instance_id})
-        if grpc_server is not None:
-            await grpc_server.stop(1.0)
         await server.stop()
         return 0
 

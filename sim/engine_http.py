@@ -8,7 +8,8 @@ Routes, shaped as vLLM (v1 engine, 2025) shapes them:
   non-streaming (one JSON object with `usage`). Chat streams start with a
   `{"role": "assistant", "content": ""}` delta sent with the first token; the last token's
   chunk carries `finish_reason` ("length" at max_tokens, else "stop") and `stop_reason`.
-- `GET /v1/models`, `GET /health` (200, empty body), `GET /metrics` (this engine's registry).
+- `GET /v1/models`, `GET /health` (200, empty body), `GET /version`, `GET /metrics` (this
+  engine's registry).
 - `GET /tokenyard/stats`, `POST /tokenyard/stats/reset`: not vLLM; loop statistics for
   benchmarks (modelled inter-token time, event-loop lag).
 
@@ -45,6 +46,7 @@ import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+import tokenyard
 from sim.emulated_engine import EmulatedEngine, EngineRequestError, RequestHandle
 from sim.textgen import (
     ChatFormatError,
@@ -141,6 +143,7 @@ class EngineHttpApp:
             ("POST", "/v1/completions"): self._completions,
             ("GET", "/v1/models"): self._models,
             ("GET", "/health"): self._health,
+            ("GET", "/version"): self._version,
             ("GET", "/metrics"): self._metrics,
             ("GET", "/tokenyard/stats"): self._stats,
             ("POST", "/tokenyard/stats/reset"): self._stats_reset,
@@ -174,6 +177,10 @@ class EngineHttpApp:
     # ------------------------------------------------------------- simple routes
     async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
         await _send_bytes(send, 200, b"", [])
+
+    async def _version(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _send_bytes(send, 200, orjson.dumps({"version": f"tokenyard-emulated-{tokenyard.__version__}"}),
+                          _JSON_HEADERS)
 
     async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
         engine = self.engine
@@ -582,26 +589,39 @@ class _InProcessServer(uvicorn.Server):
 
 
 class EngineServer:
-    """An emulated engine served over HTTP on the running event loop.
+    """An emulated engine served on the running event loop: HTTP, and the Worker gRPC service.
 
-        server = EngineServer(EmulatedEngine(config), host="127.0.0.1", port=0)
-        await server.start()      # starts the engine loop and the listener
-        ... server.port, server.base_url ...
+        server = EngineServer(EmulatedEngine(config), host="127.0.0.1", port=0, grpc_port=0)
+        await server.start()      # the engine loop, the HTTP listener, the gRPC listener
+        ... server.port, server.base_url, server.grpc_port ...
         await server.stop()
+
+    Several can run in one loop (`tokenyard up`, tests); each engine has its own metrics
+    registry. Ports 0 mean "any free port"; the bound ports are set after `start()`.
     """
 
-    def __init__(self, engine: EmulatedEngine, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, engine: EmulatedEngine, host: str = "127.0.0.1", port: int = 0, *,
+        grpc_port: int | None = None, keep_alive_s: int = 5,
+    ) -> None:
         self.engine = engine
         self.host = host
         self.port = port
+        self.grpc_port = grpc_port
+        self.keep_alive_s = keep_alive_s  # uvicorn's and vLLM's default
         self.app = EngineHttpApp(engine)
         self._server: _InProcessServer | None = None
         self._task: asyncio.Task[None] | None = None
+        self._grpc: Any = None
 
     @property
     def base_url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
+
+    @property
+    def grpc_address(self) -> str | None:
+        return None if self._grpc is None else f"{self.host}:{self.grpc_port}"
 
     @property
     def connections(self) -> set[Any]:
@@ -610,10 +630,23 @@ class EngineServer:
 
     async def start(self) -> None:
         await self.engine.start()
+        try:
+            await self._start_http()
+            if self.grpc_port is not None:
+                await self._start_grpc(self.grpc_port)
+        except BaseException:
+            await self.stop()
+            raise
+        log.info(
+            "engine listening",
+            extra={"instance_id": self.engine.instance_id, "url": self.base_url, "grpc": self.grpc_address},
+        )
+
+    async def _start_http(self) -> None:
         config = uvicorn.Config(
             self.app, host=self.host, port=self.port, loop="none", http=NoDelayHttpToolsProtocol,
             ws="none", lifespan="off", access_log=False, log_config=None, server_header=False,
-            date_header=False,
+            date_header=False, timeout_keep_alive=self.keep_alive_s,
         )
         # Bind here, not in uvicorn: its bind failure is a sys.exit, which would end the loop.
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -623,7 +656,6 @@ class EngineServer:
             sock.bind((self.host, self.port))
         except OSError as exc:
             sock.close()
-            await self.engine.stop()
             raise OSError(f"engine {self.engine.instance_id}: cannot listen on {self.host}:{self.port}: {exc}") from exc
         sock.set_inheritable(False)
         self._server = _InProcessServer(config)
@@ -631,21 +663,44 @@ class EngineServer:
         while not self._server.started:
             if self._task.done():
                 failure = self._task.exception() if not self._task.cancelled() else None
-                await self.engine.stop()
                 raise OSError(
                     f"engine {self.engine.instance_id}: the HTTP server on {self.host}:{self.port} "
                     f"stopped while starting: {failure!r}"
                 )
             await asyncio.sleep(0.005)
-        sockets = self._server.servers[0].sockets
-        self.port = int(sockets[0].getsockname()[1])
-        log.info("engine listening", extra={"instance_id": self.engine.instance_id, "url": self.base_url})
+        self.port = int(self._server.servers[0].sockets[0].getsockname()[1])
 
-    async def stop(self) -> None:
+    async def _start_grpc(self, port: int) -> None:
+        import grpc
+
+        from sim.worker_grpc import add_worker_servicer
+
+        server = grpc.aio.server()
+        add_worker_servicer(server, self.engine)
+        address = f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
+        try:
+            bound = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            bound = 0
+            reason = str(exc)
+        else:
+            reason = "port in use or bad host"
+        if bound == 0:
+            raise OSError(f"engine {self.engine.instance_id}: cannot serve Worker gRPC on {address} ({reason})")
+        await server.start()
+        self._grpc = server
+        self.grpc_port = bound
+
+    async def stop(self, grace_s: float = 1.0) -> None:
+        grpc_server, self._grpc = self._grpc, None
+        if grpc_server is not None:
+            await grpc_server.stop(grace_s)
         if self._server is not None and self._task is not None:
             self._server.should_exit = True
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        self._server = None
+        self._task = None
         await self.engine.stop()
 
     async def __aenter__(self) -> EngineServer:

@@ -420,6 +420,25 @@ async def test_several_engines_in_one_process_serve_independently() -> None:
         assert first["usage"]["completion_tokens"] == 2 and second["usage"]["completion_tokens"] == 5
 
 
+async def test_engine_server_also_serves_the_worker_grpc_service() -> None:
+    import grpc
+
+    from tokenyard.v1 import worker_pb2, worker_pb2_grpc
+
+    engine = EmulatedEngine(EmulatedEngineConfig(model="qwen2.5-7b", gpu="L4", time_scale=0.0))
+    async with EngineServer(engine, "127.0.0.1", 0, grpc_port=0) as server:
+        assert server.grpc_port and server.grpc_address == f"127.0.0.1:{server.grpc_port}"
+        async with grpc.aio.insecure_channel(server.grpc_address) as channel:
+            description = await worker_pb2_grpc.WorkerStub(channel).Describe(worker_pb2.DescribeRequest(), timeout=5)
+        assert description.instance_id == engine.instance_id and description.gpu == "L4"
+        async with httpx.AsyncClient(base_url=server.base_url) as client:
+            assert (await client.get("/version")).json()["version"].startswith("tokenyard-emulated-")
+    with pytest.raises(OSError, match="cannot listen"):
+        async with EngineServer(EmulatedEngine(), "127.0.0.1", server.port) as a, \
+                EngineServer(EmulatedEngine(), "127.0.0.1", a.port):
+            pass
+
+
 def test_cli_serves_on_uvloop_and_stops_on_sigterm() -> None:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
