@@ -474,9 +474,13 @@ class EngineHttpApp:
                         "logprobs": None,
                         "finish_reason": handle.finish_reason,
                         "stop_reason": None,
+                        "token_ids": None,
                         "prompt_logprobs": None,
+                        "prompt_token_ids": None,
                     }
                 ],
+                "service_tier": None,
+                "system_fingerprint": None,
                 "usage": usage,
                 "kv_transfer_params": None,
             }
@@ -502,7 +506,7 @@ class EngineHttpApp:
                 + str(created).encode() + b',"model":' + model_json
             )
             open_choice = b',"choices":[{"index":0,"text":'
-            close_choice = b',"logprobs":null,"finish_reason":null,"stop_reason":null}]'
+            close_choice = b',"logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,"token_ids":null}]'
             role_chunk = b""
         tail = b"}\n\n" if chat else b',"usage":null}\n\n'
         prompt_tokens = handle.prompt_tokens
@@ -536,7 +540,7 @@ class EngineHttpApp:
                         close = b'},"logprobs":null,"finish_reason":"' + str(handle.finish_reason).encode() + b'","stop_reason":null}]'
                     else:
                         close = (b',"logprobs":null,"finish_reason":"' + str(handle.finish_reason).encode()
-                                 + b'","stop_reason":null}]')
+                                 + b'","stop_reason":null,"prompt_token_ids":null,"token_ids":null}]')
                 else:
                     close = close_choice
                 if continuous_usage:
