@@ -592,7 +592,8 @@ class RouterServer:
             await self.router.start()
         config = uvicorn.Config(self.router, host=self.host, port=self.port, loop="none", http=NoDelayProtocol,
                                 ws="none", lifespan="off", access_log=False, log_config=None, server_header=False,
-                                date_header=False, backlog=4096, timeout_keep_alive=30)
+                                date_header=False, backlog=4096, timeout_keep_alive=30,
+                                proxy_headers=False)
         sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -17,7 +17,7 @@ nothing starts from a file that failed to validate. Shape, all keys optional:
       default: {scorers: [least_outstanding]}
       headroom: {scorers: [slo_headroom, {least_outstanding: {weight: 0.1}}]}
     dispatch: {default_policy: default, by_slo_class: {interactive: headroom},
-               max_candidates: 32, forward_priority: true, affinity_ttl_s: 600}
+               max_candidates: 16, forward_priority: true, affinity_ttl_s: 600}
     retries: {max_attempts: 3, connect_timeout_s: 1.0, first_byte_timeout_s: 30}
     deadlines_ms: {interactive: 10000}      # per SLO class; default 10 x TTFT SLO, >= 30 s
     health: {interval_s: 2, timeout_s: 1, eject_after_failures: 3, eject_s: 5, max_eject_s: 60}
@@ -76,7 +76,7 @@ class RouterConfig:
     policies: dict[str, dict[str, Any]] = field(default_factory=lambda: {"default": dict(DEFAULT_POLICY)})
     default_policy: str = "default"
     policy_by_slo_class: dict[str, str] = field(default_factory=dict)
-    max_candidates: int = 32
+    max_candidates: int = 16
     forward_priority: bool = True
     affinity_ttl_s: float = 600.0
     max_attempts: int = 3
@@ -241,6 +241,10 @@ def parse_router_config(doc: dict[str, Any], source: str = "<config>") -> Router
     cfg.scrape_timeout_s = get(load, "timeout_s", float, at("load"), default=cfg.scrape_timeout_s, minimum=0.001)
 
     cfg.discovery = _section(doc, "discovery", source)
+    if cfg.discovery:
+        from router.discovery import build_discovery
+
+        build_discovery(cfg.discovery, at("discovery"))  # validates now; started by the router
     return cfg
 
 

@@ -204,34 +204,53 @@ class EngineProtocol(asyncio.Protocol):
         transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
                         b"transfer-encoding: chunked\r\n\r\n")
         chat = path == "/v1/chat/completions"
-        created = int(time.time())
-        model = request.get("model")
         n = self.tokens_for(request)
-        head = {"id": "chatcmpl-fake" if chat else "cmpl-fake",
-                "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": created, "model": model}
-
-        def send(event: bytes) -> None:
-            transport.write(b"%x\r\n%s\r\n" % (len(event), event))
-
-        for i in range(n):
-            if chat:
-                delta = {"role": "assistant", "content": f"t{i} "} if i == 0 else {"content": f"t{i} "}
-                choice = {"index": 0, "delta": delta, "logprobs": None,
-                          "finish_reason": "length" if i == n - 1 else None}
-            else:
-                choice = {"index": 0, "text": f"t{i} ", "logprobs": None,
-                          "finish_reason": "length" if i == n - 1 else None}
-            send(b"data: " + json.dumps({**head, "choices": [choice]}).encode() + b"\n\n")
-            if i == 0 and state.hold_first:
-                await state.release.wait()
-            if state.token_delay_s > 0:
-                await asyncio.sleep(state.token_delay_s)
-        if (request.get("stream_options") or {}).get("include_usage"):
-            usage = {"prompt_tokens": 8, "completion_tokens": n, "total_tokens": 8 + n}
-            send(b"data: " + json.dumps({**head, "choices": [], "usage": usage}).encode() + b"\n\n")
-        send(b"data: [DONE]\n\n")
+        usage = bool((request.get("stream_options") or {}).get("include_usage"))
+        events = _stream_events(chat, str(request.get("model")), n, usage)
+        if not state.hold_first and state.token_delay_s <= 0:
+            for event in events:  # one write per event, as an engine emits one per iteration
+                transport.write(event)
+        else:
+            for i, event in enumerate(events):
+                transport.write(event)
+                if i == 0 and state.hold_first:
+                    await state.release.wait()
+                if state.token_delay_s > 0 and i < n - 1:
+                    await asyncio.sleep(state.token_delay_s)
         transport.write(b"0\r\n\r\n")
+
+
+_EVENTS: dict[tuple[bool, str, int, bool], list[bytes]] = {}
+
+
+def _stream_events(chat: bool, model: str, n: int, usage: bool) -> list[bytes]:
+    """The chunked-encoded SSE events of one stream, built once per shape (zero latency
+    means the engine must not be the bottleneck of the benchmark)."""
+    key = (chat, model, n, usage)
+    found = _EVENTS.get(key)
+    if found is not None:
+        return found
+    head = {"id": "chatcmpl-fake" if chat else "cmpl-fake",
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()), "model": model}
+    events = []
+    for i in range(n):
+        if chat:
+            delta = {"role": "assistant", "content": f"t{i} "} if i == 0 else {"content": f"t{i} "}
+            choice = {"index": 0, "delta": delta, "logprobs": None,
+                      "finish_reason": "length" if i == n - 1 else None}
+        else:
+            choice = {"index": 0, "text": f"t{i} ", "logprobs": None,
+                      "finish_reason": "length" if i == n - 1 else None}
+        events.append(b"data: " + json.dumps({**head, "choices": [choice]}).encode() + b"\n\n")
+    if usage:
+        totals = {"prompt_tokens": 8, "completion_tokens": n, "total_tokens": 8 + n}
+        events.append(b"data: " + json.dumps({**head, "choices": [], "usage": totals}).encode() + b"\n\n")
+    events.append(b"data: [DONE]\n\n")
+    framed = [b"%x\r\n%s\r\n" % (len(event), event) for event in events]
+    if len(_EVENTS) < 256:
+        _EVENTS[key] = framed
+    return framed
 
 
 async def serve(args: argparse.Namespace) -> None:
