@@ -546,6 +546,10 @@ class AdminRegistration(Discovery):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
 
+    def lease_expiry_s(self, instance_id: str) -> float | None:
+        """When this replica last saw the lease end (its clock; time.time by default)."""
+        return self._local_expiry_s.get(instance_id)
+
     async def _renew(self, instance_id: str, ttl_s: float) -> None:
         self._local_expiry_s[instance_id] = self._clock() + ttl_s
         store = self.registry.store
@@ -556,16 +560,20 @@ class AdminRegistration(Discovery):
         """Add or update a self-registered instance; returns the lease TTL granted."""
         ttl_s = lease_ttl_s if lease_ttl_s and lease_ttl_s > 0 else self.lease_ttl_s
         record = replace(record, source="admin")
-        self._local_expiry_s[record.instance_id] = self._clock() + ttl_s
-        self.registry.upsert(record)
+        # The lease first: another replica that sees the instance must also see its lease,
+        # or its sweeper would remove the instance as expired.
         await self._renew(record.instance_id, ttl_s)
+        self.registry.upsert(record)
         log.info("instance registered", extra={"instance": record.instance_id, "url": record.url,
                                                "model": record.model, "lease_ttl_s": ttl_s})
         return ttl_s
 
     async def heartbeat(self, instance_id: str, lease_ttl_s: float | None = None) -> float:
-        found = self.registry.find(instance_id)
-        if found is None:
+        known = self.registry.find(instance_id) is not None
+        if not known and self.registry.store is not None:
+            # Registered through another replica whose change has not reached us yet.
+            known = instance_id in await self.registry.store.live_leases()
+        if not known:
             raise UnknownInstance(f"instance {instance_id!r} is not registered (register it first)")
         ttl_s = lease_ttl_s if lease_ttl_s and lease_ttl_s > 0 else self.lease_ttl_s
         await self._renew(instance_id, ttl_s)

@@ -171,8 +171,7 @@ class InstanceRegistry:
         if state is None:
             self._states[iid] = InstanceState(
                 instance_id=iid, model=record.model, gpu=record.gpu, pool=record.pool,
-                tp=record.tp, url=record.url, draining=record.draining,
-                updated_s=self._clock())
+                tp=record.tp, url=record.url, draining=record.draining)  # updated_s 0: no load yet
             self._snapshot = tuple(self._states.values())
             event = "added"
         else:
