@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from sim.textgen import OutputLengthDist, OutputLengthError
+from sim.textgen import DEFAULT_OUTPUT_LEN_DIST, OutputLengthDist, OutputLengthError
 
 
 def _positive_int(text: str) -> int:
@@ -52,8 +52,6 @@ def _length_dist(text: str) -> str:
 
 
 def register(subparsers: Any) -> None:
-    from sim.emulated_engine import DEFAULT_OUTPUT_LEN_DIST
-
     parser = subparsers.add_parser(
         "engine",
         help="serve an emulated vLLM engine (OpenAI-compatible HTTP API, /metrics, Worker gRPC)",

@@ -37,7 +37,7 @@ import tokenyard
 from scheduler.catalog import Catalog, default_catalog
 from scheduler.engine_model import EngineModel
 from sim.engine_core import Batch, EngineConfig, EngineCore, EngineRequest, StepOutput
-from sim.textgen import OutputLengthDist, OutputText
+from sim.textgen import DEFAULT_OUTPUT_LEN_DIST, OutputLengthDist, OutputText
 from sim.worker_grpc import (
     ENGINE_KIND_EMULATED,
     EngineDescriptionInfo,
@@ -49,9 +49,6 @@ log = logging.getLogger(__name__)
 
 _MAX_CATCH_UP_S = 0.005
 _LAG_SAMPLES = 4096  # ring of recent loop-lag samples kept for `stats()`
-
-DEFAULT_OUTPUT_LEN_DIST = "lognormal:200:0.8"
-
 
 class EngineRequestError(ValueError):
     """A request the engine cannot take (too long for the KV cache or the context)."""

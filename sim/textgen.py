@@ -163,6 +163,11 @@ class OutputText:
         return tokens
 
 
+# What a chat answer's length looks like without max_tokens binding: median 200 tokens,
+# a long right tail (ShareGPT-like conversations have a median of about 200-250).
+DEFAULT_OUTPUT_LEN_DIST = "lognormal:200:0.8"
+
+
 class OutputLengthError(ValueError):
     pass
 
