@@ -61,7 +61,17 @@ class StaticDiscovery(Discovery):
         self.entries = [replace(e, source="static") for e in entries]
 
     async def start(self, registry: InstanceRegistry) -> None:
+        """Upsert the configured instances; static instances the registry loaded from a
+        shared store that the config no longer lists are removed (the replicas of one
+        deployment share one config). An operator's drain stored earlier is kept."""
+        wanted = {r.instance_id for r in self.entries}
+        for record in registry.records():
+            if record.source == "static" and record.instance_id not in wanted:
+                registry.remove(record.instance_id)
         for record in self.entries:
+            found = registry.find(record.instance_id)
+            if found is not None and found[0].draining and not record.draining:
+                record = replace(record, draining=True)
             registry.upsert(record)
 
     async def stop(self) -> None:
@@ -334,6 +344,8 @@ class KubernetesDiscovery(Discovery):
 
     def _apply(self, kind: str, payload: Any) -> None:
         if kind == "sync":
+            if not self._synced.is_set():
+                self._adopt_stored_instances()
             self._objects = {self._object_key(o): self._records_of(o) for o in payload}
             self._synced.set()
         elif kind in ("ADDED", "MODIFIED"):
@@ -344,20 +356,36 @@ class KubernetesDiscovery(Discovery):
             return
         self._reconcile()
 
+    def _adopt_stored_instances(self) -> None:
+        """Take ownership of Kubernetes instances of our namespace that the registry loaded
+        from a shared store (written before a restart, or by another replica): the first
+        list then removes the ones whose pods went away while no router was watching."""
+        assert self._registry is not None
+        prefix = f"{self.settings.namespace}/"
+        for record in self._registry.records():
+            if record.source == "kubernetes" and record.instance_id.startswith(prefix):
+                self._owned.setdefault(record.instance_id, record)
+
     def _reconcile(self) -> None:
         """Make this source's instances in the registry equal the union of its objects'."""
-        assert self._registry is not None
+        registry = self._registry
+        assert registry is not None
         desired: dict[str, InstanceRecord] = {}
         for records in self._objects.values():
             desired.update(records)
         for iid in list(self._owned):
             if iid not in desired:
                 del self._owned[iid]
-                self._registry.remove(iid)
+                registry.remove(iid)
         for iid, record in desired.items():
             if self._owned.get(iid) != record:
                 self._owned[iid] = record
-                self._registry.upsert(record)
+                found = registry.find(iid)
+                # Kubernetes only ever turns draining on (terminating); a drain an operator
+                # set through Admin must survive the pod's later status updates.
+                if found is not None and found[0].draining and not record.draining:
+                    record = replace(record, draining=True)
+                registry.upsert(record)
 
     # -- the blocking list/watch loop (own thread) ----------------------------------------
     def _api(self) -> tuple[Any, Callable[..., Any]]:

@@ -277,3 +277,45 @@ def test_bad_discovery_config_names_the_key(section: dict[str, Any], where: str)
     with pytest.raises(ConfigError) as err:
         build_discovery(section, "d")
     assert err.value.where == where
+
+
+async def test_restart_over_a_store_removes_what_went_away_and_keeps_drains(api: LoopbackKubeAPI, tmp_path: Any) -> None:
+    from router.state import open_store
+
+    url = f"file://{tmp_path}/state.json"
+    store = open_store(url)
+    # What an earlier router run left in the store.
+    for record in (
+        InstanceRecord("serving/p1", "http://10.8.0.1:8000", "llama-8b", gpu="L4", pool="L4",
+                       labels=LABELS, source="kubernetes", draining=True),  # an operator's drain
+        InstanceRecord("serving/gone", "http://10.8.0.9:8000", "llama-8b", source="kubernetes"),
+        InstanceRecord("elsewhere/x", "http://10.8.1.1:8000", "llama-8b", source="kubernetes"),
+        InstanceRecord("old-static", "http://127.0.0.1:8001", "llama-8b", source="static"),
+        InstanceRecord("kept-static", "http://127.0.0.1:8002", "llama-8b", source="static", draining=True),
+    ):
+        await store.put_instance(record)
+    await store.close()
+
+    api.apply("pods", pod("p1", "10.8.0.1"))
+    reg = InstanceRegistry(open_store(url))
+    await reg.start()
+    static = StaticDiscovery([InstanceRecord("kept-static", "http://127.0.0.1:8002", "llama-8b")])
+    disc = discovery(api, "pods")
+    try:
+        await static.start(reg)
+        await disc.start(reg)
+        # The pod deleted while no router watched is gone; other namespaces are not ours.
+        assert ids(reg) == {"serving/p1", "elsewhere/x", "kept-static"}
+        assert reg.get("kept-static")[1].draining  # the stored drain survives the config
+        assert reg.get("serving/p1")[1].draining
+        api.apply("pods", pod("p1", "10.8.0.1", labels={**LABELS, "rev": "2"}))  # a status/label update
+        await eventually(lambda: reg.get("serving/p1")[0].labels.get("rev") == "2", "update applied")
+        assert reg.get("serving/p1")[1].draining  # ... keeps the operator's drain
+        await reg.flush()
+    finally:
+        await disc.stop()
+        await reg.close()
+    assert reg.store is not None
+    stored = {r.instance_id for r in await reg.store.list_instances()}
+    assert stored == {"serving/p1", "elsewhere/x", "kept-static"}
+    await reg.store.close()
