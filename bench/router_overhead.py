@@ -93,7 +93,7 @@ def peer_command(name: str, venv: Path, engine_url: str, port: int, workdir: Pat
         binary = venv / "bin" / "vllm-router"
         base = [str(binary)] if binary.exists() else [str(venv / "bin" / "python"), "-m", "vllm_router.launch_router"]
         return [*base, "--worker-urls", engine_url, "--host", "127.0.0.1", "--port", str(port),
-                "--policy", "round_robin"]
+                "--policy", "round_robin", "--prometheus-port", str(free_port()), "--log-level", "warning"]
     raise ValueError(name)
 
 
