@@ -137,7 +137,8 @@ async def run_level(host: str, port: int, pid: int, concurrency: int, seconds: f
     deadline = time.perf_counter() + seconds
     await asyncio.gather(*(client(host, port, deadline, max_tokens, result, i) for i in range(concurrency)))
     wall = time.perf_counter() - wall_before  # clients finish the request they are in after the deadline
-    cpu = (cpu_seconds(pid) - cpu_before) / wall
+    cpu_used = cpu_seconds(pid) - cpu_before
+    cpu = cpu_used / wall
     stats = await http_json(host, port, "GET", "/tokenyard/stats")
     measured = result.decode_s_sum / result.decode_gaps if result.decode_gaps else float("nan")
     modelled = stats["modelled_itl_mean_s"]
@@ -155,6 +156,51 @@ async def run_level(host: str, port: int, pid: int, concurrency: int, seconds: f
         "loop_lag_p50_ms": stats["loop_lag_p50_s"] * 1e3,
         "loop_lag_p99_ms": stats["loop_lag_p99_s"] * 1e3,
         "engine_cpu_cores": cpu,
+        "engine_cpu_us_per_token": cpu_used * 1e6 / max(1, result.tokens),
+    }
+
+
+async def zero_latency_client(host: str, port: int, deadline: float, latencies: list[float], index: int) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    body = json.dumps({"model": "llama-3-8b", "prompt": f"client {index}: hello", "max_tokens": 16,
+                       "ignore_eos": True}).encode()
+    request = (f"POST /v1/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+               f"content-length: {len(body)}\r\n\r\n").encode() + body
+    clock = time.perf_counter
+    try:
+        while clock() < deadline:
+            sent = clock()
+            writer.write(request)
+            length = 0
+            status = await reader.readline()
+            while (line := await reader.readline()) != b"\r\n":
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            await reader.readexactly(length)
+            if b" 200 " not in status:
+                raise RuntimeError(f"engine answered {status!r}")
+            latencies.append(clock() - sent)
+    finally:
+        writer.close()
+
+
+async def run_zero_latency(host: str, port: int, pid: int, concurrency: int, seconds: float) -> dict:
+    latencies: list[float] = []
+    client_before = time.process_time()
+    cpu_before, started = cpu_seconds(pid), time.perf_counter()
+    deadline = started + seconds
+    await asyncio.gather(*(zero_latency_client(host, port, deadline, latencies, i) for i in range(concurrency)))
+    wall = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "concurrency": concurrency,
+        "requests_per_s": len(latencies) / wall,
+        "latency_p50_ms": latencies[len(latencies) // 2] * 1e3,
+        "latency_p99_ms": latencies[int(len(latencies) * 0.99)] * 1e3,
+        "engine_cpu_cores": (cpu_seconds(pid) - cpu_before) / wall,
+        "engine_cpu_ms_per_request": (cpu_seconds(pid) - cpu_before) * 1e3 / max(1, len(latencies)),
+        "client_cpu_cores": (time.process_time() - client_before) / wall,
     }
 
 
@@ -218,7 +264,13 @@ async def main() -> None:
     parser.add_argument("--gpu", default="A100-80GB")
     parser.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
     parser.add_argument("--plot", type=Path, default=REPO_ROOT / "docs" / "img" / "engine_emulator.png")
+    parser.add_argument("--zero-latency", action="store_true",
+                        help="instead: non-streaming requests/s of an engine at time scale 0 (16 tokens each), "
+                             "the engine a router benchmark compares against")
     args = parser.parse_args()
+    if args.zero_latency:
+        await zero_latency_main(args)
+        return
 
     from tqdm import tqdm
 
@@ -243,18 +295,43 @@ async def main() -> None:
     progress.close()
 
     header = ("streams", "scale", "tok/s", "measured TPOT ms", "modelled TPOT ms", "ratio",
-              "loop lag p50 ms", "p99 ms", "engine CPU", "errors")
+              "loop lag p50 ms", "p99 ms", "engine CPU", "engine CPU us/token", "errors")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
         print(f"| {r['concurrency']} | {r['time_scale']:g} | {r['tokens_per_s']:.0f} | {r['measured_tpot_ms']:.2f} | "
               f"{r['modelled_tpot_ms']:.2f} | {r['tpot_ratio']:.3f} | {r['loop_lag_p50_ms']:.2f} | "
-              f"{r['loop_lag_p99_ms']:.2f} | {r['engine_cpu_cores']:.2f} | {r['errors']} |")
+              f"{r['loop_lag_p99_ms']:.2f} | {r['engine_cpu_cores']:.2f} | {r['engine_cpu_us_per_token']:.1f} | "
+              f"{r['errors']} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     if args.plot:
         plot(rows, args.plot)
         print(f"plot: {args.plot}")
+
+
+async def zero_latency_main(args: argparse.Namespace) -> None:
+    if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 1:
+        os.sched_setaffinity(0, {1})
+    host, port = "127.0.0.1", free_port()
+    process = start_engine(port, 0.0, max(args.levels), args.gpu)
+    rows = []
+    try:
+        await wait_healthy(host, port, process)
+        for level in args.levels:
+            rows.append(await run_zero_latency(host, port, process.pid, level, args.seconds))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=10)
+    print("| concurrency | requests/s | latency p50 ms | latency p99 ms | engine CPU (cores) | engine CPU ms/request "
+          "| requests per engine CPU-second | load generator CPU |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['concurrency']} | {r['requests_per_s']:.0f} | {r['latency_p50_ms']:.2f} | "
+              f"{r['latency_p99_ms']:.2f} | {r['engine_cpu_cores']:.2f} | {r['engine_cpu_ms_per_request']:.3f} | "
+              f"{1e3 / r['engine_cpu_ms_per_request']:.0f} | {r['client_cpu_cores']:.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

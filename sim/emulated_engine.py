@@ -26,12 +26,19 @@ import logging
 import random
 import time
 import uuid
+from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
 
 import tokenyard
 from scheduler.catalog import Catalog, default_catalog
@@ -91,7 +98,7 @@ class RequestHandle:
         "request_id", "prompt_tokens", "output_tokens", "max_tokens", "priority",
         "arrival_s", "scheduled_s", "first_token_s", "last_token_s", "finish_s",
         "emitted", "consumed", "done", "finish_reason", "cached_prompt_tokens",
-        "text", "_waiter", "_model_last_s",
+        "text", "wake_per_token", "_waiter", "_model_last_s",
     )
 
     def __init__(
@@ -114,6 +121,8 @@ class RequestHandle:
         self.finish_reason: str | None = None  # "length", "stop", "abort"
         self.cached_prompt_tokens = 0
         self.text = text
+        # A streaming reader wants every token; one waiting for the end only the finish.
+        self.wake_per_token = True
         self._waiter: asyncio.Future[None] | None = None
         self._model_last_s = 0.0
 
@@ -134,6 +143,7 @@ class RequestHandle:
         return new
 
     async def wait_finished(self) -> None:
+        self.wake_per_token = False
         while not self.done:
             await self.next_tokens()
         self.consumed = self.emitted
@@ -159,6 +169,37 @@ def _one_two_five(limit: int) -> list[float]:
         scale *= 10
 
 
+class _Histogram:
+    """A histogram kept as plain counts, exported at scrape time.
+
+    prometheus_client's Histogram takes a lock and walks its buckets per observation;
+    the engine observes every token's inter-token latency, so this is the hot path.
+    """
+
+    __slots__ = ("name", "doc", "buckets", "counts", "sum")
+
+    def __init__(self, name: str, doc: str, buckets: Iterable[float]) -> None:
+        self.name = name
+        self.doc = doc
+        self.buckets = tuple(float(b) for b in buckets)
+        self.counts = [0] * (len(self.buckets) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.buckets, value)] += 1
+        self.sum += value
+
+    def family(self, label_names: list[str], label_values: list[str]) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(self.name, self.doc, labels=label_names)
+        cumulative = 0
+        rows: list[tuple[str, float]] = []
+        for bound, count in zip((*self.buckets, float("inf")), self.counts, strict=True):
+            cumulative += count
+            rows.append((floatToGoString(bound), cumulative))
+        family.add_metric(label_values, rows, self.sum)
+        return family
+
+
 class _EngineMetrics:
     """vLLM's metric names (v1 engine, current names), labelled model_name and engine.
 
@@ -170,12 +211,14 @@ class _EngineMetrics:
     def __init__(self, engine: EmulatedEngine, registry: CollectorRegistry) -> None:
         self.engine = engine
         self.labels = {"model_name": engine.served_model_names[0], "engine": "0"}
-        names = list(self.labels)
-        values = list(self.labels.values())
         max_len = engine.core.max_model_len
 
-        def hist(name: str, doc: str, buckets: Iterable[float]) -> Any:
-            return Histogram(name, doc, names, registry=registry, buckets=tuple(buckets)).labels(*values)
+        self.histograms: list[_Histogram] = []
+
+        def hist(name: str, doc: str, buckets: Iterable[float]) -> _Histogram:
+            histogram = _Histogram(name, doc, buckets)
+            self.histograms.append(histogram)
+            return histogram
 
         self.ttft = hist("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", _TTFT_BUCKETS_S)
         self.itl = hist("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", _ITL_BUCKETS_S)
@@ -275,6 +318,8 @@ class _StateCollector:
         )
         info.add_metric(list(info_labels.values()), 1.0)
         yield info
+        for histogram in metrics.histograms:
+            yield histogram.family(names, values)
 
 
 class EmulatedEngine:
@@ -589,7 +634,8 @@ class EmulatedEngine:
             handle._model_last_s = model_clock
             handle.last_token_s = now
             handle.emitted += 1
-            handle._wake()
+            if handle.wake_per_token:
+                handle._wake()
         metrics.generation_tokens_total += len(out.tokens)
         self._modelled_itl_sum_s += itl_sum
         self._modelled_itl_count += itl_count

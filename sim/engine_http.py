@@ -650,7 +650,7 @@ class EngineServer:
         config = uvicorn.Config(
             self.app, host=self.host, port=self.port, loop="none", http=NoDelayHttpToolsProtocol,
             ws="none", lifespan="off", access_log=False, log_config=None, server_header=False,
-            date_header=False, timeout_keep_alive=self.keep_alive_s,
+            date_header=False, timeout_keep_alive=self.keep_alive_s, proxy_headers=False,
         )
         # Bind here, not in uvicorn: its bind failure is a sys.exit, which would end the loop.
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
