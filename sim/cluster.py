@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from scheduler.catalog import (
     Catalog,
@@ -47,6 +47,8 @@ from scheduler.queueing import QueuePolicy, QueuePolicyError, build_queue_policy
 from scheduler.types import SloClass
 from sim.engine_core import EngineConfig, EngineConfigError
 from tokenyard.config import ConfigError, check_keys, get, load_yaml, parse_slo_classes
+
+T = TypeVar("T")
 
 _TOP_KEYS = ("catalog", "default_model", "pools", "dispatch", "queue", "slo_classes", "load_refresh_s")
 _POOL_KEYS = ("name", "gpu", "model", "tp", "count", "engine")
@@ -160,14 +162,14 @@ def parse_cluster(doc: Mapping[str, Any], source: str, base_dir: Path | None = N
         pools.append(pool)
 
     served = {p.model.name.lower(): p.model.name for p in pools}
-    default_model = get(doc, "default_model", str, where, default=pools[0].model.name)
+    default_model = _top_get(doc, "default_model", str, source, default=pools[0].model.name)
     if default_model.lower() not in served:
         raise ConfigError(
             f"{where} default_model",
             f"no pool serves {default_model!r}; served models: {', '.join(sorted(served.values()))}",
         )
     dispatch, per_class = _parse_dispatch(doc.get("dispatch"), source, slo_classes)
-    load_refresh_s = get(doc, "load_refresh_s", float, where, default=0.0, minimum=0.0)
+    load_refresh_s = _top_get(doc, "load_refresh_s", float, source, default=0.0, minimum=0.0)
     return ClusterSpec(
         pools=tuple(pools),
         dispatch=dispatch,
@@ -179,6 +181,14 @@ def parse_cluster(doc: Mapping[str, Any], source: str, base_dir: Path | None = N
         load_refresh_s=load_refresh_s,
         source=source,
     )
+
+
+def _top_get(doc: Mapping[str, Any], key: str, kind: type[T], source: str, **kwargs: Any) -> T:
+    """`get` for a top-level key: the path reads `file: key`."""
+    try:
+        return get(doc, key, kind, "", **kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc.where}", exc.problem) from exc
 
 
 def _parse_catalog(raw: Any, source: str, base_dir: Path | None) -> Catalog:
