@@ -1,0 +1,76 @@
+"""`tokenyard up`: one command starts engines, router and store, answers, and stops cleanly."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+from tests.conftest import REPO_ROOT
+
+
+def _command(state_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "tokenyard.cli", "up", "--port", "0", "--state-dir", str(state_dir),
+            "--time-scale", "0", *extra]
+
+
+def test_up_smoke_starts_the_fleet_answers_and_exits(tmp_path: Path) -> None:
+    result = subprocess.run(_command(tmp_path / "state", "--smoke"), capture_output=True, text=True, timeout=120,
+                            cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    url = re.search(r"Tokenyard is up: (http://127\.0\.0\.1:\d+)", out)
+    assert url is not None, out
+    assert f"curl {url.group(1)}/v1/chat/completions" in out
+    assert f'OpenAI(base_url="{url.group(1)}/v1"' in out
+    assert re.search(r"first request answered by llm-(a100|h100)-0: '.+' \(16 tokens\)", out), out
+    config = yaml.safe_load((tmp_path / "state" / "router.yaml").read_text())
+    gpus = {entry["gpu"] for entry in config["discovery"]["static"]}
+    assert gpus == {"L4", "A100-80GB", "H100-80GB"}
+    assert (tmp_path / "state" / "state.json").exists()
+
+
+def test_up_stays_up_until_ctrl_c_and_stops_everything(tmp_path: Path) -> None:
+    proc = subprocess.Popen(_command(tmp_path / "state"), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, cwd=REPO_ROOT)
+    try:
+        lines: list[str] = []
+        deadline = time.monotonic() + 90
+        assert proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("first request answered"):
+                break
+        out = "".join(lines)
+        url = re.search(r"Tokenyard is up: (http://127\.0\.0\.1:\d+)", out)
+        assert url is not None, out
+        models = httpx.get(url.group(1) + "/v1/models", timeout=10).json()
+        assert sorted(m["id"] for m in models["data"]) == ["llama-3-8b", "qwen2.5-1.5b"]
+        engines = [entry["url"] for entry in
+                   yaml.safe_load((tmp_path / "state" / "router.yaml").read_text())["discovery"]["static"]]
+        stream = httpx.post(url.group(1) + "/v1/chat/completions", timeout=30, json={
+            "model": "qwen2.5-1.5b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+            "stream": True})
+        assert stream.text.endswith("data: [DONE]\n\n")
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(30) == 0
+        for engine_url in engines:  # the engine processes are gone too
+            try:
+                httpx.get(engine_url + "/health", timeout=1)
+                raise AssertionError(f"engine {engine_url} still answers after Ctrl-C")
+            except httpx.ConnectError:
+                pass
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

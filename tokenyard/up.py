@@ -1,0 +1,252 @@
+"""`tokenyard up`: the embedded default fleet on one machine, in one command.
+
+Starts a small heterogeneous fleet of emulated engines (`tokenyard engine`, one process
+each): qwen2.5-1.5b on an L4 as the SLM tier, llama-3-8b on an A100-80GB and on an
+H100-80GB as the LLM tier, each also serving the Worker gRPC service that the router
+subscribes to for load. Then the router with its scheduler (SLO-headroom dispatch), the
+file-backed state store under ./.tokenyard/, and the config it generated written to
+./.tokenyard/router.yaml. Prints the URL with a curl and an openai-python example, sends
+one request itself, and stays up until Ctrl-C, which stops everything. `--smoke` sends the
+request and exits (0 when it was answered).
+
+Engines run as subprocesses rather than in the router's process: each emulated engine
+runs a continuous-batching loop that sleeps modelled iteration times, and sharing one
+event loop with the router makes the engines' timing and the router's latency disturb
+each other; as processes they also use the machine's other cores. Measured on the 2-core
+box: the three engine processes start in ~2 s together (in parallel, import time dominates).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    instance_id: str
+    model: str
+    gpu: str
+    tier: str
+
+
+DEFAULT_FLEET = (
+    EngineSpec("slm-l4-0", "qwen2.5-1.5b", "L4", "slm"),
+    EngineSpec("llm-a100-0", "llama-3-8b", "A100-80GB", "llm"),
+    EngineSpec("llm-h100-0", "llama-3-8b", "H100-80GB", "llm"),
+)
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "up",
+        help="start the embedded default fleet: emulated engines, router, scheduler, file store",
+        description="Start emulated engines of two GPU types and two model tiers behind the router, with the "
+                    "file-backed store under --state-dir; print how to call it, send one request, and stay up "
+                    "until Ctrl-C (or exit after the request with --smoke).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="router listen address")
+    parser.add_argument("--port", type=int, default=8000, help="router port (0: any free port)")
+    parser.add_argument("--state-dir", default=".tokenyard", help="where the store and generated config live")
+    parser.add_argument("--time-scale", type=float, default=1.0,
+                        help="engine speed: 1 = the modelled GPU speed, 0 = no latency")
+    parser.add_argument("--smoke", action="store_true", help="send one request, then stop everything and exit")
+    parser.add_argument("--ready-timeout-s", type=float, default=60.0, help="how long engines may take to start")
+    parser.set_defaults(handler=run_up)
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class Fleet:
+    """The engine subprocesses; stopped with SIGTERM, then SIGKILL after a grace period."""
+
+    def __init__(self, specs: tuple[EngineSpec, ...], state_dir: Path, time_scale: float) -> None:
+        self.specs = specs
+        self.state_dir = state_dir
+        self.time_scale = time_scale
+        self.procs: list[Any] = []
+        self.entries: list[dict[str, Any]] = []
+
+    async def start(self, ready_timeout_s: float) -> None:
+        import asyncio
+        import time
+
+        import httpx
+
+        logs = self.state_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        for spec in self.specs:
+            port, grpc_port = _free_port("127.0.0.1"), _free_port("127.0.0.1")
+            log_file = (logs / f"{spec.instance_id}.log").open("ab")
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "tokenyard.cli", "--log-format", "json", "engine", "--gpu", spec.gpu,
+                "--model", spec.model, "--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(grpc_port),
+                "--instance-id", spec.instance_id, "--time-scale", str(self.time_scale),
+                "--scheduling-policy", "priority",
+                stdout=log_file, stderr=log_file, start_new_session=True)
+            log_file.close()
+            self.procs.append((spec, proc))
+            self.entries.append({"id": spec.instance_id, "url": f"http://127.0.0.1:{port}", "model": spec.model,
+                                 "gpu": spec.gpu, "pool": f"{spec.tier}-{spec.gpu}", "grpc": f"127.0.0.1:{grpc_port}",
+                                 "labels": {"tier": spec.tier}})
+        deadline = time.monotonic() + ready_timeout_s
+        async with httpx.AsyncClient(timeout=1.0) as client:
+            for (spec, proc), entry in zip(self.procs, self.entries, strict=True):
+                while True:
+                    if proc.returncode is not None:
+                        raise RuntimeError(f"engine {spec.instance_id} exited with {proc.returncode}; see "
+                                           f"{logs / (spec.instance_id + '.log')}")
+                    try:
+                        if (await client.get(entry["url"] + "/health")).status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"engine {spec.instance_id} not ready after {ready_timeout_s:.0f} s; see "
+                                           f"{logs / (spec.instance_id + '.log')}")
+                    await asyncio.sleep(0.1)
+
+    async def stop(self) -> None:
+        import asyncio
+        import contextlib
+        import signal
+
+        for _, proc in self.procs:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        for _, proc in self.procs:
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+
+
+def router_document(entries: list[dict[str, Any]], host: str, port: int, store_url: str) -> dict[str, Any]:
+    """The router config `tokenyard up` runs (also written to <state-dir>/router.yaml)."""
+    return {
+        "listen": {"host": host, "port": port},
+        "store": store_url,
+        "slo_classes": {
+            "interactive": {"ttft_ms": 1000, "tpot_ms": 100, "priority": 0},
+            "default": {"ttft_ms": 3000, "tpot_ms": 200, "priority": 1},
+            "batch": {"ttft_ms": 60000, "tpot_ms": 1000, "priority": 2},
+        },
+        "policies": {
+            "balanced": {"filters": ["model", "healthy", "not_draining", "kv_room"],
+                         "scorers": ["least_outstanding"]},
+            "headroom": {"filters": ["model", "healthy", "not_draining", "kv_room"],
+                         "scorers": ["slo_headroom", {"least_outstanding": {"weight": 0.01}}]},
+        },
+        "dispatch": {"default_policy": "headroom", "by_slo_class": {"batch": "balanced"}},
+        "anonymous": {"slo_class": "interactive"},
+        "discovery": {"static": entries},
+    }
+
+
+def _examples(url: str) -> str:
+    return f"""
+Tokenyard is up: {url}  (OpenAI-compatible; models: qwen2.5-1.5b = SLM tier, llama-3-8b = LLM tier)
+
+  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "llama-3-8b", "messages": [{{"role": "user", "content": "Hello!"}}], "max_tokens": 32}}'
+
+  python - <<'EOF'
+  from openai import OpenAI
+  client = OpenAI(base_url="{url}/v1", api_key="unused")
+  for chunk in client.chat.completions.create(model="qwen2.5-1.5b", stream=True, max_tokens=32,
+                                              messages=[{{"role": "user", "content": "Hello!"}}]):
+      print(chunk.choices[0].delta.content or "", end="", flush=True)
+  EOF
+
+  metrics: {url}/metrics    models: {url}/v1/models    Ctrl-C stops everything
+"""
+
+
+async def up(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import signal
+
+    import httpx
+    import yaml
+
+    from router.app import Router, RouterServer
+    from router.config import parse_router_config
+    from router.state import open_store
+
+    # The per-request lines of the HTTP client and server are noise on this console.
+    for name in ("httpx", "uvicorn.error"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    state_dir = Path(args.state_dir).resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    store_url = "file://" + str(state_dir / "state.json")
+    fleet = Fleet(DEFAULT_FLEET, state_dir, args.time_scale)
+    server: RouterServer | None = None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        print(f"starting {len(DEFAULT_FLEET)} emulated engines: "
+              + ", ".join(f"{s.model} on {s.gpu}" for s in DEFAULT_FLEET), flush=True)
+        await fleet.start(args.ready_timeout_s)
+        doc = router_document(fleet.entries, args.host, args.port, store_url)
+        (state_dir / "router.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+        config = parse_router_config(doc, str(state_dir / "router.yaml"))
+        store = open_store(store_url)
+        # This fleet is the whole fleet: forget instances a previous run left in the store.
+        wanted = {entry["id"] for entry in fleet.entries}
+        for record in await store.list_instances():
+            if record.instance_id not in wanted:
+                await store.remove_instance(record.instance_id)
+        server = RouterServer(Router(config, store=store), config.host, config.port)
+        await server.start()
+        print(_examples(server.url), flush=True)
+
+        body = {"model": "llama-3-8b", "messages": [{"role": "user", "content": "Say hello to Tokenyard."}],
+                "max_tokens": 16}
+        async with httpx.AsyncClient(timeout=60.0) as client:
+            response = await client.post(server.url + "/v1/chat/completions", json=body)
+        if response.status_code != 200:
+            print(f"the first request failed: HTTP {response.status_code}: {response.text}", file=sys.stderr)
+            return 1
+        answer = response.json()
+        print(f"first request answered by {response.headers.get('x-tokenyard-instance')}: "
+              f"{answer['choices'][0]['message']['content']!r} ({answer['usage']['completion_tokens']} tokens)",
+              flush=True)
+        if args.smoke:
+            return 0
+        await stop.wait()
+        print("\nstopping ...", flush=True)
+        return 0
+    except (RuntimeError, OSError) as exc:
+        print(f"tokenyard up: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if server is not None:
+            await server.stop()
+        await fleet.stop()
+
+
+def run_up(args: argparse.Namespace) -> int:
+    import asyncio
+
+    try:
+        import uvloop
+
+        return int(uvloop.run(up(args)))
+    except ImportError:  # pragma: no cover
+        return asyncio.run(up(args))
