@@ -19,6 +19,11 @@ max_tokens < 1, a prompt plus max_tokens over max_model_len (vLLM's wording), a 
 on an fcfs engine (vLLM's wording); 404 `NotFoundError` for an unknown model; 413 for a
 body over the limit (vLLM sets none; the emulator does, to protect the process).
 
+Exact lengths (for replaying a trace, or the simulator's cross-check): a completions
+`prompt` given as a list of token ids counts exactly that many tokens (and requests whose
+id lists share leading 16-token blocks share prefix-cache blocks), and the header
+`x-tokenyard-output-tokens: N` fixes the output length (capped by max_tokens).
+
 Limits of the emulation: one prompt and one choice per request (`n` > 1 and batched
 prompts are rejected with a 400 that says so), no logprobs (always null), `stop`
 sequences and sampling parameters are accepted and ignored, tools are not called.
@@ -123,9 +128,11 @@ def _positive(name: str, value: int | None) -> int | None:
 
 
 class _Prompt:
+    """A request's prompt as the engine sees it: what seeds the output, length, block hashes."""
+
     __slots__ = ("text", "tokens", "hashes")
 
-    def __init__(self, text: str | None, tokens: int, hashes: tuple[int, ...]):
+    def __init__(self, text: str, tokens: int, hashes: tuple[int, ...]):
         self.text = text
         self.tokens = tokens
         self.hashes = hashes
@@ -303,7 +310,8 @@ class EngineHttpApp:
             pieces = ["<|begin_of_text|>", *tokenize(prompt)]
             return _Prompt(prompt, len(pieces), prefix_block_hashes(pieces, self.engine.block_size))
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return _Prompt(None, len(prompt), prefix_block_hashes(prompt, self.engine.block_size))
+            # Token ids give exact prompt lengths (and, through the ids, exact prefix sharing).
+            return _Prompt(",".join(map(str, prompt)), len(prompt), prefix_block_hashes(prompt, self.engine.block_size))
         if isinstance(prompt, list) and len(prompt) > 1:
             raise ApiError(
                 f"prompt: the emulated engine takes one prompt per request, got a batch of {len(prompt)}",
@@ -391,8 +399,7 @@ class EngineHttpApp:
                     )
             elif header == b"x-request-id":
                 request_id = value.decode("latin-1")
-        prompt_key = prompt.text if prompt.text is not None else ",".join(map(str, prompt.hashes)) + f"/{prompt.tokens}"
-        text_seed = request_seed(engine.config.seed if seed is None else seed, prompt_key)
+        text_seed = request_seed(engine.config.seed if seed is None else seed, prompt.text)
         output_tokens, _ = engine.choose_output_tokens(
             max_tokens, text_seed ^ 0x5EED, ignore_eos=ignore_eos, min_tokens=min_tokens, fixed=fixed
         )

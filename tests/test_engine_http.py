@@ -169,6 +169,23 @@ async def test_output_length_header_ignore_eos_and_min_tokens() -> None:
         assert bad.status_code == 400 and "x-tokenyard-output-tokens" in bad.json()["error"]["message"]
 
 
+async def test_token_id_prompts_give_exact_lengths_and_prefix_hits() -> None:
+    async with serve() as server, httpx.AsyncClient(base_url=server.base_url) as client:
+        shared = list(range(1000, 1064))  # four full 16-token blocks
+        first = await client.post("/v1/completions", json={"prompt": [*shared, 1, 2, 3], "max_tokens": 5},
+                                  headers={"x-tokenyard-output-tokens": "4"})
+        assert first.json()["usage"] == {"prompt_tokens": 67, "total_tokens": 71, "completion_tokens": 4,
+                                         "prompt_tokens_details": None}
+        before = await metric_families(client)
+        await client.post("/v1/completions", json={"prompt": [*shared, 7, 8], "max_tokens": 2})
+        after = await metric_families(client)
+        hits = sample(after, "vllm:prefix_cache_hits", "_total") - sample(before, "vllm:prefix_cache_hits", "_total")
+        assert hits == 64
+        other = await client.post("/v1/completions", json={"prompt": [*shared, 1, 2, 4], "max_tokens": 5},
+                                  headers={"x-tokenyard-output-tokens": "4"})
+        assert other.json()["choices"][0]["text"] != first.json()["choices"][0]["text"]
+
+
 async def test_models_and_health() -> None:
     async with serve() as server:
         client = openai_client(server)
