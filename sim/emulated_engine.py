@@ -395,8 +395,14 @@ class EmulatedEngine:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for request_id in list(self._handles):
+        self.abort_all()
+
+    def abort_all(self) -> int:
+        """Abort every request in the engine (shutdown); returns how many there were."""
+        request_ids = list(self._handles)
+        for request_id in request_ids:
             self.abort(request_id)
+        return len(request_ids)
 
     # ------------------------------------------------------------- requests
     @property

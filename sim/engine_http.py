@@ -703,11 +703,16 @@ class EngineServer:
         self.grpc_port = bound
 
     async def stop(self, grace_s: float = 1.0) -> None:
+        """Stop accepting, give requests in flight `grace_s` to finish, then abort the rest."""
         grpc_server, self._grpc = self._grpc, None
         if grpc_server is not None:
             await grpc_server.stop(grace_s)
         if self._server is not None and self._task is not None:
             self._server.should_exit = True
+            done, _ = await asyncio.wait({self._task}, timeout=grace_s)
+            if not done:
+                # uvicorn waits for its request tasks; a long stream would hold it for minutes.
+                self.engine.abort_all()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self._server = None

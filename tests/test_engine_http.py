@@ -355,6 +355,23 @@ async def test_client_disconnect_aborts_the_request() -> None:
         assert engine.load().running == 0
 
 
+async def test_stop_does_not_wait_for_a_long_stream() -> None:
+    server = EngineServer(EmulatedEngine(EmulatedEngineConfig(time_scale=1.0)), "127.0.0.1", 0)
+    await server.start()
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=20) as client:
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 8000, "ignore_eos": True, "stream": True}
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            lines = response.aiter_lines()
+            while not (await anext(lines)).startswith("data: "):
+                pass
+            # 8000 tokens at ~15 ms would take two minutes; stop gives it 0.2 s.
+            await asyncio.wait_for(server.stop(grace_s=0.2), 10)
+            assert server.engine.requests_in_flight == 0
+            with pytest.raises(httpx.HTTPError):
+                async for _ in lines:
+                    pass
+
+
 # ----------------------------------------------------------------- bad requests
 @pytest.mark.parametrize(
     ("path", "body", "status", "fragment", "param"),
