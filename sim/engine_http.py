@@ -516,6 +516,7 @@ class EngineHttpApp:
             close_choice = b',"logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,"token_ids":null}]'
             role_chunk = b""
         tail = b"}\n\n" if chat else b',"usage":null}\n\n'
+        token_head = head + open_choice
         prompt_tokens = handle.prompt_tokens
 
         def usage_json(completion: int) -> bytes:
@@ -554,7 +555,7 @@ class EngineHttpApp:
                     end = b',"usage":' + usage_json(sent) + b"}\n\n"
                 else:
                     end = tail
-                parts.append(head + open_choice + orjson.dumps(token) + close + end)
+                parts.append(b"".join((token_head, orjson.dumps(token), close, end)))
             await send({"type": "http.response.body", "body": b"".join(parts), "more_body": True})
             if handle.done:
                 break

@@ -145,20 +145,34 @@ _VOCAB: tuple[str, ...] = tuple(" " + w for w in _WORDS) + (",", ".", ".", " and
 
 
 class OutputText:
-    """Deterministic output tokens for one request: `take(n)` returns the next n tokens."""
+    """Deterministic output tokens for one request: `take(n)` returns the next n tokens.
 
-    __slots__ = ("_rng", "_first")
+    Tokens are drawn in blocks (one PRNG call per block, not per token, since streaming
+    asks for one token at a time); each draw consumes the PRNG identically however the
+    calls are split, so the text depends only on the seed.
+    """
+
+    __slots__ = ("_rng", "_buffer", "_pos", "_started")
+
+    _BLOCK = 64
 
     def __init__(self, seed: int) -> None:
         self._rng = random.Random(seed)
-        self._first = True
+        self._buffer: list[str] = []
+        self._pos = 0
+        self._started = False
 
     def take(self, n: int) -> list[str]:
         if n <= 0:
             return []
-        tokens = self._rng.choices(_VOCAB, k=n)
-        if self._first:
-            self._first = False
+        available = len(self._buffer) - self._pos
+        if available < n:
+            self._buffer = self._buffer[self._pos :] + self._rng.choices(_VOCAB, k=max(self._BLOCK, n - available))
+            self._pos = 0
+        tokens = self._buffer[self._pos : self._pos + n]
+        self._pos += n
+        if not self._started:
+            self._started = True
             tokens[0] = tokens[0].lstrip().capitalize() or tokens[0]
         return tokens
 
