@@ -15,11 +15,13 @@ import argparse
 import sys
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 from scheduler.catalog import default_catalog
 from scheduler.engine_model import EngineModel, PerfFactors
 from sim.calibrate import (
+    HELD_OUT_EVERY,
     FitResult,
     Predictor,
     calibrate,
@@ -27,6 +29,7 @@ from sim.calibrate import (
     format_error_table,
     format_factors,
     plot_fit,
+    quantile,
 )
 
 
@@ -37,7 +40,7 @@ def baseline_errors(result: FitResult) -> dict[tuple[str, str, str], float]:
     for obs in result.observations:
         split = "held-out" if obs.held_out else "train"
         groups[(obs.source, obs.quantity, split)].append(abs(predictor.predict(obs) / obs.measured - 1) * 100)
-    return {key: sorted(values)[len(values) // 2] for key, values in groups.items()}
+    return {key: quantile(sorted(values), 0.5) for key, values in groups.items()}
 
 
 class _Baseline:
@@ -61,6 +64,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=default_data_dir())
     parser.add_argument("--plot", type=Path, help="also write the predicted-vs-measured plot here")
+    parser.add_argument("--no-cross-validation", action="store_true",
+                        help=f"skip refitting with each of the {HELD_OUT_EVERY} held-out folds")
     args = parser.parse_args()
 
     result = calibrate(args.data, progress=True)
@@ -79,6 +84,32 @@ def main() -> int:
     print("## Fitted factors ('*' = fallback for GPU types without measurements)")
     print(format_factors(result.factors))
     print()
+
+    # The overhead factors describe the engine Splitwise measured; swap in a modern engine's
+    # (CUDA graphs, batched sampling) and keep the fitted hardware efficiencies.
+    print("## TensorRT-LLM check: fitted hardware factors with modern-engine overheads")
+    print("   (per_seq_overhead_s = 0, layer_overhead_s = 0, iteration_overhead_s = 2 ms)")
+    trtllm = [o for o in result.observations if o.source == "trtllm"]
+    for label, transform in (
+        ("fitted factors as packaged", lambda f: f),
+        ("modern-engine overheads", lambda f: replace(f, per_seq_overhead_s=0.0, layer_overhead_s=0.0,
+                                                      iteration_overhead_s=0.002)),
+    ):
+        predictors = {gpu: Predictor(default_catalog(), transform(f)) for gpu, f in result.factors.items()}
+        errors = sorted(abs(predictors.get(o.gpu, predictors["*"]).predict(o) / o.measured - 1) * 100 for o in trtllm)
+        ratios = sorted(predictors.get(o.gpu, predictors["*"]).predict(o) / o.measured for o in trtllm)
+        print(f"{label:<28} median APE {quantile(errors, 0.5):5.1f}%  p90 {quantile(errors, 0.9):5.1f}%  "
+              f"median modelled/measured {quantile(ratios, 0.5):.2f}")
+    print()
+
+    if not args.no_cross_validation:
+        quantities = ("prefill_time", "decode_time_per_token", "linear_op_time", "allreduce_time")
+        print(f"## Cross-validation: held-out median APE % with each of the {HELD_OUT_EVERY} interleaved folds held out")
+        print(f"{'fold':<6}" + "".join(f"{q:>24}" for q in quantities))
+        for fold in range(HELD_OUT_EVERY):
+            folded = calibrate(args.data, progress=False, fold=fold)
+            print(f"{fold:<6}" + "".join(f"{folded.median_error(q):>24.1f}" for q in quantities))
+        print()
 
     catalog = default_catalog()
     model = EngineModel(catalog.gpu("A100-80GB"), catalog.model("llama-3-8b"))

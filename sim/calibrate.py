@@ -14,8 +14,9 @@ Reads the public performance data in `shared/data/perf` (see its MANIFEST.md):
   secondary check only (another engine, FP8), never fitted; see `trtllm_observations`.
 
 Each GPU type with measurements (A100-80GB, H100-80GB) gets its own `PerfFactors`, fitted by
-scipy least squares on log(predicted / measured) with a robust loss; the fallback `"*"` for
-other GPU types is the mean of the fits. Configurations are split deterministically:
+scipy least squares on log(predicted / measured) with a robust loss; GPU types on the same chip
+(H200, A100-40GB) take that chip's fit, and the fallback `"*"` for the others (A10G, L4,
+L40S) is the mean of the fits. Configurations are split deterministically:
 every k-th configuration of each source (sorted by its key) is held out of the fit and
 the error table reports train and held-out errors separately.
 
@@ -70,7 +71,6 @@ FIT_BOUNDS: dict[str, tuple[float, float]] = {
     "compute_efficiency": (0.05, 1.0),
     "memory_efficiency": (0.05, 1.0),
     "attention_efficiency": (0.02, 1.0),
-    "iteration_overhead_s": (1e-5, 0.05),
     "per_seq_overhead_s": (1e-7, 2e-3),
     "allreduce_latency_s": (1e-7, 2e-4),
     "interconnect_efficiency": (0.05, 1.0),
@@ -78,6 +78,17 @@ FIT_BOUNDS: dict[str, tuple[float, float]] = {
     "layer_overhead_s": (1e-7, 2e-3),
     "unsharded_s_per_token_layer": (1e-10, 1e-5),
 }
+# Factors held fixed. The Splitwise data has only 70- and 80-layer models, so a fixed cost per
+# iteration and one per layer cannot be told apart there; left free, one GPU's fit took the
+# first and the other the second, and small models came out slower on H100 than on A100.
+# The per-layer form is what eager-mode kernel launches cost and extrapolates sensibly to
+# shallower models; the per-iteration part (scheduling, sampling) is fixed at a typical 2 ms.
+FIXED_FACTORS: dict[str, float] = {"iteration_overhead_s": 0.002}
+
+# GPU types without measurements that share the chip (and its efficiencies) of a measured
+# one take its fit: H200 is GH100 with more and faster HBM, A100-40GB is GA100.
+SAME_SILICON: dict[str, str] = {"H200": "H100-80GB", "A100-40GB": "A100-80GB"}
+
 # Relative weight of each quantity in the fit (each quantity's residuals are also divided by
 # sqrt(count), so that the ~5000 operator profiles do not drown the ~60 end-to-end figures).
 QUANTITY_WEIGHTS = {
@@ -127,9 +138,21 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         raise FileNotFoundError(f"{path}: cannot read measurements ({exc.strerror or exc})") from exc
 
 
-def _mark_held_out(observations: list[Observation]) -> list[Observation]:
-    ordered = sorted(observations, key=lambda o: o.key)
-    return [replace(o, held_out=(i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1)) for i, o in enumerate(ordered)]
+def split_held_out(observations: list[Observation], fold: int = HELD_OUT_EVERY - 1) -> list[Observation]:
+    """Mark every HELD_OUT_EVERY-th configuration of each (source, quantity), sorted by key,
+    starting at `fold`, as held out. TensorRT-LLM figures are always held out (never fitted)."""
+    if not 0 <= fold < HELD_OUT_EVERY:
+        raise ValueError(f"fold must be in 0..{HELD_OUT_EVERY - 1}, got {fold}")
+    groups: dict[tuple[str, str], list[Observation]] = defaultdict(list)
+    for obs in observations:
+        groups[(obs.source, obs.quantity)].append(obs)
+    marked = []
+    for (source, _), members in groups.items():
+        ordered = sorted(members, key=lambda o: o.key)
+        marked.extend(
+            replace(o, held_out=source == "trtllm" or i % HELD_OUT_EVERY == fold) for i, o in enumerate(ordered)
+        )
+    return marked
 
 
 def vidur_compute_observations(data_dir: Path) -> list[Observation]:
@@ -152,7 +175,7 @@ def vidur_compute_observations(data_dir: Path) -> list[Observation]:
         )
         for (gpu, model, tp, tokens), values in samples.items()
     ]
-    return _mark_held_out(observations)
+    return observations
 
 
 def vidur_network_observations(data_dir: Path) -> list[Observation]:
@@ -175,7 +198,7 @@ def vidur_network_observations(data_dir: Path) -> list[Observation]:
                 key=f"{gpu} allreduce tp{workers} bytes={size:010d}", measured=statistics.median(values),
                 num_bytes=size,
             ))
-    return _mark_held_out(observations)
+    return observations
 
 
 def splitwise_observations(data_dir: Path) -> list[Observation]:
@@ -210,7 +233,7 @@ def splitwise_observations(data_dir: Path) -> list[Observation]:
         )
         for (gpu, model, tp, prompt, batch, output), values in decode.items()
     ]
-    return _mark_held_out(prefill_obs) + _mark_held_out(decode_obs)
+    return prefill_obs + decode_obs
 
 
 def trtllm_observations(data_dir: Path) -> list[Observation]:
@@ -233,13 +256,15 @@ def trtllm_observations(data_dir: Path) -> list[Observation]:
     return observations
 
 
-def load_observations(data_dir: Path) -> list[Observation]:
-    """All observations of all sources; a missing file is a FileNotFoundError naming it."""
-    return (
+def load_observations(data_dir: Path, fold: int = HELD_OUT_EVERY - 1) -> list[Observation]:
+    """All observations of all sources, split by `split_held_out(..., fold)`; a missing file
+    is a FileNotFoundError naming it."""
+    return split_held_out(
         vidur_compute_observations(data_dir)
         + vidur_network_observations(data_dir)
         + splitwise_observations(data_dir)
-        + trtllm_observations(data_dir)
+        + trtllm_observations(data_dir),
+        fold,
     )
 
 
@@ -342,8 +367,8 @@ class FitResult:
             values.sort()
             table.append({
                 "source": source, "quantity": quantity, "split": split, "count": len(values),
-                "median_ape_pct": round(_quantile(values, 0.5), 2),
-                "p90_ape_pct": round(_quantile(values, 0.9), 2),
+                "median_ape_pct": round(quantile(values, 0.5), 2),
+                "p90_ape_pct": round(quantile(values, 0.9), 2),
             })
         return table
 
@@ -354,7 +379,7 @@ class FitResult:
         raise KeyError(f"no {split} observations of {quantity}")
 
 
-def _quantile(sorted_values: Sequence[float], q: float) -> float:
+def quantile(sorted_values: Sequence[float], q: float) -> float:
     if not sorted_values:
         return math.nan
     position = q * (len(sorted_values) - 1)
@@ -364,7 +389,8 @@ def _quantile(sorted_values: Sequence[float], q: float) -> float:
 
 
 def _factors_from_vector(vector: Sequence[float]) -> PerfFactors:
-    return PerfFactors(**{name: math.exp(v) for name, v in zip(FIT_BOUNDS, vector, strict=True)})
+    fitted = {name: math.exp(v) for name, v in zip(FIT_BOUNDS, vector, strict=True)}
+    return PerfFactors(**{**FIXED_FACTORS, **fitted})
 
 
 def fit_gpu(
@@ -413,12 +439,17 @@ def mean_factors(factors: Iterable[PerfFactors]) -> PerfFactors:
     return PerfFactors(**{name: statistics.fmean(row[name] for row in table) for name in table[0]})
 
 
-def calibrate(data_dir: Path, catalog: Catalog | None = None, progress: bool = True) -> FitResult:
-    """Fit factors per GPU type on the training split; predict every observation."""
+def calibrate(
+    data_dir: Path, catalog: Catalog | None = None, progress: bool = True, fold: int = HELD_OUT_EVERY - 1
+) -> FitResult:
+    """Fit factors per GPU type on the training split; predict every observation.
+
+    `fold` picks which of the HELD_OUT_EVERY interleaved splits is held out (cross-validation).
+    """
     from tqdm import tqdm
 
     catalog = catalog or default_catalog()
-    observations = load_observations(data_dir)
+    observations = load_observations(data_dir, fold)
     if not observations:
         raise ValueError(f"{data_dir}/perf: no usable measurements found")
     fitted: dict[str, PerfFactors] = {}
@@ -434,6 +465,9 @@ def calibrate(data_dir: Path, catalog: Catalog | None = None, progress: bool = T
             fitted[gpu], costs[gpu] = fit_gpu(catalog, train, on_evaluation=on_evaluation)
         log.info("fitted perf factors", extra={"gpu": gpu, "train_configs": len(train), **fitted[gpu].as_dict()})
     fitted["*"] = mean_factors(fitted[g] for g in gpus)
+    for gpu, source in SAME_SILICON.items():
+        if source in fitted:
+            fitted[gpu] = fitted[source]
     predictions = []
     predictors = {name: Predictor(catalog, f) for name, f in fitted.items()}
     for obs in observations:
@@ -449,7 +483,9 @@ def calibrate(data_dir: Path, catalog: Catalog | None = None, progress: bool = T
 def factors_document(result: FitResult, data_dir: Path) -> dict[str, Any]:
     return {
         "comment": "Fitted by `tokenyard calibrate` (sim/calibrate.py) to shared/data/perf; "
-                   "'default' (mean of the fits) serves GPU types without measurements.",
+                   "'default' (mean of the fits) serves GPU types without measurements; "
+                   "'same_silicon' lists GPU types that take the fit of the same chip.",
+        "same_silicon": {gpu: source for gpu, source in SAME_SILICON.items() if source in result.factors},
         "held_out_every": HELD_OUT_EVERY,
         "gpus": {name: f.as_dict() for name, f in sorted(result.factors.items()) if name != "*"},
         "default": result.factors["*"].as_dict(),

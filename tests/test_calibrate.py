@@ -53,7 +53,11 @@ def test_every_source_and_both_splits_are_reported(fit: FitResult) -> None:
     # TensorRT-LLM is a check only: never in the training split.
     assert ("trtllm", "throughput", "held-out") in rows
     assert ("trtllm", "throughput", "train") not in rows
-    assert set(fit.factors) == {"A100-80GB", "H100-80GB", "*"}
+    assert set(fit.factors) == {"A100-80GB", "H100-80GB", "H200", "A100-40GB", "*"}
+    # Same chip, same fit; the others get the mean of the two fits.
+    assert fit.factors["H200"] == fit.factors["H100-80GB"]
+    a100, h100 = fit.factors["A100-80GB"], fit.factors["H100-80GB"]
+    assert fit.factors["*"].compute_efficiency == pytest.approx((a100.compute_efficiency + h100.compute_efficiency) / 2)
 
 
 def test_held_out_split_is_every_kth_configuration(shared_data: Path) -> None:
@@ -98,7 +102,8 @@ def test_calibrate_cli_writes_factors_plot_and_json(small_data: Path, tmp_path: 
                  "--plot", str(plot_path), "--json"])
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
-    assert set(printed["gpus"]) == {"A100-80GB", "H100-80GB"}
+    assert set(printed["gpus"]) == {"A100-80GB", "H100-80GB", "H200", "A100-40GB"}
+    assert printed["same_silicon"] == {"H200": "H100-80GB", "A100-40GB": "A100-80GB"}
     assert any(row["split"] == "held-out" for row in printed["errors"])
     table = load_factors_file(str(factors_path))
     assert {"a100-80gb", "h100-80gb", "*"} <= set(table)

@@ -32,6 +32,7 @@ def test_packaged_factors_are_the_fitted_ones() -> None:
     # A GPU type without measurements gets the fallback, measured ones their own fit.
     assert factors_for(CATALOG.gpu("L4")) == table["*"]
     assert factors_for(CATALOG.gpu("H100-80GB")) == table["h100-80gb"]
+    assert factors_for(CATALOG.gpu("H200")) == table["h100-80gb"]  # same chip, same fit
     for factors in table.values():
         assert 0.05 <= factors.compute_efficiency <= 1.0
         assert 0.05 <= factors.memory_efficiency <= 1.0
@@ -63,6 +64,17 @@ def test_tensor_parallelism_speeds_up_a_70b_iteration() -> None:
         prefill = [engine(gpu, "llama-3-70b", tp).prefill_time_s(2048) for tp in (1, 2, 4, 8)]
         assert decode == sorted(decode, reverse=True) and decode[1] < decode[0]
         assert prefill == sorted(prefill, reverse=True) and prefill[3] < prefill[0] / 2
+
+
+def test_faster_gpus_are_faster() -> None:
+    # Per-GPU fits must not reorder the hardware: newer chips win at every model size.
+    for model in ("qwen2.5-0.5b", "llama-3-8b", "qwen2.5-7b"):
+        for shape in ((1, 1024), (32, 1024)):
+            times = [engine(gpu, model).decode_time_per_token_s(*shape) for gpu in ("L4", "A100-80GB", "H100-80GB")]
+            assert times == sorted(times, reverse=True), (model, shape, times)
+        prefill = [engine(gpu, model).prefill_time_s(2048) for gpu in ("L4", "A100-80GB", "H100-80GB")]
+        assert prefill == sorted(prefill, reverse=True), (model, prefill)
+    assert engine("H200", "llama-3-8b").decode_time_per_token_s(64, 4096) < engine("H100-80GB", "llama-3-8b").decode_time_per_token_s(64, 4096)
 
 
 def test_kv_capacity() -> None:
