@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO))
 from tests.conftest import free_port  # noqa: E402
 
 MODEL = "llama-3-8b"
+API_KEY = "sk-tokenyard-bench"  # LiteLLM refuses to start without a master key; the others ignore it
 CONCURRENCY = (1, 32, 128)
 MODES = {
     "non-stream": {"model": MODEL, "prompt": "Say hello to the benchmark.", "max_tokens": 16},
@@ -86,6 +87,7 @@ def peer_command(name: str, venv: Path, engine_url: str, port: int, workdir: Pat
             "model_list": [{"model_name": MODEL, "litellm_params": {
                 "model": f"openai/{MODEL}", "api_base": engine_url + "/v1", "api_key": "none"}}],
             "litellm_settings": {"drop_params": True, "telemetry": False},
+            "general_settings": {"master_key": API_KEY},
         }))
         return [str(venv / "bin" / "litellm"), "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
                 "--num_workers", "1"]
@@ -131,7 +133,7 @@ def wait_ready(url: str, proc: Proc, timeout_s: float) -> str | None:
             return f"exited with {proc.proc.returncode}: {proc.tail()}"
         try:
             response = httpx.post(url + "/v1/completions", json=MODES["non-stream"], timeout=5.0,
-                                  headers={"Authorization": "Bearer none"})
+                                  headers={"Authorization": f"Bearer {API_KEY}"})
             if response.status_code == 200:
                 return None
             last = f"HTTP {response.status_code}: {response.text[:200]}"
@@ -144,7 +146,7 @@ def wait_ready(url: str, proc: Proc, timeout_s: float) -> str | None:
 def load(url: str, body: dict, concurrency: int, duration_s: float, warmup_s: float) -> dict:
     cmd = [sys.executable, str(REPO / "bench" / "peers" / "loadgen.py"), "--url", url, "--path", "/v1/completions",
            "--body", json.dumps(body), "--concurrency", str(concurrency), "--duration-s", str(duration_s),
-           "--warmup-s", str(warmup_s), "--api-key", "none"]
+           "--warmup-s", str(warmup_s), "--api-key", API_KEY]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + warmup_s + 120)
     if result.returncode != 0:
         return {"error": result.stderr[-400:]}

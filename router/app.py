@@ -140,13 +140,50 @@ def validate(body: Any, chat: bool) -> None:
         raise BadRequest("'stream_options' must be an object", "stream_options")
 
 
+class CoalescingTransport:
+    """Writes made in one event-loop iteration leave in one send() at the end of it.
+
+    uvicorn writes a response's head and its body separately; on loopback every TCP send
+    runs the receiver's whole TCP path in the sender's CPU time, so halving the sends is
+    ~10% more requests/s on the 2-core box. Unlike Nagle this never waits for an ACK or
+    a timer: the flush is the next callback of the same loop iteration.
+    """
+
+    __slots__ = ("_transport", "_pending", "_loop")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._pending: list[bytes] | None = None
+        self._loop = loop
+
+    def write(self, data: bytes) -> None:
+        if self._pending is None:
+            self._pending = [data]
+            self._loop.call_soon(self._flush)
+        else:
+            self._pending.append(data)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending and not self._transport.is_closing():
+            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class NoDelayProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, with TCP_NODELAY set on every accepted client socket
-    (an SSE chunk must not wait for the previous one's ACK on a kept-alive connection)."""
+    (an SSE chunk must not wait for the previous one's ACK on a kept-alive connection),
+    and writes coalesced per loop iteration (CoalescingTransport)."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         set_nodelay(transport)
-        super().connection_made(transport)
+        super().connection_made(CoalescingTransport(transport, asyncio.get_running_loop()))  # type: ignore[arg-type]
 
 
 class Router:

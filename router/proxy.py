@@ -103,7 +103,13 @@ class UpstreamResponse:
                 self._waiter = None
                 if handle is not None:
                     handle.cancel()
-        chunk = self._chunks.popleft()
+        # Everything that has arrived goes out at once: events that came in one read are
+        # relayed in one write (per-event writes cost a syscall each), and nothing waits.
+        if len(self._chunks) == 1:
+            chunk = self._chunks.popleft()
+        else:
+            chunk = b"".join(self._chunks)
+            self._chunks.clear()
         self._buffered -= len(chunk)
         if self._buffered < READ_HIGH_WATER_BYTES // 2 and self._conn is not None:
             self._conn.resume()
