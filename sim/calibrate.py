@@ -130,12 +130,19 @@ class Observation:
 # Loading
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
+def _read_csv(path: Path, required: Iterable[str] = ()) -> list[dict[str, str]]:
+    """Rows of a CSV file; a missing file or missing columns is an error naming both."""
     try:
         with path.open(newline="") as handle:
-            return list(csv.DictReader(handle))
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+            columns = set(reader.fieldnames or ())
     except OSError as exc:
         raise FileNotFoundError(f"{path}: cannot read measurements ({exc.strerror or exc})") from exc
+    missing = sorted(set(required) - columns)
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
+    return rows
 
 
 def split_held_out(observations: list[Observation], fold: int = HELD_OUT_EVERY - 1) -> list[Observation]:
@@ -163,7 +170,8 @@ def vidur_compute_observations(data_dir: Path) -> list[Observation]:
             model = VIDUR_MODELS.get(path.parent.name)
             if model is None:
                 continue
-            for row in _read_csv(path):
+            columns = [f"time_stats.{op}.median" for op in VIDUR_LINEAR_OPS]
+            for row in _read_csv(path, [*columns, "num_tensor_parallel_workers", "num_tokens"]):
                 ms = sum(float(row[f"time_stats.{op}.median"]) for op in VIDUR_LINEAR_OPS)
                 key = (gpu, model, int(row["num_tensor_parallel_workers"]), int(row["num_tokens"]))
                 samples[key].append(ms / 1e3)
@@ -186,7 +194,7 @@ def vidur_network_observations(data_dir: Path) -> list[Observation]:
         if not path.exists():
             continue
         samples: dict[tuple[int, int], list[float]] = defaultdict(list)
-        for row in _read_csv(path):
+        for row in _read_csv(path, ["num_workers", "devices_per_node", "size", "time_stats.all_reduce.median"]):
             workers = int(row["num_workers"])
             # One node only: TP across nodes is not what an engine instance does.
             if workers != int(row["devices_per_node"]) or workers < 2:
@@ -202,7 +210,10 @@ def vidur_network_observations(data_dir: Path) -> list[Observation]:
 
 
 def splitwise_observations(data_dir: Path) -> list[Observation]:
-    rows = _read_csv(data_dir / "perf" / "splitwise_sim" / "perf_model.csv")
+    rows = _read_csv(
+        data_dir / "perf" / "splitwise_sim" / "perf_model.csv",
+        ["model", "hardware", "tensor_parallel", "prompt_size", "batch_size", "token_size", "prompt_time", "token_time"],
+    )
     prefill: dict[tuple[str, str, int, int, int], list[float]] = defaultdict(list)
     decode: dict[tuple[str, str, int, int, int, int], list[float]] = defaultdict(list)
     for row in rows:
@@ -239,7 +250,10 @@ def splitwise_observations(data_dir: Path) -> list[Observation]:
 def trtllm_observations(data_dir: Path) -> list[Observation]:
     """TensorRT-LLM max-throughput figures usable as a check: H100/H200, FP8 or BF16, and a
     model whose architecture is in the catalog (Llama 3.1/3.3 share Llama 3's layers)."""
-    rows = _read_csv(data_dir / "perf" / "trtllm_perf_overview" / "derived_trtllm_throughput.csv")
+    rows = _read_csv(
+        data_dir / "perf" / "trtllm_perf_overview" / "derived_trtllm_throughput.csv",
+        ["model", "gpu", "tp", "pp", "precision", "isl", "osl", "total_output_tok_per_s"],
+    )
     observations = []
     for row in rows:
         gpu = TRTLLM_GPUS.get(row["gpu"])
@@ -293,6 +307,7 @@ class Predictor:
         if found is None:
             name, _, precision = model.partition(":")
             gpu_spec = self.catalog.gpu(gpu)
+            # All-reduce observations name no model; allreduce_time_s does not depend on it.
             model_spec = self.catalog.model(name or "llama-2-7b")
             gpu_spec, model_spec = _precision_variant(gpu_spec, model_spec, precision)
             found = EngineModel(gpu_spec, model_spec, tp=tp, factors=self.factors)

@@ -172,3 +172,12 @@ def test_model_predict_with_catalog_yaml_and_hf_config(tmp_path: Path, capsys: p
     catalog.write_text("models:\n  - {name: x, num_layers: many}\n")
     assert main(["model", "predict", "--gpu", "L4", "--model", "x", "--catalog", str(catalog)]) == 2
     assert "models[0].num_layers: expected a number" in capsys.readouterr().err
+
+
+def test_calibrate_cli_names_a_file_with_missing_columns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    broken = tmp_path / "data" / "perf" / "splitwise_sim" / "perf_model.csv"
+    broken.parent.mkdir(parents=True)
+    broken.write_text("model,hardware,prompt_size\nllama2-70b,a100-80gb,512\n")
+    assert main(["calibrate", "--data", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err
+    assert "perf_model.csv: missing column(s) batch_size" in err
