@@ -202,6 +202,7 @@ class Router:
             anonymous=(Tenant("anonymous", config.anonymous_slo_class)
                        if config.anonymous_slo_class is not None else None),
         )
+        self._tenant_defaults = {t.name: (t.slo_class, t.policy) for t in self.tenants.tenants.values()}
         self.pools = PoolSet(connect_timeout_s=config.connect_timeout_s)
         self.health = HealthMonitor(self.registry, config.health, self.metrics)
         self.load = LoadMonitor(self.registry, self.metrics, interval_s=config.scrape_interval_s,
@@ -235,13 +236,64 @@ class Router:
         if background:
             self.health.start()
             self.load.start()
-        if self.config.control_port is not None and self.store is not None:
+        if self.config.control_port is not None:
             from router.admin_grpc import start_control_server
+            from router.discovery import AdminRegistration
 
+            registration = next((d for d in self.discoveries if isinstance(d, AdminRegistration)), None)
             self.control_server = await start_control_server(
                 self.config.control_host or "127.0.0.1", self.config.control_port,
-                registry=self.registry, store=self.store, decide=self.decide_for_picker)
+                registry=self.registry, store=self.store, decide=self.decide_for_picker,
+                registration=registration, slo_classes=self.config.slo_classes,
+                dispatch_policies=sorted(self.dispatcher.policies), tenant_for_api_key=self.tenants.tenant_for_key)
+        if self.store is not None:
+            await self.apply_policies()
+            if background:
+                self._spawn(self._follow_policies())
+                self._spawn(self._resync_policies())
         self.started = True
+
+    async def apply_policies(self) -> None:
+        """Apply the tenants' policies stored through the Admin service over the config's."""
+        assert self.store is not None
+        stored = await self.store.list_policies()
+        for name, tenant in self.tenants.tenants.items():
+            slo_class, policy = self._tenant_defaults.get(name, (tenant.slo_class, tenant.policy))
+            priority = None
+            doc = stored.get(name)
+            if doc:
+                if doc.get("slo_class") in self.config.slo_classes:
+                    slo_class = doc["slo_class"]
+                if doc.get("dispatch_policy") in self.dispatcher.policies:
+                    policy = doc["dispatch_policy"]
+                if isinstance(doc.get("priority"), int):
+                    priority = doc["priority"]
+            if (tenant.slo_class, tenant.policy, tenant.priority) != (slo_class, policy, priority):
+                log.info("tenant policy applied", extra={"tenant": name, "slo_class": slo_class,
+                                                         "dispatch_policy": policy, "priority": priority})
+            tenant.slo_class, tenant.policy, tenant.priority = slo_class, policy, priority
+
+    async def _follow_policies(self) -> None:
+        """Re-apply on every policy change notice from the store."""
+        assert self.store is not None
+        while True:
+            try:
+                async for change in self.store.watch():
+                    if change.kind in ("policy", "any"):
+                        await self.apply_policies()
+                return  # the store was closed
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("following tenant policies failed; retrying", extra={"error": str(exc)})
+                await asyncio.sleep(1.0)
+
+    async def _resync_policies(self, every_s: float = 5.0) -> None:
+        """Pub/sub is at-most-once: re-read the policies now and then regardless."""
+        while True:
+            await asyncio.sleep(every_s)
+            with contextlib.suppress(Exception):
+                await self.apply_policies()
 
     async def stop(self) -> None:
         if self.control_server is not None:
@@ -253,6 +305,9 @@ class Router:
         await self.load.stop()
         for task in list(self._background):
             task.cancel()
+        for task in list(self._background):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         self.pools.close()
         await self.registry.close()
         if self.store is not None:
@@ -263,8 +318,8 @@ class Router:
         tenant = self.tenants.tenants.get(info.tenant) or self.tenants.anonymous or Tenant(info.tenant)
         policy = self.dispatcher.policies[self.dispatcher.policy_name(tenant)]
         decision = await self.dispatcher.decide(info, policy)
-        slo = self.dispatcher.slo_class(tenant)
-        return type(decision)(decision.instance_ids, slo.priority, decision.reason, decision.scores)
+        priority = self.dispatcher.slo_class(tenant).priority if tenant.priority is None else tenant.priority
+        return type(decision)(decision.instance_ids, priority, decision.reason, decision.scores)
 
     def _on_membership(self, event: str, record: InstanceRecord) -> None:
         if event == "removed":
@@ -419,7 +474,7 @@ class Router:
         policy = self.dispatcher.policies[self.dispatcher.policy_name(tenant)]
         info = self.dispatcher.request_info(body, chat, tenant, request_id, session_id)
         if self.config.forward_priority and "priority" not in body:
-            body["priority"] = slo.priority
+            body["priority"] = slo.priority if tenant.priority is None else tenant.priority
         upstream_body = orjson.dumps(body)
         deadline_s = started_s + self.config.deadline_s(tenant.slo_class)
         try:

@@ -47,6 +47,7 @@ class Tenant:
     slo_class: str = "default"
     policy: str | None = None  # name of a dispatch policy in the router config; None: by SLO class
     retry_budget: RetryBudget = field(default_factory=RetryBudget)
+    priority: int | None = None  # set by an Admin policy; None: the SLO class's priority
 
 
 class AuthError(Exception):
@@ -66,6 +67,10 @@ class TenantTable:
         self.anonymous = anonymous
         if anonymous is not None:
             self.tenants.setdefault(anonymous.name, anonymous)
+
+    def tenant_for_key(self, key: str) -> str | None:
+        tenant = self._by_key.get(key)
+        return None if tenant is None else tenant.name
 
     def authenticate(self, authorization: bytes | None) -> Tenant:
         """The tenant for an `Authorization: Bearer KEY` header value."""
