@@ -508,6 +508,98 @@ class EngineCore:
         return StepOutput(tokens, first, finished)
 
     # ---------------------------------------------------------- fast-forward
+    def schedule_fast(self) -> Batch:
+        """The batch `schedule()` would return, with the same state changes, in one pass.
+
+        When the running requests' KV growth fits in the free blocks (no eviction, no
+        preemption: the common case), their tokens, blocks and the batch shape are worked
+        out in one loop instead of a `_grow` call and a `_shape` pass per request; otherwise
+        this is `schedule()` itself. Waiting requests are admitted exactly as there. The
+        simulator calls it on every iteration; tests compare it with `schedule()`.
+        """
+        bs = self.config.block_size
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[tuple[EngineRequest, int]] = []
+        growing: list[tuple[EngineRequest, int]] = []
+        need_total = 0
+        prefill_tokens = 0
+        decode_seqs = 0
+        context = 0
+        pairs = 0.0
+        running_status = RequestStatus.RUNNING
+        for req in self.running:
+            if budget <= 0:
+                break
+            if req.status is not running_status:
+                continue
+            computed = req.computed_tokens
+            generated = req.generated_tokens
+            new = req.prompt_tokens + generated - computed
+            if new > budget:
+                new = budget
+            held = req.own_blocks
+            if req.shared_hashes:
+                held += self._shared_blocks(req)
+            need = -(-(computed + new) // bs) - held
+            if need > 0:
+                need_total += need
+                growing.append((req, need))
+            scheduled.append((req, new))
+            budget -= new
+            if new == 1 and generated > 0:
+                decode_seqs += 1
+                context += computed + 1
+            else:
+                prefill_tokens += new
+                pairs += new * (computed + (new + 1) / 2.0)
+        if need_total > self.free_blocks:
+            return self.schedule()
+        if need_total:
+            self.free_blocks -= need_total
+            for req, need in growing:
+                req.own_blocks += need
+        if not self._waiting or budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+            duration = self.model.iteration_time_s(prefill_tokens, decode_seqs, context, pairs)
+            return Batch(scheduled, prefill_tokens, decode_seqs, context, pairs, duration, [])
+        preempted: list[EngineRequest] = []
+        admitted_from = len(scheduled)
+        # Admission: the same loop as in `schedule()`.
+        while self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            _, req = self._waiting[0]
+            if req.computed_tokens == 0 and not req.shared_hashes:
+                self._lookup_prefix(req)
+            new = min(req.num_tokens - req.computed_tokens, budget)
+            if not self._grow(req, new):
+                if (
+                    self.config.scheduling_policy == "priority"
+                    and self.running
+                    and self._victim().priority > req.priority
+                ):
+                    victim = self._victim()
+                    self._preempt(victim)
+                    preempted.append(victim)
+                    scheduled = [(r, n) for r, n in scheduled if r is not victim]
+                    continue
+                self._release(req)
+                req.computed_tokens = 0
+                break
+            heapq.heappop(self._waiting)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            scheduled.append((req, new))
+            budget -= new
+        if preempted:
+            return self._shape(scheduled, preempted)
+        for req, new in scheduled[admitted_from:]:
+            if new == 1 and req.generated_tokens > 0:
+                decode_seqs += 1
+                context += req.computed_tokens + 1
+            else:
+                prefill_tokens += new
+                pairs += new * (req.computed_tokens + (new + 1) / 2.0)
+        duration = self.model.iteration_time_s(prefill_tokens, decode_seqs, context, pairs)
+        return Batch(scheduled, prefill_tokens, decode_seqs, context, pairs, duration, preempted)
+
     def plan_decode_run(self, batch: Batch, start_s: float, max_steps: int | None = None) -> DecodeRun | None:
         """If `batch` (just returned by `schedule`, starting at `start_s`) begins a stretch of
         identical decode steps, describe the longest such stretch; None if it is one step.
@@ -528,9 +620,25 @@ class EngineCore:
             or len(batch.scheduled) != n
         ):
             return None
-        steps = min(r.output_tokens - r.generated_tokens for r in running)
-        if max_steps is not None:
-            steps = min(steps, max_steps)
+        steps = max_steps if max_steps is not None else 1 << 62
+        bs = self.config.block_size
+        slacks: list[int] = []
+        groups: dict[int, int] = {}
+        tokens = 0
+        for req in running:
+            generated = req.generated_tokens
+            left = req.output_tokens - generated
+            if left < steps:
+                if left <= 1:
+                    return None
+                steps = left
+            held = req.own_blocks
+            if req.shared_hashes:
+                held += self._shared_blocks(req)
+            slack = held * bs - req.computed_tokens - 1
+            slacks.append(slack)
+            groups[slack] = groups.get(slack, 0) + 1
+            tokens += req.prompt_tokens + generated
         if steps <= 1:
             return None
         model_step = getattr(self.model, "decode_step_linear_s", None)
@@ -542,14 +650,6 @@ class EngineCore:
         # breaks that promise, fall back to stepping rather than drift.
         if abs(t0 + slope * batch.context_tokens - first) > 1e-9 * max(1.0, first):
             return None
-        bs = self.config.block_size
-        slacks: list[int] = []
-        groups: dict[int, int] = {}
-        for req in running:
-            held = req.own_blocks + (self._shared_blocks(req) if req.shared_hashes else 0)
-            slack = held * bs - req.computed_tokens - 1
-            slacks.append(slack)
-            groups[slack] = groups.get(slack, 0) + 1
         run = DecodeRun(
             batch=batch,
             start_s=start_s,
@@ -560,7 +660,7 @@ class EngineCore:
             slack_tokens=slacks,
             block_size=bs,
             kv_blocks_used_start=self.kv_blocks_used,
-            tokens_in_flight_start=sum(r.prompt_tokens + r.generated_tokens for r in running),
+            tokens_in_flight_start=tokens,
             _slack_groups=sorted(groups.items()),
         )
         free = self.free_blocks

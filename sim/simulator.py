@@ -128,6 +128,7 @@ class Simulation:
         self.by_id = {inst.state.instance_id: inst for inst in self.instances}
         self.view = ClusterView([inst.state for inst in self.instances])
         self.in_runs: dict[int, _Instance] = {}  # instances inside a fast-forward run
+        self.next_run_change_s = math.inf  # earliest next_change_s over in_runs (or earlier)
         self.heap: list[tuple[float, int, _Instance, int]] = []
         self.seq = 0
         self.now_s = 0.0
@@ -296,7 +297,7 @@ class Simulation:
     # ------------------------------------------------------------ iterations
     def _start_iteration(self, inst: _Instance, now: float) -> None:
         core = inst.core
-        batch = core.schedule()
+        batch = core.schedule_fast() if self.fast_forward else core.schedule()
         if not batch.scheduled:
             if core.has_work():
                 raise RuntimeError(
@@ -311,6 +312,8 @@ class Simulation:
             end = run.end_s
             self.in_runs[inst.index] = inst
             inst.next_change_s = run.step_end_s(1)
+            if inst.next_change_s < self.next_run_change_s:
+                self.next_run_change_s = inst.next_change_s
         else:
             inst.batch = batch
             end = now + batch.duration_s
@@ -406,9 +409,15 @@ class Simulation:
         state.updated_s = self.now_s if at_s is None else at_s
 
     def _refresh_runs(self, now: float) -> None:
+        if now < self.next_run_change_s:
+            return  # no run has finished a step since the last refresh
+        soonest = math.inf
         for inst in self.in_runs.values():
             if inst.next_change_s <= now:
                 self._publish(inst, now)
+            if inst.next_change_s < soonest:
+                soonest = inst.next_change_s
+        self.next_run_change_s = soonest
 
     def _scrape_until(self, next_scrape_s: float, t: float) -> float:
         """Refresh every snapshot as a router scraping at `next_scrape_s`, ... < t would."""

@@ -167,3 +167,38 @@ def test_no_run_while_prefilling_or_for_the_emulated_engine_path() -> None:
     core.add_request(EngineRequest("b", prompt_tokens=40, output_tokens=5))
     batch = core.schedule()  # decode of a + prefill of b
     assert core.plan_decode_run(batch, 1.0) is None
+
+
+def batch_key(batch: object) -> tuple[object, ...]:
+    return ([(r.request_id, n) for r, n in batch.scheduled], batch.prefill_tokens,  # type: ignore[attr-defined]
+            batch.decode_seqs, batch.context_tokens, batch.prefill_attention_pairs,  # type: ignore[attr-defined]
+            batch.duration_s, [r.request_id for r in batch.preempted])  # type: ignore[attr-defined]
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10**6), blocks=st.integers(30, 300), policy=st.sampled_from(["fcfs", "priority"]),
+       budget=st.sampled_from([16, 64, 512]), caching=st.booleans())
+def test_schedule_fast_equals_schedule(seed: int, blocks: int, policy: str, budget: int, caching: bool) -> None:
+    rng = random.Random(seed)
+    ref = EngineCore(MODEL, EngineConfig(block_size=4, max_num_seqs=rng.choice([2, 8, 64]),
+                                         max_num_batched_tokens=budget, scheduling_policy=policy,
+                                         num_kv_blocks=blocks, enable_prefix_caching=caching,
+                                         max_model_len=4096))
+    fast = copy.deepcopy(ref)
+    t = 0.0
+    fallbacks = 0
+    for n in range(300):
+        if rng.random() < 0.35 or not ref.has_work():
+            req = random_request(rng, n, t)
+            ref.add_request(req)
+            fast.add_request(copy.deepcopy(req))
+        a = ref.schedule()
+        b = fast.schedule_fast()
+        fallbacks += bool(a.preempted)
+        assert batch_key(a) == batch_key(b)
+        assert state_of(ref) == state_of(fast)
+        t += a.duration_s
+        ref.complete(a, t)
+        fast.complete(b, t)
+        fast.check_invariants()
+    assert state_of(ref) == state_of(fast)
