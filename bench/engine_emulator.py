@@ -157,6 +157,7 @@ async def run_level(host: str, port: int, pid: int, concurrency: int, seconds: f
         "loop_lag_p99_ms": stats["loop_lag_p99_s"] * 1e3,
         "engine_cpu_cores": cpu,
         "engine_cpu_us_per_token": cpu_used * 1e6 / max(1, result.tokens),
+        "box_load_avg_1m": os.getloadavg()[0],  # other jobs on the machine; high = noisy row
     }
 
 
@@ -201,6 +202,7 @@ async def run_zero_latency(host: str, port: int, pid: int, concurrency: int, sec
         "engine_cpu_cores": (cpu_seconds(pid) - cpu_before) / wall,
         "engine_cpu_ms_per_request": (cpu_seconds(pid) - cpu_before) * 1e3 / max(1, len(latencies)),
         "client_cpu_cores": (time.process_time() - client_before) / wall,
+        "box_load_avg_1m": os.getloadavg()[0],
     }
 
 
@@ -295,14 +297,14 @@ async def main() -> None:
     progress.close()
 
     header = ("streams", "scale", "tok/s", "measured TPOT ms", "modelled TPOT ms", "ratio",
-              "loop lag p50 ms", "p99 ms", "engine CPU", "engine CPU us/token", "errors")
+              "loop lag p50 ms", "p99 ms", "engine CPU", "engine CPU us/token", "box load", "errors")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
         print(f"| {r['concurrency']} | {r['time_scale']:g} | {r['tokens_per_s']:.0f} | {r['measured_tpot_ms']:.2f} | "
               f"{r['modelled_tpot_ms']:.2f} | {r['tpot_ratio']:.3f} | {r['loop_lag_p50_ms']:.2f} | "
               f"{r['loop_lag_p99_ms']:.2f} | {r['engine_cpu_cores']:.2f} | {r['engine_cpu_us_per_token']:.1f} | "
-              f"{r['errors']} |")
+              f"{r['box_load_avg_1m']:.1f} | {r['errors']} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     if args.plot:
@@ -324,12 +326,12 @@ async def zero_latency_main(args: argparse.Namespace) -> None:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=10)
     print("| concurrency | requests/s | latency p50 ms | latency p99 ms | engine CPU (cores) | engine CPU ms/request "
-          "| requests per engine CPU-second | load generator CPU |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| requests per engine CPU-second | load generator CPU | box load |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['concurrency']} | {r['requests_per_s']:.0f} | {r['latency_p50_ms']:.2f} | "
               f"{r['latency_p99_ms']:.2f} | {r['engine_cpu_cores']:.2f} | {r['engine_cpu_ms_per_request']:.3f} | "
-              f"{1e3 / r['engine_cpu_ms_per_request']:.0f} | {r['client_cpu_cores']:.2f} |")
+              f"{1e3 / r['engine_cpu_ms_per_request']:.0f} | {r['client_cpu_cores']:.2f} | {r['box_load_avg_1m']:.1f} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 
