@@ -7,8 +7,9 @@ clock: a driver asks `schedule()` for the next iteration, waits the iteration's
 simulator), then calls `complete(batch, end_s)` to apply it and learn which tokens came
 out and which requests finished.
 
-Fast-forward (for the simulator): when a just-scheduled batch is all decode and nothing
-can change it for a while, `plan_decode_run(batch, start_s)` returns a `DecodeRun` of k
+Fast-forward (for the simulator): when a just-scheduled batch decodes (or finishes the
+prompts of) the same sequences that later steps will decode, and nothing can change it
+for a while, `plan_decode_run(batch, start_s)` returns a `DecodeRun` of k
 steps whose durations are an arithmetic series (the engine model's pure-decode step time
 is linear in context tokens), and `complete_run(run, end_s)` applies all k steps at once,
 leaving exactly the state k `complete`/`schedule` rounds would have left. The run can be
@@ -117,22 +118,26 @@ class StepOutput:
 
 @dataclass(slots=True)
 class DecodeRun:
-    """`steps` decode iterations of an unchanged batch, applied at once by `complete_run`.
+    """`steps` iterations of an unchanged set of sequences, applied at once by `complete_run`.
 
-    Step 0 is `batch`, already scheduled; step j repeats it with every sequence j tokens
-    longer, so it lasts `first_step_s + j * step_growth_s`. Within the run no request
-    finishes before the last step, none is admitted or preempted, and the KV blocks the
-    sequences grow into come from free blocks (no prefix-cache eviction), so the state
-    after the run is a closed-form function of `steps`.
+    Step 0 is `batch`, already scheduled: decodes, and possibly prompts whose last chunk it
+    computes (they emit their first token at its end). Every later step decodes one token
+    for every sequence, each one token longer than the step before, so step j >= 1 lasts
+    `second_step_s + (j - 1) * step_growth_s`. Within the run no request finishes before
+    the last step, none is admitted or preempted, and the KV blocks the sequences grow
+    into come from free blocks (no prefix-cache eviction), so the state after the run is
+    a closed-form function of `steps`.
     """
 
     batch: Batch
     start_s: float
     steps: int
     first_step_s: float
+    second_step_s: float
     step_growth_s: float
     requests: list[EngineRequest]  # the running requests, in batch order
-    slack_tokens: list[int]  # tokens each can still add before it needs a new KV block
+    first_step_tokens: list[int]  # tokens each computes in step 0 (1 for a decode)
+    slack_tokens: list[int]  # tokens each can add after step 0 before it needs a new KV block
     block_size: int
     kv_blocks_used_start: int  # while step 0 runs
     tokens_in_flight_start: int  # while step 0 runs
@@ -142,7 +147,10 @@ class DecodeRun:
 
     def elapsed_s(self, steps: int) -> float:
         """Time from the run's start to the end of its `steps`-th step."""
-        return steps * self.first_step_s + self.step_growth_s * (steps * (steps - 1) / 2.0)
+        if steps <= 0:
+            return 0.0
+        later = steps - 1
+        return self.first_step_s + later * self.second_step_s + self.step_growth_s * (later * (later - 1) / 2.0)
 
     @property
     def end_s(self) -> float:
@@ -154,16 +162,16 @@ class DecodeRun:
 
     def steps_done_by(self, now_s: float) -> int:
         """How many of the run's steps have ended by `now_s` (an end at `now_s` counts)."""
-        elapsed = now_s - self.start_s
-        if elapsed <= 0.0:
-            return 0
-        d0, g = self.first_step_s, self.step_growth_s
-        if g <= 0.0:
-            guess = int(elapsed / d0) if d0 > 0 else self.steps
+        elapsed = now_s - self.start_s - self.first_step_s
+        d1, g = self.second_step_s, self.step_growth_s
+        if elapsed < 0.0:
+            later = -1  # the fix-up below settles rounding at the first step's end
+        elif g <= 0.0:
+            later = int(elapsed / d1) if d1 > 0 else self.steps
         else:
-            b = d0 - g / 2.0
-            guess = int((-b + math.sqrt(b * b + 2.0 * g * elapsed)) / g)
-        m = max(0, min(guess, self.steps))
+            b = d1 - g / 2.0
+            later = int((-b + math.sqrt(b * b + 2.0 * g * elapsed)) / g)
+        m = max(0, min(1 + later, self.steps))
         while m < self.steps and self.step_end_s(m + 1) <= now_s:
             m += 1
         while m > 0 and self.step_end_s(m) > now_s:
@@ -602,43 +610,57 @@ class EngineCore:
 
     def plan_decode_run(self, batch: Batch, start_s: float, max_steps: int | None = None) -> DecodeRun | None:
         """If `batch` (just returned by `schedule`, starting at `start_s`) begins a stretch of
-        identical decode steps, describe the longest such stretch; None if it is one step.
+        steps that all decode the same sequences, describe the longest such stretch; None if
+        it is one step.
 
+        `batch` itself may also compute the last chunk of some prompts (they join the
+        decoding from step 1), provided nothing waits for a seat: with the prefill tokens
+        gone from the budget, a waiting request could be admitted in step 1.
         The stretch ends at the first step where a request finishes, or before a step whose
         KV growth would need more than the free blocks (eviction or preemption would follow).
-        A waiting request that could not be admitted in `batch` cannot be admitted later in
-        the stretch either: nothing frees blocks or seats until a request finishes. Only an
-        arrival can change that; the driver then cuts the run short (`DecodeRun.truncate`).
+        A waiting request that could not be admitted in a pure-decode `batch` cannot be
+        admitted later in the stretch either: nothing frees blocks or seats until a request
+        finishes. Only an arrival can change that; the driver then cuts the run short
+        (`DecodeRun.truncate`).
         """
         running = self.running
         n = len(running)
-        if (
-            n == 0
-            or batch.preempted
-            or batch.prefill_tokens
-            or batch.decode_seqs != n
-            or len(batch.scheduled) != n
-        ):
+        if n == 0 or batch.preempted or len(batch.scheduled) != n:
+            return None
+        has_prefill = batch.prefill_tokens > 0
+        caching = self.config.enable_prefix_caching
+        if has_prefill and self._waiting and n < self.config.max_num_seqs:
             return None
         steps = max_steps if max_steps is not None else 1 << 62
         bs = self.config.block_size
         slacks: list[int] = []
+        first_tokens: list[int] = []
         groups: dict[int, int] = {}
         tokens = 0
-        for req in running:
+        context_after_first = 0
+        for req, new in batch.scheduled:
             generated = req.generated_tokens
             left = req.output_tokens - generated
             if left < steps:
                 if left <= 1:
                     return None
                 steps = left
+            computed = req.computed_tokens
+            # A prefill chunk: only the last one of a prompt, and no prefix blocks to
+            # promote into the cache when it completes.
+            if not (new == 1 and generated > 0) and (
+                computed + new != req.prompt_tokens + generated or (caching and req.prefix_hashes)
+            ):
+                return None
             held = req.own_blocks
             if req.shared_hashes:
                 held += self._shared_blocks(req)
-            slack = held * bs - req.computed_tokens - 1
+            slack = held * bs - computed - new
             slacks.append(slack)
+            first_tokens.append(new)
             groups[slack] = groups.get(slack, 0) + 1
             tokens += req.prompt_tokens + generated
+            context_after_first += computed + new + 1
         if steps <= 1:
             return None
         model_step = getattr(self.model, "decode_step_linear_s", None)
@@ -646,17 +668,21 @@ class EngineCore:
             return None
         t0, slope = model_step(n)
         first = batch.duration_s
+        second = t0 + slope * context_after_first
         # The engine model promises a pure decode step is t0 + slope * context; if a model
         # breaks that promise, fall back to stepping rather than drift.
-        if abs(t0 + slope * batch.context_tokens - first) > 1e-9 * max(1.0, first):
+        check = self.model.iteration_time_s(0, n, context_after_first, 0.0)
+        if abs(second - check) > 1e-9 * max(1.0, check):
             return None
         run = DecodeRun(
             batch=batch,
             start_s=start_s,
             steps=steps,
             first_step_s=first,
+            second_step_s=second,
             step_growth_s=slope * n,
             requests=list(running),
+            first_step_tokens=first_tokens,
             slack_tokens=slacks,
             block_size=bs,
             kv_blocks_used_start=self.kv_blocks_used,
@@ -676,10 +702,11 @@ class EngineCore:
                 return None
             run.steps = lo
         if (
-            self._waiting
+            not has_prefill
+            and self._waiting
             and self.config.max_num_batched_tokens > n
             and n < self.config.max_num_seqs
-            and self.config.enable_prefix_caching
+            and caching
         ):
             # `schedule` tried the waiting head and failed; it will try (and count the
             # prefix-cache query) again every step.
@@ -692,13 +719,16 @@ class EngineCore:
     def complete_run(self, run: DecodeRun, end_s: float) -> StepOutput:
         """Apply all `run.steps` steps of a run ending at `end_s`: the state, counters and
         token times are those of as many `complete`/`schedule` rounds. `tokens` lists the
-        requests that emitted tokens (`run.steps` each); `first_tokens` is empty."""
+        requests that emitted tokens (`run.steps` each); `first_tokens` those whose first
+        token came at the end of step 0."""
         steps = run.steps
         bs = run.block_size
         allocated = 0
         tokens: list[EngineRequest] = []
+        first: list[EngineRequest] = []
         finished: list[EngineRequest] = []
-        for req, slack in zip(run.requests, run.slack_tokens, strict=True):
+        first_end_s: float | None = None
+        for req, slack, first_new in zip(run.requests, run.slack_tokens, run.first_step_tokens, strict=True):
             if req.status is not RequestStatus.RUNNING:
                 continue  # aborted during the run
             extra = steps - 1 - slack
@@ -706,10 +736,15 @@ class EngineCore:
                 grow = -(-extra // bs)
                 req.own_blocks += grow
                 allocated += grow
-            req.computed_tokens += steps
+            req.computed_tokens += first_new + steps - 1
             req.generated_tokens += steps
             req.last_token_s = end_s
             tokens.append(req)
+            if req.first_token_s is None:
+                if first_end_s is None:
+                    first_end_s = end_s if steps == 1 else run.step_end_s(1)
+                req.first_token_s = first_end_s
+                first.append(req)
             if req.generated_tokens >= req.output_tokens:
                 finished.append(req)
         self.free_blocks -= allocated
@@ -722,7 +757,7 @@ class EngineCore:
             self.running.remove(req)
             self._release(req)
             del self.requests[req.request_id]
-        return StepOutput(tokens, [], finished)
+        return StepOutput(tokens, first, finished)
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the block accounting is inconsistent (for tests)."""

@@ -49,6 +49,7 @@ def state_of(core: EngineCore) -> tuple[object, ...]:
 @given(seed=st.integers(0, 10**6), blocks=st.integers(30, 200), policy=st.sampled_from(["fcfs", "priority"]),
        cut=st.booleans())
 def test_fast_forward_equals_stepping(seed: int, blocks: int, policy: str, cut: bool) -> None:
+    prefill_runs: list[bool] = []
     rng = random.Random(seed)
     core = make_core(blocks, policy)
     t = 0.0
@@ -66,6 +67,7 @@ def test_fast_forward_equals_stepping(seed: int, blocks: int, policy: str, cut: 
             core.check_invariants()
             continue
         runs += 1
+        prefill_runs.append(batch.prefill_tokens > 0)
         if cut and run.steps > 2:
             run.truncate(rng.randint(1, run.steps))
         # Step a copy through the same stretch, checking what an observer would see.
@@ -76,7 +78,8 @@ def test_fast_forward_equals_stepping(seed: int, blocks: int, policy: str, cut: 
         for j in range(run.steps):
             assert stepped.kv_blocks_used == run.kv_blocks_used_at(j)
             assert stepped.tokens_in_flight == run.tokens_in_flight_at(j)
-            assert step_batch.decode_seqs == len(run.requests) and not step_batch.prefill_tokens
+            if j > 0:  # step 0 may also finish prompts; every later step only decodes
+                assert step_batch.decode_seqs == len(run.requests) and not step_batch.prefill_tokens
             step_t += step_batch.duration_s
             assert step_t == pytest.approx(run.step_end_s(j + 1), rel=1e-12, abs=1e-12)
             assert run.steps_done_by(run.step_end_s(j + 1)) == j + 1
@@ -158,15 +161,30 @@ def test_run_stops_before_kv_runs_out_and_at_the_first_finish() -> None:
     assert all(r.status is RequestStatus.RUNNING for r in run.requests)
 
 
-def test_no_run_while_prefilling_or_for_the_emulated_engine_path() -> None:
-    core = make_core(num_kv_blocks=100)
+def test_runs_may_start_with_the_last_prompt_chunk_but_not_an_earlier_one() -> None:
+    core = make_core(num_kv_blocks=100, budget=32)
     core.add_request(EngineRequest("a", prompt_tokens=40, output_tokens=5))
-    batch = core.schedule()
-    assert core.plan_decode_run(batch, 0.0) is None  # a prefill step
+    batch = core.schedule()  # first 32-token chunk of a 40-token prompt
+    assert core.plan_decode_run(batch, 0.0) is None
     core.complete(batch, 1.0)
+    batch = core.schedule()  # the last 8 tokens: a's first token comes at the end
+    run = core.plan_decode_run(batch, 1.0)
+    assert run is not None and run.steps == 5
+    out = core.complete_run(run, run.end_s)
+    req = out.finished[0]
+    assert req.first_token_s == run.step_end_s(1) == pytest.approx(1.0 + batch.duration_s)
+    assert req.generated_tokens == 5 and req.computed_tokens == 44
+    # A prompt finishing while another request waits for a seat: the waiting one could be
+    # admitted in step 1, so no run.
+    core = make_core(num_kv_blocks=100, budget=40)
     core.add_request(EngineRequest("b", prompt_tokens=40, output_tokens=5))
-    batch = core.schedule()  # decode of a + prefill of b
-    assert core.plan_decode_run(batch, 1.0) is None
+    core.add_request(EngineRequest("c", prompt_tokens=40, output_tokens=5))
+    batch = core.schedule()  # b's prompt; c does not fit the token budget
+    assert core.num_waiting == 1 and core.plan_decode_run(batch, 0.0) is None
+    # A prompt with prefix blocks to promote into the cache: no run either.
+    core = make_core(num_kv_blocks=100)
+    core.add_request(EngineRequest("d", prompt_tokens=40, output_tokens=5, prefix_hashes=(1, 2), prefix_block_tokens=8))
+    assert core.plan_decode_run(core.schedule(), 0.0) is None
 
 
 def batch_key(batch: object) -> tuple[object, ...]:
