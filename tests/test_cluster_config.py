@@ -40,7 +40,7 @@ def test_examples_are_valid_and_simulate(path: Path) -> None:
 
 
 def test_example_values_are_read() -> None:
-    spec = load_cluster(next(p for p in EXAMPLES if p.name == "hetero_llama3_8b.yaml"))
+    spec = load_cluster(next(p for p in EXAMPLES if p.name == "small.yaml"))
     assert [(p.name, p.gpu.name, p.model.name, p.count) for p in spec.pools] == [
         ("a100", "A100-80GB", "llama-3-8b", 2), ("l4", "L4", "llama-3-8b", 4)]
     assert spec.pools[1].engine.max_num_seqs == 64
