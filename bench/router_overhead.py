@@ -6,7 +6,8 @@ kept-alive connections): requests/s and p50/p99 latency at concurrency 1, 32 and
 non-streaming requests and for streams of 64 tokens, through
 - nothing (direct calls: the baseline),
 - `tokenyard router` (its own process, static discovery, file store, health checks and load
-  scrapes running as in production),
+  scrapes running as in production), on its built-in HTTP server and, as `tokenyard-uvicorn`,
+  on uvicorn (`--http-server uvicorn`), the measurement behind the choice of the former,
 - LiteLLM's proxy and the Rust `vllm-router`, each installed from PyPI into its own
   virtualenv under the cache dir (default ~/.cache/tokenyard-bench/peers). A peer that
   fails to install or to start is reported as such; the run goes on without it.
@@ -247,6 +248,8 @@ def main() -> int:
     parser.add_argument("--duration-s", type=float, default=3.0, help="measured seconds per point")
     parser.add_argument("--warmup-s", type=float, default=0.5)
     parser.add_argument("--no-peers", action="store_true", help="measure only direct calls and tokenyard")
+    parser.add_argument("--no-uvicorn", action="store_true",
+                        help="skip tokenyard on uvicorn (the alternative front-door HTTP server)")
     parser.add_argument("--peers", default=",".join(PEERS), help="comma-separated peers to try")
     parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/tokenyard-bench/peers"))
     parser.add_argument("--install-timeout-s", type=float, default=900.0)
@@ -280,19 +283,21 @@ def main() -> int:
                            "--model", MODEL], workdir / "engine.log"))
         targets: list[tuple[str, Callable[[], tuple[str, Proc | None]]]] = [("direct", lambda: (engine_url, None))]
 
-        def start_tokenyard() -> tuple[str, Proc | None]:
+        def start_tokenyard(http_server: str = "builtin") -> tuple[str, Proc | None]:
             port = free_port()
-            config = workdir / "router.yaml"
+            config = workdir / f"router-{http_server}.yaml"
             config.write_text(yaml.safe_dump({
                 "listen": {"host": "127.0.0.1", "port": port},
-                "store": f"file://{workdir / 'state.json'}",
+                "store": f"file://{workdir / ('state-' + http_server + '.json')}",
                 "discovery": {"static": [{"url": engine_url, "model": MODEL, "gpu": "A100-80GB", "id": "engine-0"}]},
             }))
             proc = Proc([sys.executable, "-m", "tokenyard.cli", "--log-level", "warning", "router", "--config",
-                         str(config)], workdir / "tokenyard.log")
+                         str(config), "--http-server", http_server], workdir / f"tokenyard-{http_server}.log")
             return f"http://127.0.0.1:{port}", proc
 
         targets.append(("tokenyard", start_tokenyard))
+        if not args.no_uvicorn:
+            targets.append(("tokenyard-uvicorn", lambda: start_tokenyard("uvicorn")))
         for name, venv in peers.items():
             def start_peer(name: str = name, venv: Path = venv) -> tuple[str, Proc | None]:
                 port = free_port()

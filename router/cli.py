@@ -20,10 +20,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--store", default=None,
                         help="state store URL (overrides store:), e.g. redis://127.0.0.1:6379/0 "
                              "(default: file://$PWD/.tokenyard/state.json)")
+    parser.add_argument("--http-server", choices=["builtin", "uvicorn"], default="builtin",
+                        help="HTTP/1.1 server of the front door (see router/app.py FrontDoorProtocol)")
     parser.set_defaults(handler=run_router)
 
 
-async def serve_until_signal(config: Any) -> None:
+async def serve_until_signal(config: Any, http_server: str = "builtin") -> None:
     import asyncio
     import signal
 
@@ -32,7 +34,7 @@ async def serve_until_signal(config: Any) -> None:
 
     store = await _maybe_await(open_store(config.store_url))
     router = Router(config, store=store)
-    server = RouterServer(router, config.host, config.port)
+    server = RouterServer(router, config.host, config.port, http_server=http_server)
     await server.start()
     print(f"tokenyard router listening on {server.url}", flush=True)
     stop = asyncio.Event()
@@ -80,7 +82,7 @@ def run_router(args: argparse.Namespace) -> int:
     from router.state import StateStoreError
 
     try:
-        asyncio.run(serve_until_signal(config))
+        asyncio.run(serve_until_signal(config, args.http_server))
     except (OSError, ValueError, StateStoreError) as exc:
         print(f"tokenyard router: {exc}", file=sys.stderr)
         return 1
