@@ -10,10 +10,10 @@ the next (bounded attempts, the tenant's retry budget, the SLO class's deadline)
 the answer. Streams are relayed chunk by chunk as they arrive; once the first byte has
 gone out a failure ends the stream with an SSE error event and `data: [DONE]`.
 
-Why a raw ASGI callable on uvicorn (httptools, uvloop) rather than Starlette or FastAPI:
-the router has five fixed routes, and on the 2-core box a raw ASGI app measured ~2x the
-requests/s of the same proxy under Starlette routing (bench/peers/client_compare.py),
-every microsecond of framework being per-request overhead the router adds.
+The app is a raw ASGI callable (five fixed routes need no framework; every microsecond
+of framework is overhead the router adds to each request). It is served by the built-in
+HTTP/1.1 server below (`FrontDoorProtocol`) or by uvicorn (`--http-server uvicorn`); see
+FrontDoorProtocol for why the former is the default.
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
 """Forwarding to engines: a keep-alive HTTP/1.1 connection pool on raw asyncio protocols.
 
 Why not httpx (the design's default client) on the hot path: measured on the 2-core box
-against a zero-latency engine on loopback (bench/peers/client_compare.py, one process,
-concurrency 32, non-streaming POST), httpx.AsyncClient did ~1,100 req/s, aiohttp ~2,900
-req/s and this pool ~7,000 req/s; httpx spends most of its time in h11 and its anyio
-machinery. The pool below parses responses with httptools (llhttp, the parser uvicorn
-uses), keeps idle connections per engine, sets TCP_NODELAY on every connection (a kept
-alive connection with Nagle on adds tens of ms to the first token), and hands body chunks
-to the caller as they arrive, so streams are relayed without buffering. httpx is still
-the client for everything off the hot path (health checks, tests).
+against a zero-latency engine on loopback (bench/peers/client_compare.py, one process on
+uvloop, 32 concurrent non-streaming POSTs, two runs): httpx.AsyncClient 53-57 req/s (its
+connection pool collapses under that concurrency here), aiohttp 1,300-1,500 req/s, this
+pool 4,700-5,000 req/s. The pool below parses responses with httptools (llhttp, the parser
+uvicorn uses), keeps idle connections per engine, sets TCP_NODELAY on every connection (a
+kept-alive connection with Nagle on adds tens of ms to the first token), and hands body
+chunks to the caller as they arrive, so streams are relayed without buffering. httpx is
+still the client where speed does not matter (tests, `tokenyard up` readiness checks).
 
 Only what the router needs: one request at a time per connection (no pipelining),
 Content-Length request bodies, responses framed by Content-Length, chunked encoding or
