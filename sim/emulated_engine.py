@@ -61,6 +61,10 @@ class EngineRequestError(ValueError):
     """A request the engine cannot take (too long for the KV cache or the context)."""
 
 
+class EngineDeadError(RuntimeError):
+    """The engine loop died; nothing more will be served until a restart."""
+
+
 @dataclass(frozen=True, slots=True)
 class EmulatedEngineConfig:
     """Everything `tokenyard engine` takes, minus the sockets."""
@@ -340,6 +344,7 @@ class EmulatedEngine:
         self.metrics = _EngineMetrics(self, self.registry)
         self.created_s = int(time.time())
         self.draining = False
+        self.failure: str | None = None  # why the engine loop died, if it did
         self._notifier = LoadChangeNotifier()
         self._description = EngineDescriptionInfo(
             instance_id=self.instance_id,
@@ -378,6 +383,7 @@ class EmulatedEngine:
     async def start(self) -> None:
         if self.running:
             return
+        self.failure = None
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name=f"engine-loop {self.instance_id}")
         log.info(
@@ -445,6 +451,8 @@ class EmulatedEngine:
     ) -> RequestHandle:
         """Queue a request; the returned handle yields its tokens as iterations complete."""
         if self._wake is None or not self.running:
+            if self.failure is not None:
+                raise EngineDeadError(f"engine {self.instance_id}: the engine loop died: {self.failure}")
             raise RuntimeError(f"engine {self.instance_id} is not started; await engine.start() first")
         loop_now = time.monotonic()
         request_id = request_id or self.new_request_id()
@@ -566,6 +574,18 @@ class EmulatedEngine:
             self._lag_index = (self._lag_index + 1) % _LAG_SAMPLES
 
     async def _run(self) -> None:
+        try:
+            await self._iterate()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # A dead loop must not leave clients waiting forever: fail what is in flight,
+            # and let /health and new requests say so (as vLLM does on EngineDeadError).
+            self.failure = f"{type(exc).__name__}: {exc}"
+            log.exception("engine loop died", extra={"instance_id": self.instance_id})
+            self.abort_all()
+
+    async def _iterate(self) -> None:
         assert self._wake is not None
         wake = self._wake
         core = self.core
@@ -601,12 +621,8 @@ class EmulatedEngine:
             else:
                 await asyncio.sleep(0)
                 now = clock()
-            try:
-                out = core.complete(batch, now)
-                self._deliver(batch, out, start, now)
-            except Exception:
-                log.exception("engine iteration failed", extra={"instance_id": self.instance_id})
-                raise
+            out = core.complete(batch, now)
+            self._deliver(batch, out, start, now)
             self._busy_wall_s += now - start
             self._notifier.notify()
 

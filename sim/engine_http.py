@@ -52,7 +52,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 import tokenyard
-from sim.emulated_engine import EmulatedEngine, EngineRequestError, RequestHandle
+from sim.emulated_engine import EmulatedEngine, EngineDeadError, EngineRequestError, RequestHandle
 from sim.textgen import (
     ChatFormatError,
     count_tokens,
@@ -183,7 +183,8 @@ class EngineHttpApp:
 
     # ------------------------------------------------------------- simple routes
     async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _send_bytes(send, 200, b"", [])
+        # 503 once the engine loop is gone, as vLLM answers when its engine core died.
+        await _send_bytes(send, 200 if self.engine.running else 503, b"", [])
 
     async def _version(self, scope: Scope, receive: Receive, send: Send) -> None:
         await _send_bytes(send, 200, orjson.dumps({"version": f"tokenyard-emulated-{tokenyard.__version__}"}),
@@ -412,6 +413,8 @@ class EngineHttpApp:
             )
         except EngineRequestError as exc:
             raise ApiError(str(exc), param="input_tokens") from None
+        except (EngineDeadError, RuntimeError) as exc:
+            raise ApiError(str(exc), 500, "InternalServerError") from None
 
         watcher = asyncio.ensure_future(receive())
         watcher.add_done_callback(lambda _: engine.abort(handle.request_id))
@@ -429,6 +432,8 @@ class EngineHttpApp:
     async def _complete(self, send: Send, handle: RequestHandle, model: str, chat: bool) -> None:
         await handle.wait_finished()
         if handle.finish_reason == "abort":
+            if self.engine.failure is not None:
+                raise ApiError(f"the engine loop died: {self.engine.failure}", 500, "InternalServerError")
             return  # the client is gone
         text = "".join(handle.text.take(handle.emitted))
         usage = {
@@ -533,7 +538,12 @@ class EngineHttpApp:
         while True:
             new = await handle.next_tokens()
             if handle.finish_reason == "abort":
-                return  # the client is gone; nothing more to send
+                if self.engine.failure is not None:
+                    # vLLM's way: an error event in the stream, then [DONE].
+                    error = ApiError(f"the engine loop died: {self.engine.failure}", 500, "InternalServerError")
+                    await send({"type": "http.response.body", "body": b"data: " + error.body() + b"\n\n" + _DONE,
+                                "more_body": False})
+                return  # otherwise the client is gone; nothing more to send
             if new == 0:
                 break
             parts: list[bytes] = []

@@ -372,6 +372,35 @@ async def test_stop_does_not_wait_for_a_long_stream() -> None:
                     pass
 
 
+async def test_a_dead_engine_loop_fails_requests_cleanly_and_health_says_so() -> None:
+    async with serve(time_scale=0.2) as server, httpx.AsyncClient(base_url=server.base_url, timeout=20) as client:
+        core = server.engine.core
+        original = core.complete
+        calls = 0
+
+        def failing_complete(batch: Any, end_s: float) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 3:
+                raise RuntimeError("injected fault")
+            return original(batch, end_s)
+
+        core.complete = failing_complete  # type: ignore[method-assign]
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 50, "ignore_eos": True}
+        streamed, plain = await asyncio.gather(
+            client.post("/v1/completions", json={**body, "stream": True}),
+            client.post("/v1/completions", json=body),
+        )
+        events = streamed.text.split("\n\n")
+        assert events[-2] == "data: [DONE]"
+        error = json.loads(events[-3].removeprefix("data: "))["error"]
+        assert error["code"] == 500 and "injected fault" in error["message"]
+        assert plain.status_code == 500 and "injected fault" in plain.json()["error"]["message"]
+        assert (await client.get("/health")).status_code == 503
+        again = await client.post("/v1/completions", json=body)
+        assert again.status_code == 500 and "engine loop died" in again.json()["error"]["message"]
+
+
 # ----------------------------------------------------------------- bad requests
 @pytest.mark.parametrize(
     ("path", "body", "status", "fragment", "param"),
