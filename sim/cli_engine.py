@@ -131,6 +131,8 @@ def run_engine(args: argparse.Namespace) -> int:
     from sim.engine_http import EngineServer
 
     log = logging.getLogger("sim.cli_engine")
+    # uvicorn's own start/stop lines repeat ours without the instance id.
+    logging.getLogger("uvicorn.error").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         engine = EmulatedEngine(build_config(args))
     except (CatalogError, EngineConfigError, ValueError) as exc:
