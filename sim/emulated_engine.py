@@ -685,4 +685,15 @@ class EmulatedEngine:
         metrics.generation_len.observe(handle.emitted)
         if handle.emitted > 1:
             metrics.request_tpot.observe((finish - first) / (handle.emitted - 1))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "request finished",
+                extra={
+                    "instance_id": self.instance_id, "request_id": handle.request_id,
+                    "prompt_tokens": handle.prompt_tokens, "cached_prompt_tokens": handle.cached_prompt_tokens,
+                    "output_tokens": handle.emitted, "finish_reason": handle.finish_reason,
+                    "priority": handle.priority, "ttft_s": round(first - handle.arrival_s, 6),
+                    "e2e_s": round(finish - handle.arrival_s, 6),
+                },
+            )
 

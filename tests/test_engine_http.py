@@ -165,6 +165,10 @@ async def test_output_length_header_ignore_eos_and_min_tokens() -> None:
         assert answer["usage"]["completion_tokens"] == 30
         answer = (await client.post("/v1/completions", json={**body, "min_tokens": 20})).json()
         assert answer["usage"]["completion_tokens"] == 20
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 30,
+                "max_completion_tokens": 6, "ignore_eos": True}
+        answer = (await client.post("/v1/chat/completions", json=chat)).json()
+        assert answer["usage"]["completion_tokens"] == 6  # max_completion_tokens wins, as in vLLM
         bad = await client.post("/v1/completions", json=body, headers={"x-tokenyard-output-tokens": "many"})
         assert bad.status_code == 400 and "x-tokenyard-output-tokens" in bad.json()["error"]["message"]
 
