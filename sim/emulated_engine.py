@@ -11,10 +11,14 @@ Timing: an iteration's sleep is measured from the moment it was scheduled, so th
 loop's own CPU time is counted inside the modelled duration, not added to it. Timer
 overshoot (the event loop waking late) is absorbed by letting the next iteration end on
 the modelled schedule, up to `_MAX_CATCH_UP_S` behind; a loop more behind than that is
-really overloaded, and the lag shows in `loop_lag` and in clients' TPOT.
+really overloaded, and the lag shows in `stats()` (loop_lag_*) and in clients' TPOT.
 
 `time_scale` 0 runs iterations back to back with only a yield to the event loop between
 them: a zero-latency engine for router benchmarks.
+
+The engine is also a `sim.worker_grpc.WorkerBackend` (`describe`, `load`, `changed`), so
+the Worker gRPC service can serve it. If the loop dies, requests in flight are aborted,
+`failure` says why, and new requests are refused (`EngineDeadError`).
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ log = logging.getLogger(__name__)
 
 _MAX_CATCH_UP_S = 0.005
 _LAG_SAMPLES = 4096  # ring of recent loop-lag samples kept for `stats()`
+
 
 class EngineRequestError(ValueError):
     """A request the engine cannot take (too long for the KV cache or the context)."""
