@@ -35,7 +35,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from router.registry import InstanceRegistry
-from router.state import InstanceRecord
+from router.state import InstanceRecord, cancel_and_wait
 from tokenyard.config import ConfigError, check_keys, get
 
 log = logging.getLogger(__name__)
@@ -297,7 +297,8 @@ class KubernetesDiscovery(Discovery):
 
         threading.Thread(target=run, name=f"k8s-discovery-{self.settings.kind}", daemon=True).start()
         try:
-            await asyncio.wait_for(self._synced.wait(), initial_sync_timeout_s)
+            async with asyncio.timeout(initial_sync_timeout_s):
+                await self._synced.wait()
         except TimeoutError:
             log.warning("Kubernetes discovery has not listed yet; continuing, it keeps retrying",
                         extra={"kind": self.settings.kind, "namespace": self.settings.namespace})
@@ -312,13 +313,12 @@ class KubernetesDiscovery(Discovery):
                 if w is not None:
                     w.stop()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(self._thread_done), 0.05)
+                    async with asyncio.timeout(0.05):
+                        await asyncio.shield(self._thread_done)
                 if self._thread_done.done():
                     break
         if self._consumer is not None:
-            self._consumer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._consumer
+            await cancel_and_wait(self._consumer)
 
     def _emit(self, kind: str, payload: Any) -> None:
         assert self._loop is not None
@@ -570,9 +570,7 @@ class AdminRegistration(Discovery):
 
     async def stop(self) -> None:
         if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+            await cancel_and_wait(self._sweeper)
 
     def lease_expiry_s(self, instance_id: str) -> float | None:
         """When this replica last saw the lease end (its clock; time.time by default)."""

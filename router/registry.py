@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from router.state import InstanceRecord, StateChange, StateStore, StateStoreError
+from router.state import InstanceRecord, StateChange, StateStore, StateStoreError, cancel_and_wait
 from scheduler.types import InstanceState
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,9 @@ class InstanceRegistry:
         self._writes = asyncio.Queue()
         await self.reconcile()
         self._tasks.append(asyncio.create_task(self._writer(), name="registry-writer"))
-        self._tasks.append(asyncio.create_task(self._follow(), name="registry-follow"))
+        changes: asyncio.Queue[StateChange] = asyncio.Queue()
+        self._tasks.append(asyncio.create_task(self._pump(changes), name="registry-pump"))
+        self._tasks.append(asyncio.create_task(self._follow(changes), name="registry-follow"))
 
     async def flush(self) -> None:
         """Wait until every queued write-through has reached the store."""
@@ -66,12 +68,9 @@ class InstanceRegistry:
     async def close(self) -> None:
         if self._writes is not None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.flush(), 5.0)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+                async with asyncio.timeout(5.0):
+                    await self.flush()
+        await cancel_and_wait(*self._tasks)
         self._tasks.clear()
 
     # -- hot path (O(1), no I/O) -------------------------------------------------------
@@ -287,24 +286,20 @@ class InstanceRegistry:
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(5.0, backoff_s * 2)
 
-    async def _follow(self) -> None:
+    async def _follow(self, changes: asyncio.Queue[StateChange]) -> None:
         """Reconcile on every batch of change notices, and every `resync_s` regardless
         (pub/sub is at-most-once: a notice sent while a replica reconnects is lost)."""
         assert self.store is not None
-        changes: asyncio.Queue[StateChange] = asyncio.Queue()
-        pump = asyncio.create_task(self._pump(changes), name="registry-pump")
-        try:
-            while True:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changes.get(), self.resync_s)
-                while not changes.empty():  # coalesce a burst into one reconcile
-                    changes.get_nowait()
-                try:
-                    await self.reconcile()
-                except Exception as exc:
-                    log.warning("reconciling with the state store failed",
-                                extra={"store": self.store.url, "error": str(exc)})
-        finally:
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await pump
+        while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that
+            # races a completed get.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.resync_s):
+                    await changes.get()
+            while not changes.empty():  # coalesce a burst into one reconcile
+                changes.get_nowait()
+            try:
+                await self.reconcile()
+            except Exception as exc:
+                log.warning("reconciling with the state store failed",
+                            extra={"store": self.store.url, "error": str(exc)})

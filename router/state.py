@@ -5,8 +5,9 @@ Two backends implement `StateStore`:
 - `FileStateStore` (`file:///abs/path/state.json`), the embedded default: one JSON
   document, rewritten atomically (temp file + rename) under an `fcntl` lock on a sibling
   `.lock` file, so several processes on one machine share it without losing updates and
-  a crash never leaves a half-written document. Changes are noticed by polling the
-  file's identity (inode, mtime, size).
+  a crash never leaves a half-written document. Every write bumps a sequence number,
+  kept in the document and mirrored in the lock file; changes are noticed by polling it
+  (file timestamps are too coarse: two writes in one clock tick look the same).
 - `RedisStateStore` (`redis://host:port/db?prefix=...`), for several router replicas:
   instances and policies in hashes, affinity and load as keys with a TTL, changes
   announced on a pub/sub channel.
@@ -96,8 +97,9 @@ class InstanceRecord:
 class StateChange:
     """One change notice from `StateStore.watch()`.
 
-    `kind` is "instance" (put, removed or draining flipped), "policy", or "any" (the file
-    backend only knows the document changed). `origin` is the writing store's id, so a
+    `kind` is "instance" (put, removed or draining flipped), "policy", or "any": anything
+    may have changed (sent first by every watch, once it is subscribed, so a reader that
+    loads state on "any" misses nothing). `origin` is the writing store's id, so a
     reader can skip its own echoes; it is "" where unknown.
     """
 
@@ -181,6 +183,28 @@ class StateStore(ABC):
     def url(self) -> str: ...
 
 
+async def cancel_and_wait(*tasks: asyncio.Task[Any], timeout_s: float = 5.0) -> None:
+    """Cancel tasks and wait until they are done, cancelling again while they run.
+
+    One cancel is not enough here: on Python 3.11 `asyncio.wait_for` swallows a cancel
+    that arrives as its inner call completes, and redis-py wraps every command's send in
+    `wait_for` (socket_timeout), so a task busy with Redis can miss a single cancel.
+    """
+    pending = {t for t in tasks if not t.done()}
+    deadline = time.monotonic() + timeout_s
+    while pending and time.monotonic() < deadline:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.05)
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            log.debug("task ended with an error while cancelled",
+                      extra={"task": task.get_name(), "error": str(task.exception())})
+    if pending:
+        log.warning("tasks did not stop after cancellation",
+                    extra={"tasks": ", ".join(t.get_name() for t in pending)})
+
+
 def _check_ttl(ttl_s: float, what: str) -> None:
     if not ttl_s > 0:
         raise ValueError(f"{what}: ttl_s must be > 0, got {ttl_s!r}")
@@ -251,13 +275,13 @@ class FileStateStore(StateStore):
         return doc
 
     @contextlib.contextmanager
-    def _locked(self, exclusive: bool) -> Iterator[None]:
+    def _locked(self, exclusive: bool) -> Iterator[int]:
         # flock locks belong to the open file description, so this serialises threads of
         # this process as well as other processes.
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-            yield
+            yield fd
         finally:
             os.close(fd)  # releases the lock
 
@@ -280,11 +304,13 @@ class FileStateStore(StateStore):
 
     def _update(self, mutate: Callable[[dict[str, Any]], Any]) -> Any:
         """Read-modify-write under the exclusive lock; `mutate` returns (result, changed)."""
-        with self._locked(exclusive=True):
+        with self._locked(exclusive=True) as lock_fd:
             doc = self._read_doc_unlocked()
             result, changed = mutate(doc)
             if changed:
+                doc["seq"] = int(doc.get("seq", 0)) + 1
                 self._write_doc_unlocked(doc)
+                os.pwrite(lock_fd, f"{doc['seq']:020d}".encode(), 0)
             return result
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -422,36 +448,40 @@ class FileStateStore(StateStore):
         await self._run(self._update, mutate)
 
     # -- changes -----------------------------------------------------------------------
-    def _identity(self) -> tuple[int, int, int] | None:
+    def _seq_hint(self) -> bytes:
+        """The last write's sequence number from the lock file (one small read per poll)."""
         try:
-            st = os.stat(self.path)
+            with open(self.lock_path, "rb") as fh:
+                return fh.read(20)
         except FileNotFoundError:
-            return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
+            return b""
 
-    def _sections(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        doc = self._read()
-        return doc["instances"], doc["policies"]
+    def _sections(self) -> tuple[int, dict[str, Any], dict[str, Any]]:
+        doc = self._read()  # seq and sections from one locked read: no change slips between
+        return int(doc.get("seq", 0)), doc["instances"], doc["policies"]
 
     async def watch(self) -> AsyncIterator[StateChange]:
-        """Poll the file's identity; on a change, report which instances/policies differ.
+        """Poll the write sequence; on a change, report which instances/policies differ.
 
         Load, affinity and lease writes change the file too but are not reported: nobody
         needs to react to them.
         """
-        identity = await self._run(self._identity)
-        instances, policies = await self._run(self._sections)
+        hint = await self._run(self._seq_hint)
+        _, instances, policies = await self._run(self._sections)
+        # Whatever changed before this baseline was taken is unknown to the caller.
+        yield StateChange("any")
         while not self._closed.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closed.wait(), self.poll_interval_s)
+                async with asyncio.timeout(self.poll_interval_s):
+                    await self._closed.wait()
             if self._closed.is_set():
                 return
-            now_identity = await self._run(self._identity)
-            if now_identity == identity:
+            now_hint = await self._run(self._seq_hint)
+            if now_hint == hint:
                 continue
-            identity = now_identity
+            hint = now_hint
             try:
-                new_instances, new_policies = await self._run(self._sections)
+                _, new_instances, new_policies = await self._run(self._sections)
             except StateStoreError as exc:
                 log.error("state file unreadable while watching", extra={"error": str(exc)})
                 continue
@@ -629,6 +659,8 @@ class RedisStateStore(StateStore):
     async def watch(self) -> AsyncIterator[StateChange]:
         pubsub = self._redis.pubsub()
         await pubsub.subscribe(self.channel)
+        # Changes published before the subscription took effect are lost to the caller.
+        yield StateChange("any")
         try:
             while not self._closed.is_set():
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)

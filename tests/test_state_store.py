@@ -139,12 +139,16 @@ async def test_watch_reports_other_replicas_changes(stores: tuple[StateStore, St
 
     async def follow() -> None:
         async for change in b.watch():
+            if change.kind == "any":  # the subscription is live
+                subscribed.set()
+                continue
             seen.append(change)
             if {c.kind for c in seen} >= {"instance", "policy"}:
                 return
 
+    subscribed = asyncio.Event()
     task = asyncio.create_task(follow())
-    await asyncio.sleep(0.3)  # let the watcher subscribe / take its baseline
+    await asyncio.wait_for(subscribed.wait(), 10)
     await a.put_instance(rec("w1"))
     await a.put_policy("acme", {"slo_class": "batch"})
     await asyncio.wait_for(task, 10)
