@@ -908,13 +908,15 @@ class RouterServer:
     `http_server`: "builtin" (FrontDoorProtocol, the default) or "uvicorn".
     """
 
-    def __init__(self, router: Router, host: str = "127.0.0.1", port: int = 0, http_server: str = "builtin") -> None:
+    def __init__(self, router: Router, host: str = "127.0.0.1", port: int = 0, http_server: str = "builtin",
+                 reuse_port: bool = False) -> None:
         if http_server not in ("builtin", "uvicorn"):
             raise ValueError(f"http_server: expected builtin or uvicorn, got {http_server!r}")
         self.router = router
         self.host = host
         self.port = port
         self.http_server = http_server
+        self.reuse_port = reuse_port  # several worker processes share the port (SO_REUSEPORT)
         self.connections: set[FrontDoorProtocol] = set()
         self.closing = False
         self._server: _OwnedSignalsServer | None = None
@@ -944,6 +946,8 @@ class RouterServer:
         sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((self.host, self.port))
         except OSError as exc:
             sock.close()

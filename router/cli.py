@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 
@@ -22,11 +23,15 @@ def register(subparsers: Any) -> None:
                              "(default: file://$PWD/.tokenyard/state.json)")
     parser.add_argument("--http-server", choices=["builtin", "uvicorn"], default="builtin",
                         help="HTTP/1.1 server of the front door (see router/app.py FrontDoorProtocol)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="router processes sharing the port (SO_REUSEPORT); each keeps its own in-flight "
+                             "counts and scrapes, and they share membership, affinity and policies through the store")
     parser.set_defaults(handler=run_router)
 
 
-async def serve_until_signal(config: Any, http_server: str = "builtin") -> None:
+async def serve_until_signal(config: Any, http_server: str = "builtin", reuse_port: bool = False) -> None:
     import asyncio
+    import os
     import signal
 
     from router.app import Router, RouterServer
@@ -34,9 +39,9 @@ async def serve_until_signal(config: Any, http_server: str = "builtin") -> None:
 
     store = await _maybe_await(open_store(config.store_url))
     router = Router(config, store=store)
-    server = RouterServer(router, config.host, config.port, http_server=http_server)
+    server = RouterServer(router, config.host, config.port, http_server=http_server, reuse_port=reuse_port)
     await server.start()
-    print(f"tokenyard router listening on {server.url}", flush=True)
+    print(f"tokenyard router listening on {server.url} (pid {os.getpid()})", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -81,9 +86,54 @@ def run_router(args: argparse.Namespace) -> int:
         pass
     from router.state import StateStoreError
 
+    if args.workers < 1:
+        print(f"tokenyard router: --workers: expected an integer >= 1, got {args.workers}", file=sys.stderr)
+        return 2
+    if args.workers > 1:
+        if config.port == 0:
+            print("tokenyard router: --workers > 1 needs a fixed port (listen.port or --port)", file=sys.stderr)
+            return 2
+        return _run_workers(config, args.http_server, args.workers)
     try:
         asyncio.run(serve_until_signal(config, args.http_server))
     except (OSError, ValueError, StateStoreError) as exc:
         print(f"tokenyard router: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _worker_main(config: Any, http_server: str) -> None:
+    import asyncio
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into SIGTERM for each worker
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(serve_until_signal(config, http_server, reuse_port=True))
+
+
+def _run_workers(config: Any, http_server: str, workers: int) -> int:
+    """Several router processes on one port; the kernel spreads connections over them."""
+    import multiprocessing
+    import signal
+
+    context = multiprocessing.get_context("spawn")
+    procs = [context.Process(target=_worker_main, args=(config, http_server), name=f"router-{i}")
+             for i in range(workers)]
+    for proc in procs:
+        proc.start()
+
+    def forward(signum: int, frame: Any) -> None:
+        for proc in procs:
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    for proc in procs:
+        proc.join()
+    return 0 if all(proc.exitcode == 0 for proc in procs) else 1
