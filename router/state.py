@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import fcntl
 import json
 import logging
@@ -238,6 +239,7 @@ class FileStateStore(StateStore):
         self.poll_interval_s = poll_interval_s
         self.origin = uuid.uuid4().hex
         self._closed = asyncio.Event()
+        self._cache: tuple[bytes, dict[str, Any]] | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -285,13 +287,14 @@ class FileStateStore(StateStore):
         finally:
             os.close(fd)  # releases the lock
 
-    def _write_doc_unlocked(self, doc: dict[str, Any]) -> None:
+    def _write_doc_unlocked(self, doc: dict[str, Any], durable: bool = True) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         try:
             with os.fdopen(fd, "w") as fh:
                 json.dump(doc, fh, separators=(",", ":"), sort_keys=True)
                 fh.flush()
-                os.fsync(fh.fileno())
+                if durable:
+                    os.fsync(fh.fileno())
             os.replace(tmp, self.path)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -299,17 +302,31 @@ class FileStateStore(StateStore):
             raise
 
     def _read(self) -> dict[str, Any]:
-        with self._locked(exclusive=False):
-            return self._read_doc_unlocked()
+        """The document, parsed again only when a write happened since the last read
+        (the lock file holds the write sequence). Callers must not mutate the result."""
+        with self._locked(exclusive=False) as lock_fd:
+            seq = os.pread(lock_fd, 20, 0)
+            cached = self._cache
+            if seq and cached is not None and cached[0] == seq:
+                return cached[1]
+            doc = self._read_doc_unlocked()
+            if seq:
+                self._cache = (seq, doc)  # one tuple: threads see both fields or neither
+            return doc
 
-    def _update(self, mutate: Callable[[dict[str, Any]], Any]) -> Any:
-        """Read-modify-write under the exclusive lock; `mutate` returns (result, changed)."""
+    def _update(self, mutate: Callable[[dict[str, Any]], Any], durable: bool = True) -> Any:
+        """Read-modify-write under the exclusive lock; `mutate` returns (result, changed).
+
+        `durable=False` skips the fsync for soft state (affinity, load, leases), which is
+        on the request path and harmless to lose in a power cut; the rename still makes
+        every write all-or-nothing for readers.
+        """
         with self._locked(exclusive=True) as lock_fd:
             doc = self._read_doc_unlocked()
             result, changed = mutate(doc)
             if changed:
                 doc["seq"] = int(doc.get("seq", 0)) + 1
-                self._write_doc_unlocked(doc)
+                self._write_doc_unlocked(doc, durable)
                 os.pwrite(lock_fd, f"{doc['seq']:020d}".encode(), 0)
             return result
 
@@ -361,6 +378,10 @@ class FileStateStore(StateStore):
 
     async def claim_affinity(self, key: str, instance_id: str, ttl_s: float) -> str:
         _check_ttl(ttl_s, f"claim_affinity({key!r})")
+        # The common case, a live owner, needs only the (cached) shared-lock read.
+        owner = await self.get_affinity(key)
+        if owner is not None:
+            return owner
 
         def mutate(doc: dict[str, Any]) -> tuple[str, bool]:
             now = time.time()
@@ -373,19 +394,19 @@ class FileStateStore(StateStore):
             doc["affinity"][key] = {"owner": instance_id, "expires_s": now + ttl_s}
             return instance_id, True
 
-        return str(await self._run(self._update, mutate))
+        return str(await self._run(self._update, mutate, False))
 
     async def drop_affinity(self, key: str) -> None:
         def mutate(doc: dict[str, Any]) -> tuple[None, bool]:
             return None, doc["affinity"].pop(key, None) is not None
 
-        await self._run(self._update, mutate)
+        await self._run(self._update, mutate, False)
 
     # -- policies ----------------------------------------------------------------------
     async def get_policy(self, tenant: str) -> dict[str, Any] | None:
         doc = await self._run(self._read)
         policy = doc["policies"].get(tenant)
-        return dict(policy) if policy is not None else None
+        return copy.deepcopy(policy) if policy is not None else None
 
     async def put_policy(self, tenant: str, policy: dict[str, Any]) -> None:
         if not tenant:
@@ -408,7 +429,7 @@ class FileStateStore(StateStore):
 
     async def list_policies(self) -> dict[str, dict[str, Any]]:
         doc = await self._run(self._read)
-        return {tenant: dict(policy) for tenant, policy in doc["policies"].items()}
+        return copy.deepcopy(doc["policies"])
 
     # -- load --------------------------------------------------------------------------
     async def put_load(self, instance_id: str, load: dict[str, Any], ttl_s: float) -> None:
@@ -419,12 +440,12 @@ class FileStateStore(StateStore):
             doc["loads"][instance_id] = {"load": data, "expires_s": time.time() + ttl_s}
             return None, True
 
-        await self._run(self._update, mutate)
+        await self._run(self._update, mutate, False)
 
     async def get_loads(self) -> dict[str, dict[str, Any]]:
         doc = await self._run(self._read)
         now = time.time()
-        return {iid: dict(e["load"]) for iid, e in doc["loads"].items() if e["expires_s"] > now}
+        return {iid: copy.deepcopy(e["load"]) for iid, e in doc["loads"].items() if e["expires_s"] > now}
 
     # -- leases ------------------------------------------------------------------------
     async def renew_lease(self, instance_id: str, ttl_s: float) -> None:
@@ -434,7 +455,7 @@ class FileStateStore(StateStore):
             doc["leases"][instance_id] = time.time() + ttl_s
             return None, True
 
-        await self._run(self._update, mutate)
+        await self._run(self._update, mutate, False)
 
     async def live_leases(self) -> set[str]:
         doc = await self._run(self._read)
@@ -445,7 +466,7 @@ class FileStateStore(StateStore):
         def mutate(doc: dict[str, Any]) -> tuple[None, bool]:
             return None, doc["leases"].pop(instance_id, None) is not None
 
-        await self._run(self._update, mutate)
+        await self._run(self._update, mutate, False)
 
     # -- changes -----------------------------------------------------------------------
     def _seq_hint(self) -> bytes:
