@@ -288,12 +288,14 @@ async def start_control_server(
     dispatch_policies: Collection[str] | None = None,
     tenant_for_api_key: Callable[[str], str | None] | None = None,
     desired_pool_sizes: Callable[[], Mapping[str, int]] | None = None,
+    reuse_port: bool = False,
 ) -> grpc.aio.Server:
     """Serve Admin and Picker on host:port (0 picks a free port: read `server.bound_port`).
 
     Pass the `AdminRegistration` from the configured discovery sources where there is
     one; otherwise one with default leases is started here, and stopped when the server
-    stops.
+    stops. `reuse_port=True` lets several router worker processes serve the same port
+    (their state is shared through the store); otherwise a taken port is an error.
     """
     from router.picker_grpc import PickerService
     from tokenyard.v1 import picker_pb2_grpc
@@ -302,7 +304,7 @@ async def start_control_server(
     if registration is None:
         registration = AdminRegistration()
         await registration.start(registry)
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
     admin_pb2_grpc.add_AdminServicer_to_server(
         AdminService(registry, store, registration, slo_classes=slo_classes,
                      dispatch_policies=dispatch_policies, desired_pool_sizes=desired_pool_sizes), server)
