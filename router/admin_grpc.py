@@ -310,11 +310,15 @@ async def start_control_server(
                      dispatch_policies=dispatch_policies, desired_pool_sizes=desired_pool_sizes), server)
     picker_pb2_grpc.add_PickerServicer_to_server(
         PickerService(registry, decide, tenant_for_api_key=tenant_for_api_key), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # grpc's way of saying the bind failed
+        bound = 0
     if bound == 0:
         if own_registration:
             await registration.stop()
-        raise OSError(f"control server: cannot listen on {host}:{port}")
+        raise OSError(f"control server: cannot listen on {host}:{port} (address in use or not "
+                      "local; set control.port to a free port)")
     await server.start()
     server.bound_port = bound  # type: ignore[attr-defined]
     server.registration = registration  # type: ignore[attr-defined]

@@ -269,3 +269,37 @@ async def test_pick_with_the_scheduler_policy(tmp_path: Path) -> None:
             await a.picker.Pick(picker_pb2.PickRequest(model="mistral-7b"))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
         assert "llama-3-8b, qwen-7b" in (err.value.details() or "")
+
+
+async def test_control_server_port_handling_and_own_lease_keeper() -> None:
+    registry = InstanceRegistry()
+
+    async def decide(info: RequestInfo) -> Decision:
+        return Decision(instance_ids=("x",))
+
+    first = await start_control_server("127.0.0.1", 0, registry=registry, store=None, decide=decide)
+    port = first.bound_port
+    try:
+        with pytest.raises(OSError, match=f"127.0.0.1:{port}"):
+            await start_control_server("127.0.0.1", port, registry=registry, store=None, decide=decide)
+        # Without a store there are no policies: UNAVAILABLE, saying why.
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            admin = admin_pb2_grpc.AdminStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await admin.ListPolicies(admin_pb2.ListPoliciesRequest())
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "no state store" in (err.value.details() or "")
+            # Registration works with the lease keeper the server started for itself.
+            await admin.RegisterInstance(admin_pb2.RegisterInstanceRequest(instance=registration("r1", 8501)))
+            assert registry.get("r1")[0].source == "admin"
+    finally:
+        await first.stop(0)
+    await asyncio.wait_for(first.sweeper_stopper, 5)
+    assert first.registration._sweeper.done()
+
+    # Router worker processes share one control port with reuse_port.
+    a = await start_control_server("127.0.0.1", 0, registry=registry, store=None, decide=decide, reuse_port=True)
+    b = await start_control_server("127.0.0.1", a.bound_port, registry=registry, store=None, decide=decide,
+                                   reuse_port=True)
+    assert b.bound_port == a.bound_port
+    await a.stop(0)
+    await b.stop(0)
