@@ -319,3 +319,48 @@ async def test_restart_over_a_store_removes_what_went_away_and_keeps_drains(api:
     stored = {r.instance_id for r in await reg.store.list_instances()}
     assert stored == {"serving/p1", "elsewhere/x", "kept-static"}
     await reg.store.close()
+
+
+async def test_end_to_end_router_follows_kubernetes_events(api: LoopbackKubeAPI) -> None:
+    """The router configured with Kubernetes discovery, real emulated engines, the openai
+    client: pods appear, one terminates (drained: no new requests), one is replaced."""
+    import openai
+
+    from tests.test_router_support import emulated_engine, running_router
+
+    def engine_pod(name: str, engine: Any, **kw: Any) -> dict[str, Any]:
+        port = int(engine.base_url.rsplit(":", 1)[1])
+        return pod(name, "127.0.0.1", port=port, labels={**LABELS, "tokenyard.io/model": "llama-3-8b",
+                                                          "tokenyard.io/gpu": "A100-80GB"}, **kw)
+
+    chat = {"model": "llama-3-8b", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3}
+    doc = {"discovery": {"kubernetes": {"api_url": api.host, "namespace": "serving",
+                                        "label_selector": "app=vllm", "kind": "pods"}},
+           # The emulated engines run FCFS, as vLLM does unless started with priority scheduling.
+           "dispatch": {"forward_priority": False}}
+    async with emulated_engine("llama-3-8b", "A100-80GB") as e1, emulated_engine("llama-3-8b", "A100-80GB") as e2:
+        api.apply("pods", engine_pod("p1", e1))
+        api.apply("pods", engine_pod("p2", e2))
+        async with running_router([], doc, register=False) as server:
+            reg = server.router.registry
+            assert ids(reg) == {"serving/p1", "serving/p2"}
+            client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+            reply = await client.chat.completions.create(**chat)
+            assert reply.usage is not None and reply.usage.completion_tokens == 3
+
+            # p1 terminates (draining) and p2 is deleted: nothing may take new requests.
+            api.apply("pods", engine_pod("p1", e1, terminating=True))
+            api.delete("pods", "p2", namespace="serving")
+            await eventually(lambda: ids(reg) == {"serving/p1"} and reg.get("serving/p1")[1].draining,
+                             "p1 draining, p2 gone")
+            with pytest.raises(openai.APIStatusError) as err:
+                await client.chat.completions.create(**chat)
+            assert err.value.status_code == 503
+
+            # A replacement pod comes up on the second engine: traffic flows again.
+            api.apply("pods", engine_pod("p3", e2))
+            await eventually(lambda: "serving/p3" in reg, "p3 discovered")
+            stream = await client.chat.completions.create(**chat, stream=True)
+            text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+            assert text
+            assert reg.get("serving/p1")[1].router_inflight == 0
