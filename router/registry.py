@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from router.state import InstanceRecord, StateChange, StateStore, StateStoreError, cancel_and_wait
+from router.state import InstanceRecord, StateChange, StateStore, cancel_and_wait
 from scheduler.types import InstanceState
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,12 @@ MembershipListener = Callable[[str, InstanceRecord], None]
 _WRITE_PUT = "put"
 _WRITE_REMOVE = "remove"
 _WRITE_DRAIN = "drain"
+
+# Sources whose discovery runs in every replica (config list, Kubernetes watch): a replica
+# that found such an instance itself keeps it, and writes it back, when the store lost it
+# (Redis restarted without persistence, a flush). Self-registered instances have no such
+# witness: the store is their only truth.
+_VOUCHED_SOURCES = ("static", "kubernetes")
 
 
 class InstanceRegistry:
@@ -45,6 +51,7 @@ class InstanceRegistry:
         self._listeners: list[MembershipListener] = []
         self._writes: asyncio.Queue[tuple[str, str, object]] | None = None
         self._pending_writes: dict[str, int] = {}  # instance id -> queued, unfinished writes
+        self._vouched: set[str] = set()  # found by this replica's own static/Kubernetes discovery
         self._tasks: list[asyncio.Task[None]] = []
         self._idle = asyncio.Event()
         self._idle.set()
@@ -147,10 +154,15 @@ class InstanceRegistry:
     def upsert(self, record: InstanceRecord) -> None:
         """Add or update an instance (load and health survive an update)."""
         self._apply_upsert(record)
+        if record.source in _VOUCHED_SOURCES:
+            self._vouched.add(record.instance_id)
+        else:
+            self._vouched.discard(record.instance_id)
         self._enqueue(_WRITE_PUT, record.instance_id, replace(record, labels=dict(record.labels)))
 
     def remove(self, instance_id: str) -> bool:
         found = self._apply_remove(instance_id)
+        self._vouched.discard(instance_id)
         self._enqueue(_WRITE_REMOVE, instance_id, None)
         return found
 
@@ -223,7 +235,11 @@ class InstanceRegistry:
         while True:
             op, iid, arg = await self._writes.get()
             try:
-                for attempt in range(5):
+                # Retried until it lands: a dropped write would leave the store without
+                # this change, and the next reconcile would undo it locally too. Writes
+                # stay in order; while the store is down, reconcile fails as well.
+                attempt = 0
+                while True:
                     try:
                         if op == _WRITE_PUT:
                             assert isinstance(arg, InstanceRecord)
@@ -233,13 +249,14 @@ class InstanceRegistry:
                         else:
                             await self.store.set_draining(iid, bool(arg))
                         break
-                    except (OSError, StateStoreError, ConnectionError) as exc:
+                    except (AssertionError, TypeError, ValueError):
+                        raise  # a bug, not an outage: retrying cannot help
+                    except Exception as exc:  # redis and OS errors share no base class
+                        attempt += 1
                         log.warning("state store write failed; retrying", extra={
-                            "op": op, "instance": iid, "attempt": attempt + 1, "error": str(exc)})
-                        await asyncio.sleep(0.2 * 2 ** attempt)
-                else:
-                    log.error("state store write dropped after retries",
-                              extra={"op": op, "instance": iid, "store": self.store.url})
+                            "op": op, "instance": iid, "attempt": attempt, "store": self.store.url,
+                            "error": f"{type(exc).__name__}: {exc}"})
+                        await asyncio.sleep(min(5.0, 0.1 * 2 ** attempt))
             except Exception:
                 log.exception("state store write failed", extra={"op": op, "instance": iid})
             finally:
@@ -258,7 +275,13 @@ class InstanceRegistry:
         stored = {rec.instance_id: rec for rec in await self.store.list_instances()}
         for iid in list(self._records):
             if iid not in stored and iid not in self._pending_writes:
-                self._apply_remove(iid)
+                if iid in self._vouched:
+                    log.warning("instance missing from the state store; writing it back",
+                                extra={"instance": iid, "store": self.store.url})
+                    record = self._records[iid]
+                    self._enqueue(_WRITE_PUT, iid, replace(record, labels=dict(record.labels)))
+                else:
+                    self._apply_remove(iid)
         for iid, rec in stored.items():
             if iid not in self._pending_writes:
                 self._apply_upsert(rec)
