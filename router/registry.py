@@ -246,8 +246,12 @@ class InstanceRegistry:
                             await self.store.put_instance(arg)
                         elif op == _WRITE_REMOVE:
                             await self.store.remove_instance(iid)
-                        else:
-                            await self.store.set_draining(iid, bool(arg))
+                        elif not await self.store.set_draining(iid, bool(arg)):
+                            # The store lost the instance (restarted empty) while we still
+                            # serve it: write all of it, or the drain would be lost.
+                            record = self._records.get(iid)
+                            if record is not None:
+                                await self.store.put_instance(replace(record, labels=dict(record.labels)))
                         break
                     except (AssertionError, TypeError, ValueError):
                         raise  # a bug, not an outage: retrying cannot help

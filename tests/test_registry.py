@@ -193,3 +193,64 @@ async def test_store_losing_its_data_is_repaired_from_replicas_own_discovery(red
         await b.close()
         for s in stores:
             await s.close()
+
+
+async def test_replicas_recover_from_a_redis_restart() -> None:
+    """Redis goes down and comes back empty (no persistence): writes made meanwhile are
+    retried, pub/sub is resubscribed, and both replicas converge again."""
+    import shutil
+    import subprocess
+
+    from tests.conftest import free_port
+
+    binary = shutil.which("redis-server")
+    assert binary is not None, "redis-server is required"
+    port = free_port()
+
+    def start_redis() -> subprocess.Popen[bytes]:
+        return subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                 "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    async def wait_up(store: RedisStateStore) -> None:
+        for _ in range(250):
+            try:
+                await store.ping()
+                return
+            except Exception:
+                await asyncio.sleep(0.02)
+        raise AssertionError(f"redis-server on port {port} did not start")
+
+    proc = start_redis()
+    url = f"redis://127.0.0.1:{port}/0?prefix=ty:"
+    stores = [open_store(url), open_store(url)]
+    a, b = (InstanceRegistry(s, resync_s=0.3) for s in stores)
+    try:
+        assert isinstance(stores[0], RedisStateStore)
+        await wait_up(stores[0])
+        await a.start()
+        await b.start()
+        a.upsert(rec("i1"))
+        await a.flush()
+        await eventually(lambda: "i1" in b, "replica b learns i1")
+
+        proc.terminate()
+        proc.wait(5)
+        a.upsert(rec("i2"))  # the store is down: queued and retried
+        b.set_draining("i1", True)
+        await asyncio.sleep(0.3)
+        assert "i2" in a and b.get("i1")[1].draining  # local views keep working meanwhile
+
+        proc = start_redis()
+        await wait_up(stores[0])
+        await asyncio.wait_for(asyncio.gather(a.flush(), b.flush()), 20)
+        await eventually(lambda: "i2" in b and "i1" in a and a.get("i1")[1].draining,
+                         "both replicas converge after the restart", timeout_s=20)
+        stored = {r.instance_id: r.draining for r in await stores[1].list_instances()}
+        assert stored == {"i1": True, "i2": False}
+    finally:
+        await a.close()
+        await b.close()
+        for s in stores:
+            await s.close()
+        proc.terminate()
+        proc.wait(5)
