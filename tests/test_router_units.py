@@ -181,3 +181,39 @@ async def test_picker_grpc_answers_with_the_routers_decision(tmp_path: Path) -> 
         assert str(reply).index("idle") < str(reply).index("busy")
     finally:
         await router.stop()
+
+
+def test_cli_router_with_two_workers_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
+    import os
+    import signal
+    import time
+
+    from tests.conftest import free_port
+
+    with fake_engines(()) as (engine,):
+        port = free_port()
+        config = tmp_path / "router.yaml"
+        config.write_text(f"listen: {{port: {port}}}\nstore: file://{tmp_path / 'state.json'}\n"
+                          f"discovery: {{static: [{{url: '{engine.url}', model: llama-3-8b, id: e0}}]}}\n")
+        proc = subprocess.Popen([sys.executable, "-m", "tokenyard.cli", "router", "--config", str(config),
+                                 "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                cwd=REPO_ROOT)
+        try:
+            assert proc.stdout is not None
+            pids = {proc.stdout.readline().rsplit("pid ", 1)[-1].strip(") \n") for _ in range(2)}
+            assert len(pids) == 2  # two processes listening on one port
+            deadline = time.monotonic() + 30
+            answered = 0
+            while answered < 10 and time.monotonic() < deadline:
+                with httpx.Client() as http:  # a new connection each time: spread over the workers
+                    reply = http.post(f"http://127.0.0.1:{port}/v1/completions",
+                                      json={"model": "llama-3-8b", "prompt": "p", "max_tokens": 2})
+                if reply.status_code == 200:
+                    answered += 1
+            assert answered == 10
+            os.kill(proc.pid, signal.SIGTERM)
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
