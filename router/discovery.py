@@ -426,8 +426,15 @@ class KubernetesDiscovery(Discovery):
                 if rv is None or time.monotonic() >= next_resync:
                     rv = self._list(list_fn)
                     next_resync = time.monotonic() + cfg.resync_s
+                opened = time.monotonic()
                 rv = self._watch_once(list_fn, rv, next_resync)
-                backoff_s = cfg.backoff_min_s
+                if time.monotonic() - opened < 1.0 and time.monotonic() < next_resync:
+                    # A server that keeps closing watches at once must not be hammered.
+                    if not self._sleep(backoff_s):
+                        break
+                    backoff_s = min(cfg.backoff_max_s, backoff_s * 2)
+                else:
+                    backoff_s = cfg.backoff_min_s
             except ApiException as exc:
                 if self._stopping.is_set():
                     break
