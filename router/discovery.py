@@ -673,3 +673,58 @@ def build_discovery(section: Any, where: str) -> list[Discovery]:
     if section.get("admin") not in (None, False):
         sources.append(parse_admin(section["admin"], f"{where}.admin"))
     return sources
+
+
+# ======================================================================================
+# Metrics
+# ======================================================================================
+
+
+class DiscoveryCollector:
+    """Prometheus collector of membership and discovery health, computed at scrape time
+    (nothing on the request path). Register it on the router's own registry:
+
+        metrics.registry.register(DiscoveryCollector(registry, discoveries))
+    """
+
+    def __init__(self, registry: InstanceRegistry, discoveries: list[Discovery]) -> None:
+        self.registry = registry
+        self.discoveries = discoveries
+
+    def describe(self) -> list[Any]:
+        return []  # computed per scrape; nothing to pre-register
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        instances = GaugeMetricFamily(
+            "tokenyard_discovery_instances", "Registered instances by source, pool and state "
+            "(ready, draining, unhealthy)", labels=["source", "pool", "state"])
+        counts: dict[tuple[str, str, str], int] = {}
+        for record in self.registry.records():
+            found = self.registry.find(record.instance_id)
+            if found is None:
+                continue
+            state = found[1]
+            status = "draining" if state.draining else ("ready" if state.healthy else "unhealthy")
+            key = (record.source, record.pool, status)
+            counts[key] = counts.get(key, 0) + 1
+        for key, count in sorted(counts.items()):
+            instances.add_metric(list(key), count)
+        yield instances
+        k8s = [d for d in self.discoveries if isinstance(d, KubernetesDiscovery)]
+        if k8s:
+            families = {name: CounterMetricFamily(f"tokenyard_discovery_kubernetes_{name}",
+                                                  help_text, labels=["kind", "namespace"])
+                        for name, help_text in (
+                            ("lists", "Full lists of the watched objects"),
+                            ("watches", "Watch requests opened"),
+                            ("gone", "Watches that got 410 Gone and re-listed"),
+                            ("bookmarks", "BOOKMARK events received"),
+                            ("events", "Object events received"),
+                            ("errors", "Failed lists or watches (retried with backoff)"))}
+            for source in k8s:
+                labels = [source.settings.kind, source.settings.namespace]
+                for name, family in families.items():
+                    family.add_metric(labels, source.stats[name])
+            yield from families.values()

@@ -364,3 +364,27 @@ async def test_end_to_end_router_follows_kubernetes_events(api: LoopbackKubeAPI)
             text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
             assert text
             assert reg.get("serving/p1")[1].router_inflight == 0
+
+
+async def test_discovery_metrics_are_exported(api: LoopbackKubeAPI) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from router.discovery import DiscoveryCollector
+
+    api.apply("pods", pod("p1", "10.9.0.1"))
+    api.apply("pods", pod("p2", "10.9.0.2", terminating=True))
+    reg = InstanceRegistry()
+    reg.upsert(InstanceRecord("s1", "http://127.0.0.1:1", "llama-8b", pool="l4"))
+    reg.mark_health("s1", False)
+    disc = discovery(api, "pods")
+    await disc.start(reg)
+    try:
+        metrics = CollectorRegistry()
+        metrics.register(DiscoveryCollector(reg, [disc]))
+        text = generate_latest(metrics).decode()
+        assert 'tokenyard_discovery_instances{pool="L4",source="kubernetes",state="ready"} 1.0' in text
+        assert 'tokenyard_discovery_instances{pool="L4",source="kubernetes",state="draining"} 1.0' in text
+        assert 'tokenyard_discovery_instances{pool="l4",source="static",state="unhealthy"} 1.0' in text
+        assert 'tokenyard_discovery_kubernetes_lists_total{kind="pods",namespace="serving"} 1.0' in text
+    finally:
+        await disc.stop()
