@@ -41,11 +41,14 @@ def address_of(url: str) -> str:
 class PickerService(picker_pb2_grpc.PickerServicer):
     """`decide(RequestInfo) -> Decision` is the router's; `tenant_for_api_key` maps a
     bearer token to a tenant (None: unknown key). Without it, `api_key` is not checked
-    and `tenant` is taken as given."""
+    and `tenant` is taken as given. At most `max_endpoints` endpoints are answered."""
 
     def __init__(self, registry: InstanceRegistry, decide: Callable[[RequestInfo], Awaitable[Decision]],
-                 *, tenant_for_api_key: Callable[[str], str | None] | None = None) -> None:
+                 *, tenant_for_api_key: Callable[[str], str | None] | None = None,
+                 max_endpoints: int = 8) -> None:
         self.registry = registry
+        # A decision may rank the whole fleet; a gateway only ever tries a few fallbacks.
+        self.max_endpoints = max_endpoints
         self.decide = decide
         self.tenant_for_api_key = tenant_for_api_key
         self._addresses: dict[str, str] = {}  # url -> host:port, parsed once per instance
@@ -67,6 +70,8 @@ class PickerService(picker_pb2_grpc.PickerServicer):
         excluded = set(request.exclude_instance_ids)
         endpoints = []
         for iid in decision.instance_ids:
+            if len(endpoints) >= self.max_endpoints:
+                break
             if iid in excluded:
                 continue
             found = self.registry.find(iid)
