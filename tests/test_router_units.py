@@ -217,3 +217,41 @@ def test_cli_router_with_two_workers_serves_and_stops_on_sigterm(tmp_path: Path)
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+async def test_load_follows_the_worker_status_stream_when_an_engine_offers_it() -> None:
+    import asyncio
+
+    from sim.emulated_engine import EmulatedEngine, EmulatedEngineConfig
+    from sim.engine_http import EngineServer
+
+    engine = EmulatedEngine(EmulatedEngineConfig(gpu="H100-80GB", model="llama-3-8b", time_scale=0.0))
+    server = EngineServer(engine, "127.0.0.1", 0, grpc_port=0)
+    await server.start()
+    try:
+        record = InstanceRecord("w0", server.base_url, "llama-3-8b", gpu="H100-80GB",
+                                grpc_address=server.grpc_address)
+        async with running_router([record], {"load": {"scrape_interval_s": 0.05}}, background=True) as router:
+            state = router.router.registry.get("w0")[1]
+            for _ in range(400):
+                if state.kv_blocks_total:
+                    break
+                await asyncio.sleep(0.025)
+            assert state.kv_blocks_total == engine.core.num_kv_blocks  # from Describe/Status, not a scrape
+            assert "w0" in router.router.load._workers
+            scrape_errors = router.router.metrics.scrape_errors
+            assert not any(s.labels.get("instance") == "w0" for m in scrape_errors.collect() for s in m.samples)
+    finally:
+        await server.stop()
+
+
+def test_policy_is_chosen_per_tenant_then_per_slo_class() -> None:
+    doc = {"policies": {"default": {"scorers": ["least_outstanding"]}, "headroom": {"scorers": ["slo_headroom"]},
+                        "pinned": {"scorers": []}},
+           "dispatch": {"by_slo_class": {"interactive": "headroom"}}}
+    dispatcher = Dispatcher(parse_router_config(doc), InstanceRegistry())
+    assert dispatcher.policy_name(Tenant("a", "interactive")) == "headroom"
+    assert dispatcher.policy_name(Tenant("b", "batch")) == "default"
+    assert dispatcher.policy_name(Tenant("c", "interactive", policy="pinned")) == "pinned"
+    scorer = dispatcher.policies["headroom"].scorers[0][0]
+    assert scorer.ttft_slo_s["interactive"] == 1.0  # the router's SLO classes reach the scorer
