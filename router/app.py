@@ -466,7 +466,7 @@ class Router:
             return
         model = body["model"]
         if not self.dispatcher.serves(model):
-            self.metrics.request_done(tenant.name, model, 404)
+            self.metrics.request_done(tenant.name, "<unknown>", 404)  # client-chosen names stay out of labels
             served = ", ".join(self.dispatcher.models()) or "none yet"
             await self._send_json(send, 404, error_body(
                 404, f"The model `{model}` does not exist. Served models: {served}", err_type="NotFoundError",
@@ -476,10 +476,13 @@ class Router:
         slo = self.dispatcher.slo_class(tenant)
         policy = self.dispatcher.policies[self.dispatcher.policy_name(tenant)]
         info = self.dispatcher.request_info(body, chat, tenant, request_id, session_id)
-        if self.config.forward_priority and "priority" not in body:
+        if self.config.forward_priority:
+            # The operator's policy decides queue order: a client cannot jump the queue by
+            # sending its own `priority`.
             body["priority"] = slo.priority if tenant.priority is None else tenant.priority
         upstream_body = orjson.dumps(body)
-        deadline_s = started_s + self.config.deadline_s(tenant.slo_class)
+        stream = body.get("stream") is True
+        deadline_s = started_s + self.config.deadline_s(tenant.slo_class, stream, info.max_output_tokens)
         try:
             t0 = time.perf_counter()
             decision = await self.dispatcher.decide(info, policy)
@@ -489,7 +492,6 @@ class Router:
             await self._send_json(send, 503, error_body(503, f"no instance can serve this request: {exc}",
                                                         code="no_instance_available"), rid_header)
             return
-        stream = body.get("stream") is True
         headers = b"Content-Type: application/json\r\nX-Request-Id: " + request_id.encode("latin-1") + b"\r\n"
         self.metrics.inflight.inc()
         try:
@@ -543,7 +545,7 @@ class Router:
                 break
             failures.append(f"{instance_id}: {outcome}")
         if deadline_hit:
-            budget_ms = config.deadline_s(tenant.slo_class) * 1000
+            budget_ms = (deadline_s - started_s) * 1000
             self.metrics.request_done(tenant.name, info.model, 504)
             await self._send_json(send, 504, error_body(
                 504, f"deadline of {budget_ms:.0f} ms for SLO class '{tenant.slo_class}' exceeded before the "

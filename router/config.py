@@ -88,13 +88,22 @@ class RouterConfig:
     scrape_timeout_s: float = 1.0
     discovery: dict[str, Any] = field(default_factory=dict)
 
-    def deadline_s(self, slo_class: str) -> float:
-        """How long a request of this class may wait for its first byte."""
-        if slo_class in self.deadlines_ms:
-            return self.deadlines_ms[slo_class] / 1000.0
+    def deadline_s(self, slo_class: str, stream: bool = True, max_output_tokens: int | None = None) -> float:
+        """How long a request of this class may wait for its first byte.
+
+        A non-streaming answer's first byte comes after its last token, so it also gets
+        twice the class's TPOT target per token it may generate (2,048 when unbounded).
+        """
         slo = self.slo_classes.get(slo_class)
-        ttft_ms = slo.ttft_slo_ms if slo is not None else 3000.0
-        return max(30.0, 10.0 * ttft_ms / 1000.0)
+        if slo_class in self.deadlines_ms:
+            first_byte_s = self.deadlines_ms[slo_class] / 1000.0
+        else:
+            ttft_ms = slo.ttft_slo_ms if slo is not None else 3000.0
+            first_byte_s = max(30.0, 10.0 * ttft_ms / 1000.0)
+        if stream:
+            return first_byte_s
+        tpot_s = (slo.tpot_slo_ms if slo is not None else 200.0) / 1000.0
+        return first_byte_s + 2.0 * tpot_s * (max_output_tokens or 2048)
 
 
 def load_router_config(path: str | Path) -> RouterConfig:

@@ -135,7 +135,9 @@ async def test_priority_of_the_slo_class_is_forwarded() -> None:
             for key in ("sk-acme", "sk-nightly"):
                 client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
                 await client.completions.create(model="llama-3-8b", prompt="p", max_tokens=2)
-            assert (await engine.stats())["priorities"] == [0, 2]  # interactive, batch
+            # A client cannot jump the queue with its own priority.
+            await client.completions.create(model="llama-3-8b", prompt="p", max_tokens=2, extra_body={"priority": -5})
+            assert (await engine.stats())["priorities"] == [0, 2, 2]  # interactive, batch, batch
 
 
 async def test_nodelay_and_first_chunk_before_stream_end_on_kept_alive_connection() -> None:

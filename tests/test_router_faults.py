@@ -128,7 +128,7 @@ async def test_deadline_exceeded_before_first_byte_is_504() -> None:
         record = InstanceRecord("hung", f"http://127.0.0.1:{port}", "llama-3-8b")
         doc = {"deadlines_ms": {"default": 300}}
         async with running_router([record], doc) as server, httpx.AsyncClient() as http:
-            response = await http.post(server.url + "/v1/chat/completions", json=CHAT)
+            response = await http.post(server.url + "/v1/chat/completions", json={**CHAT, "stream": True})
             assert response.status_code == 504
             error = response.json()["error"]
             assert error["code"] == "deadline_exceeded" and "'default'" in error["message"]

@@ -52,6 +52,8 @@ def test_config_defaults_and_deadlines() -> None:
     config = parse_router_config({"deadlines_ms": {"batch": 1234}}, "r.yaml")
     assert config.deadline_s("batch") == pytest.approx(1.234)
     assert config.deadline_s("interactive") == 30.0  # 10 x 1 s TTFT SLO, floored at 30 s
+    # Non-streaming: the first byte comes after the last token; 2 x TPOT SLO per token.
+    assert config.deadline_s("interactive", stream=False, max_output_tokens=100) == pytest.approx(30.0 + 20.0)
     assert config.anonymous_slo_class == "default"
     keyed = parse_router_config({"tenants": {"a": {"api_keys": ["k"]}}}, "r.yaml")
     assert keyed.anonymous_slo_class is None  # keys configured: no anonymous access
