@@ -28,6 +28,7 @@ from router.registry import InstanceRegistry
 log = logging.getLogger(__name__)
 
 CLOSED, HALF_OPEN, OPEN = 0, 1, 2
+MAX_CHECKS_PER_S = 100.0
 STATE_NAMES = {CLOSED: "closed", HALF_OPEN: "half-open", OPEN: "open"}
 
 
@@ -141,7 +142,9 @@ class HealthMonitor:
             if records:
                 await asyncio.gather(*(self.check_once(r.instance_id, r.url) for r in records),
                                      return_exceptions=True)
-            await asyncio.sleep(self.config.interval_s)
+            # At most MAX_CHECKS_PER_S probes a second: a large fleet is probed less often
+            # (passive ejection still reacts on the first failed requests).
+            await asyncio.sleep(max(self.config.interval_s, len(records) / MAX_CHECKS_PER_S))
 
     def start(self) -> None:
         if self._task is None:

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 # is then mapped onto this many blocks, so usage-based scorers work while the KV-room
 # filter (which needs real block counts) treats the instance as roomy.
 UNKNOWN_KV_BLOCKS = 1_000_000
+MAX_SCRAPES_PER_S = 200.0
 
 
 @dataclass(slots=True)
@@ -153,7 +154,11 @@ class LoadMonitor:
             if targets:
                 await asyncio.gather(*(self.scrape_once(iid, url) for iid, url in targets), return_exceptions=True)
             elapsed = time.monotonic() - started
-            await asyncio.sleep(max(0.0, self.interval_s - elapsed))
+            # A large fleet is scraped less often rather than eating the event loop: at most
+            # MAX_SCRAPES_PER_S pages a second (a vLLM page is tens of KB of text); between
+            # scrapes the router-side in-flight counts keep the picture current.
+            interval_s = max(self.interval_s, len(targets) / MAX_SCRAPES_PER_S)
+            await asyncio.sleep(max(0.0, interval_s - elapsed))
 
     def start(self) -> None:
         if self._task is None:
