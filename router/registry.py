@@ -29,6 +29,7 @@ MembershipListener = Callable[[str, InstanceRecord], None]
 _WRITE_PUT = "put"
 _WRITE_REMOVE = "remove"
 _WRITE_DRAIN = "drain"
+_WRITE_RESTORE = "restore"  # put unless present: never overwrites a newer remote version
 
 # Sources whose discovery runs in every replica (config list, Kubernetes watch): a replica
 # that found such an instance itself keeps it, and writes it back, when the store lost it
@@ -244,6 +245,9 @@ class InstanceRegistry:
                         if op == _WRITE_PUT:
                             assert isinstance(arg, InstanceRecord)
                             await self.store.put_instance(arg)
+                        elif op == _WRITE_RESTORE:
+                            assert isinstance(arg, InstanceRecord)
+                            await self.store.put_instance_if_absent(arg)
                         elif op == _WRITE_REMOVE:
                             await self.store.remove_instance(iid)
                         elif not await self.store.set_draining(iid, bool(arg)):
@@ -283,7 +287,7 @@ class InstanceRegistry:
                     log.warning("instance missing from the state store; writing it back",
                                 extra={"instance": iid, "store": self.store.url})
                     record = self._records[iid]
-                    self._enqueue(_WRITE_PUT, iid, replace(record, labels=dict(record.labels)))
+                    self._enqueue(_WRITE_RESTORE, iid, replace(record, labels=dict(record.labels)))
                 else:
                     self._apply_remove(iid)
         for iid, rec in stored.items():

@@ -120,6 +120,10 @@ class StateStore(ABC):
     async def put_instance(self, record: InstanceRecord) -> None: ...
 
     @abstractmethod
+    async def put_instance_if_absent(self, record: InstanceRecord) -> bool:
+        """Add unless an instance with that id is stored (atomic); True when added."""
+
+    @abstractmethod
     async def remove_instance(self, instance_id: str) -> bool:
         """Remove; False when it was not there."""
 
@@ -343,6 +347,17 @@ class FileStateStore(StateStore):
             return None, changed
 
         await self._run(self._update, mutate)
+
+    async def put_instance_if_absent(self, record: InstanceRecord) -> bool:
+        data = record.to_dict()
+
+        def mutate(doc: dict[str, Any]) -> tuple[bool, bool]:
+            if record.instance_id in doc["instances"]:
+                return False, False
+            doc["instances"][record.instance_id] = data
+            return True, True
+
+        return bool(await self._run(self._update, mutate))
 
     async def remove_instance(self, instance_id: str) -> bool:
         def mutate(doc: dict[str, Any]) -> tuple[bool, bool]:
@@ -580,6 +595,12 @@ class RedisStateStore(StateStore):
     async def put_instance(self, record: InstanceRecord) -> None:
         await self._redis.hset(self._k_instances, record.instance_id, json.dumps(record.to_dict()))
         await self._publish("instance", record.instance_id)
+
+    async def put_instance_if_absent(self, record: InstanceRecord) -> bool:
+        added = await self._redis.hsetnx(self._k_instances, record.instance_id, json.dumps(record.to_dict()))
+        if added:
+            await self._publish("instance", record.instance_id)
+        return bool(added)
 
     async def remove_instance(self, instance_id: str) -> bool:
         async with self._redis.pipeline(transaction=True) as pipe:

@@ -77,6 +77,12 @@ async def test_instances_roundtrip_between_replicas(stores: tuple[StateStore, St
     assert await a.remove_instance("i1") is False
     assert [r.instance_id for r in await b.list_instances()] == ["i2"]
 
+    # Restoring never overwrites what is stored (a newer version from another replica).
+    assert await a.put_instance_if_absent(rec("i2", gpu="stale")) is False
+    assert await b.put_instance_if_absent(rec("i3", gpu="L4")) is True
+    stored = {r.instance_id: r.gpu for r in await a.list_instances()}
+    assert stored == {"i2": "unknown", "i3": "L4"}
+
 
 async def test_concurrent_affinity_claims_agree_on_one_owner(stores: tuple[StateStore, StateStore]) -> None:
     a, b = stores
