@@ -16,7 +16,8 @@ Two things keep a decision cheap on a large fleet:
 
 Session affinity (header `x-session-id`, or the request's `user`) goes through the
 shared store's atomic claim (Redis SET NX), so router replicas agree on the owner; the
-owner goes first in the decision while it is healthy and not draining.
+owner goes first in the decision while it is healthy and not draining. A claim's answer
+is cached for AFFINITY_CACHE_S.
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ log = logging.getLogger(__name__)
 CHARS_PER_TOKEN = 4  # estimate of prompt tokens from characters (no tokenizer on the hot path)
 PREFIX_BLOCK_CHARS = 64  # ~16 tokens, vLLM's default KV block size
 MAX_PREFIX_BLOCKS = 64
+# A session's owner, once read from the store, is reused for this long without asking the
+# store again (one round trip per request otherwise; a file-store claim rewrites the file).
+# An owner that turns unhealthy or draining is never reused from the cache, so replicas can
+# disagree only while one of them still sees an owner healthy that another has ejected.
+AFFINITY_CACHE_S = 2.0
+AFFINITY_CACHE_ENTRIES = 100_000
 
 
 def prompt_text(body: dict[str, Any], chat: bool) -> str:
@@ -116,6 +123,7 @@ class Dispatcher:
         self._snapshot: Sequence[InstanceState] | None = None
         self._by_model: dict[str, tuple[InstanceState, ...]] = {}
         self._models: list[str] = []
+        self._affinity_cache: dict[str, tuple[str, float]] = {}  # key -> (owner, valid until)
 
     # -- request description ------------------------------------------------------------
     def slo_class(self, tenant: Tenant) -> SloClass:
@@ -210,6 +218,15 @@ class Dispatcher:
         assert self.store is not None
         key = self.affinity_key(info)
         chosen = decision.instance_id
+        now_s = time.monotonic()
+        cached = self._affinity_cache.get(key)
+        if cached is not None and cached[1] > now_s and self.usable(cached[0], info.model):
+            owner = cached[0]
+            if owner == chosen:
+                return decision
+            rest = tuple(iid for iid in decision.instance_ids if iid != owner)
+            return Decision(instance_ids=(owner, *rest), priority=decision.priority,
+                            reason=f"{decision.reason}+session_affinity", scores=decision.scores)
         try:
             owner = await self.store.claim_affinity(key, chosen, self.config.affinity_ttl_s)
             if owner != chosen and not self.usable(owner, info.model):
@@ -219,6 +236,9 @@ class Dispatcher:
         except Exception as exc:  # the store being down must not fail the request
             log.warning("session affinity unavailable", extra={"session": info.session_id, "error": str(exc)})
             return decision
+        if len(self._affinity_cache) >= AFFINITY_CACHE_ENTRIES:
+            self._affinity_cache.clear()
+        self._affinity_cache[key] = (owner, now_s + AFFINITY_CACHE_S)
         if owner == chosen or not self.usable(owner, info.model):
             return decision
         rest = tuple(iid for iid in decision.instance_ids if iid != owner)
@@ -230,6 +250,7 @@ class Dispatcher:
         if info.session_id is None or self.store is None:
             return
         key = self.affinity_key(info)
+        self._affinity_cache.pop(key, None)
         try:
             await self.store.drop_affinity(key)
             await self.store.claim_affinity(key, instance_id, self.config.affinity_ttl_s)
