@@ -101,6 +101,24 @@ def _normalize_sse_errors(data: bytes) -> bytes:
     return b"\n".join(out)
 
 
+class _PrioritizedBody(bytes):
+    """The upstream body with `priority` set, able to give the same body without it."""
+
+    plain_doc: dict[str, Any]
+    _plain: bytes | None
+
+    def __new__(cls, data: bytes, plain_doc: dict[str, Any]) -> _PrioritizedBody:
+        obj = super().__new__(cls, data)
+        obj.plain_doc = plain_doc
+        obj._plain = None
+        return obj
+
+    def plain(self) -> bytes:
+        if self._plain is None:
+            self._plain = orjson.dumps(self.plain_doc)
+        return self._plain
+
+
 class BadRequest(Exception):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -215,6 +233,7 @@ class Router:
         self._ids = itertools.count(1)
         self._id_prefix = f"ty-{os.getpid():x}-{int(time.time()) & 0xffffff:x}-"
         self._background: set[asyncio.Task[Any]] = set()
+        self._no_priority: set[str] = set()  # engines that refuse the priority field (FCFS vLLM)
         self._models_cache: tuple[Any, bytes] | None = None
         self.started = False
         self.registry.add_listener(self._on_membership)
@@ -481,6 +500,9 @@ class Router:
             # sending its own `priority`.
             body["priority"] = slo.priority if tenant.priority is None else tenant.priority
         upstream_body = orjson.dumps(body)
+        if "priority" in body and body["priority"] != 0:
+            plain = {k: v for k, v in body.items() if k != "priority"}
+            upstream_body = _PrioritizedBody(upstream_body, plain)
         stream = body.get("stream") is True
         deadline_s = started_s + self.config.deadline_s(tenant.slo_class, stream, info.max_output_tokens)
         try:
@@ -565,9 +587,12 @@ class Router:
         before anything reached the client (retryable)."""
         instance_id = record.instance_id
         attempt_ends_s = time.monotonic() + timeout_s
+        payload = upstream_body
+        if isinstance(upstream_body, _PrioritizedBody) and instance_id in self._no_priority:
+            payload = upstream_body.plain()
         try:
             response = await self.pools.get(record.url).request(
-                "POST", path, upstream_body, headers, headers_timeout_s=timeout_s)
+                "POST", path, payload, headers, headers_timeout_s=timeout_s)
             if response.status in RETRYABLE_STATUS:
                 response.abort()
                 self.health.on_failure(instance_id, f"HTTP {response.status}")
@@ -589,6 +614,16 @@ class Router:
             time.monotonic() - started_s)
         instance_header = (b"x-tokenyard-instance", instance_id.encode("latin-1"))
         if not (stream and response.status == 200):
+            if (response.status == 400 and isinstance(payload, _PrioritizedBody)
+                    and b"riority scheduling is not enabled" in body):
+                # vLLM refuses a non-zero priority unless it runs --scheduling-policy priority:
+                # remember that this engine runs FCFS and send it requests without one.
+                self._no_priority.add(instance_id)
+                log.info("engine runs without priority scheduling; priorities not forwarded to it",
+                         extra={"instance": instance_id})
+                return await self._attempt(send, receive, record, path, upstream_body, headers, stream,
+                                           max(0.001, attempt_ends_s - time.monotonic()), info, tenant, started_s,
+                                           rid_header)
             if response.status >= 400:
                 body = normalize_engine_error(body, response.status)
             content_type = response.header(b"content-type") or b"application/json"

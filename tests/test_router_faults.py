@@ -226,3 +226,70 @@ async def test_exhausted_retry_budget_stops_retries() -> None:
                 response = await http.post(server.url + "/v1/chat/completions", json=CHAT)
             assert response.status_code == 502
             assert "retry budget" in response.json()["error"]["message"]
+
+
+class EmulatedEngineProcess:
+    """`tokenyard engine` (the real emulated engine) in its own process, to be killed."""
+
+    def __init__(self, instance_id: str, gpu: str, time_scale: float) -> None:
+        import subprocess
+        import sys
+        import time
+
+        from tests.conftest import REPO_ROOT
+
+        self.instance_id = instance_id
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tokenyard.cli", "engine", "--gpu", gpu, "--model", "llama-3-8b", "--port",
+             str(self.port), "--instance-id", instance_id, "--time-scale", str(time_scale)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO_ROOT)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            assert self.proc.poll() is None and time.monotonic() < deadline, f"{instance_id} did not start"
+            time.sleep(0.1)
+
+    def record(self) -> InstanceRecord:
+        return InstanceRecord(self.instance_id, self.url, "llama-3-8b")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+async def test_real_emulated_engines_killed_before_and_during_a_stream() -> None:
+    first = EmulatedEngineProcess("a-first", "L4", time_scale=1.0)
+    second = EmulatedEngineProcess("b-second", "L4", time_scale=1.0)
+    try:
+        async with running_router([first.record(), second.record()]) as server:
+            client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+            # Mid-stream: the engine serving a long stream dies; the client gets an error, not a cut.
+            stream = await client.chat.completions.with_raw_response.create(
+                model="llama-3-8b", messages=[{"role": "user", "content": "tell me a long story"}],
+                max_tokens=400, stream=True)
+            victim = first if stream.headers["x-tokenyard-instance"] == "a-first" else second
+            survivor = second if victim is first else first
+            received = 0
+            with pytest.raises(openai.APIError, match="mid-stream"):
+                async for _ in stream.parse():
+                    received += 1
+                    if received == 3:
+                        victim.kill()
+            # Before the first byte: requests now fail over to the survivor.
+            for _ in range(4):
+                reply = await client.chat.completions.with_raw_response.create(
+                    model="llama-3-8b", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+                assert reply.headers["x-tokenyard-instance"] == survivor.instance_id
+                assert reply.parse().choices[0].message.content
+            # These engines run FCFS (vLLM refuses a priority then): the router learned to omit it.
+            assert server.router._no_priority == {"a-first", "b-second"}
+    finally:
+        first.kill()
+        second.kill()
