@@ -5,7 +5,10 @@ and bumps counters (`inflight_started` / `inflight_finished`, `update_load`), al
 and without I/O. Membership and draining are written through to an optional
 `StateStore` by one background writer, in order, so that several router replicas over the
 same store converge; other replicas' changes arrive through `StateStore.watch()` and are
-reconciled against the store's list. Health and load stay local: each replica checks
+reconciled against the store's list (on each notice, and every `resync_s` since pub/sub
+may drop notices). Writes are retried until they land. When the store loses instances
+that this replica's own static or Kubernetes discovery found (Redis restarted empty), they
+are written back rather than dropped. Health and load stay local: each replica checks
 and scrapes engines itself.
 """
 

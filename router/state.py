@@ -689,6 +689,9 @@ class RedisStateStore(StateStore):
         if not ids:
             return set()
         values = await self._redis.mget([self.prefix + "lease:" + iid for iid in ids])
+        expired = [iid for iid, v in zip(ids, values, strict=True) if v is None]
+        if expired:
+            await self._redis.srem(self._k_leases, *expired)
         return {iid for iid, v in zip(ids, values, strict=True) if v is not None}
 
     async def drop_lease(self, instance_id: str) -> None:
