@@ -602,14 +602,20 @@ class AdminRegistration(Discovery):
         return ttl_s
 
     async def heartbeat(self, instance_id: str, lease_ttl_s: float | None = None) -> float:
-        known = self.registry.find(instance_id) is not None
-        if not known and self.registry.store is not None:
-            # Registered through another replica whose change has not reached us yet.
-            known = instance_id in await self.registry.store.live_leases()
-        if not known:
-            raise UnknownInstance(f"instance {instance_id!r} is not registered (register it first)")
+        """Renew a live lease; an expired or unknown one is UnknownInstance (the engine
+        must register again: its registration may have been swept already)."""
         ttl_s = lease_ttl_s if lease_ttl_s and lease_ttl_s > 0 else self.lease_ttl_s
-        await self._renew(instance_id, ttl_s)
+        store = self.registry.store
+        if store is not None:
+            # The store's lease is the truth: the registration may have come through
+            # another replica, or expired there.
+            alive = await store.renew_lease(instance_id, ttl_s, only_if_alive=True)
+        else:
+            alive = self._local_expiry_s.get(instance_id, 0.0) > self._clock()
+        if not alive:
+            raise UnknownInstance(f"instance {instance_id!r} has no live registration (lease expired "
+                                  "or never registered): register it again")
+        self._local_expiry_s[instance_id] = self._clock() + ttl_s
         return ttl_s
 
     async def deregister(self, instance_id: str) -> bool:

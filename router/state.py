@@ -167,7 +167,10 @@ class StateStore(ABC):
 
     # -- leases: self-registered instances stay while they heartbeat ------------------
     @abstractmethod
-    async def renew_lease(self, instance_id: str, ttl_s: float) -> None: ...
+    async def renew_lease(self, instance_id: str, ttl_s: float, *, only_if_alive: bool = False) -> bool:
+        """Set the lease to end `ttl_s` from now (atomic); with `only_if_alive`, only a
+        lease that has not expired is renewed (a heartbeat must not revive one). True
+        when the lease is now alive."""
 
     @abstractmethod
     async def live_leases(self) -> set[str]: ...
@@ -463,14 +466,17 @@ class FileStateStore(StateStore):
         return {iid: copy.deepcopy(e["load"]) for iid, e in doc["loads"].items() if e["expires_s"] > now}
 
     # -- leases ------------------------------------------------------------------------
-    async def renew_lease(self, instance_id: str, ttl_s: float) -> None:
+    async def renew_lease(self, instance_id: str, ttl_s: float, *, only_if_alive: bool = False) -> bool:
         _check_ttl(ttl_s, f"renew_lease({instance_id!r})")
 
-        def mutate(doc: dict[str, Any]) -> tuple[None, bool]:
-            doc["leases"][instance_id] = time.time() + ttl_s
-            return None, True
+        def mutate(doc: dict[str, Any]) -> tuple[bool, bool]:
+            now = time.time()
+            if only_if_alive and doc["leases"].get(instance_id, 0.0) <= now:
+                return False, False
+            doc["leases"][instance_id] = now + ttl_s
+            return True, True
 
-        await self._run(self._update, mutate, False)
+        return bool(await self._run(self._update, mutate, False))
 
     async def live_leases(self) -> set[str]:
         doc = await self._run(self._read)
@@ -677,12 +683,16 @@ class RedisStateStore(StateStore):
         return {iid: json.loads(v) for iid, v in zip(ids, values, strict=True) if v is not None}
 
     # -- leases ------------------------------------------------------------------------
-    async def renew_lease(self, instance_id: str, ttl_s: float) -> None:
+    async def renew_lease(self, instance_id: str, ttl_s: float, *, only_if_alive: bool = False) -> bool:
         _check_ttl(ttl_s, f"renew_lease({instance_id!r})")
+        ttl_ms = max(1, int(ttl_s * 1000))
+        if only_if_alive:  # SET XX: only an existing (unexpired) key is renewed
+            return bool(await self._redis.set(self.prefix + "lease:" + instance_id, "1", px=ttl_ms, xx=True))
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.set(self.prefix + "lease:" + instance_id, "1", px=max(1, int(ttl_s * 1000)))
+            pipe.set(self.prefix + "lease:" + instance_id, "1", px=ttl_ms)
             pipe.sadd(self._k_leases, instance_id)
             await pipe.execute()
+        return True
 
     async def live_leases(self) -> set[str]:
         ids = sorted(await self._redis.smembers(self._k_leases))

@@ -135,6 +135,10 @@ async def test_loads_and_leases_expire(stores: tuple[StateStore, StateStore]) ->
     await asyncio.sleep(0.35)
     assert set(await b.get_loads()) == {"i2"}
     assert await b.live_leases() == {"i2"}
+    # A heartbeat renews a live lease but never revives an expired one.
+    assert await b.renew_lease("i2", ttl_s=30, only_if_alive=True) is True
+    assert await b.renew_lease("i1", ttl_s=30, only_if_alive=True) is False
+    assert await a.live_leases() == {"i2"}
     await b.drop_lease("i2")
     assert await a.live_leases() == set()
 
