@@ -487,7 +487,14 @@ class KubernetesDiscovery(Discovery):
 
         cfg = self.settings
         timeout_s = max(1, int(min(cfg.watch_timeout_s, next_resync - time.monotonic())))
-        w = watch.Watch()
+        class RawWatch(watch.Watch):  # type: ignore[misc]
+            # Events stay JSON dicts: the client's model deserialization costs time and
+            # fails on objects its models do not expect, which would repeat forever from
+            # the same resourceVersion. The 410/ERROR handling is unchanged.
+            def get_return_type(self, func: Any) -> None:
+                return None
+
+        w = RawWatch()
         self._watch = w
         self.stats["watches"] += 1
         try:

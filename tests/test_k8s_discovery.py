@@ -388,3 +388,20 @@ async def test_discovery_metrics_are_exported(api: LoopbackKubeAPI) -> None:
         assert 'tokenyard_discovery_kubernetes_lists_total{kind="pods",namespace="serving"} 1.0' in text
     finally:
         await disc.stop()
+
+
+async def test_an_object_the_client_models_reject_does_not_stall_the_watch(api: LoopbackKubeAPI) -> None:
+    """A pod condition without `status` fails the client's pydantic model; discovery reads
+    raw events, so the watch keeps going instead of retrying the same event forever."""
+    reg = InstanceRegistry()
+    disc = discovery(api, "pods")
+    await disc.start(reg)
+    try:
+        odd = pod("p1", "10.10.0.1")
+        odd["status"]["conditions"].append({"type": "example.com/Custom"})
+        api.apply("pods", odd)
+        api.apply("pods", pod("p2", "10.10.0.2"))
+        await eventually(lambda: ids(reg) == {"serving/p1", "serving/p2"}, "both pods seen")
+        assert disc.stats["errors"] == 0
+    finally:
+        await disc.stop()
