@@ -479,3 +479,66 @@ def make_endpoint_slice(name: str, service: str, endpoints: list[dict[str, Any]]
             **({"targetRef": {"kind": "Pod", "name": ep["pod"], "namespace": namespace}} if ep.get("pod") else {}),
         } for ep in endpoints],
     }
+
+
+# -- standalone: `python -m router.k8s_loopback --port 8001 --objects objects.yaml` -------
+
+def load_objects(path: str) -> list[tuple[str, dict[str, Any]]]:
+    """A YAML list of `{resource: pods|endpointslices, object: {...}}`; errors name the entry."""
+    import yaml
+
+    from tokenyard.config import ConfigError
+
+    try:
+        with open(path) as fh:
+            doc = yaml.safe_load(fh)
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(path, f"invalid YAML: {exc}") from exc
+    if not isinstance(doc, list):
+        raise ConfigError(path, "expected a list of {resource, object}")
+    out = []
+    for i, entry in enumerate(doc):
+        where = f"{path}: [{i}]"
+        if not isinstance(entry, dict) or entry.get("resource") not in KINDS or not isinstance(entry.get("object"), dict):
+            raise ConfigError(where, f"expected {{resource: {' | '.join(KINDS)}, object: {{metadata: {{name}}, ...}}}}")
+        if not (entry["object"].get("metadata") or {}).get("name"):
+            raise ConfigError(f"{where}.object.metadata.name", "required")
+        out.append((entry["resource"], entry["object"]))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    from tokenyard.config import ConfigError
+
+    parser = argparse.ArgumentParser(
+        prog="python -m router.k8s_loopback",
+        description="Serve a loopback Kubernetes API (pods, endpointslices; list + watch) for "
+                    "trying Kubernetes discovery without a cluster.")
+    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
+    parser.add_argument("--objects", help="YAML list of {resource: pods|endpointslices, object: {...}}")
+    args = parser.parse_args(argv)
+    try:
+        objects = load_objects(args.objects) if args.objects else []
+    except ConfigError as exc:
+        print(f"k8s_loopback: {exc}", file=sys.stderr)
+        return 2
+    api = LoopbackKubeAPI(port=args.port)
+    for resource, obj in objects:
+        api.apply(resource, obj)
+    api.start()
+    print(f"kubernetes API (loopback) at {api.host}; {len(objects)} object(s)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        api.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

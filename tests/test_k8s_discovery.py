@@ -405,3 +405,39 @@ async def test_an_object_the_client_models_reject_does_not_stall_the_watch(api: 
         assert disc.stats["errors"] == 0
     finally:
         await disc.stop()
+
+
+def test_standalone_loopback_serves_objects_from_a_file(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import free_port
+
+    objects = tmp_path / "objects.yaml"
+    objects.write_text(yaml.safe_dump([
+        {"resource": "pods", "object": make_pod("p1", "10.11.0.1", LABELS, namespace="serving")},
+        {"resource": "endpointslices", "object": make_endpoint_slice(
+            "s1", "svc", [{"ip": "10.11.0.2", "pod": "a"}], LABELS, namespace="serving")},
+    ]))
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "router.k8s_loopback", "--port", str(port),
+                             "--objects", str(objects)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert f"127.0.0.1:{port}" in proc.stdout.readline()
+        api_client = client.ApiClient(client.Configuration(host=f"http://127.0.0.1:{port}"))
+        pods = client.CoreV1Api(api_client).list_namespaced_pod("serving", label_selector="app=vllm")
+        slices = client.DiscoveryV1Api(api_client).list_namespaced_endpoint_slice("serving")
+        assert [p.metadata.name for p in pods.items] == ["p1"]
+        assert [s.endpoints[0].addresses for s in slices.items] == [["10.11.0.2"]]
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- {resource: services, object: {metadata: {name: x}}}\n")
+    out = subprocess.run([sys.executable, "-m", "router.k8s_loopback", "--objects", str(bad)],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and f"{bad}: [0]" in out.stderr
