@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -250,3 +251,19 @@ def test_per_slo_class_dispatch_override() -> None:
     result = simulate(spec, requests)
     placed = sorted((r.request_id, r.instance_id) for r in result.records)
     assert [i for _, i in placed] == ["p-0", "p-1", "p-2"] * 2
+
+
+def test_prefix_affinity_reuses_more_kv_on_the_real_mooncake_trace(shared_data: Path) -> None:
+    from sim.cluster import load_cluster
+    from sim.traces import read_trace
+
+    spec = load_cluster(Path(__file__).resolve().parents[1] / "sim" / "examples" / "slo_prefix_qwen.yaml")
+    requests = list(read_trace(shared_data / "traces" / "mooncake" / "synthetic_trace.jsonl", limit=1500))
+    hit_rate = {}
+    for variant in policy_variants(spec, ["round_robin", "least_outstanding", "prefix_affinity"]):
+        result = simulate(variant, requests)
+        done = [r for r in result.records if not r.rejected]
+        assert len(done) > 1200  # the rest exceed the 32k context and are rejected with a reason
+        assert all("maximum context length" in r.reject_reason for r in result.records if r.rejected)
+        hit_rate[variant.label] = sum(r.cached_prompt_tokens for r in done) / sum(r.input_tokens for r in done)
+    assert hit_rate["prefix_affinity"] > 1.8 * max(hit_rate["round_robin"], hit_rate["least_outstanding"])
