@@ -157,12 +157,17 @@ class InstanceRegistry:
 
     def upsert(self, record: InstanceRecord) -> None:
         """Add or update an instance (load and health survive an update)."""
+        unchanged = self._records.get(record.instance_id) == record
         self._apply_upsert(record)
         if record.source in _VOUCHED_SOURCES:
             self._vouched.add(record.instance_id)
         else:
             self._vouched.discard(record.instance_id)
-        self._enqueue(_WRITE_PUT, record.instance_id, replace(record, labels=dict(record.labels)))
+        # An identical record is in the store already or on its way; should another replica
+        # have removed it meanwhile, a static/Kubernetes one is restored by reconcile, and
+        # a self-registration (not restored) is written again here.
+        if not unchanged or record.source not in _VOUCHED_SOURCES:
+            self._enqueue(_WRITE_PUT, record.instance_id, replace(record, labels=dict(record.labels)))
 
     def remove(self, instance_id: str) -> bool:
         found = self._apply_remove(instance_id)
