@@ -344,11 +344,11 @@ class Router:
         return type(decision)(decision.instance_ids, priority, decision.reason, decision.scores)
 
     def _on_membership(self, event: str, record: InstanceRecord) -> None:
+        # An updated record with a new URL simply gets a new pool (pools are per URL).
         if event == "removed":
             self.health.forget(record.instance_id)
-            self.pools.drop(record.url)
-        elif event == "updated":
-            self.pools.drop(record.url)  # the URL may have changed: new connections
+            if not any(r.url == record.url for r in self.registry.records()):
+                self.pools.drop(record.url)  # requests in flight to it finish first
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)

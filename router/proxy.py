@@ -280,6 +280,7 @@ class UpstreamPool:
         self._idle: list[_Connection] = []
         self._all: set[_Connection] = set()
         self._host_header = f"Host: {self.authority}\r\n".encode()
+        self.retired = False  # no longer handed out: busy connections close when done
 
     async def _connect(self) -> _Connection:
         try:
@@ -293,7 +294,7 @@ class UpstreamPool:
         return conn
 
     def _release(self, conn: _Connection) -> None:
-        if len(self._idle) >= self.max_idle:
+        if self.retired or len(self._idle) >= self.max_idle:
             conn.close()
             self._all.discard(conn)
             return
@@ -361,6 +362,14 @@ class UpstreamPool:
         self._all.clear()
         self._idle.clear()
 
+    def retire(self) -> None:
+        """Close the idle connections now; the busy ones finish their exchange first."""
+        self.retired = True
+        for conn in self._idle:
+            conn.close()
+            self._all.discard(conn)
+        self._idle.clear()
+
     def connections(self) -> list[_Connection]:
         """Open connections (for tests checking socket options)."""
         return [conn for conn in self._all if not conn.closed]
@@ -394,9 +403,10 @@ class PoolSet:
         return pool
 
     def drop(self, url: str) -> None:
+        """Forget an engine: idle connections close, requests in flight finish."""
         pool = self._pools.pop(url, None)
         if pool is not None:
-            pool.close()
+            pool.retire()
 
     def close(self) -> None:
         for pool in self._pools.values():

@@ -293,3 +293,18 @@ async def test_real_emulated_engines_killed_before_and_during_a_stream() -> None
     finally:
         first.kill()
         second.kill()
+
+
+async def test_removed_instance_finishes_its_running_stream() -> None:
+    with fake_engines(("--token-delay-s", "0.02"),) as (engine,):
+        async with running_router([engine.record("gone")]) as server, httpx.AsyncClient() as http:
+            body = {"model": "llama-3-8b", "prompt": "p", "max_tokens": 20, "stream": True}
+            async with http.stream("POST", server.url + "/v1/completions", json=body) as running:
+                lines = running.aiter_lines()
+                assert (await anext(lines)).startswith("data: {")
+                server.router.registry.remove("gone")  # discovery dropped it mid-stream
+                rest = [line async for line in lines if line]
+            assert rest[-1] == "data: [DONE]"
+            assert sum(1 for line in rest if '"text"' in line) == 19
+            response = await http.post(server.url + "/v1/completions", json={**body, "stream": False})
+            assert response.status_code == 404  # nothing serves the model any more
