@@ -244,10 +244,13 @@ def markdown(results: dict, decisions: dict, notes: list[str]) -> str:
 
 
 def main() -> int:
+    global CONCURRENCY
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration-s", type=float, default=3.0, help="measured seconds per point")
     parser.add_argument("--warmup-s", type=float, default=0.5)
     parser.add_argument("--rounds", type=int, default=2, help="rounds over all points; each point keeps its best")
+    parser.add_argument("--concurrency", default="1,32,128",
+                        help="comma-separated concurrency levels")
     parser.add_argument("--no-peers", action="store_true", help="measure only direct calls and tokenyard")
     parser.add_argument("--workers", type=int, default=2,
                         help="also measure `tokenyard router --workers N` (1: skip)")
@@ -259,6 +262,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(REPO / "docs" / "img" / "router_overhead.png"))
     parser.add_argument("--json", default=None, help="also write the results as JSON here")
     args = parser.parse_args()
+    CONCURRENCY = tuple(int(c) for c in args.concurrency.split(",") if c)
 
     from tqdm import tqdm
 
