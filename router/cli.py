@@ -19,8 +19,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--host", default=None, help="listen address (overrides listen.host)")
     parser.add_argument("--port", type=int, default=None, help="listen port (overrides listen.port)")
     parser.add_argument("--store", default=None,
-                        help="state store URL (overrides store:), e.g. redis://127.0.0.1:6379/0 "
-                             "(default: file://$PWD/.tokenyard/state.json)")
+                        help="state store URL (overrides store:), e.g. redis://127.0.0.1:6379/0; with "
+                             "neither: file://$PWD/.tokenyard/state.json")
     parser.add_argument("--http-server", choices=["builtin", "uvicorn"], default="builtin",
                         help="HTTP/1.1 server of the front door (see router/app.py FrontDoorProtocol)")
     parser.add_argument("--workers", type=int, default=1,
