@@ -13,7 +13,8 @@ Engines run as subprocesses rather than in the router's process: each emulated e
 runs a continuous-batching loop that sleeps modelled iteration times, and sharing one
 event loop with the router makes the engines' timing and the router's latency disturb
 each other; as processes they also use the machine's other cores. Measured on the 2-core
-box: the three engine processes start in ~2 s together (in parallel, import time dominates).
+box: `tokenyard up --smoke` (three engine processes started in parallel, router, first
+request, clean stop) takes 6.9 s of wall time; the in-process variant was not built.
 """
 
 from __future__ import annotations
