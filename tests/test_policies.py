@@ -9,9 +9,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.dispatch import ClusterView, DispatchPolicy, PolicyConfigError, build_policy
+from scheduler.dispatch import (
+    ClusterView,
+    DispatchContext,
+    DispatchPolicy,
+    PolicyConfigError,
+    Scorer,
+    build_policy,
+)
 from scheduler.queueing import QueuePolicyError, build_queue_policy
-from scheduler.types import InstanceState, RequestInfo, SloClass
+from scheduler.types import InstanceState, NoInstanceAvailable, RequestInfo, SloClass
 
 MODEL = "llama-3-8b"
 
@@ -189,3 +196,68 @@ def test_queue_policies() -> None:
         build_queue_policy("lifo")
     with pytest.raises(QueuePolicyError, match="takes no parameters"):
         build_queue_policy({"fcfs": {"x": 1}})
+
+
+class _PlainScorer(Scorer):
+    """A scorer with only the per-instance method: exercises the default `score_all`."""
+
+    name = "plain_test"
+
+    def score(self, request: RequestInfo, instance: InstanceState, ctx: DispatchContext) -> float:
+        return float(instance.running) - 0.5 * instance.waiting
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(st.integers(0, 6), st.integers(0, 6), st.integers(0, 6), st.booleans(), st.booleans(),
+                  st.sampled_from([MODEL, MODEL.upper(), "other"]), st.integers(0, 1000)),
+        min_size=1, max_size=24,
+    ),
+    filters=st.sampled_from([None, ["model"], ["healthy", "model"], ["model", "healthy", "not_draining", "kv_room"]]),
+    scorers=st.sampled_from([["least_outstanding"], ["least_kv"], [],
+                             [{"least_outstanding": {"weight": 2.0}}, {"least_kv": {"weight": 0.5}}], "plain"]),
+    picker=st.sampled_from(["max_score", "round_robin", "random", "power_of_two", "session_affinity",
+                            "prefix_affinity"]),
+    shuffle_seed=st.integers(0, 1000),
+)
+def test_decide_fast_path_equals_the_per_instance_reference(
+    rows: list[tuple[int, int, int, bool, bool, str, int]], filters: list[str] | None, scorers: object,
+    picker: str, shuffle_seed: int,
+) -> None:
+    """`decide` (keep_all / score_all / rank) gives the decision, the errors and the RNG
+    draws of the one-call-per-instance definition, decision after decision."""
+    import random as _random
+
+    states = [
+        InstanceState(instance_id=f"i{k:02d}", model=model, running=run, waiting=wait, router_inflight=inflight,
+                      healthy=healthy, draining=draining, kv_blocks_total=1000, kv_blocks_used=used)
+        for k, (run, wait, inflight, healthy, draining, model, used) in enumerate(rows)
+    ]
+    _random.Random(shuffle_seed).shuffle(states)
+    config: dict[str, object] = {"picker": picker, "seed": 7}
+    if filters is not None:
+        config["filters"] = filters
+    if scorers != "plain":
+        config["scorers"] = scorers
+    fast, ref = build_policy(config), build_policy(config)
+    if scorers == "plain":
+        fast.scorers = [(_PlainScorer(), 1.0)]
+        ref.scorers = [(_PlainScorer(), 1.0)]
+    for n in range(6):
+        req = request(n, session=f"s{n % 2}" if n % 3 else None, prefix=(n % 2, 5) if n % 2 else ())
+        view = ClusterView(states, now_s=float(n))
+        try:
+            expected = ref.decide_reference(view, req)
+        except NoInstanceAvailable as exc:
+            with pytest.raises(NoInstanceAvailable) as got:
+                fast.decide(view, req)
+            assert str(got.value) == str(exc)
+            return
+        decision = fast.decide(view, req)
+        assert decision == expected
+        assert [repr(s) for _, s in decision.scores] == [repr(s) for _, s in expected.scores]  # -0.0 too
+        for policy in (fast, ref):
+            policy.on_dispatch(req, decision.instance_id)
+        next(s for s in states if s.instance_id == decision.instance_id).router_inflight += 1
+    assert fast.rng.random() == ref.rng.random()

@@ -13,11 +13,22 @@ class ServesModel(Filter):
     def keep(self, request: RequestInfo, instance: InstanceState, ctx: DispatchContext) -> bool:
         return instance.model.lower() == request.model.lower()
 
+    def keep_all(
+        self, request: RequestInfo, instances: list[InstanceState], ctx: DispatchContext
+    ) -> list[InstanceState]:
+        model = request.model.lower()
+        return [inst for inst in instances if inst.model.lower() == model]
+
 
 @register_filter("healthy")
 class Healthy(Filter):
     def keep(self, request: RequestInfo, instance: InstanceState, ctx: DispatchContext) -> bool:
         return instance.healthy
+
+    def keep_all(
+        self, request: RequestInfo, instances: list[InstanceState], ctx: DispatchContext
+    ) -> list[InstanceState]:
+        return [inst for inst in instances if inst.healthy]
 
 
 @register_filter("not_draining")
@@ -26,6 +37,11 @@ class NotDraining(Filter):
 
     def keep(self, request: RequestInfo, instance: InstanceState, ctx: DispatchContext) -> bool:
         return not instance.draining
+
+    def keep_all(
+        self, request: RequestInfo, instances: list[InstanceState], ctx: DispatchContext
+    ) -> list[InstanceState]:
+        return [inst for inst in instances if not inst.draining]
 
 
 @register_filter("kv_room")
@@ -51,3 +67,16 @@ class MaxScore(Picker):
     ) -> list[InstanceState]:
         ranked = sorted(scored, key=lambda pair: (-pair[1], pair[0].instance_id))
         return [inst for inst, _ in ranked]
+
+    def rank(
+        self,
+        request: RequestInfo,
+        instances: list[InstanceState],
+        scores: list[float],
+        ctx: DispatchContext,
+    ) -> list[int]:
+        # Plain tuples sort in C without a key call per element; the position breaks ties
+        # between equal ids as the stable sort in `order` does.
+        keys = [(-s, inst.instance_id, k) for k, (inst, s) in enumerate(zip(instances, scores, strict=True))]
+        keys.sort()
+        return [k for _, _, k in keys]

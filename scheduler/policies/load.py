@@ -12,3 +12,12 @@ class LeastOutstanding(Scorer):
 
     def score(self, request: RequestInfo, instance: InstanceState, ctx: DispatchContext) -> float:
         return -float(instance.outstanding)
+
+    def score_all(
+        self, request: RequestInfo, instances: list[InstanceState], ctx: DispatchContext
+    ) -> list[float]:
+        # InstanceState.outstanding inlined: max(running + waiting, router_inflight).
+        return [
+            -float(scraped if (scraped := inst.running + inst.waiting) > inst.router_inflight else inst.router_inflight)
+            for inst in instances
+        ]

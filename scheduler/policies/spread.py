@@ -78,3 +78,8 @@ class LeastKvUsage(Scorer):
 
     def score(self, request: RequestInfo, instance: InstanceState, ctx: DispatchContext) -> float:
         return -(instance.kv_usage + 1e-6 * instance.outstanding)
+
+    def score_all(
+        self, request: RequestInfo, instances: list[InstanceState], ctx: DispatchContext
+    ) -> list[float]:
+        return [-(inst.kv_usage + 1e-6 * inst.outstanding) for inst in instances]
