@@ -45,6 +45,11 @@ class Filter:
     """Removes instances that must not receive the request."""
 
     name: ClassVar[str] = ""
+    # Whether this part reads the load fields that change while an engine decodes an
+    # unchanged batch (`kv_blocks_used`, `kv_usage`, `kv_blocks_free`, `tokens_in_flight`,
+    # `updated_s`). The simulator keeps those exact inside fast-forwarded stretches only
+    # for policies with a part that reads them; a new part is assumed to (True).
+    reads_progress: ClassVar[bool] = True
 
     def __init__(self, **params: Any) -> None:
         if params:
@@ -67,6 +72,11 @@ class Scorer:
     """Scores an instance for a request; higher is better. Scores are combined by weight."""
 
     name: ClassVar[str] = ""
+    # Whether this part reads the load fields that change while an engine decodes an
+    # unchanged batch (`kv_blocks_used`, `kv_usage`, `kv_blocks_free`, `tokens_in_flight`,
+    # `updated_s`). The simulator keeps those exact inside fast-forwarded stretches only
+    # for policies with a part that reads them; a new part is assumed to (True).
+    reads_progress: ClassVar[bool] = True
 
     def __init__(self, **params: Any) -> None:
         if params:
@@ -93,6 +103,11 @@ class Picker:
     """Orders the scored candidates; the first is chosen, the rest are fallbacks."""
 
     name: ClassVar[str] = ""
+    # Whether this part reads the load fields that change while an engine decodes an
+    # unchanged batch (`kv_blocks_used`, `kv_usage`, `kv_blocks_free`, `tokens_in_flight`,
+    # `updated_s`). The simulator keeps those exact inside fast-forwarded stretches only
+    # for policies with a part that reads them; a new part is assumed to (True).
+    reads_progress: ClassVar[bool] = True
 
     def __init__(self, **params: Any) -> None:
         if params:
@@ -241,6 +256,18 @@ class DispatchPolicy:
             instance_ids=tuple(inst.instance_id for inst in ordered),
             reason=self.picker.name,
             scores=tuple((inst.instance_id, score_of[inst.instance_id]) for inst in ordered),
+        )
+
+    @property
+    def reads_progress(self) -> bool:
+        """Whether any part reads load that changes inside a decode stretch (see `Filter`);
+        a subclass that overrides `decide` may read anything."""
+        if type(self).decide is not DispatchPolicy.decide:
+            return True
+        return (
+            any(flt.reads_progress for flt in self.filters)
+            or any(scorer.reads_progress for scorer, _ in self.scorers)
+            or self.picker.reads_progress
         )
 
     def on_dispatch(self, request: RequestInfo, instance_id: str) -> None:

@@ -116,6 +116,12 @@ class Simulation:
         self.policy = policy or cluster.build_dispatch(seed)
         self.class_policies: dict[str, DispatchPolicy] = {} if policy else cluster.build_dispatch_per_class(seed)
         self.queue = cluster.build_queue_policy()
+        # Inside a decode stretch only KV use and tokens in flight change (running and
+        # waiting counts change only at its ends, where the snapshot is published): keep
+        # them exact at every decision only for policies that read them.
+        self.refresh_in_runs = any(
+            p.reads_progress for p in (self.policy, *self.class_policies.values())
+        )
         self.progress = progress
         self.timeline_interval_s = timeline_interval_s
         self.fast_forward = fast_forward
@@ -220,7 +226,7 @@ class Simulation:
             arrival_s=now,
         )
         policy = self.class_policies.get(trace.slo_class, self.policy) if self.class_policies else self.policy
-        if self.live_load and self.in_runs:
+        if self.live_load and self.in_runs and self.refresh_in_runs:
             self._refresh_runs(now)
         self.view.now_s = now
         try:

@@ -3,6 +3,7 @@ fast-forward equal to stepping, rejections, progress, timeline, load scraping.""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Iterator
@@ -267,3 +268,23 @@ def test_prefix_affinity_reuses_more_kv_on_the_real_mooncake_trace(shared_data: 
         assert all("maximum context length" in r.reject_reason for r in result.records if r.rejected)
         hit_rate[variant.label] = sum(r.cached_prompt_tokens for r in done) / sum(r.input_tokens for r in done)
     assert hit_rate["prefix_affinity"] > 1.8 * max(hit_rate["round_robin"], hit_rate["least_outstanding"])
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10**6), n=st.integers(1, 120), rate=st.sampled_from([20.0, 200.0]),
+       policy=st.sampled_from(["least_outstanding", "session_affinity", "power_of_two", "least_kv"]),
+       fast_forward=st.booleans())
+def test_skipping_in_stretch_refresh_changes_no_decision(seed: int, n: int, rate: float, policy: str,
+                                                         fast_forward: bool) -> None:
+    """Policies that read no in-stretch load (least_outstanding, affinity, ...) let the simulator
+    skip refreshing KV use inside fast-forwarded stretches; records are those of a run that
+    refreshes every snapshot before every decision."""
+    spec = cluster(policy, "fcfs", 400)
+    requests = workload(seed, n, rate, prefix=True)
+    plain = Simulation(spec, seed=5, fast_forward=fast_forward, policy=spec.build_dispatch(seed=5))
+    assert plain.refresh_in_runs == (policy == "least_kv")
+    forced = Simulation(spec, seed=5, fast_forward=fast_forward, policy=spec.build_dispatch(seed=5))
+    forced.refresh_in_runs = True
+    a, b = plain.run(requests), forced.run(requests)
+    assert [dataclasses.astuple(r) for r in a.records] == [dataclasses.astuple(r) for r in b.records]
+    assert recording(spec).reads_progress  # a policy overriding decide may read anything

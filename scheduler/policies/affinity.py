@@ -84,6 +84,8 @@ class SessionAffinity(Picker):
 
     _MAX_RINGS = 16
 
+    reads_progress = False
+
     def __init__(self, virtual_nodes: int = 64, load_factor: float = 1.25, slack_requests: int = 2) -> None:
         self.virtual_nodes = _check_positive_int(virtual_nodes, "session_affinity.virtual_nodes")
         self.load_factor = _check_load_factor(load_factor, "session_affinity")
@@ -122,6 +124,8 @@ class PrefixAffinity(Picker):
     load_factor, slack_requests: an instance above ceil(load_factor x mean) + slack_requests
         outstanding requests loses its match (bounded load).
     """
+
+    reads_progress = False
 
     def __init__(
         self,

@@ -10,6 +10,8 @@ from scheduler.types import InstanceState, RequestInfo
 class ServesModel(Filter):
     """Keeps instances serving the requested model (case-insensitive)."""
 
+    reads_progress = False
+
     def keep(self, request: RequestInfo, instance: InstanceState, ctx: DispatchContext) -> bool:
         return instance.model.lower() == request.model.lower()
 
@@ -22,6 +24,8 @@ class ServesModel(Filter):
 
 @register_filter("healthy")
 class Healthy(Filter):
+    reads_progress = False
+
     def keep(self, request: RequestInfo, instance: InstanceState, ctx: DispatchContext) -> bool:
         return instance.healthy
 
@@ -34,6 +38,8 @@ class Healthy(Filter):
 @register_filter("not_draining")
 class NotDraining(Filter):
     """A draining or terminating instance finishes its running requests but gets no new ones."""
+
+    reads_progress = False
 
     def keep(self, request: RequestInfo, instance: InstanceState, ctx: DispatchContext) -> bool:
         return not instance.draining
@@ -58,6 +64,8 @@ class HasKvRoom(Filter):
 @register_picker("max_score")
 class MaxScore(Picker):
     """Highest score first; ties broken by instance id so decisions are reproducible."""
+
+    reads_progress = False
 
     def order(
         self,

@@ -10,6 +10,8 @@ from scheduler.types import InstanceState, RequestInfo
 class LeastOutstanding(Scorer):
     """Fewer requests on the instance (scraped or router-side, whichever is larger) is better."""
 
+    reads_progress = False
+
     def score(self, request: RequestInfo, instance: InstanceState, ctx: DispatchContext) -> float:
         return -float(instance.outstanding)
 

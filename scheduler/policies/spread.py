@@ -22,6 +22,8 @@ class RoundRobin(Picker):
     join, leave or are filtered out. Scores are ignored.
     """
 
+    reads_progress = False
+
     def __init__(self) -> None:
         self._last_id: str | None = None
 
@@ -42,6 +44,8 @@ class RoundRobin(Picker):
 class UniformRandom(Picker):
     """A uniformly random order (from the policy's seeded RNG). Scores are ignored."""
 
+    reads_progress = False
+
     def order(
         self, request: RequestInfo, scored: list[tuple[InstanceState, float]], ctx: DispatchContext
     ) -> list[InstanceState]:
@@ -57,6 +61,8 @@ class PowerOfTwoChoices(Picker):
     Fallbacks: the other one, then the rest by score. With a load scorer this gives most of
     least-load's balance while sampling only two instances' (possibly stale) load.
     """
+
+    reads_progress = False
 
     def order(
         self, request: RequestInfo, scored: list[tuple[InstanceState, float]], ctx: DispatchContext
