@@ -18,8 +18,10 @@ class ServesModel(Filter):
     def keep_all(
         self, request: RequestInfo, instances: list[InstanceState], ctx: DispatchContext
     ) -> list[InstanceState]:
-        model = request.model.lower()
-        return [inst for inst in instances if inst.model.lower() == model]
+        wanted = request.model
+        model = wanted.lower()
+        # An exact match needs no lower(): the usual case, checked first.
+        return [inst for inst in instances if inst.model == wanted or inst.model.lower() == model]
 
 
 @register_filter("healthy")
@@ -66,6 +68,10 @@ class MaxScore(Picker):
     """Highest score first; ties broken by instance id so decisions are reproducible."""
 
     reads_progress = False
+    _MAX_CACHED = 64  # candidate lists whose id order is remembered
+
+    def __init__(self) -> None:
+        self._id_order: dict[tuple[str, ...], list[int]] = {}
 
     def order(
         self,
@@ -83,8 +89,14 @@ class MaxScore(Picker):
         scores: list[float],
         ctx: DispatchContext,
     ) -> list[int]:
-        # Plain tuples sort in C without a key call per element; the position breaks ties
-        # between equal ids as the stable sort in `order` does.
-        keys = [(-s, inst.instance_id, k) for k, (inst, s) in enumerate(zip(instances, scores, strict=True))]
-        keys.sort()
-        return [k for _, _, k in keys]
+        # Positions in instance-id order (cached per candidate list), then a stable sort on
+        # the score alone: the (-score, id) order `order` gives, without a key tuple per
+        # candidate or a string comparison per tie.
+        ids = tuple([inst.instance_id for inst in instances])
+        by_id = self._id_order.get(ids)
+        if by_id is None:
+            if len(self._id_order) >= self._MAX_CACHED:
+                self._id_order.clear()
+            by_id = self._id_order[ids] = sorted(range(len(ids)), key=ids.__getitem__)
+        negated = [-s for s in scores]
+        return sorted(by_id, key=negated.__getitem__)
