@@ -31,6 +31,11 @@ class ClusterView:
 
     instances: Sequence[InstanceState]
     now_s: float = 0.0
+    # A counter the driver bumps whenever an instance joins, leaves, or changes its model,
+    # health or draining flag, keeping the same `instances` object otherwise; with it set,
+    # the result of the leading `static` filters is reused between decisions. None: the
+    # driver promises nothing (filters run every time).
+    membership_version: int | None = None
 
 
 @dataclass(slots=True)
@@ -50,6 +55,9 @@ class Filter:
     # `updated_s`). The simulator keeps those exact inside fast-forwarded stretches only
     # for policies with a part that reads them; a new part is assumed to (True).
     reads_progress: ClassVar[bool] = True
+    # True: `keep` depends only on the request's model and the instance's id, model,
+    # health and draining flag (what `ClusterView.membership_version` covers).
+    static: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         if params:
@@ -189,9 +197,55 @@ class DispatchPolicy:
     picker: Picker
     seed: int = 0
     rng: random.Random = field(init=False)
+    # (instances object, membership version, model, filters) -> candidates after the
+    # leading static filters; the instances object is held so that its id is not reused.
+    _static_kept: tuple[object, int, str, tuple[Filter, ...], list[InstanceState]] | None = field(
+        init=False, default=None, repr=False
+    )
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
+
+    def _run_filters(
+        self, view: ClusterView, request: RequestInfo, ctx: DispatchContext
+    ) -> list[InstanceState]:
+        filters = self.filters
+        first = 0
+        version = view.membership_version
+        cached: list[InstanceState] | None = None
+        if version is not None:
+            while first < len(filters) and filters[first].static:
+                first += 1
+            if first:
+                hit = self._static_kept
+                if (
+                    hit is not None
+                    and hit[0] is view.instances
+                    and hit[1] == version
+                    and hit[2] == request.model
+                    and hit[3] == tuple(filters[:first])
+                ):
+                    cached = hit[4]
+        if cached is None:
+            candidates = list(view.instances)
+            if not candidates:
+                raise NoInstanceAvailable(f"request {request.request_id}: no instances registered")
+            start = 0
+        else:
+            candidates = cached
+            start = first
+        for k in range(start, len(filters)):
+            flt = filters[k]
+            kept = flt.keep_all(request, candidates, ctx)
+            if not kept:
+                raise NoInstanceAvailable(
+                    f"request {request.request_id} (model {request.model!r}): filter {flt.name!r} "
+                    f"removed the last {len(candidates)} candidate(s)"
+                )
+            candidates = kept
+            if k + 1 == first and version is not None:
+                self._static_kept = (view.instances, version, request.model, tuple(filters[:first]), candidates)
+        return candidates
 
     def decide(self, view: ClusterView, request: RequestInfo) -> Decision:
         """Filter, score and order `view.instances` for `request`.
@@ -201,17 +255,7 @@ class DispatchPolicy:
         calls were most of a decision's cost. The result is the one the per-instance
         methods define (tests/test_policies.py compares both on random clusters)."""
         ctx = DispatchContext(now_s=view.now_s, rng=self.rng)
-        candidates = list(view.instances)
-        if not candidates:
-            raise NoInstanceAvailable(f"request {request.request_id}: no instances registered")
-        for flt in self.filters:
-            kept = flt.keep_all(request, candidates, ctx)
-            if not kept:
-                raise NoInstanceAvailable(
-                    f"request {request.request_id} (model {request.model!r}): filter {flt.name!r} "
-                    f"removed the last {len(candidates)} candidate(s)"
-                )
-            candidates = kept
+        candidates = self._run_filters(view, request, ctx)
         scorers = self.scorers
         if len(scorers) == 1:
             scorer, weight = scorers[0]

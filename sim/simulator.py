@@ -132,7 +132,8 @@ class Simulation:
             for instance_id in pool.instance_ids():
                 self.instances.append(_Instance(len(self.instances), instance_id, pool))
         self.by_id = {inst.state.instance_id: inst for inst in self.instances}
-        self.view = ClusterView([inst.state for inst in self.instances])
+        # Instances never join, leave or change health in a simulation: one membership version.
+        self.view = ClusterView([inst.state for inst in self.instances], membership_version=0)
         self.in_runs: dict[int, _Instance] = {}  # instances inside a fast-forward run
         self.next_run_change_s = math.inf  # earliest next_change_s over in_runs (or earlier)
         self.heap: list[tuple[float, int, _Instance, int]] = []

@@ -261,3 +261,55 @@ def test_decide_fast_path_equals_the_per_instance_reference(
             policy.on_dispatch(req, decision.instance_id)
         next(s for s in states if s.instance_id == decision.instance_id).router_inflight += 1
     assert fast.rng.random() == ref.rng.random()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 10**6),
+    filters=st.sampled_from([None, ["model", "healthy"], ["healthy", "kv_room", "not_draining"], ["kv_room"]]),
+    picker=st.sampled_from(["max_score", "round_robin", "power_of_two"]),
+)
+def test_static_filter_cache_follows_the_membership_version(seed: int, filters: list[str] | None,
+                                                            picker: str) -> None:
+    """With `membership_version`, the leading static filters' result is reused until the
+    driver bumps the version (health, draining, model or membership changed); decisions stay
+    those of the per-instance reference while load, health and membership change."""
+    import random as _random
+
+    rng = _random.Random(seed)
+    states = [InstanceState(instance_id=f"i{k}", model=MODEL, kv_blocks_total=100) for k in range(8)]
+    view = ClusterView(list(states), membership_version=0)
+    config: dict[str, object] = {"picker": picker, "seed": 3}
+    if filters is not None:
+        config["filters"] = filters
+    fast, ref = build_policy(config), build_policy(config)
+    for n in range(40):
+        change = rng.random()
+        inst = rng.choice(view.instances)
+        if change < 0.15:
+            inst.healthy = not inst.healthy
+            view.membership_version += 1  # type: ignore[operator]
+        elif change < 0.25:
+            inst.draining = not inst.draining
+            view.membership_version += 1  # type: ignore[operator]
+        elif change < 0.3:
+            inst.model = rng.choice([MODEL, "other"])
+            view.membership_version += 1  # type: ignore[operator]
+        elif change < 0.35:
+            view = ClusterView([s for s in states if rng.random() < 0.8] or states[:1], membership_version=0)
+        else:
+            inst.router_inflight = rng.randint(0, 5)
+            inst.kv_blocks_used = rng.randint(0, 100)  # not static: read every time
+        req = RequestInfo(request_id=f"r{n}", model=rng.choice([MODEL, MODEL, "other"]),
+                          input_tokens=rng.randint(1, 1200))
+        try:
+            expected = ref.decide_reference(view, req)
+        except NoInstanceAvailable as exc:
+            with pytest.raises(NoInstanceAvailable) as got:
+                fast.decide(view, req)
+            assert str(got.value) == str(exc)
+            continue
+        decision = fast.decide(view, req)
+        assert decision == expected
+        for policy in (fast, ref):
+            policy.on_dispatch(req, decision.instance_id)

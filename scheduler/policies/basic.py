@@ -11,6 +11,7 @@ class ServesModel(Filter):
     """Keeps instances serving the requested model (case-insensitive)."""
 
     reads_progress = False
+    static = True
 
     def keep(self, request: RequestInfo, instance: InstanceState, ctx: DispatchContext) -> bool:
         return instance.model.lower() == request.model.lower()
@@ -27,6 +28,7 @@ class ServesModel(Filter):
 @register_filter("healthy")
 class Healthy(Filter):
     reads_progress = False
+    static = True
 
     def keep(self, request: RequestInfo, instance: InstanceState, ctx: DispatchContext) -> bool:
         return instance.healthy
@@ -42,6 +44,7 @@ class NotDraining(Filter):
     """A draining or terminating instance finishes its running requests but gets no new ones."""
 
     reads_progress = False
+    static = True
 
     def keep(self, request: RequestInfo, instance: InstanceState, ctx: DispatchContext) -> bool:
         return not instance.draining
