@@ -105,6 +105,11 @@ class Batch:
     prefill_attention_pairs: float
     duration_s: float
     preempted: list[EngineRequest]
+    # Set by `schedule_fast` for `plan_decode_run`, valid only until the state changes:
+    # (least output tokens left, slack tokens of each of the first len(slacks) scheduled
+    # requests after their growth, sum of their prompt + generated tokens, sum of their
+    # computed tokens), so that planning a run does not walk the batch again.
+    plan_hint: tuple[int, list[int], int, int] | None = None
 
 
 @dataclass(slots=True)
@@ -239,6 +244,9 @@ class EngineCore:
         self.prefix_cache_hits_tokens = 0
         self.preemptions_total = 0
         self.iterations_total = 0
+        # plan_decode_run: (t0, slope) of a pure decode step by batch size (the model's
+        # `decode_step_linear_s`, a pure function of it; each plan still checks it).
+        self._decode_lines: dict[int, tuple[float, float]] = {}
 
     # ----------------------------------------------------------------- queues
     def _wait_key(self, req: EngineRequest) -> tuple[float, ...]:
@@ -535,6 +543,10 @@ class EngineCore:
         context = 0
         pairs = 0.0
         running_status = RequestStatus.RUNNING
+        slacks: list[int] = []  # for plan_decode_run (see Batch.plan_hint)
+        min_left = 1 << 62
+        tokens_sum = 0
+        computed_sum = 0
         for req in self.running:
             if budget <= 0:
                 break
@@ -542,7 +554,8 @@ class EngineCore:
                 continue
             computed = req.computed_tokens
             generated = req.generated_tokens
-            new = req.prompt_tokens + generated - computed
+            prompt = req.prompt_tokens
+            new = prompt + generated - computed
             if new > budget:
                 new = budget
             held = req.own_blocks
@@ -552,6 +565,13 @@ class EngineCore:
             if need > 0:
                 need_total += need
                 growing.append((req, need))
+                held += need
+            slacks.append(held * bs - computed - new)
+            left = req.output_tokens - generated
+            if left < min_left:
+                min_left = left
+            tokens_sum += prompt + generated
+            computed_sum += computed
             scheduled.append((req, new))
             budget -= new
             if new == 1 and generated > 0:
@@ -566,9 +586,10 @@ class EngineCore:
             self.free_blocks -= need_total
             for req, need in growing:
                 req.own_blocks += need
+        hint = (min_left, slacks, tokens_sum, computed_sum)
         if not self._waiting or budget <= 0 or len(self.running) >= self.config.max_num_seqs:
             duration = self.model.iteration_time_s(prefill_tokens, decode_seqs, context, pairs)
-            return Batch(scheduled, prefill_tokens, decode_seqs, context, pairs, duration, [])
+            return Batch(scheduled, prefill_tokens, decode_seqs, context, pairs, duration, [], hint)
         preempted: list[EngineRequest] = []
         admitted_from = len(scheduled)
         # Admission: the same loop as in `schedule()`.
@@ -606,7 +627,42 @@ class EngineCore:
                 prefill_tokens += new
                 pairs += new * (req.computed_tokens + (new + 1) / 2.0)
         duration = self.model.iteration_time_s(prefill_tokens, decode_seqs, context, pairs)
-        return Batch(scheduled, prefill_tokens, decode_seqs, context, pairs, duration, preempted)
+        return Batch(scheduled, prefill_tokens, decode_seqs, context, pairs, duration, preempted, hint)
+
+    def _plan_walk(
+        self, batch: Batch, steps: int, caching: bool
+    ) -> tuple[list[int], list[int], dict[int, int], int, int, int | None]:
+        """`plan_decode_run`'s walk over a batch without `plan_hint` (from `schedule`)."""
+        bs = self.config.block_size
+        slacks: list[int] = []
+        first_tokens: list[int] = []
+        groups: dict[int, int] = {}
+        tokens = 0
+        context_after_first = 0
+        for req, new in batch.scheduled:
+            generated = req.generated_tokens
+            left = req.output_tokens - generated
+            if left < steps:
+                if left <= 1:
+                    return [], [], {}, 0, 0, None
+                steps = left
+            computed = req.computed_tokens
+            # A prefill chunk: only the last one of a prompt, and no prefix blocks to
+            # promote into the cache when it completes.
+            if not (new == 1 and generated > 0) and (
+                computed + new != req.prompt_tokens + generated or (caching and req.prefix_hashes)
+            ):
+                return [], [], {}, 0, 0, None
+            held = req.own_blocks
+            if req.shared_hashes:
+                held += self._shared_blocks(req)
+            slack = held * bs - computed - new
+            slacks.append(slack)
+            first_tokens.append(new)
+            groups[slack] = groups.get(slack, 0) + 1
+            tokens += req.prompt_tokens + generated
+            context_after_first += computed + new + 1
+        return slacks, first_tokens, groups, tokens, context_after_first, steps
 
     def plan_decode_run(self, batch: Batch, start_s: float, max_steps: int | None = None) -> DecodeRun | None:
         """If `batch` (just returned by `schedule`, starting at `start_s`) begins a stretch of
@@ -633,40 +689,57 @@ class EngineCore:
             return None
         steps = max_steps if max_steps is not None else 1 << 62
         bs = self.config.block_size
-        slacks: list[int] = []
-        first_tokens: list[int] = []
-        groups: dict[int, int] = {}
-        tokens = 0
-        context_after_first = 0
-        for req, new in batch.scheduled:
-            generated = req.generated_tokens
-            left = req.output_tokens - generated
-            if left < steps:
-                if left <= 1:
+        hint = batch.plan_hint
+        if hint is not None and len(hint[1]) <= n:
+            # schedule_fast walked the running requests already: only the requests it
+            # admitted after them are looked at here.
+            min_left, head_slacks, tokens, computed_sum = hint
+            scheduled = batch.scheduled
+            head = len(head_slacks)
+            slacks = list(head_slacks)
+            first_tokens = [new for _, new in scheduled]
+            for req, new in scheduled[head:]:
+                left = req.output_tokens - req.generated_tokens
+                if left < min_left:
+                    min_left = left
+                held = req.own_blocks
+                if req.shared_hashes:
+                    held += self._shared_blocks(req)
+                slacks.append(held * bs - req.computed_tokens - new)
+                tokens += req.prompt_tokens + req.generated_tokens
+                computed_sum += req.computed_tokens
+            if min_left < steps:
+                if min_left <= 1:
                     return None
-                steps = left
-            computed = req.computed_tokens
-            # A prefill chunk: only the last one of a prompt, and no prefix blocks to
-            # promote into the cache when it completes.
-            if not (new == 1 and generated > 0) and (
-                computed + new != req.prompt_tokens + generated or (caching and req.prefix_hashes)
-            ):
+                steps = min_left
+            if has_prefill or batch.decode_seqs != n:
+                for req, new in scheduled:
+                    generated = req.generated_tokens
+                    if not (new == 1 and generated > 0) and (
+                        req.computed_tokens + new != req.prompt_tokens + generated
+                        or (caching and req.prefix_hashes)
+                    ):
+                        return None
+            groups: dict[int, int] = {}
+            for slack in slacks:
+                groups[slack] = groups.get(slack, 0) + 1
+            context_after_first = computed_sum + sum(first_tokens) + n
+        else:
+            slacks, first_tokens, groups, tokens, context_after_first, steps_or_none = self._plan_walk(
+                batch, steps, caching
+            )
+            if steps_or_none is None:
                 return None
-            held = req.own_blocks
-            if req.shared_hashes:
-                held += self._shared_blocks(req)
-            slack = held * bs - computed - new
-            slacks.append(slack)
-            first_tokens.append(new)
-            groups[slack] = groups.get(slack, 0) + 1
-            tokens += req.prompt_tokens + generated
-            context_after_first += computed + new + 1
+            steps = steps_or_none
         if steps <= 1:
             return None
-        model_step = getattr(self.model, "decode_step_linear_s", None)
-        if model_step is None:
-            return None
-        t0, slope = model_step(n)
+        line = self._decode_lines.get(n)
+        if line is None:
+            model_step = getattr(self.model, "decode_step_linear_s", None)
+            if model_step is None:
+                return None
+            line = self._decode_lines[n] = model_step(n)
+        t0, slope = line
         first = batch.duration_s
         second = t0 + slope * context_after_first
         # The engine model promises a pure decode step is t0 + slope * context; if a model
@@ -690,7 +763,10 @@ class EngineCore:
             _slack_groups=sorted(groups.items()),
         )
         free = self.free_blocks
-        if run.blocks_allocated(steps - 1) > free:
+        # Each sequence grows by at most ceil((steps - 1 - least slack) / bs) blocks: when
+        # that fits, the exact count need not be worked out here.
+        most = n * -(-(steps - 1 - min(slacks)) // bs)
+        if most > free and run.blocks_allocated(steps - 1) > free:
             lo, hi = 1, steps  # lo fits (step 0 grows nothing more), hi does not
             while hi - lo > 1:
                 mid = (lo + hi) // 2

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from scheduler.catalog import default_catalog
 from scheduler.engine_model import EngineModel
-from sim.engine_core import EngineConfig, EngineCore, EngineRequest, RequestStatus
+from sim.engine_core import DecodeRun, EngineConfig, EngineCore, EngineRequest, RequestStatus
 
 CATALOG = default_catalog()
 MODEL = EngineModel(CATALOG.gpu("A100-80GB"), CATALOG.model("llama-3-8b"))
@@ -220,3 +220,47 @@ def test_schedule_fast_equals_schedule(seed: int, blocks: int, policy: str, budg
         fast.complete(b, t)
         fast.check_invariants()
     assert state_of(ref) == state_of(fast)
+
+
+def run_key(run: DecodeRun | None) -> tuple[object, ...] | None:
+    if run is None:
+        return None
+    return (run.steps, run.first_step_s, run.second_step_s, run.step_growth_s,
+            [r.request_id for r in run.requests], run.first_step_tokens, run.slack_tokens,
+            run.kv_blocks_used_start, run.tokens_in_flight_start, run.waiting_queries_tokens,
+            run.waiting_hits_tokens, list(run._slack_groups))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10**6), blocks=st.integers(30, 300), policy=st.sampled_from(["fcfs", "priority"]),
+       budget=st.sampled_from([16, 64, 512]), caching=st.booleans(), cap=st.sampled_from([None, 3]))
+def test_plan_from_schedule_fast_hint_equals_walking_the_batch(seed: int, blocks: int, policy: str, budget: int,
+                                                               caching: bool, cap: int | None) -> None:
+    """`plan_decode_run` on a `schedule_fast` batch (using its `plan_hint`) plans the run it
+    plans by walking the batch, on random engine states."""
+    rng = random.Random(seed)
+    core = EngineCore(MODEL, EngineConfig(block_size=4, max_num_seqs=rng.choice([2, 8, 64]),
+                                          max_num_batched_tokens=budget, scheduling_policy=policy,
+                                          num_kv_blocks=blocks, enable_prefix_caching=caching,
+                                          max_model_len=4096))
+    t = 0.0
+    runs = 0
+    for n in range(300):
+        if rng.random() < 0.35 or not core.has_work():
+            core.add_request(random_request(rng, n, t))
+        batch = core.schedule_fast()
+        hinted = core.plan_decode_run(batch, t, max_steps=cap)
+        hint, batch.plan_hint = batch.plan_hint, None
+        walked = core.plan_decode_run(batch, t, max_steps=cap)
+        batch.plan_hint = hint
+        assert run_key(hinted) == run_key(walked)
+        runs += hinted is not None
+        if hinted is not None and rng.random() < 0.5:
+            hinted.truncate(rng.randint(1, hinted.steps))
+            t = hinted.end_s
+            core.complete_run(hinted, t)
+        else:
+            t += batch.duration_s
+            core.complete(batch, t)
+        core.check_invariants()
+    assert runs > 0 or budget == 16  # most configurations plan runs (the hint path is exercised)
