@@ -804,16 +804,18 @@ class EngineCore:
         first: list[EngineRequest] = []
         finished: list[EngineRequest] = []
         first_end_s: float | None = None
+        later = steps - 1
+        running_status = RequestStatus.RUNNING
         for req, slack, first_new in zip(run.requests, run.slack_tokens, run.first_step_tokens, strict=True):
-            if req.status is not RequestStatus.RUNNING:
+            if req.status is not running_status:
                 continue  # aborted during the run
-            extra = steps - 1 - slack
-            if extra > 0:
-                grow = -(-extra // bs)
+            if slack < later:
+                grow = -(-(later - slack) // bs)
                 req.own_blocks += grow
                 allocated += grow
-            req.computed_tokens += first_new + steps - 1
-            req.generated_tokens += steps
+            req.computed_tokens += first_new + later
+            generated = req.generated_tokens + steps
+            req.generated_tokens = generated
             req.last_token_s = end_s
             tokens.append(req)
             if req.first_token_s is None:
@@ -821,7 +823,7 @@ class EngineCore:
                     first_end_s = end_s if steps == 1 else run.step_end_s(1)
                 req.first_token_s = first_end_s
                 first.append(req)
-            if req.generated_tokens >= req.output_tokens:
+            if generated >= req.output_tokens:
                 finished.append(req)
         self.free_blocks -= allocated
         self.iterations_total += steps
