@@ -180,6 +180,7 @@ def main() -> int:
                         help="requests per configuration for the fast-forward on/off ratio")
     parser.add_argument("--million", type=int, default=1_000_000, help="requests of the long run")
     parser.add_argument("--skip-million", action="store_true")
+    parser.add_argument("--skip-grid", action="store_true", help="only the long run")
     parser.add_argument("--plot", type=Path, default=REPO_ROOT / "docs" / "img" / "sim_speed.png")
     parser.add_argument("--json", type=Path, help="also write every figure here")
     parser.add_argument("--baseline-rev", help="git revision whose simulator is also run on each full-trace cell")
@@ -195,7 +196,7 @@ def main() -> int:
           f"load average {os.getloadavg()[0]:.1f}; trace {TRACE.name} ({trace_rows} requests)")
     results: list[dict[str, object]] = []
     base_root = extract_baseline(args.baseline_rev) if args.baseline_rev else None
-    grid = [(r, n) for r in args.rates for n in args.instances]
+    grid = [] if args.skip_grid else [(r, n) for r in args.rates for n in args.instances]
     for rate, n in tqdm(grid, desc="grid", unit="config"):
         full = in_child({"rate": rate, "instances": n, "requests": trace_rows, "fast_forward": True})
         on = in_child({"rate": rate, "instances": n, "requests": args.ratio_requests, "fast_forward": True})
