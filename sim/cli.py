@@ -145,28 +145,28 @@ def _run_job_quiet(job: SimJob) -> JobOutcome:
 class SimProgressBar:
     """A tqdm bar over simulated seconds: shows simulated time and sim-seconds per wall second.
 
-    Passed to `simulate(progress=...)`, which calls it with the current simulated time
-    (and, optionally, more positional values such as requests finished, which are shown).
+    Passed to `simulate(progress=...)`, which calls it as `(sim_now_s, finished, total)`.
     """
 
     def __init__(self, label: str, total_s: float | None, enabled: bool = True) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total_s, desc=label, unit="sim-s", unit_scale=False, disable=not enabled,
-                        file=sys.stderr, dynamic_ncols=True, mininterval=0.5,
-                        bar_format="{desc}: {percentage:3.0f}%|{bar}| t={n:.0f}/{total_fmt} sim-s "
-                                   "[{elapsed}<{remaining}, {rate_fmt}{postfix}]"
-                        if total_s else "{desc}: t={n:.0f} sim-s [{elapsed}, {rate_fmt}{postfix}]")
+        bar_format = ("{desc}: {percentage:3.0f}%|{bar}| t={n:.0f}/{total:.0f} sim-s [{elapsed}<{remaining}, "
+                      "{rate_fmt}{postfix}]" if total_s else
+                      "{desc}: t={n:.0f} sim-s [{elapsed}, {rate_fmt}{postfix}]")
+        self.bar = tqdm(total=total_s, desc=label, unit="sim-s", disable=not enabled, file=sys.stderr,
+                        dynamic_ncols=True, mininterval=0.5, bar_format=bar_format)
         self.last_s = 0.0
 
-    def __call__(self, now_s: float, *extra: Any, **fields: Any) -> None:
+    def __call__(self, now_s: float, finished: int | None = None, total: int | None = None) -> None:
         if now_s > self.last_s:
-            self.bar.update(now_s - self.last_s)
+            step = now_s - self.last_s
+            if self.bar.total:
+                step = min(step, max(0.0, self.bar.total - self.bar.n))
+            self.bar.update(step)
             self.last_s = now_s
-        if extra or fields:
-            shown = {f"v{i}": v for i, v in enumerate(extra)}
-            shown.update(fields)
-            self.bar.set_postfix(shown, refresh=False)
+        if finished is not None:
+            self.bar.set_postfix_str(f"done {finished}/{total if total is not None else '?'}", refresh=False)
 
     def close(self) -> None:
         self.bar.close()

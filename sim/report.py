@@ -35,6 +35,12 @@ _DERIVED_FIELDS = ("ttft_ms", "tpot_ms", "e2e_ms", "ttft_met", "tpot_met", "good
 # -- atomic files --------------------------------------------------------------------------
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it is renamed to `path`, on any
@@ -44,6 +50,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; outputs get the usual mode
     try:
         yield tmp
         os.replace(tmp, path)
@@ -403,8 +410,13 @@ def plot_latency_cdfs(results_by_label: Mapping[str, SimResult], path: str | Pat
                 continue
             ms = np.sort(np.maximum(np.asarray(values, dtype=np.float64) * 1000.0, 1e-3))
             ax.plot(ms, np.arange(1, ms.size + 1) / ms.size, label=str(label), linewidth=1.4)
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
     for ax, name in zip(axes, ("TTFT", "TPOT", "E2E"), strict=True):
         ax.set_xscale("log")
+        # plain numbers on decades only: minor labels on a short log range overlap
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(f"{name} (ms)")
         ax.set_ylabel("fraction of requests")
         ax.set_ylim(0, 1.0)
