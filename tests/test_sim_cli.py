@@ -1,0 +1,114 @@
+"""`tokenyard sim run|compare|sweep` end to end on the real traces (small limits), and errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from tokenyard.cli import main
+
+CLUSTER = "sim/examples/small.yaml"
+CONV = "traces/azure_llm_2023/AzureLLMInferenceTrace_conv.csv"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+
+
+def test_run_writes_consistent_summary_records_and_plots(shared_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    extra = tmp_path / "extra" / "s.json"
+    code = main(["sim", "run", CLUSTER, "--trace", str(shared_data / CONV), "--limit", "300",
+                 "--rate-scale", "2", "--out", str(out), "--summary-json", str(extra), "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "TTFT ms" in printed and "goodput" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert json.loads(extra.read_text()) == summary
+    rows = pq.read_table(out / "records.parquet").to_pylist()
+    assert summary["requests"] == len(rows) == 300
+    assert summary["completed"] == sum(1 for r in rows if r["finish_s"] is not None and not r["rejected"])
+    assert summary["goodput_fraction"] == pytest.approx(sum(r["goodput"] for r in rows) / len(rows))
+    ttfts = sorted(r["ttft_ms"] for r in rows if r["ttft_ms"] is not None)
+    assert summary["ttft_max_ms"] == pytest.approx(ttfts[-1])
+    assert summary["output_tokens_per_s"] == pytest.approx(
+        sum(r["output_tokens"] for r in rows if r["finish_s"] is not None) / summary["duration_s"])
+    assert set(summary["pools"]) == {"a100", "l4"}
+    assert summary["trace"]["format"] == "azure" and summary["trace"]["rate_scale"] == 2.0
+    for name in ("latency_cdfs.png", "load_over_time.png"):
+        assert (out / name).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_compare_policies_one_table(shared_data, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    code = main(["sim", "compare", CLUSTER, "--trace", str(shared_data / CONV), "--limit", "200",
+                 "--policy", "round_robin", "--policy", "least_outstanding", "--out", str(out),
+                 "--no-progress"])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "round_robin" in table and "least_outstanding" in table
+    doc = json.loads((out / "compare.json").read_text())
+    assert set(doc["runs"]) == {"round_robin", "least_outstanding"}
+    assert all(run["requests"] == 200 for run in doc["runs"].values())
+    assert (out / "latency_cdfs.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_sweep_in_worker_processes(shared_data, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    code = main(["sim", "sweep", CLUSTER, "--trace", str(shared_data / CONV), "--limit", "150",
+                 "--rate-scales", "1,4", "--pool-counts", "a100=1,2", "--workers", "2",
+                 "--out", str(out), "--no-progress"])
+    assert code == 0
+    doc = json.loads((out / "sweep.json").read_text())
+    assert len(doc["points"]) == 4
+    assert {(p["pool_counts"]["a100"], p["rate_scale"]) for p in doc["points"]} == {(1, 1.0), (1, 4.0), (2, 1.0), (2, 4.0)}
+    assert all(p["summary"]["cluster"]["pools"]["a100"] == p["pool_counts"]["a100"] for p in doc["points"])
+    assert (out / "sweep.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_sweep_ray_missing_says_how_to_install(shared_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError, installed or not
+    code = main(["sim", "sweep", CLUSTER, "--trace", str(shared_data / CONV), "--ray",
+                 "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "pip install 'ray[default]'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_errors_exit_2_with_one_line_and_nothing_written(shared_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("pools:\n  - name: a\n    gpu: NOPE\n    model: llama-3-8b\n    count: 1\n")
+    assert main(["sim", "run", str(bad_yaml), "--trace", str(shared_data / CONV), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.yaml" in err[0] and "gpu" in err[0]
+
+    bad_trace = tmp_path / "t.csv"
+    bad_trace.write_text("arrival_s,input_tokens,output_tokens\n0,10,5\n1,x,5\n")
+    assert main(["sim", "run", CLUSTER, "--trace", str(bad_trace), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "t.csv:3" in err[0] and "input_tokens" in err[0]
+
+    assert main(["sim", "run", CLUSTER, "--trace", str(shared_data / CONV), "--window", "9:3",
+                 "--out", str(out)]) == 2
+    assert "--window" in capsys.readouterr().err
+    assert main(["sim", "compare", CLUSTER, "--trace", str(shared_data / CONV), "--policy", "nope",
+                 "--out", str(out)]) == 2
+    assert "unknown policy 'nope'" in capsys.readouterr().err
+    assert main(["sim", "sweep", CLUSTER, "--trace", str(shared_data / CONV), "--pool-counts", "gpu9=1",
+                 "--out", str(out)]) == 2
+    assert "unknown pool(s) gpu9" in capsys.readouterr().err
+    assert not out.exists()
+
+    # skipped bad rows are counted in the summary
+    assert main(["sim", "run", CLUSTER, "--trace", str(bad_trace), "--skip-bad-rows", "--out", str(out),
+                 "--no-progress", "--no-plots"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["requests"] == 1 and summary["trace"]["skipped"] == {"bad_number": 1}
