@@ -512,19 +512,7 @@ class EmulatedEngine:
     # ------------------------------------------------------------- views
     def load(self) -> LoadInfo:
         """The current load (the Worker service's Status payload)."""
-        core = self.core
-        return LoadInfo(
-            running=core.num_running,
-            waiting=core.num_waiting,
-            kv_blocks_used=core.kv_blocks_used,
-            kv_blocks_total=core.num_kv_blocks,
-            block_size_tokens=core.config.block_size,
-            tokens_in_flight=core.tokens_in_flight,
-            preemptions_total=core.preemptions_total,
-            prefix_cache_hit_tokens_total=core.prefix_cache_hits_tokens,
-            prefix_cache_query_tokens_total=core.prefix_cache_queries_tokens,
-            draining=self.draining,
-        )
+        return LoadInfo.of_core(self.core, self.draining)
 
     def describe(self) -> EngineDescriptionInfo:
         """Fixed facts of this instance (the Worker service's Describe answer)."""

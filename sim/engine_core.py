@@ -146,8 +146,6 @@ class DecodeRun:
     block_size: int
     kv_blocks_used_start: int  # while step 0 runs
     tokens_in_flight_start: int  # while step 0 runs
-    waiting_queries_tokens: int = 0  # prefix-cache counters a blocked waiting head adds per step
-    waiting_hits_tokens: int = 0
     _slack_groups: list[tuple[int, int]] = field(default_factory=list)  # (slack, how many)
 
     def elapsed_s(self, steps: int) -> float:
@@ -360,7 +358,6 @@ class EngineCore:
         if not self.config.enable_prefix_caching or not req.prefix_hashes:
             return
         usable = min(len(req.prefix_hashes), req.prompt_tokens // req.prefix_block_tokens)
-        self.prefix_cache_queries_tokens += req.prompt_tokens
         hits = 0
         for key in req.prefix_hashes[:usable]:
             entry = self._cache.get(key)
@@ -379,7 +376,6 @@ class EngineCore:
             req.shared_hashes.append(key)
         req.computed_tokens = hits * req.prefix_block_tokens
         req.cached_prompt_tokens = req.computed_tokens
-        self.prefix_cache_hits_tokens += req.computed_tokens
 
     def _promote_prefix(self, req: EngineRequest) -> None:
         """Move fully computed prompt blocks with a hash from private to shared (cached)."""
@@ -453,32 +449,46 @@ class EngineCore:
         if preempted:
             scheduled = [(r, n) for r, n in scheduled if r.status is RequestStatus.RUNNING]
         else:
-            while self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-                _, req = self._waiting[0]
-                if req.computed_tokens == 0 and not req.shared_hashes:
-                    self._lookup_prefix(req)
-                new = min(req.num_tokens - req.computed_tokens, budget)
-                if not self._grow(req, new):
-                    if (
-                        self.config.scheduling_policy == "priority"
-                        and self.running
-                        and self._victim().priority > req.priority
-                    ):
-                        victim = self._victim()
-                        self._preempt(victim)
-                        preempted.append(victim)
-                        scheduled = [(r, n) for r, n in scheduled if r is not victim]
-                        continue
-                    # Not admitted: give back the prefix references taken for it.
-                    self._release(req)
-                    req.computed_tokens = 0
-                    break
-                heapq.heappop(self._waiting)
-                req.status = RequestStatus.RUNNING
-                self.running.append(req)
-                scheduled.append((req, new))
-                budget -= new
+            scheduled = self._admit(scheduled, budget, preempted)
         return self._shape(scheduled, preempted)
+
+    def _admit(
+        self, scheduled: list[tuple[EngineRequest, int]], budget: int, preempted: list[EngineRequest]
+    ) -> list[tuple[EngineRequest, int]]:
+        """Admit waiting requests in queue order while seats, token budget and KV blocks
+        allow (under priority scheduling, preempting lower-priority running requests).
+        Appends to `scheduled` and `preempted`; returns `scheduled` without the victims."""
+        while self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            _, req = self._waiting[0]
+            if req.computed_tokens == 0 and not req.shared_hashes:
+                self._lookup_prefix(req)
+            new = min(req.num_tokens - req.computed_tokens, budget)
+            if not self._grow(req, new):
+                if (
+                    self.config.scheduling_policy == "priority"
+                    and self.running
+                    and self._victim().priority > req.priority
+                ):
+                    victim = self._victim()
+                    self._preempt(victim)
+                    preempted.append(victim)
+                    scheduled = [(r, n) for r, n in scheduled if r is not victim]
+                    continue
+                # Not admitted: give back the prefix references taken for it.
+                self._release(req)
+                req.computed_tokens = 0
+                break
+            heapq.heappop(self._waiting)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            if req.prefix_hashes and self.config.enable_prefix_caching:
+                # Counted once per admission, as vLLM counts a scheduled request's lookup
+                # (a head blocked on KV is looked up again each step, but not counted).
+                self.prefix_cache_queries_tokens += req.prompt_tokens
+                self.prefix_cache_hits_tokens += req.cached_prompt_tokens
+            scheduled.append((req, new))
+            budget -= new
+        return scheduled
 
     def _shape(self, scheduled: list[tuple[EngineRequest, int]], preempted: list[EngineRequest]) -> Batch:
         prefill_tokens = 0
@@ -592,31 +602,7 @@ class EngineCore:
             return Batch(scheduled, prefill_tokens, decode_seqs, context, pairs, duration, [], hint)
         preempted: list[EngineRequest] = []
         admitted_from = len(scheduled)
-        # Admission: the same loop as in `schedule()`.
-        while self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            _, req = self._waiting[0]
-            if req.computed_tokens == 0 and not req.shared_hashes:
-                self._lookup_prefix(req)
-            new = min(req.num_tokens - req.computed_tokens, budget)
-            if not self._grow(req, new):
-                if (
-                    self.config.scheduling_policy == "priority"
-                    and self.running
-                    and self._victim().priority > req.priority
-                ):
-                    victim = self._victim()
-                    self._preempt(victim)
-                    preempted.append(victim)
-                    scheduled = [(r, n) for r, n in scheduled if r is not victim]
-                    continue
-                self._release(req)
-                req.computed_tokens = 0
-                break
-            heapq.heappop(self._waiting)
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
-            scheduled.append((req, new))
-            budget -= new
+        scheduled = self._admit(scheduled, budget, preempted)
         if preempted:
             return self._shape(scheduled, preempted)
         for req, new in scheduled[admitted_from:]:
@@ -777,19 +763,6 @@ class EngineCore:
             if lo <= 1:
                 return None
             run.steps = lo
-        if (
-            not has_prefill
-            and self._waiting
-            and self.config.max_num_batched_tokens > n
-            and n < self.config.max_num_seqs
-            and caching
-        ):
-            # `schedule` tried the waiting head and failed; it will try (and count the
-            # prefix-cache query) again every step.
-            head = self._waiting[0][1]
-            if head.prefix_hashes:
-                run.waiting_queries_tokens = head.prompt_tokens
-                run.waiting_hits_tokens = head.cached_prompt_tokens
         return run
 
     def complete_run(self, run: DecodeRun, end_s: float) -> StepOutput:
@@ -827,8 +800,6 @@ class EngineCore:
                 finished.append(req)
         self.free_blocks -= allocated
         self.iterations_total += steps
-        self.prefix_cache_queries_tokens += (steps - 1) * run.waiting_queries_tokens
-        self.prefix_cache_hits_tokens += (steps - 1) * run.waiting_hits_tokens
         for req in finished:
             req.finish_s = end_s
             req.status = RequestStatus.FINISHED

@@ -95,6 +95,22 @@ class LoadInfo:
     prefix_cache_query_tokens_total: int = 0
     draining: bool = False
 
+    @classmethod
+    def of_core(cls, core: EngineCore, draining: bool) -> LoadInfo:
+        """The load of an engine core as the Worker service reports it."""
+        return cls(
+            running=core.num_running,
+            waiting=core.num_waiting,
+            kv_blocks_used=core.kv_blocks_used,
+            kv_blocks_total=core.num_kv_blocks,
+            block_size_tokens=core.config.block_size,
+            tokens_in_flight=core.tokens_in_flight,
+            preemptions_total=core.preemptions_total,
+            prefix_cache_hit_tokens_total=core.prefix_cache_hits_tokens,
+            prefix_cache_query_tokens_total=core.prefix_cache_queries_tokens,
+            draining=draining,
+        )
+
 
 class WorkerBackend(Protocol):
     """What an engine provides so that `WorkerServicer` can serve it."""
@@ -190,19 +206,7 @@ class EngineCoreBackend:
         return self._description
 
     def load(self) -> LoadInfo:
-        core = self.core
-        return LoadInfo(
-            running=core.num_running,
-            waiting=core.num_waiting,
-            kv_blocks_used=core.kv_blocks_used,
-            kv_blocks_total=core.num_kv_blocks,
-            block_size_tokens=core.config.block_size,
-            tokens_in_flight=core.tokens_in_flight,
-            preemptions_total=core.preemptions_total,
-            prefix_cache_hit_tokens_total=core.prefix_cache_hits_tokens,
-            prefix_cache_query_tokens_total=core.prefix_cache_queries_tokens,
-            draining=self.draining,
-        )
+        return LoadInfo.of_core(self.core, self.draining)
 
     async def changed(self, seen_version: int, timeout_s: float) -> int:
         return await self._notifier.wait(seen_version, timeout_s)
