@@ -22,7 +22,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -557,6 +557,8 @@ class EngineCore:
         min_left = 1 << 62
         tokens_sum = 0
         computed_sum = 0
+        add_slack = slacks.append
+        add_scheduled = scheduled.append
         for req in self.running:
             if budget <= 0:
                 break
@@ -565,28 +567,30 @@ class EngineCore:
             computed = req.computed_tokens
             generated = req.generated_tokens
             prompt = req.prompt_tokens
-            new = prompt + generated - computed
+            tokens = prompt + generated
+            new = tokens - computed
             if new > budget:
                 new = budget
             held = req.own_blocks
             if req.shared_hashes:
                 held += self._shared_blocks(req)
-            need = -(-(computed + new) // bs) - held
+            after = computed + new
+            need = -(-after // bs) - held
             if need > 0:
                 need_total += need
                 growing.append((req, need))
                 held += need
-            slacks.append(held * bs - computed - new)
+            add_slack(held * bs - after)
             left = req.output_tokens - generated
             if left < min_left:
                 min_left = left
-            tokens_sum += prompt + generated
+            tokens_sum += tokens
             computed_sum += computed
-            scheduled.append((req, new))
+            add_scheduled((req, new))
             budget -= new
-            if new == 1 and generated > 0:
+            if new == 1 and generated:
                 decode_seqs += 1
-                context += computed + 1
+                context += after
             else:
                 prefill_tokens += new
                 pairs += new * (computed + (new + 1) / 2.0)
@@ -682,23 +686,26 @@ class EngineCore:
             min_left, head_slacks, tokens, computed_sum = hint
             scheduled = batch.scheduled
             head = len(head_slacks)
-            slacks = list(head_slacks)
-            first_tokens = [new for _, new in scheduled]
-            for req, new in scheduled[head:]:
-                left = req.output_tokens - req.generated_tokens
-                if left < min_left:
-                    min_left = left
-                held = req.own_blocks
-                if req.shared_hashes:
-                    held += self._shared_blocks(req)
-                slacks.append(held * bs - req.computed_tokens - new)
-                tokens += req.prompt_tokens + req.generated_tokens
-                computed_sum += req.computed_tokens
+            if head == n:
+                slacks = head_slacks  # the batch's own list; nothing else writes to it
+            else:
+                slacks = list(head_slacks)
+                for req, new in scheduled[head:]:
+                    left = req.output_tokens - req.generated_tokens
+                    if left < min_left:
+                        min_left = left
+                    held = req.own_blocks
+                    if req.shared_hashes:
+                        held += self._shared_blocks(req)
+                    slacks.append(held * bs - req.computed_tokens - new)
+                    tokens += req.prompt_tokens + req.generated_tokens
+                    computed_sum += req.computed_tokens
             if min_left < steps:
                 if min_left <= 1:
                     return None
                 steps = min_left
             if has_prefill or batch.decode_seqs != n:
+                first_tokens = [new for _, new in scheduled]
                 for req, new in scheduled:
                     generated = req.generated_tokens
                     if not (new == 1 and generated > 0) and (
@@ -706,10 +713,12 @@ class EngineCore:
                         or (caching and req.prefix_hashes)
                     ):
                         return None
-            groups: dict[int, int] = {}
-            for slack in slacks:
-                groups[slack] = groups.get(slack, 0) + 1
-            context_after_first = computed_sum + sum(first_tokens) + n
+                first_sum = sum(first_tokens)
+            else:
+                first_tokens = [1] * n  # a pure decode step: one token each
+                first_sum = n
+            groups: dict[int, int] = Counter(slacks)
+            context_after_first = computed_sum + first_sum + n
         else:
             slacks, first_tokens, groups, tokens, context_after_first, steps_or_none = self._plan_walk(
                 batch, steps, caching
@@ -751,7 +760,7 @@ class EngineCore:
         free = self.free_blocks
         # Each sequence grows by at most ceil((steps - 1 - least slack) / bs) blocks: when
         # that fits, the exact count need not be worked out here.
-        most = n * -(-(steps - 1 - min(slacks)) // bs)
+        most = n * -(-(steps - 1 - run._slack_groups[0][0]) // bs)
         if most > free and run.blocks_allocated(steps - 1) > free:
             lo, hi = 1, steps  # lo fits (step 0 grows nothing more), hi does not
             while hi - lo > 1:
@@ -779,6 +788,7 @@ class EngineCore:
         first_end_s: float | None = None
         later = steps - 1
         running_status = RequestStatus.RUNNING
+        add_token = tokens.append
         for req, slack, first_new in zip(run.requests, run.slack_tokens, run.first_step_tokens, strict=True):
             if req.status is not running_status:
                 continue  # aborted during the run
@@ -790,7 +800,7 @@ class EngineCore:
             generated = req.generated_tokens + steps
             req.generated_tokens = generated
             req.last_token_s = end_s
-            tokens.append(req)
+            add_token(req)
             if req.first_token_s is None:
                 if first_end_s is None:
                     first_end_s = end_s if steps == 1 else run.step_end_s(1)
