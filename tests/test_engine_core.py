@@ -265,6 +265,87 @@ def test_plan_from_schedule_fast_hint_equals_walking_the_batch(seed: int, blocks
     assert runs > 0 or budget == 16  # most configurations plan runs (the hint path is exercised)
 
 
+def next_batch_key(batch: object) -> tuple[object, ...] | None:
+    if batch is None:
+        return None
+    return (tuple((r.request_id, n) for r, n in batch.scheduled), batch.prefill_tokens, batch.decode_seqs,
+            batch.context_tokens, batch.prefill_attention_pairs, batch.duration_s,
+            [r.request_id for r in batch.preempted], batch.plan_hint)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10**6), blocks=st.integers(30, 300), policy=st.sampled_from(["fcfs", "priority"]),
+       budget=st.sampled_from([16, 64, 512]), caching=st.booleans(), arrivals=st.sampled_from([0.1, 0.5]))
+def test_complete_run_and_schedule_equals_the_two_calls(seed: int, blocks: int, policy: str, budget: int,
+                                                       caching: bool, arrivals: float) -> None:
+    """The simulator's fused `complete_run_and_schedule` leaves the state, outputs and next
+    batch of `complete_run` followed by `schedule_fast` (None when no work is left), on two
+    engines driven in lockstep through random arrivals, cut runs, finishes and preemptions;
+    an aborted request makes it take the plain way."""
+    rng = random.Random(seed)
+
+    def new_core() -> EngineCore:
+        return EngineCore(MODEL, EngineConfig(block_size=4, max_num_seqs=rng_cfg.choice([2, 8, 64]),
+                                              max_num_batched_tokens=budget, scheduling_policy=policy,
+                                              num_kv_blocks=blocks, enable_prefix_caching=caching,
+                                              max_model_len=4096))
+
+    rng_cfg = random.Random(seed)
+    plain = new_core()
+    rng_cfg = random.Random(seed)
+    fused = new_core()
+    t = 0.0
+    fused_runs = 0
+    ids = iter(range(10**6))
+
+    def arrive() -> None:
+        req = random_request(rng, next(ids), t)
+        plain.add_request(req)
+        fused.add_request(copy.deepcopy(req))
+
+    batches: list[object] = [None, None]
+    for _ in range(300):
+        if batches[0] is None:  # between steps: maybe an arrival, then the next step
+            if rng.random() < arrivals or not plain.has_work():
+                arrive()
+            batches = [plain.schedule_fast(), fused.schedule_fast()]
+        b_plain, b_fused = batches
+        assert next_batch_key(b_plain) == next_batch_key(b_fused)
+        if b_plain is None or not b_plain.scheduled:  # type: ignore[attr-defined]
+            batches = [None, None]
+            continue
+        run_plain = plain.plan_decode_run(b_plain, t)  # type: ignore[arg-type]
+        run_fused = fused.plan_decode_run(b_fused, t)  # type: ignore[arg-type]
+        assert run_key(run_plain) == run_key(run_fused)
+        if run_plain is None or run_fused is None:
+            t += b_plain.duration_s  # type: ignore[attr-defined]
+            plain.complete(b_plain, t)  # type: ignore[arg-type]
+            fused.complete(b_fused, t)  # type: ignore[arg-type]
+            batches = [None, None]
+            continue
+        cut = rng.randint(1, run_plain.steps)
+        run_plain.truncate(cut)
+        run_fused.truncate(cut)
+        if rng.random() < 0.05 and len(plain.running) > 1:
+            victim = rng.choice(plain.running).request_id
+            plain.abort(victim)
+            fused.abort(victim)
+        if rng.random() < arrivals:  # arrives while the run is in flight (it was cut for it)
+            arrive()
+        t = run_plain.end_s
+        out_plain = plain.complete_run(run_plain, t)
+        next_plain = plain.schedule_fast() if plain.has_work() else None
+        out_fused, next_fused = fused.complete_run_and_schedule(run_fused, t)
+        fused_runs += 1
+        for attr in ("tokens", "first_tokens", "finished"):
+            assert [r.request_id for r in getattr(out_plain, attr)] == [r.request_id for r in getattr(out_fused, attr)]
+        assert next_batch_key(next_plain) == next_batch_key(next_fused)
+        assert state_of(plain) == state_of(fused)
+        fused.check_invariants()
+        batches = [next_plain, next_fused]
+    assert fused_runs > 0 or budget == 16
+
+
 def test_prefix_cache_queries_are_counted_once_per_admission() -> None:
     """A waiting request blocked on KV is looked up again every step; vLLM counts a lookup
     when the request is scheduled, so the query counter grows once per admission."""
