@@ -22,7 +22,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -557,8 +557,6 @@ class EngineCore:
         min_left = 1 << 62
         tokens_sum = 0
         computed_sum = 0
-        add_slack = slacks.append
-        add_scheduled = scheduled.append
         for req in self.running:
             if budget <= 0:
                 break
@@ -567,56 +565,38 @@ class EngineCore:
             computed = req.computed_tokens
             generated = req.generated_tokens
             prompt = req.prompt_tokens
-            tokens = prompt + generated
-            new = tokens - computed
+            new = prompt + generated - computed
             if new > budget:
                 new = budget
             held = req.own_blocks
             if req.shared_hashes:
                 held += self._shared_blocks(req)
-            after = computed + new
-            need = -(-after // bs) - held
+            need = -(-(computed + new) // bs) - held
             if need > 0:
                 need_total += need
                 growing.append((req, need))
                 held += need
-            add_slack(held * bs - after)
+            slacks.append(held * bs - computed - new)
             left = req.output_tokens - generated
             if left < min_left:
                 min_left = left
-            tokens_sum += tokens
+            tokens_sum += prompt + generated
             computed_sum += computed
-            add_scheduled((req, new))
+            scheduled.append((req, new))
             budget -= new
-            if new == 1 and generated:
+            if new == 1 and generated > 0:
                 decode_seqs += 1
-                context += after
+                context += computed + 1
             else:
                 prefill_tokens += new
                 pairs += new * (computed + (new + 1) / 2.0)
-        hint = (min_left, slacks, tokens_sum, computed_sum)
-        return self._fast_tail(scheduled, growing, need_total, budget, prefill_tokens, decode_seqs, context, pairs, hint)
-
-    def _fast_tail(
-        self,
-        scheduled: list[tuple[EngineRequest, int]],
-        growing: list[tuple[EngineRequest, int]],
-        need_total: int,
-        budget: int,
-        prefill_tokens: int,
-        decode_seqs: int,
-        context: int,
-        pairs: float,
-        hint: tuple[int, list[int], int, int],
-    ) -> Batch:
-        """`schedule_fast` after its walk over the running requests: take their KV growth
-        (or fall back to `schedule()` when it does not fit), admit, and shape the batch."""
         if need_total > self.free_blocks:
             return self.schedule()
         if need_total:
             self.free_blocks -= need_total
             for req, need in growing:
                 req.own_blocks += need
+        hint = (min_left, slacks, tokens_sum, computed_sum)
         if not self._waiting or budget <= 0 or len(self.running) >= self.config.max_num_seqs:
             duration = self.model.iteration_time_s(prefill_tokens, decode_seqs, context, pairs)
             return Batch(scheduled, prefill_tokens, decode_seqs, context, pairs, duration, [], hint)
@@ -702,26 +682,23 @@ class EngineCore:
             min_left, head_slacks, tokens, computed_sum = hint
             scheduled = batch.scheduled
             head = len(head_slacks)
-            if head == n:
-                slacks = head_slacks  # the batch's own list; nothing else writes to it
-            else:
-                slacks = list(head_slacks)
-                for req, new in scheduled[head:]:
-                    left = req.output_tokens - req.generated_tokens
-                    if left < min_left:
-                        min_left = left
-                    held = req.own_blocks
-                    if req.shared_hashes:
-                        held += self._shared_blocks(req)
-                    slacks.append(held * bs - req.computed_tokens - new)
-                    tokens += req.prompt_tokens + req.generated_tokens
-                    computed_sum += req.computed_tokens
+            slacks = list(head_slacks)
+            first_tokens = [new for _, new in scheduled]
+            for req, new in scheduled[head:]:
+                left = req.output_tokens - req.generated_tokens
+                if left < min_left:
+                    min_left = left
+                held = req.own_blocks
+                if req.shared_hashes:
+                    held += self._shared_blocks(req)
+                slacks.append(held * bs - req.computed_tokens - new)
+                tokens += req.prompt_tokens + req.generated_tokens
+                computed_sum += req.computed_tokens
             if min_left < steps:
                 if min_left <= 1:
                     return None
                 steps = min_left
             if has_prefill or batch.decode_seqs != n:
-                first_tokens = [new for _, new in scheduled]
                 for req, new in scheduled:
                     generated = req.generated_tokens
                     if not (new == 1 and generated > 0) and (
@@ -729,12 +706,10 @@ class EngineCore:
                         or (caching and req.prefix_hashes)
                     ):
                         return None
-                first_sum = sum(first_tokens)
-            else:
-                first_tokens = [1] * n  # a pure decode step: one token each
-                first_sum = n
-            groups: dict[int, int] = Counter(slacks)
-            context_after_first = computed_sum + first_sum + n
+            groups: dict[int, int] = {}
+            for slack in slacks:
+                groups[slack] = groups.get(slack, 0) + 1
+            context_after_first = computed_sum + sum(first_tokens) + n
         else:
             slacks, first_tokens, groups, tokens, context_after_first, steps_or_none = self._plan_walk(
                 batch, steps, caching
@@ -776,7 +751,7 @@ class EngineCore:
         free = self.free_blocks
         # Each sequence grows by at most ceil((steps - 1 - least slack) / bs) blocks: when
         # that fits, the exact count need not be worked out here.
-        most = n * -(-(steps - 1 - run._slack_groups[0][0]) // bs)
+        most = n * -(-(steps - 1 - min(slacks)) // bs)
         if most > free and run.blocks_allocated(steps - 1) > free:
             lo, hi = 1, steps  # lo fits (step 0 grows nothing more), hi does not
             while hi - lo > 1:
@@ -804,7 +779,6 @@ class EngineCore:
         first_end_s: float | None = None
         later = steps - 1
         running_status = RequestStatus.RUNNING
-        add_token = tokens.append
         for req, slack, first_new in zip(run.requests, run.slack_tokens, run.first_step_tokens, strict=True):
             if req.status is not running_status:
                 continue  # aborted during the run
@@ -816,7 +790,7 @@ class EngineCore:
             generated = req.generated_tokens + steps
             req.generated_tokens = generated
             req.last_token_s = end_s
-            add_token(req)
+            tokens.append(req)
             if req.first_token_s is None:
                 if first_end_s is None:
                     first_end_s = end_s if steps == 1 else run.step_end_s(1)
@@ -833,106 +807,6 @@ class EngineCore:
             self._release(req)
             del self.requests[req.request_id]
         return StepOutput(tokens, first, finished)
-
-    def complete_run_and_schedule(self, run: DecodeRun, end_s: float) -> tuple[StepOutput, Batch | None]:
-        """`complete_run(run, end_s)` followed, if work is left, by `schedule_fast()`, in one
-        walk over the running requests (the simulator's path: a run ends, the next step is
-        scheduled at once). Same state, outputs and batch as the two calls; the batch is
-        None when the engine has no work left."""
-        running = self.running
-        if running != run.requests:
-            out = self.complete_run(run, end_s)  # something was aborted: the plain way
-            return out, (self.schedule_fast() if self.has_work() else None)
-        steps = run.steps
-        bs = run.block_size
-        allocated = 0
-        tokens: list[EngineRequest] = []
-        first: list[EngineRequest] = []
-        finished: list[EngineRequest] = []
-        first_end_s: float | None = None
-        later = steps - 1
-        add_token = tokens.append
-        # schedule_fast's walk, over the requests as they stand after the run.
-        budget = self.config.max_num_batched_tokens
-        scheduled: list[tuple[EngineRequest, int]] = []
-        growing: list[tuple[EngineRequest, int]] = []
-        need_total = 0
-        prefill_tokens = 0
-        decode_seqs = 0
-        context = 0
-        pairs = 0.0
-        slacks: list[int] = []
-        min_left = 1 << 62
-        tokens_sum = 0
-        computed_sum = 0
-        add_slack = slacks.append
-        add_scheduled = scheduled.append
-        for req, slack, first_new in zip(running, run.slack_tokens, run.first_step_tokens, strict=True):
-            # All are running: `running` is the run's list, and nothing was aborted.
-            held = req.own_blocks
-            if slack < later:
-                grow = -(-(later - slack) // bs)
-                held += grow
-                req.own_blocks = held
-                allocated += grow
-            computed = req.computed_tokens + first_new + later
-            req.computed_tokens = computed
-            generated = req.generated_tokens + steps
-            req.generated_tokens = generated
-            req.last_token_s = end_s
-            add_token(req)
-            if req.first_token_s is None:
-                if first_end_s is None:
-                    first_end_s = end_s if steps == 1 else run.step_end_s(1)
-                req.first_token_s = first_end_s
-                first.append(req)
-            left = req.output_tokens - generated
-            if left <= 0:
-                finished.append(req)
-                continue
-            if budget <= 0:
-                continue
-            tokens_now = req.prompt_tokens + generated
-            new = tokens_now - computed
-            if new > budget:
-                new = budget
-            if req.shared_hashes:
-                held += self._shared_blocks(req)
-            after = computed + new
-            need = -(-after // bs) - held
-            if need > 0:
-                need_total += need
-                growing.append((req, need))
-                held += need
-            add_slack(held * bs - after)
-            if left < min_left:
-                min_left = left
-            tokens_sum += tokens_now
-            computed_sum += computed
-            add_scheduled((req, new))
-            budget -= new
-            if new == 1 and generated:
-                decode_seqs += 1
-                context += after
-            else:
-                prefill_tokens += new
-                pairs += new * (computed + (new + 1) / 2.0)
-        self.free_blocks -= allocated
-        self.iterations_total += steps
-        for req in finished:
-            req.finish_s = end_s
-            req.status = RequestStatus.FINISHED
-            running.remove(req)
-            self._release(req)
-            del self.requests[req.request_id]
-        out = StepOutput(tokens, first, finished)
-        if not self.has_work():
-            return out, None
-        hint = (min_left, slacks, tokens_sum, computed_sum)
-        batch = self._fast_tail(
-            scheduled, growing, need_total, budget, prefill_tokens, decode_seqs, context, pairs, hint
-        )
-        return out, batch
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the block accounting is inconsistent (for tests)."""

@@ -302,11 +302,9 @@ class Simulation:
         )
 
     # ------------------------------------------------------------ iterations
-    def _start_iteration(self, inst: _Instance, now: float, batch: Batch | None = None) -> None:
-        """Schedule `inst`'s next step (or take `batch`, already scheduled) and its end event."""
+    def _start_iteration(self, inst: _Instance, now: float) -> None:
         core = inst.core
-        if batch is None:
-            batch = core.schedule_fast() if self.fast_forward else core.schedule()
+        batch = core.schedule_fast() if self.fast_forward else core.schedule()
         if not batch.scheduled:
             if core.has_work():
                 raise RuntimeError(
@@ -345,12 +343,9 @@ class Simulation:
     def _iteration_end(self, inst: _Instance, now: float) -> None:
         core = inst.core
         run = inst.run
-        next_batch: Batch | None = None
         if run is not None:
             inst.kv_block_s += _run_kv_block_s(run)
-            # The next step is scheduled in the same walk (the engine state is already
-            # that after the run; the requests that finished are recorded below).
-            out, next_batch = core.complete_run_and_schedule(run, now)
+            out = core.complete_run(run, now)
             inst.run = None
             del self.in_runs[inst.index]
         else:
@@ -369,9 +364,7 @@ class Simulation:
                 state.router_inflight -= 1
                 assert req.policy is not None and req.info is not None
                 req.policy.on_finish(req.info, instance_id)
-        if next_batch is not None:
-            self._start_iteration(inst, now, next_batch)
-        elif core.has_work():
+        if core.has_work():
             self._start_iteration(inst, now)
         elif self.live_load:
             self._publish(inst)
