@@ -31,6 +31,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -181,11 +182,17 @@ def main() -> int:
     parser.add_argument("--million", type=int, default=1_000_000, help="requests of the long run")
     parser.add_argument("--skip-million", action="store_true")
     parser.add_argument("--skip-grid", action="store_true", help="only the long run")
-    parser.add_argument("--plot", type=Path, default=REPO_ROOT / "docs" / "img" / "sim_speed.png")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="PNG of wall time vs requests (default: docs/img/sim_speed.png for the "
+                             "documented 1M run, else a file in the temp folder, so that a shorter "
+                             "run never replaces the committed figure)")
     parser.add_argument("--json", type=Path, help="also write every figure here")
     parser.add_argument("--baseline-rev", help="git revision whose simulator is also run on each full-trace cell")
     parser.add_argument("--baseline-long", action="store_true", help="also run the baseline on the long run")
     args = parser.parse_args()
+    if args.plot is None:
+        args.plot = (REPO_ROOT / "docs" / "img" / "sim_speed.png" if args.million == 1_000_000
+                     else Path(tempfile.gettempdir()) / f"sim_speed_{args.million}.png")
     if args.child:
         print(json.dumps(run_one(json.loads(args.child))))
         return 0
