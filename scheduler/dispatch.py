@@ -44,6 +44,10 @@ class DispatchContext:
 
     now_s: float
     rng: random.Random
+    # True when the candidates are the policy's cached result of the static filters: the
+    # same list object, unchanged, for as long as the cluster's membership version holds
+    # (parts may key caches on the list's identity then).
+    candidates_stable: bool = False
 
 
 class Filter:
@@ -203,6 +207,9 @@ class DispatchPolicy:
         init=False, default=None, repr=False
     )
 
+    # (the cached candidate list, its instance ids) while ctx.candidates_stable holds
+    _stable_ids: tuple[object, list[str]] = field(init=False, default=(None, []), repr=False)
+
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
 
@@ -234,6 +241,7 @@ class DispatchPolicy:
         else:
             candidates = cached
             start = first
+            ctx.candidates_stable = start == len(filters)
         for k in range(start, len(filters)):
             flt = filters[k]
             kept = flt.keep_all(request, candidates, ctx)
@@ -266,11 +274,17 @@ class DispatchPolicy:
             for scorer, weight in scorers:
                 totals = [t + weight * s for t, s in zip(totals, scorer.score_all(request, candidates, ctx), strict=True)]
         order = self.picker.rank(request, candidates, totals, ctx)
-        ids = [inst.instance_id for inst in candidates]
+        if ctx.candidates_stable and self._stable_ids[0] is candidates:
+            ids = self._stable_ids[1]
+        else:
+            ids = [inst.instance_id for inst in candidates]
+            if ctx.candidates_stable:
+                self._stable_ids = (candidates, ids)
+        instance_ids = tuple(map(ids.__getitem__, order))
         return Decision(
-            instance_ids=tuple([ids[k] for k in order]),
+            instance_ids=instance_ids,
             reason=self.picker.name,
-            scores=tuple([(ids[k], totals[k]) for k in order]),
+            scores=tuple(zip(instance_ids, map(totals.__getitem__, order), strict=True)),
         )
 
     def decide_reference(self, view: ClusterView, request: RequestInfo) -> Decision:

@@ -83,6 +83,11 @@ class EngineRequest:
     own_blocks: int = 0  # KV blocks held privately
     shared_hashes: list[int] = field(default_factory=list)  # prefix-cache entries referenced
     _seq: int = 0
+    _run_pos: int = 0  # order of admission into the running queue
+    # The engine's fast path (see EngineCore.schedule_fast): while `_in_cohort`, the
+    # progress fields above are stale and generated_tokens is `_gen_base + engine tick`.
+    _in_cohort: bool = False
+    _gen_base: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -105,20 +110,25 @@ class Batch:
     prefill_attention_pairs: float
     duration_s: float
     preempted: list[EngineRequest]
-    # Set by `schedule_fast` for `plan_decode_run`, valid only until the state changes:
-    # (least output tokens left, slack tokens of each of the first len(slacks) scheduled
-    # requests after their growth, sum of their prompt + generated tokens, sum of their
-    # computed tokens), so that planning a run does not walk the batch again.
-    plan_hint: tuple[int, list[int], int, int] | None = None
+    # A `schedule_fast` batch: `scheduled` lists only the requests outside the engine's
+    # decoding cohort; this many cohort members also decode one token each (-1: a
+    # `schedule()` batch, where `scheduled` lists everyone). `tick`: the engine step it is.
+    cohort_decodes: int = -1
+    tick: int = -1
+
+    @property
+    def empty(self) -> bool:
+        return not self.scheduled and self.cohort_decodes <= 0
 
 
 @dataclass(slots=True)
 class StepOutput:
     """What one completed iteration produced."""
 
-    tokens: list[EngineRequest]  # requests that emitted one new token (in batch order)
+    tokens: list[EngineRequest]  # requests that emitted one new token (in batch order; on the
+    # fast path only those outside the decoding cohort are listed)
     first_tokens: list[EngineRequest]  # subset: emitted their first token
-    finished: list[EngineRequest]
+    finished: list[EngineRequest]  # in running order
 
 
 @dataclass(slots=True)
@@ -140,13 +150,13 @@ class DecodeRun:
     first_step_s: float
     second_step_s: float
     step_growth_s: float
-    requests: list[EngineRequest]  # the running requests, in batch order
-    first_step_tokens: list[int]  # tokens each computes in step 0 (1 for a decode)
-    slack_tokens: list[int]  # tokens each can add after step 0 before it needs a new KV block
+    sequences: int  # the running requests, all decoding from step 1 on
     block_size: int
     kv_blocks_used_start: int  # while step 0 runs
     tokens_in_flight_start: int  # while step 0 runs
-    _slack_groups: list[tuple[int, int]] = field(default_factory=list)  # (slack, how many)
+    # [k]: sequences that can add at most k tokens after step 0 before they need a new KV
+    # block (0 <= k < block_size; cumulative counts)
+    _slack_at_most: list[int] = field(default_factory=list)
 
     def elapsed_s(self, steps: int) -> float:
         """Time from the run's start to the end of its `steps`-th step."""
@@ -182,16 +192,15 @@ class DecodeRun:
         return m
 
     def blocks_allocated(self, steps_started: int) -> int:
-        """KV blocks the sequences grew into during steps 1..`steps_started`."""
+        """KV blocks the sequences grew into during steps 1..`steps_started`.
+
+        A sequence with `slack` spare tokens needs ceil((m - slack) / bs) blocks in m steps
+        (none if m <= slack). With m - 1 = q * bs + r that is q + 1 when slack <= r, else q:
+        so the total is q * sequences + (sequences with slack <= r)."""
         if steps_started <= 0:
             return 0
-        bs = self.block_size
-        total = 0
-        for slack, count in self._slack_groups:
-            extra = steps_started - slack
-            if extra > 0:
-                total += count * -(-extra // bs)
-        return total
+        q, r = divmod(steps_started - 1, self.block_size)
+        return q * self.sequences + self._slack_at_most[r]
 
     def kv_blocks_used_at(self, steps_done: int) -> int:
         """Blocks in use while step `steps_done` runs (its blocks are already allocated)."""
@@ -199,7 +208,7 @@ class DecodeRun:
         return self.kv_blocks_used_start + self.blocks_allocated(in_progress)
 
     def tokens_in_flight_at(self, steps_done: int) -> int:
-        return self.tokens_in_flight_start + len(self.requests) * min(steps_done, self.steps)
+        return self.tokens_in_flight_start + self.sequences * min(steps_done, self.steps)
 
     def truncate(self, steps: int) -> None:
         """Stop the run after `steps` steps (something outside changed the next batch)."""
@@ -244,7 +253,19 @@ class EngineCore:
         self.iterations_total = 0
         # plan_decode_run: (t0, slope) of a pure decode step by batch size (the model's
         # `decode_step_linear_s`, a pure function of it; each plan still checks it).
-        self._decode_lines: dict[int, tuple[float, float]] = {}
+        self._decode_lines: dict[int, tuple[float, float] | tuple[()]] = {}
+        self._run_counter = itertools.count()
+        # The fast path's decoding cohort (see "fast path" below).
+        self._fast = False  # the cohort is formed (every running request is in it or in _prefilling)
+        self._in_step = False  # a schedule_fast batch is in flight
+        self._tick = 0  # fast-path steps completed
+        self._last_step_end_s = 0.0
+        self._prefilling: list[EngineRequest] = []  # running, not in the cohort (running order)
+        self._finish_heap: list[tuple[int, int, EngineRequest]] = []  # (finish tick, run pos, req)
+        self._residue_counts = [0] * self.config.block_size  # members by (computed - tick) % bs
+        self._cohort_base_sum = 0  # sum of members' computed - tick
+        self._cohort_size = 0
+        self._cohort_last_pos = -1  # latest admission position among members (an upper bound)
 
     # ----------------------------------------------------------------- queues
     def _wait_key(self, req: EngineRequest) -> tuple[float, ...]:
@@ -282,10 +303,17 @@ class EngineCore:
         heapq.heappush(self._waiting, (self._wait_key(req), req))
 
     def abort(self, request_id: str) -> EngineRequest | None:
-        req = self.requests.pop(request_id, None)
+        req = self.requests.get(request_id)
         if req is None:
             return None
+        if self._in_step and req.status is RequestStatus.RUNNING:
+            raise RuntimeError(f"abort {request_id}: a schedule_fast batch is in flight; complete it first")
+        del self.requests[request_id]
         if req.status is RequestStatus.RUNNING:
+            if req._in_cohort:
+                self._leave_cohort(req)
+            elif self._fast:
+                self._prefilling.remove(req)
             self.running.remove(req)
             self._release(req)
         elif req.status is RequestStatus.WAITING:
@@ -312,6 +340,10 @@ class EngineCore:
 
     @property
     def tokens_in_flight(self) -> int:
+        if self._fast:
+            members = self._cohort_size
+            cohort = self._cohort_base_sum + members * self._tick + members
+            return cohort + sum(r.num_tokens for r in self._prefilling)
         return sum(r.num_tokens for r in self.running)
 
     # ------------------------------------------------------------- KV blocks
@@ -411,6 +443,10 @@ class EngineCore:
         return True
 
     def _preempt(self, req: EngineRequest) -> None:
+        if req._in_cohort:
+            self._leave_cohort(req)
+        elif self._fast:
+            self._prefilling.remove(req)
         self.running.remove(req)
         self._release(req)
         req.computed_tokens = 0
@@ -428,6 +464,7 @@ class EngineCore:
     # ------------------------------------------------------------- iteration
     def schedule(self) -> Batch:
         """Choose the next iteration's work; call `complete` when it has run."""
+        self._leave_fast()
         budget = self.config.max_num_batched_tokens
         scheduled: list[tuple[EngineRequest, int]] = []
         preempted: list[EngineRequest] = []
@@ -480,7 +517,10 @@ class EngineCore:
                 break
             heapq.heappop(self._waiting)
             req.status = RequestStatus.RUNNING
+            req._run_pos = next(self._run_counter)
             self.running.append(req)
+            if self._fast:
+                self._prefilling.append(req)
             if req.prefix_hashes and self.config.enable_prefix_caching:
                 # Counted once per admission, as vLLM counts a scheduled request's lookup
                 # (a head blocked on KV is looked up again each step, but not counted).
@@ -507,6 +547,10 @@ class EngineCore:
 
     def complete(self, batch: Batch, end_s: float) -> StepOutput:
         """Apply an iteration that ended at `end_s`: advance progress, emit tokens, finish."""
+        if batch.cohort_decodes >= 0:
+            return self._complete_fast(batch, 1, end_s, end_s, 0)
+        if self._fast:
+            raise RuntimeError("this batch came from schedule() but the engine is on the fast path")
         self.iterations_total += 1
         tokens: list[EngineRequest] = []
         first: list[EngineRequest] = []
@@ -533,79 +577,187 @@ class EngineCore:
                 finished.append(req)
         return StepOutput(tokens, first, finished)
 
-    # ---------------------------------------------------------- fast-forward
-    def schedule_fast(self) -> Batch:
-        """The batch `schedule()` would return, with the same state changes, in one pass.
+    # ---------------------------------------------------------- fast path
+    # The simulator's path: `schedule_fast`, `plan_decode_run`, `complete_run` (and
+    # `complete` of a `schedule_fast` batch). Running requests that are decoding form a
+    # cohort whose progress is not written into each request every step: a member's
+    # generated tokens are `_gen_base + self._tick`, where `_tick` counts fast-path steps
+    # (every member decodes one token in every one of them). What a step needs from the
+    # cohort comes from aggregates kept as members join and leave: how many there are, the
+    # sum of their computed tokens, how many sit at each position inside a KV block (so how
+    # many need a new block at the next step), and a heap of the steps at which they finish.
+    # So a step, a run and a run cut short cost O(requests that join, leave or prefill),
+    # not O(running). `sync()` writes the progress into the requests; `schedule()`,
+    # `complete()` of a `schedule()` batch and preemption by KV pressure leave the fast
+    # path (writing everything back), and the next `schedule_fast` rejoins it.
 
-        When the running requests' KV growth fits in the free blocks (no eviction, no
-        preemption: the common case), their tokens, blocks and the batch shape are worked
-        out in one loop instead of a `_grow` call and a `_shape` pass per request; otherwise
-        this is `schedule()` itself. Waiting requests are admitted exactly as there. The
-        simulator calls it on every iteration; tests compare it with `schedule()`.
-        """
+    def _join(self, req: EngineRequest, tick: int) -> None:
+        """`req` decodes from the step after `tick` on: it holds ceil(computed / bs) blocks
+        and computed == prompt + generated - 1."""
+        req._in_cohort = True
+        gen_base = req.generated_tokens - tick
+        req._gen_base = gen_base
+        base = req.prompt_tokens + gen_base - 1  # computed tokens - tick, constant while a member
+        self._residue_counts[base % self.config.block_size] += 1
+        self._cohort_base_sum += base
+        self._cohort_size += 1
+        if req._run_pos > self._cohort_last_pos:
+            self._cohort_last_pos = req._run_pos
+        heapq.heappush(self._finish_heap, (req.output_tokens - gen_base, req._run_pos, req))
+
+    def _write_progress(self, req: EngineRequest) -> None:
+        """Write a cohort member's progress (tokens, KV blocks, last token time) into it."""
+        generated = req._gen_base + self._tick
+        if generated != req.generated_tokens:
+            req.generated_tokens = generated
+            req.last_token_s = self._last_step_end_s
+        computed = req.prompt_tokens + generated - 1
+        req.computed_tokens = computed
+        held_tokens = computed + 1 if self._in_step else computed  # a scheduled step's block is held
+        shared = self._shared_blocks(req) if req.shared_hashes else 0
+        req.own_blocks = -(-held_tokens // self.config.block_size) - shared
+
+    def _leave_cohort(self, req: EngineRequest) -> None:
+        """Take one member out of the cohort (finish, abort, preemption); its progress is written."""
+        self._write_progress(req)
+        base = req.prompt_tokens + req._gen_base - 1
+        self._residue_counts[base % self.config.block_size] -= 1
+        self._cohort_base_sum -= base
+        self._cohort_size -= 1
+        req._in_cohort = False  # its heap entry is now stale (skipped when it comes up)
+
+    def sync(self) -> None:
+        """Write the cohort's progress into its requests (for readers of request fields)."""
+        if self._fast:
+            for req in self.running:
+                if req._in_cohort:
+                    self._write_progress(req)
+
+    def _enter_fast(self) -> bool:
+        """Form the cohort from the running requests; False (and no change) if a decoding
+        request holds more KV blocks than its tokens need (then the exact step path runs)."""
         bs = self.config.block_size
-        budget = self.config.max_num_batched_tokens
+        members: list[EngineRequest] = []
+        prefilling: list[EngineRequest] = []
+        for req in self.running:
+            generated = req.generated_tokens
+            computed = req.computed_tokens
+            if generated > 0 and computed == req.prompt_tokens + generated - 1:
+                held = req.own_blocks + (self._shared_blocks(req) if req.shared_hashes else 0)
+                if held != -(-computed // bs):
+                    return False
+                members.append(req)
+            else:
+                prefilling.append(req)
+        self._fast = True
+        self._prefilling = prefilling
+        for req in members:
+            self._join(req, self._tick)
+        return True
+
+    def _leave_fast(self) -> None:
+        """Write every member's progress back and dissolve the cohort."""
+        if not self._fast:
+            return
+        if self._in_step:
+            raise RuntimeError("a schedule_fast batch is in flight: complete it before stepping")
+        for req in self.running:
+            if req._in_cohort:
+                self._write_progress(req)
+                req._in_cohort = False
+        self._fast = False
+        self._prefilling = []
+        self._finish_heap = []
+        self._residue_counts = [0] * self.config.block_size
+        self._cohort_base_sum = 0
+        self._cohort_size = 0
+        self._cohort_last_pos = -1
+
+    def _cohort_next_finish(self) -> int | None:
+        """Steps from now until the first member finishes (None: no members)."""
+        heap = self._finish_heap
+        while heap:
+            finish_tick, pos, req = heap[0]
+            if req._in_cohort and req._run_pos == pos:
+                return finish_tick - self._tick
+            heapq.heappop(heap)
+        return None
+
+    def schedule_fast(self) -> Batch:
+        """The batch `schedule()` would return, with the same state changes, at a cost that
+        does not grow with the running decoders (see the fast-path note above).
+
+        The batch's `scheduled` lists only the requests outside the cohort (prefilling
+        ones, and those admitted now); `cohort_decodes` members decode one token each.
+        Where the exact outcome depends on a per-request walk (preemption because KV ran
+        out, a token budget smaller than the decoders), this leaves the fast path and
+        returns `schedule()`'s batch. Complete the batch with `complete` (or plan a run on
+        it with `plan_decode_run`) before the next `schedule_fast`.
+        """
+        if not self._fast and not self._enter_fast():
+            return self.schedule()
+        if self._in_step:
+            raise RuntimeError("schedule_fast: the previous batch has not been completed")
+        bs = self.config.block_size
+        max_budget = self.config.max_num_batched_tokens
+        tick = self._tick
+        members = self._cohort_size
+        prefilling = self._prefilling
+        if members > max_budget:
+            self._leave_fast()
+            return self.schedule()
+        budget = max_budget - members
+        if (
+            prefilling
+            and prefilling[0]._run_pos < self._cohort_last_pos
+            and budget < sum(r.prompt_tokens + r.generated_tokens - r.computed_tokens for r in prefilling)
+        ):
+            # Some prompt gets a partial chunk and a decoder comes after it in the running
+            # order (not the usual case: prompts are admitted behind the decoders), so who
+            # gets the budget depends on a walk in that order: the step path's.
+            self._leave_fast()
+            return self.schedule()
+        need_total = self._residue_counts[-tick % bs] if members else 0
         scheduled: list[tuple[EngineRequest, int]] = []
         growing: list[tuple[EngineRequest, int]] = []
-        need_total = 0
-        prefill_tokens = 0
-        decode_seqs = 0
-        context = 0
-        pairs = 0.0
-        running_status = RequestStatus.RUNNING
-        slacks: list[int] = []  # for plan_decode_run (see Batch.plan_hint)
-        min_left = 1 << 62
-        tokens_sum = 0
-        computed_sum = 0
-        for req in self.running:
+        for req in prefilling:
             if budget <= 0:
                 break
-            if req.status is not running_status:
-                continue
             computed = req.computed_tokens
-            generated = req.generated_tokens
-            prompt = req.prompt_tokens
-            new = prompt + generated - computed
+            new = req.prompt_tokens + req.generated_tokens - computed
             if new > budget:
                 new = budget
-            held = req.own_blocks
-            if req.shared_hashes:
-                held += self._shared_blocks(req)
+            held = req.own_blocks + (self._shared_blocks(req) if req.shared_hashes else 0)
             need = -(-(computed + new) // bs) - held
             if need > 0:
                 need_total += need
                 growing.append((req, need))
-                held += need
-            slacks.append(held * bs - computed - new)
-            left = req.output_tokens - generated
-            if left < min_left:
-                min_left = left
-            tokens_sum += prompt + generated
-            computed_sum += computed
             scheduled.append((req, new))
             budget -= new
-            if new == 1 and generated > 0:
-                decode_seqs += 1
-                context += computed + 1
-            else:
-                prefill_tokens += new
-                pairs += new * (computed + (new + 1) / 2.0)
         if need_total > self.free_blocks:
-            return self.schedule()
-        if need_total:
-            self.free_blocks -= need_total
-            for req, need in growing:
-                req.own_blocks += need
-        hint = (min_left, slacks, tokens_sum, computed_sum)
-        if not self._waiting or budget <= 0 or len(self.running) >= self.config.max_num_seqs:
-            duration = self.model.iteration_time_s(prefill_tokens, decode_seqs, context, pairs)
-            return Batch(scheduled, prefill_tokens, decode_seqs, context, pairs, duration, [], hint)
+            if need_total > self.free_blocks + self._evictable_blocks:
+                self._leave_fast()  # someone is preempted: the step path decides who
+                return self.schedule()
+            # The step path evicts cached prefixes (LRU) as each request grows; evicting
+            # until the whole growth fits evicts the same entries.
+            while self.free_blocks < need_total:
+                self._evict_one()
+        self.free_blocks -= need_total
+        for req, need in growing:
+            req.own_blocks += need
+        self._in_step = True
         preempted: list[EngineRequest] = []
-        admitted_from = len(scheduled)
-        scheduled = self._admit(scheduled, budget, preempted)
-        if preempted:
-            return self._shape(scheduled, preempted)
-        for req, new in scheduled[admitted_from:]:
+        if self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            scheduled = self._admit(scheduled, budget, preempted)
+        return self._fast_batch(scheduled, preempted)
+
+    def _fast_batch(self, scheduled: list[tuple[EngineRequest, int]], preempted: list[EngineRequest]) -> Batch:
+        members = self._cohort_size
+        prefill_tokens = 0
+        decode_seqs = members
+        context = self._cohort_base_sum + members * self._tick + members  # sum of computed + 1
+        pairs = 0.0
+        for req, new in scheduled:
             if new == 1 and req.generated_tokens > 0:
                 decode_seqs += 1
                 context += req.computed_tokens + 1
@@ -613,47 +765,15 @@ class EngineCore:
                 prefill_tokens += new
                 pairs += new * (req.computed_tokens + (new + 1) / 2.0)
         duration = self.model.iteration_time_s(prefill_tokens, decode_seqs, context, pairs)
-        return Batch(scheduled, prefill_tokens, decode_seqs, context, pairs, duration, preempted, hint)
-
-    def _plan_walk(
-        self, batch: Batch, steps: int, caching: bool
-    ) -> tuple[list[int], list[int], dict[int, int], int, int, int | None]:
-        """`plan_decode_run`'s walk over a batch without `plan_hint` (from `schedule`)."""
-        bs = self.config.block_size
-        slacks: list[int] = []
-        first_tokens: list[int] = []
-        groups: dict[int, int] = {}
-        tokens = 0
-        context_after_first = 0
-        for req, new in batch.scheduled:
-            generated = req.generated_tokens
-            left = req.output_tokens - generated
-            if left < steps:
-                if left <= 1:
-                    return [], [], {}, 0, 0, None
-                steps = left
-            computed = req.computed_tokens
-            # A prefill chunk: only the last one of a prompt, and no prefix blocks to
-            # promote into the cache when it completes.
-            if not (new == 1 and generated > 0) and (
-                computed + new != req.prompt_tokens + generated or (caching and req.prefix_hashes)
-            ):
-                return [], [], {}, 0, 0, None
-            held = req.own_blocks
-            if req.shared_hashes:
-                held += self._shared_blocks(req)
-            slack = held * bs - computed - new
-            slacks.append(slack)
-            first_tokens.append(new)
-            groups[slack] = groups.get(slack, 0) + 1
-            tokens += req.prompt_tokens + generated
-            context_after_first += computed + new + 1
-        return slacks, first_tokens, groups, tokens, context_after_first, steps
+        if not scheduled and not members:
+            self._in_step = False  # nothing to run (or complete)
+        return Batch(scheduled, prefill_tokens, decode_seqs, context, pairs, duration, preempted,
+                     cohort_decodes=members, tick=self._tick)
 
     def plan_decode_run(self, batch: Batch, start_s: float, max_steps: int | None = None) -> DecodeRun | None:
-        """If `batch` (just returned by `schedule`, starting at `start_s`) begins a stretch of
-        steps that all decode the same sequences, describe the longest such stretch; None if
-        it is one step.
+        """If `batch` (just returned by `schedule_fast`, starting at `start_s`) begins a
+        stretch of steps that all decode the same sequences, describe the longest such
+        stretch; None if it is one step (or `batch` came from the step path).
 
         `batch` itself may also compute the last chunk of some prompts (they join the
         decoding from step 1), provided nothing waits for a seat: with the prefill tokens
@@ -665,94 +785,71 @@ class EngineCore:
         finishes. Only an arrival can change that; the driver then cuts the run short
         (`DecodeRun.truncate`).
         """
-        running = self.running
-        n = len(running)
-        if n == 0 or batch.preempted or len(batch.scheduled) != n:
+        if batch.cohort_decodes < 0 or batch.preempted:
             return None
-        has_prefill = batch.prefill_tokens > 0
-        caching = self.config.enable_prefix_caching
-        if has_prefill and self._waiting and n < self.config.max_num_seqs:
+        n = len(self.running)
+        explicit = batch.scheduled
+        if n == 0 or len(explicit) + self._cohort_size != n:
+            return None  # a prompt got no budget this step
+        if batch.prefill_tokens > 0 and self._waiting and n < self.config.max_num_seqs:
             return None
         steps = max_steps if max_steps is not None else 1 << 62
+        left = self._cohort_next_finish()
+        if left is not None and left < steps:
+            steps = left
         bs = self.config.block_size
-        hint = batch.plan_hint
-        if hint is not None and len(hint[1]) <= n:
-            # schedule_fast walked the running requests already: only the requests it
-            # admitted after them are looked at here.
-            min_left, head_slacks, tokens, computed_sum = hint
-            scheduled = batch.scheduled
-            head = len(head_slacks)
-            slacks = list(head_slacks)
-            first_tokens = [new for _, new in scheduled]
-            for req, new in scheduled[head:]:
-                left = req.output_tokens - req.generated_tokens
-                if left < min_left:
-                    min_left = left
-                held = req.own_blocks
-                if req.shared_hashes:
-                    held += self._shared_blocks(req)
-                slacks.append(held * bs - req.computed_tokens - new)
-                tokens += req.prompt_tokens + req.generated_tokens
-                computed_sum += req.computed_tokens
-            if min_left < steps:
-                if min_left <= 1:
-                    return None
-                steps = min_left
-            if has_prefill or batch.decode_seqs != n:
-                for req, new in scheduled:
-                    generated = req.generated_tokens
-                    if not (new == 1 and generated > 0) and (
-                        req.computed_tokens + new != req.prompt_tokens + generated
-                        or (caching and req.prefix_hashes)
-                    ):
-                        return None
-            groups: dict[int, int] = {}
-            for slack in slacks:
-                groups[slack] = groups.get(slack, 0) + 1
-            context_after_first = computed_sum + sum(first_tokens) + n
-        else:
-            slacks, first_tokens, groups, tokens, context_after_first, steps_or_none = self._plan_walk(
-                batch, steps, caching
-            )
-            if steps_or_none is None:
+        tick = self._tick
+        members = self._cohort_size
+        # After step 0 a member with residue r has computed r + tick + 1 tokens (mod bs), so
+        # its slack is -(r + tick + 1) % bs: slack s holds residue (k - s) % bs with
+        # k = -(tick + 1) % bs, i.e. the residue counts from k down, wrapping around.
+        k = -(tick + 1) % bs
+        residues = self._residue_counts
+        by_slack = residues[k::-1] + residues[:k:-1]
+        # Tokens of the cohort (computed + 1 each), and the context of step 1 (one more each).
+        tokens = self._cohort_base_sum + members * tick + members
+        context_after_first = tokens + members
+        caching = self.config.enable_prefix_caching
+        for req, new in explicit:
+            generated = req.generated_tokens
+            computed = req.computed_tokens
+            # Only a prompt's last chunk (it emits a token at the end of step 0), and no
+            # prefix blocks to promote into the cache when it completes.
+            if computed + new != req.prompt_tokens + generated or (caching and req.prefix_hashes):
                 return None
-            steps = steps_or_none
+            if req.output_tokens - generated < steps:
+                steps = req.output_tokens - generated
+            held = req.own_blocks + (self._shared_blocks(req) if req.shared_hashes else 0)
+            slack = held * bs - computed - new
+            if slack >= bs:
+                return None  # holds more blocks than it needs: not a cohort member later
+            by_slack[slack] += 1
+            tokens += req.prompt_tokens + generated
+            context_after_first += computed + new + 1
         if steps <= 1:
             return None
         line = self._decode_lines.get(n)
         if line is None:
-            model_step = getattr(self.model, "decode_step_linear_s", None)
-            if model_step is None:
-                return None
-            line = self._decode_lines[n] = model_step(n)
-        t0, slope = line
-        first = batch.duration_s
-        second = t0 + slope * context_after_first
-        # The engine model promises a pure decode step is t0 + slope * context; if a model
-        # breaks that promise, fall back to stepping rather than drift.
-        check = self.model.iteration_time_s(0, n, context_after_first, 0.0)
-        if abs(second - check) > 1e-9 * max(1.0, check):
+            line = self._decode_lines[n] = self._decode_line(n)
+        if not line:
             return None
+        t0, slope = line
+        second = t0 + slope * context_after_first
         run = DecodeRun(
             batch=batch,
             start_s=start_s,
             steps=steps,
-            first_step_s=first,
+            first_step_s=batch.duration_s,
             second_step_s=second,
             step_growth_s=slope * n,
-            requests=list(running),
-            first_step_tokens=first_tokens,
-            slack_tokens=slacks,
+            sequences=n,
             block_size=bs,
             kv_blocks_used_start=self.kv_blocks_used,
             tokens_in_flight_start=tokens,
-            _slack_groups=sorted(groups.items()),
+            _slack_at_most=list(itertools.accumulate(by_slack)),
         )
         free = self.free_blocks
-        # Each sequence grows by at most ceil((steps - 1 - least slack) / bs) blocks: when
-        # that fits, the exact count need not be worked out here.
-        most = n * -(-(steps - 1 - min(slacks)) // bs)
-        if most > free and run.blocks_allocated(steps - 1) > free:
+        if run.blocks_allocated(steps - 1) > free:
             lo, hi = 1, steps  # lo fits (step 0 grows nothing more), hi does not
             while hi - lo > 1:
                 mid = (lo + hi) // 2
@@ -765,51 +862,116 @@ class EngineCore:
             run.steps = lo
         return run
 
+    def _decode_line(self, n: int) -> tuple[float, float] | tuple[()]:
+        """(t0, slope) of a pure decode step of n sequences, checked against the model's
+        `iteration_time_s` over the context range; () if the model does not promise a line
+        (then every step is stepped, never fast-forwarded)."""
+        model_step = getattr(self.model, "decode_step_linear_s", None)
+        if model_step is None:
+            return ()
+        t0, slope = model_step(n)
+        for context in (n, n * 1024, n * self.max_model_len):
+            expected = self.model.iteration_time_s(0, n, context, 0.0)
+            if abs(t0 + slope * context - expected) > 1e-9 * max(1.0, expected):
+                return ()
+        return t0, slope
+
     def complete_run(self, run: DecodeRun, end_s: float) -> StepOutput:
         """Apply all `run.steps` steps of a run ending at `end_s`: the state, counters and
-        token times are those of as many `complete`/`schedule` rounds. `tokens` lists the
-        requests that emitted tokens (`run.steps` each); `first_tokens` those whose first
-        token came at the end of step 0."""
+        token times are those of as many `complete`/`schedule` rounds. `tokens` and
+        `first_tokens` list the requests of step 0 outside the cohort that emitted a token
+        (their first, at the end of step 0); `finished`, everyone who finished."""
         steps = run.steps
-        bs = run.block_size
-        allocated = 0
+        first_end_s = end_s if steps == 1 else run.step_end_s(1)
+        return self._complete_fast(run.batch, steps, end_s, first_end_s, run.blocks_allocated(steps - 1))
+
+    def _complete_fast(
+        self, batch: Batch, steps: int, end_s: float, first_end_s: float, later_blocks: int
+    ) -> StepOutput:
+        if batch.empty:
+            self.iterations_total += 1
+            return StepOutput([], [], [])
+        if not self._in_step or batch.tick != self._tick:
+            raise RuntimeError("this batch is not the one in flight (complete each batch once, in order)")
+        self._in_step = False
+        self.iterations_total += steps
+        tick1 = self._tick + 1
+        self._tick = tick1
+        self._last_step_end_s = first_end_s
         tokens: list[EngineRequest] = []
         first: list[EngineRequest] = []
         finished: list[EngineRequest] = []
-        first_end_s: float | None = None
-        later = steps - 1
         running_status = RequestStatus.RUNNING
-        for req, slack, first_new in zip(run.requests, run.slack_tokens, run.first_step_tokens, strict=True):
-            if req.status is not running_status:
-                continue  # aborted during the run
-            if slack < later:
-                grow = -(-(later - slack) // bs)
-                req.own_blocks += grow
-                allocated += grow
-            req.computed_tokens += first_new + later
-            generated = req.generated_tokens + steps
-            req.generated_tokens = generated
-            req.last_token_s = end_s
-            tokens.append(req)
-            if req.first_token_s is None:
-                if first_end_s is None:
-                    first_end_s = end_s if steps == 1 else run.step_end_s(1)
-                req.first_token_s = first_end_s
-                first.append(req)
-            if generated >= req.output_tokens:
+        irregular = False
+        if batch.scheduled:
+            bs = self.config.block_size
+            for req, new in batch.scheduled:
+                if req.status is not running_status:
+                    continue  # aborted while the step ran
+                req.computed_tokens += new
+                self._promote_prefix(req)
+                computed = req.computed_tokens
+                if computed < req.prompt_tokens + req.generated_tokens:
+                    if req.generated_tokens == 0 or computed != req.prompt_tokens + req.generated_tokens - 1:
+                        continue  # a prefill chunk
+                else:
+                    req.generated_tokens += 1
+                    req.last_token_s = first_end_s
+                    tokens.append(req)
+                    if req.first_token_s is None:
+                        req.first_token_s = first_end_s
+                        first.append(req)
+                    if req.generated_tokens >= req.output_tokens:
+                        finished.append(req)
+                        continue
+                # Decoding from the next step on.
+                held = req.own_blocks + (self._shared_blocks(req) if req.shared_hashes else 0)
+                if held != -(-computed // bs):
+                    irregular = True
+                    continue
+                self._join(req, tick1)
+            self._prefilling = [r for r in self._prefilling if r.status is running_status and not r._in_cohort
+                                and r not in finished]
+        if steps > 1:
+            self._tick += steps - 1
+            self._last_step_end_s = end_s
+            self.free_blocks -= later_blocks
+        heap = self._finish_heap
+        tick = self._tick
+        explicit_finished = len(finished)
+        while heap and heap[0][0] <= tick:
+            _, pos, req = heapq.heappop(heap)
+            if req._in_cohort and req._run_pos == pos:
+                self._leave_cohort(req)
                 finished.append(req)
-        self.free_blocks -= allocated
-        self.iterations_total += steps
+        if explicit_finished and len(finished) > explicit_finished:
+            finished.sort(key=lambda r: r._run_pos)  # running order, as stepping reports them
         for req in finished:
+            req.last_token_s = end_s
             req.finish_s = end_s
             req.status = RequestStatus.FINISHED
             self.running.remove(req)
             self._release(req)
             del self.requests[req.request_id]
+        if irregular:
+            self._leave_fast()
         return StepOutput(tokens, first, finished)
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the block accounting is inconsistent (for tests)."""
+        self.sync()
+        if self._fast:
+            members = [r for r in self.running if r._in_cohort]
+            assert [r for r in self.running if not r._in_cohort] == self._prefilling
+            bs = self.config.block_size
+            residues = [0] * bs
+            for r in members:
+                base = r.computed_tokens - self._tick
+                residues[base % bs] += 1
+                assert r.computed_tokens == r.prompt_tokens + r.generated_tokens - 1
+            assert residues == self._residue_counts, (residues, self._residue_counts)
+            assert sum(r.computed_tokens - self._tick for r in members) == self._cohort_base_sum
+            assert len(members) == self._cohort_size
         held = sum(r.own_blocks for r in self.running)
         cached = sum(e.blocks for e in self._cache.values())
         evictable = sum(e.blocks for e in self._cache.values() if e.refs == 0)

@@ -117,9 +117,10 @@ class Simulation:
         self.class_policies: dict[str, DispatchPolicy] = {} if policy else cluster.build_dispatch_per_class(seed)
         self.queue = cluster.build_queue_policy()
         # Inside a decode stretch only KV use and tokens in flight change (running and
-        # waiting counts change only at its ends, where the snapshot is published): keep
-        # them exact at every decision only for policies that read them.
-        self.refresh_in_runs = any(
+        # waiting counts change only at its ends, where the snapshot is published). They
+        # (and the snapshot time) are published, and kept exact at every decision, only
+        # when a policy reads them (`reads_progress`); otherwise they stay unset.
+        self.publish_progress = any(
             p.reads_progress for p in (self.policy, *self.class_policies.values())
         )
         self.progress = progress
@@ -227,7 +228,7 @@ class Simulation:
             arrival_s=now,
         )
         policy = self.class_policies.get(trace.slo_class, self.policy) if self.class_policies else self.policy
-        if self.live_load and self.in_runs and self.refresh_in_runs:
+        if self.live_load and self.in_runs and self.publish_progress:
             self._refresh_runs(now)
         self.view.now_s = now
         try:
@@ -305,7 +306,7 @@ class Simulation:
     def _start_iteration(self, inst: _Instance, now: float) -> None:
         core = inst.core
         batch = core.schedule_fast() if self.fast_forward else core.schedule()
-        if not batch.scheduled:
+        if batch.empty:
             if core.has_work():
                 raise RuntimeError(
                     f"{inst.state.instance_id}: engine has {core.num_waiting} waiting and "
@@ -317,10 +318,11 @@ class Simulation:
         if run is not None:
             inst.run = run
             end = run.end_s
-            self.in_runs[inst.index] = inst
-            inst.next_change_s = run.step_end_s(1)
-            if inst.next_change_s < self.next_run_change_s:
-                self.next_run_change_s = inst.next_change_s
+            if self.publish_progress:
+                self.in_runs[inst.index] = inst
+                inst.next_change_s = run.step_end_s(1)
+                if inst.next_change_s < self.next_run_change_s:
+                    self.next_run_change_s = inst.next_change_s
         else:
             inst.batch = batch
             end = now + batch.duration_s
@@ -347,7 +349,8 @@ class Simulation:
             inst.kv_block_s += _run_kv_block_s(run)
             out = core.complete_run(run, now)
             inst.run = None
-            del self.in_runs[inst.index]
+            if self.publish_progress:
+                del self.in_runs[inst.index]
         else:
             batch = inst.batch
             assert batch is not None
@@ -405,6 +408,8 @@ class Simulation:
         run = inst.run
         state.running = len(core.running)
         state.waiting = core.num_waiting
+        if not self.publish_progress:
+            return  # no policy reads KV use, tokens in flight or the snapshot time
         if run is not None:
             done = run.steps_done_by(self.now_s if at_s is None else at_s)
             state.kv_blocks_used = run.kv_blocks_used_at(done)

@@ -4,6 +4,7 @@ fast-forward (`plan_decode_run` / `complete_run`) against stepping one iteration
 from __future__ import annotations
 
 import copy
+import itertools
 import random
 
 import pytest
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from scheduler.catalog import default_catalog
 from scheduler.engine_model import EngineModel
-from sim.engine_core import DecodeRun, EngineConfig, EngineCore, EngineRequest, RequestStatus
+from sim.engine_core import Batch, DecodeRun, EngineConfig, EngineCore, EngineRequest, RequestStatus
 
 CATALOG = default_catalog()
 MODEL = EngineModel(CATALOG.gpu("A100-80GB"), CATALOG.model("llama-3-8b"))
@@ -25,16 +26,17 @@ def make_core(num_kv_blocks: int, policy: str = "fcfs", max_num_seqs: int = 8, b
                                           num_kv_blocks=num_kv_blocks, max_model_len=4096))
 
 
-def random_request(rng: random.Random, n: int, t: float) -> EngineRequest:
+def random_request(rng: random.Random, n: int, t: float, block_tokens: int = 8) -> EngineRequest:
     prompt = rng.randint(1, 80)
-    shared = rng.randint(0, 3)  # leading 8-token blocks shared with other requests
-    hashes = tuple(range(1, shared + 1)) + tuple(1000 * n + k for k in range(prompt // 8))
+    shared = rng.randint(0, 3)  # leading prefix blocks shared with other requests
+    hashes = tuple(range(1, shared + 1)) + tuple(1000 * n + k for k in range(prompt // block_tokens))
     return EngineRequest(f"r{n}", prompt_tokens=prompt, output_tokens=rng.randint(1, 40), arrival_s=t,
-                         priority=rng.randint(0, 2), prefix_hashes=hashes[: prompt // 8 + 1],
-                         prefix_block_tokens=8)
+                         priority=rng.randint(0, 2), prefix_hashes=hashes[: prompt // block_tokens + 1],
+                         prefix_block_tokens=block_tokens)
 
 
 def state_of(core: EngineCore) -> tuple[object, ...]:
+    core.sync()
     reqs = sorted(
         (r.request_id, r.status.value, r.computed_tokens, r.generated_tokens, r.own_blocks,
          tuple(r.shared_hashes), r.first_token_s, r.last_token_s, r.finish_s, r.preemptions)
@@ -45,60 +47,109 @@ def state_of(core: EngineCore) -> tuple[object, ...]:
             [r.request_id for r in core.running], core.num_waiting, reqs)
 
 
-@settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 10**6), blocks=st.integers(30, 200), policy=st.sampled_from(["fcfs", "priority"]),
-       cut=st.booleans())
-def test_fast_forward_equals_stepping(seed: int, blocks: int, policy: str, cut: bool) -> None:
-    prefill_runs: list[bool] = []
+def entries(core: EngineCore, batch: Batch) -> list[tuple[str, int]]:
+    """Everyone a batch computes, in running order: a `schedule_fast` batch lists only the
+    requests outside the decoding cohort; cohort members decode one token each."""
+    listed = [(r.request_id, n) for r, n in batch.scheduled]
+    if batch.cohort_decodes < 0:
+        return listed
+    members = [(r.request_id, 1) for r in core.running if r._in_cohort]
+    assert len(members) == batch.cohort_decodes
+    order = {r.request_id: k for k, r in enumerate(core.running)}
+    return sorted(members + listed, key=lambda entry: order[entry[0]])
+
+
+def shape(batch: Batch) -> tuple[object, ...]:
+    return (batch.prefill_tokens, batch.decode_seqs, batch.context_tokens, batch.prefill_attention_pairs,
+            batch.duration_s, [r.request_id for r in batch.preempted])
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10**6), blocks=st.integers(30, 300), policy=st.sampled_from(["fcfs", "priority"]),
+       budget=st.sampled_from([16, 64, 512]), caching=st.booleans(), cut=st.booleans(),
+       seats=st.sampled_from([2, 8, 64]), block_size=st.sampled_from([4, 16]))
+def test_fast_path_equals_stepping(seed: int, blocks: int, policy: str, budget: int, caching: bool, cut: bool,
+                                   seats: int, block_size: int) -> None:
+    """The simulator's path (`schedule_fast`, `plan_decode_run`, `complete_run`, with the
+    cohort's progress held lazily) against `schedule`/`complete` one step at a time on a
+    copy: the same batches, the same load an observer sees inside every run, the same
+    finishes in the same order, and the same engine and request state after every step
+    or run, on random workloads (prefix caching and eviction, priorities and preemption,
+    small token budgets with chunked prompts, runs cut short, aborts)."""
     rng = random.Random(seed)
-    core = make_core(blocks, policy)
+    fast = EngineCore(MODEL, EngineConfig(block_size=block_size, max_num_seqs=seats, max_num_batched_tokens=budget,
+                                          scheduling_policy=policy, num_kv_blocks=blocks * 4 // block_size + 8,
+                                          enable_prefix_caching=caching, max_model_len=4096))
+    ref = copy.deepcopy(fast)
     t = 0.0
     n = 0
-    runs = 0
+    runs = fast_steps = 0
     for _ in range(250):
-        if rng.random() < 0.3 or not core.has_work():
-            core.add_request(random_request(rng, n, t))
+        if rng.random() < 0.3 or not fast.has_work():
+            req = random_request(rng, n, t, block_tokens=block_size * 2)
+            fast.add_request(req)
+            ref.add_request(copy.deepcopy(req))
             n += 1
-        batch = core.schedule()
-        run = core.plan_decode_run(batch, t)
+        if rng.random() < 0.03 and fast.requests:
+            victim = rng.choice(sorted(fast.requests))
+            assert (fast.abort(victim) is None) == (ref.abort(victim) is None)
+        batch = fast.schedule_fast()
+        ref_batch = ref.schedule()
+        assert entries(fast, batch) == entries(ref, ref_batch)
+        assert shape(batch) == shape(ref_batch)
+        fast_steps += batch.cohort_decodes >= 0
+        run = fast.plan_decode_run(batch, t)
         if run is None:
             t += batch.duration_s
-            core.complete(batch, t)
-            core.check_invariants()
-            continue
-        runs += 1
-        prefill_runs.append(batch.prefill_tokens > 0)
-        if cut and run.steps > 2:
-            run.truncate(rng.randint(1, run.steps))
-        # Step a copy through the same stretch, checking what an observer would see.
-        stepped = copy.deepcopy(core)
-        # Step 0 is the batch already scheduled: copy it onto the copy's requests.
-        step_batch = copy.deepcopy(batch, _request_memo(core, stepped))
-        step_t = t
-        for j in range(run.steps):
-            assert stepped.kv_blocks_used == run.kv_blocks_used_at(j)
-            assert stepped.tokens_in_flight == run.tokens_in_flight_at(j)
-            if j > 0:  # step 0 may also finish prompts; every later step only decodes
-                assert step_batch.decode_seqs == len(run.requests) and not step_batch.prefill_tokens
-            step_t += step_batch.duration_s
-            assert step_t == pytest.approx(run.step_end_s(j + 1), rel=1e-12, abs=1e-12)
-            assert run.steps_done_by(run.step_end_s(j + 1)) == j + 1
-            out = stepped.complete(step_batch, run.step_end_s(j + 1))
-            assert (out.finished == []) or j == run.steps - 1
-            if j < run.steps - 1:
-                step_batch = stepped.schedule()
-                assert not step_batch.preempted
-        core.complete_run(run, run.end_s)
-        t = run.end_s
-        core.check_invariants()
-        assert state_of(core) == state_of(stepped)
-    assert core.preemptions_total >= 0
+            out = fast.complete(batch, t)
+            ref_out = ref.complete(ref_batch, t)
+        else:
+            runs += 1
+            if cut and run.steps > 2:
+                run.truncate(rng.randint(1, run.steps))
+            step_batch = ref_batch
+            step_t = t
+            ref_finished: list[EngineRequest] = []
+            for j in range(run.steps):
+                assert ref.kv_blocks_used == run.kv_blocks_used_at(j)
+                assert ref.tokens_in_flight == run.tokens_in_flight_at(j)
+                if j > 0:  # step 0 may also finish prompts; every later step only decodes
+                    assert step_batch.decode_seqs == run.sequences and not step_batch.prefill_tokens
+                step_t += step_batch.duration_s
+                assert step_t == pytest.approx(run.step_end_s(j + 1), rel=1e-12, abs=1e-12)
+                assert run.steps_done_by(run.step_end_s(j + 1)) == j + 1
+                ref_out = ref.complete(step_batch, run.step_end_s(j + 1))
+                ref_finished += ref_out.finished
+                assert not ref_out.finished or j == run.steps - 1
+                if j < run.steps - 1:
+                    step_batch = ref.schedule()
+                    assert not step_batch.preempted
+            out = fast.complete_run(run, run.end_s)
+            t = run.end_s
+        assert [r.request_id for r in out.finished] == [r.request_id for r in ref_out.finished]
+        fast.check_invariants()
+        ref.check_invariants()
+        assert state_of(fast) == state_of(ref)
+        assert fast.tokens_in_flight == ref.tokens_in_flight
+    assert fast_steps > 0
+    if budget == 512 and seats == 64:
+        assert runs > 0
 
 
-def _request_memo(core: EngineCore, stepped: EngineCore) -> dict[int, object]:
-    """deepcopy memo mapping the original's requests to the copy's, so a copied batch
-    points at the copy's requests."""
-    return {id(r): stepped.requests[r.request_id] for r in core.requests.values()}
+@settings(max_examples=200, deadline=None)
+@given(block_size=st.integers(1, 32), slacks=st.lists(st.integers(0, 31), min_size=1, max_size=40),
+       steps=st.integers(0, 200))
+def test_blocks_allocated_in_closed_form(block_size: int, slacks: list[int], steps: int) -> None:
+    """`DecodeRun.blocks_allocated` (O(1) from cumulative slack counts) equals summing each
+    sequence's ceil((steps - slack) / block_size) new blocks."""
+    slacks = [s % block_size for s in slacks]
+    counts = [slacks.count(k) for k in range(block_size)]
+    run = DecodeRun(batch=None, start_s=0.0, steps=max(1, steps), first_step_s=1.0,  # type: ignore[arg-type]
+                    second_step_s=1.0, step_growth_s=0.0, sequences=len(slacks), block_size=block_size,
+                    kv_blocks_used_start=0, tokens_in_flight_start=0,
+                    _slack_at_most=list(itertools.accumulate(counts)))
+    expected = sum(-(-(steps - s) // block_size) for s in slacks if steps > s)
+    assert run.blocks_allocated(steps) == expected
 
 
 @settings(max_examples=40, deadline=None)
@@ -144,30 +195,33 @@ def test_run_stops_before_kv_runs_out_and_at_the_first_finish() -> None:
     core = make_core(num_kv_blocks=40, block_size=4)
     for i, out in enumerate((100, 12, 100)):
         core.add_request(EngineRequest(f"r{i}", prompt_tokens=10, output_tokens=out))
-    batch = core.schedule()  # prefill
+    batch = core.schedule_fast()  # prefill
     core.complete(batch, batch.duration_s)
-    batch = core.schedule()
+    batch = core.schedule_fast()
     run = core.plan_decode_run(batch, 1.0)
     assert run is not None
     assert run.steps == 11  # r1 has 11 tokens left; its last one ends the run
     out = core.complete_run(run, run.end_s)
     assert [r.request_id for r in out.finished] == ["r1"]
     # Now only the free blocks limit the stretch: 40 blocks of 4 tokens.
-    batch = core.schedule()
+    batch = core.schedule_fast()
     run = core.plan_decode_run(batch, out.finished[0].finish_s or 0.0)
-    assert run is not None
+    assert run is not None and run.sequences == 2
     needed = run.blocks_allocated(run.steps - 1)
     assert needed <= core.free_blocks < run.blocks_allocated(run.steps)
-    assert all(r.status is RequestStatus.RUNNING for r in run.requests)
+    core.complete_run(run, run.end_s)
+    assert all(r.status is RequestStatus.RUNNING for r in core.running)
+    # schedule() (the step path) writes the cohort's progress back first.
+    assert core.schedule().preempted
 
 
 def test_runs_may_start_with_the_last_prompt_chunk_but_not_an_earlier_one() -> None:
     core = make_core(num_kv_blocks=100, budget=32)
     core.add_request(EngineRequest("a", prompt_tokens=40, output_tokens=5))
-    batch = core.schedule()  # first 32-token chunk of a 40-token prompt
+    batch = core.schedule_fast()  # first 32-token chunk of a 40-token prompt
     assert core.plan_decode_run(batch, 0.0) is None
     core.complete(batch, 1.0)
-    batch = core.schedule()  # the last 8 tokens: a's first token comes at the end
+    batch = core.schedule_fast()  # the last 8 tokens: a's first token comes at the end
     run = core.plan_decode_run(batch, 1.0)
     assert run is not None and run.steps == 5
     out = core.complete_run(run, run.end_s)
@@ -179,90 +233,17 @@ def test_runs_may_start_with_the_last_prompt_chunk_but_not_an_earlier_one() -> N
     core = make_core(num_kv_blocks=100, budget=40)
     core.add_request(EngineRequest("b", prompt_tokens=40, output_tokens=5))
     core.add_request(EngineRequest("c", prompt_tokens=40, output_tokens=5))
-    batch = core.schedule()  # b's prompt; c does not fit the token budget
+    batch = core.schedule_fast()  # b's prompt; c does not fit the token budget
     assert core.num_waiting == 1 and core.plan_decode_run(batch, 0.0) is None
     # A prompt with prefix blocks to promote into the cache: no run either.
     core = make_core(num_kv_blocks=100)
     core.add_request(EngineRequest("d", prompt_tokens=40, output_tokens=5, prefix_hashes=(1, 2), prefix_block_tokens=8))
-    assert core.plan_decode_run(core.schedule(), 0.0) is None
-
-
-def batch_key(batch: object) -> tuple[object, ...]:
-    return ([(r.request_id, n) for r, n in batch.scheduled], batch.prefill_tokens,  # type: ignore[attr-defined]
-            batch.decode_seqs, batch.context_tokens, batch.prefill_attention_pairs,  # type: ignore[attr-defined]
-            batch.duration_s, [r.request_id for r in batch.preempted])  # type: ignore[attr-defined]
-
-
-@settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 10**6), blocks=st.integers(30, 300), policy=st.sampled_from(["fcfs", "priority"]),
-       budget=st.sampled_from([16, 64, 512]), caching=st.booleans())
-def test_schedule_fast_equals_schedule(seed: int, blocks: int, policy: str, budget: int, caching: bool) -> None:
-    rng = random.Random(seed)
-    ref = EngineCore(MODEL, EngineConfig(block_size=4, max_num_seqs=rng.choice([2, 8, 64]),
-                                         max_num_batched_tokens=budget, scheduling_policy=policy,
-                                         num_kv_blocks=blocks, enable_prefix_caching=caching,
-                                         max_model_len=4096))
-    fast = copy.deepcopy(ref)
-    t = 0.0
-    fallbacks = 0
-    for n in range(300):
-        if rng.random() < 0.35 or not ref.has_work():
-            req = random_request(rng, n, t)
-            ref.add_request(req)
-            fast.add_request(copy.deepcopy(req))
-        a = ref.schedule()
-        b = fast.schedule_fast()
-        fallbacks += bool(a.preempted)
-        assert batch_key(a) == batch_key(b)
-        assert state_of(ref) == state_of(fast)
-        t += a.duration_s
-        ref.complete(a, t)
-        fast.complete(b, t)
-        fast.check_invariants()
-    assert state_of(ref) == state_of(fast)
-
-
-def run_key(run: DecodeRun | None) -> tuple[object, ...] | None:
-    if run is None:
-        return None
-    return (run.steps, run.first_step_s, run.second_step_s, run.step_growth_s,
-            [r.request_id for r in run.requests], run.first_step_tokens, run.slack_tokens,
-            run.kv_blocks_used_start, run.tokens_in_flight_start, list(run._slack_groups))
-
-
-@settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 10**6), blocks=st.integers(30, 300), policy=st.sampled_from(["fcfs", "priority"]),
-       budget=st.sampled_from([16, 64, 512]), caching=st.booleans(), cap=st.sampled_from([None, 3]))
-def test_plan_from_schedule_fast_hint_equals_walking_the_batch(seed: int, blocks: int, policy: str, budget: int,
-                                                               caching: bool, cap: int | None) -> None:
-    """`plan_decode_run` on a `schedule_fast` batch (using its `plan_hint`) plans the run it
-    plans by walking the batch, on random engine states."""
-    rng = random.Random(seed)
-    core = EngineCore(MODEL, EngineConfig(block_size=4, max_num_seqs=rng.choice([2, 8, 64]),
-                                          max_num_batched_tokens=budget, scheduling_policy=policy,
-                                          num_kv_blocks=blocks, enable_prefix_caching=caching,
-                                          max_model_len=4096))
-    t = 0.0
-    runs = 0
-    for n in range(300):
-        if rng.random() < 0.35 or not core.has_work():
-            core.add_request(random_request(rng, n, t))
-        batch = core.schedule_fast()
-        hinted = core.plan_decode_run(batch, t, max_steps=cap)
-        hint, batch.plan_hint = batch.plan_hint, None
-        walked = core.plan_decode_run(batch, t, max_steps=cap)
-        batch.plan_hint = hint
-        assert run_key(hinted) == run_key(walked)
-        runs += hinted is not None
-        if hinted is not None and rng.random() < 0.5:
-            hinted.truncate(rng.randint(1, hinted.steps))
-            t = hinted.end_s
-            core.complete_run(hinted, t)
-        else:
-            t += batch.duration_s
-            core.complete(batch, t)
-        core.check_invariants()
-    assert runs > 0 or budget == 16  # most configurations plan runs (the hint path is exercised)
+    assert core.plan_decode_run(core.schedule_fast(), 0.0) is None
+    # A batch from the step path is never planned.
+    core = make_core(num_kv_blocks=100)
+    core.add_request(EngineRequest("e", prompt_tokens=8, output_tokens=5))
+    core.complete(core.schedule(), 1.0)
+    assert core.plan_decode_run(core.schedule(), 1.0) is None
 
 
 def test_prefix_cache_queries_are_counted_once_per_admission() -> None:

@@ -282,9 +282,9 @@ def test_skipping_in_stretch_refresh_changes_no_decision(seed: int, n: int, rate
     spec = cluster(policy, "fcfs", 400)
     requests = workload(seed, n, rate, prefix=True)
     plain = Simulation(spec, seed=5, fast_forward=fast_forward, policy=spec.build_dispatch(seed=5))
-    assert plain.refresh_in_runs == (policy == "least_kv")
+    assert plain.publish_progress == (policy == "least_kv")
     forced = Simulation(spec, seed=5, fast_forward=fast_forward, policy=spec.build_dispatch(seed=5))
-    forced.refresh_in_runs = True
+    forced.publish_progress = True
     a, b = plain.run(requests), forced.run(requests)
     assert [dataclasses.astuple(r) for r in a.records] == [dataclasses.astuple(r) for r in b.records]
     assert recording(spec).reads_progress  # a policy overriding decide may read anything

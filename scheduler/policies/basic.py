@@ -75,6 +75,8 @@ class MaxScore(Picker):
 
     def __init__(self) -> None:
         self._id_order: dict[tuple[str, ...], list[int]] = {}
+        self._last_instances: list[InstanceState] | None = None
+        self._last_by_id: list[int] = []
 
     def order(
         self,
@@ -95,11 +97,17 @@ class MaxScore(Picker):
         # Positions in instance-id order (cached per candidate list), then a stable sort on
         # the score alone: the (-score, id) order `order` gives, without a key tuple per
         # candidate or a string comparison per tie.
-        ids = tuple([inst.instance_id for inst in instances])
-        by_id = self._id_order.get(ids)
-        if by_id is None:
-            if len(self._id_order) >= self._MAX_CACHED:
-                self._id_order.clear()
-            by_id = self._id_order[ids] = sorted(range(len(ids)), key=ids.__getitem__)
+        if ctx.candidates_stable and instances is self._last_instances:
+            by_id = self._last_by_id  # the policy's cached candidate list, as last time
+        else:
+            ids = tuple([inst.instance_id for inst in instances])
+            cached = self._id_order.get(ids)
+            if cached is None:
+                if len(self._id_order) >= self._MAX_CACHED:
+                    self._id_order.clear()
+                cached = self._id_order[ids] = sorted(range(len(ids)), key=ids.__getitem__)
+            by_id = cached
+            if ctx.candidates_stable:
+                self._last_instances, self._last_by_id = instances, by_id
         negated = [-s for s in scores]
         return sorted(by_id, key=negated.__getitem__)
