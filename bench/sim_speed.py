@@ -49,9 +49,8 @@ MODEL = "llama-3-8b"
 def tiled(rate_scale: float, total: int) -> Iterator[object]:
     """The trace repeated back to back in time (each copy shifted by the trace's span) until
     `total` requests; request ids get a `-<copy>` suffix."""
-    from dataclasses import replace
-
     from sim.traces import read_trace
+    from sim.workload import TraceRequest
 
     trace = read_trace(TRACE, rate_scale=rate_scale)
     emitted = 0
@@ -66,7 +65,9 @@ def tiled(rate_scale: float, total: int) -> Iterator[object]:
             last = req.arrival_s
             count += 1
             emitted += 1
-            yield replace(req, request_id=f"{req.request_id}-{copy}", arrival_s=req.arrival_s + offset)
+            yield TraceRequest(f"{req.request_id}-{copy}", req.arrival_s + offset, req.input_tokens,
+                               req.output_tokens, req.prefix_hashes, req.prefix_block_tokens, req.tenant,
+                               req.slo_class, req.model, req.session_id, req.prompt)
         if count == 0:
             return
         offset += last + last / count  # one mean gap after the copy's last arrival

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-from scheduler.types import Decision, InstanceState, NoInstanceAvailable, RequestInfo
+from scheduler.types import Decision, InstanceState, NoInstanceAvailable, RankedScores, RequestInfo
 
 
 class PolicyConfigError(ValueError):
@@ -280,11 +280,10 @@ class DispatchPolicy:
             ids = [inst.instance_id for inst in candidates]
             if ctx.candidates_stable:
                 self._stable_ids = (candidates, ids)
-        instance_ids = tuple(map(ids.__getitem__, order))
         return Decision(
-            instance_ids=instance_ids,
+            instance_ids=tuple(map(ids.__getitem__, order)),
             reason=self.picker.name,
-            scores=tuple(zip(instance_ids, map(totals.__getitem__, order), strict=True)),
+            scores=RankedScores(ids, totals, order),
         )
 
     def decide_reference(self, view: ClusterView, request: RequestInfo) -> Decision:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import overload
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +73,56 @@ class SloClass:
     priority: int = 0  # lower runs earlier (vLLM convention)
 
 
+class RankedScores(Sequence[tuple[str, float]]):
+    """(instance id, score) pairs in decision order, built only when first read.
+
+    A decision's scores explain it (logs, tests); placing a request never reads them, so
+    `DispatchPolicy.decide` hands over its ids, totals and order and the pairs are made on
+    demand. Compares equal to the tuple of the same pairs."""
+
+    __slots__ = ("_ids", "_scores", "_order", "_pairs")
+
+    def __init__(self, ids: Sequence[str], scores: Sequence[float], order: Sequence[int]) -> None:
+        self._ids = ids
+        self._scores = scores
+        self._order = order
+        self._pairs: tuple[tuple[str, float], ...] | None = None
+
+    def pairs(self) -> tuple[tuple[str, float], ...]:
+        if self._pairs is None:
+            ids, scores = self._ids, self._scores
+            self._pairs = tuple([(ids[k], scores[k]) for k in self._order])
+        return self._pairs
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[str, float]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[tuple[str, float], ...]: ...
+
+    def __getitem__(self, index: int | slice) -> tuple[str, float] | tuple[tuple[str, float], ...]:
+        return self.pairs()[index]
+
+    def __iter__(self) -> Iterator[tuple[str, float]]:
+        return iter(self.pairs())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, RankedScores):
+            return self.pairs() == other.pairs()
+        if isinstance(other, tuple):
+            return self.pairs() == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.pairs())
+
+    def __repr__(self) -> str:
+        return repr(self.pairs())
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     """Where a request goes: the chosen instance first, then fallbacks in order."""
@@ -78,7 +130,7 @@ class Decision:
     instance_ids: tuple[str, ...]
     priority: int = 0
     reason: str = ""
-    scores: tuple[tuple[str, float], ...] = field(default=())
+    scores: Sequence[tuple[str, float]] = field(default=())  # a tuple, or RankedScores
 
     @property
     def instance_id(self) -> str:

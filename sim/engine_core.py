@@ -22,6 +22,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
@@ -217,6 +218,28 @@ class DecodeRun:
         self.steps = steps
 
 
+# EngineModel -> {decode batch size: its pure decode step line (or () if none)}, shared by
+# every core of the same model object (the simulator gives a pool's instances one).
+_DECODE_LINES: weakref.WeakKeyDictionary[object, dict[int, tuple[float, float] | tuple[()]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _decode_line(model: EngineModel, n: int, max_model_len: int) -> tuple[float, float] | tuple[()]:
+    """(t0, slope) of a pure decode step of n sequences, checked against the model's
+    `iteration_time_s` over the context range; () if the model does not promise a line
+    (then every step is stepped, never fast-forwarded)."""
+    model_step = getattr(model, "decode_step_linear_s", None)
+    if model_step is None:
+        return ()
+    t0, slope = model_step(n)
+    for context in (n, n * 1024, n * max_model_len):
+        expected = model.iteration_time_s(0, n, context, 0.0)
+        if abs(t0 + slope * context - expected) > 1e-9 * max(1.0, expected):
+            return ()
+    return t0, slope
+
+
 @dataclass(slots=True)
 class _CacheEntry:
     blocks: int
@@ -253,7 +276,7 @@ class EngineCore:
         self.iterations_total = 0
         # plan_decode_run: (t0, slope) of a pure decode step by batch size (the model's
         # `decode_step_linear_s`, a pure function of it; each plan still checks it).
-        self._decode_lines: dict[int, tuple[float, float] | tuple[()]] = {}
+        self._decode_lines = _DECODE_LINES.setdefault(model, {})
         self._run_counter = itertools.count()
         # The fast path's decoding cohort (see "fast path" below).
         self._fast = False  # the cohort is formed (every running request is in it or in _prefilling)
@@ -434,7 +457,9 @@ class EngineCore:
 
     def _grow(self, req: EngineRequest, new_tokens: int) -> bool:
         """Make sure `req` holds blocks for computed + new tokens."""
-        needed = self._blocks_for(req.computed_tokens + new_tokens) - req.own_blocks - self._shared_blocks(req)
+        needed = -(-(req.computed_tokens + new_tokens) // self.config.block_size) - req.own_blocks
+        if req.shared_hashes:
+            needed -= self._shared_blocks(req)
         if needed <= 0:
             return True
         if not self._allocate(needed):
@@ -673,16 +698,6 @@ class EngineCore:
         self._cohort_size = 0
         self._cohort_last_pos = -1
 
-    def _cohort_next_finish(self) -> int | None:
-        """Steps from now until the first member finishes (None: no members)."""
-        heap = self._finish_heap
-        while heap:
-            finish_tick, pos, req = heap[0]
-            if req._in_cohort and req._run_pos == pos:
-                return finish_tick - self._tick
-            heapq.heappop(heap)
-        return None
-
     def schedule_fast(self) -> Batch:
         """The batch `schedule()` would return, with the same state changes, at a cost that
         does not grow with the running decoders (see the fast-path note above).
@@ -749,10 +764,7 @@ class EngineCore:
         preempted: list[EngineRequest] = []
         if self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             scheduled = self._admit(scheduled, budget, preempted)
-        return self._fast_batch(scheduled, preempted)
-
-    def _fast_batch(self, scheduled: list[tuple[EngineRequest, int]], preempted: list[EngineRequest]) -> Batch:
-        members = self._cohort_size
+        members = self._cohort_size  # fewer if admission preempted a member
         prefill_tokens = 0
         decode_seqs = members
         context = self._cohort_base_sum + members * self._tick + members  # sum of computed + 1
@@ -767,8 +779,7 @@ class EngineCore:
         duration = self.model.iteration_time_s(prefill_tokens, decode_seqs, context, pairs)
         if not scheduled and not members:
             self._in_step = False  # nothing to run (or complete)
-        return Batch(scheduled, prefill_tokens, decode_seqs, context, pairs, duration, preempted,
-                     cohort_decodes=members, tick=self._tick)
+        return Batch(scheduled, prefill_tokens, decode_seqs, context, pairs, duration, preempted, members, tick)
 
     def plan_decode_run(self, batch: Batch, start_s: float, max_steps: int | None = None) -> DecodeRun | None:
         """If `batch` (just returned by `schedule_fast`, starting at `start_s`) begins a
@@ -794,9 +805,14 @@ class EngineCore:
         if batch.prefill_tokens > 0 and self._waiting and n < self.config.max_num_seqs:
             return None
         steps = max_steps if max_steps is not None else 1 << 62
-        left = self._cohort_next_finish()
-        if left is not None and left < steps:
-            steps = left
+        heap = self._finish_heap
+        while heap:  # the first member to finish (stale entries of members gone are dropped)
+            finish_tick, pos, req = heap[0]
+            if req._in_cohort and req._run_pos == pos:
+                if finish_tick - self._tick < steps:
+                    steps = finish_tick - self._tick
+                break
+            heapq.heappop(heap)
         bs = self.config.block_size
         tick = self._tick
         members = self._cohort_size
@@ -830,7 +846,7 @@ class EngineCore:
             return None
         line = self._decode_lines.get(n)
         if line is None:
-            line = self._decode_lines[n] = self._decode_line(n)
+            line = self._decode_lines[n] = _decode_line(self.model, n, self.max_model_len)
         if not line:
             return None
         t0, slope = line
@@ -844,7 +860,7 @@ class EngineCore:
             step_growth_s=slope * n,
             sequences=n,
             block_size=bs,
-            kv_blocks_used_start=self.kv_blocks_used,
+            kv_blocks_used_start=self.num_kv_blocks - self.free_blocks - self._evictable_blocks,
             tokens_in_flight_start=tokens,
             _slack_at_most=list(itertools.accumulate(by_slack)),
         )
@@ -861,20 +877,6 @@ class EngineCore:
                 return None
             run.steps = lo
         return run
-
-    def _decode_line(self, n: int) -> tuple[float, float] | tuple[()]:
-        """(t0, slope) of a pure decode step of n sequences, checked against the model's
-        `iteration_time_s` over the context range; () if the model does not promise a line
-        (then every step is stepped, never fast-forwarded)."""
-        model_step = getattr(self.model, "decode_step_linear_s", None)
-        if model_step is None:
-            return ()
-        t0, slope = model_step(n)
-        for context in (n, n * 1024, n * self.max_model_len):
-            expected = self.model.iteration_time_s(0, n, context, 0.0)
-            if abs(t0 + slope * context - expected) > 1e-9 * max(1.0, expected):
-                return ()
-        return t0, slope
 
     def complete_run(self, run: DecodeRun, end_s: float) -> StepOutput:
         """Apply all `run.steps` steps of a run ending at `end_s`: the state, counters and

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from scheduler.dispatch import ClusterView, DispatchPolicy
+from scheduler.engine_model import EngineModel
 from scheduler.types import InstanceState, NoInstanceAvailable, RequestInfo, SloClass
 from sim.cluster import ClusterSpec, PoolSpec
 from sim.engine_core import Batch, DecodeRun, EngineCore, EngineRequest
@@ -62,10 +63,10 @@ class _Instance:
         "next_change_s", "kv_block_s",
     )
 
-    def __init__(self, index: int, instance_id: str, pool: PoolSpec) -> None:
+    def __init__(self, index: int, instance_id: str, pool: PoolSpec, model: EngineModel) -> None:
         self.index = index
         self.pool = pool
-        self.core = EngineCore(pool.engine_model(), pool.engine)
+        self.core = EngineCore(model, pool.engine)
         self.state = InstanceState(
             instance_id=instance_id,
             model=pool.model.name,
@@ -130,8 +131,9 @@ class Simulation:
         self.live_load = cluster.load_refresh_s <= 0
         self.instances: list[_Instance] = []
         for pool in cluster.pools:
+            model = pool.engine_model()  # one per pool: its cores share the model's caches
             for instance_id in pool.instance_ids():
-                self.instances.append(_Instance(len(self.instances), instance_id, pool))
+                self.instances.append(_Instance(len(self.instances), instance_id, pool, model))
         self.by_id = {inst.state.instance_id: inst for inst in self.instances}
         # Instances never join, leave or change health in a simulation: one membership version.
         self.view = ClusterView([inst.state for inst in self.instances], membership_version=0)

@@ -95,8 +95,9 @@ class MaxScore(Picker):
         ctx: DispatchContext,
     ) -> list[int]:
         # Positions in instance-id order (cached per candidate list), then a stable sort on
-        # the score alone: the (-score, id) order `order` gives, without a key tuple per
-        # candidate or a string comparison per tie.
+        # the score alone, descending (reverse=True keeps equal scores in their id order):
+        # the (-score, id) order `order` gives, without a key tuple per candidate or a
+        # string comparison per tie.
         if ctx.candidates_stable and instances is self._last_instances:
             by_id = self._last_by_id  # the policy's cached candidate list, as last time
         else:
@@ -109,5 +110,4 @@ class MaxScore(Picker):
             by_id = cached
             if ctx.candidates_stable:
                 self._last_instances, self._last_by_id = instances, by_id
-        negated = [-s for s in scores]
-        return sorted(by_id, key=negated.__getitem__)
+        return sorted(by_id, key=scores.__getitem__, reverse=True)
