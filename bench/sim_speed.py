@@ -50,7 +50,6 @@ def tiled(rate_scale: float, total: int) -> Iterator[object]:
     """The trace repeated back to back in time (each copy shifted by the trace's span) until
     `total` requests; request ids get a `-<copy>` suffix."""
     from sim.traces import read_trace
-    from sim.workload import TraceRequest
 
     trace = read_trace(TRACE, rate_scale=rate_scale)
     emitted = 0
@@ -65,9 +64,10 @@ def tiled(rate_scale: float, total: int) -> Iterator[object]:
             last = req.arrival_s
             count += 1
             emitted += 1
-            yield TraceRequest(f"{req.request_id}-{copy}", req.arrival_s + offset, req.input_tokens,
-                               req.output_tokens, req.prefix_hashes, req.prefix_block_tokens, req.tenant,
-                               req.slo_class, req.model, req.session_id, req.prompt)
+            # The reader yields a new request object per row: shift and rename it in place.
+            req.request_id = f"{req.request_id}-{copy}"
+            req.arrival_s += offset
+            yield req
         if count == 0:
             return
         offset += last + last / count  # one mean gap after the copy's last arrival

@@ -158,6 +158,9 @@ class DecodeRun:
     # [k]: sequences that can add at most k tokens after step 0 before they need a new KV
     # block (0 <= k < block_size; cumulative counts)
     _slack_at_most: list[int] = field(default_factory=list)
+    # For the current `steps` (reset by `truncate`): elapsed_s(steps), blocks_allocated(steps - 1).
+    _elapsed_s: float | None = None
+    _later_blocks: int | None = None
 
     def elapsed_s(self, steps: int) -> float:
         """Time from the run's start to the end of its `steps`-th step."""
@@ -168,7 +171,21 @@ class DecodeRun:
 
     @property
     def end_s(self) -> float:
-        return self.start_s + self.elapsed_s(self.steps)
+        return self.start_s + self.total_s
+
+    @property
+    def total_s(self) -> float:
+        """Duration of the whole run (all `steps`)."""
+        if self._elapsed_s is None:
+            self._elapsed_s = self.elapsed_s(self.steps)
+        return self._elapsed_s
+
+    @property
+    def later_blocks(self) -> int:
+        """KV blocks the run grows into after step 0 (all `steps`)."""
+        if self._later_blocks is None:
+            self._later_blocks = self.blocks_allocated(self.steps - 1)
+        return self._later_blocks
 
     def step_end_s(self, steps: int) -> float:
         """Absolute end time of the `steps`-th step (the same float drivers schedule)."""
@@ -215,7 +232,10 @@ class DecodeRun:
         """Stop the run after `steps` steps (something outside changed the next batch)."""
         if not 1 <= steps <= self.steps:
             raise ValueError(f"a run of {self.steps} steps cannot be cut to {steps}")
-        self.steps = steps
+        if steps != self.steps:
+            self.steps = steps
+            self._elapsed_s = None
+            self._later_blocks = None
 
 
 # EngineModel -> {decode batch size: its pure decode step line (or () if none)}, shared by
@@ -865,7 +885,7 @@ class EngineCore:
             _slack_at_most=list(itertools.accumulate(by_slack)),
         )
         free = self.free_blocks
-        if run.blocks_allocated(steps - 1) > free:
+        if run.later_blocks > free:
             lo, hi = 1, steps  # lo fits (step 0 grows nothing more), hi does not
             while hi - lo > 1:
                 mid = (lo + hi) // 2
@@ -875,7 +895,7 @@ class EngineCore:
                     hi = mid
             if lo <= 1:
                 return None
-            run.steps = lo
+            run.truncate(lo)
         return run
 
     def complete_run(self, run: DecodeRun, end_s: float) -> StepOutput:
@@ -884,8 +904,8 @@ class EngineCore:
         `first_tokens` list the requests of step 0 outside the cohort that emitted a token
         (their first, at the end of step 0); `finished`, everyone who finished."""
         steps = run.steps
-        first_end_s = end_s if steps == 1 else run.step_end_s(1)
-        return self._complete_fast(run.batch, steps, end_s, first_end_s, run.blocks_allocated(steps - 1))
+        first_end_s = end_s if steps == 1 else run.start_s + run.first_step_s
+        return self._complete_fast(run.batch, steps, end_s, first_end_s, run.later_blocks)
 
     def _complete_fast(
         self, batch: Batch, steps: int, end_s: float, first_end_s: float, later_blocks: int

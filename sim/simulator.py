@@ -159,42 +159,57 @@ class Simulation:
         next_sample_s = start_s
         next_scrape_s = math.inf if self.live_load else start_s
         heap = self.heap
+        heappop = heapq.heappop
+        iteration_end = self._iteration_end
+        progress = self.progress
         last_progress_wall = wall_start
+        progress_at_events = _PROGRESS_EVERY_EVENTS
         last_arrival_s = -math.inf
+        events = 0
         while True:
-            if heap and (upcoming is None or heap[0][0] <= upcoming.arrival_s):
+            next_arrival_s = upcoming.arrival_s if upcoming is not None else math.inf
+            # Iteration ends up to the next arrival (at equal times, ends first).
+            while heap and heap[0][0] <= next_arrival_s:
                 t = heap[0][0]
-                is_arrival = False
-            elif upcoming is not None:
-                t = upcoming.arrival_s
-                is_arrival = True
-            else:
+                if next_sample_s < t:
+                    next_sample_s = self._sample_until(next_sample_s, t)
+                if next_scrape_s < t:
+                    next_scrape_s = self._scrape_until(next_scrape_s, t)
+                self.now_s = t
+                events += 1
+                _, _, inst, version = heappop(heap)
+                if version == inst.version:
+                    iteration_end(inst, t)
+                if progress is not None and events >= progress_at_events:
+                    progress_at_events += _PROGRESS_EVERY_EVENTS
+                    wall = time.perf_counter()
+                    if wall - last_progress_wall >= _PROGRESS_MIN_WALL_S:
+                        last_progress_wall = wall
+                        progress(t, self.finished, max(self.total_requests, self.arrived))
+            if upcoming is None:
                 break
+            t = next_arrival_s
             if next_sample_s < t:
                 next_sample_s = self._sample_until(next_sample_s, t)
             if next_scrape_s < t:
                 next_scrape_s = self._scrape_until(next_scrape_s, t)
             self.now_s = t
-            self.events += 1
-            if is_arrival:
-                assert upcoming is not None
-                if t < last_arrival_s:
-                    raise ValueError(
-                        f"trace is not sorted by arrival time: request {upcoming.request_id!r} "
-                        f"arrives at {t} s, after one at {last_arrival_s} s"
-                    )
-                last_arrival_s = t
-                self._arrive(upcoming)
-                upcoming = next(arrivals, None)
-            else:
-                _, _, inst, version = heapq.heappop(heap)
-                if version == inst.version:
-                    self._iteration_end(inst, t)
-            if self.progress is not None and not self.events % _PROGRESS_EVERY_EVENTS:
+            events += 1
+            if t < last_arrival_s:
+                raise ValueError(
+                    f"trace is not sorted by arrival time: request {upcoming.request_id!r} "
+                    f"arrives at {t} s, after one at {last_arrival_s} s"
+                )
+            last_arrival_s = t
+            self._arrive(upcoming)
+            upcoming = next(arrivals, None)
+            if progress is not None and events >= progress_at_events:
+                progress_at_events += _PROGRESS_EVERY_EVENTS
                 wall = time.perf_counter()
                 if wall - last_progress_wall >= _PROGRESS_MIN_WALL_S:
                     last_progress_wall = wall
-                    self.progress(self.now_s, self.finished, max(self.total_requests, self.arrived))
+                    progress(t, self.finished, max(self.total_requests, self.arrived))
+        self.events = events
         end_s = self.now_s
         self._sample_until(next_sample_s, end_s + 1e-12)
         if self.progress is not None:
@@ -240,8 +255,11 @@ class Simulation:
             return
         priority = self.queue.priority(info, slo, now)
         reasons: list[str] = []
+        by_id = self.by_id
         for instance_id in decision.instance_ids:
-            inst = self._by_id(instance_id)
+            inst = by_id.get(instance_id)  # type: ignore[assignment]
+            if inst is None:
+                raise KeyError(f"the dispatch policy chose an unknown instance {instance_id!r}")
             req = _SimRequest(
                 request_id=trace.request_id,
                 prompt_tokens=trace.input_tokens,
@@ -274,12 +292,6 @@ class Simulation:
             return
         self._reject(trace, info, slo, "no instance can take it: " + "; ".join(reasons[:3]))
 
-    def _by_id(self, instance_id: str) -> _Instance:
-        inst = self.by_id.get(instance_id)
-        if inst is None:
-            raise KeyError(f"the dispatch policy chose an unknown instance {instance_id!r}")
-        return inst
-
     def _reject(self, trace: TraceRequest, info: RequestInfo, slo: SloClass | None, reason: str) -> None:
         self.finished += 1
         self.records.append(
@@ -307,8 +319,9 @@ class Simulation:
     # ------------------------------------------------------------ iterations
     def _start_iteration(self, inst: _Instance, now: float) -> None:
         core = inst.core
-        batch = core.schedule_fast() if self.fast_forward else core.schedule()
-        if batch.empty:
+        fast_forward = self.fast_forward
+        batch = core.schedule_fast() if fast_forward else core.schedule()
+        if not batch.scheduled and batch.cohort_decodes <= 0:  # batch.empty
             if core.has_work():
                 raise RuntimeError(
                     f"{inst.state.instance_id}: engine has {core.num_waiting} waiting and "
@@ -316,7 +329,7 @@ class Simulation:
                 )
             return
         inst.iter_start_s = now
-        run = core.plan_decode_run(batch, now) if self.fast_forward else None
+        run = core.plan_decode_run(batch, now) if fast_forward else None
         if run is not None:
             inst.run = run
             end = run.end_s
@@ -328,10 +341,15 @@ class Simulation:
         else:
             inst.batch = batch
             end = now + batch.duration_s
-        self.seq += 1
-        heapq.heappush(self.heap, (end, self.seq, inst, inst.version))
+        seq = self.seq = self.seq + 1
+        heapq.heappush(self.heap, (end, seq, inst, inst.version))
         if self.live_load:
-            self._publish(inst)
+            if self.publish_progress:
+                self._publish(inst)
+            else:  # what _publish sets for policies that read no progress
+                state = inst.state
+                state.running = len(core.running)
+                state.waiting = core.num_waiting
 
     def _cut_run(self, inst: _Instance, now: float) -> None:
         """A request arrived while `inst` was inside a run: the next schedule must see it."""
@@ -348,7 +366,8 @@ class Simulation:
         core = inst.core
         run = inst.run
         if run is not None:
-            inst.kv_block_s += _run_kv_block_s(run)
+            # KV block-seconds over the run (trapezoid over its steps: growth is near-linear)
+            inst.kv_block_s += run.total_s * (2 * run.kv_blocks_used_start + run.later_blocks) / 2.0
             out = core.complete_run(run, now)
             inst.run = None
             if self.publish_progress:
@@ -468,12 +487,6 @@ class Simulation:
                 )
             next_sample_s += interval
         return next_sample_s
-
-
-def _run_kv_block_s(run: DecodeRun) -> float:
-    """KV block-seconds over a run (trapezoid over its steps: growth is near-linear)."""
-    last = run.kv_blocks_used_start + run.blocks_allocated(run.steps - 1)
-    return run.elapsed_s(run.steps) * (run.kv_blocks_used_start + last) / 2.0
 
 
 def simulate(

@@ -379,9 +379,14 @@ def _cell(row: list[str], index: int, column: str) -> str:
 
 def _tokens(text: Any, column: str, allow_zero: bool = False) -> int:
     """A token count: a non-negative integer (positive unless `allow_zero`)."""
-    if isinstance(text, bool):
+    if type(text) is str:  # CSV cells: the usual case first
+        try:
+            value = int(text)  # surrounding whitespace is allowed, as with int(text.strip())
+        except ValueError:
+            raise _BadRow(column, f"expected an integer token count, got {text!r}", "bad_number") from None
+    elif isinstance(text, bool):
         raise _BadRow(column, f"expected an integer token count, got {text!r}", "bad_number")
-    if isinstance(text, int):
+    elif isinstance(text, int):
         value = text
     elif isinstance(text, float) and text.is_integer():
         value = int(text)
@@ -410,12 +415,29 @@ def _seconds(text: Any, column: str) -> float:
 
 
 _DAY_START_S: dict[str, float] = {}
+_MINUTE_START_S: dict[str, float] = {}  # "2023-11-16 18:17" -> seconds, as _wall_clock_s sums them
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()  # small numbers keep sub-microsecond precision
 
 
 def _wall_clock_s(text: str, column: str) -> float:
     """`2023-11-16 18:17:03.9799600` (7 fractional digits; also ISO `T`) -> seconds since
     1970-01-01 as if it were UTC: only differences matter."""
+    if len(text) > 17 and text[16] == ":" and text[10] == " " and text[-1] != " ":
+        # Rows of one minute share everything up to the seconds: look that part up once.
+        minute_s = _MINUTE_START_S.get(text[:16])
+        if minute_s is not None:
+            try:
+                seconds = float(text[17:])
+            except ValueError:
+                seconds = -1.0
+            if 0 <= seconds < 61:
+                return minute_s + seconds
+    minute_s, seconds = _wall_clock_parts(text, column)
+    return minute_s + seconds
+
+
+def _wall_clock_parts(text: str, column: str) -> tuple[float, float]:
+    """(seconds at the start of the minute, seconds into it) of a wall-clock time."""
     text = text.strip()
     try:
         day, clock = text.replace("T", " ").split(" ", 1)
@@ -430,7 +452,10 @@ def _wall_clock_s(text: str, column: str) -> float:
     except ValueError:
         raise _BadRow(column, f"expected a wall-clock time like 2023-11-16 18:17:03.9799600, got {text!r}",
                       "bad_timestamp") from None
-    return day_s + h * 3600 + m * 60 + s
+    minute_s = day_s + h * 3600 + m * 60
+    if len(_MINUTE_START_S) < 100_000 and len(text) > 17 and text[16] == ":" and text[10] == " ":
+        _MINUTE_START_S[text[:16]] = minute_s
+    return minute_s, s
 
 
 RowParser = Callable[[list[str], int], TraceRequest | None]
