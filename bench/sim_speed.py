@@ -95,8 +95,11 @@ def run_one(spec: dict[str, object]) -> dict[str, object]:
 
     if spec.get("code_root"):
         import sim as sim_package
+        import sim.engine_core
 
         assert str(sim_package.__file__).startswith(str(spec["code_root"])), sim_package.__file__
+        compiled = not str(sim.engine_core.__file__).endswith(".py")
+        assert bool(spec.get("native")) == compiled, sim.engine_core.__file__
     result = simulate(
         cluster,
         tiled(float(spec["rate"]), requests),  # type: ignore[arg-type]
@@ -190,10 +193,14 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write every figure here")
     parser.add_argument("--baseline-rev", help="git revision whose simulator is also run on each full-trace cell")
     parser.add_argument("--baseline-long", action="store_true", help="also run the baseline on the long run")
+    parser.add_argument("--native", action="store_true",
+                        help="run every configuration (not the baseline) on the mypyc-compiled engine core "
+                             "and event loop (sim/native.py; the same source, built into a cache folder)")
     args = parser.parse_args()
     if args.plot is None:
-        args.plot = (REPO_ROOT / "docs" / "img" / "sim_speed.png" if args.million == 1_000_000
-                     else Path(tempfile.gettempdir()) / f"sim_speed_{args.million}.png")
+        name = "sim_speed_native.png" if args.native else "sim_speed.png"
+        args.plot = (REPO_ROOT / "docs" / "img" / name if args.million == 1_000_000
+                     else Path(tempfile.gettempdir()) / f"{args.million}_{name}")
     if args.child:
         print(json.dumps(run_one(json.loads(args.child))))
         return 0
@@ -204,11 +211,19 @@ def main() -> int:
           f"load average {os.getloadavg()[0]:.1f}; trace {TRACE.name} ({trace_rows} requests)")
     results: list[dict[str, object]] = []
     base_root = extract_baseline(args.baseline_rev) if args.baseline_rev else None
+    native: dict[str, object] = {}
+    if args.native:
+        from sim.native import build
+
+        native = {"code_root": str(build(quiet=False)), "native": True}
+        print(f"# native: mypyc-compiled sim.engine_core and sim.simulator from {native['code_root']}")
     grid = [] if args.skip_grid else [(r, n) for r in args.rates for n in args.instances]
     for rate, n in tqdm(grid, desc="grid", unit="config"):
-        full = in_child({"rate": rate, "instances": n, "requests": trace_rows, "fast_forward": True})
-        on = in_child({"rate": rate, "instances": n, "requests": args.ratio_requests, "fast_forward": True})
-        off = in_child({"rate": rate, "instances": n, "requests": args.ratio_requests, "fast_forward": False})
+        full = in_child({"rate": rate, "instances": n, "requests": trace_rows, "fast_forward": True, **native})
+        on = in_child({"rate": rate, "instances": n, "requests": args.ratio_requests, "fast_forward": True,
+                       **native})
+        off = in_child({"rate": rate, "instances": n, "requests": args.ratio_requests, "fast_forward": False,
+                        **native})
         full["ff_ratio"] = float(off["wall_s"]) / float(on["wall_s"])  # type: ignore[arg-type]
         full["ff_events_ratio"] = int(off["events"]) / int(on["events"])  # type: ignore[call-overload]
         if base_root is not None:
@@ -238,7 +253,7 @@ def main() -> int:
     if not args.skip_million:
         print(f"\nlong run: {args.million} requests, 40x, 64 instances ...", flush=True)
         long = in_child({"rate": 40.0, "instances": 64, "requests": args.million, "fast_forward": True,
-                         "curve": True})
+                         "curve": True, **native})
         curve = [(float(w), int(n)) for w, n in long["curve"]]  # type: ignore[attr-defined]
         old_long: dict[str, object] | None = None
         if base_root is not None and args.baseline_long:
@@ -246,7 +261,8 @@ def main() -> int:
             old_long = in_child({"rate": 40.0, "instances": 64, "requests": args.million, "fast_forward": True,
                                  "curve": True, "code_root": str(base_root)})
             long["baseline"] = old_long
-        plot(curve, args.plot, f"{args.million:,} Azure-conv requests at 40x on 64 x {GPU} ({MODEL})",
+        title = f"{args.million:,} Azure-conv requests at 40x on 64 x {GPU} ({MODEL})"
+        plot(curve, args.plot, title + (" [mypyc]" if native else ""),
              [(float(w), int(n)) for w, n in old_long["curve"]] if old_long else None,  # type: ignore[attr-defined]
              f"baseline {args.baseline_rev}")
         half = next((w for w, n in curve if n >= args.million // 2), None)

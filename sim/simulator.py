@@ -257,9 +257,10 @@ class Simulation:
         reasons: list[str] = []
         by_id = self.by_id
         for instance_id in decision.instance_ids:
-            inst = by_id.get(instance_id)  # type: ignore[assignment]
-            if inst is None:
+            found = by_id.get(instance_id)
+            if found is None:
                 raise KeyError(f"the dispatch policy chose an unknown instance {instance_id!r}")
+            inst = found
             req = _SimRequest(
                 request_id=trace.request_id,
                 prompt_tokens=trace.input_tokens,

@@ -465,7 +465,21 @@ def _csv_row_parser(fmt: str, names: list[str], path: Path, line: int, slo_class
     if fmt == "azure":
         i_ts, i_in, i_out = _column_index(names, _AZURE_COLUMNS, path, line, fmt)
 
+        widest = max(i_ts, i_in, i_out)
+
         def azure(row: list[str], index: int) -> TraceRequest:
+            if len(row) > widest:  # the usual row: read the cells without the checks' calls
+                arrival = _wall_clock_s(row[i_ts], "TIMESTAMP")
+                try:
+                    input_tokens = int(row[i_in])
+                    output_tokens = int(row[i_out])
+                except ValueError:
+                    input_tokens = output_tokens = 0  # _tokens below says what is wrong
+                if input_tokens < 1:
+                    input_tokens = _tokens(row[i_in], "ContextTokens")
+                if output_tokens < 1:
+                    output_tokens = _tokens(row[i_out], "GeneratedTokens")
+                return TraceRequest(f"azure-{index}", arrival, input_tokens, output_tokens, slo_class=slo_class)
             arrival = _wall_clock_s(_cell(row, i_ts, "TIMESTAMP"), "TIMESTAMP")
             return TraceRequest(
                 request_id=f"azure-{index}", arrival_s=arrival,
