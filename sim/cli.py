@@ -315,8 +315,9 @@ def register(subparsers: Any) -> None:
     sweep.add_argument("--workers", type=int, default=None, metavar="N",
                        help="worker processes (default: CPU count, at most the grid size)")
     sweep.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
-                       help="run the grid on a Ray cluster (ADDRESS, or the one ray.init finds); "
-                            f"needs ray: {RAY_INSTALL_HINT}")
+                       help="run the grid on a Ray cluster: ADDRESS (HOST:PORT or ray://HOST:10001), "
+                            "none for the one RAY_ADDRESS or a local head names, or 'local' to start "
+                            f"one on this machine; needs ray: {RAY_INSTALL_HINT}")
     sweep.set_defaults(handler=_cmd_sweep)
 
 
@@ -544,8 +545,16 @@ def _run_on_ray(ray: Any, jobs: Sequence[SimJob], address: str, progress: bool) 
     """The same jobs as Ray tasks; the cluster and trace paths must be readable on the workers."""
     from tqdm import tqdm
 
-    ray.init(address=None if address in ("", "local") else address, ignore_reinit_error=True,
-             log_to_driver=False)
+    try:
+        ray.init(address=None if address in ("", "local") else address, ignore_reinit_error=True,
+                 log_to_driver=False)
+    except ConnectionError as exc:
+        where = "the cluster RAY_ADDRESS or a local head names" if address == "auto" else repr(address)
+        raise UsageError(
+            f"--ray: cannot reach a Ray cluster at {where} ({str(exc).splitlines()[0]}); start one with "
+            "`ray start --head`, pass its address (--ray HOST:PORT or ray://HOST:10001), or use --ray local "
+            "to start a Ray instance on this machine"
+        ) from None
     remote = ray.remote(_run_job_quiet)
     refs = [remote.remote(job) for job in jobs]
     index = {ref: i for i, ref in enumerate(refs)}

@@ -73,6 +73,46 @@ def test_sweep_in_worker_processes(shared_data, tmp_path, capsys):
     assert (out / "sweep.png").read_bytes().startswith(PNG_MAGIC)
 
 
+def _sweep_points(out) -> list[tuple[object, ...]]:
+    doc = json.loads((out / "sweep.json").read_text())
+    return [(p["series"], p["rate_scale"], p["summary"]["completed"], p["summary"]["ttft_p99_ms"],
+             p["summary"]["tpot_p50_ms"], p["summary"]["goodput_rps"], p["summary"]["preemptions"])
+            for p in doc["points"]]
+
+
+def test_sweep_on_a_local_ray_instance_matches_worker_processes(shared_data, tmp_path):
+    """--ray runs the grid as Ray tasks (here on a Ray instance it starts on this machine)
+    with the results of the process pool."""
+    import subprocess
+
+    import ray  # noqa: F401  (a dev dependency: pyproject [dev])
+
+    common = ["sim", "sweep", CLUSTER, "--trace", str(shared_data / CONV), "--limit", "150",
+              "--rate-scales", "2,8", "--pool-counts", "l4=2,4", "--no-plots", "--no-progress"]
+    env = {**__import__("os").environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}
+    stderr = {}
+    for name, extra in (("ray", ["--ray", "local"]), ("pool", ["--workers", "2"])):
+        done = subprocess.run([sys.executable, "-m", "tokenyard.cli", *common, "--out", str(tmp_path / name),
+                               *extra], capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        stderr[name] = done.stderr
+    assert "Started a local Ray instance" in stderr["ray"] and "Ray" not in stderr["pool"]
+    on_ray, in_pool = _sweep_points(tmp_path / "ray"), _sweep_points(tmp_path / "pool")
+    assert len(on_ray) == 4 and on_ray == in_pool
+
+
+def test_sweep_ray_without_a_cluster_says_how_to_get_one(shared_data, tmp_path, capsys, monkeypatch):
+    import ray  # noqa: F401  (a dev dependency: pyproject [dev])
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    code = main(["sim", "sweep", CLUSTER, "--trace", str(shared_data / CONV), "--limit", "50", "--ray",
+                 "--out", str(tmp_path / "o"), "--no-plots", "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--ray: cannot reach a Ray cluster" in err and "--ray local" in err
+    assert not (tmp_path / "o").exists()  # nothing written
+
+
 def test_sweep_ray_missing_says_how_to_install(shared_data, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError, installed or not
     code = main(["sim", "sweep", CLUSTER, "--trace", str(shared_data / CONV), "--ray",
