@@ -262,13 +262,16 @@ class DispatchPolicy:
         `score_all`, `rank`), not once per instance: on a 64-instance fleet the per-instance
         calls were most of a decision's cost. The result is the one the per-instance
         methods define (tests/test_policies.py compares both on random clusters)."""
-        ctx = DispatchContext(now_s=view.now_s, rng=self.rng)
+        ctx = DispatchContext(view.now_s, self.rng)
         candidates = self._run_filters(view, request, ctx)
         scorers = self.scorers
         if len(scorers) == 1:
             scorer, weight = scorers[0]
-            # 0.0 + w * s, as the sum below gives (it turns a -0.0 score into 0.0).
-            totals = [0.0 + weight * s for s in scorer.score_all(request, candidates, ctx)]
+            # 0.0 + w * s, as the sum below gives (it turns a -0.0 score into 0.0); 1.0 * s is s.
+            if weight == 1.0:
+                totals = [0.0 + s for s in scorer.score_all(request, candidates, ctx)]
+            else:
+                totals = [0.0 + weight * s for s in scorer.score_all(request, candidates, ctx)]
         else:
             totals = [0.0] * len(candidates)
             for scorer, weight in scorers:

@@ -298,6 +298,7 @@ class EngineCore:
         # `decode_step_linear_s`, a pure function of it; each plan still checks it).
         self._decode_lines = _DECODE_LINES.setdefault(model, {})
         self._run_counter = itertools.count()
+        self._by_priority = self.config.scheduling_policy == "priority"
         # The fast path's decoding cohort (see "fast path" below).
         self._fast = False  # the cohort is formed (every running request is in it or in _prefilling)
         self._in_step = False  # a schedule_fast batch is in flight
@@ -340,10 +341,11 @@ class EngineCore:
                 f"request {req.request_id}: needs {blocks_needed} KV blocks, the engine has "
                 f"{self.num_kv_blocks} in all"
             )
-        req._seq = next(self._seq)
+        seq = req._seq = next(self._seq)
         req.status = RequestStatus.WAITING
         self.requests[req.request_id] = req
-        heapq.heappush(self._waiting, (self._wait_key(req), req))
+        key = self._wait_key(req) if self._by_priority else (req.arrival_s, float(seq))
+        heapq.heappush(self._waiting, (key, req))
 
     def abort(self, request_id: str) -> EngineRequest | None:
         req = self.requests.get(request_id)
