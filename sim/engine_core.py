@@ -592,6 +592,24 @@ class EngineCore:
         duration = self.model.iteration_time_s(prefill_tokens, decode_seqs, context, pairs)
         return Batch(scheduled, prefill_tokens, decode_seqs, context, pairs, duration, preempted)
 
+    def _apply_chunk(
+        self, req: EngineRequest, new: int, end_s: float, tokens: list[EngineRequest], first: list[EngineRequest]
+    ) -> bool:
+        """`req` computed `new` more tokens in a step ending at `end_s`: promote its finished
+        prefix blocks, and if that completes its tokens, emit one (appended to `tokens`, and
+        to `first` if it is its first). True if it emitted."""
+        req.computed_tokens += new
+        self._promote_prefix(req)
+        if req.computed_tokens < req.prompt_tokens + req.generated_tokens:
+            return False
+        req.generated_tokens += 1
+        req.last_token_s = end_s
+        tokens.append(req)
+        if req.first_token_s is None:
+            req.first_token_s = end_s
+            first.append(req)
+        return True
+
     def complete(self, batch: Batch, end_s: float) -> StepOutput:
         """Apply an iteration that ended at `end_s`: advance progress, emit tokens, finish."""
         if batch.cohort_decodes >= 0:
@@ -605,16 +623,8 @@ class EngineCore:
         for req, new in batch.scheduled:
             if req.status is not RequestStatus.RUNNING:
                 continue  # aborted while the iteration ran
-            req.computed_tokens += new
-            self._promote_prefix(req)
-            if req.computed_tokens < req.num_tokens:
+            if not self._apply_chunk(req, new, end_s, tokens, first):
                 continue  # a prefill chunk; no token yet
-            req.generated_tokens += 1
-            req.last_token_s = end_s
-            tokens.append(req)
-            if req.first_token_s is None:
-                req.first_token_s = end_s
-                first.append(req)
             if req.generated_tokens >= req.output_tokens:
                 req.finish_s = end_s
                 req.status = RequestStatus.FINISHED
@@ -932,22 +942,13 @@ class EngineCore:
             for req, new in batch.scheduled:
                 if req.status is not running_status:
                     continue  # aborted while the step ran
-                req.computed_tokens += new
-                self._promote_prefix(req)
-                computed = req.computed_tokens
-                if computed < req.prompt_tokens + req.generated_tokens:
-                    if req.generated_tokens == 0 or computed != req.prompt_tokens + req.generated_tokens - 1:
-                        continue  # a prefill chunk
-                else:
-                    req.generated_tokens += 1
-                    req.last_token_s = first_end_s
-                    tokens.append(req)
-                    if req.first_token_s is None:
-                        req.first_token_s = first_end_s
-                        first.append(req)
+                if self._apply_chunk(req, new, first_end_s, tokens, first):
                     if req.generated_tokens >= req.output_tokens:
                         finished.append(req)
                         continue
+                elif req.generated_tokens == 0 or req.computed_tokens != req.num_tokens - 1:
+                    continue  # a prefill chunk
+                computed = req.computed_tokens
                 # Decoding from the next step on.
                 held = req.own_blocks + (self._shared_blocks(req) if req.shared_hashes else 0)
                 if held != -(-computed // bs):

@@ -145,6 +145,7 @@ class Simulation:
         self.records: list[RequestRecord] = []
         self.timeline: list[TimelineSample] = []
         self.events = 0
+        self._last_progress_wall = 0.0
         self.finished = 0
         self.arrived = 0
         self.default_slo = cluster.slo_classes.get("default")
@@ -161,54 +162,41 @@ class Simulation:
         heap = self.heap
         heappop = heapq.heappop
         iteration_end = self._iteration_end
-        progress = self.progress
-        last_progress_wall = wall_start
-        progress_at_events = _PROGRESS_EVERY_EVENTS
+        self._last_progress_wall = wall_start
+        progress_at_events = _PROGRESS_EVERY_EVENTS if self.progress is not None else math.inf
         last_arrival_s = -math.inf
         events = 0
         while True:
-            next_arrival_s = upcoming.arrival_s if upcoming is not None else math.inf
-            # Iteration ends up to the next arrival (at equal times, ends first).
-            while heap and heap[0][0] <= next_arrival_s:
+            # The next event: an iteration end, or else the next arrival (ends first at equal times).
+            if heap and (upcoming is None or heap[0][0] <= upcoming.arrival_s):
                 t = heap[0][0]
-                if next_sample_s < t:
-                    next_sample_s = self._sample_until(next_sample_s, t)
-                if next_scrape_s < t:
-                    next_scrape_s = self._scrape_until(next_scrape_s, t)
-                self.now_s = t
-                events += 1
-                _, _, inst, version = heappop(heap)
-                if version == inst.version:
-                    iteration_end(inst, t)
-                if progress is not None and events >= progress_at_events:
-                    progress_at_events += _PROGRESS_EVERY_EVENTS
-                    wall = time.perf_counter()
-                    if wall - last_progress_wall >= _PROGRESS_MIN_WALL_S:
-                        last_progress_wall = wall
-                        progress(t, self.finished, max(self.total_requests, self.arrived))
-            if upcoming is None:
+                arrival = None
+            elif upcoming is not None:
+                t = upcoming.arrival_s
+                arrival = upcoming
+            else:
                 break
-            t = next_arrival_s
             if next_sample_s < t:
                 next_sample_s = self._sample_until(next_sample_s, t)
             if next_scrape_s < t:
                 next_scrape_s = self._scrape_until(next_scrape_s, t)
             self.now_s = t
             events += 1
-            if t < last_arrival_s:
-                raise ValueError(
-                    f"trace is not sorted by arrival time: request {upcoming.request_id!r} "
-                    f"arrives at {t} s, after one at {last_arrival_s} s"
-                )
-            last_arrival_s = t
-            self._arrive(upcoming)
-            upcoming = next(arrivals, None)
-            if progress is not None and events >= progress_at_events:
-                progress_at_events += _PROGRESS_EVERY_EVENTS
-                wall = time.perf_counter()
-                if wall - last_progress_wall >= _PROGRESS_MIN_WALL_S:
-                    last_progress_wall = wall
-                    progress(t, self.finished, max(self.total_requests, self.arrived))
+            if arrival is None:
+                _, _, inst, version = heappop(heap)
+                if version == inst.version:
+                    iteration_end(inst, t)
+            else:
+                if t < last_arrival_s:
+                    raise ValueError(
+                        f"trace is not sorted by arrival time: request {arrival.request_id!r} "
+                        f"arrives at {t} s, after one at {last_arrival_s} s"
+                    )
+                last_arrival_s = t
+                self._arrive(arrival)
+                upcoming = next(arrivals, None)
+            if events >= progress_at_events:
+                progress_at_events = self._report_progress(events, t)
         self.events = events
         end_s = self.now_s
         self._sample_until(next_sample_s, end_s + 1e-12)
@@ -227,6 +215,15 @@ class Simulation:
             events=self.events,
             policy=self.cluster.label or self.cluster.describe_dispatch(),
         )
+
+    def _report_progress(self, events: int, now_s: float) -> float:
+        """Call the progress callback if enough wall time passed; the event count to check next."""
+        assert self.progress is not None
+        wall = time.perf_counter()
+        if wall - self._last_progress_wall >= _PROGRESS_MIN_WALL_S:
+            self._last_progress_wall = wall
+            self.progress(now_s, self.finished, max(self.total_requests, self.arrived))
+        return events + _PROGRESS_EVERY_EVENTS
 
     # -------------------------------------------------------------- arrivals
     def _arrive(self, trace: TraceRequest) -> None:
