@@ -70,8 +70,12 @@ def build(cache_dir: Path | None = None, *, quiet: bool = True) -> Path:
     root = cache_dir / key
     if compiled_in(root):
         return root
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=cache_dir))
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=cache_dir))
+    except OSError as exc:
+        raise NativeBuildError(f"cannot create the build folder in {cache_dir}: {exc.strerror or exc}; "
+                               "set XDG_CACHE_HOME to a writable folder") from None
     try:
         shutil.copytree(SIM_DIR, work / "sim", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
         config = work / "mypy.ini"

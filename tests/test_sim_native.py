@@ -126,3 +126,7 @@ def test_a_failed_build_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert not any(p.name == native.build_key() for p in (tmp_path / "cache").iterdir())  # nothing half-built
     assert subprocess.run([sys.executable, "-m", "sim.native", "frobnicate"], cwd=REPO,
                           capture_output=True).returncode == 2
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    with pytest.raises(native.NativeBuildError, match="cannot create the build folder"):
+        native.build(blocked / "cache")
