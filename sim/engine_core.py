@@ -295,21 +295,29 @@ class EngineCore:
         self.preemptions_total = 0
         self.iterations_total = 0
         # plan_decode_run: (t0, slope) of a pure decode step by batch size (the model's
-        # `decode_step_linear_s`, a pure function of it; each plan still checks it).
+        # `decode_step_linear_s`, checked once per size by `_decode_line`).
         self._decode_lines = _DECODE_LINES.setdefault(model, {})
         self._run_counter = itertools.count()
         self._by_priority = self.config.scheduling_policy == "priority"
         # The fast path's decoding cohort (see "fast path" below).
-        self._fast = False  # the cohort is formed (every running request is in it or in _prefilling)
         self._in_step = False  # a schedule_fast batch is in flight
         self._tick = 0  # fast-path steps completed
         self._last_step_end_s = 0.0
+        self._reset_cohort()
+
+    def _reset_cohort(self) -> None:
+        """No cohort: the step path's state (every request's progress in its fields)."""
+        self._fast = False  # the cohort is formed (every running request is in it or in _prefilling)
         self._prefilling: list[EngineRequest] = []  # running, not in the cohort (running order)
         self._finish_heap: list[tuple[int, int, EngineRequest]] = []  # (finish tick, run pos, req)
         self._residue_counts = [0] * self.config.block_size  # members by (computed - tick) % bs
         self._cohort_base_sum = 0  # sum of members' computed - tick
         self._cohort_size = 0
         self._cohort_last_pos = -1  # latest admission position among members (an upper bound)
+
+    def _cohort_tokens(self) -> int:
+        """Tokens of the cohort's members (prompt + generated = computed + 1 each)."""
+        return self._cohort_base_sum + self._cohort_size * (self._tick + 1)
 
     # ----------------------------------------------------------------- queues
     def _wait_key(self, req: EngineRequest) -> tuple[float, ...]:
@@ -386,9 +394,7 @@ class EngineCore:
     @property
     def tokens_in_flight(self) -> int:
         if self._fast:
-            members = self._cohort_size
-            cohort = self._cohort_base_sum + members * self._tick + members
-            return cohort + sum(r.num_tokens for r in self._prefilling)
+            return self._cohort_tokens() + sum(r.num_tokens for r in self._prefilling)
         return sum(r.num_tokens for r in self.running)
 
     # ------------------------------------------------------------- KV blocks
@@ -397,6 +403,10 @@ class EngineCore:
 
     def _shared_blocks(self, req: EngineRequest) -> int:
         return sum(self._cache[h].blocks for h in req.shared_hashes)
+
+    def _held_blocks(self, req: EngineRequest) -> int:
+        """KV blocks `req` holds: its own and the cached prefix blocks it references."""
+        return req.own_blocks + (self._shared_blocks(req) if req.shared_hashes else 0)
 
     def _allocate(self, blocks: int) -> bool:
         if blocks <= 0:
@@ -479,9 +489,7 @@ class EngineCore:
 
     def _grow(self, req: EngineRequest, new_tokens: int) -> bool:
         """Make sure `req` holds blocks for computed + new tokens."""
-        needed = -(-(req.computed_tokens + new_tokens) // self.config.block_size) - req.own_blocks
-        if req.shared_hashes:
-            needed -= self._shared_blocks(req)
+        needed = self._blocks_for(req.computed_tokens + new_tokens) - self._held_blocks(req)
         if needed <= 0:
             return True
         if not self._allocate(needed):
@@ -700,7 +708,7 @@ class EngineCore:
             generated = req.generated_tokens
             computed = req.computed_tokens
             if generated > 0 and computed == req.prompt_tokens + generated - 1:
-                held = req.own_blocks + (self._shared_blocks(req) if req.shared_hashes else 0)
+                held = self._held_blocks(req)
                 if held != -(-computed // bs):
                     return False
                 members.append(req)
@@ -722,13 +730,7 @@ class EngineCore:
             if req._in_cohort:
                 self._write_progress(req)
                 req._in_cohort = False
-        self._fast = False
-        self._prefilling = []
-        self._finish_heap = []
-        self._residue_counts = [0] * self.config.block_size
-        self._cohort_base_sum = 0
-        self._cohort_size = 0
-        self._cohort_last_pos = -1
+        self._reset_cohort()
 
     def schedule_fast(self) -> Batch:
         """The batch `schedule()` would return, with the same state changes, at a cost that
@@ -774,7 +776,7 @@ class EngineCore:
             new = req.prompt_tokens + req.generated_tokens - computed
             if new > budget:
                 new = budget
-            held = req.own_blocks + (self._shared_blocks(req) if req.shared_hashes else 0)
+            held = self._held_blocks(req)
             need = -(-(computed + new) // bs) - held
             if need > 0:
                 need_total += need
@@ -799,7 +801,7 @@ class EngineCore:
         members = self._cohort_size  # fewer if admission preempted a member
         prefill_tokens = 0
         decode_seqs = members
-        context = self._cohort_base_sum + members * self._tick + members  # sum of computed + 1
+        context = self._cohort_tokens()  # each member decodes with computed + 1 tokens of context
         pairs = 0.0
         for req, new in scheduled:
             if new == 1 and req.generated_tokens > 0:
@@ -855,7 +857,7 @@ class EngineCore:
         residues = self._residue_counts
         by_slack = residues[k::-1] + residues[:k:-1]
         # Tokens of the cohort (computed + 1 each), and the context of step 1 (one more each).
-        tokens = self._cohort_base_sum + members * tick + members
+        tokens = self._cohort_tokens()
         context_after_first = tokens + members
         caching = self.config.enable_prefix_caching
         for req, new in explicit:
@@ -867,7 +869,7 @@ class EngineCore:
                 return None
             if req.output_tokens - generated < steps:
                 steps = req.output_tokens - generated
-            held = req.own_blocks + (self._shared_blocks(req) if req.shared_hashes else 0)
+            held = self._held_blocks(req)
             slack = held * bs - computed - new
             if slack >= bs:
                 return None  # holds more blocks than it needs: not a cohort member later
@@ -950,7 +952,7 @@ class EngineCore:
                     continue  # a prefill chunk
                 computed = req.computed_tokens
                 # Decoding from the next step on.
-                held = req.own_blocks + (self._shared_blocks(req) if req.shared_hashes else 0)
+                held = self._held_blocks(req)
                 if held != -(-computed // bs):
                     irregular = True
                     continue
