@@ -422,9 +422,10 @@ _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()  # small numbers keep sub-microsec
 def _wall_clock_s(text: str, column: str) -> float:
     """`2023-11-16 18:17:03.9799600` (7 fractional digits; also ISO `T`) -> seconds since
     1970-01-01 as if it were UTC: only differences matter."""
-    if len(text) > 17 and text[16] == ":" and text[10] == " " and text[-1] != " ":
+    key = _minute_key(text)
+    if key is not None and text[-1] != " ":
         # Rows of one minute share everything up to the seconds: look that part up once.
-        minute_s = _MINUTE_START_S.get(text[:16])
+        minute_s = _MINUTE_START_S.get(key)
         if minute_s is not None:
             try:
                 seconds = float(text[17:])
@@ -453,9 +454,17 @@ def _wall_clock_parts(text: str, column: str) -> tuple[float, float]:
         raise _BadRow(column, f"expected a wall-clock time like 2023-11-16 18:17:03.9799600, got {text!r}",
                       "bad_timestamp") from None
     minute_s = day_s + h * 3600 + m * 60
-    if len(_MINUTE_START_S) < 100_000 and len(text) > 17 and text[16] == ":" and text[10] == " ":
-        _MINUTE_START_S[text[:16]] = minute_s
+    key = _minute_key(text)
+    if key is not None and len(_MINUTE_START_S) < 100_000:
+        _MINUTE_START_S[key] = minute_s
     return minute_s, s
+
+
+def _minute_key(text: str) -> str | None:
+    """`2023-11-16 18:17` of `2023-11-16 18:17:03.97...`; None if the text is not laid out so."""
+    if len(text) > 17 and text[16] == ":" and text[10] == " ":
+        return text[:16]
+    return None
 
 
 RowParser = Callable[[list[str], int], TraceRequest | None]
@@ -468,18 +477,10 @@ def _csv_row_parser(fmt: str, names: list[str], path: Path, line: int, slo_class
         widest = max(i_ts, i_in, i_out)
 
         def azure(row: list[str], index: int) -> TraceRequest:
-            if len(row) > widest:  # the usual row: read the cells without the checks' calls
-                arrival = _wall_clock_s(row[i_ts], "TIMESTAMP")
-                try:
-                    input_tokens = int(row[i_in])
-                    output_tokens = int(row[i_out])
-                except ValueError:
-                    input_tokens = output_tokens = 0  # _tokens below says what is wrong
-                if input_tokens < 1:
-                    input_tokens = _tokens(row[i_in], "ContextTokens")
-                if output_tokens < 1:
-                    output_tokens = _tokens(row[i_out], "GeneratedTokens")
-                return TraceRequest(f"azure-{index}", arrival, input_tokens, output_tokens, slo_class=slo_class)
+            if len(row) > widest:  # every cell is there: no _cell checks needed
+                return TraceRequest(f"azure-{index}", _wall_clock_s(row[i_ts], "TIMESTAMP"),
+                                    _tokens(row[i_in], "ContextTokens"), _tokens(row[i_out], "GeneratedTokens"),
+                                    slo_class=slo_class)
             arrival = _wall_clock_s(_cell(row, i_ts, "TIMESTAMP"), "TIMESTAMP")
             return TraceRequest(
                 request_id=f"azure-{index}", arrival_s=arrival,
