@@ -17,6 +17,7 @@ one more module registering itself here.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 from scheduler.types import RequestInfo, SloClass
@@ -100,3 +101,72 @@ def build_queue_policy(spec: str | Mapping[str, Any] | None, where: str = "queue
         return cls(**params)
     except TypeError as exc:
         raise QueuePolicyError(f"{where}: {exc}") from exc
+
+
+# --- Admission-queue order (the router-side queue of held requests) -----------------------
+#
+# When every instance is saturated the driver holds requests in its own queue and releases
+# them, as capacity frees, in the order a `QueueSort` gives: the smallest key first. Keys
+# are recomputed at each release (`now_s` moves, so a starvation guard can promote a
+# request that waited too long), which is O(queued) per release: queues held by a router
+# are hundreds deep, not millions. Both drivers call it the same way.
+
+
+@dataclass(slots=True)
+class QueuedRequest:
+    """One held request as a queue-sort policy sees it."""
+
+    request: RequestInfo
+    slo_class: SloClass | None
+    enqueued_s: float
+    seq: int  # arrival order into the queue; the final tie-break, so order is total
+    passed_over: int = 0  # how many requests that arrived later were released before it
+
+
+class QueueSort:
+    """Orders held requests: `key` smallest is released first."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, **params: Any) -> None:
+        if params:
+            raise QueuePolicyError(f"queue sort {self.name!r} takes no parameters, got {sorted(params)}")
+
+    def key(self, item: QueuedRequest, now_s: float) -> tuple[float, ...]:
+        raise NotImplementedError
+
+
+QUEUE_SORTS: dict[str, type[QueueSort]] = {}
+
+_QS = TypeVar("_QS", bound=type[QueueSort])
+
+
+def register_queue_sort(name: str) -> Callable[[_QS], _QS]:
+    def wrap(cls: _QS) -> _QS:
+        cls.name = name
+        QUEUE_SORTS[name] = cls
+        return cls
+
+    return wrap
+
+
+@register_queue_sort("fcfs")
+class FcfsSort(QueueSort):
+    """Arrival order."""
+
+    def key(self, item: QueuedRequest, now_s: float) -> tuple[float, ...]:
+        return (float(item.seq),)
+
+
+@register_queue_sort("slo_priority")
+class SloPrioritySort(QueueSort):
+    """The SLO class's priority first (lower earlier), then arrival order."""
+
+    def __init__(self, unknown_priority: int = 1) -> None:
+        if isinstance(unknown_priority, bool) or not isinstance(unknown_priority, int):
+            raise QueuePolicyError(f"unknown_priority: expected an integer, got {unknown_priority!r}")
+        self.unknown_priority = unknown_priority
+
+    def key(self, item: QueuedRequest, now_s: float) -> tuple[float, ...]:
+        prio = self.unknown_priority if item.slo_class is None else item.slo_class.priority
+        return (float(prio), float(item.seq))

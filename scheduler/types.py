@@ -20,6 +20,7 @@ class RequestInfo:
     session_id: str | None = None
     prefix_hashes: tuple[int, ...] = ()  # hashes of the prompt's leading KV blocks
     predicted_rank: float | None = None  # higher = predicted longer output
+    p_small_ok: float | None = None  # predicted probability the small tier's answer suffices
     arrival_s: float = 0.0
 
 
