@@ -21,6 +21,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "sim.cli",  # tokenyard sim run|compare|sweep
     "router.cli",  # tokenyard router
     "tokenyard.up",  # tokenyard up
+    "learn.cli",  # tokenyard train rank|tier
 )
 
 
