@@ -35,7 +35,8 @@ async def serve_until_signal(config: Any, http_server: str = "builtin", reuse_po
     import os
     import signal
 
-    from router.app import Router, RouterServer
+    from router.app import Router
+    from router.http_server import RouterServer
     from router.state import open_store
 
     store = await _maybe_await(open_store(config.store_url))

@@ -9,8 +9,9 @@ from collections.abc import AsyncIterator
 import openai
 import pytest
 
-from router.app import Router, RouterServer
+from router.app import Router
 from router.config import parse_router_config
+from router.http_server import RouterServer
 from tests.test_router_support import FakeEngine, fake_engines
 
 BODY = b'{"model": "llama-3-8b", "prompt": "p", "max_tokens": 2}'

@@ -18,8 +18,9 @@ from typing import Any
 
 import httpx
 
-from router.app import Router, RouterServer
+from router.app import Router
 from router.config import parse_router_config
+from router.http_server import RouterServer
 from router.state import InstanceRecord, StateStore
 from tests.conftest import REPO_ROOT, free_port
 

@@ -184,8 +184,9 @@ async def up(args: argparse.Namespace) -> int:
     import httpx
     import yaml
 
-    from router.app import Router, RouterServer
+    from router.app import Router
     from router.config import parse_router_config
+    from router.http_server import RouterServer
     from router.state import open_store
 
     # The per-request lines of the HTTP client and server are noise on this console.

@@ -1,0 +1,48 @@
+"""Validation of a request body: the fields the router itself relies on (the engine validates
+the rest). A violation is a `BadRequest` naming the field (OpenAI's `param`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _require_int(body: dict[str, Any], name: str, minimum: int) -> None:
+    value = body.get(name)
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise BadRequest(f"'{name}' must be an integer >= {minimum}, got {value!r}", name)
+
+
+def validate(body: Any, chat: bool) -> None:
+    """The fields the router itself relies on; the engine validates the rest."""
+    if not isinstance(body, dict):
+        raise BadRequest(f"the request body must be a JSON object, got {type(body).__name__}")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' is required and must be a non-empty string", "model")
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise BadRequest("'messages' is required and must be a non-empty list", "messages")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise BadRequest(f"'messages[{i}]' must be an object with a string 'role'", f"messages[{i}]")
+        _require_int(body, "max_completion_tokens", 1)
+    else:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str | list) or (isinstance(prompt, list) and not prompt):
+            raise BadRequest("'prompt' is required: a string, a list of strings or a list of token ids", "prompt")
+    _require_int(body, "max_tokens", 1)
+    _require_int(body, "n", 1)
+    if "stream" in body and not isinstance(body["stream"], bool | None):
+        raise BadRequest(f"'stream' must be true or false, got {body['stream']!r}", "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise BadRequest("'stream_options' must be an object", "stream_options")
