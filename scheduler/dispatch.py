@@ -9,16 +9,33 @@ A new policy is one new module in `scheduler/policies/` that registers itself:
 
     @register_scorer("least_outstanding")
     class LeastOutstanding(Scorer): ...
+
+The plugin contract (docs/plugins.md): a scorer returns a value in [0, 1] (higher is
+better; one that does not promise it, `normalized = False`, is clamped), so a weight means
+the same for every pair of scorers; a part's parameters are typed (its `Params` class, by
+default derived from its `__init__` signature) and validated before it is built;
+`register_builtins()` registers the built-ins and every out-of-tree plugin of the
+`tokenyard.policies` entry-point group; a `PluginObserver` gets each part's latency; a
+decision asked to explain itself carries every candidate's score per scorer.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from importlib import metadata
+from typing import Any, ClassVar, Protocol, TypeVar, get_type_hints
 
-from scheduler.types import Decision, InstanceState, NoInstanceAvailable, RankedScores, RequestInfo
+import pydantic
+
+from scheduler.types import Decision, Explanation, InstanceState, NoInstanceAvailable, RankedScores, RequestInfo
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "tokenyard.policies"
 
 
 class PolicyConfigError(ValueError):
@@ -81,9 +98,12 @@ class Filter:
 
 
 class Scorer:
-    """Scores an instance for a request; higher is better. Scores are combined by weight."""
+    """Scores an instance for a request in [0, 1]; higher is better. Scores are combined by
+    weight. A scorer that does not promise [0, 1] leaves `normalized` False and its scores
+    are clamped to it."""
 
     name: ClassVar[str] = ""
+    normalized: ClassVar[bool] = False
     # Whether this part reads the load fields that change while an engine decodes an
     # unchanged batch (`kv_blocks_used`, `kv_usage`, `kv_blocks_free`, `tokens_in_flight`,
     # `updated_s`). The simulator keeps those exact inside fast-forwarded stretches only
@@ -187,9 +207,109 @@ def register_picker(name: str) -> Callable[[_P], _P]:
     return wrap
 
 
+class PluginObserver(Protocol):
+    """What a driver hands a policy to see each part's latency (its metrics, not ours:
+    scheduler/ holds no clock and no metrics library)."""
+
+    def clock_s(self) -> float: ...
+
+    def observe(self, kind: str, name: str, seconds: float) -> None: ...
+
+
+_builtins_loaded = False
+_entry_points_loaded: dict[str, str] = {}  # entry point name -> "module:attr" loaded
+
+
+def register_builtins(entry_points: bool = True) -> dict[str, str]:
+    """Register the built-in parts (importing `scheduler.policies`) and, with `entry_points`,
+    every out-of-tree plugin of the `tokenyard.policies` entry-point group: each entry point
+    names a module (importing it registers its parts) or a callable (called once). Returns
+    the entry points loaded so far (name -> value). A plugin that fails to load is an error
+    naming it: a policy document that names its parts must not silently lose them."""
+    global _builtins_loaded
+    if not _builtins_loaded:
+        import scheduler.policies  # noqa: F401
+
+        _builtins_loaded = True
+    if entry_points:
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if _entry_points_loaded.get(ep.name) == ep.value:
+                continue
+            try:
+                loaded = ep.load()
+            except Exception as exc:
+                raise PolicyConfigError(
+                    f"plugin {ep.name!r} ({ep.value}) of entry-point group {ENTRY_POINT_GROUP} failed to load: {exc}"
+                ) from exc
+            if callable(loaded) and not isinstance(loaded, type):
+                loaded()
+            _entry_points_loaded[ep.name] = ep.value
+    return dict(_entry_points_loaded)
+
+
 def _load_builtin_policies() -> None:
-    # Importing the package registers every built-in policy module.
-    import scheduler.policies  # noqa: F401
+    register_builtins()
+
+
+_PARAM_MODELS: dict[type[Any], type[pydantic.BaseModel]] = {}
+
+
+def params_model(cls: type[Any]) -> type[pydantic.BaseModel]:
+    """The typed parameter class of a part: its `Params` (a pydantic model) when it declares
+    one, else a model derived from its `__init__` signature (each parameter's annotation and
+    default; unknown keys are refused)."""
+    declared = cls.__dict__.get("Params")
+    if isinstance(declared, type) and issubclass(declared, pydantic.BaseModel):
+        return declared
+    found = _PARAM_MODELS.get(cls)
+    if found is not None:
+        return found
+    fields: dict[str, Any] = {}
+    init = cls.__init__
+    if init not in (Filter.__init__, Scorer.__init__, Picker.__init__):
+        hints = get_type_hints(init)
+        for pname, param in inspect.signature(init).parameters.items():
+            if pname == "self" or param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
+                continue
+            annotation = hints.get(pname, Any)
+            default = ... if param.default is inspect.Parameter.empty else param.default
+            fields[pname] = (annotation, default)
+    model = pydantic.create_model(  # type: ignore[call-overload]
+        f"{cls.__name__}Params",
+        __config__=pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=True, strict=False),
+        **fields,
+    )
+    _PARAM_MODELS[cls] = model
+    return model  # type: ignore[no-any-return]
+
+
+def check_params(cls: type[Any], params: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """`params` validated against the part's typed parameter class; the error names the
+    key path, the value and what is allowed."""
+    model = params_model(cls)
+    try:
+        validated = model.model_validate(dict(params))
+    except pydantic.ValidationError as exc:
+        raise PolicyConfigError(format_validation_error(exc, where)) from None
+    return {name: getattr(validated, name) for name in params}
+
+
+def format_validation_error(exc: pydantic.ValidationError, where: str) -> str:
+    """One line: `where.key.path: what is wrong (got VALUE)`, the first error, plus a count."""
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    path = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in first["loc"]).replace(".[", "[")
+    full = f"{where}.{path}" if path else where
+    message = str(first["msg"])
+    if first["type"] == "extra_forbidden":
+        allowed = sorted(getattr(exc, "_allowed", ()) or ())
+        message = "unknown key" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+    text = f"{full}: {message}"
+    if first["type"] != "missing":
+        text += f" (got {first['input']!r})"
+    if len(errors) > 1:
+        text += f" (and {len(errors) - 1} more error(s))"
+    return text
 
 
 @dataclass(slots=True)
@@ -200,6 +320,8 @@ class DispatchPolicy:
     scorers: list[tuple[Scorer, float]]
     picker: Picker
     seed: int = 0
+    name: str = ""  # the profile's name in the policy document
+    observer: PluginObserver | None = None  # each part's latency, when the driver wants it
     rng: random.Random = field(init=False)
     # (instances object, membership version, model, filters) -> candidates after the
     # leading static filters; the instances object is held so that its id is not reused.
@@ -212,6 +334,10 @@ class DispatchPolicy:
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
+
+    @property
+    def all_normalized(self) -> bool:
+        return all(scorer.normalized for scorer, _ in self.scorers)
 
     def _run_filters(
         self, view: ClusterView, request: RequestInfo, ctx: DispatchContext
@@ -242,9 +368,15 @@ class DispatchPolicy:
             candidates = cached
             start = first
             ctx.candidates_stable = start == len(filters)
+        observer = self.observer
         for k in range(start, len(filters)):
             flt = filters[k]
-            kept = flt.keep_all(request, candidates, ctx)
+            if observer is None:
+                kept = flt.keep_all(request, candidates, ctx)
+            else:
+                t0 = observer.clock_s()
+                kept = flt.keep_all(request, candidates, ctx)
+                observer.observe("filter", flt.name, observer.clock_s() - t0)
             if not kept:
                 raise NoInstanceAvailable(
                     f"request {request.request_id} (model {request.model!r}): filter {flt.name!r} "
@@ -255,15 +387,18 @@ class DispatchPolicy:
                 self._static_kept = (view.instances, version, request.model, tuple(filters[:first]), candidates)
         return candidates
 
-    def decide(self, view: ClusterView, request: RequestInfo) -> Decision:
+    def decide(self, view: ClusterView, request: RequestInfo, explain: bool = False) -> Decision:
         """Filter, score and order `view.instances` for `request`.
 
         Each part is called once per decision on the whole candidate list (`keep_all`,
         `score_all`, `rank`), not once per instance: on a 64-instance fleet the per-instance
         calls were most of a decision's cost. The result is the one the per-instance
-        methods define (tests/test_policies.py compares both on random clusters)."""
+        methods define (tests/test_policies.py compares both on random clusters).
+        `explain`: the decision carries each candidate's score per scorer (`Explanation`)."""
         ctx = DispatchContext(view.now_s, self.rng)
         candidates = self._run_filters(view, request, ctx)
+        if explain or self.observer is not None or not self.all_normalized:
+            return self._decide_observed(request, candidates, ctx, explain, len(view.instances))
         scorers = self.scorers
         if len(scorers) == 1:
             scorer, weight = scorers[0]
@@ -289,6 +424,45 @@ class DispatchPolicy:
             scores=RankedScores(ids, totals, order),
         )
 
+    def _decide_observed(
+        self, request: RequestInfo, candidates: list[InstanceState], ctx: DispatchContext, explain: bool,
+        window: int,
+    ) -> Decision:
+        """`decide` after the filters, timing each part for the observer, clamping scores of
+        scorers that do not promise [0, 1], and keeping the per-scorer scores to explain."""
+        observer = self.observer
+        per_scorer: list[list[float]] = []
+        totals = [0.0] * len(candidates)
+        for scorer, weight in self.scorers:
+            t0 = observer.clock_s() if observer is not None else 0.0
+            raw = scorer.score_all(request, candidates, ctx)
+            if observer is not None:
+                observer.observe("scorer", scorer.name, observer.clock_s() - t0)
+            if not scorer.normalized:
+                raw = [clamp_unit(v) for v in raw]
+            per_scorer.append(raw)
+            totals = [t + weight * v for t, v in zip(totals, raw, strict=True)]
+        t0 = observer.clock_s() if observer is not None else 0.0
+        order = self.picker.rank(request, candidates, totals, ctx)
+        if observer is not None:
+            observer.observe("picker", self.picker.name, observer.clock_s() - t0)
+        ids = [inst.instance_id for inst in candidates]
+        explanation = None
+        if explain:
+            explanation = Explanation(
+                profile=self.name,
+                picker=self.picker.name,
+                weights=tuple((scorer.name, weight) for scorer, weight in self.scorers),
+                candidates=tuple((ids[k], totals[k], tuple(col[k] for col in per_scorer)) for k in order),
+                window=window,
+            )
+        return Decision(
+            instance_ids=tuple(map(ids.__getitem__, order)),
+            reason=self.picker.name,
+            scores=RankedScores(ids, totals, order),
+            explanation=explanation,
+        )
+
     def decide_reference(self, view: ClusterView, request: RequestInfo) -> Decision:
         """`decide` with one `keep`/`score` call per instance and the picker's `order`: the
         definition the fast path must match (kept for tests)."""
@@ -308,7 +482,8 @@ class DispatchPolicy:
         for inst in candidates:
             total = 0.0
             for scorer, weight in self.scorers:
-                total += weight * scorer.score(request, inst, ctx)
+                value = scorer.score(request, inst, ctx)
+                total += weight * (value if scorer.normalized else clamp_unit(value))
             scored.append((inst, total))
         ordered = self.picker.order(request, scored, ctx)
         score_of = {inst.instance_id: s for inst, s in scored}
@@ -340,12 +515,23 @@ class DispatchPolicy:
             scorer.on_finish(request, instance_id)
 
 
+def clamp_unit(value: float) -> float:
+    """A score forced into [0, 1] (NaN counts as 0: the worst, never the best)."""
+    if value >= 1.0:
+        return 1.0
+    if value > 0.0:
+        return value
+    return 0.0
+
+
 def _named(kind: str, registry: Mapping[str, type[Any]], spec: Any, where: str) -> tuple[str, dict[str, Any]]:
     """A part is given as `name` or `{name: {param: value}}`."""
     if isinstance(spec, str):
         name, params = spec, {}
     elif isinstance(spec, Mapping) and len(spec) == 1:
         name, raw = next(iter(spec.items()))
+        if raw is not None and not isinstance(raw, Mapping):
+            raise PolicyConfigError(f"{where}.{name}: expected a mapping of parameters, got {raw!r}")
         params = dict(raw or {})
     else:
         raise PolicyConfigError(f"{where}: expected a {kind} name or {{name: params}}, got {spec!r}")
@@ -356,37 +542,57 @@ def _named(kind: str, registry: Mapping[str, type[Any]], spec: Any, where: str) 
     return name, params
 
 
-def build_policy(config: Mapping[str, Any] | None, where: str = "dispatch", seed: int = 0) -> DispatchPolicy:
-    """Assemble a policy from config:
+def build_policy(
+    config: Mapping[str, Any] | None, where: str = "dispatch", seed: int = 0, name: str = ""
+) -> DispatchPolicy:
+    """Assemble a policy (one dispatch profile) from config:
 
         filters: [model, healthy, not_draining]       # default
         scorers: [{least_outstanding: {weight: 1.0}}] # weight defaults to 1
         picker: max_score                             # or round_robin, random, ...
-    """
+
+    Each part's parameters are checked against its typed parameter class first."""
     _load_builtin_policies()
     config = dict(config or {})
     unknown = sorted(set(config) - {"filters", "scorers", "picker", "seed"})
     if unknown:
         raise PolicyConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: filters, scorers, picker, seed")
     filters: list[Filter] = []
-    for i, spec in enumerate(config.get("filters", ["model", "healthy", "not_draining"])):
-        name, params = _named("filter", FILTERS, spec, f"{where}.filters[{i}]")
-        filters.append(_construct(FILTERS[name], params, f"{where}.filters[{i}]"))
+    for i, spec in enumerate(_listed(config, "filters", ["model", "healthy", "not_draining"], where)):
+        part, params = _named("filter", FILTERS, spec, f"{where}.filters[{i}]")
+        filters.append(_construct(FILTERS[part], params, f"{where}.filters[{i}].{part}"))
     scorers: list[tuple[Scorer, float]] = []
-    for i, spec in enumerate(config.get("scorers", ["least_outstanding"])):
-        name, params = _named("scorer", SCORERS, spec, f"{where}.scorers[{i}]")
-        weight = float(params.pop("weight", 1.0))
-        scorers.append((_construct(SCORERS[name], params, f"{where}.scorers[{i}]"), weight))
-    name, params = _named("picker", PICKERS, config.get("picker", "max_score"), f"{where}.picker")
-    picker = _construct(PICKERS[name], params, f"{where}.picker")
-    return DispatchPolicy(filters, scorers, picker, seed=int(config.get("seed", seed)))
+    for i, spec in enumerate(_listed(config, "scorers", ["least_outstanding"], where)):
+        part, params = _named("scorer", SCORERS, spec, f"{where}.scorers[{i}]")
+        weight = params.pop("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight >= 0:
+            raise PolicyConfigError(
+                f"{where}.scorers[{i}].{part}.weight: expected a number >= 0 (scores are in [0, 1]), got {weight!r}"
+            )
+        scorers.append((_construct(SCORERS[part], params, f"{where}.scorers[{i}].{part}"), float(weight)))
+    part, params = _named("picker", PICKERS, config.get("picker", "max_score"), f"{where}.picker")
+    picker = _construct(PICKERS[part], params, f"{where}.picker.{part}")
+    policy_seed = config.get("seed", seed)
+    if isinstance(policy_seed, bool) or not isinstance(policy_seed, int):
+        raise PolicyConfigError(f"{where}.seed: expected an integer, got {policy_seed!r}")
+    return DispatchPolicy(filters, scorers, picker, seed=policy_seed, name=name)
+
+
+def _listed(config: Mapping[str, Any], key: str, default: list[Any], where: str) -> list[Any]:
+    value = config.get(key, default)
+    if value is None:
+        return []
+    if not isinstance(value, list | tuple):
+        raise PolicyConfigError(f"{where}.{key}: expected a list of part names or {{name: params}}, got {value!r}")
+    return list(value)
 
 
 _T = TypeVar("_T")
 
 
 def _construct(cls: Callable[..., _T], params: dict[str, Any], where: str) -> _T:
+    checked = check_params(cls, params, where)  # type: ignore[arg-type]
     try:
-        return cls(**params)
+        return cls(**checked)
     except TypeError as exc:
         raise PolicyConfigError(f"{where}: {exc}") from exc

@@ -72,6 +72,9 @@ class SloClass:
     ttft_slo_ms: float
     tpot_slo_ms: float
     priority: int = 0  # lower runs earlier (vLLM convention)
+    sheddable: bool = False  # under overload its requests may be refused with 429 + Retry-After
+    queue_timeout_ms: float | None = None  # longest wait in the router's admission queue
+    stall_timeout_ms: float | None = None  # longest gap between tokens before a stream is cut
 
 
 class RankedScores(Sequence[tuple[str, float]]):
@@ -125,6 +128,33 @@ class RankedScores(Sequence[tuple[str, float]]):
 
 
 @dataclass(frozen=True, slots=True)
+class Explanation:
+    """Why a decision came out as it did: each candidate's normalised score per scorer, its
+    weighted total, and the parts that made the decision (in decision order)."""
+
+    profile: str
+    picker: str
+    weights: tuple[tuple[str, float], ...]  # (scorer name, weight)
+    candidates: tuple[tuple[str, float, tuple[float, ...]], ...]  # (id, total, per-scorer scores)
+    window: int = 0  # candidates scored (0: the whole model group)
+
+    def to_dict(self, limit: int = 16) -> dict[str, object]:
+        """A JSON-ready summary of the first `limit` candidates (bounded for headers)."""
+        names = [name for name, _ in self.weights]
+        return {
+            "profile": self.profile,
+            "picker": self.picker,
+            "weights": dict(self.weights),
+            "window": self.window,
+            "candidates": [
+                {"id": iid, "total": round(total, 6), "scores": dict(zip(names, (round(s, 6) for s in parts),
+                                                                           strict=True))}
+                for iid, total, parts in self.candidates[:limit]
+            ],
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     """Where a request goes: the chosen instance first, then fallbacks in order."""
 
@@ -132,6 +162,9 @@ class Decision:
     priority: int = 0
     reason: str = ""
     scores: Sequence[tuple[str, float]] = field(default=())  # a tuple, or RankedScores
+    # Per candidate, per scorer: what the total is made of; set only when the driver asks
+    # for an explanation (`DispatchPolicy.decide(..., explain=True)`).
+    explanation: Explanation | None = None
 
     @property
     def instance_id(self) -> str:

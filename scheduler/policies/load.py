@@ -8,18 +8,22 @@ from scheduler.types import InstanceState, RequestInfo
 
 @register_scorer("least_outstanding")
 class LeastOutstanding(Scorer):
-    """Fewer requests on the instance (scraped or router-side, whichever is larger) is better."""
+    """Fewer requests on the instance (scraped or router-side, whichever is larger) is better:
+    1 / (1 + outstanding), so an idle instance scores 1 and the score halves by the first
+    request (the steepest where it matters: between nearly idle instances)."""
 
     reads_progress = False
+    normalized = True
 
     def score(self, request: RequestInfo, instance: InstanceState, ctx: DispatchContext) -> float:
-        return -float(instance.outstanding)
+        return 1.0 / (1.0 + instance.outstanding)
 
     def score_all(
         self, request: RequestInfo, instances: list[InstanceState], ctx: DispatchContext
     ) -> list[float]:
         # InstanceState.outstanding inlined: max(running + waiting, router_inflight).
         return [
-            -float(scraped if (scraped := inst.running + inst.waiting) > inst.router_inflight else inst.router_inflight)
+            1.0 / (1.0 + (scraped if (scraped := inst.running + inst.waiting) > inst.router_inflight
+                          else inst.router_inflight))
             for inst in instances
         ]

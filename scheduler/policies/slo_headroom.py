@@ -4,9 +4,11 @@ Predicted TTFT on an instance = the time of one engine iteration that prefills e
 queued ahead of the request plus its own prompt, while the running sequences decode
 (EngineModel, for that instance's GPU, model and tensor parallelism), plus a penalty when
 the instance has no free KV blocks for the prompt (the request would wait for a running
-one to finish). Score = (SLO - predicted) / SLO: 1 for an instant start, 0 at the SLO,
-negative when the SLO would be missed, floored at -10 so that one hopeless instance does not
-dominate a weighted sum.
+one to finish). Headroom h = (SLO - predicted) / SLO: 1 for an instant start, 0 at the SLO,
+negative when the SLO would be missed. The score maps it into [0, 1] without a floor:
+0.5 + h / 2 while the SLO is met (0.5 .. 1), 0.5 / (1 - h) once it is missed (0 .. 0.5),
+so every instance that meets the SLO beats every one that misses it, and among those that
+miss, the least late wins.
 
 Requests queued ahead are counted from the larger of the scraped and the router-side
 counts (`InstanceState.outstanding`), minus those running; their prompts are taken to be
@@ -24,7 +26,13 @@ from scheduler.engine_model import EngineModel
 from scheduler.types import InstanceState, RequestInfo
 
 DEFAULT_TTFT_SLO_MS: dict[str, float] = {"interactive": 1000.0, "default": 3000.0, "batch": 60000.0}
-MIN_SCORE = -10.0
+
+
+def headroom_score(headroom: float) -> float:
+    """Headroom (1 at an instant start, 0 at the SLO, negative past it) mapped into [0, 1]."""
+    if headroom >= 0.0:
+        return 0.5 + 0.5 * headroom
+    return 0.5 / (1.0 - headroom)
 
 
 @register_scorer("slo_headroom")
@@ -32,7 +40,11 @@ class SloHeadroom(Scorer):
     """Parameters: `ttft_slo_ms` ({slo class: ms}), `default_ttft_slo_ms`,
     `context_tokens_per_seq` (assumed KV context of each running sequence),
     `kv_full_penalty_s`, `unknown_iteration_s` (per-request cost when the instance's GPU or
-    model is not in the catalog)."""
+    model is not in the catalog). The policy document gives it the document's SLO classes
+    as `ttft_slo_ms` unless the profile names its own, so it reads the class each request
+    carries with the targets the operator set."""
+
+    normalized = True
 
     def __init__(
         self,
@@ -98,5 +110,4 @@ class SloHeadroom(Scorer):
 
     def score(self, request: RequestInfo, instance: InstanceState, ctx: DispatchContext) -> float:
         slo_s = self.ttft_slo_s.get(request.slo_class, self.default_ttft_slo_s)
-        headroom = (slo_s - self.predicted_ttft_s(request, instance)) / slo_s
-        return headroom if headroom > MIN_SCORE else MIN_SCORE
+        return headroom_score((slo_s - self.predicted_ttft_s(request, instance)) / slo_s)

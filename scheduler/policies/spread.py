@@ -80,12 +80,26 @@ class PowerOfTwoChoices(Picker):
 @register_scorer("least_kv")
 class LeastKvUsage(Scorer):
     """Lower KV-cache usage (blocks used / total) is better; among equal usage, fewer
-    outstanding requests (the router's count catches a burst before the next scrape)."""
+    outstanding requests (the router's count catches a burst before the next scrape).
+    Score = 1 - (1 - eps) x usage - eps x n / (n + 1), in (0, 1], with eps = 1e-6."""
+
+    normalized = True
 
     def score(self, request: RequestInfo, instance: InstanceState, ctx: DispatchContext) -> float:
-        return -(instance.kv_usage + 1e-6 * instance.outstanding)
+        return _kv_score(instance)
 
     def score_all(
         self, request: RequestInfo, instances: list[InstanceState], ctx: DispatchContext
     ) -> list[float]:
-        return [-(inst.kv_usage + 1e-6 * inst.outstanding) for inst in instances]
+        return [_kv_score(inst) for inst in instances]
+
+
+_KV_EPS = 1e-6
+
+
+def _kv_score(inst: InstanceState) -> float:
+    usage = inst.kv_usage
+    if usage > 1.0:
+        usage = 1.0
+    outstanding = inst.outstanding
+    return 1.0 - (1.0 - _KV_EPS) * usage - _KV_EPS * outstanding / (outstanding + 1.0)
