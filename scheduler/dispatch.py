@@ -31,7 +31,14 @@ from typing import Any, ClassVar, Protocol, TypeVar, get_type_hints
 
 import pydantic
 
-from scheduler.types import Decision, Explanation, InstanceState, NoInstanceAvailable, RankedScores, RequestInfo
+from scheduler.types import (
+    Decision,
+    Explanation,
+    InstanceState,
+    NoInstanceAvailable,
+    RankedScores,
+    RequestInfo,
+)
 
 log = logging.getLogger(__name__)
 
