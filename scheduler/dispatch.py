@@ -281,7 +281,7 @@ def params_model(cls: type[Any]) -> type[pydantic.BaseModel]:
             annotation = hints.get(pname, Any)
             default = ... if param.default is inspect.Parameter.empty else param.default
             fields[pname] = (annotation, default)
-    model = pydantic.create_model(  # type: ignore[call-overload]
+    model = pydantic.create_model(
         f"{cls.__name__}Params",
         __config__=pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=True, strict=False),
         **fields,
