@@ -29,6 +29,7 @@ from typing import Any
 
 import orjson
 
+from router.admission import PluginMetrics, RouterAdmission
 from router.config import RouterConfig
 from router.dispatcher import Dispatcher
 from router.errors import error_body, normalize_engine_error, normalize_sse_errors
@@ -53,6 +54,8 @@ RETRYABLE_STATUS = frozenset((502, 503, 504))
 JSON_HEADERS = [(b"content-type", b"application/json")]
 SSE_DONE = b"data: [DONE]\n\n"
 STREAM_IDLE_TIMEOUT_S = 300.0  # a stream with no chunk for this long is ended with an error event
+PICK_INFLIGHT_LEASE_S = 2.0  # a Picker gRPC pick counts as in flight this long (no finish is reported)
+EXPLAIN_HEADER = b"x-tokenyard-explain"  # request: "1" asks for the decision's explanation
 
 
 class _PrioritizedBody(bytes):
@@ -83,6 +86,10 @@ class Router:
         self.registry = registry or InstanceRegistry(store)
         self.metrics = RouterMetrics()
         self.dispatcher = Dispatcher(config, self.registry, store, seed=seed)
+        self.dispatcher.layer.set_observer(PluginMetrics(self.metrics))
+        layer = self.dispatcher.layer
+        self.admission = (RouterAdmission(self.dispatcher, self.metrics, layer.new_admission_queue())
+                          if layer.admission_enabled else None)
         self.tenants = TenantTable(
             [(Tenant(t.name, t.slo_class, t.policy, RetryBudget(t.retry_ratio, t.retry_min_per_s, t.retry_burst)),
               t.api_keys) for t in config.tenants],
@@ -184,6 +191,8 @@ class Router:
                 await self.apply_policies()
 
     async def stop(self) -> None:
+        if self.admission is not None:
+            await self.admission.stop()
         if self.control_server is not None:
             await self.control_server.stop(grace=1.0)
         for discovery in self.discoveries:
@@ -206,7 +215,18 @@ class Router:
         tenant = self.tenants.tenants.get(info.tenant) or self.tenants.anonymous or Tenant(info.tenant)
         policy = self.dispatcher.policies[self.dispatcher.policy_name(tenant)]
         decision = await self.dispatcher.decide(info, policy)
-        priority = self.dispatcher.slo_class(tenant).priority if tenant.priority is None else tenant.priority
+        priority = self.dispatcher.priority(info, tenant)
+        # The gateway forwards the request itself and reports no finish: the pick counts as
+        # dispatched (stateful parts see it) and in flight for a lease, as an HTTP request would.
+        chosen = decision.instance_id
+        policy.on_dispatch(info, chosen)
+        self.registry.inflight_started(chosen)
+
+        def lease_over() -> None:
+            self.registry.inflight_finished(chosen)
+            policy.on_finish(info, chosen)
+
+        asyncio.get_running_loop().call_later(PICK_INFLIGHT_LEASE_S, lease_over)
         return type(decision)(decision.instance_ids, priority, decision.reason, decision.scores)
 
     def _on_membership(self, event: str, record: InstanceRecord) -> None:
@@ -310,6 +330,7 @@ class Router:
     async def _completion(self, scope: Scope, receive: Receive, send: Send, chat: bool, path: str) -> None:
         started_s = time.monotonic()
         authorization = content_length = session_id = request_id = None
+        explain = False
         for name, value in scope["headers"]:
             if name == b"authorization":
                 authorization = value
@@ -319,6 +340,8 @@ class Router:
                 session_id = value.decode("latin-1")
             elif name == b"x-request-id":
                 request_id = value.decode("latin-1")
+            elif name == EXPLAIN_HEADER:
+                explain = value == b"1"
         request_id = request_id or self._id_prefix + str(next(self._ids))
         rid_header = [(b"x-request-id", request_id.encode("latin-1"))]
         try:
@@ -358,35 +381,62 @@ class Router:
                 param="model", code=404), rid_header)
             return
         tenant.retry_budget.on_request()
-        slo = self.dispatcher.slo_class(tenant)
         policy = self.dispatcher.policies[self.dispatcher.policy_name(tenant)]
         info = self.dispatcher.request_info(body, chat, tenant, request_id, session_id)
         if self.config.forward_priority:
             # The operator's policy decides queue order: a client cannot jump the queue by
             # sending its own `priority`.
-            body["priority"] = slo.priority if tenant.priority is None else tenant.priority
+            body["priority"] = self.dispatcher.priority(info, tenant)
         upstream_body = orjson.dumps(body)
         if "priority" in body and body["priority"] != 0:
             plain = {k: v for k, v in body.items() if k != "priority"}
             upstream_body = _PrioritizedBody(upstream_body, plain)
         stream = body.get("stream") is True
         deadline_s = started_s + self.config.deadline_s(tenant.slo_class, stream, info.max_output_tokens)
+        reserved = None
+        if self.admission is not None:  # flow control: the one hook before dispatch
+            refusal, reserved = await self.admission.admit(info, receive)
+            if refusal is not None:
+                await self._refuse(send, refusal, tenant, model, rid_header)
+                return
         try:
             t0 = time.perf_counter()
-            decision = await self.dispatcher.decide(info, policy)
+            decision = await self.dispatcher.decide(info, policy, explain)
             self.metrics.decide_seconds.observe(time.perf_counter() - t0)
         except NoInstanceAvailable as exc:
+            if self.admission is not None:
+                self.admission.unreserve(reserved)
             self.metrics.request_done(tenant.name, model, 503)
             await self._send_json(send, 503, error_body(503, f"no instance can serve this request: {exc}",
                                                         code="no_instance_available"), rid_header)
             return
+        if decision.explanation is not None:
+            explained = orjson.dumps(decision.explanation.to_dict())
+            log.debug("decision explained", extra={"request_id": request_id, "explanation": explained.decode()})
+            rid_header.append((EXPLAIN_HEADER, explained))
         headers = b"Content-Type: application/json\r\nX-Request-Id: " + request_id.encode("latin-1") + b"\r\n"
         self.metrics.inflight.inc()
+        if self.admission is not None:
+            self.admission.unreserve(reserved)  # _forward counts the request from here on
         try:
             await self._forward(send, receive, path, upstream_body, headers, stream, info, policy, decision,
                                 tenant, deadline_s, started_s, rid_header)
         finally:
             self.metrics.inflight.dec()
+            if self.admission is not None:
+                self.admission.release()  # capacity freed: held requests may go
+
+    async def _refuse(self, send: Send, refusal: Any, tenant: Tenant, model: str,
+                      rid_header: list[tuple[bytes, bytes]]) -> None:
+        """Answer a request the admission queue turned away (429 + Retry-After, or 503)."""
+        self.metrics.request_done(tenant.name, model, refusal.status)
+        if refusal.status == 499:
+            return  # the client left; there is no one to answer
+        headers = list(rid_header)
+        code = "overloaded" if refusal.status == 429 else "no_instance_available"
+        if refusal.retry_after_s is not None:
+            headers.append((b"retry-after", str(max(1, round(refusal.retry_after_s))).encode()))
+        await self._send_json(send, refusal.status, error_body(refusal.status, refusal.message, code=code), headers)
 
     async def _forward(self, send: Send, receive: Receive, path: str, upstream_body: bytes, headers: bytes,
                        stream: bool, info: RequestInfo, policy: Any, decision: Any, tenant: Tenant,
@@ -495,11 +545,11 @@ class Router:
             content_type = response.header(b"content-type") or b"application/json"
             await send({"type": "http.response.start", "status": response.status, "headers": [
                 (b"content-type", content_type), (b"content-length", str(len(body)).encode()),
-                rid_header[0], instance_header]})
+                *rid_header, instance_header]})
             await send({"type": "http.response.body", "body": body})
             self.metrics.request_done(tenant.name, info.model, response.status)
             return None
-        await self._relay(send, receive, response, first, instance_id, [rid_header[0], instance_header])
+        await self._relay(send, receive, response, first, instance_id, [*rid_header, instance_header])
         self.metrics.request_done(tenant.name, info.model, 200)
         return None
 

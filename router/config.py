@@ -23,6 +23,13 @@ nothing starts from a file that failed to validate. Shape, all keys optional:
     health: {interval_s: 2, timeout_s: 1, eject_after_failures: 3, eject_s: 5, max_eject_s: 60}
     load: {scrape_interval_s: 0.25, timeout_s: 1}
     discovery: {static: [{url: http://127.0.0.1:8001, model: llama-3-8b, gpu: A100-80GB}]}
+    policy: {...}                           # or a path: the policy document (docs/policy.md)
+
+Decision settings live in the policy document (`policy:`, embedded or a path relative to
+this file): SLO classes, dispatch profiles and their selection, the candidate window,
+session affinity, queue order and admission. A file without `policy:` is read in the
+older dialect (`slo_classes`, `policies`, `dispatch`) and converted with the meaning it
+had; a file may not mix both (`tokenyard config migrate FILE` converts it).
 """
 
 from __future__ import annotations
@@ -33,12 +40,25 @@ from pathlib import Path
 from typing import Any
 
 from scheduler.dispatch import PolicyConfigError, build_policy
+from scheduler.policy_document import PolicyDocument, PolicyDocumentError, load_policy_document
 from scheduler.types import SloClass
-from tokenyard.config import ConfigError, check_keys, get, load_yaml, parse_slo_classes
+from tokenyard.config import (
+    ConfigError,
+    check_keys,
+    get,
+    load_policy,
+    load_yaml,
+    parse_slo_classes,
+    router_dialect_to_policy,
+)
 
 DEFAULT_POLICY: dict[str, Any] = {"filters": ["model", "healthy", "not_draining"], "scorers": ["least_outstanding"]}
 TOP_KEYS = ("listen", "store", "control", "limits", "slo_classes", "tenants", "anonymous", "policies",
-            "dispatch", "retries", "deadlines_ms", "health", "load", "discovery")
+            "dispatch", "retries", "deadlines_ms", "health", "load", "discovery", "policy")
+# Keys of the older dialect that the policy document replaces.
+POLICY_KEYS = ("slo_classes", "policies", "dispatch")
+MAX_PORT = 65535
+REDIS_MAX_DB = 15  # Redis ships with `databases 16`
 
 
 @dataclass(slots=True)
@@ -87,6 +107,7 @@ class RouterConfig:
     scrape_interval_s: float = 0.25
     scrape_timeout_s: float = 1.0
     discovery: dict[str, Any] = field(default_factory=dict)
+    policy: PolicyDocument = field(default_factory=PolicyDocument)
 
     def deadline_s(self, slo_class: str, stream: bool = True, max_output_tokens: int | None = None) -> float:
         """How long a request of this class may wait for its first byte.
@@ -107,10 +128,14 @@ class RouterConfig:
 
 
 def load_router_config(path: str | Path) -> RouterConfig:
-    return parse_router_config(load_yaml(path), str(path))
+    doc = load_yaml(path)
+    if not doc:
+        raise ConfigError(str(path), "the config file is empty; expected a mapping (e.g. `listen: {port: 8000}`; "
+                                     "see router/examples/production.yaml)")
+    return parse_router_config(doc, str(path), base_dir=Path(path).parent)
 
 
-def parse_router_config(doc: dict[str, Any], source: str = "<config>") -> RouterConfig:
+def parse_router_config(doc: dict[str, Any], source: str = "<config>", base_dir: Path | None = None) -> RouterConfig:
     """Validate a router config document; `source` prefixes every error's key path."""
 
     def at(key: str) -> str:
@@ -118,27 +143,97 @@ def parse_router_config(doc: dict[str, Any], source: str = "<config>") -> Router
 
     check_keys(doc, TOP_KEYS, source)
     cfg = RouterConfig(source=source)
+    document: PolicyDocument | None = None
+    if doc.get("policy") is not None:
+        mixed = [key for key in POLICY_KEYS if key in doc]
+        if mixed:
+            raise ConfigError(at(mixed[0]), "the policy document (`policy:`) replaces this key: move it into the "
+                                            "document, or run `tokenyard config migrate` on a file without `policy:`")
+        document = load_policy(doc["policy"], source, base_dir)
 
     listen = _section(doc, "listen", source)
     check_keys(listen, ("host", "port"), at("listen"))
     cfg.host = get(listen, "host", str, at("listen"), default=cfg.host)
-    cfg.port = get(listen, "port", int, at("listen"), default=cfg.port, minimum=0)
+    cfg.port = _port(listen, at("listen"), cfg.port)
 
     if "store" in doc:
         store = get(doc, "store", str, source)
         if not store.startswith(("file://", "redis://", "rediss://")):
             raise ConfigError(at("store"), f"expected file:///abs/path.json or redis://host:port/db, got {store!r}")
+        if store.startswith(("redis://", "rediss://")):
+            _check_redis_url(store, at("store"))
         cfg.store_url = store
 
     control = _section(doc, "control", source)
     if control:
         check_keys(control, ("host", "port"), at("control"))
         cfg.control_host = get(control, "host", str, at("control"), default="127.0.0.1")
-        cfg.control_port = get(control, "port", int, at("control"), minimum=0)
+        cfg.control_port = _port(control, at("control"), None)
 
     limits = _section(doc, "limits", source)
     check_keys(limits, ("max_request_bytes",), at("limits"))
     cfg.max_request_bytes = get(limits, "max_request_bytes", int, at("limits"), default=cfg.max_request_bytes, minimum=1)
+
+    if document is not None:
+        _apply_document(cfg, document)
+    else:
+        _parse_old_dialect(cfg, doc, source)
+    classes = sorted(cfg.slo_classes)
+    policy_names = sorted(cfg.policies)
+    _parse_tenants(cfg, doc, source, classes, policy_names, document)
+    _parse_rest(cfg, doc, source, classes)
+    if document is None:
+        try:
+            document = load_policy_document(router_dialect_to_policy(
+                slo_classes=cfg.slo_classes, policies=cfg.policies, default_policy=cfg.default_policy,
+                by_slo_class=cfg.policy_by_slo_class,
+                tenant_policies={t.name: t.policy for t in cfg.tenants if t.policy is not None},
+                max_candidates=cfg.max_candidates, forward_priority=cfg.forward_priority,
+                affinity_ttl_s=cfg.affinity_ttl_s), where="")
+        except PolicyDocumentError as exc:
+            raise ConfigError(source, f"{exc} (converting the older dialect into a policy document)") from None
+    cfg.policy = document
+    return cfg
+
+
+def _port(section: dict[str, Any], where: str, default: int | None) -> int:
+    """A TCP port: 1-65535, or 0 for one the OS picks (tests, `tokenyard up --port 0`)."""
+    port = get(section, "port", int, where, default=default)
+    if port is None or not 0 <= port <= MAX_PORT:
+        raise ConfigError(f"{where}.port", f"expected a TCP port 1-{MAX_PORT} (0: any free port), got {port!r}")
+    return port
+
+
+def _check_redis_url(url: str, where: str) -> None:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(where, f"invalid Redis URL {url!r}: {exc}") from None
+    if port is not None and not 1 <= port <= MAX_PORT:
+        raise ConfigError(where, f"Redis port must be 1-{MAX_PORT}, got {port}")
+    db = parts.path.strip("/")
+    if db and (not db.isdigit() or int(db) > REDIS_MAX_DB):
+        raise ConfigError(where, f"Redis database index must be an integer 0-{REDIS_MAX_DB} "
+                                 f"(Redis's default `databases 16`), got {db!r} in {url!r}")
+
+
+def _apply_document(cfg: RouterConfig, document: PolicyDocument) -> None:
+    """The router's view of the document's settings (the old fields, kept for readers)."""
+    cfg.slo_classes = document.slo_class_map()
+    cfg.policies = {name: document.profile_config(name) for name in document.profiles}
+    cfg.default_policy = document.selection.default
+    cfg.policy_by_slo_class = dict(document.selection.by_slo_class)
+    cfg.max_candidates = document.window.max_candidates
+    cfg.forward_priority = document.build_engine_priority().needs_engine_priority
+    cfg.affinity_ttl_s = document.affinity.ttl_s
+
+
+def _parse_old_dialect(cfg: RouterConfig, doc: dict[str, Any], source: str) -> None:
+    def at(key: str) -> str:
+        return f"{source}: {key}"
 
     cfg.slo_classes = parse_slo_classes(doc.get("slo_classes"), at("slo_classes"))
     classes = sorted(cfg.slo_classes)
@@ -175,6 +270,13 @@ def parse_router_config(doc: dict[str, Any], source: str = "<config>") -> Router
     cfg.forward_priority = get(dispatch, "forward_priority", bool, at("dispatch"), default=True)
     cfg.affinity_ttl_s = get(dispatch, "affinity_ttl_s", float, at("dispatch"), default=cfg.affinity_ttl_s, minimum=1)
 
+
+def _parse_tenants(cfg: RouterConfig, doc: dict[str, Any], source: str, classes: list[str],
+                   policy_names: list[str], document: PolicyDocument | None) -> None:
+    def at(key: str) -> str:
+        return f"{source}: {key}"
+
+    by_tenant = document.selection.by_tenant if document is not None else {}
     tenants = _section(doc, "tenants", source)
     seen_keys: dict[str, str] = {}
     for name, body in tenants.items():
@@ -190,7 +292,8 @@ def parse_router_config(doc: dict[str, Any], source: str = "<config>") -> Router
                 raise ConfigError(f"{where}.api_keys[{i}]", f"key already belongs to tenant {seen_keys[key]!r}")
             seen_keys[key] = str(name)
         slo_class = get(body, "slo_class", str, where, default="default", choices=classes)
-        policy = get(body, "policy", str, where, default=None, choices=policy_names) if "policy" in body else None
+        policy = (get(body, "policy", str, where, default=None, choices=policy_names) if "policy" in body
+                  else by_tenant.get(str(name)))
         budget = body.get("retry_budget") or {}
         if not isinstance(budget, dict):
             raise ConfigError(f"{where}.retry_budget", "expected a mapping {ratio, min_per_s, burst}")
@@ -216,6 +319,11 @@ def parse_router_config(doc: dict[str, Any], source: str = "<config>") -> Router
         cfg.anonymous_slo_class = None  # keys configured: a request without one is refused
     elif "default" not in cfg.slo_classes:
         cfg.anonymous_slo_class = classes[0]
+
+
+def _parse_rest(cfg: RouterConfig, doc: dict[str, Any], source: str, classes: list[str]) -> None:
+    def at(key: str) -> str:
+        return f"{source}: {key}"
 
     retries = _section(doc, "retries", source)
     check_keys(retries, ("max_attempts", "connect_timeout_s", "first_byte_timeout_s"), at("retries"))
@@ -254,7 +362,6 @@ def parse_router_config(doc: dict[str, Any], source: str = "<config>") -> Router
         from router.discovery import build_discovery
 
         build_discovery(cfg.discovery, at("discovery"))  # validates now; started by the router
-    return cfg
 
 
 def default_store_url(state_dir: str | Path = ".tokenyard") -> str:

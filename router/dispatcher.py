@@ -1,29 +1,20 @@
-"""Live dispatch: a request's RequestInfo, its tenant's DispatchPolicy, and session affinity.
+"""Live dispatch: a request's RequestInfo, its tenant's profile, and session affinity.
 
-The policies are the scheduler's (`scheduler.dispatch.build_policy`), the very objects
-the simulator drives; this module only feeds them the live `InstanceRegistry` view and
+Every decision is the scheduler's `DecisionLayer` (scheduler/layer.py), built from the
+config's policy document: the very objects, window and selection the simulator drives.
+This module only feeds it the live `InstanceRegistry` view, grouped by model (rebuilt only
+when membership changes, detected by the identity of the registry's cached tuple), and
 reports `on_dispatch` / `on_finish` back.
 
-Two things keep a decision cheap on a large fleet:
-- candidates are indexed by model (rebuilt only when membership changes, detected by the
-  identity of the registry's cached tuple), so a policy never walks other models'
-  instances;
-- above `max_candidates` instances for one model, the policy scores a window of that many
-  at a random offset (the "power of d choices" that Envoy's least-request balancer also
-  uses): with router-side in-flight counts this balances as well as a full scan, at a
-  fixed cost. If nothing in the window passes the filters the full list is scanned, so a
-  mostly-draining fleet still finds its healthy instances.
-
-Session affinity (header `x-session-id`, or the request's `user`) goes through the
-shared store's atomic claim (Redis SET NX), so router replicas agree on the owner; the
-owner goes first in the decision while it is healthy and not draining. A claim's answer
-is cached for AFFINITY_CACHE_S.
+Session affinity (header `x-session-id`, or the request's `user`), keyed per tenant
+(scheduler/session_affinity.py), goes through the shared store's atomic claim (Redis SET
+NX), so router replicas agree on the owner; the owner goes first in the decision while it
+is healthy and not draining. A claim's answer is cached for AFFINITY_CACHE_S.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import time
 import zlib
 from collections.abc import Sequence
@@ -33,8 +24,10 @@ from router.config import RouterConfig
 from router.registry import InstanceRegistry
 from router.state import StateStore
 from router.tenants import Tenant
-from scheduler.dispatch import ClusterView, DispatchPolicy, build_policy
-from scheduler.types import Decision, InstanceState, NoInstanceAvailable, RequestInfo, SloClass
+from scheduler.dispatch import DispatchPolicy
+from scheduler.layer import DecisionLayer, group_by_model
+from scheduler.session_affinity import affinity_key, with_owner
+from scheduler.types import Decision, InstanceState, RequestInfo, SloClass
 
 log = logging.getLogger(__name__)
 
@@ -92,34 +85,17 @@ def prefix_hashes(text: str) -> tuple[int, ...]:
     return tuple(hashes)
 
 
-def _inject_slo_targets(policy: dict[str, Any], slo_classes: dict[str, SloClass]) -> dict[str, Any]:
-    """Give `slo_headroom` scorers the router's SLO classes unless the policy names its own."""
-    scorers = []
-    for spec in policy.get("scorers", []):
-        if spec == "slo_headroom":
-            spec = {"slo_headroom": {}}
-        if isinstance(spec, dict) and "slo_headroom" in spec:
-            params = dict(spec["slo_headroom"] or {})
-            params.setdefault("ttft_slo_ms", {name: c.ttft_slo_ms for name, c in slo_classes.items()})
-            spec = {"slo_headroom": params}
-        scorers.append(spec)
-    if "scorers" in policy:
-        return {**policy, "scorers": scorers}
-    return dict(policy)
-
-
 class Dispatcher:
     def __init__(self, config: RouterConfig, registry: InstanceRegistry, store: StateStore | None = None,
                  seed: int = 0) -> None:
         self.config = config
         self.registry = registry
         self.store = store
-        self.policies: dict[str, DispatchPolicy] = {
-            name: build_policy(_inject_slo_targets(body, config.slo_classes), where=f"policies.{name}", seed=seed)
-            for name, body in config.policies.items()
-        }
-        self.max_candidates = config.max_candidates
-        self._rng = random.Random(seed)
+        self.layer = DecisionLayer(config.policy, seed=seed)
+        self.policies: dict[str, DispatchPolicy] = self.layer.profiles
+        self.max_candidates = self.layer.max_candidates
+        self.affinity_enabled = config.policy.affinity.enabled
+        self.affinity_ttl_s = config.policy.affinity.ttl_s
         self._snapshot: Sequence[InstanceState] | None = None
         self._by_model: dict[str, tuple[InstanceState, ...]] = {}
         self._models: list[str] = []
@@ -132,10 +108,19 @@ class Dispatcher:
             found = next(iter(self.config.slo_classes.values()))
         return found
 
+    def priority(self, info: RequestInfo, tenant: Tenant) -> int:
+        """The engine priority to forward: an Admin-set tenant priority, else the document's
+        `queue.engine_priority` policy (the simulator's very call)."""
+        if tenant.priority is not None:
+            return tenant.priority
+        return self.layer.priority(info, time.monotonic())
+
     def policy_name(self, tenant: Tenant) -> str:
-        if tenant.policy is not None:
+        """The tenant's pinned profile (config or Admin API) if it exists, else the
+        document's selection by tenant and SLO class."""
+        if tenant.policy is not None and tenant.policy in self.policies:
             return tenant.policy
-        return self.config.policy_by_slo_class.get(tenant.slo_class, self.config.default_policy)
+        return self.layer.document.profile_for(tenant.name, tenant.slo_class)
 
     def request_info(self, body: dict[str, Any], chat: bool, tenant: Tenant, request_id: str,
                      session_id: str | None) -> RequestInfo:
@@ -162,10 +147,7 @@ class Dispatcher:
     def _index(self) -> dict[str, tuple[InstanceState, ...]]:
         snapshot = self.registry.instances()
         if snapshot is not self._snapshot:
-            by_model: dict[str, list[InstanceState]] = {}
-            for state in snapshot:
-                by_model.setdefault(state.model.lower(), []).append(state)
-            self._by_model = {model: tuple(states) for model, states in by_model.items()}
+            self._by_model = group_by_model(snapshot)
             self._models = sorted({state.model for state in snapshot})
             self._snapshot = snapshot
         return self._by_model
@@ -182,30 +164,19 @@ class Dispatcher:
         return self._index().get(model.lower(), ())
 
     # -- decisions ----------------------------------------------------------------------
-    def decide_local(self, info: RequestInfo, policy: DispatchPolicy) -> Decision:
+    def decide_local(self, info: RequestInfo, policy: DispatchPolicy, explain: bool = False) -> Decision:
         """The policy's decision over this model's instances (pure CPU, no I/O)."""
-        group = self.candidates(info.model)
-        now_s = time.monotonic()
-        limit = self.max_candidates
-        if limit and len(group) > limit:
-            start = self._rng.randrange(len(group))
-            window = group[start:start + limit]
-            if len(window) < limit:
-                window += group[:limit - len(window)]
-            try:
-                return policy.decide(ClusterView(window, now_s), info)
-            except NoInstanceAvailable:
-                pass  # nothing usable in the window: scan everything
-        return policy.decide(ClusterView(group or self.registry.instances(), now_s), info)
+        return self.layer.decide(policy, self.candidates(info.model), info, time.monotonic(),
+                                 fallback=self.registry.instances(), explain=explain)
 
-    async def decide(self, info: RequestInfo, policy: DispatchPolicy) -> Decision:
-        decision = self.decide_local(info, policy)
-        if info.session_id is None or self.store is None:
+    async def decide(self, info: RequestInfo, policy: DispatchPolicy, explain: bool = False) -> Decision:
+        decision = self.decide_local(info, policy, explain)
+        if info.session_id is None or self.store is None or not self.affinity_enabled:
             return decision
         return await self._apply_affinity(info, decision)
 
     def affinity_key(self, info: RequestInfo) -> str:
-        return f"{info.model.lower()}:{info.session_id}"
+        return affinity_key(info)
 
     def usable(self, instance_id: str, model: str) -> bool:
         found = self.registry.find(instance_id)
@@ -221,18 +192,14 @@ class Dispatcher:
         now_s = time.monotonic()
         cached = self._affinity_cache.get(key)
         if cached is not None and cached[1] > now_s and self.usable(cached[0], info.model):
-            owner = cached[0]
-            if owner == chosen:
-                return decision
-            rest = tuple(iid for iid in decision.instance_ids if iid != owner)
-            return Decision(instance_ids=(owner, *rest), priority=decision.priority,
-                            reason=f"{decision.reason}+session_affinity", scores=decision.scores)
+            return with_owner(decision, cached[0])
         try:
-            owner = await self.store.claim_affinity(key, chosen, self.config.affinity_ttl_s)
+            # The claim protocol of scheduler/session_affinity.py, on the async store.
+            owner = await self.store.claim_affinity(key, chosen, self.affinity_ttl_s)
             if owner != chosen and not self.usable(owner, info.model):
                 # The owner left or is unhealthy: the session moves to this decision's pick.
                 await self.store.drop_affinity(key)
-                owner = await self.store.claim_affinity(key, chosen, self.config.affinity_ttl_s)
+                owner = await self.store.claim_affinity(key, chosen, self.affinity_ttl_s)
         except Exception as exc:  # the store being down must not fail the request
             log.warning("session affinity unavailable", extra={"session": info.session_id, "error": str(exc)})
             return decision
@@ -241,18 +208,16 @@ class Dispatcher:
         self._affinity_cache[key] = (owner, now_s + AFFINITY_CACHE_S)
         if owner == chosen or not self.usable(owner, info.model):
             return decision
-        rest = tuple(iid for iid in decision.instance_ids if iid != owner)
-        return Decision(instance_ids=(owner, *rest), priority=decision.priority,
-                        reason=f"{decision.reason}+session_affinity", scores=decision.scores)
+        return with_owner(decision, owner)
 
     async def moved(self, info: RequestInfo, instance_id: str) -> None:
         """The session's request was served by a fallback: the session follows it."""
-        if info.session_id is None or self.store is None:
+        if info.session_id is None or self.store is None or not self.affinity_enabled:
             return
         key = self.affinity_key(info)
         self._affinity_cache.pop(key, None)
         try:
             await self.store.drop_affinity(key)
-            await self.store.claim_affinity(key, instance_id, self.config.affinity_ttl_s)
+            await self.store.claim_affinity(key, instance_id, self.affinity_ttl_s)
         except Exception as exc:
             log.warning("session affinity update failed", extra={"session": info.session_id, "error": str(exc)})

@@ -40,6 +40,15 @@ class RouterMetrics:
                                    ["instance"], registry=r)
         self.scrape_errors = Counter("tokenyard_router_scrape_errors", "Failed load scrapes of engine /metrics",
                                      ["instance"], registry=r)
+        # Admission queue (flow control) and per-plugin decision latency (scheduler/).
+        self.queue_length = Gauge("tokenyard_router_queue_length", "Requests held in the admission queue, by SLO class",
+                                  ["slo_class"], registry=r)
+        self.queue_wait = Histogram("tokenyard_router_queue_wait_seconds",
+                                    "Time requests waited in the admission queue, by SLO class and outcome",
+                                    ["slo_class", "outcome"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.plugin_seconds = Histogram("tokenyard_router_plugin_seconds",
+                                        "Time of each dispatch part (filter, scorer, picker) per decision",
+                                        ["kind", "name"], buckets=DECIDE_BUCKETS_S, registry=r)
         self._children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
 
     def child(self, metric: MetricWrapperBase, *labels: str) -> MetricWrapperBase:

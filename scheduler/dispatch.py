@@ -297,20 +297,23 @@ def check_params(cls: type[Any], params: Mapping[str, Any], where: str) -> dict[
     try:
         validated = model.model_validate(dict(params))
     except pydantic.ValidationError as exc:
-        raise PolicyConfigError(format_validation_error(exc, where)) from None
+        raise PolicyConfigError(format_validation_error(exc, where, allowed=sorted(model.model_fields))) from None
     return {name: getattr(validated, name) for name in params}
 
 
-def format_validation_error(exc: pydantic.ValidationError, where: str) -> str:
+def format_validation_error(
+    exc: pydantic.ValidationError, where: str, allowed: Sequence[str] | None = None
+) -> str:
     """One line: `where.key.path: what is wrong (got VALUE)`, the first error, plus a count."""
     errors = exc.errors(include_url=False)
     first = errors[0]
     path = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in first["loc"]).replace(".[", "[")
-    full = f"{where}.{path}" if path else where
+    full = f"{where}.{path}" if path and where else (path or where)
     message = str(first["msg"])
     if first["type"] == "extra_forbidden":
-        allowed = sorted(getattr(exc, "_allowed", ()) or ())
-        message = "unknown key" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+        message = "unknown key"
+        if allowed is not None:
+            message += f"; allowed: {', '.join(allowed) or 'none (the part takes no parameters)'}"
     text = f"{full}: {message}"
     if first["type"] != "missing":
         text += f" (got {first['input']!r})"

@@ -170,3 +170,25 @@ class SloPrioritySort(QueueSort):
     def key(self, item: QueuedRequest, now_s: float) -> tuple[float, ...]:
         prio = self.unknown_priority if item.slo_class is None else item.slo_class.priority
         return (float(prio), float(item.seq))
+
+
+def build_queue_sort(spec: str | Mapping[str, Any] | None, where: str = "queue.sort") -> QueueSort:
+    """`fcfs`, or `{slo_priority: {unknown_priority: 1}}`; None means fcfs."""
+    if spec is None:
+        spec = "fcfs"
+    if isinstance(spec, str):
+        name, params = spec, {}
+    elif isinstance(spec, Mapping) and len(spec) == 1:
+        name, raw = next(iter(spec.items()))
+        if raw is not None and not isinstance(raw, Mapping):
+            raise QueuePolicyError(f"{where}.{name}: expected a mapping of parameters, got {raw!r}")
+        params = dict(raw or {})
+    else:
+        raise QueuePolicyError(f"{where}: expected a queue sort name or {{name: params}}, got {spec!r}")
+    cls = QUEUE_SORTS.get(str(name))
+    if cls is None:
+        raise QueuePolicyError(f"{where}: unknown queue sort {name!r}; known: {', '.join(sorted(QUEUE_SORTS))}")
+    try:
+        return cls(**params)
+    except TypeError as exc:
+        raise QueuePolicyError(f"{where}: {exc}") from exc

@@ -22,6 +22,13 @@ the engine settings of each pool, the dispatch and queue policies by name, SLO c
     slo_classes: {interactive: {ttft_ms: 1000, tpot_ms: 100, priority: 0}, ...}
     load_refresh_s: 0                 # 0: dispatch sees live engine load; > 0: load as a
                                       # router scraping /metrics that often sees it
+    policy: {...}                     # or a path: the policy document (docs/policy.md),
+                                      # instead of dispatch, queue and slo_classes
+
+With `policy:` the simulator decides exactly as a router with the same document does
+(window, session affinity, admission queue). A file in the older dialect (`dispatch`,
+`queue`, `slo_classes`) is converted with the meaning it had: every instance scored, no
+affinity table, no admission queue (`tokenyard config migrate` prints the converted file).
 
 Every error names the file, the key path and what was expected (tokenyard.config).
 """
@@ -43,14 +50,24 @@ from scheduler.catalog import (
 )
 from scheduler.dispatch import DispatchPolicy, PolicyConfigError, build_policy
 from scheduler.engine_model import EngineModel
+from scheduler.policy_document import PolicyDocument, PolicyDocumentError, load_policy_document
 from scheduler.queueing import QueuePolicy, QueuePolicyError, build_queue_policy
 from scheduler.types import SloClass
 from sim.engine_core import EngineConfig, EngineConfigError
-from tokenyard.config import ConfigError, check_keys, get, load_yaml, parse_slo_classes
+from tokenyard.config import (
+    ConfigError,
+    check_keys,
+    get,
+    load_policy,
+    load_yaml,
+    parse_slo_classes,
+    sim_dialect_to_policy,
+)
 
 T = TypeVar("T")
 
-_TOP_KEYS = ("catalog", "default_model", "pools", "dispatch", "queue", "slo_classes", "load_refresh_s")
+_TOP_KEYS = ("catalog", "default_model", "pools", "dispatch", "queue", "slo_classes", "load_refresh_s", "policy")
+_POLICY_KEYS = ("dispatch", "queue", "slo_classes")  # the older dialect the document replaces
 _POOL_KEYS = ("name", "gpu", "model", "tp", "count", "engine")
 _ENGINE_KEYS = (
     "max_num_seqs", "max_num_batched_tokens", "block_size", "enable_prefix_caching",
@@ -97,6 +114,15 @@ class ClusterSpec:
     load_refresh_s: float = 0.0
     source: str = "<cluster>"
     label: str = ""  # a name for comparisons (the policy variant), "" for the configured one
+    policy: PolicyDocument | None = None  # the `policy:` document; None: the older dialect's fields
+
+    def document(self) -> PolicyDocument:
+        """The policy document the simulation decides by (the older dialect converted)."""
+        if self.policy is not None:
+            return self.policy
+        return load_policy_document(sim_dialect_to_policy(
+            slo_classes=self.slo_classes, dispatch=self.dispatch, per_slo_class=self.dispatch_per_slo_class,
+            queue_policy=self.queue_policy), where="")
 
     @property
     def num_instances(self) -> int:
@@ -146,8 +172,20 @@ def parse_cluster(doc: Mapping[str, Any], source: str, base_dir: Path | None = N
     check_keys(doc, _TOP_KEYS, source)
     where = f"{source}:"
     catalog = _parse_catalog(doc.get("catalog"), source, base_dir)
-    slo_classes = parse_slo_classes(doc.get("slo_classes"), f"{where} slo_classes")
-    queue_policy, queue_needs_priority = _parse_queue(doc.get("queue"), source)
+    document: PolicyDocument | None = None
+    if doc.get("policy") is not None:
+        mixed = [key for key in _POLICY_KEYS if key in doc]
+        if mixed:
+            raise ConfigError(f"{where} {mixed[0]}", "the policy document (`policy:`) replaces this key: move it "
+                                                    "into the document, or run `tokenyard config migrate` on a "
+                                                    "file without `policy:`")
+        document = load_policy(doc["policy"], source, base_dir)
+        slo_classes = document.slo_class_map()
+        queue_policy: str | Mapping[str, Any] = document.queue.engine_priority
+        queue_needs_priority = document.build_engine_priority().needs_engine_priority
+    else:
+        slo_classes = parse_slo_classes(doc.get("slo_classes"), f"{where} slo_classes")
+        queue_policy, queue_needs_priority = _parse_queue(doc.get("queue"), source)
 
     raw_pools = doc.get("pools")
     if not isinstance(raw_pools, list) or not raw_pools:
@@ -168,9 +206,13 @@ def parse_cluster(doc: Mapping[str, Any], source: str, base_dir: Path | None = N
             f"{where} default_model",
             f"no pool serves {default_model!r}; served models: {', '.join(sorted(served.values()))}",
         )
-    dispatch, per_class = _parse_dispatch(doc.get("dispatch"), source, slo_classes)
+    if document is not None:
+        dispatch = document.profile_config(document.selection.default)
+        per_class = {cls: document.profile_config(name) for cls, name in document.selection.by_slo_class.items()}
+    else:
+        dispatch, per_class = _parse_dispatch(doc.get("dispatch"), source, slo_classes)
     load_refresh_s = _top_get(doc, "load_refresh_s", float, source, default=0.0, minimum=0.0)
-    return ClusterSpec(
+    spec = ClusterSpec(
         pools=tuple(pools),
         dispatch=dispatch,
         dispatch_per_slo_class=per_class,
@@ -180,7 +222,14 @@ def parse_cluster(doc: Mapping[str, Any], source: str, base_dir: Path | None = N
         catalog=catalog,
         load_refresh_s=load_refresh_s,
         source=source,
+        policy=document,
     )
+    if document is None:
+        try:
+            spec.document()
+        except PolicyDocumentError as exc:
+            raise ConfigError(source, f"{exc} (converting the older dialect into a policy document)") from None
+    return spec
 
 
 def _top_get(doc: Mapping[str, Any], key: str, kind: type[T], source: str, **kwargs: Any) -> T:
@@ -359,5 +408,6 @@ def policy_variants(cluster: ClusterSpec, names: Sequence[str]) -> list[ClusterS
         dispatch = dict(preset)
         if "filters" in cluster.dispatch:
             dispatch["filters"] = cluster.dispatch["filters"]
-        variants.append(replace(cluster, dispatch=dispatch, dispatch_per_slo_class={}, label=name))
+        policy = cluster.policy.with_profile(dispatch) if cluster.policy is not None else None
+        variants.append(replace(cluster, dispatch=dispatch, dispatch_per_slo_class={}, label=name, policy=policy))
     return variants

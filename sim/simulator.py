@@ -8,6 +8,14 @@ calls, on `InstanceState`s kept the way the router keeps them: `router_inflight`
 dispatch and -1 on finish, engine load either live (`load_refresh_s: 0`) or as last
 scraped every `load_refresh_s`. Queue order comes from a `scheduler.queueing` policy.
 
+The decisions are the cluster's policy document run by `scheduler.layer.DecisionLayer`,
+called as the router calls it: the profile selected per tenant and SLO class, the
+candidate window over the request's model's instances, session affinity (an in-memory
+table, keyed per tenant), the engine priority, and, when the document enables admission,
+the same `AdmissionQueue` the router holds: a request that finds its model saturated waits
+in it (its record's dispatch time is its release), and is shed or refused as the router
+would answer it (a rejected record whose reason starts with `shed` or `refused`).
+
 Speed: a stretch of identical decode steps is one event (`EngineCore.plan_decode_run`),
 cut short when an arrival lands on that instance; the load other instances' dispatch
 decisions see inside a stretch is computed in closed form, so fast-forward on and off
@@ -27,8 +35,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from scheduler.admission import AdmissionQueue, QueuedRequest, Verdict
 from scheduler.dispatch import ClusterView, DispatchPolicy
 from scheduler.engine_model import EngineModel
+from scheduler.layer import DecisionLayer, group_by_model
+from scheduler.session_affinity import InMemoryAffinity, follow, resolve_affinity
 from scheduler.types import InstanceState, NoInstanceAvailable, RequestInfo, SloClass
 from sim.cluster import ClusterSpec, PoolSpec
 from sim.engine_core import Batch, DecodeRun, EngineCore, EngineRequest
@@ -114,15 +125,22 @@ class Simulation:
         if timeline_interval_s <= 0:
             raise ValueError(f"timeline_interval_s: expected a positive number, got {timeline_interval_s}")
         self.cluster = cluster
-        self.policy = policy or cluster.build_dispatch(seed)
-        self.class_policies: dict[str, DispatchPolicy] = {} if policy else cluster.build_dispatch_per_class(seed)
-        self.queue = cluster.build_queue_policy()
+        self.layer = DecisionLayer(cluster.document(), seed=seed, override=policy)
+        document = self.layer.document
+        self.policy = policy or self.layer.profiles[document.selection.default]
+        self.affinity: InMemoryAffinity | None = InMemoryAffinity() if document.affinity.enabled else None
+        self.affinity_ttl_s = document.affinity.ttl_s
+        self.admission: AdmissionQueue | None = (
+            self.layer.new_admission_queue() if self.layer.admission_enabled else None
+        )
+        self.held: dict[str, TraceRequest] = {}  # request id -> trace request, while queued
+        self.queue_deadline_s = math.inf  # when the next held request times out
         # Inside a decode stretch only KV use and tokens in flight change (running and
         # waiting counts change only at its ends, where the snapshot is published). They
         # (and the snapshot time) are published, and kept exact at every decision, only
         # when a policy reads them (`reads_progress`); otherwise they stay unset.
-        self.publish_progress = any(
-            p.reads_progress for p in (self.policy, *self.class_policies.values())
+        self.publish_progress = self.layer.reads_progress or (
+            self.admission is not None and document.admission.saturation.max_kv_usage is not None
         )
         self.progress = progress
         self.timeline_interval_s = timeline_interval_s
@@ -137,6 +155,7 @@ class Simulation:
         self.by_id = {inst.state.instance_id: inst for inst in self.instances}
         # Instances never join, leave or change health in a simulation: one membership version.
         self.view = ClusterView([inst.state for inst in self.instances], membership_version=0)
+        self.groups = group_by_model(self.view.instances)  # stable tuples: the static-filter cache holds
         self.in_runs: dict[int, _Instance] = {}  # instances inside a fast-forward run
         self.next_run_change_s = math.inf  # earliest next_change_s over in_runs (or earlier)
         self.heap: list[tuple[float, int, _Instance, int]] = []
@@ -174,8 +193,15 @@ class Simulation:
             elif upcoming is not None:
                 t = upcoming.arrival_s
                 arrival = upcoming
+            elif self.held:
+                self.now_s = self.queue_deadline_s
+                self._expire_queue(self.now_s)  # nothing else will happen: held requests time out
+                continue
             else:
                 break
+            if self.queue_deadline_s <= t:
+                self.now_s = self.queue_deadline_s
+                self._expire_queue(self.now_s)
             if next_sample_s < t:
                 next_sample_s = self._sample_until(next_sample_s, t)
             if next_scrape_s < t:
@@ -241,16 +267,41 @@ class Simulation:
             prefix_hashes=trace.prefix_hashes,
             arrival_s=now,
         )
-        policy = self.class_policies.get(trace.slo_class, self.policy) if self.class_policies else self.policy
+        admission = self.admission
+        if admission is not None:
+            if self.held:
+                self._release_queue(now)
+            if self.live_load and self.in_runs and self.publish_progress:
+                self._refresh_runs(now)
+            group = self.groups.get(model.lower(), ())
+            offer = admission.offer(info, self.layer.slo_classes.get(info.slo_class),
+                                    self.layer.saturated(group, info), now)
+            if offer.evicted is not None:
+                self._answer_held(offer.evicted, Verdict.SHED, offer.reason)
+            if offer.verdict is Verdict.QUEUE:
+                self.held[info.request_id] = trace
+                self.queue_deadline_s = admission.next_deadline_s() or math.inf
+                return
+            if offer.verdict is not Verdict.ADMIT:
+                self._answer(trace, info, slo, offer.verdict, offer.reason)
+                return
+        self._dispatch(trace, info, slo, now)
+
+    def _dispatch(self, trace: TraceRequest, info: RequestInfo, slo: SloClass | None, now: float) -> None:
+        layer = self.layer
+        policy = layer.profile(info)
         if self.live_load and self.in_runs and self.publish_progress:
             self._refresh_runs(now)
-        self.view.now_s = now
         try:
-            decision = policy.decide(self.view, info)
+            decision = layer.decide(policy, self.groups.get(info.model.lower(), ()), info, now,
+                                    fallback=self.view.instances, membership_version=0)
         except NoInstanceAvailable as exc:
             self._reject(trace, info, slo, f"no instance available: {exc}")
             return
-        priority = self.queue.priority(info, slo, now)
+        affinity = self.affinity
+        if affinity is not None and info.session_id is not None:
+            decision = resolve_affinity(affinity, info, decision, self.affinity_ttl_s, now, self.by_id.__contains__)
+        priority = layer.priority(info, now)
         reasons: list[str] = []
         by_id = self.by_id
         for instance_id in decision.instance_ids:
@@ -262,7 +313,7 @@ class Simulation:
                 request_id=trace.request_id,
                 prompt_tokens=trace.input_tokens,
                 output_tokens=trace.output_tokens,
-                arrival_s=now,
+                arrival_s=info.arrival_s,
                 priority=priority,
                 prefix_hashes=trace.prefix_hashes,
                 prefix_block_tokens=trace.prefix_block_tokens,
@@ -283,12 +334,57 @@ class Simulation:
             state.waiting = inst.core.num_waiting if self.live_load else state.waiting
             inst.stats.requests += 1
             policy.on_dispatch(info, instance_id)
+            if affinity is not None and reasons:
+                follow(affinity, info, instance_id, self.affinity_ttl_s, now)
             if inst.run is not None:
                 self._cut_run(inst, now)
             elif inst.batch is None:
                 self._start_iteration(inst, now)
             return
         self._reject(trace, info, slo, "no instance can take it: " + "; ".join(reasons[:3]))
+
+    # ------------------------------------------------------- admission queue
+    def _release_queue(self, now: float) -> None:
+        """Dispatch held requests, in queue-sort order, while their model has capacity."""
+        admission = self.admission
+        assert admission is not None
+        if self.live_load and self.in_runs and self.publish_progress:
+            self._refresh_runs(now)
+        layer = self.layer
+        groups = self.groups
+
+        def can_release(item: QueuedRequest) -> bool:
+            request = item.request
+            return not layer.saturated(groups.get(request.model.lower(), ()), request)
+
+        while self.held:
+            item = admission.release(now, can_release)
+            if item is None:
+                break
+            trace = self.held.pop(item.request.request_id)
+            slo = self.cluster.slo_classes.get(trace.slo_class, self.default_slo)
+            self._dispatch(trace, item.request, slo, now)
+        self.queue_deadline_s = admission.next_deadline_s() or math.inf
+
+    def _expire_queue(self, now: float) -> None:
+        admission = self.admission
+        assert admission is not None
+        for item, verdict in admission.expire(now):
+            self._answer_held(item, verdict, "queue timeout")
+        self.queue_deadline_s = admission.next_deadline_s() or math.inf
+
+    def _answer_held(self, item: QueuedRequest, verdict: Verdict, reason: str) -> None:
+        trace = self.held.pop(item.request.request_id)
+        slo = self.cluster.slo_classes.get(trace.slo_class, self.default_slo)
+        self._answer(trace, item.request, slo, verdict, reason)
+
+    def _answer(self, trace: TraceRequest, info: RequestInfo, slo: SloClass | None, verdict: Verdict,
+                reason: str) -> None:
+        """A request the admission queue turned away: shed (429) or refused (503)."""
+        if verdict is Verdict.SHED:
+            self._reject(trace, info, slo, f"shed (429): {reason}")
+        else:
+            self._reject(trace, info, slo, f"refused (503): {reason}")
 
     def _reject(self, trace: TraceRequest, info: RequestInfo, slo: SloClass | None, reason: str) -> None:
         self.finished += 1
@@ -301,7 +397,7 @@ class Simulation:
                 pool="",
                 instance_id="",
                 gpu="",
-                arrival_s=self.now_s,
+                arrival_s=info.arrival_s,
                 dispatch_s=self.now_s,
                 first_token_s=None,
                 finish_s=None,
@@ -390,6 +486,8 @@ class Simulation:
             self._start_iteration(inst, now)
         elif self.live_load:
             self._publish(inst)
+        if out.finished and self.held:
+            self._release_queue(now)  # capacity freed
 
     def _record(self, req: _SimRequest, inst: _Instance) -> None:
         self.finished += 1

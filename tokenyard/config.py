@@ -111,3 +111,78 @@ def parse_slo_classes(raw: Any, where: str) -> dict[str, SloClass]:
             priority=get(body, "priority", int, path, default=0),
         )
     return classes
+
+
+# --- the policy document and the two dialects it replaces ---------------------------------
+#
+# Router files used to say `policies:` + `dispatch: {default_policy, by_slo_class, ...}`,
+# cluster files `dispatch: {..., per_slo_class}` + `queue: {policy}`. Both now carry one
+# policy document (`policy:`, scheduler/policy_document.py), embedded or as a path; an old
+# file still loads, converted here with the meaning it had (`tokenyard config migrate`
+# prints the converted file).
+
+
+def load_policy(raw: Any, source: str, base_dir: Path | None = None) -> Any:
+    """The `policy:` value of a router or cluster file (`source`): an embedded mapping, or
+    a path to a YAML file (relative to `base_dir`), validated into a `PolicyDocument`."""
+    from scheduler.policy_document import PolicyDocumentError, load_policy_document
+
+    where = "policy"
+    if isinstance(raw, str):
+        path = Path(raw)
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        raw, source, where = load_yaml(path), str(path), ""
+        if not raw:
+            raise ConfigError(source, "the policy document is empty; expected a mapping (see docs/policy.md)")
+    elif not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: policy", f"expected a policy document (a mapping) or a path to one, got {raw!r}")
+    try:
+        return load_policy_document(raw, where=where)
+    except PolicyDocumentError as exc:
+        raise ConfigError(source, str(exc)) from None
+
+
+def slo_classes_to_document(classes: Mapping[str, SloClass]) -> dict[str, Any]:
+    return {
+        name: {"ttft_ms": c.ttft_slo_ms, "tpot_ms": c.tpot_slo_ms, "priority": c.priority}
+        for name, c in classes.items()
+    }
+
+
+def router_dialect_to_policy(
+    *, slo_classes: Mapping[str, SloClass], policies: Mapping[str, Any], default_policy: str,
+    by_slo_class: Mapping[str, str], tenant_policies: Mapping[str, str], max_candidates: int,
+    forward_priority: bool, affinity_ttl_s: float,
+) -> dict[str, Any]:
+    """The policy document that means what a router file's old keys meant."""
+    return {
+        "slo_classes": slo_classes_to_document(slo_classes),
+        "profiles": {str(name): dict(body) for name, body in policies.items()},
+        "selection": {"default": default_policy, "by_slo_class": dict(by_slo_class),
+                      "by_tenant": dict(tenant_policies)},
+        "window": {"max_candidates": max_candidates},
+        "affinity": {"enabled": True, "ttl_s": affinity_ttl_s},
+        "queue": {"sort": "fcfs", "engine_priority": "slo_priority" if forward_priority else "fcfs"},
+    }
+
+
+def sim_dialect_to_policy(
+    *, slo_classes: Mapping[str, SloClass], dispatch: Mapping[str, Any],
+    per_slo_class: Mapping[str, Mapping[str, Any]], queue_policy: Any,
+) -> dict[str, Any]:
+    """The policy document that means what a cluster file's old keys meant: every instance
+    scored (no window), no session-affinity table, no admission queue."""
+    profiles: dict[str, Any] = {"default": dict(dispatch)}
+    by_class: dict[str, str] = {}
+    for name, override in per_slo_class.items():
+        profiles[f"slo_{name}"] = {**dispatch, **override}
+        by_class[str(name)] = f"slo_{name}"
+    return {
+        "slo_classes": slo_classes_to_document(slo_classes),
+        "profiles": profiles,
+        "selection": {"default": "default", "by_slo_class": by_class},
+        "window": {"max_candidates": 0},
+        "affinity": {"enabled": False},
+        "queue": {"sort": "fcfs", "engine_priority": queue_policy},
+    }
