@@ -175,7 +175,8 @@ class AdmissionQueue:
         """Held requests past their class's queue timeout, removed, each with its answer."""
         expired: list[tuple[QueuedRequest, Verdict]] = []
         for request_id, item in list(self._held.items()):
-            if now_s - item.enqueued_s >= self.timeout_s(item.slo_class):
+            # The same expression as next_deadline_s: a driver waking at that deadline expires it.
+            if item.enqueued_s + self.timeout_s(item.slo_class) <= now_s:
                 del self._held[request_id]
                 if item.slo_class is not None and item.slo_class.sheddable:
                     self.shed_total += 1

@@ -199,7 +199,7 @@ class Simulation:
                 continue
             else:
                 break
-            if self.queue_deadline_s <= t:
+            while self.queue_deadline_s <= t:  # held requests time out at their deadlines
                 self.now_s = self.queue_deadline_s
                 self._expire_queue(self.now_s)
             if next_sample_s < t:
