@@ -26,7 +26,7 @@ from typing import Any
 
 from router.dispatcher import Dispatcher
 from router.metrics import RouterMetrics
-from scheduler.admission import AdmissionQueue, QueuedRequest, Verdict
+from scheduler.admission import AdmissionQueue, Offer, QueuedRequest, Verdict
 from scheduler.types import RequestInfo
 
 log = logging.getLogger(__name__)
@@ -76,9 +76,7 @@ class RouterAdmission:
         self.release()
         now_s = time.monotonic()
         slo = self.layer.slo_classes.get(info.slo_class)
-        # The queue keys by request id; a client may reuse one, so the queue gets its own.
-        held = dataclasses.replace(info, request_id=f"{info.request_id}#{next(self._keys)}")
-        offer = self.queue.offer(held, slo, self._saturated(info), now_s)
+        held, offer = self.offer(info, now_s)
         if offer.evicted is not None:
             self._wake(offer.evicted, Verdict.SHED, None)
         if offer.verdict is Verdict.ADMIT:
@@ -119,6 +117,14 @@ class RouterAdmission:
             self._gauge(info.slo_class)
             self.metrics.child(self.metrics.queue_wait, info.slo_class, outcome).observe(  # type: ignore[attr-defined]
                 time.monotonic() - now_s)
+
+    def offer(self, info: RequestInfo, now_s: float) -> tuple[RequestInfo, Offer]:
+        """The admission queue's answer to an arrival (the simulator's `Simulation.offer`),
+        with the request as queued: the queue keys by request id, and a client may reuse
+        one, so the queue gets its own."""
+        held = dataclasses.replace(info, request_id=f"{info.request_id}#{next(self._keys)}")
+        offer = self.queue.offer(held, self.layer.slo_classes.get(info.slo_class), self._saturated(info), now_s)
+        return held, offer
 
     def _refusal(self, verdict: Verdict, slo_class: str, reason: str) -> Refusal:
         if verdict is Verdict.SHED:

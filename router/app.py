@@ -80,7 +80,7 @@ class Router:
     """The ASGI app plus what it needs: registry, store, dispatcher, health, load."""
 
     def __init__(self, config: RouterConfig, *, registry: InstanceRegistry | None = None,
-                 store: StateStore | None = None, seed: int = 0) -> None:
+                 store: StateStore | None = None, seed: int | None = None) -> None:
         self.config = config
         self.store = store
         self.registry = registry or InstanceRegistry(store)

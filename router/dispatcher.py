@@ -26,7 +26,7 @@ from router.state import StateStore
 from router.tenants import Tenant
 from scheduler.dispatch import DispatchPolicy
 from scheduler.layer import DecisionLayer, group_by_model
-from scheduler.session_affinity import affinity_key, with_owner
+from scheduler.session_affinity import affinity_key, can_own, with_owner
 from scheduler.types import Decision, InstanceState, RequestInfo, SloClass
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def prefix_hashes(text: str) -> tuple[int, ...]:
 
 class Dispatcher:
     def __init__(self, config: RouterConfig, registry: InstanceRegistry, store: StateStore | None = None,
-                 seed: int = 0) -> None:
+                 seed: int | None = None) -> None:
         self.config = config
         self.registry = registry
         self.store = store
@@ -180,10 +180,7 @@ class Dispatcher:
 
     def usable(self, instance_id: str, model: str) -> bool:
         found = self.registry.find(instance_id)
-        if found is None:
-            return False
-        state = found[1]
-        return state.healthy and not state.draining and state.model.lower() == model.lower()
+        return can_own(found[1] if found is not None else None, model)
 
     async def _apply_affinity(self, info: RequestInfo, decision: Decision) -> Decision:
         assert self.store is not None

@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
-from scheduler.types import Decision, RequestInfo
+from scheduler.types import Decision, InstanceState, RequestInfo
 
 
 def affinity_key(request: RequestInfo) -> str:
@@ -24,6 +24,13 @@ def affinity_key(request: RequestInfo) -> str:
     another's key by containing the separator)."""
     tenant = request.tenant
     return f"{len(tenant)}:{tenant}:{request.model.lower()}:{request.session_id}"
+
+
+def can_own(state: InstanceState | None, model: str) -> bool:
+    """Whether an instance may keep a session of `model`: present, healthy, not draining,
+    serving the model (both drivers ask exactly this)."""
+    return (state is not None and state.healthy and not state.draining
+            and state.model.lower() == model.lower())
 
 
 def with_owner(decision: Decision, owner: str) -> Decision:
@@ -58,15 +65,12 @@ class InMemoryAffinity:
     def claim(self, key: str, instance_id: str, ttl_s: float, now_s: float) -> str:
         found = self._owners.get(key)
         if found is not None and found[1] > now_s:
-            owner = found[0]
-        else:
-            owner = instance_id
-        # A claim refreshes the session's lifetime, as a store's TTL refresh does.
-        self._owners[key] = (owner, now_s + ttl_s)
+            return found[0]  # a live owner wins, its lifetime unchanged (as SET NX leaves it)
+        self._owners[key] = (instance_id, now_s + ttl_s)
         self._owners.move_to_end(key)
         while len(self._owners) > self.max_entries:
             self._owners.popitem(last=False)
-        return owner
+        return instance_id
 
     def drop(self, key: str) -> None:
         self._owners.pop(key, None)

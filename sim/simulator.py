@@ -35,12 +35,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from scheduler.admission import AdmissionQueue, QueuedRequest, Verdict
+from scheduler.admission import AdmissionQueue, Offer, QueuedRequest, Verdict
 from scheduler.dispatch import ClusterView, DispatchPolicy
 from scheduler.engine_model import EngineModel
 from scheduler.layer import DecisionLayer, group_by_model
-from scheduler.session_affinity import InMemoryAffinity, follow, resolve_affinity
-from scheduler.types import InstanceState, NoInstanceAvailable, RequestInfo, SloClass
+from scheduler.session_affinity import InMemoryAffinity, can_own, follow, resolve_affinity
+from scheduler.types import Decision, InstanceState, NoInstanceAvailable, RequestInfo, SloClass
 from sim.cluster import ClusterSpec, PoolSpec
 from sim.engine_core import Batch, DecodeRun, EngineCore, EngineRequest
 from sim.records import InstanceStats, RequestRecord, SimResult, TimelineSample
@@ -273,9 +273,7 @@ class Simulation:
                 self._release_queue(now)
             if self.live_load and self.in_runs and self.publish_progress:
                 self._refresh_runs(now)
-            group = self.groups.get(model.lower(), ())
-            offer = admission.offer(info, self.layer.slo_classes.get(info.slo_class),
-                                    self.layer.saturated(group, info), now)
+            offer = self.offer(info, now)
             if offer.evicted is not None:
                 self._answer_held(offer.evicted, Verdict.SHED, offer.reason)
             if offer.verdict is Verdict.QUEUE:
@@ -287,20 +285,43 @@ class Simulation:
                 return
         self._dispatch(trace, info, slo, now)
 
+    def offer(self, info: RequestInfo, now: float) -> Offer:
+        """The admission queue's answer to an arrival (the router's `RouterAdmission.offer`)."""
+        admission = self.admission
+        assert admission is not None
+        layer = self.layer
+        return admission.offer(info, layer.slo_classes.get(info.slo_class),
+                               layer.saturated(self.groups.get(info.model.lower(), ()), info), now)
+
+    def decide(self, info: RequestInfo, now: float) -> Decision:
+        """The decision for one request on the current load views, as the router's
+        `Dispatcher.decide` takes it: profile, window, then the session's owner first."""
+        layer = self.layer
+        decision = layer.decide(layer.profile(info), self.groups.get(info.model.lower(), ()), info, now,
+                                fallback=self.view.instances, membership_version=0)
+        affinity = self.affinity
+        if affinity is not None and info.session_id is not None:
+            by_id = self.by_id
+            model = info.model
+
+            def usable(instance_id: str) -> bool:
+                found = by_id.get(instance_id)
+                return can_own(found.state if found is not None else None, model)
+
+            decision = resolve_affinity(affinity, info, decision, self.affinity_ttl_s, now, usable)
+        return decision
+
     def _dispatch(self, trace: TraceRequest, info: RequestInfo, slo: SloClass | None, now: float) -> None:
         layer = self.layer
         policy = layer.profile(info)
         if self.live_load and self.in_runs and self.publish_progress:
             self._refresh_runs(now)
         try:
-            decision = layer.decide(policy, self.groups.get(info.model.lower(), ()), info, now,
-                                    fallback=self.view.instances, membership_version=0)
+            decision = self.decide(info, now)
         except NoInstanceAvailable as exc:
             self._reject(trace, info, slo, f"no instance available: {exc}")
             return
         affinity = self.affinity
-        if affinity is not None and info.session_id is not None:
-            decision = resolve_affinity(affinity, info, decision, self.affinity_ttl_s, now, self.by_id.__contains__)
         priority = layer.priority(info, now)
         reasons: list[str] = []
         by_id = self.by_id

@@ -1,0 +1,198 @@
+"""The router and the simulator decide alike.
+
+The same policy document, the same instance load views and the same request sequence are
+given to the router's `Dispatcher` (with its real file-backed state store for session
+affinity) and to a `Simulation`'s decision step; every decision (the whole fallback
+order), every admission verdict, and the admission queue's order must be identical, while
+both drivers see the same dispatches and finishes. Hypothesis varies the profiles,
+windows, affinity, saturation criteria, queue sorts and loads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from router.admission import RouterAdmission
+from router.config import parse_router_config
+from router.dispatcher import Dispatcher
+from router.metrics import RouterMetrics
+from router.registry import InstanceRegistry
+from router.state import FileStateStore, InstanceRecord
+from router.tenants import Tenant
+from scheduler.types import InstanceState, NoInstanceAvailable, RequestInfo
+from sim.cluster import parse_cluster
+from sim.simulator import Simulation
+
+PICKERS = ["max_score", "round_robin", "random", "power_of_two", "session_affinity", "prefix_affinity"]
+SCORERS = ["least_outstanding", "least_kv", "slo_headroom"]
+POOLS = [("a100", "A100-80GB", "llama-3-8b"), ("l4", "L4", "llama-3-8b"), ("small", "L4", "qwen2.5-1.5b")]
+
+
+@st.composite
+def profiles(draw: st.DrawFn) -> dict[str, Any]:
+    scorers = draw(st.lists(st.sampled_from(SCORERS), unique=True, max_size=3))
+    weighted = [{name: {"weight": draw(st.sampled_from([0.1, 0.5, 1.0, 2.0]))}} for name in scorers]
+    filters = ["model", "healthy", "not_draining"] + (["kv_room"] if draw(st.booleans()) else [])
+    return {"filters": filters, "scorers": weighted, "picker": draw(st.sampled_from(PICKERS))}
+
+
+@st.composite
+def documents(draw: st.DrawFn) -> dict[str, Any]:
+    saturation = {
+        "max_queued_per_instance": draw(st.sampled_from([None, 0, 1, 3])),
+        "max_outstanding_per_instance": draw(st.sampled_from([None, 1, 2, 4])),
+        "max_kv_usage": draw(st.sampled_from([None, 0.5, 0.9])),
+        "max_predicted_ttft_ratio": draw(st.sampled_from([None, 0.5, 1.0])),
+    }
+    return {
+        "seed": draw(st.integers(0, 1000)),
+        "slo_classes": {
+            "interactive": {"ttft_ms": 500, "tpot_ms": 50, "priority": 0},
+            "default": {"ttft_ms": 3000, "tpot_ms": 200, "priority": 1},
+            "batch": {"ttft_ms": 60000, "tpot_ms": 1000, "priority": 2, "sheddable": True},
+        },
+        "profiles": {"default": draw(profiles()), "other": draw(profiles())},
+        "selection": {"default": "default",
+                      "by_slo_class": draw(st.sampled_from([{}, {"interactive": "other"}])),
+                      "by_tenant": draw(st.sampled_from([{}, {"t2": "other"}]))},
+        "window": {"max_candidates": draw(st.sampled_from([0, 1, 2, 3, 5]))},
+        "affinity": {"enabled": draw(st.booleans()), "ttl_s": 600},
+        "queue": {"sort": draw(st.sampled_from(["fcfs", "slo_priority"])), "engine_priority": "slo_priority"},
+        "admission": {"enabled": True, "max_queue_depth": draw(st.sampled_from([0, 2, 5])), "saturation": saturation},
+    }
+
+
+loads = st.fixed_dictionaries({
+    "running": st.integers(0, 6), "waiting": st.integers(0, 4), "kv": st.floats(0, 0.98),
+    "healthy": st.sampled_from([True, True, True, False]), "draining": st.sampled_from([False, False, False, True]),
+})
+
+requests = st.lists(st.fixed_dictionaries({
+    "tenant": st.sampled_from(["t1", "t2"]),
+    "slo_class": st.sampled_from(["interactive", "default", "batch"]),
+    "session": st.sampled_from([None, "s1", "s2", "s3"]),
+    "model": st.sampled_from(["llama-3-8b", "llama-3-8b", "llama-3-8b", "qwen2.5-1.5b"]),
+    "tokens": st.integers(1, 4000),
+    "prefix": st.sampled_from([(), (1,), (1, 2), (3, 4, 5)]),
+    "finish": st.integers(0, 2),  # how many in-flight requests finish before this one arrives
+}), min_size=4, max_size=16)
+
+
+def _cluster(counts: list[int], doc: dict[str, Any]) -> Any:
+    pools = [{"name": name, "gpu": gpu, "model": model, "count": count}
+             for (name, gpu, model), count in zip(POOLS, counts, strict=True) if count]
+    return parse_cluster({"pools": pools, "policy": doc}, "parity.yaml")
+
+
+def _set_load(state: InstanceState, load: dict[str, Any], kv_total: int) -> None:
+    state.running, state.waiting = load["running"], load["waiting"]
+    state.kv_blocks_total = kv_total
+    state.kv_blocks_used = int(load["kv"] * kv_total)
+    state.healthy, state.draining = load["healthy"], load["draining"]
+
+
+def _outcome(sim: Simulation, info: RequestInfo, now_s: float) -> tuple[str, ...] | str:
+    try:
+        return tuple(sim.decide(info, now_s).instance_ids)
+    except NoInstanceAvailable as exc:
+        return f"NoInstanceAvailable: {exc}"
+
+
+async def _run_parity(doc: dict[str, Any], counts: list[int], instance_loads: list[dict[str, Any]],
+                      sequence: list[dict[str, Any]], state_dir: Path) -> None:
+    cluster = _cluster(counts, doc)
+    sim = Simulation(cluster, seed=3)
+    store = FileStateStore(state_dir / "state.json")
+    registry = InstanceRegistry()
+    dispatcher = Dispatcher(parse_router_config({"policy": doc}, "parity.yaml"), registry, store, seed=3)
+    admission = RouterAdmission(dispatcher, RouterMetrics(), dispatcher.layer.new_admission_queue())
+    for k, inst in enumerate(sim.instances):
+        state = inst.state
+        registry.upsert(InstanceRecord(state.instance_id, f"http://127.0.0.1:{9000 + k}", state.model,
+                                       gpu=state.gpu, pool=state.pool))
+        load = instance_loads[k % len(instance_loads)]
+        _set_load(state, load, state.kv_blocks_total)
+        _set_load(registry.get(state.instance_id)[1], load, state.kv_blocks_total)
+    rng = random.Random(len(sequence))
+    inflight: list[tuple[RequestInfo, str]] = []
+    sim_states = {inst.state.instance_id: inst.state for inst in sim.instances}
+    try:
+        for n, spec in enumerate(sequence):
+            for _ in range(min(spec["finish"], len(inflight))):
+                info, iid = inflight.pop(rng.randrange(len(inflight)))
+                sim.layer.profile(info).on_finish(info, iid)
+                sim_states[iid].router_inflight -= 1
+                dispatcher.policies[dispatcher.policy_name(Tenant(info.tenant, info.slo_class))].on_finish(info, iid)
+                registry.inflight_finished(iid)
+            info = RequestInfo(f"r{n}", spec["model"], spec["tokens"], tenant=spec["tenant"],
+                               slo_class=spec["slo_class"], session_id=spec["session"], prefix_hashes=spec["prefix"])
+            # Admission: the same verdict from both drivers' own offer, the same queue order.
+            sim_offer = sim.offer(info, float(n))
+            _, router_offer = admission.offer(info, float(n))
+            assert router_offer.verdict == sim_offer.verdict, (n, router_offer, sim_offer)
+            assert (router_offer.evicted is None) == (sim_offer.evicted is None)
+            assert [rid.split("#")[0] for rid in admission.queue.peek_order(n)] == \
+                sim.admission.peek_order(n)  # type: ignore[union-attr]
+            # Dispatch: the same decision, fallbacks included, on the same views.
+            tenant = Tenant(info.tenant, info.slo_class)
+            router_policy = dispatcher.policies[dispatcher.policy_name(tenant)]
+            sim_policy = sim.layer.profile(info)
+            assert router_policy.name == sim_policy.name
+            sim_decision = _outcome(sim, info, float(n))
+            try:
+                router_decision: tuple[str, ...] | str = tuple(
+                    (await dispatcher.decide(info, router_policy)).instance_ids)
+            except NoInstanceAvailable as exc:
+                router_decision = f"NoInstanceAvailable: {exc}"
+            assert router_decision == sim_decision, (n, spec, router_decision, sim_decision)
+            if isinstance(sim_decision, tuple):
+                chosen = sim_decision[0]
+                sim_policy.on_dispatch(info, chosen)
+                sim_states[chosen].router_inflight += 1
+                router_policy.on_dispatch(info, chosen)
+                registry.inflight_started(chosen)
+                inflight.append((info, chosen))
+        # Release order: both drivers' saturation checks, the same sort.
+        groups = sim.groups
+        sim_order = []
+        while (item := sim.admission.release(  # type: ignore[union-attr]
+                len(sequence), lambda it: not sim.layer.saturated(groups.get(it.request.model.lower(), ()),
+                                                                  it.request))) is not None:
+            sim_order.append(item.request.request_id)
+        router_order = []
+        while (item := admission.queue.release(len(sequence), lambda it: not admission._saturated(it.request))) \
+                is not None:
+            router_order.append(item.request.request_id.split("#")[0])
+        assert router_order == sim_order
+    finally:
+        await store.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(doc=documents(), counts=st.tuples(st.integers(1, 4), st.integers(0, 4), st.integers(0, 2)).map(list),
+       instance_loads=st.lists(loads, min_size=1, max_size=6), sequence=requests)
+def test_router_and_simulator_decide_alike(doc: dict[str, Any], counts: list[int],
+                                           instance_loads: list[dict[str, Any]],
+                                           sequence: list[dict[str, Any]]) -> None:
+    with tempfile.TemporaryDirectory() as state_dir:
+        asyncio.run(_run_parity(doc, counts, instance_loads, sequence, Path(state_dir)))
+
+
+def test_session_affinity_is_keyed_per_tenant() -> None:
+    """A tenant sending another tenant's session id does not land on its instance."""
+    doc = {"profiles": {"default": {"scorers": ["least_outstanding"]}}, "window": {"max_candidates": 0}}
+    cluster = _cluster([2, 0, 0], doc)
+    sim = Simulation(cluster)
+    a = RequestInfo("a", "llama-3-8b", 10, tenant="alice", session_id="shared")
+    first = sim.decide(a, 0.0).instance_id
+    sim.by_id[first].state.router_inflight += 5  # alice's instance is now the busier one
+    other = sim.decide(RequestInfo("b", "llama-3-8b", 10, tenant="bob", session_id="shared"), 1.0).instance_id
+    again = sim.decide(RequestInfo("a2", "llama-3-8b", 10, tenant="alice", session_id="shared"), 2.0).instance_id
+    assert other != first and again == first
