@@ -154,9 +154,10 @@ class PolicyDocument(_Strict):
     queue: QueueSpec = Field(default_factory=QueueSpec)
     admission: AdmissionSpec = Field(default_factory=AdmissionSpec)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain values (JSON/YAML-ready) that `load_policy_document` reads back as equal."""
-        return self.model_dump(mode="json")
+    def to_dict(self, minimal: bool = False) -> dict[str, Any]:
+        """Plain values (JSON/YAML-ready) that `load_policy_document` reads back as equal;
+        `minimal` leaves out every value equal to its default (what a person writes)."""
+        return self.model_dump(mode="json", exclude_defaults=minimal)
 
     def slo_class_map(self) -> dict[str, SloClass]:
         return {

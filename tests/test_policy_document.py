@@ -291,3 +291,41 @@ def test_out_of_tree_plugin_loads_through_entry_points(tmp_path: Path, monkeypat
 
 def test_document_type_is_the_schema() -> None:
     assert PolicyDocument.model_json_schema()["properties"]["window"]
+
+
+OLD_ROUTER = """\
+listen: {port: 8001}
+slo_classes:
+  interactive: {ttft_ms: 800, tpot_ms: 80, priority: 0}
+  default: {ttft_ms: 3000, tpot_ms: 200, priority: 1}
+policies:
+  default: {scorers: [least_outstanding]}
+  fast: {scorers: [slo_headroom, {least_outstanding: {weight: 0.1}}]}
+dispatch: {by_slo_class: {interactive: fast}, max_candidates: 4}
+tenants:
+  acme: {api_keys: [k1], slo_class: interactive}
+"""
+
+
+def test_config_migrate_keeps_the_meaning(tmp_path: Path) -> None:
+    from sim.cluster import load_cluster
+    from tokenyard.cli import main
+
+    old = tmp_path / "router.yaml"
+    old.write_text(OLD_ROUTER)
+    new = tmp_path / "router.v2.yaml"
+    assert main(["config", "migrate", str(old), "--out", str(new)]) == 0
+    assert "policy:" in new.read_text() and "policies:" not in new.read_text()
+    assert load_router_config(new).policy == load_router_config(old).policy
+    assert main(["config", "migrate", str(old), "--out", str(old)]) == 2  # never over its input
+    assert old.read_text() == OLD_ROUTER
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text("pools: [{name: a, gpu: A100-80GB, model: llama-3-8b, count: 2}]\n"
+                       "dispatch: {scorers: [least_kv], per_slo_class: {batch: {picker: round_robin}}}\n"
+                       "queue: {policy: slo_priority}\n")
+    migrated = tmp_path / "cluster.v2.yaml"
+    assert main(["config", "migrate", str(cluster), "--out", str(migrated)]) == 0
+    assert load_cluster(migrated).document() == load_cluster(cluster).document()
+    assert main(["config", "check", str(migrated)]) == 0
+    (tmp_path / "bad.yaml").write_text("policy: {window: {max_candidates: -1}}\n")
+    assert main(["config", "check", str(tmp_path / "bad.yaml")]) == 2

@@ -55,6 +55,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--state-dir", default=".tokenyard", help="where the store and generated config live")
     parser.add_argument("--time-scale", type=float, default=1.0,
                         help="engine speed: 1 = the modelled GPU speed, 0 = no latency")
+    parser.add_argument("--admission", choices=["on", "off"], default="on",
+                        help="the router's admission queue (flow control) in the generated policy document")
     parser.add_argument("--smoke", action="store_true", help="send one request, then stop everything and exit")
     parser.add_argument("--ready-timeout-s", type=float, default=60.0, help="how long engines may take to start")
     parser.set_defaults(handler=run_up)
@@ -135,23 +137,32 @@ class Fleet:
                 await proc.wait()
 
 
-def router_document(entries: list[dict[str, Any]], host: str, port: int, store_url: str) -> dict[str, Any]:
+def router_document(entries: list[dict[str, Any]], host: str, port: int, store_url: str,
+                    admission: bool = True) -> dict[str, Any]:
     """The router config `tokenyard up` runs (also written to <state-dir>/router.yaml)."""
     return {
         "listen": {"host": host, "port": port},
         "store": store_url,
-        "slo_classes": {
-            "interactive": {"ttft_ms": 1000, "tpot_ms": 100, "priority": 0},
-            "default": {"ttft_ms": 3000, "tpot_ms": 200, "priority": 1},
-            "batch": {"ttft_ms": 60000, "tpot_ms": 1000, "priority": 2},
+        "policy": {  # the policy document (docs/policy.md)
+            "slo_classes": {
+                "interactive": {"ttft_ms": 1000, "tpot_ms": 100, "priority": 0, "queue_timeout_ms": 10000},
+                "default": {"ttft_ms": 3000, "tpot_ms": 200, "priority": 1, "queue_timeout_ms": 20000},
+                "batch": {"ttft_ms": 60000, "tpot_ms": 1000, "priority": 2, "sheddable": True,
+                          "queue_timeout_ms": 30000},
+            },
+            "profiles": {
+                "balanced": {"filters": ["model", "healthy", "not_draining", "kv_room"],
+                             "scorers": ["least_outstanding"]},
+                "headroom": {"filters": ["model", "healthy", "not_draining", "kv_room"],
+                             "scorers": ["slo_headroom", {"least_outstanding": {"weight": 0.5}}]},
+            },
+            "selection": {"default": "headroom", "by_slo_class": {"batch": "balanced"}},
+            "queue": {"sort": "slo_priority", "engine_priority": "slo_priority"},
+            # Flow control: with every engine saturated, requests wait in the router (in SLO
+            # priority order) instead of in engine queues; batch is shed with 429 + Retry-After.
+            "admission": {"enabled": admission, "max_queue_depth": 512, "retry_after_s": 1,
+                          "saturation": {"max_queued_per_instance": 4}},
         },
-        "policies": {
-            "balanced": {"filters": ["model", "healthy", "not_draining", "kv_room"],
-                         "scorers": ["least_outstanding"]},
-            "headroom": {"filters": ["model", "healthy", "not_draining", "kv_room"],
-                         "scorers": ["slo_headroom", {"least_outstanding": {"weight": 0.01}}]},
-        },
-        "dispatch": {"default_policy": "headroom", "by_slo_class": {"batch": "balanced"}},
         "anonymous": {"slo_class": "interactive"},
         "discovery": {"static": entries},
     }
@@ -205,7 +216,7 @@ async def up(args: argparse.Namespace) -> int:
         print(f"starting {len(DEFAULT_FLEET)} emulated engines: "
               + ", ".join(f"{s.model} on {s.gpu}" for s in DEFAULT_FLEET), flush=True)
         await fleet.start(args.ready_timeout_s)
-        doc = router_document(fleet.entries, args.host, args.port, store_url)
+        doc = router_document(fleet.entries, args.host, args.port, store_url, admission=args.admission == "on")
         (state_dir / "router.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
         config = parse_router_config(doc, str(state_dir / "router.yaml"))
         store = open_store(store_url)
