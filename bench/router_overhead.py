@@ -16,6 +16,7 @@ dispatch decision time per request with 1,000 instances registered (in process).
 
     python bench/router_overhead.py                 # everything, ~8 minutes once peers are cached
     python bench/router_overhead.py --no-peers --duration-s 2
+    python bench/router_overhead.py --no-peers --baseline-rev main   # also the router of `main`, side by side
 Writes a JSON report and a PNG (default: docs/img/router_overhead.png) and prints a
 Markdown table for docs/benchmarks.md.
 """
@@ -154,6 +155,15 @@ def load(url: str, body: dict, concurrency: int, duration_s: float, warmup_s: fl
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def extract_baseline(rev: str) -> Path:
+    """The router of git revision `rev` in a temp dir (the packages `tokenyard router` imports)."""
+    root = Path(tempfile.mkdtemp(prefix="router_overhead_baseline_"))
+    archive = subprocess.run(["git", "archive", rev, "router", "scheduler", "tokenyard", "sim", "learn"],
+                             check=True, capture_output=True, cwd=REPO).stdout
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    return root
+
+
 # -- dispatch decision time ---------------------------------------------------------------------
 def decision_times(instances: int = 1000, requests: int = 5000) -> dict[str, dict[str, float]]:
     from router.config import parse_router_config
@@ -259,6 +269,8 @@ def main() -> int:
     parser.add_argument("--peers", default=",".join(PEERS), help="comma-separated peers to try")
     parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/tokenyard-bench/peers"))
     parser.add_argument("--install-timeout-s", type=float, default=900.0)
+    parser.add_argument("--baseline-rev", default=None,
+                        help="git revision whose router is also measured, side by side (e.g. main)")
     parser.add_argument("--out", default=str(REPO / "docs" / "img" / "router_overhead.png"))
     parser.add_argument("--json", default=None, help="also write the results as JSON here")
     args = parser.parse_args()
@@ -290,7 +302,8 @@ def main() -> int:
                            "--model", MODEL], workdir / "engine.log"))
         targets: list[tuple[str, Callable[[], tuple[str, Proc | None]]]] = [("direct", lambda: (engine_url, None))]
 
-        def start_tokenyard(http_server: str = "builtin", workers: int = 1) -> tuple[str, Proc | None]:
+        def start_tokenyard(http_server: str = "builtin", workers: int = 1,
+                            code_root: Path | None = None) -> tuple[str, Proc | None]:
             port = free_port()
             config = workdir / f"router-{http_server}-{workers}.yaml"
             config.write_text(yaml.safe_dump({
@@ -298,12 +311,19 @@ def main() -> int:
                 "store": f"file://{workdir / f'state-{http_server}-{workers}.json'}",
                 "discovery": {"static": [{"url": engine_url, "model": MODEL, "gpu": "A100-80GB", "id": "engine-0"}]},
             }))
+            # A baseline revision's packages go first on the import path (ahead of the
+            # editable install, whose finder comes after the path entries).
+            env = dict(os.environ, PYTHONPATH=str(code_root)) if code_root is not None else None
+            tag = "baseline" if code_root is not None else http_server
             proc = Proc([sys.executable, "-m", "tokenyard.cli", "--log-level", "warning", "router", "--config",
                          str(config), "--http-server", http_server, "--workers", str(workers)],
-                        workdir / f"tokenyard-{http_server}-{workers}.log")
+                        workdir / f"tokenyard-{tag}-{workers}.log", env=env)
             return f"http://127.0.0.1:{port}", proc
 
         targets.append(("tokenyard", start_tokenyard))
+        if args.baseline_rev:
+            base_root = extract_baseline(args.baseline_rev)
+            targets.append((f"tokenyard@{args.baseline_rev}", lambda: start_tokenyard(code_root=base_root)))
         if not args.no_uvicorn:
             targets.append(("tokenyard-uvicorn", lambda: start_tokenyard("uvicorn")))
         if args.workers > 1:
