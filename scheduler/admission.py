@@ -18,13 +18,14 @@ smallest first, recomputed at each release so a starvation guard can promote).
 
 The saturation detector checks each usable instance of the request's model against the
 configured criteria (queued requests, outstanding requests, KV usage, predicted TTFT as a
-fraction of the class's TTFT target); the model is saturated when every one is.
+fraction of the class's TTFT target; a class may have criteria of its own); the model is
+saturated when every one is.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from scheduler.policy_document import AdmissionSpec, SaturationSpec
@@ -54,16 +55,19 @@ TtftPredictor = Callable[[RequestInfo, InstanceState], float]
 class SaturationDetector:
     """Whether a model's instances can take one more request now (see module docstring)."""
 
-    def __init__(self, spec: SaturationSpec, predict_ttft_s: TtftPredictor | None = None) -> None:
+    def __init__(self, spec: SaturationSpec, predict_ttft_s: TtftPredictor | None = None,
+                 by_slo_class: Mapping[str, SaturationSpec] | None = None) -> None:
         self.spec = spec
-        if spec.max_predicted_ttft_ratio is not None and predict_ttft_s is None:
+        self.by_slo_class = dict(by_slo_class or {})
+        needs_ttft = any(s.max_predicted_ttft_ratio is not None for s in (spec, *self.by_slo_class.values()))
+        if needs_ttft and predict_ttft_s is None:
             from scheduler.policies.slo_headroom import SloHeadroom
 
             predict_ttft_s = SloHeadroom().predicted_ttft_s
         self.predict_ttft_s = predict_ttft_s
 
     def instance_saturated(self, inst: InstanceState, request: RequestInfo, slo: SloClass | None) -> bool:
-        spec = self.spec
+        spec = self.by_slo_class.get(request.slo_class, self.spec) if self.by_slo_class else self.spec
         outstanding = inst.outstanding
         if spec.max_queued_per_instance is not None:
             queued = max(inst.waiting, outstanding - inst.running)

@@ -55,7 +55,8 @@ class DecisionLayer:
         self.max_candidates = document.window.max_candidates
         self.default_slo = self.slo_classes.get("default")
         self.admission_enabled = document.admission.enabled
-        self.detector = SaturationDetector(document.admission.saturation)
+        self.detector = SaturationDetector(document.admission.saturation,
+                                           by_slo_class=document.admission.saturation_by_slo_class)
 
     def new_admission_queue(self) -> AdmissionQueue:
         """The queue a driver holds (one per router replica, one per simulation)."""

@@ -139,6 +139,10 @@ class AdmissionSpec(_Strict):
     default_queue_timeout_ms: float = Field(default=10000.0, gt=0)
     retry_after_s: float = Field(default=1.0, ge=0)
     saturation: SaturationSpec = Field(default_factory=SaturationSpec)
+    # Per SLO class, criteria that replace `saturation` for its requests: engines that run
+    # priority scheduling serve a high-priority request ahead of their queue, so holding it
+    # back at the same depth as batch only adds its wait.
+    saturation_by_slo_class: dict[str, SaturationSpec] = Field(default_factory=dict)
 
 
 class PolicyDocument(_Strict):
@@ -295,6 +299,11 @@ def _check_references(doc: PolicyDocument, where: str) -> None:
             build_policy(doc.profile_config(name), where=f"{_at(where)}profiles.{name}")
         except PolicyConfigError as exc:
             raise PolicyDocumentError(str(exc)) from None
+    for cls in doc.admission.saturation_by_slo_class:
+        if cls not in doc.slo_classes:
+            raise PolicyDocumentError(
+                f"{_at(where)}admission.saturation_by_slo_class.{cls}: unknown SLO class; known: {', '.join(classes)}"
+            )
     for key, build in (("sort", build_queue_sort), ("engine_priority", build_queue_policy)):
         try:
             build(getattr(doc.queue, key), where=f"{_at(where)}queue.{key}")
