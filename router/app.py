@@ -133,7 +133,8 @@ class Router:
                 self.config.control_host or "127.0.0.1", self.config.control_port,
                 registry=self.registry, store=self.store, decide=self.decide_for_picker,
                 registration=registration, slo_classes=self.config.slo_classes,
-                dispatch_policies=sorted(self.dispatcher.policies), tenant_for_api_key=self.tenants.tenant_for_key)
+                dispatch_policies=sorted(self.dispatcher.policies), tenant_for_api_key=self._tenant_for_pick,
+                auth=self.config.control_auth)
         if self.store is not None:
             await self.apply_policies()
             if background:
@@ -208,6 +209,13 @@ class Router:
         decision = await self.dispatcher.decide(info, policy)
         priority = self.dispatcher.slo_class(tenant).priority if tenant.priority is None else tenant.priority
         return type(decision)(decision.instance_ids, priority, decision.reason, decision.scores)
+
+    def _tenant_for_pick(self, api_key: str) -> str | None:
+        """The Picker's tenant lookup: the same rules as the HTTP front door's."""
+        try:
+            return self.tenants.authenticate(b"Bearer " + api_key.encode("utf-8") if api_key else None).name
+        except AuthError:
+            return None
 
     def _on_membership(self, event: str, record: InstanceRecord) -> None:
         # An updated record with a new URL simply gets a new pool (pools are per URL).

@@ -135,9 +135,12 @@ class Fleet:
                 await proc.wait()
 
 
-def router_document(entries: list[dict[str, Any]], host: str, port: int, store_url: str) -> dict[str, Any]:
-    """The router config `tokenyard up` runs (also written to <state-dir>/router.yaml)."""
-    return {
+def router_document(entries: list[dict[str, Any]], host: str, port: int, store_url: str,
+                    control: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The router config `tokenyard up` runs (also written to <state-dir>/router.yaml).
+
+    `control`: the Admin + Picker section (loopback, a tokens_file written for this run)."""
+    doc: dict[str, Any] = {
         "listen": {"host": host, "port": port},
         "store": store_url,
         "slo_classes": {
@@ -155,6 +158,9 @@ def router_document(entries: list[dict[str, Any]], host: str, port: int, store_u
         "anonymous": {"slo_class": "interactive"},
         "discovery": {"static": entries},
     }
+    if control is not None:
+        doc["control"] = control
+    return doc
 
 
 def _examples(url: str) -> str:
@@ -185,6 +191,7 @@ async def up(args: argparse.Namespace) -> int:
     import yaml
 
     from router.app import Router
+    from router.auth import write_token_file
     from router.config import parse_router_config
     from router.http_server import RouterServer
     from router.state import open_store
@@ -205,7 +212,12 @@ async def up(args: argparse.Namespace) -> int:
         print(f"starting {len(DEFAULT_FLEET)} emulated engines: "
               + ", ".join(f"{s.model} on {s.gpu}" for s in DEFAULT_FLEET), flush=True)
         await fleet.start(args.ready_timeout_s)
-        doc = router_document(fleet.entries, args.host, args.port, store_url)
+        # The control plane is on, on loopback, with a fresh admin token for this run only
+        # (0600 file under the state dir): the operator's tools read it from there.
+        tokens_file = state_dir / "control-tokens.yaml"
+        write_token_file(tokens_file, "local-admin", ["admin"])
+        control = {"host": "127.0.0.1", "port": _free_port("127.0.0.1"), "tokens_file": str(tokens_file)}
+        doc = router_document(fleet.entries, args.host, args.port, store_url, control)
         (state_dir / "router.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
         config = parse_router_config(doc, str(state_dir / "router.yaml"))
         store = open_store(store_url)
@@ -217,6 +229,8 @@ async def up(args: argparse.Namespace) -> int:
         server = RouterServer(Router(config, store=store), config.host, config.port)
         await server.start()
         print(_examples(server.url), flush=True)
+        print(f"  control (Admin + Picker gRPC): 127.0.0.1:{control['port']}, bearer token in {tokens_file}\n",
+              flush=True)
 
         body = {"model": "llama-3-8b", "messages": [{"role": "user", "content": "Say hello to Tokenyard."}],
                 "max_tokens": 16}
@@ -234,7 +248,7 @@ async def up(args: argparse.Namespace) -> int:
         await stop.wait()
         print("\nstopping ...", flush=True)
         return 0
-    except (RuntimeError, OSError) as exc:
+    except (RuntimeError, OSError, ValueError) as exc:  # ConfigError and StateStoreError included
         print(f"tokenyard up: {exc}", file=sys.stderr)
         return 1
     finally:
