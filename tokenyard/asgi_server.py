@@ -71,6 +71,7 @@ class Http1Limits:
     write_timeout_s: float = 60.0
     max_connections: int = 4096
     max_pipelined: int = 4
+    body_limit_hint: str = ""  # appended to the 413 message, e.g. which setting sets the limit
 
 
 def set_nodelay(transport: asyncio.BaseTransport) -> None:
@@ -221,7 +222,8 @@ class Http1Protocol(asyncio.Protocol):
         limit = self.limits.max_body_bytes
         if length is not None and length.strip().isdigit() and int(length) > limit:
             # Refused before a byte of it is read (and before any 100 Continue).
-            self._reject = _Reject(413, f"request body exceeds the limit of {limit} bytes")
+            self._reject = _Reject(413, f"request body of {int(length)} bytes exceeds the limit of {limit} bytes"
+                                        f"{self.limits.body_limit_hint}")
             raise self._reject
         self._arm(self.limits.body_timeout_s, self._timed_out, "request body")
         if expect == b"100-continue" and self.transport is not None:
@@ -230,7 +232,8 @@ class Http1Protocol(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
         if self._body_size > self.limits.max_body_bytes:
-            self._reject = _Reject(413, f"request body exceeds the limit of {self.limits.max_body_bytes} bytes")
+            self._reject = _Reject(413, f"request body exceeds the limit of {self.limits.max_body_bytes} bytes"
+                                        f"{self.limits.body_limit_hint}")
             raise self._reject
         self._body.append(body)
 
