@@ -47,6 +47,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 App = Callable[[MutableMapping[str, Any], Receive, Callable[[Message], Awaitable[None]]], Awaitable[None]]
 
+LINGER_S = 1.0
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 _ERROR_TYPES = {400: "invalid_request_error", 408: "timeout", 413: "invalid_request_error",
                 414: "invalid_request_error", 431: "invalid_request_error", 500: "internal_error",
@@ -128,8 +129,10 @@ class Http1Protocol(asyncio.Protocol):
         self.in_head = True  # between a request's first byte (or the connection's start) and its head's end
         self.head_bytes = 0
         self.responding = False  # a response to the current exchange has started
+        self.discarding = False  # answered an error: input is read and dropped until the close
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
+        self._head_size = 0
         self._body: list[bytes] = []
         self._body_size = 0
         self._reject: _Reject | None = None
@@ -160,7 +163,7 @@ class Http1Protocol(asyncio.Protocol):
             self.wakeup.set_result(None)
 
     def data_received(self, data: bytes) -> None:
-        if self.transport is None or self.transport.is_closing():
+        if self.transport is None or self.transport.is_closing() or self.discarding:
             return
         if self.in_head:
             self.head_bytes += len(data)
@@ -193,6 +196,7 @@ class Http1Protocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url = b""
         self._headers = []
+        self._head_size = 0
         self._body = []
         self._body_size = 0
         self.in_head = True
@@ -200,14 +204,21 @@ class Http1Protocol(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        self._head_size += len(url)
         if len(self._url) > self.limits.max_url_bytes:
             self._reject = _Reject(414, f"request target exceeds {self.limits.max_url_bytes} bytes")
             raise self._reject
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name.lower(), value))
+        # A whole head that arrived in one read is measured here; one still arriving is
+        # measured in data_received, before the parser has buffered all of it.
+        self._head_size += len(name) + len(value) + 4
         if len(self._headers) > self.limits.max_headers:
             self._reject = _Reject(431, f"more than {self.limits.max_headers} request headers")
+            raise self._reject
+        if self._head_size > self.limits.max_head_bytes:
+            self._reject = _Reject(431, f"request head exceeds {self.limits.max_head_bytes} bytes")
             raise self._reject
 
     def on_headers_complete(self) -> None:
@@ -282,11 +293,19 @@ class Http1Protocol(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        if not self.responding:
-            body = error_json(status, message)
-            transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-                            b"connection: close\r\n\r\n%s" % (status, _REASONS.get(status, b""), len(body), body))
-        transport.close()
+        if self.responding:
+            transport.close()
+            return
+        body = error_json(status, message)
+        transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                        b"connection: close\r\n\r\n%s" % (status, _REASONS.get(status, b""), len(body), body))
+        # Lingering close (as nginx does): closing with unread input would send a reset
+        # that can destroy the answer before the client reads it, so the write side is
+        # shut, input is discarded, and the connection closes within LINGER_S regardless.
+        self.discarding = True
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._arm(LINGER_S, transport.close)
 
     # -- serving ---------------------------------------------------------------------------
     async def _serve(self) -> None:
