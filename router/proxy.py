@@ -368,6 +368,11 @@ class UpstreamPool:
                 if exc.reused and attempt == 0:
                     continue
                 raise
+            except asyncio.CancelledError:
+                # The caller gave up (its client left): closing the connection is how the
+                # engine learns to cancel the request.
+                response.abort()
+                raise
             return response
         raise AssertionError("unreachable")
 
