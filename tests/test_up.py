@@ -34,7 +34,7 @@ def test_up_smoke_starts_the_fleet_answers_and_exits(tmp_path: Path) -> None:
     config = yaml.safe_load((tmp_path / "state" / "router.yaml").read_text())
     gpus = {entry["gpu"] for entry in config["discovery"]["static"]}
     assert gpus == {"L4", "A100-80GB", "H100-80GB"}
-    assert (tmp_path / "state" / "state.json").exists()
+    assert (tmp_path / "state" / "state.db").exists()
 
 
 def test_up_stays_up_until_ctrl_c_and_stops_everything(tmp_path: Path) -> None:

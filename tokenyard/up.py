@@ -201,7 +201,7 @@ async def up(args: argparse.Namespace) -> int:
         logging.getLogger(name).setLevel(logging.WARNING)
     state_dir = Path(args.state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
-    store_url = "file://" + str(state_dir / "state.json")
+    store_url = "file://" + str(state_dir / "state.db")
     fleet = Fleet(DEFAULT_FLEET, state_dir, args.time_scale)
     server: RouterServer | None = None
     stop = asyncio.Event()
