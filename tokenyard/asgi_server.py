@@ -296,6 +296,7 @@ class Http1Protocol(asyncio.Protocol):
         if self.responding:
             transport.close()
             return
+        self.pending.clear()  # requests parsed before the bad input are dropped with the connection
         body = error_json(status, message)
         transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
                         b"connection: close\r\n\r\n%s" % (status, _REASONS.get(status, b""), len(body), body))
@@ -309,7 +310,7 @@ class Http1Protocol(asyncio.Protocol):
 
     # -- serving ---------------------------------------------------------------------------
     async def _serve(self) -> None:
-        while not self.disconnected.done():
+        while not self.disconnected.done() and not self.discarding:
             if not self.pending:
                 if self.owner.closing:
                     break
@@ -329,7 +330,7 @@ class Http1Protocol(asyncio.Protocol):
                 self.responding = False
             if not keep_alive or self.owner.closing:
                 break
-        if self.transport is not None and not self.transport.is_closing():
+        if self.transport is not None and not self.transport.is_closing() and not self.discarding:
             self.transport.close()
 
     async def _run(self, exchange: _Exchange) -> bool:
@@ -357,7 +358,7 @@ class Http1Protocol(asyncio.Protocol):
             return {"type": "http.disconnect"}
 
         async def send(message: Message) -> None:
-            if disconnected.done() or state["complete"]:
+            if disconnected.done() or state["complete"] or self.discarding:
                 return
             if message["type"] == "http.response.start":
                 status = int(message["status"])
