@@ -208,7 +208,9 @@ class Dispatcher:
         return await self._apply_affinity(info, decision)
 
     def affinity_key(self, info: RequestInfo) -> str:
-        return f"{info.model.lower()}:{info.session_id}"
+        # Per tenant: another tenant sending the same session id must not share its
+        # instance (prefix cache, timing side channel).
+        return f"{info.tenant}:{info.model.lower()}:{info.session_id}"
 
     def usable(self, instance_id: str, model: str) -> bool:
         found = self.registry.find(instance_id)
