@@ -7,7 +7,7 @@ non-streaming requests and for streams of 64 tokens, through
 - nothing (direct calls: the baseline),
 - `tokenyard router` (its own process, static discovery, file store, health checks and load
   scrapes running as in production), on its built-in HTTP server and, as `tokenyard-uvicorn`,
-  on uvicorn (`--http-server uvicorn`), the measurement behind the choice of the former,
+  on uvicorn (served by bench/http_server.py; see there for the choice of the former),
 - LiteLLM's proxy and the Rust `vllm-router`, each installed from PyPI into its own
   virtualenv under the cache dir (default ~/.cache/tokenyard-bench/peers). A peer that
   fails to install or to start is reported as such; the run goes on without it.
@@ -311,13 +311,15 @@ def main() -> int:
                 "store": f"file://{workdir / f'state-{http_server}-{workers}.json'}",
                 "discovery": {"static": [{"url": engine_url, "model": MODEL, "gpu": "A100-80GB", "id": "engine-0"}]},
             }))
+            # uvicorn is no longer a router option; bench/http_server.py serves the router app on it.
+            cmd = ([sys.executable, "-m", "tokenyard.cli", "--log-level", "warning", "router", "--config",
+                    str(config), "--workers", str(workers)] if http_server == "builtin" else
+                   [sys.executable, str(REPO / "bench" / "http_server.py"), "serve-uvicorn", "--config", str(config)])
             # A baseline revision's packages go first on the import path (ahead of the
             # editable install, whose finder comes after the path entries).
             env = dict(os.environ, PYTHONPATH=str(code_root)) if code_root is not None else None
             tag = "baseline" if code_root is not None else http_server
-            proc = Proc([sys.executable, "-m", "tokenyard.cli", "--log-level", "warning", "router", "--config",
-                         str(config), "--http-server", http_server, "--workers", str(workers)],
-                        workdir / f"tokenyard-{tag}-{workers}.log", env=env)
+            proc = Proc(cmd, workdir / f"tokenyard-{tag}-{workers}.log", env=env)
             return f"http://127.0.0.1:{port}", proc
 
         targets.append(("tokenyard", start_tokenyard))

@@ -10,7 +10,11 @@ A stored policy is the JSON form of `SloPolicy`:
 (`policy_to_dict` / `policy_from_dict`); the router's tenant lookup reads that form.
 
 Bad input is INVALID_ARGUMENT with a message naming the field; unknown tenants and
-instances are NOT_FOUND; an unreachable store is UNAVAILABLE.
+instances are NOT_FOUND; an unreachable store is UNAVAILABLE. Every call is authenticated
+(router/auth.py: bearer token -> principal with roles; TLS when configured); a registered
+URL must be `http://` (the router's engine client speaks plain HTTP/1.1) and, with
+`registration_cidrs` configured, resolve only to addresses inside them, so a caller cannot
+point the router at an endpoint of its choosing.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from urllib.parse import urlsplit
 
 import grpc
 
+from router.auth import AuthInterceptor, ControlAuth, current_principal, in_cidrs
 from router.discovery import AdminRegistration, UnknownInstance
 from router.registry import InstanceRegistry
 from router.state import InstanceRecord, StateStore, StateStoreError
@@ -75,8 +80,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                  slo_classes: Mapping[str, SloClass] | Collection[str] | None = None,
                  dispatch_policies: Collection[str] | None = None,
                  desired_pool_sizes: Callable[[], Mapping[str, int]] | None = None,
+                 registration_cidrs: Collection[Any] = (),
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.registry = registry
+        self.registration_cidrs = tuple(registration_cidrs)
         self.store = store
         self.registration = registration
         self.slo_classes = sorted(slo_classes) if slo_classes is not None else None
@@ -107,7 +114,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
         await self._store_call(context, lambda s: s.put_policy(policy.tenant, policy_to_dict(policy)))
         log.info("policy stored", extra={"tenant": policy.tenant, "slo_class": policy.slo_class,
-                                         "dispatch_policy": policy.dispatch_policy})
+                                         "dispatch_policy": policy.dispatch_policy, "principal": _who()})
         return policy
 
     def _policy_problem(self, policy: admin_pb2.SloPolicy) -> str | None:
@@ -176,6 +183,15 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         problem = _registration_problem(reg)
         if problem:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
+        if self.registration_cidrs:
+            problem = await _outside_cidrs(reg.url, self.registration_cidrs)
+            if problem is None and reg.worker_address:  # the router dials that one too
+                problem = await _host_outside_cidrs("instance.worker_address",
+                                                    reg.worker_address.rpartition(":")[0], self.registration_cidrs)
+            if problem:
+                log.warning("registration refused", extra={"instance": reg.instance_id, "principal": _who(),
+                                                           "reason": problem})
+                await _abort(context, grpc.StatusCode.PERMISSION_DENIED, problem)
         gpu = reg.gpu or "unknown"
         record = InstanceRecord(
             instance_id=reg.instance_id, url=reg.url.rstrip("/"), model=reg.model, gpu=gpu,
@@ -190,6 +206,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             record.draining = existing[0].draining
         ttl_s = await self._lease_call(
             context, lambda: self.registration.register(record, request.lease_ttl_ms / 1000.0 or None))
+        log.info("instance registered", extra={"instance": record.instance_id, "url": record.url,
+                                               "principal": _who()})
         return admin_pb2.RegisterInstanceResponse(lease_ttl_ms=int(round(ttl_s * 1000)))
 
     async def _lease_call(self, context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[Any]]) -> Any:
@@ -221,7 +239,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "instance_id: required")
         if not self.registry.set_draining(request.instance_id, request.draining):
             await _abort(context, grpc.StatusCode.NOT_FOUND, f"instance {request.instance_id!r} is not registered")
-        log.info("instance drain set", extra={"instance": request.instance_id, "draining": request.draining})
+        log.info("instance drain set", extra={"instance": request.instance_id, "draining": request.draining,
+                                              "principal": _who()})
         return admin_pb2.DrainInstanceResponse(instance=self._info(request.instance_id))
 
     async def Heartbeat(self, request: admin_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext) -> admin_pb2.HeartbeatResponse:
@@ -271,8 +290,14 @@ def _registration_problem(reg: admin_pb2.InstanceRegistration) -> str | None:
         port = parts.port
     except ValueError:
         port = None
-    if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
+    if parts.scheme == "https":
+        return (f"instance.url: https is not supported: the router's engine client speaks plain HTTP/1.1; "
+                f"register the engine's http://host:port (TLS to engines belongs in a mesh sidecar), got "
+                f"{reg.url!r}")
+    if parts.scheme != "http" or not parts.hostname or port is None:
         return f"instance.url: expected http://host:port, got {reg.url!r}"
+    if parts.username is not None or parts.password is not None or parts.query or parts.fragment:
+        return f"instance.url: expected http://host:port[/path] without credentials, query or fragment, got {reg.url!r}"
     if reg.worker_address:
         host, sep, wport = reg.worker_address.rpartition(":")
         if not sep or not host or not wport.isdigit():
@@ -280,9 +305,31 @@ def _registration_problem(reg: admin_pb2.InstanceRegistration) -> str | None:
     return None
 
 
+def _who() -> str:
+    principal = current_principal.get()
+    return principal.name if principal is not None else ""
+
+
+async def _outside_cidrs(url: str, cidrs: Collection[Any]) -> str | None:
+    """Why `url`'s host is not inside the registration CIDRs (None: it is); names resolve."""
+    return await _host_outside_cidrs("instance.url", urlsplit(url).hostname or "", cidrs)
+
+
+async def _host_outside_cidrs(field: str, host: str, cidrs: Collection[Any]) -> str | None:
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host.strip("[]"), None, type=0)
+    except OSError as exc:
+        return f"{field}: host {host!r} does not resolve: {exc}"
+    addresses = sorted({str(info[4][0]) for info in infos})
+    if in_cidrs(addresses, list(cidrs)):
+        return None
+    return (f"{field}: {host} ({', '.join(addresses) or 'no address'}) is outside the registration CIDRs "
+            f"{', '.join(map(str, cidrs))}")
+
+
 async def start_control_server(
     host: str, port: int, *, registry: InstanceRegistry, store: StateStore | None,
-    decide: Callable[[RequestInfo], Awaitable[Decision]],
+    decide: Callable[[RequestInfo], Awaitable[Decision]], auth: ControlAuth,
     registration: AdminRegistration | None = None,
     slo_classes: Mapping[str, SloClass] | Collection[str] | None = None,
     dispatch_policies: Collection[str] | None = None,
@@ -296,22 +343,33 @@ async def start_control_server(
     one; otherwise one with default leases is started here, and stopped when the server
     stops. `reuse_port=True` lets several router worker processes serve the same port
     (their state is shared through the store); otherwise a taken port is an error.
+    `auth` is required: every call needs a bearer token of `auth`'s table; with `auth.tls`
+    the port speaks TLS only.
     """
     from router.picker_grpc import PickerService
     from tokenyard.v1 import picker_pb2_grpc
 
+    tokens = auth.load_tokens()  # before anything starts: a bad tokens file is a clean error
+    credentials = auth.server_credentials()
     own_registration = registration is None
     if registration is None:
         registration = AdminRegistration()
         await registration.start(registry)
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
+    server = grpc.aio.server(
+        interceptors=[AuthInterceptor(tokens)],
+        # Bounded input: a control message is small; 1 MiB is far above any real one.
+        options=[("grpc.so_reuseport", 1 if reuse_port else 0), ("grpc.max_receive_message_length", 1 << 20),
+                 ("grpc.max_concurrent_streams", 256)])
     admin_pb2_grpc.add_AdminServicer_to_server(
         AdminService(registry, store, registration, slo_classes=slo_classes,
-                     dispatch_policies=dispatch_policies, desired_pool_sizes=desired_pool_sizes), server)
+                     dispatch_policies=dispatch_policies, desired_pool_sizes=desired_pool_sizes,
+                     registration_cidrs=auth.registration_cidrs), server)
     picker_pb2_grpc.add_PickerServicer_to_server(
         PickerService(registry, decide, tenant_for_api_key=tenant_for_api_key), server)
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        address = f"{host}:{port}"
+        bound = (server.add_secure_port(address, credentials) if credentials is not None
+                 else server.add_insecure_port(address))
     except RuntimeError:  # grpc's way of saying the bind failed
         bound = 0
     if bound == 0:
@@ -329,6 +387,7 @@ async def start_control_server(
             await registration.stop()
 
         server.sweeper_stopper = asyncio.ensure_future(stop_sweeper_on_termination())  # type: ignore[attr-defined]
-    log.info("control server listening", extra={"address": f"{host}:{bound}", "services": "Admin, Picker"})
+    log.info("control server listening", extra={"address": f"{host}:{bound}", "services": "Admin, Picker",
+                                                "tls": credentials is not None, "principals": len(tokens)})
     return server
 

@@ -40,7 +40,7 @@ from router.proxy import PoolSet, UpstreamError
 from router.registry import InstanceRegistry
 from router.state import InstanceRecord, StateStore
 from router.tenants import AuthError, RetryBudget, Tenant, TenantTable
-from router.validation import BadRequest, validate
+from router.validation import BadRequest, max_context_tokens, validate
 from scheduler.types import NoInstanceAvailable, RequestInfo
 
 log = logging.getLogger(__name__)
@@ -53,9 +53,16 @@ Send = Callable[[Message], Awaitable[None]]
 RETRYABLE_STATUS = frozenset((502, 503, 504))
 JSON_HEADERS = [(b"content-type", b"application/json")]
 SSE_DONE = b"data: [DONE]\n\n"
-STREAM_IDLE_TIMEOUT_S = 300.0  # a stream with no chunk for this long is ended with an error event
 PICK_INFLIGHT_LEASE_S = 2.0  # a Picker gRPC pick counts as in flight this long (no finish is reported)
 EXPLAIN_HEADER = b"x-tokenyard-explain"  # request: "1" asks for the decision's explanation
+# A stream (or a non-streaming body) with no chunk for this long is ended: an engine that
+# is stopped (SIGSTOP) or wedged says nothing. Per SLO class as `SloClass.stall_timeout_s`
+# where the policy document sets it; this is the default.
+DEFAULT_STALL_TIMEOUT_S = 30.0
+# A non-streaming answer is buffered (so that a failure can still be retried elsewhere)
+# up to this size; a larger one is streamed through to the client as it arrives.
+MAX_BUFFERED_RESPONSE_BYTES = 1 << 20
+CLIENT_GONE_STATUS = 499  # nginx's code for "the client closed the request", in metrics only
 
 
 class _PrioritizedBody(bytes):
@@ -140,7 +147,8 @@ class Router:
                 self.config.control_host or "127.0.0.1", self.config.control_port,
                 registry=self.registry, store=self.store, decide=self.decide_for_picker,
                 registration=registration, slo_classes=self.config.slo_classes,
-                dispatch_policies=sorted(self.dispatcher.policies), tenant_for_api_key=self.tenants.tenant_for_key)
+                dispatch_policies=sorted(self.dispatcher.policies), tenant_for_api_key=self._tenant_for_pick,
+                auth=self.config.control_auth)
         if self.store is not None:
             await self.apply_policies()
             if background:
@@ -229,6 +237,13 @@ class Router:
         asyncio.get_running_loop().call_later(PICK_INFLIGHT_LEASE_S, lease_over)
         return type(decision)(decision.instance_ids, priority, decision.reason, decision.scores)
 
+    def _tenant_for_pick(self, api_key: str) -> str | None:
+        """The Picker's tenant lookup: the same rules as the HTTP front door's."""
+        try:
+            return self.tenants.authenticate(b"Bearer " + api_key.encode("utf-8") if api_key else None).name
+        except AuthError:
+            return None
+
     def _on_membership(self, event: str, record: InstanceRecord) -> None:
         # An updated record with a new URL simply gets a new pool (pools are per URL).
         if event == "removed":
@@ -255,7 +270,12 @@ class Router:
                                                                 "/v1/chat/completions, /v1/completions, "
                                                                 "/v1/models, /health, /metrics"))
                 return
-            await handler(scope, receive, send)
+            try:
+                await handler(scope, receive, send)
+            except Exception:
+                # The server answers the 500 (or closes a started response); it is counted here.
+                self.metrics.request_done("unknown", "", 500)
+                raise
         elif kind == "lifespan":
             while True:
                 message = await receive()
@@ -373,7 +393,11 @@ class Router:
             await self._send_json(send, 400, error_body(400, str(exc), param=exc.param), rid_header)
             return
         model = body["model"]
-        if not self.dispatcher.serves(model):
+        candidates = self.dispatcher.candidates(model)
+        if candidates and candidates[0].model != model:
+            # Matched case-insensitively: forwarded, and counted, as the fleet spells it.
+            model = body["model"] = candidates[0].model
+        if not candidates:
             self.metrics.request_done(tenant.name, "<unknown>", 404)  # client-chosen names stay out of labels
             served = ", ".join(self.dispatcher.models()) or "none yet"
             await self._send_json(send, 404, error_body(
@@ -406,6 +430,15 @@ class Router:
         except NoInstanceAvailable as exc:
             if self.admission is not None:
                 self.admission.unreserve(reserved)
+            capacity = max_context_tokens(self.dispatcher.candidates(model))
+            if capacity is not None and info.input_tokens > capacity:
+                # It can never fit, here or anywhere: not a retryable 503.
+                self.metrics.request_done(tenant.name, model, 400)
+                await self._send_json(send, 400, error_body(
+                    400, f"This model's maximum context length is {capacity} tokens. However, your prompt has "
+                         f"about {info.input_tokens} tokens. Please reduce the length of the prompt.",
+                    param="messages" if chat else "prompt", code="context_length_exceeded"), rid_header)
+                return
             self.metrics.request_done(tenant.name, model, 503)
             await self._send_json(send, 503, error_body(503, f"no instance can serve this request: {exc}",
                                                         code="no_instance_available"), rid_header)
@@ -415,12 +448,23 @@ class Router:
             log.debug("decision explained", extra={"request_id": request_id, "explanation": explained.decode()})
             rid_header.append((EXPLAIN_HEADER, explained))
         headers = b"Content-Type: application/json\r\nX-Request-Id: " + request_id.encode("latin-1") + b"\r\n"
+        slo_class = self.dispatcher.slo_class(tenant)
+        budget = _Budget(
+            first_byte_s=deadline_s,
+            # One deadline from admission to the last byte, whatever the engine does.
+            last_byte_s=started_s + self.config.deadline_s(tenant.slo_class, False, info.max_output_tokens),
+            stall_s=float(getattr(slo_class, "stall_timeout_s", None) or DEFAULT_STALL_TIMEOUT_S))
         self.metrics.inflight.inc()
         if self.admission is not None:
             self.admission.unreserve(reserved)  # _forward counts the request from here on
         try:
-            await self._forward(send, receive, path, upstream_body, headers, stream, info, policy, decision,
-                                tenant, deadline_s, started_s, rid_header)
+            forward = asyncio.ensure_future(self._forward(
+                send, receive, path, upstream_body, headers, stream, info, policy, decision, tenant, budget,
+                started_s, rid_header))
+            if not await _unless_client_leaves(forward, receive):
+                # The client left: the attempt was cancelled, which closed the engine
+                # connection, and the engine cancels the request (both modes).
+                self.metrics.request_done(tenant.name, info.model, CLIENT_GONE_STATUS)
         finally:
             self.metrics.inflight.dec()
             if self.admission is not None:
@@ -440,11 +484,12 @@ class Router:
 
     async def _forward(self, send: Send, receive: Receive, path: str, upstream_body: bytes, headers: bytes,
                        stream: bool, info: RequestInfo, policy: Any, decision: Any, tenant: Tenant,
-                       deadline_s: float, started_s: float, rid_header: list[tuple[bytes, bytes]]) -> None:
+                       budget: _Budget, started_s: float, rid_header: list[tuple[bytes, bytes]]) -> None:
         config = self.config
         failures: list[str] = []
         attempts = 0
         deadline_hit = False
+        deadline_s = budget.first_byte_s
         for instance_id in decision.instance_ids:
             if attempts >= config.max_attempts:
                 break
@@ -470,7 +515,7 @@ class Router:
             policy.on_dispatch(info, instance_id)
             try:
                 outcome = await self._attempt(send, receive, record, path, upstream_body, headers, stream, timeout_s,
-                                              info, tenant, started_s, rid_header)
+                                              info, tenant, budget, started_s, rid_header)
             finally:
                 self.registry.inflight_finished(instance_id)
                 policy.on_finish(info, instance_id)
@@ -498,7 +543,7 @@ class Router:
 
     async def _attempt(self, send: Send, receive: Receive, record: InstanceRecord, path: str, upstream_body: bytes,
                        headers: bytes, stream: bool, timeout_s: float, info: RequestInfo, tenant: Tenant,
-                       started_s: float, rid_header: list[tuple[bytes, bytes]]) -> str | None:
+                       budget: _Budget, started_s: float, rid_header: list[tuple[bytes, bytes]]) -> str | None:
         """One try on one instance. None: the client got an answer; else why it failed
         before anything reached the client (retryable)."""
         instance_id = record.instance_id
@@ -506,6 +551,7 @@ class Router:
         payload = upstream_body
         if isinstance(upstream_body, _PrioritizedBody) and instance_id in self._no_priority:
             payload = upstream_body.plain()
+        response = None
         try:
             response = await self.pools.get(record.url).request(
                 "POST", path, payload, headers, headers_timeout_s=timeout_s)
@@ -515,21 +561,39 @@ class Router:
                 self.metrics.child(self.metrics.attempts, instance_id, str(response.status)).inc()  # type: ignore[attr-defined]
                 return f"HTTP {response.status}"
             if stream and response.status == 200:
-                first = await response.next_chunk(max(0.001, attempt_ends_s - time.monotonic()))
+                first = await response.next_chunk(max(0.001, min(attempt_ends_s, budget.last_byte_s)
+                                                      - time.monotonic()))
             else:
-                body = await response.read_all(max(0.001, attempt_ends_s - time.monotonic()))
+                limit = MAX_BUFFERED_RESPONSE_BYTES
+                parts, complete = await _read_bounded(response, budget.until(attempt_ends_s), budget.stall_s, limit)
+                if not complete and response.status != 200:
+                    response.abort()
+                    raise UpstreamError("protocol", f"error answer (HTTP {response.status}) over {limit} bytes")
+        except ValueError as exc:  # a URL the engine client cannot speak (https://): fail over, never a 500
+            self.health.on_failure(instance_id, str(exc))
+            self.metrics.child(self.metrics.attempts, instance_id, "unsupported_url").inc()  # type: ignore[attr-defined]
+            return str(exc)
         except UpstreamError as exc:
             if exc.kind != "timeout" or time.monotonic() < attempt_ends_s - 0.001 or \
                     self.config.first_byte_timeout_s is not None:
                 self.health.on_failure(instance_id, str(exc))
             self.metrics.child(self.metrics.attempts, instance_id, exc.kind).inc()  # type: ignore[attr-defined]
             return str(exc)
+        except asyncio.CancelledError:  # the client left: closing the connection cancels it on the engine
+            if response is not None:
+                response.abort()
+            raise
         self.health.on_success(instance_id)
         self.metrics.child(self.metrics.attempts, instance_id, "ok").inc()  # type: ignore[attr-defined]
         self.metrics.child(self.metrics.first_byte, tenant.name, info.model).observe(  # type: ignore[attr-defined]
             time.monotonic() - started_s)
         instance_header = (b"x-tokenyard-instance", instance_id.encode("latin-1"))
         if not (stream and response.status == 200):
+            if not complete:
+                await self._relay_body(send, response, parts, budget, instance_id, [rid_header[0], instance_header])
+                self.metrics.request_done(tenant.name, info.model, response.status)
+                return None
+            body = b"".join(parts)
             if (response.status == 400 and isinstance(payload, _PrioritizedBody)
                     and b"riority scheduling is not enabled" in body):
                 # vLLM refuses a non-zero priority unless it runs --scheduling-policy priority:
@@ -538,8 +602,8 @@ class Router:
                 log.info("engine runs without priority scheduling; priorities not forwarded to it",
                          extra={"instance": instance_id})
                 return await self._attempt(send, receive, record, path, upstream_body, headers, stream,
-                                           max(0.001, attempt_ends_s - time.monotonic()), info, tenant, started_s,
-                                           rid_header)
+                                           max(0.001, attempt_ends_s - time.monotonic()), info, tenant, budget,
+                                           started_s, rid_header)
             if response.status >= 400:
                 body = normalize_engine_error(body, response.status)
             content_type = response.header(b"content-type") or b"application/json"
@@ -549,19 +613,45 @@ class Router:
             await send({"type": "http.response.body", "body": body})
             self.metrics.request_done(tenant.name, info.model, response.status)
             return None
-        await self._relay(send, receive, response, first, instance_id, [*rid_header, instance_header])
+        await self._relay(send, response, first, instance_id, budget, [*rid_header, instance_header])
         self.metrics.request_done(tenant.name, info.model, 200)
         return None
 
-    async def _relay(self, send: Send, receive: Receive, response: Any, first: bytes | None, instance_id: str,
+    async def _relay_body(self, send: Send, response: Any, parts: list[bytes], budget: _Budget, instance_id: str,
+                          extra_headers: list[tuple[bytes, bytes]]) -> None:
+        """A large non-streaming answer, streamed through as it arrives (never held whole).
+        Past the first byte a failure can only end the connection: the response is left
+        incomplete, which makes the server close it, so the client sees a truncation, never
+        a body that looks whole."""
+        headers = [(b"content-type", response.header(b"content-type") or b"application/json"), *extra_headers]
+        length = response.header(b"content-length")
+        if length is not None:
+            headers.append((b"content-length", length))
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        for part in parts:
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        parts.clear()
+        try:
+            while (chunk := await response.next_chunk(budget.chunk_timeout_s())) is not None:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except UpstreamError as exc:
+            self.metrics.midstream_errors.labels(instance_id).inc()
+            log.warning("answer broke after the first byte", extra={"instance": instance_id, "error": str(exc)})
+            return
+        except asyncio.CancelledError:
+            response.abort()
+            raise
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _relay(self, send: Send, response: Any, first: bytes | None, instance_id: str, budget: _Budget,
                      extra_headers: list[tuple[bytes, bytes]]) -> None:
         """Relay an SSE stream chunk by chunk. Only an incomplete trailing event is held back
         (vLLM writes whole events, so normally nothing is), so that a failure can end the
-        stream with a clean error event instead of half an event."""
+        stream with a clean error event instead of half an event. The stream ends by the
+        request's deadline and after `stall_s` without a chunk, whatever the engine does."""
         content_type = response.header(b"content-type") or b"text/event-stream"
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", content_type), (b"cache-control", b"no-cache"), *extra_headers]})
-        watcher = asyncio.ensure_future(self._watch_disconnect(receive, response))
         tail = b""
         chunk = first
         try:
@@ -572,30 +662,93 @@ class Router:
                 else:
                     cut = data.rfind(b"\n\n") + 2
                     data, tail = (data[:cut], data[cut:]) if cut > 1 else (b"", data)
+                    if len(tail) > MAX_BUFFERED_RESPONSE_BYTES:  # no event is that long: garbage
+                        raise UpstreamError("protocol", f"an SSE event over {MAX_BUFFERED_RESPONSE_BYTES} bytes")
                 if data:
                     if b'"object": "error"' in data or b'"object":"error"' in data:
                         data = normalize_sse_errors(data)
                     await send({"type": "http.response.body", "body": data, "more_body": True})
-                chunk = await response.next_chunk(STREAM_IDLE_TIMEOUT_S)
+                chunk = await response.next_chunk(budget.chunk_timeout_s())
             if tail:
                 await send({"type": "http.response.body", "body": tail, "more_body": True})
         except UpstreamError as exc:
-            if watcher.done():
-                return  # the client left; nothing to tell it
+            response.abort()
+            past_deadline = time.monotonic() >= budget.last_byte_s - 0.001
             self.metrics.midstream_errors.labels(instance_id).inc()
-            self.health.on_failure(instance_id, f"mid-stream: {exc}")
-            log.warning("stream broke after the first byte", extra={"instance": instance_id, "error": str(exc)})
-            event = error_body(502, f"the engine {instance_id} failed mid-stream: {exc}", code="upstream_stream_error")
+            if past_deadline:
+                message = (f"the request's deadline of {budget.total_ms():.0f} ms passed mid-stream; the engine "
+                           f"request was cancelled")
+                code = "deadline_exceeded"
+            else:
+                self.health.on_failure(instance_id, f"mid-stream: {exc}")
+                message, code = f"the engine {instance_id} failed mid-stream: {exc}", "upstream_stream_error"
+            log.warning("stream ended after the first byte", extra={"instance": instance_id, "error": str(exc),
+                                                                     "deadline": past_deadline})
+            event = error_body(504 if past_deadline else 502, message, code=code)
             await send({"type": "http.response.body", "body": b"data: " + event + b"\n\n" + SSE_DONE,
                         "more_body": True})
-        finally:
-            watcher.cancel()
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            response.abort()  # closing the engine connection makes the engine cancel it
+            raise
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    @staticmethod
-    async def _watch_disconnect(receive: Receive, response: Any) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                response.abort()  # closing the engine connection makes the engine cancel it
-                return
+
+class _Budget:
+    """A request's time budget: first byte by `first_byte_s`, last byte by `last_byte_s`
+    (both monotonic), and never more than `stall_s` between two chunks."""
+
+    __slots__ = ("first_byte_s", "last_byte_s", "stall_s", "_start_s")
+
+    def __init__(self, first_byte_s: float, last_byte_s: float, stall_s: float) -> None:
+        self.first_byte_s = first_byte_s
+        self.last_byte_s = max(first_byte_s, last_byte_s)
+        self.stall_s = stall_s
+        self._start_s = time.monotonic()
+
+    def until(self, attempt_ends_s: float) -> float:
+        return min(self.last_byte_s, max(attempt_ends_s, self.first_byte_s))
+
+    def chunk_timeout_s(self) -> float:
+        return max(0.001, min(self.stall_s, self.last_byte_s - time.monotonic()))
+
+    def total_ms(self) -> float:
+        return (self.last_byte_s - self._start_s) * 1000
+
+
+async def _read_bounded(response: Any, until_s: float, stall_s: float, limit: int) -> tuple[list[bytes], bool]:
+    """Body chunks until the end (True) or past `limit` bytes (False: the rest is unread);
+    UpstreamError("timeout") past `until_s` or after `stall_s` without a chunk."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await response.next_chunk(max(0.001, min(stall_s, until_s - time.monotonic())))
+        if chunk is None:
+            return parts, True
+        parts.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return parts, False
+
+
+async def _unless_client_leaves(work: asyncio.Future[None], receive: Receive) -> bool:
+    """Await `work`; if the client disconnects first, cancel it. False when the client left."""
+    gone = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        work.cancel()
+        gone.cancel()
+        raise
+    if work.done():
+        gone.cancel()
+        work.result()  # re-raises what the request path raised (counted as a 500 by __call__)
+        return True
+    work.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await work
+    return False
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass

@@ -21,16 +21,15 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--store", default=None,
                         help="state store URL (overrides store:), e.g. redis://127.0.0.1:6379/0; with "
                              "neither: file://$PWD/.tokenyard/state.json")
-    parser.add_argument("--http-server", choices=["builtin", "uvicorn"], default="builtin",
-                        help="HTTP/1.1 server of the front door (see router/app.py FrontDoorProtocol)")
     parser.add_argument("--workers", type=int, default=1,
                         help="router processes sharing the port (SO_REUSEPORT); each keeps its own in-flight "
                              "counts and scrapes, and they share membership, affinity and policies through the store")
     parser.set_defaults(handler=run_router)
 
 
-async def serve_until_signal(config: Any, http_server: str = "builtin", reuse_port: bool = False) -> None:
+async def serve_until_signal(config: Any, reuse_port: bool = False) -> None:
     import asyncio
+    import contextlib
     import gc
     import os
     import signal
@@ -40,9 +39,21 @@ async def serve_until_signal(config: Any, http_server: str = "builtin", reuse_po
     from router.state import open_store
 
     store = await _maybe_await(open_store(config.store_url))
+    if hasattr(store, "ping"):  # Redis: fail at start with one line, not at the first request
+        try:
+            await store.ping()
+        except BaseException:
+            await store.close()
+            raise
     router = Router(config, store=store)
-    server = RouterServer(router, config.host, config.port, http_server=http_server, reuse_port=reuse_port)
-    await server.start()
+    server = RouterServer(router, config.host, config.port, reuse_port=reuse_port)
+    try:
+        await server.start()
+    except BaseException:
+        # Whatever started before the failure (store, control server, discovery) stops.
+        with contextlib.suppress(Exception):
+            await router.stop()
+        raise
     # Everything loaded at startup (grpc, kubernetes, prometheus modules) moves out of the
     # collector's reach, so full collections stay short and stop showing in tail latency.
     gc.collect()
@@ -90,8 +101,6 @@ def run_router(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:
         pass
-    from router.state import StateStoreError
-
     if args.workers < 1:
         print(f"tokenyard router: --workers: expected an integer >= 1, got {args.workers}", file=sys.stderr)
         return 2
@@ -99,16 +108,35 @@ def run_router(args: argparse.Namespace) -> int:
         if config.port == 0:
             print("tokenyard router: --workers > 1 needs a fixed port (listen.port or --port)", file=sys.stderr)
             return 2
-        return _run_workers(config, args.http_server, args.workers)
+        return _run_workers(config, args.workers)
     try:
-        asyncio.run(serve_until_signal(config, args.http_server))
-    except (OSError, ValueError, StateStoreError) as exc:
-        print(f"tokenyard router: {exc}", file=sys.stderr)
+        asyncio.run(serve_until_signal(config))
+    except Exception as exc:
+        print(f"tokenyard router: {startup_error(exc, config)}", file=sys.stderr)
         return 1
     return 0
 
 
-def _worker_main(config: Any, http_server: str) -> None:
+def startup_error(exc: BaseException, config: Any) -> str:
+    """One line saying what failed at start-up, where, and what was expected."""
+    from router.state import StateStoreError
+    from tokenyard.config import ConfigError
+
+    module = type(exc).__module__
+    if module.startswith("redis"):
+        text = str(exc) or type(exc).__name__
+        hint = "; expected a db index the server has (redis `databases` setting, default 16)" \
+            if "DB index" in text else ""
+        return f"state store {config.store_url}: {text}{hint}"
+    if isinstance(exc, StateStoreError | ConfigError | OSError):
+        return str(exc)
+    if isinstance(exc, OverflowError | ValueError):
+        return f"{config.source}: {exc}"
+    # Anything else is a bug of ours; still one line for the operator, the type for the report.
+    return f"could not start: {type(exc).__name__}: {exc}"
+
+
+def _worker_main(config: Any) -> None:
     import asyncio
     import signal
 
@@ -119,16 +147,22 @@ def _worker_main(config: Any, http_server: str) -> None:
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(serve_until_signal(config, http_server, reuse_port=True))
+    try:
+        asyncio.run(serve_until_signal(config, reuse_port=True))
+    except Exception as exc:
+        import sys
+
+        print(f"tokenyard router: {startup_error(exc, config)}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
-def _run_workers(config: Any, http_server: str, workers: int) -> int:
+def _run_workers(config: Any, workers: int) -> int:
     """Several router processes on one port; the kernel spreads connections over them."""
     import multiprocessing
     import signal
 
     context = multiprocessing.get_context("spawn")
-    procs = [context.Process(target=_worker_main, args=(config, http_server), name=f"router-{i}")
+    procs = [context.Process(target=_worker_main, args=(config,), name=f"router-{i}")
              for i in range(workers)]
     for proc in procs:
         proc.start()

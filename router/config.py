@@ -5,7 +5,8 @@ nothing starts from a file that failed to validate. Shape, all keys optional:
 
     listen: {host: 127.0.0.1, port: 8000}
     store: file:///abs/path/state.json      # or redis://host:6379/0?prefix=ty
-    control: {host: 127.0.0.1, port: 50051} # gRPC Admin + Picker services
+    control: {host: 127.0.0.1, port: 50051, # gRPC Admin + Picker services; bearer tokens,
+              tokens_file: tokens.yaml}     # TLS, CIDRs: router/auth.py
     limits: {max_request_bytes: 4194304}
     slo_classes: {interactive: {ttft_ms: 1000, tpot_ms: 100, priority: 0}, ...}
     tenants:
@@ -89,6 +90,7 @@ class RouterConfig:
     store_url: str | None = None
     control_host: str | None = None
     control_port: int | None = None
+    control_auth: Any = None  # router.auth.ControlAuth: tokens, TLS, registration CIDRs
     max_request_bytes: int = 4 * 1024 * 1024
     slo_classes: dict[str, SloClass] = field(default_factory=lambda: parse_slo_classes(None, "slo_classes"))
     tenants: list[TenantConfig] = field(default_factory=list)
@@ -166,9 +168,12 @@ def parse_router_config(doc: dict[str, Any], source: str = "<config>", base_dir:
 
     control = _section(doc, "control", source)
     if control:
-        check_keys(control, ("host", "port"), at("control"))
+        from router.auth import CONTROL_KEYS, parse_control_auth
+
+        check_keys(control, CONTROL_KEYS, at("control"))
         cfg.control_host = get(control, "host", str, at("control"), default="127.0.0.1")
         cfg.control_port = _port(control, at("control"), None)
+        cfg.control_auth = parse_control_auth(control, cfg.control_host, at("control"))
 
     limits = _section(doc, "limits", source)
     check_keys(limits, ("max_request_bytes",), at("limits"))

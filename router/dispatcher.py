@@ -28,8 +28,11 @@ from scheduler.dispatch import DispatchPolicy
 from scheduler.layer import DecisionLayer, group_by_model
 from scheduler.session_affinity import affinity_key, can_own, with_owner
 from scheduler.types import Decision, InstanceState, RequestInfo, SloClass
+from tokenyard.logs import RateLimitedLog
 
 log = logging.getLogger(__name__)
+# A store outage would otherwise log once per request (1,141 lines in a few seconds).
+_store_down = RateLimitedLog(log, interval_s=10.0)
 
 CHARS_PER_TOKEN = 4  # estimate of prompt tokens from characters (no tokenizer on the hot path)
 PREFIX_BLOCK_CHARS = 64  # ~16 tokens, vLLM's default KV block size
@@ -198,7 +201,7 @@ class Dispatcher:
                 await self.store.drop_affinity(key)
                 owner = await self.store.claim_affinity(key, chosen, self.affinity_ttl_s)
         except Exception as exc:  # the store being down must not fail the request
-            log.warning("session affinity unavailable", extra={"session": info.session_id, "error": str(exc)})
+            _store_down.warning("affinity", "session affinity unavailable", extra={"error": str(exc)})
             return decision
         if len(self._affinity_cache) >= AFFINITY_CACHE_ENTRIES:
             self._affinity_cache.clear()
@@ -217,4 +220,4 @@ class Dispatcher:
             await self.store.drop_affinity(key)
             await self.store.claim_affinity(key, instance_id, self.affinity_ttl_s)
         except Exception as exc:
-            log.warning("session affinity update failed", extra={"session": info.session_id, "error": str(exc)})
+            _store_down.warning("affinity-update", "session affinity update failed", extra={"error": str(exc)})

@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from router.metrics import RouterMetrics
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 # filter (which needs real block counts) treats the instance as roomy.
 UNKNOWN_KV_BLOCKS = 1_000_000
 MAX_SCRAPES_PER_S = 200.0
+# A vLLM /metrics page is tens of KB; a page past this is an engine fault, not load data.
+MAX_METRICS_BYTES = 4 << 20
 
 
 @dataclass(slots=True)
@@ -44,7 +48,11 @@ class EngineLoad:
 
 
 def _value(line: str) -> float:
-    return float(line.rsplit(" ", 1)[1]) if "}" not in line else float(line.rsplit("}", 1)[1].split()[0])
+    """The sample's value; a value that is not a finite number >= 0 is malformed here."""
+    value = float(line.rsplit(" ", 1)[1]) if "}" not in line else float(line.rsplit("}", 1)[1].split()[0])
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"not a load value: {value}")
+    return value
 
 
 def _label(line: str, name: str) -> str | None:
@@ -113,7 +121,7 @@ class LoadMonitor:
     async def scrape_once(self, instance_id: str, url: str) -> bool:
         try:
             response = await self.pools.get(url).request("GET", "/metrics", headers_timeout_s=self.timeout_s)
-            body = await response.read_all(self.timeout_s)
+            body = await response.read_limited(MAX_METRICS_BYTES, self.timeout_s)
             if response.status != 200:
                 raise UpstreamError("protocol", f"/metrics answered {response.status}")
         except (UpstreamError, ValueError) as exc:
@@ -139,9 +147,16 @@ class LoadMonitor:
             if found is None:
                 continue
             client = WorkerClient(address, found[1], interval_ms=max(10, int(self.interval_s * 1000)),
-                                  mark_unhealthy_on_loss=False)
+                                  mark_unhealthy_on_loss=False, router_draining=self._drained_by_router(iid))
             client.start()
             self._workers[iid] = client
+
+    def _drained_by_router(self, instance_id: str) -> Callable[[], bool]:
+        def drained() -> bool:
+            found = self.registry.find(instance_id)
+            return found is not None and found[0].draining
+
+        return drained
 
     async def run(self) -> None:
         while True:

@@ -39,9 +39,12 @@ def address_of(url: str) -> str:
 
 
 class PickerService(picker_pb2_grpc.PickerServicer):
-    """`decide(RequestInfo) -> Decision` is the router's; `tenant_for_api_key` maps a
-    bearer token to a tenant (None: unknown key). Without it, `api_key` is not checked
-    and `tenant` is taken as given. At most `max_endpoints` endpoints are answered."""
+    """`decide(RequestInfo) -> Decision` is the router's; `tenant_for_api_key` maps the
+    request's `api_key` to its tenant ("" when the request has none: the anonymous tenant
+    where the router allows one; None: refused). The tenant always comes from the key: a
+    `tenant` field naming another tenant is refused, so a gateway cannot borrow another
+    tenant's class, policy or sessions. Without `tenant_for_api_key` (no tenants at all),
+    `tenant` is taken as given. At most `max_endpoints` endpoints are answered."""
 
     def __init__(self, registry: InstanceRegistry, decide: Callable[[RequestInfo], Awaitable[Decision]],
                  *, tenant_for_api_key: Callable[[str], str | None] | None = None,
@@ -95,10 +98,15 @@ class PickerService(picker_pb2_grpc.PickerServicer):
         if not request.model:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "model: required")
         tenant = request.tenant or "default"
-        if request.api_key and self.tenant_for_api_key is not None:
+        if self.tenant_for_api_key is not None:
             mapped = self.tenant_for_api_key(request.api_key)
             if mapped is None:
-                await _abort(context, grpc.StatusCode.UNAUTHENTICATED, "api_key: maps to no tenant")
+                await _abort(context, grpc.StatusCode.UNAUTHENTICATED,
+                             "api_key: maps to no tenant" if request.api_key else
+                             "api_key: required (the tenant's API key, as its clients send it)")
+            if request.tenant and request.tenant != mapped:
+                await _abort(context, grpc.StatusCode.PERMISSION_DENIED,
+                             "tenant: does not match the tenant of api_key (leave it empty)")
             tenant = mapped
         block_tokens = request.prefix_block_tokens or DEFAULT_PREFIX_BLOCK_TOKENS
         if request.prefix_block_hashes and block_tokens % DEFAULT_PREFIX_BLOCK_TOKENS:

@@ -121,6 +121,21 @@ class UpstreamResponse:
             parts.append(chunk)
         return b"".join(parts)
 
+    async def read_limited(self, max_bytes: int, timeout_s: float) -> bytes:
+        """The whole body within `timeout_s` in all (not per chunk: a dripping engine does
+        not extend it) and at most `max_bytes`; UpstreamError otherwise (the connection
+        is then closed)."""
+        until_s = time.monotonic() + timeout_s
+        parts = []
+        size = 0
+        while (chunk := await self.next_chunk(max(0.001, until_s - time.monotonic()))) is not None:
+            size += len(chunk)
+            if size > max_bytes:
+                self.abort()
+                raise UpstreamError("protocol", f"response body over {max_bytes} bytes")
+            parts.append(chunk)
+        return b"".join(parts)
+
     def abort(self) -> None:
         """Stop reading and close the connection (the engine then cancels the request)."""
         if self._conn is not None:
@@ -352,6 +367,11 @@ class UpstreamPool:
             except UpstreamError as exc:
                 if exc.reused and attempt == 0:
                     continue
+                raise
+            except asyncio.CancelledError:
+                # The caller gave up (its client left): closing the connection is how the
+                # engine learns to cancel the request.
+                response.abort()
                 raise
             return response
         raise AssertionError("unreachable")

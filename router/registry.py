@@ -23,8 +23,10 @@ from dataclasses import replace
 
 from router.state import InstanceRecord, StateChange, StateStore, cancel_and_wait
 from scheduler.types import InstanceState
+from tokenyard.logs import RateLimitedLog
 
 log = logging.getLogger(__name__)
+_store_down = RateLimitedLog(log, interval_s=10.0)  # one line per outage, not per retry
 
 #: A membership listener gets ("added" | "updated" | "removed" | "draining", record).
 MembershipListener = Callable[[str, InstanceRecord], None]
@@ -269,7 +271,7 @@ class InstanceRegistry:
                         raise  # a bug, not an outage: retrying cannot help
                     except Exception as exc:  # redis and OS errors share no base class
                         attempt += 1
-                        log.warning("state store write failed; retrying", extra={
+                        _store_down.warning(f"write:{op}", "state store write failed; retrying", extra={
                             "op": op, "instance": iid, "attempt": attempt, "store": self.store.url,
                             "error": f"{type(exc).__name__}: {exc}"})
                         await asyncio.sleep(min(5.0, 0.1 * 2 ** attempt))
@@ -318,7 +320,7 @@ class InstanceRegistry:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("watching the state store failed; resubscribing", extra={
+                _store_down.warning("watch", "watching the state store failed; resubscribing", extra={
                     "store": self.store.url, "error": str(exc), "backoff_s": backoff_s})
                 # Notices were lost while down: the periodic reconcile catches up.
                 changes.put_nowait(StateChange("any"))
@@ -340,5 +342,5 @@ class InstanceRegistry:
             try:
                 await self.reconcile()
             except Exception as exc:
-                log.warning("reconciling with the state store failed",
+                _store_down.warning("reconcile", "reconciling with the state store failed",
                             extra={"store": self.store.url, "error": str(exc)})

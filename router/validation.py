@@ -3,7 +3,15 @@ the rest). A violation is a `BadRequest` naming the field (OpenAI's `param`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
+
+from scheduler.types import InstanceState
+
+#: Deepest JSON nesting a request body may have. OpenAI-shaped requests nest a few levels
+#: (tool schemas perhaps twenty); orjson refuses to serialise past 254 levels, which the
+#: router does when it forwards the body, so anything deeper is refused here as a 400.
+MAX_JSON_DEPTH = 128
 
 
 class BadRequest(Exception):
@@ -20,10 +28,26 @@ def _require_int(body: dict[str, Any], name: str, minimum: int) -> None:
         raise BadRequest(f"'{name}' must be an integer >= {minimum}, got {value!r}", name)
 
 
+def json_depth_exceeds(doc: Any, max_depth: int = MAX_JSON_DEPTH) -> bool:
+    """True when `doc` nests deeper than `max_depth` (iterative: no recursion to exhaust)."""
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > max_depth:
+            return True
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, dict | list))
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node if isinstance(v, dict | list))
+    return False
+
+
 def validate(body: Any, chat: bool) -> None:
     """The fields the router itself relies on; the engine validates the rest."""
     if not isinstance(body, dict):
         raise BadRequest(f"the request body must be a JSON object, got {type(body).__name__}")
+    if json_depth_exceeds(body):
+        raise BadRequest(f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("'model' is required and must be a non-empty string", "model")
@@ -46,3 +70,14 @@ def validate(body: Any, chat: bool) -> None:
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise BadRequest("'stream_options' must be an object", "stream_options")
+
+
+def max_context_tokens(instances: Iterable[InstanceState]) -> int | None:
+    """The most prompt tokens any of `instances` could ever hold in its KV cache; None
+    when one of them does not report its capacity (then nothing is known to never fit)."""
+    best = 0
+    for instance in instances:
+        if instance.kv_blocks_total <= 0:
+            return None
+        best = max(best, instance.kv_blocks_total * max(1, instance.block_size_tokens))
+    return best or None

@@ -47,11 +47,13 @@ def apply_description(state: InstanceState, description: worker_pb2.EngineDescri
         state.kv_blocks_total = description.num_kv_blocks
 
 
-def apply_snapshot(state: InstanceState, snapshot: worker_pb2.LoadSnapshot, now_s: float) -> None:
+def apply_snapshot(state: InstanceState, snapshot: worker_pb2.LoadSnapshot, now_s: float,
+                   router_draining: bool = False) -> None:
     """Copy one load snapshot into an InstanceState; `router_inflight` is the router's own.
 
-    `draining` is the engine's own flag; a drain ordered through the router (Admin
-    DrainInstance) lives in the router's registry and must be applied after this.
+    The instance drains when the engine says so (`snapshot.draining`) or when the router
+    was told to (`router_draining`: Admin DrainInstance, kept in the registry's record);
+    a snapshot never undoes an operator's drain.
     """
     state.running = snapshot.running
     state.waiting = snapshot.waiting
@@ -60,7 +62,7 @@ def apply_snapshot(state: InstanceState, snapshot: worker_pb2.LoadSnapshot, now_
     if snapshot.block_size_tokens:
         state.block_size_tokens = snapshot.block_size_tokens
     state.tokens_in_flight = snapshot.tokens_in_flight
-    state.draining = snapshot.draining
+    state.draining = snapshot.draining or router_draining
     state.healthy = True
     state.updated_s = now_s
 
@@ -88,6 +90,7 @@ class WorkerClient:
         backoff_max_s: float = 5.0,
         mark_unhealthy_on_loss: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        router_draining: Callable[[], bool] | None = None,
     ) -> None:
         if not address or ":" not in address:
             raise ValueError(f"WorkerClient: address must be 'host:port', got {address!r}")
@@ -116,6 +119,8 @@ class WorkerClient:
         self.backoff_max_s = backoff_max_s
         self.mark_unhealthy_on_loss = mark_unhealthy_on_loss
         self.clock = clock
+        # Whether the router itself drains the instance (its registry record's flag).
+        self.router_draining = router_draining
         self.description: worker_pb2.EngineDescription | None = None
         self.connected = False
         self.connections = 0  # successful stream openings, reconnections included
@@ -255,7 +260,8 @@ class WorkerClient:
             self.connections += 1
             log.info("worker status stream connected", extra={"address": self.address, "instance": self.state.instance_id})
         self.snapshots += 1
-        apply_snapshot(self.state, snapshot, self.clock())
+        apply_snapshot(self.state, snapshot, self.clock(),
+                       self.router_draining() if self.router_draining is not None else False)
         return True
 
     def _on_loss(self) -> bool:

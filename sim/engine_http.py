@@ -1,4 +1,5 @@
-"""vLLM's OpenAI-compatible HTTP API in front of an `EmulatedEngine`: a raw ASGI app on uvicorn.
+"""vLLM's OpenAI-compatible HTTP API in front of an `EmulatedEngine`: a raw ASGI app on
+Tokenyard's one HTTP/1.1 server (tokenyard/asgi_server.py, the router's too).
 
 Routes, shaped as vLLM (v1 engine, 2025) shapes them:
 
@@ -29,27 +30,23 @@ prompts are rejected with a 400 that says so), no logprobs (always null), `stop`
 sequences and sampling parameters are accepted and ignored, tools are not called.
 
 A client disconnect aborts the request in the engine: a task waits on ASGI `receive()`,
-which uvicorn answers with `http.disconnect` when the connection drops.
+which the server answers with `http.disconnect` when the connection drops.
 
-Sockets: uvicorn with httptools on the running loop (uvloop when the CLI runs it);
-accepted sockets get TCP_NODELAY (uvloop and asyncio already set it; the protocol
-subclass below makes it explicit, so a token chunk never waits for Nagle's algorithm).
+Sockets: the server runs on the running loop (uvloop when the CLI runs it) and sets
+TCP_NODELAY on accepted sockets, so a token chunk never waits for Nagle's algorithm; its
+keep-alive timeout is vLLM's 5 s (`keep_alive_s`), so routers see the same reuse races.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
 import time
-from collections.abc import Awaitable, Callable, Generator, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 import orjson
-import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 import tokenyard
 from sim.emulated_engine import EmulatedEngine, EngineDeadError, EngineRequestError, RequestHandle
@@ -61,6 +58,7 @@ from sim.textgen import (
     request_seed,
     tokenize,
 )
+from tokenyard.asgi_server import Http1Limits, Http1Server
 
 log = logging.getLogger(__name__)
 
@@ -591,25 +589,6 @@ async def _send_bytes(send: Send, status: int, body: bytes, headers: list[tuple[
 
 
 # ----------------------------------------------------------------- serving
-class NoDelayHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with TCP_NODELAY set on every accepted socket."""
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        super().connection_made(transport)
-
-
-class _InProcessServer(uvicorn.Server):
-    """A uvicorn server that leaves signal handling to its owner (several run in one loop)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
-
-
 class EngineServer:
     """An emulated engine served on the running event loop: HTTP, and the Worker gRPC service.
 
@@ -630,10 +609,9 @@ class EngineServer:
         self.host = host
         self.port = port
         self.grpc_port = grpc_port
-        self.keep_alive_s = keep_alive_s  # uvicorn's and vLLM's default
+        self.keep_alive_s = keep_alive_s  # vLLM's (uvicorn's) keep-alive timeout
         self.app = EngineHttpApp(engine)
-        self._server: _InProcessServer | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._http: Http1Server | None = None
         self._grpc: Any = None
 
     @property
@@ -648,7 +626,7 @@ class EngineServer:
     @property
     def connections(self) -> set[Any]:
         """The live HTTP protocol objects (each has `.transport`), for socket-level tests."""
-        return set(self._server.server_state.connections) if self._server else set()
+        return set(self._http.connections) if self._http else set()
 
     async def start(self) -> None:
         await self.engine.start()
@@ -665,32 +643,12 @@ class EngineServer:
         )
 
     async def _start_http(self) -> None:
-        config = uvicorn.Config(
-            self.app, host=self.host, port=self.port, loop="none", http=NoDelayHttpToolsProtocol,
-            ws="none", lifespan="off", access_log=False, log_config=None, server_header=False,
-            date_header=False, timeout_keep_alive=self.keep_alive_s, proxy_headers=False,
-        )
-        # Bind here, not in uvicorn: its bind failure is a sys.exit, which would end the loop.
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.host, self.port))
-        except OSError as exc:
-            sock.close()
-            raise OSError(f"engine {self.engine.instance_id}: cannot listen on {self.host}:{self.port}: {exc}") from exc
-        sock.set_inheritable(False)
-        self._server = _InProcessServer(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name=f"http {self.engine.instance_id}")
-        while not self._server.started:
-            if self._task.done():
-                failure = self._task.exception() if not self._task.cancelled() else None
-                raise OSError(
-                    f"engine {self.engine.instance_id}: the HTTP server on {self.host}:{self.port} "
-                    f"stopped while starting: {failure!r}"
-                )
-            await asyncio.sleep(0.005)
-        self.port = int(self._server.servers[0].sockets[0].getsockname()[1])
+        limits = Http1Limits(max_body_bytes=self.app.max_body_bytes, idle_timeout_s=float(self.keep_alive_s),
+                             body_limit_hint=" (this engine's --max-request-body-bytes)")
+        self._http = Http1Server(self.app, self.host, self.port, limits=limits,
+                                 name=f"engine {self.engine.instance_id}")
+        await self._http.start()
+        self.port = self._http.port
 
     async def _start_grpc(self, port: int) -> None:
         import grpc
@@ -718,16 +676,14 @@ class EngineServer:
         grpc_server, self._grpc = self._grpc, None
         if grpc_server is not None:
             await grpc_server.stop(grace_s)
-        if self._server is not None and self._task is not None:
-            self._server.should_exit = True
-            done, _ = await asyncio.wait({self._task}, timeout=grace_s)
+        http, self._http = self._http, None
+        if http is not None:
+            # Requests in flight get `grace_s`; a long stream would otherwise hold the stop.
+            stopping = asyncio.ensure_future(http.stop(grace_s))
+            done, _ = await asyncio.wait({stopping}, timeout=grace_s)
             if not done:
-                # uvicorn waits for its request tasks; a long stream would hold it for minutes.
                 self.engine.abort_all()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._server = None
-        self._task = None
+            await stopping
         await self.engine.stop()
 
     async def __aenter__(self) -> EngineServer:

@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from router.admin_grpc import default_pool_name, start_control_server
+from router.auth import ControlAuth, Principal, TokenTable, control_channel, token_digest
 from router.discovery import AdminRegistration
 from router.registry import InstanceRegistry
 from router.state import InstanceRecord, RedisStateStore, StateStore, open_store
@@ -23,6 +24,12 @@ from scheduler.types import Decision, NoInstanceAvailable, RequestInfo
 from tokenyard.v1 import admin_pb2, admin_pb2_grpc, picker_pb2, picker_pb2_grpc
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
+ADMIN_TOKEN = "test-admin-token-0123456789"
+AUTH = ControlAuth.with_tokens(TokenTable([(token_digest(ADMIN_TOKEN), Principal("test-admin"))]))
+
+
+def admin_channel(port: int) -> grpc.aio.Channel:
+    return control_channel(f"127.0.0.1:{port}", ADMIN_TOKEN)
 
 
 async def eventually(cond: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
@@ -64,8 +71,9 @@ class Replica:
         self.server = await start_control_server(
             "127.0.0.1", 0, registry=self.registry, store=self.store, decide=self.decide,
             registration=self.registration, slo_classes=["interactive", "default", "batch"],
-            dispatch_policies=["default", "headroom"], tenant_for_api_key={"sk-acme": "acme"}.get)
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.server.bound_port}")
+            dispatch_policies=["default", "headroom"], tenant_for_api_key={"sk-acme": "acme", "": "default"}.get,
+            auth=AUTH)
+        self.channel = admin_channel(self.server.bound_port)
         self.admin = admin_pb2_grpc.AdminStub(self.channel)
         self.picker = picker_pb2_grpc.PickerStub(self.channel)
         return self
@@ -277,13 +285,13 @@ async def test_control_server_port_handling_and_own_lease_keeper() -> None:
     async def decide(info: RequestInfo) -> Decision:
         return Decision(instance_ids=("x",))
 
-    first = await start_control_server("127.0.0.1", 0, registry=registry, store=None, decide=decide)
+    first = await start_control_server("127.0.0.1", 0, registry=registry, store=None, decide=decide, auth=AUTH)
     port = first.bound_port
     try:
         with pytest.raises(OSError, match=f"127.0.0.1:{port}"):
-            await start_control_server("127.0.0.1", port, registry=registry, store=None, decide=decide)
+            await start_control_server("127.0.0.1", port, registry=registry, store=None, decide=decide, auth=AUTH)
         # Without a store there are no policies: UNAVAILABLE, saying why.
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with admin_channel(port) as channel:
             admin = admin_pb2_grpc.AdminStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await admin.ListPolicies(admin_pb2.ListPoliciesRequest())
@@ -297,8 +305,8 @@ async def test_control_server_port_handling_and_own_lease_keeper() -> None:
     assert first.registration._sweeper.done()
 
     # Router worker processes share one control port with reuse_port.
-    a = await start_control_server("127.0.0.1", 0, registry=registry, store=None, decide=decide, reuse_port=True)
-    b = await start_control_server("127.0.0.1", a.bound_port, registry=registry, store=None, decide=decide,
+    a = await start_control_server("127.0.0.1", 0, registry=registry, store=None, decide=decide, auth=AUTH, reuse_port=True)
+    b = await start_control_server("127.0.0.1", a.bound_port, registry=registry, store=None, decide=decide, auth=AUTH,
                                    reuse_port=True)
     assert b.bound_port == a.bound_port
     await a.stop(0)

@@ -455,7 +455,7 @@ async def test_oversize_body_gets_413_and_the_openai_client_reads_our_errors() -
         async with httpx.AsyncClient(base_url=server.base_url) as client:
             response = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x" * 5000})
             assert response.status_code == 413
-            assert "over this engine's limit of 2048 bytes" in response.json()["error"]["message"]
+            assert "limit of 2048 bytes (this engine's --max-request-body-bytes)" in response.json()["error"]["message"]
         client = openai_client(server)
         with pytest.raises(openai.BadRequestError) as caught:
             await client.completions.create(model=MODEL, prompt="x", max_tokens=-1)

@@ -1,4 +1,4 @@
-"""The router's built-in HTTP/1.1 front door at the socket level, and uvicorn as the alternative."""
+"""The router's HTTP/1.1 front door (tokenyard/asgi_server.py) at the socket level."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import openai
-import pytest
 
 from router.app import Router
 from router.config import parse_router_config
@@ -18,11 +17,11 @@ BODY = b'{"model": "llama-3-8b", "prompt": "p", "max_tokens": 2}'
 
 
 @contextlib.asynccontextmanager
-async def served(engine: FakeEngine, http_server: str = "builtin", **doc: object) -> AsyncIterator[RouterServer]:
+async def served(engine: FakeEngine, **doc: object) -> AsyncIterator[RouterServer]:
     router = Router(parse_router_config(dict(doc), "t.yaml"))
     await router.start(background=False)
     router.registry.upsert(engine.record("e0"))
-    server = RouterServer(router, "127.0.0.1", 0, http_server=http_server)
+    server = RouterServer(router, "127.0.0.1", 0)
     await server.start()
     try:
         yield server
@@ -118,10 +117,9 @@ async def test_client_disconnect_mid_stream_releases_the_engine_slot() -> None:
         engine.kill()
 
 
-@pytest.mark.parametrize("http_server", ["builtin", "uvicorn"])
-async def test_openai_client_through_either_http_server(http_server: str) -> None:
+async def test_openai_client_through_the_front_door() -> None:
     with fake_engines(()) as (engine,):
-        async with served(engine, http_server) as server:
+        async with served(engine) as server:
             client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
             reply = await client.completions.create(model="llama-3-8b", prompt="p", max_tokens=3)
             assert reply.choices[0].text == "t0 t1 t2"

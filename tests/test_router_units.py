@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import grpc
 import httpx
 import pytest
 
@@ -167,7 +166,11 @@ async def test_picker_grpc_answers_with_the_routers_decision(tmp_path: Path) -> 
 
     records = [InstanceRecord("busy", "http://127.0.0.1:1", "llama-3-8b"),
                InstanceRecord("idle", "http://127.0.0.1:2", "llama-3-8b")]
-    router = Router(parse_router_config({"control": {"port": 0}}, "r.yaml"),
+    from router.auth import control_channel, write_token_file
+
+    token = write_token_file(tmp_path / "tokens.yaml", "envoy", ["picker"])
+    router = Router(parse_router_config({"control": {"port": 0, "tokens_file": str(tmp_path / "tokens.yaml")}},
+                                        "r.yaml"),
                     store=open_store(f"file://{tmp_path / 'state.json'}"))
     await router.start(background=False)
     try:
@@ -176,7 +179,7 @@ async def test_picker_grpc_answers_with_the_routers_decision(tmp_path: Path) -> 
         for _ in range(3):
             router.registry.inflight_started("busy")
         port = router.control_server.bound_port
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with control_channel(f"127.0.0.1:{port}", token) as channel:
             stub = picker_pb2_grpc.PickerStub(channel)
             reply = await stub.Pick(picker_pb2.PickRequest(request_id="r1", model="llama-3-8b"), timeout=10)
         assert "idle" in str(reply)

@@ -34,7 +34,7 @@ def test_up_smoke_starts_the_fleet_answers_and_exits(tmp_path: Path) -> None:
     config = yaml.safe_load((tmp_path / "state" / "router.yaml").read_text())
     gpus = {entry["gpu"] for entry in config["discovery"]["static"]}
     assert gpus == {"L4", "A100-80GB", "H100-80GB"}
-    assert (tmp_path / "state" / "state.json").exists()
+    assert (tmp_path / "state" / "state.db").exists()
 
 
 def test_up_stays_up_until_ctrl_c_and_stops_everything(tmp_path: Path) -> None:
@@ -62,6 +62,7 @@ def test_up_stays_up_until_ctrl_c_and_stops_everything(tmp_path: Path) -> None:
             "model": "qwen2.5-1.5b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
             "stream": True})
         assert stream.text.endswith("data: [DONE]\n\n")
+        _check_control_plane(tmp_path / "state")
         os.kill(proc.pid, signal.SIGINT)
         assert proc.wait(30) == 0
         for engine_url in engines:  # the engine processes are gone too
@@ -74,3 +75,34 @@ def test_up_stays_up_until_ctrl_c_and_stops_everything(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _check_control_plane(state_dir: Path) -> None:
+    """`tokenyard up` serves Admin on loopback with the token it wrote; nothing without it."""
+    import asyncio
+
+    import grpc
+
+    from router.auth import control_channel
+    from tokenyard.v1 import admin_pb2, admin_pb2_grpc
+
+    config = yaml.safe_load((state_dir / "router.yaml").read_text())
+    control = config["control"]
+    assert control["host"] == "127.0.0.1"
+    assert os.stat(control["tokens_file"]).st_mode & 0o077 == 0  # readable by its owner only
+    token = yaml.safe_load(Path(control["tokens_file"]).read_text())["tokens"][0]["token"]
+    address = f"127.0.0.1:{control['port']}"
+
+    async def calls() -> tuple[int, grpc.StatusCode]:
+        async with control_channel(address, token) as channel:
+            listed = await admin_pb2_grpc.AdminStub(channel).ListInstances(admin_pb2.ListInstancesRequest(), timeout=10)
+        async with grpc.aio.insecure_channel(address) as channel:
+            try:
+                await admin_pb2_grpc.AdminStub(channel).ListInstances(admin_pb2.ListInstancesRequest(), timeout=10)
+                code = grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as err:
+                code = err.code()
+        return len(listed.instances), code
+
+    count, code = asyncio.run(calls())
+    assert (count, code) == (3, grpc.StatusCode.UNAUTHENTICATED)

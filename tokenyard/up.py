@@ -138,9 +138,11 @@ class Fleet:
 
 
 def router_document(entries: list[dict[str, Any]], host: str, port: int, store_url: str,
-                    admission: bool = True) -> dict[str, Any]:
-    """The router config `tokenyard up` runs (also written to <state-dir>/router.yaml)."""
-    return {
+                    control: dict[str, Any] | None = None, admission: bool = True) -> dict[str, Any]:
+    """The router config `tokenyard up` runs (also written to <state-dir>/router.yaml).
+
+    `control`: the Admin + Picker section (loopback, a tokens_file written for this run)."""
+    doc: dict[str, Any] = {
         "listen": {"host": host, "port": port},
         "store": store_url,
         "policy": {  # the policy document (docs/policy.md)
@@ -166,6 +168,9 @@ def router_document(entries: list[dict[str, Any]], host: str, port: int, store_u
         "anonymous": {"slo_class": "interactive"},
         "discovery": {"static": entries},
     }
+    if control is not None:
+        doc["control"] = control
+    return doc
 
 
 def _examples(url: str) -> str:
@@ -196,6 +201,7 @@ async def up(args: argparse.Namespace) -> int:
     import yaml
 
     from router.app import Router
+    from router.auth import write_token_file
     from router.config import parse_router_config
     from router.http_server import RouterServer
     from router.state import open_store
@@ -205,7 +211,7 @@ async def up(args: argparse.Namespace) -> int:
         logging.getLogger(name).setLevel(logging.WARNING)
     state_dir = Path(args.state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
-    store_url = "file://" + str(state_dir / "state.json")
+    store_url = "file://" + str(state_dir / "state.db")
     fleet = Fleet(DEFAULT_FLEET, state_dir, args.time_scale)
     server: RouterServer | None = None
     stop = asyncio.Event()
@@ -216,7 +222,13 @@ async def up(args: argparse.Namespace) -> int:
         print(f"starting {len(DEFAULT_FLEET)} emulated engines: "
               + ", ".join(f"{s.model} on {s.gpu}" for s in DEFAULT_FLEET), flush=True)
         await fleet.start(args.ready_timeout_s)
-        doc = router_document(fleet.entries, args.host, args.port, store_url, admission=args.admission == "on")
+        # The control plane is on, on loopback, with a fresh admin token for this run only
+        # (0600 file under the state dir): the operator's tools read it from there.
+        tokens_file = state_dir / "control-tokens.yaml"
+        write_token_file(tokens_file, "local-admin", ["admin"])
+        control = {"host": "127.0.0.1", "port": _free_port("127.0.0.1"), "tokens_file": str(tokens_file)}
+        doc = router_document(fleet.entries, args.host, args.port, store_url, control,
+                              admission=args.admission == "on")
         (state_dir / "router.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
         config = parse_router_config(doc, str(state_dir / "router.yaml"))
         store = open_store(store_url)
@@ -228,6 +240,8 @@ async def up(args: argparse.Namespace) -> int:
         server = RouterServer(Router(config, store=store), config.host, config.port)
         await server.start()
         print(_examples(server.url), flush=True)
+        print(f"  control (Admin + Picker gRPC): 127.0.0.1:{control['port']}, bearer token in {tokens_file}\n",
+              flush=True)
 
         body = {"model": "llama-3-8b", "messages": [{"role": "user", "content": "Say hello to Tokenyard."}],
                 "max_tokens": 16}
@@ -245,7 +259,7 @@ async def up(args: argparse.Namespace) -> int:
         await stop.wait()
         print("\nstopping ...", flush=True)
         return 0
-    except (RuntimeError, OSError) as exc:
+    except (RuntimeError, OSError, ValueError) as exc:  # ConfigError and StateStoreError included
         print(f"tokenyard up: {exc}", file=sys.stderr)
         return 1
     finally:
