@@ -455,17 +455,31 @@ class Router:
             last_byte_s=started_s + self.config.deadline_s(tenant.slo_class, False, info.max_output_tokens),
             stall_s=float(getattr(slo_class, "stall_timeout_s", None) or DEFAULT_STALL_TIMEOUT_S))
         self.metrics.inflight.inc()
-        if self.admission is not None:
-            self.admission.unreserve(reserved)  # _forward counts the request from here on
+        # The request counts as in flight on its pick from now until _forward counts its
+        # first attempt: _forward runs as a task (so a client leaving can cancel it), and
+        # without this the requests arriving before that task starts would all see the
+        # instance free (the admission queue's saturation check reads these counts).
+        held = reserved
+        if held is None:
+            held = decision.instance_id
+            self.registry.inflight_started(held)
+
+        def hand_over() -> None:
+            nonlocal held
+            if held is not None:
+                self.registry.inflight_finished(held)
+                held = None
+
         try:
             forward = asyncio.ensure_future(self._forward(
                 send, receive, path, upstream_body, headers, stream, info, policy, decision, tenant, budget,
-                started_s, rid_header))
+                started_s, rid_header, hand_over))
             if not await _unless_client_leaves(forward, receive):
                 # The client left: the attempt was cancelled, which closed the engine
                 # connection, and the engine cancels the request (both modes).
                 self.metrics.request_done(tenant.name, info.model, CLIENT_GONE_STATUS)
         finally:
+            hand_over()  # cancelled before it started
             self.metrics.inflight.dec()
             if self.admission is not None:
                 self.admission.release()  # capacity freed: held requests may go
@@ -484,7 +498,10 @@ class Router:
 
     async def _forward(self, send: Send, receive: Receive, path: str, upstream_body: bytes, headers: bytes,
                        stream: bool, info: RequestInfo, policy: Any, decision: Any, tenant: Tenant,
-                       budget: _Budget, started_s: float, rid_header: list[tuple[bytes, bytes]]) -> None:
+                       budget: _Budget, started_s: float, rid_header: list[tuple[bytes, bytes]],
+                       hand_over: Callable[[], None] = lambda: None) -> None:
+        """Try the decision's instances in order. `hand_over` ends the caller's provisional
+        in-flight count; it is called once the first attempt is counted (or none will be)."""
         config = self.config
         failures: list[str] = []
         attempts = 0
@@ -512,6 +529,7 @@ class Router:
             if config.first_byte_timeout_s is not None and config.first_byte_timeout_s < timeout_s:
                 timeout_s = config.first_byte_timeout_s
             self.registry.inflight_started(instance_id)
+            hand_over()
             policy.on_dispatch(info, instance_id)
             try:
                 outcome = await self._attempt(send, receive, record, path, upstream_body, headers, stream, timeout_s,
