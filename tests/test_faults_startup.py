@@ -41,11 +41,12 @@ def test_start_up_failures_are_one_clear_line(tmp_path: Path, case: str) -> None
         holder = socket.socket()
         holder.bind(("127.0.0.1", port))
         holder.listen()
-        config, args, expected = "", ["--port", str(port)], f"cannot listen on 127.0.0.1:{port}: address in use"
+        config, args, expected = ("listen: {host: 127.0.0.1}\n", ["--port", str(port)],
+                                  f"cannot listen on 127.0.0.1:{port}: address in use")
     elif case == "port-too-large":
-        config, args, expected = "", ["--port", "70000"], "port must be 0-65535"
+        config, args, expected = "listen: {host: 127.0.0.1}\n", ["--port", "70000"], "port must be 0-65535"
     elif case == "redis-db-index":
-        config, args, expected = "store: redis://127.0.0.1:6379/99\n", ["--port", str(port)], "DB index"
+        config, args, expected = "store: redis://127.0.0.1:6379/99\n", ["--port", str(port)], "database index"
     else:
         config, args, expected = (f"control: {{port: {free_port()}, tokens_file: {tmp_path}/missing.yaml}}\n",
                                   ["--port", str(port)], "cannot read the control tokens file")
