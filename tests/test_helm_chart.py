@@ -131,6 +131,7 @@ def test_values_reach_the_config_the_router_parses(chart: Any) -> None:
     assert [t.name for t in cfg.tenants] == ["chat"] and cfg.tenants[0].api_keys == ["sk-chat-1"]
     assert cfg.tenants[0].slo_class == "interactive" and cfg.policy_by_slo_class == {"interactive": "headroom"}
     assert set(cfg.slo_classes) == {"interactive", "default", "batch"}
+    assert cfg.anonymous_slo_class is None  # tenants have keys: a request without one is refused
     assert (cfg.host, cfg.port, cfg.control_port) == ("0.0.0.0", 8000, 50051)
     assert doc["discovery"]["kubernetes"] == {"namespace": "llm", "kind": "endpointslices", "port_name": "http",
                                               "label_selector": "app.kubernetes.io/part-of=tokenyard-engines"}
