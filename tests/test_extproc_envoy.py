@@ -42,8 +42,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def envoy_config(listen_port: int, admin_port: int, picker_port: int, engine_ports: list[int],
+def envoy_config(listen_port: int, admin_port: int, picker_port: int | None, engine_ports: list[int],
                  lb: str) -> dict[str, Any]:
+    """Envoy's bootstrap; without `picker_port` no ext_proc filter (a plain proxy, for bench/)."""
     ext_proc = {
         "grpc_service": {"envoy_grpc": {"cluster_name": "picker"}, "timeout": "5s"},
         "processing_mode": {"request_header_mode": "SEND", "response_header_mode": "SEND",
@@ -68,7 +69,7 @@ def envoy_config(listen_port: int, admin_port: int, picker_port: int, engine_por
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor", **ext_proc}},
             {"name": "envoy.filters.http.router", "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
-        ],
+        ][0 if picker_port is not None else 1:],
     }
 
     def endpoints(ports: list[int]) -> dict[str, Any]:
@@ -97,7 +98,7 @@ def envoy_config(listen_port: int, admin_port: int, picker_port: int, engine_por
         }
     picker = {
         "name": "picker", "type": "STATIC", "connect_timeout": "1s",
-        "load_assignment": {"cluster_name": "picker", **endpoints([picker_port])},
+        "load_assignment": {"cluster_name": "picker", **endpoints([picker_port or 1])},
         "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
             "explicit_http_config": {"http2_protocol_options": {}}}},
@@ -109,7 +110,7 @@ def envoy_config(listen_port: int, admin_port: int, picker_port: int, engine_por
                                                                         "port_value": listen_port}},
                            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
                                                            "typed_config": hcm}]}]}],
-            "clusters": [picker, engines],
+            "clusters": [picker, engines] if picker_port is not None else [engines],
         },
     }
 
