@@ -303,6 +303,7 @@ def test_dashboard_uses_metric_names_that_exist(chart: Any) -> None:
     ({"redis": {"external": {"url": "redis://r:6379"}}}, "redis: set either redis.bundled.enabled or redis.external"),
     ({"pools": [{"name": "a", "gpu": "L4", "model": "m"}, {"name": "a", "gpu": "T4", "model": "m"}]},
      "pools: the pool name \"a\" appears twice"),
+    ({"mode": "endpointPicker", "router": {"workers": 2}}, "router.workers: the ext_proc endpoint picker"),
 ])
 def test_a_wrong_value_fails_at_install_with_a_clear_message(chart: Any, values: dict[str, Any], message: str) -> None:
     with pytest.raises(helm.HelmError) as caught:

@@ -95,6 +95,9 @@ app.kubernetes.io/component: controlplane
 {{- if and .Values.router.autoscaling.enabled (lt (int .Values.router.autoscaling.maxReplicas) (int .Values.router.autoscaling.minReplicas)) }}
 {{- fail (printf "router.autoscaling: maxReplicas (%v) must be >= minReplicas (%v)" .Values.router.autoscaling.maxReplicas .Values.router.autoscaling.minReplicas) }}
 {{- end }}
+{{- if and (eq .Values.mode "endpointPicker") (gt (int .Values.router.workers) 1) }}
+{{- fail "router.workers: the ext_proc endpoint picker (mode: endpointPicker) runs in one process per pod; set router.workers=1 and scale with router.replicas" }}
+{{- end }}
 {{- $names := dict }}
 {{- range .Values.pools }}
 {{- if hasKey $names .name }}
