@@ -309,3 +309,25 @@ def test_a_wrong_value_fails_at_install_with_a_clear_message(chart: Any, values:
     with pytest.raises(helm.HelmError) as caught:
         chart.render(values, name="ty", namespace="llm", is_install=True)
     assert message in str(caught.value)
+
+
+def test_control_plane_env_is_what_leader_election_and_the_scaler_read(chart: Any) -> None:
+    from router.k8s_scale import parse_deployments
+    from router.leader import LeaderElectionSettings
+
+    docs = render(chart, {"pools": POOLS, "controlPlane": {"enabled": True}})
+    deployment = one(docs, "Deployment", "ty-tokenyard-controlplane")
+    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "ty-tokenyard-controlplane"
+    env: dict[str, str] = {}
+    for item in container(deployment, "controlplane")["env"]:
+        field = item.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+        env[item["name"]] = {"metadata.name": "cp-0", "metadata.namespace": "llm"}.get(field, item.get("value", ""))
+    settings = LeaderElectionSettings.from_env(env)
+    assert (settings.namespace, settings.identity, settings.lease_name) == ("llm", "cp-0", "ty-tokenyard-controlplane")
+    assert (settings.lease_duration_s, settings.renew_deadline_s, settings.retry_period_s) == (15, 10, 2)
+    scalable = parse_deployments(env["TOKENYARD_SCALABLE_DEPLOYMENTS"])
+    assert scalable == {"l4": "ty-tokenyard-pool-l4", "h100": "ty-tokenyard-pool-h100"}
+    rules = one(docs, "Role", "ty-tokenyard-controlplane")["rules"]
+    assert rules[1]["resourceNames"] == [settings.lease_name]  # RBAC allows exactly that Lease
+    assert rules[2]["resourceNames"] == list(scalable.values())  # and exactly those Deployments
+    assert {d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"} >= set(scalable.values())
