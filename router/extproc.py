@@ -171,15 +171,20 @@ class _Exchange:
         self.status = 0
         self.done = False
         self.refused = False  # answered by the picker itself: the exchange is over
+        self.allowed: set[str] | None = None  # the gateway's subset hint, from whichever message had it
 
     # -- request side -------------------------------------------------------------------
     async def on_message(self, request: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         kind = request.WhichOneof("request")
+        if not self.decided and request.HasField("metadata_context"):
+            subset = self.picker.subset(request)
+            if subset is not None:
+                self.allowed = subset
         try:
             if kind == "request_headers":
                 self.headers = _header_map(request.request_headers)
                 if request.request_headers.end_of_stream:  # no body: GET /v1/models and alike
-                    return self._decide_bodyless(request)
+                    return self._decide_bodyless()
                 return []
             if kind == "request_body":
                 if self.decided:  # a body after the decision (trailers mode): pass it on
@@ -187,9 +192,9 @@ class _Exchange:
                 self._append(request.request_body.body)
                 if not request.request_body.end_of_stream:
                     return []
-                return await self._decide(request, body_done=True)
+                return await self._decide(body_done=True)
             if kind == "request_trailers":
-                out = [] if self.decided else await self._decide(request, body_done=False)
+                out = [] if self.decided else await self._decide(body_done=False)
                 return [*out, pb.ProcessingResponse(request_trailers=pb.TrailersResponse())]
         except Refused as refused:
             self.done = self.refused = True
@@ -221,10 +226,10 @@ class _Exchange:
         except AuthError as exc:
             raise Refused(401, error_body(401, str(exc), code="invalid_api_key"), str(exc)) from None
 
-    def _decide_bodyless(self, request: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+    def _decide_bodyless(self) -> list[pb.ProcessingResponse]:
         self.tenant = self._authenticate()
         ready = [s for s in self.router.registry.instances() if s.healthy and not s.draining]
-        allowed = self.picker.subset(request)
+        allowed = self.allowed
         if allowed is not None:
             ready = [s for s in ready if self.picker.address(s.instance_id) in allowed]
         if not ready:
@@ -235,7 +240,7 @@ class _Exchange:
         endpoints = [a for a in (self.picker.address(s.instance_id) for s in chosen) if a]
         return destination_responses(endpoints, b"", body_done=False)[:1]
 
-    async def _decide(self, request: pb.ProcessingRequest, body_done: bool) -> list[pb.ProcessingResponse]:
+    async def _decide(self, body_done: bool) -> list[pb.ProcessingResponse]:
         tenant = self.tenant = self._authenticate()
         path = self.headers.get(":path", "").split("?", 1)[0]
         chat = _COMPLETION_PATHS.get(path, True)
@@ -265,7 +270,7 @@ class _Exchange:
         except NoInstanceAvailable as exc:
             message = f"no instance can serve this request: {exc}"
             raise Refused(503, error_body(503, message, code="no_instance_available"), message) from None
-        allowed = self.picker.subset(request)
+        allowed = self.allowed
         endpoints: list[str] = []
         for iid in decision.instance_ids:
             address = self.picker.address(iid)

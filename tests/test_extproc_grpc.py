@@ -224,9 +224,9 @@ async def test_subset_hint_restricts_the_pick() -> None:
         hint = struct_pb2.Struct()
         hint.update({SUBSET_KEY: ["10.9.9.9:8000"]})
         stream = Stream(channel)
-        request = body(chat(), True)
-        request.metadata_context.filter_metadata[SUBSET_NAMESPACE].CopyFrom(hint)
-        stream.send(headers(), request)
+        first_message = headers()  # the hint may come with the headers only
+        first_message.metadata_context.filter_metadata[SUBSET_NAMESPACE].CopyFrom(hint)
+        stream.send(first_message, body(chat(), True))
         (reply,) = await stream.read(1)
         assert reply.immediate_response.status.code == 503
 
