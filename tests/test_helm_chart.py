@@ -331,3 +331,21 @@ def test_control_plane_env_is_what_leader_election_and_the_scaler_read(chart: An
     assert rules[1]["resourceNames"] == [settings.lease_name]  # RBAC allows exactly that Lease
     assert rules[2]["resourceNames"] == list(scalable.values())  # and exactly those Deployments
     assert {d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"} >= set(scalable.values())
+
+
+def test_network_policies_admit_only_who_needs_each_port(chart: Any) -> None:
+    selector = {"matchLabels": {"kubernetes.io/metadata.name": "gateway-system"}}
+    docs = render(chart, {**FULL, "networkPolicy": {"gatewayNamespaceSelector": selector}})
+    router_np = one(docs, "NetworkPolicy", "ty-tokenyard-router")
+    by_port = {rule["ports"][0]["port"]: rule.get("from") for rule in router_np["spec"]["ingress"]}
+    assert by_port["http"] is None  # clients: anyone, unless clientSelectors says otherwise
+    assert by_port["grpc-control"] == [{"podSelector": {"matchLabels": {"tokenyard.io/control-client": "true"}},
+                                        "namespaceSelector": {}}]
+    assert by_port["grpc-extproc"] == [{"namespaceSelector": selector}]
+    redis_from = one(docs, "NetworkPolicy", "ty-tokenyard-redis")["spec"]["ingress"][0]["from"]
+    assert [f["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for f in redis_from] == [
+        "router", "controlplane"]
+    engines_from = one(docs, "NetworkPolicy", "ty-tokenyard-engines")["spec"]["ingress"][0]["from"]
+    assert engines_from[0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "router"
+    assert {"namespaceSelector": selector} in engines_from  # the gateway proxies to the engines
+    assert not [d for d in render(chart, {"networkPolicy": {"enabled": False}}) if d["kind"] == "NetworkPolicy"]
