@@ -268,3 +268,41 @@ async def test_grpc_health_services() -> None:
         with pytest.raises(grpc.aio.AioRpcError) as missing:
             await stub.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=5)
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_tokenyard_router_extproc_port_serves_the_picker(tmp_path: Any) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    config = tmp_path / "router.yaml"
+    config.write_text(orjson.dumps({"listen": {"host": "127.0.0.1", "port": 0},
+                                    "discovery": {"static": STATIC}}).decode())
+    refused = subprocess.run([sys.executable, "-m", "tokenyard.cli", "router", "--config", str(config),
+                              "--port", "18000", "--workers", "2", "--extproc-port", "0"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "--extproc-port runs in one process" in refused.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "tokenyard.cli", "router", "--config", str(config),
+                             "--store", f"file://{tmp_path / 'state.json'}", "--extproc-host", "127.0.0.1",
+                             "--extproc-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(2)]
+        picker_line = next(line for line in lines if "ext_proc endpoint picker on" in line)
+        address = picker_line.rsplit(" ", 1)[-1].strip()
+        with grpc.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="readiness"), timeout=10)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            replies = pb_grpc.ExternalProcessorStub(channel).Process(iter([headers(), body(chat(), True)]),
+                                                                    timeout=10)
+            first = next(replies)
+            assert destination(first)[0].split(",")[0] in {"10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"}
+            replies.cancel()
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
