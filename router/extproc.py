@@ -17,7 +17,8 @@ decides where each request goes:
   `upstream.address` response attribute; the in-flight count and the policy's
   `on_dispatch` follow it (they were placed on the first pick and move if a fallback served).
 - An ImmediateResponse of 503 when no endpoint is ready, 429 to shed (scheduler.shedding),
-  and the router's own 400/401/404/413 for bad requests, in OpenAI's error shape.
+  the router's own 400/401/404/413 for bad requests, and 408 when the request is not
+  complete within `request_timeout_s`, in OpenAI's error shape.
 - gRPC health checking with the protocol's services: `liveness`, `readiness` and
   `envoy.service.ext_proc.v3.ExternalProcessor`.
 
@@ -27,6 +28,7 @@ the same call the HTTP front door and the Picker gRPC service make.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -74,6 +76,9 @@ _COMPLETION_PATHS = {"/v1/chat/completions": True, "/v1/completions": False}
 class ExtProcSettings:
     max_endpoints: int = 4  # primary plus fallbacks in the destination list
     shed: ShedPolicy = field(default_factory=ShedPolicy)
+    # From the request headers to a complete body: a client trickling its body cannot hold
+    # an exchange open forever (responses, once decided, may stream as long as they take).
+    request_timeout_s: float = 60.0
 
 
 class Refused(Exception):
@@ -374,8 +379,22 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
     async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],  # noqa: N802 (gRPC name)
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
         exchange = _Exchange(self)
+        requests = aiter(request_iterator)
+        deadline_s = time.monotonic() + self.settings.request_timeout_s
         try:
-            async for request in request_iterator:
+            while True:
+                try:
+                    if exchange.decided:
+                        request = await anext(requests)
+                    else:
+                        request = await asyncio.wait_for(anext(requests), max(0.0, deadline_s - time.monotonic()))
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    message = f"the request was not complete within {self.settings.request_timeout_s:g} s"
+                    exchange.status = 408
+                    yield immediate(408, error_body(408, message, code="request_timeout"), message)
+                    return
                 for response in await exchange.on_message(request):
                     yield response
                 if exchange.refused:

@@ -306,3 +306,14 @@ def test_tokenyard_router_extproc_port_serves_the_picker(tmp_path: Any) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_a_request_body_that_never_completes_times_out() -> None:
+    async with picker(ExtProcSettings(request_timeout_s=0.3)) as (router, channel):
+        stream = Stream(channel)
+        stream.send(headers(), body(b'{"model": ', False))  # and then nothing
+        (reply,) = await stream.read(1)
+        assert reply.immediate_response.status.code == 408
+        assert "not complete within 0.3 s" in orjson.loads(reply.immediate_response.body)["error"]["message"]
+        assert (await stream.call.code()) == grpc.StatusCode.OK
+        assert all(s.router_inflight == 0 for s in router.registry.instances())
