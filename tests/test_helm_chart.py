@@ -17,6 +17,7 @@ from typing import Any
 
 import helm_python as helm
 import httpx
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -29,6 +30,38 @@ from tokenyard.cli import build_parser
 CHART = Path(__file__).resolve().parents[1] / "deploy" / "helm" / "tokenyard"
 KUBE_VERSION = "1.35.0"  # a current release whose schemas kubernetes-validate ships
 CRD_KINDS = {"InferencePool", "InferenceObjective", "ServiceMonitor"}  # not in the built-in schemas
+_PORT = {"type": "object", "required": ["number"], "additionalProperties": False,
+         "properties": {"number": {"type": "integer", "minimum": 1, "maximum": 65535}}}
+_NAME = {"type": "string", "minLength": 1, "maxLength": 253}
+# The custom resources' specs as their API references define them (Gateway API Inference
+# Extension v1 InferencePool, v1alpha2 InferenceObjective; Prometheus Operator v1
+# ServiceMonitor, the fields the chart uses), for the objects kubernetes-validate has no schema for.
+CRD_SPECS: dict[tuple[str, str], dict[str, Any]] = {
+    ("inference.networking.k8s.io/v1", "InferencePool"): {
+        "type": "object", "required": ["selector", "targetPorts", "endpointPickerRef"], "additionalProperties": False,
+        "properties": {
+            "selector": {"type": "object", "required": ["matchLabels"], "additionalProperties": False,
+                         "properties": {"matchLabels": {"type": "object", "minProperties": 1, "maxProperties": 64,
+                                                        "additionalProperties": {"type": "string", "maxLength": 63}}}},
+            "targetPorts": {"type": "array", "minItems": 1, "maxItems": 1, "items": _PORT},
+            "endpointPickerRef": {"type": "object", "required": ["name", "port"], "additionalProperties": False,
+                                  "properties": {"group": {"type": "string"}, "kind": {"type": "string"},
+                                                 "name": _NAME, "port": _PORT,
+                                                 "failureMode": {"enum": ["FailOpen", "FailClose"]}}}}},
+    ("inference.networking.x-k8s.io/v1alpha2", "InferenceObjective"): {
+        "type": "object", "required": ["poolRef"], "additionalProperties": False,
+        "properties": {"priority": {"type": "integer"},
+                       "poolRef": {"type": "object", "required": ["name"], "additionalProperties": False,
+                                   "properties": {"group": {"type": "string"}, "kind": {"type": "string"},
+                                                  "name": _NAME}}}},
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): {
+        "type": "object", "required": ["selector", "endpoints"],
+        "properties": {"selector": {"type": "object"}, "targetLabels": {"type": "array", "items": {"type": "string"}},
+                       "endpoints": {"type": "array", "minItems": 1, "items": {
+                           "type": "object", "required": ["port"],
+                           "properties": {"port": {"type": "string"}, "path": {"type": "string", "pattern": "^/"},
+                                          "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"}}}}}},
+}
 POOLS = [
     {"name": "l4", "gpu": "L4", "model": "Qwen/Qwen2.5-1.5B-Instruct", "servedModelName": "qwen2.5-1.5b",
      "replicas": 2, "nodeSelector": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
@@ -96,6 +129,9 @@ def test_every_object_validates_against_the_kubernetes_schemas(chart: Any, value
     assert len(builtin) >= 8
     for doc in builtin:
         kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+    for doc in docs:
+        if doc["kind"] in CRD_KINDS:
+            jsonschema.validate(doc["spec"], CRD_SPECS[(doc["apiVersion"], doc["kind"])])
     for doc in docs:
         assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"]), doc["metadata"]["name"]
 
