@@ -317,3 +317,21 @@ async def test_a_request_body_that_never_completes_times_out() -> None:
         assert "not complete within 0.3 s" in orjson.loads(reply.immediate_response.body)["error"]["message"]
         assert (await stream.call.code()) == grpc.StatusCode.OK
         assert all(s.router_inflight == 0 for s in router.registry.instances())
+
+
+def test_should_shed_only_sheddable_requests_when_every_usable_instance_is_full() -> None:
+    from scheduler.shedding import should_shed
+    from scheduler.types import InstanceState
+
+    policy = ShedPolicy(max_outstanding_per_instance=4, shed_priority_at_least=2)
+    full = InstanceState("a", MODEL, running=3, waiting=1)
+    free = InstanceState("b", MODEL, router_inflight=3)
+    sick = InstanceState("c", MODEL, healthy=False)
+    draining = InstanceState("d", MODEL, draining=True)
+    assert should_shed([full, sick, draining], 2, policy)  # the unusable ones do not count
+    assert not should_shed([full, free], 2, policy)  # one instance still has room
+    assert not should_shed([full], 1, policy)  # not sheddable
+    assert not should_shed([sick, draining], 5, policy)  # nothing ready is a 503, not a 429
+    assert not should_shed([full], 9, ShedPolicy(max_outstanding_per_instance=0))  # shedding off
+    with pytest.raises(ValueError, match="max_outstanding_per_instance"):
+        ShedPolicy(max_outstanding_per_instance=-1)
