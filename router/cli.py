@@ -24,10 +24,22 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--workers", type=int, default=1,
                         help="router processes sharing the port (SO_REUSEPORT); each keeps its own in-flight "
                              "counts and scrapes, and they share membership, affinity and policies through the store")
+    parser.add_argument("--extproc-port", type=int, default=None,
+                        help="also serve the Envoy ext_proc endpoint picker (Gateway API Inference Extension "
+                             "protocol, router/extproc.py) and gRPC health on this port")
+    parser.add_argument("--extproc-host", default="127.0.0.1",
+                        help="listen address of the ext_proc picker (loopback unless set; the picker port has no "
+                             "token check, so expose it only behind a NetworkPolicy)")
+    parser.add_argument("--extproc-shed-outstanding", type=int, default=0,
+                        help="ext_proc: answer 429 to sheddable requests when every instance of the model has "
+                             "this many requests outstanding (0: never shed)")
+    parser.add_argument("--extproc-shed-priority", type=int, default=2,
+                        help="ext_proc: requests whose SLO-class priority is at least this are sheddable")
     parser.set_defaults(handler=run_router)
 
 
-async def serve_until_signal(config: Any, reuse_port: bool = False) -> None:
+async def serve_until_signal(config: Any, reuse_port: bool = False,
+                             extproc: tuple[str, int, Any] | None = None) -> None:
     import asyncio
     import contextlib
     import gc
@@ -54,6 +66,12 @@ async def serve_until_signal(config: Any, reuse_port: bool = False) -> None:
         with contextlib.suppress(Exception):
             await router.stop()
         raise
+    picker = None
+    if extproc is not None:
+        from router.extproc import start_extproc_server
+
+        picker = await start_extproc_server(router, *extproc)
+        print(f"tokenyard ext_proc endpoint picker on {extproc[0]}:{picker.port}", flush=True)
     # Everything loaded at startup (grpc, kubernetes, prometheus modules) moves out of the
     # collector's reach, so full collections stay short and stop showing in tail latency.
     gc.collect()
@@ -66,6 +84,8 @@ async def serve_until_signal(config: Any, reuse_port: bool = False) -> None:
     try:
         await stop.wait()
     finally:
+        if picker is not None:
+            await picker.stop()
         await server.stop()
 
 
@@ -104,13 +124,27 @@ def run_router(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print(f"tokenyard router: --workers: expected an integer >= 1, got {args.workers}", file=sys.stderr)
         return 2
+    extproc = None
+    if args.extproc_port is not None:
+        from router.extproc import ExtProcSettings
+        from scheduler.shedding import ShedPolicy
+
+        if not 0 <= args.extproc_port <= 65535 or args.extproc_shed_outstanding < 0:
+            print("tokenyard router: --extproc-port: expected 0-65535 and --extproc-shed-outstanding >= 0, got "
+                  f"{args.extproc_port} and {args.extproc_shed_outstanding}", file=sys.stderr)
+            return 2
+        extproc = (args.extproc_host, args.extproc_port, ExtProcSettings(shed=ShedPolicy(
+            args.extproc_shed_outstanding, args.extproc_shed_priority)))
     if args.workers > 1:
+        if extproc is not None:
+            print("tokenyard router: --extproc-port runs in one process; use --workers 1", file=sys.stderr)
+            return 2
         if config.port == 0:
             print("tokenyard router: --workers > 1 needs a fixed port (listen.port or --port)", file=sys.stderr)
             return 2
         return _run_workers(config, args.workers)
     try:
-        asyncio.run(serve_until_signal(config))
+        asyncio.run(serve_until_signal(config, extproc=extproc))
     except Exception as exc:
         print(f"tokenyard router: {startup_error(exc, config)}", file=sys.stderr)
         return 1

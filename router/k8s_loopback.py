@@ -18,6 +18,14 @@ real client end to end, and `tokenyard up` can demo Kubernetes discovery without
   carrying a `Status` with code 410 (reason Expired, "too old resource version"), which
   is what the real server sends and what makes clients re-list.
 
+- Single objects with optimistic concurrency, for leader election and pool scaling:
+  Leases (`/apis/coordination.k8s.io/v1/namespaces/{ns}/leases[/{name}]`: GET, POST,
+  PUT, DELETE) and a Deployment's scale subresource
+  (`/apis/apps/v1/namespaces/{ns}/deployments/{name}/scale`: GET and PUT, as an
+  autoscaling/v1 Scale). A PUT whose `metadata.resourceVersion` is not the stored one gets
+  409 Conflict, a POST of an existing name 409 AlreadyExists, a missing object 404, all as
+  `Status` objects; `?dryRun=All` validates and answers without storing.
+
 Tests drive it through a Python API: `apply()` / `delete()` objects, `bookmark()`,
 `compact()` history, `close_watches()` (end every open watch, cleanly or abruptly).
 Resource versions are one global counter, like etcd's revision.
@@ -41,7 +49,14 @@ KINDS = {
     # resource -> (apiVersion, kind)
     "pods": ("v1", "Pod"),
     "endpointslices": ("discovery.k8s.io/v1", "EndpointSlice"),
+    "leases": ("coordination.k8s.io/v1", "Lease"),
+    "deployments": ("apps/v1", "Deployment"),
 }
+
+_OBJECT_PATHS = [
+    re.compile(r"^/apis/coordination\.k8s\.io/v1/namespaces/(?P<ns>[^/]+)/(?P<res>leases)(?:/(?P<name>[^/]+))?$"),
+    re.compile(r"^/apis/apps/v1/namespaces/(?P<ns>[^/]+)/(?P<res>deployments)/(?P<name>[^/]+)(?P<scale>/scale)?$"),
+]
 
 _PATHS = [
     (re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/(?P<res>pods)$"), True),
@@ -125,7 +140,7 @@ class LoopbackKubeAPI:
         self._generation = 0  # bumped by close_watches()
         self._abrupt = False
         self._stopped = False
-        self.requests: list[str] = []  # "GET /path?query" of every request, for tests
+        self.requests: list[str] = []  # "METHOD /path?query" of every request, for tests
         self.watches_opened = 0
         self._open_watches = 0
         self._holding = False
@@ -139,7 +154,17 @@ class LoopbackKubeAPI:
                 return
 
             def do_GET(self) -> None:
-                api._handle(self)
+                if not api._handle_object(self):
+                    api._handle(self)
+
+            def do_POST(self) -> None:
+                api._handle_object(self) or api._not_found(self)
+
+            def do_PUT(self) -> None:
+                api._handle_object(self) or api._not_found(self)
+
+            def do_DELETE(self) -> None:
+                api._handle_object(self) or api._not_found(self)
 
         self._server = ThreadingHTTPServer((host, port), Handler)
         self._server.daemon_threads = True
@@ -284,6 +309,98 @@ class LoopbackKubeAPI:
             self._watch(req, resource, namespace, selector, query)
         else:
             self._list(req, resource, namespace, selector)
+
+    def _not_found(self, req: BaseHTTPRequestHandler) -> None:
+        self._send_json(req, 404, _status(404, "NotFound", f"the server could not find the requested resource "
+                                                           f"({urlsplit(req.path).path})"))
+
+    def _handle_object(self, req: BaseHTTPRequestHandler) -> bool:
+        """One object (a Lease, a Deployment or its scale); False if the path is not one."""
+        parts = urlsplit(req.path)
+        for pattern in _OBJECT_PATHS:
+            m = pattern.match(parts.path)
+            if m:
+                break
+        else:
+            return False
+        method = req.command
+        if method != "GET":
+            self.requests.append(f"{method} {req.path}")
+        resource, namespace, name = m.group("res"), m.group("ns"), m.group("name")
+        scale = bool(m.groupdict().get("scale"))
+        dry_run = "dryRun=All" in parts.query
+        body: dict[str, Any] | None = None
+        if method in ("POST", "PUT"):
+            length = int(req.headers.get("Content-Length") or 0)
+            try:
+                body = json.loads(req.rfile.read(length) or b"{}")
+            except ValueError:
+                self._send_json(req, 400, _status(400, "BadRequest", "the request body is not JSON"))
+                return True
+        code, answer = self._object_op(method, resource, namespace, name, scale, body, dry_run)
+        self._send_json(req, code, answer)
+        return True
+
+    def _object_op(self, method: str, resource: str, namespace: str, name: str | None, scale: bool,
+                   body: dict[str, Any] | None, dry_run: bool) -> tuple[int, dict[str, Any]]:
+        api_version, kind = KINDS[resource]
+        with self._lock:
+            if method == "POST" and name is None and not scale:
+                assert body is not None
+                name = (body.get("metadata") or {}).get("name")
+                if not name:
+                    return 422, _status(422, "Invalid", f"{kind}.metadata.name: Required value")
+                if (resource, namespace, name) in self._objects:
+                    return 409, _status(409, "AlreadyExists", f'{resource} "{name}" already exists')
+                return 201, self._store(resource, namespace, name, body, None, dry_run)
+            if name is None:
+                return 405, _status(405, "MethodNotAllowed", f"{method} needs an object name")
+            stored = self._objects.get((resource, namespace, name))
+            if stored is None:
+                return 404, _status(404, "NotFound", f'{resource} "{name}" not found')
+            if method == "DELETE":
+                if not dry_run:
+                    self.delete(resource, name, namespace)
+                return 200, _status(200, "Success", f'{resource} "{name}" deleted') | {"status": "Success"}
+            if method == "GET":
+                return 200, _scale_of(stored) if scale else copy.deepcopy(stored)
+            if method != "PUT":
+                return 405, _status(405, "MethodNotAllowed", f"{method} is not supported here")
+            assert body is not None
+            sent_rv = (body.get("metadata") or {}).get("resourceVersion")
+            current_rv = stored["metadata"]["resourceVersion"]
+            if sent_rv and sent_rv != current_rv:
+                # What the real server says when an optimistic update lost the race.
+                return 409, _status(409, "Conflict", f'Operation cannot be fulfilled on {resource} "{name}": the '
+                                                     "object has been modified; please apply your changes to the "
+                                                     "latest version and try again")
+            if scale:
+                replicas = (body.get("spec") or {}).get("replicas")
+                if not isinstance(replicas, int) or replicas < 0:
+                    return 422, _status(422, "Invalid", f"Scale.spec.replicas: Invalid value: {replicas!r}: must "
+                                                        "be greater than or equal to 0")
+                updated = copy.deepcopy(stored)
+                updated.setdefault("spec", {})["replicas"] = replicas
+                saved = self._store(resource, namespace, name, updated, stored, dry_run)
+                return 200, _scale_of(saved)
+            return 200, self._store(resource, namespace, name, body, stored, dry_run)
+
+    def _store(self, resource: str, namespace: str, name: str, obj: dict[str, Any],
+               old: dict[str, Any] | None, dry_run: bool) -> dict[str, Any]:
+        obj = copy.deepcopy(obj)
+        meta = obj.setdefault("metadata", {})
+        meta["name"], meta["namespace"] = name, namespace
+        meta.pop("resourceVersion", None)
+        if old is not None:
+            meta["uid"] = old["metadata"].get("uid")
+            meta["creationTimestamp"] = old["metadata"].get("creationTimestamp")
+        if dry_run:  # validated, answered, not stored
+            answer = copy.deepcopy(obj)
+            api_version, kind = KINDS[resource]
+            answer["apiVersion"], answer["kind"] = api_version, kind
+            answer["metadata"]["resourceVersion"] = (old or {}).get("metadata", {}).get("resourceVersion", "0")
+            return answer
+        return self.apply(resource, obj)
 
     def _matches(self, obj: dict[str, Any] | None, resource: str, namespace: str | None, selector: str) -> bool:
         if obj is None:
@@ -433,6 +550,19 @@ class LoopbackKubeAPI:
         return None
 
 
+def _scale_of(deployment: dict[str, Any]) -> dict[str, Any]:
+    """A Deployment's scale subresource, as autoscaling/v1 Scale."""
+    meta = deployment["metadata"]
+    selector = (deployment.get("spec") or {}).get("selector", {}).get("matchLabels") or {}
+    return {"kind": "Scale", "apiVersion": "autoscaling/v1",
+            "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta.get("uid"),
+                         "resourceVersion": meta["resourceVersion"],
+                         "creationTimestamp": meta.get("creationTimestamp")},
+            "spec": {"replicas": (deployment.get("spec") or {}).get("replicas", 1)},
+            "status": {"replicas": (deployment.get("status") or {}).get("replicas", 0),
+                       "selector": ",".join(f"{k}={v}" for k, v in sorted(selector.items()))}}
+
+
 # -- object builders for tests and demos -----------------------------------------------
 
 def make_pod(name: str, ip: str, labels: dict[str, str], *, namespace: str = "default",
@@ -456,6 +586,16 @@ def make_pod(name: str, ip: str, labels: dict[str, str], *, namespace: str = "de
             ],
         },
     }
+
+
+def make_deployment(name: str, replicas: int, labels: dict[str, str], *,
+                    namespace: str = "default") -> dict[str, Any]:
+    """A Deployment with the fields its scale subresource shows."""
+    return {"metadata": {"name": name, "namespace": namespace, "labels": dict(labels)},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": dict(labels)},
+                     "template": {"metadata": {"labels": dict(labels)},
+                                  "spec": {"containers": [{"name": "vllm", "image": "vllm/vllm-openai"}]}}},
+            "status": {"replicas": replicas}}
 
 
 def make_endpoint_slice(name: str, service: str, endpoints: list[dict[str, Any]],
