@@ -33,10 +33,12 @@ class Bucket:
     output_lo: int
     output_hi: int
     rate_rps: float
+    slo_class: str = "default"  # buckets of different classes have their own capacities
 
     @property
     def label(self) -> str:
-        return f"in[{self.input_lo},{self.input_hi}) out[{self.output_lo},{self.output_hi})"
+        prefix = "" if self.slo_class == "default" else f"{self.slo_class} "
+        return f"{prefix}in[{self.input_lo},{self.input_hi}) out[{self.output_lo},{self.output_hi})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +152,7 @@ class Plan:
                 for p in self.pools if p.instances > 0
             ],
             "buckets": [
-                {"input": [b.input_lo, b.input_hi], "output": [b.output_lo, b.output_hi],
+                {"slo_class": b.slo_class, "input": [b.input_lo, b.input_hi], "output": [b.output_lo, b.output_hi],
                  "rate_rps": b.rate_rps, "pools": {k: round(v, 6) for k, v in share.items()}}
                 for b, share in zip(self.buckets, self.shares, strict=True) if b.rate_rps > 0
             ],

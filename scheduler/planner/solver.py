@@ -53,10 +53,10 @@ class _Layout:
 def _groups(problem: PlanProblem) -> list[list[int]]:
     if not problem.route_by_input:
         return [[k] for k, b in enumerate(problem.buckets) if b.rate_rps > 0]
-    rows: dict[int, list[int]] = {}
+    rows: dict[tuple[str, int], list[int]] = {}
     for k, bucket in enumerate(problem.buckets):
         if bucket.rate_rps > 0:
-            rows.setdefault(bucket.row, []).append(k)
+            rows.setdefault((bucket.slo_class, bucket.row), []).append(k)
     return list(rows.values())
 
 
