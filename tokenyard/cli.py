@@ -22,6 +22,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "router.cli",  # tokenyard router
     "tokenyard.up",  # tokenyard up
     "learn.cli",  # tokenyard train rank|tier
+    "sim.plan_cli",  # tokenyard plan [apply]
 )
 
 

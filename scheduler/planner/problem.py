@@ -75,6 +75,12 @@ class PlanProblem:
     headroom_fraction: float = 0.0
     route_by_input: bool = False
     slice_factor: int | None = None
+    # pool name -> headroom replacing `headroom_fraction` for that pool (verification
+    # raises it for pools that missed the SLO: mixing buckets on an instance interferes)
+    headroom_by_pool: Mapping[str, float] = field(default_factory=dict)
+
+    def headroom_for(self, pool: str) -> float:
+        return self.headroom_by_pool.get(pool, self.headroom_fraction)
 
     def validate(self) -> None:
         if not self.buckets or sum(b.rate_rps for b in self.buckets) <= 0:
@@ -82,8 +88,9 @@ class PlanProblem:
                             "with a positive rate")
         if not self.options:
             raise PlanError("gpus: no GPU types to plan with; expected at least one")
-        if not 0.0 <= self.headroom_fraction < 1.0:
-            raise PlanError(f"headroom: expected a fraction in [0, 1), got {self.headroom_fraction}")
+        for value in (self.headroom_fraction, *self.headroom_by_pool.values()):
+            if not 0.0 <= value < 1.0:
+                raise PlanError(f"headroom: expected a fraction in [0, 1), got {value}")
         for bucket in self.buckets:
             if bucket.rate_rps < 0 or not math.isfinite(bucket.rate_rps):
                 raise PlanError(f"workload bucket {bucket.label}: expected a non-negative rate, got "

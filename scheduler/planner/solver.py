@@ -90,12 +90,12 @@ def _load_per_share(problem: PlanProblem, members: Sequence[int], option: PoolOp
 
 
 def _replica_bounds(problem: PlanProblem, layout: _Layout) -> list[tuple[int, int]]:
-    usable = 1.0 - problem.headroom_fraction
     total = [0.0] * layout.n_options
     for g, p in layout.pairs:
         total[p] += _load_per_share(problem, layout.groups[g], problem.options[p])
     bounds = []
     for p, option in enumerate(problem.options):
+        usable = 1.0 - problem.headroom_for(option.name)
         upper = math.ceil(total[p] / usable + 1e-9) if total[p] > 0 else 0
         upper = max(upper, option.min_replicas) if upper > 0 else 0
         if option.max_replicas is not None:
@@ -133,8 +133,8 @@ def _constraints(problem: PlanProblem, layout: _Layout, availability_slack: bool
     unit = float(problem.slice_factor or 1)
     for g in range(len(layout.groups)):
         add_row([(c, 1.0) for c in by_group[g]], unit, unit)
-    usable = 1.0 - problem.headroom_fraction
     for p, option in enumerate(problem.options):
+        usable = 1.0 - problem.headroom_for(option.name)
         entries = [(layout.n_options + k,
                     _load_per_share(problem, layout.groups[layout.pairs[k][0]], option) / unit)
                    for k in by_option.get(p, [])]
