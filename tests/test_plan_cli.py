@@ -14,7 +14,6 @@ from scheduler.types import SloClass
 from sim.capacity import CapacityCache, CapacityQuery, measure
 from tokenyard.cli import main
 
-
 CATALOG = default_catalog()
 PUBLISHED = {  # Mélange's published example (tests/test_plan_solver.py solves it directly)
     "gpu_info": {"A10G": {"cost": 1.01, "tputs": [[2, 1], [5, 2]]},
