@@ -77,7 +77,7 @@ def _classes_for(workload: Workload, slos: Mapping[str, SloClass]) -> dict[str, 
 
 
 def plan_and_verify(workload: Workload, requests: Sequence[TraceRequest] | None, rate_rps: float | None,
-                    inputs: PlanInputs, cache: CapacityCache, tries: int = 3,
+                    inputs: PlanInputs, cache: CapacityCache, tries: int = 6,
                     progress: Callable[[int], None] | None = None,
                     on_total: Callable[[int], None] | None = None) -> Verified:
     """Solve; with `requests`, replay them and re-plan until every class meets

@@ -179,3 +179,15 @@ def grid_buckets(input_edges: Sequence[int], output_edges: Sequence[int],
             out.append(Bucket(i, j, int(input_edges[i]), int(input_edges[i + 1]),
                               int(output_edges[j]), int(output_edges[j + 1]), float(rate)))
     return tuple(out)
+
+
+def bucket_of(edges: Sequence[int], tokens: int) -> int:
+    """Index i with edges[i] <= tokens < edges[i+1], clamped to the first and last bucket."""
+    lo, hi = 0, len(edges) - 2
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if edges[mid] <= tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

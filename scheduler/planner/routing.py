@@ -15,20 +15,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from scheduler.planner.problem import Plan, PlanError
+from scheduler.planner.problem import Plan, PlanError, bucket_of
 
 Weights = tuple[tuple[str, float], ...]
-
-
-def _bucket_of(edges: Sequence[int], tokens: int) -> int:
-    """Index i with edges[i] <= tokens < edges[i+1], clamped to the first and last bucket."""
-    index = 0
-    for k in range(1, len(edges) - 1):
-        if tokens >= edges[k]:
-            index = k
-        else:
-            break
-    return index
 
 
 def _normalised(weights: Mapping[str, float]) -> Weights:
@@ -46,9 +35,9 @@ class RoutingTable:
     rows: Mapping[int, Weights]
 
     def weights_for(self, input_tokens: int, output_tokens: int | None = None) -> Weights:
-        row = _bucket_of(self.input_edges, input_tokens)
+        row = bucket_of(self.input_edges, input_tokens)
         if output_tokens is not None:
-            cell = self.cells.get((row, _bucket_of(self.output_edges, output_tokens)))
+            cell = self.cells.get((row, bucket_of(self.output_edges, output_tokens)))
             if cell:
                 return cell
         return self.rows.get(row, ())

@@ -32,7 +32,15 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_array
 
-from scheduler.planner.problem import Bucket, Plan, PlanError, PlanProblem, PoolOption, PoolPlan
+from scheduler.planner.problem import (
+    Bucket,
+    Plan,
+    PlanError,
+    PlanProblem,
+    PoolOption,
+    PoolPlan,
+    bucket_of,
+)
 
 _SHARE_EPS = 1e-9  # shares below this are solver noise, not routing
 
@@ -247,20 +255,6 @@ def single_type_plans(problem: PlanProblem, time_limit_s: float = 30.0) -> dict[
         except PlanError as exc:
             out[gpu] = exc
     return out
-
-
-def bucket_of(edges: Sequence[int], tokens: int) -> int:
-    """Index of the bucket [edges[i], edges[i+1]) holding `tokens`, clamped to the grid."""
-    lo, hi = 0, len(edges) - 2
-    if tokens < edges[0]:
-        return 0
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if edges[mid] <= tokens:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 __all__ = ["Bucket", "Plan", "PlanError", "PlanProblem", "PoolOption", "bucket_of", "single_type_plans", "solve"]
