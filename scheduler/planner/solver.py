@@ -13,11 +13,13 @@ Continuous shares make this a relaxation of Mélange's slice formulation (slices
 a bucket are the shares k/s), so it is never costlier than Mélange at any slice factor
 (`scheduler.planner.melange` keeps that formulation as the baseline to compare with).
 
-Solver: scipy.optimize.milp (HiGHS), chosen by measurement (bench/planner.py, "solver
-choice" in docs/benchmarks.md): on 10x10 buckets x 7 GPU types it solved in a fraction
-of the time PuLP's CBC took through PuLP's model building and file round-trip, and
-OR-Tools needs a protobuf major version that conflicts with the project's gRPC stubs.
-scipy is already installed with scikit-learn, so it adds no dependency.
+Solver: scipy.optimize.milp (HiGHS), chosen by measurement (bench/planner.py, part
+`solver`, in docs/benchmarks.md "Heterogeneous pool planner"): on 10 x 10 buckets x 7 GPU
+types, best of 3, HiGHS took 22-32 ms, PuLP's CBC 41-69 ms (model building and a file
+round-trip to the CBC binary), OR-Tools' SCIP 19-201 ms, all with the same optimum.
+HiGHS is as fast as the best, comes with scipy (already installed through scikit-learn,
+so no new dependency), and OR-Tools pins a protobuf major version older than the one the
+project's gRPC stubs need.
 """
 
 from __future__ import annotations
