@@ -87,8 +87,8 @@ class DryRunActuator:
         return dict(self.replicas)
 
     def drain(self, pool: str, count: int) -> bool:
-        self.commands.append(f"# drain {count} instance(s) of {pool}: tokenyard admin sets draining; wait "
-                             f"until their in-flight requests finish")
+        self.commands.append(f"# drain {count} instance(s) of {pool}: the router's Admin gRPC DrainInstance; "
+                             f"wait until their in-flight requests finish")
         return True
 
     def set_replicas(self, pool: str, replicas: int) -> None:
