@@ -92,7 +92,8 @@ def register(subparsers: Any) -> None:
     src.add_argument("--histogram", metavar="FILE",
                      help="YAML/JSON {input_edges, output_edges, rates: [[req/s]]} (or shares + total_rate)")
     parser.add_argument("--rate", type=float, metavar="RPS", help="plan for this total rate (default: the trace's)")
-    parser.add_argument("--rates", metavar="R,R,...", help="a day's rate series: one plan per step")
+    parser.add_argument("--rates", metavar="R,R,...", help="a day's rate series: one plan per step "
+                        "(or @FILE: one rate per line)")
     parser.add_argument("--step-s", type=float, default=3600.0, help="seconds per --rates step (default 3600)")
     parser.add_argument("--slo", action="append", metavar="CLASS=TTFT_MS:TPOT_MS",
                         help="SLO per class (repeat); default: the built-in interactive/default/batch classes")

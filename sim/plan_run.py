@@ -225,6 +225,20 @@ def _text(plan: Plan, verified: Verified | None) -> str:
     return "\n".join(lines)
 
 
+def _rates_text(spec: str) -> str:
+    """`R,R,...`, or `@FILE` with one rate per line (or comma-separated)."""
+    if not spec.startswith("@"):
+        return spec
+    from pathlib import Path
+
+    try:
+        text = Path(spec[1:]).read_text()
+    except OSError as exc:
+        raise PlanError(f"--rates {spec}: cannot read: {exc.strerror or exc}") from None
+    return ",".join(part.strip() for line in text.splitlines() for part in line.split(",")
+                    if part.strip() and not part.strip().startswith("#"))
+
+
 def run_plan(args: argparse.Namespace) -> int:
     from sim.plan_cli import EXIT_NOT_VERIFIED, UsageError, _emit, _numbers
 
@@ -240,7 +254,7 @@ def run_plan(args: argparse.Namespace) -> int:
         if args.rates:
             from scheduler.planner.schedule import day_schedule
 
-            rates = _numbers(args.rates, "--rates")
+            rates = _numbers(_rates_text(args.rates), "--rates")
             problem, _ = build_problem(workload, None, dataclasses.replace(
                 inputs, slo_classes=_classes_for(workload, inputs.slo_classes)), cache, progress, on_total)
             bar.close()

@@ -112,3 +112,27 @@ def test_bad_input_names_the_constraint(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expected in err, err
+
+
+def test_two_slo_classes_get_their_own_capacities_and_routes(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    rng = random.Random(5)
+    lines = ["arrival_s,input_tokens,output_tokens,slo_class"]
+    t = 0.0
+    for _ in range(300):
+        t += rng.expovariate(5.0)
+        lines.append(f"{t:.4f},{rng.randint(50, 800)},{rng.randint(20, 150)},{rng.choice(['chat', 'batch'])}")
+    trace = tmp_path / "classes.csv"
+    trace.write_text("\n".join(lines) + "\n")
+    rates = tmp_path / "rates.txt"
+    rates.write_text("# req/s per hour\n2\n6\n")
+    base = ["plan", "--trace", str(trace), "--gpus", "L4,A100-80GB", "--slo", "chat=1000:60",
+            "--slo", "batch=20000:1000", "--input-edges", "0,1024", "--output-edges", "0,256",
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--json"]
+    assert main([*base, "--verify"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert set(plan["routing"]) == {"batch", "chat"}
+    assert set(plan["verified"]["attainment"]) == {"batch", "chat"}
+    assert {b["slo_class"] for b in plan["buckets"]} == {"batch", "chat"}
+    assert main([*base, "--rates", f"@{rates}"]) == 0
+    assert [s["rate_rps"] for s in json.loads(capsys.readouterr().out)["steps"]] == [2.0, 6.0]
