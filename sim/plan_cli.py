@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -148,14 +149,51 @@ def _guarded(body: Callable[[], int], command: str) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    return _guarded(lambda: _plan(args), "plan")
+    def body() -> int:
+        with _NativeStdoutToStderr() as redirect:
+            args.stdout_redirect = redirect
+            return _plan(args)
+
+    return _guarded(body, "plan")
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
     return _guarded(lambda: _apply(args), "plan apply")
 
 
+class _NativeStdoutToStderr:
+    """While solving, the C-level stdout goes to stderr: HiGHS 1.12 prints a stray debug line
+    ("HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();") to stdout
+    whatever its output options (ERGO-Code/HiGHS#2783), which would corrupt `--json`.
+    `restore()` (called before printing the result) puts stdout back."""
+
+    def __init__(self) -> None:
+        self.saved: int | None = None
+
+    def __enter__(self) -> _NativeStdoutToStderr:
+        try:
+            sys.stdout.flush()
+            self.saved = os.dup(1)
+            os.dup2(2, 1)
+        except OSError:  # no usable fds (embedded use): leave stdout alone
+            self.saved = None
+        return self
+
+    def restore(self) -> None:
+        if self.saved is not None:
+            sys.stdout.flush()
+            os.dup2(self.saved, 1)
+            os.close(self.saved)
+            self.saved = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+
 def _emit(args: argparse.Namespace, doc: Mapping[str, Any], text: str) -> None:
+    redirect = getattr(args, "stdout_redirect", None)
+    if redirect is not None:
+        redirect.restore()
     if args.out:
         from sim.report import write_json
 
@@ -169,6 +207,8 @@ def _load_doc(path: str) -> Any:
     if path.endswith(".json"):
         try:
             return json.loads(Path(path).read_text())
+        except OSError as exc:
+            raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from None
         except json.JSONDecodeError as exc:
             raise UsageError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
     return load_yaml(path)  # YAML is a superset of JSON
