@@ -119,6 +119,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--verify-tries", type=int, default=6,
                         help="plans to try: each re-plan gives pools that missed the SLO 10%% more headroom "
                              "(default 6)")
+    parser.add_argument("--no-bursts", action="store_true",
+                        help="plan for the mean rate, not for the trace's bursts (see burst_factor)")
     parser.add_argument("--cache-dir", metavar="DIR", help="capacity cache (default ~/.cache/tokenyard/capacity)")
     parser.add_argument("--no-cache", action="store_true", help="measure capacities again, cache nothing")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")

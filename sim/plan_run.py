@@ -24,6 +24,7 @@ from sim.plan_workload import (
     Workload,
     attainment_by_class,
     build_problem,
+    burst_factor,
     plan_cluster,
 )
 from sim.workload import TraceRequest
@@ -40,6 +41,7 @@ class Verified:
     accepted: bool
     tries: int
     summary: dict[str, Any] | None = None
+    burst_factor: float = 1.0  # capacity planned per unit of mean rate (sim.plan_workload.burst_factor)
 
 
 def scaled_requests(requests: Sequence[TraceRequest], workload: Workload, rate_rps: float | None) -> list[TraceRequest]:
@@ -79,22 +81,28 @@ def _classes_for(workload: Workload, slos: Mapping[str, SloClass]) -> dict[str, 
 def plan_and_verify(workload: Workload, requests: Sequence[TraceRequest] | None, rate_rps: float | None,
                     inputs: PlanInputs, cache: CapacityCache, tries: int = 6,
                     progress: Callable[[int], None] | None = None,
-                    on_total: Callable[[int], None] | None = None) -> Verified:
-    """Solve; with `requests`, replay them and re-plan until every class meets
-    `inputs.attainment` (at most `tries` plans). Each re-plan raises the headroom of the
+                    on_total: Callable[[int], None] | None = None, bursts: bool = True) -> Verified:
+    """Solve; with `requests` and `tries` > 0, replay them and re-plan until every class
+    meets `inputs.attainment` (at most `tries` plans; 0: no verification). Each re-plan raises the headroom of the
     pools whose requests missed it: a pool's capacity per bucket is measured on that bucket
     alone, and long prompts mixed with long decodes on one instance interfere (a prefill
-    chunk stretches every decode step of its iteration)."""
+    chunk stretches every decode step of its iteration). With `bursts` and requests, the
+    plan is sized for the trace's bursts (`burst_factor` x the rate), not its mean."""
     slos = _classes_for(workload, inputs.slo_classes)
     inputs = dataclasses.replace(inputs, slo_classes=slos)
-    problem, _ = build_problem(workload, rate_rps, inputs, cache, progress, on_total)
     replay = scaled_requests(requests, workload, rate_rps) if requests is not None else None
+    factor = 1.0
+    if replay is not None and bursts:
+        ttft_s = min(s.ttft_slo_ms for s in slos.values()) / 1000.0
+        factor = burst_factor([r.arrival_s for r in replay], ttft_s)
+    planned_rps = (rate_rps if rate_rps is not None else workload.rate_rps) * factor
+    problem, _ = build_problem(workload, planned_rps, inputs, cache, progress, on_total)
     attempt = 0
     while True:
         attempt += 1
         plan = solve(problem)
-        if replay is None:
-            return Verified(plan, problem, {}, True, attempt)
+        if replay is None or tries <= 0:
+            return Verified(plan, problem, {}, True, attempt, burst_factor=factor)
         attainment, by_pool, summary = verify(plan, inputs, workload, replay, slos)
         ok = all(v >= inputs.attainment for v in attainment.values())
         headroom = dict(problem.headroom_by_pool)
@@ -102,7 +110,7 @@ def plan_and_verify(workload: Workload, requests: Sequence[TraceRequest] | None,
             if got < inputs.attainment and pool in plan.instances():
                 headroom[pool] = min(MAX_HEADROOM, problem.headroom_for(pool) + HEADROOM_STEP)
         if ok or attempt >= tries or headroom == dict(problem.headroom_by_pool):
-            return Verified(plan, problem, attainment, ok, attempt, summary)
+            return Verified(plan, problem, attainment, ok, attempt, summary, factor)
         problem = dataclasses.replace(problem, headroom_by_pool=headroom)
 
 
@@ -266,14 +274,16 @@ def run_plan(args: argparse.Namespace) -> int:
                               f"{s.plan.instances()}" for s in schedule.steps])
             _emit(args, doc, text)
             return 0
-        verified = plan_and_verify(workload, requests if args.verify else None, args.rate, inputs, cache,
-                                   max(1, args.verify_tries), progress, on_total)
+        verified = plan_and_verify(workload, requests, args.rate, inputs, cache,
+                                   max(1, args.verify_tries) if args.verify else 0, progress, on_total,
+                                   bursts=not args.no_bursts)
     finally:
         bar.close()
     plan = verified.plan
     doc = plan.as_dict()
     doc["cost"] = round(plan.usd_per_hour, 6)
     doc["rate_rps"] = args.rate if args.rate is not None else workload.rate_rps
+    doc["burst_factor"] = round(verified.burst_factor, 4)
     doc["headroom"] = {"default": verified.problem.headroom_fraction, **verified.problem.headroom_by_pool}
     from scheduler.planner.routing import table_from_plan
 
