@@ -136,3 +136,17 @@ def test_two_slo_classes_get_their_own_capacities_and_routes(tmp_path: Path,
     assert {b["slo_class"] for b in plan["buckets"]} == {"batch", "chat"}
     assert main([*base, "--rates", f"@{rates}"]) == 0
     assert [s["rate_rps"] for s in json.loads(capsys.readouterr().out)["steps"]] == [2.0, 6.0]
+
+
+def test_burst_factor_sees_bursts_not_poisson() -> None:
+    from sim.plan_workload import burst_factor
+
+    rng = random.Random(0)
+    steady, t = [], 0.0
+    for _ in range(3000):
+        t += rng.expovariate(5.0)
+        steady.append(t)
+    assert 1.0 <= burst_factor(steady, 3.0) < 1.5
+    burst = sorted([*steady, *(100.0 + k * 0.01 for k in range(200))])  # 200 requests in 2 s
+    assert burst_factor(burst, 1.0) > 5.0
+    assert burst_factor([1.0], 1.0) == 1.0
