@@ -239,21 +239,29 @@ def plot_fleets(points: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     combos = sorted({(p["workload"], p["slo"]) for p in points})
-    fig, axes = plt.subplots(1, len(combos), figsize=(4 * len(combos), 3.6), squeeze=False)
+    cols = 3
+    rows_n = -(-len(combos) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.4 * rows_n), squeeze=False)
     fleets = [k for k in points[0] if k not in ("workload", "slo", "rate_rps", "saving_vs_best_single")]
-    for ax, (workload, slo) in zip(axes[0], combos, strict=True):
+    colors = {fleet: plt.get_cmap("tab10")(k) for k, fleet in enumerate(fleets)}  # one colour per fleet
+    for n, (workload, slo) in enumerate(combos):
+        ax = axes[n // cols][n % cols]
         rows = sorted((p for p in points if (p["workload"], p["slo"]) == (workload, slo)), key=lambda p: p["rate_rps"])
         for fleet in fleets:
             xs = [p["rate_rps"] for p in rows if p[fleet].get("accepted")]
             ys = [p[fleet]["usd_per_hour"] for p in rows if p[fleet].get("accepted")]
             if xs:
-                ax.plot(xs, ys, marker="o", lw=2.5 if fleet == "mix" else 1, label="Tokenyard mix" if fleet == "mix" else fleet)
-        ax.set_title(f"{workload}, {slo} SLO")
+                ax.plot(xs, ys, marker="o", lw=3 if fleet == "mix" else 1, color=colors[fleet],
+                        label="Tokenyard mix" if fleet == "mix" else f"{fleet} only")
+        ax.set_title(f"{workload}, {slo} SLO ({'/'.join(f'{v:g}' for v in SLOS[slo])} ms)", fontsize=9)
         ax.set_xlabel("request rate (req/s)")
         ax.set_ylabel("$/h (verified plans)")
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+    handles = {h.get_label(): h for ax in axes.flat for h in ax.get_lines()}
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles), fontsize=8)
+    fig.subplots_adjust(bottom=0.16)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
@@ -311,7 +319,12 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "tokenyard" / "capacity"))
     parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "planner_results.json"))
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--plot-from", metavar="JSON", help="only redraw the plot from a results file")
     args = parser.parse_args()
+    if args.plot_from:
+        plot_fleets(json.loads(Path(args.plot_from).read_text())["fleets"],
+                    REPO_ROOT / "docs" / "img" / "planner_cost_vs_rate.png")
+        return
     parts = set(args.parts.split(","))
     results: dict[str, Any] = {}
     if "solver" in parts:
