@@ -300,12 +300,20 @@ def part_autoscale(cache_dir: str) -> dict[str, Any]:
     run = simulate_autoscaled(cluster, requests, plan, capacity, workload.input_edges, workload.output_edges,
                               config, 60.0, plan.instances(), until_s=3600.0)
     auto = summarize(run.result, slos)
+    # The same loop without hysteresis or dwell: what the band and the dwell prevent.
+    naive_config = dataclasses.replace(config, scale_down_headroom=config.headroom, dwell_s=0.0)
+    naive = simulate_autoscaled(cluster, requests, plan, capacity, workload.input_edges, workload.output_edges,
+                                naive_config, 60.0, plan.instances(), until_s=3600.0)
+    naive_summary = summarize(naive.result, slos)
     hours = (run.horizon_s[1] - run.horizon_s[0]) / 3600.0
     out = {"requests": len(requests), "static_usd": round(plan.usd_per_hour * hours, 3),
            "static_attainment": round(static["slo"]["default"]["both_attainment"], 4),
            "autoscaled_usd": round(run.usd, 3), "autoscaled_attainment": round(auto["slo"]["default"]["both_attainment"], 4),
            "scale_events": len(run.events), "reversals_within_dwell": run.reversals(config.dwell_s),
-           "aborted": run.aborted, "rejected": auto["rejected"], "plan": plan.instances()}
+           "aborted": run.aborted, "rejected": auto["rejected"], "plan": plan.instances(),
+           "no_hysteresis": {"usd": round(naive.usd, 3), "scale_events": len(naive.events),
+                             "reversals_within_300s": naive.reversals(config.dwell_s), "aborted": naive.aborted,
+                             "attainment": round(naive_summary["slo"]["default"]["both_attainment"], 4)}}
     print("autoscaler vs static:", json.dumps(out))
     return out
 
