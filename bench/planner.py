@@ -276,7 +276,7 @@ def part_autoscale(cache_dir: str) -> dict[str, Any]:
     from scheduler.catalog import default_catalog
     from scheduler.types import SloClass
     from sim.capacity import CapacityCache
-    from sim.plan_autoscale import simulate_autoscaled
+    from sim.plan_autoscale import autoscale_from_plan
     from sim.plan_run import plan_and_verify
     from sim.plan_workload import PlanInputs, Workload, plan_cluster
     from sim.report import summarize
@@ -293,17 +293,12 @@ def part_autoscale(cache_dir: str) -> dict[str, Any]:
     plan = verified.plan
     static_cluster = plan_cluster(plan, inputs, workload, slos)
     static = summarize(simulate(static_cluster, requests), slos)
-    cluster = dataclasses.replace(static_cluster, pools=tuple(dataclasses.replace(p, count=p.count + 2)
-                                                              for p in static_cluster.pools))
-    config = dataclasses.replace(CONFIG, min_replicas={cluster.pools[0].name: 1})
-    capacity = {o.name: o.capacity_rps for o in verified.problem.options}
-    run = simulate_autoscaled(cluster, requests, plan, capacity, workload.input_edges, workload.output_edges,
-                              config, 60.0, plan.instances(), until_s=3600.0)
+    config = dataclasses.replace(CONFIG, min_replicas={next(iter(plan.instances())): 1})
+    run = autoscale_from_plan(verified, inputs, workload, requests, config, until_s=3600.0)
     auto = summarize(run.result, slos)
     # The same loop without hysteresis or dwell: what the band and the dwell prevent.
     naive_config = dataclasses.replace(config, scale_down_headroom=config.headroom, dwell_s=0.0)
-    naive = simulate_autoscaled(cluster, requests, plan, capacity, workload.input_edges, workload.output_edges,
-                                naive_config, 60.0, plan.instances(), until_s=3600.0)
+    naive = autoscale_from_plan(verified, inputs, workload, requests, naive_config, until_s=3600.0)
     naive_summary = summarize(naive.result, slos)
     hours = (run.horizon_s[1] - run.horizon_s[0]) / 3600.0
     out = {"requests": len(requests), "static_usd": round(plan.usd_per_hour * hours, 3),

@@ -18,6 +18,7 @@ Uses only the simulator's public `Simulation` class; it is not modified.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -36,6 +37,8 @@ from scheduler.planner.autoscale import (
 from scheduler.planner.problem import Plan, bucket_of
 from scheduler.types import Decision, RequestInfo
 from sim.cluster import ClusterSpec
+from sim.plan_run import Verified
+from sim.plan_workload import PlanInputs, Workload, plan_cluster
 from sim.records import SimResult
 from sim.simulator import Simulation
 from sim.workload import TraceRequest
@@ -276,3 +279,17 @@ def simulate_autoscaled(cluster: ClusterSpec, requests: Sequence[TraceRequest], 
     usd = sum((stop - begin) / 3600.0 * price[i.pool]
               for i in wrapper.instances.values() for begin, stop in i.intervals)
     return AutoscaleRun(result, wrapper.events, intervals, usd, (start, end), check_no_aborts(result, intervals))
+
+
+def autoscale_from_plan(verified: Verified, inputs: PlanInputs, workload: Workload, requests: Sequence[TraceRequest],
+                        config: AutoscalerConfig, cold_start_s: float = 60.0, spare_per_pool: int = 2,
+                        until_s: float | None = None) -> AutoscaleRun:
+    """The autoscaler over `requests`, starting from a verified plan's fleet (warm), each
+    pool able to grow to its planned size + `spare_per_pool`, routed by the plan's table."""
+    plan = verified.plan
+    cluster = plan_cluster(plan, inputs, workload, inputs.slo_classes or {})
+    cluster = dataclasses.replace(cluster, pools=tuple(dataclasses.replace(p, count=p.count + spare_per_pool)
+                                                       for p in cluster.pools))
+    capacity = {o.name: o.capacity_rps for o in verified.problem.options}
+    return simulate_autoscaled(cluster, requests, plan, capacity, workload.input_edges, workload.output_edges,
+                               config, cold_start_s, plan.instances(), until_s=until_s)

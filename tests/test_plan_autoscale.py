@@ -22,9 +22,9 @@ from scheduler.planner.autoscale import (
 from scheduler.planner.problem import PlanError
 from scheduler.types import SloClass
 from sim.capacity import CapacityCache
-from sim.plan_autoscale import simulate_autoscaled
+from sim.plan_autoscale import autoscale_from_plan
 from sim.plan_run import plan_and_verify
-from sim.plan_workload import PlanInputs, Workload, plan_cluster
+from sim.plan_workload import PlanInputs, Workload
 from sim.report import summarize
 from sim.workload import TraceRequest
 
@@ -110,13 +110,9 @@ def test_simulated_day_with_the_autoscaler(tmp_path: Path) -> None:
     verified = plan_and_verify(workload, peak, None, inputs, CapacityCache(tmp_path / "cache"))
     assert verified.accepted
     plan = verified.plan
-    cluster = plan_cluster(plan, inputs, workload, slos)
-    cluster = dataclasses.replace(cluster, pools=tuple(dataclasses.replace(p, count=p.count + 2) for p in cluster.pools))
-    floor = {cluster.pools[0].name: 1}
+    floor = {next(iter(plan.instances())): 1}
     config = dataclasses.replace(CONFIG, min_replicas=floor)
-    capacity = {o.name: o.capacity_rps for o in verified.problem.options}
-    run = simulate_autoscaled(cluster, requests, plan, capacity, workload.input_edges, workload.output_edges,
-                              config, 60.0, plan.instances(), until_s=3600.0)
+    run = autoscale_from_plan(verified, inputs, workload, requests, config, until_s=3600.0)
     summary = summarize(run.result, slos)
     assert summary["rejected"] == 0 and summary["completed"] == len(requests)
     assert run.aborted == 0  # nothing ran on an instance after it was stopped
