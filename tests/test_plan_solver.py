@@ -186,3 +186,30 @@ def test_day_schedule_costs_less_than_a_static_peak_fleet() -> None:
     assert schedule.static_peak_usd == pytest.approx(4 * schedule.peak_plan.usd_per_hour)
     with pytest.raises(PlanError, match="--rates"):
         day_schedule(_problem(), [0.0], 3600.0)
+
+
+def test_live_histogram_merges_replicas_and_feeds_pool_loads() -> None:
+    from scheduler.planner.autoscale import pool_loads
+    from scheduler.planner.histogram import LengthHistogram
+
+    edges_in, edges_out = (0, 512, 4096), (0, 128, 1024)
+    replica_a = LengthHistogram(edges_in, edges_out, slot_s=60.0, keep_slots=5)
+    replica_b = LengthHistogram(edges_in, edges_out, slot_s=60.0, keep_slots=5)
+    for k in range(120):  # two minutes of traffic split over two router replicas
+        (replica_a if k % 2 else replica_b).record(k * 1.0, "default", 100, 50)
+    replica_a.record(125.0, "default", 3000, 500)  # in the current (partial) slot: not counted yet
+    merged = LengthHistogram.from_dict(replica_a.as_dict()).merge(replica_b)
+    assert merged.rates(now_s=130.0, window_s=120.0) == {("default", 0, 0): pytest.approx(1.0)}
+    plan = solve(_problem())
+    rates = merged.rates_by_bucket(plan.buckets, now_s=130.0, window_s=120.0)
+    assert rates == {0: pytest.approx(1.0)}
+    capacity = {o.name: o.capacity_rps for o in _problem().options}
+    loads = pool_loads(rates, plan.shares, capacity)
+    assert sum(loads.values()) > 0
+    for k in range(10):  # old slots are dropped: the stored histogram stays bounded
+        merged.record(1000.0 + k, "default", 100, 50)
+    assert min(key[0] for key in merged.counts) >= 1000 // 60 - 5
+    with pytest.raises(PlanError, match="different bucket edges"):
+        merged.merge(LengthHistogram((0, 10), edges_out))
+    with pytest.raises(PlanError, match="histogram: expected"):
+        LengthHistogram.from_dict({"input_edges": [0, 1]})
