@@ -1,0 +1,351 @@
+"""Planner evidence: plan cost against every single-GPU-type fleet (all verified in the
+simulator), against Mélange's own formulation, the solver choice and solve time, and the
+autoscaler against a static fleet.
+
+Parts (all by default; `--parts` picks some):
+
+- `solver`: the allocation program on 10 x 10 buckets x 7 GPU types (capacities from a
+  roofline-shaped formula; the solve, not the table, is timed), with scipy's HiGHS MILP,
+  PuLP's CBC and OR-Tools' SCIP when installed; best of 3 solves each.
+- `melange`: Mélange's published example and random Mélange-format inputs; our solver at
+  the inputs' slice factor and with continuous shares vs Mélange's slice formulation.
+- `fleets`: the Azure conversation and code traces (first `--window-s` seconds) and their
+  merge (mixed), at `--rates`, under two SLOs: the Tokenyard plan (every GPU type of the
+  catalog) vs the cheapest fleet of each single GPU type, every plan verified by replaying
+  the trace in the simulator (re-planned until it meets the attainment target). Cost is $/h;
+  a single type that cannot meet the SLO for some bucket is reported as such. Plot:
+  docs/img/planner_cost_vs_rate.png.
+- `autoscale`: a synthetic day (ramp, plateau, idle gap, ramp) on the planned pools with
+  the autoscaler on simulated time vs the static fleet sized for the peak.
+
+    nice -n 10 python bench/planner.py                       # everything (~15 min on 1 core)
+    nice -n 10 python bench/planner.py --parts solver,melange
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+DATA = Path(os.environ.get("TOKENYARD_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+AZURE = DATA / "traces" / "azure_llm_2023"
+
+from scheduler.planner.problem import PlanError, PlanProblem, PoolOption, grid_buckets  # noqa: E402
+from scheduler.planner.solver import solve  # noqa: E402
+
+SLOS = {"strict": (1000.0, 100.0), "relaxed": (3000.0, 200.0)}
+
+
+# -- solver choice ------------------------------------------------------------------------
+
+def ten_by_ten(seed: int = 0) -> PlanProblem:
+    """10 x 10 buckets, 7 GPU types with catalog prices; capacity ~ speed / (prefill + decode work)."""
+    from scheduler.catalog import default_catalog
+
+    rng = random.Random(seed)
+    edges = [0, *[2 ** k for k in range(6, 16)]]
+    rates = [[rng.uniform(0.0, 1.0) for _ in range(10)] for _ in range(10)]
+    buckets = grid_buckets(edges, edges, rates)
+    options = []
+    for gpu in default_catalog().gpus.values():
+        speed = gpu.bf16_tflops / 100.0 + gpu.hbm_gbps / 1000.0
+        caps = []
+        for b in buckets:
+            n_in, n_out = (b.input_lo + b.input_hi) / 2, (b.output_lo + b.output_hi) / 2
+            fits = (n_in + n_out) * 1.3e5 < gpu.memory_gib * 2 ** 30 * 0.3  # KV of one request
+            caps.append(speed * 40.0 / (n_in / 2000.0 + n_out / 40.0) if fits else 0.0)
+        options.append(PoolOption(f"{gpu.name.lower()}-tp1", gpu.name, 1, gpu.usd_per_hour, tuple(caps)))
+    return PlanProblem(buckets, tuple(options), headroom_fraction=0.1)
+
+
+def _pulp_solve(problem: PlanProblem) -> float:
+    import pulp
+
+    model = pulp.LpProblem("plan", pulp.LpMinimize)
+    n = {o.name: pulp.LpVariable(f"n_{p}", lowBound=0, cat="Integer") for p, o in enumerate(problem.options)}
+    x = {}
+    for k, b in enumerate(problem.buckets):
+        if b.rate_rps <= 0:
+            continue
+        allowed = [o for o in problem.options if o.capacity_rps[k] > 0]
+        for o in allowed:
+            x[(k, o.name)] = pulp.LpVariable(f"x_{k}_{o.name}".replace("-", "_"), 0, 1)
+        model += pulp.lpSum(x[(k, o.name)] for o in allowed) == 1
+    model += pulp.lpSum(o.usd_per_hour * n[o.name] for o in problem.options)
+    for o in problem.options:
+        terms = [x[(k, o.name)] * b.rate_rps / o.capacity_rps[k] for k, b in enumerate(problem.buckets)
+                 if (k, o.name) in x]
+        model += pulp.lpSum(terms) <= (1 - problem.headroom_fraction) * n[o.name]
+    model.solve(pulp.PULP_CBC_CMD(msg=0))
+    return float(pulp.value(model.objective))
+
+
+def _ortools_solve(problem: PlanProblem) -> float:
+    from ortools.linear_solver import pywraplp
+
+    solver = pywraplp.Solver.CreateSolver("SCIP")
+    n = {o.name: solver.IntVar(0, solver.infinity(), f"n{p}") for p, o in enumerate(problem.options)}
+    x = {}
+    for k, b in enumerate(problem.buckets):
+        if b.rate_rps <= 0:
+            continue
+        allowed = [o for o in problem.options if o.capacity_rps[k] > 0]
+        for o in allowed:
+            x[(k, o.name)] = solver.NumVar(0, 1, f"x{k}{o.name}")
+        solver.Add(sum(x[(k, o.name)] for o in allowed) == 1)
+    for o in problem.options:
+        solver.Add(sum(x[(k, o.name)] * b.rate_rps / o.capacity_rps[k] for k, b in enumerate(problem.buckets)
+                       if (k, o.name) in x) <= (1 - problem.headroom_fraction) * n[o.name])
+    solver.Minimize(sum(o.usd_per_hour * n[o.name] for o in problem.options))
+    solver.Solve()
+    return float(solver.Objective().Value())
+
+
+def part_solver() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for seed in (0, 1, 2):
+        problem = ten_by_ten(seed)
+        for name, fn in (("scipy-highs", lambda p: solve(p).usd_per_hour), ("pulp-cbc", _pulp_solve),
+                         ("ortools-scip", _ortools_solve)):
+            try:
+                times, cost = [], 0.0
+                for _ in range(3):
+                    start = time.perf_counter()
+                    cost = fn(problem)
+                    times.append(time.perf_counter() - start)
+            except ImportError:
+                out.setdefault(name, "not installed")
+                continue
+            entry = out.setdefault(name, {"best_s": [], "usd_per_hour": []})
+            entry["best_s"].append(round(min(times), 4))
+            entry["usd_per_hour"].append(round(cost, 4))
+    print("solver choice (10x10 buckets x 7 GPU types, best of 3):", json.dumps(out))
+    return out
+
+
+# -- against Mélange's formulation -----------------------------------------------------------
+
+PUBLISHED = {
+    "gpu_info": {"A10G": {"cost": 1.01, "tputs": [[2, 1], [5, 2]]},
+                 "A100-80GB": {"cost": 3.67, "tputs": [[20, 20], [40, 20]]}},
+    "workload_distribution": [[0.2, 0.1], [0.5, 0.2]], "total_request_rate": 30, "slice_factor": 8,
+}
+
+
+def _random_melange(rng: random.Random) -> dict[str, Any]:
+    rows, cols, gpus = rng.randint(2, 6), rng.randint(2, 6), rng.randint(2, 5)
+    return {
+        "gpu_info": {f"G{g}": {"cost": round(rng.uniform(0.5, 10), 2),
+                               "tputs": [[round(rng.uniform(0.2, 40), 2) for _ in range(cols)] for _ in range(rows)]}
+                     for g in range(gpus)},
+        "workload_distribution": [[rng.random() for _ in range(cols)] for _ in range(rows)],
+        "total_request_rate": round(rng.uniform(1, 100), 1),
+        "slice_factor": rng.choice([1, 2, 4, 8]),
+    }
+
+
+def part_melange(cases: int) -> dict[str, Any]:
+    from scheduler.planner.melange import melange_baseline, melange_problem, parse_melange_config
+
+    published = parse_melange_config(PUBLISHED)
+    ours = solve(melange_problem(published))
+    rows = {"published": {"ours": ours.instances(), "ours_usd": round(ours.usd_per_hour, 4),
+                          "melange_usd": round(melange_baseline(published).usd_per_hour, 4)}}
+    rng = random.Random(7)
+    costlier = 0
+    savings_continuous = []
+    for _ in range(cases):
+        config = parse_melange_config(_random_melange(rng))
+        base = melange_baseline(config).usd_per_hour
+        sliced = solve(melange_problem(config)).usd_per_hour
+        continuous = solve(melange_problem(config, continuous=True)).usd_per_hour
+        costlier += sliced > base + 1e-6 or continuous > base + 1e-6
+        savings_continuous.append(1 - continuous / base)
+    rows["random"] = {"cases": cases, "costlier_than_melange": costlier,
+                      "continuous_saving_mean": round(sum(savings_continuous) / cases, 4),
+                      "continuous_saving_max": round(max(savings_continuous), 4)}
+    print("against Mélange:", json.dumps(rows))
+    return rows
+
+
+# -- plans vs single-GPU fleets, verified -----------------------------------------------------
+
+def _workloads(window_s: float) -> dict[str, list[Any]]:
+    from sim.traces import read_trace
+
+    conv = read_trace(AZURE / "AzureLLMInferenceTrace_conv.csv", window_s=(0, window_s)).requests()
+    code = read_trace(AZURE / "AzureLLMInferenceTrace_code.csv", window_s=(0, window_s)).requests()
+    for r in code:
+        r.request_id = f"code-{r.request_id}"
+    mixed = sorted([*conv, *code], key=lambda r: r.arrival_s)
+    return {"conv": conv, "code": code, "mixed": mixed}
+
+
+def part_fleets(rates: list[float], window_s: float, cache_dir: str, progress: bool) -> list[dict[str, Any]]:
+    from tqdm import tqdm
+
+    from scheduler.catalog import default_catalog
+    from scheduler.types import SloClass
+    from sim.capacity import CapacityCache
+    from sim.plan_run import plan_and_verify
+    from sim.plan_workload import PlanInputs, Workload
+
+    catalog = default_catalog()
+    gpus = tuple(sorted(catalog.gpus.values(), key=lambda g: g.usd_per_hour))
+    cache = CapacityCache(cache_dir)
+    points: list[dict[str, Any]] = []
+    jobs = [(w, s, r) for w in ("conv", "code", "mixed") for s in SLOS for r in rates]
+    workloads = _workloads(window_s)
+    bar = tqdm(jobs, desc="plans (verified)", file=sys.stderr, disable=not progress)
+    for name, slo_name, rate in bar:
+        requests = workloads[name]
+        workload = Workload.from_requests(requests)
+        ttft, tpot = SLOS[slo_name]
+        inputs = PlanInputs(catalog, catalog.model("llama-3-8b"), gpus, (1,),
+                            {"default": SloClass("default", ttft, tpot)}, 0.95)
+        row: dict[str, Any] = {"workload": name, "slo": slo_name, "rate_rps": rate}
+        for fleet in ("mix", *[g.name for g in gpus]):
+            fleet_inputs = inputs if fleet == "mix" else dataclasses.replace(inputs, gpus=(catalog.gpu(fleet),))
+            try:
+                verified = plan_and_verify(workload, requests, rate, fleet_inputs, cache)
+            except PlanError as exc:
+                row[fleet] = {"error": str(exc)[:80]}
+                continue
+            row[fleet] = {"usd_per_hour": round(verified.plan.usd_per_hour, 3), "accepted": verified.accepted,
+                          "attainment": round(min(verified.attainment.values()), 4), "plans": verified.tries,
+                          "solve_s": round(verified.plan.solve_s, 4), "instances": verified.plan.instances()}
+        singles = [v["usd_per_hour"] for k, v in row.items() if k not in ("mix", "workload", "slo", "rate_rps")
+                   and isinstance(v, dict) and v.get("accepted")]
+        if singles and row["mix"].get("accepted"):
+            row["saving_vs_best_single"] = round(1 - row["mix"]["usd_per_hour"] / min(singles), 4)
+        points.append(row)
+        bar.set_postfix_str(f"{name}/{slo_name}/{rate}: saving {row.get('saving_vs_best_single')}")
+    return points
+
+
+def plot_fleets(points: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    combos = sorted({(p["workload"], p["slo"]) for p in points})
+    cols = 3
+    rows_n = -(-len(combos) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.4 * rows_n), squeeze=False)
+    fleets = [k for k in points[0] if k not in ("workload", "slo", "rate_rps", "saving_vs_best_single")]
+    colors = {fleet: plt.get_cmap("tab10")(k) for k, fleet in enumerate(fleets)}  # one colour per fleet
+    for n, (workload, slo) in enumerate(combos):
+        ax = axes[n // cols][n % cols]
+        rows = sorted((p for p in points if (p["workload"], p["slo"]) == (workload, slo)), key=lambda p: p["rate_rps"])
+        for fleet in fleets:
+            xs = [p["rate_rps"] for p in rows if p[fleet].get("accepted")]
+            ys = [p[fleet]["usd_per_hour"] for p in rows if p[fleet].get("accepted")]
+            if xs:
+                ax.plot(xs, ys, marker="o", lw=3 if fleet == "mix" else 1, color=colors[fleet],
+                        label="Tokenyard mix" if fleet == "mix" else f"{fleet} only")
+        ax.set_title(f"{workload}, {slo} SLO ({'/'.join(f'{v:g}' for v in SLOS[slo])} ms)", fontsize=9)
+        ax.set_xlabel("request rate (req/s)")
+        ax.set_ylabel("$/h (verified plans)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+    handles = {h.get_label(): h for ax in axes.flat for h in ax.get_lines()}
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles), fontsize=8)
+    fig.subplots_adjust(bottom=0.16)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+# -- autoscaler vs static ---------------------------------------------------------------------
+
+def part_autoscale(cache_dir: str) -> dict[str, Any]:
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from test_plan_autoscale import CONFIG, _day  # the same synthetic day the test runs
+
+    from scheduler.catalog import default_catalog
+    from scheduler.types import SloClass
+    from sim.capacity import CapacityCache
+    from sim.plan_autoscale import autoscale_from_plan
+    from sim.plan_run import plan_and_verify
+    from sim.plan_workload import PlanInputs, Workload, plan_cluster
+    from sim.report import summarize
+    from sim.simulator import simulate
+
+    catalog = default_catalog()
+    requests = _day()
+    peak = [r for r in requests if 600 <= r.arrival_s < 1200]
+    workload = Workload.from_requests(peak, (0, 1024), (0, 128))
+    slos = {"default": SloClass("default", 3000.0, 200.0)}
+    inputs = PlanInputs(catalog, catalog.model("llama-3-8b"), (catalog.gpu("L4"), catalog.gpu("A100-80GB")),
+                        (1,), slos, 0.95)
+    verified = plan_and_verify(workload, peak, None, inputs, CapacityCache(cache_dir))
+    plan = verified.plan
+    static_cluster = plan_cluster(plan, inputs, workload, slos)
+    static = summarize(simulate(static_cluster, requests), slos)
+    config = dataclasses.replace(CONFIG, min_replicas={next(iter(plan.instances())): 1})
+    run = autoscale_from_plan(verified, inputs, workload, requests, config, until_s=3600.0)
+    auto = summarize(run.result, slos)
+    # The same loop without hysteresis or dwell: what the band and the dwell prevent.
+    naive_config = dataclasses.replace(config, scale_down_headroom=config.headroom, dwell_s=0.0)
+    naive = autoscale_from_plan(verified, inputs, workload, requests, naive_config, until_s=3600.0)
+    naive_summary = summarize(naive.result, slos)
+    hours = (run.horizon_s[1] - run.horizon_s[0]) / 3600.0
+    out = {"requests": len(requests), "static_usd": round(plan.usd_per_hour * hours, 3),
+           "static_attainment": round(static["slo"]["default"]["both_attainment"], 4),
+           "autoscaled_usd": round(run.usd, 3), "autoscaled_attainment": round(auto["slo"]["default"]["both_attainment"], 4),
+           "scale_events": len(run.events), "reversals_within_dwell": run.reversals(config.dwell_s),
+           "aborted": run.aborted, "rejected": auto["rejected"], "plan": plan.instances(),
+           "no_hysteresis": {"usd": round(naive.usd, 3), "scale_events": len(naive.events),
+                             "reversals_within_300s": naive.reversals(config.dwell_s), "aborted": naive.aborted,
+                             "attainment": round(naive_summary["slo"]["default"]["both_attainment"], 4)}}
+    print("autoscaler vs static:", json.dumps(out))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default="solver,melange,fleets,autoscale")
+    parser.add_argument("--rates", default="5,10,20")
+    parser.add_argument("--window-s", type=float, default=600.0)
+    parser.add_argument("--melange-cases", type=int, default=200)
+    parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "tokenyard" / "capacity"))
+    parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "planner_results.json"))
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--plot-from", metavar="JSON", help="only redraw the plot from a results file")
+    args = parser.parse_args()
+    if args.plot_from:
+        plot_fleets(json.loads(Path(args.plot_from).read_text())["fleets"],
+                    REPO_ROOT / "docs" / "img" / "planner_cost_vs_rate.png")
+        return
+    parts = set(args.parts.split(","))
+    results: dict[str, Any] = {}
+    if "solver" in parts:
+        results["solver"] = part_solver()
+    if "melange" in parts:
+        results["melange"] = part_melange(args.melange_cases)
+    if "fleets" in parts:
+        points = part_fleets([float(r) for r in args.rates.split(",")], args.window_s, args.cache_dir,
+                             not args.no_progress)
+        results["fleets"] = points
+        for p in points:
+            print(json.dumps(p))
+        plot_fleets(points, REPO_ROOT / "docs" / "img" / "planner_cost_vs_rate.png")
+    if "autoscale" in parts:
+        results["autoscale"] = part_autoscale(args.cache_dir)
+    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""The autoscaling control loop, as pure decisions: pool targets from observed load, and the
+instance changes that reach them.
+
+Every `interval_s` the driver (router control plane, or the simulator on simulated time)
+measures each pool's load over the last `window_s` in instance-equivalents (requests of
+each length bucket routed to the pool, each counting 1 / the capacity of one instance for
+that bucket: `pool_loads`) and calls `decide_targets`:
+
+- scale up at once when the load needs more instances than the pool has at `headroom`;
+- scale down only when it would still fit at the larger `scale_down_headroom` (a
+  hysteresis band: a load between the two moves nothing) and the pool has not changed for
+  `dwell_s` (no flapping);
+- a pool that received nothing for `idle_s` goes to its minimum (zero allowed), still
+  after its dwell;
+- each change moves at most `max_step` instances (rate-limited).
+
+`reconcile` turns a target into instance actions: a scale-up first takes back instances
+that are still draining, then starts new ones (ready after the cold start); a scale-down
+drains the emptiest ready instances; a draining instance is removed only once nothing is
+in flight on it, so a scale-down never aborts a request.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from scheduler.planner.problem import PlanError
+
+
+@dataclass(frozen=True, slots=True)
+class AutoscalerConfig:
+    interval_s: float = 60.0
+    window_s: float = 300.0
+    headroom: float = 0.2
+    scale_down_headroom: float = 0.4
+    dwell_s: float = 600.0
+    idle_s: float = 600.0
+    max_step: int = 4
+    min_replicas: Mapping[str, int] = field(default_factory=dict)  # pool -> minimum (default 0)
+    max_replicas: Mapping[str, int] = field(default_factory=dict)  # pool -> maximum (default: none)
+
+    def validate(self) -> None:
+        if self.interval_s <= 0 or self.window_s <= 0:
+            raise PlanError("autoscaler: interval_s and window_s must be positive")
+        if not 0 <= self.headroom <= self.scale_down_headroom < 1:
+            raise PlanError("autoscaler: expected 0 <= headroom <= scale_down_headroom < 1 (the hysteresis band), "
+                            f"got {self.headroom} and {self.scale_down_headroom}")
+        if self.dwell_s < 0 or self.idle_s < 0 or self.max_step < 1:
+            raise PlanError("autoscaler: dwell_s and idle_s must be >= 0 and max_step >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class PoolObservation:
+    pool: str
+    load_instances: float  # instance-equivalents of load over the window
+    replicas: int  # the pool's current target (ready + starting)
+    last_change_s: float  # when its target last changed (-inf: never)
+    last_request_s: float  # last arrival routed to it (-inf: never)
+
+
+def pool_loads(window_rates_rps: Mapping[int, float], shares: Sequence[Mapping[str, float]],
+               capacity_rps: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    """Instance-equivalents of load per pool: bucket k's observed rate, split by the plan's
+    shares, over the capacity of one instance of the pool for bucket k."""
+    loads: dict[str, float] = {pool: 0.0 for pool in capacity_rps}
+    for k, rate in window_rates_rps.items():
+        for pool, share in shares[k].items():
+            cap = capacity_rps[pool][k]
+            if cap > 0 and rate > 0:
+                loads[pool] = loads.get(pool, 0.0) + rate * share / cap
+    return loads
+
+
+def _needed(load: float, headroom: float) -> int:
+    return math.ceil(load / (1.0 - headroom) - 1e-9) if load > 0 else 0
+
+
+def decide_targets(config: AutoscalerConfig, observations: Sequence[PoolObservation], now_s: float) -> dict[str, int]:
+    """The target replicas of every observed pool (see the module docstring)."""
+    targets: dict[str, int] = {}
+    for obs in observations:
+        low = config.min_replicas.get(obs.pool, 0)
+        high = config.max_replicas.get(obs.pool, 1 << 30)
+        target = obs.replicas
+        up = _needed(obs.load_instances, config.headroom)
+        settled = now_s - obs.last_change_s >= config.dwell_s
+        idle = now_s - obs.last_request_s >= config.idle_s
+        if up > obs.replicas:
+            target = min(up, obs.replicas + config.max_step)
+        elif settled and idle:
+            target = max(low, obs.replicas - config.max_step)
+        elif settled:
+            # Not idle yet: keep one instance warm until `idle_s` has passed without traffic.
+            down = max(_needed(obs.load_instances, config.scale_down_headroom), 1)
+            if down < obs.replicas:
+                target = max(down, obs.replicas - config.max_step)
+        targets[obs.pool] = min(high, max(low, target))
+    return targets
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceView:
+    instance_id: str
+    state: str  # "off", "starting", "ready", "draining"
+    inflight: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Actions:
+    start: tuple[str, ...] = ()
+    undrain: tuple[str, ...] = ()
+    drain: tuple[str, ...] = ()
+    remove: tuple[str, ...] = ()  # draining and empty: safe to stop now
+
+
+def reconcile(instances: Sequence[InstanceView], target: int) -> Actions:
+    """Instance actions that move one pool towards `target` (ready + starting)."""
+    active = [i for i in instances if i.state in ("ready", "starting")]
+    draining = [i for i in instances if i.state == "draining"]
+    off = [i for i in instances if i.state == "off"]
+    start: list[str] = []
+    undrain: list[str] = []
+    drain: list[str] = []
+    if target > len(active):
+        missing = target - len(active)
+        # A draining instance is warm: taking it back is cheaper than a cold start.
+        undrain = [i.instance_id for i in sorted(draining, key=lambda i: -i.inflight)[:missing]]
+        missing -= len(undrain)
+        start = [i.instance_id for i in off[:missing]]
+    elif target < len(active):
+        excess = len(active) - target
+        # Starting instances first (nothing runs on them), then the emptiest ready ones.
+        order = sorted(active, key=lambda i: (i.state != "starting", i.inflight, i.instance_id))
+        drain = [i.instance_id for i in order[:excess]]
+    remove = tuple(i.instance_id for i in draining if i.inflight == 0 and i.instance_id not in undrain)
+    return Actions(tuple(start), tuple(undrain), tuple(drain), remove)

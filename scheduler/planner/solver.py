@@ -1,0 +1,262 @@
+"""The allocation integer program: fewest dollars per hour that carry the workload.
+
+Variables: n[p], the integer number of instances of pool option p, and x[g, p] in [0, 1],
+the share of routing group g's traffic sent to p (a group is one bucket, or one input row
+with `route_by_input`). Minimise sum_p cost_p n[p] subject to
+
+    sum_p x[g, p] = 1                                   every group with traffic
+    sum_k rate_k x[g(k), p] / cap[p, k] <= (1 - headroom) n[p]     capacity of every pool
+    sum_{p of type t} tp_p n[p] <= available GPUs of type t       availability
+    n[p] = 0 or min_replicas_p <= n[p] <= max_replicas_p         (semi-integer variables)
+
+Continuous shares make this a relaxation of Mélange's slice formulation (slices of 1/s of
+a bucket are the shares k/s), so it is never costlier than Mélange at any slice factor
+(`scheduler.planner.melange` keeps that formulation as the baseline to compare with).
+
+Solver: scipy.optimize.milp (HiGHS), chosen by measurement (bench/planner.py, part
+`solver`, in docs/benchmarks.md "Heterogeneous pool planner"): on 10 x 10 buckets x 7 GPU
+types, best of 3, HiGHS took 22-32 ms, PuLP's CBC 41-69 ms (model building and a file
+round-trip to the CBC binary), OR-Tools' SCIP 19-201 ms, all with the same optimum.
+HiGHS is as fast as the best, comes with scipy (already installed through scikit-learn,
+so no new dependency), and OR-Tools pins a protobuf major version older than the one the
+project's gRPC stubs need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import coo_array
+
+from scheduler.planner.problem import (
+    Bucket,
+    Plan,
+    PlanError,
+    PlanProblem,
+    PoolOption,
+    PoolPlan,
+    bucket_of,
+)
+
+_SHARE_EPS = 1e-9  # shares below this are solver noise, not routing
+
+
+@dataclass(slots=True)
+class _Layout:
+    """Column indices of the variables: n[p] first, then x[g, p] for allowed pairs."""
+
+    n_options: int
+    groups: list[list[int]]  # group -> bucket indices
+    pairs: list[tuple[int, int]]  # column n_options + k -> (group, option)
+
+    @property
+    def size(self) -> int:
+        return self.n_options + len(self.pairs)
+
+
+def _groups(problem: PlanProblem) -> list[list[int]]:
+    if not problem.route_by_input:
+        return [[k] for k, b in enumerate(problem.buckets) if b.rate_rps > 0]
+    rows: dict[tuple[str, int], list[int]] = {}
+    for k, bucket in enumerate(problem.buckets):
+        if bucket.rate_rps > 0:
+            rows.setdefault((bucket.slo_class, bucket.row), []).append(k)
+    return list(rows.values())
+
+
+def _can_serve(option: PoolOption, members: Sequence[int]) -> bool:
+    return all(option.capacity_rps[k] > 0 for k in members)
+
+
+def _unservable_error(problem: PlanProblem, members: Sequence[int]) -> PlanError:
+    bucket = problem.buckets[members[0]]
+    label = bucket.label if len(members) == 1 else f"input row [{bucket.input_lo},{bucket.input_hi})"
+    return PlanError(
+        f"SLO: no GPU type meets the SLO for {label} ({sum(problem.buckets[k].rate_rps for k in members):.3g} "
+        f"req/s); relax the TTFT/TPOT SLO, allow a larger GPU or higher tp, or drop those requests"
+    )
+
+
+def _layout(problem: PlanProblem) -> _Layout:
+    groups = _groups(problem)
+    pairs: list[tuple[int, int]] = []
+    for g, members in enumerate(groups):
+        allowed = [p for p, option in enumerate(problem.options) if _can_serve(option, members)]
+        if not allowed:
+            raise _unservable_error(problem, members)
+        pairs.extend((g, p) for p in allowed)
+    return _Layout(len(problem.options), groups, pairs)
+
+
+def _load_per_share(problem: PlanProblem, members: Sequence[int], option: PoolOption) -> float:
+    """Instance-equivalents of load the whole group puts on one instance of `option`."""
+    return sum(problem.buckets[k].rate_rps / option.capacity_rps[k] for k in members)
+
+
+def _replica_bounds(problem: PlanProblem, layout: _Layout) -> list[tuple[int, int]]:
+    total = [0.0] * layout.n_options
+    for g, p in layout.pairs:
+        total[p] += _load_per_share(problem, layout.groups[g], problem.options[p])
+    bounds = []
+    for p, option in enumerate(problem.options):
+        usable = 1.0 - problem.headroom_for(option.name)
+        upper = math.ceil(total[p] / usable + 1e-9) if total[p] > 0 else 0
+        upper = max(upper, option.min_replicas) if upper > 0 else 0
+        if option.max_replicas is not None:
+            upper = min(upper, option.max_replicas)
+        limit = problem.availability_gpus.get(option.gpu)
+        if limit is not None:
+            upper = min(upper, limit // option.tp)
+        lower = max(1, option.min_replicas)
+        bounds.append((lower, upper) if upper >= lower else (0, 0))
+    return bounds
+
+
+def _constraints(problem: PlanProblem, layout: _Layout, availability_slack: bool) -> list[LinearConstraint]:
+    rows: list[int] = []
+    cols: list[int] = []
+    vals: list[float] = []
+    lower: list[float] = []
+    upper: list[float] = []
+
+    def add_row(entries: Sequence[tuple[int, float]], lo: float, hi: float) -> None:
+        r = len(lower)
+        for c, v in entries:
+            rows.append(r)
+            cols.append(c)
+            vals.append(v)
+        lower.append(lo)
+        upper.append(hi)
+
+    by_group: dict[int, list[int]] = {}
+    by_option: dict[int, list[int]] = {}
+    for k, (g, p) in enumerate(layout.pairs):
+        by_group.setdefault(g, []).append(layout.n_options + k)
+        by_option.setdefault(p, []).append(k)
+    # With slices a share column counts slices (0..slice_factor), else it is the fraction.
+    unit = float(problem.slice_factor or 1)
+    for g in range(len(layout.groups)):
+        add_row([(c, 1.0) for c in by_group[g]], unit, unit)
+    for p, option in enumerate(problem.options):
+        usable = 1.0 - problem.headroom_for(option.name)
+        entries = [(layout.n_options + k,
+                    _load_per_share(problem, layout.groups[layout.pairs[k][0]], option) / unit)
+                   for k in by_option.get(p, [])]
+        add_row([*entries, (p, -usable)], -np.inf, 0.0)
+    gpu_types = sorted({o.gpu for o in problem.options if o.gpu in problem.availability_gpus})
+    for t, gpu in enumerate(gpu_types):
+        entries = [(p, float(o.tp)) for p, o in enumerate(problem.options) if o.gpu == gpu]
+        if availability_slack:
+            entries.append((layout.size + t, -1.0))
+        add_row(entries, -np.inf, float(problem.availability_gpus[gpu]))
+    width = layout.size + (len(gpu_types) if availability_slack else 0)
+    matrix = coo_array((vals, (rows, cols)), shape=(len(lower), width)).tocsr()
+    return [LinearConstraint(matrix, np.array(lower), np.array(upper))]
+
+
+def _run_milp(problem: PlanProblem, layout: _Layout, bounds_n: list[tuple[int, int]],
+              availability_slack: bool, time_limit_s: float) -> np.ndarray | None:
+    gpu_types = sorted({o.gpu for o in problem.options if o.gpu in problem.availability_gpus})
+    extra = len(gpu_types) if availability_slack else 0
+    width = layout.size + extra
+    cost = np.zeros(width)
+    if availability_slack:
+        cost[layout.size:] = 1.0  # only the GPUs missing over the limits count
+    else:
+        cost[: layout.n_options] = [o.usd_per_hour for o in problem.options]
+    lower = np.zeros(width)
+    upper = np.ones(width)
+    integrality = np.zeros(width)
+    for p, (lo, hi) in enumerate(bounds_n):
+        lower[p], upper[p] = (lo, hi) if hi > 0 else (0, 0)
+        # Semi-integer: 0, or an integer in [lo, hi]; that is how min_replicas applies
+        # only to pools the plan uses, without a binary "used" variable per pool.
+        integrality[p] = 3 if hi > 0 else 1
+    if problem.slice_factor is not None:
+        upper[layout.n_options: layout.size] = problem.slice_factor
+        integrality[layout.n_options: layout.size] = 1
+    if availability_slack:
+        upper[layout.size:] = np.inf
+    result = milp(cost, integrality=integrality, bounds=Bounds(lower, upper),
+                  constraints=_constraints(problem, layout, availability_slack),
+                  options={"time_limit": time_limit_s, "disp": False})
+    if result.x is None or result.status not in (0, 1):  # 1: time limit with a feasible point
+        return None
+    return np.asarray(result.x)
+
+
+def _availability_error(problem: PlanProblem, layout: _Layout, bounds_unlimited: list[tuple[int, int]],
+                        time_limit_s: float) -> PlanError:
+    """Solve for the fewest GPUs over the limits: the nearest feasible relaxation."""
+    x = _run_milp(problem, layout, bounds_unlimited, True, time_limit_s)
+    gpu_types = sorted({o.gpu for o in problem.options if o.gpu in problem.availability_gpus})
+    if x is None:
+        return PlanError("availability: no fleet within the GPU limits carries the workload, and none "
+                         "without them either; lower min_replicas or the headroom")
+    missing = [(gpu, math.ceil(x[layout.size + t] - 1e-6)) for t, gpu in enumerate(gpu_types)]
+    missing = [(gpu, m) for gpu, m in missing if m > 0]
+    text = ", ".join(f"{gpu}: limit {problem.availability_gpus[gpu]}, raise to "
+                     f"{problem.availability_gpus[gpu] + m}" for gpu, m in missing)
+    return PlanError(f"availability: the workload needs more GPUs than the limits allow; the nearest "
+                     f"feasible limits: {text or 'lower min_replicas or the headroom'}")
+
+
+def solve(problem: PlanProblem, time_limit_s: float = 30.0) -> Plan:
+    """The cheapest plan for `problem`; PlanError names the constraint that cannot be met."""
+    started = time.perf_counter()
+    problem.validate()
+    layout = _layout(problem)
+    bounds_n = _replica_bounds(problem, layout)
+    x = _run_milp(problem, layout, bounds_n, False, time_limit_s)
+    if x is None:
+        unlimited = dataclasses.replace(problem, availability_gpus={})
+        if problem.availability_gpus:
+            raise _availability_error(problem, layout, _replica_bounds(unlimited, layout), time_limit_s)
+        raise PlanError("plan: the solver found no feasible allocation (check max_replicas)")
+    return _plan_from(problem, layout, x, time.perf_counter() - started)
+
+
+def _plan_from(problem: PlanProblem, layout: _Layout, x: np.ndarray, solve_s: float) -> Plan:
+    counts = [int(round(v)) for v in x[: layout.n_options]]
+    shares: list[dict[str, float]] = [{} for _ in problem.buckets]
+    load = [0.0] * layout.n_options
+    for k, (g, p) in enumerate(layout.pairs):
+        share = float(x[layout.n_options + k]) / (problem.slice_factor or 1)
+        if share <= _SHARE_EPS:
+            continue
+        option = problem.options[p]
+        for b in layout.groups[g]:
+            shares[b][option.name] = share
+        load[p] += share * _load_per_share(problem, layout.groups[g], option)
+    for bucket_shares in shares:  # renormalise away the dropped noise
+        total = sum(bucket_shares.values())
+        for name in bucket_shares:
+            bucket_shares[name] /= total
+    pools = tuple(
+        PoolPlan(o.name, o.gpu, o.tp, counts[p], counts[p] * o.usd_per_hour, load[p])
+        for p, o in enumerate(problem.options)
+    )
+    cost = sum(p.usd_per_hour for p in pools)
+    return Plan(pools, problem.buckets, tuple(shares), cost, solve_s)
+
+
+def single_type_plans(problem: PlanProblem, time_limit_s: float = 30.0) -> dict[str, Plan | PlanError]:
+    """The cheapest plan using one GPU type only (any of its TP degrees), per GPU type."""
+    out: dict[str, Plan | PlanError] = {}
+    for gpu in sorted({o.gpu for o in problem.options}):
+        options = tuple(o for o in problem.options if o.gpu == gpu)
+        sub = dataclasses.replace(problem, options=options)
+        try:
+            out[gpu] = solve(sub, time_limit_s)
+        except PlanError as exc:
+            out[gpu] = exc
+    return out
+
+
+__all__ = ["Bucket", "Plan", "PlanError", "PlanProblem", "PoolOption", "bucket_of", "single_type_plans", "solve"]

@@ -1,0 +1,54 @@
+"""`length_bucket` filter: keeps the pool the planner's routing table gives a request's
+length bucket (scheduler/planner/routing.py), so each pool gets the slice of traffic it
+was sized for.
+
+    filters: [model, healthy, not_draining, {length_bucket: {table: <RoutingTable.as_dict()>}}]
+
+The request's prompt length picks the input row; its `max_output_tokens`, when given,
+picks the output cell (else the row's mix). A weighted bucket is split by a hash of the
+request id. If no instance of the chosen pool is left (scaled to zero, unhealthy), the
+next pool of the bucket is tried, then every candidate: a plan that no longer matches
+the fleet degrades to plain load balancing rather than rejecting requests.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from scheduler.dispatch import DispatchContext, Filter, PolicyConfigError, register_filter
+from scheduler.planner.problem import PlanError
+from scheduler.planner.routing import RoutingTable
+from scheduler.types import InstanceState, RequestInfo
+
+
+@register_filter("length_bucket")
+class LengthBucket(Filter):
+    reads_progress = False
+    static = False  # depends on the request's length
+
+    def __init__(self, table: Any = None) -> None:
+        if table is None:
+            raise PolicyConfigError("filter 'length_bucket': parameter 'table' (a routing table) is required")
+        if isinstance(table, RoutingTable):
+            self.table = table
+            return
+        try:
+            self.table = RoutingTable.from_dict(table, "filter 'length_bucket' table")
+        except PlanError as exc:
+            raise PolicyConfigError(str(exc)) from exc
+
+    def keep(self, request: RequestInfo, instance: InstanceState, ctx: DispatchContext) -> bool:
+        """The per-instance rule: in the request's drawn pool (or no table entry). `keep_all`
+        adds the fallback to the bucket's other pools when none of the drawn one is left."""
+        pools = self.table.pools_for(request.request_id, request.input_tokens, request.max_output_tokens)
+        return not pools or instance.pool == pools[0]
+
+    def keep_all(
+        self, request: RequestInfo, instances: list[InstanceState], ctx: DispatchContext
+    ) -> list[InstanceState]:
+        pools = self.table.pools_for(request.request_id, request.input_tokens, request.max_output_tokens)
+        for pool in pools:
+            kept = [inst for inst in instances if inst.pool == pool]
+            if kept:
+                return kept
+        return instances

@@ -1,0 +1,126 @@
+"""The autoscaling control loop: pure decisions, and the simulator running it on simulated
+time with cold starts (no flapping, scale-down at idle, no aborted in-flight requests)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from pathlib import Path
+
+import pytest
+
+from scheduler.catalog import default_catalog
+from scheduler.planner.autoscale import (
+    AutoscalerConfig,
+    InstanceView,
+    PoolObservation,
+    decide_targets,
+    pool_loads,
+    reconcile,
+)
+from scheduler.planner.problem import PlanError
+from scheduler.types import SloClass
+from sim.capacity import CapacityCache
+from sim.plan_autoscale import autoscale_from_plan
+from sim.plan_run import plan_and_verify
+from sim.plan_workload import PlanInputs, Workload
+from sim.report import summarize
+from sim.workload import TraceRequest
+
+CONFIG = AutoscalerConfig(interval_s=30, window_s=120, dwell_s=300, idle_s=300, headroom=0.3,
+                          scale_down_headroom=0.5, max_step=4)
+
+
+def _obs(load: float, replicas: int, last_change_s: float = -math.inf, last_request_s: float = 999.0) -> PoolObservation:
+    return PoolObservation("p", load, replicas, last_change_s, last_request_s)
+
+
+def test_scale_up_is_immediate_and_rate_limited() -> None:
+    assert decide_targets(CONFIG, [_obs(2.0, 1, last_change_s=999.0)], 1000.0) == {"p": 3}  # ceil(2 / 0.7)
+    assert decide_targets(CONFIG, [_obs(20.0, 1)], 1000.0) == {"p": 5}  # at most max_step at once
+
+
+def test_hysteresis_band_and_dwell_stop_flapping() -> None:
+    # 2.4 instances of load: 4 at 30% headroom; down to 5 only if it fits at 50%: it does not.
+    assert decide_targets(CONFIG, [_obs(2.4, 5)], 1000.0) == {"p": 5}
+    assert decide_targets(CONFIG, [_obs(1.0, 5)], 1000.0) == {"p": 2}
+    assert decide_targets(CONFIG, [_obs(1.0, 5, last_change_s=900.0)], 1000.0) == {"p": 5}  # dwell
+    # A load oscillating around a boundary never reverses the target within the dwell.
+    replicas, last_change, history = 3, -math.inf, []
+    for tick in range(40):
+        load = 1.9 if tick % 2 else 2.2
+        target = decide_targets(CONFIG, [_obs(load, replicas, last_change)], tick * 30.0)["p"]
+        if target != replicas:
+            last_change, replicas = tick * 30.0, target
+        history.append(replicas)
+    changes = [b - a for a, b in zip(history, history[1:], strict=False) if b != a]
+    assert all(c > 0 for c in changes)  # only the first scale-up, never back down
+
+
+def test_idle_pool_goes_to_its_minimum_zero_allowed() -> None:
+    config = dataclasses.replace(CONFIG, min_replicas={"q": 1})
+    idle = [_obs(0.0, 3, last_request_s=0.0), PoolObservation("q", 0.0, 2, -math.inf, 0.0)]
+    assert decide_targets(config, idle, 1000.0) == {"p": 0, "q": 1}
+    assert decide_targets(config, idle, 100.0) == {"p": 1, "q": 1}  # not idle yet: one stays warm
+    with pytest.raises(PlanError, match="hysteresis"):
+        dataclasses.replace(CONFIG, headroom=0.6).validate()
+
+
+def test_reconcile_drains_before_it_removes() -> None:
+    pool = [InstanceView("a", "ready", 3), InstanceView("b", "ready", 0), InstanceView("c", "off")]
+    assert reconcile(pool, 1).drain == ("b",)  # the emptiest one
+    draining = [InstanceView("a", "ready", 3), InstanceView("b", "draining", 2), InstanceView("c", "off")]
+    assert reconcile(draining, 1).remove == ()  # still in flight: kept
+    assert reconcile([*draining[:1], InstanceView("b", "draining", 0), draining[2]], 1).remove == ("b",)
+    assert reconcile(draining, 3) == reconcile(draining, 3).__class__(start=("c",), undrain=("b",))
+    assert pool_loads({0: 4.0}, [{"p": 0.5, "q": 0.5}], {"p": [2.0], "q": [4.0]}) == {"p": 1.0, "q": 0.5}
+
+
+def _day(seed: int = 3) -> list[TraceRequest]:
+    """A ramp up, a plateau, a ramp down to an idle hour gap, and a second ramp up."""
+    points = [(0, 2), (600, 8), (1200, 8), (1500, 0.5), (1560, 0), (2700, 0), (2760, 1), (3300, 8), (3600, 8)]
+
+    def rate_at(t: float) -> float:
+        for (a, ra), (b, rb) in zip(points, points[1:], strict=False):
+            if a <= t < b:
+                return ra + (rb - ra) * (t - a) / (b - a)
+        return 0.0
+
+    rng = random.Random(seed)
+    out: list[TraceRequest] = []
+    t = 0.0
+    while t < 3600:
+        t += rng.expovariate(8.0)
+        if rng.random() < rate_at(t) / 8.0:  # thinning: a Poisson process at rate_at(t)
+            long_prompt = rng.random() < 0.3
+            out.append(TraceRequest(f"r{len(out)}", t, rng.randint(1500, 3000) if long_prompt else rng.randint(50, 400),
+                                    rng.randint(20, 200)))
+    return out
+
+
+def test_simulated_day_with_the_autoscaler(tmp_path: Path) -> None:
+    catalog = default_catalog()
+    requests = _day()
+    peak = [r for r in requests if 600 <= r.arrival_s < 1200]
+    workload = Workload.from_requests(peak, (0, 1024), (0, 128))
+    slos = {"default": SloClass("default", 3000.0, 200.0)}
+    inputs = PlanInputs(catalog, catalog.model("llama-3-8b"), (catalog.gpu("L4"), catalog.gpu("A100-80GB")),
+                        (1,), slos, 0.95)
+    verified = plan_and_verify(workload, peak, None, inputs, CapacityCache(tmp_path / "cache"))
+    assert verified.accepted
+    plan = verified.plan
+    floor = {next(iter(plan.instances())): 1}
+    config = dataclasses.replace(CONFIG, min_replicas=floor)
+    run = autoscale_from_plan(verified, inputs, workload, requests, config, until_s=3600.0)
+    summary = summarize(run.result, slos)
+    assert summary["rejected"] == 0 and summary["completed"] == len(requests)
+    assert run.aborted == 0  # nothing ran on an instance after it was stopped
+    assert run.reversals(config.dwell_s) == 0  # no flapping
+    during_gap = [e for e in run.events if 1560 < e.t_s < 2700]
+    assert during_gap and all(e.replicas >= floor.get(e.pool, 0) for e in during_gap)
+    at_idle = {e.pool: e.replicas for e in during_gap}
+    assert all(replicas == floor.get(pool, 0) for pool, replicas in at_idle.items())  # scaled to the minimum
+    static_usd = plan.usd_per_hour * (run.horizon_s[1] - run.horizon_s[0]) / 3600.0
+    assert run.usd < static_usd
+    assert summary["slo"]["default"]["both_attainment"] >= 0.9

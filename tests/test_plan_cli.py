@@ -1,0 +1,152 @@
+"""`tokenyard plan` end to end: capacities by simulation (cached), plans verified in the
+simulator, and the one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from scheduler.catalog import default_catalog
+from scheduler.types import SloClass
+from sim.capacity import CapacityCache, CapacityQuery, measure
+from tokenyard.cli import main
+
+CATALOG = default_catalog()
+PUBLISHED = {  # Mélange's published example (tests/test_plan_solver.py solves it directly)
+    "gpu_info": {"A10G": {"cost": 1.01, "tputs": [[2, 1], [5, 2]]},
+                 "A100-80GB": {"cost": 3.67, "tputs": [[20, 20], [40, 20]]}},
+    "workload_distribution": [[0.2, 0.1], [0.5, 0.2]],
+    "total_request_rate": 30,
+    "slice_factor": 8,
+}
+SLO = SloClass("default", 3000.0, 200.0)
+
+
+def _trace(path: Path, n: int = 400, rate_rps: float = 6.0, seed: int = 1) -> Path:
+    rng = random.Random(seed)
+    t = 0.0
+    lines = ["arrival_s,input_tokens,output_tokens"]
+    for _ in range(n):
+        t += rng.expovariate(rate_rps)
+        long_prompt = rng.random() < 0.3
+        lines.append(f"{t:.4f},{rng.randint(1500, 3000) if long_prompt else rng.randint(50, 400)},"
+                     f"{rng.randint(20, 200)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_capacity_grows_with_the_gpu_and_is_cached(tmp_path: Path) -> None:
+    shapes = ((300, 100), (500, 150))
+    small = CapacityQuery(CATALOG.gpu("L4"), CATALOG.model("llama-3-8b"), 1, shapes, SLO)
+    big = CapacityQuery(CATALOG.gpu("H100-80GB"), CATALOG.model("llama-3-8b"), 1, shapes, SLO)
+    cache = CapacityCache(tmp_path / "cache")
+    first = cache.get(small)
+    assert 0 < first.rate_rps < cache.get(big).rate_rps
+    assert cache.get(small) == first and cache.hits == 1 and cache.misses == 2
+    stricter = CapacityQuery(small.gpu, small.model, 1, shapes, SloClass("default", 3000.0, 50.0))
+    assert stricter.key() != small.key()
+    assert measure(stricter).rate_rps == 0.0  # L4 decodes llama-3-8b slower than 50 ms/token
+    too_big = measure(CapacityQuery(CATALOG.gpu("A10G"), CATALOG.model("llama-3-70b"), 1, shapes, SLO))
+    assert too_big.rate_rps == 0.0 and "does not fit" in too_big.reason
+
+
+def test_melange_config_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "melange.json"
+    config.write_text(json.dumps(PUBLISHED))
+    assert main(["plan", "--melange-config", str(config), "--json", "--baseline"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["A10G"], out["A100-80GB"], out["cost"]) == (2, 1, 5.69)
+    assert out["melange_baseline"]["cost"] == pytest.approx(5.69)
+
+
+def test_bad_melange_config_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps({**PUBLISHED, "total_request_rate": "fast"}))
+    assert main(["plan", "--melange-config", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "total_request_rate: expected a number" in err
+
+
+def test_trace_plan_is_verified_in_the_simulator(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace = _trace(tmp_path / "trace.csv")
+    out = tmp_path / "plan.json"
+    args = ["plan", "--trace", str(trace), "--gpus", "L4,A100-80GB", "--slo", "default=3000:200",
+            "--input-edges", "0,1024", "--output-edges", "0,128", "--cache-dir", str(tmp_path / "cache"),
+            "--verify", "--no-progress", "--out", str(out), "--json"]
+    assert main(args) == 0
+    plan = json.loads(out.read_text())
+    assert plan["verified"]["accepted"] and plan["verified"]["attainment"]["default"] >= 0.95
+    assert plan["cost"] == pytest.approx(sum(p["usd_per_hour"] for p in plan["pools"]))
+    assert plan["routing"]["default"]["input_edges"][0] == 0
+    capsys.readouterr()
+    # Applying it (dry run) prints the replica changes and the kubectl commands.
+    assert main(["plan", "apply", "--plan", str(out), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "kubectl -n default scale deployment/tokenyard-" in printed
+
+
+def test_day_schedule_from_a_rate_series(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace = _trace(tmp_path / "trace.csv")
+    args = ["plan", "--trace", str(trace), "--gpus", "L4,A100-80GB", "--slo", "default=3000:200",
+            "--input-edges", "0,1024", "--output-edges", "0,128", "--cache-dir", str(tmp_path / "cache"),
+            "--rates", "0,2,12,4", "--step-s", "3600", "--no-progress", "--json"]
+    assert main(args) == 0
+    day = json.loads(capsys.readouterr().out)
+    assert day["steps"][0]["usd_per_hour"] == 0 and day["scheduled_usd"] < day["static_peak_usd"]
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    (["--slo", "default=50:200"], "nearest relaxation: TTFT >="),
+    (["--availability", "L4=0,A100-80GB=0"], "availability: the workload needs more GPUs"),
+    (["--window", "9000:9999"], "empty"),
+    (["--tp", "0"], "--tp: expected positive integers"),
+])
+def test_bad_input_names_the_constraint(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                        extra: list[str], expected: str) -> None:
+    trace = _trace(tmp_path / "trace.csv", n=80)
+    args = ["plan", "--trace", str(trace), "--gpus", "L4,A100-80GB", "--input-edges", "0,1024",
+            "--output-edges", "0,128", "--cache-dir", str(tmp_path / "cache"), "--no-progress", *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
+
+
+def test_two_slo_classes_get_their_own_capacities_and_routes(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    rng = random.Random(5)
+    lines = ["arrival_s,input_tokens,output_tokens,slo_class"]
+    t = 0.0
+    for _ in range(300):
+        t += rng.expovariate(5.0)
+        lines.append(f"{t:.4f},{rng.randint(50, 800)},{rng.randint(20, 150)},{rng.choice(['chat', 'batch'])}")
+    trace = tmp_path / "classes.csv"
+    trace.write_text("\n".join(lines) + "\n")
+    rates = tmp_path / "rates.txt"
+    rates.write_text("# req/s per hour\n2\n6\n")
+    base = ["plan", "--trace", str(trace), "--gpus", "L4,A100-80GB", "--slo", "chat=1000:60",
+            "--slo", "batch=20000:1000", "--input-edges", "0,1024", "--output-edges", "0,256",
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--json"]
+    assert main([*base, "--verify"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert set(plan["routing"]) == {"batch", "chat"}
+    assert set(plan["verified"]["attainment"]) == {"batch", "chat"}
+    assert {b["slo_class"] for b in plan["buckets"]} == {"batch", "chat"}
+    assert main([*base, "--rates", f"@{rates}"]) == 0
+    assert [s["rate_rps"] for s in json.loads(capsys.readouterr().out)["steps"]] == [2.0, 6.0]
+
+
+def test_burst_factor_sees_bursts_not_poisson() -> None:
+    from sim.plan_workload import burst_factor
+
+    rng = random.Random(0)
+    steady, t = [], 0.0
+    for _ in range(3000):
+        t += rng.expovariate(5.0)
+        steady.append(t)
+    assert 1.0 <= burst_factor(steady, 3.0) < 1.5
+    burst = sorted([*steady, *(100.0 + k * 0.01 for k in range(200))])  # 200 requests in 2 s
+    assert burst_factor(burst, 1.0) > 5.0
+    assert burst_factor([1.0], 1.0) == 1.0
