@@ -22,6 +22,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "router.cli",  # tokenyard router
     "tokenyard.up",  # tokenyard up
     "learn.cli",  # tokenyard train rank|tier
+    "learn.tier_cli",  # tokenyard tier score
 )
 
 
