@@ -10,7 +10,7 @@ Held-out evaluation, all reported per benchmark with RouteLLM's and RouterBench'
 - by prompt: 20% of distinct prompts held out;
 - by task: 5 folds over task groups (MMLU subjects, MT-Bench categories, AlpacaEval
   sources, GSM8K): no task of a test fold is seen in training. Its out-of-fold scores fit
-  the calibration map (isotonic) and the threshold table the tier decision reads;
+  the calibration map (Platt scaling) and the threshold table the tier decision reads;
 - by benchmark: each benchmark held out in turn (trained on the others only).
 """
 
@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 from scipy import sparse
-from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GroupKFold, GroupShuffleSplit
 
@@ -204,13 +203,18 @@ def _score(doc: dict[str, Any], rows: Sequence[LabelledPrompt], index: Sequence[
     return predictor.raw_scores(texts) if raw else predictor.score_many(texts)
 
 
-def fit_calibration(raw: np.ndarray, labels: np.ndarray, points: int = 40) -> tuple[list[float], list[float]]:
-    """An isotonic map raw -> calibrated, thinned to at most `points` knots (monotone)."""
-    iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(raw, labels)
-    xs = np.unique(np.quantile(raw, np.linspace(0.0, 1.0, points)))
-    xs = np.concatenate([[0.0], xs, [1.0]])
-    ys = np.maximum.accumulate(iso.predict(xs))
-    return [round(float(x), 6) for x in xs], [round(float(y), 6) for y in ys]
+def fit_calibration(raw: np.ndarray, labels: np.ndarray, points: int = 41) -> tuple[list[float], list[float]]:
+    """Platt scaling (a logistic fit on the raw score's logit) sampled at `points` knots.
+    Strictly increasing, unlike isotonic regression, whose plateaus would tie many
+    requests at one score and leave the load-aware order among them arbitrary."""
+    logit = np.log(np.clip(raw, 1e-6, 1 - 1e-6) / np.clip(1 - raw, 1e-6, 1.0)).reshape(-1, 1)
+    platt = LogisticRegression(C=1e4, solver="lbfgs").fit(logit, labels.astype(int))
+    xs = np.unique(np.concatenate([[0.0, 1.0], np.quantile(raw, np.linspace(0.0, 1.0, points))]))
+    knots = np.log(np.clip(xs, 1e-6, 1 - 1e-6) / np.clip(1 - xs, 1e-6, 1.0)).reshape(-1, 1)
+    ys = platt.predict_proba(knots)[:, 1]
+    if platt.coef_[0][0] <= 0:  # a raw score that ranks backwards is not turned around here
+        ys = np.full_like(xs, float(labels.mean()))
+    return [round(float(x), 6) for x in xs], [round(float(y), 6) for y in np.maximum.accumulate(ys)]
 
 
 def threshold_table(rows: Sequence[LabelledPrompt], scores: np.ndarray, steps: int = 20) -> list[dict[str, float]]:

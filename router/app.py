@@ -44,6 +44,7 @@ from router.proxy import PoolSet, UpstreamError, set_nodelay
 from router.registry import InstanceRegistry
 from router.state import InstanceRecord, StateStore
 from router.tenants import AuthError, RetryBudget, Tenant, TenantTable
+from router.tiers import build_tier_resolver
 from scheduler.types import NoInstanceAvailable, RequestInfo
 
 log = logging.getLogger(__name__)
@@ -217,6 +218,7 @@ class Router:
         self.registry = registry or InstanceRegistry(store)
         self.metrics = RouterMetrics()
         self.dispatcher = Dispatcher(config, self.registry, store, seed=seed)
+        self.tiers = build_tier_resolver(config.tiers, seed=seed) if config.tiers else None
         self.tenants = TenantTable(
             [(Tenant(t.name, t.slo_class, t.policy, RetryBudget(t.retry_ratio, t.retry_min_per_s, t.retry_burst)),
               t.api_keys) for t in config.tenants],
@@ -483,6 +485,8 @@ class Router:
             self.metrics.request_done(tenant.name, "", 400)
             await self._send_json(send, 400, error_body(400, str(exc), param=exc.param), rid_header)
             return
+        if self.tiers is not None:  # `model: auto` -> the small or the large tier's model
+            self.tiers.resolve(body, tenant.name, self.dispatcher.slo_class(tenant), request_id, self.dispatcher)
         model = body["model"]
         if not self.dispatcher.serves(model):
             self.metrics.request_done(tenant.name, "<unknown>", 404)  # client-chosen names stay out of labels

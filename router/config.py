@@ -23,6 +23,8 @@ nothing starts from a file that failed to validate. Shape, all keys optional:
     health: {interval_s: 2, timeout_s: 1, eject_after_failures: 3, eject_s: 5, max_eject_s: 60}
     load: {scrape_interval_s: 0.25, timeout_s: 1}
     discovery: {static: [{url: http://127.0.0.1:8001, model: llama-3-8b, gpu: A100-80GB}]}
+    tiers: {alias: auto, small_model: qwen2.5-1.5b, large_model: llama-3-8b,  # router/tiers.py
+            policy: load_aware, default: {quality_target: 0.9, quality_floor: 0.5}}
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from tokenyard.config import ConfigError, check_keys, get, load_yaml, parse_slo_
 
 DEFAULT_POLICY: dict[str, Any] = {"filters": ["model", "healthy", "not_draining"], "scorers": ["least_outstanding"]}
 TOP_KEYS = ("listen", "store", "control", "limits", "slo_classes", "tenants", "anonymous", "policies",
-            "dispatch", "retries", "deadlines_ms", "health", "load", "discovery")
+            "dispatch", "retries", "deadlines_ms", "health", "load", "discovery", "tiers")
 
 
 @dataclass(slots=True)
@@ -87,6 +89,7 @@ class RouterConfig:
     scrape_interval_s: float = 0.25
     scrape_timeout_s: float = 1.0
     discovery: dict[str, Any] = field(default_factory=dict)
+    tiers: dict[str, Any] = field(default_factory=dict)  # model tier alias (router/tiers.py)
 
     def deadline_s(self, slo_class: str, stream: bool = True, max_output_tokens: int | None = None) -> float:
         """How long a request of this class may wait for its first byte.
@@ -254,6 +257,16 @@ def parse_router_config(doc: dict[str, Any], source: str = "<config>") -> Router
         from router.discovery import build_discovery
 
         build_discovery(cfg.discovery, at("discovery"))  # validates now; started by the router
+
+    cfg.tiers = _section(doc, "tiers", source)
+    if cfg.tiers:
+        from router.tiers import build_tier_resolver
+        from scheduler.tiers import TierConfigError
+
+        try:
+            build_tier_resolver(cfg.tiers, at("tiers"))  # validates now; built again by the router
+        except TierConfigError as exc:
+            raise ConfigError(at("tiers"), str(exc).removeprefix(at("tiers") + ": ")) from exc
     return cfg
 
 

@@ -15,7 +15,7 @@ about:
 - `quality_floor` (least PGR ever) sets the lowest threshold load may push it to.
 
 Load-aware routing (`load_aware`): the predicted TTFT of the large tier (its best
-instance, `slo_headroom`'s prediction) against the request's SLO gives a pressure in
+instance: `slo_headroom`'s prediction plus the drain time of its queue) against the request's SLO gives a pressure in
 [0, 1] (0 below `pressure_start` x SLO, 1 at `pressure_full` x SLO); the threshold moves
 from the normal one down toward the floor in proportion, so the requests with the
 smallest predicted quality loss (highest p_small_ok) move to the small tier first. The
@@ -254,6 +254,7 @@ class TierRouter:
     pressure_start: float = 0.6
     pressure_full: float = 1.0
     default_ttft_slo_ms: float = 3000.0
+    mean_output_tokens: int = 256  # of the requests queued ahead (drain-time estimate)
     ttft_model: SloHeadroom = field(default_factory=SloHeadroom)
 
     def handles(self, model: str) -> bool:
@@ -272,10 +273,26 @@ class TierRouter:
             model = inst.model.lower()
             if model not in best or not inst.healthy or inst.draining:
                 continue
-            ttft_ms = 1000.0 * self.ttft_model.predicted_ttft_s(request, inst)
+            ttft_ms = 1000.0 * self.predicted_ttft_s(request, inst)
             if ttft_ms < best[model]:
                 best[model] = ttft_ms
         return TierLoad(best[self.small_model.lower()], best[self.large_model.lower()])
+
+    def predicted_ttft_s(self, request: RequestInfo, inst: InstanceState) -> float:
+        """`slo_headroom`'s prediction (the next iteration prefills the queue and the
+        prompt) plus, when requests wait for a batch slot, the time for running ones to
+        finish and free slots for them: waiting x mean output tokens x decode step / running.
+        Without the second term a decode-bound engine looks fast until its queue is long."""
+        predicted = self.ttft_model.predicted_ttft_s(request, inst)
+        waiting = max(inst.waiting, inst.outstanding - inst.running)
+        if waiting <= 0 or inst.running <= 0:
+            return predicted
+        model = self.ttft_model.engine_model(inst)
+        if model is None:
+            return predicted + waiting * self.ttft_model.unknown_iteration_s
+        step_s = model.iteration_time_s(decode_seqs=inst.running,
+                                        context_tokens=inst.running * self.ttft_model.context_tokens_per_seq)
+        return predicted + waiting * self.mean_output_tokens * step_s / inst.running
 
     def decide(self, request: RequestInfo, instances: Sequence[InstanceState], slo: SloClass | None,
                rng: random.Random) -> TierChoice:
@@ -329,7 +346,8 @@ def parse_class_policy(doc: Any, where: str) -> TierClassPolicy:
     return TierClassPolicy(quality_target=target, cost_budget=budget, quality_floor=floor)
 
 
-TIER_KEYS = ("alias", "small_model", "large_model", "policy", "classes", "tenants", "pressure", "default")
+TIER_KEYS = ("alias", "small_model", "large_model", "policy", "classes", "tenants", "pressure", "default",
+             "mean_output_tokens")
 
 
 def build_tier_router(doc: Mapping[str, Any], table: Sequence[ThresholdPoint], where: str = "tiers") -> TierRouter:
@@ -371,6 +389,9 @@ def build_tier_router(doc: Mapping[str, Any], table: Sequence[ThresholdPoint], w
             raise TierConfigError(f"{where}.{key}: expected a mapping of name -> policy")
         return {str(n): class_thresholds(parse_class_policy(p, f"{where}.{key}.{n}"), rows) for n, p in body.items()}
 
+    mean_output = doc.get("mean_output_tokens", 256)
+    if isinstance(mean_output, bool) or not isinstance(mean_output, int) or not 1 <= mean_output <= 1_000_000:
+        raise TierConfigError(f"{where}.mean_output_tokens: expected an integer in [1, 1000000], got {mean_output!r}")
     default_doc = doc.get("default")
     default = (class_thresholds(parse_class_policy(default_doc, f"{where}.default"), rows)
                if default_doc is not None else Thresholds(ALWAYS_LARGE, 0.0))
@@ -378,5 +399,5 @@ def build_tier_router(doc: Mapping[str, Any], table: Sequence[ThresholdPoint], w
         alias=alias, small_model=models["small_model"], large_model=models["large_model"],
         policy=_policy(doc.get("policy", "load_aware"), f"{where}.policy"), table=rows,
         by_class=section("classes"), by_tenant=section("tenants"), default=default,
-        pressure_start=start, pressure_full=full,
+        pressure_start=start, pressure_full=full, mean_output_tokens=mean_output,
     )

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 from sklearn.feature_extraction.text import HashingVectorizer
 
+from scheduler.tiers import ThresholdPoint
+
 MODEL_FORMAT = "tokenyard-tier"
 MODEL_VERSION = 1
 MAX_PROMPT_CHARS = 8000  # the features read at most this much of a prompt (bounded time)
@@ -164,15 +166,6 @@ def _float_list(doc: Mapping[str, Any], key: str, where: str) -> list[float]:
     return [float(v) for v in value]
 
 
-@dataclass(frozen=True, slots=True)
-class ThresholdRow:
-    """One point of the held-out curve: route small when p_small_ok >= threshold."""
-
-    threshold: float
-    large_share: float  # share of requests that go to the large tier
-    pgr: float  # performance gap recovered at that share (held-out)
-
-
 class TierPredictor:
     """A loaded tier model: `score(text)` / `score_many(texts)` give p_small_ok in [0, 1]."""
 
@@ -246,13 +239,13 @@ class TierPredictor:
         return float(self.score_many([text])[0])
 
 
-def _threshold_rows(value: Any, where: str) -> list[ThresholdRow]:
+def _threshold_rows(value: Any, where: str) -> list[ThresholdPoint]:
     if not isinstance(value, list):
         raise TierModelError(f"{where}: thresholds: expected a list of {{threshold, large_share, pgr}}")
     rows = []
     for i, row in enumerate(value):
         try:
-            rows.append(ThresholdRow(float(row["threshold"]), float(row["large_share"]), float(row["pgr"])))
+            rows.append(ThresholdPoint(float(row["threshold"]), float(row["large_share"]), float(row["pgr"])))
         except (KeyError, TypeError, ValueError) as exc:
             raise TierModelError(f"{where}: thresholds[{i}]: expected numbers threshold, large_share, pgr ({exc})") from exc
     return rows
