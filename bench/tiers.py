@@ -12,7 +12,7 @@
    compute cost (tokens x active parameters of the model that served them, against
    always-large).
 
-    nice -n 10 python bench/tiers.py [--window-s 900] [--large 2] [--small 2] [--json out.json]
+    nice -n 10 python bench/tiers.py [--window-s 900] [--large 2] [--small 4] [--json out.json]
 
 Quality and cost are ratios against always-large measured in the same run.
 """
@@ -82,7 +82,7 @@ def balanced_prompts(rows: list[LabelledPrompt], scores: np.ndarray, per_benchma
 def run_scenario(name: str, cluster: Any, requests: list[Any], scored: dict[str, ScoredPrompt],
                  table: list[ThresholdPoint], args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
-    for policy in POLICIES:
+    for policy in args.policies:
         router = build_tier_router(tier_doc(policy, args), table)
         wall = time.perf_counter()
         result = simulate(cluster, requests, tier_router=router, seed=args.seed)
@@ -103,7 +103,7 @@ def run_scenario(name: str, cluster: Any, requests: list[Any], scored: dict[str,
             "wall_s": time.perf_counter() - wall,
         })
         print(f"  {name:<8} {policy:<15} done in {rows[-1]['wall_s']:.1f} s", file=sys.stderr)
-    base = next(r for r in rows if r["policy"] == "always_large")
+    base = next((r for r in rows if r["policy"] == "always_large"), rows[0])
     for row in rows:
         row["quality_loss"] = base["quality"] - row["quality"]
         row["cost_ratio"] = row["compute"] / base["compute"] if base["compute"] else float("nan")
@@ -126,7 +126,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
-    for ax, scenario in zip(axes, ("normal", "burst2x"), strict=True):
+    for ax, scenario in zip(axes, ("normal", "burst2x"), strict=True):  # an absent scenario: empty panel
         for row in (r for r in rows if r["scenario"] == scenario):
             ax.scatter(row["quality_loss"], 100 * row["both_attainment"], s=40)
             ax.annotate(row["policy"], (row["quality_loss"], 100 * row["both_attainment"]), fontsize=8,
@@ -144,14 +144,16 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--window-s", type=float, default=900.0, help="seconds of the Azure conversation trace")
-    parser.add_argument("--rate-scale", type=float, default=1.0, help="normal load: the trace at this rate")
+    parser.add_argument("--rate-scale", type=float, default=1.15, help="normal load: the trace at this rate")
     parser.add_argument("--burst-factor", type=float, default=2.0)
-    parser.add_argument("--small", type=int, default=2, help="small-tier instances")
+    parser.add_argument("--small", type=int, default=4, help="small-tier instances")
     parser.add_argument("--large", type=int, default=2, help="large-tier instances")
-    parser.add_argument("--target", type=float, default=0.9, help="quality target (PGR) at normal load")
-    parser.add_argument("--floor", type=float, default=0.5, help="quality floor (PGR) under load")
-    parser.add_argument("--pressure-start", type=float, default=0.5, help="x TTFT SLO where offloading starts")
-    parser.add_argument("--pressure-full", type=float, default=0.9, help="x TTFT SLO where it reaches the floor")
+    parser.add_argument("--target", type=float, default=0.95, help="quality target (PGR) at normal load")
+    parser.add_argument("--floor", type=float, default=0.3, help="quality floor (PGR) under load")
+    parser.add_argument("--pressure-start", type=float, default=0.2, help="x TTFT SLO where offloading starts")
+    parser.add_argument("--pressure-full", type=float, default=0.6, help="x TTFT SLO where it reaches the floor")
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    parser.add_argument("--scenarios", nargs="+", default=["normal", "burst2x"], choices=["normal", "burst2x"])
     parser.add_argument("--per-benchmark", type=int, default=800)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write every row here")
@@ -190,6 +192,8 @@ def main() -> int:
     cluster = parse_cluster(cluster_doc(args.small, args.large), "bench/tiers.py")
     results = []
     for name, requests in (("normal", normal), ("burst2x", bursty)):
+        if name not in args.scenarios:
+            continue
         print(f"simulating {name}: {len(requests)} requests", file=sys.stderr)
         results.extend(run_scenario(name, cluster, requests, scored, table, args))
 
