@@ -125,15 +125,16 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.2), sharey=True)
+    markers = dict(zip(POLICIES, "osD^v", strict=True))
     for ax, scenario in zip(axes, ("normal", "burst2x"), strict=True):  # an absent scenario: empty panel
         for row in (r for r in rows if r["scenario"] == scenario):
-            ax.scatter(row["quality_loss"], 100 * row["both_attainment"], s=40)
-            ax.annotate(row["policy"], (row["quality_loss"], 100 * row["both_attainment"]), fontsize=8,
-                        textcoords="offset points", xytext=(4, 3))
+            ax.scatter(row["quality_loss"], 100 * row["both_attainment"], s=45, marker=markers[row["policy"]],
+                       label=f"{row['policy']} (large {row['large_share']:.2f})")
         ax.axhline(99, color="grey", linestyle="--", linewidth=0.8)
         ax.set_title(f"{scenario}: SLO attainment vs quality loss")
         ax.set_xlabel("expected quality loss vs always-large (held-out labels)")
+        ax.legend(fontsize=7, loc="center right")
     axes[0].set_ylabel("requests meeting TTFT and TPOT SLO (%)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
