@@ -34,7 +34,8 @@ def register_train(subparsers: Any) -> None:
     parser.add_argument("--report", help="also write the held-out metrics here (JSON)")
     parser.add_argument("--plots", metavar="DIR", help="write the calibration plot and the cost-quality curve here")
     parser.add_argument("--classifier", choices=["lightgbm", "logistic"], default="lightgbm")
-    parser.add_argument("--small-model", help="the small tier's column in correctness files (default: the weaker)")
+    parser.add_argument("--small-model", help="the small tier's column in correctness files (default: the weakest)")
+    parser.add_argument("--large-model", help="the large tier's column in correctness files (default: the strongest)")
     parser.add_argument("--alpaca-small-model", default=None,
                         help="the small tier's model in AlpacaEval preferences (default: Mixtral-8x7B-Instruct concise)")
     parser.add_argument("--margin", type=float, default=None,
@@ -94,7 +95,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         for source in sources:
             found, n_dropped = read_any(Path(source), args.small_model,
-                                        args.alpaca_small_model or DEFAULT_ALPACA_SMALL_MODEL, margin)
+                                        args.alpaca_small_model or DEFAULT_ALPACA_SMALL_MODEL, margin, args.large_model)
             rows.extend(found)
             dropped += n_dropped
     except TierDataError as exc:

@@ -4,8 +4,8 @@ score on each, from whatever benchmark and model pair a folder or file holds.
 Every reader yields `LabelledPrompt`s with scores in [0, 1] (correctness 0/1, a 1-10
 grade mapped to [0, 1], a preference as a win rate against the large model). Layouts:
 
-- a RouteLLM-style folder: `<benchmark>/**/*.csv` with a `prompt` column and two boolean
-  per-model correctness columns (responses columns ignored); `mt_bench/question.jsonl` +
+- a RouteLLM-style folder: `<benchmark>/**/*.csv` with a `prompt` column and per-model
+  correctness columns (boolean, or a score in [0, 1]; `*_response` columns ignored); `mt_bench/question.jsonl` +
   `judgements.jsonl` (GPT-4 grades per model and turn); each benchmark's
   `contaminated_prompts.jsonl` lists prompts (`eval_prompt`) that are dropped;
 - an AlpacaEval folder: `derived_preferences_vs_*.csv` + `derived_instructions.csv`
@@ -13,8 +13,8 @@ grade mapped to [0, 1], a preference as a win rate against the large model). Lay
 - a plain file, `.jsonl` or `.csv`: `prompt` (or `messages`), `small_score`, `large_score`
   (or `small_ok`), optional `benchmark`, `task`.
 
-Which column is the small tier: the one named by `small_model`, else the weaker one (lower
-mean score), so a folder with another model pair needs no option.
+Which columns are the tiers: the ones named by `small_model` / `large_model`, else the
+weakest and the strongest (mean score), so a folder with another model pair needs no option.
 """
 
 from __future__ import annotations
@@ -75,21 +75,38 @@ def _contaminated(folder: Path) -> set[str]:
     return found
 
 
-def _pick_pair(columns: dict[str, list[float]], small_model: str | None, where: str) -> tuple[str, str]:
+def _pick_pair(columns: dict[str, list[float]], small_model: str | None, where: str,
+               large_model: str | None = None) -> tuple[str, str]:
+    """(small, large) columns: the named ones, else the weakest and the strongest by mean."""
     names = sorted(columns)
     if len(names) < 2:
         raise TierDataError(f"{where}: expected two per-model score columns, found {names}")
-    if small_model is not None and small_model in columns:
-        others = [n for n in names if n != small_model]
-        large = max(others, key=lambda n: sum(columns[n]) / max(1, len(columns[n])))
-        return small_model, large
+    for named in (small_model, large_model):
+        if named is not None and named not in columns and len(names) > 2:
+            raise TierDataError(f"{where}: no model column {named!r}; columns: {names}")
     ranked = sorted(names, key=lambda n: sum(columns[n]) / max(1, len(columns[n])))
-    return ranked[0], ranked[-1]
+    small = small_model if small_model in columns else None
+    large = large_model if large_model in columns else None
+    small = small or next(n for n in ranked if n != large)
+    large = large or next(n for n in reversed(ranked) if n != small)
+    return small, large
+
+
+def _score(cell: Any) -> float | None:
+    """A correctness cell: true/false/1/0, or a score in [0, 1]; None otherwise."""
+    text = str(cell if cell is not None else "").strip().lower()
+    if text in _BOOL:
+        return float(_BOOL[text])
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if 0.0 <= value <= 1.0 else None
 
 
 def read_correctness_csv(path: Path, benchmark: str, task: str, skip: set[str],
-                         small_model: str | None = None) -> list[LabelledPrompt]:
-    """A RouteLLM responses CSV: `prompt` plus boolean correctness per model."""
+                         small_model: str | None = None, large_model: str | None = None) -> list[LabelledPrompt]:
+    """A RouteLLM responses CSV: `prompt` plus per-model correctness (boolean, or a score in [0, 1])."""
     csv.field_size_limit(sys.maxsize)
     with path.open(encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle)
@@ -98,9 +115,9 @@ def read_correctness_csv(path: Path, benchmark: str, task: str, skip: set[str],
             raise TierDataError(f"{path}: expected a 'prompt' column, found {fields[:8]}")
         rows = list(reader)
     model_columns = [f for f in fields if f != "prompt" and not f.endswith("_response")
-                     and rows and all(str(r.get(f, "")).strip().lower() in _BOOL for r in rows[:50])]
-    scores = {c: [float(_BOOL.get(str(r.get(c, "")).strip().lower(), False)) for r in rows] for c in model_columns}
-    small, large = _pick_pair(scores, small_model, str(path))
+                     and rows and all(_score(r.get(f)) is not None for r in rows[:50])]
+    scores = {c: [_score(r.get(c)) or 0.0 for r in rows] for c in model_columns}
+    small, large = _pick_pair(scores, small_model, str(path), large_model)
     out = []
     for i, row in enumerate(rows):
         prompt = row["prompt"] or ""
@@ -125,7 +142,7 @@ def _jsonl(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def read_mt_bench(folder: Path, skip: set[str], small_model: str | None = None,
-                  margin: float = DEFAULT_GRADE_MARGIN) -> list[LabelledPrompt]:
+                  margin: float = DEFAULT_GRADE_MARGIN, large_model: str | None = None) -> list[LabelledPrompt]:
     """MT-Bench: one prompt per question and turn (turn 2 carries turn 1 before it), scored
     by the judge's 1-10 grade mapped to [0, 1]."""
     questions = {d["question_id"]: d for d in _jsonl(folder / "question.jsonl") if "question_id" in d}
@@ -139,7 +156,7 @@ def read_mt_bench(folder: Path, skip: set[str], small_model: str | None = None,
         )
     keys = set.intersection(*(set(g) for g in grades.values())) if grades else set()
     means = {m: [g[k] for k in keys] for m, g in grades.items()}
-    small, large = _pick_pair(means, small_model, str(folder / "judgements.jsonl"))
+    small, large = _pick_pair(means, small_model, str(folder / "judgements.jsonl"), large_model)
     out = []
     for qid, turn in sorted(keys, key=lambda k: (str(k[0]), k[1])):
         question = questions.get(qid)
@@ -154,8 +171,8 @@ def read_mt_bench(folder: Path, skip: set[str], small_model: str | None = None,
     return out
 
 
-def read_routellm(root: Path, small_model: str | None = None,
-                  margin: float = DEFAULT_GRADE_MARGIN) -> tuple[list[LabelledPrompt], int]:
+def read_routellm(root: Path, small_model: str | None = None, margin: float = DEFAULT_GRADE_MARGIN,
+                  large_model: str | None = None) -> tuple[list[LabelledPrompt], int]:
     """Every benchmark folder under `root`; returns the prompts and how many were dropped as contaminated."""
     out: list[LabelledPrompt] = []
     dropped = 0
@@ -164,16 +181,17 @@ def read_routellm(root: Path, small_model: str | None = None,
         before = len(out)
         total = 0
         if (bench_dir / "question.jsonl").exists() and (bench_dir / "judgements.jsonl").exists():
-            out.extend(read_mt_bench(bench_dir, skip, small_model, margin))
-            skip_none = read_mt_bench(bench_dir, set(), small_model, margin)
+            out.extend(read_mt_bench(bench_dir, skip, small_model, margin, large_model))
+            skip_none = read_mt_bench(bench_dir, set(), small_model, margin, large_model)
             total = len(skip_none)
         csvs = sorted(bench_dir.rglob("*.csv"))
         for path in csvs:
             subject = re.sub(rf"^{re.escape(bench_dir.name)}_", "", path.stem)
             task = bench_dir.name if len(csvs) == 1 else f"{bench_dir.name}/{subject}"
-            rows = read_correctness_csv(path, bench_dir.name, task, skip, small_model)
+            rows = read_correctness_csv(path, bench_dir.name, task, skip, small_model, large_model)
             out.extend(rows)
-            total += len(read_correctness_csv(path, bench_dir.name, task, set(), small_model)) if skip else len(rows)
+            total += (len(read_correctness_csv(path, bench_dir.name, task, set(), small_model, large_model))
+                      if skip else len(rows))
         dropped += total - (len(out) - before)
     return out, dropped
 
@@ -240,7 +258,7 @@ def read_plain(path: Path, margin: float = DEFAULT_GRADE_MARGIN) -> list[Labelle
 
 
 def read_any(path: Path, small_model: str | None = None, alpaca_small_model: str = DEFAULT_ALPACA_SMALL_MODEL,
-             margin: float = DEFAULT_GRADE_MARGIN) -> tuple[list[LabelledPrompt], int]:
+             margin: float = DEFAULT_GRADE_MARGIN, large_model: str | None = None) -> tuple[list[LabelledPrompt], int]:
     """Whatever `path` holds (see the module docstring): prompts and the contaminated count dropped."""
     if not path.exists():
         raise TierDataError(f"{path}: no such file or folder")
@@ -253,7 +271,7 @@ def read_any(path: Path, small_model: str | None = None, alpaca_small_model: str
         if list(alpaca.glob("derived_preferences_vs_*.csv")):
             return read_alpaca_eval(alpaca, alpaca_small_model, margin), 0
         routellm = path / "routellm" if (path / "routellm").is_dir() else path
-        rows, dropped = read_routellm(routellm, small_model, margin)
+        rows, dropped = read_routellm(routellm, small_model, margin, large_model)
         if not rows:
             raise TierDataError(f"{path}: no benchmark folders with responses CSVs or MT-Bench judgements found")
         return rows, dropped

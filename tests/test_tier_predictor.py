@@ -170,3 +170,18 @@ def test_score_default_model_to_stdout(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["tier", "score", "--input", str(prompts)]) == 0
     line = json.loads(capsys.readouterr().out)
     assert 0.0 <= line["p_small_ok"] <= 1.0
+
+
+def test_another_benchmark_and_model_pair_in_the_routellm_layout(tmp_path: Path) -> None:
+    bench = tmp_path / "arc"
+    bench.mkdir()
+    (bench / "arc_responses.csv").write_text(
+        "prompt,tiny,medium,huge,tiny_response\n"
+        "q1,0,0.5,1,x\nq2,1,1,1,y\nq3,0.25,0,1,z\n")
+    rows, dropped = read_any(tmp_path)
+    assert dropped == 0 and [r.task for r in rows] == ["arc"] * 3
+    assert [(r.q_small, r.q_large) for r in rows] == [(0.0, 1.0), (1.0, 1.0), (0.25, 1.0)]  # weakest vs strongest
+    rows, _ = read_any(tmp_path, small_model="medium", large_model="huge")
+    assert [r.q_small for r in rows] == [0.5, 1.0, 0.0]
+    with pytest.raises(TierDataError, match="no model column 'giant'"):
+        read_any(tmp_path, large_model="giant")
