@@ -110,6 +110,48 @@ def run_scenario(name: str, cluster: Any, requests: list[Any], scored: dict[str,
     return rows
 
 
+def _median_us(fn: Any, repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e6 * float(np.median(times))
+
+
+def scoring_cost(rows: list[LabelledPrompt], table: list[ThresholdPoint], repeat: int = 300) -> dict[str, float]:
+    """Median microseconds of scoring one prompt (packaged model), of one tier decision
+    (6 instances), and of one dispatch decision over 16 instances (the baseline: what
+    every request already pays), measured here side by side."""
+    import random
+
+    from scheduler.dispatch import ClusterView, build_policy
+    from scheduler.predictors.tier import load_predictor
+    from scheduler.types import InstanceState, RequestInfo
+
+    predictor = load_predictor()
+    sample = [r.prompt for r in random.Random(0).sample(rows, 64)]
+    cursor = iter(range(10**9))
+    score_us = _median_us(lambda: predictor.score(sample[next(cursor) % 64]), repeat)
+    instances = [InstanceState(f"i{k}", LARGE_MODEL if k % 2 else SMALL_MODEL, gpu="A100-80GB" if k % 2 else "L4",
+                               running=k, waiting=k % 3, kv_blocks_total=10_000) for k in range(16)]
+    info = RequestInfo("r", LARGE_MODEL, input_tokens=800, p_small_ok=0.7)
+    policy = build_policy(None)
+    view = ClusterView(instances)
+    dispatch_us = _median_us(lambda: policy.decide(view, info), repeat)
+    router = build_tier_router(tier_doc_defaults(), table)
+    rng = random.Random(0)
+    tier_us = _median_us(lambda: router.decide(info, instances[:6], None, rng), repeat)
+    return {"score_us": score_us, "tier_decide_us": tier_us,
+            "dispatch_decide_us": dispatch_us}
+
+
+def tier_doc_defaults() -> dict[str, Any]:
+    return {"alias": "auto", "small_model": SMALL_MODEL, "large_model": LARGE_MODEL, "policy": "load_aware",
+            "default": {"quality_target": 0.95, "quality_floor": 0.3}}
+
+
 def print_offline(metrics: dict[str, dict[str, dict[str, float]]]) -> None:
     print("offline, held out (random router APGR 0.5):")
     print(f"  {'split':<13}{'benchmark':<13}{'n':>7}{'APGR':>7}{'CPT50':>7}{'CPT80':>7}{'AIQ':>7}{'AIQ rnd':>8}")
@@ -181,6 +223,12 @@ def main() -> int:
     table = [ThresholdPoint(**r) for r in threshold_table(rows, oof_scores)]
     print_offline(metrics)
 
+    cost = scoring_cost(rows, table)
+    print(f"\nper request (median): score one prompt {cost['score_us']:.0f} us, tier decision {cost['tier_decide_us']:.0f} us; dispatch decision over 16 "
+          f"instances {cost['dispatch_decide_us']:.0f} us; score / dispatch = "
+          f"{cost['score_us'] / cost['dispatch_decide_us']:.1f}x, tier decision / dispatch = "
+          f"{cost['tier_decide_us'] / cost['dispatch_decide_us']:.1f}x")
+
     prompts = balanced_prompts(rows, oof_scores, args.per_benchmark, args.seed)
     trace_path = SHARED / "traces" / "azure_llm_2023" / "AzureLLMInferenceTrace_conv.csv"
     arrivals = read_trace(trace_path, rate_scale=args.rate_scale, window_s=(0.0, args.window_s * args.burst_factor))
@@ -210,7 +258,7 @@ def main() -> int:
     plot(results, Path(args.plot))
     print(f"wrote {args.plot}", file=sys.stderr)
     if args.json:
-        Path(args.json).write_text(json.dumps({"offline": metrics, "sim": results}, indent=1))
+        Path(args.json).write_text(json.dumps({"offline": metrics, "cost_us": cost, "sim": results}, indent=1))
     return 0
 
 

@@ -57,13 +57,17 @@ STAT_NAMES: tuple[str, ...] = (
 )
 _CHOICE_RE = re.compile(r"(?m)^\s*\(?[A-Ea-e][.)]\s")
 _NUMBER_RE = re.compile(r"\d+(?:[.,]\d+)?")
-_CODE_RE = re.compile(r"```|\bdef |\breturn\b|[{};]\s*$|=>|\bimport ", re.MULTILINE)
-_MATH_CHARS = frozenset("+-*/=^%$<>")
-_PUNCT_CHARS = frozenset(".,;:!?\"'()[]")
-_CUE_RES: dict[str, re.Pattern[str]] = {
-    name: re.compile(r"\b(?:" + "|".join(re.escape(w) for w in words) + r")\b")
-    for name, words in TASK_CUES.items()
-}
+_CODE_MARKS = ("```", "def ", "return ", "=>", "import ")  # counted with str.count (a regex: 24 us)
+_CODE_LINE_ENDS = ("{", "}", ";")
+_MATH_CHARS = "+-*/=^%$<>"
+_PUNCT_CHARS = ".,;:!?\"'()[]"
+# One pass for every cue (a named group per task family): one alternation per family cost
+# ~25 us each on a 470-character prompt.
+_CUES_RE = re.compile(r"\b(?:" + "|".join(
+    f"(?P<{name}>" + "|".join(re.escape(w) for w in words) + ")" for name, words in TASK_CUES.items()
+) + r")\b")
+_DIGITS = "0123456789"
+_UPPER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 class TierModelError(ValueError):
@@ -114,16 +118,19 @@ def text_stats(text: str) -> list[float]:
     n_words = len(words)
     denominator = max(1, chars)
     lower = text.lower()
-    digits = upper = punct = math_symbols = 0
-    for ch in text:
-        if ch.isdigit():
-            digits += 1
-        elif ch.isupper():
-            upper += 1
-        if ch in _PUNCT_CHARS:
-            punct += 1
-        if ch in _MATH_CHARS:
-            math_symbols += 1
+    # Counts of each character (str.count runs in C) rather than a loop over the text's
+    # characters or map(str.isdigit): 40 us for each of those on a 470-character prompt.
+    digits = sum(map(text.count, _DIGITS))
+    upper = sum(map(text.count, _UPPER))
+    punct = sum(map(text.count, _PUNCT_CHARS))
+    math_symbols = sum(map(text.count, _MATH_CHARS))
+    code_marks = sum(map(text.count, _CODE_MARKS)) + sum(
+        1 for line in text.splitlines() if line.rstrip().endswith(_CODE_LINE_ENDS)
+    )
+    cues = dict.fromkeys(TASK_CUES, 0)
+    for match in _CUES_RE.finditer(lower):
+        if match.lastgroup is not None:
+            cues[match.lastgroup] += 1
     stats = [
         math.log1p(chars),
         math.log1p(n_words),
@@ -134,11 +141,11 @@ def text_stats(text: str) -> list[float]:
         math.log1p(text.count("?")),
         math.log1p(len(_CHOICE_RE.findall(text))),
         math.log1p(math_symbols),
-        math.log1p(len(_CODE_RE.findall(text))),
+        math.log1p(code_marks),
         math.log1p(len(_NUMBER_RE.findall(text))),
         (sum(len(w) for w in words) / n_words) if n_words else 0.0,
     ]
-    stats.extend(math.log1p(len(pattern.findall(lower))) for pattern in _CUE_RES.values())
+    stats.extend(math.log1p(cues[name]) for name in TASK_CUES)
     return stats
 
 
