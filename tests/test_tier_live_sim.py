@@ -109,3 +109,11 @@ def test_router_config_rejects_a_bad_tiers_section() -> None:
         parse_router_config({"tiers": {"small_model": SMALL, "large_model": LARGE, "policy": "best"}}, "t.yaml")
     with pytest.raises(ConfigError, match=r"tiers.model_file: .*cannot read"):
         parse_router_config({"tiers": {"small_model": SMALL, "large_model": LARGE, "model_file": "/nope.json"}}, "t.yaml")
+
+
+def test_tokenyard_up_serves_the_auto_alias() -> None:
+    from tokenyard.up import router_document
+
+    entries = [{"url": "http://127.0.0.1:1", "model": SMALL, "gpu": "L4"}]
+    config = parse_router_config(router_document(entries, "127.0.0.1", 0, "file:///tmp/x.json"), "up")
+    assert config.tiers["alias"] == "auto" and config.tiers["small_model"] == SMALL
