@@ -11,7 +11,7 @@ from typing import Any
 
 TRAINERS: tuple[str, ...] = (
     # "learn.rank_cli",  # tokenyard train rank
-    # "learn.tier_cli",  # tokenyard train tier
+    "learn.tier_cli",  # tokenyard train tier
 )
 
 

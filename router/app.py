@@ -40,6 +40,7 @@ from router.proxy import PoolSet, UpstreamError
 from router.registry import InstanceRegistry
 from router.state import InstanceRecord, StateStore
 from router.tenants import AuthError, RetryBudget, Tenant, TenantTable
+from router.tiers import build_tier_resolver
 from router.validation import BadRequest, max_context_tokens, validate
 from scheduler.types import NoInstanceAvailable, RequestInfo
 
@@ -97,6 +98,7 @@ class Router:
         layer = self.dispatcher.layer
         self.admission = (RouterAdmission(self.dispatcher, self.metrics, layer.new_admission_queue())
                           if layer.admission_enabled else None)
+        self.tiers = build_tier_resolver(config.tiers, seed=seed) if config.tiers else None
         self.tenants = TenantTable(
             [(Tenant(t.name, t.slo_class, t.policy, RetryBudget(t.retry_ratio, t.retry_min_per_s, t.retry_burst)),
               t.api_keys) for t in config.tenants],
@@ -392,6 +394,8 @@ class Router:
             self.metrics.request_done(tenant.name, "", 400)
             await self._send_json(send, 400, error_body(400, str(exc), param=exc.param), rid_header)
             return
+        if self.tiers is not None:  # `model: auto` -> the small or the large tier's model
+            self.tiers.resolve(body, tenant.name, self.dispatcher.slo_class(tenant), request_id, self.dispatcher)
         model = body["model"]
         candidates = self.dispatcher.candidates(model)
         if candidates and candidates[0].model != model:

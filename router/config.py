@@ -31,6 +31,11 @@ this file): SLO classes, dispatch profiles and their selection, the candidate wi
 session affinity, queue order and admission. A file without `policy:` is read in the
 older dialect (`slo_classes`, `policies`, `dispatch`) and converted with the meaning it
 had; a file may not mix both (`tokenyard config migrate FILE` converts it).
+
+The model tier alias (`tiers:`, router/tiers.py) is a section of its own for now:
+
+    tiers: {alias: auto, small_model: qwen2.5-1.5b, large_model: llama-3-8b,
+            policy: load_aware, default: {quality_target: 0.9, quality_floor: 0.5}}
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ from tokenyard.config import (
 
 DEFAULT_POLICY: dict[str, Any] = {"filters": ["model", "healthy", "not_draining"], "scorers": ["least_outstanding"]}
 TOP_KEYS = ("listen", "store", "control", "limits", "slo_classes", "tenants", "anonymous", "policies",
-            "dispatch", "retries", "deadlines_ms", "health", "load", "discovery", "policy")
+            "dispatch", "retries", "deadlines_ms", "health", "load", "discovery", "policy", "tiers")
 # Keys of the older dialect that the policy document replaces.
 POLICY_KEYS = ("slo_classes", "policies", "dispatch")
 MAX_PORT = 65535
@@ -110,6 +115,7 @@ class RouterConfig:
     scrape_timeout_s: float = 1.0
     discovery: dict[str, Any] = field(default_factory=dict)
     policy: PolicyDocument = field(default_factory=PolicyDocument)
+    tiers: dict[str, Any] = field(default_factory=dict)  # model tier alias (router/tiers.py)
 
     def deadline_s(self, slo_class: str, stream: bool = True, max_output_tokens: int | None = None) -> float:
         """How long a request of this class may wait for its first byte.
@@ -367,6 +373,17 @@ def _parse_rest(cfg: RouterConfig, doc: dict[str, Any], source: str, classes: li
         from router.discovery import build_discovery
 
         build_discovery(cfg.discovery, at("discovery"))  # validates now; started by the router
+
+    cfg.tiers = _section(doc, "tiers", source)
+    if cfg.tiers:
+        from router.tiers import build_tier_resolver
+        from scheduler.tiers import TierConfigError
+
+        try:
+            build_tier_resolver(cfg.tiers, at("tiers"))  # validates now; built again by the router
+        except TierConfigError as exc:
+            raise ConfigError(at("tiers"), str(exc).removeprefix(at("tiers") + ": ")) from exc
+    return cfg
 
 
 def default_store_url(state_dir: str | Path = ".tokenyard") -> str:

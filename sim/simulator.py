@@ -27,9 +27,11 @@ samples and load scrapes at time t see the state after every event at t.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import logging
 import math
+import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ from scheduler.dispatch import ClusterView, DispatchPolicy
 from scheduler.engine_model import EngineModel
 from scheduler.layer import DecisionLayer, group_by_model
 from scheduler.session_affinity import InMemoryAffinity, can_own, follow, resolve_affinity
+from scheduler.tiers import TierRouter
 from scheduler.types import Decision, InstanceState, NoInstanceAvailable, RequestInfo, SloClass
 from sim.cluster import ClusterSpec, PoolSpec
 from sim.engine_core import Batch, DecodeRun, EngineCore, EngineRequest
@@ -121,6 +124,7 @@ class Simulation:
         timeline_interval_s: float = 10.0,
         fast_forward: bool = True,
         total_requests: int = 0,
+        tier_router: TierRouter | None = None,
     ) -> None:
         if timeline_interval_s <= 0:
             raise ValueError(f"timeline_interval_s: expected a positive number, got {timeline_interval_s}")
@@ -168,6 +172,10 @@ class Simulation:
         self.finished = 0
         self.arrived = 0
         self.default_slo = cluster.slo_classes.get("default")
+        # Requests naming the tier alias get their model from the tier decision, before
+        # dispatch, on the same load view dispatch reads (as the router does).
+        self.tier_router = tier_router
+        self.tier_rng = random.Random(seed)
 
     # ------------------------------------------------------------------ loop
     def run(self, requests: Iterable[TraceRequest]) -> SimResult:
@@ -265,8 +273,14 @@ class Simulation:
             slo_class=trace.slo_class,
             session_id=trace.session_id,
             prefix_hashes=trace.prefix_hashes,
+            p_small_ok=trace.p_small_ok,
             arrival_s=now,
         )
+        if self.tier_router is not None and self.tier_router.handles(model):
+            # The tier decides the model first, as the router resolves the alias before admission.
+            self.view.now_s = now
+            model = self.tier_router.decide(info, self.view.instances, slo, self.tier_rng).model
+            info = dataclasses.replace(info, model=model)
         admission = self.admission
         if admission is not None:
             if self.held:
@@ -616,6 +630,7 @@ def simulate(
     timeline_interval_s: float = 10.0,
     fast_forward: bool = True,
     total_requests: int = 0,
+    tier_router: TierRouter | None = None,
 ) -> SimResult:
     """Replay `requests` (sorted by arrival) on `cluster`; see the module docstring.
 
@@ -624,6 +639,7 @@ def simulate(
         `total` is `total_requests` if given, else the requests seen so far.
     seed: seeds the dispatch policy's random choices.
     fast_forward: advance stretches of identical decode steps at once (same results).
+    tier_router: decides the model of requests that name its alias (scheduler.tiers).
     """
     sim = Simulation(
         cluster,
@@ -633,6 +649,7 @@ def simulate(
         timeline_interval_s=timeline_interval_s,
         fast_forward=fast_forward,
         total_requests=total_requests,
+        tier_router=tier_router,
     )
     return sim.run(requests)
 

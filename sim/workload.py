@@ -20,3 +20,4 @@ class TraceRequest:
     model: str | None = None  # None: the cluster's default model
     session_id: str | None = None
     prompt: str | None = None
+    p_small_ok: float | None = None  # the tier predictor's score of `prompt` (tier routing)

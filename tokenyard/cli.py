@@ -24,6 +24,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "learn.cli",  # tokenyard train rank|tier
     "tokenyard.config_cli",  # tokenyard config check|migrate
     "sim.plan_cli",  # tokenyard plan [apply]
+    "learn.tier_cli",  # tokenyard tier score
 )
 
 

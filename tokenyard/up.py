@@ -167,6 +167,9 @@ def router_document(entries: list[dict[str, Any]], host: str, port: int, store_u
         },
         "anonymous": {"slo_class": "interactive"},
         "discovery": {"static": entries},
+        # `model: auto` picks the tier per request (router/tiers.py, docs/tiers.md)
+        "tiers": {"alias": "auto", "small_model": "qwen2.5-1.5b", "large_model": "llama-3-8b",
+                  "policy": "load_aware", "default": {"quality_target": 0.9, "quality_floor": 0.5}},
     }
     if control is not None:
         doc["control"] = control
@@ -175,7 +178,8 @@ def router_document(entries: list[dict[str, Any]], host: str, port: int, store_u
 
 def _examples(url: str) -> str:
     return f"""
-Tokenyard is up: {url}  (OpenAI-compatible; models: qwen2.5-1.5b = SLM tier, llama-3-8b = LLM tier)
+Tokenyard is up: {url}  (OpenAI-compatible; models: qwen2.5-1.5b = SLM tier, llama-3-8b = LLM tier,
+  auto = either, chosen per request by the tier predictor and the tiers' load)
 
   curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{{"model": "llama-3-8b", "messages": [{{"role": "user", "content": "Hello!"}}], "max_tokens": 32}}'
