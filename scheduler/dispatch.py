@@ -264,7 +264,8 @@ _PARAM_MODELS: dict[type[Any], type[pydantic.BaseModel]] = {}
 def params_model(cls: type[Any]) -> type[pydantic.BaseModel]:
     """The typed parameter class of a part: its `Params` (a pydantic model) when it declares
     one, else a model derived from its `__init__` signature (each parameter's annotation and
-    default; unknown keys are refused)."""
+    default; unknown keys are refused; names in the part's `internal_params` are for code,
+    not config)."""
     declared = cls.__dict__.get("Params")
     if isinstance(declared, type) and issubclass(declared, pydantic.BaseModel):
         return declared
@@ -275,8 +276,9 @@ def params_model(cls: type[Any]) -> type[pydantic.BaseModel]:
     init = cls.__init__
     if init not in (Filter.__init__, Scorer.__init__, Picker.__init__):
         hints = get_type_hints(init)
+        internal = getattr(cls, "internal_params", ())
         for pname, param in inspect.signature(init).parameters.items():
-            if pname == "self" or param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
+            if pname == "self" or pname in internal or param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
                 continue
             annotation = hints.get(pname, Any)
             default = ... if param.default is inspect.Parameter.empty else param.default
