@@ -26,7 +26,8 @@ from typing import Any
 
 from router.dispatcher import Dispatcher
 from router.metrics import RouterMetrics
-from scheduler.admission import AdmissionQueue, Offer, QueuedRequest, Verdict
+from scheduler.admission import AdmissionQueue, Offer, Verdict
+from scheduler.queueing import QueuedRequest
 from scheduler.types import RequestInfo
 
 log = logging.getLogger(__name__)
