@@ -26,7 +26,8 @@ from typing import Any
 
 from router.dispatcher import Dispatcher
 from router.metrics import RouterMetrics
-from scheduler.admission import AdmissionQueue, Offer, QueuedRequest, Verdict
+from scheduler.admission import AdmissionQueue, Offer, Verdict
+from scheduler.queueing import QueuedRequest
 from scheduler.types import RequestInfo
 
 log = logging.getLogger(__name__)
@@ -44,10 +45,22 @@ class Refusal:
 
 
 class PluginMetrics:
-    """A `scheduler.dispatch.PluginObserver` feeding the router's per-plugin histogram."""
+    """A `scheduler.dispatch.PluginObserver` feeding the router's per-plugin histogram.
 
-    def __init__(self, metrics: RouterMetrics) -> None:
+    It times one decision in `sample_every`: timing every part of every decision (two
+    clock reads and a histogram update per part) added ~8 us to a ~10 us decision."""
+
+    def __init__(self, metrics: RouterMetrics, sample_every: int = 16) -> None:
         self.metrics = metrics
+        self.sample_every = sample_every
+        self._count = 0
+
+    def sample(self) -> bool:
+        self._count += 1
+        if self._count >= self.sample_every:
+            self._count = 0
+            return True
+        return False
 
     def clock_s(self) -> float:
         return time.perf_counter()

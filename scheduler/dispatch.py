@@ -218,6 +218,10 @@ class PluginObserver(Protocol):
     """What a driver hands a policy to see each part's latency (its metrics, not ours:
     scheduler/ holds no clock and no metrics library)."""
 
+    def sample(self) -> bool:
+        """Whether to time this decision (a driver may time one in N: timing costs)."""
+        ...
+
     def clock_s(self) -> float: ...
 
     def observe(self, kind: str, name: str, seconds: float) -> None: ...
@@ -264,7 +268,8 @@ _PARAM_MODELS: dict[type[Any], type[pydantic.BaseModel]] = {}
 def params_model(cls: type[Any]) -> type[pydantic.BaseModel]:
     """The typed parameter class of a part: its `Params` (a pydantic model) when it declares
     one, else a model derived from its `__init__` signature (each parameter's annotation and
-    default; unknown keys are refused)."""
+    default; unknown keys are refused; names in the part's `internal_params` are for code,
+    not config)."""
     declared = cls.__dict__.get("Params")
     if isinstance(declared, type) and issubclass(declared, pydantic.BaseModel):
         return declared
@@ -275,8 +280,9 @@ def params_model(cls: type[Any]) -> type[pydantic.BaseModel]:
     init = cls.__init__
     if init not in (Filter.__init__, Scorer.__init__, Picker.__init__):
         hints = get_type_hints(init)
+        internal = getattr(cls, "internal_params", ())
         for pname, param in inspect.signature(init).parameters.items():
-            if pname == "self" or param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
+            if pname == "self" or pname in internal or param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
                 continue
             annotation = hints.get(pname, Any)
             default = ... if param.default is inspect.Parameter.empty else param.default
@@ -350,7 +356,8 @@ class DispatchPolicy:
         return all(scorer.normalized for scorer, _ in self.scorers)
 
     def _run_filters(
-        self, view: ClusterView, request: RequestInfo, ctx: DispatchContext
+        self, view: ClusterView, request: RequestInfo, ctx: DispatchContext,
+        observer: PluginObserver | None = None,
     ) -> list[InstanceState]:
         filters = self.filters
         first = 0
@@ -378,7 +385,6 @@ class DispatchPolicy:
             candidates = cached
             start = first
             ctx.candidates_stable = start == len(filters)
-        observer = self.observer
         for k in range(start, len(filters)):
             flt = filters[k]
             if observer is None:
@@ -406,9 +412,12 @@ class DispatchPolicy:
         methods define (tests/test_policies.py compares both on random clusters).
         `explain`: the decision carries each candidate's score per scorer (`Explanation`)."""
         ctx = DispatchContext(view.now_s, self.rng)
-        candidates = self._run_filters(view, request, ctx)
-        if explain or self.observer is not None or not self.all_normalized:
-            return self._decide_observed(request, candidates, ctx, explain, len(view.instances))
+        observer = self.observer
+        if observer is not None and not observer.sample():
+            observer = None
+        candidates = self._run_filters(view, request, ctx, observer)
+        if explain or observer is not None or not self.all_normalized:
+            return self._decide_observed(request, candidates, ctx, explain, len(view.instances), observer)
         scorers = self.scorers
         if len(scorers) == 1:
             scorer, weight = scorers[0]
@@ -436,11 +445,10 @@ class DispatchPolicy:
 
     def _decide_observed(
         self, request: RequestInfo, candidates: list[InstanceState], ctx: DispatchContext, explain: bool,
-        window: int,
+        window: int, observer: PluginObserver | None,
     ) -> Decision:
         """`decide` after the filters, timing each part for the observer, clamping scores of
         scorers that do not promise [0, 1], and keeping the per-scorer scores to explain."""
-        observer = self.observer
         per_scorer: list[list[float]] = []
         totals = [0.0] * len(candidates)
         for scorer, weight in self.scorers:

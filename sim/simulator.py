@@ -37,10 +37,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from scheduler.admission import AdmissionQueue, Offer, QueuedRequest, Verdict
+from scheduler.admission import AdmissionQueue, Offer, Verdict
 from scheduler.dispatch import ClusterView, DispatchPolicy
 from scheduler.engine_model import EngineModel
 from scheduler.layer import DecisionLayer, group_by_model
+from scheduler.queueing import QueuedRequest
 from scheduler.session_affinity import InMemoryAffinity, can_own, follow, resolve_affinity
 from scheduler.tiers import TierRouter
 from scheduler.types import Decision, InstanceState, NoInstanceAvailable, RequestInfo, SloClass

@@ -237,6 +237,9 @@ def test_observer_sees_every_part() -> None:
     seen: list[tuple[str, str]] = []
 
     class Observer:
+        def sample(self) -> bool:
+            return True
+
         def clock_s(self) -> float:
             return 0.0
 
@@ -329,3 +332,35 @@ def test_config_migrate_keeps_the_meaning(tmp_path: Path) -> None:
     assert main(["config", "check", str(migrated)]) == 0
     (tmp_path / "bad.yaml").write_text("policy: {window: {max_candidates: -1}}\n")
     assert main(["config", "check", str(tmp_path / "bad.yaml")]) == 2
+
+
+async def test_router_explains_a_decision_when_asked() -> None:
+    import json
+
+    import httpx
+
+    from router.admission import PluginMetrics
+    from tests.test_router_support import fake_engines, running_router
+
+    doc = {"policy": {"profiles": {"default": {"scorers": ["least_outstanding", {"least_kv": {"weight": 0.5}}]}}}}
+    with fake_engines((), ()) as engines:
+        records = [engine.record(f"e{k}") for k, engine in enumerate(engines)]
+        async with running_router(records, doc) as server:
+            url = f"http://127.0.0.1:{server.port}/v1/completions"
+            body = {"model": "llama-3-8b", "prompt": "hi", "max_tokens": 2}
+            server.router.dispatcher.layer.set_observer(PluginMetrics(server.router.metrics, sample_every=1))
+            async with httpx.AsyncClient(timeout=10) as client:
+                plain = await client.post(url, json=body)
+                explained = await client.post(url, json=body, headers={"x-tokenyard-explain": "1"})
+                metrics = (await client.get(f"http://127.0.0.1:{server.port}/metrics")).text
+    assert plain.status_code == explained.status_code == 200
+    assert "x-tokenyard-explain" not in plain.headers
+    explanation = json.loads(explained.headers["x-tokenyard-explain"])
+    assert explanation["profile"] == "default" and explanation["weights"] == {"least_outstanding": 1.0,
+                                                                              "least_kv": 0.5}
+    chosen = explanation["candidates"][0]
+    assert chosen["id"] == explained.headers["x-tokenyard-instance"]
+    assert chosen["total"] == pytest.approx(chosen["scores"]["least_outstanding"] + 0.5 * chosen["scores"]["least_kv"],
+                                            abs=1e-5)
+    assert {c["id"] for c in explanation["candidates"]} == {"e0", "e1"}
+    assert 'tokenyard_router_plugin_seconds_count{kind="scorer",name="least_kv"}' in metrics

@@ -162,8 +162,10 @@ def router_document(entries: list[dict[str, Any]], host: str, port: int, store_u
             "queue": {"sort": "slo_priority", "engine_priority": "slo_priority"},
             # Flow control: with every engine saturated, requests wait in the router (in SLO
             # priority order) instead of in engine queues; batch is shed with 429 + Retry-After.
+            # An engine holding 32 requests is saturated (its decode batch, so every stream's
+            # TPOT, grows with each one more), as is one with 4 queued.
             "admission": {"enabled": admission, "max_queue_depth": 512, "retry_after_s": 1,
-                          "saturation": {"max_queued_per_instance": 4}},
+                          "saturation": {"max_queued_per_instance": 4, "max_outstanding_per_instance": 32}},
         },
         "anonymous": {"slo_class": "interactive"},
         "discovery": {"static": entries},

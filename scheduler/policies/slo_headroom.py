@@ -45,6 +45,7 @@ class SloHeadroom(Scorer):
     carries with the targets the operator set."""
 
     normalized = True
+    internal_params = ("catalog",)  # given by code (tests, a custom catalog), not by a document
 
     def __init__(
         self,
