@@ -81,6 +81,7 @@ async def test_a_replica_killed_under_load(tmp_path: Path) -> None:
         answered_by_a = outcomes.get("a:200", 0) + outcomes.get("a:200:truncated", 0)
         assert 30 <= answered_by_a <= 50 and outcomes.get("a:connection-error", 0) >= 60
         stats = await engine.stats()
+        print(f"replica kill: outcomes {outcomes}, slowest {slowest_s:.2f} s, engine requests {stats['requests_total']}")
         # Each engine request belongs to one client request: none was sent (answered) twice.
         assert stats["requests_total"] <= 120 + answered_by_a + 8, (stats, outcomes)
         # State converges: a drain through the store reaches the survivor and a new replica.
