@@ -349,6 +349,9 @@ async def start_control_server(
     from router.picker_grpc import PickerService
     from tokenyard.v1 import picker_pb2_grpc
 
+    if auth is None:
+        raise ValueError("control server: auth is required (router.auth.ControlAuth: bearer tokens); the control "
+                         "plane never runs unauthenticated")
     tokens = auth.load_tokens()  # before anything starts: a bad tokens file is a clean error
     credentials = auth.server_credentials()
     own_registration = registration is None

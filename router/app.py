@@ -434,30 +434,14 @@ class Router:
         except NoInstanceAvailable as exc:
             if self.admission is not None:
                 self.admission.unreserve(reserved)
-            capacity = max_context_tokens(self.dispatcher.candidates(model))
-            if capacity is not None and info.input_tokens > capacity:
-                # It can never fit, here or anywhere: not a retryable 503.
-                self.metrics.request_done(tenant.name, model, 400)
-                await self._send_json(send, 400, error_body(
-                    400, f"This model's maximum context length is {capacity} tokens. However, your prompt has "
-                         f"about {info.input_tokens} tokens. Please reduce the length of the prompt.",
-                    param="messages" if chat else "prompt", code="context_length_exceeded"), rid_header)
-                return
-            self.metrics.request_done(tenant.name, model, 503)
-            await self._send_json(send, 503, error_body(503, f"no instance can serve this request: {exc}",
-                                                        code="no_instance_available"), rid_header)
+            await self._refuse_unplaceable(send, exc, info, tenant, chat, rid_header)
             return
         if decision.explanation is not None:
             explained = orjson.dumps(decision.explanation.to_dict())
             log.debug("decision explained", extra={"request_id": request_id, "explanation": explained.decode()})
             rid_header.append((EXPLAIN_HEADER, explained))
         headers = b"Content-Type: application/json\r\nX-Request-Id: " + request_id.encode("latin-1") + b"\r\n"
-        slo_class = self.dispatcher.slo_class(tenant)
-        budget = _Budget(
-            first_byte_s=deadline_s,
-            # One deadline from admission to the last byte, whatever the engine does.
-            last_byte_s=started_s + self.config.deadline_s(tenant.slo_class, False, info.max_output_tokens),
-            stall_s=float(getattr(slo_class, "stall_timeout_s", None) or DEFAULT_STALL_TIMEOUT_S))
+        budget = self._budget(tenant, info, started_s, deadline_s)
         self.metrics.inflight.inc()
         # The request counts as in flight on its pick from now until _forward counts its
         # first attempt: _forward runs as a task (so a client leaving can cancel it), and
@@ -499,6 +483,30 @@ class Router:
         if refusal.retry_after_s is not None:
             headers.append((b"retry-after", str(max(1, round(refusal.retry_after_s))).encode()))
         await self._send_json(send, refusal.status, error_body(refusal.status, refusal.message, code=code), headers)
+
+    async def _refuse_unplaceable(self, send: Send, exc: NoInstanceAvailable, info: RequestInfo, tenant: Tenant,
+                                  chat: bool, rid_header: list[tuple[bytes, bytes]]) -> None:
+        """No instance took the request: 400 when it can never fit any, else a retryable 503."""
+        capacity = max_context_tokens(self.dispatcher.candidates(info.model))
+        if capacity is not None and info.input_tokens > capacity:
+            self.metrics.request_done(tenant.name, info.model, 400)
+            await self._send_json(send, 400, error_body(
+                400, f"This model's maximum context length is {capacity} tokens. However, your prompt has "
+                     f"about {info.input_tokens} tokens. Please reduce the length of the prompt.",
+                param="messages" if chat else "prompt", code="context_length_exceeded"), rid_header)
+            return
+        self.metrics.request_done(tenant.name, info.model, 503)
+        await self._send_json(send, 503, error_body(503, f"no instance can serve this request: {exc}",
+                                                    code="no_instance_available"), rid_header)
+
+    def _budget(self, tenant: Tenant, info: RequestInfo, started_s: float, first_byte_s: float) -> _Budget:
+        """One deadline from admission to the last byte, whatever the engine does, and the
+        SLO class's stall timeout between chunks."""
+        slo_class = self.dispatcher.slo_class(tenant)
+        return _Budget(
+            first_byte_s=first_byte_s,
+            last_byte_s=started_s + self.config.deadline_s(tenant.slo_class, False, info.max_output_tokens),
+            stall_s=float(getattr(slo_class, "stall_timeout_s", None) or DEFAULT_STALL_TIMEOUT_S))
 
     async def _forward(self, send: Send, receive: Receive, path: str, upstream_body: bytes, headers: bytes,
                        stream: bool, info: RequestInfo, policy: Any, decision: Any, tenant: Tenant,

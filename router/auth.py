@@ -5,8 +5,9 @@ caller sends `authorization: Bearer <token>` metadata; `AuthInterceptor` maps th
 to a `Principal` (a name and its roles), checks the roles the method needs
 (`METHOD_ROLES`), and refuses everything else with UNAUTHENTICATED (no or unknown token)
 or PERMISSION_DENIED (known token, role missing). Every refusal is logged, rate-limited
-per peer and reason so a caller hammering the port cannot flood the log; tokens are never
-logged, only the principal's name.
+per reason (and per principal and method for role refusals) so a caller hammering the
+port cannot flood the log; tokens are never logged, only the principal's name. Token
+files are read once at start: rotating a token means restarting the router.
 
 Roles are ordered `viewer < operator < admin` (each includes the ones before it), plus
 `picker` for gateways that only call Pick (admin includes it). The admin issue's role

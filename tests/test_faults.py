@@ -34,6 +34,8 @@ from tests.test_hostile_support import ScriptedEngine, ok_json, wait_hangup
 from tests.test_router_support import FakeEngine, emulated_engine
 
 COMPLETION = {"model": "llama-3-8b", "prompt": "p", "max_tokens": 2}
+# The Redis outage of the test; the suite's documented run sets 10 (docs/reliability.md).
+OUTAGE_S = float(os.environ.get("TOKENYARD_REDIS_OUTAGE_S", "2"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,14 +315,16 @@ async def test_redis_lost_and_restarted_empty_state_converges(tmp_path: Any, cap
                 assert (await client.post(server.url + "/v1/completions", json=COMPLETION)).status_code == 200
                 redis.kill()
                 redis.wait(5)
-                answered = 0
+                answered = failed = 0
                 t0 = time.monotonic()
-                while time.monotonic() - t0 < 2.0:  # the outage
+                while time.monotonic() - t0 < OUTAGE_S:  # the outage
                     reply = await client.post(server.url + "/v1/completions", json=COMPLETION,
                                               headers={"x-session-id": f"s-{answered}"})
                     answered += reply.status_code == 200
-                assert answered > 10
+                    failed += reply.status_code != 200
+                assert answered > 10 and failed == 0
                 redis = start_redis()  # empty: no instances, no policies
+                back_s = time.monotonic()
                 checker = open_store(f"redis://127.0.0.1:{port}/0?prefix=ty-faults:")
                 try:
                     for _ in range(150):
@@ -329,10 +333,13 @@ async def test_redis_lost_and_restarted_empty_state_converges(tmp_path: Any, cap
                                 break
                         await asyncio.sleep(0.1)
                     assert [r.instance_id for r in await checker.list_instances()] == ["e0"]
+                    converged_s = time.monotonic() - back_s
                 finally:
                     await checker.close()
                 assert (await client.post(server.url + "/v1/completions", json=COMPLETION)).status_code == 200
         warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+        print(f"redis outage {OUTAGE_S:.0f} s: {answered} requests answered during it, {len(warnings)} warnings, "
+              f"store converged {converged_s:.2f} s after the empty restart")
         assert len(warnings) < answered, (len(warnings), answered)  # not one per request
     finally:
         redis.kill()

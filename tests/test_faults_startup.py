@@ -68,3 +68,23 @@ def test_yaml_shown_in_the_docs_is_valid() -> None:
                 yaml.safe_load(block)
             except yaml.YAMLError as exc:
                 raise AssertionError(f"{doc.name}: yaml block {i + 1} is invalid: {exc}") from None
+
+
+def test_tokenyard_up_on_a_taken_port_is_one_line_and_stops_its_engines(tmp_path: Path) -> None:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        result = subprocess.run([sys.executable, "-m", "tokenyard.cli", "up", "--port", str(port), "--state-dir",
+                                 str(tmp_path / "state"), "--time-scale", "0", "--smoke"],
+                                capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    finally:
+        holder.close()
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("tokenyard up:")]
+    assert lines == [f"tokenyard up: router: cannot listen on 127.0.0.1:{port}: address in use"], result.stderr
+    engines = yaml.safe_load((tmp_path / "state" / "router.yaml").read_text())["discovery"]["static"]
+    for engine in engines:  # the engines it started are gone again
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", int(engine["url"].rsplit(":", 1)[1]))) != 0

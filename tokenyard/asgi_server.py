@@ -361,25 +361,8 @@ class Http1Protocol(asyncio.Protocol):
             if disconnected.done() or state["complete"] or self.discarding:
                 return
             if message["type"] == "http.response.start":
-                status = int(message["status"])
-                lines = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))]
-                has_length = False
-                for name, value in message.get("headers", ()):
-                    if name.lower() == b"content-length":
-                        has_length = True
-                    lines.append(name + b": " + value + b"\r\n")
-                if not has_length:
-                    if http10:  # no chunked framing for HTTP/1.0: the close delimits the body
-                        state["keep_alive"] = False
-                    else:
-                        state["chunked"] = True
-                        lines.append(b"transfer-encoding: chunked\r\n")
-                if not state["keep_alive"]:
-                    lines.append(b"connection: close\r\n")
-                elif http10:
-                    lines.append(b"connection: keep-alive\r\n")
-                lines.append(b"\r\n")
-                state["head"] = b"".join(lines)
+                state["head"], state["chunked"], state["keep_alive"] = _response_head(
+                    int(message["status"]), message.get("headers", ()), bool(state["keep_alive"]), http10)
                 state["started"] = True
                 return
             body = message.get("body", b"")
@@ -419,6 +402,29 @@ class Http1Protocol(asyncio.Protocol):
         if not state["complete"]:
             return False  # the app ended without finishing its response
         return bool(state["keep_alive"])
+
+
+def _response_head(status: int, headers: Any, keep_alive: bool, http10: bool) -> tuple[bytes, bool, bool]:
+    """The response head, whether the body is chunked, and whether the connection stays open."""
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))]
+    has_length = False
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            has_length = True
+        lines.append(name + b": " + value + b"\r\n")
+    chunked = False
+    if not has_length:
+        if http10:  # no chunked framing for HTTP/1.0: the close delimits the body
+            keep_alive = False
+        else:
+            chunked = True
+            lines.append(b"transfer-encoding: chunked\r\n")
+    if not keep_alive:
+        lines.append(b"connection: close\r\n")
+    elif http10:
+        lines.append(b"connection: keep-alive\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines), chunked, keep_alive
 
 
 class Http1Server:
