@@ -296,15 +296,21 @@ def _deny(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Every call carries a known bearer token whose principal has the method's role."""
 
-    def __init__(self, tokens: TokenTable, method_roles: dict[str, str] | None = None) -> None:
+    def __init__(self, tokens: TokenTable, method_roles: dict[str, str] | None = None,
+                 open_prefixes: tuple[str, ...] = ()) -> None:
         self.tokens = tokens
         self.method_roles = METHOD_ROLES if method_roles is None else method_roles
+        # Methods that need no token (gRPC health of the ext_proc picker: kubelet probes and
+        # Envoy's health checks carry none, and health says nothing an attacker can use).
+        self.open_prefixes = open_prefixes
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method = handler_call_details.method
+        if self.open_prefixes and method.startswith(self.open_prefixes):
+            return await continuation(handler_call_details)
         token = bearer_token(handler_call_details.invocation_metadata)
         principal = self.tokens.principal(token) if token is not None else None
         if principal is None:

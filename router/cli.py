@@ -30,6 +30,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--extproc-host", default="127.0.0.1",
                         help="listen address of the ext_proc picker (loopback unless set; the picker port has no "
                              "token check, so expose it only behind a NetworkPolicy)")
+    parser.add_argument("--extproc-tokens-file", default=None,
+                        help="bearer tokens the gateway must send to the picker (router/auth.py tokens_file "
+                             "format; role picker); default: the control section's tokens when it has them")
+    parser.add_argument("--extproc-allow-unauthenticated", action="store_true",
+                        help="serve the picker on a non-loopback address without tokens (only behind a "
+                             "NetworkPolicy that admits nothing but the gateway)")
     parser.add_argument("--extproc-shed-outstanding", type=int, default=0,
                         help="ext_proc: answer 429 to sheddable requests when every instance of the model has "
                              "this many requests outstanding (0: never shed)")
@@ -133,8 +139,20 @@ def run_router(args: argparse.Namespace) -> int:
             print("tokenyard router: --extproc-port: expected 0-65535 and --extproc-shed-outstanding >= 0, got "
                   f"{args.extproc_port} and {args.extproc_shed_outstanding}", file=sys.stderr)
             return 2
-        extproc = (args.extproc_host, args.extproc_port, ExtProcSettings(shed=ShedPolicy(
-            args.extproc_shed_outstanding, args.extproc_shed_priority)))
+        from router.auth import TokenTable
+
+        tokens = None
+        try:
+            if args.extproc_tokens_file is not None:
+                tokens = TokenTable.from_file(args.extproc_tokens_file)
+            elif config.control_auth is not None and not args.extproc_allow_unauthenticated:
+                tokens = config.control_auth.load_tokens()
+        except ConfigError as exc:
+            print(f"tokenyard router: --extproc: {exc}", file=sys.stderr)
+            return 2
+        extproc = (args.extproc_host, args.extproc_port, ExtProcSettings(
+            shed=ShedPolicy(args.extproc_shed_outstanding, args.extproc_shed_priority), tokens=tokens,
+            allow_unauthenticated=args.extproc_allow_unauthenticated))
     if args.workers > 1:
         if extproc is not None:
             print("tokenyard router: --extproc-port runs in one process; use --workers 1", file=sys.stderr)

@@ -46,6 +46,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from router.auth import AuthInterceptor, is_loopback
 from router.errors import error_body
 from router.picker_grpc import address_of
 from router.tenants import AuthError, Tenant
@@ -67,6 +68,7 @@ EXTPROC_ATTRIBUTES = "envoy.filters.http.ext_proc"  # where Envoy puts the reque
 LIVENESS_SERVICE = "liveness"
 READINESS_SERVICE = "readiness"
 EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+EXTPROC_METHOD = f"/{EXTPROC_SERVICE}/Process"
 # Envoy's gRPC messages for streamed bodies stay under 64 KiB; chunks of the body we send
 # back keep that margin.
 BODY_CHUNK_BYTES = 62_000
@@ -80,6 +82,13 @@ class ExtProcSettings:
     # From the request headers to a complete body: a client trickling its body cannot hold
     # an exchange open forever (responses, once decided, may stream as long as they take).
     request_timeout_s: float = 60.0
+    # Who may call the picker: None serves it unauthenticated, which `start_extproc_server`
+    # allows only on loopback unless `allow_unauthenticated` says the network is closed
+    # (a NetworkPolicy admitting only the gateway). With tokens, the gateway sends
+    # `authorization: Bearer <token>` (Envoy: grpc_service.initial_metadata) of a principal
+    # with role `picker` (or admin).
+    tokens: Any = None  # router.auth.TokenTable
+    allow_unauthenticated: bool = False
 
 
 class Refused(Exception):
@@ -418,9 +427,19 @@ class ExtProcServer:
 async def start_extproc_server(router: Router, host: str, port: int,
                                settings: ExtProcSettings | None = None) -> ExtProcServer:
     """Serve the picker and gRPC health on host:port (0: a free port) over a started router."""
+    settings = settings or ExtProcSettings()
+    interceptors = []
+    if settings.tokens is not None:
+        interceptors.append(AuthInterceptor(settings.tokens, {EXTPROC_METHOD: "picker"},
+                                            open_prefixes=("/grpc.health.v1.Health/",)))
+    elif not (settings.allow_unauthenticated or is_loopback(host)):
+        raise OSError(f"ext_proc picker: refusing to serve {host}:{port} without authentication; give it "
+                      "tokens (--extproc-tokens-file, or the control section's tokens) or, behind a "
+                      "NetworkPolicy that admits only the gateway, --extproc-allow-unauthenticated")
     max_message = router.config.max_request_bytes + 64 * 1024
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message),
-                                      ("grpc.max_send_message_length", max_message)])
+                                      ("grpc.max_send_message_length", max_message)],
+                             interceptors=interceptors)
     pb_grpc.add_ExternalProcessorServicer_to_server(EndpointPicker(router, settings), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -335,3 +335,37 @@ def test_should_shed_only_sheddable_requests_when_every_usable_instance_is_full(
     assert not should_shed([full], 9, ShedPolicy(max_outstanding_per_instance=0))  # shedding off
     with pytest.raises(ValueError, match="max_outstanding_per_instance"):
         ShedPolicy(max_outstanding_per_instance=-1)
+
+
+async def test_picker_with_tokens_refuses_calls_without_one_and_health_stays_open() -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from router.auth import Principal, TokenTable, token_digest
+
+    gateway, viewer = "gateway-token-0123456789", "viewer-token-0123456789"
+    tokens = TokenTable([(token_digest(gateway), Principal("envoy", frozenset({"picker"}))),
+                         (token_digest(viewer), Principal("dash", frozenset({"viewer"})))])
+    async with picker(ExtProcSettings(max_endpoints=2, tokens=tokens)) as (_, channel):
+        health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+        assert health.status == health_pb2.HealthCheckResponse.SERVING  # probes carry no token
+        for metadata, code in (((), grpc.StatusCode.UNAUTHENTICATED),
+                               ((("authorization", f"Bearer {viewer}"),), grpc.StatusCode.PERMISSION_DENIED)):
+            call = pb_grpc.ExternalProcessorStub(channel).Process(iter([headers(eos=True)]), metadata=metadata)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call.read()
+            assert refused.value.code() == code
+        call = pb_grpc.ExternalProcessorStub(channel).Process(
+            iter([headers(authorization="Bearer anything"), body(chat(), True)]),
+            metadata=(("authorization", f"Bearer {gateway}"),))
+        first = await call.read()
+        assert destination(first)[0]  # the gateway's token is accepted: a destination comes back
+
+
+async def test_picker_refuses_a_network_address_without_authentication() -> None:
+    router = Router(parse_router_config({"discovery": {"static": STATIC}}, "extproc.yaml"))
+    await router.start(background=False)
+    try:
+        with pytest.raises(OSError, match="without authentication"):
+            await start_extproc_server(router, "0.0.0.0", 0, ExtProcSettings())
+    finally:
+        await router.stop()
