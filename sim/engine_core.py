@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from scheduler.engine_model import EngineModel
+from sim.kv_cache import CacheEntry, KVBlockManager
 
 
 class EngineConfigError(ValueError):
@@ -260,12 +261,6 @@ def _decode_line(model: EngineModel, n: int, max_model_len: int) -> tuple[float,
     return t0, slope
 
 
-@dataclass(slots=True)
-class _CacheEntry:
-    blocks: int
-    refs: int = 0
-
-
 class EngineCore:
     """Continuous batching with KV blocks, prefix caching, chunked prefill and preemption."""
 
@@ -282,9 +277,9 @@ class EngineCore:
             )
         self.num_kv_blocks = capacity
         self.max_model_len = self.config.max_model_len or model.model.max_context_tokens
-        self.free_blocks = capacity
-        self._cache: OrderedDict[int, _CacheEntry] = OrderedDict()  # LRU order, evictable if refs == 0
-        self._evictable_blocks = 0
+        # The KV block pool and prefix cache (sim/kv_cache.py); this class decides who
+        # holds how many blocks, the manager counts them.
+        self.kv = KVBlockManager(capacity, self.config.block_size, self.config.enable_prefix_caching)
         self._waiting: list[tuple[tuple[float, ...], EngineRequest]] = []  # heap
         self.running: list[EngineRequest] = []
         self._seq = itertools.count()
@@ -389,7 +384,19 @@ class EngineCore:
     @property
     def kv_blocks_used(self) -> int:
         """Blocks held by requests (cached prefixes nobody references count as free)."""
-        return self.num_kv_blocks - self.free_blocks - self._evictable_blocks
+        return self.kv.used_blocks
+
+    @property
+    def free_blocks(self) -> int:
+        return self.kv.free_blocks
+
+    @property
+    def _evictable_blocks(self) -> int:
+        return self.kv.evictable_blocks
+
+    @property
+    def _cache(self) -> OrderedDict[int, CacheEntry]:
+        return self.kv.cache
 
     @property
     def tokens_in_flight(self) -> int:
@@ -398,69 +405,34 @@ class EngineCore:
         return sum(r.num_tokens for r in self.running)
 
     # ------------------------------------------------------------- KV blocks
+    # Request-facing wrappers over the block manager (sim/kv_cache.py).
     def _blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.config.block_size)
 
     def _shared_blocks(self, req: EngineRequest) -> int:
-        return sum(self._cache[h].blocks for h in req.shared_hashes)
+        return self.kv.shared_blocks(req.shared_hashes)
 
     def _held_blocks(self, req: EngineRequest) -> int:
         """KV blocks `req` holds: its own and the cached prefix blocks it references."""
-        return req.own_blocks + (self._shared_blocks(req) if req.shared_hashes else 0)
+        return req.own_blocks + (self.kv.shared_blocks(req.shared_hashes) if req.shared_hashes else 0)
 
     def _allocate(self, blocks: int) -> bool:
-        if blocks <= 0:
-            return True
-        if self.free_blocks + self._evictable_blocks < blocks:
-            return False
-        while self.free_blocks < blocks:
-            self._evict_one()
-        self.free_blocks -= blocks
-        return True
+        return self.kv.allocate(blocks)
 
     def _evict_one(self) -> None:
-        for key, entry in self._cache.items():
-            if entry.refs == 0:
-                del self._cache[key]
-                self._evictable_blocks -= entry.blocks
-                self.free_blocks += entry.blocks
-                return
-        raise AssertionError("no evictable prefix-cache block although accounting says there is")
+        self.kv.evict_one()
 
     def _release(self, req: EngineRequest) -> None:
-        self.free_blocks += req.own_blocks
+        self.kv.release(req.own_blocks, req.shared_hashes)
         req.own_blocks = 0
-        for key in req.shared_hashes:
-            entry = self._cache[key]
-            entry.refs -= 1
-            if entry.refs == 0:
-                self._evictable_blocks += entry.blocks
-        req.shared_hashes.clear()
-
-    def _hash_blocks(self, req: EngineRequest) -> int:
-        return req.prefix_block_tokens // self.config.block_size
 
     def _lookup_prefix(self, req: EngineRequest) -> None:
         """On admission: reference the cached leading prefix blocks, skip computing them."""
         if not self.config.enable_prefix_caching or not req.prefix_hashes:
             return
         usable = min(len(req.prefix_hashes), req.prompt_tokens // req.prefix_block_tokens)
-        hits = 0
-        for key in req.prefix_hashes[:usable]:
-            entry = self._cache.get(key)
-            if entry is None:
-                break
-            hits += 1
-        # Always compute at least the prompt's last token, as vLLM does.
-        while hits and hits * req.prefix_block_tokens >= req.prompt_tokens:
-            hits -= 1
-        for key in req.prefix_hashes[:hits]:
-            entry = self._cache[key]
-            if entry.refs == 0:
-                self._evictable_blocks -= entry.blocks
-            entry.refs += 1
-            self._cache.move_to_end(key)
-            req.shared_hashes.append(key)
+        hits = self.kv.lookup(req.prefix_hashes, usable, req.prefix_block_tokens, req.prompt_tokens,
+                              req.shared_hashes)
         req.computed_tokens = hits * req.prefix_block_tokens
         req.cached_prompt_tokens = req.computed_tokens
 
@@ -470,20 +442,10 @@ class EngineCore:
             return
         done = min(req.computed_tokens, req.prompt_tokens) // req.prefix_block_tokens
         done = min(done, len(req.prefix_hashes))
-        per_hash = self._hash_blocks(req)
+        per_hash = req.prefix_block_tokens // self.config.block_size
         while len(req.shared_hashes) < done:
             key = req.prefix_hashes[len(req.shared_hashes)]
-            entry = self._cache.get(key)
-            if entry is None:
-                entry = _CacheEntry(blocks=per_hash)
-                self._cache[key] = entry
-            else:
-                # Someone else computed the same block meanwhile: keep theirs, free ours.
-                self.free_blocks += per_hash
-                if entry.refs == 0:
-                    self._evictable_blocks -= entry.blocks
-            self._cache.move_to_end(key)
-            entry.refs += 1
+            self.kv.promote(key, per_hash)
             req.own_blocks -= per_hash
             req.shared_hashes.append(key)
 
@@ -783,15 +745,16 @@ class EngineCore:
                 growing.append((req, need))
             scheduled.append((req, new))
             budget -= new
-        if need_total > self.free_blocks:
-            if need_total > self.free_blocks + self._evictable_blocks:
+        kv = self.kv
+        if need_total > kv.free_blocks:
+            if need_total > kv.free_blocks + kv.evictable_blocks:
                 self._leave_fast()  # someone is preempted: the step path decides who
                 return self.schedule()
             # The step path evicts cached prefixes (LRU) as each request grows; evicting
             # until the whole growth fits evicts the same entries.
-            while self.free_blocks < need_total:
-                self._evict_one()
-        self.free_blocks -= need_total
+            while kv.free_blocks < need_total:
+                kv.evict_one()
+        kv.free_blocks -= need_total
         for req, need in growing:
             req.own_blocks += need
         self._in_step = True
@@ -894,11 +857,11 @@ class EngineCore:
             step_growth_s=slope * n,
             sequences=n,
             block_size=bs,
-            kv_blocks_used_start=self.num_kv_blocks - self.free_blocks - self._evictable_blocks,
+            kv_blocks_used_start=self.kv.used_blocks,
             tokens_in_flight_start=tokens,
             _slack_at_most=list(itertools.accumulate(by_slack)),
         )
-        free = self.free_blocks
+        free = self.kv.free_blocks
         if run.later_blocks > free:
             lo, hi = 1, steps  # lo fits (step 0 grows nothing more), hi does not
             while hi - lo > 1:
@@ -962,7 +925,7 @@ class EngineCore:
         if steps > 1:
             self._tick += steps - 1
             self._last_step_end_s = end_s
-            self.free_blocks -= later_blocks
+            self.kv.free_blocks -= later_blocks
         heap = self._finish_heap
         tick = self._tick
         explicit_finished = len(finished)
@@ -1000,16 +963,8 @@ class EngineCore:
             assert sum(r.computed_tokens - self._tick for r in members) == self._cohort_base_sum
             assert len(members) == self._cohort_size
         held = sum(r.own_blocks for r in self.running)
-        cached = sum(e.blocks for e in self._cache.values())
-        evictable = sum(e.blocks for e in self._cache.values() if e.refs == 0)
-        assert self.free_blocks >= 0, self.free_blocks
-        assert evictable == self._evictable_blocks, (evictable, self._evictable_blocks)
-        assert held + cached + self.free_blocks == self.num_kv_blocks, (
-            held, cached, self.free_blocks, self.num_kv_blocks,
-        )
         refs: dict[int, int] = {}
         for r in self.running:
             for key in r.shared_hashes:
                 refs[key] = refs.get(key, 0) + 1
-        for key, entry in self._cache.items():
-            assert entry.refs == refs.get(key, 0), (key, entry.refs, refs.get(key, 0))
+        self.kv.check(held, refs)
