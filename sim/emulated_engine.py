@@ -17,7 +17,10 @@ really overloaded, and the lag shows in `stats()` (loop_lag_*) and in clients' T
 them: a zero-latency engine for router benchmarks.
 
 The engine is also a `sim.worker_grpc.WorkerBackend` (`describe`, `load`, `changed`), so
-the Worker gRPC service can serve it. If the loop dies, requests in flight are aborted,
+the Worker gRPC service can serve it, and it takes part in live migration: the
+`migration_*` methods are the engine-side steps sim/migration_worker.py drives (suspend,
+resume, release a request; reserve blocks and adopt a copied request that a client then
+`attach`es to). If the loop dies, requests in flight are aborted,
 `failure` says why, and new requests are refused (`EngineDeadError`).
 """
 
@@ -35,6 +38,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from orjson import loads as orjson_loads
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -47,7 +51,21 @@ from prometheus_client.utils import floatToGoString
 import tokenyard
 from scheduler.catalog import Catalog, default_catalog
 from scheduler.engine_model import EngineModel
-from sim.engine_core import Batch, EngineConfig, EngineCore, EngineRequest, StepOutput
+from sim.engine_core import (
+    Batch,
+    EngineConfig,
+    EngineCore,
+    EngineRequest,
+    RequestStatus,
+    StepOutput,
+)
+from sim.migration_worker import (
+    MigrationAborted,
+    MigrationService,
+    RequestKV,
+    RequestState,
+    wire_bytes_per_token,
+)
 from sim.textgen import DEFAULT_OUTPUT_LEN_DIST, OutputLengthDist, OutputText
 from sim.worker_grpc import (
     ENGINE_KIND_EMULATED,
@@ -55,6 +73,7 @@ from sim.worker_grpc import (
     LoadChangeNotifier,
     LoadInfo,
 )
+from tokenyard.v1 import worker_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +103,10 @@ class EmulatedEngineConfig:
     seed: int = 0
     time_scale: float = 1.0
     max_request_body_bytes: int = 16 << 20
+    # KV bytes per token a migration copies; None: the model's real figure. Tests and
+    # benchmarks scale it down (the copy then stands for a proportionally faster link).
+    kv_wire_bytes_per_token: int | None = None
+    max_concurrent_migrations: int = 2
 
     def __post_init__(self) -> None:
         if self.tp < 1:
@@ -107,7 +130,7 @@ class RequestHandle:
         "request_id", "prompt_tokens", "output_tokens", "max_tokens", "priority",
         "arrival_s", "scheduled_s", "first_token_s", "last_token_s", "finish_s",
         "emitted", "consumed", "done", "finish_reason", "cached_prompt_tokens",
-        "text", "wake_per_token", "_waiter", "_model_last_s",
+        "text", "wake_per_token", "_waiter", "_model_last_s", "text_seed", "migrated_to",
     )
 
     def __init__(
@@ -130,6 +153,9 @@ class RequestHandle:
         self.finish_reason: str | None = None  # "length", "stop", "abort"
         self.cached_prompt_tokens = 0
         self.text = text
+        self.text_seed = 0
+        # Where the request went when it migrated out (finish_reason "migrated").
+        self.migrated_to: dict[str, Any] | None = None
         # A streaming reader wants every token; one waiting for the end only the finish.
         self.wake_per_token = True
         self._waiter: asyncio.Future[None] | None = None
@@ -351,6 +377,10 @@ class EmulatedEngine:
         self.draining = False
         self.failure: str | None = None  # why the engine loop died, if it did
         self._notifier = LoadChangeNotifier()
+        self.kv_wire_bytes_per_token = wire_bytes_per_token(config.kv_wire_bytes_per_token or model.kv_bytes_per_token)
+        self.migration = MigrationService(self, max_concurrent=config.max_concurrent_migrations)
+        self._kv: dict[str, RequestKV] = {}  # KV bytes of requests that migrated in
+        self._attachable: dict[str, RequestHandle] = {}  # adopted, waiting for their client
         self._description = EngineDescriptionInfo(
             instance_id=self.instance_id,
             model=model.name,
@@ -366,6 +396,8 @@ class EmulatedEngine:
             max_num_seqs=self.core.config.max_num_seqs,
             max_num_batched_tokens=self.core.config.max_num_batched_tokens,
             labels={"served_model_name": self.served_model_names[0], "time_scale": f"{config.time_scale:g}"},
+            kv_transfer_backends=("grpc-inline",),
+            max_concurrent_migrations=config.max_concurrent_migrations,
         )
         self._handles: dict[str, RequestHandle] = {}
         self._ids = itertools.count()
@@ -401,6 +433,7 @@ class EmulatedEngine:
         )
 
     async def stop(self) -> None:
+        await self.migration.close()
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -453,8 +486,11 @@ class EmulatedEngine:
         priority: int = 0,
         prefix_hashes: tuple[int, ...] = (),
         request_id: str | None = None,
+        text_position: int = 0,
     ) -> RequestHandle:
-        """Queue a request; the returned handle yields its tokens as iterations complete."""
+        """Queue a request; the returned handle yields its tokens as iterations complete.
+        `text_position`: a continuation of a request that already produced that many
+        tokens elsewhere (its text goes on from there)."""
         if self._wake is None or not self.running:
             if self.failure is not None:
                 raise EngineDeadError(f"engine {self.instance_id}: the engine loop died: {self.failure}")
@@ -477,8 +513,10 @@ class EmulatedEngine:
         except ValueError as exc:
             raise EngineRequestError(str(exc)) from None
         handle = RequestHandle(
-            request_id, prompt_tokens, output_tokens, max_tokens, priority, loop_now, OutputText(text_seed)
+            request_id, prompt_tokens, output_tokens, max_tokens, priority, loop_now,
+            OutputText.resumed(text_seed, text_position) if text_position else OutputText(text_seed),
         )
+        handle.text_seed = text_seed
         self._handles[request_id] = handle
         self.metrics.max_tokens.observe(max_tokens)
         self._wake.set()
@@ -496,6 +534,8 @@ class EmulatedEngine:
     def abort(self, request_id: str) -> bool:
         """Drop a request (client gone); True if it was still in the engine."""
         handle = self._handles.pop(request_id, None)
+        self._attachable.pop(request_id, None)
+        self._kv.pop(request_id, None)
         self.core.abort(request_id)
         if handle is None:
             return False
@@ -512,7 +552,154 @@ class EmulatedEngine:
     # ------------------------------------------------------------- views
     def load(self) -> LoadInfo:
         """The current load (the Worker service's Status payload)."""
-        return LoadInfo.of_core(self.core, self.draining)
+        return LoadInfo.of_core(
+            self.core, self.draining, migrations_out=self.migration.active("source"),
+            migrations_in=self.migration.active("destination"),
+            kv_blocks_reserved_for_migration=self.migration.reserved_blocks(),
+        )
+
+    def notify_load_changed(self) -> None:
+        self._notifier.notify()
+
+    # ------------------------------------------------------------- migration
+    # The engine-side steps of sim/migration_worker.py's state machine.
+    def migration_candidate_problem(self, request_id: str) -> str | None:
+        """Why `request_id` cannot migrate out now, or None if it can."""
+        handle = self._handles.get(request_id)
+        req = self.core.requests.get(request_id)
+        if handle is None or req is None:
+            return f"no running request {request_id!r} on {self.instance_id}"
+        if req.status is not RequestStatus.RUNNING or req.generated_tokens < 1 or req.is_prefilling:
+            return f"request {request_id!r} is not decoding (status {req.status.value})"
+        if not handle.wake_per_token:
+            return f"request {request_id!r} is not streamed (only streams are spliced across a move)"
+        return None
+
+    def _request_kv(self, request_id: str, handle: RequestHandle) -> RequestKV:
+        kv = self._kv.get(request_id)
+        if kv is None:
+            kv = RequestKV(handle.text_seed, self.kv_wire_bytes_per_token, self.block_size)
+        return kv
+
+    def migration_state(self, request_id: str) -> RequestState:
+        """The request's progress now; MigrationAborted if it can no longer move."""
+        handle = self._handles.get(request_id)
+        req = self.core.requests.get(request_id)
+        if handle is None or req is None:
+            finished = handle is None and request_id not in self.core.requests
+            raise MigrationAborted(pb.SOURCE_UNREACHABLE if self.failure else
+                                   (pb.REQUEST_FINISHED if finished else pb.REQUEST_GONE),
+                                   f"request {request_id} finished or went away at the source")
+        if req.status is RequestStatus.WAITING:
+            raise MigrationAborted(pb.REQUEST_PREEMPTED, f"request {request_id} was preempted at the source")
+        return RequestState(
+            prompt_tokens=req.prompt_tokens, tokens_generated=req.generated_tokens,
+            context_tokens=req.computed_tokens, max_tokens=handle.max_tokens, priority=req.priority,
+            engine_state={"text_seed": handle.text_seed, "output_tokens": req.output_tokens},
+            kv=self._request_kv(request_id, handle),
+        )
+
+    def migration_suspend(self, request_id: str) -> RequestState:
+        state = self.migration_state(request_id)
+        if state.context_tokens != state.prompt_tokens + state.tokens_generated - 1:
+            raise MigrationAborted(pb.REQUEST_PREEMPTED, f"request {request_id} is not decoding")
+        self.core.suspend(request_id)
+        return state
+
+    def migration_resume(self, request_id: str) -> None:
+        if request_id in self.core.suspended:
+            self.core.resume(request_id)
+            if self._wake is not None:
+                self._wake.set()
+
+    def migration_release(self, request_id: str, destination: dict[str, Any]) -> None:
+        """The request runs at the destination now: end its stream here with where it went."""
+        self.core.release_migrated(request_id)
+        self._kv.pop(request_id, None)
+        handle = self._handles.pop(request_id, None)
+        if handle is not None:
+            handle.migrated_to = destination
+            handle.finish_reason = "migrated"
+            handle.finish_s = time.monotonic()
+            handle.done = True
+            handle._wake()
+        if self._wake is not None:
+            self._wake.set()
+        self._notifier.notify()
+
+    @staticmethod
+    def migration_seed(engine_state: bytes) -> int:
+        try:
+            return int(orjson_loads(engine_state)["text_seed"])
+        except (ValueError, KeyError, TypeError):
+            raise MigrationAborted(pb.INCOMPATIBLE, "engine_state: expected JSON with text_seed and output_tokens") from None
+
+    def migration_reserve(self, begin: Any) -> int:
+        """Reserve KV blocks for an incoming request: for all of max_tokens when they are
+        free, else at least what it holds now plus one; MigrationAborted(OOM) if not even that."""
+        bs = self.block_size
+        if begin.prompt_tokens + begin.max_tokens > self.max_model_len:
+            raise MigrationAborted(pb.INCOMPATIBLE, f"{begin.prompt_tokens} + {begin.max_tokens} tokens exceed "
+                                       f"max_model_len {self.max_model_len}")
+        least = -(-(begin.prompt_tokens + begin.tokens_generated) // bs) + 1
+        want = -(-(begin.prompt_tokens + begin.max_tokens) // bs)
+        for blocks in (max(want, least), least):
+            if self.core.reserve_blocks(blocks):
+                return blocks
+        raise MigrationAborted(pb.DESTINATION_OUT_OF_MEMORY, f"{self.instance_id}: {least} KV blocks needed, "
+                                  f"{self.core.kv.available_blocks} free")
+
+    def migration_unreserve(self, blocks: int) -> None:
+        self.core.unreserve_blocks(blocks)
+        if self._wake is not None:
+            self._wake.set()
+
+    def migration_adopt(self, begin: Any, commit: Any, kv: RequestKV, reserved_blocks: int) -> str:
+        """Run the copied request from its exact token; returns its id here."""
+        state = orjson_loads(begin.engine_state)
+        request_id = begin.request_id if begin.request_id not in self._handles else self.new_request_id()
+        now = time.monotonic()
+        req = EngineRequest(request_id=request_id, prompt_tokens=begin.prompt_tokens,
+                            output_tokens=int(state["output_tokens"]), arrival_s=now, priority=begin.priority)
+        req.generated_tokens = commit.tokens_generated
+        req.computed_tokens = commit.context_tokens
+        req.first_token_s = req.last_token_s = now
+        self.core.adopt(req, reserved_blocks)
+        handle = RequestHandle(request_id, begin.prompt_tokens, req.output_tokens, begin.max_tokens,
+                               begin.priority, now, OutputText.resumed(kv.seed, commit.tokens_generated))
+        handle.text_seed = kv.seed
+        handle.emitted = handle.consumed = commit.tokens_generated
+        handle.first_token_s = handle.last_token_s = handle.scheduled_s = now
+        self._handles[request_id] = handle
+        self._attachable[request_id] = handle
+        self._kv[request_id] = kv
+        timeout_s = int(state.get("attach_timeout_ms", 10_000)) / 1000.0
+        asyncio.get_running_loop().call_later(timeout_s, self._drop_orphan, request_id, handle)
+        if self._wake is not None:
+            self._wake.set()
+        self._notifier.notify()
+        return request_id
+
+    def _drop_orphan(self, request_id: str, handle: RequestHandle) -> None:
+        if self._attachable.get(request_id) is handle:
+            log.info("migrated request never attached; aborted", extra={"request_id": request_id})
+            self.abort(request_id)
+
+    def attach(self, request_id: str) -> RequestHandle | None:
+        """The client's stream of a request that migrated in (once: a second attach gets None)."""
+        return self._attachable.pop(request_id, None)
+
+    def migration_candidates(self, limit: int, busy: set[str]) -> list[Any]:
+        found = []
+        for req in self.core.running:
+            if req.request_id in busy or self.migration_candidate_problem(req.request_id) is not None:
+                continue
+            handle = self._handles[req.request_id]
+            found.append(pb.MigrationCandidate(
+                request_id=req.request_id, context_tokens=req.num_tokens, tokens_generated=req.generated_tokens,
+                priority=req.priority, max_tokens=handle.max_tokens))
+        found.sort(key=lambda c: c.context_tokens)
+        return found[:limit]
 
     def describe(self) -> EngineDescriptionInfo:
         """Fixed facts of this instance (the Worker service's Describe answer)."""
@@ -654,7 +841,10 @@ class EmulatedEngine:
         metrics.generation_tokens_total += len(out.tokens)
         self._modelled_itl_sum_s += itl_sum
         self._modelled_itl_count += itl_count
+        kv_store = self._kv
         for req in out.finished:
+            if kv_store:
+                kv_store.pop(req.request_id, None)
             handle = handles.pop(req.request_id, None)
             if handle is None:
                 continue

@@ -1,7 +1,10 @@
 """One engine core, two clocks: the continuous-batching iteration logic of a vLLM-like engine.
 
-The core owns the waiting and running queues, KV-block accounting with a prefix cache,
-admission, chunked prefill and preemption (by recomputation, as vLLM v1 does). It has no
+The core owns the waiting and running queues, admission, chunked prefill and preemption
+(by recomputation, as vLLM v1 does); the KV block pool and prefix cache it allocates
+from are sim/kv_cache.py's. For live migration (docs/migration.md) a running request can
+be suspended (out of the batch, its blocks kept), resumed, or released, and a request
+copied from another engine adopted into the running queue from its exact token. It has no
 clock: a driver asks `schedule()` for the next iteration, waits the iteration's
 `duration_s` (a real `asyncio.sleep` in the emulated engine, a heap event in the
 simulator), then calls `complete(batch, end_s)` to apply it and learn which tokens came
@@ -60,6 +63,8 @@ class RequestStatus(Enum):
     RUNNING = "running"
     FINISHED = "finished"
     ABORTED = "aborted"
+    SUSPENDED = "suspended"  # out of the batch for a migration's stop-and-copy, KV blocks kept
+    MIGRATED = "migrated"  # released here: it runs on another engine now
 
 
 @dataclass(slots=True, eq=False)
@@ -284,6 +289,7 @@ class EngineCore:
         self.running: list[EngineRequest] = []
         self._seq = itertools.count()
         self.requests: dict[str, EngineRequest] = {}
+        self.suspended: dict[str, EngineRequest] = {}  # by request id (also in `requests`)
         # Counters, exported by drivers as metrics.
         self.prefix_cache_queries_tokens = 0
         self.prefix_cache_hits_tokens = 0
@@ -357,7 +363,10 @@ class EngineCore:
         if self._in_step and req.status is RequestStatus.RUNNING:
             raise RuntimeError(f"abort {request_id}: a schedule_fast batch is in flight; complete it first")
         del self.requests[request_id]
-        if req.status is RequestStatus.RUNNING:
+        if req.status is RequestStatus.SUSPENDED:
+            del self.suspended[request_id]
+            self._release(req)
+        elif req.status is RequestStatus.RUNNING:
             if req._in_cohort:
                 self._leave_cohort(req)
             elif self._fast:
@@ -369,6 +378,69 @@ class EngineCore:
             heapq.heapify(self._waiting)
         req.status = RequestStatus.ABORTED
         return req
+
+    # ------------------------------------------------------------- migration
+    # The engine-side steps of a live migration (the Worker service drives them,
+    # sim/migration_worker.py). The step path only: the fast path is the simulator's,
+    # which models a migration by its transfer time instead (sim/migration.py).
+    def suspend(self, request_id: str) -> EngineRequest:
+        """Take a running request out of the batch, keeping its KV blocks (stop-and-copy).
+        A step in flight that scheduled it skips it: it emits no token there."""
+        req = self.requests.get(request_id)
+        if req is None or req.status is not RequestStatus.RUNNING:
+            raise ValueError(f"suspend {request_id}: not a running request")
+        self._leave_fast()
+        self.running.remove(req)
+        req.status = RequestStatus.SUSPENDED
+        self.suspended[request_id] = req
+        return req
+
+    def resume(self, request_id: str) -> EngineRequest:
+        """Put a suspended request back into the batch (the migration was aborted): it
+        continues from the token it stopped at."""
+        req = self.suspended.pop(request_id)
+        req.status = RequestStatus.RUNNING
+        req._run_pos = next(self._run_counter)
+        self._leave_fast()
+        self.running.append(req)
+        return req
+
+    def release_migrated(self, request_id: str) -> EngineRequest:
+        """A suspended request now runs elsewhere: free its blocks and forget it."""
+        req = self.suspended.pop(request_id)
+        del self.requests[request_id]
+        self._release(req)
+        req.status = RequestStatus.MIGRATED
+        return req
+
+    def reserve_blocks(self, blocks: int) -> bool:
+        """Set aside KV blocks for an incoming migration; False if they are not free."""
+        return self.kv.reserve(blocks)
+
+    def unreserve_blocks(self, blocks: int) -> None:
+        self.kv.unreserve(blocks)
+
+    def adopt(self, req: EngineRequest, reserved_blocks: int) -> None:
+        """Run a request whose KV was copied here: `req.generated_tokens` are out already
+        and `req.computed_tokens` (prompt + generated - 1) have KV. Its blocks come from
+        the `reserved_blocks` of its migration; what it does not need goes back to the pool."""
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in the engine")
+        needed = self._blocks_for(req.computed_tokens)
+        if needed > reserved_blocks:
+            raise ValueError(f"adopt {req.request_id}: needs {needed} KV blocks, {reserved_blocks} reserved")
+        if req.generated_tokens < 1 or req.computed_tokens != req.prompt_tokens + req.generated_tokens - 1:
+            raise ValueError(f"adopt {req.request_id}: not a decoding request")
+        self._leave_fast()
+        self.kv.unreserve(needed, to_pool=False)
+        self.kv.unreserve(reserved_blocks - needed)
+        req.own_blocks = needed
+        req.shared_hashes = []
+        req._seq = next(self._seq)
+        req._run_pos = next(self._run_counter)
+        req.status = RequestStatus.RUNNING
+        self.requests[req.request_id] = req
+        self.running.append(req)
 
     @property
     def num_waiting(self) -> int:
@@ -962,9 +1034,10 @@ class EngineCore:
             assert residues == self._residue_counts, (residues, self._residue_counts)
             assert sum(r.computed_tokens - self._tick for r in members) == self._cohort_base_sum
             assert len(members) == self._cohort_size
-        held = sum(r.own_blocks for r in self.running)
+        holders = [*self.running, *self.suspended.values()]
+        held = sum(r.own_blocks for r in holders)
         refs: dict[int, int] = {}
-        for r in self.running:
+        for r in holders:
             for key in r.shared_hashes:
                 refs[key] = refs.get(key, 0) + 1
         self.kv.check(held, refs)
