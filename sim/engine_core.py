@@ -443,6 +443,14 @@ class EngineCore:
         self.running.append(req)
 
     @property
+    def head_of_line_blocks(self) -> int:
+        """KV blocks the first queued request needs to be admitted (0 if none waits)."""
+        if not self._waiting:
+            return 0
+        head = self._waiting[0][1]
+        return -(-(head.num_tokens - head.computed_tokens) // self.config.block_size)
+
+    @property
     def num_waiting(self) -> int:
         return len(self._waiting)
 
