@@ -11,10 +11,11 @@ live: two emulated engines (llama-3-8b on A100-80GB) with their Worker gRPC serv
 few tokens MigrateOut moves it; the client reads the source's stream up to the
 `tokenyard.migrated` event and then the destination's stream (router/splice.py does
 exactly this). Downtime is what the client sees: the time between the last token it read
-from the source and the first from the destination, minus the engine's own token gap
-(one decode step), i.e. the extra gap the move added. KV bytes per token on the wire are
-the model's 128 KiB divided by `--kv-scale` (default 16: 8 KiB per token, 256 MiB at
-32k tokens), since a Python gRPC copy on loopback is not a GPU link; the stop-and-copy
+from the source and the first from the destination (one decode step of the engine is
+part of it: `itl_p50_ms` is the normal gap). The model is qwen2.5-7b (32k context) on
+A100-80GB at time scale 1; KV bytes per token on the wire are its 56 KiB divided by
+`--kv-scale` (default 8: 7 KiB per token, 224 MiB at 32k tokens), since a Python gRPC
+copy on loopback is not a GPU link; the stop-and-copy
 moves only the blocks the last stage left, so downtime does not grow with the context
 whatever the scale. Each context is run `--repeat` times; medians are reported.
 
@@ -129,15 +130,114 @@ def main(argv: list[str] | None = None) -> int:
     live = sub.add_parser("live", help="emulated engines on loopback: downtime and migration time")
     live.add_argument("--contexts", default="1024,4096,16384,32768")
     live.add_argument("--repeat", type=int, default=5)
-    live.add_argument("--kv-scale", type=int, default=16)
+    live.add_argument("--kv-scale", type=int, default=8)
     args = parser.parse_args(argv)
     if args.what == "sim":
         return run_sim(args)
     return asyncio.run(run_live(args))
 
 
+LIVE_MODEL = "qwen2.5-7b"  # 32k context; 56 KiB of KV per token
+LIVE_OUTPUT_TOKENS = 600
+
+
+async def _read_sse(response: Any, sink: list[tuple[float, str, str]]) -> None:
+    """Append (arrival time, event name, data) for each SSE event of `response`."""
+    buffer = ""
+    async for text in response.aiter_text():
+        buffer += text
+        while "\n\n" in buffer:
+            raw, buffer = buffer.split("\n\n", 1)
+            name, data = "message", ""
+            for line in raw.splitlines():
+                if line.startswith("event: "):
+                    name = line[7:]
+                elif line.startswith("data: "):
+                    data = line[6:]
+            sink.append((time.perf_counter(), name, data))
+
+
+async def live_once(context_tokens: int, kv_scale: int) -> dict[str, Any]:
+    import grpc
+    import httpx
+
+    from sim.emulated_engine import EmulatedEngine, EmulatedEngineConfig
+    from sim.engine_core import EngineConfig
+    from sim.engine_http import ATTACH_HEADER, EngineServer
+    from tokenyard.v1 import worker_pb2, worker_pb2_grpc
+
+    def engine(name: str) -> EmulatedEngine:
+        return EmulatedEngine(EmulatedEngineConfig(
+            model=LIVE_MODEL, gpu="A100-80GB", instance_id=name, time_scale=1.0,
+            kv_wire_bytes_per_token=57344 // kv_scale, engine=EngineConfig()))
+
+    src, dst = EngineServer(engine("src"), "127.0.0.1", 0, grpc_port=0), EngineServer(engine("dst"), "127.0.0.1", 0,
+                                                                                          grpc_port=0)
+    await src.start()
+    await dst.start()
+    prompt_tokens = min(context_tokens, 32768 - LIVE_OUTPUT_TOKENS)
+    body = {"model": LIVE_MODEL, "prompt": list(range(1, prompt_tokens + 1)), "max_tokens": LIVE_OUTPUT_TOKENS,
+            "ignore_eos": True, "stream": True}
+    events: list[tuple[float, str, str]] = []
+    try:
+        async with httpx.AsyncClient(timeout=120) as client:
+            async with client.stream("POST", src.base_url + "/v1/completions", json=body,
+                                     headers={"x-request-id": "bench"}) as response:
+                reader = asyncio.ensure_future(_read_sse(response, events))
+                while sum(1 for e in events if e[1] == "message") < 8:
+                    await asyncio.sleep(0.002)
+                started = time.perf_counter()
+                async with grpc.aio.insecure_channel(src.grpc_address or "") as channel:
+                    call = worker_pb2_grpc.WorkerStub(channel).MigrateOut(worker_pb2.MigrateOutRequest(
+                        migration_id="bench", request_id="bench", destination_instance_id="dst",
+                        destination_address=dst.grpc_address or "", stage_timeout_ms=60000), timeout=120)
+                    progress = [p async for p in call]
+                total_s = time.perf_counter() - started
+                await reader
+            final = progress[-1]
+            if final.state != worker_pb2.COMMITTED:
+                raise RuntimeError(f"migration did not commit: {final}")
+            source_tokens = [e for e in events if e[1] == "message"]
+            moved = json.loads(events[-1][2])
+            headers = {ATTACH_HEADER.decode(): moved["destination_request_id"]}
+            after: list[tuple[float, str, str]] = []
+            async with client.stream("POST", dst.base_url + "/v1/completions", json=body, headers=headers) as resp:
+                await _read_sse(resp, after)
+    finally:
+        await src.stop()
+        await dst.stop()
+    tokens_after = [e for e in after if e[1] == "message" and e[2] != "[DONE]"]
+    gaps = [b[0] - a[0] for a, b in zip(source_tokens, source_tokens[1:], strict=False)]
+    downtime_s = tokens_after[0][0] - source_tokens[-1][0]
+    assert len(source_tokens) + len(tokens_after) == LIVE_OUTPUT_TOKENS, "a token went missing"
+    return {
+        "context_tokens": prompt_tokens, "downtime_ms": downtime_s * 1000,
+        "itl_p50_ms": statistics.median(gaps) * 1000, "suspended_ms": final.suspended_us / 1000,
+        "total_ms": total_s * 1000, "stages": final.stage, "mib_copied": final.bytes_copied / 2**20,
+        "tokens_before": len(source_tokens),
+    }
+
+
 async def run_live(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    from tqdm import tqdm
+
+    contexts = [int(c) for c in args.contexts.split(",")]
+    rows = []
+    with tqdm(total=len(contexts) * args.repeat, desc="migrations", unit="run") as bar:
+        for context in contexts:
+            runs = []
+            for _ in range(args.repeat):
+                runs.append(await live_once(context, args.kv_scale))
+                bar.update()
+            row = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+            row["downtime_max_ms"] = max(r["downtime_ms"] for r in runs)
+            rows.append(row)
+            tqdm.write(json.dumps({k: round(v, 2) for k, v in row.items()}))
+    first, last = rows[0], rows[-1]
+    print(f"downtime {last['context_tokens']:.0f} / {first['context_tokens']:.0f} tokens: "
+          f"{last['downtime_ms'] / first['downtime_ms']:.2f}x; total migration time: "
+          f"{last['total_ms'] / first['total_ms']:.2f}x")
+    return 0
 
 
 if __name__ == "__main__":

@@ -328,9 +328,28 @@ class EngineHttpApp:
             "prompt: Input should be a string, a list of token ids, or a list of one of those", param="prompt"
         )
 
+    async def _attach(self, scope: Scope, receive: Receive, send: Send, body: Mapping[str, Any], model: str,
+                      chat: bool) -> bool:
+        """Serve the rest of a request that migrated in (X-Tokenyard-Attach), without
+        reading its prompt again: False if the request carries no such header."""
+        request_id = next((v.decode("latin-1") for h, v in scope["headers"] if h == ATTACH_HEADER), None)
+        if request_id is None:
+            return False
+        attached = self.engine.attach(request_id)
+        if attached is None:
+            raise ApiError(f"no migrated request {request_id!r} to attach to", 404, "NotFoundError")
+        stream_options = _get(body, "stream_options", dict)
+        include_usage = bool(stream_options and _get(stream_options, "include_usage", bool, False))
+        continuous_usage = bool(stream_options and _get(stream_options, "continuous_usage_stats", bool, False))
+        await self._serve(receive, send, attached, _get(body, "stream", bool, False), model, chat, include_usage,
+                          continuous_usage)
+        return True
+
     async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = await self._json_body(scope, receive)
         model = self._check_model(body)
+        if await self._attach(scope, receive, send, body, model, chat=True):
+            return
         prompt = self._chat_prompt(body)
         max_tokens = _get(body, "max_completion_tokens", int)
         if max_tokens is None:
@@ -340,6 +359,8 @@ class EngineHttpApp:
     async def _completions(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = await self._json_body(scope, receive)
         model = self._check_model(body)
+        if await self._attach(scope, receive, send, body, model, chat=False):
+            return
         prompt = self._completion_prompt(body)
         max_tokens = _get(body, "max_tokens", int, 16)  # the OpenAI completions default, as vLLM
         await self._generate(scope, receive, send, body, model, prompt, max_tokens, chat=False)
@@ -393,7 +414,7 @@ class EngineHttpApp:
 
         fixed = None
         request_id = None
-        attach = continuation = None
+        continuation = None
         for header, value in scope["headers"]:
             if header == OUTPUT_TOKENS_HEADER:
                 try:
@@ -407,16 +428,8 @@ class EngineHttpApp:
                     )
             elif header == b"x-request-id":
                 request_id = value.decode("latin-1")
-            elif header == ATTACH_HEADER:
-                attach = value.decode("latin-1")
             elif header == CONTINUATION_HEADER:
                 continuation = _continuation(value)
-        if attach is not None:
-            attached = engine.attach(attach)
-            if attached is None:
-                raise ApiError(f"no migrated request {attach!r} to attach to", 404, "NotFoundError")
-            await self._serve(receive, send, attached, stream, model, chat, include_usage, continuous_usage)
-            return
         position = 0
         prompt_tokens = prompt.tokens
         total_max_tokens = max_tokens
