@@ -104,7 +104,7 @@ class Splicer:
         for state in self.instances():
             if state.model != model or not state.healthy or state.draining or state.instance_id in exclude:
                 continue
-            if best is None or state.estimated_running < best.estimated_running:
+            if best is None or state.outstanding < best.outstanding:
                 best = state
         return best
 

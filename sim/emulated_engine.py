@@ -130,7 +130,7 @@ class RequestHandle:
         "request_id", "prompt_tokens", "output_tokens", "max_tokens", "priority",
         "arrival_s", "scheduled_s", "first_token_s", "last_token_s", "finish_s",
         "emitted", "consumed", "done", "finish_reason", "cached_prompt_tokens",
-        "text", "wake_per_token", "_waiter", "_model_last_s", "text_seed", "migrated_to",
+        "text", "wake_per_token", "_waiter", "_model_last_s", "text_seed", "text_offset", "migrated_to",
     )
 
     def __init__(
@@ -154,6 +154,7 @@ class RequestHandle:
         self.cached_prompt_tokens = 0
         self.text = text
         self.text_seed = 0
+        self.text_offset = 0  # tokens of its text generated elsewhere before (a continuation)
         # Where the request went when it migrated out (finish_reason "migrated").
         self.migrated_to: dict[str, Any] | None = None
         # A streaming reader wants every token; one waiting for the end only the finish.
@@ -517,6 +518,7 @@ class EmulatedEngine:
             OutputText.resumed(text_seed, text_position) if text_position else OutputText(text_seed),
         )
         handle.text_seed = text_seed
+        handle.text_offset = text_position
         self._handles[request_id] = handle
         self.metrics.max_tokens.observe(max_tokens)
         self._wake.set()
@@ -595,7 +597,8 @@ class EmulatedEngine:
         return RequestState(
             prompt_tokens=req.prompt_tokens, tokens_generated=req.generated_tokens,
             context_tokens=req.computed_tokens, max_tokens=handle.max_tokens, priority=req.priority,
-            engine_state={"text_seed": handle.text_seed, "output_tokens": req.output_tokens},
+            engine_state={"text_seed": handle.text_seed, "output_tokens": req.output_tokens,
+                          "text_offset": handle.text_offset},
             kv=self._request_kv(request_id, handle),
         )
 
@@ -665,9 +668,11 @@ class EmulatedEngine:
         req.computed_tokens = commit.context_tokens
         req.first_token_s = req.last_token_s = now
         self.core.adopt(req, reserved_blocks)
+        offset = int(state.get("text_offset", 0))
         handle = RequestHandle(request_id, begin.prompt_tokens, req.output_tokens, begin.max_tokens,
-                               begin.priority, now, OutputText.resumed(kv.seed, commit.tokens_generated))
+                               begin.priority, now, OutputText.resumed(kv.seed, offset + commit.tokens_generated))
         handle.text_seed = kv.seed
+        handle.text_offset = offset
         handle.emitted = handle.consumed = commit.tokens_generated
         handle.first_token_s = handle.last_token_s = handle.scheduled_s = now
         self._handles[request_id] = handle

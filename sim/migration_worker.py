@@ -16,8 +16,8 @@ block is caught (INCOMPATIBLE) rather than decoded on.
 
 Faults for tests: `fault_hook`, if set, is awaited at each named step of both sides
 (`source:begin`, `source:stage`, `source:final`, `source:commit`, `dest:begin`,
-`dest:stage`, `dest:commit`); whatever it raises or does (stop a server, sleep past a
-timeout) happens at that step.
+`dest:stage`, `dest:commit`), with the migration id; whatever it raises or does (stop a
+server, sleep past a timeout) happens at that step.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ MAX_ENGINE_STATE_BYTES = 64 << 10
 FINISHED_KEPT = 64  # finished migrations ListMigrations still lists
 _MASK64 = (1 << 64) - 1
 
-FaultHook = Callable[[str], Awaitable[None]]
+FaultHook = Callable[[str, str], Awaitable[None]]  # (step, migration id)
 
 
 class MigrationAborted(Exception):
@@ -203,9 +203,9 @@ class MigrationService:
     def migrating(self, request_id: str) -> bool:
         return any(r.request_id == request_id and not r.final for r in self.records.values())
 
-    async def _fault(self, point: str) -> None:
+    async def _fault(self, point: str, migration_id: str) -> None:
         if self.fault_hook is not None:
-            await self.fault_hook(point)
+            await self.fault_hook(point, migration_id)
 
     def _remember(self, record: MigrationRecord) -> None:
         self.records[record.migration_id] = record
@@ -318,7 +318,7 @@ class MigrationService:
                 except (grpc.aio.AioRpcError, grpc.aio.UsageError) as exc:
                     raise MigrationAborted(pb.DESTINATION_UNREACHABLE, f"destination stream: {exc}") from None
 
-            await self._fault("source:begin")
+            await self._fault("source:begin", record.migration_id)
             state = engine.migration_state(request.request_id)
             tokens = state.tokens_generated
             await send(pb.MigrateInChunk(begin=pb.MigrateInBegin(
@@ -336,7 +336,7 @@ class MigrationService:
             sent_full = 0  # blocks 0 .. sent_full - 1 are copied (full)
             bs = engine.block_size
             while True:
-                await self._fault("source:stage")
+                await self._fault("source:stage", record.migration_id)
                 state = engine.migration_state(request.request_id)  # raises MigrationAborted if it ended
                 full = state.context_tokens // bs
                 new_blocks = full - sent_full
@@ -349,7 +349,7 @@ class MigrationService:
                 tokens = state.tokens_generated
                 report(self._progress(record, tokens))
             # Stop and copy: from here on the request emits nothing at the source.
-            await self._fault("source:final")
+            await self._fault("source:final", record.migration_id)
             suspend_at = time.monotonic()
             state = engine.migration_suspend(request.request_id)
             suspended = True
@@ -361,7 +361,7 @@ class MigrationService:
                 tail.append((total - 1, state.context_tokens % bs))
             await self._send_block_list(send, record, state.kv, tail, final=True)
             await expect(pb.STAGE_ACKED)
-            await self._fault("source:commit")
+            await self._fault("source:commit", record.migration_id)
             await send(pb.MigrateInChunk(commit=pb.MigrateInCommit(
                 tokens_generated=state.tokens_generated, context_tokens=state.context_tokens, blocks_total=total)))
             answer = await expect(pb.COMMITTED)
@@ -384,6 +384,7 @@ class MigrationService:
             report(self._progress(record, tokens))
         except asyncio.CancelledError:
             self._abort_out(record, call, suspended, pb.SOURCE_UNREACHABLE, "the source is shutting down")
+            report(self._progress(record, tokens))
             raise
         except Exception as exc:  # a bug must not leave a request suspended forever
             log.exception("migration failed", extra={"migration_id": record.migration_id})
@@ -443,6 +444,7 @@ class MigrationService:
         async def next_chunk() -> worker_pb2.MigrateInChunk | None:
             assert record is not None
             getter = asyncio.ensure_future(iterator.__anext__())
+            getter.add_done_callback(_retrieve)
             waiter = asyncio.ensure_future(record.abort_requested.wait())
             try:
                 done, _ = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -457,13 +459,16 @@ class MigrationService:
                 return None
 
         try:
-            first = await iterator.__anext__()
+            try:
+                first = await iterator.__anext__()
+            except StopAsyncIteration:
+                return  # the source went away before it said anything
             if first.WhichOneof("chunk") != "begin":
                 raise MigrationAborted(pb.INCOMPATIBLE, "the first MigrateIn message must be begin")
             begin = first.begin
             record = MigrationRecord(begin.migration_id, begin.request_id, "destination",
                                      begin.source_instance_id, time.time_ns() // 1_000_000, state=pb.RESERVED)
-            await self._fault("dest:begin")
+            await self._fault("dest:begin", record.migration_id)
             self._check_begin(begin)
             kv = RequestKV(engine.migration_seed(begin.engine_state), engine.kv_wire_bytes_per_token,
                            engine.block_size)
@@ -481,13 +486,13 @@ class MigrationService:
                 if kind == "blocks":
                     self._store_blocks(kv, chunk.blocks, record)
                     if chunk.blocks.last_of_stage:
-                        await self._fault("dest:stage")
+                        await self._fault("dest:stage", record.migration_id)
                         record.stage = chunk.blocks.stage
                         yield result(pb.STAGE_ACKED, stage=record.stage, blocks_received=len(kv.received))
                     continue
                 if kind != "commit":
                     raise MigrationAborted(pb.INCOMPATIBLE, f"unexpected MigrateIn message {kind}")
-                await self._fault("dest:commit")
+                await self._fault("dest:commit", record.migration_id)
                 commit = chunk.commit
                 missing = [b for b in range(commit.blocks_total) if b not in kv.received]
                 if missing or commit.context_tokens != begin.prompt_tokens + commit.tokens_generated - 1:
@@ -582,6 +587,12 @@ class MigrationService:
             for cand in self.engine.migration_candidates(limit, busy):
                 response.candidates.append(cand)
         return response
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a read's outcome as seen (an abort may have won the race against it)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def new_migration_id() -> str:
