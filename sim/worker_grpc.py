@@ -4,7 +4,10 @@ An engine (the emulated engine, or a sidecar next to a real one) implements the 
 `WorkerBackend` protocol: its fixed description, its current load, and a way to wait
 until the load changes. This module turns that into the `Worker` service: `Describe`,
 and `Status`, a stream that sends a snapshot every `interval_ms` (a heartbeat) and
-promptly whenever the load changes (at most one per `min_change_interval_ms`).
+promptly whenever the load changes (at most one per `min_change_interval_ms`). The
+migration RPCs (MigrateOut, MigrateIn, AbortMigration, ListMigrations) are delegated to
+the backend's `migration` service when it has one (sim/migration_worker.py for the
+emulated engine), and answered UNIMPLEMENTED (or empty) otherwise.
 
 `EngineCoreBackend` adapts a bare `sim.engine_core.EngineCore`, so a core can be served
 and tested without the HTTP engine around it; its driver calls `notify_changed()` after
