@@ -21,9 +21,11 @@ engine's own stream. The wrapper reads the engine's SSE events and:
   (temperature > 0) the continuation is a fresh sample of the rest, a valid but different
   completion. A failure at the attach step falls back to the same continuation.
 
-Tokens are counted per content event (one token per event, as vLLM streams them); the
-text is kept only as the events pass (no second copy of the stream). Bounded: at most
-`max_splices` moves or failovers per request.
+Cost on the normal path: a chunk is scanned for the migration event and `[DONE]` and
+forwarded as it came; only a failover parses what was forwarded (tokens are counted per
+content event, one token per event as vLLM streams them) to build the continuation, and
+only a continued stream has its events rewritten. Bounded: at most `max_splices` moves or
+failovers per request.
 """
 
 from __future__ import annotations
@@ -122,8 +124,10 @@ class SplicedStream:
         self.payload = payload
         self.headers = headers
         self.status = response.status
-        self.tokens = 0  # content events forwarded
+        self.tokens = 0  # content events forwarded (counted when a failover needs them)
         self.text: list[str] = []  # their text, for a continuation
+        self._forwarded: list[bytes] = []  # what the client got, parsed lazily by _streamed
+        self._parsed = 0
         self.chat = path.endswith("/chat/completions")
         self.splices = 0
         self.tried = {instance_id}
@@ -180,13 +184,47 @@ class SplicedStream:
         if cut < 0:
             self._tail = data
             return b""
+        whole = data[: cut + 2]
         self._tail = data[cut + 2:]
+        if not (self._shift or self._drop_role) and MIGRATED_EVENT not in whole:
+            # Almost every chunk: forwarded as it came, parsed only if a failover needs it.
+            self._forwarded.append(whole)
+            if whole.endswith(DONE_EVENT + b"\n\n"):
+                self.done = True
+            return whole
         out: list[bytes] = []
         for event in data[:cut].split(b"\n\n"):
             kept = self._event(event)
             if kept is not None:
                 out.append(kept + b"\n\n")
-        return b"".join(out)
+        joined = b"".join(out)
+        self._forwarded.append(joined)
+        return joined
+
+    def _streamed(self) -> None:
+        """Bring `tokens`, `text` and the chunk id up to date with what was forwarded."""
+        while self._parsed < len(self._forwarded):
+            chunk = self._forwarded[self._parsed]
+            self._parsed += 1
+            for event in chunk.split(b"\n\n"):
+                if not event.startswith(b"data: ") or event.startswith(DONE_EVENT):
+                    continue
+                try:
+                    doc = orjson.loads(event[6:])
+                except orjson.JSONDecodeError:
+                    continue
+                if not isinstance(doc, dict):
+                    continue
+                if self._chunk_id is None and isinstance(doc.get("id"), str):
+                    self._chunk_id = doc["id"].encode()
+                choices = doc.get("choices") or []
+                if not choices or not isinstance(choices[0], dict):
+                    continue
+                delta = choices[0].get("delta") if self.chat else None
+                piece = delta.get("content") if isinstance(delta, dict) else choices[0].get("text")
+                if isinstance(piece, str) and piece:
+                    self.tokens += 1
+                    self.text.append(piece)
 
     def _event(self, event: bytes) -> bytes | None:
         if event.startswith(MIGRATED_EVENT):
@@ -206,20 +244,14 @@ class SplicedStream:
             return event
         choices = doc.get("choices") or []
         rewrite = False
-        if self._chunk_id is None and isinstance(doc.get("id"), str):
-            self._chunk_id = doc["id"].encode()
-        elif (self._shift or self._drop_role) and doc.get("id") is not None and self._chunk_id is not None:
+        if (self._shift or self._drop_role) and doc.get("id") is not None and self._chunk_id is not None:
             doc["id"] = self._chunk_id.decode()
             rewrite = True
-        if choices:
-            choice = choices[0]
-            delta = choice.get("delta") if self.chat else None
-            piece = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+        if choices and isinstance(choices[0], dict):
+            delta = choices[0].get("delta") if self.chat else None
+            piece = delta.get("content") if isinstance(delta, dict) else choices[0].get("text")
             if self._drop_role and isinstance(delta, dict) and "role" in delta and not piece:
                 return None  # the continuation's own opening chunk
-            if isinstance(piece, str) and piece:
-                self.tokens += 1
-                self.text.append(piece)
         usage = doc.get("usage")
         if self._shift and isinstance(usage, dict):
             usage["prompt_tokens"] = int(usage.get("prompt_tokens", 0)) - self._shift
@@ -267,6 +299,7 @@ class SplicedStream:
         if self.splicer.on_failure is not None:
             self.splicer.on_failure(failed, f"mid-stream: {reason}")
         self._count_splice(f"{failed}: {reason}")
+        self._streamed()
         while True:
             target = self.splicer.pick(self.model, self.tried)
             if target is None:

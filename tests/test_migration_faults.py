@@ -34,10 +34,11 @@ from tokenyard.v1 import worker_pb2, worker_pb2_grpc
 
 MIGRATIONS = 1000
 CONCURRENT_STREAMS = 24
-CONTROLLERS = 6
+CONTROLLERS = 8
 KILLS = 3
-STAGE_TIMEOUT_MS = 150
+STAGE_TIMEOUT_MS = 80
 ATTACH_TIMEOUT_MS = 400
+HANG_S = 300
 POINTS = ("source:begin", "source:stage", "source:final", "source:commit", "dest:begin", "dest:stage", "dest:commit")
 FAULTS = ("none", "none", "raise", "stall", "oom", "cut")
 MIGRATION_IDS = itertools.count()
@@ -175,7 +176,8 @@ async def test_a_thousand_migrations_with_faults_lose_or_repeat_no_token() -> No
                 await fleet.replace(rng.choice(sorted(fleet.servers)))
                 for state in fleet.states.values():
                     state.healthy = True
-            assert time.monotonic() - started < 60, f"too slow: {MIGRATIONS - budget[0]} migrations so far"
+            # A hang guard, not a speed check (it takes ~30 s on the 2-core box).
+            assert time.monotonic() - started < HANG_S, f"stuck after {MIGRATIONS - budget[0]} migrations"
         await asyncio.gather(*controllers)
         await asyncio.sleep(ATTACH_TIMEOUT_MS / 1000 + 0.2)  # orphans of lost commits expire
         for server in fleet.servers.values():
