@@ -78,7 +78,8 @@ def run_sim(args: argparse.Namespace) -> int:
         trace = read_trace(args.trace, rate_scale=args.rate_scale, limit=args.requests)
         config = None
         if migration is not None:
-            config = MigrationSimConfig(policy=build_migration_policy(migration), link_gbps=args.link_gbps)
+            config = MigrationSimConfig(policy=build_migration_policy(migration), link_gbps=args.link_gbps,
+                                        queued_demand=args.queued_demand)
         bar = tqdm(total=args.requests, desc=label, unit="req", leave=False)
 
         def progress(now_s: float, finished: int, total: int, bar: Any = bar) -> None:
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--rate-scale", type=float, default=1.4)
     sim.add_argument("--link-gbps", type=float, default=100.0)
     sim.add_argument("--scorer", default="least_kv", help="the least-load scorer (least_kv or least_outstanding)")
+    sim.add_argument("--queued-demand", choices=("head", "all"), default="all")
     sim.add_argument("--overload", type=float, default=1.0)
     sim.add_argument("--underload", type=float, default=0.8)
     live = sub.add_parser("live", help="emulated engines on loopback: downtime and migration time")

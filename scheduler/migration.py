@@ -179,7 +179,11 @@ class VirtualUsageBalance(MigrationPolicy):
                 by_model.setdefault(load.model, []).append(load)
         found: list[MigrationPair] = []
         for group in by_model.values():
-            sources = sorted((g for g in group if usage[g.instance_id] >= self.overload_usage and g.running > 0),
+            # A source must also hold much KV itself: one overloaded only by its queue, with
+            # little KV in use, frees nothing by moving out (and, emptied, would attract the
+            # dispatcher's next arrivals and be drained again, in a loop).
+            sources = sorted((g for g in group if usage[g.instance_id] >= self.overload_usage and g.running > 0
+                              and (g.draining or g.kv_blocks_used > self.underload_usage * g.kv_blocks_total)),
                              key=lambda g: (-usage[g.instance_id], g.instance_id))
             destinations = sorted((g for g in group if usage[g.instance_id] <= self.underload_usage),
                                   key=lambda g: (usage[g.instance_id], g.instance_id))

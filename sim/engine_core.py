@@ -451,6 +451,12 @@ class EngineCore:
         return -(-(head.num_tokens - head.computed_tokens) // self.config.block_size)
 
     @property
+    def waiting_blocks(self) -> int:
+        """KV blocks every queued request needs to be admitted (the queued demand)."""
+        bs = self.config.block_size
+        return sum(-(-(r.num_tokens - r.computed_tokens) // bs) for _, r in self._waiting)
+
+    @property
     def num_waiting(self) -> int:
         return len(self._waiting)
 

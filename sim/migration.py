@@ -54,6 +54,7 @@ class MigrationSimConfig:
     max_stages: int = 4
     grow_room_blocks: int = 4
     max_candidates: int = 16
+    queued_demand: str = "head"  # "head": the head-of-line request's blocks; "all": every queued one
 
     def __post_init__(self) -> None:
         for name in ("interval_s", "link_gbps"):
@@ -145,7 +146,7 @@ class MigrationDriver:
     # ------------------------------------------------------------ policy
     def _load(self, inst: _Instance) -> MigrationLoad:
         core = inst.core
-        head = core.head_of_line_blocks
+        head = core.waiting_blocks if self.config.queued_demand == "all" else core.head_of_line_blocks
         high = sum(1 for r in core.running if r.priority < self.high_priority_below) if self.high_priority_below else 0
         return MigrationLoad(
             instance_id=inst.state.instance_id, model=inst.state.model, kv_blocks_total=core.num_kv_blocks,
