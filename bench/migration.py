@@ -4,9 +4,10 @@
                                      # migration time at context 1k/4k/16k/32k
     python bench/migration.py sim    # the simulator on the Azure conversation trace at
                                      # high load: round-robin vs least-load vs least-load
-                                     # with migration (p50/p99 TTFT and TPOT, preemptions)
+                                     # with migration (p50/p99 TTFT and TPOT, preemptions),
+                                     # and dispatch on virtual usage with and without it
 
-live: two emulated engines (llama-3-8b on A100-80GB) with their Worker gRPC services on
+live: two emulated engines with their Worker gRPC services on
 127.0.0.1; a streamed completion with a prompt of N tokens decodes on the source; after a
 few tokens MigrateOut moves it; the client reads the source's stream up to the
 `tokenyard.migrated` event and then the destination's stream (router/splice.py does
@@ -72,6 +73,11 @@ def run_sim(args: argparse.Namespace) -> int:
         ("least-load + migration", "max_score", scorers,
          {"policy": "llumnix", "overload_usage": args.overload, "underload_usage": args.underload}),
     ]
+    mig = variants[-1][3]
+    variants += [
+        ("virtual-usage dispatch", "max_score", ["least_virtual_usage"], None),
+        ("virtual-usage dispatch + migration", "max_score", ["least_virtual_usage"], mig),
+    ]
     rows = []
     for label, picker, scorers, migration in variants:
         cluster = sim_cluster(args.instances, picker, scorers)
@@ -111,7 +117,7 @@ def run_sim(args: argparse.Namespace) -> int:
             row["migrations"] = sim.migration.stats.summary()
         rows.append(row)
         print(json.dumps(row), flush=True)
-    base_rr, base_ll, mig = rows
+    base_rr, base_ll, mig = rows[:3]
     print(f"p99 TTFT: round-robin / migration = {base_rr['ttft_p99_ms'] / mig['ttft_p99_ms']:.2f}x; "
           f"least-load / migration = {base_ll['ttft_p99_ms'] / mig['ttft_p99_ms']:.2f}x")
     print(f"p50 TTFT: round-robin / migration = {base_rr['ttft_p50_ms'] / mig['ttft_p50_ms']:.2f}x")

@@ -90,6 +90,20 @@ def test_bad_config_says_what_and_where() -> None:
     assert build_migration_policy(None).pairs([load("a", 999)]) == []
 
 
+def test_virtual_usage_dispatch_prefers_the_instance_with_the_shorter_queue() -> None:
+    from scheduler.dispatch import ClusterView, build_policy
+    from scheduler.types import RequestInfo
+
+    policy = build_policy({"filters": ["model"], "scorers": ["least_virtual_usage"], "picker": "max_score"})
+    # Same KV in use; "queued" has three requests waiting for room, so it is the busier one.
+    queued = InstanceState(instance_id="queued", model=MODEL, running=5, waiting=3, kv_blocks_used=500,
+                           kv_blocks_total=1000)
+    calm = InstanceState(instance_id="calm", model=MODEL, running=5, waiting=0, kv_blocks_used=600,
+                         kv_blocks_total=1000)
+    decision = policy.decide(ClusterView([queued, calm]), RequestInfo("r", MODEL, 100))
+    assert decision.instance_ids[0] == "calm"  # 0.6 virtual usage against 0.5 + 3 x 100 / 1000
+
+
 def test_load_of_estimates_queued_demand_from_what_the_router_sees() -> None:
     state = InstanceState(instance_id="a", model=MODEL, running=4, waiting=2, tokens_in_flight=4000,
                           kv_blocks_used=300, kv_blocks_total=400, block_size_tokens=16)
