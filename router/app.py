@@ -38,6 +38,7 @@ from router.load import LoadMonitor
 from router.metrics import RouterMetrics
 from router.proxy import PoolSet, UpstreamError
 from router.registry import InstanceRegistry
+from router.splice import Splicer
 from router.state import InstanceRecord, StateStore
 from router.tenants import AuthError, RetryBudget, Tenant, TenantTable
 from router.tiers import build_tier_resolver
@@ -110,6 +111,7 @@ class Router:
         self.health = HealthMonitor(self.registry, config.health, self.metrics)
         self.load = LoadMonitor(self.registry, self.metrics, interval_s=config.scrape_interval_s,
                                 timeout_s=config.scrape_timeout_s)
+        self.splicer = Splicer.for_router(self)  # streams across migrations and engine deaths
         self.discoveries: list[Any] = []
         self.control_server: Any = None
         self._ids = itertools.count(1)
@@ -643,6 +645,7 @@ class Router:
             await send({"type": "http.response.body", "body": body})
             self.metrics.request_done(tenant.name, info.model, response.status)
             return None
+        response, first = await self.splicer.wrap(response, first, instance_id, record.model, path, payload, headers)
         await self._relay(send, response, first, instance_id, budget, [*rid_header, instance_header])
         self.metrics.request_done(tenant.name, info.model, 200)
         return None

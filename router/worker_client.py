@@ -271,3 +271,44 @@ class WorkerClient:
             return False
         self.state.healthy = False
         return True
+
+
+class MigrationClient:
+    """The migration calls of the Worker service (router/migration_loop.py uses them).
+
+    One channel per engine address, kept open; every call has a deadline.
+    """
+
+    def __init__(self, *, timeout_s: float = 60.0) -> None:
+        self.timeout_s = timeout_s
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+        return worker_pb2_grpc.WorkerStub(channel)  # type: ignore[no-untyped-call]
+
+    async def candidates(self, address: str, limit: int = 16) -> list[worker_pb2.MigrationCandidate]:
+        """Running requests the engine at `address` could move out now, shortest first."""
+        response = await self._stub(address).ListMigrations(
+            worker_pb2.ListMigrationsRequest(include_candidates=True, max_candidates=limit), timeout=5.0)
+        return list(response.candidates)
+
+    async def migrate(self, source_address: str, request: worker_pb2.MigrateOutRequest
+                      ) -> worker_pb2.MigrationProgress:
+        """Run MigrateOut to its end; the final progress (COMMITTED or ABORTED)."""
+        last = worker_pb2.MigrationProgress(migration_id=request.migration_id, state=worker_pb2.ABORTED)
+        async for progress in self._stub(source_address).MigrateOut(request, timeout=self.timeout_s):
+            last = progress
+        return last
+
+    async def abort(self, address: str, migration_id: str, reason: str = "") -> worker_pb2.AbortMigrationResult:
+        result: worker_pb2.AbortMigrationResult = await self._stub(address).AbortMigration(
+            worker_pb2.AbortMigrationRequest(migration_id=migration_id, reason=reason), timeout=5.0)
+        return result
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close(None)
+        self._channels.clear()

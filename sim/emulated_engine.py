@@ -17,8 +17,11 @@ really overloaded, and the lag shows in `stats()` (loop_lag_*) and in clients' T
 them: a zero-latency engine for router benchmarks.
 
 The engine is also a `sim.worker_grpc.WorkerBackend` (`describe`, `load`, `changed`), so
-the Worker gRPC service can serve it. If the loop dies, requests in flight are aborted,
-`failure` says why, and new requests are refused (`EngineDeadError`).
+the Worker gRPC service can serve it, and it takes part in live migration: the
+`migration_*` methods (sim/engine_migration.py, mixed in) are the engine-side steps
+sim/migration_worker.py drives (suspend, resume, release a request; reserve blocks and
+adopt a copied request that a client then `attach`es to). If the loop dies, requests in
+flight are aborted, `failure` says why, and new requests are refused (`EngineDeadError`).
 """
 
 from __future__ import annotations
@@ -47,7 +50,19 @@ from prometheus_client.utils import floatToGoString
 import tokenyard
 from scheduler.catalog import Catalog, default_catalog
 from scheduler.engine_model import EngineModel
-from sim.engine_core import Batch, EngineConfig, EngineCore, EngineRequest, StepOutput
+from sim.engine_core import (
+    Batch,
+    EngineConfig,
+    EngineCore,
+    EngineRequest,
+    StepOutput,
+)
+from sim.engine_migration import EngineMigration
+from sim.migration_worker import (
+    MigrationService,
+    RequestKV,
+    wire_bytes_per_token,
+)
 from sim.textgen import DEFAULT_OUTPUT_LEN_DIST, OutputLengthDist, OutputText
 from sim.worker_grpc import (
     ENGINE_KIND_EMULATED,
@@ -84,6 +99,10 @@ class EmulatedEngineConfig:
     seed: int = 0
     time_scale: float = 1.0
     max_request_body_bytes: int = 16 << 20
+    # KV bytes per token a migration copies; None: the model's real figure. Tests and
+    # benchmarks scale it down (the copy then stands for a proportionally faster link).
+    kv_wire_bytes_per_token: int | None = None
+    max_concurrent_migrations: int = 2
 
     def __post_init__(self) -> None:
         if self.tp < 1:
@@ -107,7 +126,7 @@ class RequestHandle:
         "request_id", "prompt_tokens", "output_tokens", "max_tokens", "priority",
         "arrival_s", "scheduled_s", "first_token_s", "last_token_s", "finish_s",
         "emitted", "consumed", "done", "finish_reason", "cached_prompt_tokens",
-        "text", "wake_per_token", "_waiter", "_model_last_s",
+        "text", "wake_per_token", "_waiter", "_model_last_s", "text_seed", "text_offset", "migrated_to",
     )
 
     def __init__(
@@ -130,6 +149,10 @@ class RequestHandle:
         self.finish_reason: str | None = None  # "length", "stop", "abort"
         self.cached_prompt_tokens = 0
         self.text = text
+        self.text_seed = 0
+        self.text_offset = 0  # tokens of its text generated elsewhere before (a continuation)
+        # Where the request went when it migrated out (finish_reason "migrated").
+        self.migrated_to: dict[str, Any] | None = None
         # A streaming reader wants every token; one waiting for the end only the finish.
         self.wake_per_token = True
         self._waiter: asyncio.Future[None] | None = None
@@ -331,7 +354,7 @@ class _StateCollector:
             yield histogram.family(names, values)
 
 
-class EmulatedEngine:
+class EmulatedEngine(EngineMigration):
     """An `EngineCore` on the real clock, with request handles and vLLM metrics."""
 
     def __init__(self, config: EmulatedEngineConfig | None = None, catalog: Catalog | None = None) -> None:
@@ -351,6 +374,10 @@ class EmulatedEngine:
         self.draining = False
         self.failure: str | None = None  # why the engine loop died, if it did
         self._notifier = LoadChangeNotifier()
+        self.kv_wire_bytes_per_token = wire_bytes_per_token(config.kv_wire_bytes_per_token or model.kv_bytes_per_token)
+        self.migration = MigrationService(self, max_concurrent=config.max_concurrent_migrations)
+        self._kv: dict[str, RequestKV] = {}  # KV bytes of requests that migrated in
+        self._attachable: dict[str, RequestHandle] = {}  # adopted, waiting for their client
         self._description = EngineDescriptionInfo(
             instance_id=self.instance_id,
             model=model.name,
@@ -366,6 +393,8 @@ class EmulatedEngine:
             max_num_seqs=self.core.config.max_num_seqs,
             max_num_batched_tokens=self.core.config.max_num_batched_tokens,
             labels={"served_model_name": self.served_model_names[0], "time_scale": f"{config.time_scale:g}"},
+            kv_transfer_backends=("grpc-inline",),
+            max_concurrent_migrations=config.max_concurrent_migrations,
         )
         self._handles: dict[str, RequestHandle] = {}
         self._ids = itertools.count()
@@ -401,6 +430,7 @@ class EmulatedEngine:
         )
 
     async def stop(self) -> None:
+        await self.migration.close()
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -453,8 +483,11 @@ class EmulatedEngine:
         priority: int = 0,
         prefix_hashes: tuple[int, ...] = (),
         request_id: str | None = None,
+        text_position: int = 0,
     ) -> RequestHandle:
-        """Queue a request; the returned handle yields its tokens as iterations complete."""
+        """Queue a request; the returned handle yields its tokens as iterations complete.
+        `text_position`: a continuation of a request that already produced that many
+        tokens elsewhere (its text goes on from there)."""
         if self._wake is None or not self.running:
             if self.failure is not None:
                 raise EngineDeadError(f"engine {self.instance_id}: the engine loop died: {self.failure}")
@@ -477,8 +510,11 @@ class EmulatedEngine:
         except ValueError as exc:
             raise EngineRequestError(str(exc)) from None
         handle = RequestHandle(
-            request_id, prompt_tokens, output_tokens, max_tokens, priority, loop_now, OutputText(text_seed)
+            request_id, prompt_tokens, output_tokens, max_tokens, priority, loop_now,
+            OutputText.resumed(text_seed, text_position) if text_position else OutputText(text_seed),
         )
+        handle.text_seed = text_seed
+        handle.text_offset = text_position
         self._handles[request_id] = handle
         self.metrics.max_tokens.observe(max_tokens)
         self._wake.set()
@@ -496,6 +532,8 @@ class EmulatedEngine:
     def abort(self, request_id: str) -> bool:
         """Drop a request (client gone); True if it was still in the engine."""
         handle = self._handles.pop(request_id, None)
+        self._attachable.pop(request_id, None)
+        self._kv.pop(request_id, None)
         self.core.abort(request_id)
         if handle is None:
             return False
@@ -512,7 +550,15 @@ class EmulatedEngine:
     # ------------------------------------------------------------- views
     def load(self) -> LoadInfo:
         """The current load (the Worker service's Status payload)."""
-        return LoadInfo.of_core(self.core, self.draining)
+        return LoadInfo.of_core(
+            self.core, self.draining, migrations_out=self.migration.active("source"),
+            migrations_in=self.migration.active("destination"),
+            kv_blocks_reserved_for_migration=self.migration.reserved_blocks(),
+        )
+
+    def notify_load_changed(self) -> None:
+        self._notifier.notify()
+
 
     def describe(self) -> EngineDescriptionInfo:
         """Fixed facts of this instance (the Worker service's Describe answer)."""
@@ -654,7 +700,10 @@ class EmulatedEngine:
         metrics.generation_tokens_total += len(out.tokens)
         self._modelled_itl_sum_s += itl_sum
         self._modelled_itl_count += itl_count
+        kv_store = self._kv
         for req in out.finished:
+            if kv_store:
+                kv_store.pop(req.request_id, None)
             handle = handles.pop(req.request_id, None)
             if handle is None:
                 continue

@@ -1,7 +1,10 @@
 """One engine core, two clocks: the continuous-batching iteration logic of a vLLM-like engine.
 
-The core owns the waiting and running queues, KV-block accounting with a prefix cache,
-admission, chunked prefill and preemption (by recomputation, as vLLM v1 does). It has no
+The core owns the waiting and running queues, admission, chunked prefill and preemption
+(by recomputation, as vLLM v1 does); the KV block pool and prefix cache it allocates
+from are sim/kv_cache.py's. For live migration (docs/migration.md) a running request can
+be suspended (out of the batch, its blocks kept), resumed, or released, and a request
+copied from another engine adopted into the running queue from its exact token. It has no
 clock: a driver asks `schedule()` for the next iteration, waits the iteration's
 `duration_s` (a real `asyncio.sleep` in the emulated engine, a heap event in the
 simulator), then calls `complete(batch, end_s)` to apply it and learn which tokens came
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from scheduler.engine_model import EngineModel
+from sim.kv_cache import CacheEntry, KVBlockManager
 
 
 class EngineConfigError(ValueError):
@@ -59,6 +63,8 @@ class RequestStatus(Enum):
     RUNNING = "running"
     FINISHED = "finished"
     ABORTED = "aborted"
+    SUSPENDED = "suspended"  # out of the batch for a migration's stop-and-copy, KV blocks kept
+    MIGRATED = "migrated"  # released here: it runs on another engine now
 
 
 @dataclass(slots=True, eq=False)
@@ -260,12 +266,6 @@ def _decode_line(model: EngineModel, n: int, max_model_len: int) -> tuple[float,
     return t0, slope
 
 
-@dataclass(slots=True)
-class _CacheEntry:
-    blocks: int
-    refs: int = 0
-
-
 class EngineCore:
     """Continuous batching with KV blocks, prefix caching, chunked prefill and preemption."""
 
@@ -282,13 +282,14 @@ class EngineCore:
             )
         self.num_kv_blocks = capacity
         self.max_model_len = self.config.max_model_len or model.model.max_context_tokens
-        self.free_blocks = capacity
-        self._cache: OrderedDict[int, _CacheEntry] = OrderedDict()  # LRU order, evictable if refs == 0
-        self._evictable_blocks = 0
+        # The KV block pool and prefix cache (sim/kv_cache.py); this class decides who
+        # holds how many blocks, the manager counts them.
+        self.kv = KVBlockManager(capacity, self.config.block_size, self.config.enable_prefix_caching)
         self._waiting: list[tuple[tuple[float, ...], EngineRequest]] = []  # heap
         self.running: list[EngineRequest] = []
         self._seq = itertools.count()
         self.requests: dict[str, EngineRequest] = {}
+        self.suspended: dict[str, EngineRequest] = {}  # by request id (also in `requests`)
         # Counters, exported by drivers as metrics.
         self.prefix_cache_queries_tokens = 0
         self.prefix_cache_hits_tokens = 0
@@ -362,7 +363,10 @@ class EngineCore:
         if self._in_step and req.status is RequestStatus.RUNNING:
             raise RuntimeError(f"abort {request_id}: a schedule_fast batch is in flight; complete it first")
         del self.requests[request_id]
-        if req.status is RequestStatus.RUNNING:
+        if req.status is RequestStatus.SUSPENDED:
+            del self.suspended[request_id]
+            self._release(req)
+        elif req.status is RequestStatus.RUNNING:
             if req._in_cohort:
                 self._leave_cohort(req)
             elif self._fast:
@@ -374,6 +378,83 @@ class EngineCore:
             heapq.heapify(self._waiting)
         req.status = RequestStatus.ABORTED
         return req
+
+    # ------------------------------------------------------------- migration
+    # The engine-side steps of a live migration (the Worker service drives them,
+    # sim/migration_worker.py). The step path only: the fast path is the simulator's,
+    # which models a migration by its transfer time instead (sim/migration.py).
+    def suspend(self, request_id: str) -> EngineRequest:
+        """Take a running request out of the batch, keeping its KV blocks (stop-and-copy).
+        A step in flight that scheduled it skips it: it emits no token there."""
+        req = self.requests.get(request_id)
+        if req is None or req.status is not RequestStatus.RUNNING:
+            raise ValueError(f"suspend {request_id}: not a running request")
+        self._leave_fast()
+        self.running.remove(req)
+        req.status = RequestStatus.SUSPENDED
+        self.suspended[request_id] = req
+        return req
+
+    def resume(self, request_id: str) -> EngineRequest:
+        """Put a suspended request back into the batch (the migration was aborted): it
+        continues from the token it stopped at."""
+        req = self.suspended.pop(request_id)
+        req.status = RequestStatus.RUNNING
+        req._run_pos = next(self._run_counter)
+        self._leave_fast()
+        self.running.append(req)
+        return req
+
+    def release_migrated(self, request_id: str) -> EngineRequest:
+        """A suspended request now runs elsewhere: free its blocks and forget it."""
+        req = self.suspended.pop(request_id)
+        del self.requests[request_id]
+        self._release(req)
+        req.status = RequestStatus.MIGRATED
+        return req
+
+    def reserve_blocks(self, blocks: int) -> bool:
+        """Set aside KV blocks for an incoming migration; False if they are not free."""
+        return self.kv.reserve(blocks)
+
+    def unreserve_blocks(self, blocks: int) -> None:
+        self.kv.unreserve(blocks)
+
+    def adopt(self, req: EngineRequest, reserved_blocks: int) -> None:
+        """Run a request whose KV was copied here: `req.generated_tokens` are out already
+        and `req.computed_tokens` (prompt + generated - 1) have KV. Its blocks come from
+        the `reserved_blocks` of its migration; what it does not need goes back to the pool."""
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in the engine")
+        needed = self._blocks_for(req.computed_tokens)
+        if needed > reserved_blocks:
+            raise ValueError(f"adopt {req.request_id}: needs {needed} KV blocks, {reserved_blocks} reserved")
+        if req.generated_tokens < 1 or req.computed_tokens != req.prompt_tokens + req.generated_tokens - 1:
+            raise ValueError(f"adopt {req.request_id}: not a decoding request")
+        self._leave_fast()
+        self.kv.unreserve(needed, to_pool=False)
+        self.kv.unreserve(reserved_blocks - needed)
+        req.own_blocks = needed
+        req.shared_hashes = []
+        req._seq = next(self._seq)
+        req._run_pos = next(self._run_counter)
+        req.status = RequestStatus.RUNNING
+        self.requests[req.request_id] = req
+        self.running.append(req)
+
+    @property
+    def head_of_line_blocks(self) -> int:
+        """KV blocks the first queued request needs to be admitted (0 if none waits)."""
+        if not self._waiting:
+            return 0
+        head = self._waiting[0][1]
+        return -(-(head.num_tokens - head.computed_tokens) // self.config.block_size)
+
+    @property
+    def waiting_blocks(self) -> int:
+        """KV blocks every queued request needs to be admitted (the queued demand)."""
+        bs = self.config.block_size
+        return sum(-(-(r.num_tokens - r.computed_tokens) // bs) for _, r in self._waiting)
 
     @property
     def num_waiting(self) -> int:
@@ -389,7 +470,19 @@ class EngineCore:
     @property
     def kv_blocks_used(self) -> int:
         """Blocks held by requests (cached prefixes nobody references count as free)."""
-        return self.num_kv_blocks - self.free_blocks - self._evictable_blocks
+        return self.kv.used_blocks
+
+    @property
+    def free_blocks(self) -> int:
+        return self.kv.free_blocks
+
+    @property
+    def _evictable_blocks(self) -> int:
+        return self.kv.evictable_blocks
+
+    @property
+    def _cache(self) -> OrderedDict[int, CacheEntry]:
+        return self.kv.cache
 
     @property
     def tokens_in_flight(self) -> int:
@@ -398,69 +491,34 @@ class EngineCore:
         return sum(r.num_tokens for r in self.running)
 
     # ------------------------------------------------------------- KV blocks
+    # Request-facing wrappers over the block manager (sim/kv_cache.py).
     def _blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.config.block_size)
 
     def _shared_blocks(self, req: EngineRequest) -> int:
-        return sum(self._cache[h].blocks for h in req.shared_hashes)
+        return self.kv.shared_blocks(req.shared_hashes)
 
     def _held_blocks(self, req: EngineRequest) -> int:
         """KV blocks `req` holds: its own and the cached prefix blocks it references."""
-        return req.own_blocks + (self._shared_blocks(req) if req.shared_hashes else 0)
+        return req.own_blocks + (self.kv.shared_blocks(req.shared_hashes) if req.shared_hashes else 0)
 
     def _allocate(self, blocks: int) -> bool:
-        if blocks <= 0:
-            return True
-        if self.free_blocks + self._evictable_blocks < blocks:
-            return False
-        while self.free_blocks < blocks:
-            self._evict_one()
-        self.free_blocks -= blocks
-        return True
+        return self.kv.allocate(blocks)
 
     def _evict_one(self) -> None:
-        for key, entry in self._cache.items():
-            if entry.refs == 0:
-                del self._cache[key]
-                self._evictable_blocks -= entry.blocks
-                self.free_blocks += entry.blocks
-                return
-        raise AssertionError("no evictable prefix-cache block although accounting says there is")
+        self.kv.evict_one()
 
     def _release(self, req: EngineRequest) -> None:
-        self.free_blocks += req.own_blocks
+        self.kv.release(req.own_blocks, req.shared_hashes)
         req.own_blocks = 0
-        for key in req.shared_hashes:
-            entry = self._cache[key]
-            entry.refs -= 1
-            if entry.refs == 0:
-                self._evictable_blocks += entry.blocks
-        req.shared_hashes.clear()
-
-    def _hash_blocks(self, req: EngineRequest) -> int:
-        return req.prefix_block_tokens // self.config.block_size
 
     def _lookup_prefix(self, req: EngineRequest) -> None:
         """On admission: reference the cached leading prefix blocks, skip computing them."""
         if not self.config.enable_prefix_caching or not req.prefix_hashes:
             return
         usable = min(len(req.prefix_hashes), req.prompt_tokens // req.prefix_block_tokens)
-        hits = 0
-        for key in req.prefix_hashes[:usable]:
-            entry = self._cache.get(key)
-            if entry is None:
-                break
-            hits += 1
-        # Always compute at least the prompt's last token, as vLLM does.
-        while hits and hits * req.prefix_block_tokens >= req.prompt_tokens:
-            hits -= 1
-        for key in req.prefix_hashes[:hits]:
-            entry = self._cache[key]
-            if entry.refs == 0:
-                self._evictable_blocks -= entry.blocks
-            entry.refs += 1
-            self._cache.move_to_end(key)
-            req.shared_hashes.append(key)
+        hits = self.kv.lookup(req.prefix_hashes, usable, req.prefix_block_tokens, req.prompt_tokens,
+                              req.shared_hashes)
         req.computed_tokens = hits * req.prefix_block_tokens
         req.cached_prompt_tokens = req.computed_tokens
 
@@ -470,20 +528,10 @@ class EngineCore:
             return
         done = min(req.computed_tokens, req.prompt_tokens) // req.prefix_block_tokens
         done = min(done, len(req.prefix_hashes))
-        per_hash = self._hash_blocks(req)
+        per_hash = req.prefix_block_tokens // self.config.block_size
         while len(req.shared_hashes) < done:
             key = req.prefix_hashes[len(req.shared_hashes)]
-            entry = self._cache.get(key)
-            if entry is None:
-                entry = _CacheEntry(blocks=per_hash)
-                self._cache[key] = entry
-            else:
-                # Someone else computed the same block meanwhile: keep theirs, free ours.
-                self.free_blocks += per_hash
-                if entry.refs == 0:
-                    self._evictable_blocks -= entry.blocks
-            self._cache.move_to_end(key)
-            entry.refs += 1
+            self.kv.promote(key, per_hash)
             req.own_blocks -= per_hash
             req.shared_hashes.append(key)
 
@@ -783,15 +831,16 @@ class EngineCore:
                 growing.append((req, need))
             scheduled.append((req, new))
             budget -= new
-        if need_total > self.free_blocks:
-            if need_total > self.free_blocks + self._evictable_blocks:
+        kv = self.kv
+        if need_total > kv.free_blocks:
+            if need_total > kv.free_blocks + kv.evictable_blocks:
                 self._leave_fast()  # someone is preempted: the step path decides who
                 return self.schedule()
             # The step path evicts cached prefixes (LRU) as each request grows; evicting
             # until the whole growth fits evicts the same entries.
-            while self.free_blocks < need_total:
-                self._evict_one()
-        self.free_blocks -= need_total
+            while kv.free_blocks < need_total:
+                kv.evict_one()
+        kv.free_blocks -= need_total
         for req, need in growing:
             req.own_blocks += need
         self._in_step = True
@@ -894,11 +943,11 @@ class EngineCore:
             step_growth_s=slope * n,
             sequences=n,
             block_size=bs,
-            kv_blocks_used_start=self.num_kv_blocks - self.free_blocks - self._evictable_blocks,
+            kv_blocks_used_start=self.kv.used_blocks,
             tokens_in_flight_start=tokens,
             _slack_at_most=list(itertools.accumulate(by_slack)),
         )
-        free = self.free_blocks
+        free = self.kv.free_blocks
         if run.later_blocks > free:
             lo, hi = 1, steps  # lo fits (step 0 grows nothing more), hi does not
             while hi - lo > 1:
@@ -962,7 +1011,7 @@ class EngineCore:
         if steps > 1:
             self._tick += steps - 1
             self._last_step_end_s = end_s
-            self.free_blocks -= later_blocks
+            self.kv.free_blocks -= later_blocks
         heap = self._finish_heap
         tick = self._tick
         explicit_finished = len(finished)
@@ -999,17 +1048,10 @@ class EngineCore:
             assert residues == self._residue_counts, (residues, self._residue_counts)
             assert sum(r.computed_tokens - self._tick for r in members) == self._cohort_base_sum
             assert len(members) == self._cohort_size
-        held = sum(r.own_blocks for r in self.running)
-        cached = sum(e.blocks for e in self._cache.values())
-        evictable = sum(e.blocks for e in self._cache.values() if e.refs == 0)
-        assert self.free_blocks >= 0, self.free_blocks
-        assert evictable == self._evictable_blocks, (evictable, self._evictable_blocks)
-        assert held + cached + self.free_blocks == self.num_kv_blocks, (
-            held, cached, self.free_blocks, self.num_kv_blocks,
-        )
+        holders = [*self.running, *self.suspended.values()]
+        held = sum(r.own_blocks for r in holders)
         refs: dict[int, int] = {}
-        for r in self.running:
+        for r in holders:
             for key in r.shared_hashes:
                 refs[key] = refs.get(key, 0) + 1
-        for key, entry in self._cache.items():
-            assert entry.refs == refs.get(key, 0), (key, entry.refs, refs.get(key, 0))
+        self.kv.check(held, refs)

@@ -68,6 +68,12 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 OUTPUT_TOKENS_HEADER = b"x-tokenyard-output-tokens"
+# Live migration (docs/migration.md): the router attaches to a request that migrated in,
+# or re-submits a broken stream as a continuation ("tokens=N; chars=C": the last C
+# characters of the prompt, or the final assistant message, are the N tokens streamed).
+ATTACH_HEADER = b"x-tokenyard-attach"
+CONTINUATION_HEADER = b"x-tokenyard-continuation"
+MIGRATED_EVENT = b"event: tokenyard.migrated\ndata: "
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 _DONE = b"data: [DONE]\n\n"
@@ -320,9 +326,28 @@ class EngineHttpApp:
             "prompt: Input should be a string, a list of token ids, or a list of one of those", param="prompt"
         )
 
+    async def _attach(self, scope: Scope, receive: Receive, send: Send, body: Mapping[str, Any], model: str,
+                      chat: bool) -> bool:
+        """Serve the rest of a request that migrated in (X-Tokenyard-Attach), without
+        reading its prompt again: False if the request carries no such header."""
+        request_id = next((v.decode("latin-1") for h, v in scope["headers"] if h == ATTACH_HEADER), None)
+        if request_id is None:
+            return False
+        attached = self.engine.attach(request_id)
+        if attached is None:
+            raise ApiError(f"no migrated request {request_id!r} to attach to", 404, "NotFoundError")
+        stream_options = _get(body, "stream_options", dict)
+        include_usage = bool(stream_options and _get(stream_options, "include_usage", bool, False))
+        continuous_usage = bool(stream_options and _get(stream_options, "continuous_usage_stats", bool, False))
+        await self._serve(receive, send, attached, _get(body, "stream", bool, False), model, chat, include_usage,
+                          continuous_usage)
+        return True
+
     async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = await self._json_body(scope, receive)
         model = self._check_model(body)
+        if await self._attach(scope, receive, send, body, model, chat=True):
+            return
         prompt = self._chat_prompt(body)
         max_tokens = _get(body, "max_completion_tokens", int)
         if max_tokens is None:
@@ -332,6 +357,8 @@ class EngineHttpApp:
     async def _completions(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = await self._json_body(scope, receive)
         model = self._check_model(body)
+        if await self._attach(scope, receive, send, body, model, chat=False):
+            return
         prompt = self._completion_prompt(body)
         max_tokens = _get(body, "max_tokens", int, 16)  # the OpenAI completions default, as vLLM
         await self._generate(scope, receive, send, body, model, prompt, max_tokens, chat=False)
@@ -385,6 +412,7 @@ class EngineHttpApp:
 
         fixed = None
         request_id = None
+        continuation = None
         for header, value in scope["headers"]:
             if header == OUTPUT_TOKENS_HEADER:
                 try:
@@ -398,22 +426,55 @@ class EngineHttpApp:
                     )
             elif header == b"x-request-id":
                 request_id = value.decode("latin-1")
-        text_seed = request_seed(engine.config.seed if seed is None else seed, prompt.text)
+            elif header == CONTINUATION_HEADER:
+                continuation = _continuation(value)
+        position = 0
+        prompt_tokens = prompt.tokens
+        total_max_tokens = max_tokens
+        seed_text = prompt.text
+        if continuation is not None:
+            position, chars = continuation
+            original = self._original_prompt(body, chat, chars)
+            seed_text = original.text
+            prompt_tokens = original.tokens + position
+            total_max_tokens = max_tokens + position
+        text_seed = request_seed(engine.config.seed if seed is None else seed, seed_text)
         output_tokens, _ = engine.choose_output_tokens(
-            max_tokens, text_seed ^ 0x5EED, ignore_eos=ignore_eos, min_tokens=min_tokens, fixed=fixed
+            total_max_tokens, text_seed ^ 0x5EED, ignore_eos=ignore_eos, min_tokens=min_tokens, fixed=fixed
         )
+        output_tokens = max(1, output_tokens - position)
         if request_id is not None and engine.has_request(request_id):
             request_id = None  # a reused client id: let the engine pick a fresh one
         try:
             handle = engine.submit(
-                prompt_tokens=prompt.tokens, output_tokens=output_tokens, max_tokens=max_tokens,
+                prompt_tokens=prompt_tokens, output_tokens=output_tokens, max_tokens=max_tokens,
                 text_seed=text_seed, priority=priority, prefix_hashes=prompt.hashes, request_id=request_id,
+                text_position=position,
             )
         except EngineRequestError as exc:
             raise ApiError(str(exc), param="input_tokens") from None
         except (EngineDeadError, RuntimeError) as exc:
             raise ApiError(str(exc), 500, "InternalServerError") from None
+        await self._serve(receive, send, handle, stream, model, chat, include_usage, continuous_usage)
 
+    def _original_prompt(self, body: Mapping[str, Any], chat: bool, chars: int) -> _Prompt:
+        """The prompt a continuation continues: without the final assistant message (chat)
+        or the last `chars` characters (completions)."""
+        if chat:
+            messages = body.get("messages") or []
+            if len(messages) < 2 or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
+                raise ApiError(f"{CONTINUATION_HEADER.decode()}: the last message must be the assistant's "
+                               "text so far", param="messages")
+            return self._chat_prompt({**body, "messages": messages[:-1], "add_generation_prompt": True})
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or chars > len(prompt):
+            raise ApiError(f"{CONTINUATION_HEADER.decode()}: expected a string prompt of at least {chars} "
+                           "characters", param="prompt")
+        return self._completion_prompt({"prompt": prompt[: len(prompt) - chars]})
+
+    async def _serve(self, receive: Receive, send: Send, handle: RequestHandle, stream: bool, model: str,
+                     chat: bool, include_usage: bool, continuous_usage: bool) -> None:
+        engine = self.engine
         watcher = asyncio.ensure_future(receive())
         watcher.add_done_callback(lambda _: engine.abort(handle.request_id))
         try:
@@ -532,7 +593,7 @@ class EngineHttpApp:
             "type": "http.response.start", "status": 200,
             "headers": [*_SSE_HEADERS, (b"x-request-id", handle.request_id.encode())],
         })
-        sent = 0
+        sent = handle.consumed  # a request that migrated in streams on from where it was
         while True:
             new = await handle.next_tokens()
             if handle.finish_reason == "abort":
@@ -551,7 +612,7 @@ class EngineHttpApp:
             last = len(tokens) - 1
             for index, token in enumerate(tokens):
                 sent += 1
-                if handle.done and index == last:
+                if handle.done and index == last and handle.finish_reason != "migrated":
                     if chat:
                         close = b'},"logprobs":null,"finish_reason":"' + str(handle.finish_reason).encode() + b'","stop_reason":null}]'
                     else:
@@ -567,11 +628,32 @@ class EngineHttpApp:
             await send({"type": "http.response.body", "body": b"".join(parts), "more_body": True})
             if handle.done:
                 break
+        if handle.migrated_to is not None:
+            # Not the end: the router splices the rest from the destination (router/splice.py).
+            event = MIGRATED_EVENT + orjson.dumps(handle.migrated_to) + b"\n\n"
+            await send({"type": "http.response.body", "body": event, "more_body": False})
+            return
         final = [_DONE]
         if include_usage:
             choices_key = b',"choices":[],"usage":'
             final.insert(0, head + choices_key + usage_json(sent) + b"}\n\n")
         await send({"type": "http.response.body", "body": b"".join(final), "more_body": False})
+
+
+def _continuation(value: bytes) -> tuple[int, int]:
+    """Parse "tokens=N; chars=C" (both >= 0)."""
+    fields: dict[str, int] = {}
+    try:
+        for part in value.decode("latin-1").split(";"):
+            key, _, number = part.strip().partition("=")
+            fields[key] = int(number)
+        tokens, chars = fields["tokens"], fields["chars"]
+    except (ValueError, KeyError):
+        tokens = chars = -1
+    if tokens < 0 or chars < 0:
+        raise ApiError(f"header {CONTINUATION_HEADER.decode()}: expected 'tokens=N; chars=C', got "
+                       f"{value.decode('latin-1')!r}", param=CONTINUATION_HEADER.decode())
+    return tokens, chars
 
 
 def _too_large(size: int, limit: int) -> ApiError:
@@ -653,9 +735,9 @@ class EngineServer:
     async def _start_grpc(self, port: int) -> None:
         import grpc
 
-        from sim.worker_grpc import add_worker_servicer
+        from sim.worker_grpc import MESSAGE_SIZE_OPTIONS, add_worker_servicer
 
-        server = grpc.aio.server()
+        server = grpc.aio.server(options=MESSAGE_SIZE_OPTIONS)
         add_worker_servicer(server, self.engine)
         address = f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
         try:

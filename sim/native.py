@@ -1,9 +1,9 @@
 """The simulator's hot modules compiled with mypyc: same source, about 1.5x faster.
 
-`sim/engine_core.py` and `sim/simulator.py` are fully typed Python; mypyc (part of mypy)
-compiles them to C extension modules. `build()` copies the `sim` package into a cache
+`sim/kv_cache.py`, `sim/engine_core.py` and `sim/simulator.py` are fully typed Python;
+mypyc (part of mypy) compiles them to C extension modules. `build()` copies the `sim` package into a cache
 folder keyed by the sources' SHA-256, the Python version and the mypy version, compiles
-the two modules there and returns that folder; putting it first on the import path makes
+the modules there and returns that folder; putting it first on the import path makes
 `import sim` load the compiled package (the other `sim` modules stay plain Python, and
 `scheduler/` is imported from the installed project as always). Nothing in the source
 tree changes, so a stale build can never shadow an edited file: an edit changes the key.
@@ -28,7 +28,7 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-COMPILED = ("engine_core.py", "simulator.py")
+COMPILED = ("kv_cache.py", "engine_core.py", "simulator.py")
 SIM_DIR = Path(__file__).resolve().parent
 ROOT_ENV = "TOKENYARD_NATIVE_ROOT"  # set in a process re-run on the compiled modules
 

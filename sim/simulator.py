@@ -47,6 +47,7 @@ from scheduler.tiers import TierRouter
 from scheduler.types import Decision, InstanceState, NoInstanceAvailable, RequestInfo, SloClass
 from sim.cluster import ClusterSpec, PoolSpec
 from sim.engine_core import Batch, DecodeRun, EngineCore, EngineRequest
+from sim.migration import MigrationDriver, MigrationSimConfig
 from sim.records import InstanceStats, RequestRecord, SimResult, TimelineSample
 from sim.workload import TraceRequest
 
@@ -126,6 +127,7 @@ class Simulation:
         fast_forward: bool = True,
         total_requests: int = 0,
         tier_router: TierRouter | None = None,
+        migration: MigrationSimConfig | None = None,
     ) -> None:
         if timeline_interval_s <= 0:
             raise ValueError(f"timeline_interval_s: expected a positive number, got {timeline_interval_s}")
@@ -149,7 +151,7 @@ class Simulation:
         )
         self.progress = progress
         self.timeline_interval_s = timeline_interval_s
-        self.fast_forward = fast_forward
+        self.fast_forward = fast_forward and migration is None  # moves change batches mid-step
         self.total_requests = total_requests
         self.live_load = cluster.load_refresh_s <= 0
         self.instances: list[_Instance] = []
@@ -177,6 +179,7 @@ class Simulation:
         # dispatch, on the same load view dispatch reads (as the router does).
         self.tier_router = tier_router
         self.tier_rng = random.Random(seed)
+        self.migration = MigrationDriver(self, migration) if migration is not None else None
 
     # ------------------------------------------------------------------ loop
     def run(self, requests: Iterable[TraceRequest]) -> SimResult:
@@ -194,7 +197,11 @@ class Simulation:
         progress_at_events = _PROGRESS_EVERY_EVENTS if self.progress is not None else math.inf
         last_arrival_s = -math.inf
         events = 0
+        migration = self.migration
         while True:
+            if migration is not None and migration.advance(min(
+                    heap[0][0] if heap else math.inf, upcoming.arrival_s if upcoming is not None else math.inf)):
+                continue  # a migration step (sim/migration.py) came first
             # The next event: an iteration end, or else the next arrival (ends first at equal times).
             if heap and (upcoming is None or heap[0][0] <= upcoming.arrival_s):
                 t = heap[0][0]

@@ -19,7 +19,9 @@ to look like one from the outside, deterministically:
   blake2b, not Python's `hash`, so that every process (router, engine, simulator) gets the
   same numbers.
 - `OutputText`: output tokens drawn from a fixed English vocabulary by a PRNG seeded with
-  the engine seed and the request, so the same request gives the same text.
+  the engine seed and the request, so the same request gives the same text; an engine
+  that continues a request elsewhere (`OutputText.resumed`) goes on with the same tokens,
+  as greedy decoding of the same model would.
 - `OutputLengthDist`: `fixed:N`, `uniform:A:B`, `lognormal:MEDIAN:SIGMA`.
 """
 
@@ -161,6 +163,14 @@ class OutputText:
         self._buffer: list[str] = []
         self._pos = 0
         self._started = False
+
+    @classmethod
+    def resumed(cls, seed: int, position: int) -> OutputText:
+        """The text of `seed` from token `position` on: what an engine that continues a
+        request (a migration's destination, a failover's continuation) generates next."""
+        text = cls(seed)
+        text.take(position)
+        return text
 
     def take(self, n: int) -> list[str]:
         if n <= 0:

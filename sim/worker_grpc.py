@@ -4,7 +4,10 @@ An engine (the emulated engine, or a sidecar next to a real one) implements the 
 `WorkerBackend` protocol: its fixed description, its current load, and a way to wait
 until the load changes. This module turns that into the `Worker` service: `Describe`,
 and `Status`, a stream that sends a snapshot every `interval_ms` (a heartbeat) and
-promptly whenever the load changes (at most one per `min_change_interval_ms`).
+promptly whenever the load changes (at most one per `min_change_interval_ms`). The
+migration RPCs (MigrateOut, MigrateIn, AbortMigration, ListMigrations) are delegated to
+the backend's `migration` service when it has one (sim/migration_worker.py for the
+emulated engine), and answered UNIMPLEMENTED (or empty) otherwise.
 
 `EngineCoreBackend` adapts a bare `sim.engine_core.EngineCore`, so a core can be served
 and tested without the HTTP engine around it; its driver calls `notify_changed()` after
@@ -21,7 +24,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
@@ -40,6 +43,8 @@ MAX_INTERVAL_MS = 60_000
 # would send a snapshot per iteration per subscriber.
 DEFAULT_MIN_CHANGE_INTERVAL_MS = 10
 ENGINE_KIND_EMULATED = "tokenyard-emulated"
+# KV blocks travel in MigrateIn messages of up to ~3 MiB (sim/migration_worker.py).
+MESSAGE_SIZE_OPTIONS = [("grpc.max_receive_message_length", 8 << 20)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +65,8 @@ class EngineDescriptionInfo:
     max_num_seqs: int = 0
     max_num_batched_tokens: int = 0
     labels: Mapping[str, str] = field(default_factory=dict)
+    kv_transfer_backends: tuple[str, ...] = ()
+    max_concurrent_migrations: int = 0
 
     def to_proto(self) -> worker_pb2.EngineDescription:
         return worker_pb2.EngineDescription(
@@ -77,6 +84,8 @@ class EngineDescriptionInfo:
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
             labels=dict(self.labels),
+            kv_transfer_backends=list(self.kv_transfer_backends),
+            max_concurrent_migrations=self.max_concurrent_migrations,
         )
 
 
@@ -94,9 +103,13 @@ class LoadInfo:
     prefix_cache_hit_tokens_total: int = 0
     prefix_cache_query_tokens_total: int = 0
     draining: bool = False
+    migrations_out: int = 0
+    migrations_in: int = 0
+    kv_blocks_reserved_for_migration: int = 0
 
     @classmethod
-    def of_core(cls, core: EngineCore, draining: bool) -> LoadInfo:
+    def of_core(cls, core: EngineCore, draining: bool, *, migrations_out: int = 0, migrations_in: int = 0,
+                kv_blocks_reserved_for_migration: int = 0) -> LoadInfo:
         """The load of an engine core as the Worker service reports it."""
         return cls(
             running=core.num_running,
@@ -109,6 +122,9 @@ class LoadInfo:
             prefix_cache_hit_tokens_total=core.prefix_cache_hits_tokens,
             prefix_cache_query_tokens_total=core.prefix_cache_queries_tokens,
             draining=draining,
+            migrations_out=migrations_out,
+            migrations_in=migrations_in,
+            kv_blocks_reserved_for_migration=kv_blocks_reserved_for_migration,
         )
 
 
@@ -281,6 +297,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             prefix_cache_query_tokens_total=load.prefix_cache_query_tokens_total,
             draining=load.draining,
             incarnation_id=description.incarnation_id,
+            migrations_out=load.migrations_out,
+            migrations_in=load.migrations_in,
+            kv_blocks_reserved_for_migration=load.kv_blocks_reserved_for_migration,
         )
 
     async def Describe(  # noqa: N802 (gRPC method name)
@@ -343,6 +362,52 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         log.debug("status stream closed", extra={"instance": instance_id, "peer": peer, "sent": sent})
 
 
+    # ------------------------------------------------------------ migration
+    # Delegated to the backend's `migration` (sim/migration_worker.MigrationService);
+    # a backend without one answers UNIMPLEMENTED.
+    def _migration(self) -> Any:
+        return getattr(self.backend, "migration", None)
+
+    async def MigrateOut(  # noqa: N802 (gRPC method name)
+        self, request: worker_pb2.MigrateOutRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.MigrationProgress]:
+        service = self._migration()
+        if service is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this engine cannot migrate requests")
+        async for progress in service.migrate_out(request, context):
+            yield progress
+
+    async def MigrateIn(  # noqa: N802 (gRPC method name)
+        self, request_iterator: AsyncIterator[worker_pb2.MigrateInChunk], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.MigrateInResult]:
+        service = self._migration()
+        if service is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this engine cannot migrate requests")
+        async for result in service.migrate_in(request_iterator, context):
+            yield result
+
+    async def AbortMigration(  # noqa: N802 (gRPC method name)
+        self, request: worker_pb2.AbortMigrationRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.AbortMigrationResult:
+        service = self._migration()
+        if service is None:
+            return worker_pb2.AbortMigrationResult(found=False)
+        result: worker_pb2.AbortMigrationResult = service.abort(request)
+        return result
+
+    async def ListMigrations(  # noqa: N802 (gRPC method name)
+        self, request: worker_pb2.ListMigrationsRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.ListMigrationsResponse:
+        service = self._migration()
+        if service is None:
+            return worker_pb2.ListMigrationsResponse()
+        try:
+            response: worker_pb2.ListMigrationsResponse = service.list(request)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return response
+
+
 def add_worker_servicer(server: grpc.aio.Server, backend: WorkerBackend) -> WorkerServicer:
     """Serve `backend` as the Worker service on an existing server (to share a port)."""
     servicer = WorkerServicer(backend)
@@ -358,7 +423,7 @@ async def start_worker_server(
     Stop it with `await server.stop(grace_s)`; open Status streams are cancelled when
     the grace period ends (clients see CANCELLED or UNAVAILABLE and reconnect).
     """
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=MESSAGE_SIZE_OPTIONS)
     add_worker_servicer(server, backend)
     address = f"{host}:{port}"
     try:

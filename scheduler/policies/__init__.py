@@ -7,4 +7,5 @@ from scheduler.policies import (  # noqa: F401
     load,
     slo_headroom,  # router-core
     spread,  # simulator core: round_robin, random, power_of_two, least_kv
+    virtual_usage,  # least_virtual_usage (the migration policy's load measure)
 )

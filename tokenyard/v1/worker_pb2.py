@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tokenyard/v1/worker.proto\x12\x0ctokenyard.v1\"\x11\n\x0f\x44\x65scribeRequest\"\xaf\x03\n\x11\x45ngineDescription\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0b\n\x03gpu\x18\x03 \x01(\t\x12\x17\n\x0ftensor_parallel\x18\x04 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x05 \x01(\x04\x12\x19\n\x11\x62lock_size_tokens\x18\x06 \x01(\r\x12\x1a\n\x12kv_bytes_per_token\x18\x07 \x01(\x04\x12\x15\n\rmax_model_len\x18\x08 \x01(\r\x12\x13\n\x0b\x65ngine_kind\x18\t \x01(\t\x12\x16\n\x0e\x65ngine_version\x18\n \x01(\t\x12\x16\n\x0eincarnation_id\x18\x0b \x01(\t\x12\x14\n\x0cmax_num_seqs\x18\x0c \x01(\r\x12\x1e\n\x16max_num_batched_tokens\x18\r \x01(\r\x12;\n\x06labels\x18\x0e \x03(\x0b\x32+.tokenyard.v1.EngineDescription.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01J\x04\x08\x14\x10\x1e\"D\n\rStatusRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r\x12\x1e\n\x16min_change_interval_ms\x18\x02 \x01(\r\"\xf3\x02\n\x0cLoadSnapshot\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x19\n\x11timestamp_unix_ms\x18\x03 \x01(\x03\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x06 \x01(\x04\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\x04\x12\x19\n\x11\x62lock_size_tokens\x18\x08 \x01(\r\x12\x18\n\x10tokens_in_flight\x18\t \x01(\x04\x12\x19\n\x11preemptions_total\x18\n \x01(\x04\x12%\n\x1dprefix_cache_hit_tokens_total\x18\x0b \x01(\x04\x12\'\n\x1fprefix_cache_query_tokens_total\x18\x0c \x01(\x04\x12\x10\n\x08\x64raining\x18\r \x01(\x08\x12\x16\n\x0eincarnation_id\x18\x0e \x01(\tJ\x04\x08\x14\x10\x1e\x32\x99\x01\n\x06Worker\x12J\n\x08\x44\x65scribe\x12\x1d.tokenyard.v1.DescribeRequest\x1a\x1f.tokenyard.v1.EngineDescription\x12\x43\n\x06Status\x12\x1b.tokenyard.v1.StatusRequest\x1a\x1a.tokenyard.v1.LoadSnapshot0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tokenyard/v1/worker.proto\x12\x0ctokenyard.v1\"\x11\n\x0f\x44\x65scribeRequest\"\xf0\x03\n\x11\x45ngineDescription\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0b\n\x03gpu\x18\x03 \x01(\t\x12\x17\n\x0ftensor_parallel\x18\x04 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x05 \x01(\x04\x12\x19\n\x11\x62lock_size_tokens\x18\x06 \x01(\r\x12\x1a\n\x12kv_bytes_per_token\x18\x07 \x01(\x04\x12\x15\n\rmax_model_len\x18\x08 \x01(\r\x12\x13\n\x0b\x65ngine_kind\x18\t \x01(\t\x12\x16\n\x0e\x65ngine_version\x18\n \x01(\t\x12\x16\n\x0eincarnation_id\x18\x0b \x01(\t\x12\x14\n\x0cmax_num_seqs\x18\x0c \x01(\r\x12\x1e\n\x16max_num_batched_tokens\x18\r \x01(\r\x12;\n\x06labels\x18\x0e \x03(\x0b\x32+.tokenyard.v1.EngineDescription.LabelsEntry\x12\x1c\n\x14kv_transfer_backends\x18\x14 \x03(\t\x12!\n\x19max_concurrent_migrations\x18\x15 \x01(\r\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01J\x04\x08\x16\x10\x1e\"D\n\rStatusRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r\x12\x1e\n\x16min_change_interval_ms\x18\x02 \x01(\r\"\xcc\x03\n\x0cLoadSnapshot\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x19\n\x11timestamp_unix_ms\x18\x03 \x01(\x03\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x06 \x01(\x04\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\x04\x12\x19\n\x11\x62lock_size_tokens\x18\x08 \x01(\r\x12\x18\n\x10tokens_in_flight\x18\t \x01(\x04\x12\x19\n\x11preemptions_total\x18\n \x01(\x04\x12%\n\x1dprefix_cache_hit_tokens_total\x18\x0b \x01(\x04\x12\'\n\x1fprefix_cache_query_tokens_total\x18\x0c \x01(\x04\x12\x10\n\x08\x64raining\x18\r \x01(\x08\x12\x16\n\x0eincarnation_id\x18\x0e \x01(\t\x12\x16\n\x0emigrations_out\x18\x14 \x01(\r\x12\x15\n\rmigrations_in\x18\x15 \x01(\r\x12(\n kv_blocks_reserved_for_migration\x18\x16 \x01(\x04J\x04\x08\x17\x10\x1e\"\xf7\x01\n\x11MigrateOutRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x1f\n\x17\x64\x65stination_instance_id\x18\x03 \x01(\t\x12\x1b\n\x13\x64\x65stination_address\x18\x04 \x01(\t\x12\x12\n\nmax_stages\x18\x05 \x01(\r\x12\x1c\n\x14stop_copy_max_blocks\x18\x06 \x01(\r\x12\x18\n\x10stage_timeout_ms\x18\x07 \x01(\r\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x08 \x01(\r\x12\x19\n\x11\x61ttach_timeout_ms\x18\t \x01(\r\"\xa6\x02\n\x11MigrationProgress\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x1c.tokenyard.v1.MigrationState\x12\r\n\x05stage\x18\x03 \x01(\r\x12\x15\n\rblocks_copied\x18\x04 \x01(\x04\x12\x14\n\x0c\x62ytes_copied\x18\x05 \x01(\x04\x12\x18\n\x10tokens_generated\x18\x06 \x01(\r\x12+\n\x05\x65rror\x18\x07 \x01(\x0e\x32\x1c.tokenyard.v1.MigrationError\x12\x15\n\rerror_message\x18\x08 \x01(\t\x12\x14\n\x0csuspended_us\x18\t \x01(\x04\x12\x1e\n\x16\x64\x65stination_request_id\x18\n \x01(\t\"\xc7\x02\n\x0eMigrateInBegin\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x1a\n\x12source_instance_id\x18\x03 \x01(\t\x12\x1f\n\x17\x64\x65stination_instance_id\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x19\n\x11\x62lock_size_tokens\x18\x06 \x01(\r\x12\x1a\n\x12kv_bytes_per_token\x18\x07 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x08 \x01(\r\x12\x18\n\x10tokens_generated\x18\t \x01(\r\x12\x12\n\nmax_tokens\x18\n \x01(\r\x12\x14\n\x0c\x65ngine_state\x18\x0b \x01(\x0c\x12\x10\n\x08priority\x18\x0c \x01(\x05\x12\x1b\n\x13kv_transfer_backend\x18\r \x01(\t\"x\n\x08KVBlocks\x12\r\n\x05stage\x18\x01 \x01(\r\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x16\n\x0etokens_covered\x18\x04 \x01(\r\x12\x15\n\rlast_of_stage\x18\x05 \x01(\x08\x12\r\n\x05\x66inal\x18\x06 \x01(\x08\"Y\n\x0fMigrateInCommit\x12\x18\n\x10tokens_generated\x18\x01 \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\x02 \x01(\r\x12\x14\n\x0c\x62locks_total\x18\x03 \x01(\r\"T\n\x0eMigrateInAbort\x12+\n\x05\x65rror\x18\x01 \x01(\x0e\x32\x1c.tokenyard.v1.MigrationError\x12\x15\n\rerror_message\x18\x02 \x01(\t\"\xd2\x01\n\x0eMigrateInChunk\x12-\n\x05\x62\x65gin\x18\x01 \x01(\x0b\x32\x1c.tokenyard.v1.MigrateInBeginH\x00\x12(\n\x06\x62locks\x18\x02 \x01(\x0b\x32\x16.tokenyard.v1.KVBlocksH\x00\x12/\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x1d.tokenyard.v1.MigrateInCommitH\x00\x12-\n\x05\x61\x62ort\x18\x04 \x01(\x0b\x32\x1c.tokenyard.v1.MigrateInAbortH\x00\x42\x07\n\x05\x63hunk\"\xf9\x01\n\x0fMigrateInResult\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x1c.tokenyard.v1.MigrationState\x12\r\n\x05stage\x18\x03 \x01(\r\x12\x17\n\x0f\x62locks_received\x18\x04 \x01(\r\x12\x17\n\x0f\x62locks_reserved\x18\x05 \x01(\r\x12+\n\x05\x65rror\x18\x06 \x01(\x0e\x32\x1c.tokenyard.v1.MigrationError\x12\x15\n\rerror_message\x18\x07 \x01(\t\x12\x1e\n\x16\x64\x65stination_request_id\x18\x08 \x01(\t\"=\n\x15\x41\x62ortMigrationRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"c\n\x14\x41\x62ortMigrationResult\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x0f\n\x07\x61\x62orted\x18\x02 \x01(\x08\x12+\n\x05state\x18\x03 \x01(\x0e\x32\x1c.tokenyard.v1.MigrationState\"K\n\x15ListMigrationsRequest\x12\x1a\n\x12include_candidates\x18\x01 \x01(\x08\x12\x16\n\x0emax_candidates\x18\x02 \x01(\r\"\xfa\x01\n\rMigrationInfo\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x18\n\x10peer_instance_id\x18\x04 \x01(\t\x12+\n\x05state\x18\x05 \x01(\x0e\x32\x1c.tokenyard.v1.MigrationState\x12\r\n\x05stage\x18\x06 \x01(\r\x12\x15\n\rblocks_copied\x18\x07 \x01(\x04\x12\x17\n\x0fstarted_unix_ms\x18\x08 \x01(\x03\x12+\n\x05\x65rror\x18\t \x01(\x0e\x32\x1c.tokenyard.v1.MigrationError\"\x80\x01\n\x12MigrationCandidate\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_tokens\x18\x02 \x01(\r\x12\x18\n\x10tokens_generated\x18\x03 \x01(\r\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\"\x7f\n\x16ListMigrationsResponse\x12/\n\nmigrations\x18\x01 \x03(\x0b\x32\x1b.tokenyard.v1.MigrationInfo\x12\x34\n\ncandidates\x18\x02 \x03(\x0b\x32 .tokenyard.v1.MigrationCandidate*\xa4\x02\n\x0eMigrationError\x12\x18\n\x14MIGRATION_ERROR_NONE\x10\x00\x12\x14\n\x10REQUEST_FINISHED\x10\x01\x12\x10\n\x0cREQUEST_GONE\x10\x02\x12\x15\n\x11REQUEST_PREEMPTED\x10\x03\x12\x1d\n\x19\x44\x45STINATION_OUT_OF_MEMORY\x10\x04\x12\x18\n\x14\x44\x45STINATION_DRAINING\x10\x05\x12\x1b\n\x17\x44\x45STINATION_UNREACHABLE\x10\x06\x12\x16\n\x12SOURCE_UNREACHABLE\x10\x07\x12\x0b\n\x07TIMEOUT\x10\x08\x12\x16\n\x12\x41\x42ORTED_BY_REQUEST\x10\t\x12\x10\n\x0cINCOMPATIBLE\x10\n\x12\x14\n\x10\x44\x45STINATION_BUSY\x10\x0b*\x9c\x01\n\x0eMigrationState\x12\x1f\n\x1bMIGRATION_STATE_UNSPECIFIED\x10\x00\x12\r\n\tPREPARING\x10\x01\x12\x0c\n\x08RESERVED\x10\x02\x12\x0c\n\x08PRE_COPY\x10\x03\x12\x0f\n\x0bSTAGE_ACKED\x10\x04\x12\x11\n\rSTOP_AND_COPY\x10\x05\x12\r\n\tCOMMITTED\x10\x06\x12\x0b\n\x07\x41\x42ORTED\x10\x07\x32\xf1\x03\n\x06Worker\x12J\n\x08\x44\x65scribe\x12\x1d.tokenyard.v1.DescribeRequest\x1a\x1f.tokenyard.v1.EngineDescription\x12\x43\n\x06Status\x12\x1b.tokenyard.v1.StatusRequest\x1a\x1a.tokenyard.v1.LoadSnapshot0\x01\x12P\n\nMigrateOut\x12\x1f.tokenyard.v1.MigrateOutRequest\x1a\x1f.tokenyard.v1.MigrationProgress0\x01\x12L\n\tMigrateIn\x12\x1c.tokenyard.v1.MigrateInChunk\x1a\x1d.tokenyard.v1.MigrateInResult(\x01\x30\x01\x12Y\n\x0e\x41\x62ortMigration\x12#.tokenyard.v1.AbortMigrationRequest\x1a\".tokenyard.v1.AbortMigrationResult\x12[\n\x0eListMigrations\x12#.tokenyard.v1.ListMigrationsRequest\x1a$.tokenyard.v1.ListMigrationsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,16 +33,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ENGINEDESCRIPTION_LABELSENTRY']._loaded_options = None
   _globals['_ENGINEDESCRIPTION_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_MIGRATIONERROR']._serialized_start=3490
+  _globals['_MIGRATIONERROR']._serialized_end=3782
+  _globals['_MIGRATIONSTATE']._serialized_start=3785
+  _globals['_MIGRATIONSTATE']._serialized_end=3941
   _globals['_DESCRIBEREQUEST']._serialized_start=43
   _globals['_DESCRIBEREQUEST']._serialized_end=60
   _globals['_ENGINEDESCRIPTION']._serialized_start=63
-  _globals['_ENGINEDESCRIPTION']._serialized_end=494
-  _globals['_ENGINEDESCRIPTION_LABELSENTRY']._serialized_start=443
-  _globals['_ENGINEDESCRIPTION_LABELSENTRY']._serialized_end=488
-  _globals['_STATUSREQUEST']._serialized_start=496
-  _globals['_STATUSREQUEST']._serialized_end=564
-  _globals['_LOADSNAPSHOT']._serialized_start=567
-  _globals['_LOADSNAPSHOT']._serialized_end=938
-  _globals['_WORKER']._serialized_start=941
-  _globals['_WORKER']._serialized_end=1094
+  _globals['_ENGINEDESCRIPTION']._serialized_end=559
+  _globals['_ENGINEDESCRIPTION_LABELSENTRY']._serialized_start=508
+  _globals['_ENGINEDESCRIPTION_LABELSENTRY']._serialized_end=553
+  _globals['_STATUSREQUEST']._serialized_start=561
+  _globals['_STATUSREQUEST']._serialized_end=629
+  _globals['_LOADSNAPSHOT']._serialized_start=632
+  _globals['_LOADSNAPSHOT']._serialized_end=1092
+  _globals['_MIGRATEOUTREQUEST']._serialized_start=1095
+  _globals['_MIGRATEOUTREQUEST']._serialized_end=1342
+  _globals['_MIGRATIONPROGRESS']._serialized_start=1345
+  _globals['_MIGRATIONPROGRESS']._serialized_end=1639
+  _globals['_MIGRATEINBEGIN']._serialized_start=1642
+  _globals['_MIGRATEINBEGIN']._serialized_end=1969
+  _globals['_KVBLOCKS']._serialized_start=1971
+  _globals['_KVBLOCKS']._serialized_end=2091
+  _globals['_MIGRATEINCOMMIT']._serialized_start=2093
+  _globals['_MIGRATEINCOMMIT']._serialized_end=2182
+  _globals['_MIGRATEINABORT']._serialized_start=2184
+  _globals['_MIGRATEINABORT']._serialized_end=2268
+  _globals['_MIGRATEINCHUNK']._serialized_start=2271
+  _globals['_MIGRATEINCHUNK']._serialized_end=2481
+  _globals['_MIGRATEINRESULT']._serialized_start=2484
+  _globals['_MIGRATEINRESULT']._serialized_end=2733
+  _globals['_ABORTMIGRATIONREQUEST']._serialized_start=2735
+  _globals['_ABORTMIGRATIONREQUEST']._serialized_end=2796
+  _globals['_ABORTMIGRATIONRESULT']._serialized_start=2798
+  _globals['_ABORTMIGRATIONRESULT']._serialized_end=2897
+  _globals['_LISTMIGRATIONSREQUEST']._serialized_start=2899
+  _globals['_LISTMIGRATIONSREQUEST']._serialized_end=2974
+  _globals['_MIGRATIONINFO']._serialized_start=2977
+  _globals['_MIGRATIONINFO']._serialized_end=3227
+  _globals['_MIGRATIONCANDIDATE']._serialized_start=3230
+  _globals['_MIGRATIONCANDIDATE']._serialized_end=3358
+  _globals['_LISTMIGRATIONSRESPONSE']._serialized_start=3360
+  _globals['_LISTMIGRATIONSRESPONSE']._serialized_end=3487
+  _globals['_WORKER']._serialized_start=3944
+  _globals['_WORKER']._serialized_end=4441
 # @@protoc_insertion_point(module_scope)

@@ -27,29 +27,71 @@ if _version_not_supported:
 
 class WorkerStub:
     """---------------------------------------------------------------------------------
-    Reserved for live migration (Llumnix-style multi-stage KV pre-copy). Designed in
-    the migration issue; the names and numbers below are kept free for it, and nothing
-    else may use them:
+    Live migration (Llumnix-style multi-stage KV pre-copy); docs/migration.md has the
+    same state machine with diagrams and the failure table.
 
-    RPCs on Worker (not declared yet):
-    rpc MigrateOut(MigrateOutRequest) returns (stream MigrationProgress);
-    source side: copy a running request's KV blocks to a destination in stages
-    while it keeps decoding, then stop it briefly and copy the last blocks.
-    rpc MigrateIn(stream MigrateInChunk) returns (MigrateInResult);
-    destination side: reserve KV blocks, receive them, resume the request.
-    rpc AbortMigration(AbortMigrationRequest) returns (AbortMigrationResult);
-    either side: give up, free reserved blocks, the request stays where it was.
-    rpc ListMigrations(ListMigrationsRequest) returns (ListMigrationsResponse);
+    Roles: the CONTROLLER (the router's migration loop) asks the SOURCE instance to move
+    one running request to the DESTINATION instance. The source drives the copy; the
+    destination only answers it; the controller observes and may abort.
 
-    Message names: MigrateOutRequest, MigrationProgress, MigrateInChunk,
-    MigrateInResult, AbortMigrationRequest, AbortMigrationResult,
-    ListMigrationsRequest, ListMigrationsResponse, MigrationInfo.
+    controller --MigrateOut--> source --MigrateIn (bidi stream)--> destination
 
-    Field numbers 20 to 29 of EngineDescription (migration capabilities: KV transfer
-    backends, max concurrent migrations) and of LoadSnapshot (migrations in and out in
-    flight, KV blocks reserved for incoming migrations). They are declared `reserved`
-    below so that nothing else takes them; the migration issue drops the `reserved`
-    line when it declares its fields (a compatible change on the wire).
+    The source's MigrateIn stream to the destination carries, in order:
+    1. Begin      the request's identity and geometry. The destination RESERVES the KV
+    blocks the request holds plus headroom (answers RESERVED), or refuses
+    (ABORTED, DESTINATION_OUT_OF_MEMORY / DESTINATION_DRAINING / ...).
+    2. Blocks     stage k of the pre-copy: the blocks that filled up since stage k-1
+    (stage 1: all full blocks), as bytes with their block ids. The source
+    keeps decoding meanwhile. The destination stores and acknowledges each
+    stage (STAGE_ACKED). Stages repeat while more than
+    `stop_copy_max_blocks` blocks are new since the last stage, at most
+    `max_stages` times.
+    3. Blocks     the stop-and-copy stage (final = true): the source SUSPENDS the
+    request (it stops decoding it but keeps its blocks), sends the blocks
+    not copied yet (the partial last block included) ...
+    4. Commit     ... and the exact number of tokens generated so far. The destination
+    checks it holds every block, makes the request RUNNING from exactly that
+    token, and answers COMMITTED. Only then does the source RELEASE its copy
+    and end the client's stream there with a `tokenyard.migrated` event
+    naming the destination (the router splices the stream, router/splice.py).
+
+    Downtime is step 3 + 4 only: the blocks of the last stage (a few, whatever the context
+    length) and one round trip.
+
+    Source states:     PREPARING -> PRE_COPY (stage 1..n) -> STOP_AND_COPY -> COMMITTED
+    any state before COMMITTED -> ABORTED
+    Destination states: RESERVED -> RECEIVING -> COMMITTED (request running here)
+    any state before COMMITTED -> ABORTED (reservation and bytes freed)
+
+    Failures (every one ends in exactly one running copy of the request, no token lost):
+    - the request finishes, is aborted by its client, or is preempted at the source
+    during pre-copy: the source ends MigrateIn with Abort; ABORTED with REQUEST_FINISHED
+    / REQUEST_GONE / REQUEST_PREEMPTED. The request is unaffected at the source.
+    - destination out of KV blocks (at Begin, or later): it answers ABORTED with
+    DESTINATION_OUT_OF_MEMORY and frees its reservation; the source resumes (if it
+    had suspended the request) and keeps decoding from the token it stopped at.
+    - destination dies, or an acknowledgement does not come within `stage_timeout_ms`:
+    the source cancels MigrateIn (the destination, if alive, frees everything on the
+    cancellation) and resumes the request: ABORTED with DESTINATION_UNREACHABLE /
+    TIMEOUT. The source never releases before it has read COMMITTED.
+    - source dies: the destination sees MigrateIn break before Commit and frees
+    everything. The client's stream breaks; the router re-submits the request as a
+    continuation elsewhere (mid-stream failover, router/splice.py).
+    - lost COMMITTED answer (destination committed, source timed out): the source
+    resumes and keeps streaming; the destination's copy is an ORPHAN that no client
+    attaches to, and it is aborted after `attach_timeout_ms`. Two copies may decode
+    for that long, but only the source's reaches the client.
+    - the whole migration exceeds `deadline_ms`: as a timeout (ABORTED, TIMEOUT).
+    - router restarts: a migration does not depend on the MigrateOut stream staying
+    open (cancelling it does not abort; AbortMigration does); the new router finds
+    migrations in flight with ListMigrations. The clients' streams died with the old
+    router, so their requests are aborted by the engines (REQUEST_GONE).
+    - abort from either side: AbortMigration on the source or on the destination
+    before COMMITTED aborts the migration on both (the other side learns through the
+    MigrateIn stream); after COMMITTED it changes nothing (answers the final state).
+
+    At most `max_concurrent_migrations` (EngineDescription) migrations per instance, in
+    or out, and one per request at a time; more are refused with RESOURCE_EXHAUSTED.
     ---------------------------------------------------------------------------------
 
     Served by every engine instance.
@@ -71,33 +113,95 @@ class WorkerStub:
                 request_serializer=tokenyard_dot_v1_dot_worker__pb2.StatusRequest.SerializeToString,
                 response_deserializer=tokenyard_dot_v1_dot_worker__pb2.LoadSnapshot.FromString,
                 _registered_method=True)
+        self.MigrateOut = channel.unary_stream(
+                '/tokenyard.v1.Worker/MigrateOut',
+                request_serializer=tokenyard_dot_v1_dot_worker__pb2.MigrateOutRequest.SerializeToString,
+                response_deserializer=tokenyard_dot_v1_dot_worker__pb2.MigrationProgress.FromString,
+                _registered_method=True)
+        self.MigrateIn = channel.stream_stream(
+                '/tokenyard.v1.Worker/MigrateIn',
+                request_serializer=tokenyard_dot_v1_dot_worker__pb2.MigrateInChunk.SerializeToString,
+                response_deserializer=tokenyard_dot_v1_dot_worker__pb2.MigrateInResult.FromString,
+                _registered_method=True)
+        self.AbortMigration = channel.unary_unary(
+                '/tokenyard.v1.Worker/AbortMigration',
+                request_serializer=tokenyard_dot_v1_dot_worker__pb2.AbortMigrationRequest.SerializeToString,
+                response_deserializer=tokenyard_dot_v1_dot_worker__pb2.AbortMigrationResult.FromString,
+                _registered_method=True)
+        self.ListMigrations = channel.unary_unary(
+                '/tokenyard.v1.Worker/ListMigrations',
+                request_serializer=tokenyard_dot_v1_dot_worker__pb2.ListMigrationsRequest.SerializeToString,
+                response_deserializer=tokenyard_dot_v1_dot_worker__pb2.ListMigrationsResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
     """---------------------------------------------------------------------------------
-    Reserved for live migration (Llumnix-style multi-stage KV pre-copy). Designed in
-    the migration issue; the names and numbers below are kept free for it, and nothing
-    else may use them:
+    Live migration (Llumnix-style multi-stage KV pre-copy); docs/migration.md has the
+    same state machine with diagrams and the failure table.
 
-    RPCs on Worker (not declared yet):
-    rpc MigrateOut(MigrateOutRequest) returns (stream MigrationProgress);
-    source side: copy a running request's KV blocks to a destination in stages
-    while it keeps decoding, then stop it briefly and copy the last blocks.
-    rpc MigrateIn(stream MigrateInChunk) returns (MigrateInResult);
-    destination side: reserve KV blocks, receive them, resume the request.
-    rpc AbortMigration(AbortMigrationRequest) returns (AbortMigrationResult);
-    either side: give up, free reserved blocks, the request stays where it was.
-    rpc ListMigrations(ListMigrationsRequest) returns (ListMigrationsResponse);
+    Roles: the CONTROLLER (the router's migration loop) asks the SOURCE instance to move
+    one running request to the DESTINATION instance. The source drives the copy; the
+    destination only answers it; the controller observes and may abort.
 
-    Message names: MigrateOutRequest, MigrationProgress, MigrateInChunk,
-    MigrateInResult, AbortMigrationRequest, AbortMigrationResult,
-    ListMigrationsRequest, ListMigrationsResponse, MigrationInfo.
+    controller --MigrateOut--> source --MigrateIn (bidi stream)--> destination
 
-    Field numbers 20 to 29 of EngineDescription (migration capabilities: KV transfer
-    backends, max concurrent migrations) and of LoadSnapshot (migrations in and out in
-    flight, KV blocks reserved for incoming migrations). They are declared `reserved`
-    below so that nothing else takes them; the migration issue drops the `reserved`
-    line when it declares its fields (a compatible change on the wire).
+    The source's MigrateIn stream to the destination carries, in order:
+    1. Begin      the request's identity and geometry. The destination RESERVES the KV
+    blocks the request holds plus headroom (answers RESERVED), or refuses
+    (ABORTED, DESTINATION_OUT_OF_MEMORY / DESTINATION_DRAINING / ...).
+    2. Blocks     stage k of the pre-copy: the blocks that filled up since stage k-1
+    (stage 1: all full blocks), as bytes with their block ids. The source
+    keeps decoding meanwhile. The destination stores and acknowledges each
+    stage (STAGE_ACKED). Stages repeat while more than
+    `stop_copy_max_blocks` blocks are new since the last stage, at most
+    `max_stages` times.
+    3. Blocks     the stop-and-copy stage (final = true): the source SUSPENDS the
+    request (it stops decoding it but keeps its blocks), sends the blocks
+    not copied yet (the partial last block included) ...
+    4. Commit     ... and the exact number of tokens generated so far. The destination
+    checks it holds every block, makes the request RUNNING from exactly that
+    token, and answers COMMITTED. Only then does the source RELEASE its copy
+    and end the client's stream there with a `tokenyard.migrated` event
+    naming the destination (the router splices the stream, router/splice.py).
+
+    Downtime is step 3 + 4 only: the blocks of the last stage (a few, whatever the context
+    length) and one round trip.
+
+    Source states:     PREPARING -> PRE_COPY (stage 1..n) -> STOP_AND_COPY -> COMMITTED
+    any state before COMMITTED -> ABORTED
+    Destination states: RESERVED -> RECEIVING -> COMMITTED (request running here)
+    any state before COMMITTED -> ABORTED (reservation and bytes freed)
+
+    Failures (every one ends in exactly one running copy of the request, no token lost):
+    - the request finishes, is aborted by its client, or is preempted at the source
+    during pre-copy: the source ends MigrateIn with Abort; ABORTED with REQUEST_FINISHED
+    / REQUEST_GONE / REQUEST_PREEMPTED. The request is unaffected at the source.
+    - destination out of KV blocks (at Begin, or later): it answers ABORTED with
+    DESTINATION_OUT_OF_MEMORY and frees its reservation; the source resumes (if it
+    had suspended the request) and keeps decoding from the token it stopped at.
+    - destination dies, or an acknowledgement does not come within `stage_timeout_ms`:
+    the source cancels MigrateIn (the destination, if alive, frees everything on the
+    cancellation) and resumes the request: ABORTED with DESTINATION_UNREACHABLE /
+    TIMEOUT. The source never releases before it has read COMMITTED.
+    - source dies: the destination sees MigrateIn break before Commit and frees
+    everything. The client's stream breaks; the router re-submits the request as a
+    continuation elsewhere (mid-stream failover, router/splice.py).
+    - lost COMMITTED answer (destination committed, source timed out): the source
+    resumes and keeps streaming; the destination's copy is an ORPHAN that no client
+    attaches to, and it is aborted after `attach_timeout_ms`. Two copies may decode
+    for that long, but only the source's reaches the client.
+    - the whole migration exceeds `deadline_ms`: as a timeout (ABORTED, TIMEOUT).
+    - router restarts: a migration does not depend on the MigrateOut stream staying
+    open (cancelling it does not abort; AbortMigration does); the new router finds
+    migrations in flight with ListMigrations. The clients' streams died with the old
+    router, so their requests are aborted by the engines (REQUEST_GONE).
+    - abort from either side: AbortMigration on the source or on the destination
+    before COMMITTED aborts the migration on both (the other side learns through the
+    MigrateIn stream); after COMMITTED it changes nothing (answers the final state).
+
+    At most `max_concurrent_migrations` (EngineDescription) migrations per instance, in
+    or out, and one per request at a time; more are refused with RESOURCE_EXHAUSTED.
     ---------------------------------------------------------------------------------
 
     Served by every engine instance.
@@ -125,6 +229,44 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MigrateOut(self, request, context):
+        """Controller -> source: move one running request to a destination instance (see the
+        state machine above). The stream reports each step and ends after the final state
+        (COMMITTED or ABORTED). Cancelling the stream does not abort the migration.
+        Errors: NOT_FOUND (no such running request), INVALID_ARGUMENT (a field out of range;
+        the message says which), RESOURCE_EXHAUSTED (too many migrations in flight, or the
+        request is already migrating), FAILED_PRECONDITION (the request is not decoding).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MigrateIn(self, request_iterator, context):
+        """Source -> destination: the KV copy itself. The source sends Begin, then Blocks
+        stages, then Commit (or Abort); the destination answers each with a
+        MigrateInResult. The destination never commits without Commit, and frees
+        everything if the stream ends (or breaks) before it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortMigration(self, request, context):
+        """Either side, from anyone: give up a migration before it commits. The request stays
+        (or becomes again) running on the source; the destination frees its reservation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMigrations(self, request, context):
+        """The migrations this instance takes part in (as source or destination), recent
+        finished ones included, and, if asked, the running requests it could move out now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -138,6 +280,26 @@ def add_WorkerServicer_to_server(servicer, server):
                     request_deserializer=tokenyard_dot_v1_dot_worker__pb2.StatusRequest.FromString,
                     response_serializer=tokenyard_dot_v1_dot_worker__pb2.LoadSnapshot.SerializeToString,
             ),
+            'MigrateOut': grpc.unary_stream_rpc_method_handler(
+                    servicer.MigrateOut,
+                    request_deserializer=tokenyard_dot_v1_dot_worker__pb2.MigrateOutRequest.FromString,
+                    response_serializer=tokenyard_dot_v1_dot_worker__pb2.MigrationProgress.SerializeToString,
+            ),
+            'MigrateIn': grpc.stream_stream_rpc_method_handler(
+                    servicer.MigrateIn,
+                    request_deserializer=tokenyard_dot_v1_dot_worker__pb2.MigrateInChunk.FromString,
+                    response_serializer=tokenyard_dot_v1_dot_worker__pb2.MigrateInResult.SerializeToString,
+            ),
+            'AbortMigration': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortMigration,
+                    request_deserializer=tokenyard_dot_v1_dot_worker__pb2.AbortMigrationRequest.FromString,
+                    response_serializer=tokenyard_dot_v1_dot_worker__pb2.AbortMigrationResult.SerializeToString,
+            ),
+            'ListMigrations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMigrations,
+                    request_deserializer=tokenyard_dot_v1_dot_worker__pb2.ListMigrationsRequest.FromString,
+                    response_serializer=tokenyard_dot_v1_dot_worker__pb2.ListMigrationsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'tokenyard.v1.Worker', rpc_method_handlers)
@@ -148,29 +310,71 @@ def add_WorkerServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Worker:
     """---------------------------------------------------------------------------------
-    Reserved for live migration (Llumnix-style multi-stage KV pre-copy). Designed in
-    the migration issue; the names and numbers below are kept free for it, and nothing
-    else may use them:
+    Live migration (Llumnix-style multi-stage KV pre-copy); docs/migration.md has the
+    same state machine with diagrams and the failure table.
 
-    RPCs on Worker (not declared yet):
-    rpc MigrateOut(MigrateOutRequest) returns (stream MigrationProgress);
-    source side: copy a running request's KV blocks to a destination in stages
-    while it keeps decoding, then stop it briefly and copy the last blocks.
-    rpc MigrateIn(stream MigrateInChunk) returns (MigrateInResult);
-    destination side: reserve KV blocks, receive them, resume the request.
-    rpc AbortMigration(AbortMigrationRequest) returns (AbortMigrationResult);
-    either side: give up, free reserved blocks, the request stays where it was.
-    rpc ListMigrations(ListMigrationsRequest) returns (ListMigrationsResponse);
+    Roles: the CONTROLLER (the router's migration loop) asks the SOURCE instance to move
+    one running request to the DESTINATION instance. The source drives the copy; the
+    destination only answers it; the controller observes and may abort.
 
-    Message names: MigrateOutRequest, MigrationProgress, MigrateInChunk,
-    MigrateInResult, AbortMigrationRequest, AbortMigrationResult,
-    ListMigrationsRequest, ListMigrationsResponse, MigrationInfo.
+    controller --MigrateOut--> source --MigrateIn (bidi stream)--> destination
 
-    Field numbers 20 to 29 of EngineDescription (migration capabilities: KV transfer
-    backends, max concurrent migrations) and of LoadSnapshot (migrations in and out in
-    flight, KV blocks reserved for incoming migrations). They are declared `reserved`
-    below so that nothing else takes them; the migration issue drops the `reserved`
-    line when it declares its fields (a compatible change on the wire).
+    The source's MigrateIn stream to the destination carries, in order:
+    1. Begin      the request's identity and geometry. The destination RESERVES the KV
+    blocks the request holds plus headroom (answers RESERVED), or refuses
+    (ABORTED, DESTINATION_OUT_OF_MEMORY / DESTINATION_DRAINING / ...).
+    2. Blocks     stage k of the pre-copy: the blocks that filled up since stage k-1
+    (stage 1: all full blocks), as bytes with their block ids. The source
+    keeps decoding meanwhile. The destination stores and acknowledges each
+    stage (STAGE_ACKED). Stages repeat while more than
+    `stop_copy_max_blocks` blocks are new since the last stage, at most
+    `max_stages` times.
+    3. Blocks     the stop-and-copy stage (final = true): the source SUSPENDS the
+    request (it stops decoding it but keeps its blocks), sends the blocks
+    not copied yet (the partial last block included) ...
+    4. Commit     ... and the exact number of tokens generated so far. The destination
+    checks it holds every block, makes the request RUNNING from exactly that
+    token, and answers COMMITTED. Only then does the source RELEASE its copy
+    and end the client's stream there with a `tokenyard.migrated` event
+    naming the destination (the router splices the stream, router/splice.py).
+
+    Downtime is step 3 + 4 only: the blocks of the last stage (a few, whatever the context
+    length) and one round trip.
+
+    Source states:     PREPARING -> PRE_COPY (stage 1..n) -> STOP_AND_COPY -> COMMITTED
+    any state before COMMITTED -> ABORTED
+    Destination states: RESERVED -> RECEIVING -> COMMITTED (request running here)
+    any state before COMMITTED -> ABORTED (reservation and bytes freed)
+
+    Failures (every one ends in exactly one running copy of the request, no token lost):
+    - the request finishes, is aborted by its client, or is preempted at the source
+    during pre-copy: the source ends MigrateIn with Abort; ABORTED with REQUEST_FINISHED
+    / REQUEST_GONE / REQUEST_PREEMPTED. The request is unaffected at the source.
+    - destination out of KV blocks (at Begin, or later): it answers ABORTED with
+    DESTINATION_OUT_OF_MEMORY and frees its reservation; the source resumes (if it
+    had suspended the request) and keeps decoding from the token it stopped at.
+    - destination dies, or an acknowledgement does not come within `stage_timeout_ms`:
+    the source cancels MigrateIn (the destination, if alive, frees everything on the
+    cancellation) and resumes the request: ABORTED with DESTINATION_UNREACHABLE /
+    TIMEOUT. The source never releases before it has read COMMITTED.
+    - source dies: the destination sees MigrateIn break before Commit and frees
+    everything. The client's stream breaks; the router re-submits the request as a
+    continuation elsewhere (mid-stream failover, router/splice.py).
+    - lost COMMITTED answer (destination committed, source timed out): the source
+    resumes and keeps streaming; the destination's copy is an ORPHAN that no client
+    attaches to, and it is aborted after `attach_timeout_ms`. Two copies may decode
+    for that long, but only the source's reaches the client.
+    - the whole migration exceeds `deadline_ms`: as a timeout (ABORTED, TIMEOUT).
+    - router restarts: a migration does not depend on the MigrateOut stream staying
+    open (cancelling it does not abort; AbortMigration does); the new router finds
+    migrations in flight with ListMigrations. The clients' streams died with the old
+    router, so their requests are aborted by the engines (REQUEST_GONE).
+    - abort from either side: AbortMigration on the source or on the destination
+    before COMMITTED aborts the migration on both (the other side learns through the
+    MigrateIn stream); after COMMITTED it changes nothing (answers the final state).
+
+    At most `max_concurrent_migrations` (EngineDescription) migrations per instance, in
+    or out, and one per request at a time; more are refused with RESOURCE_EXHAUSTED.
     ---------------------------------------------------------------------------------
 
     Served by every engine instance.
@@ -220,6 +424,114 @@ class Worker:
             '/tokenyard.v1.Worker/Status',
             tokenyard_dot_v1_dot_worker__pb2.StatusRequest.SerializeToString,
             tokenyard_dot_v1_dot_worker__pb2.LoadSnapshot.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MigrateOut(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tokenyard.v1.Worker/MigrateOut',
+            tokenyard_dot_v1_dot_worker__pb2.MigrateOutRequest.SerializeToString,
+            tokenyard_dot_v1_dot_worker__pb2.MigrationProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MigrateIn(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tokenyard.v1.Worker/MigrateIn',
+            tokenyard_dot_v1_dot_worker__pb2.MigrateInChunk.SerializeToString,
+            tokenyard_dot_v1_dot_worker__pb2.MigrateInResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenyard.v1.Worker/AbortMigration',
+            tokenyard_dot_v1_dot_worker__pb2.AbortMigrationRequest.SerializeToString,
+            tokenyard_dot_v1_dot_worker__pb2.AbortMigrationResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMigrations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenyard.v1.Worker/ListMigrations',
+            tokenyard_dot_v1_dot_worker__pb2.ListMigrationsRequest.SerializeToString,
+            tokenyard_dot_v1_dot_worker__pb2.ListMigrationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,283 @@
+"""Live migration, measured two ways (docs/benchmarks.md, "Live migration").
+
+    python bench/migration.py live   # emulated engines on loopback: downtime and total
+                                     # migration time at context 1k/4k/16k/32k
+    python bench/migration.py sim    # the simulator on the Azure conversation trace at
+                                     # high load: round-robin vs least-load vs least-load
+                                     # with migration (p50/p99 TTFT and TPOT, preemptions),
+                                     # and dispatch on virtual usage with and without it
+
+live: two emulated engines with their Worker gRPC services on
+127.0.0.1; a streamed completion with a prompt of N tokens decodes on the source; after a
+few tokens MigrateOut moves it; the client reads the source's stream up to the
+`tokenyard.migrated` event and then the destination's stream (router/splice.py does
+exactly this). Downtime is what the client sees: the time between the last token it read
+from the source and the first from the destination (one decode step of the engine is
+part of it: `itl_p50_ms` is the normal gap). The model is qwen2.5-7b (32k context) on
+A100-80GB at time scale 1; KV bytes per token on the wire are its 56 KiB divided by
+`--kv-scale` (default 8: 7 KiB per token, 224 MiB at 32k tokens), since a Python gRPC
+copy on loopback is not a GPU link; the stop-and-copy
+moves only the blocks the last stage left, so downtime does not grow with the context
+whatever the scale. Each context is run `--repeat` times; medians are reported.
+
+sim: `--instances` L4 instances of llama-3-8b (small KV: memory pressure is what
+migration relieves), the first `--requests` requests of the Azure conversation trace
+with arrivals sped up `--rate-scale` times. Migration: scheduler.migration's llumnix
+policy every 0.2 s, KV copied over a `--link-gbps` link.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+AZURE_CONV = REPO.parent / "shared" / "data" / "traces" / "azure_llm_2023" / "AzureLLMInferenceTrace_conv.csv"
+
+
+# ----------------------------------------------------------------- simulator
+def sim_cluster(instances: int, picker: str, scorers: list[str]) -> Any:
+    from sim.cluster import parse_cluster
+
+    doc = {
+        "default_model": "llama-3-8b",
+        "pools": [{"name": "l4", "gpu": "L4", "model": "llama-3-8b", "count": instances,
+                   "engine": {"max_num_seqs": 128, "max_num_batched_tokens": 4096}}],
+        "dispatch": {"filters": ["model"], "scorers": scorers, "picker": picker},
+        "slo_classes": {"default": {"ttft_ms": 3000, "tpot_ms": 200, "priority": 0}},
+    }
+    return parse_cluster(doc, "bench/migration.py")
+
+
+def run_sim(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from scheduler.migration import build_migration_policy
+    from sim.migration import MigrationSimConfig
+    from sim.report import summarize
+    from sim.simulator import Simulation
+    from sim.traces import read_trace
+
+    scorers = [args.scorer]
+    variants = [
+        ("round-robin", "round_robin", ["least_outstanding"], None),
+        ("least-load", "max_score", scorers, None),
+        ("least-load + migration", "max_score", scorers,
+         {"policy": "llumnix", "overload_usage": args.overload, "underload_usage": args.underload}),
+    ]
+    mig = variants[-1][3]
+    variants += [
+        ("virtual-usage dispatch", "max_score", ["least_virtual_usage"], None),
+        ("virtual-usage dispatch + migration", "max_score", ["least_virtual_usage"], mig),
+    ]
+    rows = []
+    for label, picker, scorers, migration in variants:
+        cluster = sim_cluster(args.instances, picker, scorers)
+        trace = read_trace(args.trace, rate_scale=args.rate_scale, limit=args.requests)
+        config = None
+        if migration is not None:
+            config = MigrationSimConfig(policy=build_migration_policy(migration), link_gbps=args.link_gbps,
+                                        queued_demand=args.queued_demand)
+        bar = tqdm(total=args.requests, desc=label, unit="req", leave=False)
+
+        def progress(now_s: float, finished: int, total: int, bar: Any = bar) -> None:
+            bar.n = finished
+            bar.refresh()
+
+        sim = Simulation(cluster, progress=progress, total_requests=args.requests, migration=config,
+                         fast_forward=True)
+        started = time.perf_counter()
+        result = sim.run(trace)
+        bar.close()
+        summary = summarize(result, cluster.slo_classes)
+        done = [r for r in result.records if r.first_token_s is not None and r.finish_s is not None]
+        ttft = sorted(r.first_token_s - r.arrival_s for r in done)  # type: ignore[operator]
+        tpot = sorted((r.finish_s - r.first_token_s) / (r.output_tokens - 1)  # type: ignore[operator]
+                      for r in done if r.output_tokens > 1)
+
+        def pct(values: list[float], q: float) -> float:
+            return values[min(len(values) - 1, int(q * len(values)))] * 1000 if values else float("nan")
+
+        row = {
+            "policy": label, "completed": summary["completed"],
+            "ttft_p50_ms": pct(ttft, 0.5), "ttft_p99_ms": pct(ttft, 0.99),
+            "tpot_p50_ms": pct(tpot, 0.5), "tpot_p99_ms": pct(tpot, 0.99),
+            "preemptions": sum(i.preemptions for i in result.instances),
+            "wall_s": round(time.perf_counter() - started, 1),
+        }
+        if sim.migration is not None:
+            row["migrations"] = sim.migration.stats.summary()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    base_rr, base_ll, mig = rows[:3]
+    print(f"p99 TTFT: round-robin / migration = {base_rr['ttft_p99_ms'] / mig['ttft_p99_ms']:.2f}x; "
+          f"least-load / migration = {base_ll['ttft_p99_ms'] / mig['ttft_p99_ms']:.2f}x")
+    print(f"p50 TTFT: round-robin / migration = {base_rr['ttft_p50_ms'] / mig['ttft_p50_ms']:.2f}x")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    sim = sub.add_parser("sim", help="simulated fleet: policies with and without migration")
+    sim.add_argument("--trace", default=str(AZURE_CONV))
+    sim.add_argument("--instances", type=int, default=8)
+    sim.add_argument("--requests", type=int, default=3000)
+    sim.add_argument("--rate-scale", type=float, default=1.4)
+    sim.add_argument("--link-gbps", type=float, default=100.0)
+    sim.add_argument("--scorer", default="least_kv", help="the least-load scorer (least_kv or least_outstanding)")
+    sim.add_argument("--queued-demand", choices=("head", "all"), default="all")
+    sim.add_argument("--overload", type=float, default=1.0)
+    sim.add_argument("--underload", type=float, default=0.8)
+    live = sub.add_parser("live", help="emulated engines on loopback: downtime and migration time")
+    live.add_argument("--contexts", default="1024,4096,16384,32768")
+    live.add_argument("--repeat", type=int, default=5)
+    live.add_argument("--kv-scale", type=int, default=8)
+    live.add_argument("--plot", default=str(REPO / "docs" / "img" / "migration_downtime.png"))
+    args = parser.parse_args(argv)
+    if args.what == "sim":
+        return run_sim(args)
+    return asyncio.run(run_live(args))
+
+
+LIVE_MODEL = "qwen2.5-7b"  # 32k context; 56 KiB of KV per token
+LIVE_OUTPUT_TOKENS = 600
+
+
+async def _read_sse(response: Any, sink: list[tuple[float, str, str]]) -> None:
+    """Append (arrival time, event name, data) for each SSE event of `response`."""
+    buffer = ""
+    async for text in response.aiter_text():
+        buffer += text
+        while "\n\n" in buffer:
+            raw, buffer = buffer.split("\n\n", 1)
+            name, data = "message", ""
+            for line in raw.splitlines():
+                if line.startswith("event: "):
+                    name = line[7:]
+                elif line.startswith("data: "):
+                    data = line[6:]
+            sink.append((time.perf_counter(), name, data))
+
+
+async def live_once(context_tokens: int, kv_scale: int) -> dict[str, Any]:
+    import grpc
+    import httpx
+
+    from sim.emulated_engine import EmulatedEngine, EmulatedEngineConfig
+    from sim.engine_core import EngineConfig
+    from sim.engine_http import ATTACH_HEADER, EngineServer
+    from tokenyard.v1 import worker_pb2, worker_pb2_grpc
+
+    def engine(name: str) -> EmulatedEngine:
+        return EmulatedEngine(EmulatedEngineConfig(
+            model=LIVE_MODEL, gpu="A100-80GB", instance_id=name, time_scale=1.0,
+            kv_wire_bytes_per_token=57344 // kv_scale, engine=EngineConfig()))
+
+    src, dst = EngineServer(engine("src"), "127.0.0.1", 0, grpc_port=0), EngineServer(engine("dst"), "127.0.0.1", 0,
+                                                                                          grpc_port=0)
+    await src.start()
+    await dst.start()
+    prompt_tokens = min(context_tokens, 32768 - LIVE_OUTPUT_TOKENS)
+    body = {"model": LIVE_MODEL, "prompt": list(range(1, prompt_tokens + 1)), "max_tokens": LIVE_OUTPUT_TOKENS,
+            "ignore_eos": True, "stream": True}
+    events: list[tuple[float, str, str]] = []
+    try:
+        async with httpx.AsyncClient(timeout=120) as client:
+            async with client.stream("POST", src.base_url + "/v1/completions", json=body,
+                                     headers={"x-request-id": "bench"}) as response:
+                reader = asyncio.ensure_future(_read_sse(response, events))
+                while sum(1 for e in events if e[1] == "message") < 8:
+                    await asyncio.sleep(0.002)
+                started = time.perf_counter()
+                async with grpc.aio.insecure_channel(src.grpc_address or "") as channel:
+                    call = worker_pb2_grpc.WorkerStub(channel).MigrateOut(worker_pb2.MigrateOutRequest(
+                        migration_id="bench", request_id="bench", destination_instance_id="dst",
+                        destination_address=dst.grpc_address or "", stage_timeout_ms=60000), timeout=120)
+                    progress = [p async for p in call]
+                total_s = time.perf_counter() - started
+                await reader
+            final = progress[-1]
+            if final.state != worker_pb2.COMMITTED:
+                raise RuntimeError(f"migration did not commit: {final}")
+            source_tokens = [e for e in events if e[1] == "message"]
+            moved = json.loads(events[-1][2])
+            headers = {ATTACH_HEADER.decode(): moved["destination_request_id"]}
+            after: list[tuple[float, str, str]] = []
+            async with client.stream("POST", dst.base_url + "/v1/completions", json=body, headers=headers) as resp:
+                await _read_sse(resp, after)
+    finally:
+        await src.stop()
+        await dst.stop()
+    tokens_after = [e for e in after if e[1] == "message" and e[2] != "[DONE]"]
+    gaps = [b[0] - a[0] for a, b in zip(source_tokens, source_tokens[1:], strict=False)]
+    downtime_s = tokens_after[0][0] - source_tokens[-1][0]
+    assert len(source_tokens) + len(tokens_after) == LIVE_OUTPUT_TOKENS, "a token went missing"
+    return {
+        "context_tokens": prompt_tokens, "downtime_ms": downtime_s * 1000,
+        "itl_p50_ms": statistics.median(gaps) * 1000, "suspended_ms": final.suspended_us / 1000,
+        "total_ms": total_s * 1000, "stages": final.stage, "mib_copied": final.bytes_copied / 2**20,
+        "tokens_before": len(source_tokens),
+    }
+
+
+def plot_live(rows: list[dict[str, float]], path: Path) -> None:
+    """Downtime (what the client sees) against the whole copy (what a blocking copy costs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    contexts = [r["context_tokens"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(contexts, [r["total_ms"] for r in rows], "o-", label="whole copy (= a blocking copy's downtime)")
+    ax.plot(contexts, [r["downtime_ms"] for r in rows], "o-", label="downtime the client sees (median)")
+    ax.plot(contexts, [r["downtime_max_ms"] for r in rows], "x:", label="downtime, worst run")
+    ax.plot(contexts, [r["itl_p50_ms"] for r in rows], "--", color="grey", label="normal token gap")
+    ax.axhline(50, color="red", linewidth=0.8, label="target: 50 ms")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel("ms")
+    ax.set_title("Live migration on loopback (qwen2.5-7b, 7 KiB of KV per token)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+async def run_live(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    contexts = [int(c) for c in args.contexts.split(",")]
+    rows = []
+    with tqdm(total=len(contexts) * args.repeat, desc="migrations", unit="run") as bar:
+        for context in contexts:
+            runs = []
+            for _ in range(args.repeat):
+                runs.append(await live_once(context, args.kv_scale))
+                bar.update()
+            row = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+            row["downtime_max_ms"] = max(r["downtime_ms"] for r in runs)
+            rows.append(row)
+            tqdm.write(json.dumps({k: round(v, 2) for k, v in row.items()}))
+    plot_live(rows, Path(args.plot))
+    first, last = rows[0], rows[-1]
+    print(f"downtime {last['context_tokens']:.0f} / {first['context_tokens']:.0f} tokens: "
+          f"{last['downtime_ms'] / first['downtime_ms']:.2f}x; total migration time: "
+          f"{last['total_ms'] / first['total_ms']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

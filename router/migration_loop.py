@@ -1,0 +1,166 @@
+"""The router's migration control loop: the scheduler's migration policy, run live.
+
+Every `interval_s` it reads the load views the router already keeps (the registry's
+`InstanceState`s, fed by /metrics scrapes or Worker Status streams), turns each instance
+into a `scheduler.migration.MigrationLoad`, asks the policy for pairs, fetches the running
+requests of each chosen source (`ListMigrations` with candidates), lets the policy choose
+one, and orders the move with `MigrateOut` on the source (router/worker_client.py). The
+source drives the copy (proto/tokenyard/v1/worker.proto); the client's stream follows the
+move in router/splice.py. An instance takes part in at most one move at a time (the
+policy sees it as `migrating`), and the loop never waits on a move: each runs in its own
+task, bounded by the MigrateOut deadline.
+
+Draining before scale-down: an instance marked draining (Admin DrainInstance, or the
+engine's own flag) has infinite virtual usage, so its running requests are moved to the
+least loaded instances of its model, one at a time, until it is empty.
+
+Instances without a Worker gRPC address cannot be moved from or to (a plain vLLM without
+the sidecar of docs/migration.md) and are left out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from router.worker_client import MigrationClient
+from scheduler.migration import MigrationCandidate, MigrationLoad, MigrationOrder, MigrationPolicy
+from scheduler.types import InstanceState
+from tokenyard.v1 import worker_pb2
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class LoopStats:
+    ticks: int = 0
+    ordered: int = 0
+    committed: int = 0
+    aborted: int = 0
+    errors: int = 0
+    last_orders: list[MigrationOrder] = field(default_factory=list)
+
+
+def load_of(state: InstanceState, *, draining: bool, migrating: bool) -> MigrationLoad:
+    """An instance's migration load from what the router knows of it. The head-of-line
+    demand is estimated as one average running request's blocks when requests wait (the
+    Worker status has no per-request queue)."""
+    bs = max(1, state.block_size_tokens)
+    head = 0
+    if state.waiting > 0:
+        per_request = state.tokens_in_flight / max(1, state.running) if state.running else bs
+        head = -(-int(per_request) // bs)
+    return MigrationLoad(
+        instance_id=state.instance_id, model=state.model, kv_blocks_total=state.kv_blocks_total,
+        kv_blocks_used=state.kv_blocks_used, head_of_line_blocks=head, waiting=state.waiting,
+        running=state.running, draining=draining or state.draining, migrating=migrating)
+
+
+class MigrationLoop:
+    """Runs a migration policy over a router's registry (see the module docstring)."""
+
+    def __init__(self, registry: Any, policy: MigrationPolicy, *, interval_s: float = 0.5,
+                 client: MigrationClient | None = None, max_candidates: int = 16) -> None:
+        if not interval_s > 0:
+            raise ValueError(f"migration interval_s: expected a positive number, got {interval_s}")
+        self.registry = registry
+        self.policy = policy
+        self.interval_s = interval_s
+        self.client = client or MigrationClient()
+        self.max_candidates = max_candidates
+        self.busy: set[str] = set()
+        self.stats = LoopStats()
+        self._moves: set[asyncio.Task[None]] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="migration-loop")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.wait_moves()
+        await self.client.close()
+
+    async def wait_moves(self) -> None:
+        """Wait for the moves ordered so far to end."""
+        while self._moves:
+            await asyncio.gather(*list(self._moves), return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception:  # one bad tick must not stop the loop
+                self.stats.errors += 1
+                log.exception("migration tick failed")
+            await asyncio.sleep(self.interval_s)
+
+    async def tick(self) -> list[MigrationOrder]:
+        """One round: decide and order the moves (not waiting for them); the orders."""
+        self.stats.ticks += 1
+        records = {r.instance_id: r for r in self.registry.records() if r.grpc_address}
+        loads = [load_of(state, draining=records[state.instance_id].draining,
+                         migrating=state.instance_id in self.busy)
+                 for state in self.registry.instances() if state.instance_id in records and state.healthy]
+        by_id = {load.instance_id: load for load in loads}
+        orders: list[MigrationOrder] = []
+        for pair in self.policy.pairs(loads):
+            source = records[pair.source_id]
+            try:
+                found = await self.client.candidates(source.grpc_address, self.max_candidates)
+            except grpc.aio.AioRpcError as exc:
+                log.info("no migration candidates", extra={"instance": pair.source_id, "error": exc.code().name})
+                continue
+            candidates = [MigrationCandidate(c.request_id, c.context_tokens, c.priority, c.tokens_generated)
+                          for c in found]
+            state = by_id[pair.source_id]
+            block_size = next((s.block_size_tokens for s in self.registry.instances()
+                               if s.instance_id == pair.source_id), 16)
+            chosen = self.policy.choose(state, by_id[pair.destination_id], candidates, block_size)
+            if chosen is None:
+                continue
+            order = MigrationOrder(chosen.request_id, pair.source_id, pair.destination_id, pair.reason,
+                                   chosen.context_tokens)
+            orders.append(order)
+            self._order(order, source.grpc_address, records[pair.destination_id].grpc_address)
+        self.stats.last_orders = orders
+        return orders
+
+    def _order(self, order: MigrationOrder, source_address: str, destination_address: str) -> None:
+        self.busy.update((order.source_id, order.destination_id))
+        self.stats.ordered += 1
+        request = worker_pb2.MigrateOutRequest(
+            migration_id=uuid.uuid4().hex, request_id=order.request_id,
+            destination_instance_id=order.destination_id, destination_address=destination_address)
+        task = asyncio.create_task(self._move(order, source_address, request))
+        self._moves.add(task)
+        task.add_done_callback(self._moves.discard)
+
+    async def _move(self, order: MigrationOrder, source_address: str, request: worker_pb2.MigrateOutRequest) -> None:
+        try:
+            final = await self.client.migrate(source_address, request)
+            if final.state == worker_pb2.COMMITTED:
+                self.stats.committed += 1
+            else:
+                self.stats.aborted += 1
+            log.info("migration ended", extra={
+                "request_id": order.request_id, "from": order.source_id, "to": order.destination_id,
+                "reason": order.reason, "state": worker_pb2.MigrationState.Name(final.state),
+                "error": worker_pb2.MigrationError.Name(final.error)})
+        except grpc.aio.AioRpcError as exc:
+            self.stats.aborted += 1
+            log.info("migration refused", extra={"request_id": order.request_id, "error": exc.code().name})
+        finally:
+            self.busy.discard(order.source_id)
+            self.busy.discard(order.destination_id)
