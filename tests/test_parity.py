@@ -175,7 +175,7 @@ async def _run_parity(doc: dict[str, Any], counts: list[int], instance_loads: li
         await store.close()
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(doc=documents(), counts=st.tuples(st.integers(1, 4), st.integers(0, 4), st.integers(0, 2)).map(list),
        instance_loads=st.lists(loads, min_size=1, max_size=6), sequence=requests)
 def test_router_and_simulator_decide_alike(doc: dict[str, Any], counts: list[int],
