@@ -159,20 +159,32 @@ class RouterAdmission:
         if not len(queue):
             return
         now_s = time.monotonic()
-        registry = self.dispatcher.registry
 
         def can_release(item: QueuedRequest) -> bool:
             return not self._saturated(item.request)
 
         while (item := queue.release(now_s, can_release)) is not None:
-            reserved: str | None = None
-            with contextlib.suppress(Exception):  # nothing to serve it: its own decide answers 503
-                info = item.request
-                policy = self.dispatcher.policies[self.layer.profile_name(info)]
-                reserved = self.dispatcher.decide_local(info, policy).instance_id
-                registry.inflight_started(reserved)
+            reserved = self._reserve(item.request)
             self._wake(item, Verdict.ADMIT, reserved)
             self._gauge(item.request.slo_class)
+
+    def _reserve(self, info: RequestInfo) -> str | None:
+        """Count a released request in flight on its model's least-loaded unsaturated
+        instance until its own dispatch counts it. No policy part runs here: the request's
+        one decision comes after, so RNG-driven parts (window, random pickers) draw exactly
+        as in the simulator, which releases and decides in one step."""
+        slo = self.layer.slo_classes.get(info.slo_class)
+        detector = self.layer.detector
+        best = None
+        for state in self.dispatcher.candidates(info.model):
+            if not state.healthy or state.draining or detector.instance_saturated(state, info, slo):
+                continue
+            if best is None or (state.outstanding, state.instance_id) < (best.outstanding, best.instance_id):
+                best = state
+        if best is None:
+            return None  # nothing free after all: its own decision answers for it
+        self.dispatcher.registry.inflight_started(best.instance_id)
+        return best.instance_id
 
     def unreserve(self, instance_id: str | None) -> None:
         if instance_id is not None:

@@ -76,6 +76,11 @@ class SloClass:
     queue_timeout_ms: float | None = None  # longest wait in the router's admission queue
     stall_timeout_ms: float | None = None  # longest gap between tokens before a stream is cut
 
+    @property
+    def stall_timeout_s(self) -> float | None:
+        """`stall_timeout_ms` in seconds (what the router's stream relay reads)."""
+        return None if self.stall_timeout_ms is None else self.stall_timeout_ms / 1000.0
+
 
 class RankedScores(Sequence[tuple[str, float]]):
     """(instance id, score) pairs in decision order, built only when first read.

@@ -9,6 +9,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from scheduler.admission import AdmissionQueue, SaturationDetector, Verdict
 from scheduler.policy_document import AdmissionSpec, SaturationSpec
@@ -199,3 +201,20 @@ async def test_router_queue_timeout_and_cancelled_client_leaves_at_once() -> Non
                 assert router.admission is not None and len(router.admission.queue) == 0
                 assert (await busy).status_code == 200
             assert (await engine.stats())["requests_total"] == 1  # neither queued request was forwarded
+
+
+@settings(max_examples=150, deadline=None)
+@given(loads=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 20), st.integers(0, 60), st.integers(0, 100),
+                                st.sampled_from([0, 100]), st.booleans(), st.booleans()), max_size=8),
+       queued=st.sampled_from([None, 0, 1, 4, 8]), outstanding=st.sampled_from([None, 1, 8, 32]),
+       kv=st.sampled_from([None, 0.5, 0.95, 1.0]), slo_class=st.sampled_from(["interactive", "batch"]))
+def test_inlined_saturation_check_matches_its_definition(loads: list[tuple[int, int, int, int, int, bool, bool]],
+                                                         queued: int | None, outstanding: int | None,
+                                                         kv: float | None, slo_class: str) -> None:
+    group = [InstanceState(f"i{k}", "m", running=r, waiting=w, router_inflight=f, kv_blocks_used=min(u, t),
+                           kv_blocks_total=t, healthy=h, draining=d)
+             for k, (r, w, f, u, t, h, d) in enumerate(loads)]
+    spec = SaturationSpec(max_queued_per_instance=queued, max_outstanding_per_instance=outstanding, max_kv_usage=kv)
+    detector = SaturationDetector(spec, by_slo_class={"batch": SaturationSpec(max_queued_per_instance=2)})
+    request = RequestInfo("r", "m", 100, slo_class=slo_class)
+    assert detector.saturated(group, request, None) == detector._saturated_by_method(group, request, None)

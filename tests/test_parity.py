@@ -175,7 +175,7 @@ async def _run_parity(doc: dict[str, Any], counts: list[int], instance_loads: li
         await store.close()
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(doc=documents(), counts=st.tuples(st.integers(1, 4), st.integers(0, 4), st.integers(0, 2)).map(list),
        instance_loads=st.lists(loads, min_size=1, max_size=6), sequence=requests)
 def test_router_and_simulator_decide_alike(doc: dict[str, Any], counts: list[int],
@@ -196,3 +196,34 @@ def test_session_affinity_is_keyed_per_tenant() -> None:
     other = sim.decide(RequestInfo("b", "llama-3-8b", 10, tenant="bob", session_id="shared"), 1.0).instance_id
     again = sim.decide(RequestInfo("a2", "llama-3-8b", 10, tenant="alice", session_id="shared"), 2.0).instance_id
     assert other != first and again == first
+
+
+def test_router_release_draws_nothing_from_the_policies() -> None:
+    """Releasing held requests reserves capacity without running a policy part, so the
+    released request's one decision draws from the RNG as the simulator's does."""
+    asyncio.run(_release_draws_nothing())
+
+
+async def _release_draws_nothing() -> None:
+    doc = {"profiles": {"default": {"scorers": [], "picker": "random"}}, "window": {"max_candidates": 2},
+           "admission": {"enabled": True, "saturation": {"max_queued_per_instance": None,
+                                                         "max_outstanding_per_instance": 1}}}
+    registry = InstanceRegistry()
+    dispatcher = Dispatcher(parse_router_config({"policy": doc}, "parity.yaml"), registry, None, seed=3)
+    admission = RouterAdmission(dispatcher, RouterMetrics(), dispatcher.layer.new_admission_queue())
+    for k in range(4):
+        registry.upsert(InstanceRecord(f"i{k}", f"http://127.0.0.1:{9000 + k}", "llama-3-8b"))
+        registry.inflight_started(f"i{k}")  # every instance saturated
+    waiters = {}
+    for n in range(3):
+        held, offer = admission.offer(RequestInfo(f"r{n}", "llama-3-8b", 10), float(n))
+        assert offer.verdict.value == "queue"
+        waiters[held.request_id] = admission._waiters[held.request_id] = asyncio.get_running_loop().create_future()
+    registry.inflight_finished("i2")  # one slot frees
+    before = [p.rng.getstate() for p in dispatcher.policies.values()]
+    admission.release()
+    assert [p.rng.getstate() for p in dispatcher.policies.values()] == before
+    released = [(rid, f.result()) for rid, f in waiters.items() if f.done()]
+    assert [(rid.split("#")[0], verdict.value, reserved) for rid, (verdict, reserved) in released] == \
+        [("r0", "admit", "i2")]  # exactly one, into the free slot, reserved there
+    assert len(admission.queue) == 2 and registry.get("i2")[1].router_inflight == 1

@@ -364,3 +364,16 @@ async def test_router_explains_a_decision_when_asked() -> None:
                                             abs=1e-5)
     assert {c["id"] for c in explanation["candidates"]} == {"e0", "e1"}
     assert 'tokenyard_router_plugin_seconds_count{kind="scorer",name="least_kv"}' in metrics
+
+
+def test_the_documented_policy_documents_are_valid() -> None:
+    import re
+
+    import yaml
+
+    text = (REPO / "docs" / "policy.md").read_text()
+    complete = yaml.safe_load(re.findall(r"```yaml\n(.*?)```", text, re.S)[0])
+    doc = load_policy_document(complete)
+    assert doc.admission.enabled and doc.selection.by_tenant == {"acme": "sessions"}
+    plugin_doc = (REPO / "docs" / "plugins.md").read_text()
+    assert "tokenyard.policies" in plugin_doc and "examples/plugin" in plugin_doc
