@@ -22,6 +22,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "router.cli",  # tokenyard router
     "tokenyard.up",  # tokenyard up
     "learn.cli",  # tokenyard train rank|tier
+    "learn.rank_cli",  # tokenyard rank score
 )
 
 
