@@ -170,3 +170,8 @@ class SloPrioritySort(QueueSort):
     def key(self, item: QueuedRequest, now_s: float) -> tuple[float, ...]:
         prio = self.unknown_priority if item.slo_class is None else item.slo_class.priority
         return (float(prio), float(item.seq))
+
+
+# Queue orders in other modules register on import; imported last, so that what they take
+# from this module exists (shortest-predicted-first with a starvation guard, input length).
+from scheduler import rank_queue as _rank_queue  # noqa: E402,F401
