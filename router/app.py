@@ -230,6 +230,7 @@ class Router:
                                 timeout_s=config.scrape_timeout_s)
         self.discoveries: list[Any] = []
         self.control_server: Any = None
+        self.ranker = _build_ranker(config)  # router.rank: predicted_rank, rank priority, rank log
         self._ids = itertools.count(1)
         self._id_prefix = f"ty-{os.getpid():x}-{int(time.time()) & 0xffffff:x}-"
         self._background: set[asyncio.Task[Any]] = set()
@@ -325,6 +326,8 @@ class Router:
                 await discovery.stop()
         await self.health.stop()
         await self.load.stop()
+        if self.ranker is not None:
+            self.ranker.close()
         for task in list(self._background):
             task.cancel()
         for task in list(self._background):
@@ -495,10 +498,15 @@ class Router:
         slo = self.dispatcher.slo_class(tenant)
         policy = self.dispatcher.policies[self.dispatcher.policy_name(tenant)]
         info = self.dispatcher.request_info(body, chat, tenant, request_id, session_id)
+        if self.ranker is not None:
+            info = await self.ranker.annotate(info, body)
         if self.config.forward_priority:
             # The operator's policy decides queue order: a client cannot jump the queue by
             # sending its own `priority`.
             body["priority"] = slo.priority if tenant.priority is None else tenant.priority
+            rank_priority = self.ranker.priority(info, slo, info.arrival_s) if self.ranker is not None else None
+            if rank_priority is not None and tenant.priority is None:
+                body["priority"] = rank_priority
         upstream_body = orjson.dumps(body)
         if "priority" in body and body["priority"] != 0:
             plain = {k: v for k, v in body.items() if k != "priority"}
@@ -632,6 +640,8 @@ class Router:
                 rid_header[0], instance_header]})
             await send({"type": "http.response.body", "body": body})
             self.metrics.request_done(tenant.name, info.model, response.status)
+            if self.ranker is not None:
+                self.ranker.finished(info, body if response.status == 200 else None)
             return None
         await self._relay(send, receive, response, first, instance_id, [rid_header[0], instance_header])
         self.metrics.request_done(tenant.name, info.model, 200)
@@ -683,6 +693,15 @@ class Router:
             if message["type"] == "http.disconnect":
                 response.abort()  # closing the engine connection makes the engine cancel it
                 return
+
+
+def _build_ranker(config: RouterConfig) -> Any:
+    """The output-length ranker when the config has a `rank` section (router.rank)."""
+    if config.rank is None:
+        return None
+    from router.rank import RequestRanker
+
+    return RequestRanker(config.rank)
 
 
 class _OwnedSignalsServer(uvicorn.Server):

@@ -38,7 +38,7 @@ from tokenyard.config import ConfigError, check_keys, get, load_yaml, parse_slo_
 
 DEFAULT_POLICY: dict[str, Any] = {"filters": ["model", "healthy", "not_draining"], "scorers": ["least_outstanding"]}
 TOP_KEYS = ("listen", "store", "control", "limits", "slo_classes", "tenants", "anonymous", "policies",
-            "dispatch", "retries", "deadlines_ms", "health", "load", "discovery")
+            "dispatch", "retries", "deadlines_ms", "health", "load", "discovery", "rank")
 
 
 @dataclass(slots=True)
@@ -87,6 +87,7 @@ class RouterConfig:
     scrape_interval_s: float = 0.25
     scrape_timeout_s: float = 1.0
     discovery: dict[str, Any] = field(default_factory=dict)
+    rank: Any = None  # router.rank.RankSettings: the output-length ranker; None = off
 
     def deadline_s(self, slo_class: str, stream: bool = True, max_output_tokens: int | None = None) -> float:
         """How long a request of this class may wait for its first byte.
@@ -254,6 +255,10 @@ def parse_router_config(doc: dict[str, Any], source: str = "<config>") -> Router
         from router.discovery import build_discovery
 
         build_discovery(cfg.discovery, at("discovery"))  # validates now; started by the router
+    if doc.get("rank") is not None:
+        from router.rank import parse_rank_section
+
+        cfg.rank = parse_rank_section(doc["rank"], at("rank"))
     return cfg
 
 

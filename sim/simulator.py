@@ -110,6 +110,7 @@ class Simulation:
         timeline_interval_s: float = 10.0,
         fast_forward: bool = True,
         total_requests: int = 0,
+        ranker: Callable[[TraceRequest], float | None] | None = None,
     ) -> None:
         if timeline_interval_s <= 0:
             raise ValueError(f"timeline_interval_s: expected a positive number, got {timeline_interval_s}")
@@ -117,6 +118,7 @@ class Simulation:
         self.policy = policy or cluster.build_dispatch(seed)
         self.class_policies: dict[str, DispatchPolicy] = {} if policy else cluster.build_dispatch_per_class(seed)
         self.queue = cluster.build_queue_policy()
+        self.ranker = ranker  # predicted_rank of each arrival (sim.rank_noise); None: unset
         # Inside a decode stretch only KV use and tokens in flight change (running and
         # waiting counts change only at its ends, where the snapshot is published). They
         # (and the snapshot time) are published, and kept exact at every decision, only
@@ -239,6 +241,7 @@ class Simulation:
             slo_class=trace.slo_class,
             session_id=trace.session_id,
             prefix_hashes=trace.prefix_hashes,
+            predicted_rank=self.ranker(trace) if self.ranker is not None else None,
             arrival_s=now,
         )
         policy = self.class_policies.get(trace.slo_class, self.policy) if self.class_policies else self.policy
@@ -497,6 +500,7 @@ def simulate(
     timeline_interval_s: float = 10.0,
     fast_forward: bool = True,
     total_requests: int = 0,
+    ranker: Callable[[TraceRequest], float | None] | None = None,
 ) -> SimResult:
     """Replay `requests` (sorted by arrival) on `cluster`; see the module docstring.
 
@@ -505,6 +509,8 @@ def simulate(
         `total` is `total_requests` if given, else the requests seen so far.
     seed: seeds the dispatch policy's random choices.
     fast_forward: advance stretches of identical decode steps at once (same results).
+    ranker: gives each request's `predicted_rank` (sim.rank_noise: the real ranker for
+        traces with prompts, a noise model of a chosen Kendall tau for those without).
     """
     sim = Simulation(
         cluster,
@@ -514,6 +520,7 @@ def simulate(
         timeline_interval_s=timeline_interval_s,
         fast_forward=fast_forward,
         total_requests=total_requests,
+        ranker=ranker,
     )
     return sim.run(requests)
 
