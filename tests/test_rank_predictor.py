@@ -15,7 +15,12 @@ from hypothesis import strategies as st
 
 from learn.rank import TrainConfig, fit_model, kendall_tau, split_by_prompt
 from learn.rank_data import Example, RankDataError, load_examples
-from scheduler.predictors.features import DENSE_FEATURE_NAMES, FEATURE_SPEC, hashing_vectorizer, request_features
+from scheduler.predictors.features import (
+    DENSE_FEATURE_NAMES,
+    FEATURE_SPEC,
+    hashing_vectorizer,
+    request_features,
+)
 from scheduler.predictors.rank import (
     DEFAULT_MODEL_PATH,
     HashedTextLayer,
