@@ -22,8 +22,8 @@ Cost: scoring one request goes through `HashedTextLayer`, a hand-written equival
 scikit-learn's `HashingVectorizer` (same tokens, same murmurhash3 indices, same l2 norm;
 tests/test_rank_predictor.py checks equality) because the library's per-call overhead was
 measured at ~340 us p50 for one 770-character prompt against ~80 us for this one (one core,
-`bench/ranking.py --predictor` prints the current figures). Training and `score_batch` over
-many records use the library.
+`bench/ranking.py --predictor` prints the current figures), and batching does not amortise
+it (the library tokenises each document in Python too). Training uses the library.
 """
 
 from __future__ import annotations
@@ -136,7 +136,9 @@ class RankModel:
         """The booster's input rows: dense features, then the text layer's output."""
         feats = [request_features(r) for r in records]
         dense = np.array([f.dense for f in feats], dtype=np.float64).reshape(len(feats), len(DENSE_FEATURE_NAMES))
-        text = self.text_scores([f.instruction_text for f in feats]) if feats else np.zeros(0)
+        assert self._text_layer is not None
+        layer = self._text_layer
+        text = np.array([layer.score(f.instruction_text) for f in feats], dtype=np.float64)
         return np.column_stack([dense, text])
 
     def score_batch(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
