@@ -123,7 +123,7 @@ def test_a_model_for_another_feature_spec_is_refused(small_model, tmp_path: Path
     doc["feature_spec"] = {**doc["feature_spec"], "version": 999}
     path = tmp_path / "old.json"
     path.write_text(json.dumps(doc))
-    with pytest.raises(RankModelError, match=r"feature spec version 999.*computes feature spec version 1"):
+    with pytest.raises(RankModelError, match=r"feature spec version 999.*computes feature spec version 2"):
         load_rank_model(path)
     with pytest.raises(RankModelError, match="not a tokenyard-rank model"):
         model_from_document({"format": "something"})

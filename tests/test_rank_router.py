@@ -12,7 +12,7 @@ import pytest
 from learn.rank_data import load_examples
 from router.config import parse_router_config
 from router.rank import RankLog, RankSettings, RequestRanker, completion_tokens
-from scheduler.predictors.features import request_features
+from scheduler.predictors.features import FEATURE_SPEC_VERSION, request_features
 from scheduler.rank_queue import CLASS_STRIDE
 from scheduler.types import RequestInfo
 from tests.test_router_support import fake_engines, running_router
@@ -64,7 +64,7 @@ async def test_annotate_sets_the_rank_off_the_loop_and_logs_the_finish(tmp_path:
     finally:
         ranker.close()
     line = json.loads((tmp_path / "log.jsonl").read_text())
-    assert line["output_tokens"] == 321 and line["model"] == "llama-3-8b" and line["feature_spec"] == 1
+    assert line["output_tokens"] == 321 and line["model"] == "llama-3-8b" and line["feature_spec"] == FEATURE_SPEC_VERSION
 
 
 async def test_router_forwards_the_rank_priority_and_logs_finished_requests(tmp_path: Path) -> None:

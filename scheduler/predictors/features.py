@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-FEATURE_SPEC_VERSION = 1
+FEATURE_SPEC_VERSION = 2
 HASH_N_FEATURES = 2**15
 HASH_NGRAM_RANGE = (1, 2)
 MAX_TEXT_CHARS = 2000  # of the instruction read; a longer one is cut to its head and tail
@@ -54,6 +54,8 @@ DENSE_FEATURE_NAMES: tuple[str, ...] = (
     "requested_unit_items",
     "brevity_cue",
     "length_cue",
+    "starts_with_question",
+    "starts_with_task_verb",
     "log_max_tokens",
     "has_max_tokens",
     "temperature",
@@ -81,11 +83,20 @@ _BREVITY = re.compile(
     r"\b(brief(ly)?|short|concise(ly)?|one word|single word|one sentence|yes or no|just (the|a)|only (the|answer)|"
     r"in a word|summari[sz]e|tl;?dr|classify|choose|which one|true or false)\b", re.IGNORECASE,
 )
-_LENGTH = re.compile(
-    r"\b(essay|story|article|detailed|in detail|elaborate|comprehensive|explain|blog|poem|letter|"
-    r"code|implement|program|function|script|step[- ]by[- ]step|outline|plan|guide|describe|write)\b",
-    re.IGNORECASE,
-)
+# Words asking for a long answer, counted over the lowercased words (a set lookup per word:
+# a regex alternation of them cost 130 us on a 1,500-character prompt).
+_LENGTH_WORDS = frozenset((
+    "essay", "story", "article", "detailed", "elaborate", "comprehensive", "explain", "blog", "poem",
+    "letter", "code", "implement", "program", "function", "script", "outline", "plan", "guide",
+    "describe", "write", "compose", "draft", "generate", "create", "design", "develop",
+))
+_LENGTH_PHRASES = ("in detail", "step by step", "step-by-step")
+_QUESTION_WORDS = frozenset(("what", "who", "whom", "when", "where", "which", "why", "is", "are", "was", "were",
+                             "can", "could", "does", "do", "did", "will", "would", "should", "has", "have"))
+_TASK_VERBS = frozenset(("write", "create", "generate", "compose", "draft", "give", "list", "explain",
+                         "describe", "design", "develop", "make", "provide", "suggest", "plan", "implement",
+                         "rewrite", "translate", "summarize", "summarise", "tell", "help", "how"))
+_WORD = re.compile(r"[a-z]+")
 _PARAMS_B = re.compile(r"(\d+(?:\.\d+)?)\s*[bB](?![a-zA-Z])")
 _CODE_SYMBOLS = "{}();=<>[]_#/\\*&|$"
 # str.translate deletes a character class in C: count = len(text) - len(translated)
@@ -200,6 +211,10 @@ def request_features(record: Mapping[str, Any]) -> RequestFeatures:
         input_tokens = (len(chat.instruction) + chat.context_chars) / 4.0
     max_tokens = _number(record, "max_tokens", _number(record, "max_completion_tokens", 0.0))
     count, unit_words, unit_items = _requested_count(text)
+    lower = text.lower()
+    words = _WORD.findall(lower)
+    first = words[0] if words else ""
+    length_cues = sum(1 for w in words if w in _LENGTH_WORDS) + sum(lower.count(p) for p in _LENGTH_PHRASES)
     dense = [
         math.log1p(max(0.0, input_tokens)),
         math.log1p(len(chat.instruction)),
@@ -219,7 +234,9 @@ def request_features(record: Mapping[str, Any]) -> RequestFeatures:
         unit_words,
         unit_items,
         1.0 if _BREVITY.search(text) else 0.0,
-        float(min(len(_LENGTH.findall(text)), 10)),
+        float(min(length_cues, 10)),
+        1.0 if first in _QUESTION_WORDS else 0.0,
+        1.0 if first in _TASK_VERBS else 0.0,
         math.log1p(max(0.0, max_tokens)),
         1.0 if max_tokens > 0 else 0.0,
         _number(record, "temperature", 1.0),
