@@ -17,9 +17,10 @@ ranker's (ln tokens), so the same queue-policy parameters apply to both.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from statistics import NormalDist
 from typing import Any
 
@@ -101,14 +102,56 @@ class InputLengthRanker:
 
 
 class ModelRanker:
-    """The real ranker for requests with prompt text; `fallback` for the others."""
+    """The real ranker for requests with prompt text (loaded on the first one; None = the
+    shipped default); `fallback` for the others."""
 
-    def __init__(self, model: Any, fallback: RankFn | None = None) -> None:
+    def __init__(self, model: Any = None, fallback: RankFn | None = None) -> None:
         self.model = model
         self.fallback = fallback
 
     def __call__(self, trace: TraceRequest) -> float | None:
         if trace.prompt:
+            if self.model is None:
+                from scheduler.predictors.rank import load_rank_model
+
+                self.model = load_rank_model()
             record = {"prompt": trace.prompt, "model": trace.model or "", "input_tokens": trace.input_tokens}
             return float(self.model.score(record))
         return self.fallback(trace) if self.fallback else None
+
+
+RANKED_QUEUE_POLICIES = frozenset({"learned_rank"})
+
+
+def parse_tau(text: str) -> float:
+    """argparse type of --rank-tau: a Kendall tau in (-1, 1]."""
+    import argparse
+
+    try:
+        tau = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a Kendall tau in (-1, 1], got {text!r}") from None
+    if not -1.0 < tau <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a Kendall tau in (-1, 1], got {text!r}")
+    return tau
+
+
+def queue_policy_name(spec: Any) -> str:
+    if isinstance(spec, str):
+        return spec
+    return str(next(iter(spec))) if spec else "fcfs"
+
+
+def ranker_for(
+    queue_policy: Any, open_trace: Callable[[], Iterable[TraceRequest]], rank_tau: float | None, seed: int = 0
+) -> RankFn | None:
+    """What `tokenyard sim` gives a run: the real ranker for requests with prompts and, with
+    `rank_tau`, the noise model calibrated on the trace's first 4,000 requests for the rest.
+    None when nothing reads ranks (no `rank_tau` and a queue policy that ignores them)."""
+    if rank_tau is None and queue_policy_name(queue_policy) not in RANKED_QUEUE_POLICIES:
+        return None
+    fallback: RankFn | None = None
+    if rank_tau is not None:
+        sample = [r.output_tokens for r in itertools.islice(open_trace(), _TAU_SAMPLE)]
+        fallback = NoisyRanker(noise_sd_for_tau(sample, rank_tau, seed), seed)
+    return ModelRanker(None, fallback)

@@ -82,3 +82,35 @@ def test_predicted_shortest_first_cuts_queueing_and_the_guard_bounds_it() -> Non
     assert len(oracle.records) == len(fcfs.records) == 400
     assert mean_e2e(oracle) < 0.8 * mean_e2e(fcfs)
     assert max_ttft(guarded) < max_ttft(oracle)
+
+
+def test_sim_run_gives_ranks_from_the_noise_model_and_the_real_ranker(tmp_path, capsys) -> None:
+    import json
+
+    from sim.cli import SimJob, TraceOptions, run_job
+    from tokenyard.cli import main
+
+    trace = tmp_path / "trace.jsonl"
+    rows = [{"arrival_s": r.arrival_s, "input_tokens": r.input_tokens, "output_tokens": r.output_tokens}
+            for r in _bimodal_trace(300, rate_per_s=2.2)]
+    rows[0]["prompt"] = "Write a 1000-word story about a lighthouse keeper."
+    trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cluster = tmp_path / "c.yaml"
+    cluster.write_text(
+        "default_model: llama-3-8b\n"
+        "pools: [{name: a, gpu: A100-80GB, model: llama-3-8b, count: 1,"
+        " engine: {max_num_seqs: 8, max_num_batched_tokens: 4096}}]\n"
+        "queue: {policy: {learned_rank: {max_wait_s: null}}}\n")
+
+    def mean_e2e(tau: float | None) -> float:
+        job = SimJob(cluster_path=str(cluster), trace=TraceOptions(str(trace)), rank_tau=tau)
+        return float(np.mean([r.e2e_s for r in run_job(job).result.records]))
+
+    assert mean_e2e(1.0) < 0.8 * mean_e2e(None)  # without ranks the queue is arrival order
+    out = tmp_path / "out"
+    assert main(["sim", "run", str(cluster), "--trace", str(trace), "--rank-tau", "0.4", "--no-plots",
+                 "--no-progress", "--out", str(out)]) == 0
+    assert (out / "summary.json").exists()
+    with pytest.raises(SystemExit):
+        main(["sim", "run", str(cluster), "--trace", str(trace), "--rank-tau", "1.5"])
+    assert "expected a Kendall tau in (-1, 1]" in capsys.readouterr().err
