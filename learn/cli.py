@@ -10,7 +10,7 @@ import importlib
 from typing import Any
 
 TRAINERS: tuple[str, ...] = (
-    # "learn.rank_cli",  # tokenyard train rank
+    "learn.rank_cli",  # tokenyard train rank
     "learn.tier_cli",  # tokenyard train tier
 )
 

@@ -12,7 +12,7 @@ gone out a failure ends the stream with an SSE error event and `data: [DONE]`.
 
 The app is a raw ASGI callable (five fixed routes need no framework; every microsecond
 of framework is overhead the router adds to each request). It is served by
-router/http_server.py (the built-in `FrontDoorProtocol`, or uvicorn); error shapes are in
+router/http_server.py (on tokenyard/asgi_server.py, the one bounded HTTP/1.1 server); error shapes are in
 router/errors.py and body validation in router/validation.py.
 """
 
@@ -114,6 +114,7 @@ class Router:
         self.splicer = Splicer.for_router(self)  # streams across migrations and engine deaths
         self.discoveries: list[Any] = []
         self.control_server: Any = None
+        self.ranker = _build_ranker(config)  # router.rank: predicted_rank, rank priority, rank log
         self._ids = itertools.count(1)
         self._id_prefix = f"ty-{os.getpid():x}-{int(time.time()) & 0xffffff:x}-"
         self._background: set[asyncio.Task[Any]] = set()
@@ -212,6 +213,8 @@ class Router:
                 await discovery.stop()
         await self.health.stop()
         await self.load.stop()
+        if self.ranker is not None:
+            self.ranker.close()
         for task in list(self._background):
             task.cancel()
         for task in list(self._background):
@@ -413,10 +416,16 @@ class Router:
         tenant.retry_budget.on_request()
         policy = self.dispatcher.policies[self.dispatcher.policy_name(tenant)]
         info = self.dispatcher.request_info(body, chat, tenant, request_id, session_id)
+        if self.ranker is not None:
+            info = await self.ranker.annotate(info, body)
         if self.config.forward_priority:
             # The operator's policy decides queue order: a client cannot jump the queue by
             # sending its own `priority`.
             body["priority"] = self.dispatcher.priority(info, tenant)
+            rank_priority = (self.ranker.priority(info, self.dispatcher.slo_class(tenant), info.arrival_s)
+                             if self.ranker is not None else None)
+            if rank_priority is not None and tenant.priority is None:
+                body["priority"] = rank_priority
         upstream_body = orjson.dumps(body)
         if "priority" in body and body["priority"] != 0:
             plain = {k: v for k, v in body.items() if k != "priority"}
@@ -595,6 +604,10 @@ class Router:
             if stream and response.status == 200:
                 first = await response.next_chunk(max(0.001, min(attempt_ends_s, budget.last_byte_s)
                                                       - time.monotonic()))
+                # Nothing has gone to the client yet: a stream that ends at once (and cannot be
+                # continued elsewhere) is this attempt's failure, and the next instance is tried.
+                response, first = await self.splicer.wrap(response, first, instance_id, record.model, path,
+                                                          payload, headers)
             else:
                 limit = MAX_BUFFERED_RESPONSE_BYTES
                 parts, complete = await _read_bounded(response, budget.until(attempt_ends_s), budget.stall_s, limit)
@@ -644,8 +657,9 @@ class Router:
                 *rid_header, instance_header]})
             await send({"type": "http.response.body", "body": body})
             self.metrics.request_done(tenant.name, info.model, response.status)
+            if self.ranker is not None:
+                self.ranker.finished(info, body if response.status == 200 else None)
             return None
-        response, first = await self.splicer.wrap(response, first, instance_id, record.model, path, payload, headers)
         await self._relay(send, response, first, instance_id, budget, [*rid_header, instance_header])
         self.metrics.request_done(tenant.name, info.model, 200)
         return None
@@ -724,6 +738,15 @@ class Router:
             response.abort()  # closing the engine connection makes the engine cancel it
             raise
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _build_ranker(config: RouterConfig) -> Any:
+    """The output-length ranker when the config has a `rank` section (router.rank)."""
+    if config.rank is None:
+        return None
+    from router.rank import RequestRanker
+
+    return RequestRanker(config.rank)
 
 
 class _Budget:

@@ -60,7 +60,7 @@ from tokenyard.config import (
 
 DEFAULT_POLICY: dict[str, Any] = {"filters": ["model", "healthy", "not_draining"], "scorers": ["least_outstanding"]}
 TOP_KEYS = ("listen", "store", "control", "limits", "slo_classes", "tenants", "anonymous", "policies",
-            "dispatch", "retries", "deadlines_ms", "health", "load", "discovery", "policy", "tiers")
+            "dispatch", "retries", "deadlines_ms", "health", "load", "discovery", "policy", "tiers", "rank")
 # Keys of the older dialect that the policy document replaces.
 POLICY_KEYS = ("slo_classes", "policies", "dispatch")
 MAX_PORT = 65535
@@ -116,6 +116,7 @@ class RouterConfig:
     discovery: dict[str, Any] = field(default_factory=dict)
     policy: PolicyDocument = field(default_factory=PolicyDocument)
     tiers: dict[str, Any] = field(default_factory=dict)  # model tier alias (router/tiers.py)
+    rank: Any = None  # router.rank.RankSettings: the output-length ranker; None = off
 
     def deadline_s(self, slo_class: str, stream: bool = True, max_output_tokens: int | None = None) -> float:
         """How long a request of this class may wait for its first byte.
@@ -383,6 +384,10 @@ def _parse_rest(cfg: RouterConfig, doc: dict[str, Any], source: str, classes: li
             build_tier_resolver(cfg.tiers, at("tiers"))  # validates now; built again by the router
         except TierConfigError as exc:
             raise ConfigError(at("tiers"), str(exc).removeprefix(at("tiers") + ": ")) from exc
+    if doc.get("rank") is not None:
+        from router.rank import parse_rank_section
+
+        cfg.rank = parse_rank_section(doc["rank"], at("rank"))
     return cfg
 
 

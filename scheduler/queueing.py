@@ -192,3 +192,6 @@ def build_queue_sort(spec: str | Mapping[str, Any] | None, where: str = "queue.s
         return cls(**params)
     except TypeError as exc:
         raise QueuePolicyError(f"{where}: {exc}") from exc
+# Queue orders in other modules register on import; imported last, so that what they take
+# from this module exists (shortest-predicted-first with a starvation guard, input length).
+from scheduler import rank_queue as _rank_queue  # noqa: E402,F401

@@ -70,6 +70,7 @@ class SimJob:
     timeline_interval_s: float = 10.0
     label: str = ""
     keep_result: bool = True  # False: return only the summary (sweeps in worker processes)
+    rank_tau: float | None = None  # predicted ranks of prompt-less requests at this tau (sim.rank_noise)
 
 
 @dataclass
@@ -122,8 +123,11 @@ def run_job(job: SimJob, progress: Callable[..., None] | None = None) -> JobOutc
     cluster = load_job_cluster(job)
     trace = job.trace.open()
     requests = _non_empty(trace, job.trace.path)
+    from sim.rank_noise import ranker_for
+
+    ranker = ranker_for(cluster.queue_policy, job.trace.open, job.rank_tau, job.seed)
     result = simulate(cluster, requests, progress=progress, seed=job.seed,
-                      timeline_interval_s=job.timeline_interval_s)
+                      timeline_interval_s=job.timeline_interval_s, ranker=ranker)
     if not result.policy:
         result.policy = job.label or job.policy or "configured"
     slo_classes = dict(cluster.slo_classes)
@@ -259,6 +263,11 @@ def _add_trace_arguments(parser: argparse.ArgumentParser, rate_scale: bool = Tru
     group.add_argument("--clients", metavar="N,N", help="ServeGen: client numbers to generate (default: all)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed for randomised policies and ServeGen generation (default 0)")
+    from sim.rank_noise import parse_tau
+
+    parser.add_argument("--rank-tau", type=parse_tau, default=None, metavar="TAU",
+                        help="give requests without prompt text predicted output-length ranks of Kendall "
+                             "tau TAU (noise model, docs/ranking.md); prompts are scored by the real ranker")
     parser.add_argument("--out", metavar="DIR", default="sim-out",
                         help="folder for the summary, records and plots (default: ./sim-out)")
     parser.add_argument("--no-plots", action="store_true", help="write no PNG plots")
@@ -377,7 +386,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.records and Path(args.records).suffix.lower() not in (".parquet", ".csv"):
         raise UsageError(f"--records: expected a file ending in .parquet or .csv, got {args.records!r}")
     job = SimJob(cluster_path=args.cluster, trace=trace, policy=args.policy, seed=args.seed,
-                 timeline_interval_s=args.timeline_interval, label=args.policy or "")
+                 timeline_interval_s=args.timeline_interval, label=args.policy or "", rank_tau=args.rank_tau)
     load_job_cluster(job)  # fail on a bad cluster before reading the trace
     trace.open()  # and on a bad trace header before simulating
     total_s = None
@@ -455,7 +464,7 @@ def _compare(args: argparse.Namespace) -> int:
             name = policy or "configured"
             label = f"{stem}/{name}" if len(args.clusters) > 1 else name
             job = SimJob(cluster_path=cluster_path, trace=trace, policy=policy, seed=args.seed,
-                         timeline_interval_s=args.timeline_interval, label=label)
+                         timeline_interval_s=args.timeline_interval, label=label, rank_tau=args.rank_tau)
             load_job_cluster(job)  # every cluster and policy name is checked before any run
             jobs.append(job)
     labels = [j.label for j in jobs]
@@ -495,7 +504,7 @@ def sweep_jobs(args: argparse.Namespace) -> list[SimJob]:
             job = SimJob(cluster_path=args.cluster, trace=_trace_options(args, rate_scale=rate),
                          policy=args.policy, pool_counts=pool_counts, seed=args.seed,
                          timeline_interval_s=args.timeline_interval,
-                         label=f"{series} x{rate:g}", keep_result=False)
+                         label=f"{series} x{rate:g}", keep_result=False, rank_tau=args.rank_tau)
             jobs.append(job)
     return jobs
 

@@ -128,6 +128,7 @@ class Simulation:
         total_requests: int = 0,
         tier_router: TierRouter | None = None,
         migration: MigrationSimConfig | None = None,
+        ranker: Callable[[TraceRequest], float | None] | None = None,
     ) -> None:
         if timeline_interval_s <= 0:
             raise ValueError(f"timeline_interval_s: expected a positive number, got {timeline_interval_s}")
@@ -142,6 +143,7 @@ class Simulation:
         )
         self.held: dict[str, TraceRequest] = {}  # request id -> trace request, while queued
         self.queue_deadline_s = math.inf  # when the next held request times out
+        self.ranker = ranker  # predicted_rank of each arrival (sim.rank_noise); None: unset
         # Inside a decode stretch only KV use and tokens in flight change (running and
         # waiting counts change only at its ends, where the snapshot is published). They
         # (and the snapshot time) are published, and kept exact at every decision, only
@@ -282,6 +284,7 @@ class Simulation:
             session_id=trace.session_id,
             prefix_hashes=trace.prefix_hashes,
             p_small_ok=trace.p_small_ok,
+            predicted_rank=self.ranker(trace) if self.ranker is not None else None,
             arrival_s=now,
         )
         if self.tier_router is not None and self.tier_router.handles(model):
@@ -639,6 +642,7 @@ def simulate(
     fast_forward: bool = True,
     total_requests: int = 0,
     tier_router: TierRouter | None = None,
+    ranker: Callable[[TraceRequest], float | None] | None = None,
 ) -> SimResult:
     """Replay `requests` (sorted by arrival) on `cluster`; see the module docstring.
 
@@ -648,6 +652,8 @@ def simulate(
     seed: seeds the dispatch policy's random choices.
     fast_forward: advance stretches of identical decode steps at once (same results).
     tier_router: decides the model of requests that name its alias (scheduler.tiers).
+    ranker: gives each request's `predicted_rank` (sim.rank_noise: the real ranker for
+        traces with prompts, a noise model of a chosen Kendall tau for those without).
     """
     sim = Simulation(
         cluster,
@@ -658,6 +664,7 @@ def simulate(
         fast_forward=fast_forward,
         total_requests=total_requests,
         tier_router=tier_router,
+        ranker=ranker,
     )
     return sim.run(requests)
 

@@ -75,7 +75,7 @@ def test_example_values_are_read() -> None:
          "unknown SLO class 'gold'; known: batch, default, interactive"),
         (base(dispatch={"per_slo_class": {"batch": {"picker": "nope"}}}), "c.yaml",
          "dispatch.per_slo_class.batch.picker: unknown picker"),
-        (base(queue={"policy": "lifo"}), "c.yaml: queue.policy", "known: fcfs, slo_priority"),
+        (base(queue={"policy": "lifo"}), "c.yaml: queue.policy", "known: fcfs, input_length, learned_rank, slo_priority"),
         (base(queue={"policy": "slo_priority"}, pools=[pool(engine={"scheduling_policy": "fcfs"})]),
          "c.yaml: pools[0].engine.scheduling_policy", "must use 'priority'"),
         (base(default_model="qwen2.5-7b"), "c.yaml: default_model", "served models: llama-3-8b"),

@@ -195,7 +195,7 @@ def test_any_engine_answer_is_relayed_cleanly(served: Served, events: list[bytes
     served.engine.behaviour = answer
     for stream in (True, False):
         body = orjson.dumps({"model": "llama-3-8b", "prompt": "p", "max_tokens": 2, "stream": stream})
-        reply = exchange(served.port, post("/v1/completions", body, b"Connection: close\r\n"), quiet_s=1, total_s=6)
+        reply = exchange(served.port, post("/v1/completions", body, b"Connection: close\r\n"), quiet_s=4, total_s=8)
         code = status_of(reply)
         assert code is not None, reply[:200]
         assert code != 500 or engine_status == 500, reply[:300]  # a 500 only as the engine's own, relayed
@@ -212,7 +212,7 @@ def test_garbage_instead_of_http_from_an_engine_is_a_502(served: Served, garbage
 
     served.engine.behaviour = answer
     body = b'{"model": "llama-3-8b", "prompt": "p", "max_tokens": 2}'
-    reply = exchange(served.port, post("/v1/completions", body, b"Connection: close\r\n"), quiet_s=1, total_s=6)
+    reply = exchange(served.port, post("/v1/completions", body, b"Connection: close\r\n"), quiet_s=4, total_s=8)
     _no_500(reply)
     assert status_of(reply) in {200, 400, 404, 502, 503, 504} or status_of(reply) is not None
 

@@ -192,7 +192,7 @@ def test_queue_policies() -> None:
     slo = build_queue_policy({"slo_priority": {"unknown_priority": 5}})
     assert slo.needs_engine_priority
     assert [slo.priority(request(), c, 0.0) for c in (interactive, batch, None)] == [0, 2, 5]
-    with pytest.raises(QueuePolicyError, match="known: fcfs, slo_priority"):
+    with pytest.raises(QueuePolicyError, match="known: fcfs, input_length, learned_rank, slo_priority"):
         build_queue_policy("lifo")
     with pytest.raises(QueuePolicyError, match="takes no parameters"):
         build_queue_policy({"fcfs": {"x": 1}})

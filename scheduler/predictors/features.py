@@ -1,0 +1,256 @@
+"""The features the output-length ranker reads from one request, and their versioned spec.
+
+Everything comes from the request alone (what the router holds before forwarding): the
+prompt text or chat `messages`, their structure (turns, earlier assistant answers, system
+prompt), the input length, the target model's name, `max_tokens` and sampling parameters.
+Two parts:
+
+- dense features (`DENSE_FEATURE_NAMES`): cheap text statistics, chat structure, explicit
+  length requests ("in 500 words", "list 10"), model-name cues (parameter count, family);
+- the instruction text (`instruction_text`): the last user turn, hashed into word 1-2 grams
+  by scikit-learn's `HashingVectorizer` (`hashing_vectorizer`); a trained linear layer
+  turns it into one more dense feature (see `scheduler.predictors.rank`).
+
+`FEATURE_SPEC` names the version of all of this; a model file records the spec it was
+built for, and loading it under another spec fails (`rank.RankModelError`). Change any
+feature, its order, or the hashing parameters => bump `FEATURE_SPEC_VERSION`.
+
+Text read is bounded (`MAX_TEXT_CHARS` per part), so the cost per request is bounded
+whatever the prompt's size.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+FEATURE_SPEC_VERSION = 2
+HASH_N_FEATURES = 2**15
+HASH_NGRAM_RANGE = (1, 2)
+MAX_TEXT_CHARS = 2000  # of the instruction read; a longer one is cut to its head and tail
+
+_MODEL_FAMILIES = ("gpt", "llama", "qwen", "mistral", "mixtral", "gemma", "phi", "claude", "deepseek", "yi")
+
+DENSE_FEATURE_NAMES: tuple[str, ...] = (
+    "log_input_tokens",
+    "log_instruction_chars",
+    "log_context_chars",
+    "log_system_chars",
+    "instruction_words_log",
+    "instruction_lines_log",
+    "question_marks",
+    "digit_fraction",
+    "code_symbol_fraction",
+    "has_code_fence",
+    "upper_fraction",
+    "n_user_turns",
+    "n_assistant_turns",
+    "log_prior_assistant_chars",
+    "log_requested_count",
+    "requested_unit_words",
+    "requested_unit_items",
+    "brevity_cue",
+    "length_cue",
+    "starts_with_question",
+    "starts_with_task_verb",
+    "log_max_tokens",
+    "has_max_tokens",
+    "temperature",
+    "top_p",
+    "model_log_params_b",
+    "model_is_chat",
+    *(f"model_family_{name}" for name in _MODEL_FAMILIES),
+)
+
+FEATURE_SPEC: dict[str, Any] = {
+    "version": FEATURE_SPEC_VERSION,
+    "dense": list(DENSE_FEATURE_NAMES),
+    "hash": {"n_features": HASH_N_FEATURES, "ngram_range": list(HASH_NGRAM_RANGE),
+             "analyzer": "word", "lowercase": True, "norm": "l2", "alternate_sign": False},
+    "max_text_chars": MAX_TEXT_CHARS,
+}
+
+_REQUEST_COUNT = re.compile(
+    r"\b(\d{1,5})[\s-]*(words?|sentences?|paragraphs?|lines?|items?|examples?|ideas?|tips?|points?|"
+    r"steps?|questions?|names?|reasons?|ways?|bullet\w*|pages?|characters?|tweets?|verses?|stanzas?)\b",
+    re.IGNORECASE,
+)
+_WORD_UNITS = ("word", "sentence", "paragraph", "line", "page", "character", "verse", "stanza")
+_BREVITY = re.compile(
+    r"\b(brief(ly)?|short|concise(ly)?|one word|single word|one sentence|yes or no|just (the|a)|only (the|answer)|"
+    r"in a word|summari[sz]e|tl;?dr|classify|choose|which one|true or false)\b", re.IGNORECASE,
+)
+# Words asking for a long answer, counted over the lowercased words (a set lookup per word:
+# a regex alternation of them cost 130 us on a 1,500-character prompt).
+_LENGTH_WORDS = frozenset((
+    "essay", "story", "article", "detailed", "elaborate", "comprehensive", "explain", "blog", "poem",
+    "letter", "code", "implement", "program", "function", "script", "outline", "plan", "guide",
+    "describe", "write", "compose", "draft", "generate", "create", "design", "develop",
+))
+_LENGTH_PHRASES = ("in detail", "step by step", "step-by-step")
+_QUESTION_WORDS = frozenset(("what", "who", "whom", "when", "where", "which", "why", "is", "are", "was", "were",
+                             "can", "could", "does", "do", "did", "will", "would", "should", "has", "have"))
+_TASK_VERBS = frozenset(("write", "create", "generate", "compose", "draft", "give", "list", "explain",
+                         "describe", "design", "develop", "make", "provide", "suggest", "plan", "implement",
+                         "rewrite", "translate", "summarize", "summarise", "tell", "help", "how"))
+_WORD = re.compile(r"[a-z]+")
+_PARAMS_B = re.compile(r"(\d+(?:\.\d+)?)\s*[bB](?![a-zA-Z])")
+_CODE_SYMBOLS = "{}();=<>[]_#/\\*&|$"
+# str.translate deletes a character class in C: count = len(text) - len(translated)
+_DROP_DIGITS = str.maketrans("", "", "0123456789")
+_DROP_UPPER = str.maketrans("", "", "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_DROP_CODE = str.maketrans("", "", _CODE_SYMBOLS)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFeatures:
+    """One request's features: the dense vector (in `DENSE_FEATURE_NAMES` order) and the
+    instruction text the hashed n-gram layer reads."""
+
+    dense: tuple[float, ...]
+    instruction_text: str
+
+
+def _clip(text: str) -> str:
+    """Head and tail of a long text: instructions sit at either end of a long prompt."""
+    if len(text) <= MAX_TEXT_CHARS:
+        return text
+    half = MAX_TEXT_CHARS // 2
+    return text[:half] + "\n" + text[-half:]
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(
+            str(part.get("text", "")) for part in content
+            if isinstance(part, Mapping) and part.get("type") == "text"
+        )
+    return ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Chat:
+    instruction: str  # the last user turn (or the whole completion prompt)
+    context_chars: int  # everything before it, system prompt included
+    system_chars: int
+    user_turns: int
+    assistant_turns: int
+    prior_assistant_chars: int
+
+
+def _chat_structure(record: Mapping[str, Any]) -> _Chat:
+    prompt = record.get("prompt")
+    if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+        prompt = "\n".join(prompt)
+    if isinstance(prompt, str):
+        return _Chat(prompt, 0, 0, 1, 0, 0)
+    messages = record.get("messages")
+    if not isinstance(messages, Sequence) or isinstance(messages, str):
+        return _Chat("", 0, 0, 0, 0, 0)
+    texts: list[tuple[str, str]] = []
+    for message in messages:
+        if isinstance(message, Mapping):
+            texts.append((str(message.get("role", "user")), _content_text(message.get("content"))))
+    last_user = max((i for i, (role, _) in enumerate(texts) if role == "user"), default=-1)
+    instruction = texts[last_user][1] if last_user >= 0 else (texts[-1][1] if texts else "")
+    before = texts[:last_user] if last_user >= 0 else texts[:-1]
+    return _Chat(
+        instruction=instruction,
+        context_chars=sum(len(t) for _, t in before),
+        system_chars=sum(len(t) for role, t in texts if role in ("system", "developer")),
+        user_turns=sum(1 for role, _ in texts if role == "user"),
+        assistant_turns=sum(1 for role, _ in before if role == "assistant"),
+        prior_assistant_chars=sum(len(t) for role, t in before if role == "assistant"),
+    )
+
+
+def _number(record: Mapping[str, Any], key: str, default: float) -> float:
+    value = record.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return default
+    return float(value)
+
+
+def _model_features(model: str) -> list[float]:
+    name = model.lower()
+    match = _PARAMS_B.search(name)
+    params_b = float(match.group(1)) if match else 0.0
+    is_chat = 1.0 if any(cue in name for cue in ("chat", "instruct", "-it", "gpt", "claude")) else 0.0
+    families = [1.0 if family in name else 0.0 for family in _MODEL_FAMILIES]
+    return [math.log1p(min(params_b, 10_000.0)), is_chat, *families]
+
+
+def _requested_count(text: str) -> tuple[float, float, float]:
+    """(log of the largest explicit count asked for, unit is text length, unit is items)."""
+    best, words, items = 0, 0.0, 0.0
+    for match in _REQUEST_COUNT.finditer(text):
+        count = int(match.group(1))
+        if count > best:
+            best = count
+            is_words = match.group(2).lower().startswith(_WORD_UNITS)
+            words, items = (1.0, 0.0) if is_words else (0.0, 1.0)
+    return math.log1p(best), words, items
+
+
+def request_features(record: Mapping[str, Any]) -> RequestFeatures:
+    """The features of one request record (`prompt` or `messages`, optional `model`,
+    `max_tokens`, `temperature`, `top_p`, `input_tokens`)."""
+    chat = _chat_structure(record)
+    text = _clip(chat.instruction)
+    n = max(1, len(text))
+    digits = len(text) - len(text.translate(_DROP_DIGITS))
+    uppers = len(text) - len(text.translate(_DROP_UPPER))
+    code = len(text) - len(text.translate(_DROP_CODE))
+    input_tokens = _number(record, "input_tokens", -1.0)
+    if input_tokens < 0:  # ~4 characters per token for English BPE vocabularies
+        input_tokens = (len(chat.instruction) + chat.context_chars) / 4.0
+    max_tokens = _number(record, "max_tokens", _number(record, "max_completion_tokens", 0.0))
+    count, unit_words, unit_items = _requested_count(text)
+    lower = text.lower()
+    words = _WORD.findall(lower)
+    first = words[0] if words else ""
+    length_cues = sum(1 for w in words if w in _LENGTH_WORDS) + sum(lower.count(p) for p in _LENGTH_PHRASES)
+    dense = [
+        math.log1p(max(0.0, input_tokens)),
+        math.log1p(len(chat.instruction)),
+        math.log1p(chat.context_chars),
+        math.log1p(chat.system_chars),
+        math.log1p(len(text.split())),
+        math.log1p(text.count("\n")),
+        float(min(text.count("?"), 20)),
+        digits / n,
+        code / n,
+        1.0 if "```" in text else 0.0,
+        uppers / n,
+        float(min(chat.user_turns, 50)),
+        float(min(chat.assistant_turns, 50)),
+        math.log1p(chat.prior_assistant_chars),
+        count,
+        unit_words,
+        unit_items,
+        1.0 if _BREVITY.search(text) else 0.0,
+        float(min(length_cues, 10)),
+        1.0 if first in _QUESTION_WORDS else 0.0,
+        1.0 if first in _TASK_VERBS else 0.0,
+        math.log1p(max(0.0, max_tokens)),
+        1.0 if max_tokens > 0 else 0.0,
+        _number(record, "temperature", 1.0),
+        _number(record, "top_p", 1.0),
+        *_model_features(str(record.get("model") or "")),
+    ]
+    return RequestFeatures(dense=tuple(dense), instruction_text=text)
+
+
+def hashing_vectorizer() -> Any:
+    """The scikit-learn `HashingVectorizer` of `FEATURE_SPEC` (stateless: nothing to fit)."""
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    return HashingVectorizer(
+        n_features=HASH_N_FEATURES, ngram_range=HASH_NGRAM_RANGE, analyzer="word",
+        lowercase=True, norm="l2", alternate_sign=False, dtype="float32",
+    )

@@ -1,0 +1,194 @@
+"""The output-length ranker: features, the model file, scoring, training and its CLI."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from learn.rank import TrainConfig, fit_model, kendall_tau, split_by_prompt
+from learn.rank_data import Example, RankDataError, load_examples
+from scheduler.predictors.features import (
+    DENSE_FEATURE_NAMES,
+    FEATURE_SPEC,
+    hashing_vectorizer,
+    request_features,
+)
+from scheduler.predictors.rank import (
+    DEFAULT_MODEL_PATH,
+    HashedTextLayer,
+    RankModelError,
+    load_rank_model,
+    model_from_document,
+)
+from tokenyard.cli import main
+
+_SHORT = ["Answer yes or no: is {} a colour?", "In one word, what is {}?", "Classify {} as animal or plant.",
+          "True or false: {} is bigger than a cat."]
+_LONG = ["Write a detailed 800-word essay about {}.", "Write a long story about {} with five chapters.",
+         "Explain step by step how {} works, in detail, with examples.", "Write a blog post about {}."]
+_TOPICS = ["red", "a tiger", "the moon", "coffee", "rivers", "a violin", "snow", "trains", "bread", "the ocean",
+           "glass", "a maple tree", "music", "a castle", "copper", "tea", "clouds", "a bicycle", "salt", "honey"]
+
+
+def _records(n: int, seed: int = 0) -> list[dict[str, object]]:
+    rng = random.Random(seed)
+    rows: list[dict[str, object]] = []
+    for i in range(n):
+        topic = _TOPICS[i % len(_TOPICS)] + ("" if i < len(_TOPICS) else f" number {i}")
+        long = rng.random() < 0.5
+        template = rng.choice(_LONG if long else _SHORT)
+        tokens = int(rng.uniform(300, 900) if long else rng.uniform(1, 30))
+        rows.append({"messages": [{"role": "user", "content": template.format(topic)}],
+                     "model": rng.choice(["llama-3-8b", "qwen2.5-1.5b"]), "output_tokens": tokens})
+    return rows
+
+
+def _examples(n: int, seed: int = 0) -> list[Example]:
+    out = []
+    for row in _records(n, seed):
+        feats = request_features(row)
+        out.append(Example(feats, int(row["output_tokens"]), feats.instruction_text, str(row["model"]), "test"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    config = TrainConfig(n_estimators=25, num_leaves=8, min_child_samples=5, unseen_models=(), refit_all=False)
+    return fit_model(_examples(400), config)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=300))
+def test_hashed_text_layer_equals_scikit_learn(text: str) -> None:
+    rng = np.random.default_rng(1)
+    weights = rng.normal(size=2**15).astype(np.float32)
+    layer = HashedTextLayer(weights, 0.25)
+    expected = float((hashing_vectorizer().transform([text]) @ weights)[0]) + 0.25
+    assert layer.score(text) == pytest.approx(expected, abs=1e-4)
+
+
+def test_features_read_chat_structure_and_length_requests() -> None:
+    record = {"messages": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Write some code"},
+        {"role": "assistant", "content": "x" * 999},
+        {"role": "user", "content": [{"type": "text", "text": "Now write it again in 500 words"}]},
+    ], "model": "Meta-Llama-3-70B-Instruct", "max_tokens": 256}
+    feats = request_features(record)
+    values = dict(zip(DENSE_FEATURE_NAMES, feats.dense, strict=True))
+    assert len(feats.dense) == len(DENSE_FEATURE_NAMES) == len(FEATURE_SPEC["dense"])
+    assert feats.instruction_text == "Now write it again in 500 words"
+    assert values["n_user_turns"] == 2 and values["n_assistant_turns"] == 1
+    assert values["log_prior_assistant_chars"] == pytest.approx(math.log1p(999))
+    assert values["log_requested_count"] == pytest.approx(math.log1p(500)) and values["requested_unit_words"] == 1
+    assert values["log_max_tokens"] == pytest.approx(math.log1p(256))
+    assert values["model_log_params_b"] == pytest.approx(math.log1p(70)) and values["model_family_llama"] == 1
+    huge = request_features({"prompt": "a " * 100_000})
+    assert len(huge.instruction_text) <= FEATURE_SPEC["max_text_chars"] + 1
+
+
+def test_model_round_trips_and_orders_requests(small_model, tmp_path: Path) -> None:
+    path = tmp_path / "m.json.gz"
+    small_model.save(path)
+    loaded = load_rank_model(path)
+    records = [{"messages": [{"role": "user", "content": "Write a detailed 800-word essay about lamps."}]},
+               {"messages": [{"role": "user", "content": "Answer yes or no: is a lamp a colour?"}]}]
+    batch = loaded.score_batch(records)
+    assert [loaded.score(r) for r in records] == pytest.approx(list(batch), abs=1e-6)
+    assert list(batch) == pytest.approx(list(small_model.score_batch(records)), abs=1e-9)
+    assert batch[0] > batch[1] + 1.0  # ln tokens: several times longer
+    capped = loaded.score({**records[0], "max_tokens": 20})
+    assert capped == pytest.approx(math.log1p(20))
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_held_out_tau_on_separable_data(small_model) -> None:
+    held = _examples(200, seed=7)
+    scores = small_model.score_batch([{"messages": [{"role": "user", "content": e.features.instruction_text}]}
+                                      for e in held])
+    # two classes with random lengths inside each: tau can reach about 0.5
+    assert kendall_tau(scores, np.array([e.output_tokens for e in held])) > 0.4
+
+
+def test_a_model_for_another_feature_spec_is_refused(small_model, tmp_path: Path) -> None:
+    doc = small_model.to_document()
+    doc["feature_spec"] = {**doc["feature_spec"], "version": 999}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(RankModelError, match=r"feature spec version 999.*computes feature spec version 2"):
+        load_rank_model(path)
+    with pytest.raises(RankModelError, match="not a tokenyard-rank model"):
+        model_from_document({"format": "something"})
+    (tmp_path / "junk.json").write_bytes(gzip.compress(b"{not json"))
+    with pytest.raises(RankModelError, match="not a JSON rank model"):
+        load_rank_model(tmp_path / "junk.json")
+    with pytest.raises(RankModelError, match="cannot read"):
+        load_rank_model(tmp_path / "missing.json")
+
+
+def test_the_default_ranker_ships_small_and_ranks_plain_cases() -> None:
+    assert DEFAULT_MODEL_PATH.stat().st_size < 2 * 1024 * 1024
+    model = load_rank_model()
+    assert model.meta.get("tokenizer", "").startswith("mistral-common")
+    long = {"messages": [{"role": "user", "content": "Write a 1000-word short story about a dragon who learns to cook."}]}
+    short = {"messages": [{"role": "user", "content": "What is 7 times 8? Reply with just the number."}]}
+    assert model.score(long) > model.score(short)
+
+
+def test_split_never_shares_a_prompt() -> None:
+    examples = _examples(300)
+    split = split_by_prompt(examples, TrainConfig(unseen_models=("qwen2.5-1.5b",)))
+    train_keys = {e.prompt_key for e in split.train}
+    assert not train_keys & {e.prompt_key for e in split.test + split.unseen}
+    assert all(e.model == "qwen2.5-1.5b" for e in split.unseen)
+    assert all(e.model != "qwen2.5-1.5b" for e in split.train + split.test)
+
+
+def test_train_cli_retrains_from_a_request_log(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    log = tmp_path / "live.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in _records(300)))
+    out = tmp_path / "model.json"
+    code = main(["train", "rank", "--data", str(log), "--out", str(out), "--trees", "15", "--leaves", "8",
+                 "--unseen-models", "", "--no-refit"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "held-out prompts: model" in printed and out.exists()
+    tau = float(printed.split("held-out prompts: model")[1].split()[0])
+    assert tau > 0.35
+    assert load_rank_model(out).meta["objective"] == "lambdarank"
+
+
+def test_train_cli_bad_data_says_where(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    log = tmp_path / "bad.jsonl"
+    log.write_text(json.dumps({"prompt": "hi", "output_tokens": 3}) + "\n{oops\n")
+    code = main(["train", "rank", "--data", str(log), "--out", str(tmp_path / "m.json")])
+    assert code == 2
+    assert f"{log}:2: not JSON" in capsys.readouterr().err
+    assert not (tmp_path / "m.json").exists()
+    with pytest.raises(RankDataError, match="feature spec 0"):
+        bad = tmp_path / "spec.jsonl"
+        bad.write_text(json.dumps({"feature_spec": 0, "dense": [0.0], "output_tokens": 1}) + "\n")
+        load_examples([bad])
+
+
+def test_rank_score_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "prompts.jsonl"
+    source.write_text(json.dumps({"id": "a", "prompt": "Write a 900-word essay on rivers."}) + "\n" +
+                      json.dumps({"id": "b", "messages": [{"role": "user", "content": "Yes or no: is ice cold?"}],
+                                  "max_tokens": 5}) + "\n")
+    out = tmp_path / "scores.jsonl"
+    assert main(["rank", "score", "--input", str(source), "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a", "b"]
+    assert rows[0]["score"] > rows[1]["score"] and rows[1]["score"] <= math.log1p(5) + 1e-6
+    source.write_text('{"prompt": "x"}\n[1, 2]\n')
+    assert main(["rank", "score", "--input", str(source)]) == 2
+    assert f"{source}:2: expected an object" in capsys.readouterr().err
