@@ -28,8 +28,10 @@ router's policy document); errors name the key path.
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import json
+import random
 import re
 import time
 from collections.abc import Collection, Mapping
@@ -46,7 +48,7 @@ from scheduler.dispatch import format_validation_error
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
 MAX_REASON_CHARS = 1000
 MAX_HISTORY = 1000  # versions one History call returns at most
-_COMMIT_RETRIES = 8  # unconditional writes retry a lost race this often
+_COMMIT_RETRIES = 50  # unconditional writes retry a lost race this often (with a jittered pause)
 
 
 class PolicySpecError(ValueError):
@@ -243,7 +245,7 @@ class _SqliteVersions:
         rows = await self._call(self.store._all, "SELECT DISTINCT name FROM policy_versions ORDER BY name")
         return [str(r[0]) for r in rows]
 
-    def _cas_sync(self, entry: PolicyVersion, legacy: dict[str, Any] | None) -> int:
+    def _cas_sync(self, entry: PolicyVersion, legacy: dict[str, Any] | None) -> tuple[bool, int]:
         db = self.store._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -252,7 +254,7 @@ class _SqliteVersions:
             current = int(row[0])
             if current != entry.version - 1:
                 db.execute("ROLLBACK")
-                return current
+                return False, current
             db.execute("INSERT INTO policy_versions (name, version, doc) VALUES (?, ?, ?)",
                        (entry.name, entry.version, entry.to_json()))
             if legacy is None:
@@ -262,27 +264,28 @@ class _SqliteVersions:
                            "doc = excluded.doc", (entry.name, json.dumps(legacy)))
             db.execute("INSERT INTO changes (kind, key, origin) VALUES ('policy', ?, ?)", (entry.name, self.store.origin))
             db.execute("COMMIT")
-            return entry.version
+            return True, entry.version
         except BaseException:
             db.execute("ROLLBACK")
             raise
 
-    async def cas(self, entry: PolicyVersion, legacy: dict[str, Any] | None) -> int:
-        """Append `entry` if the current version is `entry.version - 1`; returns the version
-        now current (== entry.version when it was appended)."""
-        return int(await self._call(self._cas_sync, entry, legacy))
+    async def cas(self, entry: PolicyVersion, legacy: dict[str, Any] | None) -> tuple[bool, int]:
+        """Append `entry` if the current version is `entry.version - 1`; returns whether it
+        was appended and the version now current."""
+        appended, now = await self._call(self._cas_sync, entry, legacy)
+        return bool(appended), int(now)
 
 
 # KEYS: versions list, policies hash, names set. ARGV: base version, entry JSON, tenant,
 # legacy JSON ('' deletes), channel, change notice. The list's length is the version.
 _CAS_LUA = """
 local n = redis.call('LLEN', KEYS[1])
-if n ~= tonumber(ARGV[1]) then return n end
+if n ~= tonumber(ARGV[1]) then return {0, n} end
 redis.call('RPUSH', KEYS[1], ARGV[2])
 if ARGV[4] == '' then redis.call('HDEL', KEYS[2], ARGV[3]) else redis.call('HSET', KEYS[2], ARGV[3], ARGV[4]) end
 redis.call('SADD', KEYS[3], ARGV[3])
 redis.call('PUBLISH', ARGV[5], ARGV[6])
-return n + 1
+return {1, n + 1}
 """
 
 
@@ -312,13 +315,13 @@ class _RedisVersions:
     async def names(self) -> list[str]:
         return sorted(await self.redis.smembers(self._k_names))
 
-    async def cas(self, entry: PolicyVersion, legacy: dict[str, Any] | None) -> int:
+    async def cas(self, entry: PolicyVersion, legacy: dict[str, Any] | None) -> tuple[bool, int]:
         notice = json.dumps({"kind": "policy", "key": entry.name, "origin": self.store.origin})
         result = await self._cas(
             keys=[self._key(entry.name), self.store._k_policies, self._k_names],
             args=[entry.version - 1, entry.to_json(), entry.name, json.dumps(legacy) if legacy is not None else "",
                   self.store.channel, notice])
-        return int(result)
+        return bool(int(result[0])), int(result[1])
 
 
 Backend = _SqliteVersions | _RedisVersions
@@ -364,7 +367,9 @@ class PolicyVersions:
             raise PolicySpecError("reason: required (say why the policy changes; it is kept in the history)")
         if len(reason) > MAX_REASON_CHARS:
             raise PolicySpecError(f"reason: at most {MAX_REASON_CHARS} characters, got {len(reason)}")
-        for _ in range(_COMMIT_RETRIES):
+        for attempt in range(_COMMIT_RETRIES):
+            if attempt:  # lost a race: let the winner's writers finish before reading again
+                await asyncio.sleep(random.uniform(0, 0.002 * attempt))
             current = await self.backend.current(name)
             at = current.version if current is not None else 0
             if expected_version is not None and expected_version != at:
@@ -377,8 +382,8 @@ class PolicyVersions:
             entry = PolicyVersion(name, at + 1, new_spec, author, int(time.time() * 1000), reason,
                                   diff_specs(name, current, new_spec, f"{name}@v{at + 1}"))
             legacy = legacy_form(name, new_spec, at + 1) if new_spec is not None else None
-            now = await self.backend.cas(entry, legacy)
-            if now == entry.version:
+            appended, now = await self.backend.cas(entry, legacy)
+            if appended:
                 return entry, True
             if expected_version is not None:
                 raise VersionConflict(name, expected_version, now)
