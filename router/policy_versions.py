@@ -110,11 +110,9 @@ def parse_spec(raw: Any, where: str = "spec") -> TenantPolicySpec:
         first = exc.errors(include_url=False)[0]
         allowed = None
         if first["type"] == "extra_forbidden":
-            section: type[BaseModel] = TenantPolicySpec
-            if len(first["loc"]) > 1:
-                field = TenantPolicySpec.model_fields.get(str(first["loc"][0]))
-                section = {"rate_limits": RateLimits, "ttft": Target, "tpot": Target}.get(
-                    str(first["loc"][0]), TenantPolicySpec) if field is not None else TenantPolicySpec
+            sections: dict[str, type[BaseModel]] = {"rate_limits": RateLimits, "ttft": Target, "tpot": Target}
+            section = sections.get(str(first["loc"][0]), TenantPolicySpec) if len(first["loc"]) > 1 \
+                else TenantPolicySpec
             allowed = list(section.model_fields)
         raise PolicySpecError(format_validation_error(exc, where, allowed)) from None
 
@@ -193,7 +191,7 @@ class PolicyVersion:
                           sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> PolicyVersion:
+    def from_json(cls, text: str | bytes) -> PolicyVersion:
         raw = json.loads(text)
         return cls(str(raw["name"]), int(raw["version"]), raw.get("spec"), str(raw.get("author", "")),
                    int(raw.get("created_unix_ms", 0)), str(raw.get("reason", "")), str(raw.get("diff", "")))
@@ -313,7 +311,7 @@ class _RedisVersions:
         return [PolicyVersion.from_json(r) for r in await self.redis.lrange(self._key(name), -limit, -1)]
 
     async def names(self) -> list[str]:
-        return sorted(await self.redis.smembers(self._k_names))
+        return sorted(str(n) for n in await self.redis.smembers(self._k_names))
 
     async def cas(self, entry: PolicyVersion, legacy: dict[str, Any] | None) -> tuple[bool, int]:
         notice = json.dumps({"kind": "policy", "key": entry.name, "origin": self.store.origin})
