@@ -164,6 +164,8 @@ class Router:
             slo_class, policy = self._tenant_defaults.get(name, (tenant.slo_class, tenant.policy))
             priority = None
             doc = stored.get(name)
+            if doc and self._invalid_stored_policy(name, doc):
+                continue  # keep the tenant's last good policy (logged loudly)
             if doc:
                 if doc.get("slo_class") in self.config.slo_classes:
                     slo_class = doc["slo_class"]
@@ -175,6 +177,21 @@ class Router:
                 log.info("tenant policy applied", extra={"tenant": name, "slo_class": slo_class,
                                                          "dispatch_policy": policy, "priority": priority})
             tenant.slo_class, tenant.policy, tenant.priority = slo_class, policy, priority
+
+    def _invalid_stored_policy(self, name: str, doc: dict[str, Any]) -> bool:
+        """A stored policy naming an SLO class or profile this router lacks (written around
+        the Admin service's validation, or by a router with another config): never applied
+        half-way."""
+        problems = []
+        if doc.get("slo_class") and doc["slo_class"] not in self.config.slo_classes:
+            problems.append(f"slo_class {doc['slo_class']!r} is not one of {sorted(self.config.slo_classes)}")
+        if doc.get("dispatch_policy") and doc["dispatch_policy"] not in self.dispatcher.policies:
+            problems.append(f"dispatch_policy {doc['dispatch_policy']!r} is not one of "
+                            f"{sorted(self.dispatcher.policies)}")
+        if problems:
+            log.error("stored tenant policy is invalid; keeping the last good one",
+                      extra={"tenant": name, "version": doc.get("version"), "problem": "; ".join(problems)})
+        return bool(problems)
 
     async def _follow_policies(self) -> None:
         """Re-apply on every policy change notice from the store."""

@@ -199,3 +199,28 @@ async def test_unversioned_put_policy_is_a_version(store: StateStore) -> None:
         assert deleted.deleted
         history = await cp.stubs["viewer"].PolicyHistory(admin_pb2.PolicyHistoryRequest(name="acme"))
         assert [v.deleted for v in history.versions] == [False, True]
+
+
+async def test_router_keeps_last_good_policy_when_stored_one_is_invalid(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from router.app import Router
+    from router.config import parse_router_config
+
+    store = open_store(f"file://{tmp_path / 'state.db'}")
+    config = parse_router_config({"tenants": {"acme": {"api_keys": ["sk-acme"], "slo_class": "interactive"}}},
+                                 "r.yaml")
+    router = Router(config, store=store)
+    await router.start(background=False)
+    try:
+        await PolicyVersions(store).commit("acme", {"slo_class": "batch", "priority": 5}, expected_version=None,
+                                           author="t", reason="t")
+        await router.apply_policies()
+        acme = router.tenants.tenants["acme"]
+        assert (acme.slo_class, acme.priority) == ("batch", 5)
+        # Written around the validation (an older router, a hand edit): never applied.
+        await store.put_policy("acme", {"tenant": "acme", "slo_class": "gold", "priority": 1})
+        await router.apply_policies()
+        assert (acme.slo_class, acme.priority) == ("batch", 5)
+        assert any("keeping the last good one" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
+    finally:
+        await router.stop()
