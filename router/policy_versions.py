@@ -132,9 +132,11 @@ def parse_document(raw: Any, where: str) -> tuple[str, TenantPolicySpec]:
     """`{name, spec}` (optionally `kind: SloPolicy`) as the CLI reads it from a file."""
     if not isinstance(raw, Mapping):
         raise PolicySpecError(f"{where}: expected a mapping {{name, spec}}, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - {"kind", "name", "spec"})
+    # `metadata` (version, author, ...) is what `tokenyard policy get -o yaml` adds; it is
+    # ignored, so that output applies back as it is.
+    unknown = sorted(set(raw) - {"kind", "name", "spec", "metadata"})
     if unknown:
-        raise PolicySpecError(f"{where}: unknown key {unknown[0]!r}; allowed: kind, name, spec")
+        raise PolicySpecError(f"{where}: unknown key {unknown[0]!r}; allowed: kind, name, spec, metadata")
     if raw.get("kind", "SloPolicy") != "SloPolicy":
         raise PolicySpecError(f"{where}.kind: expected 'SloPolicy', got {raw.get('kind')!r}")
     if "name" not in raw:
