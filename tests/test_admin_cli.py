@@ -117,6 +117,10 @@ async def test_apply_diff_history_rollback(plane: Plane, capsys: pytest.CaptureF
     assert (await cli(capsys, "policy", "diff", "-f", first))[0] == 0
     code, out, _ = await cli(capsys, "policy", "apply", "-f", second, "--dry-run=server")
     assert code == 0 and "nothing stored" in out and "--trace FILE" in out
+    trace = Path(__file__).resolve().parents[1] / "sim" / "examples" / "traces" / "burstgpt_head.csv"
+    code, out, _ = await cli(capsys, "policy", "apply", "-f", second, "--dry-run=server", "--trace", str(trace))
+    assert code == 0 and "slo_attainment    current 1.0000" in out and "cost_usd" in out
+    assert "every request is taken as theirs" in out and "nothing stored" in out
     # Without --yes and without a terminal the CLI refuses instead of guessing.
     code, _, err = await cli(capsys, "policy", "apply", "-f", second, "--reason", "move")
     assert code == EXIT_DECLINED and "--yes" in err
