@@ -224,3 +224,14 @@ async def test_router_keeps_last_good_policy_when_stored_one_is_invalid(
         assert any("keeping the last good one" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
     finally:
         await router.stop()
+
+
+def test_the_documented_policy_file_is_valid() -> None:
+    import re
+
+    import yaml
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "admin.md").read_text()
+    block = re.findall(r"```yaml\n(.*?)```", text, re.S)[0]
+    name, spec = parse_document(yaml.safe_load(block), "docs/admin.md")
+    assert name == "acme" and spec.profile == "headroom" and spec.rate_limits.max_concurrent == 32
