@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -36,11 +37,14 @@ from router.errors import error_body, normalize_engine_error, normalize_sse_erro
 from router.health import HealthMonitor
 from router.load import LoadMonitor
 from router.metrics import RouterMetrics
+from router.policy_versions import stored_policy_problems
 from router.proxy import PoolSet, UpstreamError
+from router.rate_limiter import build_rate_limiter, estimate_tokens
 from router.registry import InstanceRegistry
 from router.state import InstanceRecord, StateStore
 from router.tenants import AuthError, RetryBudget, Tenant, TenantTable
 from router.validation import BadRequest, max_context_tokens, validate
+from scheduler.rate_limit import limits_from_policy
 from scheduler.types import NoInstanceAvailable, RequestInfo
 
 log = logging.getLogger(__name__)
@@ -97,6 +101,7 @@ class Router:
         layer = self.dispatcher.layer
         self.admission = (RouterAdmission(self.dispatcher, self.metrics, layer.new_admission_queue())
                           if layer.admission_enabled else None)
+        self.rate_limiter = build_rate_limiter(store)  # per-tenant buckets of Admin policies
         self.tenants = TenantTable(
             [(Tenant(t.name, t.slo_class, t.policy, RetryBudget(t.retry_ratio, t.retry_min_per_s, t.retry_burst)),
               t.api_keys) for t in config.tenants],
@@ -177,17 +182,11 @@ class Router:
                 log.info("tenant policy applied", extra={"tenant": name, "slo_class": slo_class,
                                                          "dispatch_policy": policy, "priority": priority})
             tenant.slo_class, tenant.policy, tenant.priority = slo_class, policy, priority
+            tenant.rate_limits = doc.get("rate_limits") or None if doc else None
 
     def _invalid_stored_policy(self, name: str, doc: dict[str, Any]) -> bool:
-        """A stored policy naming an SLO class or profile this router lacks (written around
-        the Admin service's validation, or by a router with another config): never applied
-        half-way."""
-        problems = []
-        if doc.get("slo_class") and doc["slo_class"] not in self.config.slo_classes:
-            problems.append(f"slo_class {doc['slo_class']!r} is not one of {sorted(self.config.slo_classes)}")
-        if doc.get("dispatch_policy") and doc["dispatch_policy"] not in self.dispatcher.policies:
-            problems.append(f"dispatch_policy {doc['dispatch_policy']!r} is not one of "
-                            f"{sorted(self.dispatcher.policies)}")
+        """A stored policy naming an SLO class or profile this router lacks is never applied."""
+        problems = stored_policy_problems(doc, self.config.slo_classes, self.dispatcher.policies)
         if problems:
             log.error("stored tenant policy is invalid; keeping the last good one",
                       extra={"tenant": name, "version": doc.get("version"), "problem": "; ".join(problems)})
@@ -409,6 +408,8 @@ class Router:
             self.metrics.request_done(tenant.name, "", 400)
             await self._send_json(send, 400, error_body(400, str(exc), param=exc.param), rid_header)
             return
+        if tenant.rate_limits and await self._rate_limited(send, tenant, body, rid_header):
+            return
         model = body["model"]
         candidates = self.dispatcher.candidates(model)
         if candidates and candidates[0].model != model:
@@ -500,6 +501,23 @@ class Router:
             self.metrics.inflight.dec()
             if self.admission is not None:
                 self.admission.release()  # capacity freed: held requests may go
+
+    async def _rate_limited(self, send: Send, tenant: Tenant, body: dict[str, Any],
+                            rid_header: list[tuple[bytes, bytes]]) -> bool:
+        """429 + Retry-After when the tenant's Admin policy rate limits are spent."""
+        limits = limits_from_policy(tenant.rate_limits)
+        if not limits:
+            return False
+        costs = {"requests": 1.0, "tokens": float(estimate_tokens(body))}
+        allowed, wait_s = await self.rate_limiter.check(tenant.name, limits, costs)
+        if allowed:
+            return False
+        self.metrics.request_done(tenant.name, "", 429)
+        retry_after = str(max(1, math.ceil(wait_s)) if math.isfinite(wait_s) else 60).encode()
+        await self._send_json(send, 429, error_body(429, f"rate limit of tenant '{tenant.name}' exceeded; retry "
+                                                         f"after {retry_after.decode()} s", code="rate_limit_exceeded"),
+                              [*rid_header, (b"retry-after", retry_after)])
+        return True
 
     async def _refuse(self, send: Send, refusal: Any, tenant: Tenant, model: str,
                       rid_header: list[tuple[bytes, bytes]]) -> None:

@@ -175,6 +175,18 @@ def legacy_form(name: str, spec: Mapping[str, Any], version: int) -> dict[str, A
     return out
 
 
+def stored_policy_problems(doc: Mapping[str, Any], slo_classes: Collection[str],
+                           profiles: Collection[str]) -> list[str]:
+    """Why a stored (mirrored) policy cannot be applied by a router with these names: one
+    written around the Admin service's validation, or by a router with another config."""
+    problems = []
+    if doc.get("slo_class") and doc["slo_class"] not in slo_classes:
+        problems.append(f"slo_class {doc['slo_class']!r} is not one of {sorted(slo_classes)}")
+    if doc.get("dispatch_policy") and doc["dispatch_policy"] not in profiles:
+        problems.append(f"dispatch_policy {doc['dispatch_policy']!r} is not one of {sorted(profiles)}")
+    return problems
+
+
 @dataclass(frozen=True, slots=True)
 class PolicyVersion:
     """One version of a tenant's policy; `spec` None means the policy was deleted."""

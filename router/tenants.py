@@ -48,6 +48,7 @@ class Tenant:
     policy: str | None = None  # name of a dispatch policy in the router config; None: by SLO class
     retry_budget: RetryBudget = field(default_factory=RetryBudget)
     priority: int | None = None  # set by an Admin policy; None: the SLO class's priority
+    rate_limits: dict[str, int] | None = None  # set by an Admin policy (router/rate_limiter.py)
 
 
 class AuthError(Exception):

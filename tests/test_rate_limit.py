@@ -103,3 +103,44 @@ async def test_local_limiter_and_redis_down_admits() -> None:
         assert await RedisRateLimiter(down).check("a", limits, {"requests": 1}) == (True, 0.0)
     finally:
         await down.close()
+
+
+# -- through the router's front door ------------------------------------------------------
+@pytest.mark.parametrize("backend", ["file", "redis"])
+async def test_router_answers_429_with_retry_after(backend: str, tmp_path: object) -> None:
+    import httpx
+
+    from router.policy_versions import PolicyVersions
+    from router.state import open_store
+    from tests.test_router_support import fake_engines, running_router
+
+    prefix = f"tytest:{uuid.uuid4().hex[:10]}:"
+    url = f"file://{tmp_path}/state.db" if backend == "file" else f"{REDIS_URL}?prefix={prefix}"
+    doc = {"tenants": {"acme": {"api_keys": ["sk-acme"]}, "globex": {"api_keys": ["sk-globex"]}}}
+    body = {"model": "llama-3-8b", "prompt": "p", "max_tokens": 2}
+    with fake_engines(()) as (engine,):
+        async with running_router([engine.record("e0")], doc, store=open_store(url)) as a, \
+                running_router([engine.record("e0")], doc, store=open_store(url)) as b, \
+                httpx.AsyncClient() as http:
+            writer = open_store(url)
+            await PolicyVersions(writer).commit("acme", {"rate_limits": {"requests_per_minute": 4}},
+                                                expected_version=None, author="t", reason="cap acme")
+            await writer.close()
+            for server in (a, b):
+                await server.router.apply_policies()
+            statuses, retry_after = [], set()
+            # Redis: one bucket shared by both replicas, asked alternately. The embedded
+            # default keeps a bucket per router process, so one replica is asked.
+            servers = (a, b) if backend == "redis" else (a,)
+            for i in range(8):
+                server = servers[i % len(servers)]
+                got = await http.post(server.url + "/v1/completions", json=body,
+                                      headers={"Authorization": "Bearer sk-acme"})
+                statuses.append(got.status_code)
+                if got.status_code == 429:
+                    retry_after.add(got.headers["retry-after"])
+                    assert got.json()["error"]["code"] == "rate_limit_exceeded"
+            other = await http.post(a.url + "/v1/completions", json=body, headers={"Authorization": "Bearer sk-globex"})
+    assert other.status_code == 200  # only acme is limited
+    assert statuses == [200] * 4 + [429] * 4
+    assert retry_after and retry_after <= {"15", "14"}  # 60 s / 4 requests per token
