@@ -1,4 +1,4 @@
-"""`tokenyard policy|instances|context|completion`: the operator's CLI for the Admin service.
+"""`tokenyard policy|instances|keys|context|completion`: the operator's CLI for the Admin service.
 
     tokenyard context set local --address 127.0.0.1:50051 --token-file .tokenyard/control-tokens.yaml
     tokenyard context use local
@@ -7,6 +7,7 @@
     tokenyard policy history acme
     tokenyard policy rollback acme --to 3 --reason "v4 broke acme's TTFT" --yes
     tokenyard instances drain e0 ; tokenyard instances list -o json
+    tokenyard keys create acme ; tokenyard keys rotate 3f2a9c01b4de --yes ; tokenyard keys list
     tokenyard completion bash > /etc/bash_completion.d/tokenyard
 
 Writes are compare-and-set: `apply`, `rollback` and `delete` read the current version,
@@ -449,6 +450,44 @@ def cmd_instances_drain(args: argparse.Namespace) -> int:
     return run_with_client(args, body)
 
 
+# -- API keys -----------------------------------------------------------------------------
+def key_dict(info: Any) -> dict[str, Any]:
+    import datetime
+
+    def when(ms: int) -> str:
+        return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if ms else ""
+
+    return {"key_id": info.key_id, "tenant": info.tenant, "created": when(info.created_unix_ms),
+            "revoked": when(info.revoked_unix_ms)}
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from tokenyard.v1 import admin_pb2
+
+    action = args.keys_command
+
+    async def body(client: Client) -> int:
+        if action == "list":
+            found = await client.call("ListApiKeys", admin_pb2.ListApiKeysRequest(tenant=args.tenant or ""))
+            emit(args, [key_dict(k) for k in found.keys], ("key_id", "tenant", "created", "revoked"))
+            return EXIT_OK
+        if action == "revoke":
+            confirm(args, f"revoke API key {args.key_id}? requests with it will be refused")
+            emit(args, key_dict(await client.call("RevokeApiKey", admin_pb2.RevokeApiKeyRequest(key_id=args.key_id))),
+                 ("key_id", "tenant", "revoked"))
+            return EXIT_OK
+        if action == "create":
+            made = await client.call("CreateApiKey", admin_pb2.CreateApiKeyRequest(tenant=args.tenant))
+        else:
+            confirm(args, f"rotate API key {args.key_id}? the old key stops working now")
+            made = await client.call("RotateApiKey", admin_pb2.RotateApiKeyRequest(key_id=args.key_id))
+        emit(args, {**key_dict(made.key), "api_key": made.api_key}, ("key_id", "tenant", "api_key"))
+        print("store the api_key now: it is not shown again (only its salted hash is kept)", file=sys.stderr)
+        return EXIT_OK
+
+    return run_with_client(args, body)
+
+
 # -- context, completion ------------------------------------------------------------------
 def cmd_context(args: argparse.Namespace) -> int:
     path = contexts_path()
@@ -555,6 +594,21 @@ def register(subparsers: Any) -> None:
         p = sub.add_parser(action, parents=[common], help=text)
         p.add_argument("id")
         p.set_defaults(handler=handle(cmd_instances_drain))
+
+    keys = subparsers.add_parser("keys", help="tenants' API keys: create, rotate, revoke, list")
+    sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    p = sub.add_parser("create", parents=[common], help="a new key for a tenant (printed once)")
+    p.add_argument("tenant")
+    p.set_defaults(handler=handle(cmd_keys))
+    for action, text in (("rotate", "a new key for the key's tenant; the old one is revoked"),
+                         ("revoke", "the key stops working in every replica within a second")):
+        p = sub.add_parser(action, parents=[common], help=text)
+        p.add_argument("key_id")
+        p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+        p.set_defaults(handler=handle(cmd_keys))
+    p = sub.add_parser("list", parents=[common], help="the keys (never their secrets)")
+    p.add_argument("--tenant")
+    p.set_defaults(handler=handle(cmd_keys))
 
     context = subparsers.add_parser("context", help="control planes the CLI talks to (a kubeconfig-like file)")
     sub = context.add_subparsers(dest="context_command", metavar="ACTION", required=True)

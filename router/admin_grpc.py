@@ -32,6 +32,7 @@ import grpc
 
 from router.auth import AuthInterceptor, ControlAuth, current_principal, in_cidrs
 from router.discovery import AdminRegistration, UnknownInstance
+from router.keys_admin import KeysAdminMixin
 from router.policy_admin import PolicyAdminMixin
 from router.registry import InstanceRegistry
 from router.state import InstanceRecord, StateStore, StateStoreError
@@ -70,7 +71,7 @@ def policy_from_dict(tenant: str, raw: Mapping[str, Any]) -> admin_pb2.SloPolicy
         priority=int(raw.get("priority", 0)), dispatch_policy=str(raw.get("dispatch_policy", "")))
 
 
-class AdminService(PolicyAdminMixin, admin_pb2_grpc.AdminServicer):
+class AdminService(PolicyAdminMixin, KeysAdminMixin, admin_pb2_grpc.AdminServicer):
     """Constructed with the registry, the store and the lease keeper of self-registered
     instances. `slo_classes` / `dispatch_policies` are the names PutPolicy accepts (None:
     any); `desired_pool_sizes` is the planner's target per pool (None: the registered

@@ -35,6 +35,7 @@ from router.config import RouterConfig
 from router.dispatcher import Dispatcher
 from router.errors import error_body, normalize_engine_error, normalize_sse_errors
 from router.health import HealthMonitor
+from router.keys import KeyCache, KeyStore, sync_router_keys
 from router.load import LoadMonitor
 from router.metrics import RouterMetrics
 from router.policy_versions import stored_policy_problems
@@ -155,6 +156,9 @@ class Router:
                 dispatch_policies=sorted(self.dispatcher.policies), tenant_for_api_key=self._tenant_for_pick,
                 auth=self.config.control_auth)
         if self.store is not None:
+            self.key_cache = KeyCache(KeyStore(self.store))  # API keys of the Admin service
+            self.tenants.stored_lookup = self.key_cache.tenant_for
+            await sync_router_keys(self)
             await self.apply_policies()
             if background:
                 self._spawn(self._follow_policies())
@@ -198,7 +202,9 @@ class Router:
         while True:
             try:
                 async for change in self.store.watch():
-                    if change.kind in ("policy", "any"):
+                    if change.kind in ("keys", "any"):
+                        await sync_router_keys(self)
+                    if change.kind in ("policy", "keys", "any"):
                         await self.apply_policies()
                 return  # the store was closed
             except asyncio.CancelledError:
@@ -212,6 +218,7 @@ class Router:
         while True:
             await asyncio.sleep(every_s)
             with contextlib.suppress(Exception):
+                await sync_router_keys(self)
                 await self.apply_policies()
 
     async def stop(self) -> None:

@@ -138,7 +138,7 @@ def test_contract_shape() -> None:
         "RegisterInstance", "DeregisterInstance", "DrainInstance", "Heartbeat", "ListInstances",
         # versioned policies (router/policy_admin.py)
         "ApplyPolicy", "GetPolicyVersion", "ListCurrentPolicies", "PolicyHistory", "RollbackPolicy",
-        "RemovePolicy",
+        "RemovePolicy", "CreateApiKey", "RotateApiKey", "RevokeApiKey", "ListApiKeys",
     }
     # Round trip through the wire format keeps every load field.
     snapshot = worker_pb2.LoadSnapshot(

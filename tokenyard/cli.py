@@ -23,7 +23,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "tokenyard.up",  # tokenyard up
     "learn.cli",  # tokenyard train rank|tier
     "tokenyard.config_cli",  # tokenyard config check|migrate
-    "router.admin_cli",  # tokenyard policy|instances|context|completion
+    "router.admin_cli",  # tokenyard policy|instances|keys|context|completion
 )
 
 

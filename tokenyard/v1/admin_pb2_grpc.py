@@ -115,6 +115,26 @@ class AdminStub:
                 request_serializer=tokenyard_dot_v1_dot_admin__pb2.RemovePolicyRequest.SerializeToString,
                 response_deserializer=tokenyard_dot_v1_dot_admin__pb2.ApplyPolicyResponse.FromString,
                 _registered_method=True)
+        self.CreateApiKey = channel.unary_unary(
+                '/tokenyard.v1.Admin/CreateApiKey',
+                request_serializer=tokenyard_dot_v1_dot_admin__pb2.CreateApiKeyRequest.SerializeToString,
+                response_deserializer=tokenyard_dot_v1_dot_admin__pb2.ApiKeyCreated.FromString,
+                _registered_method=True)
+        self.RotateApiKey = channel.unary_unary(
+                '/tokenyard.v1.Admin/RotateApiKey',
+                request_serializer=tokenyard_dot_v1_dot_admin__pb2.RotateApiKeyRequest.SerializeToString,
+                response_deserializer=tokenyard_dot_v1_dot_admin__pb2.ApiKeyCreated.FromString,
+                _registered_method=True)
+        self.RevokeApiKey = channel.unary_unary(
+                '/tokenyard.v1.Admin/RevokeApiKey',
+                request_serializer=tokenyard_dot_v1_dot_admin__pb2.RevokeApiKeyRequest.SerializeToString,
+                response_deserializer=tokenyard_dot_v1_dot_admin__pb2.ApiKeyInfo.FromString,
+                _registered_method=True)
+        self.ListApiKeys = channel.unary_unary(
+                '/tokenyard.v1.Admin/ListApiKeys',
+                request_serializer=tokenyard_dot_v1_dot_admin__pb2.ListApiKeysRequest.SerializeToString,
+                response_deserializer=tokenyard_dot_v1_dot_admin__pb2.ListApiKeysResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -244,6 +264,37 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateApiKey(self, request, context):
+        """---- tenants' API keys (router/keys.py): stored only as salted hashes; every router
+        replica accepts a new key, and refuses a revoked one, within a second.
+
+        A new key for a tenant; the plaintext key is in this response only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateApiKey(self, request, context):
+        """A new key for the same tenant; the old one is revoked once the new one exists.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeApiKey(self, request, context):
+        """Revoke a key (it stays listed, revoked). NOT_FOUND for an unknown key id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApiKeys(self, request, context):
+        """The keys (never their secrets), ordered by tenant, then creation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -326,6 +377,26 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.RemovePolicy,
                     request_deserializer=tokenyard_dot_v1_dot_admin__pb2.RemovePolicyRequest.FromString,
                     response_serializer=tokenyard_dot_v1_dot_admin__pb2.ApplyPolicyResponse.SerializeToString,
+            ),
+            'CreateApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateApiKey,
+                    request_deserializer=tokenyard_dot_v1_dot_admin__pb2.CreateApiKeyRequest.FromString,
+                    response_serializer=tokenyard_dot_v1_dot_admin__pb2.ApiKeyCreated.SerializeToString,
+            ),
+            'RotateApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateApiKey,
+                    request_deserializer=tokenyard_dot_v1_dot_admin__pb2.RotateApiKeyRequest.FromString,
+                    response_serializer=tokenyard_dot_v1_dot_admin__pb2.ApiKeyCreated.SerializeToString,
+            ),
+            'RevokeApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeApiKey,
+                    request_deserializer=tokenyard_dot_v1_dot_admin__pb2.RevokeApiKeyRequest.FromString,
+                    response_serializer=tokenyard_dot_v1_dot_admin__pb2.ApiKeyInfo.SerializeToString,
+            ),
+            'ListApiKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApiKeys,
+                    request_deserializer=tokenyard_dot_v1_dot_admin__pb2.ListApiKeysRequest.FromString,
+                    response_serializer=tokenyard_dot_v1_dot_admin__pb2.ListApiKeysResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -761,6 +832,114 @@ class Admin:
             '/tokenyard.v1.Admin/RemovePolicy',
             tokenyard_dot_v1_dot_admin__pb2.RemovePolicyRequest.SerializeToString,
             tokenyard_dot_v1_dot_admin__pb2.ApplyPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenyard.v1.Admin/CreateApiKey',
+            tokenyard_dot_v1_dot_admin__pb2.CreateApiKeyRequest.SerializeToString,
+            tokenyard_dot_v1_dot_admin__pb2.ApiKeyCreated.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenyard.v1.Admin/RotateApiKey',
+            tokenyard_dot_v1_dot_admin__pb2.RotateApiKeyRequest.SerializeToString,
+            tokenyard_dot_v1_dot_admin__pb2.ApiKeyCreated.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenyard.v1.Admin/RevokeApiKey',
+            tokenyard_dot_v1_dot_admin__pb2.RevokeApiKeyRequest.SerializeToString,
+            tokenyard_dot_v1_dot_admin__pb2.ApiKeyInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApiKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenyard.v1.Admin/ListApiKeys',
+            tokenyard_dot_v1_dot_admin__pb2.ListApiKeysRequest.SerializeToString,
+            tokenyard_dot_v1_dot_admin__pb2.ListApiKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,
