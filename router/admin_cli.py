@@ -232,10 +232,14 @@ def read_policy_file(path: str) -> tuple[str, dict[str, Any]]:
 
     source = Path(path)
     try:
-        size = source.stat().st_size
+        if path == "-":
+            text = sys.stdin.read(MAX_FILE_BYTES + 1)
+            size = len(text.encode("utf-8"))
+        else:
+            size = source.stat().st_size
+            text = source.read_text(encoding="utf-8") if size <= MAX_FILE_BYTES else ""
         if size > MAX_FILE_BYTES:
-            raise CliError(EXIT_INVALID, f"{path}: {size} bytes; a policy file is at most {MAX_FILE_BYTES}")
-        text = sys.stdin.read(MAX_FILE_BYTES + 1) if path == "-" else source.read_text(encoding="utf-8")
+            raise CliError(EXIT_INVALID, f"{path}: {size} bytes or more; a policy file is at most {MAX_FILE_BYTES}")
     except OSError as exc:
         raise CliError(EXIT_INVALID, f"{path}: cannot read: {exc.strerror or exc}") from None
     except UnicodeDecodeError:

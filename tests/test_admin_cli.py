@@ -188,6 +188,7 @@ async def test_bad_input_clear_errors_and_codes(plane: Plane, capsys: pytest.Cap
         (policy_file(tmp, "n.yaml", {"spec": {}}), "n.yaml.name: required"),
         (policy_file(tmp, "m.yaml", "name: a\n---\nname: b\n"), "expected one policy document"),
         (str(tmp / "absent.yaml"), "absent.yaml: cannot read: No such file or directory"),
+        (policy_file(tmp, "big.yaml", "#" * (2 << 20)), "a policy file is at most 1048576"),
         # Valid shape, but names the router does not know: the server refuses with the path.
         (policy_file(tmp, "c.yaml", {"name": "acme", "spec": {"slo_class": "gold"}}),
          "spec.slo_class: unknown SLO class 'gold'; known: batch, default, interactive"),
@@ -246,6 +247,10 @@ def test_installed_binary_exit_code_and_completion(tmp_path: Path) -> None:
                            "--token-file", str(token)], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == EXIT_INVALID
     assert "bad.yaml.spec.priority: Input should be a valid integer" in done.stderr
+    piped = subprocess.run([str(exe), "policy", "diff", "-f", "-", "--address", "127.0.0.1:1", "--token-file",
+                            str(token)], input="name: acme\nspec: {slo_class: 3.5.x: y}\n", capture_output=True,
+                           text=True, env=env, timeout=60)
+    assert piped.returncode == EXIT_INVALID and "-:2:" in piped.stderr and "not valid YAML" in piped.stderr
     for shell, marker in (("bash", "complete -o"), ("zsh", "#compdef tokenyard")):
         script = subprocess.run([str(exe), "completion", shell], capture_output=True, text=True, env=env, timeout=60)
         assert script.returncode == 0 and marker in script.stdout and "rollback" in script.stdout
