@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import math
 import os
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -40,12 +39,11 @@ from router.load import LoadMonitor
 from router.metrics import RouterMetrics
 from router.policy_versions import stored_policy_problems
 from router.proxy import PoolSet, UpstreamError
-from router.rate_limiter import build_rate_limiter, estimate_tokens
+from router.rate_limiter import SLOTS, build_rate_limiter, refuse_over_limits
 from router.registry import InstanceRegistry
 from router.state import InstanceRecord, StateStore
 from router.tenants import AuthError, RetryBudget, Tenant, TenantTable
 from router.validation import BadRequest, max_context_tokens, validate
-from scheduler.rate_limit import limits_from_policy
 from scheduler.types import NoInstanceAvailable, RequestInfo
 
 log = logging.getLogger(__name__)
@@ -347,10 +345,21 @@ class Router:
         await self._send_json(send, 200, self._models_cache[1])
 
     async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._completion(scope, receive, send, True, "/v1/chat/completions")
+        await self._with_slots(self._completion(scope, receive, send, True, "/v1/chat/completions"))
 
     async def _completions(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._completion(scope, receive, send, False, "/v1/completions")
+        await self._with_slots(self._completion(scope, receive, send, False, "/v1/completions"))
+
+    async def _with_slots(self, work: Awaitable[None]) -> None:
+        """The tenant concurrency slots a request took (`_rate_limited`) go back however it ends."""
+        held: list[tuple[str, str]] = []
+        reset = SLOTS.set(held)
+        try:
+            await work
+        finally:
+            SLOTS.reset(reset)
+            for tenant, slot_id in held:
+                await self.rate_limiter.release(tenant, slot_id)
 
     async def _read_body(self, receive: Receive, limit: int) -> bytes | None:
         """The whole body, or None once it exceeds `limit` bytes."""
@@ -415,7 +424,7 @@ class Router:
             self.metrics.request_done(tenant.name, "", 400)
             await self._send_json(send, 400, error_body(400, str(exc), param=exc.param), rid_header)
             return
-        if tenant.rate_limits and await self._rate_limited(send, tenant, body, rid_header):
+        if tenant.rate_limits and await refuse_over_limits(self, send, tenant, body, rid_header):
             return
         model = body["model"]
         candidates = self.dispatcher.candidates(model)
@@ -508,23 +517,6 @@ class Router:
             self.metrics.inflight.dec()
             if self.admission is not None:
                 self.admission.release()  # capacity freed: held requests may go
-
-    async def _rate_limited(self, send: Send, tenant: Tenant, body: dict[str, Any],
-                            rid_header: list[tuple[bytes, bytes]]) -> bool:
-        """429 + Retry-After when the tenant's Admin policy rate limits are spent."""
-        limits = limits_from_policy(tenant.rate_limits)
-        if not limits:
-            return False
-        costs = {"requests": 1.0, "tokens": float(estimate_tokens(body))}
-        allowed, wait_s = await self.rate_limiter.check(tenant.name, limits, costs)
-        if allowed:
-            return False
-        self.metrics.request_done(tenant.name, "", 429)
-        retry_after = str(max(1, math.ceil(wait_s)) if math.isfinite(wait_s) else 60).encode()
-        await self._send_json(send, 429, error_body(429, f"rate limit of tenant '{tenant.name}' exceeded; retry "
-                                                         f"after {retry_after.decode()} s", code="rate_limit_exceeded"),
-                              [*rid_header, (b"retry-after", retry_after)])
-        return True
 
     async def _refuse(self, send: Send, refusal: Any, tenant: Tenant, model: str,
                       rid_header: list[tuple[bytes, bytes]]) -> None:

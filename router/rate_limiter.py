@@ -3,7 +3,9 @@
 the Redis script below is the same arithmetic run inside Redis, so that a check and its
 draw are one atomic step across replicas, on Redis's clock (replicas' clocks may differ).
 
-`check(tenant, limits, costs)` answers `(allowed, retry_after_s)`. If Redis cannot be
+`check(tenant, limits, costs)` answers `(allowed, retry_after_s)`; `acquire`/`release`
+hold one of a tenant's `max_concurrent` slots for a request (in Redis a slot is a lease
+that ends by itself, so a replica that dies cannot leak it). If Redis cannot be
 reached the request is admitted and a warning logged (rate-limited): a store outage must
 not become a full outage of the fleet.
 """
@@ -11,13 +13,16 @@ not become a full outage of the fleet.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
 
+from router.errors import error_body
 from router.state import RedisStateStore, StateStore
-from scheduler.rate_limit import BucketState, RateLimit, take_all
+from scheduler.rate_limit import BucketState, RateLimit, limits_from_policy, take_all
 from tokenyard.logs import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -43,6 +48,7 @@ class LocalRateLimiter:
 
     def __init__(self) -> None:
         self._states: dict[tuple[str, str], BucketState] = {}
+        self._slots: dict[str, set[str]] = {}
 
     async def check(self, tenant: str, limits: Mapping[str, RateLimit], costs: Mapping[str, float],
                     now_s: float | None = None) -> tuple[bool, float]:
@@ -54,6 +60,35 @@ class LocalRateLimiter:
             for key in list(self._states)[:len(self._states) - MAX_LOCAL_TENANTS]:
                 del self._states[key]
         return verdict.allowed, verdict.retry_after_s
+
+    async def acquire(self, tenant: str, request_id: str, max_concurrent: int, lease_s: float) -> bool:
+        """A concurrency slot of the tenant (True: taken; `release` gives it back)."""
+        held = self._slots.setdefault(tenant, set())
+        if len(held) >= max_concurrent:
+            return False
+        held.add(request_id)
+        return True
+
+    async def release(self, tenant: str, request_id: str) -> None:
+        held = self._slots.get(tenant)
+        if held is not None:
+            held.discard(request_id)
+            if not held:
+                del self._slots[tenant]
+
+
+# A tenant's requests in flight across replicas: a sorted set of request ids scored by
+# lease end, so the slots of a replica that died free themselves when their lease ends.
+# KEYS[1]: the set. ARGV: max, lease ms, request id. Returns 1 when the slot is taken.
+_ACQUIRE_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
 
 
 # KEYS[1]: the tenant's hash. ARGV: now_s ('' = Redis TIME), idle TTL ms, then per bucket:
@@ -110,6 +145,7 @@ class RedisRateLimiter:
     def __init__(self, store: RedisStateStore) -> None:
         self.store = store
         self._take = store._redis.register_script(_TAKE_LUA)
+        self._acquire = store._redis.register_script(_ACQUIRE_LUA)
 
     async def check(self, tenant: str, limits: Mapping[str, RateLimit], costs: Mapping[str, float],
                     now_s: float | None = None) -> tuple[bool, float]:
@@ -125,9 +161,68 @@ class RedisRateLimiter:
             return True, 0.0
         return bool(int(allowed)), float(wait)
 
+    async def acquire(self, tenant: str, request_id: str, max_concurrent: int, lease_s: float) -> bool:
+        try:
+            taken = await asyncio.wait_for(self._acquire(
+                keys=[f"{self.store.prefix}inflight:{tenant}"],
+                args=[max_concurrent, max(1, int(lease_s * 1000)), request_id]), timeout=1.0)
+        except Exception as exc:  # as for the buckets: admit while Redis is away
+            _warnings.warning("rate-limit:unavailable", "rate limit store unavailable; admitting",
+                              extra={"tenant": tenant, "error": str(exc)})
+            return True
+        return bool(int(taken))
+
+    async def release(self, tenant: str, request_id: str) -> None:
+        try:
+            await asyncio.wait_for(self.store._redis.zrem(f"{self.store.prefix}inflight:{tenant}", request_id), 1.0)
+        except Exception as exc:  # the lease frees the slot anyway
+            _warnings.warning("rate-limit:release", "could not release a concurrency slot; its lease will",
+                              extra={"tenant": tenant, "error": str(exc)})
+
 
 RateLimiter = LocalRateLimiter | RedisRateLimiter
 
 
 def build_rate_limiter(store: StateStore | None) -> RateLimiter:
     return RedisRateLimiter(store) if isinstance(store, RedisStateStore) else LocalRateLimiter()
+
+
+# -- the router's front door --------------------------------------------------------------
+#: Concurrency slots taken by the request being served: `Router._with_slots` gives them back
+#: when the request ends, however it ends.
+SLOTS: contextvars.ContextVar[list[tuple[str, str]] | None] = contextvars.ContextVar("tokenyard_slots",
+                                                                                      default=None)
+CONCURRENCY_LEASE_S = 900.0  # a slot held past this (a replica that died) frees itself
+
+
+async def refuse_over_limits(router: Any, send: Any, tenant: Any, body: Mapping[str, Any],
+                             rid_header: list[tuple[bytes, bytes]]) -> bool:
+    """Answer 429 + Retry-After (True) when the tenant's Admin policy limits are spent: a
+    concurrency slot (held until the request ends), then the request and token buckets."""
+    limiter: RateLimiter = router.rate_limiter
+    max_concurrent = (tenant.rate_limits or {}).get("max_concurrent")
+    held = SLOTS.get()
+    if isinstance(max_concurrent, int) and max_concurrent > 0 and held is not None:
+        slot_id = f"{router._id_prefix}slot-{next(router._ids)}"
+        if not await limiter.acquire(tenant.name, slot_id, max_concurrent, CONCURRENCY_LEASE_S):
+            return await _too_many(router, send, tenant, 1.0, rid_header,
+                                   f"{max_concurrent} concurrent requests of tenant '{tenant.name}' are running")
+        held.append((tenant.name, slot_id))
+    limits = limits_from_policy(tenant.rate_limits)
+    if not limits:
+        return False
+    allowed, wait_s = await limiter.check(tenant.name, limits,
+                                          {"requests": 1.0, "tokens": float(estimate_tokens(body))})
+    if allowed:
+        return False
+    return await _too_many(router, send, tenant, wait_s, rid_header, f"rate limit of tenant '{tenant.name}' exceeded")
+
+
+async def _too_many(router: Any, send: Any, tenant: Any, wait_s: float, rid_header: list[tuple[bytes, bytes]],
+                    what: str) -> bool:
+    router.metrics.request_done(tenant.name, "", 429)
+    retry_after = str(max(1, math.ceil(wait_s)) if math.isfinite(wait_s) else 60).encode()
+    await router._send_json(send, 429, error_body(429, f"{what}; retry after {retry_after.decode()} s",
+                                                  code="rate_limit_exceeded"),
+                            [*rid_header, (b"retry-after", retry_after)])
+    return True

@@ -144,3 +144,39 @@ async def test_router_answers_429_with_retry_after(backend: str, tmp_path: objec
     assert other.status_code == 200  # only acme is limited
     assert statuses == [200] * 4 + [429] * 4
     assert retry_after and retry_after <= {"15", "14"}  # 60 s / 4 requests per token
+
+
+@pytest.mark.parametrize("backend", ["file", "redis"])
+async def test_max_concurrent_holds_and_slots_come_back(backend: str, tmp_path: object) -> None:
+    import httpx
+
+    from router.policy_versions import PolicyVersions
+    from router.state import open_store
+    from tests.test_router_support import fake_engines, running_router
+
+    url = (f"file://{tmp_path}/state.db" if backend == "file"
+           else f"{REDIS_URL}?prefix=tytest:{uuid.uuid4().hex[:10]}:")
+    doc = {"tenants": {"acme": {"api_keys": ["sk-acme"]}}}
+    body = {"model": "llama-3-8b", "prompt": "p", "max_tokens": 5}
+    auth = {"Authorization": "Bearer sk-acme"}
+    with fake_engines(("--token-delay-s", "0.1")) as (engine,):  # ~0.5 s per request
+        async with running_router([engine.record("e0")], doc, store=open_store(url)) as a, \
+                running_router([engine.record("e0")], doc, store=open_store(url)) as b, \
+                httpx.AsyncClient(timeout=10) as http:
+            writer = open_store(url)
+            await PolicyVersions(writer).commit("acme", {"rate_limits": {"max_concurrent": 2}},
+                                                expected_version=None, author="t", reason="two at a time")
+            await writer.close()
+            for server in (a, b):
+                await server.router.apply_policies()
+            servers = (a, b) if backend == "redis" else (a,)  # Redis: the slots are shared
+            answers = await asyncio.gather(*(http.post(servers[i % len(servers)].url + "/v1/completions",
+                                                       json=body, headers=auth) for i in range(5)))
+            codes = sorted(r.status_code for r in answers)
+            assert codes == [200, 200, 429, 429, 429]
+            refused = next(r for r in answers if r.status_code == 429)
+            assert refused.headers["retry-after"] == "1" and "2 concurrent requests" in refused.text
+            # Every slot was given back when its request ended (refused ones too).
+            again = await asyncio.gather(*(http.post(servers[i % len(servers)].url + "/v1/completions",
+                                                     json=body, headers=auth) for i in range(2)))
+            assert [r.status_code for r in again] == [200, 200]
