@@ -17,6 +17,7 @@ import contextvars
 import logging
 import math
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -203,7 +204,7 @@ async def refuse_over_limits(router: Any, send: Any, tenant: Any, body: Mapping[
     max_concurrent = (tenant.rate_limits or {}).get("max_concurrent")
     held = SLOTS.get()
     if isinstance(max_concurrent, int) and max_concurrent > 0 and held is not None:
-        slot_id = f"{router._id_prefix}slot-{next(router._ids)}"
+        slot_id = uuid.uuid4().hex  # unique across replicas (request ids are only per process)
         if not await limiter.acquire(tenant.name, slot_id, max_concurrent, CONCURRENCY_LEASE_S):
             return await _too_many(router, send, tenant, 1.0, rid_header,
                                    f"{max_concurrent} concurrent requests of tenant '{tenant.name}' are running")
