@@ -42,7 +42,7 @@ from scheduler.catalog import (
     extend_catalog,
 )
 from scheduler.dispatch import DispatchPolicy, PolicyConfigError, build_policy
-from scheduler.engine_model import EngineModel
+from scheduler.engine_model import EngineModel, PerfFactors, factors_from_table
 from scheduler.queueing import QueuePolicy, QueuePolicyError, build_queue_policy
 from scheduler.types import SloClass
 from sim.engine_core import EngineConfig, EngineConfigError
@@ -70,9 +70,11 @@ class PoolSpec:
     count: int
     engine: EngineConfig
     gpu_memory_utilization: float = 0.9
+    factors: PerfFactors | None = None  # None: the packaged fit for this GPU (`--factors` overrides)
 
     def engine_model(self) -> EngineModel:
-        return EngineModel(self.gpu, self.model, self.tp, gpu_memory_utilization=self.gpu_memory_utilization)
+        return EngineModel(self.gpu, self.model, self.tp, factors=self.factors,
+                           gpu_memory_utilization=self.gpu_memory_utilization)
 
     def instance_ids(self) -> list[str]:
         return [f"{self.name}-{i}" for i in range(self.count)]
@@ -119,6 +121,13 @@ class ClusterSpec:
         picker = self.dispatch.get("picker", "max_score")
         scorers = self.dispatch.get("scorers", ["least_outstanding"])
         return f"picker={_part_name(picker)} scorers={','.join(_part_name(s) for s in scorers)}"
+
+
+def with_factors(cluster: ClusterSpec, table: Mapping[str, PerfFactors]) -> ClusterSpec:
+    """The cluster with every pool's engine model taking its GPU's entry of a factors file
+    (`scheduler.engine_model.load_factors_file`; `"*"` for GPU types it does not list)."""
+    pools = tuple(replace(p, factors=factors_from_table(table, p.gpu)) for p in cluster.pools)
+    return replace(cluster, pools=pools)
 
 
 def _part_name(spec: Any) -> str:

@@ -46,7 +46,7 @@ from prometheus_client.utils import floatToGoString
 
 import tokenyard
 from scheduler.catalog import Catalog, default_catalog
-from scheduler.engine_model import EngineModel
+from scheduler.engine_model import EngineModel, factors_from_table, load_factors_file
 from sim.engine_core import Batch, EngineConfig, EngineCore, EngineRequest, StepOutput
 from sim.textgen import DEFAULT_OUTPUT_LEN_DIST, OutputLengthDist, OutputText
 from sim.worker_grpc import (
@@ -84,6 +84,7 @@ class EmulatedEngineConfig:
     seed: int = 0
     time_scale: float = 1.0
     max_request_body_bytes: int = 16 << 20
+    factors_file: str | None = None  # engine-model factors (`tokenyard calibrate --write`); None: packaged
 
     def __post_init__(self) -> None:
         if self.tp < 1:
@@ -339,7 +340,10 @@ class EmulatedEngine:
         catalog = catalog or default_catalog()
         gpu = catalog.gpu(config.gpu)
         model = catalog.model(config.model)
-        self.engine_model = EngineModel(gpu, model, config.tp)
+        factors = None
+        if config.factors_file:
+            factors = factors_from_table(load_factors_file(config.factors_file), gpu)
+        self.engine_model = EngineModel(gpu, model, config.tp, factors=factors)
         self.core = EngineCore(self.engine_model, config.engine)
         self.served_model_names: tuple[str, ...] = (config.served_model_name or model.name,)
         self.instance_id = config.instance_id or f"{model.name}@{gpu.name}-{uuid.uuid4().hex[:8]}"
