@@ -12,8 +12,9 @@ saturation rate of one replica (completed requests per second under overload, Vi
 
 Tokenyard's engine core always schedules like vLLM V1 (decodes first, then prefill chunks up
 to the token budget, mixed in one step); Vidur's "vllm" scheduler runs prefill-only steps.
-`--factors FILE` runs Tokenyard with another factors file (e.g. the pre-i10 one in
-bench/data/perf_factors_before_i10.json).
+Two Tokenyard variants run: the packaged factors (or `--factors FILE`, e.g. the pre-i10 one in
+bench/data/perf_factors_before_i10.json), and the same with the engine's CPU time set to zero
+(`kernels-only`), which is what Vidur models (its profiles are CUDA kernel times).
 
     python bench/sim_vs_vidur.py [--requests 2000] [--factors FILE]
 """
@@ -26,12 +27,14 @@ import math
 import random
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
 
+from scheduler.engine_model import PerfFactors, fitted_factors, load_factors_file
 from sim.calibrate import default_data_dir
-from sim.cluster import parse_cluster
+from sim.cluster import ClusterSpec, parse_cluster, with_factors
 from sim.simulator import simulate
 from sim.workload import TraceRequest
 
@@ -67,7 +70,18 @@ def workload(pairs: Sequence[tuple[int, int]], qps: float, count: int, seed: int
     return requests
 
 
-def cluster_for(replicas: int, scheduler: str, factors: str | None) -> object:
+CPU_FACTORS = ("iteration_overhead_s", "per_seq_overhead_s", "layer_overhead_s", "sampling_s_per_vocab_seq")
+
+
+def factor_tables(factors_path: str | None) -> dict[str, dict[str, PerfFactors]]:
+    """Tokenyard variants: the factors as packaged (or from --factors), and the same with the
+    engine's CPU time removed (`kernels only`: what Vidur models)."""
+    table = load_factors_file(factors_path) if factors_path else dict(fitted_factors())
+    kernels = {gpu: replace(f, **dict.fromkeys(CPU_FACTORS, 0.0)) for gpu, f in table.items()}
+    return {"tokenyard": table, "kernels-only": kernels}
+
+
+def cluster_for(replicas: int, scheduler: str, table: dict[str, PerfFactors]) -> ClusterSpec:
     budget = 512 if scheduler == "sarathi" else 4096
     pool: dict[str, object] = {
         "name": "a100", "gpu": "A100-80GB", "model": "llama-2-7b", "count": replicas,
@@ -75,13 +89,7 @@ def cluster_for(replicas: int, scheduler: str, factors: str | None) -> object:
                    "enable_prefix_caching": False},
     }
     doc: dict[str, object] = {"default_model": "llama-2-7b", "pools": [pool], "dispatch": {"picker": "round_robin"}}
-    cluster = parse_cluster(doc, "sim_vs_vidur")
-    if factors:
-        from scheduler.engine_model import load_factors_file
-        from sim.cluster import with_factors
-
-        cluster = with_factors(cluster, load_factors_file(factors))
-    return cluster
+    return with_factors(parse_cluster(doc, "sim_vs_vidur"), table)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -94,20 +102,29 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def run_row(row: dict[str, str], data_dir: Path, count: int, factors: str | None) -> dict[str, float]:
+def run_row(row: dict[str, str], data_dir: Path, count: int, table: dict[str, PerfFactors]) -> dict[str, float]:
     pairs = length_pool(data_dir, row["lengths"])
     requests = workload(pairs, float(row["QPS"]), count, seed=1)
-    result = simulate(cluster_for(int(row["replicas"]), row["scheduler"], factors), requests)  # type: ignore[arg-type]
+    result = simulate(cluster_for(int(row["replicas"]), row["scheduler"], table), requests)
     done = [r for r in result.records if not r.rejected and r.finish_s is not None]
     values = {
         "TTFT": [r.ttft_s for r in done if r.ttft_s is not None],
         "TPOT": [r.tpot_s for r in done if r.tpot_s is not None],
         "E2E": [r.e2e_s for r in done if r.e2e_s is not None],
     }
-    out = {f"{m}_p{q}": percentile(values[m], q / 100) for m in METRICS for q in (50, 90)}
-    span = max(r.finish_s or 0.0 for r in done) - min(r.arrival_s for r in done)
-    out["req_per_s"] = len(done) / span if span > 0 else math.nan
-    return out
+    return {f"{m}_p{q}": percentile(values[m], q / 100) for m in METRICS for q in (50, 90)}
+
+
+def saturation_req_per_s(data_dir: Path, lengths: str, scheduler: str, table: dict[str, PerfFactors],
+                         count: int) -> float:
+    """Completed requests per second of one replica under overload (arrivals at 20 req/s):
+    finishes in the middle 60% of the run over its duration (the queue never empties)."""
+    requests = workload(length_pool(data_dir, lengths), 20.0, count, seed=2)
+    result = simulate(cluster_for(1, scheduler, table), requests)
+    finishes = sorted(r.finish_s for r in result.records if r.finish_s is not None)
+    low, high = finishes[len(finishes) // 5], finishes[4 * len(finishes) // 5]
+    inside = sum(1 for t in finishes if low <= t <= high)
+    return inside / (high - low) if high > low else math.nan
 
 
 def main() -> int:
@@ -119,24 +136,33 @@ def main() -> int:
     reference = args.data / "perf/vidur_reference/vidur_0.0.26_latency_runs.csv"
     with reference.open(newline="") as handle:
         rows = [r for r in csv.DictReader(handle) if r["lengths"] != "splitwise_conv_x3"]  # x3: speed repeats
-    header = f"{'lengths':<10} {'rep':>3} {'sched':<7} {'QPS':>4}"
+    tables = factor_tables(args.factors)
+    print("Tokenyard vs Vidur 0.0.26: ms, and the ratio to Vidur (tokenyard = packaged factors; kernels = the "
+          "same without the engine's CPU time)")
+    header = f"{'lengths':<8} {'rep':>3} {'sched':<7} {'QPS':>4}"
     for metric in METRICS:
-        header += f" | {metric + ' p50 ty/vidur':>22} {'p90 ty/vidur':>20}"
-    lines = [header]
+        for q in (50, 90):
+            header += f" | {metric + ' p' + str(q) + ' vidur/ty/kern':>24}"
+    print(header)
     for row in tqdm(rows, desc="runs", file=sys.stderr):
-        ours = run_row(row, args.data, args.requests, args.factors)
-        line = f"{row['lengths'][:10]:<10} {row['replicas']:>3} {row['scheduler']:<7} {row['QPS']:>4}"
+        ours = {label: run_row(row, args.data, args.requests, table) for label, table in tables.items()}
+        line = f"{row['lengths'][:8]:<8} {row['replicas']:>3} {row['scheduler']:<7} {row['QPS']:>4}"
         for metric in METRICS:
             for q in (50, 90):
-                theirs = float(row[f"{metric}_p{q}"])
-                mine = ours[f"{metric}_p{q}"]
-                width = 14 if q == 50 else 12
-                line += (" |" if q == 50 else "") + f" {mine * 1e3:>{width - 7}.0f}/{theirs * 1e3:<6.0f}{mine / theirs:>5.2f}x"
-        line += f" | {ours['req_per_s']:.2f} vs {float(row['req_per_s_sim']):.2f} req/s"
-        lines.append(line)
-        tqdm.write(line, file=sys.stderr)
-    print("Tokenyard vs Vidur 0.0.26 (ms: tokenyard/vidur and the ratio; last column: completed req/s)")
-    print("\n".join(lines))
+                key = f"{metric}_p{q}"
+                theirs = float(row[key])
+                ty, kern = ours["tokenyard"][key], ours["kernels-only"][key]
+                line += f" | {theirs * 1e3:>6.0f} {ty / theirs:>5.2f}x {kern / theirs:>5.2f}x"
+        print(line, flush=True)
+    print()
+    print("Saturation of one replica (completed req/s under overload; Vidur: req_per_s_sim at 8 QPS)")
+    for row in rows:
+        if row["replicas"] != "1" or row["QPS"] != "8":
+            continue
+        ours = {label: saturation_req_per_s(args.data, row["lengths"], row["scheduler"], table, args.requests)
+                for label, table in tables.items()}
+        print(f"{row['lengths']:<16} {row['scheduler']:<8} vidur {float(row['req_per_s_sim']):.2f}  "
+              f"tokenyard {ours['tokenyard']:.2f}  kernels-only {ours['kernels-only']:.2f}")
     return 0
 
 

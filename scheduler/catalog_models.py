@@ -91,6 +91,10 @@ HF_CONFIGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
         "model_type": "mistral", "num_hidden_layers": 40, "hidden_size": 5120, "num_attention_heads": 32,
         "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 32768, "vocab_size": 131072,
         "max_position_embeddings": 32768}),
+    ("mistral-large-123b", "mistralai/Mistral-Large-Instruct-2407", {
+        "model_type": "mistral", "num_hidden_layers": 88, "hidden_size": 12288, "num_attention_heads": 96,
+        "num_key_value_heads": 8, "intermediate_size": 28672, "vocab_size": 32768,
+        "max_position_embeddings": 131072}),
     ("mixtral-8x22b", "mistralai/Mixtral-8x22B-Instruct-v0.1", {
         "model_type": "mixtral", "num_hidden_layers": 56, "hidden_size": 6144, "num_attention_heads": 48,
         "num_key_value_heads": 8, "intermediate_size": 16384, "vocab_size": 32768,
@@ -124,6 +128,10 @@ HF_CONFIGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
         "model_type": "phi3", "num_hidden_layers": 32, "hidden_size": 3072, "num_attention_heads": 32,
         "num_key_value_heads": 32, "intermediate_size": 8192, "vocab_size": 32064,
         "max_position_embeddings": 4096}),
+    ("phi-3-small", "microsoft/Phi-3-small-8k-instruct", {
+        "model_type": "phi3small", "num_hidden_layers": 32, "hidden_size": 4096, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 100352,
+        "max_position_embeddings": 8192}),
     ("phi-3-medium", "microsoft/Phi-3-medium-4k-instruct", {
         "model_type": "phi3", "num_hidden_layers": 40, "hidden_size": 5120, "num_attention_heads": 40,
         "num_key_value_heads": 10, "intermediate_size": 17920, "vocab_size": 32064,
