@@ -407,3 +407,38 @@ class EngineModel:
     def fits(self) -> bool:
         """Whether the weights fit with room for at least one full-length sequence."""
         return self.kv_capacity_tokens() >= min(self.model.max_context_tokens, 2048)
+
+
+@dataclass(frozen=True, slots=True)
+class FrontEndCost:
+    """What a client waits for outside the engine's iterations, per request: the router
+    (authentication, dispatch, forwarding) and the engine's API server (HTTP, JSON, chat
+    template, tokenisation), a fixed part and a part per prompt token.
+
+    Defaults measured on this project's own parts (docs/benchmarks.md, "Front-end cost"):
+    the emulated engine's API path with its engine time off, 1.19 ms + 0.73 us per prompt
+    token (bench/front_end_cost.py, prompts of 16 to 16k tokens), plus the router's added p50
+    at concurrency 1, 0.35 ms (bench/router_overhead.py).
+    """
+
+    fixed_s: float = 0.00154
+    s_per_prompt_token: float = 0.73e-6
+
+    def time_s(self, prompt_tokens: int) -> float:
+        return self.fixed_s + prompt_tokens * self.s_per_prompt_token
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], where: str = "front_end") -> FrontEndCost:
+        """From `{fixed_ms: .., per_prompt_token_us: ..}` (either optional); errors name the key."""
+        unknown = sorted(set(values) - {"fixed_ms", "per_prompt_token_us"})
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: fixed_ms, per_prompt_token_us")
+        for key, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ValueError(f"{where}.{key}: expected a non-negative number, got {value!r}")
+        default = cls()
+        return cls(float(values.get("fixed_ms", default.fixed_s * 1e3)) / 1e3,
+                   float(values.get("per_prompt_token_us", default.s_per_prompt_token * 1e6)) / 1e6)
+
+
+NO_FRONT_END = FrontEndCost(0.0, 0.0)

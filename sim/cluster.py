@@ -42,7 +42,13 @@ from scheduler.catalog import (
     extend_catalog,
 )
 from scheduler.dispatch import DispatchPolicy, PolicyConfigError, build_policy
-from scheduler.engine_model import EngineModel, PerfFactors, factors_from_table
+from scheduler.engine_model import (
+    NO_FRONT_END,
+    EngineModel,
+    FrontEndCost,
+    PerfFactors,
+    factors_from_table,
+)
 from scheduler.queueing import QueuePolicy, QueuePolicyError, build_queue_policy
 from scheduler.types import SloClass
 from sim.engine_core import EngineConfig, EngineConfigError
@@ -50,7 +56,7 @@ from tokenyard.config import ConfigError, check_keys, get, load_yaml, parse_slo_
 
 T = TypeVar("T")
 
-_TOP_KEYS = ("catalog", "default_model", "pools", "dispatch", "queue", "slo_classes", "load_refresh_s")
+_TOP_KEYS = ("catalog", "default_model", "pools", "dispatch", "queue", "slo_classes", "load_refresh_s", "front_end")
 _POOL_KEYS = ("name", "gpu", "model", "tp", "count", "engine")
 _ENGINE_KEYS = (
     "max_num_seqs", "max_num_batched_tokens", "block_size", "enable_prefix_caching",
@@ -99,6 +105,8 @@ class ClusterSpec:
     load_refresh_s: float = 0.0
     source: str = "<cluster>"
     label: str = ""  # a name for comparisons (the policy variant), "" for the configured one
+    # Router + API server time per request added to simulated TTFT and E2E (`front_end:`).
+    front_end: FrontEndCost = field(default_factory=FrontEndCost)
 
     @property
     def num_instances(self) -> int:
@@ -189,7 +197,23 @@ def parse_cluster(doc: Mapping[str, Any], source: str, base_dir: Path | None = N
         catalog=catalog,
         load_refresh_s=load_refresh_s,
         source=source,
+        front_end=_parse_front_end(doc.get("front_end", True), f"{where} front_end"),
     )
+
+
+def _parse_front_end(raw: Any, where: str) -> FrontEndCost:
+    """`front_end: false` (none), true / absent (the measured default), or
+    `{fixed_ms, per_prompt_token_us}`."""
+    if raw is True:
+        return FrontEndCost()
+    if raw is False:
+        return NO_FRONT_END
+    if not isinstance(raw, Mapping):
+        raise ConfigError(where, f"expected true, false or a mapping with fixed_ms / per_prompt_token_us, got {raw!r}")
+    try:
+        return FrontEndCost.from_mapping(raw, where)
+    except ValueError as exc:
+        raise ConfigError(where, str(exc).split(": ", 1)[-1]) from exc
 
 
 def _top_get(doc: Mapping[str, Any], key: str, kind: type[T], source: str, **kwargs: Any) -> T:
