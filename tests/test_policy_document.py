@@ -94,7 +94,7 @@ def test_round_trip_property(max_candidates: int, seed: int, ttl: float, depth: 
      "policy.profiles.default.picker.max_score.x: unknown key; allowed: none"),
     ({"profiles": {"default": {"scorers": ["nope"]}}},
      "policy.profiles.default.scorers[0]: unknown scorer 'nope'; known: least_kv, least_outstanding"),
-    ({"queue": {"sort": "lol"}}, "policy.queue.sort: unknown queue sort 'lol'; known: fcfs, slo_priority"),
+    ({"queue": {"sort": "lol"}}, "policy.queue.sort: unknown queue sort 'lol'; known: fcfs, input_length, learned_rank, slo_priority"),
     ({"admission": {"saturation": {"max_kv_usage": 2}}},
      "policy.admission.saturation.max_kv_usage: Input should be less than or equal to 1 (got 2)"),
     ({"versionx": 1}, "policy.versionx: unknown key; allowed: version, seed, slo_classes"),
