@@ -32,6 +32,8 @@ import grpc
 
 from router.auth import AuthInterceptor, ControlAuth, current_principal, in_cidrs
 from router.discovery import AdminRegistration, UnknownInstance
+from router.keys_admin import KeysAdminMixin
+from router.policy_admin import PolicyAdminMixin
 from router.registry import InstanceRegistry
 from router.state import InstanceRecord, StateStore, StateStoreError
 from scheduler.types import Decision, RequestInfo, SloClass
@@ -69,7 +71,7 @@ def policy_from_dict(tenant: str, raw: Mapping[str, Any]) -> admin_pb2.SloPolicy
         priority=int(raw.get("priority", 0)), dispatch_policy=str(raw.get("dispatch_policy", "")))
 
 
-class AdminService(admin_pb2_grpc.AdminServicer):
+class AdminService(PolicyAdminMixin, KeysAdminMixin, admin_pb2_grpc.AdminServicer):
     """Constructed with the registry, the store and the lease keeper of self-registered
     instances. `slo_classes` / `dispatch_policies` are the names PutPolicy accepts (None:
     any); `desired_pool_sizes` is the planner's target per pool (None: the registered
@@ -112,7 +114,15 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         problem = self._policy_problem(policy)
         if problem:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
-        await self._store_call(context, lambda s: s.put_policy(policy.tenant, policy_to_dict(policy)))
+        # A new version like any other (history, diff, the same validation); the reason says
+        # it came through the unversioned call.
+        spec = {"slo_class": policy.slo_class or "default", "ttft": {"ms": policy.ttft_slo_ms},
+                "tpot": {"ms": policy.tpot_slo_ms}, "priority": policy.priority}
+        if policy.dispatch_policy:
+            spec["profile"] = policy.dispatch_policy
+        await self._versions_call(context, lambda v: v.commit(
+            policy.tenant, self.validated_spec(policy.tenant, spec, "policy"), expected_version=None,
+            author=_who(), reason="PutPolicy (unversioned call)"))
         log.info("policy stored", extra={"tenant": policy.tenant, "slo_class": policy.slo_class,
                                          "dispatch_policy": policy.dispatch_policy, "principal": _who()})
         return policy
@@ -138,7 +148,15 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def DeletePolicy(self, request: admin_pb2.DeletePolicyRequest, context: grpc.aio.ServicerContext) -> admin_pb2.DeletePolicyResponse:
         if not request.tenant:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "tenant: required")
-        deleted = await self._store_call(context, lambda s: s.delete_policy(request.tenant))
+        async def remove(versions: Any) -> bool:
+            current = await versions.current(request.tenant)
+            if current is None or current.spec is None:
+                return False
+            _, changed = await versions.commit(request.tenant, None, expected_version=None, author=_who(),
+                                               reason="DeletePolicy (unversioned call)")
+            return bool(changed)
+
+        deleted = await self._versions_call(context, remove)
         return admin_pb2.DeletePolicyResponse(deleted=bool(deleted))
 
     async def ListPolicies(self, request: admin_pb2.ListPoliciesRequest, context: grpc.aio.ServicerContext) -> admin_pb2.ListPoliciesResponse:

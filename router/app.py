@@ -34,9 +34,12 @@ from router.config import RouterConfig
 from router.dispatcher import Dispatcher
 from router.errors import error_body, normalize_engine_error, normalize_sse_errors
 from router.health import HealthMonitor
+from router.keys import KeyCache, KeyStore, sync_router_keys
 from router.load import LoadMonitor
 from router.metrics import RouterMetrics
+from router.policy_versions import stored_policy_problems
 from router.proxy import PoolSet, UpstreamError
+from router.rate_limiter import SLOTS, build_rate_limiter, refuse_over_limits
 from router.registry import InstanceRegistry
 from router.splice import Splicer
 from router.state import InstanceRecord, StateStore
@@ -100,6 +103,7 @@ class Router:
         self.admission = (RouterAdmission(self.dispatcher, self.metrics, layer.new_admission_queue())
                           if layer.admission_enabled else None)
         self.tiers = build_tier_resolver(config.tiers, seed=seed) if config.tiers else None
+        self.rate_limiter = build_rate_limiter(store)  # per-tenant buckets of Admin policies
         self.tenants = TenantTable(
             [(Tenant(t.name, t.slo_class, t.policy, RetryBudget(t.retry_ratio, t.retry_min_per_s, t.retry_burst)),
               t.api_keys) for t in config.tenants],
@@ -155,6 +159,9 @@ class Router:
                 dispatch_policies=sorted(self.dispatcher.policies), tenant_for_api_key=self._tenant_for_pick,
                 auth=self.config.control_auth)
         if self.store is not None:
+            self.key_cache = KeyCache(KeyStore(self.store))  # API keys of the Admin service
+            self.tenants.stored_lookup = self.key_cache.tenant_for
+            await sync_router_keys(self)
             await self.apply_policies()
             if background:
                 self._spawn(self._follow_policies())
@@ -169,6 +176,8 @@ class Router:
             slo_class, policy = self._tenant_defaults.get(name, (tenant.slo_class, tenant.policy))
             priority = None
             doc = stored.get(name)
+            if doc and self._invalid_stored_policy(name, doc):
+                continue  # keep the tenant's last good policy (logged loudly)
             if doc:
                 if doc.get("slo_class") in self.config.slo_classes:
                     slo_class = doc["slo_class"]
@@ -180,6 +189,15 @@ class Router:
                 log.info("tenant policy applied", extra={"tenant": name, "slo_class": slo_class,
                                                          "dispatch_policy": policy, "priority": priority})
             tenant.slo_class, tenant.policy, tenant.priority = slo_class, policy, priority
+            tenant.rate_limits = doc.get("rate_limits") or None if doc else None
+
+    def _invalid_stored_policy(self, name: str, doc: dict[str, Any]) -> bool:
+        """A stored policy naming an SLO class or profile this router lacks is never applied."""
+        problems = stored_policy_problems(doc, self.config.slo_classes, self.dispatcher.policies)
+        if problems:
+            log.error("stored tenant policy is invalid; keeping the last good one",
+                      extra={"tenant": name, "version": doc.get("version"), "problem": "; ".join(problems)})
+        return bool(problems)
 
     async def _follow_policies(self) -> None:
         """Re-apply on every policy change notice from the store."""
@@ -187,7 +205,9 @@ class Router:
         while True:
             try:
                 async for change in self.store.watch():
-                    if change.kind in ("policy", "any"):
+                    if change.kind in ("keys", "any"):
+                        await sync_router_keys(self)
+                    if change.kind in ("policy", "keys", "any"):
                         await self.apply_policies()
                 return  # the store was closed
             except asyncio.CancelledError:
@@ -201,6 +221,7 @@ class Router:
         while True:
             await asyncio.sleep(every_s)
             with contextlib.suppress(Exception):
+                await sync_router_keys(self)
                 await self.apply_policies()
 
     async def stop(self) -> None:
@@ -331,10 +352,21 @@ class Router:
         await self._send_json(send, 200, self._models_cache[1])
 
     async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._completion(scope, receive, send, True, "/v1/chat/completions")
+        await self._with_slots(self._completion(scope, receive, send, True, "/v1/chat/completions"))
 
     async def _completions(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._completion(scope, receive, send, False, "/v1/completions")
+        await self._with_slots(self._completion(scope, receive, send, False, "/v1/completions"))
+
+    async def _with_slots(self, work: Awaitable[None]) -> None:
+        """The tenant concurrency slots a request took (`_rate_limited`) go back however it ends."""
+        held: list[tuple[str, str]] = []
+        reset = SLOTS.set(held)
+        try:
+            await work
+        finally:
+            SLOTS.reset(reset)
+            for tenant, slot_id in held:
+                await self.rate_limiter.release(tenant, slot_id)
 
     async def _read_body(self, receive: Receive, limit: int) -> bytes | None:
         """The whole body, or None once it exceeds `limit` bytes."""
@@ -398,6 +430,8 @@ class Router:
         except BadRequest as exc:
             self.metrics.request_done(tenant.name, "", 400)
             await self._send_json(send, 400, error_body(400, str(exc), param=exc.param), rid_header)
+            return
+        if tenant.rate_limits and await refuse_over_limits(self, send, tenant, body, rid_header):
             return
         if self.tiers is not None:  # `model: auto` -> the small or the large tier's model
             self.tiers.resolve(body, tenant.name, self.dispatcher.slo_class(tenant), request_id, self.dispatcher)

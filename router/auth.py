@@ -67,6 +67,10 @@ METHOD_ROLES: dict[str, str] = {
     "/tokenyard.v1.Admin/PutPolicy": "admin",
     "/tokenyard.v1.Admin/DeletePolicy": "admin",
     "/tokenyard.v1.Picker/Pick": "picker",
+    # versioned policies (router/policy_admin.py); their writes need admin (the default)
+    "/tokenyard.v1.Admin/GetPolicyVersion": "viewer",
+    "/tokenyard.v1.Admin/ListCurrentPolicies": "viewer",
+    "/tokenyard.v1.Admin/PolicyHistory": "viewer",
 }
 
 #: The principal of the call being served (set by AuthInterceptor; None outside a call).

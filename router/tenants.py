@@ -8,6 +8,7 @@ so a dying fleet is not hammered with a multiple of its normal load.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -48,6 +49,7 @@ class Tenant:
     policy: str | None = None  # name of a dispatch policy in the router config; None: by SLO class
     retry_budget: RetryBudget = field(default_factory=RetryBudget)
     priority: int | None = None  # set by an Admin policy; None: the SLO class's priority
+    rate_limits: dict[str, int] | None = None  # set by an Admin policy (router/rate_limiter.py)
 
 
 class AuthError(Exception):
@@ -65,11 +67,15 @@ class TenantTable:
             for key in keys:
                 self._by_key[key] = tenant
         self.anonymous = anonymous
+        # Keys created through the Admin service (router/keys.py KeyCache.tenant_for).
+        self.stored_lookup: Callable[[str], str | None] | None = None
         if anonymous is not None:
             self.tenants.setdefault(anonymous.name, anonymous)
 
     def tenant_for_key(self, key: str) -> str | None:
         tenant = self._by_key.get(key)
+        if tenant is None and self.stored_lookup is not None:
+            return self.stored_lookup(key)
         return None if tenant is None else tenant.name
 
     def authenticate(self, authorization: bytes | None) -> Tenant:
@@ -87,6 +93,9 @@ class TenantTable:
         tenant = self._by_key.get(key.strip())
         if tenant is not None:
             return tenant
+        name = self.stored_lookup(key.strip()) if self.stored_lookup is not None else None
+        if name is not None:
+            return self.tenants.setdefault(name, Tenant(name))
         if self.anonymous is not None and not self._by_key:
             return self.anonymous
         raise AuthError("incorrect API key provided")

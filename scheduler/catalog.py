@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from scheduler.catalog_models import HF_CONFIGS
+
 
 class CatalogError(ValueError):
     """An unknown name or an invalid catalog entry; the message lists what is allowed."""
@@ -44,10 +46,20 @@ class ModelSpec:
     num_experts: int = 1
     experts_per_token: int = 1
     gated_mlp: bool = True  # SwiGLU-style up+gate+down (Llama); False: up+down (BLOOM, phi-2)
+    # config.json `head_dim` where it is not hidden / heads (Gemma, Qwen3, Mistral-Nemo); 0: derived.
+    head_dim_size: int = 0
+    # Always-active shared-expert MLP width (DeepSeek `n_shared_experts x moe_intermediate_size`,
+    # Qwen2-MoE `shared_expert_intermediate_size`); 0: none.
+    shared_intermediate_size: int = 0
+    # KV-cache elements per token per layer where it is not 2 x kv_heads x head_dim: multi-head
+    # latent attention caches one compressed vector (DeepSeek `kv_lora_rank + qk_rope_head_dim`).
+    kv_cache_dim: int = 0
+    hf_id: str = ""  # the HuggingFace repository whose config.json the fields come from
+    source: str = ""  # where the architecture fields come from
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.head_dim_size or self.hidden_size // self.num_attention_heads
 
     @property
     def attention_params_per_layer(self) -> int:
@@ -59,9 +71,18 @@ class ModelSpec:
         return (3 if self.gated_mlp else 2) * self.hidden_size * self.intermediate_size
 
     @property
+    def shared_mlp_params_per_layer(self) -> int:
+        """Weights of the always-active shared experts of one MoE layer (0 for dense models)."""
+        return (3 if self.gated_mlp else 2) * self.hidden_size * self.shared_intermediate_size
+
+    @property
     def active_linear_params_per_layer(self) -> int:
         """Weights one token multiplies in one layer (attention + its experts' MLPs)."""
-        return self.attention_params_per_layer + self.experts_per_token * self.mlp_params_per_expert_per_layer
+        return (
+            self.attention_params_per_layer
+            + self.experts_per_token * self.mlp_params_per_expert_per_layer
+            + self.shared_mlp_params_per_layer
+        )
 
     @property
     def lm_head_params(self) -> int:
@@ -70,7 +91,8 @@ class ModelSpec:
     @property
     def kv_bytes_per_token(self) -> int:
         """Bytes of K and V cache one token occupies across all layers."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+        per_layer = self.kv_cache_dim or 2 * self.num_kv_heads * self.head_dim
+        return self.num_layers * per_layer * self.dtype_bytes
 
     @property
     def weight_bytes(self) -> float:
@@ -113,12 +135,49 @@ _BUILTIN_MODELS: tuple[ModelSpec, ...] = (
 )
 
 
+def normalise_model_id(name: str) -> str:
+    """The lookup key of a model name or HuggingFace id: lower case, organisation and the
+    instruction-tuning / packaging suffixes dropped (`meta-llama/Llama-3.1-8B-Instruct` ->
+    `llama-3.1-8b`), so serving logs and benchmark files that name the HF repository resolve."""
+    key = name.strip().lower().rsplit("/", 1)[-1]
+    for prefix in ("meta-",):
+        if key.startswith(prefix) and key[len(prefix):].startswith("llama"):
+            key = key[len(prefix):]
+    changed = True
+    while changed:
+        changed = False
+        for suffix in ("-instruct", "-chat", "-hf", "-it", "-base", "-v0.1", "-v0.2", "-v0.3", "-2407",
+                       "-2409", "-2501", "-4k", "-8k", "-128k", "-fp8", "-awq", "-gptq"):
+            if key.endswith(suffix):
+                key = key[: -len(suffix)]
+                changed = True
+    return key
+
+
+# HuggingFace repositories of the hand-written entries above (their config.json fields).
+_BUILTIN_HF_IDS: dict[str, str] = {
+    "llama-3-8b": "meta-llama/Meta-Llama-3-8B",
+    "llama-3-70b": "meta-llama/Meta-Llama-3-70B",
+    "llama-2-7b": "meta-llama/Llama-2-7b-hf",
+    "llama-2-70b": "meta-llama/Llama-2-70b-hf",
+    "codellama-34b": "codellama/CodeLlama-34b-hf",
+    "phi-2": "microsoft/phi-2",
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
+    "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B",
+    "qwen2.5-7b": "Qwen/Qwen2.5-7B",
+    "mixtral-8x7b": "mistralai/Mixtral-8x7B-v0.1",
+    "bloom-176b": "bigscience/bloom",
+    "llama-3.1-405b": "meta-llama/Llama-3.1-405B",
+}
+
+
 @dataclass(slots=True)
 class Catalog:
-    """Known GPUs and models, keyed by lower-cased name."""
+    """Known GPUs and models, keyed by lower-cased name; models also by their HF ids."""
 
     gpus: dict[str, GpuSpec] = field(default_factory=dict)
     models: dict[str, ModelSpec] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)  # normalised id -> model name (lower)
 
     def gpu(self, name: str) -> GpuSpec:
         found = self.gpus.get(name.lower())
@@ -128,10 +187,18 @@ class Catalog:
         return found
 
     def model(self, name: str) -> ModelSpec:
-        found = self.models.get(name.lower())
+        found = self.find_model(name)
         if found is None:
             known = ", ".join(sorted(m.name for m in self.models.values()))
             raise CatalogError(f"unknown model {name!r}; known models: {known}")
+        return found
+
+    def find_model(self, name: str) -> ModelSpec | None:
+        """The model named `name` (catalog name or HuggingFace id, any case), or None."""
+        found = self.models.get(name.lower())
+        if found is None:
+            target = self.aliases.get(normalise_model_id(name))
+            found = self.models.get(target) if target else None
         return found
 
     def add_gpu(self, spec: GpuSpec) -> None:
@@ -139,9 +206,12 @@ class Catalog:
 
     def add_model(self, spec: ModelSpec) -> None:
         self.models[spec.name.lower()] = spec
+        self.aliases.setdefault(normalise_model_id(spec.name), spec.name.lower())
+        if spec.hf_id:
+            self.aliases[normalise_model_id(spec.hf_id)] = spec.name.lower()
 
     def copy(self) -> Catalog:
-        return Catalog(dict(self.gpus), dict(self.models))
+        return Catalog(dict(self.gpus), dict(self.models), dict(self.aliases))
 
 
 def default_catalog() -> Catalog:
@@ -149,7 +219,10 @@ def default_catalog() -> Catalog:
     for gpu in _BUILTIN_GPUS:
         catalog.add_gpu(gpu)
     for model in _BUILTIN_MODELS:
-        catalog.add_model(model)
+        catalog.add_model(replace(model, hf_id=_BUILTIN_HF_IDS.get(model.name, "")))
+    for name, hf_id, config in HF_CONFIGS:
+        spec = model_from_hf_config(name, config, where=f"catalog {name}")
+        catalog.add_model(replace(spec, hf_id=hf_id, source=f"{hf_id} config.json"))
     return catalog
 
 
@@ -216,14 +289,17 @@ def estimate_num_params(
     num_experts: int = 1,
     tied_embeddings: bool = False,
     gated_mlp: bool = True,
+    head_dim: int = 0,
+    shared_intermediate_size: int = 0,
 ) -> float:
     """Parameter count of a decoder-only transformer (Llama-style when `gated_mlp`).
 
     Norms and biases are left out: they are far below 1% of the weights.
     """
-    head_dim = hidden_size // num_attention_heads
+    head_dim = head_dim or hidden_size // num_attention_heads
     attn = hidden_size * head_dim * (2 * num_attention_heads + 2 * num_kv_heads)
-    mlp = (3 if gated_mlp else 2) * hidden_size * intermediate_size * num_experts
+    per_matrix = 3 if gated_mlp else 2
+    mlp = per_matrix * hidden_size * (intermediate_size * num_experts + shared_intermediate_size)
     embed = vocab_size * hidden_size * (1 if tied_embeddings else 2)
     return float(num_layers * (attn + mlp) + embed)
 
@@ -241,12 +317,34 @@ _HF_ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 
+def _first_int(config: Mapping[str, Any], where: str, keys: tuple[str, ...]) -> int | None:
+    key = next((k for k in keys if config.get(k)), None)
+    return _coerce(where, key, config[key], int) if key else None
+
+
+def _moe_fields(config: Mapping[str, Any], where: str) -> tuple[int, int, int | None, int]:
+    """(routed experts, experts per token, expert MLP width or None, shared MLP width):
+    Mixtral `num_local_experts`, Qwen-MoE `num_experts` + `shared_expert_intermediate_size`,
+    DeepSeek `n_routed_experts` + `n_shared_experts` (each `moe_intermediate_size` wide)."""
+    experts = _first_int(config, where, ("num_local_experts", "num_experts", "n_routed_experts")) or 1
+    if experts <= 1:
+        return 1, 1, None, 0
+    per_token = _first_int(config, where, ("num_experts_per_tok",)) or 1
+    expert_width = _first_int(config, where, ("moe_intermediate_size",))
+    shared = _first_int(config, where, ("shared_expert_intermediate_size",)) or 0
+    if not shared and config.get("n_shared_experts") and expert_width:
+        shared = _coerce(where, "n_shared_experts", config["n_shared_experts"], int) * expert_width
+    return experts, per_token, expert_width, shared
+
+
 def model_from_hf_config(name: str, config: Mapping[str, Any], where: str | None = None) -> ModelSpec:
     """Build a ModelSpec from the architecture fields of a HuggingFace `config.json`.
 
-    Understands Llama/Mistral/Qwen2/Mixtral field names and the GPT-style ones
-    (`n_layer`, `n_embed`, `n_head`, as BLOOM writes them); a model without
-    `intermediate_size` gets the classic 4 x hidden MLP. `where` names the entry in errors.
+    Understands Llama/Mistral/Qwen2/Qwen3/Gemma/Mixtral/DeepSeek field names and the GPT-style
+    ones (`n_layer`, `n_embed`, `n_head`, as BLOOM writes them); a model without
+    `intermediate_size` gets the classic 4 x hidden MLP; an explicit `head_dim` (Gemma,
+    Qwen3) is kept; multi-head latent attention (`kv_lora_rank`) caches one compressed
+    vector per token and layer. `where` names the entry in errors.
     """
     where = where or f"model {name!r} hf_config"
     if not isinstance(config, Mapping):
@@ -267,19 +365,26 @@ def model_from_hf_config(name: str, config: Mapping[str, Any], where: str | None
     vocab = found["vocab_size"]
     kv_key = next((k for k in ("num_key_value_heads", "num_kv_heads", "multi_query_group_num") if k in config), None)
     kv_heads = _coerce(where, kv_key, config[kv_key], int) if kv_key else heads
-    inter_key = next((k for k in ("intermediate_size", "n_inner", "ffn_dim") if config.get(k)), None)
-    inter = _coerce(where, inter_key, config[inter_key], int) if inter_key else 4 * hidden
+    inter = _first_int(config, where, ("intermediate_size", "n_inner", "ffn_dim")) or 4 * hidden
     model_type = str(config.get("model_type", "")).lower()
     gated = model_type not in _NON_GATED_MODEL_TYPES
-    experts = int(config.get("num_local_experts", config.get("num_experts", 1)) or 1)
-    per_token = int(config.get("num_experts_per_tok", 1) or 1) if experts > 1 else 1
-    if experts > 1 and "moe_intermediate_size" in config:
-        inter = _coerce(where, "moe_intermediate_size", config["moe_intermediate_size"], int)
+    experts, per_token, expert_width, shared = _moe_fields(config, where)
+    if expert_width:
+        inter = expert_width
+    head_dim = _first_int(config, where, ("head_dim",)) or 0
+    if head_dim == hidden // heads:
+        head_dim = 0
+    kv_cache_dim = 0
+    if config.get("kv_lora_rank"):
+        kv_cache_dim = _coerce(where, "kv_lora_rank", config["kv_lora_rank"], int) + int(
+            config.get("qk_rope_head_dim") or 0
+        )
     dtype = str(config.get("torch_dtype", "bfloat16"))
     dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2, "float8": 1}.get(dtype, 2)
     tied = bool(config.get("tie_word_embeddings", False))
-    total = estimate_num_params(layers, hidden, heads, kv_heads, inter, vocab, experts, tied, gated)
-    active = estimate_num_params(layers, hidden, heads, kv_heads, inter, vocab, per_token, tied, gated)
+    arch = (layers, hidden, heads, kv_heads, inter, vocab)
+    total = estimate_num_params(*arch, experts, tied, gated, head_dim, shared)
+    active = estimate_num_params(*arch, per_token, tied, gated, head_dim, shared)
     max_context = config.get("max_position_embeddings", config.get("seq_length", 8192))
     return ModelSpec(
         name=name,
@@ -296,6 +401,9 @@ def model_from_hf_config(name: str, config: Mapping[str, Any], where: str | None
         num_experts=experts,
         experts_per_token=per_token,
         gated_mlp=gated,
+        head_dim_size=head_dim,
+        shared_intermediate_size=shared,
+        kv_cache_dim=kv_cache_dim,
     )
 
 

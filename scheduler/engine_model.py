@@ -1,12 +1,22 @@
 """The engine performance model: how long one continuous-batching iteration takes.
 
-A roofline per iteration. Linear layers (the Q/K/V/O and MLP projections, and the LM head
-for each sequence that emits a token) cost the larger of their FLOPs at the achieved
-fraction of peak and their weight bytes at the achieved fraction of HBM bandwidth, plus a
-fitted share of the smaller one (the two overlap imperfectly at moderate batch sizes).
-Attention costs the larger of its query x key FLOPs and its KV-cache bytes. Tensor
-parallelism splits all of that over `tp` GPUs and adds two all-reduces per layer. A fixed
-per-iteration and a per-sequence overhead cover the scheduler, sampling and launches.
+A roofline per iteration, in two parts that a current engine runs one after the other:
+
+- GPU time. Linear layers (the Q/K/V/O and MLP projections, and the LM head for each
+  sequence that emits a token) cost the larger of their FLOPs at the achieved fraction of
+  peak and their weight bytes at the achieved fraction of HBM bandwidth, plus a fitted share
+  of the smaller one (the two overlap imperfectly at moderate batch sizes). For MoE models
+  the weights read are those of the experts the batch's tokens are routed to (the expected
+  number of distinct experts under uniform top-k routing) plus a routing cost per token.
+  Decode attention grows with the batch's context: the larger of its query x key FLOPs and
+  its KV-cache bytes per context token. Prefill attention (a chunk of c tokens after p
+  cached ones: c (p + (c + 1) / 2) pairs) runs at its own efficiency; a chunked-prefill step
+  mixes both, each at its own rate, sharing one pass over the weights. Tensor parallelism
+  splits all of that over `tp` GPUs and adds two all-reduces per layer (latency, ring
+  bandwidth) and a synchronisation cost per layer growing with the number of workers.
+- CPU time: a fixed cost per iteration (scheduling, input preparation, launches; per layer
+  in eager mode) and a cost per sequence in the batch (sampling, detokenisation, output
+  processing). `cpu_time_s` and `gpu_time_s` give the two apart.
 
 The efficiency factors (`PerfFactors`) are fitted to real measurements by
 `tokenyard calibrate` (sim/calibrate.py) and stored in `perf_factors.json` next to this
@@ -19,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from importlib import resources
@@ -48,6 +59,18 @@ class PerfFactors:
     # Share of the smaller roofline term (compute or weight reads) added to the larger one:
     # 0 is a perfect roofline (max), 1 is no overlap at all (sum).
     roofline_overlap_loss: float = 0.0
+    # Synchronisation between tensor-parallel workers per layer, times log2(tp) (the slowest
+    # of tp GPUs sets the pace, and a barrier precedes each all-reduce): what makes TP 4-8 at
+    # small batch slower than bandwidth and latency alone predict.
+    tp_sync_s_per_layer: float = 0.0
+    # Achieved / peak FLOP/s of prefill (flash) attention; decode attention, which reads the
+    # KV cache once per query, keeps `attention_efficiency` and the HBM roofline.
+    prefill_attention_efficiency: float = 0.35
+    # MoE expert routing per token per layer (router GEMM, top-k, permute / un-permute).
+    moe_route_s_per_token_layer: float = 0.0
+    # Sampling per sequence and vocabulary entry (softmax, top-p / top-k sorts over the
+    # logits): a 256k-vocabulary model pays 2-5x more per sequence than a 32k one.
+    sampling_s_per_vocab_seq: float = 0.0
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any], where: str = "perf factors") -> PerfFactors:
@@ -110,14 +133,28 @@ def fitted_factors() -> dict[str, PerfFactors]:
 
 
 def load_factors_file(path: str) -> dict[str, PerfFactors]:
-    """Read a factors file written by `tokenyard calibrate` (same layout as the packaged one)."""
-    with open(path) as handle:
-        return _parse_factors_document(json.load(handle), path)
+    """Read a factors file written by `tokenyard calibrate` (same layout as the packaged one):
+    GPU name (lower case) -> factors, `"*"` the fallback. The one loader every `--factors`
+    option (sim, engine, model predict, the planner) goes through; a missing, unreadable or
+    malformed file is a ValueError naming the file and what was expected."""
+    try:
+        with open(path) as handle:
+            document = json.load(handle)
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the factors file ({exc.strerror or exc})") from exc
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not JSON (line {exc.lineno}: {exc.msg}); expected a file written by "
+                         "`tokenyard calibrate --write`") from exc
+    return _parse_factors_document(document, path)
+
+
+def factors_from_table(table: Mapping[str, PerfFactors], gpu: GpuSpec) -> PerfFactors:
+    """The entry of a factors table for `gpu`, or its `"*"` fallback."""
+    return table.get(gpu.name.lower()) or table.get("*") or PerfFactors()
 
 
 def factors_for(gpu: GpuSpec) -> PerfFactors:
-    table = fitted_factors()
-    return table.get(gpu.name.lower(), table["*"])
+    return factors_from_table(fitted_factors(), gpu)
 
 
 class EngineModel:
@@ -148,32 +185,43 @@ class EngineModel:
         self._s_per_linear_token = 2.0 * m.num_layers * m.active_linear_params_per_layer / flops
         # vLLM computes logits only for the last position of each sequence.
         self._s_per_lm_head_seq = 2.0 * m.lm_head_params / flops
-        # Weight reads: attention and LM head always; of the MoE experts only those routed to.
-        dense_params = m.num_layers * m.attention_params_per_layer + m.lm_head_params
+        # Weight reads: attention, shared experts and LM head always; of the routed MoE
+        # experts only those the batch's tokens are routed to.
+        dense_params = m.num_layers * (m.attention_params_per_layer + m.shared_mlp_params_per_layer) + m.lm_head_params
         expert_params = m.num_layers * m.mlp_params_per_expert_per_layer
+        self._num_experts = m.num_experts
         if m.num_experts > 1:
             self._dense_read_s = dense_params * m.dtype_bytes / bandwidth
             self._expert_read_s = expert_params * m.dtype_bytes / bandwidth
+            # Uniform top-k routing: T tokens touch E (1 - (1 - k/E)^T) distinct experts.
+            self._log_miss = math.log1p(-min(m.experts_per_token, m.num_experts - 1) / m.num_experts)
         else:
             self._dense_read_s = (dense_params + expert_params) * m.dtype_bytes / bandwidth
             self._expert_read_s = 0.0
-        self._experts_per_token = m.experts_per_token
-        self._num_experts = m.num_experts
+            self._log_miss = 0.0
         self._overlap_loss = f.roofline_overlap_loss
         attn_flops_per_pair = 4.0 * m.num_layers * m.num_attention_heads * m.head_dim
-        self._s_per_attn_pair = attn_flops_per_pair / (gpu.bf16_tflops * 1e12 * tp * f.attention_efficiency)
+        peak = gpu.bf16_tflops * 1e12 * tp
+        self._s_per_attn_pair = attn_flops_per_pair / (peak * f.attention_efficiency)
+        self._s_per_prefill_pair = attn_flops_per_pair / (peak * f.prefill_attention_efficiency)
         self._s_per_context_token = m.kv_bytes_per_token / bandwidth
+        # Decode attention per context token: compute or KV reads, whichever binds.
+        self._s_per_decode_context = max(self._s_per_attn_pair, self._s_per_context_token)
         if tp > 1:
             # Two all-reduces per layer of (tokens x hidden) activations; a ring all-reduce
             # moves 2 (tp - 1) / tp of the data over each GPU's one-way link bandwidth.
             self._s_per_comm_token = 2 * m.num_layers * self._allreduce_s_per_byte() * m.hidden_size * m.dtype_bytes
-            self._comm_fixed_s = 2 * m.num_layers * self.allreduce_time_s(0.0)
+            # Barrier depth grows like the all-reduce's step count, log2(tp).
+            self._comm_fixed_s = 2 * m.num_layers * self.allreduce_time_s(0.0) + (
+                m.num_layers * math.log2(tp) * f.tp_sync_s_per_layer
+            )
         else:
             self._s_per_comm_token = 0.0
             self._comm_fixed_s = 0.0
-        self._overhead_s = f.iteration_overhead_s + m.num_layers * f.layer_overhead_s
-        self._per_seq_s = f.per_seq_overhead_s
-        self._s_per_unsharded_token = m.num_layers * f.unsharded_s_per_token_layer
+        self._s_per_route_token = m.num_layers * f.moe_route_s_per_token_layer if m.num_experts > 1 else 0.0
+        self._cpu_fixed_s = f.iteration_overhead_s + m.num_layers * f.layer_overhead_s
+        self._per_seq_s = f.per_seq_overhead_s + m.vocab_size * f.sampling_s_per_vocab_seq
+        self._s_per_token = self._s_per_comm_token + m.num_layers * f.unsharded_s_per_token_layer + self._s_per_route_token
 
     @property
     def name(self) -> str:
@@ -185,41 +233,45 @@ class EngineModel:
         link_bytes_per_s = self.gpu.interconnect_gbps * 1e9 / 2.0 * self.factors.interconnect_efficiency
         return 2.0 * (self.tp - 1) / self.tp / link_bytes_per_s
 
-    def _linear_s(self, tokens: int, seqs: int) -> float:
+    def experts_touched(self, tokens: float) -> float:
+        """Expected distinct routed experts per layer for `tokens` tokens (MoE; else 0)."""
+        if not self._expert_read_s:
+            return 0.0
+        return self._num_experts * -math.expm1(tokens * self._log_miss)
+
+    def _linear_s(self, tokens: float, seqs: float) -> float:
         compute = tokens * self._s_per_linear_token + seqs * self._s_per_lm_head_seq
         memory = self._dense_read_s
         if self._expert_read_s:
-            routed = tokens * self._experts_per_token
-            memory += self._expert_read_s * (routed if routed < self._num_experts else self._num_experts)
+            memory += self._expert_read_s * self._num_experts * -math.expm1(tokens * self._log_miss)
         if compute > memory:
             return compute + self._overlap_loss * memory
         return memory + self._overlap_loss * compute
 
     def iteration_time_s(
         self,
-        prefill_tokens: int = 0,
-        decode_seqs: int = 0,
-        context_tokens: int = 0,
+        prefill_tokens: float = 0,
+        decode_seqs: float = 0,
+        context_tokens: float = 0,
         prefill_attention_pairs: float = 0.0,
-        prefill_seqs: int | None = None,
+        prefill_seqs: float | None = None,
     ) -> float:
-        """Wall time of one iteration computing the given batch.
+        """Wall time of one iteration computing the given batch: `gpu_time_s + cpu_time_s`.
 
         prefill_seqs: sequences whose prefill chunk is in the batch (each emits logits);
         `None` counts one when there are prefill tokens.
 
         Form: with T = prefill_tokens + decode_seqs and S = decode_seqs + prefill_seqs,
 
-            t = linear(T, S) + max(a_c * (pairs + ctx), a_m * ctx) + comm(T) + o_i + o_s * S
+            t = linear(T, S) + a_p * pairs + a_d * ctx + T * c_tok + o_tp + o_cpu + o_s * S
 
-        where linear(T, S) = max(C, M) + loss * min(C, M) with C = T * c_tok + S * c_head
+        where linear(T, S) = max(C, M) + loss * min(C, M) with C = T * c_lin + S * c_head
         (GEMM FLOPs) and M the weight-read time (constant for dense models, rising with T
-        up to all experts for MoE), comm(T) = T * c_comm + o_comm (all-reduces, zero without
-        tensor parallelism, plus per-token work TP does not split), o_i the per-iteration and
-        per-layer fixed costs, ctx = context_tokens and pairs = prefill_attention_pairs. For a fixed
-        batch (T, S, pairs) the time is therefore a convex piecewise-linear function of ctx
-        with at most one breakpoint, and exactly linear, t = t0 + ctx * slope, when
-        pairs == 0 (pure decode): see `decode_step_linear_s`.
+        towards all experts for MoE), a_p the prefill-attention time per query x key pair,
+        a_d = max(FLOPs, KV bytes) per decode context token, c_tok the per-token all-reduce
+        bytes, unsharded work and MoE routing, o_tp the fixed all-reduce latency and TP
+        synchronisation, o_cpu + o_s * S the CPU time. For a fixed batch (T, S, pairs) the
+        time is exactly linear in ctx, t = t0 + ctx * a_d: see `decode_step_linear_s`.
         """
         tokens = prefill_tokens + decode_seqs
         if tokens <= 0:
@@ -227,12 +279,62 @@ class EngineModel:
         if prefill_seqs is None:
             prefill_seqs = 1 if prefill_tokens else 0
         seqs = decode_seqs + prefill_seqs
-        linear = self._linear_s(tokens, seqs)
-        attention_compute = (prefill_attention_pairs + context_tokens) * self._s_per_attn_pair
-        attention_memory = context_tokens * self._s_per_context_token
-        attention = attention_compute if attention_compute > attention_memory else attention_memory
-        comm = tokens * (self._s_per_comm_token + self._s_per_unsharded_token) + self._comm_fixed_s
-        return linear + attention + comm + self._overhead_s + seqs * self._per_seq_s
+        return (
+            self._linear_s(tokens, seqs)
+            + prefill_attention_pairs * self._s_per_prefill_pair
+            + context_tokens * self._s_per_decode_context
+            + tokens * self._s_per_token
+            + self._comm_fixed_s
+            + self._cpu_fixed_s
+            + seqs * self._per_seq_s
+        )
+
+    def cpu_time_s(self, seqs: float) -> float:
+        """The CPU part of an iteration over `seqs` sequences: scheduling, input preparation
+        and launches (fixed, and per layer in eager mode), sampling and detokenisation per
+        sequence."""
+        return self._cpu_fixed_s + seqs * self._per_seq_s if seqs > 0 else 0.0
+
+    def gpu_time_s(
+        self, prefill_tokens: float = 0, decode_seqs: float = 0, context_tokens: float = 0,
+        prefill_attention_pairs: float = 0.0, prefill_seqs: float | None = None,
+    ) -> float:
+        """The GPU part of an iteration (kernels and collectives): the rest of `iteration_time_s`."""
+        if prefill_seqs is None:
+            prefill_seqs = 1 if prefill_tokens else 0
+        total = self.iteration_time_s(prefill_tokens, decode_seqs, context_tokens, prefill_attention_pairs,
+                                      prefill_seqs)
+        return total - self.cpu_time_s(decode_seqs + prefill_seqs)
+
+    def serving_tpot_s(
+        self, running_seqs: float, prompt_tokens: float, output_tokens: float, chunked_prefill: bool = False
+    ) -> float:
+        """Mean time per output token of an engine that keeps `running_seqs` sequences running,
+        each with a prompt of `prompt_tokens` and `output_tokens` generated tokens (averages).
+
+        In steady state each decode step emits a token for every running sequence, and
+        running_seqs / output_tokens requests finish and are replaced per step. With chunked
+        prefill the newcomers' prompts ride in the decode steps (one mixed iteration). Without
+        it (vLLM V0's default), the scheduler runs a separate prefill step whenever a request
+        waits: 1 - exp(-running / output) of them per decode step (the chance that at least
+        one request finished), each prefilling the newcomers since the last. That count
+        saturates at one per decode step, which is why measured TPOT grows ever more slowly
+        with the batch size.
+        """
+        if running_seqs <= 0 or output_tokens <= 0:
+            return 0.0
+        admitted = running_seqs / max(output_tokens, 1.0)
+        context = running_seqs * (prompt_tokens + output_tokens / 2.0)
+        pairs = BatchShape.prefill_pairs(int(prompt_tokens), 0)
+        if chunked_prefill:
+            return self.iteration_time_s(admitted * prompt_tokens, running_seqs, context, admitted * pairs, admitted)
+        decode = self.iteration_time_s(decode_seqs=running_seqs, context_tokens=context)
+        prefill_steps = -math.expm1(-admitted)
+        per_step = admitted / prefill_steps
+        prefill = self.iteration_time_s(
+            prefill_tokens=per_step * prompt_tokens, prefill_attention_pairs=per_step * pairs, prefill_seqs=per_step
+        )
+        return decode + prefill_steps * prefill
 
     def decode_step_linear_s(self, decode_seqs: int) -> tuple[float, float]:
         """(t0, slope): a pure decode step of `decode_seqs` sequences with `ctx` context
@@ -244,8 +346,7 @@ class EngineModel:
         if decode_seqs <= 0:
             return 0.0, 0.0
         t0 = self.iteration_time_s(decode_seqs=decode_seqs)
-        slope = max(self._s_per_attn_pair, self._s_per_context_token)
-        return t0, slope
+        return t0, self._s_per_decode_context
 
     def batch_time_s(self, batch: BatchShape) -> float:
         return self.iteration_time_s(
@@ -272,8 +373,7 @@ class EngineModel:
         compute = num_tokens * self._s_per_linear_token / layers
         memory = (self._dense_read_s - self._lm_head_read_s()) / layers
         if self._expert_read_s:
-            routed = min(num_tokens * self._experts_per_token, self._num_experts)
-            memory += self._expert_read_s * routed / layers
+            memory += self._expert_read_s * self.experts_touched(num_tokens) / layers
         if compute > memory:
             return compute + self._overlap_loss * memory
         return memory + self._overlap_loss * compute
@@ -307,3 +407,38 @@ class EngineModel:
     def fits(self) -> bool:
         """Whether the weights fit with room for at least one full-length sequence."""
         return self.kv_capacity_tokens() >= min(self.model.max_context_tokens, 2048)
+
+
+@dataclass(frozen=True, slots=True)
+class FrontEndCost:
+    """What a client waits for outside the engine's iterations, per request: the router
+    (authentication, dispatch, forwarding) and the engine's API server (HTTP, JSON, chat
+    template, tokenisation), a fixed part and a part per prompt token.
+
+    Defaults measured on this project's own parts (docs/benchmarks.md, "Front-end cost"):
+    the emulated engine's API path with its engine time off, 1.19 ms + 0.73 us per prompt
+    token (bench/front_end_cost.py, prompts of 16 to 16k tokens), plus the router's added p50
+    at concurrency 1, 0.35 ms (bench/router_overhead.py).
+    """
+
+    fixed_s: float = 0.00154
+    s_per_prompt_token: float = 0.73e-6
+
+    def time_s(self, prompt_tokens: int) -> float:
+        return self.fixed_s + prompt_tokens * self.s_per_prompt_token
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], where: str = "front_end") -> FrontEndCost:
+        """From `{fixed_ms: .., per_prompt_token_us: ..}` (either optional); errors name the key."""
+        unknown = sorted(set(values) - {"fixed_ms", "per_prompt_token_us"})
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: fixed_ms, per_prompt_token_us")
+        for key, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ValueError(f"{where}.{key}: expected a non-negative number, got {value!r}")
+        default = cls()
+        return cls(float(values.get("fixed_ms", default.fixed_s * 1e3)) / 1e3,
+                   float(values.get("per_prompt_token_us", default.s_per_prompt_token * 1e6)) / 1e6)
+
+
+NO_FRONT_END = FrontEndCost(0.0, 0.0)

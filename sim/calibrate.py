@@ -42,6 +42,9 @@ from typing import Any
 
 from scheduler.catalog import Catalog, CatalogError, GpuSpec, ModelSpec, default_catalog
 from scheduler.engine_model import BatchShape, EngineModel, PerfFactors
+from sim.calibrate_report import format_error_table, format_factors, plot_fit
+
+__all__ = ["format_error_table", "format_factors", "plot_fit"]  # re-exported: bench/ and tests use them here
 
 log = logging.getLogger(__name__)
 
@@ -71,27 +74,49 @@ FIT_BOUNDS: dict[str, tuple[float, float]] = {
     "compute_efficiency": (0.05, 1.0),
     "memory_efficiency": (0.05, 1.0),
     "attention_efficiency": (0.02, 1.0),
-    "per_seq_overhead_s": (1e-7, 2e-3),
+    "prefill_attention_efficiency": (0.02, 1.0),
+    "per_seq_overhead_s": (1e-8, 2e-3),
     "allreduce_latency_s": (1e-7, 2e-4),
     "interconnect_efficiency": (0.05, 1.0),
     "roofline_overlap_loss": (1e-4, 1.0),
-    "layer_overhead_s": (1e-7, 2e-3),
+    "layer_overhead_s": (1e-8, 2e-3),
     "unsharded_s_per_token_layer": (1e-10, 1e-5),
+    "tp_sync_s_per_layer": (1e-8, 1e-3),
+    "sampling_s_per_vocab_seq": (1e-13, 1e-8),
 }
-# Factors held fixed. The Splitwise data has only 70- and 80-layer models, so a fixed cost per
-# iteration and one per layer cannot be told apart there; left free, one GPU's fit took the
-# first and the other the second, and small models came out slower on H100 than on A100.
-# The per-layer form is what eager-mode kernel launches cost and extrapolates sensibly to
-# shallower models; the per-iteration part (scheduling, sampling) is fixed at a typical 2 ms.
+# The CPU overheads are the engine's, not the GPU's: Splitwise measured an older engine
+# (eager mode, per-sequence Python sampling) than the vLLM ML.ENERGY ran. Its observations
+# get their own overhead factors, fitted alongside and then dropped; the packaged factors
+# keep those of the current engine (ML.ENERGY's vLLM). Without that split, the fit either
+# carries Splitwise's ~0.27 ms per sequence into today's engine (1.5-2x too slow at batch
+# 500+) or misfits Splitwise.
+ENGINE_SPECIFIC_SOURCES = ("splitwise",)
+ENGINE_SPECIFIC_BOUNDS: dict[str, tuple[float, float]] = {
+    "per_seq_overhead_s": (1e-7, 2e-3),
+    "layer_overhead_s": (1e-7, 2e-3),
+}
+# Factors held fixed. A fixed cost per iteration and one per layer are nearly collinear in
+# this data (Splitwise: only 70- and 80-layer models); left free, the A100 fit took the first
+# and the H100 fit the second, and small models came out slower on H100 than on A100. The
+# per-layer form is what eager-mode launches cost and extrapolates sensibly to shallower
+# models; the per-iteration part (scheduling, sampling setup) is fixed at a typical 2 ms.
 FIXED_FACTORS: dict[str, float] = {"iteration_overhead_s": 0.002}
+ENGINE_SPECIFIC_FIXED: dict[str, float] = {"iteration_overhead_s": 0.002}
 
-# GPU types without measurements that share the chip (and its efficiencies) of a measured
-# one take its fit: H200 is GH100 with more and faster HBM, A100-40GB is GA100.
+# GPU types without measurements of their own that share the chip (and its efficiencies) of
+# a measured one are fitted together with it and take its fit: H200 is GH100 with more and
+# faster HBM, A100-40GB is GA100 (its ML.ENERGY runs and the A100-80GB profiles fit one chip).
 SAME_SILICON: dict[str, str] = {"H200": "H100-80GB", "A100-40GB": "A100-80GB"}
+
+
+def chip_of(gpu: str) -> str:
+    return SAME_SILICON.get(gpu, gpu)
+
 
 # Relative weight of each quantity in the fit (each quantity's residuals are also divided by
 # sqrt(count), so that the ~5000 operator profiles do not drown the ~60 end-to-end figures).
 QUANTITY_WEIGHTS = {
+    "serving_tpot": 3.0,
     "prefill_time": 2.0,
     "decode_time_per_token": 1.0,
     "linear_op_time": 0.5,
@@ -122,8 +147,10 @@ class Observation:
     prompt_tokens: int = 0
     batch_size: int = 0
     context_tokens: int = 0  # decode_time_per_token: mean context per sequence
-    output_tokens: int = 0  # throughput
+    output_tokens: float = 0  # throughput; serving_tpot: mean output tokens
     held_out: bool = False
+    running_seqs: float = 0.0  # serving_tpot: mean running batch
+    group: str = ""  # cross-validation unit where it is not the configuration (mlenergy: the model)
 
 
 # ---------------------------------------------------------------------------------------
@@ -155,6 +182,12 @@ def split_held_out(observations: list[Observation], fold: int = HELD_OUT_EVERY -
         groups[(obs.source, obs.quantity)].append(obs)
     marked = []
     for (source, _), members in groups.items():
+        if any(o.group for o in members):
+            # Whole groups (models) held out: the check is on models the fit never saw.
+            names = sorted({o.group for o in members})
+            out = {name for i, name in enumerate(names) if i % HELD_OUT_EVERY == fold}
+            marked.extend(replace(o, held_out=o.group in out) for o in members)
+            continue
         ordered = sorted(members, key=lambda o: o.key)
         marked.extend(
             replace(o, held_out=source == "trtllm" or i % HELD_OUT_EVERY == fold) for i, o in enumerate(ordered)
@@ -270,6 +303,23 @@ def trtllm_observations(data_dir: Path) -> list[Observation]:
     return observations
 
 
+def mlenergy_observations(data_dir: Path, catalog: Catalog | None = None) -> list[Observation]:
+    """ML.ENERGY serving runs (sim/calibrate_mlenergy.py): mean TPOT at the mean running batch,
+    cross-validated by model."""
+    from sim.calibrate_mlenergy import mlenergy_rows
+
+    observations = []
+    for row in mlenergy_rows(data_dir, catalog or default_catalog()):
+        observations.append(Observation(
+            source="mlenergy", quantity="serving_tpot", gpu=str(row["gpu"]), model=str(row["model"]),
+            tp=int(row["tp"]), key=f"{row['task']} {row['gpu']} {row['model']} tp{row['tp']} bs={row['max_batch']:05d}",
+            measured=float(row["tpot_s"]), prompt_tokens=int(row["prompt_tokens"]),
+            output_tokens=float(row["output_tokens"]), running_seqs=float(row["running_seqs"]),
+            group=str(row["model"]),
+        ))
+    return observations
+
+
 def load_observations(data_dir: Path, fold: int = HELD_OUT_EVERY - 1) -> list[Observation]:
     """All observations of all sources, split by `split_held_out(..., fold)`; a missing file
     is a FileNotFoundError naming it."""
@@ -277,7 +327,8 @@ def load_observations(data_dir: Path, fold: int = HELD_OUT_EVERY - 1) -> list[Ob
         vidur_compute_observations(data_dir)
         + vidur_network_observations(data_dir)
         + splitwise_observations(data_dir)
-        + trtllm_observations(data_dir),
+        + trtllm_observations(data_dir)
+        + mlenergy_observations(data_dir),
         fold,
     )
 
@@ -327,7 +378,9 @@ class Predictor:
         if obs.quantity == "decode_time_per_token":
             return engine.decode_time_per_token_s(obs.batch_size, obs.context_tokens)
         if obs.quantity == "throughput":
-            return modelled_max_throughput(engine, obs.prompt_tokens, obs.output_tokens)
+            return modelled_max_throughput(engine, obs.prompt_tokens, int(obs.output_tokens))
+        if obs.quantity == "serving_tpot":
+            return engine.serving_tpot_s(obs.running_seqs, obs.prompt_tokens, obs.output_tokens)
         raise ValueError(f"unknown quantity {obs.quantity!r}")
 
 
@@ -370,6 +423,8 @@ class FitResult:
     observations: list[Observation]
     predictions: list[float]
     cost: dict[str, float] = field(default_factory=dict)  # per GPU: final least-squares cost
+    # Per GPU: the factors of the older engine Splitwise measured (ENGINE_SPECIFIC_SOURCES).
+    engine_specific: dict[str, PerfFactors] = field(default_factory=dict)
 
     def errors(self) -> list[dict[str, Any]]:
         """Absolute percentage error per (source, quantity, split): median, p90, count."""
@@ -403,9 +458,21 @@ def quantile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
 
 
-def _factors_from_vector(vector: Sequence[float]) -> PerfFactors:
-    fitted = {name: math.exp(v) for name, v in zip(FIT_BOUNDS, vector, strict=True)}
-    return PerfFactors(**{**FIXED_FACTORS, **fitted})
+# CPU-side factors are the engine's, not the chip's (the ML.ENERGY runs used one vLLM on A100
+# and H100): after a first fit per chip they are averaged over the chips and held there
+# while each chip's hardware factors are refitted. Left per chip, the H100 fit took a larger
+# per-layer cost than the A100 one and small models came out slower on H100.
+SHARED_ENGINE_FACTORS = ("per_seq_overhead_s", "layer_overhead_s", "sampling_s_per_vocab_seq")
+
+
+def _factors_from_vector(
+    vector: Sequence[float], names: Sequence[str], held: dict[str, float]
+) -> tuple[PerfFactors, PerfFactors]:
+    """(current-engine factors, engine-specific factors for ENGINE_SPECIFIC_SOURCES)."""
+    fitted = {name: math.exp(v) for name, v in zip(names, vector[: len(names)], strict=True)}
+    own = {name: math.exp(v) for name, v in zip(ENGINE_SPECIFIC_BOUNDS, vector[len(names):], strict=True)}
+    current = PerfFactors(**{**FIXED_FACTORS, **held, **fitted})
+    return current, replace(current, **{**ENGINE_SPECIFIC_FIXED, **own})
 
 
 def fit_gpu(
@@ -413,24 +480,36 @@ def fit_gpu(
     train: list[Observation],
     start: PerfFactors | None = None,
     on_evaluation: Callable[[float], None] | None = None,
-) -> tuple[PerfFactors, float]:
-    """Least squares on the log ratio predicted / measured of one GPU type's observations."""
+    held: dict[str, float] | None = None,
+) -> tuple[PerfFactors, PerfFactors, float]:
+    """Least squares on the log ratio predicted / measured of one chip's observations;
+    returns the current-engine factors, those of ENGINE_SPECIFIC_SOURCES, and the cost.
+    `held`: factors kept at the given values instead of fitted."""
     import numpy as np
     from scipy.optimize import least_squares
 
     counts: dict[str, int] = defaultdict(int)
     for obs in train:
         counts[obs.quantity] += 1
-    weights = np.array([QUANTITY_WEIGHTS[o.quantity] / math.sqrt(counts[o.quantity]) for o in train])
+    weights = np.array([QUANTITY_WEIGHTS.get(o.quantity, 1.0) / math.sqrt(counts[o.quantity]) for o in train])
     log_measured = np.log([o.measured for o in train])
+    own_source = [o.source in ENGINE_SPECIFIC_SOURCES for o in train]
     start = start or PerfFactors()
-    lower = np.log([b[0] for b in FIT_BOUNDS.values()])
-    upper = np.log([b[1] for b in FIT_BOUNDS.values()])
-    x0 = np.clip(np.log([max(getattr(start, name), FIT_BOUNDS[name][0]) for name in FIT_BOUNDS]), lower, upper)
+    held = held or {}
+    fit_names = [n for n in FIT_BOUNDS if n not in held]
+    bounds = [*(FIT_BOUNDS[n] for n in fit_names), *ENGINE_SPECIFIC_BOUNDS.values()]
+    names = [*fit_names, *ENGINE_SPECIFIC_BOUNDS]
+    lower = np.log([b[0] for b in bounds])
+    upper = np.log([b[1] for b in bounds])
+    x0 = np.clip(np.log([max(getattr(start, name), bound[0] * 10) for name, bound in zip(names, bounds, strict=True)]),
+                 lower, upper)
 
     def residuals(vector: Any) -> Any:
-        predictor = Predictor(catalog, _factors_from_vector(vector))
-        predicted = np.array([predictor.predict(o) for o in train])
+        current, own = _factors_from_vector(vector, fit_names, held)
+        predictor, own_predictor = Predictor(catalog, current), Predictor(catalog, own)
+        predicted = np.array([
+            (own_predictor if is_own else predictor).predict(o) for o, is_own in zip(train, own_source, strict=True)
+        ])
         result = weights * (np.log(np.maximum(predicted, 1e-12)) - log_measured)
         if on_evaluation is not None:
             on_evaluation(float(np.sum(result**2)))
@@ -442,7 +521,8 @@ def fit_gpu(
         residuals, x0, bounds=(lower, upper), loss="soft_l1", f_scale=0.1 / math.sqrt(len(train)),
         x_scale=1.0, max_nfev=400,
     )
-    return _factors_from_vector(solution.x), float(solution.cost)
+    current, own = _factors_from_vector(solution.x, fit_names, held)
+    return current, own, float(solution.cost)
 
 
 def mean_factors(factors: Iterable[PerfFactors]) -> PerfFactors:
@@ -467,28 +547,43 @@ def calibrate(
     observations = load_observations(data_dir, fold)
     if not observations:
         raise ValueError(f"{data_dir}/perf: no usable measurements found")
-    fitted: dict[str, PerfFactors] = {}
     costs: dict[str, float] = {}
-    gpus = sorted({o.gpu for o in observations if o.source != "trtllm"})
-    for gpu in gpus:
-        train = [o for o in observations if o.gpu == gpu and not o.held_out and o.source != "trtllm"]
-        with tqdm(desc=f"fit {gpu}", unit="eval", disable=not progress, file=sys.stderr) as bar:
+    chips = sorted({chip_of(o.gpu) for o in observations if o.source != "trtllm"})
+    train = {c: [o for o in observations if chip_of(o.gpu) == c and not o.held_out and o.source != "trtllm"]
+             for c in chips}
+    fitted: dict[str, PerfFactors] = {}
+    own: dict[str, PerfFactors] = {}
+    for chip in chips:
+        with tqdm(desc=f"fit {chip}", unit="eval", disable=not progress, file=sys.stderr) as bar:
             def on_evaluation(cost: float, bar: Any = bar) -> None:
                 bar.update(1)
                 bar.set_postfix(cost=f"{cost:.4g}", refresh=False)
 
-            fitted[gpu], costs[gpu] = fit_gpu(catalog, train, on_evaluation=on_evaluation)
-        log.info("fitted perf factors", extra={"gpu": gpu, "train_configs": len(train), **fitted[gpu].as_dict()})
-    fitted["*"] = mean_factors(fitted[g] for g in gpus)
+            fitted[chip], own[chip], costs[chip] = fit_gpu(catalog, train[chip], on_evaluation=on_evaluation)
+    if len(chips) > 1:
+        shared = {n: statistics.fmean(getattr(fitted[c], n) for c in chips) for n in SHARED_ENGINE_FACTORS}
+        for chip in chips:
+            with tqdm(desc=f"refit {chip}", unit="eval", disable=not progress, file=sys.stderr) as bar:
+                def on_refit(cost: float, bar: Any = bar) -> None:
+                    bar.update(1)
+                    bar.set_postfix(cost=f"{cost:.4g}", refresh=False)
+
+                fitted[chip], own[chip], costs[chip] = fit_gpu(
+                    catalog, train[chip], start=fitted[chip], on_evaluation=on_refit, held=shared)
+    for chip in chips:
+        log.info("fitted perf factors", extra={"gpu": chip, "train_configs": len(train[chip]), **fitted[chip].as_dict()})
+    fitted["*"] = mean_factors(fitted[g] for g in chips)
+    own["*"] = mean_factors(own[g] for g in chips)
     for gpu, source in SAME_SILICON.items():
         if source in fitted:
-            fitted[gpu] = fitted[source]
-    predictions = []
+            fitted[gpu], own[gpu] = fitted[source], own[source]
     predictors = {name: Predictor(catalog, f) for name, f in fitted.items()}
+    own_predictors = {name: Predictor(catalog, f) for name, f in own.items()}
+    predictions = []
     for obs in observations:
-        predictor = predictors.get(obs.gpu, predictors["*"])
-        predictions.append(predictor.predict(obs))
-    return FitResult(fitted, observations, predictions, costs)
+        table = own_predictors if obs.source in ENGINE_SPECIFIC_SOURCES else predictors
+        predictions.append(table.get(obs.gpu, table["*"]).predict(obs))
+    return FitResult(fitted, observations, predictions, costs, own)
 
 
 # ---------------------------------------------------------------------------------------
@@ -522,77 +617,6 @@ def write_json_atomically(path: Path, document: dict[str, Any]) -> None:
         raise
 
 
-SOURCE_COLOURS = {
-    ("vidur", "linear_op_time"): "tab:blue",
-    ("vidur", "allreduce_time"): "tab:gray",
-    ("splitwise", "prefill_time"): "tab:orange",
-    ("splitwise", "decode_time_per_token"): "tab:green",
-    ("trtllm", "throughput"): "tab:red",
-}
-
-
-def plot_fit(result: FitResult, path: Path) -> None:
-    """Predicted vs measured, log-log, one colour per source and quantity, with y = x."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(13, 6))
-    panels = (("times (s)", lambda o: o.quantity != "throughput"), ("throughput (tokens/s)", lambda o: o.quantity == "throughput"))
-    for ax, (label, wanted) in zip(axes, panels, strict=True):
-        groups: dict[tuple[str, str], list[tuple[float, float, bool]]] = defaultdict(list)
-        for obs, pred in zip(result.observations, result.predictions, strict=True):
-            if wanted(obs) and pred > 0:
-                groups[(obs.source, obs.quantity)].append((obs.measured, pred, obs.held_out))
-        low, high = math.inf, 0.0
-        for (source, quantity), points in sorted(groups.items()):
-            colour = SOURCE_COLOURS.get((source, quantity), "black")
-            for held_out in (False, True):
-                xs = [p[0] for p in points if p[2] == held_out]
-                ys = [p[1] for p in points if p[2] == held_out]
-                if not xs:
-                    continue
-                ax.scatter(xs, ys, s=10 if held_out else 5, alpha=0.8 if held_out else 0.35, c=colour,
-                           marker="o" if held_out else ".",
-                           label=f"{source} {quantity} ({'held-out' if held_out else 'train'}, n={len(xs)})")
-                low, high = min(low, *xs, *ys), max(high, *xs, *ys)
-        if high > 0:
-            ax.plot([low, high], [low, high], "k--", linewidth=1, label="y = x")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel(f"measured {label}")
-        ax.set_ylabel(f"modelled {label}")
-        ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
-    axes[0].set_title("Engine model vs Vidur / Splitwise (A100-80GB, H100-80GB)")
-    axes[1].set_title("Check: TensorRT-LLM max throughput, H100/H200 FP8 (not fitted)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def format_error_table(rows: list[dict[str, Any]]) -> str:
-    header = f"{'source':<10} {'quantity':<22} {'split':<9} {'n':>5} {'median APE %':>13} {'p90 APE %':>10}"
-    lines = [header, "-" * len(header)]
-    for row in rows:
-        lines.append(
-            f"{row['source']:<10} {row['quantity']:<22} {row['split']:<9} {row['count']:>5} "
-            f"{row['median_ape_pct']:>13.1f} {row['p90_ape_pct']:>10.1f}"
-        )
-    return "\n".join(lines)
-
-
-def format_factors(factors: dict[str, PerfFactors]) -> str:
-    names = list(PerfFactors().as_dict())
-    header = f"{'factor':<26}" + "".join(f"{gpu:>12}" for gpu in factors)
-    lines = [header]
-    for name in names:
-        lines.append(f"{name:<26}" + "".join(f"{getattr(f, name):>12.4g}" for f in factors.values()))
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------------------------
 # CLI
 
@@ -616,7 +640,49 @@ def _load_catalog(args: argparse.Namespace) -> Catalog:
     return catalog
 
 
+def _cmd_calibrate_from(args: argparse.Namespace) -> int:
+    """`tokenyard calibrate --from PATH ... --gpu G --model M [--tp N]`: one deployment's fit."""
+    from scheduler.engine_model import factors_for
+    from sim.calibrate_from import (
+        CalibrationDataError,
+        factors_file_document,
+        fit_deployment,
+        format_fit,
+        read_samples,
+    )
+
+    if not args.gpu or not args.model:
+        print("error: --from needs the deployment it measured: --gpu and --model (and --tp if not 1)", file=sys.stderr)
+        return 2
+    if args.tp < 1:
+        print(f"error: --tp must be >= 1, got {args.tp}", file=sys.stderr)
+        return 2
+    try:
+        catalog = default_catalog()
+        gpu, model = catalog.gpu(args.gpu), catalog.model(args.model)
+        engine = EngineModel(gpu, model, tp=args.tp, factors=factors_for(gpu))
+        samples = [s for path in args.from_paths for s in read_samples(Path(path))]
+        fit = fit_deployment(engine, samples)
+    except (CatalogError, CalibrationDataError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from scheduler.engine_model import fitted_factors
+
+    document = factors_file_document(fit, engine, args.from_paths, fitted_factors()["*"])
+    if args.write:
+        write_json_atomically(Path(args.write), document)
+    if args.json:
+        print(json.dumps(document, indent=2))
+    else:
+        print(format_fit(fit, engine.name))
+        if args.write:
+            print(f"wrote {args.write} (use it with --factors)")
+    return 0
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
+    if args.from_paths:
+        return _cmd_calibrate_from(args)
     data_dir = Path(args.data) if args.data else default_data_dir()
     if not (data_dir / "perf").is_dir():
         print(f"error: {data_dir}/perf: no such folder (expected shared/data with perf/; "
@@ -718,6 +784,14 @@ def register(subparsers: Any) -> None:
                                   help="write the fitted factors here (e.g. scheduler/perf_factors.json), atomically")
     calibrate_parser.add_argument("--plot", metavar="PNG", help="write a predicted-vs-measured scatter plot")
     calibrate_parser.add_argument("--json", action="store_true", help="print the factors and errors as JSON")
+    calibrate_parser.add_argument(
+        "--from", dest="from_paths", action="append", default=[], metavar="PATH",
+        help="fit one deployment from its own measurements instead (repeatable): a folder of vLLM /metrics "
+             "scrapes (*.prom, in scrape order) or a Prometheus query_range JSON, `vllm bench serve` or "
+             "guidellm result JSON, or request records (.csv/.parquet/.jsonl); needs --gpu and --model")
+    calibrate_parser.add_argument("--gpu", help="--from: the deployment's GPU type, e.g. H100-80GB")
+    calibrate_parser.add_argument("--model", help="--from: the deployment's model (catalog name or HF id)")
+    calibrate_parser.add_argument("--tp", type=int, default=1, help="--from: tensor-parallel degree (default 1)")
     calibrate_parser.set_defaults(handler=_cmd_calibrate)
 
     model_parser = subparsers.add_parser("model", help="query the engine performance model")

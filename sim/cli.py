@@ -71,6 +71,7 @@ class SimJob:
     label: str = ""
     keep_result: bool = True  # False: return only the summary (sweeps in worker processes)
     rank_tau: float | None = None  # predicted ranks of prompt-less requests at this tau (sim.rank_noise)
+    factors_path: str | None = None  # engine-model factors file (`--factors`); None: packaged
 
 
 @dataclass
@@ -90,6 +91,14 @@ def load_job_cluster(job: SimJob) -> Any:
         cluster = policy_variants(cluster, [job.policy])[0]
     if job.pool_counts:
         cluster = with_pool_counts(cluster, dict(job.pool_counts))
+    if job.factors_path:
+        from scheduler.engine_model import load_factors_file
+        from sim.cluster import with_factors
+
+        try:
+            cluster = with_factors(cluster, load_factors_file(job.factors_path))
+        except ValueError as exc:
+            raise UsageError(f"--factors: {exc}") from exc
     return cluster
 
 
@@ -272,6 +281,9 @@ def _add_trace_arguments(parser: argparse.ArgumentParser, rate_scale: bool = Tru
                         help="folder for the summary, records and plots (default: ./sim-out)")
     parser.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--factors", metavar="JSON", default=None,
+                        help="engine-model factors written by `tokenyard calibrate --write` "
+                             "(default: the packaged scheduler/perf_factors.json)")
     parser.add_argument("--timeline-interval", type=float, default=10.0, metavar="S",
                         help="sample cluster load every S simulated seconds for the load plot (default 10)")
     parser.add_argument("--native", action="store_true",
@@ -386,7 +398,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.records and Path(args.records).suffix.lower() not in (".parquet", ".csv"):
         raise UsageError(f"--records: expected a file ending in .parquet or .csv, got {args.records!r}")
     job = SimJob(cluster_path=args.cluster, trace=trace, policy=args.policy, seed=args.seed,
-                 timeline_interval_s=args.timeline_interval, label=args.policy or "", rank_tau=args.rank_tau)
+                 timeline_interval_s=args.timeline_interval, label=args.policy or "", rank_tau=args.rank_tau, factors_path=args.factors)
     load_job_cluster(job)  # fail on a bad cluster before reading the trace
     trace.open()  # and on a bad trace header before simulating
     total_s = None
@@ -464,7 +476,7 @@ def _compare(args: argparse.Namespace) -> int:
             name = policy or "configured"
             label = f"{stem}/{name}" if len(args.clusters) > 1 else name
             job = SimJob(cluster_path=cluster_path, trace=trace, policy=policy, seed=args.seed,
-                         timeline_interval_s=args.timeline_interval, label=label, rank_tau=args.rank_tau)
+                         timeline_interval_s=args.timeline_interval, label=label, rank_tau=args.rank_tau, factors_path=args.factors)
             load_job_cluster(job)  # every cluster and policy name is checked before any run
             jobs.append(job)
     labels = [j.label for j in jobs]
@@ -504,7 +516,7 @@ def sweep_jobs(args: argparse.Namespace) -> list[SimJob]:
             job = SimJob(cluster_path=args.cluster, trace=_trace_options(args, rate_scale=rate),
                          policy=args.policy, pool_counts=pool_counts, seed=args.seed,
                          timeline_interval_s=args.timeline_interval,
-                         label=f"{series} x{rate:g}", keep_result=False, rank_tau=args.rank_tau)
+                         label=f"{series} x{rate:g}", keep_result=False, rank_tau=args.rank_tau, factors_path=args.factors)
             jobs.append(job)
     return jobs
 

@@ -72,6 +72,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--grpc-port", type=_port, default=None,
                         help="also serve the Worker gRPC service on this port (0: any free port)")
     parser.add_argument("--instance-id", default=None, help="instance id (default: model@gpu-<random>)")
+    parser.add_argument("--factors", metavar="JSON", default=None,
+                        help="engine-model factors written by `tokenyard calibrate --write` "
+                             "(default: the packaged scheduler/perf_factors.json)")
     parser.add_argument("--max-num-seqs", type=_positive_int, default=256, help="most sequences in one batch")
     parser.add_argument("--max-num-batched-tokens", type=_positive_int, default=8192,
                         help="most tokens (prefill + decode) in one iteration")
@@ -116,6 +119,7 @@ def build_config(args: argparse.Namespace) -> Any:
         seed=args.seed,
         time_scale=args.time_scale,
         max_request_body_bytes=args.max_request_body_bytes,
+        factors_file=args.factors,
     )
 
 

@@ -49,7 +49,13 @@ from scheduler.catalog import (
     extend_catalog,
 )
 from scheduler.dispatch import DispatchPolicy, PolicyConfigError, build_policy
-from scheduler.engine_model import EngineModel
+from scheduler.engine_model import (
+    NO_FRONT_END,
+    EngineModel,
+    FrontEndCost,
+    PerfFactors,
+    factors_from_table,
+)
 from scheduler.policy_document import PolicyDocument, PolicyDocumentError, load_policy_document
 from scheduler.queueing import QueuePolicy, QueuePolicyError, build_queue_policy
 from scheduler.types import SloClass
@@ -66,7 +72,8 @@ from tokenyard.config import (
 
 T = TypeVar("T")
 
-_TOP_KEYS = ("catalog", "default_model", "pools", "dispatch", "queue", "slo_classes", "load_refresh_s", "policy")
+_TOP_KEYS = ("catalog", "default_model", "pools", "dispatch", "queue", "slo_classes", "load_refresh_s", "policy",
+             "front_end")
 _POLICY_KEYS = ("dispatch", "queue", "slo_classes")  # the older dialect the document replaces
 _POOL_KEYS = ("name", "gpu", "model", "tp", "count", "engine")
 _ENGINE_KEYS = (
@@ -87,9 +94,11 @@ class PoolSpec:
     count: int
     engine: EngineConfig
     gpu_memory_utilization: float = 0.9
+    factors: PerfFactors | None = None  # None: the packaged fit for this GPU (`--factors` overrides)
 
     def engine_model(self) -> EngineModel:
-        return EngineModel(self.gpu, self.model, self.tp, gpu_memory_utilization=self.gpu_memory_utilization)
+        return EngineModel(self.gpu, self.model, self.tp, factors=self.factors,
+                           gpu_memory_utilization=self.gpu_memory_utilization)
 
     def instance_ids(self) -> list[str]:
         return [f"{self.name}-{i}" for i in range(self.count)]
@@ -123,6 +132,8 @@ class ClusterSpec:
         return load_policy_document(sim_dialect_to_policy(
             slo_classes=self.slo_classes, dispatch=self.dispatch, per_slo_class=self.dispatch_per_slo_class,
             queue_policy=self.queue_policy), where="")
+    # Router + API server time per request added to simulated TTFT and E2E (`front_end:`).
+    front_end: FrontEndCost = field(default_factory=FrontEndCost)
 
     @property
     def num_instances(self) -> int:
@@ -145,6 +156,13 @@ class ClusterSpec:
         picker = self.dispatch.get("picker", "max_score")
         scorers = self.dispatch.get("scorers", ["least_outstanding"])
         return f"picker={_part_name(picker)} scorers={','.join(_part_name(s) for s in scorers)}"
+
+
+def with_factors(cluster: ClusterSpec, table: Mapping[str, PerfFactors]) -> ClusterSpec:
+    """The cluster with every pool's engine model taking its GPU's entry of a factors file
+    (`scheduler.engine_model.load_factors_file`; `"*"` for GPU types it does not list)."""
+    pools = tuple(replace(p, factors=factors_from_table(table, p.gpu)) for p in cluster.pools)
+    return replace(cluster, pools=pools)
 
 
 def _part_name(spec: Any) -> str:
@@ -223,6 +241,7 @@ def parse_cluster(doc: Mapping[str, Any], source: str, base_dir: Path | None = N
         load_refresh_s=load_refresh_s,
         source=source,
         policy=document,
+        front_end=_parse_front_end(doc.get("front_end", True), f"{where} front_end"),
     )
     if document is None:
         try:
@@ -230,6 +249,21 @@ def parse_cluster(doc: Mapping[str, Any], source: str, base_dir: Path | None = N
         except PolicyDocumentError as exc:
             raise ConfigError(source, f"{exc} (converting the older dialect into a policy document)") from None
     return spec
+
+
+def _parse_front_end(raw: Any, where: str) -> FrontEndCost:
+    """`front_end: false` (none), true / absent (the measured default), or
+    `{fixed_ms, per_prompt_token_us}`."""
+    if raw is True:
+        return FrontEndCost()
+    if raw is False:
+        return NO_FRONT_END
+    if not isinstance(raw, Mapping):
+        raise ConfigError(where, f"expected true, false or a mapping with fixed_ms / per_prompt_token_us, got {raw!r}")
+    try:
+        return FrontEndCost.from_mapping(raw, where)
+    except ValueError as exc:
+        raise ConfigError(where, str(exc).split(": ", 1)[-1]) from exc
 
 
 def _top_get(doc: Mapping[str, Any], key: str, kind: type[T], source: str, **kwargs: Any) -> T:

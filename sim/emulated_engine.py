@@ -49,7 +49,7 @@ from prometheus_client.utils import floatToGoString
 
 import tokenyard
 from scheduler.catalog import Catalog, default_catalog
-from scheduler.engine_model import EngineModel
+from scheduler.engine_model import EngineModel, factors_from_table, load_factors_file
 from sim.engine_core import (
     Batch,
     EngineConfig,
@@ -103,6 +103,7 @@ class EmulatedEngineConfig:
     # benchmarks scale it down (the copy then stands for a proportionally faster link).
     kv_wire_bytes_per_token: int | None = None
     max_concurrent_migrations: int = 2
+    factors_file: str | None = None  # engine-model factors (`tokenyard calibrate --write`); None: packaged
 
     def __post_init__(self) -> None:
         if self.tp < 1:
@@ -362,7 +363,10 @@ class EmulatedEngine(EngineMigration):
         catalog = catalog or default_catalog()
         gpu = catalog.gpu(config.gpu)
         model = catalog.model(config.model)
-        self.engine_model = EngineModel(gpu, model, config.tp)
+        factors = None
+        if config.factors_file:
+            factors = factors_from_table(load_factors_file(config.factors_file), gpu)
+        self.engine_model = EngineModel(gpu, model, config.tp, factors=factors)
         self.core = EngineCore(self.engine_model, config.engine)
         self.served_model_names: tuple[str, ...] = (config.served_model_name or model.name,)
         self.instance_id = config.instance_id or f"{model.name}@{gpu.name}-{uuid.uuid4().hex[:8]}"

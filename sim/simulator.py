@@ -33,13 +33,13 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 from scheduler.admission import AdmissionQueue, Offer, Verdict
 from scheduler.dispatch import ClusterView, DispatchPolicy
-from scheduler.engine_model import EngineModel
+from scheduler.engine_model import EngineModel, FrontEndCost
 from scheduler.layer import DecisionLayer, group_by_model
 from scheduler.queueing import QueuedRequest
 from scheduler.session_affinity import InMemoryAffinity, can_own, follow, resolve_affinity
@@ -182,11 +182,12 @@ class Simulation:
         self.tier_router = tier_router
         self.tier_rng = random.Random(seed)
         self.migration = MigrationDriver(self, migration) if migration is not None else None
+        self.front_end = cluster.front_end  # client-side time outside the engine, added to records
 
     # ------------------------------------------------------------------ loop
     def run(self, requests: Iterable[TraceRequest]) -> SimResult:
         wall_start = time.perf_counter()
-        arrivals = iter(requests)
+        arrivals = _through_front_end(requests, self.front_end)
         upcoming = next(arrivals, None)
         start_s = upcoming.arrival_s if upcoming is not None else 0.0
         self.now_s = start_s
@@ -443,7 +444,7 @@ class Simulation:
                 pool="",
                 instance_id="",
                 gpu="",
-                arrival_s=info.arrival_s,
+                arrival_s=info.arrival_s - self.front_end.time_s(trace.input_tokens),
                 dispatch_s=self.now_s,
                 first_token_s=None,
                 finish_s=None,
@@ -541,6 +542,8 @@ class Simulation:
         info = req.info
         slo = req.slo
         assert trace is not None and info is not None
+        # Requests reached the engine front_s after the client sent them (_through_front_end).
+        front_s = self.front_end.time_s(req.prompt_tokens)
         self.records.append(
             RequestRecord(
                 request_id=req.request_id,
@@ -550,7 +553,7 @@ class Simulation:
                 pool=inst.pool.name,
                 instance_id=inst.state.instance_id,
                 gpu=inst.pool.gpu.name,
-                arrival_s=req.arrival_s,
+                arrival_s=req.arrival_s - front_s,
                 dispatch_s=req.dispatch_s,
                 first_token_s=req.first_token_s,
                 finish_s=req.finish_s,
@@ -629,6 +632,31 @@ class Simulation:
                 )
             next_sample_s += interval
         return next_sample_s
+
+
+def _through_front_end(requests: Iterable[TraceRequest], front_end: FrontEndCost) -> Iterator[TraceRequest]:
+    """The requests as they reach the engines, each `front_end.time_s(prompt)` after the client
+    sent it (router, HTTP, tokenisation), in that order: a long prompt's tokenisation can let
+    a later short one overtake it. Streams: a request is released once no later one can reach
+    the engine before it (every later request was sent after the current one)."""
+    if front_end.fixed_s == 0.0 and front_end.s_per_prompt_token == 0.0:
+        yield from requests
+        return
+    pending: list[tuple[float, int, TraceRequest]] = []
+    last_s = -math.inf
+    for seq, req in enumerate(requests):
+        if req.arrival_s < last_s:  # the loop's own check sees only the shifted times
+            raise ValueError(
+                f"trace is not sorted by arrival time: request {req.request_id!r} "
+                f"arrives at {req.arrival_s} s, after one at {last_s} s"
+            )
+        last_s = req.arrival_s
+        while pending and pending[0][0] <= req.arrival_s:
+            yield heapq.heappop(pending)[2]
+        reached_s = req.arrival_s + front_end.time_s(req.input_tokens)
+        heapq.heappush(pending, (reached_s, seq, replace(req, arrival_s=reached_s)))
+    while pending:
+        yield heapq.heappop(pending)[2]
 
 
 def simulate(

@@ -154,3 +154,44 @@ def test_bad_entries_name_the_key_path(document: dict, expected: str) -> None:
     with pytest.raises(CatalogError) as error:
         extend_catalog(default_catalog(), document, source="cat.yaml")
     assert expected in str(error.value)
+
+
+def test_todays_models_carry_their_config_json_facts() -> None:
+    catalog = default_catalog()
+    for name in ("llama-3.1-8b", "llama-3.1-70b", "llama-3.3-70b"):
+        assert catalog.model(name).max_context_tokens == 131072
+    # Published sizes (within the ~1% norms and biases the estimate leaves out).
+    for name, billions in (("llama-3.1-70b", 70.6), ("qwen2.5-72b", 72.7), ("qwen3-32b", 32.8),
+                           ("mixtral-8x22b", 140.6), ("gemma-2-9b", 9.24), ("starcoder2-15b", 16.0)):
+        assert catalog.model(name).num_params == pytest.approx(billions * 1e9, rel=0.03), name
+    qwen3 = catalog.model("qwen3-32b")
+    assert qwen3.head_dim == 128 and qwen3.hidden_size // qwen3.num_attention_heads == 80
+    moe = catalog.model("qwen3-30b-a3b")
+    assert moe.num_experts == 128 and moe.experts_per_token == 8
+    assert moe.active_params == pytest.approx(3.3e9, rel=0.05) and moe.num_params == pytest.approx(30.5e9, rel=0.03)
+    deepseek = catalog.model("deepseek-v2-lite")
+    # Multi-head latent attention caches 512 + 64 values per token and layer, not 2 x 16 x 192.
+    assert deepseek.kv_bytes_per_token == 27 * 576 * 2 and deepseek.shared_intermediate_size == 2 * 1408
+    assert catalog.model("llama-3.1-8b").source == "meta-llama/Llama-3.1-8B-Instruct config.json"
+
+
+def test_hugging_face_ids_and_variants_resolve() -> None:
+    catalog = default_catalog()
+    for hf_id, name in (("meta-llama/Meta-Llama-3.1-70B-Instruct", "llama-3.1-70b"),
+                        ("mistralai/Mixtral-8x7B-Instruct-v0.1", "mixtral-8x7b"),
+                        ("google/gemma-2-27b-it", "gemma-2-27b"), ("Qwen/Qwen2.5-7B-Instruct", "qwen2.5-7b"),
+                        ("microsoft/Phi-3-mini-4k-instruct", "phi-3-mini"), ("codellama/CodeLlama-34b-hf", "codellama-34b"),
+                        ("mistralai/Mistral-Nemo-Instruct-2407", "mistral-nemo-12b")):
+        assert catalog.model(hf_id).name == name
+    assert catalog.find_model("someone/unknown-7b") is None
+
+
+def test_hf_config_reads_moe_shared_experts_and_head_dim() -> None:
+    config = {"model_type": "deepseek", "num_hidden_layers": 4, "hidden_size": 1024, "num_attention_heads": 8,
+              "num_key_value_heads": 8, "head_dim": 256, "intermediate_size": 4096, "moe_intermediate_size": 512,
+              "n_routed_experts": 16, "n_shared_experts": 2, "num_experts_per_tok": 4, "vocab_size": 1000}
+    spec = model_from_hf_config("tiny-moe", config)
+    assert (spec.num_experts, spec.experts_per_token, spec.intermediate_size) == (16, 4, 512)
+    assert spec.shared_intermediate_size == 1024 and spec.head_dim == 256
+    per_layer = 1024 * 256 * (16 + 16) + 3 * 1024 * (512 * 4 + 1024)
+    assert spec.num_layers * spec.active_linear_params_per_layer == 4 * per_layer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,40 @@ def test_explicit_factors_override_and_validation(tmp_path: Path) -> None:
     path.write_text(json.dumps({"gpus": {"L4": {"memory_efficiency": -1}}}))
     with pytest.raises(ValueError, match=r"gpus\.L4\.memory_efficiency: expected a non-negative number"):
         load_factors_file(str(path))
+
+
+def test_moe_weight_reads_follow_the_expected_distinct_experts() -> None:
+    m = engine("H100-80GB", "mixtral-8x7b")
+    assert m.experts_touched(1) == pytest.approx(2.0)
+    # Uniform top-2 of 8: 4 tokens touch 8 (1 - 0.75^4) = 5.47 experts, far from all 8.
+    assert m.experts_touched(4) == pytest.approx(8 * (1 - 0.75**4))
+    assert 7.99 < m.experts_touched(64) <= 8.0
+    steps = [m.decode_time_per_token_s(b, 512) for b in (1, 2, 4, 8, 16)]
+    assert steps == sorted(steps) and steps[2] - steps[0] > steps[4] - steps[3]  # concave while experts fill
+
+
+def test_cpu_and_gpu_time_add_up_and_tp_sync_grows_with_workers() -> None:
+    m = engine("A100-80GB", "llama-3-70b", tp=4)
+    total = m.iteration_time_s(512, 32, 32 * 1000, BatchShape.prefill_pairs(512, 0), 1)
+    assert m.cpu_time_s(33) + m.gpu_time_s(512, 32, 32 * 1000, BatchShape.prefill_pairs(512, 0), 1) == pytest.approx(total)
+    assert m.cpu_time_s(33) > 0 and m.gpu_time_s(0, 32, 32000) > 0
+    base = engine("A100-80GB", "llama-3-70b", tp=8).factors
+    synced = replace(base, tp_sync_s_per_layer=1e-4)
+    tp = {n: EngineModel(m.gpu, m.model, n, replace(synced, interconnect_efficiency=1.0)) for n in (2, 4, 8)}
+    plain = {n: EngineModel(m.gpu, m.model, n, replace(base, tp_sync_s_per_layer=0.0, interconnect_efficiency=1.0))
+             for n in (2, 4, 8)}
+    extra = [tp[n].decode_time_per_token_s(1, 100) - plain[n].decode_time_per_token_s(1, 100) for n in (2, 4, 8)]
+    assert extra[0] == pytest.approx(80 * 1e-4) and extra == sorted(extra)
+
+
+def test_serving_tpot_includes_the_prefill_share() -> None:
+    m = engine("H100-80GB", "llama-3.1-8b")
+    decode_only = m.decode_time_per_token_s(64, 1000)
+    chunked = m.serving_tpot_s(64, 800, 400, chunked_prefill=True)
+    separate = m.serving_tpot_s(64, 800, 400)
+    assert decode_only < chunked and decode_only < separate
+    # Longer outputs dilute the prefill share towards the pure decode step.
+    assert m.serving_tpot_s(64, 800, 40000, chunked_prefill=True) == pytest.approx(
+        m.decode_time_per_token_s(64, 800 + 20000), rel=0.02)
+    batches = [m.serving_tpot_s(b, 500, 300) for b in (8, 32, 128, 512)]
+    assert batches == sorted(batches)

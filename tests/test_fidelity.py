@@ -51,7 +51,18 @@ def test_simulator_agrees_with_live_emulated_engines(shared_data: Path) -> None:
     with engines_in_subprocess(engine_specs(cluster)) as endpoints:
         live = asyncio.run(replay_live(endpoints, requests, assignment))
     assert [r.output_tokens for r in live] == [r.output_tokens for r in requests]
-    rows = compare(live, simulated, percentiles=(50, 90))
-    print(format_agreement(rows))
-    worst = max(rows, key=lambda row: row.relative_error)
-    assert worst.relative_error <= 0.10, format_agreement(rows)
+    # TTFT over all requests; TPOT per engine: the two GPU types' TPOTs form two separate
+    # modes, and a pooled median falls in the gap between them, where one request whose
+    # decode meets one more prefill live moves it by 10% while every other agrees to 0.1 ms.
+    placed = {r.request_id: r.instance_id for r in simulated}
+    groups = [("all", "ttft", live, simulated)] + [
+        (instance, "tpot", [r for r in live if placed[r.request_id] == instance],
+         [r for r in simulated if r.instance_id == instance])
+        for instance in sorted(set(placed.values()))
+    ]
+    for label, metric, live_part, sim_part in groups:
+        rows = [row for row in compare(live_part, sim_part, percentiles=(50, 90)) if row.metric == metric]
+        print(label)
+        print(format_agreement(rows))
+        worst = max(rows, key=lambda row: row.relative_error)
+        assert worst.relative_error <= 0.10, f"{label}\n{format_agreement(rows)}"

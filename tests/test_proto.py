@@ -142,6 +142,9 @@ def test_contract_shape() -> None:
     assert {m.name for m in admin.methods} == {
         "GetPolicy", "PutPolicy", "DeletePolicy", "ListPolicies", "ListPools",
         "RegisterInstance", "DeregisterInstance", "DrainInstance", "Heartbeat", "ListInstances",
+        # versioned policies (router/policy_admin.py)
+        "ApplyPolicy", "GetPolicyVersion", "ListCurrentPolicies", "PolicyHistory", "RollbackPolicy",
+        "RemovePolicy", "CreateApiKey", "RotateApiKey", "RevokeApiKey", "ListApiKeys",
     }
     # Round trip through the wire format keeps every load field.
     snapshot = worker_pb2.LoadSnapshot(

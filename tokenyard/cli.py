@@ -26,6 +26,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "sim.plan_cli",  # tokenyard plan [apply]
     "learn.tier_cli",  # tokenyard tier score
     "learn.rank_cli",  # tokenyard rank score
+    "router.admin_cli",  # tokenyard policy|instances|keys|context|completion
 )
 
 

@@ -246,8 +246,11 @@ async def up(args: argparse.Namespace) -> int:
         server = RouterServer(Router(config, store=store), config.host, config.port)
         await server.start()
         print(_examples(server.url), flush=True)
-        print(f"  control (Admin + Picker gRPC): 127.0.0.1:{control['port']}, bearer token in {tokens_file}\n",
+        print(f"  control (Admin + Picker gRPC): 127.0.0.1:{control['port']}, bearer token in {tokens_file}",
               flush=True)
+        print(f"  point the CLI at it: tokenyard context set local --address 127.0.0.1:{control['port']} "
+              f"--token-file {tokens_file} && tokenyard context use local\n"
+              "  then: tokenyard policy list; tokenyard instances list (docs/admin.md)\n", flush=True)
 
         body = {"model": "llama-3-8b", "messages": [{"role": "user", "content": "Say hello to Tokenyard."}],
                 "max_tokens": 16}

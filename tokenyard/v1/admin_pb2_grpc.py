@@ -85,6 +85,56 @@ class AdminStub:
                 request_serializer=tokenyard_dot_v1_dot_admin__pb2.ListInstancesRequest.SerializeToString,
                 response_deserializer=tokenyard_dot_v1_dot_admin__pb2.ListInstancesResponse.FromString,
                 _registered_method=True)
+        self.ApplyPolicy = channel.unary_unary(
+                '/tokenyard.v1.Admin/ApplyPolicy',
+                request_serializer=tokenyard_dot_v1_dot_admin__pb2.ApplyPolicyRequest.SerializeToString,
+                response_deserializer=tokenyard_dot_v1_dot_admin__pb2.ApplyPolicyResponse.FromString,
+                _registered_method=True)
+        self.GetPolicyVersion = channel.unary_unary(
+                '/tokenyard.v1.Admin/GetPolicyVersion',
+                request_serializer=tokenyard_dot_v1_dot_admin__pb2.GetPolicyVersionRequest.SerializeToString,
+                response_deserializer=tokenyard_dot_v1_dot_admin__pb2.PolicyVersion.FromString,
+                _registered_method=True)
+        self.ListCurrentPolicies = channel.unary_unary(
+                '/tokenyard.v1.Admin/ListCurrentPolicies',
+                request_serializer=tokenyard_dot_v1_dot_admin__pb2.ListCurrentPoliciesRequest.SerializeToString,
+                response_deserializer=tokenyard_dot_v1_dot_admin__pb2.ListCurrentPoliciesResponse.FromString,
+                _registered_method=True)
+        self.PolicyHistory = channel.unary_unary(
+                '/tokenyard.v1.Admin/PolicyHistory',
+                request_serializer=tokenyard_dot_v1_dot_admin__pb2.PolicyHistoryRequest.SerializeToString,
+                response_deserializer=tokenyard_dot_v1_dot_admin__pb2.PolicyHistoryResponse.FromString,
+                _registered_method=True)
+        self.RollbackPolicy = channel.unary_unary(
+                '/tokenyard.v1.Admin/RollbackPolicy',
+                request_serializer=tokenyard_dot_v1_dot_admin__pb2.RollbackPolicyRequest.SerializeToString,
+                response_deserializer=tokenyard_dot_v1_dot_admin__pb2.ApplyPolicyResponse.FromString,
+                _registered_method=True)
+        self.RemovePolicy = channel.unary_unary(
+                '/tokenyard.v1.Admin/RemovePolicy',
+                request_serializer=tokenyard_dot_v1_dot_admin__pb2.RemovePolicyRequest.SerializeToString,
+                response_deserializer=tokenyard_dot_v1_dot_admin__pb2.ApplyPolicyResponse.FromString,
+                _registered_method=True)
+        self.CreateApiKey = channel.unary_unary(
+                '/tokenyard.v1.Admin/CreateApiKey',
+                request_serializer=tokenyard_dot_v1_dot_admin__pb2.CreateApiKeyRequest.SerializeToString,
+                response_deserializer=tokenyard_dot_v1_dot_admin__pb2.ApiKeyCreated.FromString,
+                _registered_method=True)
+        self.RotateApiKey = channel.unary_unary(
+                '/tokenyard.v1.Admin/RotateApiKey',
+                request_serializer=tokenyard_dot_v1_dot_admin__pb2.RotateApiKeyRequest.SerializeToString,
+                response_deserializer=tokenyard_dot_v1_dot_admin__pb2.ApiKeyCreated.FromString,
+                _registered_method=True)
+        self.RevokeApiKey = channel.unary_unary(
+                '/tokenyard.v1.Admin/RevokeApiKey',
+                request_serializer=tokenyard_dot_v1_dot_admin__pb2.RevokeApiKeyRequest.SerializeToString,
+                response_deserializer=tokenyard_dot_v1_dot_admin__pb2.ApiKeyInfo.FromString,
+                _registered_method=True)
+        self.ListApiKeys = channel.unary_unary(
+                '/tokenyard.v1.Admin/ListApiKeys',
+                request_serializer=tokenyard_dot_v1_dot_admin__pb2.ListApiKeysRequest.SerializeToString,
+                response_deserializer=tokenyard_dot_v1_dot_admin__pb2.ListApiKeysResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -165,6 +215,86 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApplyPolicy(self, request, context):
+        """---- versioned SLO policies: every change is a new version with who, when, why and
+        the diff (docs/admin.md). The spec is the JSON of the policy spec schema
+        (router/policy_versions.py); INVALID_ARGUMENT names the key path of a bad one.
+        ABORTED when `expected_version` is set and is not the current version (the message
+        names the current one).
+
+        Validate and store a new version of a tenant's policy (with dry_run: validate and
+        return the diff only). An equal spec stores nothing (changed is false).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPolicyVersion(self, request, context):
+        """One version of a tenant's policy (version 0: the current one). NOT_FOUND when absent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCurrentPolicies(self, request, context):
+        """The current version of every tenant's policy that is not deleted, ordered by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PolicyHistory(self, request, context):
+        """The versions of a tenant's policy, oldest first (the last `limit`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackPolicy(self, request, context):
+        """A new version equal to an old one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemovePolicy(self, request, context):
+        """Delete a tenant's policy: a new version without a spec (kept in the history).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateApiKey(self, request, context):
+        """---- tenants' API keys (router/keys.py): stored only as salted hashes; every router
+        replica accepts a new key, and refuses a revoked one, within a second.
+
+        A new key for a tenant; the plaintext key is in this response only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateApiKey(self, request, context):
+        """A new key for the same tenant; the old one is revoked once the new one exists.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeApiKey(self, request, context):
+        """Revoke a key (it stays listed, revoked). NOT_FOUND for an unknown key id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApiKeys(self, request, context):
+        """The keys (never their secrets), ordered by tenant, then creation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -217,6 +347,56 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListInstances,
                     request_deserializer=tokenyard_dot_v1_dot_admin__pb2.ListInstancesRequest.FromString,
                     response_serializer=tokenyard_dot_v1_dot_admin__pb2.ListInstancesResponse.SerializeToString,
+            ),
+            'ApplyPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyPolicy,
+                    request_deserializer=tokenyard_dot_v1_dot_admin__pb2.ApplyPolicyRequest.FromString,
+                    response_serializer=tokenyard_dot_v1_dot_admin__pb2.ApplyPolicyResponse.SerializeToString,
+            ),
+            'GetPolicyVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPolicyVersion,
+                    request_deserializer=tokenyard_dot_v1_dot_admin__pb2.GetPolicyVersionRequest.FromString,
+                    response_serializer=tokenyard_dot_v1_dot_admin__pb2.PolicyVersion.SerializeToString,
+            ),
+            'ListCurrentPolicies': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCurrentPolicies,
+                    request_deserializer=tokenyard_dot_v1_dot_admin__pb2.ListCurrentPoliciesRequest.FromString,
+                    response_serializer=tokenyard_dot_v1_dot_admin__pb2.ListCurrentPoliciesResponse.SerializeToString,
+            ),
+            'PolicyHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.PolicyHistory,
+                    request_deserializer=tokenyard_dot_v1_dot_admin__pb2.PolicyHistoryRequest.FromString,
+                    response_serializer=tokenyard_dot_v1_dot_admin__pb2.PolicyHistoryResponse.SerializeToString,
+            ),
+            'RollbackPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackPolicy,
+                    request_deserializer=tokenyard_dot_v1_dot_admin__pb2.RollbackPolicyRequest.FromString,
+                    response_serializer=tokenyard_dot_v1_dot_admin__pb2.ApplyPolicyResponse.SerializeToString,
+            ),
+            'RemovePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemovePolicy,
+                    request_deserializer=tokenyard_dot_v1_dot_admin__pb2.RemovePolicyRequest.FromString,
+                    response_serializer=tokenyard_dot_v1_dot_admin__pb2.ApplyPolicyResponse.SerializeToString,
+            ),
+            'CreateApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateApiKey,
+                    request_deserializer=tokenyard_dot_v1_dot_admin__pb2.CreateApiKeyRequest.FromString,
+                    response_serializer=tokenyard_dot_v1_dot_admin__pb2.ApiKeyCreated.SerializeToString,
+            ),
+            'RotateApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateApiKey,
+                    request_deserializer=tokenyard_dot_v1_dot_admin__pb2.RotateApiKeyRequest.FromString,
+                    response_serializer=tokenyard_dot_v1_dot_admin__pb2.ApiKeyCreated.SerializeToString,
+            ),
+            'RevokeApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeApiKey,
+                    request_deserializer=tokenyard_dot_v1_dot_admin__pb2.RevokeApiKeyRequest.FromString,
+                    response_serializer=tokenyard_dot_v1_dot_admin__pb2.ApiKeyInfo.SerializeToString,
+            ),
+            'ListApiKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApiKeys,
+                    request_deserializer=tokenyard_dot_v1_dot_admin__pb2.ListApiKeysRequest.FromString,
+                    response_serializer=tokenyard_dot_v1_dot_admin__pb2.ListApiKeysResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -490,6 +670,276 @@ class Admin:
             '/tokenyard.v1.Admin/ListInstances',
             tokenyard_dot_v1_dot_admin__pb2.ListInstancesRequest.SerializeToString,
             tokenyard_dot_v1_dot_admin__pb2.ListInstancesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenyard.v1.Admin/ApplyPolicy',
+            tokenyard_dot_v1_dot_admin__pb2.ApplyPolicyRequest.SerializeToString,
+            tokenyard_dot_v1_dot_admin__pb2.ApplyPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPolicyVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenyard.v1.Admin/GetPolicyVersion',
+            tokenyard_dot_v1_dot_admin__pb2.GetPolicyVersionRequest.SerializeToString,
+            tokenyard_dot_v1_dot_admin__pb2.PolicyVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCurrentPolicies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenyard.v1.Admin/ListCurrentPolicies',
+            tokenyard_dot_v1_dot_admin__pb2.ListCurrentPoliciesRequest.SerializeToString,
+            tokenyard_dot_v1_dot_admin__pb2.ListCurrentPoliciesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PolicyHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenyard.v1.Admin/PolicyHistory',
+            tokenyard_dot_v1_dot_admin__pb2.PolicyHistoryRequest.SerializeToString,
+            tokenyard_dot_v1_dot_admin__pb2.PolicyHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenyard.v1.Admin/RollbackPolicy',
+            tokenyard_dot_v1_dot_admin__pb2.RollbackPolicyRequest.SerializeToString,
+            tokenyard_dot_v1_dot_admin__pb2.ApplyPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemovePolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenyard.v1.Admin/RemovePolicy',
+            tokenyard_dot_v1_dot_admin__pb2.RemovePolicyRequest.SerializeToString,
+            tokenyard_dot_v1_dot_admin__pb2.ApplyPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenyard.v1.Admin/CreateApiKey',
+            tokenyard_dot_v1_dot_admin__pb2.CreateApiKeyRequest.SerializeToString,
+            tokenyard_dot_v1_dot_admin__pb2.ApiKeyCreated.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenyard.v1.Admin/RotateApiKey',
+            tokenyard_dot_v1_dot_admin__pb2.RotateApiKeyRequest.SerializeToString,
+            tokenyard_dot_v1_dot_admin__pb2.ApiKeyCreated.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenyard.v1.Admin/RevokeApiKey',
+            tokenyard_dot_v1_dot_admin__pb2.RevokeApiKeyRequest.SerializeToString,
+            tokenyard_dot_v1_dot_admin__pb2.ApiKeyInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApiKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenyard.v1.Admin/ListApiKeys',
+            tokenyard_dot_v1_dot_admin__pb2.ListApiKeysRequest.SerializeToString,
+            tokenyard_dot_v1_dot_admin__pb2.ListApiKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,
