@@ -25,6 +25,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "tokenyard.config_cli",  # tokenyard config check|migrate
     "sim.plan_cli",  # tokenyard plan [apply]
     "learn.tier_cli",  # tokenyard tier score
+    "router.controlplane_cli",  # tokenyard controlplane
 )
 
 
