@@ -157,51 +157,57 @@ def _autoscaler(raw: Any, where: str, pools: Sequence[PoolConfig]) -> Autoscaler
 
 def parse_config(doc: Mapping[str, Any], source: str, env: Mapping[str, str] | None = None) -> ControlPlaneConfig:
     """Validate a control-plane document; every error names `source: key.path`."""
-    check_keys(doc, _TOP_KEYS, source)
-    w = source + ":"
-    input_edges = _edges(doc.get("input_edges", list(DEFAULT_INPUT_EDGES)), f"{w} input_edges")
-    output_edges = _edges(doc.get("output_edges", list(DEFAULT_OUTPUT_EDGES)), f"{w} output_edges")
+    try:
+        return _parse(doc, env or {})
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc.where}", exc.problem) from None
+
+
+def _parse(doc: Mapping[str, Any], env: Mapping[str, str]) -> ControlPlaneConfig:
+    check_keys(doc, _TOP_KEYS, "")
+    w = ""
+    input_edges = _edges(doc.get("input_edges", list(DEFAULT_INPUT_EDGES)), "input_edges")
+    output_edges = _edges(doc.get("output_edges", list(DEFAULT_OUTPUT_EDGES)), "output_edges")
     raw_pools = get(doc, "pools", list, w)
     if not raw_pools or len(raw_pools) > MAX_POOLS:
-        raise ConfigError(f"{w} pools", f"expected 1 to {MAX_POOLS} pools, got {len(raw_pools)}")
-    pools = tuple(_pool(p, f"{w} pools[{i}]", len(input_edges) - 1, len(output_edges) - 1)
+        raise ConfigError("pools", f"expected 1 to {MAX_POOLS} pools, got {len(raw_pools)}")
+    pools = tuple(_pool(p, f"pools[{i}]", len(input_edges) - 1, len(output_edges) - 1)
                   for i, p in enumerate(raw_pools))
     names = [p.name for p in pools]
     if len(set(names)) != len(names):
-        raise ConfigError(f"{w} pools", f"duplicate pool names in {names}")
+        raise ConfigError("pools", f"duplicate pool names in {names}")
     kube = get(doc, "kubernetes", dict, w, {})
-    check_keys(kube, ("namespace", "dry_run", "min_interval_s", "api_url"), f"{w} kubernetes")
+    check_keys(kube, ("namespace", "dry_run", "min_interval_s", "api_url"), "kubernetes")
     metrics = get(doc, "metrics", dict, w, {})
-    check_keys(metrics, ("host", "port"), f"{w} metrics")
+    check_keys(metrics, ("host", "port"), "metrics")
     models = get(doc, "models", list, w, [])
     if not all(isinstance(m, str) and m for m in models):
-        raise ConfigError(f"{w} models", f"expected a list of model names, got {models!r}")
-    env = env or {}
+        raise ConfigError("models", f"expected a list of model names, got {models!r}")
     config = ControlPlaneConfig(
         store_url=get(doc, "store", str, w), pools=pools, input_edges=input_edges, output_edges=output_edges,
         models=tuple(models), headroom=get(doc, "headroom", float, w, 0.2, minimum=0),
         resolve_interval_s=get(doc, "resolve_interval_s", float, w, 300.0, minimum=0.001),
         drain_grace_s=get(doc, "drain_grace_s", float, w, 10.0, minimum=0),
         scrape_timeout_s=get(doc, "scrape_timeout_s", float, w, 2.0, minimum=0.01),
-        autoscaler=_autoscaler(doc.get("autoscaler", {}), f"{w} autoscaler", pools),
+        autoscaler=_autoscaler(doc.get("autoscaler", {}), "autoscaler", pools),
         actuator=get(doc, "actuator", str, w, "print", choices=("kubernetes", "print")),
-        namespace=get(kube, "namespace", str, f"{w} kubernetes", env.get("POD_NAMESPACE", "default")),
-        kube_dry_run=get(kube, "dry_run", bool, f"{w} kubernetes", False),
-        kube_min_interval_s=get(kube, "min_interval_s", float, f"{w} kubernetes", 0.0, minimum=0),
-        kube_api_url=get(kube, "api_url", str, f"{w} kubernetes", None) if kube.get("api_url") else None,
+        namespace=get(kube, "namespace", str, "kubernetes", env.get("POD_NAMESPACE", "default")),
+        kube_dry_run=get(kube, "dry_run", bool, "kubernetes", False),
+        kube_min_interval_s=get(kube, "min_interval_s", float, "kubernetes", 0.0, minimum=0),
+        kube_api_url=get(kube, "api_url", str, "kubernetes", None) if kube.get("api_url") else None,
         leader_election=get(doc, "leader_election", bool, w, True),
-        metrics_host=get(metrics, "host", str, f"{w} metrics", "127.0.0.1"),
-        metrics_port=get(metrics, "port", int, f"{w} metrics", 9400, minimum=0) if metrics.get("port", 0) is not None
+        metrics_host=get(metrics, "host", str, "metrics", "127.0.0.1"),
+        metrics_port=get(metrics, "port", int, "metrics", 9400, minimum=0) if metrics.get("port", 0) is not None
         else None)
     if not config.headroom < 1:
-        raise ConfigError(f"{w} headroom", f"expected a fraction in [0, 1), got {config.headroom}")
+        raise ConfigError("headroom", f"expected a fraction in [0, 1), got {config.headroom}")
     if config.actuator == "kubernetes":
         from router.k8s_scale import parse_deployments
 
         from_env = parse_deployments(env.get("TOKENYARD_SCALABLE_DEPLOYMENTS", ""))
         missing = [p.name for p in pools if p.deployment is None and p.name not in from_env]
         if missing:
-            raise ConfigError(f"{w} pools", f"actuator kubernetes: no Deployment for pool(s) {', '.join(missing)}; "
+            raise ConfigError("pools", f"actuator kubernetes: no Deployment for pool(s) {', '.join(missing)}; "
                               "expected pools[].deployment or TOKENYARD_SCALABLE_DEPLOYMENTS=pool=deployment,...")
     return config
 

@@ -136,16 +136,25 @@ async def build(config: Any, store: Any, *, api_client: Any = None, election: An
 
 
 async def serve(config: Any, store: Any, stop: asyncio.Event, *, once: bool = False, **kw: Any) -> Any:
-    """Run the election and the loop until `stop` (or one round with `once`)."""
+    """Build, then run the election and the loop until `stop` (or one round with `once`)."""
     plane, elector = await build(config, store, **kw)
-    metrics = plane.metrics
-    tasks: list[asyncio.Task[Any]] = []
-    try:
-        if once:
+    if once:
+        try:
             if elector is not None:
                 await asyncio.to_thread(elector.step)
             await plane.tick()
-            return plane
+        finally:
+            plane.close()
+        return plane
+    await run_plane(plane, elector, stop)
+    return plane
+
+
+async def run_plane(plane: Any, elector: Any, stop: asyncio.Event) -> None:
+    """The election (if any) and the control loop side by side until `stop`."""
+    metrics = plane.metrics
+    tasks: list[asyncio.Task[Any]] = []
+    try:
         if elector is not None:
             async def started() -> None:
                 log.info("leading: the control loop acts", extra={"identity": elector.settings.identity})
@@ -161,7 +170,6 @@ async def serve(config: Any, store: Any, stop: asyncio.Event, *, once: bool = Fa
         elif metrics is not None:
             metrics.leader.set(1)
         await plane.run(stop)
-        return plane
     finally:
         for task in tasks:
             with contextlib.suppress(Exception):

@@ -7,8 +7,10 @@ simulator's `reconcile` (autoscale.py) knows every instance. This is the live va
 
 - target >= replicas: every instance this control plane drained is taken back (warm),
   and the replica count is raised to the target;
-- target < replicas: `replicas - target` instances must be draining; more are drained
-  (emptiest first, ties by id so two runs agree), extras taken back;
+- target < replicas: replicas with no registry instance (pods starting or crashing:
+  no traffic) are dropped first; of the rest of the excess, that many instances must be
+  draining; more are drained (emptiest first, ties by id so two runs agree), extras
+  taken back;
 - a draining instance is removable once `grace_s` has passed since its drain began
   (routers follow the draining flag through the store within their watch delay, and a
   request dispatched just before reaches the engine a moment later) and its engine
@@ -56,7 +58,10 @@ def pool_step(target: int, replicas: int, instances: Sequence[LiveInstance], now
     if target >= replicas:
         return PoolStep(undrain=tuple(sorted(i.instance_id for i in ours)),
                         replicas=target if target > replicas else None)
-    excess = replicas - target
+    # Replicas without a registry instance (starting, crashing) carry no traffic: they go
+    # first, and the ReplicaSet removes not-ready pods before ready ones.
+    phantom = min(max(0, replicas - len(instances)), replicas - target)
+    excess = replicas - target - phantom
     undrain: tuple[str, ...] = ()
     drain: tuple[str, ...] = ()
     if len(ours) > excess:
@@ -68,8 +73,8 @@ def pool_step(target: int, replicas: int, instances: Sequence[LiveInstance], now
         drain = tuple(i.instance_id for i in order[:excess - len(ours)])
     kept = [i for i in ours if i.instance_id not in undrain]
     remove = tuple(sorted(i.instance_id for i in kept if _removable(i, now_s, grace_s)))
-    return PoolStep(drain=drain, undrain=undrain, remove=remove,
-                    replicas=replicas - len(remove) if remove else None)
+    dropped = phantom + len(remove)
+    return PoolStep(drain=drain, undrain=undrain, remove=remove, replicas=replicas - dropped if dropped else None)
 
 
 def last_request_by_pool(last_slot_end_s: Mapping[int, float], shares: Sequence[Mapping[str, float]],
