@@ -7,7 +7,8 @@
 
 1. reads every router replica's workload histogram from the state store and merges them
    (`router.workload_recorder.read_workload`), summed over the configured models and SLO
-   classes into the length-bucket grid of `input_edges` x `output_edges`;
+   classes into the length-bucket grid of `input_edges` x `output_edges` (coarser than
+   the routers' buckets is fine: every inner edge must be one of theirs);
 2. every `resolve_interval_s` (and at the first tick) re-solves the pool plan from those
    rates (`scheduler.planner.solver.solve`: which share of each bucket goes to which pool);
    a solve that fails keeps the previous plan (logged, rate-limited);
@@ -50,7 +51,14 @@ from scheduler.planner.autoscale import (
 )
 from scheduler.planner.fleet import LiveInstance, last_request_by_pool, pool_step
 from scheduler.planner.histogram import LengthHistogram
-from scheduler.planner.problem import Plan, PlanError, PlanProblem, PoolOption, grid_buckets
+from scheduler.planner.problem import (
+    Plan,
+    PlanError,
+    PlanProblem,
+    PoolOption,
+    bucket_of,
+    grid_buckets,
+)
 from scheduler.planner.solver import solve
 from tokenyard.config import ConfigError, check_keys, get, load_yaml
 from tokenyard.logs import RateLimitedLog
@@ -216,6 +224,14 @@ def load_config(path: str, env: Mapping[str, str] | None = None) -> ControlPlane
     return parse_config(load_yaml(path), path, env)
 
 
+def _coarsen(fine: Sequence[int], coarse: Sequence[int]) -> list[int] | None:
+    """The coarse bucket of each fine bucket, when every inner coarse edge is a fine edge
+    (each fine bucket then lies in exactly one coarse one); None otherwise."""
+    if not set(coarse[1:-1]) <= set(fine):
+        return None
+    return [bucket_of(coarse, lo) for lo in fine[:-1]]
+
+
 # -- actuators ------------------------------------------------------------------------------
 class FleetActuator(Protocol):
     """What the live loop needs from a platform: read and set each pool's replica count.
@@ -309,16 +325,20 @@ class ControlPlane:
         for model, hist in merged.items():
             if self.config.models and model not in self.config.models:
                 continue
-            if (hist.input_edges, hist.output_edges) != (self.config.input_edges, self.config.output_edges):
-                self._warn.warning(f"edges:{model}", "workload histogram skipped: its bucket edges differ from the "
-                                   "control plane's input_edges/output_edges", extra={"model": model})
+            rows = _coarsen(hist.input_edges, self.config.input_edges)
+            cols_of = _coarsen(hist.output_edges, self.config.output_edges)
+            if rows is None or cols_of is None:
+                self._warn.warning(f"edges:{model}", "workload histogram skipped: the control plane's input_edges/"
+                                   "output_edges must be a subset of the routers' bucket edges",
+                                   extra={"model": model, "input_edges": hist.input_edges,
+                                          "output_edges": hist.output_edges})
                 continue
             for (_klass, i, j), rate in hist.rates(now_s, self.config.autoscaler.window_s).items():
-                rates[i * cols + j] += rate
+                rates[rows[i] * cols + cols_of[j]] += rate
             for (slot, _klass, i, j), count in hist.counts.items():
                 if count > 0:
-                    end_s = min((slot + 1) * hist.slot_s, now_s)
-                    seen[i * cols + j] = max(seen.get(i * cols + j, -math.inf), end_s)
+                    k = rows[i] * cols + cols_of[j]
+                    seen[k] = max(seen.get(k, -math.inf), min((slot + 1) * hist.slot_s, now_s))
         return rates, seen
 
     def _resolve(self, rates: Sequence[float], now_s: float) -> None:

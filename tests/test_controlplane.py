@@ -16,7 +16,6 @@ is really in flight.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -227,4 +226,11 @@ def test_cli_once_prints_the_plan_outside_kubernetes(tmp_path: Path, capsys: pyt
     assert main(["controlplane", "--config", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("tokenyard controlplane: ") and "bad.yaml: pools: required key is missing" in err
-    assert math.isfinite(1.0)
+
+
+def test_coarser_buckets_than_the_routers_are_summed() -> None:
+    from router.controlplane import _coarsen
+
+    assert _coarsen((0, 256, 1024, 2048, 4096, 8192), (0, 1024, 8192)) == [0, 0, 1, 1, 1]
+    assert _coarsen((0, 64, 256, 1024), (0, 1_000_000)) == [0, 0, 0]
+    assert _coarsen((0, 256, 1024), (0, 500, 1024)) is None  # 500 splits a router bucket: refused
