@@ -192,7 +192,7 @@ def _parse(doc: Mapping[str, Any], env: Mapping[str, str]) -> ControlPlaneConfig
     if not all(isinstance(m, str) and m for m in models):
         raise ConfigError("models", f"expected a list of model names, got {models!r}")
     config = ControlPlaneConfig(
-        store_url=get(doc, "store", str, w), pools=pools, input_edges=input_edges, output_edges=output_edges,
+        store_url=_store_url(doc, env), pools=pools, input_edges=input_edges, output_edges=output_edges,
         models=tuple(models), headroom=get(doc, "headroom", float, w, 0.2, minimum=0),
         resolve_interval_s=get(doc, "resolve_interval_s", float, w, 300.0, minimum=0.001),
         drain_grace_s=get(doc, "drain_grace_s", float, w, 10.0, minimum=0),
@@ -218,6 +218,17 @@ def _parse(doc: Mapping[str, Any], env: Mapping[str, str]) -> ControlPlaneConfig
             raise ConfigError("pools", f"actuator kubernetes: no Deployment for pool(s) {', '.join(missing)}; "
                               "expected pools[].deployment or TOKENYARD_SCALABLE_DEPLOYMENTS=pool=deployment,...")
     return config
+
+
+def _store_url(doc: Mapping[str, Any], env: Mapping[str, str]) -> str:
+    # The chart passes the URL (it carries the Redis password) in the environment.
+    if "store" in doc:
+        return get(doc, "store", str, "")
+    url = env.get("TOKENYARD_STORE_URL")
+    if not url:
+        raise ConfigError("store", "required key is missing (expected the routers' state store URL, e.g. "
+                          "redis://host:6379/0, or TOKENYARD_STORE_URL in the environment)")
+    return url
 
 
 def load_config(path: str, env: Mapping[str, str] | None = None) -> ControlPlaneConfig:
