@@ -246,11 +246,14 @@ def _coarsen(fine: Sequence[int], coarse: Sequence[int]) -> list[int] | None:
 # -- actuators ------------------------------------------------------------------------------
 class FleetActuator(Protocol):
     """What the live loop needs from a platform: read and set each pool's replica count.
-    `removing` names the drained, empty instances a shrink must take away."""
+    `removing` names the drained, empty instances a shrink must take away; `undrained`
+    says an instance went back to work (it must no longer be the first to go)."""
 
     def current_replicas(self) -> dict[str, int]: ...
 
     def set_replicas(self, pool: str, replicas: int, removing: Sequence[InstanceRecord]) -> bool: ...
+
+    def undrained(self, record: InstanceRecord) -> None: ...
 
 
 class PrintActuator:
@@ -273,12 +276,22 @@ class PrintActuator:
         self.replicas[pool] = replicas
         return True
 
+    def undrained(self, record: InstanceRecord) -> None:
+        return None
+
+
+DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+DRAINED_COST = "-1000000"  # lower goes first; the ReplicaSet reads it when it picks pods to delete
+
 
 class KubernetesActuator:
-    """Each pool's Deployment through the scale subresource (`ScaleActuator`)."""
+    """Each pool's Deployment through the scale subresource (`ScaleActuator`). Before a
+    shrink, the drained pods get the lowest `pod-deletion-cost`, so the ReplicaSet removes
+    those and not a busy one (pods are named by the discovery's `namespace/pod` ids)."""
 
-    def __init__(self, scale: Any) -> None:
+    def __init__(self, scale: Any, core_api: Any = None) -> None:
         self.scale = scale  # router.k8s_scale.ScaleActuator
+        self.core = core_api  # kubernetes.client.CoreV1Api
 
     def current_replicas(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -287,13 +300,27 @@ class KubernetesActuator:
             out[pool] = int(read.spec.replicas or 0)
         return out
 
+    def _cost(self, record: InstanceRecord, value: str | None) -> bool:
+        namespace, _, pod = record.instance_id.partition("/")
+        if record.source != "kubernetes" or not pod or self.core is None:
+            return True  # not a pod we can name: nothing to mark
+        try:
+            self.core.patch_namespaced_pod(pod, namespace, {"metadata": {"annotations": {DELETION_COST: value}}})
+        except Exception as exc:
+            log.warning("pod deletion cost not set", extra={"pod": record.instance_id, "error": str(exc)})
+            return False
+        return True
+
     def set_replicas(self, pool: str, replicas: int, removing: Sequence[InstanceRecord]) -> bool:
-        # The ReplicaSet picks which pods go; the drained ones must be those (on a real
-        # cluster: their controller.kubernetes.io/pod-deletion-cost, see docs/deploy.md).
+        if not all([self._cost(record, DRAINED_COST) for record in removing]):
+            return False  # without the mark the ReplicaSet might pick a busy pod: wait
         result = self.scale.set_replicas({pool: replicas})[pool]
         if result.reason.startswith("error"):
             log.warning("scale failed", extra={"pool": pool, "replicas": replicas, "reason": result.reason})
         return bool(result.applied == replicas or (result.dry_run and result.applied is not None))
+
+    def undrained(self, record: InstanceRecord) -> None:
+        self._cost(record, None)
 
 
 # -- the loop -------------------------------------------------------------------------------
@@ -439,6 +466,8 @@ class ControlPlane:
         step = pool_step(target, replicas, views, now_s, self.config.drain_grace_s)
         for instance_id in step.undrain:
             await self.store.set_draining(instance_id, False)
+            record = next(r for r in records if r.instance_id == instance_id)
+            await asyncio.to_thread(self.actuator.undrained, record)
             state.drained_since_s.pop(instance_id, None)
             self._record(now_s, pool, "undrain", instance_id)
         for instance_id in step.drain:

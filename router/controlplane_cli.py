@@ -119,7 +119,7 @@ async def build(config: Any, store: Any, *, api_client: Any = None, election: An
                              max_replicas=max(p.max_replicas for p in config.pools))
         scale = ScaleActuator(client.AppsV1Api(api_client), config.namespace, deployments, limits=limits,
                               dry_run=dry_run or config.kube_dry_run)
-        actuator: Any = KubernetesActuator(scale)
+        actuator: Any = KubernetesActuator(scale, client.CoreV1Api(api_client))
         elector = None
         if config.leader_election:
             settings = election or LeaderElectionSettings.from_env(env)

@@ -25,9 +25,16 @@ import httpx
 import pytest
 from kubernetes import client
 
-from router.controlplane import ControlPlane, PrintActuator, parse_config
+from router.controlplane import (
+    DELETION_COST,
+    DRAINED_COST,
+    ControlPlane,
+    KubernetesActuator,
+    PrintActuator,
+    parse_config,
+)
 from router.controlplane_cli import ControlPlaneMetrics, build, run_plane
-from router.k8s_loopback import LoopbackKubeAPI, make_deployment
+from router.k8s_loopback import LoopbackKubeAPI, make_deployment, make_pod
 from router.leader import LeaderElectionSettings
 from router.state import FileStateStore, InstanceRecord, StateStore
 from router.workload_recorder import STORE_KEY_PREFIX
@@ -88,13 +95,16 @@ async def stream(engine: FakeEngine, tokens: int) -> tuple[int, int, float]:
 def test_leader_only_acts_scale_up_then_drain_before_scale_down_and_handover(kube: LoopbackKubeAPI,
                                                                             tmp_path: Path) -> None:
     kube.apply("deployments", make_deployment("ty-a10g", 2, {"app": "a10g"}, namespace="llm"))
+    for pod in ("e0", "e1"):
+        kube.apply("pods", make_pod(pod, "127.0.0.1", {"app": "a10g"}, namespace="llm"))
     config = parse_config(doc(kubernetes={"namespace": "llm"}), "cp.yaml")
 
     async def main() -> None:
         store = FileStateStore(tmp_path / "state.db")
         with fake_engines(("--token-delay-s", "0.05"), ("--token-delay-s", "0.05")) as (e0, e1):
-            for iid, engine in (("e0", e0), ("e1", e1)):
-                await store.put_instance(InstanceRecord(iid, engine.url, MODEL, gpu="A10G", pool="a10g"))
+            for iid, engine in (("llm/e0", e0), ("llm/e1", e1)):  # as Kubernetes discovery names pods
+                await store.put_instance(InstanceRecord(iid, engine.url, MODEL, gpu="A10G", pool="a10g",
+                                                        source="kubernetes"))
             # 6 req/s (3 instance-equivalents) in the last slots and the next one, then nothing.
             await put_histogram(store, time.time(), 6.0, range(-1, 4))
             stops = {n: asyncio.Event() for n in ("cp-a", "cp-b")}
@@ -146,12 +156,15 @@ def test_leader_only_acts_scale_up_then_drain_before_scale_down_and_handover(kub
         assert [a for _, _, a, _ in first.actions].count("scale_up") == 1
         downs = [(t, d) for t, _, a, d in second.actions if a == "scale_down"]
         removed_at = {iid: t for t, d in downs for iid in d["removed"]}  # type: ignore[index]
-        assert set(removed_at) == {"e0", "e1"}
-        assert removed_at["e0"] >= max(done for _, _, done in results) - 0.05  # e0 went only once empty
-        assert removed_at["e1"] < removed_at["e0"]  # the empty one went first
+        assert set(removed_at) == {"llm/e0", "llm/e1"}
+        assert removed_at["llm/e0"] >= max(done for _, _, done in results) - 0.05  # e0 went only once empty
+        assert removed_at["llm/e1"] < removed_at["llm/e0"]  # the empty one went first
         drained_at = {d: t for t, _, a, d in second.actions if a == "drain"}
         assert all(drained_at[iid] < removed_at[iid] for iid in removed_at)  # drained before removed
-        assert drained_at["e0"] < min(done for _, _, done in results)  # drained while its streams ran
+        assert drained_at["llm/e0"] < min(done for _, _, done in results)  # drained while its streams ran
+        for pod in ("e0", "e1"):  # marked so that the ReplicaSet deletes exactly these pods
+            annotations = kube.get("pods", pod, "llm")["metadata"]["annotations"]  # type: ignore[index]
+            assert annotations == {DELETION_COST: DRAINED_COST}
         await store.close()
 
     asyncio.run(main())
@@ -234,3 +247,20 @@ def test_coarser_buckets_than_the_routers_are_summed() -> None:
     assert _coarsen((0, 256, 1024, 2048, 4096, 8192), (0, 1024, 8192)) == [0, 0, 1, 1, 1]
     assert _coarsen((0, 64, 256, 1024), (0, 1_000_000)) == [0, 0, 0]
     assert _coarsen((0, 256, 1024), (0, 500, 1024)) is None  # 500 splits a router bucket: refused
+
+
+def test_deletion_cost_marks_a_drained_pod_and_an_undrain_clears_it(kube: LoopbackKubeAPI) -> None:
+    from router.k8s_scale import ScaleActuator
+
+    kube.apply("deployments", make_deployment("ty-a10g", 2, {"app": "a10g"}, namespace="llm"))
+    kube.apply("pods", make_pod("e0", "127.0.0.1", {"app": "a10g"}, namespace="llm"))
+    api = client.ApiClient(client.Configuration(host=kube.host))
+    actuator = KubernetesActuator(ScaleActuator(client.AppsV1Api(api), "llm", {"a10g": "ty-a10g"}),
+                                  client.CoreV1Api(api))
+    record = InstanceRecord("llm/e0", "http://127.0.0.1:9", MODEL, pool="a10g", source="kubernetes")
+    gone = InstanceRecord("llm/gone", "http://127.0.0.1:9", MODEL, pool="a10g", source="kubernetes")
+    assert actuator.set_replicas("a10g", 1, [gone]) is False and replicas(kube) == 2  # unmarkable: no shrink
+    assert actuator.set_replicas("a10g", 1, [record]) is True and replicas(kube) == 1
+    assert kube.get("pods", "e0", "llm")["metadata"]["annotations"] == {DELETION_COST: DRAINED_COST}  # type: ignore[index]
+    actuator.undrained(record)
+    assert not kube.get("pods", "e0", "llm")["metadata"].get("annotations")  # type: ignore[index]
