@@ -155,6 +155,7 @@ def test_rbac_rules_are_exactly_the_needed_ones(chart: Any) -> None:
          "resourceNames": ["ty-tokenyard-controlplane"], "verbs": ["get", "update"]},
         {"apiGroups": ["apps"], "resources": ["deployments/scale"],
          "resourceNames": ["ty-tokenyard-pool-l4", "ty-tokenyard-pool-h100"], "verbs": ["get", "update", "patch"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]},  # the drained pod's deletion cost
     ]
     assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
     pods_role = one(render(chart, {"discovery": {"kind": "pods"}}), "Role", "ty-tokenyard-router")
