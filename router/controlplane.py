@@ -336,14 +336,14 @@ class ControlPlane:
 
     def __init__(self, config: ControlPlaneConfig, store: StateStore, actuator: FleetActuator, *,
                  leading: Callable[[], bool] = lambda: True, metrics: Any = None,
-                 clock: Callable[[], float] = time.time, emit: Callable[[str], None] | None = None) -> None:
+                 clock: Callable[[], float] = time.time, dry_run: bool = False) -> None:
         self.config = config
+        self.dry_run = dry_run  # drains are recorded, not written to the store
         self.store = store
         self.actuator = actuator
         self.leading = leading
         self.metrics = metrics
         self.clock = clock
-        self.emit = emit
         self.plan: Plan | None = None
         self.last_solve_s = -math.inf
         self.pools = {p.name: _PoolState() for p in config.pools}
@@ -465,14 +465,16 @@ class ControlPlane:
             views.append(LiveInstance(record.instance_id, record.draining, inflight, ours))
         step = pool_step(target, replicas, views, now_s, self.config.drain_grace_s)
         for instance_id in step.undrain:
-            await self.store.set_draining(instance_id, False)
-            record = next(r for r in records if r.instance_id == instance_id)
-            await asyncio.to_thread(self.actuator.undrained, record)
+            if not self.dry_run:
+                await self.store.set_draining(instance_id, False)
+                record = next(r for r in records if r.instance_id == instance_id)
+                await asyncio.to_thread(self.actuator.undrained, record)
             state.drained_since_s.pop(instance_id, None)
             self._record(now_s, pool, "undrain", instance_id)
         for instance_id in step.drain:
-            await self.store.set_draining(instance_id, True)
-            state.drained_since_s[instance_id] = now_s
+            if not self.dry_run:
+                await self.store.set_draining(instance_id, True)
+                state.drained_since_s[instance_id] = now_s
             self._record(now_s, pool, "drain", instance_id)
         if step.replicas is None:
             return
@@ -483,7 +485,7 @@ class ControlPlane:
                          {"from": replicas, "to": step.replicas, "removed": [r.instance_id for r in removing]})
             for record in removing:
                 state.drained_since_s.pop(record.instance_id, None)
-                if self.config.actuator == "print":
+                if self.config.actuator == "print" and not self.dry_run:
                     await self.store.remove_instance(record.instance_id)  # stopped by the operator
 
     def _record(self, now_s: float, pool: str, action: str, detail: object) -> None:

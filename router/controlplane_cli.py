@@ -38,7 +38,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--config", required=True, help="control-plane YAML (see docs/planner.md)")
     parser.add_argument("--once", action="store_true", help="one control round, then exit")
     parser.add_argument("--dry-run", action="store_true",
-                        help="Kubernetes: send scale changes with dryRun=All (validated, not stored)")
+                        help="change nothing: drains are only logged, Kubernetes scale changes go with dryRun=All "
+                             "(validated, not stored)")
     parser.set_defaults(handler=run_command)
 
 
@@ -125,14 +126,14 @@ async def build(config: Any, store: Any, *, api_client: Any = None, election: An
             settings = election or LeaderElectionSettings.from_env(env)
             elector = LeaseElector(settings, client.CoordinationV1Api(api_client))
         leading = leading_fn(elector) if elector is not None else (lambda: True)
-        plane = ControlPlane(config, store, actuator, leading=leading, metrics=metrics)
+        plane = ControlPlane(config, store, actuator, leading=leading, metrics=metrics, dry_run=dry_run)
         return plane, elector
     counts: dict[str, int] = {}
     for record in await store.list_instances():
         if not record.draining:
             counts[record.pool] = counts.get(record.pool, 0) + 1
     actuator = PrintActuator({p.name: counts.get(p.name, 0) for p in config.pools})
-    return ControlPlane(config, store, actuator, metrics=metrics), None
+    return ControlPlane(config, store, actuator, metrics=metrics, dry_run=dry_run), None
 
 
 async def serve(config: Any, store: Any, stop: asyncio.Event, *, once: bool = False, **kw: Any) -> Any:
@@ -142,9 +143,13 @@ async def serve(config: Any, store: Any, stop: asyncio.Event, *, once: bool = Fa
         try:
             if elector is not None:
                 await asyncio.to_thread(elector.step)
+                if not elector.is_leader:
+                    print(f"not leading: {elector.observed_holder} holds the Lease; nothing done")
             await plane.tick()
         finally:
             plane.close()
+            if elector is not None and elector.is_leader:
+                await asyncio.to_thread(elector.release)  # a one-off round must not hold the Lease
         return plane
     await run_plane(plane, elector, stop)
     return plane

@@ -264,3 +264,22 @@ def test_deletion_cost_marks_a_drained_pod_and_an_undrain_clears_it(kube: Loopba
     assert kube.get("pods", "e0", "llm")["metadata"]["annotations"] == {DELETION_COST: DRAINED_COST}  # type: ignore[index]
     actuator.undrained(record)
     assert not kube.get("pods", "e0", "llm")["metadata"].get("annotations")  # type: ignore[index]
+
+
+def test_dry_run_records_the_drain_but_writes_nothing(tmp_path: Path) -> None:
+    config = parse_config(doc(actuator="print", autoscaler={"interval_s": 1.0, "window_s": 2.0, "dwell_s": 0.0,
+                                                           "idle_s": 0.0}), "cp.yaml")
+
+    async def main() -> None:
+        store = FileStateStore(tmp_path / "s.db")
+        await store.put_instance(InstanceRecord("e0", "http://127.0.0.1:9", MODEL, gpu="A10G", pool="a10g"))
+        printed: list[str] = []
+        plane = ControlPlane(config, store, PrintActuator({"a10g": 1}, emit=printed.append), dry_run=True)
+        for _ in range(3):  # idle: target 0 at once (dwell 0), drain e0
+            assert (await plane.tick())["a10g"] == 0
+        assert [a for _, _, a, _ in plane.actions] == ["target", "drain", "drain", "drain"]
+        assert [r.draining for r in await store.list_instances()] == [False]  # nothing written
+        assert printed == []  # and never removed: a dry run never sees its drain complete
+        await store.close()
+
+    asyncio.run(main())
