@@ -23,9 +23,10 @@
 
 Actuators: `KubernetesActuator` (the Deployment's scale subresource through
 `router.k8s_scale.ScaleActuator`, rate-limited, dry run) and `PrintActuator` (elsewhere:
-prints the plan and the commands). A new leader waits one dwell before scaling down, so a
-failover never resizes on a half-known history. Decisions are the pure functions of
-scheduler/planner; this module does the I/O.
+prints the plan and the commands). A new leader adopts the fleet as it finds it and the
+drains its predecessor recorded in the store (`controlplane:drains`), and waits one dwell
+before scaling down, so a failover never resizes on a half-known history. Decisions are
+the pure functions of scheduler/planner; this module does the I/O.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ from tokenyard.logs import RateLimitedLog
 log = logging.getLogger(__name__)
 
 MAX_POOLS = 64
+DRAINS_KEY = "controlplane:drains"  # the leader's own drains, in the store, so a successor adopts them
+DRAINS_TTL_S = 7 * 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,9 +430,13 @@ class ControlPlane:
         current = await asyncio.to_thread(self.actuator.current_replicas)
         if self._lead_since_s is None:  # a new leader: adopt the fleet, wait a dwell before shrinking
             self._lead_since_s = now_s
+            drains = (await self.store.get_loads()).get(DRAINS_KEY, {})
             for name, state in self.pools.items():
                 state.target = current.get(name, 0)
                 state.last_change_s = now_s
+                adopted = drains.get(name) if isinstance(drains, dict) else None
+                if isinstance(adopted, dict):  # the previous leader's drains are ours now
+                    state.drained_since_s = {str(i): float(t) for i, t in adopted.items()}
         rates, seen = self._grid(await read_workload(self.store), now_s)
         if now_s - self.last_solve_s >= self.config.resolve_interval_s:
             self._resolve(rates, now_s)
@@ -464,6 +471,7 @@ class ControlPlane:
             inflight = await self._inflight(record) if record.draining and ours is not None else 0
             views.append(LiveInstance(record.instance_id, record.draining, inflight, ours))
         step = pool_step(target, replicas, views, now_s, self.config.drain_grace_s)
+        before = dict(state.drained_since_s)
         for instance_id in step.undrain:
             if not self.dry_run:
                 await self.store.set_draining(instance_id, False)
@@ -476,6 +484,8 @@ class ControlPlane:
                 await self.store.set_draining(instance_id, True)
                 state.drained_since_s[instance_id] = now_s
             self._record(now_s, pool, "drain", instance_id)
+        if state.drained_since_s != before:
+            await self._save_drains()
         if step.replicas is None:
             return
         removing = [r for r in records if r.instance_id in step.remove]
@@ -487,6 +497,12 @@ class ControlPlane:
                 state.drained_since_s.pop(record.instance_id, None)
                 if self.config.actuator == "print" and not self.dry_run:
                     await self.store.remove_instance(record.instance_id)  # stopped by the operator
+            await self._save_drains()
+
+    async def _save_drains(self) -> None:
+        if not self.dry_run:
+            await self.store.put_load(DRAINS_KEY, {name: dict(state.drained_since_s)
+                                                   for name, state in self.pools.items()}, DRAINS_TTL_S)
 
     def _record(self, now_s: float, pool: str, action: str, detail: object) -> None:
         self.actions.append((now_s, pool, action, detail))

@@ -5,9 +5,10 @@ tokens, per model and SLO class, per time slot: `scheduler.planner.histogram`). 
 router replica:
 
 - wraps the client `send` of an answered request in a `UsageMeter`, which sees the
-  response bytes as they pass and keeps only their last `TAIL_BYTES` (the OpenAI `usage`
-  object comes last, in the body or in the final stream chunk with
-  `stream_options.include_usage`); a stream without `usage` counts its SSE events as the
+  response bytes as they pass and keeps references to the last two chunks (the OpenAI
+  `usage` object comes last, in the body or in the final stream chunk with
+  `stream_options.include_usage`; hand-written because no library meters ASGI sends, and
+  bench/controlplane.py measures what it adds per request); a stream without `usage` counts its SSE events as the
   output tokens (vLLM sends one event per step, so this is a lower bound);
 - `finished()` adds one count to an in-memory dict keyed by (model, slot, class, input
   bucket, output bucket): O(1) and no I/O on the request path;
@@ -53,36 +54,42 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class UsageMeter:
-    """An ASGI `send` that passes every message on and remembers the status and the tail."""
+    """An ASGI `send` that passes every message on and remembers the status, the number
+    of SSE events and the last two body chunks (references, no copy: the `usage` object
+    sits in the last one or two)."""
 
-    __slots__ = ("_send", "status", "tail", "events")
+    __slots__ = ("_send", "status", "_prev", "_last", "events")
 
     def __init__(self, send: Send) -> None:
         self._send = send
         self.status = 0
-        self.tail = b""
+        self._prev = b""
+        self._last = b""
         self.events = 0
 
     async def __call__(self, message: dict[str, Any]) -> None:
-        kind = message.get("type")
-        if kind == "http.response.start":
+        body = message.get("body")
+        if body:
+            self.events += body.count(b"data: ")
+            self._prev, self._last = self._last, body
+        elif message.get("type") == "http.response.start":
             self.status = int(message.get("status", 0))
-        elif kind == "http.response.body":
-            body = message.get("body") or b""
-            if body:
-                self.events += body.count(b"data: ")
-                self.tail = (self.tail + bytes(body))[-TAIL_BYTES:]
         await self._send(message)
+
+    @property
+    def tail(self) -> bytes:
+        return (bytes(self._prev) + bytes(self._last))[-TAIL_BYTES:]
 
     def usage(self) -> tuple[int | None, int | None]:
         """(prompt tokens, completion tokens) from the answer's `usage`; a stream without
         one gives (None, events not counting `[DONE]`)."""
-        prompt = _PROMPT.findall(self.tail)
-        completion = _COMPLETION.findall(self.tail)
+        tail = self.tail
+        completion = _COMPLETION.findall(tail)
         if completion:
+            prompt = _PROMPT.findall(tail)
             return (int(prompt[-1]) if prompt else None), int(completion[-1])
         if self.events:
-            return None, max(0, self.events - self.tail.count(b"[DONE]"))
+            return None, max(0, self.events - tail.count(b"[DONE]"))
         return None, None
 
 

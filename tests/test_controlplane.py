@@ -283,3 +283,33 @@ def test_dry_run_records_the_drain_but_writes_nothing(tmp_path: Path) -> None:
         await store.close()
 
     asyncio.run(main())
+
+
+def test_a_new_leader_finishes_the_drains_of_the_old_one(tmp_path: Path) -> None:
+    config = parse_config(doc(actuator="print", drain_grace_s=100.0,
+                              autoscaler={"interval_s": 1.0, "window_s": 2.0, "dwell_s": 0.0, "idle_s": 0.0}),
+                          "cp.yaml")
+    now = [time.time()]
+    lead = {"a": True, "b": False}
+
+    async def main() -> None:
+        with fake_engines(()) as (engine,):
+            store = FileStateStore(tmp_path / "s.db")
+            await store.put_instance(InstanceRecord("e0", engine.url, MODEL, gpu="A10G", pool="a10g"))
+            a = ControlPlane(config, store, PrintActuator({"a10g": 1}, emit=lambda _: None),
+                             leading=lambda: lead["a"], clock=lambda: now[0])
+            b_actuator = PrintActuator({"a10g": 1}, emit=lambda _: None)
+            b = ControlPlane(config, store, b_actuator, leading=lambda: lead["b"], clock=lambda: now[0])
+            await a.tick()  # idle: a drains e0; within the grace it is not removed yet
+            assert [act for _, _, act, _ in a.actions] == ["target", "drain"]
+            assert [r.draining for r in await store.list_instances()] == [True]
+            lead.update(a=False, b=True)
+            now[0] += 150.0  # past the grace: e0 is empty (the engine's /metrics says 0 running)
+            await b.tick()
+            assert [act for _, _, act, _ in b.actions] == ["target", "scale_down"], b.actions  # no new drain
+            assert b_actuator.replicas == {"a10g": 0} and await store.list_instances() == []
+            a.close()
+            b.close()
+            await store.close()
+
+    asyncio.run(main())
