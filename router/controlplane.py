@@ -438,7 +438,10 @@ class ControlPlane:
                 if isinstance(adopted, dict):  # the previous leader's drains are ours now
                     state.drained_since_s = {str(i): float(t) for i, t in adopted.items()}
         rates, seen = self._grid(await read_workload(self.store), now_s)
-        if now_s - self.last_solve_s >= self.config.resolve_interval_s:
+        # Traffic the plan routes nowhere (the first, or a new bucket) cannot wait a whole
+        # re-solve interval: that is a scale-from-zero.
+        uncovered = any(rate > 0 and (self.plan is None or not self.plan.shares[k]) for k, rate in enumerate(rates))
+        if uncovered or now_s - self.last_solve_s >= self.config.resolve_interval_s:
             self._resolve(rates, now_s)
         shares = self.plan.shares if self.plan is not None else ()
         by_index = {k: r for k, r in enumerate(rates) if r > 0}

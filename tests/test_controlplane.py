@@ -313,3 +313,20 @@ def test_a_new_leader_finishes_the_drains_of_the_old_one(tmp_path: Path) -> None
             await store.close()
 
     asyncio.run(main())
+
+
+def test_traffic_after_an_idle_start_scales_up_without_waiting_for_the_resolve(tmp_path: Path) -> None:
+    config = parse_config(doc(actuator="print", resolve_interval_s=3600.0,
+                              autoscaler={"interval_s": 10.0, "window_s": 20.0}), "cp.yaml")
+    now = [1_800_000_000.0]
+
+    async def main() -> None:
+        store = FileStateStore(tmp_path / "s.db")
+        plane = ControlPlane(config, store, PrintActuator({"a10g": 0}, emit=lambda _: None), clock=lambda: now[0])
+        assert (await plane.tick())["a10g"] == 0 and plane.plan is None  # nothing observed yet
+        now[0] += 10.0
+        await put_histogram(store, now[0], 3.0, range(1, 3), slot_s=10.0)  # 3 req/s: 1.5 instances
+        assert (await plane.tick())["a10g"] == 2 and plane.plan is not None  # at once, from zero
+        await store.close()
+
+    asyncio.run(main())
