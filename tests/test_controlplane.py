@@ -105,8 +105,14 @@ def test_leader_only_acts_scale_up_then_drain_before_scale_down_and_handover(kub
             for iid, engine in (("llm/e0", e0), ("llm/e1", e1)):  # as Kubernetes discovery names pods
                 await store.put_instance(InstanceRecord(iid, engine.url, MODEL, gpu="A10G", pool="a10g",
                                                         source="kubernetes"))
-            # 6 req/s (3 instance-equivalents) in the last slots and the next one, then nothing.
-            await put_histogram(store, time.time(), 6.0, range(-1, 4))
+            traffic_stops = asyncio.Event()
+
+            async def feed() -> None:  # a router recording 6 req/s (3 instance-equivalents) until stopped
+                while not traffic_stops.is_set():
+                    await put_histogram(store, time.time(), 6.0, range(0, 3))
+                    await asyncio.sleep(0.2)
+
+            feeder = asyncio.create_task(feed())
             stops = {n: asyncio.Event() for n in ("cp-a", "cp-b")}
             metrics = {n: ControlPlaneMetrics() for n in stops}
             planes: dict[str, ControlPlane] = {}
@@ -122,10 +128,12 @@ def test_leader_only_acts_scale_up_then_drain_before_scale_down_and_handover(kub
                 await own_store.close()
 
             tasks = [asyncio.create_task(run(n)) for n in stops]
-            deadline = time.monotonic() + 8
+            deadline = time.monotonic() + 15
             while replicas(kube) != 4 and time.monotonic() < deadline:  # ceil(3 / 0.8) = 4
                 await asyncio.sleep(0.05)
             assert replicas(kube) == 4, {n: p.actions for n, p in planes.items()}
+            traffic_stops.set()
+            await feeder
             holder = kube.get("leases", "ty-controlplane", "llm")["spec"]["holderIdentity"]  # type: ignore[index]
             follower = "cp-b" if holder == "cp-a" else "cp-a"
             assert metrics[holder].leader._value.get() == 1 and metrics[follower].leader._value.get() == 0
