@@ -46,6 +46,7 @@ from router.state import InstanceRecord, StateStore
 from router.tenants import AuthError, RetryBudget, Tenant, TenantTable
 from router.tiers import build_tier_resolver
 from router.validation import BadRequest, max_context_tokens, validate
+from router.workload_recorder import WorkloadRecorder
 from scheduler.types import NoInstanceAvailable, RequestInfo
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,8 @@ class Router:
         self.ranker = _build_ranker(config)  # router.rank: predicted_rank, rank priority, rank log
         self._ids = itertools.count(1)
         self._id_prefix = f"ty-{os.getpid():x}-{int(time.time()) & 0xffffff:x}-"
+        # Every replica records the workload it serves, for the control plane's planner.
+        self.workload = WorkloadRecorder(store) if store is not None else None
         self._background: set[asyncio.Task[Any]] = set()
         self._no_priority: set[str] = set()  # engines that refuse the priority field (FCFS vLLM)
         self._models_cache: tuple[Any, bytes] | None = None
@@ -166,6 +169,8 @@ class Router:
             if background:
                 self._spawn(self._follow_policies())
                 self._spawn(self._resync_policies())
+                if self.workload is not None:
+                    self.workload.start()
         self.started = True
 
     async def apply_policies(self) -> None:
@@ -243,6 +248,8 @@ class Router:
                 await task
         self.pools.close()
         await self.registry.close()
+        if self.workload is not None:
+            await self.workload.stop()
         if self.store is not None:
             await self.store.close()
 
@@ -503,9 +510,10 @@ class Router:
                 self.registry.inflight_finished(held)
                 held = None
 
+        meter = self.workload.meter(send) if self.workload is not None else None
         try:
             forward = asyncio.ensure_future(self._forward(
-                send, receive, path, upstream_body, headers, stream, info, policy, decision, tenant, budget,
+                meter or send, receive, path, upstream_body, headers, stream, info, policy, decision, tenant, budget,
                 started_s, rid_header, hand_over))
             if not await _unless_client_leaves(forward, receive):
                 # The client left: the attempt was cancelled, which closed the engine
@@ -514,6 +522,8 @@ class Router:
         finally:
             hand_over()  # cancelled before it started
             self.metrics.inflight.dec()
+            if meter is not None and self.workload is not None:
+                self.workload.finished(info.model, tenant.slo_class, info.input_tokens, meter)
             if self.admission is not None:
                 self.admission.release()  # capacity freed: held requests may go
 

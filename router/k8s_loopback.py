@@ -22,9 +22,11 @@ real client end to end, and `tokenyard up` can demo Kubernetes discovery without
   Leases (`/apis/coordination.k8s.io/v1/namespaces/{ns}/leases[/{name}]`: GET, POST,
   PUT, DELETE) and a Deployment's scale subresource
   (`/apis/apps/v1/namespaces/{ns}/deployments/{name}/scale`: GET and PUT, as an
-  autoscaling/v1 Scale). A PUT whose `metadata.resourceVersion` is not the stored one gets
-  409 Conflict, a POST of an existing name 409 AlreadyExists, a missing object 404, all as
-  `Status` objects; `?dryRun=All` validates and answers without storing.
+  autoscaling/v1 Scale), and a Pod's metadata by JSON merge patch
+  (`PATCH /api/v1/namespaces/{ns}/pods/{name}`: the scale-down's deletion cost). A PUT
+  whose `metadata.resourceVersion` is not the stored one gets 409 Conflict, a POST of an
+  existing name 409 AlreadyExists, a missing object 404, all as `Status` objects;
+  `?dryRun=All` validates and answers without storing.
 
 Tests drive it through a Python API: `apply()` / `delete()` objects, `bookmark()`,
 `compact()` history, `close_watches()` (end every open watch, cleanly or abruptly).
@@ -56,6 +58,7 @@ KINDS = {
 _OBJECT_PATHS = [
     re.compile(r"^/apis/coordination\.k8s\.io/v1/namespaces/(?P<ns>[^/]+)/(?P<res>leases)(?:/(?P<name>[^/]+))?$"),
     re.compile(r"^/apis/apps/v1/namespaces/(?P<ns>[^/]+)/(?P<res>deployments)/(?P<name>[^/]+)(?P<scale>/scale)?$"),
+    re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/(?P<res>pods)/(?P<name>[^/]+)$"),
 ]
 
 _PATHS = [
@@ -164,6 +167,9 @@ class LoopbackKubeAPI:
                 api._handle_object(self) or api._not_found(self)
 
             def do_DELETE(self) -> None:
+                api._handle_object(self) or api._not_found(self)
+
+            def do_PATCH(self) -> None:
                 api._handle_object(self) or api._not_found(self)
 
         self._server = ThreadingHTTPServer((host, port), Handler)
@@ -330,7 +336,7 @@ class LoopbackKubeAPI:
         scale = bool(m.groupdict().get("scale"))
         dry_run = "dryRun=All" in parts.query
         body: dict[str, Any] | None = None
-        if method in ("POST", "PUT"):
+        if method in ("POST", "PUT", "PATCH"):
             length = int(req.headers.get("Content-Length") or 0)
             try:
                 body = json.loads(req.rfile.read(length) or b"{}")
@@ -364,6 +370,9 @@ class LoopbackKubeAPI:
                 return 200, _status(200, "Success", f'{resource} "{name}" deleted') | {"status": "Success"}
             if method == "GET":
                 return 200, _scale_of(stored) if scale else copy.deepcopy(stored)
+            if method == "PATCH" and not scale:  # a JSON merge patch (RFC 7386), as metadata patches use
+                assert body is not None
+                return 200, self._store(resource, namespace, name, _merge_patch(stored, body), stored, dry_run)
             if method != "PUT":
                 return 405, _status(405, "MethodNotAllowed", f"{method} is not supported here")
             assert body is not None
@@ -548,6 +557,19 @@ class LoopbackKubeAPI:
         if was:  # stopped matching the selector: gone from this watcher's view
             return {"type": "DELETED", "object": copy.deepcopy(ev.new)}
         return None
+
+
+def _merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386: mappings merge recursively, null deletes a key, anything else replaces."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = _merge_patch(out.get(key), value)
+    return out
 
 
 def _scale_of(deployment: dict[str, Any]) -> dict[str, Any]:

@@ -70,10 +70,13 @@ POOLS = [
     {"name": "h100", "gpu": "H100-80GB", "model": "llama-3-8b", "tp": 2,
      "resources": {"limits": {"nvidia.com/gpu": 2}}},
 ]
+CONTROL_PLANE = {"enabled": True, "pools": {
+    "l4": {"usd_per_hour": 0.8, "capacity_rps": [[4.0, 1.5, 0.5], [1.2, 0.6, 0.2]], "max_replicas": 6},
+    "h100": {"usd_per_hour": 13.8, "capacity_rps": [[30.0, 12.0, 4.0], [9.0, 5.0, 2.0]], "min_replicas": 1}}}
 FULL = {
     "mode": "endpointPicker",
     "pools": POOLS,
-    "controlPlane": {"enabled": True},
+    "controlPlane": CONTROL_PLANE,
     "serviceMonitor": {"enabled": True},
     "router": {"control": {"enabled": True}, "autoscaling": {"enabled": True}},
     "inferencePool": {"objectives": [{"name": "chat", "priority": 10}, {"name": "evals", "priority": -1}]},
@@ -152,6 +155,7 @@ def test_rbac_rules_are_exactly_the_needed_ones(chart: Any) -> None:
          "resourceNames": ["ty-tokenyard-controlplane"], "verbs": ["get", "update"]},
         {"apiGroups": ["apps"], "resources": ["deployments/scale"],
          "resourceNames": ["ty-tokenyard-pool-l4", "ty-tokenyard-pool-h100"], "verbs": ["get", "update", "patch"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]},  # the drained pod's deletion cost
     ]
     assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
     pods_role = one(render(chart, {"discovery": {"kind": "pods"}}), "Role", "ty-tokenyard-router")
@@ -357,7 +361,7 @@ def test_control_plane_env_is_what_leader_election_and_the_scaler_read(chart: An
     from router.k8s_scale import parse_deployments
     from router.leader import LeaderElectionSettings
 
-    docs = render(chart, {"pools": POOLS, "controlPlane": {"enabled": True}})
+    docs = render(chart, {"pools": POOLS, "controlPlane": CONTROL_PLANE})
     deployment = one(docs, "Deployment", "ty-tokenyard-controlplane")
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "ty-tokenyard-controlplane"
     env: dict[str, str] = {}

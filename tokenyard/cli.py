@@ -27,6 +27,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "learn.tier_cli",  # tokenyard tier score
     "learn.rank_cli",  # tokenyard rank score
     "router.admin_cli",  # tokenyard policy|instances|keys|context|completion
+    "router.controlplane_cli",  # tokenyard controlplane
 )
 
 

@@ -25,3 +25,31 @@ from a Secret (templates/router.yaml).
 {{- end }}
 {{- toYaml $doc }}
 {{- end }}
+
+{{/*
+The control-plane config (router/controlplane.py's format, `tokenyard controlplane
+--config`): one entry per worker pool (gpu, tp and the Deployment from pools[], price and
+capacities from controlPlane.pools), the Kubernetes actuator in this namespace, metrics on
+the pod's port; controlPlane.config passes through. The store URL comes from the
+environment (TOKENYARD_STORE_URL, templates/controlplane.yaml): it carries the password.
+*/}}
+{{- define "tokenyard.controlPlaneConfig" -}}
+{{- $cp := .Values.controlPlane }}
+{{- $pools := list }}
+{{- range .Values.pools }}
+{{- $p := index $cp.pools .name | default dict }}
+{{- if not $p.capacity_rps }}
+{{- fail (printf "controlPlane.pools.%s: expected usd_per_hour and capacity_rps (req/s per length bucket) for pool %s; the control plane plans from them" .name .name) }}
+{{- end }}
+{{- $entry := dict "name" .name "gpu" .gpu "tp" (int (default $.Values.poolDefaults.tp .tp)) "deployment" (include "tokenyard.poolName" (dict "root" $ "pool" .)) }}
+{{- range $k, $v := $p }}
+{{- $_ := set $entry $k $v }}
+{{- end }}
+{{- $pools = append $pools $entry }}
+{{- end }}
+{{- $doc := dict "actuator" "kubernetes" "pools" $pools "leader_election" $cp.leaderElection.enabled "kubernetes" (dict "namespace" .Release.Namespace) "metrics" (dict "host" "0.0.0.0" "port" (int $cp.metricsPort)) }}
+{{- range $key, $value := $cp.config }}
+{{- $_ := set $doc $key $value }}
+{{- end }}
+{{- toYaml $doc }}
+{{- end }}
