@@ -1,7 +1,7 @@
 """Router overhead: what the Tokenyard router adds over calling the engine directly, next to peers.
 
-In one run, against a zero-latency engine on loopback (bench/peers/fake_engine.py, its own
-process), with the load generator in its own process (bench/peers/loadgen.py, closed loop,
+In one run, against two zero-latency engines on loopback (bench/peers/fake_engine.py, each
+its own process; the direct baseline calls the first), with the load generator in its own process (bench/peers/loadgen.py, closed loop,
 kept-alive connections): requests/s and p50/p99 latency at concurrency 1, 32 and 128, for
 non-streaming requests and for streams of 64 tokens, through
 - nothing (direct calls: the baseline),
@@ -11,12 +11,17 @@ non-streaming requests and for streams of 64 tokens, through
 - LiteLLM's proxy and the Rust `vllm-router`, each installed from PyPI into its own
   virtualenv under the cache dir (default ~/.cache/tokenyard-bench/peers). A peer that
   fails to install or to start is reported as such; the run goes on without it.
-Added latency = router p50/p99 minus direct p50/p99 at the same concurrency. Also: the
+Added latency = router p50/p99 minus direct p50/p99 at the same concurrency. With `--pin`
+(the default on a machine with 2+ cores) every router runs on core 0 (taskset) and the
+engines and the load generator on the other cores, so a router's req/s is what one core
+gives it; CPU per request is that router process's own utime+stime (its workers included)
+over the measured window, read by the load generator from /proc. Also: the
 dispatch decision time per request with 1,000 instances registered (in process).
 
     python bench/router_overhead.py                 # everything, ~8 minutes once peers are cached
     python bench/router_overhead.py --no-peers --duration-s 2
     python bench/router_overhead.py --no-peers --baseline-rev main   # also the router of `main`, side by side
+    python bench/router_overhead.py --peers vllm-router --no-uvicorn --workers 1   # the issue #17 table
 Writes a JSON report and a PNG (default: docs/img/router_overhead.png) and prints a
 Markdown table for docs/benchmarks.md.
 """
@@ -82,7 +87,8 @@ def install_peer(name: str, requirement: str, cache: Path, timeout_s: float) -> 
     return venv, "installed"
 
 
-def peer_command(name: str, venv: Path, engine_url: str, port: int, workdir: Path) -> list[str]:
+def peer_command(name: str, venv: Path, engine_urls: list[str], port: int, workdir: Path) -> list[str]:
+    engine_url = engine_urls[0]
     if name == "litellm":
         config = workdir / "litellm.yaml"
         config.write_text(yaml.safe_dump({
@@ -96,7 +102,7 @@ def peer_command(name: str, venv: Path, engine_url: str, port: int, workdir: Pat
     if name == "vllm-router":
         binary = venv / "bin" / "vllm-router"
         base = [str(binary)] if binary.exists() else [str(venv / "bin" / "python"), "-m", "vllm_router.launch_router"]
-        return [*base, "--worker-urls", engine_url, "--host", "127.0.0.1", "--port", str(port),
+        return [*base, "--worker-urls", *engine_urls, "--host", "127.0.0.1", "--port", str(port),
                 "--policy", "round_robin", "--prometheus-port", str(free_port()), "--log-level", "warning"]
     raise ValueError(name)
 
@@ -145,10 +151,12 @@ def wait_ready(url: str, proc: Proc, timeout_s: float) -> str | None:
     return f"not ready after {timeout_s:.0f} s ({last})"
 
 
-def load(url: str, body: dict, concurrency: int, duration_s: float, warmup_s: float) -> dict:
-    cmd = [sys.executable, str(REPO / "bench" / "peers" / "loadgen.py"), "--url", url, "--path", "/v1/completions",
+def load(url: str, body: dict, concurrency: int, duration_s: float, warmup_s: float,
+         cpu_pid: int | None = None, pin: list[str] | None = None) -> dict:
+    cmd = [*(pin or []), sys.executable, str(REPO / "bench" / "peers" / "loadgen.py"), "--url", url, "--path", "/v1/completions",
            "--body", json.dumps(body), "--concurrency", str(concurrency), "--duration-s", str(duration_s),
-           "--warmup-s", str(warmup_s), "--api-key", API_KEY]
+           "--warmup-s", str(warmup_s), "--api-key", API_KEY,
+           *(["--cpu-pid", str(cpu_pid)] if cpu_pid else [])]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + warmup_s + 120)
     if result.returncode != 0:
         return {"error": result.stderr[-400:]}
@@ -229,22 +237,24 @@ def plot(results: dict, path: Path) -> None:
 
 
 def markdown(results: dict, decisions: dict, notes: list[str]) -> str:
-    lines = ["| target | mode | concurrency | req/s | p50 µs | p99 µs | added p50 µs | added p99 µs | errors |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| target | mode | concurrency | req/s | p50 µs | p99 µs | added p50 µs | added p99 µs | CPU µs/req "
+             "| errors |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     direct = results.get("direct", {})
     for name, modes in results.items():
         for mode, by_c in modes.items():
             for c in CONCURRENCY:
                 row = by_c.get(str(c))
                 if row is None or "error" in row:
-                    lines.append(f"| {name} | {mode} | {c} | failed | | | | | {row.get('error', '')[:80] if row else ''} |")
+                    lines.append(f"| {name} | {mode} | {c} | failed | | | | | | {row.get('error', '')[:80] if row else ''} |")
                     continue
                 base = direct.get(mode, {}).get(str(c), {})
                 added50 = row["p50_us"] - base.get("p50_us", float("nan")) if name != "direct" else 0.0
                 added99 = row["p99_us"] - base.get("p99_us", float("nan")) if name != "direct" else 0.0
                 errors = sum(row.get("errors", {}).values())
                 lines.append(f"| {name} | {mode} | {c} | {row['rps']:.0f} | {row['p50_us']:.0f} | {row['p99_us']:.0f} "
-                             f"| {added50:.0f} | {added99:.0f} | {errors} |")
+                             f"| {added50:.0f} | {added99:.0f} | {row.get('cpu_us_per_request', float('nan')):.0f} "
+                             f"| {errors} |")
     lines += ["", "| dispatch decision, 1,000 instances | median µs | p99 µs |", "| --- | --- | --- |"]
     for label, row in decisions.items():
         lines.append(f"| {label} | {row['median_us']:.1f} | {row['p99_us']:.1f} |")
@@ -273,8 +283,13 @@ def main() -> int:
                         help="git revision whose router is also measured, side by side (e.g. main)")
     parser.add_argument("--out", default=str(REPO / "docs" / "img" / "router_overhead.png"))
     parser.add_argument("--json", default=None, help="also write the results as JSON here")
+    parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=(os.cpu_count() or 1) >= 2,
+                        help="routers on core 0, engines and load generator on the others (taskset)")
     args = parser.parse_args()
     CONCURRENCY = tuple(int(c) for c in args.concurrency.split(",") if c)
+    cores = (os.cpu_count() or 1)
+    pin_router = ["taskset", "-c", "0"] if args.pin and shutil.which("taskset") else []
+    pin_rest = ["taskset", "-c", f"1-{cores - 1}"] if pin_router else []
 
     from tqdm import tqdm
 
@@ -296,10 +311,13 @@ def main() -> int:
     procs: list[Proc] = []
     results: dict[str, dict[str, dict[str, dict]]] = {}
     try:
-        engine_port = free_port()
-        engine_url = f"http://127.0.0.1:{engine_port}"
-        procs.append(Proc([sys.executable, str(REPO / "bench" / "peers" / "fake_engine.py"), "--port", str(engine_port),
-                           "--model", MODEL], workdir / "engine.log"))
+        engine_urls = []
+        for k in range(2):
+            engine_port = free_port()
+            engine_urls.append(f"http://127.0.0.1:{engine_port}")
+            procs.append(Proc([*pin_rest, sys.executable, str(REPO / "bench" / "peers" / "fake_engine.py"), "--port",
+                               str(engine_port), "--model", MODEL], workdir / f"engine-{k}.log"))
+        engine_url = engine_urls[0]
         targets: list[tuple[str, Callable[[], tuple[str, Proc | None]]]] = [("direct", lambda: (engine_url, None))]
 
         def start_tokenyard(http_server: str = "builtin", workers: int = 1,
@@ -309,10 +327,11 @@ def main() -> int:
             config.write_text(yaml.safe_dump({
                 "listen": {"host": "127.0.0.1", "port": port},
                 "store": f"file://{workdir / f'state-{http_server}-{workers}.json'}",
-                "discovery": {"static": [{"url": engine_url, "model": MODEL, "gpu": "A100-80GB", "id": "engine-0"}]},
+                "discovery": {"static": [{"url": url, "model": MODEL, "gpu": "A100-80GB", "id": f"engine-{k}"}
+                                         for k, url in enumerate(engine_urls)]},
             }))
             # uvicorn is no longer a router option; bench/http_server.py serves the router app on it.
-            cmd = ([sys.executable, "-m", "tokenyard.cli", "--log-level", "warning", "router", "--config",
+            cmd = pin_router + ([sys.executable, "-m", "tokenyard.cli", "--log-level", "warning", "router", "--config",
                     str(config), "--workers", str(workers)] if http_server == "builtin" else
                    [sys.executable, str(REPO / "bench" / "http_server.py"), "serve-uvicorn", "--config", str(config)])
             # A baseline revision's packages go first on the import path (ahead of the
@@ -334,18 +353,20 @@ def main() -> int:
             def start_peer(name: str = name, venv: Path = venv) -> tuple[str, Proc | None]:
                 port = free_port()
                 env = dict(os.environ, LITELLM_TELEMETRY="False", LITELLM_LOG="ERROR")
-                return f"http://127.0.0.1:{port}", Proc(peer_command(name, venv, engine_url, port, workdir),
+                return f"http://127.0.0.1:{port}", Proc(pin_router + peer_command(name, venv, engine_urls, port, workdir),
                                                          workdir / f"{name}.log", env=env)
             targets.append((name, start_peer))
 
-        ready = wait_ready(engine_url, procs[0], 30)
-        if ready is not None:
-            print(f"the fake engine did not start: {ready}", file=sys.stderr)
-            return 1
+        for engine_proc, url in zip(procs, engine_urls, strict=True):
+            ready = wait_ready(url, engine_proc, 30)
+            if ready is not None:
+                print(f"the fake engine at {url} did not start: {ready}", file=sys.stderr)
+                return 1
         # Every target runs at once and the points are measured target after target within
         # each (mode, concurrency), for `rounds` rounds, keeping each point's best round: on
         # a shared machine the load drifts, and this keeps the comparison within minutes.
         urls: dict[str, str] = {}
+        pids: dict[str, int] = {}
         for name, start in targets:
             url, proc = start()
             if proc is not None:
@@ -355,6 +376,7 @@ def main() -> int:
                     notes.append(f"{name} not measured: did not start ({problem[:200]})")
                     proc.stop()
                     continue
+                pids[name] = proc.proc.pid  # taskset execs the command: the same pid
             urls[name] = url
             results[name] = {mode: {} for mode in MODES}
         bar = tqdm(total=args.rounds * len(urls) * len(MODES) * len(CONCURRENCY), desc="router overhead",
@@ -364,7 +386,7 @@ def main() -> int:
                 for c in CONCURRENCY:
                     for name, url in urls.items():
                         bar.set_postfix_str(f"round {round_index + 1} {name} {mode} c={c}")
-                        row = load(url, body, c, args.duration_s, args.warmup_s)
+                        row = load(url, body, c, args.duration_s, args.warmup_s, pids.get(name), pin_rest)
                         best = results[name][mode].get(str(c))
                         if best is None or "error" in best or ("rps" in row and row["rps"] > best["rps"]):
                             results[name][mode][str(c)] = row

@@ -123,7 +123,14 @@ class Http1Protocol(asyncio.Protocol):
         self.wakeup: asyncio.Future[None] | None = None
         self.disconnected: asyncio.Future[None] = self.loop.create_future()
         self.writable: asyncio.Future[None] | None = None
+        # One lazily re-armed timer per connection (see _arm): the current limit is a
+        # deadline (loop time) and a callback; the timer handle is not replaced per request.
         self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
+        self.deadline_s: float | None = None
+        self.on_deadline: tuple[Callable[..., None], tuple[Any, ...]] | None = None
+        self.tick_s = max(0.001, min(self.limits.head_timeout_s, self.limits.body_timeout_s,
+                                     self.limits.idle_timeout_s))
         self.client: tuple[str, int] | None = None
         self.server: tuple[str, int] | None = None
         self.in_head = True  # between a request's first byte (or the connection's start) and its head's end
@@ -157,6 +164,9 @@ class Http1Protocol(asyncio.Protocol):
         if not self.disconnected.done():
             self.disconnected.set_result(None)
         self._disarm()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self.writable is not None and not self.writable.done():
             self.writable.set_result(None)
         if self.wakeup is not None and not self.wakeup.done():
@@ -266,13 +276,43 @@ class Http1Protocol(asyncio.Protocol):
 
     # -- timers ----------------------------------------------------------------------------
     def _arm(self, delay_s: float, callback: Callable[..., None], *args: Any) -> None:
-        self._disarm()
-        self.timer = self.loop.call_later(delay_s, callback, *args)
+        """Run `callback(*args)` in `delay_s` unless disarmed or re-armed before.
 
-    def _disarm(self) -> None:
+        A request arms three limits in turn (head, body, idle); a call_later + cancel for
+        each cost 3 timer handles per request (bench/router_overhead.py, issue #17). Here
+        arming only moves the deadline: the one timer fires at most `tick_s` (the shortest
+        limit) after it was scheduled, and re-schedules itself for what is left, so a
+        deadline later than the scheduled firing needs no new handle.
+        """
+        now = self.loop.time()
+        deadline_s = now + delay_s
+        self.deadline_s = deadline_s
+        self.on_deadline = (callback, args)
+        if self.timer is None or self.timer_at > deadline_s:
+            self._schedule(min(deadline_s, now + self.tick_s))
+
+    def _schedule(self, at_s: float) -> None:
         if self.timer is not None:
             self.timer.cancel()
-            self.timer = None
+        self.timer_at = at_s
+        self.timer = self.loop.call_at(at_s, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        deadline_s = self.deadline_s
+        if deadline_s is None or self.on_deadline is None:
+            return  # disarmed: the next _arm schedules again
+        now = self.loop.time()
+        if now >= deadline_s - 0.001:  # the loop may fire up to its clock resolution early
+            callback, args = self.on_deadline
+            self.deadline_s = self.on_deadline = None
+            callback(*args)
+            return
+        self._schedule(min(deadline_s, now + self.tick_s))
+
+    def _disarm(self) -> None:
+        self.deadline_s = None
+        self.on_deadline = None
 
     def _idle_close(self) -> None:
         if not self.pending and self.transport is not None and (self.wakeup is None or not self.wakeup.done()):
@@ -314,7 +354,7 @@ class Http1Protocol(asyncio.Protocol):
             if not self.pending:
                 if self.owner.closing:
                     break
-                if self.timer is None:
+                if self.deadline_s is None:
                     self._arm(self.limits.idle_timeout_s, self._idle_close)
                 self.wakeup = self.loop.create_future()
                 await self.wakeup
@@ -343,6 +383,9 @@ class Http1Protocol(asyncio.Protocol):
             "method": exchange.method, "scheme": "http", "path": exchange.path,
             "raw_path": exchange.path.encode("latin-1"), "query_string": exchange.query, "root_path": "",
             "headers": exchange.headers, "client": self.client, "server": self.server,
+            # Resolved when the client's connection is gone: an app can watch it with a
+            # done-callback instead of a task blocked in receive() (router/app.py does).
+            "extensions": {"tokenyard.disconnected": self.disconnected},
         }
         state = {"started": False, "complete": False, "chunked": False, "head": b"", "body_read": False,
                  "keep_alive": exchange.keep_alive}

@@ -1,0 +1,100 @@
+"""The data path's per-request work (issue #17): the HTTP server's one lazily re-armed
+timer per connection, and the `tokenyard.disconnected` scope extension the router watches
+instead of a task per request. Real server on loopback, real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from tokenyard.asgi_server import Http1Limits, Http1Server
+
+REQUEST = b"POST /x HTTP/1.1\r\nHost: r\r\nContent-Length: 2\r\n\r\nhi"
+
+
+async def ok_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    await receive()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def read_reply(reader: asyncio.StreamReader) -> bytes:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    return head + await asyncio.wait_for(reader.readexactly(length), 5)
+
+
+async def test_kept_alive_requests_reuse_one_timer_handle() -> None:
+    server = Http1Server(ok_app, "127.0.0.1", 0, limits=Http1Limits())
+    await server.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        handles = set()
+        for _ in range(50):
+            writer.write(REQUEST)
+            assert (await read_reply(reader)).startswith(b"HTTP/1.1 200")
+            (protocol,) = server.connections
+            handles.add(id(protocol.timer))
+        # Head, body and idle limits are armed for each request; the handle stays the same.
+        assert len(handles) == 1 and protocol.deadline_s is not None
+        writer.close()
+    finally:
+        await server.stop(0.5)
+
+
+async def test_limits_still_fire_on_time_after_kept_alive_requests() -> None:
+    limits = Http1Limits(head_timeout_s=0.3, body_timeout_s=0.3, idle_timeout_s=1.0)
+    server = Http1Server(ok_app, "127.0.0.1", 0, limits=limits)
+    await server.start()
+    try:
+        # A request head that stops half-way after good requests: 408 after head_timeout_s.
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        for _ in range(3):
+            writer.write(REQUEST)
+            await read_reply(reader)
+        t0 = time.monotonic()
+        writer.write(b"POST /x HTTP/1.1\r\nHost: r\r\n")
+        reply = await asyncio.wait_for(reader.read(65536), 5)
+        assert reply.startswith(b"HTTP/1.1 408") and b"request head not received within 0.3 s" in reply
+        assert 0.25 <= time.monotonic() - t0 < 1.0
+        writer.close()
+        # An idle kept-alive connection closes after idle_timeout_s (longer than the tick).
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(REQUEST)
+        await read_reply(reader)
+        t0 = time.monotonic()
+        assert await asyncio.wait_for(reader.read(65536), 5) == b""
+        assert 0.9 <= time.monotonic() - t0 < 1.8
+        writer.close()
+    finally:
+        await server.stop(0.5)
+
+
+async def test_the_disconnect_extension_resolves_when_the_client_leaves() -> None:
+    seen: list[asyncio.Future[None]] = []
+    left = asyncio.Event()
+
+    async def waiting_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        gone = scope["extensions"]["tokenyard.disconnected"]
+        seen.append(gone)
+        gone.add_done_callback(lambda _: left.set())
+        await asyncio.sleep(10)  # cancelled by the server's stop at the latest
+
+    server = Http1Server(waiting_app, "127.0.0.1", 0, limits=Http1Limits())
+    await server.start()
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(REQUEST)
+        await writer.drain()
+        for _ in range(200):
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        assert seen and not seen[0].done()
+        writer.close()
+        await asyncio.wait_for(left.wait(), 5)
+        assert seen[0].done()
+    finally:
+        await server.stop(0.2)
