@@ -130,7 +130,10 @@ class SplicedStream:
         self._parsed = 0
         self.chat = path.endswith("/chat/completions")
         self.splices = 0
-        self.tried = {instance_id}
+        # Instances that failed this stream: a failover never goes back to them. An instance
+        # the stream only moved away from (a migration) stays eligible, so a stream that
+        # moved across the whole pool can still continue when its current engine dies.
+        self.failed: set[str] = set()
         self.done = False
         self._tail = b""
         self._shift = 0  # tokens the current engine did not count (continuation)
@@ -289,7 +292,6 @@ class SplicedStream:
         self.current.abort()
         self.current = response
         self.instance_id = destination
-        self.tried.add(destination)
         self.splicer.stats.migrations_spliced += 1
 
     async def _failover(self, reason: str) -> None:
@@ -300,12 +302,13 @@ class SplicedStream:
             self.splicer.on_failure(failed, f"mid-stream: {reason}")
         self._count_splice(f"{failed}: {reason}")
         self._streamed()
+        self.failed.add(failed)
         while True:
-            target = self.splicer.pick(self.model, self.tried)
+            target = self.splicer.pick(self.model, self.failed)
             if target is None:
                 self.splicer.stats.failover_errors += 1
                 raise UpstreamError("reset", f"{reason}; no other instance to continue on")
-            self.tried.add(target.instance_id)
+            self.failed.add(target.instance_id)  # until it answers; removed below when it does
             body, extra = continuation(self.payload, self.chat, "".join(self.text), self.tokens)
             url = target.url or self.splicer.url_of(target.instance_id)
             if body is None or not url:
@@ -321,6 +324,7 @@ class SplicedStream:
             if response.status != 200:
                 response.abort()
                 continue
+            self.failed.discard(target.instance_id)
             log.info("stream continued on another instance",
                      extra={"from": failed, "to": target.instance_id, "tokens": self.tokens})
             self.current = response
