@@ -155,7 +155,8 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         write_token_file(state_dir / "control-tokens.yaml")
         doc = router_document(fleet.entries, "127.0.0.1", 0, f"file://{state_dir}/state.db",
                               {"host": "127.0.0.1", "port": _free_port("127.0.0.1"),
-                               "tokens_file": str(state_dir / "control-tokens.yaml")})
+                               "tokens_file": str(state_dir / "control-tokens.yaml")},
+                              worker_token_file=str(fleet.worker_token_file))
         server = RouterServer(Router(parse_router_config(doc, "soak.yaml"), store=open_store(doc["store"])))
         await server.start()
         url = server.url

@@ -115,7 +115,7 @@ class Router:
         self.pools = PoolSet(connect_timeout_s=config.connect_timeout_s)
         self.health = HealthMonitor(self.registry, config.health, self.metrics)
         self.load = LoadMonitor(self.registry, self.metrics, interval_s=config.scrape_interval_s,
-                                timeout_s=config.scrape_timeout_s)
+                                timeout_s=config.scrape_timeout_s, worker_token=config.worker_token)
         self.splicer = Splicer.for_router(self)  # streams across migrations and engine deaths
         self.discoveries: list[Any] = []
         self.control_server: Any = None

@@ -22,7 +22,8 @@ nothing starts from a file that failed to validate. Shape, all keys optional:
     retries: {max_attempts: 3, connect_timeout_s: 1.0, first_byte_timeout_s: 30}
     deadlines_ms: {interactive: 10000}      # per SLO class; default 10 x TTFT SLO, >= 30 s
     health: {interval_s: 2, timeout_s: 1, eject_after_failures: 3, eject_s: 5, max_eject_s: 60}
-    load: {scrape_interval_s: 0.25, timeout_s: 1}
+    load: {scrape_interval_s: 0.25, timeout_s: 1,
+           worker_token_file: worker-token}   # the engines' --worker-token-file (0600)
     discovery: {static: [{url: http://127.0.0.1:8001, model: llama-3-8b, gpu: A100-80GB}]}
     policy: {...}                           # or a path: the policy document (docs/policy.md)
 
@@ -113,6 +114,8 @@ class RouterConfig:
     health: HealthConfig = field(default_factory=HealthConfig)
     scrape_interval_s: float = 0.25
     scrape_timeout_s: float = 1.0
+    worker_token_file: str | None = None  # the engines' Worker gRPC bearer token (tokenyard/worker_auth.py)
+    worker_token: str | None = field(default=None, repr=False)
     discovery: dict[str, Any] = field(default_factory=dict)
     policy: PolicyDocument = field(default_factory=PolicyDocument)
     tiers: dict[str, Any] = field(default_factory=dict)  # model tier alias (router/tiers.py)
@@ -364,10 +367,15 @@ def _parse_rest(cfg: RouterConfig, doc: dict[str, Any], source: str, classes: li
     )
 
     load = _section(doc, "load", source)
-    check_keys(load, ("scrape_interval_s", "timeout_s"), at("load"))
+    check_keys(load, ("scrape_interval_s", "timeout_s", "worker_token_file"), at("load"))
     cfg.scrape_interval_s = get(load, "scrape_interval_s", float, at("load"), default=cfg.scrape_interval_s,
                                 minimum=0.01)
     cfg.scrape_timeout_s = get(load, "timeout_s", float, at("load"), default=cfg.scrape_timeout_s, minimum=0.001)
+    cfg.worker_token_file = get(load, "worker_token_file", str, at("load"), default=None)
+    if cfg.worker_token_file is not None:
+        from tokenyard.worker_auth import read_worker_token
+
+        cfg.worker_token = read_worker_token(cfg.worker_token_file, at("load.worker_token_file"))
 
     cfg.discovery = _section(doc, "discovery", source)
     if cfg.discovery:

@@ -98,8 +98,9 @@ class LoadMonitor:
     """Keeps every instance's load fresh in the registry (scrapes and Worker streams)."""
 
     def __init__(self, registry: InstanceRegistry, metrics: RouterMetrics, *, interval_s: float = 0.25,
-                 timeout_s: float = 1.0, pools: PoolSet | None = None) -> None:
+                 timeout_s: float = 1.0, pools: PoolSet | None = None, worker_token: str | None = None) -> None:
         self.registry = registry
+        self.worker_token = worker_token  # sent on every Worker stream (tokenyard/worker_auth.py)
         self.metrics = metrics
         self.interval_s = interval_s
         self.timeout_s = timeout_s
@@ -147,7 +148,8 @@ class LoadMonitor:
             if found is None:
                 continue
             client = WorkerClient(address, found[1], interval_ms=max(10, int(self.interval_s * 1000)),
-                                  mark_unhealthy_on_loss=False, router_draining=self._drained_by_router(iid))
+                                  mark_unhealthy_on_loss=False, router_draining=self._drained_by_router(iid),
+                                  token=self.worker_token)
             client.start()
             self._workers[iid] = client
 

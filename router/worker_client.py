@@ -27,6 +27,7 @@ import grpc
 
 from scheduler.types import InstanceState
 from tokenyard.v1 import worker_pb2, worker_pb2_grpc
+from tokenyard.worker_auth import worker_channel
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ class WorkerClient:
         mark_unhealthy_on_loss: bool = True,
         clock: Callable[[], float] = time.monotonic,
         router_draining: Callable[[], bool] | None = None,
+        token: str | None = None,
     ) -> None:
         if not address or ":" not in address:
             raise ValueError(f"WorkerClient: address must be 'host:port', got {address!r}")
@@ -121,6 +123,7 @@ class WorkerClient:
         self.clock = clock
         # Whether the router itself drains the instance (its registry record's flag).
         self.router_draining = router_draining
+        self.token = token  # the fleet's Worker bearer token (tokenyard/worker_auth.py)
         self.description: worker_pb2.EngineDescription | None = None
         self.connected = False
         self.connections = 0  # successful stream openings, reconnections included
@@ -133,7 +136,7 @@ class WorkerClient:
     # ------------------------------------------------------------ one-shot calls
     async def describe(self) -> worker_pb2.EngineDescription:
         """Call Describe once (its own connection); raises grpc.aio.AioRpcError on failure."""
-        async with grpc.aio.insecure_channel(self.address) as channel:
+        async with worker_channel(self.address, self.token) as channel:
             stub = worker_pb2_grpc.WorkerStub(channel)
             return await stub.Describe(worker_pb2.DescribeRequest(), timeout=self.connect_timeout_s)
 
@@ -148,7 +151,7 @@ class WorkerClient:
         while not self._stop.is_set():
             # A fresh channel per attempt: a channel's own reconnect backoff grows to
             # minutes, and this loop wants its own, bounded one.
-            channel = grpc.aio.insecure_channel(self.address)
+            channel = worker_channel(self.address, self.token)
             call: grpc.aio.UnaryStreamCall | None = None
             delay_s = backoff_s
             try:
@@ -276,17 +279,19 @@ class WorkerClient:
 class MigrationClient:
     """The migration calls of the Worker service (router/migration_loop.py uses them).
 
-    One channel per engine address, kept open; every call has a deadline.
+    One channel per engine address, kept open; every call has a deadline and carries
+    `token` (the fleet's Worker bearer token) when there is one.
     """
 
-    def __init__(self, *, timeout_s: float = 60.0) -> None:
+    def __init__(self, *, timeout_s: float = 60.0, token: str | None = None) -> None:
         self.timeout_s = timeout_s
+        self.token = token
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def _stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+            channel = self._channels[address] = worker_channel(address, self.token)
         return worker_pb2_grpc.WorkerStub(channel)  # type: ignore[no-untyped-call]
 
     async def candidates(self, address: str, limit: int = 16) -> list[worker_pb2.MigrationCandidate]:

@@ -1,6 +1,7 @@
 """`tokenyard engine`: serve one emulated engine (vLLM's HTTP API, optionally the Worker gRPC service).
 
     tokenyard engine --gpu A100-80GB --model llama-3-8b --port 8001 [--grpc-port 9001]
+        [--worker-token-file worker-token]   # required for --grpc-port off loopback
 
 Runs on uvloop until SIGINT or SIGTERM, then closes the listeners and aborts what is in
 flight. With `--port 0` the OS picks a port; the "engine listening" log line says which.
@@ -71,6 +72,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--port", type=_port, default=8000, help="HTTP port (0: any free port)")
     parser.add_argument("--grpc-port", type=_port, default=None,
                         help="also serve the Worker gRPC service on this port (0: any free port)")
+    parser.add_argument("--worker-token-file", default=None, metavar="PATH",
+                        help="bearer token (a 0600 file) every Worker gRPC call must carry, and this engine "
+                             "sends to a migration's destination (default: env TOKENYARD_WORKER_TOKEN_FILE); "
+                             "without one the gRPC port binds only to loopback")
     parser.add_argument("--instance-id", default=None, help="instance id (default: model@gpu-<random>)")
     parser.add_argument("--factors", metavar="JSON", default=None,
                         help="engine-model factors written by `tokenyard calibrate --write` "
@@ -133,6 +138,8 @@ def run_engine(args: argparse.Namespace) -> int:
     from sim.emulated_engine import EmulatedEngine
     from sim.engine_core import EngineConfigError
     from sim.engine_http import EngineServer
+    from tokenyard.config import ConfigError
+    from tokenyard.worker_auth import check_bind, read_worker_token, token_file_from_env
 
     log = logging.getLogger("sim.cli_engine")
     # uvicorn's own start/stop lines repeat ours without the instance id.
@@ -142,9 +149,17 @@ def run_engine(args: argparse.Namespace) -> int:
     except (CatalogError, EngineConfigError, ValueError) as exc:
         print(f"tokenyard engine: {exc}", file=sys.stderr)
         return 2
+    token_file = token_file_from_env(args.worker_token_file)
+    try:
+        token = read_worker_token(token_file, "--worker-token-file") if token_file else None
+        if args.grpc_port is not None:
+            check_bind(args.host, token)  # refused before anything listens
+    except ConfigError as exc:
+        print(f"tokenyard engine: {exc}", file=sys.stderr)
+        return 2
 
     async def serve() -> int:
-        server = EngineServer(engine, args.host, args.port, grpc_port=args.grpc_port)
+        server = EngineServer(engine, args.host, args.port, grpc_port=args.grpc_port, worker_token=token)
         try:
             await server.start()
         except OSError as exc:

@@ -685,9 +685,12 @@ class EngineServer:
 
     def __init__(
         self, engine: EmulatedEngine, host: str = "127.0.0.1", port: int = 0, *,
-        grpc_port: int | None = None, keep_alive_s: int = 5,
+        grpc_port: int | None = None, keep_alive_s: int = 5, worker_token: str | None = None,
     ) -> None:
         self.engine = engine
+        # The Worker service's bearer token (tokenyard/worker_auth.py); None: loopback only.
+        self.worker_token = worker_token
+        engine.migration.token = worker_token  # a source engine dials MigrateIn with it
         self.host = host
         self.port = port
         self.grpc_port = grpc_port
@@ -736,8 +739,10 @@ class EngineServer:
         import grpc
 
         from sim.worker_grpc import MESSAGE_SIZE_OPTIONS, add_worker_servicer
+        from tokenyard.worker_auth import check_bind, server_interceptors
 
-        server = grpc.aio.server(options=MESSAGE_SIZE_OPTIONS)
+        check_bind(self.host, self.worker_token)  # before binding: never open unauthenticated
+        server = grpc.aio.server(options=MESSAGE_SIZE_OPTIONS, interceptors=server_interceptors(self.worker_token))
         add_worker_servicer(server, self.engine)
         address = f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
         try:

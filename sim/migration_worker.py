@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from tokenyard.v1 import worker_pb2, worker_pb2_grpc
+from tokenyard.worker_auth import worker_channel
 
 if TYPE_CHECKING:
     from sim.emulated_engine import EmulatedEngine
@@ -191,6 +192,7 @@ class MigrationService:
         self.records: OrderedDict[str, MigrationRecord] = OrderedDict()
         self.fault_hook: FaultHook | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self.token: str | None = None  # the fleet's Worker token, sent to MigrateIn (EngineServer sets it)
         self._tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------ views
@@ -274,8 +276,8 @@ class MigrationService:
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(
-                address, options=[("grpc.max_send_message_length", 8 << 20)])
+            channel = self._channels[address] = worker_channel(
+                address, self.token, options=[("grpc.max_send_message_length", 8 << 20)])
         return channel
 
     async def _run_out(self, record: MigrationRecord, request: worker_pb2.MigrateOutRequest, params: OutParams,

@@ -30,6 +30,7 @@ import grpc
 
 import tokenyard
 from tokenyard.v1 import worker_pb2, worker_pb2_grpc
+from tokenyard.worker_auth import check_bind, server_interceptors
 
 if TYPE_CHECKING:
     from sim.engine_core import Batch, EngineCore, EngineRequest, StepOutput
@@ -416,14 +417,18 @@ def add_worker_servicer(server: grpc.aio.Server, backend: WorkerBackend) -> Work
 
 
 async def start_worker_server(
-    backend: WorkerBackend, host: str = "127.0.0.1", port: int = 0
+    backend: WorkerBackend, host: str = "127.0.0.1", port: int = 0, *, token: str | None = None
 ) -> grpc.aio.Server:
     """Start a grpc.aio server serving only the Worker service for `backend`.
+
+    With `token`, every call must carry it (tokenyard/worker_auth.py); without one, only
+    a loopback `host` is allowed (ConfigError otherwise).
 
     Stop it with `await server.stop(grace_s)`; open Status streams are cancelled when
     the grace period ends (clients see CANCELLED or UNAVAILABLE and reconnect).
     """
-    server = grpc.aio.server(options=MESSAGE_SIZE_OPTIONS)
+    check_bind(host, token)
+    server = grpc.aio.server(options=MESSAGE_SIZE_OPTIONS, interceptors=server_interceptors(token))
     add_worker_servicer(server, backend)
     address = f"{host}:{port}"
     try:

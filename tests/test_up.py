@@ -35,6 +35,11 @@ def test_up_smoke_starts_the_fleet_answers_and_exits(tmp_path: Path) -> None:
     gpus = {entry["gpu"] for entry in config["discovery"]["static"]}
     assert gpus == {"L4", "A100-80GB", "H100-80GB"}
     assert (tmp_path / "state" / "state.db").exists()
+    # The engines' Worker gRPC token: one 0600 file, given to the router; engines refused no call.
+    token_file = Path(config["load"]["worker_token_file"])
+    assert token_file == tmp_path / "state" / "worker-token" and token_file.stat().st_mode & 0o777 == 0o600
+    for engine_log in (tmp_path / "state" / "logs").glob("*.log"):
+        assert "worker call denied" not in engine_log.read_text(), engine_log
 
 
 def test_up_stays_up_until_ctrl_c_and_stops_everything(tmp_path: Path) -> None:

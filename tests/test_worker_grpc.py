@@ -248,7 +248,8 @@ async def test_start_on_a_bad_address_says_which() -> None:
         # grpc sets SO_REUSEPORT, so binding a busy port may succeed; a host that does
         # not resolve always fails, and the error must name the address.
         with pytest.raises(OSError, match="no-such-host.invalid"):
-            await start_worker_server(backend, "no-such-host.invalid", port)
+            # (with a token: without one a non-loopback host is refused before binding)
+            await start_worker_server(backend, "no-such-host.invalid", port, token="t" * 32)
     finally:
         await first.stop(None)
 

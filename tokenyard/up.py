@@ -76,6 +76,8 @@ class Fleet:
     def __init__(self, specs: tuple[EngineSpec, ...], state_dir: Path, time_scale: float) -> None:
         self.specs = specs
         self.state_dir = state_dir
+        # The engines' Worker gRPC token (0600, fresh each run): engines and router share it.
+        self.worker_token_file = state_dir / "worker-token"
         self.time_scale = time_scale
         self.procs: list[Any] = []
         self.entries: list[dict[str, Any]] = []
@@ -86,8 +88,11 @@ class Fleet:
 
         import httpx
 
+        from tokenyard.worker_auth import write_worker_token
+
         logs = self.state_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
+        write_worker_token(self.worker_token_file)
         for spec in self.specs:
             port, grpc_port = _free_port("127.0.0.1"), _free_port("127.0.0.1")
             log_file = (logs / f"{spec.instance_id}.log").open("ab")
@@ -95,7 +100,7 @@ class Fleet:
                 sys.executable, "-m", "tokenyard.cli", "--log-format", "json", "engine", "--gpu", spec.gpu,
                 "--model", spec.model, "--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(grpc_port),
                 "--instance-id", spec.instance_id, "--time-scale", str(self.time_scale),
-                "--scheduling-policy", "priority",
+                "--scheduling-policy", "priority", "--worker-token-file", str(self.worker_token_file),
                 stdout=log_file, stderr=log_file, start_new_session=True)
             log_file.close()
             self.procs.append((spec, proc))
@@ -138,10 +143,12 @@ class Fleet:
 
 
 def router_document(entries: list[dict[str, Any]], host: str, port: int, store_url: str,
-                    control: dict[str, Any] | None = None, admission: bool = True) -> dict[str, Any]:
+                    control: dict[str, Any] | None = None, admission: bool = True,
+                    worker_token_file: str | None = None) -> dict[str, Any]:
     """The router config `tokenyard up` runs (also written to <state-dir>/router.yaml).
 
-    `control`: the Admin + Picker section (loopback, a tokens_file written for this run)."""
+    `control`: the Admin + Picker section (loopback, a tokens_file written for this run).
+    `worker_token_file`: the engines' Worker gRPC token, sent on their Status streams."""
     doc: dict[str, Any] = {
         "listen": {"host": host, "port": port},
         "store": store_url,
@@ -175,6 +182,8 @@ def router_document(entries: list[dict[str, Any]], host: str, port: int, store_u
     }
     if control is not None:
         doc["control"] = control
+    if worker_token_file is not None:
+        doc["load"] = {"worker_token_file": worker_token_file}
     return doc
 
 
@@ -234,7 +243,7 @@ async def up(args: argparse.Namespace) -> int:
         write_token_file(tokens_file, "local-admin", ["admin"])
         control = {"host": "127.0.0.1", "port": _free_port("127.0.0.1"), "tokens_file": str(tokens_file)}
         doc = router_document(fleet.entries, args.host, args.port, store_url, control,
-                              admission=args.admission == "on")
+                              admission=args.admission == "on", worker_token_file=str(fleet.worker_token_file))
         (state_dir / "router.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
         config = parse_router_config(doc, str(state_dir / "router.yaml"))
         store = open_store(store_url)
