@@ -88,7 +88,7 @@ def run(admission: str, args: argparse.Namespace) -> dict[str, Any]:
     state = Path(tempfile.mkdtemp(prefix=f"admission_up_{admission}_"))
     port = free_port()
     log = (state / "up.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "tokenyard.cli", "--log-level", "warning", "up", "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "--log-level", "warning", "up", "--port",
                              str(port), "--state-dir", str(state), "--time-scale", str(args.time_scale),
                              "--admission", admission], stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)

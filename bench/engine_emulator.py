@@ -212,7 +212,7 @@ def start_engine(port: int, time_scale: float, max_num_seqs: int, gpu: str) -> s
 
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.Popen(
-        [sys.executable, "-m", "tokenyard.cli", "--log-level", "warning", "engine", "--gpu", gpu,
+        [sys.executable, "-m", "cli.main", "--log-level", "warning", "engine", "--gpu", gpu,
          "--model", "llama-3-8b", "--port", str(port), "--time-scale", str(time_scale),
          "--max-num-seqs", str(max_num_seqs)],
         env=env, preexec_fn=pin if hasattr(os, "sched_setaffinity") else None,

@@ -77,7 +77,7 @@ def processes(workdir: Path) -> Iterator[dict[str, str]]:
         config = workdir / "router.yaml"
         config.write_text(yaml.safe_dump({"discovery": {"static": [
             {"url": f"http://127.0.0.1:{p}", "model": MODEL, "id": f"e{i}"} for i, p in enumerate(engine_ports)]}}))
-        proc = start([sys.executable, "-m", "tokenyard.cli", "router", "--config", str(config), "--host",
+        proc = start([sys.executable, "-m", "cli.main", "router", "--config", str(config), "--host",
                       "127.0.0.1", "--port", str(router_port), "--store", f"file://{workdir}/state.json",
                       "--extproc-host", "127.0.0.1", "--extproc-port", str(picker_port)])
         wait_http(f"http://127.0.0.1:{router_port}/health", proc, "tokenyard router")

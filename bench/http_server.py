@@ -83,7 +83,7 @@ def start_server(kind: str, engine_url: str, workdir: Path) -> tuple[str, Proc]:
         "discovery": {"static": [{"url": engine_url, "model": MODEL, "gpu": "A100-80GB", "id": "engine-0"}]},
     }))
     if kind == "tokenyard":
-        cmd = [sys.executable, "-m", "tokenyard.cli", "--log-level", "warning", "router", "--config", str(config)]
+        cmd = [sys.executable, "-m", "cli.main", "--log-level", "warning", "router", "--config", str(config)]
     else:
         cmd = [sys.executable, str(Path(__file__).resolve()), "serve-uvicorn", "--config", str(config)]
     return f"http://127.0.0.1:{port}", Proc(cmd, workdir / f"{kind}.log")

@@ -331,7 +331,7 @@ def main() -> int:
                                          for k, url in enumerate(engine_urls)]},
             }))
             # uvicorn is no longer a router option; bench/http_server.py serves the router app on it.
-            cmd = pin_router + ([sys.executable, "-m", "tokenyard.cli", "--log-level", "warning", "router", "--config",
+            cmd = pin_router + ([sys.executable, "-m", "cli.main", "--log-level", "warning", "router", "--config",
                     str(config), "--workers", str(workers)] if http_server == "builtin" else
                    [sys.executable, str(REPO / "bench" / "http_server.py"), "serve-uvicorn", "--config", str(config)])
             # A baseline revision's packages go first on the import path (ahead of the

@@ -2,7 +2,7 @@
 capacity, sampling the router's RSS, open fds, asyncio tasks and client connections.
 
 The fleet is the one `tokenyard up` starts (three emulated engine processes, built with
-tokenyard.up's own Fleet and router document, control plane included); the router runs
+cli.up's own Fleet and router document, control plane included); the router runs
 in this process so that its tasks can be counted; the load generator is this file's
 `load` mode in its own process (router.proxy.UpstreamPool as the client, Poisson
 arrivals). First a closed-loop step at `--probe-concurrency` measures capacity (req/s);
@@ -140,12 +140,12 @@ def growth(samples: list[dict[str, float]], key: str) -> float:
 async def soak(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
+    from cli.up import DEFAULT_FLEET, Fleet, _free_port, router_document
     from router.app import Router
     from router.auth import write_token_file
     from router.config import parse_router_config
     from router.http_server import RouterServer
     from router.state import open_store
-    from tokenyard.up import DEFAULT_FLEET, Fleet, _free_port, router_document
 
     state_dir = Path(tempfile.mkdtemp(prefix="tokenyard-soak-"))
     fleet = Fleet(DEFAULT_FLEET, state_dir, args.time_scale)

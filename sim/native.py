@@ -116,7 +116,7 @@ def reexec_on_native(argv: list[str], cache_dir: Path | None = None) -> int:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [env.get("PYTHONPATH")])])
     env[ROOT_ENV] = str(root)
-    code = "import sys; from tokenyard.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from cli.main import main; sys.exit(main(sys.argv[1:]))"
     # -P: no current directory on the path, so a `sim` folder there cannot shadow the build.
     return subprocess.run([sys.executable, "-P", "-c", code, *argv], env=env).returncode
 

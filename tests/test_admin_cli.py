@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from router.admin_cli import (
+from cli.admin import (
     EXIT_CONFLICT,
     EXIT_DECLINED,
     EXIT_DENIED,
@@ -27,12 +27,12 @@ from router.admin_cli import (
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
 )
+from cli.main import main
 from router.admin_grpc import start_control_server
 from router.auth import ControlAuth, Principal, TokenTable, token_digest, write_token_file
 from router.registry import InstanceRegistry
 from router.state import InstanceRecord, RedisStateStore, StateStore, open_store
 from scheduler.types import Decision, RequestInfo
-from tokenyard.cli import main
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 VIEWER_TOKEN = "cli-viewer-token-0123456789abcdef"
@@ -157,7 +157,7 @@ async def test_concurrent_edit_gets_a_conflict(plane: Plane, capsys: pytest.Capt
     assert (await cli(capsys, "policy", "apply", "-f", base, "--reason", "start", "-y", *flags))[0] == 0
     # Someone else writes between this CLI's read and its write: the CLI reads version 1,
     # shows the diff, and the other writer lands version 2 before the confirmation.
-    import router.admin_cli as admin_cli
+    import cli.admin as admin_cli
 
     real_confirm = admin_cli.confirm
 

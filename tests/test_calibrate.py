@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from cli.main import main
 from scheduler.catalog import default_catalog
 from scheduler.engine_model import PerfFactors, load_factors_file
 from sim.calibrate import (
@@ -17,7 +18,6 @@ from sim.calibrate import (
     load_observations,
     write_json_atomically,
 )
-from tokenyard.cli import main
 
 TARGET_MEDIAN_APE_PCT = 15.0
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from cli.main import main as main_for_tests
 from scheduler.catalog import default_catalog
 from scheduler.engine_model import EngineModel, factors_for, load_factors_file
 from sim.calibrate_from import (
@@ -22,7 +23,6 @@ from sim.calibrate_from import (
     records_samples,
     synthetic_scrapes,
 )
-from tokenyard.cli import main as main_for_tests
 
 # A deployment's varied load: (running batch, prompt tokens, output tokens, seconds).
 INTERVALS = [(1, 200, 300, 30), (4, 1500, 200, 30), (16, 400, 500, 30), (48, 3000, 250, 30),

@@ -224,7 +224,7 @@ def test_bad_config_is_one_clear_line(over: dict[str, Any], needle: str) -> None
 def test_cli_once_prints_the_plan_outside_kubernetes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import yaml
 
-    from tokenyard.cli import main
+    from cli.main import main
 
     db = tmp_path / "state.db"
 

@@ -16,9 +16,9 @@ import helm_python as helm
 import pytest
 import yaml
 
+from cli.main import build_parser
 from router.controlplane import parse_config
 from tests.test_helm_chart import CONTROL_PLANE, POOLS, chart, container, one, render  # noqa: F401  (fixture)
-from tokenyard.cli import build_parser
 
 
 def _env(deployment: dict[str, Any]) -> dict[str, str]:

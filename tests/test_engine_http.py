@@ -510,7 +510,7 @@ def test_cli_serves_on_uvloop_and_stops_on_sigterm() -> None:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "tokenyard.cli", "--log-format", "json", "engine", "--gpu", "H100-80GB",
+        [sys.executable, "-m", "cli.main", "--log-format", "json", "engine", "--gpu", "H100-80GB",
          "--model", "qwen2.5-7b", "--port", str(port), "--time-scale", "0", "--served-model-name", "small"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
     )

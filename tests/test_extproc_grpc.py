@@ -279,11 +279,11 @@ def test_tokenyard_router_extproc_port_serves_the_picker(tmp_path: Any) -> None:
     config = tmp_path / "router.yaml"
     config.write_text(orjson.dumps({"listen": {"host": "127.0.0.1", "port": 0},
                                     "discovery": {"static": STATIC}}).decode())
-    refused = subprocess.run([sys.executable, "-m", "tokenyard.cli", "router", "--config", str(config),
+    refused = subprocess.run([sys.executable, "-m", "cli.main", "router", "--config", str(config),
                               "--port", "18000", "--workers", "2", "--extproc-port", "0"],
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "--extproc-port runs in one process" in refused.stderr
-    proc = subprocess.Popen([sys.executable, "-m", "tokenyard.cli", "router", "--config", str(config),
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "router", "--config", str(config),
                              "--store", f"file://{tmp_path / 'state.json'}", "--extproc-host", "127.0.0.1",
                              "--extproc-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:

@@ -30,7 +30,7 @@ def start_replica(tmp_path: Path, name: str, engine: FakeEngine) -> tuple[subpro
         "listen": {"host": "127.0.0.1", "port": port}, "store": f"file://{tmp_path}/state.db",
         "deadlines_ms": {"default": DEADLINE_S * 1000},
         "discovery": {"static": [{"url": engine.url, "model": "llama-3-8b", "id": "e0"}]}}))
-    proc = subprocess.Popen([sys.executable, "-m", "tokenyard.cli", "--log-level", "warning", "router", "--config",
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "--log-level", "warning", "router", "--config",
                              str(config)], cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30

@@ -18,7 +18,7 @@ from tests.conftest import REPO_ROOT, free_port
 def run_router(tmp_path: Path, config: str, *args: str) -> subprocess.CompletedProcess[str]:
     path = tmp_path / "router.yaml"
     path.write_text(config)
-    return subprocess.run([sys.executable, "-m", "tokenyard.cli", "router", "--config", str(path), *args],
+    return subprocess.run([sys.executable, "-m", "cli.main", "router", "--config", str(path), *args],
                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
 
 
@@ -76,7 +76,7 @@ def test_tokenyard_up_on_a_taken_port_is_one_line_and_stops_its_engines(tmp_path
     holder.listen()
     port = holder.getsockname()[1]
     try:
-        result = subprocess.run([sys.executable, "-m", "tokenyard.cli", "up", "--port", str(port), "--state-dir",
+        result = subprocess.run([sys.executable, "-m", "cli.main", "up", "--port", str(port), "--state-dir",
                                  str(tmp_path / "state"), "--time-scale", "0", "--smoke"],
                                 capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
     finally:

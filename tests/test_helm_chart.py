@@ -22,11 +22,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from cli.main import build_parser
 from router.app import Router
 from router.config import parse_router_config
 from router.http_server import RouterServer
 from router.k8s_loopback import LoopbackKubeAPI, make_endpoint_slice
-from tokenyard.cli import build_parser
 
 CHART = Path(__file__).resolve().parents[1] / "deploy" / "helm" / "tokenyard"
 KUBE_VERSION = "1.35.0"  # a current release whose schemas kubernetes-validate ships

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cli.main import main
 from router.admin_grpc import start_control_server
 from router.auth import ControlAuth, Principal, TokenTable, token_digest, write_token_file
 from router.keys import KeyStore, key_id_of, new_key, verify
@@ -21,7 +22,6 @@ from router.registry import InstanceRegistry
 from router.state import RedisStateStore, open_store
 from scheduler.types import Decision, RequestInfo
 from tests.test_router_support import fake_engines, running_router
-from tokenyard.cli import main
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from cli.main import main
 from scheduler.catalog import default_catalog
 from scheduler.types import SloClass
 from sim.capacity import CapacityCache, CapacityQuery, measure
-from tokenyard.cli import main
 
 CATALOG = default_catalog()
 PUBLISHED = {  # Mélange's published example (tests/test_plan_solver.py solves it directly)

@@ -311,8 +311,8 @@ tenants:
 
 
 def test_config_migrate_keeps_the_meaning(tmp_path: Path) -> None:
+    from cli.main import main
     from sim.cluster import load_cluster
-    from tokenyard.cli import main
 
     old = tmp_path / "router.yaml"
     old.write_text(OLD_ROUTER)

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cli.main import main
 from learn.rank import TrainConfig, fit_model, kendall_tau, split_by_prompt
 from learn.rank_data import Example, RankDataError, load_examples
 from scheduler.predictors.features import (
@@ -28,7 +29,6 @@ from scheduler.predictors.rank import (
     load_rank_model,
     model_from_document,
 )
-from tokenyard.cli import main
 
 _SHORT = ["Answer yes or no: is {} a colour?", "In one word, what is {}?", "Classify {} as animal or plant.",
           "True or false: {} is bigger than a cat."]

@@ -87,8 +87,8 @@ def test_predicted_shortest_first_cuts_queueing_and_the_guard_bounds_it() -> Non
 def test_sim_run_gives_ranks_from_the_noise_model_and_the_real_ranker(tmp_path, capsys) -> None:
     import json
 
+    from cli.main import main
     from sim.cli import SimJob, TraceOptions, run_job
-    from tokenyard.cli import main
 
     trace = tmp_path / "trace.jsonl"
     rows = [{"arrival_s": r.arrival_s, "input_tokens": r.input_tokens, "output_tokens": r.output_tokens}

@@ -242,7 +242,7 @@ class EmulatedEngineProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tokenyard.cli", "engine", "--gpu", gpu, "--model", "llama-3-8b", "--port",
+            [sys.executable, "-m", "cli.main", "engine", "--gpu", gpu, "--model", "llama-3-8b", "--port",
              str(self.port), "--instance-id", instance_id, "--time-scale", str(time_scale)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO_ROOT)
         deadline = time.monotonic() + 60

@@ -61,7 +61,7 @@ def test_config_defaults_and_deadlines() -> None:
 def test_cli_refuses_a_bad_config_with_the_key_path(tmp_path: Path) -> None:
     config = tmp_path / "router.yaml"
     config.write_text("listen: {port: 8000}\ndispatch: {max_candidates: -3}\n")
-    result = subprocess.run([sys.executable, "-m", "tokenyard.cli", "router", "--config", str(config)],
+    result = subprocess.run([sys.executable, "-m", "cli.main", "router", "--config", str(config)],
                             capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
     assert result.returncode == 2
     assert f"{config}: dispatch.max_candidates: expected a value >= 0" in result.stderr
@@ -200,7 +200,7 @@ def test_cli_router_with_two_workers_serves_and_stops_on_sigterm(tmp_path: Path)
         config = tmp_path / "router.yaml"
         config.write_text(f"listen: {{port: {port}}}\nstore: file://{tmp_path / 'state.json'}\n"
                           f"discovery: {{static: [{{url: '{engine.url}', model: llama-3-8b, id: e0}}]}}\n")
-        proc = subprocess.Popen([sys.executable, "-m", "tokenyard.cli", "router", "--config", str(config),
+        proc = subprocess.Popen([sys.executable, "-m", "cli.main", "router", "--config", str(config),
                                  "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                 cwd=REPO_ROOT)
         try:

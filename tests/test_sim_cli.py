@@ -8,7 +8,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from tokenyard.cli import main
+from cli.main import main
 
 CLUSTER = "sim/examples/small.yaml"
 CONV = "traces/azure_llm_2023/AzureLLMInferenceTrace_conv.csv"
@@ -92,7 +92,7 @@ def test_sweep_on_a_local_ray_instance_matches_worker_processes(shared_data, tmp
     env = {**__import__("os").environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}
     stderr = {}
     for name, extra in (("ray", ["--ray", "local"]), ("pool", ["--workers", "2"])):
-        done = subprocess.run([sys.executable, "-m", "tokenyard.cli", *common, "--out", str(tmp_path / name),
+        done = subprocess.run([sys.executable, "-m", "cli.main", *common, "--out", str(tmp_path / name),
                                *extra], capture_output=True, text=True, env=env, timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
         stderr[name] = done.stderr

@@ -104,7 +104,7 @@ def test_cli_native_reruns_the_command_on_the_compiled_modules(built: tuple[Path
     outputs = {}
     for mode in ("plain", "native"):
         out = tmp_path / mode
-        command = [sys.executable, "-m", "tokenyard.cli", "--log-format", "json", "sim", "run", str(cluster),
+        command = [sys.executable, "-m", "cli.main", "--log-format", "json", "sim", "run", str(cluster),
                    "--trace", str(AZURE), "--limit", "800", "--rate-scale", "8", "--out", str(out), "--no-plots",
                    "--no-progress", "--records", str(out / "records.csv")]
         if mode == "native":

@@ -112,7 +112,7 @@ def test_router_config_rejects_a_bad_tiers_section() -> None:
 
 
 def test_tokenyard_up_serves_the_auto_alias() -> None:
-    from tokenyard.up import router_document
+    from cli.up import router_document
 
     entries = [{"url": "http://127.0.0.1:1", "model": SMALL, "gpu": "L4"}]
     config = parse_router_config(router_document(entries, "127.0.0.1", 0, "file:///tmp/x.json"), "up")

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cli.main import main
 from learn.tier_data import TierDataError, read_any, read_plain
 from learn.tier_metrics import aiq, apgr, cpt, routing_curve, summary
 from scheduler.predictors.tier import (
@@ -20,7 +21,6 @@ from scheduler.predictors.tier import (
     load_predictor,
     text_stats,
 )
-from tokenyard.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from tests.conftest import REPO_ROOT
 
 
 def _command(state_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "tokenyard.cli", "up", "--port", "0", "--state-dir", str(state_dir),
+    return [sys.executable, "-m", "cli.main", "up", "--port", "0", "--state-dir", str(state_dir),
             "--time-scale", "0", *extra]
 
 

@@ -15,12 +15,12 @@ import grpc
 import httpx
 import pytest
 
+from cli.main import main as cli_main
 from router.config import parse_router_config
 from router.worker_client import MigrationClient, WorkerClient
 from scheduler.types import InstanceState
 from sim.engine_http import ATTACH_HEADER, EngineServer
 from tests.test_migration import body, engine, read_events, token_texts
-from tokenyard.cli import main as cli_main
 from tokenyard.config import ConfigError
 from tokenyard.v1 import worker_pb2, worker_pb2_grpc
 from tokenyard.worker_auth import read_worker_token, worker_channel, write_worker_token

@@ -1,4 +1,4 @@
-"""`tokenyard policy|instances|keys|context|completion`: the operator's CLI for the Admin service.
+"""`tokenyard policy|instances|keys|context`: the operator's CLI for the Admin service.
 
     tokenyard context set local --address 127.0.0.1:50051 --token-file .tokenyard/control-tokens.yaml
     tokenyard context use local
@@ -303,7 +303,7 @@ def print_simulation(args: argparse.Namespace, name: str, spec: dict[str, Any] |
         print("dry run (server): the control plane validated the policy and made the diff; the router keeps no "
               "request records yet, so nothing is replayed: pass --trace FILE to replay a trace in the simulator")
         return
-    from router.policy_replay import replay_policy_change
+    from cli.policy_replay import replay_policy_change
 
     replay_policy_change(args.trace, name, spec, args.cluster, args.sim_requests)
 
@@ -492,7 +492,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return run_with_client(args, body)
 
 
-# -- context, completion ------------------------------------------------------------------
+# -- context ------------------------------------------------------------------------------
 def cmd_context(args: argparse.Namespace) -> int:
     path = contexts_path()
     doc = load_contexts(path)
@@ -520,15 +520,6 @@ def cmd_context(args: argparse.Namespace) -> int:
         rows = [{"current": "*" if n == doc.get("current") else "", "name": n, **c}
                 for n, c in sorted(doc["contexts"].items())]
         emit(args, rows, ("current", "name", "address", "token_file", "ca_file"))
-    return EXIT_OK
-
-
-def cmd_completion(args: argparse.Namespace) -> int:
-    import shtab
-
-    from tokenyard.cli import build_parser
-
-    print(shtab.complete(build_parser(), shell=args.shell))
     return EXIT_OK
 
 
@@ -630,7 +621,3 @@ def register(subparsers: Any) -> None:
     p = sub.add_parser("list", help="the contexts (* marks the current one)")
     p.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
     p.set_defaults(handler=handle(cmd_context))
-
-    completion = subparsers.add_parser("completion", help="print a shell completion script (bash or zsh)")
-    completion.add_argument("shell", choices=("bash", "zsh"))
-    completion.set_defaults(handler=handle(cmd_completion))

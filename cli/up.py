@@ -97,7 +97,7 @@ class Fleet:
             port, grpc_port = _free_port("127.0.0.1"), _free_port("127.0.0.1")
             log_file = (logs / f"{spec.instance_id}.log").open("ab")
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "tokenyard.cli", "--log-format", "json", "engine", "--gpu", spec.gpu,
+                sys.executable, "-m", "cli.main", "--log-format", "json", "engine", "--gpu", spec.gpu,
                 "--model", spec.model, "--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(grpc_port),
                 "--instance-id", spec.instance_id, "--time-scale", str(self.time_scale),
                 "--scheduling-policy", "priority", "--worker-token-file", str(self.worker_token_file),

@@ -33,7 +33,7 @@ def replay_policy_change(trace_path: str, name: str, spec: dict[str, Any] | None
     """Simulate baseline and candidate; print and return both summaries' key figures."""
     from tqdm import tqdm
 
-    from router.admin_cli import EXIT_INVALID, CliError
+    from cli.admin import EXIT_INVALID, CliError
     from scheduler.policy_document import load_policy_document
     from sim.cli import TraceOptions
     from sim.cluster import load_cluster

@@ -20,13 +20,14 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "sim.calibrate",  # tokenyard model predict, tokenyard calibrate
     "sim.cli",  # tokenyard sim run|compare|sweep
     "router.cli",  # tokenyard router
-    "tokenyard.up",  # tokenyard up
+    "cli.up",  # tokenyard up
     "learn.cli",  # tokenyard train rank|tier
-    "tokenyard.config_cli",  # tokenyard config check|migrate
+    "cli.config_cmd",  # tokenyard config check|migrate
     "sim.plan_cli",  # tokenyard plan [apply]
     "learn.tier_cli",  # tokenyard tier score
     "learn.rank_cli",  # tokenyard rank score
-    "router.admin_cli",  # tokenyard policy|instances|keys|context|completion
+    "cli.admin",  # tokenyard policy|instances|keys|context
+    "cli.completion",  # tokenyard completion bash|zsh
     "router.controlplane_cli",  # tokenyard controlplane
 )
 
