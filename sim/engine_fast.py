@@ -260,7 +260,7 @@ def leave_fast(core: EngineCore) -> None:
 
 def schedule_fast(core: EngineCore) -> Batch:
     """The batch `schedule()` would return, with the same state changes, at a cost that
-    does not grow with the running decoders (see the fast-path note above).
+    does not grow with the running decoders (see the module docstring).
 
     The batch's `scheduled` lists only the requests outside the cohort (prefilling
     ones, and those admitted now); `cohort_decodes` members decode one token each.
