@@ -1,6 +1,7 @@
 """The simulator's hot modules compiled with mypyc: same source, about 1.5x faster.
 
-`sim/kv_cache.py`, `sim/engine_core.py` and `sim/simulator.py` are fully typed Python;
+`sim/kv_cache.py`, `sim/engine_types.py`, `sim/engine_fast.py`, `sim/engine_core.py` and
+`sim/simulator.py` are fully typed Python;
 mypyc (part of mypy) compiles them to C extension modules. `build()` copies the `sim` package into a cache
 folder keyed by the sources' SHA-256, the Python version and the mypy version, compiles
 the modules there and returns that folder; putting it first on the import path makes
@@ -28,7 +29,7 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-COMPILED = ("kv_cache.py", "engine_core.py", "simulator.py")
+COMPILED = ("kv_cache.py", "engine_types.py", "engine_fast.py", "engine_core.py", "simulator.py")
 SIM_DIR = Path(__file__).resolve().parent
 ROOT_ENV = "TOKENYARD_NATIVE_ROOT"  # set in a process re-run on the compiled modules
 
