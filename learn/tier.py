@@ -197,7 +197,7 @@ def _by_benchmark(rows: Sequence[LabelledPrompt], index: Iterable[int], scores: 
     return out
 
 
-def _score(doc: dict[str, Any], rows: Sequence[LabelledPrompt], index: Sequence[int], raw: bool = False) -> np.ndarray:
+def _score(doc: dict[str, Any], rows: Sequence[LabelledPrompt], index: Sequence[int] | np.ndarray, raw: bool = False) -> np.ndarray:
     predictor = TierPredictor(doc, "in-training model")
     texts = [rows[i].prompt for i in index]
     return predictor.raw_scores(texts) if raw else predictor.score_many(texts)

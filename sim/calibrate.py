@@ -180,7 +180,7 @@ def split_held_out(observations: list[Observation], fold: int = HELD_OUT_EVERY -
     groups: dict[tuple[str, str], list[Observation]] = defaultdict(list)
     for obs in observations:
         groups[(obs.source, obs.quantity)].append(obs)
-    marked = []
+    marked: list[Observation] = []
     for (source, _), members in groups.items():
         if any(o.group for o in members):
             # Whole groups (models) held out: the check is on models the fit never saw.

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from scheduler.engine_model import PerfFactors
 
 if TYPE_CHECKING:
-    from sim.calibrate import FitResult
+    from sim.calibrate import FitResult, Observation
 
 
 SOURCE_COLOURS = {
@@ -31,7 +32,7 @@ def plot_fit(result: FitResult, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 6))
-    panels = (("times (s)", lambda o: o.quantity != "throughput"), ("throughput (tokens/s)", lambda o: o.quantity == "throughput"))
+    panels: tuple[tuple[str, Callable[[Observation], bool]], ...] = (("times (s)", lambda o: o.quantity != "throughput"), ("throughput (tokens/s)", lambda o: o.quantity == "throughput"))
     for ax, (label, wanted) in zip(axes, panels, strict=True):
         groups: dict[tuple[str, str], list[tuple[float, float, bool]]] = defaultdict(list)
         for obs, pred in zip(result.observations, result.predictions, strict=True):

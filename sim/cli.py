@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -524,10 +525,10 @@ def sweep_jobs(args: argparse.Namespace) -> list[SimJob]:
 def _sweep(args: argparse.Namespace) -> int:
     from sim.report import comparison_table, plot_sweep, write_json
 
-    ray = None
+    ray: ModuleType | None = None
     if args.ray is not None:
         try:
-            import ray  # type: ignore[import-not-found,no-redef]
+            import ray  # an optional dependency at run time (the dev extras install it)
         except ImportError:
             print("tokenyard sim sweep: error: --ray needs the optional dependency ray, which is not "
                   f"installed; install it with: {RAY_INSTALL_HINT}", file=sys.stderr)

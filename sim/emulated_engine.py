@@ -228,7 +228,8 @@ class _Histogram:
         rows: list[tuple[str, float]] = []
         for bound, count in zip((*self.buckets, float("inf")), self.counts, strict=True):
             cumulative += count
-            rows.append((floatToGoString(bound), cumulative))
+            # prometheus_client.utils has no annotations; it returns the Go-style bucket label.
+            rows.append((floatToGoString(bound), cumulative))  # type: ignore[no-untyped-call]
         family.add_metric(label_values, rows, self.sum)
         return family
 

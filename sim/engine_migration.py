@@ -24,6 +24,8 @@ from tokenyard.v1 import worker_pb2 as pb
 
 if TYPE_CHECKING:
     from sim.emulated_engine import RequestHandle
+    from sim.engine_core import EngineCore
+    from sim.worker_grpc import LoadChangeNotifier
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +33,28 @@ log = logging.getLogger(__name__)
 class EngineMigration:
     """Migration steps of an emulated engine (a mixin of EmulatedEngine)."""
 
-    core: Any
+    core: EngineCore
     _handles: dict[str, RequestHandle]
     _kv: dict[str, RequestKV]
     _attachable: dict[str, RequestHandle]
     _wake: asyncio.Event | None
-    _notifier: Any
+    _notifier: LoadChangeNotifier
     instance_id: str
     failure: str | None
     kv_wire_bytes_per_token: int
+
+    if TYPE_CHECKING:
+        # Supplied by EmulatedEngine; declared here (for the type checker only) so the
+        # mixin's steps are checked against them without changing the class at run time.
+        @property
+        def block_size(self) -> int: ...
+
+        @property
+        def max_model_len(self) -> int: ...
+
+        def new_request_id(self) -> str: ...
+
+        def abort(self, request_id: str) -> bool: ...
 
     def migration_candidate_problem(self, request_id: str) -> str | None:
         """Why `request_id` cannot migrate out now, or None if it can."""
@@ -113,7 +128,7 @@ class EngineMigration:
         except (ValueError, KeyError, TypeError):
             raise MigrationAborted(pb.INCOMPATIBLE, "engine_state: expected JSON with text_seed and output_tokens") from None
 
-    def migration_reserve(self, begin: Any) -> int:
+    def migration_reserve(self, begin: pb.MigrateInBegin) -> int:
         """Reserve KV blocks for an incoming request: for all of max_tokens when they are
         free, else at least what it holds now plus one; MigrationAborted(OOM) if not even that."""
         bs = self.block_size
@@ -133,7 +148,7 @@ class EngineMigration:
         if self._wake is not None:
             self._wake.set()
 
-    def migration_adopt(self, begin: Any, commit: Any, kv: RequestKV, reserved_blocks: int) -> str:
+    def migration_adopt(self, begin: pb.MigrateInBegin, commit: pb.MigrateInCommit, kv: RequestKV, reserved_blocks: int) -> str:
         """Run the copied request from its exact token; returns its id here."""
         state = orjson_loads(begin.engine_state)
         request_id = begin.request_id if begin.request_id not in self._handles else self.new_request_id()

@@ -288,7 +288,8 @@ class MigrationService:
         started = time.monotonic()
         tokens = 0
         try:
-            stub = worker_pb2_grpc.WorkerStub(self._channel(request.destination_address))
+            # The generated gRPC module has no annotations (grpcio-tools writes none).
+            stub = worker_pb2_grpc.WorkerStub(self._channel(request.destination_address))  # type: ignore[no-untyped-call]
             call = stub.MigrateIn(timeout=params.deadline_s)
             read_timeout = params.stage_timeout_s
 
@@ -297,7 +298,8 @@ class MigrationService:
                 if record.abort_requested.is_set():
                     raise MigrationAborted(pb.ABORTED_BY_REQUEST, "aborted by request")
                 try:
-                    answer = await asyncio.wait_for(call.read(), min(read_timeout, max(0.001, remaining)))
+                    # grpc has no type stubs: the read is Any; the Worker proto says what it is.
+                    answer: worker_pb2.MigrateInResult = await asyncio.wait_for(call.read(), min(read_timeout, max(0.001, remaining)))
                 except TimeoutError:
                     raise MigrationAborted(pb.TIMEOUT, f"no answer from the destination within "
                                                        f"{min(read_timeout, remaining) * 1000:.0f} ms") from None

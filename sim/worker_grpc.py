@@ -412,7 +412,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 def add_worker_servicer(server: grpc.aio.Server, backend: WorkerBackend) -> WorkerServicer:
     """Serve `backend` as the Worker service on an existing server (to share a port)."""
     servicer = WorkerServicer(backend)
-    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    # The generated gRPC module has no annotations (grpcio-tools writes none).
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     return servicer
 
 
