@@ -381,11 +381,11 @@ async def start_control_server(
         # Bounded input: a control message is small; 1 MiB is far above any real one.
         options=[("grpc.so_reuseport", 1 if reuse_port else 0), ("grpc.max_receive_message_length", 1 << 20),
                  ("grpc.max_concurrent_streams", 256)])
-    admin_pb2_grpc.add_AdminServicer_to_server(
+    admin_pb2_grpc.add_AdminServicer_to_server(  # type: ignore[no-untyped-call]  # generated grpc module, unannotated
         AdminService(registry, store, registration, slo_classes=slo_classes,
                      dispatch_policies=dispatch_policies, desired_pool_sizes=desired_pool_sizes,
                      registration_cidrs=auth.registration_cidrs), server)
-    picker_pb2_grpc.add_PickerServicer_to_server(
+    picker_pb2_grpc.add_PickerServicer_to_server(  # type: ignore[no-untyped-call]  # generated grpc module, unannotated
         PickerService(registry, decide, tenant_for_api_key=tenant_for_api_key), server)
     try:
         address = f"{host}:{port}"
@@ -399,15 +399,15 @@ async def start_control_server(
         raise OSError(f"control server: cannot listen on {host}:{port} (address in use or not "
                       "local; set control.port to a free port)")
     await server.start()
-    server.bound_port = bound  # type: ignore[attr-defined]
-    server.registration = registration  # type: ignore[attr-defined]
+    server.bound_port = bound
+    server.registration = registration
     if own_registration:
         # The sweeper we started ends with the server, however the caller stops it.
         async def stop_sweeper_on_termination() -> None:
             await server.wait_for_termination()
             await registration.stop()
 
-        server.sweeper_stopper = asyncio.ensure_future(stop_sweeper_on_termination())  # type: ignore[attr-defined]
+        server.sweeper_stopper = asyncio.ensure_future(stop_sweeper_on_termination())
     log.info("control server listening", extra={"address": f"{host}:{bound}", "services": "Admin, Picker",
                                                 "tls": credentials is not None, "principals": len(tokens)})
     return server

@@ -41,7 +41,7 @@ from router.policy_versions import stored_policy_problems
 from router.proxy import PoolSet, UpstreamError
 from router.rate_limiter import SLOTS, build_rate_limiter, refuse_over_limits
 from router.registry import InstanceRegistry
-from router.splice import Splicer
+from router.splice import Splicer, Upstream
 from router.state import InstanceRecord, StateStore
 from router.tenants import AuthError, RetryBudget, Tenant, TenantTable
 from router.tiers import build_tier_resolver
@@ -637,7 +637,7 @@ class Router:
         payload = upstream_body
         if isinstance(upstream_body, _PrioritizedBody) and instance_id in self._no_priority:
             payload = upstream_body.plain()
-        response = None
+        response: Upstream | None = None
         try:
             response = await self.pools.get(record.url).request(
                 "POST", path, payload, headers, headers_timeout_s=timeout_s)

@@ -396,7 +396,6 @@ def _parse_rest(cfg: RouterConfig, doc: dict[str, Any], source: str, classes: li
         from router.rank import parse_rank_section
 
         cfg.rank = parse_rank_section(doc["rank"], at("rank"))
-    return cfg
 
 
 def default_store_url(state_dir: str | Path = ".tokenyard") -> str:

@@ -148,6 +148,12 @@ class KubernetesSettings:
     backoff_max_s: float = 30.0
 
 
+def _resolve(done: asyncio.Future[None]) -> None:
+    """Resolve `done` unless it already is (the loop runs this; the watch thread schedules it)."""
+    if not done.done():
+        done.set_result(None)
+
+
 def _url(ip: str, port: int) -> str:
     return f"http://[{ip}]:{port}" if ":" in ip else f"http://{ip}:{port}"
 
@@ -293,7 +299,7 @@ class KubernetesDiscovery(Discovery):
             finally:
                 assert self._loop is not None
                 with contextlib.suppress(RuntimeError):  # loop already closed
-                    self._loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+                    self._loop.call_soon_threadsafe(_resolve, done)
 
         threading.Thread(target=run, name=f"k8s-discovery-{self.settings.kind}", daemon=True).start()
         try:
@@ -397,9 +403,9 @@ class KubernetesDiscovery(Discovery):
                 configuration = client.Configuration(host=self.settings.api_url)
             else:
                 try:
-                    config.load_incluster_config()
+                    config.load_incluster_config()  # type: ignore[no-untyped-call]  # kubernetes ships no annotations for this
                 except config.ConfigException:
-                    config.load_kube_config()
+                    config.load_kube_config()  # type: ignore[no-untyped-call]  # kubernetes ships no annotations for this
                 configuration = client.Configuration.get_default_copy()
             self._configuration = configuration
         api_client = client.ApiClient(configuration)
@@ -487,14 +493,14 @@ class KubernetesDiscovery(Discovery):
 
         cfg = self.settings
         timeout_s = max(1, int(min(cfg.watch_timeout_s, next_resync - time.monotonic())))
-        class RawWatch(watch.Watch):  # type: ignore[misc]
+        class RawWatch(watch.Watch):
             # Events stay JSON dicts: the client's model deserialization costs time and
             # fails on objects its models do not expect, which would repeat forever from
             # the same resourceVersion. The 410/ERROR handling is unchanged.
             def get_return_type(self, func: Any) -> None:
                 return None
 
-        w = RawWatch()
+        w = RawWatch()  # type: ignore[no-untyped-call]  # kubernetes ships no annotations for this
         self._watch = w
         self.stats["watches"] += 1
         try:
@@ -502,9 +508,9 @@ class KubernetesDiscovery(Discovery):
             # handle 410 ourselves, with a reconciling re-list.
             for event in w.stream(list_fn, cfg.namespace, label_selector=cfg.label_selector or None,
                                   resource_version=rv, allow_watch_bookmarks=True,
-                                  timeout_seconds=timeout_s, _request_timeout=(5, timeout_s + 30)):
+                                  timeout_seconds=timeout_s, _request_timeout=(5, timeout_s + 30)):  # type: ignore[no-untyped-call]  # kubernetes ships no annotations for this
                 if self._stopping.is_set():
-                    w.stop()
+                    w.stop()  # type: ignore[no-untyped-call]  # kubernetes ships no annotations for this
                     break
                 raw = event.get("raw_object") or {}
                 new_rv = (raw.get("metadata") or {}).get("resourceVersion")

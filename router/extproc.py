@@ -351,7 +351,7 @@ class _Exchange:
             self._count_done(self.status or 499)
 
 
-class EndpointPicker(pb_grpc.ExternalProcessorServicer):
+class EndpointPicker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # envoy's stubs are untyped
     """The ext_proc service over a started `router.app.Router`."""
 
     def __init__(self, router: Router, settings: ExtProcSettings | None = None) -> None:

@@ -161,16 +161,20 @@ class LoopbackKubeAPI:
                     api._handle(self)
 
             def do_POST(self) -> None:
-                api._handle_object(self) or api._not_found(self)
+                if not api._handle_object(self):
+                    api._not_found(self)
 
             def do_PUT(self) -> None:
-                api._handle_object(self) or api._not_found(self)
+                if not api._handle_object(self):
+                    api._not_found(self)
 
             def do_DELETE(self) -> None:
-                api._handle_object(self) or api._not_found(self)
+                if not api._handle_object(self):
+                    api._not_found(self)
 
             def do_PATCH(self) -> None:
-                api._handle_object(self) or api._not_found(self)
+                if not api._handle_object(self):
+                    api._not_found(self)
 
         self._server = ThreadingHTTPServer((host, port), Handler)
         self._server.daemon_threads = True
@@ -180,7 +184,9 @@ class LoopbackKubeAPI:
     @property
     def host(self) -> str:
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        # typeshed allows bytes here (AF_UNIX-style addresses); an AF_INET server gives str.
+        host_s = host.decode() if isinstance(host, bytes) else host
+        return f"http://{host_s}:{port}"
 
     def start(self) -> LoopbackKubeAPI:
         self._thread = threading.Thread(target=self._server.serve_forever, name="k8s-loopback",

@@ -71,7 +71,7 @@ class PickerService(picker_pb2_grpc.PickerServicer):
         except ValueError as exc:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         excluded = set(request.exclude_instance_ids)
-        endpoints = []
+        endpoints: list[picker_pb2.Endpoint] = []
         for iid in decision.instance_ids:
             if len(endpoints) >= self.max_endpoints:
                 break

@@ -213,6 +213,12 @@ def _check_ttl(ttl_s: float, what: str) -> None:
         raise ValueError(f"{what}: ttl_s must be > 0, got {ttl_s!r}")
 
 
+def _text(value: bytes | str) -> str:
+    """A Redis reply as str. The client decodes replies (decode_responses=True), but
+    redis-py types them `bytes | str`; this narrows without changing a str."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 # ======================================================================================
 # File backend: SQLite in WAL mode
 # ======================================================================================
@@ -425,7 +431,7 @@ class FileStateStore(StateStore):
     # -- policies ----------------------------------------------------------------------
     async def get_policy(self, tenant: str) -> dict[str, Any] | None:
         rows = await self._run(self._all, "SELECT doc FROM policies WHERE tenant = ?", (tenant,))
-        return json.loads(rows[0][0]) if rows else None  # type: ignore[no-any-return]
+        return json.loads(rows[0][0]) if rows else None
 
     async def put_policy(self, tenant: str, policy: dict[str, Any]) -> None:
         if not tenant:
@@ -598,7 +604,7 @@ class RedisStateStore(StateStore):
 
     async def list_instances(self) -> list[InstanceRecord]:
         raw = await self._redis.hgetall(self._k_instances)
-        return [InstanceRecord.from_dict(json.loads(v), f"redis {self._k_instances}[{k}]")
+        return [InstanceRecord.from_dict(json.loads(v), f"redis {self._k_instances}[{_text(k)}]")
                 for k, v in raw.items()]
 
     async def set_draining(self, instance_id: str, draining: bool) -> bool:
@@ -640,7 +646,7 @@ class RedisStateStore(StateStore):
 
     async def list_policies(self) -> dict[str, dict[str, Any]]:
         raw = await self._redis.hgetall(self._k_policies)
-        return {tenant: json.loads(v) for tenant, v in raw.items()}
+        return {_text(tenant): json.loads(v) for tenant, v in raw.items()}
 
     # -- load --------------------------------------------------------------------------
     async def put_load(self, instance_id: str, load: dict[str, Any], ttl_s: float) -> None:
@@ -651,7 +657,7 @@ class RedisStateStore(StateStore):
             await pipe.execute()
 
     async def get_loads(self) -> dict[str, dict[str, Any]]:
-        ids = sorted(await self._redis.smembers(self._k_loads))
+        ids = sorted(_text(iid) for iid in await self._redis.smembers(self._k_loads))
         if not ids:
             return {}
         values = await self._redis.mget([self.prefix + "load:" + iid for iid in ids])
@@ -673,7 +679,7 @@ class RedisStateStore(StateStore):
         return True
 
     async def live_leases(self) -> set[str]:
-        ids = sorted(await self._redis.smembers(self._k_leases))
+        ids = sorted(_text(iid) for iid in await self._redis.smembers(self._k_leases))
         if not ids:
             return set()
         values = await self._redis.mget([self.prefix + "lease:" + iid for iid in ids])
@@ -712,7 +718,7 @@ class RedisStateStore(StateStore):
             with contextlib.suppress(Exception):
                 await pubsub.unsubscribe(self.channel)
             with contextlib.suppress(Exception):
-                await pubsub.aclose()
+                await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves PubSub.aclose unannotated
 
     async def delete_all(self) -> None:
         """Remove every key under the prefix (tests and `tokenyard` reset tooling)."""

@@ -38,10 +38,10 @@ CHARS_PER_TOKEN = 4
 class TierResolver:
     """The predictor and the decision, built once from the `tiers:` section."""
 
-    def __init__(self, predictor: TierPredictor, router: TierRouter, seed: int = 0) -> None:
+    def __init__(self, predictor: TierPredictor, router: TierRouter, seed: int | None = 0) -> None:
         self.predictor = predictor
         self.router = router
-        self.rng = random.Random(seed)
+        self.rng = random.Random(seed)  # seed None: OS entropy (a router without a fixed seed)
 
     def resolve(self, body: dict[str, Any], tenant: str, slo: SloClass, request_id: str,
                 dispatcher: Any) -> TierChoice | None:
@@ -61,7 +61,7 @@ class TierResolver:
         return choice
 
 
-def build_tier_resolver(doc: Mapping[str, Any], where: str = "tiers", seed: int = 0) -> TierResolver:
+def build_tier_resolver(doc: Mapping[str, Any], where: str = "tiers", seed: int | None = 0) -> TierResolver:
     """Validate a `tiers:` section now (model file and decision); errors say `where`."""
     body = dict(doc)
     model_file = body.pop("model_file", None)

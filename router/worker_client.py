@@ -137,8 +137,10 @@ class WorkerClient:
     async def describe(self) -> worker_pb2.EngineDescription:
         """Call Describe once (its own connection); raises grpc.aio.AioRpcError on failure."""
         async with worker_channel(self.address, self.token) as channel:
-            stub = worker_pb2_grpc.WorkerStub(channel)
-            return await stub.Describe(worker_pb2.DescribeRequest(), timeout=self.connect_timeout_s)
+            stub = worker_pb2_grpc.WorkerStub(channel)  # type: ignore[no-untyped-call]  # generated grpc module, unannotated
+            description: worker_pb2.EngineDescription = await stub.Describe(
+                worker_pb2.DescribeRequest(), timeout=self.connect_timeout_s)
+            return description
 
     # ------------------------------------------------------------ subscription
     async def updates(self) -> AsyncIterator[InstanceState]:
@@ -155,7 +157,7 @@ class WorkerClient:
             call: grpc.aio.UnaryStreamCall | None = None
             delay_s = backoff_s
             try:
-                stub = worker_pb2_grpc.WorkerStub(channel)
+                stub = worker_pb2_grpc.WorkerStub(channel)  # type: ignore[no-untyped-call]  # generated grpc module, unannotated
                 description = await self._until_stopped(
                     stub.Describe(worker_pb2.DescribeRequest(), timeout=self.connect_timeout_s)
                 )

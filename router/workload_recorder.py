@@ -33,7 +33,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from router.state import StateStore
@@ -50,7 +50,7 @@ TAIL_BYTES = 2048  # the usage object is ~100 bytes; vLLM writes it last
 _PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 _COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
 class UsageMeter:
@@ -67,7 +67,7 @@ class UsageMeter:
         self._last = b""
         self.events = 0
 
-    async def __call__(self, message: dict[str, Any]) -> None:
+    async def __call__(self, message: MutableMapping[str, Any]) -> None:
         body = message.get("body")
         if body:
             self.events += body.count(b"data: ")

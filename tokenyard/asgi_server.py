@@ -387,42 +387,41 @@ class Http1Protocol(asyncio.Protocol):
             # done-callback instead of a task blocked in receive() (router/app.py does).
             "extensions": {"tokenyard.disconnected": self.disconnected},
         }
-        state = {"started": False, "complete": False, "chunked": False, "head": b"", "body_read": False,
-                 "keep_alive": exchange.keep_alive}
+        state = _ExchangeState(keep_alive=exchange.keep_alive)
         disconnected = self.disconnected
         write_timeout_s = self.limits.write_timeout_s
 
         async def receive() -> Message:
-            if not state["body_read"]:
-                state["body_read"] = True
+            if not state.body_read:
+                state.body_read = True
                 return {"type": "http.request", "body": exchange.body, "more_body": False}
-            if not disconnected.done() and not state["complete"]:
+            if not disconnected.done() and not state.complete:
                 await asyncio.shield(disconnected)  # shielded: a cancelled waiter must not cancel it
             return {"type": "http.disconnect"}
 
         async def send(message: Message) -> None:
-            if disconnected.done() or state["complete"] or self.discarding:
+            if disconnected.done() or state.complete or self.discarding:
                 return
             if message["type"] == "http.response.start":
-                state["head"], state["chunked"], state["keep_alive"] = _response_head(
-                    int(message["status"]), message.get("headers", ()), bool(state["keep_alive"]), http10)
-                state["started"] = True
+                state.head, state.chunked, state.keep_alive = _response_head(
+                    int(message["status"]), message.get("headers", ()), bool(state.keep_alive), http10)
+                state.started = True
                 return
             body = message.get("body", b"")
             more = message.get("more_body", False)
-            if state["chunked"]:
+            if state.chunked:
                 out = b"%x\r\n%s\r\n" % (len(body), body) if body else b""
                 if not more:
                     out += b"0\r\n\r\n"
             else:
                 out = body
-            if state["head"]:
-                out = state["head"] + out
-                state["head"] = b""
+            if state.head:
+                out = state.head + out
+                state.head = b""
             if out:
                 transport.write(out)
             if not more:
-                state["complete"] = True
+                state.complete = True
             elif self.writable is not None and not self.writable.done():
                 # The client reads slower than the app writes; one that stops reading is cut off.
                 try:
@@ -434,7 +433,7 @@ class Http1Protocol(asyncio.Protocol):
             await self.app(scope, receive, send)
         except Exception:
             log.exception("request failed in the app", extra={"path": exchange.path[:200]})
-            if not state["started"] and not disconnected.done():
+            if not state.started and not disconnected.done():
                 body = error_json(500, "internal error")
                 await send({"type": "http.response.start", "status": 500,
                             "headers": [(b"content-type", b"application/json"),
@@ -442,9 +441,21 @@ class Http1Protocol(asyncio.Protocol):
                 await send({"type": "http.response.body", "body": body})
             else:
                 return False
-        if not state["complete"]:
+        if not state.complete:
             return False  # the app ended without finishing its response
-        return bool(state["keep_alive"])
+        return bool(state.keep_alive)
+
+
+@dataclass(slots=True)
+class _ExchangeState:
+    """What one exchange's receive()/send() closures share: how far the response got."""
+
+    keep_alive: bool
+    started: bool = False
+    complete: bool = False
+    chunked: bool = False
+    head: bytes = b""
+    body_read: bool = False
 
 
 def _response_head(status: int, headers: Any, keep_alive: bool, http10: bool) -> tuple[bytes, bool, bool]:

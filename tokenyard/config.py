@@ -76,7 +76,7 @@ def get(
         raise ConfigError(path, f"expected one of {', '.join(map(str, choices))}; got {value!r}")
     if minimum is not None and value < minimum:  # type: ignore[operator]
         raise ConfigError(path, f"expected a value >= {minimum}, got {value!r}")
-    return value  # type: ignore[return-value]
+    return value
 
 
 def check_keys(section: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
