@@ -463,10 +463,6 @@ class Router:
             # The operator's policy decides queue order: a client cannot jump the queue by
             # sending its own `priority`.
             body["priority"] = self.dispatcher.priority(info, tenant)
-            rank_priority = (self.ranker.priority(info, self.dispatcher.slo_class(tenant), info.arrival_s)
-                             if self.ranker is not None else None)
-            if rank_priority is not None and tenant.priority is None:
-                body["priority"] = rank_priority
         upstream_body = orjson.dumps(body)
         if "priority" in body and body["priority"] != 0:
             plain = {k: v for k, v in body.items() if k != "priority"}

@@ -1,12 +1,13 @@
 """The router's use of the output-length ranker: `RequestInfo.predicted_rank` for every
-request, the engine `priority` from a rank queue policy, and the finished-request log that
-`tokenyard train rank` retrains from.
+request, and the finished-request log that `tokenyard train rank` retrains from. What the
+rank decides is the policy document's: `queue.sort: learned_rank` orders the admission
+queue and `queue.engine_priority: learned_rank` gives the engines' `priority`, the same in
+the router and the simulator (scheduler.rank_queue).
 
 Config (router YAML, all optional; no `rank` section = the ranker is off):
 
     rank:
       model: path/to/model.json.gz       # default: the ranker shipped in the package
-      queue_policy: {learned_rank: {max_wait_s: 30}}   # scheduler.rank_queue; sets `priority`
       log: /var/lib/tokenyard/rank.jsonl  # finished requests (features, output tokens)
       log_max_bytes: 104857600            # then it rotates to <log>.1 (one old file kept)
 
@@ -42,8 +43,7 @@ from typing import Any
 
 from scheduler.predictors.features import FEATURE_SPEC_VERSION, RequestFeatures, request_features
 from scheduler.predictors.rank import RankModel, load_rank_model
-from scheduler.queueing import QueuePolicy, QueuePolicyError, build_queue_policy
-from scheduler.types import RequestInfo, SloClass
+from scheduler.types import RequestInfo
 from tokenyard.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,6 @@ _RECORD_KEYS = ("prompt", "messages", "model", "max_tokens", "max_completion_tok
 @dataclass(frozen=True, slots=True)
 class RankSettings:
     model_path: str | None = None
-    queue_policy: Any = None
     log_path: str | None = None
     log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
 
@@ -67,21 +66,20 @@ def parse_rank_section(raw: Any, where: str) -> RankSettings | None:
         return None
     if not isinstance(raw, Mapping):
         raise ConfigError(where, f"expected a mapping, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - {"model", "queue_policy", "log", "log_max_bytes"})
+    if "queue_policy" in raw:
+        raise ConfigError(f"{where}.queue_policy", "moved to the policy document: set "
+                          "policy.queue.engine_priority (e.g. {learned_rank: {max_wait_s: 30}}), which the "
+                          "router and the simulator both apply")
+    unknown = sorted(set(raw) - {"model", "log", "log_max_bytes"})
     if unknown:
-        raise ConfigError(where, f"unknown key(s) {', '.join(unknown)}; expected model, queue_policy, log, log_max_bytes")
+        raise ConfigError(where, f"unknown key(s) {', '.join(unknown)}; expected model, log, log_max_bytes")
     for key in ("model", "log"):
         if raw.get(key) is not None and not isinstance(raw[key], str):
             raise ConfigError(f"{where}.{key}", f"expected a file path, got {raw[key]!r}")
     max_bytes = raw.get("log_max_bytes", DEFAULT_LOG_MAX_BYTES)
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 4096:
         raise ConfigError(f"{where}.log_max_bytes", f"expected an integer >= 4096, got {max_bytes!r}")
-    if raw.get("queue_policy") is not None:
-        try:
-            build_queue_policy(raw["queue_policy"], where=f"{where}.queue_policy")
-        except QueuePolicyError as exc:
-            raise ConfigError(f"{where}.queue_policy", str(exc)) from exc
-    return RankSettings(raw.get("model"), raw.get("queue_policy"), raw.get("log"), max_bytes)
+    return RankSettings(raw.get("model"), raw.get("log"), max_bytes)
 
 
 def completion_tokens(body: bytes) -> int | None:
@@ -138,9 +136,6 @@ class RequestRanker:
 
     def __init__(self, settings: RankSettings, model: RankModel | None = None) -> None:
         self.model = model if model is not None else load_rank_model(settings.model_path)
-        self.queue_policy: QueuePolicy | None = (
-            build_queue_policy(settings.queue_policy, where="rank.queue_policy") if settings.queue_policy else None
-        )
         self.log = RankLog(settings.log_path, settings.log_max_bytes) if settings.log_path else None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenyard-rank")
         # request id -> features, for the log; bounded (the oldest go: a request that failed
@@ -169,9 +164,6 @@ class RequestRanker:
                 self._features.popitem(last=False)
         return dataclasses.replace(info, predicted_rank=rank)
 
-    def priority(self, info: RequestInfo, slo: SloClass | None, now_s: float) -> int | None:
-        """The engine priority from the rank queue policy; None when none is configured."""
-        return None if self.queue_policy is None else self.queue_policy.priority(info, slo, now_s)
 
     def finished(self, info: RequestInfo, response_body: bytes | None) -> None:
         """Log a finished request (its output tokens from the response's `usage`)."""

@@ -13,6 +13,7 @@ from learn.rank_data import load_examples
 from router.config import parse_router_config
 from router.rank import RankLog, RankSettings, RequestRanker, completion_tokens
 from scheduler.predictors.features import FEATURE_SPEC_VERSION, request_features
+from scheduler.queueing import build_queue_policy
 from scheduler.rank_queue import CLASS_STRIDE
 from scheduler.types import RequestInfo
 from tests.test_router_support import fake_engines, running_router
@@ -23,8 +24,7 @@ from tokenyard.config import ConfigError
     ({"modle": "x"}, "unknown key"),
     ({"model": 3}, "rank.model: expected a file path"),
     ({"log_max_bytes": 10}, "log_max_bytes"),
-    ({"queue_policy": {"nope": {}}}, "unknown queue policy 'nope'"),
-    ({"queue_policy": {"learned_rank": {"max_wait_s": -2}}}, "max_wait_s"),
+    ({"queue_policy": {"learned_rank": {}}}, "moved to the policy document: set policy.queue.engine_priority"),
 ])
 def test_rank_section_errors_say_where(raw: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -51,14 +51,14 @@ def test_rank_log_appends_and_rotates(tmp_path: Path) -> None:
 
 
 async def test_annotate_sets_the_rank_off_the_loop_and_logs_the_finish(tmp_path: Path) -> None:
-    ranker = RequestRanker(RankSettings(log_path=str(tmp_path / "log.jsonl"),
-                                        queue_policy={"learned_rank": {"max_wait_s": 30}}))
+    ranker = RequestRanker(RankSettings(log_path=str(tmp_path / "log.jsonl")))
+    engine_priority = build_queue_policy({"learned_rank": {"max_wait_s": 30}})
     try:
         body = {"model": "llama-3-8b", "messages": [{"role": "user", "content": "Write a long essay on tides."}]}
         info = RequestInfo("r1", "llama-3-8b", 12, arrival_s=100.0)
         ranked = await ranker.annotate(info, body)
         assert ranked.predicted_rank is not None and ranked.predicted_rank > 0
-        prio = ranker.priority(ranked, None, 100.0)
+        prio = engine_priority.priority(ranked, None, 100.0)  # what the document's engine_priority gives
         assert prio is not None and CLASS_STRIDE <= prio < 2 * CLASS_STRIDE  # unknown class -> 1
         ranker.finished(ranked, b'{"usage": {"completion_tokens": 321}}')
     finally:
@@ -69,7 +69,8 @@ async def test_annotate_sets_the_rank_off_the_loop_and_logs_the_finish(tmp_path:
 
 async def test_router_forwards_the_rank_priority_and_logs_finished_requests(tmp_path: Path) -> None:
     log = tmp_path / "live.jsonl"
-    doc = {"rank": {"queue_policy": {"learned_rank": {"max_wait_s": None}}, "log": str(log)}}
+    doc = {"rank": {"log": str(log)},
+           "policy": {"queue": {"engine_priority": {"learned_rank": {"max_wait_s": None}}}}}
     prompts = ["Write a 1500-word story about a lighthouse keeper and her cat.",
                "Reply with one word: what colour is the sky?"]
     with fake_engines(()) as (engine,):
