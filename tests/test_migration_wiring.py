@@ -4,10 +4,23 @@ MigrationDriver from a cluster YAML."""
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
+import httpx
 import pytest
 
 from scheduler.migration import NoMigration, VirtualUsageBalance
 from scheduler.policy_document import PolicyDocumentError, load_policy_document
+from sim.engine_http import EngineServer
+from tests.test_migration import engine
+from tests.test_migration_router import chat_body, parse, records, sse
+from tests.test_router_support import running_router
+from tokenyard.worker_auth import write_worker_token
+
+KV_BLOCKS = 40
+STREAMS = 3
+MAX_TOKENS = 200
 
 
 def test_migration_section_defaults_off_and_round_trips() -> None:
@@ -40,3 +53,52 @@ def test_migration_errors_name_path_value_and_allowed(raw: dict[str, object], ex
     with pytest.raises(PolicyDocumentError) as info:
         load_policy_document({"migration": raw})
     assert str(info.value).startswith(expected), str(info.value)
+
+
+# ------------------------------------------------------------------------------ the router
+ROUTER_MIGRATION = {"enabled": True, "interval_s": 0.05,
+                    "params": {"overload_usage": 0.6, "underload_usage": 0.3, "grow_room_blocks": 2}}
+
+
+async def test_a_router_with_migration_enabled_moves_a_request_off_an_overloaded_engine(tmp_path: Path) -> None:
+    token_file = tmp_path / "worker-token"
+    token = write_worker_token(token_file)
+    servers = [EngineServer(engine(name, engine={"num_kv_blocks": KV_BLOCKS}), "127.0.0.1", 0, grpc_port=0,
+                            worker_token=token) for name in ("src", "dst")]
+    for srv in servers:
+        await srv.start()
+    src, dst = servers
+    doc = {"load": {"scrape_interval_s": 0.05, "worker_token_file": str(token_file)},
+           "policy": {"migration": ROUTER_MIGRATION}}
+    try:
+        async with running_router(records(servers)[:1], doc=doc, background=True) as server, \
+                httpx.AsyncClient(timeout=30) as client:
+            router = server.router
+            assert router.migration is not None and router.migration.client.token == token
+            # Every stream lands on `src` (the only member yet); then `dst` joins, idle.
+            streams = [asyncio.ensure_future(_collect(client, server.url, f"req-{i}")) for i in range(STREAMS)]
+            while src.engine.core.num_running < STREAMS:
+                await asyncio.sleep(0.01)
+            router.registry.upsert(records(servers)[1])
+            results = await asyncio.wait_for(asyncio.gather(*streams), 25)
+            stats = router.migration.stats
+            assert stats.committed >= 1, stats
+            assert router.splicer.stats.migrations_spliced >= 1
+            for texts, usage in results:  # every client got its whole answer, once
+                assert len(texts) == MAX_TOKENS and usage is not None and usage["completion_tokens"] == MAX_TOKENS
+            metrics = (await client.get(server.url + "/metrics")).text
+            assert 'tokenyard_router_migrations_total{outcome="committed",reason="load"}' in metrics
+            assert router.migration._task is not None
+        assert router.migration._task is None  # Router.stop stopped the loop
+    finally:
+        for srv in servers:
+            await srv.stop()
+
+
+async def _collect(client: httpx.AsyncClient, url: str, request_id: str) -> tuple[list[str], dict[str, int] | None]:
+    body = chat_body(MAX_TOKENS)
+    async with client.stream("POST", url + "/v1/chat/completions", json=body,
+                             headers={"x-request-id": request_id}) as response:
+        assert response.status_code == 200
+        texts, usage, _ = parse([line async for line in sse(response)])
+    return texts, usage
