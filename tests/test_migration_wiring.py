@@ -5,6 +5,7 @@ MigrationDriver from a cluster YAML."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import httpx
@@ -102,3 +103,56 @@ async def _collect(client: httpx.AsyncClient, url: str, request_id: str) -> tupl
         assert response.status_code == 200
         texts, usage, _ = parse([line async for line in sse(response)])
     return texts, usage
+
+
+# --------------------------------------------------------------------------- the simulator
+CLUSTER_YAML = """\
+default_model: llama-3-8b
+pools: [{name: l4, gpu: L4, model: llama-3-8b, count: 4, engine: {max_num_seqs: 64}}]
+policy:
+  profiles:
+    default: {filters: [model], scorers: [least_outstanding], picker: round_robin}
+  migration: {enabled: %s, interval_s: 0.05, link_gbps: 50,
+              params: {overload_usage: 0.7, underload_usage: 0.5}}
+"""
+
+
+def _write_run(tmp_path: Path, enabled: bool) -> tuple[Path, Path]:
+    # Long answers land round-robin on the first two instances; short ones finish fast on the others.
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("".join(json.dumps({"arrival_s": i * 0.05, "input_tokens": 2000,
+                                         "output_tokens": 600 if i % 4 < 2 else 5}) + "\n" for i in range(120)))
+    cluster = tmp_path / f"cluster-{enabled}.yaml"
+    cluster.write_text(CLUSTER_YAML % ("true" if enabled else "false"))
+    return cluster, trace
+
+
+def test_a_cluster_document_with_migration_drives_the_simulator(tmp_path: Path) -> None:
+    from sim.cluster import load_cluster
+    from sim.simulator import Simulation
+
+    cluster_path, _ = _write_run(tmp_path, enabled=True)
+    sim = Simulation(load_cluster(cluster_path))
+    assert sim.migration is not None and not sim.fast_forward
+    assert sim.migration.config.link_gbps == 50 and sim.migration.config.interval_s == 0.05
+    off_path, _ = _write_run(tmp_path, enabled=False)
+    assert Simulation(load_cluster(off_path)).migration is None
+
+
+def test_tokenyard_sim_run_with_migration_on_reports_migrations(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from cli.main import main
+
+    cluster, trace = _write_run(tmp_path, enabled=True)
+    out = tmp_path / "out"
+    assert main(["sim", "run", str(cluster), "--trace", str(trace), "--no-plots", "--no-progress",
+                 "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    moves = summary["migrations"]
+    assert moves["committed"] > 0 and moves["started"] >= moves["committed"] + moves["aborted"], moves
+    assert summary["completed"] == 120
+    assert "migrations " in capsys.readouterr().out
+    off, _ = _write_run(tmp_path, enabled=False)
+    assert main(["sim", "run", str(off), "--trace", str(trace), "--no-plots", "--no-progress",
+                 "--out", str(tmp_path / "off")]) == 0
+    assert "migrations" not in json.loads((tmp_path / "off" / "summary.json").read_text())
