@@ -156,3 +156,26 @@ def test_tokenyard_sim_run_with_migration_on_reports_migrations(tmp_path: Path,
     assert main(["sim", "run", str(off), "--trace", str(trace), "--no-plots", "--no-progress",
                  "--out", str(tmp_path / "off")]) == 0
     assert "migrations" not in json.loads((tmp_path / "off" / "summary.json").read_text())
+
+
+def test_one_document_gives_the_router_and_the_simulator_the_same_migration_decisions(tmp_path: Path) -> None:
+    from router.app import Router
+    from router.config import parse_router_config
+    from scheduler.migration import MigrationCandidate, MigrationLoad
+    from sim.cluster import load_cluster
+    from sim.simulator import Simulation
+
+    cluster_path, _ = _write_run(tmp_path, enabled=True)
+    cluster = load_cluster(cluster_path)
+    sim = Simulation(cluster)
+    # The router's file carries the cluster file's `migration:` section.
+    router = Router(parse_router_config({"policy": {"migration": cluster.document().to_dict()["migration"]}},
+                                        "router.yaml"))
+    assert sim.migration is not None and router.migration is not None
+    assert router.migration.interval_s == sim.migration.config.interval_s == 0.05
+    loads = [MigrationLoad("a", "m", 100, 80, running=4), MigrationLoad("b", "m", 100, 10, running=1),
+             MigrationLoad("c", "m", 100, 75, running=3, head_of_line_blocks=10), MigrationLoad("d", "m", 100, 40)]
+    cands = {"a": [MigrationCandidate("a1", 600), MigrationCandidate("a2", 300)],
+             "c": [MigrationCandidate("c1", 200, priority=2), MigrationCandidate("c2", 100)]}
+    plans = [p.plan(loads, lambda i: cands.get(i, []), 16) for p in (router.migration.policy, sim.migration.policy)]
+    assert plans[0] == plans[1] and len(plans[0]) == 2, plans
