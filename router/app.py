@@ -37,6 +37,7 @@ from router.health import HealthMonitor
 from router.keys import KeyCache, KeyStore, sync_router_keys
 from router.load import LoadMonitor
 from router.metrics import RouterMetrics
+from router.migration_loop import build_migration_loop
 from router.policy_versions import stored_policy_problems
 from router.proxy import PoolSet, UpstreamError
 from router.rate_limiter import SLOTS, build_rate_limiter, refuse_over_limits
@@ -117,6 +118,8 @@ class Router:
         self.load = LoadMonitor(self.registry, self.metrics, interval_s=config.scrape_interval_s,
                                 timeout_s=config.scrape_timeout_s, worker_token=config.worker_token)
         self.splicer = Splicer.for_router(self)  # streams across migrations and engine deaths
+        self.migration = build_migration_loop(config.policy.migration, self.registry,  # None: off
+                                              token=config.worker_token, metrics=self.metrics)
         self.discoveries: list[Any] = []
         self.control_server: Any = None
         self.ranker = _build_ranker(config)  # router.rank: predicted_rank, rank priority, rank log
@@ -150,6 +153,8 @@ class Router:
         if background:
             self.health.start()
             self.load.start()
+            if self.migration is not None:
+                self.migration.start()
         if self.config.control_port is not None:
             from router.admin_grpc import start_control_server
             from router.discovery import AdminRegistration
@@ -237,6 +242,8 @@ class Router:
         for discovery in self.discoveries:
             with contextlib.suppress(Exception):
                 await discovery.stop()
+        if self.migration is not None:
+            await self.migration.stop()
         await self.health.stop()
         await self.load.stop()
         if self.ranker is not None:

@@ -49,6 +49,10 @@ class RouterMetrics:
         self.plugin_seconds = Histogram("tokenyard_router_plugin_seconds",
                                         "Time of each dispatch part (filter, scorer, picker) per decision",
                                         ["kind", "name"], buckets=DECIDE_BUCKETS_S, registry=r)
+        # Live migrations the router's loop ordered (router/migration_loop.py), by reason
+        # (load, drain) and outcome (started, committed, aborted).
+        self.migrations = Counter("tokenyard_router_migrations", "Live migrations by reason and outcome",
+                                  ["reason", "outcome"], registry=r)
         self._children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
 
     def child(self, metric: MetricWrapperBase, *labels: str) -> MetricWrapperBase:

@@ -25,7 +25,7 @@ import contextlib
 import logging
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -33,6 +33,10 @@ from router.worker_client import MigrationClient
 from scheduler.migration import MigrationCandidate, MigrationLoad, MigrationOrder, MigrationPolicy
 from scheduler.types import InstanceState
 from tokenyard.v1 import worker_pb2
+
+if TYPE_CHECKING:
+    from router.metrics import RouterMetrics
+    from scheduler.policy_document import MigrationSpec
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +70,8 @@ class MigrationLoop:
     """Runs a migration policy over a router's registry (see the module docstring)."""
 
     def __init__(self, registry: Any, policy: MigrationPolicy, *, interval_s: float = 0.5,
-                 client: MigrationClient | None = None, max_candidates: int = 16) -> None:
+                 client: MigrationClient | None = None, max_candidates: int = 16,
+                 metrics: RouterMetrics | None = None) -> None:
         if not interval_s > 0:
             raise ValueError(f"migration interval_s: expected a positive number, got {interval_s}")
         self.registry = registry
@@ -74,6 +79,7 @@ class MigrationLoop:
         self.interval_s = interval_s
         self.client = client or MigrationClient()
         self.max_candidates = max_candidates
+        self.metrics = metrics  # tokenyard_router_migrations{reason,outcome}
         self.busy: set[str] = set()
         self.stats = LoopStats()
         self._moves: set[asyncio.Task[None]] = set()
@@ -137,9 +143,14 @@ class MigrationLoop:
         self.stats.last_orders = orders
         return orders
 
+    def _count(self, reason: str, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.child(self.metrics.migrations, reason, outcome).inc()  # type: ignore[attr-defined]
+
     def _order(self, order: MigrationOrder, source_address: str, destination_address: str) -> None:
         self.busy.update((order.source_id, order.destination_id))
         self.stats.ordered += 1
+        self._count(order.reason, "started")
         request = worker_pb2.MigrateOutRequest(
             migration_id=uuid.uuid4().hex, request_id=order.request_id,
             destination_instance_id=order.destination_id, destination_address=destination_address)
@@ -152,15 +163,28 @@ class MigrationLoop:
             final = await self.client.migrate(source_address, request)
             if final.state == worker_pb2.COMMITTED:
                 self.stats.committed += 1
+                self._count(order.reason, "committed")
             else:
                 self.stats.aborted += 1
+                self._count(order.reason, "aborted")
             log.info("migration ended", extra={
                 "request_id": order.request_id, "from": order.source_id, "to": order.destination_id,
                 "reason": order.reason, "state": worker_pb2.MigrationState.Name(final.state),
                 "error": worker_pb2.MigrationError.Name(final.error)})
         except grpc.aio.AioRpcError as exc:
             self.stats.aborted += 1
+            self._count(order.reason, "aborted")
             log.info("migration refused", extra={"request_id": order.request_id, "error": exc.code().name})
         finally:
             self.busy.discard(order.source_id)
             self.busy.discard(order.destination_id)
+
+
+def build_migration_loop(spec: MigrationSpec, registry: Any, *, token: str | None,
+                         metrics: RouterMetrics | None = None) -> MigrationLoop | None:
+    """The loop the policy document's `migration:` section asks for (None when it is off);
+    its Worker calls carry `token` (the fleet's worker token, `load.worker_token_file`)."""
+    if not spec.active():
+        return None
+    return MigrationLoop(registry, spec.build_policy(), interval_s=spec.interval_s,
+                         client=MigrationClient(token=token), metrics=metrics)

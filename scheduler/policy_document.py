@@ -15,6 +15,8 @@ share, one schema, one loader.
     queue: {sort: fcfs, engine_priority: fcfs}
     admission: {enabled: false, max_queue_depth: 1024, default_queue_timeout_ms: 10000,
                 retry_after_s: 1, saturation: {max_queued_per_instance: 8}}
+    migration: {enabled: true, policy: llumnix, interval_s: 0.5, link_gbps: 100,
+                params: {overload_usage: 0.9, underload_usage: 0.6}}   # live migration
 
 `load_policy_document(mapping)` validates it (pydantic models, then each part against its
 typed parameters) and raises `PolicyDocumentError` naming the key path, the value and what
@@ -35,6 +37,12 @@ from scheduler.dispatch import (
     PolicyConfigError,
     build_policy,
     format_validation_error,
+)
+from scheduler.migration import (
+    MIGRATION_POLICIES,
+    MigrationPolicy,
+    MigrationPolicyError,
+    build_migration_policy,
 )
 from scheduler.queueing import (
     QueuePolicy,
@@ -145,6 +153,39 @@ class AdmissionSpec(_Strict):
     saturation_by_slo_class: dict[str, SaturationSpec] = Field(default_factory=dict)
 
 
+class MigrationParamsSpec(_Strict):
+    """Typed parameters of the `llumnix` migration policy (scheduler.migration.VirtualUsageBalance)."""
+
+    overload_usage: float = Field(default=0.9, ge=0, le=10)
+    underload_usage: float = Field(default=0.6, ge=0, le=10)
+    priority_headroom_blocks: int = Field(default=0, ge=0)
+    high_priority_below: int = 0
+    max_context_tokens: int = Field(default=32_768, ge=0)
+    grow_room_blocks: int = Field(default=4, ge=0)
+
+
+class MigrationSpec(_Strict):
+    """Live migration of running requests (docs/migration.md): the router's loop
+    (router/migration_loop.py) and the simulator's driver (sim/migration.py) run `policy`
+    every `interval_s` when `enabled`; `link_gbps` is the simulator's KV transfer link."""
+
+    enabled: bool = False
+    policy: str = "llumnix"  # a registered name (scheduler.migration.MIGRATION_POLICIES)
+    interval_s: float = Field(default=0.5, gt=0, le=3600)
+    link_gbps: float = Field(default=100.0, gt=0, le=100_000)
+    params: MigrationParamsSpec = Field(default_factory=MigrationParamsSpec)
+
+    def active(self) -> bool:
+        """Whether a driver should run a migration loop at all."""
+        return self.enabled and self.policy != "none"
+
+    def build_policy(self) -> MigrationPolicy:
+        config: dict[str, Any] = {"policy": self.policy}
+        if self.policy == "llumnix":  # the typed params are llumnix's; other policies take none
+            config.update(self.params.model_dump())
+        return build_migration_policy(config)
+
+
 class PolicyDocument(_Strict):
     """The validated document; build runtime objects with `DecisionLayer` (scheduler.layer)."""
 
@@ -157,6 +198,7 @@ class PolicyDocument(_Strict):
     affinity: AffinitySpec = Field(default_factory=AffinitySpec)
     queue: QueueSpec = Field(default_factory=QueueSpec)
     admission: AdmissionSpec = Field(default_factory=AdmissionSpec)
+    migration: MigrationSpec = Field(default_factory=MigrationSpec)
 
     def to_dict(self, minimal: bool = False) -> dict[str, Any]:
         """Plain values (JSON/YAML-ready) that `load_policy_document` reads back as equal;
@@ -309,3 +351,12 @@ def _check_references(doc: PolicyDocument, where: str) -> None:
             build(getattr(doc.queue, key), where=f"{_at(where)}queue.{key}")
         except QueuePolicyError as exc:
             raise PolicyDocumentError(str(exc)) from None
+    if doc.migration.policy not in MIGRATION_POLICIES:
+        raise PolicyDocumentError(f"{_at(where)}migration.policy: unknown {doc.migration.policy!r}; "
+                                  f"allowed: {', '.join(sorted(MIGRATION_POLICIES))}")
+    try:
+        doc.migration.build_policy()
+    except MigrationPolicyError as exc:  # cross-field checks (underload below overload)
+        problem = str(exc).split(": ", 1)[-1]
+        raise PolicyDocumentError(f"{_at(where)}migration.params: {problem} (allowed: underload_usage < "
+                                  f"overload_usage)") from None

@@ -35,6 +35,7 @@ from scheduler.migration import MigrationCandidate, MigrationLoad, MigrationOrde
 from sim.engine_core import RequestStatus
 
 if TYPE_CHECKING:
+    from scheduler.policy_document import MigrationSpec
     from sim.simulator import Simulation, _Instance, _SimRequest
 
 
@@ -66,6 +67,15 @@ class MigrationSimConfig:
     @property
     def bytes_per_s(self) -> float:
         return self.link_gbps * 1e9 / 8.0
+
+
+def migration_from_document(spec: MigrationSpec) -> MigrationSimConfig | None:
+    """The simulator's migration from the policy document's `migration:` section (None: off),
+    so that a cluster file with that document moves requests as a router with it does."""
+    if not spec.active():
+        return None
+    return MigrationSimConfig(policy=spec.build_policy(), interval_s=spec.interval_s, link_gbps=spec.link_gbps,
+                              grow_room_blocks=spec.params.grow_room_blocks)
 
 
 @dataclass(slots=True, eq=False)

@@ -7,6 +7,7 @@ responses, so one report module serves both.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(slots=True)
@@ -99,3 +100,4 @@ class SimResult:
     wall_s: float = 0.0
     events: int = 0
     policy: str = ""
+    migrations: dict[str, Any] | None = None  # sim.migration.MigrationStats.summary(); None: migration off

@@ -222,6 +222,8 @@ def summarize(result: SimResult, slo_classes: Mapping[str, SloClass] | None = No
         "sim_speed_x": _ratio(duration_s, wall_s),
         "requests_per_wall_s": _ratio(len(records), wall_s),
     })
+    if result.migrations is not None:  # only when the policy document's `migration:` ran
+        summary["migrations"] = dict(result.migrations)
     return summary
 
 
@@ -257,6 +259,12 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     lines.append(
         f"total {num(summary['gpu_hours'], 2)} GPU-h, ${num(summary['cost_usd'], 2)}; "
         f"preemptions {num(summary['preemptions'])}; prefix-cache hit rate {num(_pct(summary['prefix_cache_hit_rate']))}%")
+    moves = summary.get("migrations")
+    if moves:
+        lines.append(
+            f"migrations {num(moves['started'])} started, {num(moves['committed'])} committed, "
+            f"{num(moves['aborted'])} aborted; downtime p50 {num(moves['downtime_p50_ms'], 2)} ms, "
+            f"p99 {num(moves['downtime_p99_ms'], 2)} ms; {num(moves['gib_copied'], 2)} GiB copied")
     return "\n".join(lines)
 
 

@@ -47,7 +47,7 @@ from scheduler.tiers import TierRouter
 from scheduler.types import Decision, InstanceState, NoInstanceAvailable, RequestInfo, SloClass
 from sim.cluster import ClusterSpec, PoolSpec
 from sim.engine_core import Batch, DecodeRun, EngineCore, EngineRequest
-from sim.migration import MigrationDriver, MigrationSimConfig
+from sim.migration import MigrationDriver, MigrationSimConfig, migration_from_document
 from sim.records import InstanceStats, RequestRecord, SimResult, TimelineSample
 from sim.workload import TraceRequest
 
@@ -135,6 +135,8 @@ class Simulation:
         self.cluster = cluster
         self.layer = DecisionLayer(cluster.document(), seed=seed, override=policy)
         document = self.layer.document
+        if migration is None:  # the policy document's `migration:` section (off by default)
+            migration = migration_from_document(document.migration)
         self.policy = policy or self.layer.profiles[document.selection.default]
         self.affinity: InMemoryAffinity | None = InMemoryAffinity() if document.affinity.enabled else None
         self.affinity_ttl_s = document.affinity.ttl_s
@@ -259,6 +261,7 @@ class Simulation:
             wall_s=time.perf_counter() - wall_start,
             events=self.events,
             policy=self.cluster.label or self.cluster.describe_dispatch(),
+            migrations=self.migration.stats.summary() if self.migration is not None else None,
         )
 
     def _report_progress(self, events: int, now_s: float) -> float:
