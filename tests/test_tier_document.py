@@ -133,3 +133,13 @@ async def test_router_lists_the_alias_and_counts_tier_choices() -> None:
                 assert response.status_code == 200 and response.json()["model"] == SMALL
             metrics = (await client.get("/metrics")).text
             assert f'tokenyard_router_tier_choices_total{{model="{SMALL}",tier="small"}} 2.0' in metrics
+
+
+def test_config_migrate_moves_the_top_level_tiers_into_the_document() -> None:
+    from cli.config_cmd import migrated
+
+    raw = {"tiers": TIERS, "policy": {"seed": 3}}
+    out = migrated("router", raw, parse_router_config(raw, "t.yaml"))
+    assert "tiers" not in out and out["policy"]["seed"] == 3
+    assert parse_router_config(out, "t.yaml").policy == parse_router_config(raw, "t.yaml").policy
+    assert out["policy"]["tiers"]["tenants"] == TIERS["tenants"]
