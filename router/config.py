@@ -234,7 +234,7 @@ def _apply_tiers(cfg: RouterConfig, document: PolicyDocument, source: str) -> Po
     try:
         build_tier_resolver(cfg.tiers, key)  # validates the model file now; built again by the router
     except TierConfigError as exc:
-        raise ConfigError(f"{source}: {key}", str(exc).removeprefix(key + ": ")) from exc
+        raise ConfigError(source, str(exc)) from exc  # the message starts with the key path
     return document
 
 
