@@ -136,16 +136,10 @@ def run_job(job: SimJob, progress: Callable[..., None] | None = None) -> JobOutc
     from sim.rank_noise import ranker_for
 
     ranker = ranker_for(cluster.queue_policy, job.trace.open, job.rank_tau, job.seed)
-    from sim.tier_scores import scored, tier_router_for
-
     if job.model is not None:
         requests = (r if r.model else dataclasses.replace(r, model=job.model) for r in requests)
-    tiers = tier_router_for(cluster.policy)  # the document's `tiers:` section, if any
-    if tiers is not None:
-        requests = scored(requests, tiers[0], tiers[1], cluster.default_model, job.seed)
     result = simulate(cluster, requests, progress=progress, seed=job.seed,
-                      timeline_interval_s=job.timeline_interval_s, ranker=ranker,
-                      tier_router=tiers[0] if tiers is not None else None)
+                      timeline_interval_s=job.timeline_interval_s, ranker=ranker)
     if not result.policy:
         result.policy = job.label or job.policy or "configured"
     slo_classes = dict(cluster.slo_classes)

@@ -1,5 +1,6 @@
-"""Tier routing in `tokenyard sim run`: the `TierRouter` built from the cluster file's
-policy document (`tiers:`), and a `p_small_ok` for every request that names the alias.
+"""Tier routing in the simulator (`tokenyard sim run`, `simulate`): the `TierRouter` built
+from the cluster file's policy document (`tiers:`), and a `p_small_ok` for every request
+that names the alias.
 
 Scores, in order:
 1. the trace's own `p_small_ok` field, when the row has one;
@@ -13,10 +14,10 @@ Scores, in order:
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import hashlib
 import struct
-from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from scheduler.tiers import TierRouter, build_tier_router
@@ -26,27 +27,36 @@ from sim.workload import TraceRequest
 def uniform_score(seed: int, request_id: str) -> float:
     """A score in (0, 1), the same for the same (seed, request id)."""
     digest = hashlib.blake2b(f"tier:{seed}:{request_id}".encode(), digest_size=8).digest()
-    return (struct.unpack("<Q", digest)[0] + 0.5) / 2**64
+    value: int = struct.unpack("<Q", digest)[0]
+    return (value + 0.5) / 2**64
+
+
+@functools.lru_cache(maxsize=8)
+def _predictor(model_file: str | None) -> Any:
+    from scheduler.predictors.tier import load_predictor
+
+    return load_predictor(model_file)
 
 
 def tier_router_for(document: Any) -> tuple[TierRouter, Any] | None:
     """(router, predictor) from a policy document's `tiers:` section; None without one.
-    Reads the tier model file (the section's `model_file`, else the packaged model)."""
+    Reads the tier model file (the section's `model_file`, else the packaged model) once
+    per process."""
     if document is None or document.tiers is None:
         return None
-    from scheduler.predictors.tier import load_predictor
-
-    predictor = load_predictor(document.tiers.model_file)
+    predictor = _predictor(document.tiers.model_file)
     router = build_tier_router(document.tiers.to_section(with_model_file=False), predictor.thresholds, "tiers")
     return router, predictor
 
 
-def scored(requests: Iterable[TraceRequest], router: TierRouter, predictor: Any, default_model: str,
-           seed: int = 0) -> Iterator[TraceRequest]:
-    """The requests, each one that names the alias given a p_small_ok (module docstring)."""
-    for req in requests:
-        model = req.model or default_model
-        if req.p_small_ok is None and router.handles(model):
-            p = predictor.score(req.prompt) if req.prompt else uniform_score(seed, req.request_id)
-            req = dataclasses.replace(req, p_small_ok=p)
-        yield req
+@dataclass(frozen=True, slots=True)
+class TierScorer:
+    """p_small_ok of a request that carries none (steps 2 and 3 of the module docstring)."""
+
+    predictor: Any
+    seed: int = 0
+
+    def __call__(self, req: TraceRequest) -> float:
+        if req.prompt:
+            return float(self.predictor.score(req.prompt))
+        return uniform_score(self.seed, req.request_id)
