@@ -51,14 +51,15 @@ def _load(path: str) -> tuple[str, dict[str, Any], Any]:
 
 def migrated(kind: str, raw: dict[str, Any], config: Any) -> dict[str, Any]:
     """`raw` with the older dialect's keys replaced by the equivalent `policy:` document."""
-    if raw.get("policy") is not None:
+    old_tiers = kind == "router" and raw.get("tiers") is not None  # the older top-level tier section
+    if raw.get("policy") is not None and not old_tiers:
         return raw  # already in the policy-document form
     if kind == "cluster":
         document = config.document()
-        dropped = ("dispatch", "queue", "slo_classes")
+        dropped: tuple[str, ...] = ("dispatch", "queue", "slo_classes")
     else:
-        document = config.policy
-        dropped = ("slo_classes", "policies", "dispatch")
+        document = config.policy  # the top-level `tiers:` already converted into it
+        dropped = ("slo_classes", "policies", "dispatch", "tiers")
     out = {key: value for key, value in raw.items() if key not in dropped}
     out["policy"] = document.to_dict(minimal=True)
     return out

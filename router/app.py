@@ -362,6 +362,10 @@ class Router:
             created = int(time.time())
             data = [{"id": model, "object": "model", "created": created, "owned_by": "tokenyard", "root": model,
                      "parent": None} for model in self.dispatcher.models()]
+            if self.tiers is not None:  # the tier alias, a model a tenant may ask for (docs/tiers.md)
+                alias = self.tiers.router.alias
+                data.append({"id": alias, "object": "model", "created": created, "owned_by": "tokenyard",
+                             "root": alias, "parent": None})
             self._models_cache = (snapshot, orjson.dumps({"object": "list", "data": data}))
         await self._send_json(send, 200, self._models_cache[1])
 
@@ -448,7 +452,10 @@ class Router:
         if tenant.rate_limits and await refuse_over_limits(self, send, tenant, body, rid_header):
             return
         if self.tiers is not None:  # `model: auto` -> the small or the large tier's model
-            self.tiers.resolve(body, tenant.name, self.dispatcher.slo_class(tenant), request_id, self.dispatcher)
+            choice = self.tiers.resolve(body, tenant.name, self.dispatcher.slo_class(tenant), request_id,
+                                        self.dispatcher)
+            if choice is not None:
+                self.metrics.tier_chosen(choice.tier, choice.model)
         model = body["model"]
         candidates = self.dispatcher.candidates(model)
         if candidates and candidates[0].model != model:

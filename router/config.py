@@ -33,10 +33,9 @@ session affinity, queue order and admission. A file without `policy:` is read in
 older dialect (`slo_classes`, `policies`, `dispatch`) and converted with the meaning it
 had; a file may not mix both (`tokenyard config migrate FILE` converts it).
 
-The model tier alias (`tiers:`, router/tiers.py) is a section of its own for now:
-
-    tiers: {alias: auto, small_model: qwen2.5-1.5b, large_model: llama-3-8b,
-            policy: load_aware, default: {quality_target: 0.9, quality_floor: 0.5}}
+The model tier alias is the document's `tiers:` section (scheduler/tier_document.py,
+router/tiers.py). The older top-level `tiers:` key still loads: it is converted into the
+document (an error if the document has one too).
 """
 
 from __future__ import annotations
@@ -207,8 +206,36 @@ def parse_router_config(doc: dict[str, Any], source: str = "<config>", base_dir:
                 affinity_ttl_s=cfg.affinity_ttl_s), where="")
         except PolicyDocumentError as exc:
             raise ConfigError(source, f"{exc} (converting the older dialect into a policy document)") from None
-    cfg.policy = document
+    cfg.policy = _apply_tiers(cfg, document, source)
     return cfg
+
+
+def _apply_tiers(cfg: RouterConfig, document: PolicyDocument, source: str) -> PolicyDocument:
+    """The document with the tier section: its own `tiers:`, or the older top-level one
+    converted into it (never both); `cfg.tiers` is the section router/tiers.py builds,
+    validated now with its model file."""
+    from router.tiers import build_tier_resolver
+    from scheduler.tiers import TierConfigError
+
+    key = "tiers"
+    if cfg.tiers:
+        if document.tiers is not None:
+            raise ConfigError(f"{source}: tiers",
+                              "the policy document has a `tiers:` section; give the tier alias in one place")
+        try:
+            document = load_policy_document({**document.to_dict(), "tiers": cfg.tiers}, where="")
+        except PolicyDocumentError as exc:
+            raise ConfigError(f"{source}: tiers", str(exc)) from None  # the older section's own message
+    elif document.tiers is not None:
+        key = "policy.tiers"
+    if document.tiers is None:
+        return document
+    cfg.tiers = document.tiers.to_section()
+    try:
+        build_tier_resolver(cfg.tiers, key)  # validates the model file now; built again by the router
+    except TierConfigError as exc:
+        raise ConfigError(source, str(exc)) from exc  # the message starts with the key path
+    return document
 
 
 def _port(section: dict[str, Any], where: str, default: int | None) -> int:
@@ -383,15 +410,7 @@ def _parse_rest(cfg: RouterConfig, doc: dict[str, Any], source: str, classes: li
 
         build_discovery(cfg.discovery, at("discovery"))  # validates now; started by the router
 
-    cfg.tiers = _section(doc, "tiers", source)
-    if cfg.tiers:
-        from router.tiers import build_tier_resolver
-        from scheduler.tiers import TierConfigError
-
-        try:
-            build_tier_resolver(cfg.tiers, at("tiers"))  # validates now; built again by the router
-        except TierConfigError as exc:
-            raise ConfigError(at("tiers"), str(exc).removeprefix(at("tiers") + ": ")) from exc
+    cfg.tiers = _section(doc, "tiers", source)  # the older top-level section; see _apply_tiers
     if doc.get("rank") is not None:
         from router.rank import parse_rank_section
 

@@ -53,6 +53,9 @@ class RouterMetrics:
         # (load, drain) and outcome (started, committed, aborted).
         self.migrations = Counter("tokenyard_router_migrations", "Live migrations by reason and outcome",
                                   ["reason", "outcome"], registry=r)
+        self.tier_choices = Counter("tokenyard_router_tier_choices",
+                                    "Requests for the tier alias, by the tier and model chosen", ["tier", "model"],
+                                    registry=r)
         self._children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
 
     def child(self, metric: MetricWrapperBase, *labels: str) -> MetricWrapperBase:
@@ -64,6 +67,9 @@ class RouterMetrics:
 
     def request_done(self, tenant: str, model: str, code: int) -> None:
         self.child(self.requests, tenant, model, str(code)).inc()  # type: ignore[attr-defined]
+
+    def tier_chosen(self, tier: str, model: str) -> None:
+        self.child(self.tier_choices, tier, model).inc()  # type: ignore[attr-defined]
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

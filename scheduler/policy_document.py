@@ -17,6 +17,8 @@ share, one schema, one loader.
                 retry_after_s: 1, saturation: {max_queued_per_instance: 8}}
     migration: {enabled: true, policy: llumnix, interval_s: 0.5, link_gbps: 100,
                 params: {overload_usage: 0.9, underload_usage: 0.6}}   # live migration
+    tiers: {alias: auto, small_model: qwen2.5-1.5b, large_model: llama-3-8b,   # optional
+            policy: load_aware, default: {quality_target: 0.9, quality_floor: 0.5}}
 
 `load_policy_document(mapping)` validates it (pydantic models, then each part against its
 typed parameters) and raises `PolicyDocumentError` naming the key path, the value and what
@@ -26,8 +28,9 @@ document. Pure: reading files is the caller's (tokenyard/config.py `load_yaml`).
 
 from __future__ import annotations
 
+import types
 from collections.abc import Mapping
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
@@ -51,6 +54,7 @@ from scheduler.queueing import (
     build_queue_policy,
     build_queue_sort,
 )
+from scheduler.tier_document import TiersSpec, check_tiers
 from scheduler.types import SloClass
 
 DOCUMENT_VERSION = 1
@@ -199,6 +203,7 @@ class PolicyDocument(_Strict):
     queue: QueueSpec = Field(default_factory=QueueSpec)
     admission: AdmissionSpec = Field(default_factory=AdmissionSpec)
     migration: MigrationSpec = Field(default_factory=MigrationSpec)
+    tiers: TiersSpec | None = None  # the model tier alias (scheduler.tier_document)
 
     def to_dict(self, minimal: bool = False) -> dict[str, Any]:
         """Plain values (JSON/YAML-ready) that `load_policy_document` reads back as equal;
@@ -292,7 +297,7 @@ def _with_allowed(message: str, exc: pydantic.ValidationError) -> str:
         field = model.model_fields.get(str(part))
         if field is None:
             return message
-        annotation = field.annotation
+        annotation = _unwrap_optional(field.annotation)
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             model = annotation
             continue
@@ -303,6 +308,14 @@ def _with_allowed(message: str, exc: pydantic.ValidationError) -> str:
             continue
         return message
     return message.replace("unknown key", f"unknown key; allowed: {', '.join(model.model_fields)}", 1)
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    """`Spec | None` -> `Spec` (an optional section), anything else unchanged."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) in (Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return annotation
 
 
 def _at(where: str) -> str:
@@ -341,6 +354,10 @@ def _check_references(doc: PolicyDocument, where: str) -> None:
             build_policy(doc.profile_config(name), where=f"{_at(where)}profiles.{name}")
         except PolicyConfigError as exc:
             raise PolicyDocumentError(str(exc)) from None
+    if doc.tiers is not None:
+        problem = check_tiers(doc.tiers, f"{_at(where)}tiers")
+        if problem is not None:
+            raise PolicyDocumentError(problem)
     for cls in doc.admission.saturation_by_slo_class:
         if cls not in doc.slo_classes:
             raise PolicyDocumentError(
@@ -360,3 +377,7 @@ def _check_references(doc: PolicyDocument, where: str) -> None:
         problem = str(exc).split(": ", 1)[-1]
         raise PolicyDocumentError(f"{_at(where)}migration.params: {problem} (allowed: underload_usage < "
                                   f"overload_usage)") from None
+    if doc.tiers is not None:
+        problem = check_tiers(doc.tiers, f"{_at(where)}tiers")
+        if problem is not None:
+            raise PolicyDocumentError(problem)

@@ -73,6 +73,7 @@ class SimJob:
     keep_result: bool = True  # False: return only the summary (sweeps in worker processes)
     rank_tau: float | None = None  # predicted ranks of prompt-less requests at this tau (sim.rank_noise)
     factors_path: str | None = None  # engine-model factors file (`--factors`); None: packaged
+    model: str | None = None  # `--model`: the model of trace rows that name none (e.g. the tier alias)
 
 
 @dataclass
@@ -136,6 +137,8 @@ def run_job(job: SimJob, progress: Callable[..., None] | None = None) -> JobOutc
     from sim.rank_noise import ranker_for
 
     ranker = ranker_for(cluster.queue_policy, job.trace.open, job.rank_tau, job.seed)
+    if job.model is not None:
+        requests = (r if r.model else dataclasses.replace(r, model=job.model) for r in requests)
     result = simulate(cluster, requests, progress=progress, seed=job.seed,
                       timeline_interval_s=job.timeline_interval_s, ranker=ranker)
     if not result.policy:
@@ -306,6 +309,9 @@ def register(subparsers: Any) -> None:
     _add_trace_arguments(run)
     run.add_argument("--policy", metavar="NAME",
                      help="replace the cluster's dispatch policy with a preset (round_robin, least_kv, ...)")
+    run.add_argument("--model", metavar="NAME", default=None,
+                     help="model of trace rows that name none (default: the cluster's default_model); "
+                          "the tier alias (policy document `tiers:`, e.g. auto) routes them by tier")
     run.add_argument("--summary-json", metavar="FILE", help="also write the summary JSON here")
     run.add_argument("--records", metavar="FILE",
                      help="per-request records file, .parquet or .csv (default: OUT/records.parquet)")
@@ -382,6 +388,19 @@ def _guarded(command: str, body: Callable[[], int], args: argparse.Namespace | N
         return _fail(command, exc)
 
 
+def _check_model_option(cluster: Any, model: str | None) -> None:
+    """`--model` must be a served model or the policy document's tier alias."""
+    if model is None:
+        return
+    known = {p.model.name.lower(): p.model.name for p in cluster.pools}
+    tiers = cluster.policy.tiers if cluster.policy is not None else None
+    if tiers is not None:
+        known[tiers.alias.lower()] = tiers.alias
+    if model.lower() not in known:
+        raise UsageError(f"--model: no pool serves {model!r} and it is not the tier alias; "
+                         f"expected one of: {', '.join(sorted(known.values()))}")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     return _guarded("run", lambda: _run(args), args)
 
@@ -399,8 +418,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.records and Path(args.records).suffix.lower() not in (".parquet", ".csv"):
         raise UsageError(f"--records: expected a file ending in .parquet or .csv, got {args.records!r}")
     job = SimJob(cluster_path=args.cluster, trace=trace, policy=args.policy, seed=args.seed,
-                 timeline_interval_s=args.timeline_interval, label=args.policy or "", rank_tau=args.rank_tau, factors_path=args.factors)
-    load_job_cluster(job)  # fail on a bad cluster before reading the trace
+                 timeline_interval_s=args.timeline_interval, label=args.policy or "", rank_tau=args.rank_tau, factors_path=args.factors,
+                 model=args.model)
+    _check_model_option(load_job_cluster(job), args.model)  # fail on a bad cluster before reading the trace
     trace.open()  # and on a bad trace header before simulating
     total_s = None
     if trace.window_s is not None and trace.window_s[1] != float("inf"):

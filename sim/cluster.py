@@ -2,7 +2,8 @@
 the engine settings of each pool, the dispatch and queue policies by name, SLO classes.
 
     catalog: my_catalog.yaml          # optional: a path, or inline {gpus: [...], models: [...]}
-    default_model: llama-3-8b         # for trace requests that name no model (default: pools[0])
+    default_model: llama-3-8b         # for trace requests that name no model (default: pools[0]);
+                                      # may be the policy document's tier alias (`tiers:`)
     pools:
       - name: a100
         gpu: A100-80GB
@@ -219,7 +220,8 @@ def parse_cluster(doc: Mapping[str, Any], source: str, base_dir: Path | None = N
 
     served = {p.model.name.lower(): p.model.name for p in pools}
     default_model = _top_get(doc, "default_model", str, source, default=pools[0].model.name)
-    if default_model.lower() not in served:
+    tier_alias = document.tiers.alias.lower() if document is not None and document.tiers is not None else None
+    if default_model.lower() not in served and default_model.lower() != tier_alias:
         raise ConfigError(
             f"{where} default_model",
             f"no pool serves {default_model!r}; served models: {', '.join(sorted(served.values()))}",
@@ -236,7 +238,7 @@ def parse_cluster(doc: Mapping[str, Any], source: str, base_dir: Path | None = N
         dispatch_per_slo_class=per_class,
         queue_policy=queue_policy,
         slo_classes=slo_classes,
-        default_model=served[default_model.lower()],
+        default_model=served.get(default_model.lower(), default_model),  # or the tier alias
         catalog=catalog,
         load_refresh_s=load_refresh_s,
         source=source,

@@ -49,6 +49,7 @@ from sim.cluster import ClusterSpec, PoolSpec
 from sim.engine_core import Batch, DecodeRun, EngineCore, EngineRequest
 from sim.migration import MigrationDriver, MigrationSimConfig, migration_from_document
 from sim.records import InstanceStats, RequestRecord, SimResult, TimelineSample
+from sim.tier_scores import TierScorer, tier_router_for
 from sim.workload import TraceRequest
 
 log = logging.getLogger(__name__)
@@ -181,6 +182,11 @@ class Simulation:
         self.default_slo = cluster.slo_classes.get("default")
         # Requests naming the tier alias get their model from the tier decision, before
         # dispatch, on the same load view dispatch reads (as the router does).
+        self.tier_scorer: TierScorer | None = None
+        if tier_router is None:  # a cluster whose policy document has `tiers:` brings its own
+            built = tier_router_for(cluster.policy)
+            if built is not None:
+                tier_router, self.tier_scorer = built[0], TierScorer(built[1], seed)
         self.tier_router = tier_router
         self.tier_rng = random.Random(seed)
         self.migration = MigrationDriver(self, migration) if migration is not None else None
@@ -294,6 +300,8 @@ class Simulation:
         if self.tier_router is not None and self.tier_router.handles(model):
             # The tier decides the model first, as the router resolves the alias before admission.
             self.view.now_s = now
+            if info.p_small_ok is None and self.tier_scorer is not None:  # sim/tier_scores.py
+                info = dataclasses.replace(info, p_small_ok=self.tier_scorer(trace))
             model = self.tier_router.decide(info, self.view.instances, slo, self.tier_rng).model
             info = dataclasses.replace(info, model=model)
         admission = self.admission

@@ -8,7 +8,7 @@ Formats (auto-detected from the extension and the header, or named with `fmt`):
 | `mooncake`    | Mooncake JSONL: `timestamp` (ms), `input_length`, `output_length`, `hash_ids` (512-token prefix blocks) |
 | `burstgpt`    | BurstGPT CSV: `Timestamp` (s), `Model`, `Request tokens`, `Response tokens`, `Total tokens`, `Log Type` |
 | `servegen`    | ServeGen per-client distributions (a `chunk-<client>-trace.csv` file or their folder): arrivals and lengths are *generated* from them, deterministically from `seed` |
-| `plain_csv`   | CSV with a header: `arrival_s, input_tokens, output_tokens[, prefix_hashes, prefix_block_tokens, tenant, slo_class, prompt, session_id, model, request_id]` |
+| `plain_csv`   | CSV with a header: `arrival_s, input_tokens, output_tokens[, prefix_hashes, prefix_block_tokens, tenant, slo_class, prompt, session_id, model, request_id, p_small_ok]` |
 | `plain_jsonl` | one JSON object per line with the same keys (`prefix_hashes` a list of integers) |
 
 Time: `arrival_s` counts seconds from the trace's origin (the first row's timestamp; for
@@ -57,7 +57,7 @@ _AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 _BURSTGPT_COLUMNS = ("Timestamp", "Request tokens", "Response tokens")
 _PLAIN_REQUIRED = ("arrival_s", "input_tokens", "output_tokens")
 _PLAIN_OPTIONAL = ("request_id", "prefix_hashes", "prefix_block_tokens", "tenant", "slo_class",
-                   "prompt", "session_id", "model")
+                   "prompt", "session_id", "model", "p_small_ok")
 _MOONCAKE_KEYS = ("timestamp", "input_length", "output_length")
 _SERVEGEN_TRACE_RE = re.compile(r"chunk-(\d+)-trace\.csv")
 
@@ -564,6 +564,20 @@ def _optional_str(values: dict[str, Any], key: str) -> str | None:
     return None if value is None or value == "" else str(value)
 
 
+def _optional_share(values: dict[str, Any], key: str) -> float | None:
+    """A score in [0, 1] (the tier predictor's p_small_ok), or None when the cell is empty."""
+    text = values.get(key)
+    if text is None or text == "":
+        return None
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise _BadRow(key, f"expected a number in [0, 1], got {text!r}", "bad_number") from None
+    if not 0.0 <= value <= 1.0:
+        raise _BadRow(key, f"expected a number in [0, 1], got {text!r}", "bad_number")
+    return value
+
+
 def _plain_request(values: dict[str, Any], index: int, slo_class: str) -> TraceRequest:
     block_tokens = 16
     if values.get("prefix_block_tokens") not in (None, ""):
@@ -581,6 +595,7 @@ def _plain_request(values: dict[str, Any], index: int, slo_class: str) -> TraceR
         model=_optional_str(values, "model"),
         session_id=_optional_str(values, "session_id"),
         prompt=_optional_str(values, "prompt"),
+        p_small_ok=_optional_share(values, "p_small_ok"),
     )
 
 

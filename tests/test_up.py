@@ -60,7 +60,7 @@ def test_up_stays_up_until_ctrl_c_and_stops_everything(tmp_path: Path) -> None:
         url = re.search(r"Tokenyard is up: (http://127\.0\.0\.1:\d+)", out)
         assert url is not None, out
         models = httpx.get(url.group(1) + "/v1/models", timeout=10).json()
-        assert sorted(m["id"] for m in models["data"]) == ["llama-3-8b", "qwen2.5-1.5b"]
+        assert sorted(m["id"] for m in models["data"]) == ["auto", "llama-3-8b", "qwen2.5-1.5b"]  # + the tier alias
         engines = [entry["url"] for entry in
                    yaml.safe_load((tmp_path / "state" / "router.yaml").read_text())["discovery"]["static"]]
         stream = httpx.post(url.group(1) + "/v1/chat/completions", timeout=30, json={
