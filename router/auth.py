@@ -47,6 +47,7 @@ import yaml
 
 from tokenyard.config import ConfigError, check_keys, get
 from tokenyard.logs import RateLimitedLog
+from tokenyard.worker_auth import is_loopback
 
 log = logging.getLogger(__name__)
 _denials = RateLimitedLog(log, interval_s=10.0)
@@ -256,15 +257,6 @@ def parse_control_auth(control: dict[str, Any], host: str, where: str) -> Contro
                 from None
     return ControlAuth(tokens_file=tokens_file, tokens_dir=tokens_dir, tls=tls, registration_cidrs=tuple(cidrs),
                        allow_plaintext=allow_plaintext)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def in_cidrs(addresses: Sequence[str], cidrs: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:

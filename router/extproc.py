@@ -46,13 +46,14 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from router.auth import AuthInterceptor, is_loopback
+from router.auth import AuthInterceptor
 from router.errors import error_body
 from router.picker_grpc import address_of
 from router.tenants import AuthError, Tenant
 from router.validation import BadRequest, validate
 from scheduler.shedding import ShedPolicy, should_shed
 from scheduler.types import NoInstanceAvailable, RequestInfo
+from tokenyard.worker_auth import is_loopback
 
 if TYPE_CHECKING:
     from router.app import Router

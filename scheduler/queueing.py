@@ -81,26 +81,7 @@ class SloPriority(QueuePolicy):
 
 def build_queue_policy(spec: str | Mapping[str, Any] | None, where: str = "queue.policy") -> QueuePolicy:
     """`fcfs`, or `{slo_priority: {unknown_priority: 1}}`; None means fcfs."""
-    if spec is None:
-        spec = "fcfs"
-    if isinstance(spec, str):
-        name, params = spec, {}
-    elif isinstance(spec, Mapping) and len(spec) == 1:
-        name, raw = next(iter(spec.items()))
-        if raw is not None and not isinstance(raw, Mapping):
-            raise QueuePolicyError(f"{where}.{name}: expected a mapping of parameters, got {raw!r}")
-        params = dict(raw or {})
-    else:
-        raise QueuePolicyError(f"{where}: expected a queue policy name or {{name: params}}, got {spec!r}")
-    cls = QUEUE_POLICIES.get(str(name))
-    if cls is None:
-        raise QueuePolicyError(
-            f"{where}: unknown queue policy {name!r}; known: {', '.join(sorted(QUEUE_POLICIES))}"
-        )
-    try:
-        return cls(**params)
-    except TypeError as exc:
-        raise QueuePolicyError(f"{where}: {exc}") from exc
+    return _build_named(QUEUE_POLICIES, "queue policy", spec, where)
 
 
 # --- Admission-queue order (the router-side queue of held requests) -----------------------
@@ -174,6 +155,15 @@ class SloPrioritySort(QueueSort):
 
 def build_queue_sort(spec: str | Mapping[str, Any] | None, where: str = "queue.sort") -> QueueSort:
     """`fcfs`, or `{slo_priority: {unknown_priority: 1}}`; None means fcfs."""
+    return _build_named(QUEUE_SORTS, "queue sort", spec, where)
+
+
+_Part = TypeVar("_Part")
+
+
+def _build_named(registry: Mapping[str, type[_Part]], kind: str, spec: str | Mapping[str, Any] | None,
+                 where: str) -> _Part:
+    """A registered part given as `name` or `{name: {param: value}}` (None: fcfs)."""
     if spec is None:
         spec = "fcfs"
     if isinstance(spec, str):
@@ -184,14 +174,16 @@ def build_queue_sort(spec: str | Mapping[str, Any] | None, where: str = "queue.s
             raise QueuePolicyError(f"{where}.{name}: expected a mapping of parameters, got {raw!r}")
         params = dict(raw or {})
     else:
-        raise QueuePolicyError(f"{where}: expected a queue sort name or {{name: params}}, got {spec!r}")
-    cls = QUEUE_SORTS.get(str(name))
+        raise QueuePolicyError(f"{where}: expected a {kind} name or {{name: params}}, got {spec!r}")
+    cls = registry.get(str(name))
     if cls is None:
-        raise QueuePolicyError(f"{where}: unknown queue sort {name!r}; known: {', '.join(sorted(QUEUE_SORTS))}")
+        raise QueuePolicyError(f"{where}: unknown {kind} {name!r}; known: {', '.join(sorted(registry))}")
     try:
         return cls(**params)
     except TypeError as exc:
         raise QueuePolicyError(f"{where}: {exc}") from exc
+
+
 # Queue orders in other modules register on import; imported last, so that what they take
 # from this module exists (shortest-predicted-first with a starvation guard, input length).
 from scheduler import rank_queue as _rank_queue  # noqa: E402,F401

@@ -82,6 +82,7 @@ def token_file_from_env(path: str | None) -> str | None:
 
 
 def is_loopback(host: str) -> bool:
+    """`localhost` or a loopback address (127.0.0.0/8, ::1); the one check every bind rule uses."""
     if host == "localhost":
         return True
     try:
