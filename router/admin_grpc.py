@@ -35,7 +35,7 @@ from router.discovery import AdminRegistration, UnknownInstance
 from router.keys_admin import KeysAdminMixin
 from router.policy_admin import PolicyAdminMixin
 from router.registry import InstanceRegistry
-from router.state import InstanceRecord, StateStore, StateStoreError
+from router.state import InstanceRecord, StateStore, StateStoreError, store_unavailable
 from scheduler.types import Decision, RequestInfo, SloClass
 from tokenyard.v1 import admin_pb2, admin_pb2_grpc
 
@@ -168,12 +168,11 @@ class AdminService(PolicyAdminMixin, KeysAdminMixin, admin_pb2_grpc.AdminService
                           call: Callable[[StateStore], Awaitable[Any]]) -> Any:
         try:
             return await call(self._require_store())
-        except (StateStoreError, OSError, ConnectionError) as exc:
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, f"state store unavailable: {exc}")
         except Exception as exc:
-            if type(exc).__module__.startswith("redis"):
-                await _abort(context, grpc.StatusCode.UNAVAILABLE, f"state store unavailable: {exc}")
-            raise
+            message = store_unavailable(exc)
+            if message is None:
+                raise
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, message)
 
     # -- pools ---------------------------------------------------------------------------
     async def ListPools(self, request: admin_pb2.ListPoolsRequest, context: grpc.aio.ServicerContext) -> admin_pb2.ListPoolsResponse:
@@ -233,12 +232,11 @@ class AdminService(PolicyAdminMixin, KeysAdminMixin, admin_pb2_grpc.AdminService
             return await call()
         except UnknownInstance as exc:
             await _abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
-        except (StateStoreError, OSError, ConnectionError) as exc:
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, f"state store unavailable: {exc}")
         except Exception as exc:
-            if type(exc).__module__.startswith("redis"):
-                await _abort(context, grpc.StatusCode.UNAVAILABLE, f"state store unavailable: {exc}")
-            raise
+            message = store_unavailable(exc)
+            if message is None:
+                raise
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, message)
 
     async def DeregisterInstance(self, request: admin_pb2.DeregisterInstanceRequest, context: grpc.aio.ServicerContext) -> admin_pb2.DeregisterInstanceResponse:
         if not request.instance_id:

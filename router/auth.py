@@ -47,7 +47,7 @@ import yaml
 
 from tokenyard.config import ConfigError, check_keys, get
 from tokenyard.logs import RateLimitedLog
-from tokenyard.worker_auth import is_loopback
+from tokenyard.worker_auth import bearer_token, is_loopback
 
 log = logging.getLogger(__name__)
 _denials = RateLimitedLog(log, interval_s=10.0)
@@ -271,15 +271,6 @@ def in_cidrs(addresses: Sequence[str], cidrs: Sequence[ipaddress.IPv4Network | i
         if not any(address.version == net.version and address in net for net in cidrs):
             return False
     return True
-
-
-def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
-    for key, value in metadata or ():
-        if key == "authorization":
-            text = value.decode("latin-1") if isinstance(value, bytes) else value
-            scheme, _, token = text.partition(" ")
-            return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-    return None
 
 
 def _deny(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:

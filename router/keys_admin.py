@@ -12,7 +12,7 @@ import grpc
 from router.auth import current_principal
 from router.keys import ApiKeyRecord, KeyStore
 from router.policy_versions import PolicySpecError, check_name
-from router.state import StateStore, StateStoreError
+from router.state import StateStore, StateStoreError, store_unavailable
 from tokenyard.v1 import admin_pb2
 
 log = logging.getLogger(__name__)
@@ -45,12 +45,11 @@ class KeysAdminMixin:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except LookupError as exc:
             await _abort(context, grpc.StatusCode.NOT_FOUND, str(exc).strip("'\""))
-        except (StateStoreError, OSError, ConnectionError) as exc:
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, f"state store unavailable: {exc}")
         except Exception as exc:
-            if type(exc).__module__.startswith("redis"):
-                await _abort(context, grpc.StatusCode.UNAVAILABLE, f"state store unavailable: {exc}")
-            raise
+            message = store_unavailable(exc)
+            if message is None:
+                raise
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, message)
 
     async def CreateApiKey(self, request: admin_pb2.CreateApiKeyRequest,
                            context: grpc.aio.ServicerContext) -> admin_pb2.ApiKeyCreated:

@@ -29,7 +29,7 @@ from router.policy_versions import (
     parse_spec,
     spec_dict,
 )
-from router.state import StateStore, StateStoreError
+from router.state import StateStore, StateStoreError, store_unavailable
 from tokenyard.v1 import admin_pb2
 
 log = logging.getLogger(__name__)
@@ -79,12 +79,11 @@ class PolicyAdminMixin:
             await _abort(context, grpc.StatusCode.ABORTED, str(exc))
         except LookupError as exc:
             await _abort(context, grpc.StatusCode.NOT_FOUND, str(exc).strip("'\""))
-        except (StateStoreError, OSError, ConnectionError) as exc:
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, f"state store unavailable: {exc}")
         except Exception as exc:
-            if type(exc).__module__.startswith("redis"):
-                await _abort(context, grpc.StatusCode.UNAVAILABLE, f"state store unavailable: {exc}")
-            raise
+            message = store_unavailable(exc)
+            if message is None:
+                raise
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, message)
 
     def validated_spec(self, name: str, raw: Any, where: str = "spec") -> dict[str, Any]:
         """The stored form of a spec, or PolicySpecError naming the key path."""

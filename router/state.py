@@ -39,6 +39,14 @@ class StateStoreError(RuntimeError):
     """The store cannot be used: bad URL, unreadable or corrupted file, Redis down."""
 
 
+def store_unavailable(exc: BaseException) -> str | None:
+    """The message for a failure of the store itself (ours, the OS's, or the Redis client's
+    own exception types); None for any other exception."""
+    if isinstance(exc, StateStoreError | OSError | ConnectionError) or type(exc).__module__.startswith("redis"):
+        return f"state store unavailable: {exc}"
+    return None
+
+
 class StateFileCorrupt(StateStoreError):
     """The state file exists but is not a Tokenyard state document; never reset silently."""
 

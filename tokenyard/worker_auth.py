@@ -100,7 +100,8 @@ def check_bind(host: str, token: str | None) -> None:
 
 
 # -- the server side --------------------------------------------------------------------
-def _bearer(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+    """The token of an `authorization: Bearer <token>` metadata entry (None without one)."""
     for key, value in metadata or ():
         if key == "authorization":
             text = value.decode("latin-1") if isinstance(value, bytes) else value
@@ -143,7 +144,7 @@ class WorkerAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        token = _bearer(handler_call_details.invocation_metadata)
+        token = bearer_token(handler_call_details.invocation_metadata)
         if token is not None and hmac.compare_digest(token.encode("utf-8"), self._expected):
             return await continuation(handler_call_details)
         reason = "missing bearer token" if token is None else "wrong bearer token"
