@@ -247,6 +247,26 @@ _SWEEP_EVERY_CLAIMS = 1024  # expired affinity rows are deleted once per this ma
 _CHANGES_KEPT = 10_000  # change-log rows kept for watchers (older ones are trimmed)
 
 
+def _enter_wal(db: sqlite3.Connection, timeout_s: float = 10.0) -> None:
+    """Switch to WAL, waiting for other processes that open the same new file.
+
+    SQLite answers "database is locked" at once, without calling its busy handler, when
+    two connections change the journal mode of a new database together (two router
+    processes starting on one state file); so this one statement is retried, for as long
+    as the busy timeout would have waited."""
+    deadline = time.monotonic() + timeout_s
+    delay_s = 0.005
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(delay_s)
+            delay_s = min(delay_s * 2, 0.1)
+
+
 class FileStateStore(StateStore):
     """The embedded default: one SQLite database on local disk, in WAL mode.
 
@@ -292,7 +312,7 @@ class FileStateStore(StateStore):
         try:
             db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA busy_timeout = 10000")
-            db.execute("PRAGMA journal_mode = WAL")
+            _enter_wal(db)
             # NORMAL in WAL mode: a power cut may lose the last commits, never consistency.
             db.execute("PRAGMA synchronous = NORMAL")
             db.execute("PRAGMA cache_size = -16384")  # 16 MiB of pages: 100k sessions stay in memory
