@@ -72,6 +72,10 @@ METHOD_ROLES: dict[str, str] = {
     "/tokenyard.v1.Admin/GetPolicyVersion": "viewer",
     "/tokenyard.v1.Admin/ListCurrentPolicies": "viewer",
     "/tokenyard.v1.Admin/PolicyHistory": "viewer",
+    # cordon, an operator's migration, the plan (router/fleet_admin.py)
+    "/tokenyard.v1.Admin/CordonInstance": "operator",
+    "/tokenyard.v1.Admin/TriggerMigration": "operator",
+    "/tokenyard.v1.Admin/GetPlan": "viewer",
 }
 
 #: The principal of the call being served (set by AuthInterceptor; None outside a call).
