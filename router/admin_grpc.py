@@ -382,7 +382,7 @@ async def start_control_server(
         registration = AdminRegistration()
         await registration.start(registry)
     server = grpc.aio.server(
-        interceptors=[AuthInterceptor(tokens)],
+        interceptors=[AuthInterceptor(tokens, reviewer=auth.load_reviewer())],
         # Bounded input: a control message is small; 1 MiB is far above any real one.
         options=[("grpc.so_reuseport", 1 if reuse_port else 0), ("grpc.max_receive_message_length", 1 << 20),
                  ("grpc.max_concurrent_streams", 256)])
