@@ -159,6 +159,7 @@ class LoopbackKubeAPI:
         self.watches_held = 0  # watch requests that arrived while held
         self._tokens: dict[str, dict[str, Any]] = {}  # token -> {username, uid, groups, audiences}
         self.token_reviews = 0
+        self._connections: set[socket.socket] = set()  # open client connections (cut by stop())
         api = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -166,6 +167,16 @@ class LoopbackKubeAPI:
 
             def log_message(self, format: str, *args: Any) -> None:  # quiet
                 return
+
+            def setup(self) -> None:
+                super().setup()
+                with api._lock:
+                    api._connections.add(self.connection)
+
+            def finish(self) -> None:
+                with api._lock:
+                    api._connections.discard(self.connection)
+                super().finish()
 
             def do_GET(self) -> None:
                 if not api._handle_object(self):
@@ -213,6 +224,15 @@ class LoopbackKubeAPI:
             self._lock.notify_all()
         self._server.shutdown()
         self._server.server_close()
+        # A server that stops takes its keep-alive connections with it, as a real one does:
+        # a client must not go on being answered on a pooled connection.
+        with self._lock:
+            connections, self._connections = list(self._connections), set()
+        for conn in connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         if self._thread is not None:
             self._thread.join(5)
 
