@@ -259,3 +259,18 @@ async def _stream(client: httpx.AsyncClient, url: str, request_id: str, max_toke
         assert response.status_code == 200
         texts, usage, _ = parse([line async for line in sse(response)])
     return texts, usage
+
+
+def test_a_cluster_file_cordons_instances_in_the_simulator() -> None:
+    from sim.cluster import parse_cluster
+    from sim.simulator import Simulation
+    from tokenyard.config import ConfigError
+
+    pools = [{"name": "a", "gpu": "A100-80GB", "model": "llama-3-8b", "count": 2}]
+    sim = Simulation(parse_cluster({"pools": pools, "cordoned": ["a-0"]}, "c.yaml"))
+    assert sim.by_id["a-0"].state.cordoned and not sim.by_id["a-1"].state.cordoned
+    assert {sim.decide(RequestInfo(f"r{k}", "llama-3-8b", 10), float(k)).instance_ids for k in range(4)} == {("a-1",)}
+    for bad, needle in ((["a-5"], "c.yaml: cordoned[0]: no instance 'a-5'"), ("a-0", "c.yaml: cordoned: expected a list")):
+        with pytest.raises(ConfigError) as info:
+            parse_cluster({"pools": pools, "cordoned": bad}, "c.yaml")
+        assert str(info.value).startswith(needle), str(info.value)
