@@ -116,7 +116,7 @@ class MigrationLoop:
         self.metrics = metrics  # tokenyard_router_migrations{reason,outcome}
         self.busy: set[str] = set()
         self.stats = LoopStats()
-        self._moves: set[asyncio.Task[None]] = set()
+        self._moves: set[asyncio.Task[MoveOutcome]] = set()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
