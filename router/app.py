@@ -345,7 +345,7 @@ class Router:
 
     async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
         states = self.registry.instances()
-        healthy = sum(1 for s in states if s.healthy and not s.draining)
+        healthy = sum(1 for s in states if s.healthy and not s.draining and not s.cordoned)
         await self._send_json(send, 200, orjson.dumps({"status": "ok", "instances": len(states),
                                                        "serving": healthy}))
 

@@ -722,14 +722,15 @@ class DiscoveryCollector:
 
         instances = GaugeMetricFamily(
             "tokenyard_discovery_instances", "Registered instances by source, pool and state "
-            "(ready, draining, unhealthy)", labels=["source", "pool", "state"])
+            "(ready, draining, cordoned, unhealthy)", labels=["source", "pool", "state"])
         counts: dict[tuple[str, str, str], int] = {}
         for record in self.registry.records():
             found = self.registry.find(record.instance_id)
             if found is None:
                 continue
             state = found[1]
-            status = "draining" if state.draining else ("ready" if state.healthy else "unhealthy")
+            status = ("draining" if state.draining else "cordoned" if state.cordoned
+                      else "ready" if state.healthy else "unhealthy")
             key = (record.source, record.pool, status)
             counts[key] = counts.get(key, 0) + 1
         for key, count in sorted(counts.items()):

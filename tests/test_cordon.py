@@ -23,7 +23,7 @@ from cli.admin import EXIT_DENIED, EXIT_NOT_FOUND, EXIT_USAGE
 from router.config import parse_router_config
 from router.controlplane import parse_config
 from router.controlplane_cli import build
-from router.discovery import StaticDiscovery
+from router.discovery import DiscoveryCollector, StaticDiscovery
 from router.dispatcher import Dispatcher
 from router.registry import InstanceRegistry
 from router.state import InstanceRecord, RedisStateStore, StateStore, cordon_note, open_store
@@ -175,6 +175,12 @@ async def test_static_discovery_keeps_an_operators_cordon(tmp_path: Path) -> Non
     assert registry.set_cordon("s0", cordon_note("ops", "look at it"))
     await static.start(registry)  # a restart re-reads the config list
     assert registry.get("s0")[1].cordoned and registry.get("s0")[0].cordon["reason"] == "look at it"  # type: ignore[index]
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    metrics = CollectorRegistry()
+    metrics.register(DiscoveryCollector(registry, [static]))
+    assert 'tokenyard_discovery_instances{pool="default",source="static",state="cordoned"} 1.0' in \
+        generate_latest(metrics).decode()
     await registry.close()
     await store.close()
 
