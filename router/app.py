@@ -166,6 +166,10 @@ class Router:
                 registration=registration, slo_classes=self.config.slo_classes,
                 dispatch_policies=sorted(self.dispatcher.policies), tenant_for_api_key=self._tenant_for_pick,
                 auth=self.config.control_auth, migration=self.migration)
+            if self.config.control_auth.reviewer is not None:
+                from router.token_review import TokenReviewCollector
+
+                self.metrics.registry.register(TokenReviewCollector(self.config.control_auth.reviewer))
         if self.store is not None:
             self.key_cache = KeyCache(KeyStore(self.store))  # API keys of the Admin service
             self.tenants.stored_lookup = self.key_cache.tenant_for

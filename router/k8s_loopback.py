@@ -41,6 +41,7 @@ Resource versions are one global counter, like etcd's revision.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import re
@@ -229,10 +230,8 @@ class LoopbackKubeAPI:
         with self._lock:
             connections, self._connections = list(self._connections), set()
         for conn in connections:
-            try:
+            with contextlib.suppress(OSError):  # already closed by its client
                 conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         if self._thread is not None:
             self._thread.join(5)
 

@@ -142,6 +142,30 @@ class Reviewed:
     refusal: str = ""
 
 
+class TokenReviewCollector:
+    """Prometheus counters of a reviewer, read at scrape time:
+    `tokenyard_control_token_reviews_total{outcome}`, outcome `reviewed` (asked the API
+    server), `cache_hit`, `failed` (API server unreachable or erroring: refused) and
+    `refused` (not authenticated, or for another audience)."""
+
+    def __init__(self, reviewer: TokenReviewer) -> None:
+        self.reviewer = reviewer
+
+    def describe(self) -> list[Any]:
+        return []  # computed per scrape
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily
+
+        family = CounterMetricFamily("tokenyard_control_token_reviews", "ServiceAccount token checks of the "
+                                     "control port, by outcome", labels=["outcome"])
+        stats = self.reviewer.stats
+        for outcome, value in (("reviewed", stats.reviews), ("cache_hit", stats.cache_hits),
+                               ("failed", stats.failures), ("refused", stats.refused)):
+            family.add_metric([outcome], value)
+        yield family
+
+
 class TokenReviewer:
     """Asks the API server about tokens, caches the answers (bounded, TTL). `api_client` is a
     `kubernetes.client.ApiClient`; None: built from `settings.api_url` or the in-cluster config."""

@@ -205,3 +205,23 @@ def test_principal_without_roles_may_nothing() -> None:
     assert not Principal("system:serviceaccount:a:b", frozenset()).may("viewer")
     assert TokenTable([(token_digest(ADMIN_TOKEN), Principal("x"))]).principal(ADMIN_TOKEN) is not None
     asyncio.run(asyncio.sleep(0))
+
+
+async def test_a_router_with_token_review_counts_its_checks_in_metrics(kube: LoopbackKubeAPI, tmp_path: Path) -> None:
+    import httpx
+
+    from tests.test_router_support import running_router
+
+    doc = {"control": {"host": "127.0.0.1", "port": 0, "token_review": {"api_url": kube.host, "roles": ROLES}}}
+    async with running_router([], doc=doc) as server, httpx.AsyncClient() as http:
+        address = f"127.0.0.1:{server.router.control_server.bound_port}"
+        for token in (ONCALL, ONCALL, "forged-" + "q" * 40):
+            async with control_channel(address, token) as channel:
+                stub = admin_pb2_grpc.AdminStub(channel)  # type: ignore[no-untyped-call]
+                try:
+                    await stub.ListInstances(admin_pb2.ListInstancesRequest(), timeout=10)
+                except grpc.aio.AioRpcError as exc:
+                    assert exc.code() == grpc.StatusCode.UNAUTHENTICATED
+        text = (await http.get(server.url + "/metrics")).text
+    for outcome, value in (("reviewed", 2), ("cache_hit", 1), ("refused", 1), ("failed", 0)):
+        assert f'tokenyard_control_token_reviews_total{{outcome="{outcome}"}} {value}.0' in text, text[-800:]
