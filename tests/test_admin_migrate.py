@@ -50,7 +50,10 @@ def _doc(tmp_path: Path, migration: dict[str, Any] | None) -> tuple[dict[str, An
     tokens = tmp_path / "control-tokens.yaml"
     write_token_file(tokens, "oncall", ["operator"])
     doc: dict[str, Any] = {"load": {"scrape_interval_s": 0.05, "worker_token_file": str(tmp_path / "worker-token")},
-                           "control": {"host": "127.0.0.1", "port": 0, "tokens_file": str(tokens)}}
+                           "control": {"host": "127.0.0.1", "port": 0, "tokens_file": str(tokens)},
+                           # the CLI runs in a thread of this process: on a loaded machine its
+                           # imports can hold the engines' event loop past the 1 s default
+                           "retries": {"connect_timeout_s": 10.0}}
     if migration is not None:
         doc["policy"] = {"migration": migration}
     return doc, tokens

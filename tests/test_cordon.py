@@ -223,7 +223,10 @@ async def test_a_stream_on_a_cordoned_engine_finishes_and_new_requests_go_elsewh
         await srv.start()
     token_file = tmp_path / "tokens.yaml"
     write_token_file(token_file, "oncall", ["operator"])
-    doc = {"control": {"host": "127.0.0.1", "port": 0, "tokens_file": str(token_file)}}
+    # A generous connect timeout: the CLI runs in a thread of this process, and on a loaded
+    # machine its imports can hold the event loop (and the engines in it) past 1 s.
+    doc = {"control": {"host": "127.0.0.1", "port": 0, "tokens_file": str(token_file)},
+           "retries": {"connect_timeout_s": 10.0}}
     try:
         async with running_router(records(servers), doc=doc) as server, httpx.AsyncClient(timeout=30) as client:
             router = server.router
