@@ -243,6 +243,9 @@ class MigrationLoop:
                                        missing=True)
             raise MigrationRefused(f"no request on {source_id!r} can move to {destination.instance_id!r} now: "
                                    f"{len(candidates)} running and decoding, none fits in the destination's free KV")
+        for iid in (source_id, destination.instance_id):  # the loop may have ordered one while we asked
+            if iid in self.busy:
+                raise MigrationRefused(f"instance {iid!r} is in a move already (one at a time); retry when it ends")
         order = MigrationOrder(chosen.request_id, source_id, destination.instance_id, "operator",
                                chosen.context_tokens)
         self.stats.last_orders = [order]
