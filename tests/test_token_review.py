@@ -119,6 +119,14 @@ async def test_a_serviceaccount_token_gets_the_roles_its_account_and_groups_map_
     assert await control.call(ADMIN_TOKEN, *APPLY) != unauthenticated  # the static tokens still work
     reviews = kube.token_reviews
     assert reviews == 3  # one per ServiceAccount: the rest came from the cache
+    # The CLI sends a mounted ServiceAccount token file as it is.
+    from cli.main import main
+
+    sa_file = control.tmp / "token"  # as /var/run/secrets/kubernetes.io/serviceaccount/token holds it
+    sa_file.write_text(ONCALL)
+    assert await asyncio.to_thread(main, ["instances", "uncordon", "e0", "--reason", "done", "--address",
+                                          control.address, "--token-file", str(sa_file)]) == 0
+    assert not control.registry.get("e0")[1].cordoned
     assert all(r.startswith("POST /apis/authentication.k8s.io/v1/tokenreviews") for r in kube.requests
                if "tokenreviews" in r)
 
