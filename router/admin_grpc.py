@@ -36,6 +36,7 @@ from router.keys_admin import KeysAdminMixin
 from router.policy_admin import PolicyAdminMixin
 from router.registry import InstanceRegistry
 from router.state import InstanceRecord, StateStore, StateStoreError, store_unavailable
+from scheduler.tiers import TierChoice
 from scheduler.types import Decision, RequestInfo, SloClass
 from tokenyard.v1 import admin_pb2, admin_pb2_grpc
 
@@ -352,6 +353,7 @@ async def start_control_server(
     tenant_for_api_key: Callable[[str], str | None] | None = None,
     desired_pool_sizes: Callable[[], Mapping[str, int]] | None = None,
     reuse_port: bool = False,
+    resolve_tier: Callable[[RequestInfo, str], tuple[RequestInfo, TierChoice | None]] | None = None,
 ) -> grpc.aio.Server:
     """Serve Admin and Picker on host:port (0 picks a free port: read `server.bound_port`).
 
@@ -360,7 +362,8 @@ async def start_control_server(
     stops. `reuse_port=True` lets several router worker processes serve the same port
     (their state is shared through the store); otherwise a taken port is an error.
     `auth` is required: every call needs a bearer token of `auth`'s table; with `auth.tls`
-    the port speaks TLS only.
+    the port speaks TLS only. `resolve_tier` resolves the tier alias of Pick requests
+    (router.picker_grpc.PickerService).
     """
     from router.picker_grpc import PickerService
     from tokenyard.v1 import picker_pb2_grpc
@@ -384,7 +387,8 @@ async def start_control_server(
                      dispatch_policies=dispatch_policies, desired_pool_sizes=desired_pool_sizes,
                      registration_cidrs=auth.registration_cidrs), server)
     picker_pb2_grpc.add_PickerServicer_to_server(  # type: ignore[no-untyped-call]  # generated grpc module, unannotated
-        PickerService(registry, decide, tenant_for_api_key=tenant_for_api_key), server)
+        PickerService(registry, decide, tenant_for_api_key=tenant_for_api_key,
+                      resolve_tier=resolve_tier), server)
     try:
         address = f"{host}:{port}"
         bound = (server.add_secure_port(address, credentials) if credentials is not None
