@@ -43,7 +43,7 @@ from scheduler.engine_model import EngineModel, FrontEndCost
 from scheduler.layer import DecisionLayer, group_by_model
 from scheduler.queueing import QueuedRequest
 from scheduler.session_affinity import InMemoryAffinity, can_own, follow, resolve_affinity
-from scheduler.tiers import TierRouter
+from scheduler.tiers import TierChoice, TierRouter
 from scheduler.types import Decision, InstanceState, NoInstanceAvailable, RequestInfo, SloClass
 from sim.cluster import ClusterSpec, PoolSpec
 from sim.engine_core import Batch, DecodeRun, EngineCore, EngineRequest
@@ -299,11 +299,7 @@ class Simulation:
         )
         if self.tier_router is not None and self.tier_router.handles(model):
             # The tier decides the model first, as the router resolves the alias before admission.
-            self.view.now_s = now
-            if info.p_small_ok is None and self.tier_scorer is not None:  # sim/tier_scores.py
-                info = dataclasses.replace(info, p_small_ok=self.tier_scorer(trace))
-            model = self.tier_router.decide(info, self.view.instances, slo, self.tier_rng).model
-            info = dataclasses.replace(info, model=model)
+            info = dataclasses.replace(info, model=self.decide_tier(info, trace, slo, now).model)
         admission = self.admission
         if admission is not None:
             if self.held:
@@ -321,6 +317,16 @@ class Simulation:
                 self._answer(trace, info, slo, offer.verdict, offer.reason)
                 return
         self._dispatch(trace, info, slo, now)
+
+    def decide_tier(self, info: RequestInfo, trace: TraceRequest, slo: SloClass | None, now_s: float) -> TierChoice:
+        """The tier of a request naming the alias: `TierRouter.decide` on the load view, as
+        the router's `TierResolver.decide_info` runs it; an unscored request is scored first
+        (sim/tier_scores.py: its prompt, else the noise model)."""
+        assert self.tier_router is not None
+        self.view.now_s = now_s
+        if info.p_small_ok is None and self.tier_scorer is not None:
+            info = dataclasses.replace(info, p_small_ok=self.tier_scorer(trace))
+        return self.tier_router.decide(info, self.view.instances, slo, self.tier_rng)
 
     def offer(self, info: RequestInfo, now: float) -> Offer:
         """The admission queue's answer to an arrival (the router's `RouterAdmission.offer`)."""
