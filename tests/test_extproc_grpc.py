@@ -380,13 +380,25 @@ TIER_PROMPTS = ["What is 2+2?", "Write a haiku about autumn.",
                 "Janet has 3 apples. Each day she buys twice as many as the day before. How many after 5 days?"]
 
 
+def splitting_target(prompts: list[str]) -> float:
+    """A quality target whose threshold (packaged tier model) falls between these prompts'
+    scores, so some go small and some large whatever the model ranks first."""
+    from scheduler.predictors.tier import load_predictor
+
+    predictor = load_predictor()
+    scores = sorted(predictor.score(p) for p in prompts)
+    rows = sorted(predictor.thresholds, key=lambda r: r.threshold)
+    return next(r.pgr for r in rows if scores[0] < r.threshold <= scores[-1])
+
+
 async def test_the_tier_alias_is_resolved_by_the_front_doors_decision() -> None:
     """`model: auto` through ext_proc: the tier is `TierResolver.resolve`'s (the HTTP front
     door's call), the destination is an endpoint of that tier, and the body streamed back
     names the tier's model (with its new length); other models pass byte for byte."""
     doc = {"tenants": {"t": {"api_keys": ["sk-t"]}, "thrifty": {"api_keys": ["sk-thrifty"]}},
            "tiers": {"alias": "auto", "small_model": SMALL_TIER, "large_model": LARGE_TIER, "policy": "quality_only",
-                     "default": {"quality_target": 0.6}, "tenants": {"thrifty": {"cost_budget": 0.0}}}}
+                     "default": {"quality_target": splitting_target(TIER_PROMPTS)},
+                     "tenants": {"thrifty": {"cost_budget": 0.0}}}}
     async with picker(ExtProcSettings(max_endpoints=1), discovery={"static": TIER_STATIC}, **doc) as (router, channel):
         tiers = router.tiers
         assert tiers is not None

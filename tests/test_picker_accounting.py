@@ -40,21 +40,33 @@ async def test_picks_call_on_dispatch_and_count_in_flight(tmp_path: Path, monkey
         await router.stop()
 
 
+def splitting_target(prompts: list[str]) -> float:
+    """A quality target whose threshold (packaged tier model) falls between these prompts'
+    scores, so some go small and some large whatever the model ranks first."""
+    from scheduler.predictors.tier import load_predictor
+
+    predictor = load_predictor()
+    scores = sorted(predictor.score(p) for p in prompts)
+    rows = sorted(predictor.thresholds, key=lambda r: r.threshold)
+    return next(r.pgr for r in rows if scores[0] < r.threshold <= scores[-1])
+
+
 async def test_pick_resolves_the_tier_alias_with_the_front_doors_decision(tmp_path: Path) -> None:
     """A PickRequest for `auto` with its prompt: the tier and model answered are the ones
     `TierResolver` decides for that text (the HTTP front door's call); without a prompt
     the request is unscored and goes large; a concrete model is not tiered."""
     small, large = "qwen2.5-1.5b", "llama-3-8b"
+    prompts = ["What is 2+2?", "Write a haiku about autumn.",
+               "Prove that there are infinitely many primes, step by step, and explain each step.",
+               "Which of the following is NOT a noble gas?\nA. Neon\nB. Argon\nC. Nitrogen\nD. Xenon"]
     token = write_token_file(tmp_path / "tokens.yaml", "gateway", ["picker"])
     doc = {"control": {"port": 0, "tokens_file": str(tmp_path / "tokens.yaml")},
            "tenants": {"t": {"api_keys": ["sk-t"]}, "thrifty": {"api_keys": ["sk-thrifty"]}},
            "tiers": {"alias": "auto", "small_model": small, "large_model": large, "policy": "quality_only",
-                     "default": {"quality_target": 0.6}, "tenants": {"thrifty": {"cost_budget": 0.0}}}}
+                     "default": {"quality_target": splitting_target(prompts)},
+                     "tenants": {"thrifty": {"cost_budget": 0.0}}}}
     router = Router(parse_router_config(doc, "r.yaml"), store=open_store(f"file://{tmp_path / 'state.json'}"))
     await router.start(background=False)
-    prompts = ["What is 2+2?", "Write a haiku about autumn.",
-               "Prove that there are infinitely many primes, step by step, and explain each step.",
-               "Which of the following is NOT a noble gas?\nA. Neon\nB. Argon\nC. Nitrogen\nD. Xenon"]
     try:
         router.registry.upsert(InstanceRecord("s1", "http://127.0.0.1:7001", small))
         router.registry.upsert(InstanceRecord("l1", "http://127.0.0.1:7002", large))
