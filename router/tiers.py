@@ -66,8 +66,8 @@ class TierResolver:
 
     def decide_info(self, info: RequestInfo, text: str | None, slo: SloClass, dispatcher: Any) -> TierChoice:
         """The choice for a request naming the alias: `text` scored (None or empty: the
-        request is unscored and goes large, `TierRouter.decide`'s rule), on the two tiers'
-        current candidates."""
+        request keeps its own p_small_ok; without one it is unscored and goes large,
+        `TierRouter.decide`'s rule), on the two tiers' current candidates."""
         if text:
             info = replace(info, p_small_ok=self.predictor.score(text))
         instances = (*dispatcher.candidates(self.router.small_model), *dispatcher.candidates(self.router.large_model))
