@@ -216,6 +216,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--window-s", type=float, default=900.0, help="seconds of the Azure conversation trace")
     parser.add_argument("--start-s", type=float, default=0.0, help="where in the trace the window starts")
+    parser.add_argument("--trace", default=str(SHARED / "traces" / "azure_llm_2023" / "AzureLLMInferenceTrace_conv.csv"),
+                        help="arrivals and token counts (any format `tokenyard sim run` reads)")
     parser.add_argument("--rate-scale", type=float, default=1.15, help="normal load: the trace at this rate")
     parser.add_argument("--burst-factor", type=float, default=2.0)
     parser.add_argument("--small", type=int, default=4, help="small-tier instances")
@@ -262,7 +264,7 @@ def main() -> int:
           f"{cost['tier_decide_us'] / cost['dispatch_decide_us']:.1f}x")
 
     prompts = balanced_prompts(rows, oof_scores, args.per_benchmark, args.seed)
-    trace_path = SHARED / "traces" / "azure_llm_2023" / "AzureLLMInferenceTrace_conv.csv"
+    trace_path = Path(args.trace)
     window = (args.start_s, args.start_s + args.window_s * args.burst_factor)
     arrivals = read_trace(trace_path, rate_scale=args.rate_scale, window_s=window)  # arrivals from 0 s
     joined = list(with_prompts(arrivals, prompts, seed=args.seed))
@@ -280,7 +282,7 @@ def main() -> int:
         results.extend(run_scenario(name, cluster, requests, scored, table, args))
 
     noise_rows = run_noise(cluster, bursty, table, args) if args.noise_aucs else []
-    print(f"\nsimulated: Azure conv {args.window_s:.0f} s from {args.start_s:.0f} s at {args.rate_scale}x, seed {args.seed}, "
+    print(f"\nsimulated: {trace_path.name} {args.window_s:.0f} s from {args.start_s:.0f} s at {args.rate_scale}x, seed {args.seed}, "
           f"{args.burst_factor}x burst in the "
           f"middle third; {args.small} x L4 {SMALL_MODEL} + {args.large} x A100 {LARGE_MODEL}; "
           f"quality target {args.target}, floor {args.floor} (PGR)")
