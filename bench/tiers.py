@@ -11,8 +11,12 @@
    (mean held-out score of the tier that answered), its loss against always-large, and
    compute cost (tokens x active parameters of the model that served them, against
    always-large).
+3. Predictor quality (`--noise-aucs`): the same bursty arrivals without prompts, scored by
+   the simulator's tier noise model (sim/tier_noise.py) at each ROC AUC, load-aware
+   against random offloading; quality from the noise model's hidden labels.
 
-    nice -n 10 python bench/tiers.py [--window-s 900] [--large 2] [--small 4] [--json out.json]
+    nice -n 10 python bench/tiers.py [--window-s 900] [--start-s 0] [--seed 0] [--large 2] [--small 4]
+        [--noise-aucs 0.5 0.7 0.9] [--json out.json]
 
 Quality and cost are ratios against always-large measured in the same run.
 """
@@ -20,6 +24,7 @@ Quality and cost are ratios against always-large measured in the same run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -39,6 +44,9 @@ from scheduler.tiers import ThresholdPoint, build_tier_router  # noqa: E402
 from sim.cluster import parse_cluster  # noqa: E402
 from sim.report import summarize  # noqa: E402
 from sim.simulator import simulate  # noqa: E402
+from sim.tier_noise import TierNoise  # noqa: E402
+from sim.tier_noise import quality as noise_quality  # noqa: E402
+from sim.tier_scores import tier_scorer  # noqa: E402
 from sim.tier_trace import ScoredPrompt, burst, quality, with_prompts  # noqa: E402
 from sim.traces import read_trace  # noqa: E402
 
@@ -107,6 +115,26 @@ def run_scenario(name: str, cluster: Any, requests: list[Any], scored: dict[str,
     for row in rows:
         row["quality_loss"] = base["quality"] - row["quality"]
         row["cost_ratio"] = row["compute"] / base["compute"] if base["compute"] else float("nan")
+    return rows
+
+
+def run_noise(cluster: Any, requests: list[Any], table: list[ThresholdPoint],
+              args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Load-aware against random offloading on prompt-less requests, at each noise AUC."""
+    bare = [dataclasses.replace(r, prompt=None, p_small_ok=None) for r in requests]
+    rows = []
+    for auc in args.noise_aucs:
+        noise = TierNoise(auc, args.noise_share)
+        for policy in ("load_aware", "random_offload"):
+            router = build_tier_router(tier_doc(policy, args), table)
+            result = simulate(cluster, bare, tier_router=router, seed=args.seed, tier_noise=noise)
+            labels = tier_scorer(router, None, noise, args.seed).noisy  # the simulation's own draws
+            served = {r.request_id: r.model for r in result.records if not r.rejected}
+            slo = summarize(result, cluster.slo_classes)["slo"]["default"]
+            rows.append({"auc": auc, "policy": policy, "both_attainment": slo["both_attainment"],
+                         "large_share": sum(1 for m in served.values() if m == LARGE_MODEL) / max(1, len(served)),
+                         "quality_loss": 1.0 - noise_quality(served, labels, SMALL_MODEL)})
+            print(f"  noise auc {auc:<5g} {policy:<15} done", file=sys.stderr)
     return rows
 
 
@@ -187,6 +215,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--window-s", type=float, default=900.0, help="seconds of the Azure conversation trace")
+    parser.add_argument("--start-s", type=float, default=0.0, help="where in the trace the window starts")
+    parser.add_argument("--trace", default=str(SHARED / "traces" / "azure_llm_2023" / "AzureLLMInferenceTrace_conv.csv"),
+                        help="arrivals and token counts (any format `tokenyard sim run` reads)")
     parser.add_argument("--rate-scale", type=float, default=1.15, help="normal load: the trace at this rate")
     parser.add_argument("--burst-factor", type=float, default=2.0)
     parser.add_argument("--small", type=int, default=4, help="small-tier instances")
@@ -200,6 +231,9 @@ def main() -> int:
     parser.add_argument("--per-benchmark", type=int, default=800)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write every row here")
+    parser.add_argument("--noise-aucs", type=float, nargs="*", default=[],
+                        help="also run the burst without prompts, scored by the tier noise model at these AUCs")
+    parser.add_argument("--noise-share", type=float, default=0.5, help="noise model: share of small-ok requests")
     parser.add_argument("--cache", help="keep the held-out scores here between runs (recomputed when absent)")
     parser.add_argument("--plot", default=str(REPO_ROOT / "docs" / "img" / "tier_sim.png"))
     args = parser.parse_args()
@@ -230,8 +264,9 @@ def main() -> int:
           f"{cost['tier_decide_us'] / cost['dispatch_decide_us']:.1f}x")
 
     prompts = balanced_prompts(rows, oof_scores, args.per_benchmark, args.seed)
-    trace_path = SHARED / "traces" / "azure_llm_2023" / "AzureLLMInferenceTrace_conv.csv"
-    arrivals = read_trace(trace_path, rate_scale=args.rate_scale, window_s=(0.0, args.window_s * args.burst_factor))
+    trace_path = Path(args.trace)
+    window = (args.start_s, args.start_s + args.window_s * args.burst_factor)
+    arrivals = read_trace(trace_path, rate_scale=args.rate_scale, window_s=window)  # arrivals from 0 s
     joined = list(with_prompts(arrivals, prompts, seed=args.seed))
     scored = {req.request_id: p for req, p in joined}
     all_requests = [req for req, _ in joined]
@@ -246,7 +281,9 @@ def main() -> int:
         print(f"simulating {name}: {len(requests)} requests", file=sys.stderr)
         results.extend(run_scenario(name, cluster, requests, scored, table, args))
 
-    print(f"\nsimulated: Azure conv {args.window_s:.0f} s at {args.rate_scale}x, {args.burst_factor}x burst in the "
+    noise_rows = run_noise(cluster, bursty, table, args) if args.noise_aucs else []
+    print(f"\nsimulated: {trace_path.name} {args.window_s:.0f} s from {args.start_s:.0f} s at {args.rate_scale}x, seed {args.seed}, "
+          f"{args.burst_factor}x burst in the "
           f"middle third; {args.small} x L4 {SMALL_MODEL} + {args.large} x A100 {LARGE_MODEL}; "
           f"quality target {args.target}, floor {args.floor} (PGR)")
     print(f"  {'scenario':<9}{'policy':<16}{'reqs':>6}{'TTFT ok':>9}{'SLO ok':>8}{'p99 TTFT':>10}"
@@ -255,10 +292,18 @@ def main() -> int:
         print(f"  {r['scenario']:<9}{r['policy']:<16}{r['requests']:>6}{100 * r['ttft_attainment']:>8.1f}%"
               f"{100 * r['both_attainment']:>7.1f}%{r['ttft_p99_ms']:>9.0f}ms{r['large_share']:>7.2f}"
               f"{r['quality']:>9.3f}{r['quality_loss']:>7.3f}{r['cost_ratio']:>6.2f}")
+    if noise_rows:
+        print(f"\npredictor quality: {args.burst_factor}x burst without prompts, tier noise model "
+              f"(small-ok share {args.noise_share}); quality loss = share of requests answered small whose label says not ok")
+        print(f"  {'AUC':<6}{'policy':<16}{'SLO ok':>8}{'large':>7}{'loss':>7}")
+        for r in noise_rows:
+            print(f"  {r['auc']:<6g}{r['policy']:<16}{100 * r['both_attainment']:>7.1f}%{r['large_share']:>7.2f}"
+                  f"{r['quality_loss']:>7.3f}")
     plot(results, Path(args.plot))
     print(f"wrote {args.plot}", file=sys.stderr)
     if args.json:
-        Path(args.json).write_text(json.dumps({"offline": metrics, "cost_us": cost, "sim": results}, indent=1))
+        Path(args.json).write_text(json.dumps({"offline": metrics, "cost_us": cost, "sim": results, "noise": noise_rows,
+                                                "args": vars(args)}, indent=1))
     return 0
 
 

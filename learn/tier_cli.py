@@ -34,6 +34,9 @@ def register_train(subparsers: Any) -> None:
     parser.add_argument("--report", help="also write the held-out metrics here (JSON)")
     parser.add_argument("--plots", metavar="DIR", help="write the calibration plot and the cost-quality curve here")
     parser.add_argument("--classifier", choices=["lightgbm", "logistic"], default="lightgbm")
+    parser.add_argument("--target", choices=["small_quality", "small_ok"], default="small_quality",
+                        help="what the trees learn: the small tier's score on the prompt, or whether it "
+                             "matches the large tier's (docs/tiers.md)")
     parser.add_argument("--small-model", help="the small tier's column in correctness files (default: the weakest)")
     parser.add_argument("--large-model", help="the large tier's column in correctness files (default: the strongest)")
     parser.add_argument("--alpaca-small-model", default=None,
@@ -101,7 +104,7 @@ def _train(args: argparse.Namespace) -> int:
     except TierDataError as exc:
         print(f"tokenyard train tier: {exc}", file=sys.stderr)
         return 2
-    params = TrainParams(classifier=args.classifier, seed=args.seed)
+    params = TrainParams(classifier=args.classifier, seed=args.seed, target=args.target)
     benchmarks = sorted({r.benchmark for r in rows})
     stages = 1 + min(params.folds, len({r.task for r in rows})) + (len(benchmarks) if len(benchmarks) > 1 else 0) + 1
     meta = {"data": [str(s) for s in sources], "contaminated_dropped": dropped, "benchmarks": benchmarks,

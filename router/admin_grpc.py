@@ -38,6 +38,7 @@ from router.migration_loop import MigrationLoop
 from router.policy_admin import PolicyAdminMixin
 from router.registry import InstanceRegistry
 from router.state import InstanceRecord, StateStore, StateStoreError, store_unavailable
+from scheduler.tiers import TierChoice
 from scheduler.types import Decision, RequestInfo, SloClass
 from tokenyard.v1 import admin_pb2, admin_pb2_grpc
 
@@ -359,6 +360,7 @@ async def start_control_server(
     desired_pool_sizes: Callable[[], Mapping[str, int]] | None = None,
     reuse_port: bool = False,
     migration: MigrationLoop | None = None,
+    resolve_tier: Callable[[RequestInfo, str], tuple[RequestInfo, TierChoice | None]] | None = None,
 ) -> grpc.aio.Server:
     """Serve Admin and Picker on host:port (0 picks a free port: read `server.bound_port`).
 
@@ -367,7 +369,8 @@ async def start_control_server(
     stops. `reuse_port=True` lets several router worker processes serve the same port
     (their state is shared through the store); otherwise a taken port is an error.
     `auth` is required: every call needs a bearer token of `auth`'s table; with `auth.tls`
-    the port speaks TLS only.
+    the port speaks TLS only. `resolve_tier` resolves the tier alias of Pick requests
+    (router.picker_grpc.PickerService).
     """
     from router.picker_grpc import PickerService
     from tokenyard.v1 import picker_pb2_grpc
@@ -391,7 +394,8 @@ async def start_control_server(
                      dispatch_policies=dispatch_policies, desired_pool_sizes=desired_pool_sizes,
                      registration_cidrs=auth.registration_cidrs, migration=migration), server)
     picker_pb2_grpc.add_PickerServicer_to_server(  # type: ignore[no-untyped-call]  # generated grpc module, unannotated
-        PickerService(registry, decide, tenant_for_api_key=tenant_for_api_key), server)
+        PickerService(registry, decide, tenant_for_api_key=tenant_for_api_key,
+                      resolve_tier=resolve_tier), server)
     try:
         address = f"{host}:{port}"
         bound = (server.add_secure_port(address, credentials) if credentials is not None

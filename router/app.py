@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -48,6 +49,7 @@ from router.tenants import AuthError, RetryBudget, Tenant, TenantTable
 from router.tiers import build_tier_resolver
 from router.validation import BadRequest, max_context_tokens, validate
 from router.workload_recorder import WorkloadRecorder
+from scheduler.tiers import TierChoice
 from scheduler.types import NoInstanceAvailable, RequestInfo
 
 log = logging.getLogger(__name__)
@@ -165,7 +167,8 @@ class Router:
                 registry=self.registry, store=self.store, decide=self.decide_for_picker,
                 registration=registration, slo_classes=self.config.slo_classes,
                 dispatch_policies=sorted(self.dispatcher.policies), tenant_for_api_key=self._tenant_for_pick,
-                auth=self.config.control_auth, migration=self.migration)
+                auth=self.config.control_auth, migration=self.migration,
+                resolve_tier=self.resolve_tier_for_picker if self.tiers is not None else None)
             if self.config.control_auth.reviewer is not None:
                 from router.token_review import TokenReviewCollector
 
@@ -282,6 +285,18 @@ class Router:
 
         asyncio.get_running_loop().call_later(PICK_INFLIGHT_LEASE_S, lease_over)
         return type(decision)(decision.instance_ids, priority, decision.reason, decision.scores)
+
+    def resolve_tier_for_picker(self, info: RequestInfo, prompt: str) -> tuple[RequestInfo, TierChoice | None]:
+        """A Pick request naming the tier alias, as the chosen tier's model: the front door's
+        decision (router/tiers.py) on the prompt text the gateway sent."""
+        tiers = self.tiers
+        if tiers is None or not tiers.router.handles(info.model):
+            return info, None
+        tenant = self.tenants.tenants.get(info.tenant) or self.tenants.anonymous or Tenant(info.tenant)
+        slo = self.config.slo_classes.get(info.slo_class) or self.dispatcher.slo_class(tenant)
+        choice = tiers.decide_info(info, prompt, slo, self.dispatcher)
+        self.metrics.tier_chosen(choice.tier, choice.model)
+        return dataclasses.replace(info, model=choice.model), choice
 
     def _tenant_for_pick(self, api_key: str) -> str | None:
         """The Picker's tenant lookup: the same rules as the HTTP front door's."""

@@ -23,7 +23,9 @@ decides where each request goes:
   `envoy.service.ext_proc.v3.ExternalProcessor`.
 
 Every decision is the router's: `router.dispatcher.Dispatcher` with the tenant's policy,
-the same call the HTTP front door and the Picker gRPC service make.
+the same call the HTTP front door and the Picker gRPC service make; a body naming the tier
+alias (`model: auto`) gets its tier from the same `router.tiers.TierResolver.resolve`
+first, and the gateway forwards the body with the chosen model's name in it.
 """
 
 from __future__ import annotations
@@ -140,13 +142,16 @@ def immediate(status: int, body: bytes, detail: str) -> pb.ProcessingResponse:
             header=base_pb2.HeaderValue(key="content-type", raw_value=b"application/json"))])))
 
 
-def destination_responses(endpoints: Sequence[str], body: bytes, body_done: bool) -> list[pb.ProcessingResponse]:
-    """The request-headers response with the decision, then the body streamed back."""
+def destination_responses(endpoints: Sequence[str], body: bytes, body_done: bool,
+                          rewritten: bool = False) -> list[pb.ProcessingResponse]:
+    """The request-headers response with the decision, then the body streamed back (its
+    length set when it is complete, or when the picker rewrote it: the client's own
+    content-length no longer holds)."""
     value = ",".join(endpoints)
     metadata = struct_pb2.Struct()
     metadata.update({LB_NAMESPACE: {DESTINATION_KEY: value}})
     headers = [base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=DESTINATION_KEY, raw_value=value.encode()))]
-    if body_done:
+    if body_done or rewritten:
         headers.append(base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(
             key="content-length", raw_value=str(len(body)).encode())))
     out = [pb.ProcessingResponse(
@@ -269,12 +274,21 @@ class _Exchange:
         except BadRequest as exc:
             raise Refused(400, error_body(400, str(exc), param=exc.param), str(exc)) from None
         dispatcher = self.router.dispatcher
+        request_id = self.headers.get("x-request-id") or uuid.uuid4().hex
+        tiers = self.router.tiers
+        rewritten = False
+        if tiers is not None:  # `model: auto` -> the tier's model, the front door's decision (router/tiers.py)
+            choice = tiers.resolve(body, tenant.name, dispatcher.slo_class(tenant), request_id, dispatcher)
+            if choice is not None:
+                self.router.metrics.tier_chosen(choice.tier, choice.model)
+                # The engine is sent its own model's name, as from the front door.
+                self.body = bytearray(orjson.dumps(body))
+                rewritten = True
         model = body["model"]
         if not dispatcher.serves(model):
             served = ", ".join(dispatcher.models()) or "none yet"
             message = f"The model `{model}` does not exist. Served models: {served}"
             raise Refused(404, error_body(404, message, err_type="NotFoundError", param="model", code=404), message)
-        request_id = self.headers.get("x-request-id") or uuid.uuid4().hex
         info = self.info = dispatcher.request_info(body, chat, tenant, request_id, self.headers.get("x-session-id"))
         self.policy = dispatcher.policies[dispatcher.policy_name(tenant)]
         priority = dispatcher.slo_class(tenant).priority if tenant.priority is None else tenant.priority
@@ -303,7 +317,7 @@ class _Exchange:
         self.decided = True
         self._count_start(self.primary)
         self.router.metrics.inflight.inc()
-        return destination_responses(endpoints, bytes(self.body), body_done)
+        return destination_responses(endpoints, bytes(self.body), body_done, rewritten)
 
     # -- response side ------------------------------------------------------------------
     def _on_response_headers(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse:

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import grpc
 
 from router.registry import InstanceRegistry
+from scheduler.tiers import TierChoice
 from scheduler.types import Decision, NoInstanceAvailable, RequestInfo
 from tokenyard.v1 import picker_pb2, picker_pb2_grpc
 
@@ -44,12 +45,17 @@ class PickerService(picker_pb2_grpc.PickerServicer):
     where the router allows one; None: refused). The tenant always comes from the key: a
     `tenant` field naming another tenant is refused, so a gateway cannot borrow another
     tenant's class, policy or sessions. Without `tenant_for_api_key` (no tenants at all),
-    `tenant` is taken as given. At most `max_endpoints` endpoints are answered."""
+    `tenant` is taken as given. At most `max_endpoints` endpoints are answered.
+    `resolve_tier(info, prompt)` (the router's, when it has a tier alias) turns a request
+    naming the alias into one naming the chosen tier's model, before the decision."""
 
     def __init__(self, registry: InstanceRegistry, decide: Callable[[RequestInfo], Awaitable[Decision]],
                  *, tenant_for_api_key: Callable[[str], str | None] | None = None,
-                 max_endpoints: int = 8) -> None:
+                 max_endpoints: int = 8,
+                 resolve_tier: Callable[[RequestInfo, str], tuple[RequestInfo, TierChoice | None]] | None = None,
+                 ) -> None:
         self.registry = registry
+        self.resolve_tier = resolve_tier
         # A decision may rank the whole fleet; a gateway only ever tries a few fallbacks.
         self.max_endpoints = max_endpoints
         self.decide = decide
@@ -58,6 +64,9 @@ class PickerService(picker_pb2_grpc.PickerServicer):
 
     async def Pick(self, request: picker_pb2.PickRequest, context: grpc.aio.ServicerContext) -> picker_pb2.PickResponse:
         info = await self._request_info(request, context)
+        choice = None
+        if self.resolve_tier is not None:
+            info, choice = self.resolve_tier(info, request.prompt)
         try:
             decision = await self.decide(info)
         except NoInstanceAvailable as exc:
@@ -92,7 +101,9 @@ class PickerService(picker_pb2_grpc.PickerServicer):
                          f"(exclude_instance_ids: {', '.join(sorted(excluded)) or 'none'})")
         return picker_pb2.PickResponse(
             endpoints=endpoints, priority=decision.priority, model=endpoints[0].model,
-            reason=decision.reason, tenant=info.tenant, slo_class=info.slo_class)
+            tier=choice.tier if choice is not None else "",
+            reason=decision.reason if choice is None else f"{choice.reason}; {decision.reason}",
+            tenant=info.tenant, slo_class=info.slo_class)
 
     async def _request_info(self, request: picker_pb2.PickRequest, context: grpc.aio.ServicerContext) -> RequestInfo:
         if not request.model:

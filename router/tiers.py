@@ -14,6 +14,11 @@ Config (`tiers:` in the router config; every key but `model_file` is scheduler.t
       classes: {batch: {cost_budget: 0.2, quality_floor: 0.3}}
       tenants: {acme: {quality_floor: 0.8, quality_target: 0.95}}
 
+Every path that takes requests resolves the alias here, with the one decision: the HTTP
+front door and the ext_proc picker (`resolve`, on the request body, whose `model` is then
+rewritten so the engine sees its own name) and the Picker gRPC service (`decide_info`, on
+the `prompt` text the gateway sends in its PickRequest).
+
 Scoring a prompt costs a few hundred microseconds of CPU (bench/tiers.py notes the
 figure); it runs inline, once per alias request, on at most MAX_PROMPT_CHARS characters.
 """
@@ -23,6 +28,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from scheduler.predictors.text import prompt_text
@@ -52,12 +58,21 @@ class TierResolver:
         text = prompt_text(body)
         info = RequestInfo(
             request_id=request_id, model=model, input_tokens=max(1, len(text) // CHARS_PER_TOKEN),
-            tenant=tenant, slo_class=slo.name, p_small_ok=self.predictor.score(text),
+            tenant=tenant, slo_class=slo.name,
         )
+        choice = self.decide_info(info, text, slo, dispatcher)
+        body["model"] = choice.model
+        return choice
+
+    def decide_info(self, info: RequestInfo, text: str | None, slo: SloClass, dispatcher: Any) -> TierChoice:
+        """The choice for a request naming the alias: `text` scored (None or empty: the
+        request keeps its own p_small_ok; without one it is unscored and goes large,
+        `TierRouter.decide`'s rule), on the two tiers' current candidates."""
+        if text:
+            info = replace(info, p_small_ok=self.predictor.score(text))
         instances = (*dispatcher.candidates(self.router.small_model), *dispatcher.candidates(self.router.large_model))
         choice = self.router.decide(info, instances, slo, self.rng)
-        body["model"] = choice.model
-        log.debug("tier decision", extra={"request_id": request_id, "tier": choice.tier, "reason": choice.reason})
+        log.debug("tier decision", extra={"request_id": info.request_id, "tier": choice.tier, "reason": choice.reason})
         return choice
 
 

@@ -74,6 +74,8 @@ class SimJob:
     rank_tau: float | None = None  # predicted ranks of prompt-less requests at this tau (sim.rank_noise)
     factors_path: str | None = None  # engine-model factors file (`--factors`); None: packaged
     model: str | None = None  # `--model`: the model of trace rows that name none (e.g. the tier alias)
+    tier_auc: float | None = None  # tier scores of prompt-less requests at this ROC AUC (sim.tier_noise)
+    tier_small_ok_share: float | None = None  # their share whose small answer suffices
 
 
 @dataclass
@@ -139,8 +141,13 @@ def run_job(job: SimJob, progress: Callable[..., None] | None = None) -> JobOutc
     ranker = ranker_for(cluster.queue_policy, job.trace.open, job.rank_tau, job.seed)
     if job.model is not None:
         requests = (r if r.model else dataclasses.replace(r, model=job.model) for r in requests)
+    tier_noise = None
+    if job.tier_auc is not None or job.tier_small_ok_share is not None:
+        from sim.tier_noise import TierNoise
+
+        tier_noise = TierNoise(0.5 if job.tier_auc is None else job.tier_auc, job.tier_small_ok_share)
     result = simulate(cluster, requests, progress=progress, seed=job.seed,
-                      timeline_interval_s=job.timeline_interval_s, ranker=ranker)
+                      timeline_interval_s=job.timeline_interval_s, ranker=ranker, tier_noise=tier_noise)
     if not result.policy:
         result.policy = job.label or job.policy or "configured"
     slo_classes = dict(cluster.slo_classes)
@@ -281,6 +288,15 @@ def _add_trace_arguments(parser: argparse.ArgumentParser, rate_scale: bool = Tru
     parser.add_argument("--rank-tau", type=parse_tau, default=None, metavar="TAU",
                         help="give requests without prompt text predicted output-length ranks of Kendall "
                              "tau TAU (noise model, docs/ranking.md); prompts are scored by the real ranker")
+    from sim.tier_noise import parse_auc, parse_share
+
+    parser.add_argument("--tier-auc", type=parse_auc, default=None, metavar="AUC",
+                        help="requests for the tier alias with neither a p_small_ok nor a prompt get tier "
+                             "scores of ROC AUC AUC against hidden small-ok labels (noise model, docs/tiers.md; "
+                             "default 0.5: no information)")
+    parser.add_argument("--tier-small-ok-share", type=parse_share, default=None, metavar="SHARE",
+                        help="share of those requests whose small-tier answer suffices (default: the tier "
+                             "model's training share)")
     parser.add_argument("--out", metavar="DIR", default="sim-out",
                         help="folder for the summary, records and plots (default: ./sim-out)")
     parser.add_argument("--no-plots", action="store_true", help="write no PNG plots")
@@ -419,7 +435,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"--records: expected a file ending in .parquet or .csv, got {args.records!r}")
     job = SimJob(cluster_path=args.cluster, trace=trace, policy=args.policy, seed=args.seed,
                  timeline_interval_s=args.timeline_interval, label=args.policy or "", rank_tau=args.rank_tau, factors_path=args.factors,
-                 model=args.model)
+                 model=args.model, tier_auc=args.tier_auc, tier_small_ok_share=args.tier_small_ok_share)
     _check_model_option(load_job_cluster(job), args.model)  # fail on a bad cluster before reading the trace
     trace.open()  # and on a bad trace header before simulating
     total_s = None
@@ -497,7 +513,8 @@ def _compare(args: argparse.Namespace) -> int:
             name = policy or "configured"
             label = f"{stem}/{name}" if len(args.clusters) > 1 else name
             job = SimJob(cluster_path=cluster_path, trace=trace, policy=policy, seed=args.seed,
-                         timeline_interval_s=args.timeline_interval, label=label, rank_tau=args.rank_tau, factors_path=args.factors)
+                         timeline_interval_s=args.timeline_interval, label=label, rank_tau=args.rank_tau, factors_path=args.factors,
+                         tier_auc=args.tier_auc, tier_small_ok_share=args.tier_small_ok_share)
             load_job_cluster(job)  # every cluster and policy name is checked before any run
             jobs.append(job)
     labels = [j.label for j in jobs]
@@ -537,7 +554,8 @@ def sweep_jobs(args: argparse.Namespace) -> list[SimJob]:
             job = SimJob(cluster_path=args.cluster, trace=_trace_options(args, rate_scale=rate),
                          policy=args.policy, pool_counts=pool_counts, seed=args.seed,
                          timeline_interval_s=args.timeline_interval,
-                         label=f"{series} x{rate:g}", keep_result=False, rank_tau=args.rank_tau, factors_path=args.factors)
+                         label=f"{series} x{rate:g}", keep_result=False, rank_tau=args.rank_tau, factors_path=args.factors,
+                         tier_auc=args.tier_auc, tier_small_ok_share=args.tier_small_ok_share)
             jobs.append(job)
     return jobs
 

@@ -43,13 +43,14 @@ from scheduler.engine_model import EngineModel, FrontEndCost
 from scheduler.layer import DecisionLayer, group_by_model
 from scheduler.queueing import QueuedRequest
 from scheduler.session_affinity import InMemoryAffinity, can_own, follow, resolve_affinity
-from scheduler.tiers import TierRouter
+from scheduler.tiers import TierChoice, TierRouter
 from scheduler.types import Decision, InstanceState, NoInstanceAvailable, RequestInfo, SloClass
 from sim.cluster import ClusterSpec, PoolSpec
 from sim.engine_core import Batch, DecodeRun, EngineCore, EngineRequest
 from sim.migration import MigrationDriver, MigrationSimConfig, migration_from_document
 from sim.records import InstanceStats, RequestRecord, SimResult, TimelineSample
-from sim.tier_scores import TierScorer, tier_router_for
+from sim.tier_noise import TierNoise
+from sim.tier_scores import TierScorer, tier_router_for, tier_scorer
 from sim.workload import TraceRequest
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,7 @@ class Simulation:
         tier_router: TierRouter | None = None,
         migration: MigrationSimConfig | None = None,
         ranker: Callable[[TraceRequest], float | None] | None = None,
+        tier_noise: TierNoise | None = None,
     ) -> None:
         if timeline_interval_s <= 0:
             raise ValueError(f"timeline_interval_s: expected a positive number, got {timeline_interval_s}")
@@ -185,11 +187,17 @@ class Simulation:
         self.default_slo = cluster.slo_classes.get("default")
         # Requests naming the tier alias get their model from the tier decision, before
         # dispatch, on the same load view dispatch reads (as the router does).
+        # Requests without a score get one from sim/tier_scores.py: the predictor on their
+        # prompt, else the noise model (`tier_noise`; with a `tier_router` given, only when
+        # `tier_noise` is).
         self.tier_scorer: TierScorer | None = None
         if tier_router is None:  # a cluster whose policy document has `tiers:` brings its own
             built = tier_router_for(cluster.policy)
             if built is not None:
-                tier_router, self.tier_scorer = built[0], TierScorer(built[1], seed)
+                tier_router = built[0]
+                self.tier_scorer = tier_scorer(built[0], built[1], tier_noise, seed)
+        elif tier_noise is not None:
+            self.tier_scorer = tier_scorer(tier_router, None, tier_noise, seed)
         self.tier_router = tier_router
         self.tier_rng = random.Random(seed)
         self.migration = MigrationDriver(self, migration) if migration is not None else None
@@ -302,11 +310,7 @@ class Simulation:
         )
         if self.tier_router is not None and self.tier_router.handles(model):
             # The tier decides the model first, as the router resolves the alias before admission.
-            self.view.now_s = now
-            if info.p_small_ok is None and self.tier_scorer is not None:  # sim/tier_scores.py
-                info = dataclasses.replace(info, p_small_ok=self.tier_scorer(trace))
-            model = self.tier_router.decide(info, self.view.instances, slo, self.tier_rng).model
-            info = dataclasses.replace(info, model=model)
+            info = dataclasses.replace(info, model=self.decide_tier(info, trace, slo, now).model)
         admission = self.admission
         if admission is not None:
             if self.held:
@@ -324,6 +328,16 @@ class Simulation:
                 self._answer(trace, info, slo, offer.verdict, offer.reason)
                 return
         self._dispatch(trace, info, slo, now)
+
+    def decide_tier(self, info: RequestInfo, trace: TraceRequest, slo: SloClass | None, now_s: float) -> TierChoice:
+        """The tier of a request naming the alias: `TierRouter.decide` on the load view, as
+        the router's `TierResolver.decide_info` runs it; an unscored request is scored first
+        (sim/tier_scores.py: its prompt, else the noise model)."""
+        assert self.tier_router is not None
+        self.view.now_s = now_s
+        if info.p_small_ok is None and self.tier_scorer is not None:
+            info = dataclasses.replace(info, p_small_ok=self.tier_scorer(trace))
+        return self.tier_router.decide(info, self.view.instances, slo, self.tier_rng)
 
     def offer(self, info: RequestInfo, now: float) -> Offer:
         """The admission queue's answer to an arrival (the router's `RouterAdmission.offer`)."""
@@ -694,6 +708,7 @@ def simulate(
     total_requests: int = 0,
     tier_router: TierRouter | None = None,
     ranker: Callable[[TraceRequest], float | None] | None = None,
+    tier_noise: TierNoise | None = None,
 ) -> SimResult:
     """Replay `requests` (sorted by arrival) on `cluster`; see the module docstring.
 
@@ -705,6 +720,8 @@ def simulate(
     tier_router: decides the model of requests that name its alias (scheduler.tiers).
     ranker: gives each request's `predicted_rank` (sim.rank_noise: the real ranker for
         traces with prompts, a noise model of a chosen Kendall tau for those without).
+    tier_noise: the tier scores of requests with neither a score nor a prompt
+        (sim.tier_noise: a predictor of a chosen ROC AUC).
     """
     sim = Simulation(
         cluster,
@@ -716,6 +733,7 @@ def simulate(
         total_requests=total_requests,
         tier_router=tier_router,
         ranker=ranker,
+        tier_noise=tier_noise,
     )
     return sim.run(requests)
 

@@ -5,30 +5,23 @@ that names the alias.
 Scores, in order:
 1. the trace's own `p_small_ok` field, when the row has one;
 2. the tier predictor's score of the row's `prompt`, when it has prompt text;
-3. otherwise a noise model: p_small_ok ~ Uniform(0, 1), drawn from a hash of (seed,
-   request id), so one request gets the same score in every policy of a comparison.
-   Uniform is what a calibrated predictor's score looks like on a trace whose prompts
-   are unknown (no prior that a request is easy or hard); the share sent small then
-   follows the threshold as `1 - threshold`.
+3. otherwise the noise model of `sim.tier_noise`: a hidden small_ok label and a score
+   that ranks it with a chosen ROC AUC (`tokenyard sim run --tier-auc`, default 0.5: a
+   predictor that knows nothing about a prompt it never saw), drawn from a hash of (seed,
+   request id), so one request gets the same score in every policy of a comparison. The
+   scores follow the tier model's held-out table, so a threshold sends the same share of
+   requests large as on held-out prompts.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import struct
 from dataclasses import dataclass
 from typing import Any
 
 from scheduler.tiers import TierRouter, build_tier_router
+from sim.tier_noise import NoisyTierScores, TierNoise
 from sim.workload import TraceRequest
-
-
-def uniform_score(seed: int, request_id: str) -> float:
-    """A score in (0, 1), the same for the same (seed, request id)."""
-    digest = hashlib.blake2b(f"tier:{seed}:{request_id}".encode(), digest_size=8).digest()
-    value: int = struct.unpack("<Q", digest)[0]
-    return (value + 0.5) / 2**64
 
 
 @functools.lru_cache(maxsize=8)
@@ -51,12 +44,22 @@ def tier_router_for(document: Any) -> tuple[TierRouter, Any] | None:
 
 @dataclass(frozen=True, slots=True)
 class TierScorer:
-    """p_small_ok of a request that carries none (steps 2 and 3 of the module docstring)."""
+    """p_small_ok of a request that carries none (steps 2 and 3 of the module docstring);
+    `predictor` None: prompts are not read either (the noise model scores every request)."""
 
     predictor: Any
-    seed: int = 0
+    noisy: NoisyTierScores
 
     def __call__(self, req: TraceRequest) -> float:
-        if req.prompt:
+        if req.prompt and self.predictor is not None:
             return float(self.predictor.score(req.prompt))
-        return uniform_score(self.seed, req.request_id)
+        return self.noisy.score(req.request_id)
+
+
+def tier_scorer(router: TierRouter, predictor: Any, noise: TierNoise | None, seed: int) -> TierScorer:
+    """The scorer of one simulation: `noise` (default `TierNoise()`) over the router's
+    held-out table; its small_ok share defaults to the predictor's training share."""
+    meta = getattr(predictor, "meta", None) or {}
+    share = meta.get("small_ok_share")
+    default_share = float(share) if isinstance(share, int | float) and 0.0 <= share <= 1.0 else 0.5
+    return TierScorer(predictor, NoisyTierScores(noise or TierNoise(), seed, tuple(router.table), default_share))

@@ -369,3 +369,63 @@ async def test_picker_refuses_a_network_address_without_authentication() -> None
             await start_extproc_server(router, "0.0.0.0", 0, ExtProcSettings())
     finally:
         await router.stop()
+
+
+SMALL_TIER, LARGE_TIER = "qwen2.5-1.5b", "llama-3-8b"
+TIER_STATIC = [{"url": "http://10.0.1.1:8000", "model": SMALL_TIER, "id": "s1"},
+               {"url": "http://10.0.1.2:8000", "model": LARGE_TIER, "id": "l1"}]
+TIER_PROMPTS = ["What is 2+2?", "Write a haiku about autumn.",
+                "Prove that there are infinitely many primes, step by step, and explain each step.",
+                "Which of the following is NOT a noble gas?\nA. Neon\nB. Argon\nC. Nitrogen\nD. Xenon",
+                "Janet has 3 apples. Each day she buys twice as many as the day before. How many after 5 days?"]
+
+
+def splitting_target(prompts: list[str]) -> float:
+    """A quality target whose threshold (packaged tier model) falls between these prompts'
+    scores, so some go small and some large whatever the model ranks first."""
+    from scheduler.predictors.tier import load_predictor
+
+    predictor = load_predictor()
+    scores = sorted(predictor.score(p) for p in prompts)
+    rows = sorted(predictor.thresholds, key=lambda r: r.threshold)
+    return next(r.pgr for r in rows if scores[0] < r.threshold <= scores[-1])
+
+
+async def test_the_tier_alias_is_resolved_by_the_front_doors_decision() -> None:
+    """`model: auto` through ext_proc: the tier is `TierResolver.resolve`'s (the HTTP front
+    door's call), the destination is an endpoint of that tier, and the body streamed back
+    names the tier's model (with its new length); other models pass byte for byte."""
+    doc = {"tenants": {"t": {"api_keys": ["sk-t"]}, "thrifty": {"api_keys": ["sk-thrifty"]}},
+           "tiers": {"alias": "auto", "small_model": SMALL_TIER, "large_model": LARGE_TIER, "policy": "quality_only",
+                     "default": {"quality_target": splitting_target(TIER_PROMPTS)},
+                     "tenants": {"thrifty": {"cost_budget": 0.0}}}}
+    async with picker(ExtProcSettings(max_endpoints=1), discovery={"static": TIER_STATIC}, **doc) as (router, channel):
+        tiers = router.tiers
+        assert tiers is not None
+        threshold = tiers.router.by_tenant.get("t", tiers.router.default).normal
+        address = {SMALL_TIER: "10.0.1.1:8000", LARGE_TIER: "10.0.1.2:8000"}
+        chosen = {}
+        for key, prompt in [("sk-t", p) for p in TIER_PROMPTS] + [("sk-thrifty", TIER_PROMPTS[2])]:
+            stream = Stream(channel)
+            stream.send(headers(authorization=f"Bearer {key}"), body(chat(prompt, model="auto"), True))
+            first, streamed = await stream.read(2)
+            header_value, _, set_headers = destination(first)
+            forwarded = orjson.loads(streamed.request_body.response.body_mutation.streamed_response.body)
+            expected = (SMALL_TIER if key == "sk-thrifty" or tiers.predictor.score(prompt) >= threshold
+                        else LARGE_TIER)
+            assert forwarded["model"] == expected, (key, prompt, tiers.predictor.score(prompt), threshold)
+            assert header_value == address[expected]
+            assert set_headers["content-length"] == str(len(orjson.dumps(forwarded)))
+            chosen[(key, prompt)] = expected
+            await stream.close()
+        assert {m for (k, _), m in chosen.items() if k == "sk-t"} == {SMALL_TIER, LARGE_TIER}  # both tiers drawn
+        rendered = router.metrics.render().decode()
+        small_count = sum(m == SMALL_TIER for m in chosen.values())
+        assert f'tokenyard_router_tier_choices_total{{model="{SMALL_TIER}",tier="small"}} {small_count}.0' in rendered
+        stream = Stream(channel)  # a concrete model name: untouched
+        raw = chat("hello", model=LARGE_TIER)
+        stream.send(headers(authorization="Bearer sk-t"), body(raw, True))
+        first, streamed = await stream.read(2)
+        assert streamed.request_body.response.body_mutation.streamed_response.body == raw
+        assert destination(first)[0] == address[LARGE_TIER]
+        await stream.close()

@@ -2,17 +2,19 @@
 
 The same policy document, the same instance load views and the same request sequence are
 given to the router's `Dispatcher` (with its real file-backed state store for session
-affinity) and to a `Simulation`'s decision step; every decision (the whole fallback
-order), every admission verdict, and the admission queue's order must be identical, while
-both drivers see the same dispatches and finishes. Hypothesis varies the profiles,
-windows, affinity, saturation criteria, queue sorts and loads, and cordons instances: the
-router through its registry's cordon (as Admin CordonInstance sets it), the simulator
+affinity) and to a `Simulation`'s decision step; every decision (the tier of a request
+naming the tier alias, the whole fallback order), every admission verdict, and the
+admission queue's order must be identical, while both drivers see the same dispatches and
+finishes. Hypothesis varies the profiles, windows, affinity, saturation criteria, queue
+sorts, tier policies and contracts, prompts and scores, and loads, and cordons instances:
+the router through its registry's cordon (as Admin CordonInstance sets it), the simulator
 through `Simulation.set_cordoned`, one of them midway through the sequence.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import tempfile
 from pathlib import Path
@@ -28,13 +30,19 @@ from router.metrics import RouterMetrics
 from router.registry import InstanceRegistry
 from router.state import FileStateStore, InstanceRecord, cordon_note
 from router.tenants import Tenant
+from router.tiers import build_tier_resolver
 from scheduler.types import InstanceState, NoInstanceAvailable, RequestInfo
 from sim.cluster import parse_cluster
 from sim.simulator import Simulation
+from sim.workload import TraceRequest
 
 PICKERS = ["max_score", "round_robin", "random", "power_of_two", "session_affinity", "prefix_affinity"]
 SCORERS = ["least_outstanding", "least_kv", "slo_headroom"]
 POOLS = [("a100", "A100-80GB", "llama-3-8b"), ("l4", "L4", "llama-3-8b"), ("small", "L4", "qwen2.5-1.5b")]
+TIER_POLICIES = ["always_large", "always_small", "quality_only", "load_aware", "random_offload", "cascade"]
+PROMPTS = [None, None, "What is 2+2?", "Write a haiku about autumn.",
+           "Prove that there are infinitely many primes, step by step, and explain each step.",
+           "Which of the following is NOT a noble gas?\nA. Neon\nB. Argon\nC. Nitrogen\nD. Xenon"]
 
 
 @st.composite
@@ -68,6 +76,21 @@ def documents(draw: st.DrawFn) -> dict[str, Any]:
         "affinity": {"enabled": draw(st.booleans()), "ttl_s": 600},
         "queue": {"sort": draw(st.sampled_from(["fcfs", "slo_priority"])), "engine_priority": "slo_priority"},
         "admission": {"enabled": True, "max_queue_depth": draw(st.sampled_from([0, 2, 5])), "saturation": saturation},
+        "tiers": draw(tier_sections()),
+    }
+
+
+@st.composite
+def tier_sections(draw: st.DrawFn) -> dict[str, Any]:
+    return {
+        "alias": "auto", "small_model": "qwen2.5-1.5b", "large_model": "llama-3-8b",
+        "policy": draw(st.sampled_from(TIER_POLICIES)),
+        "pressure": draw(st.sampled_from([{"start": 0.6, "full": 1.0}, {"start": 0.0, "full": 0.05},
+                                          {"start": 0.2, "full": 0.6}])),
+        "mean_output_tokens": draw(st.sampled_from([16, 256])),
+        "default": draw(st.sampled_from([{"quality_target": 0.9, "quality_floor": 0.3}, {"cost_budget": 0.3}])),
+        "classes": draw(st.sampled_from([{}, {"batch": {"cost_budget": 0.1, "quality_floor": 0.2}}])),
+        "tenants": draw(st.sampled_from([{}, {"t2": {"quality_target": 0.95, "quality_floor": 0.8}}])),
     }
 
 
@@ -81,7 +104,9 @@ requests = st.lists(st.fixed_dictionaries({
     "tenant": st.sampled_from(["t1", "t2"]),
     "slo_class": st.sampled_from(["interactive", "default", "batch"]),
     "session": st.sampled_from([None, "s1", "s2", "s3"]),
-    "model": st.sampled_from(["llama-3-8b", "llama-3-8b", "llama-3-8b", "qwen2.5-1.5b"]),
+    "model": st.sampled_from(["llama-3-8b", "llama-3-8b", "llama-3-8b", "qwen2.5-1.5b", "auto", "auto"]),
+    "prompt": st.sampled_from(PROMPTS),  # the tier alias: scored from the text, else `score` given
+    "score": st.floats(0, 1),
     "tokens": st.integers(1, 4000),
     "prefix": st.sampled_from([(), (1,), (1, 2), (3, 4, 5)]),
     "finish": st.integers(0, 2),  # how many in-flight requests finish before this one arrives
@@ -114,7 +139,9 @@ async def _run_parity(doc: dict[str, Any], counts: list[int], instance_loads: li
     sim = Simulation(cluster, seed=3)
     store = FileStateStore(state_dir / "state.json")
     registry = InstanceRegistry()
-    dispatcher = Dispatcher(parse_router_config({"policy": doc}, "parity.yaml"), registry, store, seed=3)
+    config = parse_router_config({"policy": doc}, "parity.yaml")
+    dispatcher = Dispatcher(config, registry, store, seed=3)
+    tiers = build_tier_resolver(config.tiers, seed=3) if config.tiers else None  # as Router builds it
     admission = RouterAdmission(dispatcher, RouterMetrics(), dispatcher.layer.new_admission_queue())
     for k, inst in enumerate(sim.instances):
         state = inst.state
@@ -146,6 +173,8 @@ async def _run_parity(doc: dict[str, Any], counts: list[int], instance_loads: li
                 registry.inflight_finished(iid)
             info = RequestInfo(f"r{n}", spec["model"], spec["tokens"], tenant=spec["tenant"],
                                slo_class=spec["slo_class"], session_id=spec["session"], prefix_hashes=spec["prefix"])
+            if spec["model"] == "auto":  # Tier: the same choice (and reason) from both drivers' own call.
+                info = _same_tier(sim, tiers, dispatcher, info, spec, float(n))
             # Admission: the same verdict from both drivers' own offer, the same queue order.
             sim_offer = sim.offer(info, float(n))
             _, router_offer = admission.offer(info, float(n))
@@ -186,6 +215,21 @@ async def _run_parity(doc: dict[str, Any], counts: list[int], instance_loads: li
         assert router_order == sim_order
     finally:
         await store.close()
+
+
+def _same_tier(sim: Simulation, tiers: Any, dispatcher: Dispatcher, info: RequestInfo, spec: dict[str, Any],
+               now_s: float) -> RequestInfo:
+    text = spec["prompt"]
+    score = None if text else spec["score"]
+    info = dataclasses.replace(info, p_small_ok=score)
+    trace = TraceRequest(info.request_id, now_s, info.input_tokens, 1, prefix_hashes=info.prefix_hashes,
+                         tenant=info.tenant, slo_class=info.slo_class, model="auto", session_id=info.session_id,
+                         prompt=text, p_small_ok=score)
+    sim_choice = sim.decide_tier(info, trace, sim.cluster.slo_classes.get(info.slo_class, sim.default_slo), now_s)
+    router_choice = tiers.decide_info(info, text, dispatcher.slo_class(Tenant(info.tenant, info.slo_class)),
+                                      dispatcher)
+    assert router_choice == sim_choice, (spec, router_choice, sim_choice)
+    return dataclasses.replace(info, model=sim_choice.model)
 
 
 @settings(max_examples=300, deadline=None)

@@ -14,7 +14,7 @@ from router.config import parse_router_config
 from router.state import InstanceRecord
 from scheduler.policy_document import PolicyDocumentError, load_policy_document
 from sim.cli import SimJob, TraceOptions, run_job
-from sim.tier_scores import uniform_score
+from sim.tier_noise import NoisyTierScores, TierNoise
 from tests.test_router_support import emulated_engine, running_router
 from tokenyard.config import ConfigError
 
@@ -94,10 +94,13 @@ def test_sim_run_routes_alias_requests_to_both_models(tmp_path: Path) -> None:
     records = run_job(SimJob(cluster_path=str(cluster), trace=TraceOptions(str(trace)))).result.records
     served = {r.request_id: r.model for r in records}
     assert set(served.values()) == {SMALL, LARGE}
-    # The noise model: the same uniform score per request id, sent small above the threshold.
+    # The noise model (AUC 0.5 by default): the same score per request id, sent small above the threshold.
     small = {rid for rid, model in served.items() if model == SMALL}
     threshold = load_predictor_thresholds_normal()
-    assert small == {rid for rid in served if uniform_score(0, rid) >= threshold}
+    from scheduler.predictors.tier import load_predictor
+
+    noisy = NoisyTierScores(TierNoise(), 0, tuple(load_predictor().thresholds), load_predictor().meta["small_ok_share"])
+    assert small == {rid for rid in served if noisy.score(rid) >= threshold}
     # The trace's own p_small_ok wins, and `--model auto` names the alias for rows without a model.
     cluster, trace = _files(tmp_path, LARGE, with_scores=True)
     records = run_job(SimJob(cluster_path=str(cluster), trace=TraceOptions(str(trace)), model="auto")).result.records

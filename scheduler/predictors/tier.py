@@ -50,12 +50,27 @@ TASK_CUES: dict[str, tuple[str, ...]] = {
     "extraction": ("extract", "summarize", "summarise", "list", "json", "table", "format",
                    "classify", "identify"),
 }
+# Difficulty cues that carry across tasks (counted in one pass like TASK_CUES): negations
+# ("which is NOT"), steps of a word problem ("then", "each", "twice"), and constraints of an
+# instruction ("at least", "exactly", "must").
+DIFFICULTY_CUES: dict[str, tuple[str, ...]] = {
+    "negation": ("not", "except", "least", "never", "false", "incorrect", "cannot", "no"),
+    "steps": ("then", "after", "each", "every", "per", "twice", "half", "times", "remaining", "left",
+              "more than", "less than", "if"),
+    "constraints": ("must", "should", "at least", "at most", "exactly", "without", "only", "include",
+                    "ensure", "make sure", "no more than", "words", "sentences", "paragraph"),
+}
 STAT_NAMES: tuple[str, ...] = (
     "log_chars", "log_words", "log_lines", "digit_share", "upper_share", "punct_share",
     "questions", "choices", "math_symbols", "code_marks", "numbers", "mean_word_chars",
     *(f"cue_{name}" for name in TASK_CUES),
+    *(f"cue_{name}" for name in DIFFICULTY_CUES),
+    "sentences", "latex_marks", "choice_chars", "choice_spread", "stem_chars", "long_word_share",
+    "distinct_word_share", "distinct_numbers", "numeric_choices", "commas",
 )
-_CHOICE_RE = re.compile(r"(?m)^\s*\(?[A-Ea-e][.)]\s")
+_CHOICE_RE = re.compile(r"(?m)^\s*\(?[A-Ea-e][.)]\s(.*)$")
+_SENTENCE_RE = re.compile(r"[.!?](?:\s|$)")
+_LATEX_RE = re.compile(r"\\[a-z]+|\$")
 _NUMBER_RE = re.compile(r"\d+(?:[.,]\d+)?")
 _CODE_MARKS = ("```", "def ", "return ", "=>", "import ")  # counted with str.count (a regex: 24 us)
 _CODE_LINE_ENDS = ("{", "}", ";")
@@ -65,6 +80,9 @@ _PUNCT_CHARS = ".,;:!?\"'()[]"
 # ~25 us each on a 470-character prompt.
 _CUES_RE = re.compile(r"\b(?:" + "|".join(
     f"(?P<{name}>" + "|".join(re.escape(w) for w in words) + ")" for name, words in TASK_CUES.items()
+) + r")\b")
+_DIFFICULTY_RE = re.compile(r"\b(?:" + "|".join(
+    f"(?P<{name}>" + "|".join(re.escape(w) for w in words) + ")" for name, words in DIFFICULTY_CUES.items()
 ) + r")\b")
 _DIGITS = "0123456789"
 _UPPER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -131,6 +149,12 @@ def text_stats(text: str) -> list[float]:
     for match in _CUES_RE.finditer(lower):
         if match.lastgroup is not None:
             cues[match.lastgroup] += 1
+    difficulty = dict.fromkeys(DIFFICULTY_CUES, 0)
+    for match in _DIFFICULTY_RE.finditer(lower):
+        if match.lastgroup is not None:
+            difficulty[match.lastgroup] += 1
+    choices = _CHOICE_RE.findall(text)
+    numbers = _NUMBER_RE.findall(text)
     stats = [
         math.log1p(chars),
         math.log1p(n_words),
@@ -139,14 +163,40 @@ def text_stats(text: str) -> list[float]:
         upper / denominator,
         punct / denominator,
         math.log1p(text.count("?")),
-        math.log1p(len(_CHOICE_RE.findall(text))),
+        math.log1p(len(choices)),
         math.log1p(math_symbols),
         math.log1p(code_marks),
-        math.log1p(len(_NUMBER_RE.findall(text))),
+        math.log1p(len(numbers)),
         (sum(len(w) for w in words) / n_words) if n_words else 0.0,
     ]
     stats.extend(math.log1p(cues[name]) for name in TASK_CUES)
+    stats.extend(math.log1p(difficulty[name]) for name in DIFFICULTY_CUES)
+    stats.extend(_shape_stats(text, words, choices, numbers))
     return stats
+
+
+def _shape_stats(text: str, words: list[str], choices: list[str], numbers: list[str]) -> list[float]:
+    """How the question is put: sentences, formulas, the answer choices' length and spread
+    (near-identical long options are the hard ones), the stem without them, vocabulary."""
+    n_words = max(1, len(words))
+    choice_chars = [len(c) for c in choices]
+    mean_choice = sum(choice_chars) / len(choice_chars) if choice_chars else 0.0
+    spread = 0.0
+    if choice_chars:
+        spread = math.sqrt(sum((c - mean_choice) ** 2 for c in choice_chars) / len(choice_chars)) / (mean_choice + 1.0)
+    stem_chars = len(text) - sum(choice_chars)
+    return [
+        math.log1p(len(_SENTENCE_RE.findall(text))),
+        math.log1p(len(_LATEX_RE.findall(text))),
+        math.log1p(mean_choice),
+        spread,
+        math.log1p(max(0, stem_chars)),
+        sum(1 for w in words if len(w) >= 10) / n_words,
+        len({w.lower() for w in words}) / n_words,
+        math.log1p(len(set(numbers))),
+        float(any(c.strip().replace(".", "").isdigit() for c in choices)),
+        math.log1p(text.count(",")),
+    ]
 
 
 def _decode_floats(value: Any, length: int, where: str) -> np.ndarray:

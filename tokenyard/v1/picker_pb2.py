@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tokenyard/v1/picker.proto\x12\x0ctokenyard.v1\"\xf5\x02\n\x0bPickRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x0f\n\x07\x61pi_key\x18\x04 \x01(\t\x12\x11\n\tslo_class\x18\x05 \x01(\t\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x1f\n\x17\x65stimated_prompt_tokens\x18\x07 \x01(\r\x12\x19\n\x11max_output_tokens\x18\x08 \x01(\r\x12\x1b\n\x13prefix_block_hashes\x18\t \x03(\x04\x12\x1b\n\x13prefix_block_tokens\x18\n \x01(\r\x12\x37\n\x07headers\x18\x0b \x03(\x0b\x32&.tokenyard.v1.PickRequest.HeadersEntry\x12\x1c\n\x14\x65xclude_instance_ids\x18\x0c \x03(\t\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"Z\n\x08\x45ndpoint\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04pool\x18\x03 \x01(\t\x12\x0b\n\x03gpu\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\"\x9b\x01\n\x0cPickResponse\x12)\n\tendpoints\x18\x01 \x03(\x0b\x32\x16.tokenyard.v1.Endpoint\x12\x10\n\x08priority\x18\x02 \x01(\x05\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0e\n\x06tenant\x18\x06 \x01(\t\x12\x11\n\tslo_class\x18\x07 \x01(\t2G\n\x06Picker\x12=\n\x04Pick\x12\x19.tokenyard.v1.PickRequest\x1a\x1a.tokenyard.v1.PickResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tokenyard/v1/picker.proto\x12\x0ctokenyard.v1\"\x85\x03\n\x0bPickRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x0f\n\x07\x61pi_key\x18\x04 \x01(\t\x12\x11\n\tslo_class\x18\x05 \x01(\t\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x1f\n\x17\x65stimated_prompt_tokens\x18\x07 \x01(\r\x12\x19\n\x11max_output_tokens\x18\x08 \x01(\r\x12\x1b\n\x13prefix_block_hashes\x18\t \x03(\x04\x12\x1b\n\x13prefix_block_tokens\x18\n \x01(\r\x12\x37\n\x07headers\x18\x0b \x03(\x0b\x32&.tokenyard.v1.PickRequest.HeadersEntry\x12\x1c\n\x14\x65xclude_instance_ids\x18\x0c \x03(\t\x12\x0e\n\x06prompt\x18\r \x01(\t\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"Z\n\x08\x45ndpoint\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04pool\x18\x03 \x01(\t\x12\x0b\n\x03gpu\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\"\x9b\x01\n\x0cPickResponse\x12)\n\tendpoints\x18\x01 \x03(\x0b\x32\x16.tokenyard.v1.Endpoint\x12\x10\n\x08priority\x18\x02 \x01(\x05\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0e\n\x06tenant\x18\x06 \x01(\t\x12\x11\n\tslo_class\x18\x07 \x01(\t2G\n\x06Picker\x12=\n\x04Pick\x12\x19.tokenyard.v1.PickRequest\x1a\x1a.tokenyard.v1.PickResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PICKREQUEST_HEADERSENTRY']._loaded_options = None
   _globals['_PICKREQUEST_HEADERSENTRY']._serialized_options = b'8\001'
   _globals['_PICKREQUEST']._serialized_start=44
-  _globals['_PICKREQUEST']._serialized_end=417
-  _globals['_PICKREQUEST_HEADERSENTRY']._serialized_start=371
-  _globals['_PICKREQUEST_HEADERSENTRY']._serialized_end=417
-  _globals['_ENDPOINT']._serialized_start=419
-  _globals['_ENDPOINT']._serialized_end=509
-  _globals['_PICKRESPONSE']._serialized_start=512
-  _globals['_PICKRESPONSE']._serialized_end=667
-  _globals['_PICKER']._serialized_start=669
-  _globals['_PICKER']._serialized_end=740
+  _globals['_PICKREQUEST']._serialized_end=433
+  _globals['_PICKREQUEST_HEADERSENTRY']._serialized_start=387
+  _globals['_PICKREQUEST_HEADERSENTRY']._serialized_end=433
+  _globals['_ENDPOINT']._serialized_start=435
+  _globals['_ENDPOINT']._serialized_end=525
+  _globals['_PICKRESPONSE']._serialized_start=528
+  _globals['_PICKRESPONSE']._serialized_end=683
+  _globals['_PICKER']._serialized_start=685
+  _globals['_PICKER']._serialized_end=756
 # @@protoc_insertion_point(module_scope)

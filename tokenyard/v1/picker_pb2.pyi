@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PickRequest(_message.Message):
-    __slots__ = ("request_id", "model", "tenant", "api_key", "slo_class", "session_id", "estimated_prompt_tokens", "max_output_tokens", "prefix_block_hashes", "prefix_block_tokens", "headers", "exclude_instance_ids")
+    __slots__ = ("request_id", "model", "tenant", "api_key", "slo_class", "session_id", "estimated_prompt_tokens", "max_output_tokens", "prefix_block_hashes", "prefix_block_tokens", "headers", "exclude_instance_ids", "prompt")
     class HeadersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class PickRequest(_message.Message):
     PREFIX_BLOCK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     HEADERS_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_INSTANCE_IDS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     tenant: str
@@ -39,7 +40,8 @@ class PickRequest(_message.Message):
     prefix_block_tokens: int
     headers: _containers.ScalarMap[str, str]
     exclude_instance_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., tenant: _Optional[str] = ..., api_key: _Optional[str] = ..., slo_class: _Optional[str] = ..., session_id: _Optional[str] = ..., estimated_prompt_tokens: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., prefix_block_hashes: _Optional[_Iterable[int]] = ..., prefix_block_tokens: _Optional[int] = ..., headers: _Optional[_Mapping[str, str]] = ..., exclude_instance_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    prompt: str
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., tenant: _Optional[str] = ..., api_key: _Optional[str] = ..., slo_class: _Optional[str] = ..., session_id: _Optional[str] = ..., estimated_prompt_tokens: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., prefix_block_hashes: _Optional[_Iterable[int]] = ..., prefix_block_tokens: _Optional[int] = ..., headers: _Optional[_Mapping[str, str]] = ..., exclude_instance_ids: _Optional[_Iterable[str]] = ..., prompt: _Optional[str] = ...) -> None: ...
 
 class Endpoint(_message.Message):
     __slots__ = ("instance_id", "address", "pool", "gpu", "model")

@@ -1,0 +1,163 @@
+"""Tier predictor variants, measured on held-out tasks: which label, features and tree shape
+carry to tasks the model never saw (docs/benchmarks.md, "Tier routing").
+
+Every variant is scored the same way: 5 folds over task groups (MMLU subjects, MT-Bench
+categories, AlpacaEval sources, GSM8K; `learn.tier`'s by-task split), LightGBM with
+benchmark-balanced weights, APGR per benchmark of the out-of-fold scores and their mean.
+Then two nested selections, so that what is adopted is not chosen on the test folds: in
+each outer fold, the variant with the best mean APGR on a 4-fold task split of the
+training tasks alone is fitted on them and scores the outer fold.
+
+    nice -n 10 python bench/tier_variants.py [--nested] [--json out.json]
+
+Labels: `small_ok` (binary), `gain` (q_large - q_small, regression, ranked by minus the
+prediction), `q_small` (the small tier's own score: regression or cross-entropy).
+Features: the first 18 statistics and cues of `scheduler.predictors.tier.STAT_NAMES` (the
+earlier feature set), or all of them (with the difficulty and shape cues).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from learn.tier_data import LabelledPrompt, read_any  # noqa: E402
+from learn.tier_metrics import summary  # noqa: E402
+from scheduler.predictors.tier import text_stats  # noqa: E402
+
+SHARED = Path(os.environ.get("TOKENYARD_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+EARLIER_FEATURES = 18  # STAT_NAMES before the difficulty and shape cues were appended
+
+
+class Data:
+    def __init__(self, rows: list[LabelledPrompt]) -> None:
+        self.stats = np.asarray([text_stats(r.prompt) for r in rows])
+        self.bench = np.array([r.benchmark for r in rows])
+        self.tasks = np.array([r.task for r in rows])
+        self.q_small = np.array([r.q_small for r in rows])
+        self.q_large = np.array([r.q_large for r in rows])
+        self.small_ok = np.array([r.small_ok for r in rows], dtype=float)
+        counts = Counter(self.bench.tolist())
+        self.weight = np.array([len(rows) / len(counts) / counts[b] for b in self.bench])
+
+    def mean_apgr(self, index: np.ndarray, scores: np.ndarray) -> tuple[float, dict[str, float]]:
+        per = {}
+        for bench in sorted(set(self.bench[index].tolist())):
+            mask = self.bench[index] == bench
+            per[bench] = summary(scores[mask], self.q_small[index][mask], self.q_large[index][mask])["apgr"]
+        return float(np.mean(list(per.values()))), per
+
+
+# name -> (features: "earlier" | "all", label, objective, sign, extra LightGBM params, trees)
+Variant = tuple[str, str, str, float, dict[str, Any], int]
+LABEL_VARIANTS: dict[str, Variant] = {
+    "small_ok, earlier features (the previous default)": ("earlier", "small_ok", "binary", 1.0, {}, 200),
+    "gain, earlier features": ("earlier", "gain", "regression", -1.0, {}, 200),
+    "q_small regression, earlier features": ("earlier", "q_small", "regression", 1.0, {}, 200),
+    "small_ok, all features": ("all", "small_ok", "binary", 1.0, {}, 200),
+    "gain, all features": ("all", "gain", "regression", -1.0, {}, 200),
+    "q_small regression, all features": ("all", "q_small", "regression", 1.0, {}, 200),
+}
+SHAPE_VARIANTS: dict[str, Variant] = {
+    "q_small cross-entropy, 7 leaves x 200": ("all", "q_small", "cross_entropy", 1.0, {}, 200),
+    "q_small cross-entropy, stumps x 600 (the default)": ("all", "q_small", "cross_entropy", 1.0,
+                                                          {"num_leaves": 2}, 600),
+    "q_small cross-entropy, 3 leaves x 400": ("all", "q_small", "cross_entropy", 1.0, {"num_leaves": 3}, 400),
+    "q_small cross-entropy, extremely randomised x 400": ("all", "q_small", "cross_entropy", 1.0,
+                                                          {"extra_trees": True}, 400),
+}
+
+
+def _fit_score(data: Data, variant: Variant, train: np.ndarray, test: np.ndarray) -> np.ndarray:
+    import lightgbm
+
+    features, label, objective, sign, extra, trees = variant
+    x = data.stats if features == "all" else data.stats[:, :EARLIER_FEATURES]
+    y = {"small_ok": data.small_ok, "gain": data.q_large - data.q_small, "q_small": data.q_small}[label]
+    params = {"objective": objective, "num_leaves": 7, "learning_rate": 0.03, "min_data_in_leaf": 40,
+              "feature_fraction": 0.8, "bagging_fraction": 0.8, "bagging_freq": 1, "verbose": -1, "seed": 0,
+              "num_threads": 1, "deterministic": True, **extra}
+    booster = lightgbm.train(params, lightgbm.Dataset(x[train], y[train], weight=data.weight[train]),
+                             num_boost_round=trees)
+    return sign * np.asarray(booster.predict(x[test]))
+
+
+def _folds(groups: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    from sklearn.model_selection import GroupKFold
+
+    return list(GroupKFold(k).split(np.zeros(len(groups)), groups=groups))
+
+
+def by_task(data: Data, variant: Variant) -> np.ndarray:
+    oof = np.zeros(len(data.tasks))
+    for train, test in _folds(data.tasks, 5):
+        oof[test] = _fit_score(data, variant, train, test)
+    return oof
+
+
+def nested(data: Data, variants: dict[str, Variant], say: Callable[[str], None]) -> tuple[np.ndarray, list[str]]:
+    """Outer by-task folds; in each, the variant an inner task split of its training tasks picks."""
+    oof = np.zeros(len(data.tasks))
+    picks = []
+    for k, (train, test) in enumerate(_folds(data.tasks, 5)):
+        best, best_apgr = "", -1.0
+        for name, variant in variants.items():
+            inner = np.zeros(len(train))
+            for inner_train, inner_test in _folds(data.tasks[train], 4):
+                inner[inner_test] = _fit_score(data, variant, train[inner_train], train[inner_test])
+            apgr, _ = data.mean_apgr(train, inner)
+            if apgr > best_apgr:
+                best, best_apgr = name, apgr
+        oof[test] = _fit_score(data, variants[best], train, test)
+        picks.append(best)
+        say(f"  outer fold {k + 1}: picked {best} (inner {best_apgr:.3f})")
+    return oof, picks
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nested", action="store_true", help="also run the two nested selections (minutes)")
+    parser.add_argument("--json", help="write the figures here")
+    args = parser.parse_args()
+    rows: list[LabelledPrompt] = []
+    for folder in ("routing", "lengths"):
+        rows.extend(read_any(SHARED / folder)[0])
+    data = Data(rows)
+    everything = np.arange(len(rows))
+    out: dict[str, Any] = {"by_task": {}, "nested": {}}
+
+    def report(name: str, scores: np.ndarray) -> None:
+        mean, per = data.mean_apgr(everything, scores)
+        out["by_task"][name] = {"mean": mean, **per}
+        print(f"{name:<55} mean {mean:.3f}  " + "  ".join(f"{b} {v:.3f}" for b, v in per.items()), flush=True)
+
+    print(f"{len(rows)} prompts; by-task APGR (5 folds over task groups; random router 0.5)")
+    for name, variant in {**LABEL_VARIANTS, **SHAPE_VARIANTS}.items():
+        report(name, by_task(data, variant))
+    length_prior = -data.stats[:, 0]  # longer prompts go large
+    report("the length prior alone (longer prompts go large)", length_prior)
+    if args.nested:
+        for title, variants in (("label and features", LABEL_VARIANTS), ("tree shape", SHAPE_VARIANTS)):
+            print(f"nested selection of the {title}:")
+            scores, picks = nested(data, variants, print)
+            mean, per = data.mean_apgr(everything, scores)
+            out["nested"][title] = {"mean": mean, "picks": picks, **per}
+            print(f"  outer by-task mean {mean:.3f}  " + "  ".join(f"{b} {v:.3f}" for b, v in per.items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
