@@ -38,6 +38,7 @@ from router.keys import KeyCache, KeyStore, sync_router_keys
 from router.load import LoadMonitor
 from router.metrics import RouterMetrics
 from router.migration_loop import build_migration_loop
+from router.plan_routing import RoutingFollower
 from router.policy_versions import stored_policy_problems
 from router.proxy import PoolSet, UpstreamError
 from router.rate_limiter import SLOTS, build_rate_limiter, refuse_over_limits
@@ -127,6 +128,7 @@ class Router:
         self._id_prefix = f"ty-{os.getpid():x}-{int(time.time()) & 0xffffff:x}-"
         # Every replica records the workload it serves, for the control plane's planner.
         self.workload = WorkloadRecorder(store) if store is not None else None
+        self.routing = RoutingFollower(self.dispatcher.layer)  # the control plane's plan routing
         self._background: set[asyncio.Task[Any]] = set()
         self._no_priority: set[str] = set()  # engines that refuse the priority field (FCFS vLLM)
         self._models_cache: tuple[Any, bytes] | None = None
@@ -171,6 +173,7 @@ class Router:
             self.tenants.stored_lookup = self.key_cache.tenant_for
             await sync_router_keys(self)
             await self.apply_policies()
+            await self.follow_routing()
             if background:
                 self._spawn(self._follow_policies())
                 self._spawn(self._resync_policies())
@@ -227,12 +230,21 @@ class Router:
                 await asyncio.sleep(1.0)
 
     async def _resync_policies(self, every_s: float = 5.0) -> None:
-        """Pub/sub is at-most-once: re-read the policies now and then regardless."""
+        """Pub/sub is at-most-once: re-read the policies now and then regardless (and the
+        control plane's routing table, which is only ever read this way)."""
         while True:
             await asyncio.sleep(every_s)
             with contextlib.suppress(Exception):
                 await sync_router_keys(self)
                 await self.apply_policies()
+                await self.follow_routing()
+
+    async def follow_routing(self) -> bool:
+        """Apply the control plane's newest routing table to the length_bucket filters (only
+        read when some profile has one); True when a new one was applied."""
+        if self.store is None or not self.routing.active:
+            return False
+        return await self.routing.refresh(self.store)
 
     async def stop(self) -> None:
         if self.admission is not None:
