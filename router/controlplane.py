@@ -368,6 +368,7 @@ class ControlPlane:
         n = (len(self.config.input_edges) - 1) * cols
         rates = [0.0] * n
         seen: dict[int, float] = {}
+        fresh = [0.0] * n  # req/s of the current, partial slots
         for model, hist in merged.items():
             if self.config.models and model not in self.config.models:
                 continue
@@ -381,11 +382,18 @@ class ControlPlane:
                 continue
             for (_klass, i, j), rate in hist.rates(now_s, self.config.autoscaler.window_s).items():
                 rates[rows[i] * cols + cols_of[j]] += rate
+            current = int(now_s // hist.slot_s)
+            elapsed_s = max(now_s - current * hist.slot_s, self.config.autoscaler.interval_s)
             for (slot, _klass, i, j), count in hist.counts.items():
                 if count > 0:
                     k = rows[i] * cols + cols_of[j]
                     seen[k] = max(seen.get(k, -math.inf), min((slot + 1) * hist.slot_s, now_s))
-        return rates, seen
+                    if slot == current:
+                        fresh[k] += count / elapsed_s
+        # Demand in a bucket with no rate over the whole slots yet (the first requests after
+        # an idle spell, held while their pool is at zero) counts from the current partial
+        # slot, so a pool at zero starts now rather than a whole slot later.
+        return [r if r > 0 else f for r, f in zip(rates, fresh, strict=True)], seen
 
     def _resolve(self, rates: Sequence[float], now_s: float) -> None:
         cols = len(self.config.output_edges) - 1

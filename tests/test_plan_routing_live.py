@@ -119,3 +119,36 @@ async def test_router_holds_requests_while_the_model_is_scaled_to_zero() -> None
                 else:
                     assert response.status_code == 503 and answered_while_down
                     assert response.json()["error"]["code"] == "no_instance_available"
+
+
+def test_a_request_held_at_zero_is_demand_that_scales_the_pool_up(tmp_path: Path) -> None:
+    """The control plane plans from the routers' workload histogram, which counts answered
+    requests; a request held because its pool is at zero is counted when it is held (once:
+    not again when answered), so the next control round starts an instance for it."""
+    config = parse_config({
+        "store": "file:///unused", **ONE_BUCKET, "actuator": "print", "resolve_interval_s": 0.001,
+        "pools": [{"name": "p", "gpu": "A100-80GB", "usd_per_hour": 3.67, "capacity_rps": [[2.0]]}],
+        "autoscaler": {"interval_s": 10.0, "window_s": 60.0}, "metrics": {"port": None}}, "cp.yaml")
+
+    async def main() -> None:
+        store = FileStateStore(tmp_path / "state.db")
+        with fake_engines(()) as (engine,):
+            record = InstanceRecord("e0", engine.url, MODEL, gpu="A100-80GB", pool="p")
+            doc = _router_doc(admission=dict(HOLD, timeout_ms=10000))
+            async with running_router([record], doc, store=store) as server, httpx.AsyncClient(timeout=20) as client:
+                router, url = server.router, f"http://127.0.0.1:{server.port}"
+                router.registry.mark_health("e0", False)  # scaled to zero
+                plane = ControlPlane(config, store, PrintActuator({"p": 0}, emit=lambda _: None))
+                assert (await plane.tick())["p"] == 0  # nothing observed yet
+                answer = asyncio.ensure_future(_post(client, url))
+                await asyncio.sleep(0.3)
+                assert not answer.done() and router.workload is not None and router.workload.recorded == 1
+                await router.workload.flush()  # what its 5 s flush task does
+                assert (await plane.tick())["p"] == 1  # the held request's demand starts an instance
+                assert any(action == "scale_up" for _, _, action, _ in plane.actions)
+                router.registry.mark_health("e0", True)  # ... and once it is up, the request is served
+                assert (await answer).status_code == 200
+                assert router.workload.recorded == 1  # counted once, when it was held
+        await store.close()
+
+    asyncio.run(main())
