@@ -20,7 +20,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from scheduler.dispatch import DispatchContext, DispatchPolicy, Filter, PolicyConfigError, register_filter
+from scheduler.dispatch import (
+    DispatchContext,
+    DispatchPolicy,
+    Filter,
+    PolicyConfigError,
+    register_filter,
+)
 from scheduler.planner.problem import PlanError
 from scheduler.planner.routing import RoutingTable
 from scheduler.types import InstanceState, RequestInfo
