@@ -56,7 +56,7 @@ def cluster_doc(small: int, large: int) -> dict[str, Any]:
             {"name": "small", "gpu": "L4", "model": SMALL_MODEL, "count": small, "engine": engine},
             {"name": "large", "gpu": "A100-80GB", "model": LARGE_MODEL, "count": large, "engine": engine},
         ],
-        "dispatch": {"filters": ["model", "healthy", "not_draining"], "scorers": ["least_outstanding"],
+        "dispatch": {"filters": ["model", "healthy", "not_draining", "not_cordoned"], "scorers": ["least_outstanding"],
                      "picker": "max_score"},
         "slo_classes": {"default": {"ttft_ms": 2000, "tpot_ms": 200, "priority": 1}},
     }

@@ -1,4 +1,4 @@
-"""`tokenyard policy|instances|keys|context`: the operator's CLI for the Admin service.
+"""`tokenyard policy|instances|keys|context|plan show`: the operator's CLI for the Admin service.
 
     tokenyard context set local --address 127.0.0.1:50051 --token-file .tokenyard/control-tokens.yaml
     tokenyard context use local
@@ -7,6 +7,9 @@
     tokenyard policy history acme
     tokenyard policy rollback acme --to 3 --reason "v4 broke acme's TTFT" --yes
     tokenyard instances drain e0 ; tokenyard instances list -o json
+    tokenyard instances cordon e0 --reason "INC-42: slow GPU" ; tokenyard instances uncordon e0 --reason ok
+    tokenyard instances migrate --from e0 [--to e1] [--request REQ_ID]
+    tokenyard plan show -o yaml
     tokenyard keys create acme ; tokenyard keys rotate 3f2a9c01b4de --yes ; tokenyard keys list
     tokenyard completion bash > /etc/bash_completion.d/tokenyard
 
@@ -45,7 +48,9 @@ EXIT_NOT_FOUND = 5  # no such policy, version, instance or context
 EXIT_DENIED = 6  # unauthenticated or the token's role is not enough
 EXIT_UNAVAILABLE = 7  # control plane or its store unreachable, or the deadline passed
 EXIT_DECLINED = 8  # the confirmation was answered no (or cannot be asked: use --yes)
+EXIT_ABORTED = 9  # `instances migrate`: the move started and was aborted (the output says why)
 EXIT_DIFFERS = 10  # `policy diff`: the file differs from what is stored
+EXIT_REFUSED = 11  # not in this state: migration off, no Worker address, an instance in a move already
 
 MAX_FILE_BYTES = 1 << 20  # a policy file is a few hundred bytes; refuse anything absurd
 
@@ -134,7 +139,7 @@ def resolve_target(args: argparse.Namespace) -> Target:
 def rpc_exit_code(code: Any) -> int:
     import grpc
 
-    return {grpc.StatusCode.INVALID_ARGUMENT: EXIT_INVALID, grpc.StatusCode.FAILED_PRECONDITION: EXIT_INVALID,
+    return {grpc.StatusCode.INVALID_ARGUMENT: EXIT_INVALID, grpc.StatusCode.FAILED_PRECONDITION: EXIT_REFUSED,
             grpc.StatusCode.ABORTED: EXIT_CONFLICT, grpc.StatusCode.NOT_FOUND: EXIT_NOT_FOUND,
             grpc.StatusCode.PERMISSION_DENIED: EXIT_DENIED, grpc.StatusCode.UNAUTHENTICATED: EXIT_DENIED,
             grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE,
@@ -419,12 +424,21 @@ def cmd_policy_history(args: argparse.Namespace) -> int:
 
 
 # -- instances ----------------------------------------------------------------------------
+def _utc(ms: int) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if ms else ""
+
+
 def instance_dict(info: Any) -> dict[str, Any]:
     reg = info.registration
     kv = f"{100 * info.kv_blocks_used / info.kv_blocks_total:.0f}%" if info.kv_blocks_total else ""
+    cordon = ({"by": info.cordon.by, "at": _utc(info.cordon.at_unix_ms), "reason": info.cordon.reason}
+              if info.HasField("cordon") else None)
     return {"id": reg.instance_id, "pool": reg.pool, "model": reg.model, "gpu": reg.gpu, "source": info.source,
-            "healthy": info.healthy, "draining": info.draining, "running": info.running, "waiting": info.waiting,
-            "kv": kv, "inflight": info.router_inflight, "url": reg.url}
+            "healthy": info.healthy, "draining": info.draining, "cordoned": cordon is not None, "cordon": cordon,
+            "running": info.running, "waiting": info.waiting, "kv": kv, "inflight": info.router_inflight,
+            "url": reg.url}
 
 
 def cmd_instances_list(args: argparse.Namespace) -> int:
@@ -434,7 +448,7 @@ def cmd_instances_list(args: argparse.Namespace) -> int:
         found = await client.call("ListInstances", admin_pb2.ListInstancesRequest(pool=args.pool or "",
                                                                                   model=args.model or ""))
         emit(args, [instance_dict(i) for i in found.instances],
-             ("id", "pool", "model", "healthy", "draining", "running", "waiting", "kv", "inflight"))
+             ("id", "pool", "model", "healthy", "draining", "cordoned", "running", "waiting", "kv", "inflight"))
         return EXIT_OK
 
     return run_with_client(args, body)
@@ -452,6 +466,93 @@ def cmd_instances_drain(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return run_with_client(args, body)
+
+
+def cmd_instances_cordon(args: argparse.Namespace) -> int:
+    from tokenyard.v1 import admin_pb2
+
+    cordoned = args.instances_command == "cordon"
+    reason = (args.reason or "").strip()
+    if not reason:
+        raise CliError(EXIT_USAGE, f"--reason is required: say why you {args.instances_command} {args.id} (it is "
+                                   "kept with the cordon and logged)")
+
+    async def body(client: Client) -> int:
+        found = await client.call("CordonInstance", admin_pb2.CordonInstanceRequest(
+            instance_id=args.id, cordoned=cordoned, reason=reason))
+        data = instance_dict(found.instance)
+        emit(args, {**data, "changed": found.changed, "by": (data["cordon"] or {}).get("by", ""),
+                    "reason": (data["cordon"] or {}).get("reason", "")},
+             ("id", "pool", "cordoned", "changed", "by", "reason", "running", "inflight"))
+        return EXIT_OK
+
+    return run_with_client(args, body)
+
+
+def cmd_instances_migrate(args: argparse.Namespace) -> int:
+    from tokenyard.v1 import admin_pb2
+
+    async def body(client: Client) -> int:
+        done = await client.call("TriggerMigration", admin_pb2.TriggerMigrationRequest(
+            source_instance_id=args.source, destination_instance_id=args.destination or "",
+            request_id=args.request or "", reason=args.reason or ""))
+        emit(args, {"migration_id": done.migration_id, "request_id": done.request_id,
+                    "from": done.source_instance_id, "to": done.destination_instance_id, "committed": done.committed,
+                    "state": done.state, "error": done.error, "error_message": done.error_message,
+                    "blocks_copied": done.blocks_copied, "suspended_us": done.suspended_us,
+                    "duration_ms": done.duration_ms},
+             ("request_id", "from", "to", "state", "error", "blocks_copied", "suspended_us", "duration_ms"))
+        # A move that started and aborted is an outcome, not a refusal: it says why, exit 9.
+        return EXIT_OK if done.committed else EXIT_ABORTED
+
+    return run_with_client(args, body)
+
+
+# -- the control plane's plan -------------------------------------------------------------
+def plan_dict(plan: Any) -> dict[str, Any]:
+    return {"leader": plan.leader, "solved": _utc(plan.solved_unix_ms), "updated": _utc(plan.updated_unix_ms),
+            "usd_per_hour": round(plan.usd_per_hour, 4), "solver": plan.solver, "solve_s": round(plan.solve_s, 4),
+            "pools": [{"name": p.name, "gpu": p.gpu, "tp": p.tensor_parallel, "current": p.replicas_current,
+                       "target": p.replicas_target, "planned": p.planned_instances,
+                       "usd_per_hour": round(p.usd_per_hour, 4), "load_instances": round(p.load_instances, 3),
+                       "draining": p.draining} for p in plan.pools],
+            "routes": [{"slo_class": r.slo_class, "input": f"[{r.input_lo}, {r.input_hi})",
+                        "output": f"[{r.output_lo}, {r.output_hi})", "rate_rps": round(r.rate_rps, 4),
+                        "pools": {k: round(v, 4) for k, v in sorted(r.pool_shares.items())}} for r in plan.routes]}
+
+
+def cmd_plan_show(args: argparse.Namespace) -> int:
+    from tokenyard.v1 import admin_pb2
+
+    async def body(client: Client) -> int:
+        data = plan_dict(await client.call("GetPlan", admin_pb2.GetPlanRequest()))
+        if args.output != "table":
+            emit(args, data)
+            return EXIT_OK
+        print(f"plan by {data['leader'] or '?'}, solved {data['solved'] or 'never'}, updated {data['updated']}, "
+              f"${data['usd_per_hour']}/h ({data['solver'] or 'no solve yet'})\n")
+        print_table(data["pools"], ("name", "gpu", "tp", "current", "target", "planned", "usd_per_hour",
+                                    "load_instances", "draining"))
+        if data["routes"]:
+            print()
+            rows = [{**r, "pools": ", ".join(f"{k}={v:g}" for k, v in r["pools"].items())} for r in data["routes"]]
+            print_table(rows, ("slo_class", "input", "output", "rate_rps", "pools"))
+        return EXIT_OK
+
+    return run_with_client(args, body)
+
+
+def register_plan_show(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    """`tokenyard plan show` beside `plan apply`: the `plan` command belongs to sim/plan_cli.py
+    (the offline planner), which must not import the CLI, so its subcommand action is looked
+    up here (argparse keeps it in `_subparsers`)."""
+    plan = subparsers.choices.get("plan")
+    if plan is None or plan._subparsers is None:
+        return
+    action = next(a for a in plan._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))
+    p = action.add_parser("show", parents=[common], help="the control plane's current plan (pools, replicas now "
+                                                         "and target, routing table, cost), from its state store")
+    p.set_defaults(handler=handle(cmd_plan_show))
 
 
 # -- API keys -----------------------------------------------------------------------------
@@ -579,7 +680,7 @@ def register(subparsers: Any) -> None:
     _write_flags(p)
     p.set_defaults(handler=handle(cmd_policy_delete))
 
-    instances = subparsers.add_parser("instances", help="engine instances: list with live load, drain, undrain")
+    instances = subparsers.add_parser("instances", help="engine instances: list with live load, drain, cordon, migrate")
     sub = instances.add_subparsers(dest="instances_command", metavar="ACTION", required=True)
     p = sub.add_parser("list", parents=[common], help="instances with their live load")
     p.add_argument("--pool")
@@ -589,6 +690,21 @@ def register(subparsers: Any) -> None:
         p = sub.add_parser(action, parents=[common], help=text)
         p.add_argument("id")
         p.set_defaults(handler=handle(cmd_instances_drain))
+    for action, text in (("cordon", "no new requests; running ones stay; nothing is moved away or scaled down"),
+                         ("uncordon", "takes new requests again")):
+        p = sub.add_parser(action, parents=[common], help=text)
+        p.add_argument("id")
+        p.add_argument("--reason", help="why (required; kept with the cordon and logged)")
+        p.set_defaults(handler=handle(cmd_instances_cordon))
+    p = sub.add_parser("migrate", parents=[common], help="move one running request off an instance now, and wait "
+                                                         "for the outcome (exit 9: aborted)")
+    p.add_argument("--from", dest="source", required=True, help="the instance to move a request off")
+    p.add_argument("--to", dest="destination", help="the destination (default: the least loaded instance of the "
+                                                    "model that takes new requests)")
+    p.add_argument("--request", help="the request id (default: the one the migration policy picks)")
+    p.add_argument("--reason", help="why (logged)")
+    p.set_defaults(handler=handle(cmd_instances_migrate), timeout_s=60.0)
+    register_plan_show(subparsers, common)
 
     keys = subparsers.add_parser("keys", help="tenants' API keys: create, rotate, revoke, list")
     sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)

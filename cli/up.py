@@ -160,9 +160,9 @@ def router_document(entries: list[dict[str, Any]], host: str, port: int, store_u
                           "queue_timeout_ms": 30000},
             },
             "profiles": {
-                "balanced": {"filters": ["model", "healthy", "not_draining", "kv_room"],
+                "balanced": {"filters": ["model", "healthy", "not_draining", "not_cordoned", "kv_room"],
                              "scorers": ["least_outstanding"]},
-                "headroom": {"filters": ["model", "healthy", "not_draining", "kv_room"],
+                "headroom": {"filters": ["model", "healthy", "not_draining", "not_cordoned", "kv_room"],
                              "scorers": ["slo_headroom", {"least_outstanding": {"weight": 0.5}}]},
             },
             "selection": {"default": "headroom", "by_slo_class": {"batch": "balanced"}},

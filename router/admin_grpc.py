@@ -32,7 +32,9 @@ import grpc
 
 from router.auth import AuthInterceptor, ControlAuth, current_principal, in_cidrs
 from router.discovery import AdminRegistration, UnknownInstance
+from router.fleet_admin import FleetAdminMixin, cordon_message
 from router.keys_admin import KeysAdminMixin
+from router.migration_loop import MigrationLoop
 from router.policy_admin import PolicyAdminMixin
 from router.registry import InstanceRegistry
 from router.state import InstanceRecord, StateStore, StateStoreError, store_unavailable
@@ -71,11 +73,11 @@ def policy_from_dict(tenant: str, raw: Mapping[str, Any]) -> admin_pb2.SloPolicy
         priority=int(raw.get("priority", 0)), dispatch_policy=str(raw.get("dispatch_policy", "")))
 
 
-class AdminService(PolicyAdminMixin, KeysAdminMixin, admin_pb2_grpc.AdminServicer):
+class AdminService(PolicyAdminMixin, KeysAdminMixin, FleetAdminMixin, admin_pb2_grpc.AdminServicer):
     """Constructed with the registry, the store and the lease keeper of self-registered
     instances. `slo_classes` / `dispatch_policies` are the names PutPolicy accepts (None:
     any); `desired_pool_sizes` is the planner's target per pool (None: the registered
-    count)."""
+    count); `migration` is the router's migration loop (None: migration is off)."""
 
     def __init__(self, registry: InstanceRegistry, store: StateStore | None,
                  registration: AdminRegistration, *,
@@ -83,8 +85,10 @@ class AdminService(PolicyAdminMixin, KeysAdminMixin, admin_pb2_grpc.AdminService
                  dispatch_policies: Collection[str] | None = None,
                  desired_pool_sizes: Callable[[], Mapping[str, int]] | None = None,
                  registration_cidrs: Collection[Any] = (),
+                 migration: MigrationLoop | None = None,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.registry = registry
+        self.migration = migration
         self.registration_cidrs = tuple(registration_cidrs)
         self.store = store
         self.registration = registration
@@ -187,7 +191,7 @@ class AdminService(PolicyAdminMixin, KeysAdminMixin, admin_pb2_grpc.AdminService
             group = members[name]
             # A pool is meant to be identical instances; report its most common shape.
             gpu, model, tp = Counter((r.gpu, r.model, r.tp) for r, _ in group).most_common(1)[0][0]
-            ready = sum(1 for _, s in group if s.healthy and not s.draining)
+            ready = sum(1 for _, s in group if s.healthy and not s.draining and not s.cordoned)
             pools.append(admin_pb2.Pool(name=name, gpu=gpu, model=model, tensor_parallel=tp,
                                         desired_count=desired.get(name, len(group)), ready_count=ready))
         return admin_pb2.ListPoolsResponse(pools=pools)
@@ -219,8 +223,9 @@ class AdminService(PolicyAdminMixin, KeysAdminMixin, admin_pb2_grpc.AdminService
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                          f"instance.instance_id: {reg.instance_id!r} is already known from "
                          f"{SOURCE_NAMES.get(existing[0].source, existing[0].source)} discovery")
-        if existing is not None:  # re-registration keeps an operator's drain
+        if existing is not None:  # re-registration keeps an operator's drain and cordon
             record.draining = existing[0].draining
+            record.cordon = existing[0].cordon
         ttl_s = await self._lease_call(
             context, lambda: self.registration.register(record, request.lease_ttl_ms / 1000.0 or None))
         log.info("instance registered", extra={"instance": record.instance_id, "url": record.url,
@@ -291,7 +296,8 @@ class AdminService(PolicyAdminMixin, KeysAdminMixin, admin_pb2_grpc.AdminService
             waiting=state.waiting, kv_blocks_used=state.kv_blocks_used,
             kv_blocks_total=state.kv_blocks_total, router_inflight=state.router_inflight,
             load_updated_unix_ms=load_ms,
-            lease_expires_unix_ms=int(lease_s * 1000) if lease_s else 0)
+            lease_expires_unix_ms=int(lease_s * 1000) if lease_s else 0,
+            cordon=cordon_message(record.cordon))
 
 
 def _registration_problem(reg: admin_pb2.InstanceRegistration) -> str | None:
@@ -352,6 +358,7 @@ async def start_control_server(
     tenant_for_api_key: Callable[[str], str | None] | None = None,
     desired_pool_sizes: Callable[[], Mapping[str, int]] | None = None,
     reuse_port: bool = False,
+    migration: MigrationLoop | None = None,
 ) -> grpc.aio.Server:
     """Serve Admin and Picker on host:port (0 picks a free port: read `server.bound_port`).
 
@@ -375,14 +382,14 @@ async def start_control_server(
         registration = AdminRegistration()
         await registration.start(registry)
     server = grpc.aio.server(
-        interceptors=[AuthInterceptor(tokens)],
+        interceptors=[AuthInterceptor(tokens, reviewer=auth.load_reviewer())],
         # Bounded input: a control message is small; 1 MiB is far above any real one.
         options=[("grpc.so_reuseport", 1 if reuse_port else 0), ("grpc.max_receive_message_length", 1 << 20),
                  ("grpc.max_concurrent_streams", 256)])
     admin_pb2_grpc.add_AdminServicer_to_server(  # type: ignore[no-untyped-call]  # generated grpc module, unannotated
         AdminService(registry, store, registration, slo_classes=slo_classes,
                      dispatch_policies=dispatch_policies, desired_pool_sizes=desired_pool_sizes,
-                     registration_cidrs=auth.registration_cidrs), server)
+                     registration_cidrs=auth.registration_cidrs, migration=migration), server)
     picker_pb2_grpc.add_PickerServicer_to_server(  # type: ignore[no-untyped-call]  # generated grpc module, unannotated
         PickerService(registry, decide, tenant_for_api_key=tenant_for_api_key), server)
     try:

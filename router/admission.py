@@ -185,7 +185,7 @@ class RouterAdmission:
         detector = self.layer.detector
         best = None
         for state in self.dispatcher.candidates(info.model):
-            if not state.healthy or state.draining or detector.instance_saturated(state, info, slo):
+            if not state.healthy or state.draining or state.cordoned or detector.instance_saturated(state, info, slo):
                 continue
             if best is None or (state.outstanding, state.instance_id) < (best.outstanding, best.instance_id):
                 best = state

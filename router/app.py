@@ -171,7 +171,11 @@ class Router:
                 registry=self.registry, store=self.store, decide=self.decide_for_picker,
                 registration=registration, slo_classes=self.config.slo_classes,
                 dispatch_policies=sorted(self.dispatcher.policies), tenant_for_api_key=self._tenant_for_pick,
-                auth=self.config.control_auth)
+                auth=self.config.control_auth, migration=self.migration)
+            if self.config.control_auth.reviewer is not None:
+                from router.token_review import TokenReviewCollector
+
+                self.metrics.registry.register(TokenReviewCollector(self.config.control_auth.reviewer))
         if self.store is not None:
             self.key_cache = KeyCache(KeyStore(self.store))  # API keys of the Admin service
             self.tenants.stored_lookup = self.key_cache.tenant_for
@@ -361,7 +365,7 @@ class Router:
 
     async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
         states = self.registry.instances()
-        healthy = sum(1 for s in states if s.healthy and not s.draining)
+        healthy = sum(1 for s in states if s.healthy and not s.draining and not s.cordoned)
         await self._send_json(send, 200, orjson.dumps({"status": "ok", "instances": len(states),
                                                        "serving": healthy}))
 

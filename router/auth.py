@@ -15,7 +15,10 @@ model builds on this table: a new method gets a row in `METHOD_ROLES`.
 
 Tokens come from a static file (`tokens_file`, YAML) or a Kubernetes Secret mount
 (`tokens_dir`: one file per principal, the file name is the principal, its content the
-token, role `admin` unless a `<name>.roles` file lists others). Only SHA-256 digests of
+token, role `admin` unless a `<name>.roles` file lists others), and, with
+`token_review:`, from Kubernetes ServiceAccounts: a token not in the table is validated by
+the API server's TokenReview and mapped to roles by config (router/token_review.py;
+cached for a short TTL, fail closed). Only SHA-256 digests of
 tokens are kept in memory; lookup is one dict access on the digest, so its timing says
 nothing about the token.
 
@@ -27,6 +30,7 @@ nothing about the token.
       #            {principal: envoy, roles: [picker], token_sha256: "<hex>"}]
       tls: {cert_file: tls.crt, key_file: tls.key, client_ca_file: ca.crt}  # client CA: mTLS
       registration_cidrs: [10.0.0.0/8]   # RegisterInstance URLs must resolve inside these
+      token_review: {roles: [{service_account: ops/oncall, roles: [operator]}]}  # router/token_review.py
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from typing import Any
 import grpc
 import yaml
 
+from router.token_review import TokenReviewer, TokenReviewSettings, parse_token_review
 from tokenyard.config import ConfigError, check_keys, get
 from tokenyard.logs import RateLimitedLog
 from tokenyard.worker_auth import bearer_token, is_loopback
@@ -72,6 +77,10 @@ METHOD_ROLES: dict[str, str] = {
     "/tokenyard.v1.Admin/GetPolicyVersion": "viewer",
     "/tokenyard.v1.Admin/ListCurrentPolicies": "viewer",
     "/tokenyard.v1.Admin/PolicyHistory": "viewer",
+    # cordon, an operator's migration, the plan (router/fleet_admin.py)
+    "/tokenyard.v1.Admin/CordonInstance": "operator",
+    "/tokenyard.v1.Admin/TriggerMigration": "operator",
+    "/tokenyard.v1.Admin/GetPlan": "viewer",
 }
 
 #: The principal of the call being served (set by AuthInterceptor; None outside a call).
@@ -196,6 +205,8 @@ class ControlAuth:
     registration_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     allow_plaintext: bool = False
     tokens: TokenTable | None = field(default=None, repr=False)
+    token_review: TokenReviewSettings | None = None
+    reviewer: TokenReviewer | None = field(default=None, repr=False)  # built from token_review at start
 
     def load_tokens(self) -> TokenTable:
         """The token table (read once; files are read at start, not per call)."""
@@ -204,10 +215,18 @@ class ControlAuth:
                 self.tokens = TokenTable.from_file(self.tokens_file)
             elif self.tokens_dir is not None:
                 self.tokens = TokenTable.from_dir(self.tokens_dir)
+            elif self.token_review is not None:
+                self.tokens = TokenTable()  # ServiceAccount tokens only
             else:
-                raise ConfigError("control", "expected tokens_file or tokens_dir: the control plane never runs "
-                                             "without authentication")
+                raise ConfigError("control", "expected tokens_file, tokens_dir or token_review: the control plane "
+                                             "never runs without authentication")
         return self.tokens
+
+    def load_reviewer(self) -> TokenReviewer | None:
+        """The TokenReview client of `token_review` (None when not configured)."""
+        if self.reviewer is None and self.token_review is not None:
+            self.reviewer = TokenReviewer(self.token_review)
+        return self.reviewer
 
     def server_credentials(self) -> grpc.ServerCredentials | None:
         if self.tls is None:
@@ -226,16 +245,22 @@ class ControlAuth:
         return cls(tokens=table, **kwargs)
 
 
-CONTROL_KEYS = ("host", "port", "tokens_file", "tokens_dir", "tls", "registration_cidrs", "allow_plaintext")
+CONTROL_KEYS = ("host", "port", "tokens_file", "tokens_dir", "tls", "registration_cidrs", "allow_plaintext",
+                "token_review")
 
 
 def parse_control_auth(control: dict[str, Any], host: str, where: str) -> ControlAuth:
     """The auth part of the config's `control:` section (shape only; files are read at start)."""
     tokens_file = get(control, "tokens_file", str, where, default=None)
     tokens_dir = get(control, "tokens_dir", str, where, default=None)
-    if (tokens_file is None) == (tokens_dir is None):
-        raise ConfigError(where, "expected exactly one of tokens_file (YAML of tokens) and tokens_dir (a Secret "
-                                 "mount): the Admin and Picker services need bearer tokens")
+    review = (parse_token_review(control["token_review"], f"{where}.token_review", _roles)
+              if control.get("token_review") is not None else None)
+    if tokens_file is not None and tokens_dir is not None:
+        raise ConfigError(where, "expected at most one of tokens_file (YAML of tokens) and tokens_dir (a Secret mount)")
+    if tokens_file is None and tokens_dir is None and review is None:
+        raise ConfigError(where, "expected one of tokens_file (YAML of tokens) and tokens_dir (a Secret mount), or "
+                                 "token_review (Kubernetes ServiceAccount tokens): the Admin and Picker services need "
+                                 "bearer tokens")
     tls = None
     raw_tls = control.get("tls")
     if raw_tls is not None:
@@ -256,7 +281,7 @@ def parse_control_auth(control: dict[str, Any], host: str, where: str) -> Contro
             raise ConfigError(f"{where}.registration_cidrs[{i}]", f"expected a CIDR like 10.0.0.0/8, got {raw!r}") \
                 from None
     return ControlAuth(tokens_file=tokens_file, tokens_dir=tokens_dir, tls=tls, registration_cidrs=tuple(cidrs),
-                       allow_plaintext=allow_plaintext)
+                       allow_plaintext=allow_plaintext, token_review=review)
 
 
 def in_cidrs(addresses: Sequence[str], cidrs: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
@@ -284,8 +309,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Every call carries a known bearer token whose principal has the method's role."""
 
     def __init__(self, tokens: TokenTable, method_roles: dict[str, str] | None = None,
-                 open_prefixes: tuple[str, ...] = ()) -> None:
+                 open_prefixes: tuple[str, ...] = (), reviewer: TokenReviewer | None = None) -> None:
         self.tokens = tokens
+        self.reviewer = reviewer  # ServiceAccount tokens: asked when a token is not in `tokens`
         self.method_roles = METHOD_ROLES if method_roles is None else method_roles
         # Methods that need no token (gRPC health of the ext_proc picker: kubelet probes and
         # Envoy's health checks carry none, and health says nothing an attacker can use).
@@ -300,13 +326,19 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return await continuation(handler_call_details)
         token = bearer_token(handler_call_details.invocation_metadata)
         principal = self.tokens.principal(token) if token is not None else None
+        reason = "missing bearer token" if token is None else "unknown bearer token"
+        if principal is None and token is not None and self.reviewer is not None:
+            reviewed = await self.reviewer.review(token)
+            if reviewed.refusal:
+                reason = reviewed.refusal
+            else:
+                principal = Principal(reviewed.name, reviewed.roles)
         if principal is None:
-            reason = "missing bearer token" if token is None else "unknown bearer token"
             _denials.warning(f"unauthenticated:{reason}", "control call denied",
                              extra={"method": method, "reason": reason})
             return _deny(grpc.StatusCode.UNAUTHENTICATED,
                          f"{reason}: send metadata 'authorization: Bearer <token>' with a token from the "
-                         "router's control tokens")
+                         "router's control tokens" + (" or a ServiceAccount token" if self.reviewer else ""))
         role = self.method_roles.get(method, "admin")
         if not principal.may(role):
             _denials.warning(f"denied:{principal.name}:{method}", "control call denied",

@@ -58,7 +58,7 @@ from tokenyard.config import (
     router_dialect_to_policy,
 )
 
-DEFAULT_POLICY: dict[str, Any] = {"filters": ["model", "healthy", "not_draining"], "scorers": ["least_outstanding"]}
+DEFAULT_POLICY: dict[str, Any] = {"filters": ["model", "healthy", "not_draining", "not_cordoned"], "scorers": ["least_outstanding"]}
 TOP_KEYS = ("listen", "store", "control", "limits", "slo_classes", "tenants", "anonymous", "policies",
             "dispatch", "retries", "deadlines_ms", "health", "load", "discovery", "policy", "tiers", "rank")
 # Keys of the older dialect that the policy document replaces.

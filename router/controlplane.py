@@ -29,6 +29,11 @@ prints the plan and the commands). A new leader adopts the fleet as it finds it 
 drains its predecessor recorded in the store (`controlplane:drains`), and waits one dwell
 before scaling down, so a failover never resizes on a half-known history. Decisions are
 the pure functions of scheduler/planner; this module does the I/O.
+
+After every round the leader writes the latest plan and targets to the store
+(router/plan_record.py, `controlplane:plan`): what `tokenyard plan show` reads through the
+Admin service of any router on that store. A cordoned instance is not draining: it stays in
+its pool's count and is never picked for a scale-down's drain by its cordon.
 """
 
 from __future__ import annotations
@@ -37,12 +42,14 @@ import asyncio
 import contextlib
 import logging
 import math
+import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from router.load import MAX_METRICS_BYTES, parse_vllm_metrics
+from router.plan_record import PLAN_KEY, PLAN_TTL_S, plan_document
 from router.plan_routing import publish_routing
 from router.proxy import PoolSet, UpstreamError
 from router.state import InstanceRecord, StateStore
@@ -343,8 +350,9 @@ class ControlPlane:
 
     def __init__(self, config: ControlPlaneConfig, store: StateStore, actuator: FleetActuator, *,
                  leading: Callable[[], bool] = lambda: True, metrics: Any = None,
-                 clock: Callable[[], float] = time.time, dry_run: bool = False) -> None:
+                 clock: Callable[[], float] = time.time, dry_run: bool = False, identity: str = "") -> None:
         self.config = config
+        self.identity = identity or socket.gethostname()  # the leader named in the stored plan
         self.dry_run = dry_run  # drains are recorded, not written to the store
         self.store = store
         self.actuator = actuator
@@ -353,6 +361,7 @@ class ControlPlane:
         self.clock = clock
         self.plan: Plan | None = None
         self.last_solve_s = -math.inf
+        self.solved_s: float | None = None  # when `plan` was solved
         self.pools = {p.name: _PoolState() for p in config.pools}
         self.capacity = {p.name: p.capacity_rps for p in config.pools}
         self.actions: list[tuple[float, str, str, object]] = []  # (t, pool, action, detail): the audit trail
@@ -407,6 +416,7 @@ class ControlPlane:
             return  # nothing to plan from: the previous shares stand, idle pools go to their minimum
         try:
             self.plan = solve(problem, time_limit_s=10.0)
+            self.solved_s = now_s
         except PlanError as exc:
             self._warn.warning("solve", "re-solving the pool plan failed; keeping the previous plan",
                                extra={"error": str(exc)})
@@ -457,7 +467,7 @@ class ControlPlane:
         if uncovered or now_s - self.last_solve_s >= self.config.resolve_interval_s:
             before = self.plan
             self._resolve(rates, now_s)
-            if self.plan is not None and self.plan is not before and not self.dry_run:
+            if self.plan is not None and self.plan is not before and not self.dry_run and self.leading():
                 await self._publish_routing(self.plan, now_s)
         shares = self.plan.shares if self.plan is not None else ()
         by_index = {k: r for k, r in enumerate(rates) if r > 0}
@@ -477,7 +487,18 @@ class ControlPlane:
                 break
             await self._step_pool(name, target, current.get(name, 0), [r for r in records if r.pool == name], now_s)
         self._publish(targets, current, loads)
+        await self._save_plan(targets, current, loads, now_s)
         return targets
+
+    async def _save_plan(self, targets: Mapping[str, int], current: Mapping[str, int], loads: Mapping[str, float],
+                         now_s: float) -> None:
+        if self.dry_run or not self.leading():  # a dry run writes nothing; a lost Lease, no more
+            return
+        doc = plan_document(plan=self.plan, solved_s=self.solved_s, now_s=now_s, leader=self.identity,
+                            pools={p.name: (p.gpu, p.tp) for p in self.config.pools}, current=current,
+                            targets=targets, loads=loads,
+                            draining={name: len(state.drained_since_s) for name, state in self.pools.items()})
+        await self.store.put_load(PLAN_KEY, doc, PLAN_TTL_S)
 
     async def _step_pool(self, pool: str, target: int, replicas: int, records: Sequence[InstanceRecord],
                          now_s: float) -> None:

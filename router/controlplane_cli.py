@@ -126,7 +126,8 @@ async def build(config: Any, store: Any, *, api_client: Any = None, election: An
             settings = election or LeaderElectionSettings.from_env(env)
             elector = LeaseElector(settings, client.CoordinationV1Api(api_client))
         leading = leading_fn(elector) if elector is not None else (lambda: True)
-        plane = ControlPlane(config, store, actuator, leading=leading, metrics=metrics, dry_run=dry_run)
+        plane = ControlPlane(config, store, actuator, leading=leading, metrics=metrics, dry_run=dry_run,
+                             identity=elector.settings.identity if elector is not None else "")
         return plane, elector
     counts: dict[str, int] = {}
     for record in await store.list_instances():

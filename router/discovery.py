@@ -63,7 +63,7 @@ class StaticDiscovery(Discovery):
     async def start(self, registry: InstanceRegistry) -> None:
         """Upsert the configured instances; static instances the registry loaded from a
         shared store that the config no longer lists are removed (the replicas of one
-        deployment share one config). An operator's drain stored earlier is kept."""
+        deployment share one config). An operator's drain or cordon stored earlier is kept."""
         wanted = {r.instance_id for r in self.entries}
         for record in registry.records():
             if record.source == "static" and record.instance_id not in wanted:
@@ -72,6 +72,8 @@ class StaticDiscovery(Discovery):
             found = registry.find(record.instance_id)
             if found is not None and found[0].draining and not record.draining:
                 record = replace(record, draining=True)
+            if found is not None and found[0].cordon is not None:  # an operator's cordon stays too
+                record = replace(record, cordon=found[0].cordon)
             registry.upsert(record)
 
     async def stop(self) -> None:
@@ -391,6 +393,8 @@ class KubernetesDiscovery(Discovery):
                 # set through Admin must survive the pod's later status updates.
                 if found is not None and found[0].draining and not record.draining:
                     record = replace(record, draining=True)
+                if found is not None and found[0].cordon is not None:  # Kubernetes knows no cordon
+                    record = replace(record, cordon=found[0].cordon)
                 registry.upsert(record)
 
     # -- the blocking list/watch loop (own thread) ----------------------------------------
@@ -718,14 +722,15 @@ class DiscoveryCollector:
 
         instances = GaugeMetricFamily(
             "tokenyard_discovery_instances", "Registered instances by source, pool and state "
-            "(ready, draining, unhealthy)", labels=["source", "pool", "state"])
+            "(ready, draining, cordoned, unhealthy)", labels=["source", "pool", "state"])
         counts: dict[tuple[str, str, str], int] = {}
         for record in self.registry.records():
             found = self.registry.find(record.instance_id)
             if found is None:
                 continue
             state = found[1]
-            status = "draining" if state.draining else ("ready" if state.healthy else "unhealthy")
+            status = ("draining" if state.draining else "cordoned" if state.cordoned
+                      else "ready" if state.healthy else "unhealthy")
             key = (record.source, record.pool, status)
             counts[key] = counts.get(key, 0) + 1
         for key, count in sorted(counts.items()):

@@ -103,6 +103,11 @@ class Dispatcher:
         self._by_model: dict[str, tuple[InstanceState, ...]] = {}
         self._models: list[str] = []
         self._affinity_cache: dict[str, tuple[str, float]] = {}  # key -> (owner, valid until)
+        for name, policy in self.policies.items():
+            if not any(part.name == "not_cordoned" for part in policy.filters):
+                # A profile that lists its filters predates cordons, or leaves them out.
+                log.warning("dispatch profile ignores cordons: add not_cordoned to its filters for "
+                            "`tokenyard instances cordon` to hold", extra={"profile": name})
 
     # -- request description ------------------------------------------------------------
     def slo_class(self, tenant: Tenant) -> SloClass:

@@ -244,7 +244,7 @@ class _Exchange:
 
     def _decide_bodyless(self) -> list[pb.ProcessingResponse]:
         self.tenant = self._authenticate()
-        ready = [s for s in self.router.registry.instances() if s.healthy and not s.draining]
+        ready = [s for s in self.router.registry.instances() if s.healthy and not s.draining and not s.cordoned]
         allowed = self.allowed
         if allowed is not None:
             ready = [s for s in ready if self.picker.address(s.instance_id) in allowed]

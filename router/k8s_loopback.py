@@ -28,6 +28,12 @@ real client end to end, and `tokenyard up` can demo Kubernetes discovery without
   existing name 409 AlreadyExists, a missing object 404, all as `Status` objects;
   `?dryRun=All` validates and answers without storing.
 
+- TokenReview (`POST /apis/authentication.k8s.io/v1/tokenreviews`, 201 Created): the
+  tokens `add_token()` issued are authenticated with their user, groups and audiences;
+  any other token gets `status.authenticated: false` with an error, as the real server
+  answers; a review for audiences the token was not issued for is not authenticated.
+  `token_reviews` counts the reviews answered.
+
 Tests drive it through a Python API: `apply()` / `delete()` objects, `bookmark()`,
 `compact()` history, `close_watches()` (end every open watch, cleanly or abruptly).
 Resource versions are one global counter, like etcd's revision.
@@ -35,6 +41,7 @@ Resource versions are one global counter, like etcd's revision.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import re
@@ -54,6 +61,9 @@ KINDS = {
     "leases": ("coordination.k8s.io/v1", "Lease"),
     "deployments": ("apps/v1", "Deployment"),
 }
+
+TOKEN_REVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
+DEFAULT_AUDIENCE = "https://kubernetes.default.svc.cluster.local"  # what the real server issues for
 
 _OBJECT_PATHS = [
     re.compile(r"^/apis/coordination\.k8s\.io/v1/namespaces/(?P<ns>[^/]+)/(?P<res>leases)(?:/(?P<name>[^/]+))?$"),
@@ -148,6 +158,9 @@ class LoopbackKubeAPI:
         self._open_watches = 0
         self._holding = False
         self.watches_held = 0  # watch requests that arrived while held
+        self._tokens: dict[str, dict[str, Any]] = {}  # token -> {username, uid, groups, audiences}
+        self.token_reviews = 0
+        self._connections: set[socket.socket] = set()  # open client connections (cut by stop())
         api = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -156,12 +169,24 @@ class LoopbackKubeAPI:
             def log_message(self, format: str, *args: Any) -> None:  # quiet
                 return
 
+            def setup(self) -> None:
+                super().setup()
+                with api._lock:
+                    api._connections.add(self.connection)
+
+            def finish(self) -> None:
+                with api._lock:
+                    api._connections.discard(self.connection)
+                super().finish()
+
             def do_GET(self) -> None:
                 if not api._handle_object(self):
                     api._handle(self)
 
             def do_POST(self) -> None:
-                if not api._handle_object(self):
+                if urlsplit(self.path).path == TOKEN_REVIEW_PATH:
+                    api._token_review(self)
+                elif not api._handle_object(self):
                     api._not_found(self)
 
             def do_PUT(self) -> None:
@@ -200,6 +225,13 @@ class LoopbackKubeAPI:
             self._lock.notify_all()
         self._server.shutdown()
         self._server.server_close()
+        # A server that stops takes its keep-alive connections with it, as a real one does:
+        # a client must not go on being answered on a pooled connection.
+        with self._lock:
+            connections, self._connections = list(self._connections), set()
+        for conn in connections:
+            with contextlib.suppress(OSError):  # already closed by its client
+                conn.shutdown(socket.SHUT_RDWR)
         if self._thread is not None:
             self._thread.join(5)
 
@@ -289,6 +321,52 @@ class LoopbackKubeAPI:
     def open_watches(self) -> int:
         with self._lock:
             return self._open_watches
+
+    def add_token(self, token: str, username: str, groups: tuple[str, ...] = ("system:authenticated",),
+                  audiences: tuple[str, ...] = (DEFAULT_AUDIENCE,)) -> None:
+        """Issue `token` for `username`: TokenReview authenticates it until `revoke_token`."""
+        with self._lock:
+            self._tokens[token] = {"username": username, "uid": str(uuid.uuid4()), "groups": list(groups),
+                                   "audiences": list(audiences)}
+
+    def revoke_token(self, token: str) -> None:
+        with self._lock:
+            self._tokens.pop(token, None)
+
+    def _token_review(self, req: BaseHTTPRequestHandler) -> None:
+        self.requests.append(f"POST {req.path}")
+        length = int(req.headers.get("Content-Length") or 0)
+        try:
+            body = json.loads(req.rfile.read(length) or b"{}")
+        except ValueError:
+            self._send_json(req, 400, _status(400, "BadRequest", "the request body is not JSON"))
+            return
+        spec = body.get("spec") if isinstance(body, dict) else None
+        if not isinstance(body, dict) or body.get("kind") != "TokenReview" or not isinstance(spec, dict):
+            self._send_json(req, 400, _status(400, "BadRequest", "expected a TokenReview object"))
+            return
+        token = spec.get("token")
+        if not isinstance(token, str) or not token:
+            self._send_json(req, 422, _status(422, "Invalid", "TokenReview.authentication.k8s.io \"\" is invalid: "
+                                                              "spec.token: Required value"))
+            return
+        wanted = [a for a in spec.get("audiences") or [] if isinstance(a, str)]
+        with self._lock:
+            self.token_reviews += 1
+            issued = copy.deepcopy(self._tokens.get(token))
+        status: dict[str, Any] = {"authenticated": False, "user": {}}
+        if issued is None:
+            status["error"] = "[invalid bearer token, service account token has been invalidated]"
+        else:
+            audiences = [a for a in issued["audiences"] if not wanted or a in wanted]
+            if not audiences:
+                status["error"] = f"[invalid bearer token, token audiences {issued['audiences']} is invalid for " \
+                                  f"the target audiences {wanted}]"
+            else:
+                status = {"authenticated": True, "audiences": audiences,
+                          "user": {"username": issued["username"], "uid": issued["uid"], "groups": issued["groups"]}}
+        self._send_json(req, 201, {"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
+                                   "metadata": {"creationTimestamp": None}, "spec": spec, "status": status})
 
     def _append(self, resource: str, namespace: str, type_: str,
                 old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:

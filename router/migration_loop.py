@@ -15,7 +15,12 @@ engine's own flag) has infinite virtual usage, so its running requests are moved
 least loaded instances of its model, one at a time, until it is empty.
 
 Instances without a Worker gRPC address cannot be moved from or to (a plain vLLM without
-the sidecar of docs/migration.md) and are left out.
+the sidecar of docs/migration.md) and are left out. A cordoned instance takes no move in.
+
+An operator's move (Admin TriggerMigration, `tokenyard instances migrate`) goes through
+`trigger`: the same busy set (one move per instance), the same client and metrics
+(reason "operator"), the destination and request chosen by scheduler/migration.py unless
+named; it waits for the end of the move, which a cancelled caller does not abort.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -30,7 +36,14 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from router.worker_client import MigrationClient
-from scheduler.migration import MigrationCandidate, MigrationLoad, MigrationOrder, MigrationPolicy
+from scheduler.migration import (
+    MigrationCandidate,
+    MigrationLoad,
+    MigrationOrder,
+    MigrationPolicy,
+    operator_choice,
+    pick_destination,
+)
 from scheduler.types import InstanceState
 from tokenyard.v1 import worker_pb2
 
@@ -51,6 +64,26 @@ class LoopStats:
     last_orders: list[MigrationOrder] = field(default_factory=list)
 
 
+class MigrationRefused(Exception):
+    """An operator's move that cannot start; `missing` says the instance or request is unknown
+    (else a precondition failed). The message says what to do."""
+
+    def __init__(self, message: str, *, missing: bool = False) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
+@dataclass(frozen=True, slots=True)
+class MoveOutcome:
+    order: MigrationOrder
+    migration_id: str
+    final: worker_pb2.MigrationProgress
+    duration_s: float
+
+
+MAX_OPERATOR_CANDIDATES = 256  # a named request is looked for among this many running ones
+
+
 def load_of(state: InstanceState, *, draining: bool, migrating: bool) -> MigrationLoad:
     """An instance's migration load from what the router knows of it. The head-of-line
     demand is estimated as one average running request's blocks when requests wait (the
@@ -63,7 +96,8 @@ def load_of(state: InstanceState, *, draining: bool, migrating: bool) -> Migrati
     return MigrationLoad(
         instance_id=state.instance_id, model=state.model, kv_blocks_total=state.kv_blocks_total,
         kv_blocks_used=state.kv_blocks_used, head_of_line_blocks=head, waiting=state.waiting,
-        running=state.running, draining=draining or state.draining, migrating=migrating)
+        running=state.running, draining=draining or state.draining, migrating=migrating,
+        cordoned=state.cordoned)
 
 
 class MigrationLoop:
@@ -82,7 +116,7 @@ class MigrationLoop:
         self.metrics = metrics  # tokenyard_router_migrations{reason,outcome}
         self.busy: set[str] = set()
         self.stats = LoopStats()
-        self._moves: set[asyncio.Task[None]] = set()
+        self._moves: set[asyncio.Task[MoveOutcome]] = set()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -147,7 +181,8 @@ class MigrationLoop:
         if self.metrics is not None:
             self.metrics.child(self.metrics.migrations, reason, outcome).inc()  # type: ignore[attr-defined]
 
-    def _order(self, order: MigrationOrder, source_address: str, destination_address: str) -> None:
+    def _order(self, order: MigrationOrder, source_address: str, destination_address: str
+               ) -> asyncio.Task[MoveOutcome]:
         self.busy.update((order.source_id, order.destination_id))
         self.stats.ordered += 1
         self._count(order.reason, "started")
@@ -157,8 +192,72 @@ class MigrationLoop:
         task = asyncio.create_task(self._move(order, source_address, request))
         self._moves.add(task)
         task.add_done_callback(self._moves.discard)
+        return task
 
-    async def _move(self, order: MigrationOrder, source_address: str, request: worker_pb2.MigrateOutRequest) -> None:
+    async def trigger(self, source_id: str, destination_id: str = "", request_id: str = "") -> MoveOutcome:
+        """An operator's move (see the module docstring); MigrationRefused when it cannot start."""
+        records = {r.instance_id: r for r in self.registry.records()}
+        states = {s.instance_id: s for s in self.registry.instances()}
+        source = _movable(records, states, source_id, "source")
+        if destination_id:
+            if destination_id == source_id:
+                raise MigrationRefused(f"destination {destination_id!r} is the source; name another instance")
+            dest_record = _movable(records, states, destination_id, "destination")
+            dest_state = states[destination_id]
+            if dest_record.model != source.model:
+                raise MigrationRefused(f"destination {destination_id!r} serves {dest_record.model!r}, the source "
+                                       f"{source.model!r}: a request moves only between instances of one model")
+            if dest_state.draining or dest_state.cordoned or not dest_state.healthy:
+                flag = "draining" if dest_state.draining else ("cordoned" if dest_state.cordoned else "unhealthy")
+                raise MigrationRefused(f"destination {destination_id!r} is {flag}: it takes no new requests")
+        for iid in (source_id, destination_id):
+            if iid in self.busy:
+                raise MigrationRefused(f"instance {iid!r} is in a move already (one at a time); retry when it ends")
+        loads = {s.instance_id: load_of(s, draining=records[s.instance_id].draining, migrating=s.instance_id in self.busy)
+                 for s in states.values() if s.instance_id in records and records[s.instance_id].grpc_address
+                 and s.healthy}
+        source_load = load_of(states[source_id], draining=source.draining, migrating=False)
+        if destination_id:
+            destination = loads.get(destination_id) or load_of(states[destination_id], draining=False, migrating=False)
+        else:
+            found = pick_destination(source_load, list(loads.values()))
+            if found is None:
+                raise MigrationRefused(f"no destination for {source_id!r}: no other healthy instance of "
+                                       f"{source.model!r} with a Worker address takes new requests")
+            destination = found
+        assert source.grpc_address is not None
+        try:
+            limit = MAX_OPERATOR_CANDIDATES if request_id else self.max_candidates
+            found_candidates = await self.client.candidates(source.grpc_address, limit)
+        except grpc.aio.AioRpcError as exc:
+            raise MigrationRefused(f"the Worker of {source_id!r} at {source.grpc_address} did not list its running "
+                                   f"requests: {exc.code().name}: {exc.details()}") from None
+        candidates = [MigrationCandidate(c.request_id, c.context_tokens, c.priority, c.tokens_generated)
+                      for c in found_candidates]
+        chosen = operator_choice(self.policy, source_load, destination, candidates,
+                                 states[source_id].block_size_tokens, request_id)
+        if chosen is None:
+            if request_id:
+                raise MigrationRefused(f"request {request_id!r} is not running and decoding on {source_id!r} now; "
+                                       f"movable: {', '.join(c.request_id for c in candidates[:10]) or 'none'}",
+                                       missing=True)
+            raise MigrationRefused(f"no request on {source_id!r} can move to {destination.instance_id!r} now: "
+                                   f"{len(candidates)} running and decoding, none fits in the destination's free KV")
+        for iid in (source_id, destination.instance_id):  # the loop may have ordered one while we asked
+            if iid in self.busy:
+                raise MigrationRefused(f"instance {iid!r} is in a move already (one at a time); retry when it ends")
+        order = MigrationOrder(chosen.request_id, source_id, destination.instance_id, "operator",
+                               chosen.context_tokens)
+        self.stats.last_orders = [order]
+        dest_address = records[destination.instance_id].grpc_address
+        assert dest_address is not None
+        # Shielded: a caller that gives up (its deadline) must not abort a move half done.
+        return await asyncio.shield(self._order(order, source.grpc_address, dest_address))
+
+    async def _move(self, order: MigrationOrder, source_address: str,
+                    request: worker_pb2.MigrateOutRequest) -> MoveOutcome:
+        started_s = time.monotonic()
+        final = worker_pb2.MigrationProgress(migration_id=request.migration_id, state=worker_pb2.ABORTED)
         try:
             final = await self.client.migrate(source_address, request)
             if final.state == worker_pb2.COMMITTED:
@@ -174,10 +273,23 @@ class MigrationLoop:
         except grpc.aio.AioRpcError as exc:
             self.stats.aborted += 1
             self._count(order.reason, "aborted")
+            final.error_message = f"the source's Worker refused: {exc.code().name}: {exc.details()}"
             log.info("migration refused", extra={"request_id": order.request_id, "error": exc.code().name})
         finally:
             self.busy.discard(order.source_id)
             self.busy.discard(order.destination_id)
+        return MoveOutcome(order, request.migration_id, final, time.monotonic() - started_s)
+
+
+def _movable(records: dict[str, Any], states: dict[str, InstanceState], instance_id: str, role: str) -> Any:
+    """The record of an instance a move may use; MigrationRefused naming what is missing."""
+    record = records.get(instance_id)
+    if record is None or instance_id not in states:
+        raise MigrationRefused(f"{role} instance {instance_id!r} is not registered", missing=True)
+    if not record.grpc_address:
+        raise MigrationRefused(f"{role} instance {instance_id!r} has no Worker address (it registered without "
+                               "worker_address): its requests cannot be moved (docs/migration.md)")
+    return record
 
 
 def build_migration_loop(spec: MigrationSpec, registry: Any, *, token: str | None,

@@ -2,7 +2,7 @@
 
 The hot path only reads `instances()` (a cached tuple, rebuilt on membership change)
 and bumps counters (`inflight_started` / `inflight_finished`, `update_load`), all O(1)
-and without I/O. Membership and draining are written through to an optional
+and without I/O. Membership, draining and cordons are written through to an optional
 `StateStore` by one background writer, in order, so that several router replicas over the
 same store converge; other replicas' changes arrive through `StateStore.watch()` and are
 reconciled against the store's list (on each notice, and every `resync_s` since pub/sub
@@ -28,12 +28,13 @@ from tokenyard.logs import RateLimitedLog
 log = logging.getLogger(__name__)
 _store_down = RateLimitedLog(log, interval_s=10.0)  # one line per outage, not per retry
 
-#: A membership listener gets ("added" | "updated" | "removed" | "draining", record).
+#: A membership listener gets ("added" | "updated" | "removed" | "draining" | "cordon", record).
 MembershipListener = Callable[[str, InstanceRecord], None]
 
 _WRITE_PUT = "put"
 _WRITE_REMOVE = "remove"
 _WRITE_DRAIN = "drain"
+_WRITE_CORDON = "cordon"
 _WRITE_RESTORE = "restore"  # put unless present: never overwrites a newer remote version
 
 # Sources whose discovery runs in every replica (config list, Kubernetes watch): a replica
@@ -183,6 +184,16 @@ class InstanceRegistry:
             self._enqueue(_WRITE_DRAIN, instance_id, draining)
         return found
 
+    def set_cordon(self, instance_id: str, cordon: dict[str, object] | None) -> bool:
+        """Cordon (a `router.state.cordon_note`) or uncordon (None); False when unknown."""
+        record = self._records.get(instance_id)
+        if record is None:
+            return False
+        if record.cordon != cordon:
+            self._apply_upsert(replace(record, cordon=None if cordon is None else dict(cordon)))
+            self._enqueue(_WRITE_CORDON, instance_id, cordon)
+        return True
+
     def _apply_upsert(self, record: InstanceRecord) -> None:
         iid = record.instance_id
         old = self._records.get(iid)
@@ -193,18 +204,21 @@ class InstanceRegistry:
         if state is None:
             self._states[iid] = InstanceState(
                 instance_id=iid, model=record.model, gpu=record.gpu, pool=record.pool,
-                tp=record.tp, url=record.url, draining=record.draining)  # updated_s 0: no load yet
+                tp=record.tp, url=record.url, draining=record.draining,
+                cordoned=record.cordoned)  # updated_s 0: no load yet
             self._snapshot = tuple(self._states.values())
             event = "added"
         else:
             state.model, state.gpu, state.pool = record.model, record.gpu, record.pool
             state.tp, state.url, state.draining = record.tp, record.url, record.draining
+            state.cordoned = record.cordoned
             assert old is not None
             only_drain = replace(old, draining=record.draining) == record
-            event = "draining" if only_drain else "updated"
+            only_cordon = replace(old, cordon=record.cordon) == record
+            event = "draining" if only_drain else ("cordon" if only_cordon else "updated")
         log.info("instance %s", event, extra={
             "instance": iid, "model": record.model, "pool": record.pool, "url": record.url,
-            "source": record.source, "draining": record.draining})
+            "source": record.source, "draining": record.draining, "cordoned": record.cordoned})
         self._notify(event, record)
 
     def _apply_remove(self, instance_id: str) -> bool:
@@ -260,12 +274,14 @@ class InstanceRegistry:
                             await self.store.put_instance_if_absent(arg)
                         elif op == _WRITE_REMOVE:
                             await self.store.remove_instance(iid)
+                        elif op == _WRITE_CORDON:
+                            assert arg is None or isinstance(arg, dict)
+                            if not await self.store.set_cordon(iid, arg):
+                                await self._write_whole(iid)
                         elif not await self.store.set_draining(iid, bool(arg)):
                             # The store lost the instance (restarted empty) while we still
                             # serve it: write all of it, or the drain would be lost.
-                            record = self._records.get(iid)
-                            if record is not None:
-                                await self.store.put_instance(replace(record, labels=dict(record.labels)))
+                            await self._write_whole(iid)
                         break
                     except (AssertionError, TypeError, ValueError):
                         raise  # a bug, not an outage: retrying cannot help
@@ -285,6 +301,11 @@ class InstanceRegistry:
                     self._pending_writes[iid] = left
                 if self._writes.empty() and not self._pending_writes:
                     self._idle.set()
+
+    async def _write_whole(self, instance_id: str) -> None:
+        record = self._records.get(instance_id)
+        if record is not None and self.store is not None:
+            await self.store.put_instance(replace(record, labels=dict(record.labels)))
 
     async def reconcile(self) -> None:
         """Make local membership match the store, except instances with queued writes."""

@@ -65,6 +65,13 @@ class InstanceRecord:
     labels: dict[str, str] = field(default_factory=dict)
     source: str = "static"  # static | kubernetes | admin
     draining: bool = False
+    # An operator's cordon (no new requests; see `tokenyard instances cordon`): who, when
+    # and why, `{"by", "at_unix_ms", "reason"}`; None when not cordoned.
+    cordon: dict[str, Any] | None = None
+
+    @property
+    def cordoned(self) -> bool:
+        return self.cordon is not None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,7 +101,23 @@ class InstanceRecord:
             labels={str(k): str(v) for k, v in labels.items()},
             source=str(raw.get("source") or "static"),
             draining=bool(raw.get("draining", False)),
+            cordon=_cordon_of(raw.get("cordon"), f"{where}.cordon"),
         )
+
+
+def cordon_note(by: str, reason: str, at_unix_ms: int | None = None) -> dict[str, Any]:
+    """The audit of a cordon: who, when (ms since the epoch), why."""
+    return {"by": by, "at_unix_ms": int(time.time() * 1000) if at_unix_ms is None else at_unix_ms,
+            "reason": reason}
+
+
+def _cordon_of(raw: Any, where: str) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or not isinstance(raw.get("by", ""), str) \
+            or not isinstance(raw.get("reason", ""), str) or not isinstance(raw.get("at_unix_ms", 0), int):
+        raise ValueError(f"{where}: expected {{by: str, at_unix_ms: int, reason: str}} or null, got {raw!r}")
+    return cordon_note(str(raw.get("by", "")), str(raw.get("reason", "")), int(raw.get("at_unix_ms", 0)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +159,11 @@ class StateStore(ABC):
     @abstractmethod
     async def set_draining(self, instance_id: str, draining: bool) -> bool:
         """Flip draining; False when the instance is unknown."""
+
+    @abstractmethod
+    async def set_cordon(self, instance_id: str, cordon: dict[str, Any] | None) -> bool:
+        """Set (a `cordon_note`) or clear (None) an instance's cordon, atomically against
+        concurrent puts; False when the instance is unknown."""
 
     # -- affinity (session / prefix -> instance) --------------------------------------
     @abstractmethod
@@ -397,6 +425,13 @@ class FileStateStore(StateStore):
         return [InstanceRecord.from_dict(json.loads(doc), f"{self.path}: instances.{iid}") for iid, doc in rows]
 
     async def set_draining(self, instance_id: str, draining: bool) -> bool:
+        return await self._set_field(instance_id, "draining", draining)
+
+    async def set_cordon(self, instance_id: str, cordon: dict[str, Any] | None) -> bool:
+        return await self._set_field(instance_id, "cordon", cordon)
+
+    async def _set_field(self, instance_id: str, key: str, value: Any) -> bool:
+        """One field of an instance's JSON, read and written in one transaction."""
         def flip() -> bool:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
@@ -406,8 +441,8 @@ class FileStateStore(StateStore):
                     db.execute("ROLLBACK")
                     return False
                 doc = json.loads(row[0])
-                if doc.get("draining") != draining:
-                    doc["draining"] = draining
+                if doc.get(key) != value:
+                    doc[key] = value
                     db.execute("UPDATE instances SET doc = ? WHERE id = ?", (json.dumps(doc, sort_keys=True),
                                                                              instance_id))
                     db.execute("INSERT INTO changes (kind, key, origin) VALUES ('instance', ?, ?)",
@@ -572,6 +607,16 @@ redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(rec))
 return 1
 """
 
+# The cordon too (ARGV[2]: its JSON, or "null" to clear it).
+_CORDON_LUA = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return 0 end
+local rec = cjson.decode(raw)
+rec['cordon'] = cjson.decode(ARGV[2])
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(rec))
+return 1
+"""
+
 
 class RedisStateStore(StateStore):
     """Keys under `prefix`: `instances` (hash), `policies` (hash), `aff:<key>`,
@@ -587,6 +632,7 @@ class RedisStateStore(StateStore):
         self._redis = aioredis.Redis.from_url(url, decode_responses=True)
         self._claim = self._redis.register_script(_CLAIM_LUA)
         self._drain = self._redis.register_script(_DRAIN_LUA)
+        self._cordon = self._redis.register_script(_CORDON_LUA)
         self._k_instances = prefix + "instances"
         self._k_policies = prefix + "policies"
         self._k_loads = prefix + "loads"
@@ -637,6 +683,12 @@ class RedisStateStore(StateStore):
 
     async def set_draining(self, instance_id: str, draining: bool) -> bool:
         found = await self._drain(keys=[self._k_instances], args=[instance_id, "1" if draining else "0"])
+        if found:
+            await self._publish("instance", instance_id)
+        return bool(found)
+
+    async def set_cordon(self, instance_id: str, cordon: dict[str, Any] | None) -> bool:
+        found = await self._cordon(keys=[self._k_instances], args=[instance_id, json.dumps(cordon)])
         if found:
             await self._publish("instance", instance_id)
         return bool(found)

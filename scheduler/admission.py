@@ -100,7 +100,7 @@ class SaturationDetector:
         max_kv = spec.max_kv_usage
         usable = False
         for inst in group:
-            if not inst.healthy or inst.draining:
+            if not inst.healthy or inst.draining or inst.cordoned:
                 continue
             usable = True
             running = inst.running
@@ -126,7 +126,7 @@ class SaturationDetector:
         """`saturated`'s definition, one `instance_saturated` call per instance."""
         usable = False
         for inst in group:
-            if not inst.healthy or inst.draining:
+            if not inst.healthy or inst.draining or inst.cordoned:
                 continue
             usable = True
             if not self.instance_saturated(inst, request, slo):

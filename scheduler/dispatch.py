@@ -56,7 +56,7 @@ class ClusterView:
     instances: Sequence[InstanceState]
     now_s: float = 0.0
     # A counter the driver bumps whenever an instance joins, leaves, or changes its model,
-    # health or draining flag, keeping the same `instances` object otherwise; with it set,
+    # health, draining or cordoned flag, keeping the same `instances` object otherwise; with it set,
     # the result of the leading `static` filters is reused between decisions. None: the
     # driver promises nothing (filters run every time).
     membership_version: int | None = None
@@ -84,7 +84,7 @@ class Filter:
     # for policies with a part that reads them; a new part is assumed to (True).
     reads_progress: ClassVar[bool] = True
     # True: `keep` depends only on the request's model and the instance's id, model,
-    # health and draining flag (what `ClusterView.membership_version` covers).
+    # health, draining and cordoned flags (what `ClusterView.membership_version` covers).
     static: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
@@ -571,7 +571,7 @@ def build_policy(
 ) -> DispatchPolicy:
     """Assemble a policy (one dispatch profile) from config:
 
-        filters: [model, healthy, not_draining]       # default
+        filters: [model, healthy, not_draining, not_cordoned]  # default
         scorers: [{least_outstanding: {weight: 1.0}}] # weight defaults to 1
         picker: max_score                             # or round_robin, random, ...
 
@@ -582,7 +582,7 @@ def build_policy(
     if unknown:
         raise PolicyConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: filters, scorers, picker, seed")
     filters: list[Filter] = []
-    for i, spec in enumerate(_listed(config, "filters", ["model", "healthy", "not_draining"], where)):
+    for i, spec in enumerate(_listed(config, "filters", ["model", "healthy", "not_draining", "not_cordoned"], where)):
         part, params = _named("filter", FILTERS, spec, f"{where}.filters[{i}]")
         filters.append(_construct(FILTERS[part], params, f"{where}.filters[{i}].{part}"))
     scorers: list[tuple[Scorer, float]] = []

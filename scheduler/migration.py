@@ -20,6 +20,9 @@ requests of the chosen sources only:
    does not make the destination more loaded than the source is after it (no ping-pong).
    Longer than `max_context_tokens`: not worth the copy.
 
+An operator's move (`tokenyard instances migrate`) uses `pick_destination` and
+`operator_choice`: the same choice, without the load thresholds.
+
 Policies register by name (`register_migration_policy`), as dispatch parts do, and are
 chosen in config: `migration: {policy: llumnix, overload_usage: 0.9, ...}`; `none` never
 moves anything.
@@ -29,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, TypeVar
 
 
@@ -51,6 +54,7 @@ class MigrationLoad:
     high_priority_running: int = 0  # running requests of a priority class that keeps headroom
     draining: bool = False
     migrating: bool = False  # a migration in or out is in flight
+    cordoned: bool = False  # takes no new work, so no request moves in (its own stay put)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +189,8 @@ class VirtualUsageBalance(MigrationPolicy):
             sources = sorted((g for g in group if usage[g.instance_id] >= self.overload_usage and g.running > 0
                               and (g.draining or g.kv_blocks_used > self.underload_usage * g.kv_blocks_total)),
                              key=lambda g: (-usage[g.instance_id], g.instance_id))
-            destinations = sorted((g for g in group if usage[g.instance_id] <= self.underload_usage),
+            destinations = sorted((g for g in group if usage[g.instance_id] <= self.underload_usage
+                                   and not g.cordoned),
                                   key=lambda g: (usage[g.instance_id], g.instance_id))
             for source, destination in zip(sources, destinations, strict=False):
                 reason = "drain" if source.draining else "load"
@@ -223,6 +228,28 @@ class VirtualUsageBalance(MigrationPolicy):
             if best_key is None or key < best_key:
                 best, best_key = cand, key
         return best
+
+
+def pick_destination(source: MigrationLoad, loads: Sequence[MigrationLoad]) -> MigrationLoad | None:
+    """Where an operator's move off `source` goes when they name no destination: the
+    instance of the source's model with the lowest KV usage that takes new work (neither
+    draining, cordoned nor in a move); ties by id. None when there is none."""
+    fits = [load for load in loads if load.instance_id != source.instance_id and load.model == source.model
+            and not (load.draining or load.cordoned or load.migrating)]
+    return min(fits, key=lambda load: (load.kv_blocks_used / max(1, load.kv_blocks_total), load.instance_id),
+               default=None)
+
+
+def operator_choice(policy: MigrationPolicy, source: MigrationLoad, destination: MigrationLoad,
+                    candidates: Sequence[MigrationCandidate], block_size_tokens: int,
+                    request_id: str = "") -> MigrationCandidate | None:
+    """The request an operator's move takes: the one they named (None when it is not among
+    the candidates), else the policy's choice with the source treated as draining: the
+    operator asked for a move, so the balance checks that keep the loop from ping-ponging do
+    not veto it, while the fit at the destination and the priority order still hold."""
+    if request_id:
+        return next((c for c in candidates if c.request_id == request_id), None)
+    return policy.choose(replace(source, draining=True), destination, candidates, block_size_tokens)
 
 
 def build_migration_policy(config: Mapping[str, Any] | None, where: str = "migration") -> MigrationPolicy:

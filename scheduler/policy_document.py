@@ -7,7 +7,7 @@ share, one schema, one loader.
       interactive: {ttft_ms: 1000, tpot_ms: 100, priority: 0, queue_timeout_ms: 5000}
       batch: {ttft_ms: 60000, tpot_ms: 1000, priority: 2, sheddable: true}
     profiles:                        # dispatch profiles: filter -> score -> pick
-      default: {filters: [model, healthy, not_draining], scorers: [least_outstanding], picker: max_score}
+      default: {filters: [model, healthy, not_draining, not_cordoned], scorers: [least_outstanding], picker: max_score}
       headroom: {scorers: [slo_headroom, {least_outstanding: {weight: 0.1}}]}
     selection: {default: default, by_slo_class: {interactive: headroom}, by_tenant: {acme: headroom}}
     window: {max_candidates: 16}     # score at most this many instances of a model (0: all)
@@ -58,7 +58,7 @@ from scheduler.tier_document import TiersSpec, check_tiers
 from scheduler.types import SloClass
 
 DOCUMENT_VERSION = 1
-DEFAULT_FILTERS: tuple[str, ...] = ("model", "healthy", "not_draining")
+DEFAULT_FILTERS: tuple[str, ...] = ("model", "healthy", "not_draining", "not_cordoned")
 
 PartSpec = str | dict[str, dict[str, Any] | None]
 

@@ -27,9 +27,9 @@ def affinity_key(request: RequestInfo) -> str:
 
 
 def can_own(state: InstanceState | None, model: str) -> bool:
-    """Whether an instance may keep a session of `model`: present, healthy, not draining,
-    serving the model (both drivers ask exactly this)."""
-    return (state is not None and state.healthy and not state.draining
+    """Whether an instance may keep a session of `model`: present, healthy, not draining
+    nor cordoned, serving the model (both drivers ask exactly this)."""
+    return (state is not None and state.healthy and not state.draining and not state.cordoned
             and state.model.lower() == model.lower())
 
 

@@ -34,7 +34,7 @@ def should_shed(candidates: Iterable[InstanceState], priority: int, policy: Shed
         return False
     usable = 0
     for state in candidates:
-        if not state.healthy or state.draining:
+        if not state.healthy or state.draining or state.cordoned:
             continue
         usable += 1
         if state.outstanding < policy.max_outstanding_per_instance:

@@ -271,7 +271,7 @@ class TierRouter:
         best = {self.small_model.lower(): float("inf"), self.large_model.lower(): float("inf")}
         for inst in instances:
             model = inst.model.lower()
-            if model not in best or not inst.healthy or inst.draining:
+            if model not in best or not inst.healthy or inst.draining or inst.cordoned:
                 continue
             ttft_ms = 1000.0 * self.predicted_ttft_s(request, inst)
             if ttft_ms < best[model]:

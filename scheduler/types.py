@@ -40,6 +40,9 @@ class InstanceState:
     url: str = ""
     healthy: bool = True
     draining: bool = False
+    # Cordoned by an operator: no new requests (or migrations in), running ones stay;
+    # unlike draining it moves nothing away and is no step of a scale-down.
+    cordoned: bool = False
     running: int = 0
     waiting: int = 0
     kv_blocks_used: int = 0

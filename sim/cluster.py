@@ -14,13 +14,15 @@ the engine settings of each pool, the dispatch and queue policies by name, SLO c
                  enable_prefix_caching: true, num_kv_blocks: null, max_model_len: null,
                  gpu_memory_utilization: 0.9}
     dispatch:                         # scheduler.dispatch.build_policy
-      filters: [model, healthy, not_draining]
+      filters: [model, healthy, not_draining, not_cordoned]
       scorers: [least_outstanding]
       picker: max_score
       per_slo_class:                  # optional: a whole dispatch config per SLO class,
         batch: {picker: round_robin}  # keys it sets replace the cluster-wide ones
     queue: {policy: fcfs}             # or slo_priority; scheduler.queueing
     slo_classes: {interactive: {ttft_ms: 1000, tpot_ms: 100, priority: 0}, ...}
+    cordoned: [a100-1]                # instances cordoned from the start (as `tokenyard instances
+                                      # cordon`): they serve nothing new, keep what they run
     load_refresh_s: 0                 # 0: dispatch sees live engine load; > 0: load as a
                                       # router scraping /metrics that often sees it
     policy: {...}                     # or a path: the policy document (docs/policy.md),
@@ -74,7 +76,7 @@ from tokenyard.config import (
 T = TypeVar("T")
 
 _TOP_KEYS = ("catalog", "default_model", "pools", "dispatch", "queue", "slo_classes", "load_refresh_s", "policy",
-             "front_end")
+             "front_end", "cordoned")
 _POLICY_KEYS = ("dispatch", "queue", "slo_classes")  # the older dialect the document replaces
 _POOL_KEYS = ("name", "gpu", "model", "tp", "count", "engine")
 _ENGINE_KEYS = (
@@ -135,6 +137,9 @@ class ClusterSpec:
             queue_policy=self.queue_policy), where="")
     # Router + API server time per request added to simulated TTFT and E2E (`front_end:`).
     front_end: FrontEndCost = field(default_factory=FrontEndCost)
+    # Instance ids cordoned from the start (no new requests; `Simulation.set_cordoned`
+    # changes it during a run), as the router's cordon flag.
+    cordoned: tuple[str, ...] = ()
 
     @property
     def num_instances(self) -> int:
@@ -232,6 +237,7 @@ def parse_cluster(doc: Mapping[str, Any], source: str, base_dir: Path | None = N
     else:
         dispatch, per_class = _parse_dispatch(doc.get("dispatch"), source, slo_classes)
     load_refresh_s = _top_get(doc, "load_refresh_s", float, source, default=0.0, minimum=0.0)
+    cordoned = _parse_cordoned(doc.get("cordoned"), f"{where} cordoned", pools)
     spec = ClusterSpec(
         pools=tuple(pools),
         dispatch=dispatch,
@@ -244,6 +250,7 @@ def parse_cluster(doc: Mapping[str, Any], source: str, base_dir: Path | None = N
         source=source,
         policy=document,
         front_end=_parse_front_end(doc.get("front_end", True), f"{where} front_end"),
+        cordoned=cordoned,
     )
     if document is None:
         try:
@@ -251,6 +258,20 @@ def parse_cluster(doc: Mapping[str, Any], source: str, base_dir: Path | None = N
         except PolicyDocumentError as exc:
             raise ConfigError(source, f"{exc} (converting the older dialect into a policy document)") from None
     return spec
+
+
+def _parse_cordoned(raw: Any, where: str, pools: Sequence[PoolSpec]) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
+        raise ConfigError(where, f"expected a list of instance ids (<pool>-<index>, e.g. {pools[0].name}-0), "
+                                 f"got {raw!r}")
+    known = {iid for pool in pools for iid in pool.instance_ids()}
+    for i, iid in enumerate(raw):
+        if iid not in known:
+            raise ConfigError(f"{where}[{i}]", f"no instance {iid!r}; instances are <pool>-<index>: "
+                                               f"{', '.join(sorted(known)[:8])}{', ...' if len(known) > 8 else ''}")
+    return tuple(dict.fromkeys(raw))
 
 
 def _parse_front_end(raw: Any, where: str) -> FrontEndCost:

@@ -162,7 +162,7 @@ class MigrationDriver:
             instance_id=inst.state.instance_id, model=inst.state.model, kv_blocks_total=core.num_kv_blocks,
             kv_blocks_used=core.kv_blocks_used, head_of_line_blocks=head, waiting=core.num_waiting,
             running=core.num_running, high_priority_running=high, draining=inst.state.draining,
-            migrating=inst.state.instance_id in self.busy,
+            cordoned=inst.state.cordoned, migrating=inst.state.instance_id in self.busy,
         )
 
     def _candidates(self, instance_id: str) -> list[MigrationCandidate]:

@@ -245,7 +245,7 @@ def plan_cluster(plan: Plan, inputs: PlanInputs, workload: Workload,
 
     def dispatch_for(klass: str) -> dict[str, Any]:
         table = table_from_plan(plan, workload.input_edges, workload.output_edges, klass).as_dict()
-        return {"filters": ["model", "healthy", "not_draining", {"length_bucket": {"table": table}}],
+        return {"filters": ["model", "healthy", "not_draining", "not_cordoned", {"length_bucket": {"table": table}}],
                 "scorers": ["least_outstanding"], "picker": "max_score"}
 
     base = dispatch_for(classes[0])

@@ -181,8 +181,11 @@ class Simulation:
             for instance_id in pool.instance_ids():
                 self.instances.append(_Instance(len(self.instances), instance_id, pool, model))
         self.by_id = {inst.state.instance_id: inst for inst in self.instances}
-        # Instances change health only through a waker (the autoscaler), which bumps this
-        # version so the static-filter cache sees the new flags.
+        for instance_id in cluster.cordoned:
+            self.by_id[instance_id].state.cordoned = True
+        # Instances change health only through a waker (the autoscaler) and their cordon
+        # only through `set_cordoned`; both bump this version so the static-filter cache
+        # sees the new flags.
         self.view = ClusterView([inst.state for inst in self.instances], membership_version=0)
         self.groups = group_by_model(self.view.instances)  # stable tuples: the static-filter cache holds
         self.in_runs: dict[int, _Instance] = {}  # instances inside a fast-forward run
@@ -372,6 +375,15 @@ class Simulation:
         layer = self.layer
         return admission.offer(info, layer.slo_classes.get(info.slo_class),
                                layer.saturated(self.groups.get(info.model.lower(), ()), info), now)
+
+    def set_cordoned(self, instance_id: str, cordoned: bool) -> None:
+        """Cordon an instance (no new requests, its running ones stay), or undo it: the
+        router's `instances cordon`. The static filters' cache sees the new flag."""
+        state = self.by_id[instance_id].state
+        if state.cordoned != cordoned:
+            state.cordoned = cordoned
+            assert self.view.membership_version is not None
+            self.view.membership_version += 1
 
     def decide(self, info: RequestInfo, now: float) -> Decision:
         """The decision for one request on the current load views, as the router's

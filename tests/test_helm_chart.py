@@ -158,6 +158,17 @@ def test_rbac_rules_are_exactly_the_needed_ones(chart: Any) -> None:
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]},  # the drained pod's deletion cost
     ]
     assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    # ServiceAccount tokens on the control port: the router may create TokenReviews, and only that.
+    review = render(chart, {**FULL, "router": {"control": {"enabled": True, "tokenReview": {
+        "enabled": True, "roles": [{"service_account": "ops/oncall", "roles": ["operator"]}]}}}})
+    assert [d["rules"] for d in review if d["kind"] == "ClusterRole"] == [
+        [{"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}]]
+    review_binding = one(review, "ClusterRoleBinding", "ty-tokenyard-llm-token-review")
+    assert review_binding["roleRef"]["name"] == "ty-tokenyard-llm-token-review"
+    assert review_binding["subjects"] == [{"kind": "ServiceAccount", "name": "ty-tokenyard-router", "namespace": "llm"}]
+    parsed = parse_router_config(router_config(review), "router.yaml").control_auth
+    assert parsed.tokens_dir == "/etc/tokenyard/control-tokens" and parsed.token_review is not None
+    assert parsed.token_review.cache_ttl_s == 30 and parsed.token_review.roles[0].service_account == "ops/oncall"
     pods_role = one(render(chart, {"discovery": {"kind": "pods"}}), "Role", "ty-tokenyard-router")
     assert pods_role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
     # Off by default: no control-plane identity or permissions at all.

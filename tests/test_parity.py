@@ -7,7 +7,9 @@ order), every admission verdict, and the admission queue's order must be identic
 both drivers see the same dispatches and finishes. Hypothesis varies the profiles (a
 length_bucket routing table among the filters, replaced mid-sequence by a re-solved
 plan's through both drivers' `DecisionLayer.set_routing_table`), windows, affinity,
-saturation criteria (with the scale-from-zero hold), queue sorts and loads.
+saturation criteria (with the scale-from-zero hold), queue sorts and loads, and cordons
+instances: the router through its registry's cordon (as Admin CordonInstance sets it),
+the simulator through `Simulation.set_cordoned`, one of them midway through the sequence.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from router.config import parse_router_config
 from router.dispatcher import Dispatcher
 from router.metrics import RouterMetrics
 from router.registry import InstanceRegistry
-from router.state import FileStateStore, InstanceRecord
+from router.state import FileStateStore, InstanceRecord, cordon_note
 from router.tenants import Tenant
 from scheduler.planner.routing import RoutingTable
 from scheduler.types import InstanceState, NoInstanceAvailable, RequestInfo
@@ -54,7 +56,8 @@ TABLES = [  # what a plan and its re-solved successor might route
 def profiles(draw: st.DrawFn) -> dict[str, Any]:
     scorers = draw(st.lists(st.sampled_from(SCORERS), unique=True, max_size=3))
     weighted = [{name: {"weight": draw(st.sampled_from([0.1, 0.5, 1.0, 2.0]))}} for name in scorers]
-    filters: list[Any] = ["model", "healthy", "not_draining"] + (["kv_room"] if draw(st.booleans()) else [])
+    filters: list[Any] = ["model", "healthy", "not_draining", "not_cordoned"] + (
+        ["kv_room"] if draw(st.booleans()) else [])
     if draw(st.booleans()):
         filters.append({"length_bucket": {"table": TABLES[draw(st.integers(0, 1))]}})
     return {"filters": filters, "scorers": weighted, "picker": draw(st.sampled_from(PICKERS))}
@@ -90,6 +93,7 @@ def documents(draw: st.DrawFn) -> dict[str, Any]:
 loads = st.fixed_dictionaries({
     "running": st.integers(0, 6), "waiting": st.integers(0, 4), "kv": st.floats(0, 0.98),
     "healthy": st.sampled_from([True, True, True, False]), "draining": st.sampled_from([False, False, False, True]),
+    "cordoned": st.sampled_from([False, False, False, True]),
 })
 
 requests = st.lists(st.fixed_dictionaries({
@@ -125,7 +129,7 @@ def _outcome(sim: Simulation, info: RequestInfo, now_s: float) -> tuple[str, ...
 
 
 async def _run_parity(doc: dict[str, Any], counts: list[int], instance_loads: list[dict[str, Any]],
-                      sequence: list[dict[str, Any]], state_dir: Path) -> None:
+                      sequence: list[dict[str, Any]], state_dir: Path, cordon_at: int = -1) -> None:
     cluster = _cluster(counts, doc)
     sim = Simulation(cluster, seed=3)
     store = FileStateStore(state_dir / "state.json")
@@ -139,18 +143,28 @@ async def _run_parity(doc: dict[str, Any], counts: list[int], instance_loads: li
         load = instance_loads[k % len(instance_loads)]
         _set_load(state, load, state.kv_blocks_total)
         _set_load(registry.get(state.instance_id)[1], load, state.kv_blocks_total)
+        registry.set_draining(state.instance_id, load["draining"])  # in the record too, as the router keeps it
+        if load["cordoned"]:
+            sim.set_cordoned(state.instance_id, True)
+            registry.set_cordon(state.instance_id, cordon_note("parity", "cordoned from the start"))
     rng = random.Random(len(sequence))
     inflight: list[tuple[RequestInfo, str]] = []
     sim_states = {inst.state.instance_id: inst.state for inst in sim.instances}
     try:
         for n, spec in enumerate(sequence):
+            if n == cordon_at:  # a cordon (or uncordon) in the middle: both drivers see it next decision
+                iid = sim.instances[n % len(sim.instances)].state.instance_id
+                flip = not sim.by_id[iid].state.cordoned
+                sim.set_cordoned(iid, flip)
+                registry.set_cordon(iid, cordon_note("parity", "midway") if flip else None)
+                assert registry.get(iid)[1].cordoned == flip
             for _ in range(min(spec["finish"], len(inflight))):
                 info, iid = inflight.pop(rng.randrange(len(inflight)))
                 sim.layer.profile(info).on_finish(info, iid)
                 sim_states[iid].router_inflight -= 1
                 dispatcher.policies[dispatcher.policy_name(Tenant(info.tenant, info.slo_class))].on_finish(info, iid)
                 registry.inflight_finished(iid)
-            if spec["replan"] is not None:  # the autoscaler's new plan, the drivers' one call
+            if spec.get("replan") is not None:  # the autoscaler's new plan, the drivers' one call
                 table = RoutingTable.from_dict(TABLES[spec["replan"]])
                 assert sim.layer.set_routing_table(table) == dispatcher.layer.set_routing_table(table)
             info = RequestInfo(f"r{n}", spec["model"], spec["tokens"], tenant=spec["tenant"],
@@ -199,12 +213,31 @@ async def _run_parity(doc: dict[str, Any], counts: list[int], instance_loads: li
 
 @settings(max_examples=300, deadline=None)
 @given(doc=documents(), counts=st.tuples(st.integers(1, 4), st.integers(0, 4), st.integers(0, 2)).map(list),
-       instance_loads=st.lists(loads, min_size=1, max_size=6), sequence=requests)
+       instance_loads=st.lists(loads, min_size=1, max_size=6), sequence=requests, cordon_at=st.integers(-1, 8))
 def test_router_and_simulator_decide_alike(doc: dict[str, Any], counts: list[int],
                                            instance_loads: list[dict[str, Any]],
-                                           sequence: list[dict[str, Any]]) -> None:
+                                           sequence: list[dict[str, Any]], cordon_at: int) -> None:
     with tempfile.TemporaryDirectory() as state_dir:
-        asyncio.run(_run_parity(doc, counts, instance_loads, sequence, Path(state_dir)))
+        asyncio.run(_run_parity(doc, counts, instance_loads, sequence, Path(state_dir), cordon_at))
+
+
+def test_a_cordoned_instance_gets_nothing_new_in_both_drivers() -> None:
+    """A fixed case the random one also covers: the cordoned idle instance is skipped by
+    both drivers, by the `not_cordoned` filter of the default profile."""
+    doc = {"profiles": {"default": {"scorers": ["least_outstanding"]}}, "window": {"max_candidates": 0},
+           "admission": {"enabled": True}}
+    loads = [{"running": 0, "waiting": 0, "kv": 0.0, "healthy": True, "draining": False, "cordoned": True},
+             {"running": 5, "waiting": 2, "kv": 0.5, "healthy": True, "draining": False, "cordoned": False}]
+    sequence = [{"tenant": "t1", "slo_class": "default", "session": None, "model": "llama-3-8b", "tokens": 10,
+                 "prefix": (), "finish": 0} for _ in range(4)]
+    with tempfile.TemporaryDirectory() as state_dir:
+        asyncio.run(_run_parity(doc, [2, 0, 0], loads, sequence, Path(state_dir)))
+    sim = Simulation(_cluster([2, 0, 0], {**doc, "seed": 0}), seed=3)
+    sim.set_cordoned("a100-0", True)
+    assert all(sim.decide(RequestInfo(f"r{k}", "llama-3-8b", 10), float(k)).instance_ids == ("a100-1",)
+               for k in range(3))
+    sim.set_cordoned("a100-0", False)
+    assert sim.decide(RequestInfo("r9", "llama-3-8b", 10), 9.0).instance_id == "a100-0"  # the idle one again
 
 
 def test_session_affinity_is_keyed_per_tenant() -> None:

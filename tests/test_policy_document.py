@@ -253,7 +253,7 @@ def test_observer_sees_every_part() -> None:
     request = RequestInfo("r", "m", 10)
     assert policy.decide(ClusterView(states), request) == plain.decide(ClusterView(states), request)
     assert seen == [("filter", "model"), ("filter", "healthy"), ("filter", "not_draining"),
-                    ("scorer", "least_outstanding"), ("scorer", "least_kv"), ("picker", "round_robin")]
+                    ("filter", "not_cordoned"), ("scorer", "least_outstanding"), ("scorer", "least_kv"), ("picker", "round_robin")]
 
 
 def test_params_model_is_typed() -> None:

@@ -145,6 +145,8 @@ def test_contract_shape() -> None:
         # versioned policies (router/policy_admin.py)
         "ApplyPolicy", "GetPolicyVersion", "ListCurrentPolicies", "PolicyHistory", "RollbackPolicy",
         "RemovePolicy", "CreateApiKey", "RotateApiKey", "RevokeApiKey", "ListApiKeys",
+        # cordon, an operator's migration, the plan
+        "CordonInstance", "TriggerMigration", "GetPlan",
     }
     # Round trip through the wire format keeps every load field.
     snapshot = worker_pb2.LoadSnapshot(

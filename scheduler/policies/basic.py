@@ -55,6 +55,23 @@ class NotDraining(Filter):
         return [inst for inst in instances if not inst.draining]
 
 
+@register_filter("not_cordoned")
+class NotCordoned(Filter):
+    """A cordoned instance (`tokenyard instances cordon`) keeps its running requests and
+    gets no new ones; unlike draining, nothing is moved off it and no scale-down counts it."""
+
+    reads_progress = False
+    static = True
+
+    def keep(self, request: RequestInfo, instance: InstanceState, ctx: DispatchContext) -> bool:
+        return not instance.cordoned
+
+    def keep_all(
+        self, request: RequestInfo, instances: list[InstanceState], ctx: DispatchContext
+    ) -> list[InstanceState]:
+        return [inst for inst in instances if not inst.cordoned]
+
+
 @register_filter("kv_room")
 class HasKvRoom(Filter):
     """Keeps instances with free KV blocks for the prompt (unknown capacity passes)."""

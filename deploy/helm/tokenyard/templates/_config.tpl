@@ -14,6 +14,11 @@ from a Secret (templates/router.yaml).
 {{- else }}
 {{- $_ := set $control "allow_plaintext" true }}
 {{- end }}
+{{- with .Values.router.control.tokenReview }}
+{{- if .enabled }}
+{{- $_ := set $control "token_review" (dict "roles" .roles "audiences" .audiences "cache_ttl_s" .cacheTtlS) }}
+{{- end }}
+{{- end }}
 {{- $_ := set $doc "control" $control }}
 {{- end }}
 {{- $k8s := dict "namespace" (include "tokenyard.enginesNamespace" .) "label_selector" .Values.discovery.labelSelector "kind" .Values.discovery.kind "port_name" .Values.discovery.portName }}
