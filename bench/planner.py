@@ -16,7 +16,9 @@ Parts (all by default; `--parts` picks some):
   a single type that cannot meet the SLO for some bucket is reported as such. Plot:
   docs/img/planner_cost_vs_rate.png.
 - `autoscale`: a synthetic day (ramp, plateau, idle gap, ramp) on the planned pools with
-  the autoscaler on simulated time vs the static fleet sized for the peak.
+  the autoscaler on simulated time vs the static fleet sized for the peak; also with the
+  plan re-solved every 300 s (the routing table follows), and with every pool allowed to
+  scale to zero (the first requests after the gap held until a cold start is done).
 
     nice -n 10 python bench/planner.py                       # everything (~15 min on 1 core)
     nice -n 10 python bench/planner.py --parts solver,melange
@@ -300,6 +302,20 @@ def part_autoscale(cache_dir: str) -> dict[str, Any]:
     naive_config = dataclasses.replace(config, scale_down_headroom=config.headroom, dwell_s=0.0)
     naive = autoscale_from_plan(verified, inputs, workload, requests, naive_config, until_s=3600.0)
     naive_summary = summarize(naive.result, slos)
+    variants = {}
+    for name, kwargs, cfg in (("resolve_300s", {"resolve_interval_s": 300.0}, config),
+                              ("to_zero_held", {}, dataclasses.replace(config, min_replicas={})),
+                              ("to_zero_not_held", {"hold_until_ready": False}, dataclasses.replace(config, min_replicas={}))):
+        variant = autoscale_from_plan(verified, inputs, workload, requests, cfg, until_s=3600.0, **kwargs)
+        got = summarize(variant.result, slos)
+        held = [r for r in variant.result.records if not r.rejected and r.first_token_s is not None
+                and 2700 <= r.arrival_s < 2900]
+        variants[name] = {"usd": round(variant.usd, 3), "attainment": round(got["slo"]["default"]["both_attainment"], 4),
+                          "rejected": got["rejected"], "aborted": variant.aborted, "scale_events": len(variant.events),
+                          "reversals_within_dwell": variant.reversals(cfg.dwell_s),
+                          "plan_changes": len(variant.plan_changes),
+                          "routing_updates": sum(c.filters_updated for c in variant.plan_changes),
+                          "max_ttft_after_gap_s": round(max((r.first_token_s - r.arrival_s for r in held), default=0.0), 2)}
     hours = (run.horizon_s[1] - run.horizon_s[0]) / 3600.0
     out = {"requests": len(requests), "static_usd": round(plan.usd_per_hour * hours, 3),
            "static_attainment": round(static["slo"]["default"]["both_attainment"], 4),
@@ -308,7 +324,8 @@ def part_autoscale(cache_dir: str) -> dict[str, Any]:
            "aborted": run.aborted, "rejected": auto["rejected"], "plan": plan.instances(),
            "no_hysteresis": {"usd": round(naive.usd, 3), "scale_events": len(naive.events),
                              "reversals_within_300s": naive.reversals(config.dwell_s), "aborted": naive.aborted,
-                             "attainment": round(naive_summary["slo"]["default"]["both_attainment"], 4)}}
+                             "attainment": round(naive_summary["slo"]["default"]["both_attainment"], 4)},
+           **variants}
     print("autoscaler vs static:", json.dumps(out))
     return out
 

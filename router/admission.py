@@ -21,6 +21,7 @@ import dataclasses
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +80,10 @@ class RouterAdmission:
         self._waiters: dict[str, asyncio.Future[tuple[Verdict, str | None]]] = {}
         self._keys = itertools.count(1)
         self._ticker: asyncio.Task[None] | None = None
+        # Called for a request held because no instance of its model is up (a pool scaled
+        # to zero, `hold_until_ready`): the router counts it as demand, or the control plane,
+        # which plans from answered requests, would never start an instance for it.
+        self.on_held_at_zero: Callable[[RequestInfo], None] | None = None
 
     def _saturated(self, info: RequestInfo) -> bool:
         return self.layer.saturated(self.dispatcher.candidates(info.model), info)
@@ -96,6 +101,9 @@ class RouterAdmission:
             return None, None
         if offer.verdict is not Verdict.QUEUE:
             return self._refusal(offer.verdict, info.slo_class, offer.reason), None
+        if self.on_held_at_zero is not None and not any(
+                s.healthy and not s.draining for s in self.dispatcher.candidates(info.model)):
+            self.on_held_at_zero(info)
         future: asyncio.Future[tuple[Verdict, str | None]] = asyncio.get_running_loop().create_future()
         self._waiters[held.request_id] = future
         self._gauge(info.slo_class)

@@ -39,6 +39,7 @@ from router.keys import KeyCache, KeyStore, sync_router_keys
 from router.load import LoadMonitor
 from router.metrics import RouterMetrics
 from router.migration_loop import build_migration_loop
+from router.plan_routing import RoutingFollower
 from router.policy_versions import stored_policy_problems
 from router.proxy import PoolSet, UpstreamError
 from router.rate_limiter import SLOTS, build_rate_limiter, refuse_over_limits
@@ -129,6 +130,11 @@ class Router:
         self._id_prefix = f"ty-{os.getpid():x}-{int(time.time()) & 0xffffff:x}-"
         # Every replica records the workload it serves, for the control plane's planner.
         self.workload = WorkloadRecorder(store) if store is not None else None
+        self.routing = RoutingFollower(self.dispatcher.layer)  # the control plane's plan routing
+        # Requests counted in the workload when they were held at zero (not again when answered).
+        self._counted_at_hold: set[str] = set()
+        if self.admission is not None and self.workload is not None:
+            self.admission.on_held_at_zero = self._demand_at_zero
         self._background: set[asyncio.Task[Any]] = set()
         self._no_priority: set[str] = set()  # engines that refuse the priority field (FCFS vLLM)
         self._models_cache: tuple[Any, bytes] | None = None
@@ -178,6 +184,7 @@ class Router:
             self.tenants.stored_lookup = self.key_cache.tenant_for
             await sync_router_keys(self)
             await self.apply_policies()
+            await self.follow_routing()
             if background:
                 self._spawn(self._follow_policies())
                 self._spawn(self._resync_policies())
@@ -234,12 +241,21 @@ class Router:
                 await asyncio.sleep(1.0)
 
     async def _resync_policies(self, every_s: float = 5.0) -> None:
-        """Pub/sub is at-most-once: re-read the policies now and then regardless."""
+        """Pub/sub is at-most-once: re-read the policies now and then regardless (and the
+        control plane's routing table, which is only ever read this way)."""
         while True:
             await asyncio.sleep(every_s)
             with contextlib.suppress(Exception):
                 await sync_router_keys(self)
                 await self.apply_policies()
+                await self.follow_routing()
+
+    async def follow_routing(self) -> bool:
+        """Apply the control plane's newest routing table to the length_bucket filters (only
+        read when some profile has one); True when a new one was applied."""
+        if self.store is None or not self.routing.active:
+            return False
+        return await self.routing.refresh(self.store)
 
     async def stop(self) -> None:
         if self.admission is not None:
@@ -506,6 +522,7 @@ class Router:
         if self.admission is not None:  # flow control: the one hook before dispatch
             refusal, reserved = await self.admission.admit(info, receive)
             if refusal is not None:
+                self._counted_at_hold.discard(info.request_id)
                 await self._refuse(send, refusal, tenant, model, rid_header)
                 return
         try:
@@ -515,6 +532,7 @@ class Router:
         except NoInstanceAvailable as exc:
             if self.admission is not None:
                 self.admission.unreserve(reserved)
+            self._counted_at_hold.discard(info.request_id)
             await self._refuse_unplaceable(send, exc, info, tenant, chat, rid_header)
             return
         if decision.explanation is not None:
@@ -552,10 +570,21 @@ class Router:
         finally:
             hand_over()  # cancelled before it started
             self.metrics.inflight.dec()
-            if meter is not None and self.workload is not None:
+            if info.request_id in self._counted_at_hold:
+                self._counted_at_hold.discard(info.request_id)  # counted as demand when it was held
+            elif meter is not None and self.workload is not None:
                 self.workload.finished(info.model, tenant.slo_class, info.input_tokens, meter)
             if self.admission is not None:
                 self.admission.release()  # capacity freed: held requests may go
+
+    def _demand_at_zero(self, info: RequestInfo) -> None:
+        """A request held because its model has no instance up: count it in the workload
+        histogram now (output length: its max_tokens, else 1), so the control plane scales
+        the pool up from zero while the request waits."""
+        assert self.workload is not None
+        if len(self._counted_at_hold) < 65536:  # bounded by the admission queue's depth anyway
+            self.workload.record(info.model, info.slo_class, info.input_tokens, info.max_output_tokens or 1)
+            self._counted_at_hold.add(info.request_id)
 
     async def _refuse(self, send: Send, refusal: Any, tenant: Tenant, model: str,
                       rid_header: list[tuple[bytes, bytes]]) -> None:

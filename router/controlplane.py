@@ -11,7 +11,9 @@
    the routers' buckets is fine: every inner edge must be one of theirs);
 2. every `resolve_interval_s` (and at the first tick) re-solves the pool plan from those
    rates (`scheduler.planner.solver.solve`: which share of each bucket goes to which pool);
-   a solve that fails keeps the previous plan (logged, rate-limited);
+   a solve that fails keeps the previous plan (logged, rate-limited); a new plan's routing
+   table goes to the store (`router.plan_routing`), where every router's `length_bucket`
+   filter picks it up, so dispatch follows the resized fleet;
 3. turns the rates into each pool's load in instance-equivalents through the plan's shares
    and decides the targets with hysteresis, dwell and idle-to-minimum
    (`scheduler.planner.autoscale.decide_targets`);
@@ -48,6 +50,7 @@ from typing import Any, Protocol
 
 from router.load import MAX_METRICS_BYTES, parse_vllm_metrics
 from router.plan_record import PLAN_KEY, PLAN_TTL_S, plan_document
+from router.plan_routing import publish_routing
 from router.proxy import PoolSet, UpstreamError
 from router.state import InstanceRecord, StateStore
 from router.workload_recorder import DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES, read_workload
@@ -67,6 +70,7 @@ from scheduler.planner.problem import (
     bucket_of,
     grid_buckets,
 )
+from scheduler.planner.routing import table_from_plan
 from scheduler.planner.solver import solve
 from tokenyard.config import ConfigError, check_keys, get, load_yaml
 from tokenyard.logs import RateLimitedLog
@@ -364,6 +368,7 @@ class ControlPlane:
         self._http = PoolSet(connect_timeout_s=config.scrape_timeout_s)
         self._warn = RateLimitedLog(log, interval_s=60.0)
         self._lead_since_s: float | None = None
+        self._routing_version = 0
 
     # -- inputs ---------------------------------------------------------------------------
     def _grid(self, merged: Mapping[str, LengthHistogram], now_s: float) -> tuple[list[float], dict[int, float]]:
@@ -372,6 +377,7 @@ class ControlPlane:
         n = (len(self.config.input_edges) - 1) * cols
         rates = [0.0] * n
         seen: dict[int, float] = {}
+        fresh = [0.0] * n  # req/s of the current, partial slots
         for model, hist in merged.items():
             if self.config.models and model not in self.config.models:
                 continue
@@ -385,11 +391,18 @@ class ControlPlane:
                 continue
             for (_klass, i, j), rate in hist.rates(now_s, self.config.autoscaler.window_s).items():
                 rates[rows[i] * cols + cols_of[j]] += rate
+            current = int(now_s // hist.slot_s)
+            elapsed_s = max(now_s - current * hist.slot_s, self.config.autoscaler.interval_s)
             for (slot, _klass, i, j), count in hist.counts.items():
                 if count > 0:
                     k = rows[i] * cols + cols_of[j]
                     seen[k] = max(seen.get(k, -math.inf), min((slot + 1) * hist.slot_s, now_s))
-        return rates, seen
+                    if slot == current:
+                        fresh[k] += count / elapsed_s
+        # Demand in a bucket with no rate over the whole slots yet (the first requests after
+        # an idle spell, held while their pool is at zero) counts from the current partial
+        # slot, so a pool at zero starts now rather than a whole slot later.
+        return [r if r > 0 else f for r, f in zip(rates, fresh, strict=True)], seen
 
     def _resolve(self, rates: Sequence[float], now_s: float) -> None:
         cols = len(self.config.output_edges) - 1
@@ -452,7 +465,10 @@ class ControlPlane:
         # re-solve interval: that is a scale-from-zero.
         uncovered = any(rate > 0 and (self.plan is None or not self.plan.shares[k]) for k, rate in enumerate(rates))
         if uncovered or now_s - self.last_solve_s >= self.config.resolve_interval_s:
+            before = self.plan
             self._resolve(rates, now_s)
+            if self.plan is not None and self.plan is not before and not self.dry_run and self.leading():
+                await self._publish_routing(self.plan, now_s)
         shares = self.plan.shares if self.plan is not None else ()
         by_index = {k: r for k, r in enumerate(rates) if r > 0}
         loads = pool_loads(by_index, shares, self.capacity) if shares else {p: 0.0 for p in self.pools}
@@ -522,6 +538,15 @@ class ControlPlane:
                 if self.config.actuator == "print" and not self.dry_run:
                     await self.store.remove_instance(record.instance_id)  # stopped by the operator
             await self._save_drains()
+
+    async def _publish_routing(self, plan: Plan, now_s: float) -> None:
+        """The new plan's length-bucket routing for every router (their RoutingFollower).
+        Versions are wall-clock milliseconds, so a new leader's plans supersede the old one's."""
+        table = table_from_plan(plan, self.config.input_edges, self.config.output_edges)
+        version = max(int(now_s * 1000), self._routing_version + 1)
+        await publish_routing(self.store, version, table, plan.usd_per_hour)
+        self._routing_version = version
+        self._record(now_s, "*", "routing", {"version": version, "instances": plan.instances()})
 
     async def _save_drains(self) -> None:
         if not self.dry_run:

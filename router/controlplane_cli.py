@@ -69,7 +69,7 @@ class ControlPlaneMetrics:
                                     ["pool"], registry=r)
         self.draining = Gauge(p + "draining_instances", "Instances this control plane is draining", ["pool"],
                               registry=r)
-        self.scale_actions = Counter(p + "actions", "Actions taken (target, drain, undrain, scale_up, scale_down)",
+        self.scale_actions = Counter(p + "actions", "Actions taken (target, drain, undrain, scale_up, scale_down, routing)",
                                      ["pool", "action"], registry=r)
         self.plan_usd_per_hour = Gauge(p + "plan_usd_per_hour", "Cost of the last solved pool plan", registry=r)
         self.ticks = Counter(p + "ticks", "Control rounds completed while leading", registry=r)

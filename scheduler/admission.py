@@ -56,8 +56,9 @@ class SaturationDetector:
     """Whether a model's instances can take one more request now (see module docstring)."""
 
     def __init__(self, spec: SaturationSpec, predict_ttft_s: TtftPredictor | None = None,
-                 by_slo_class: Mapping[str, SaturationSpec] | None = None) -> None:
+                 by_slo_class: Mapping[str, SaturationSpec] | None = None, hold_until_ready: bool = False) -> None:
         self.spec = spec
+        self.hold_until_ready = hold_until_ready  # AdmissionSpec.hold_until_ready
         self.by_slo_class = dict(by_slo_class or {})
         needs_ttft = any(s.max_predicted_ttft_ratio is not None for s in (spec, *self.by_slo_class.values()))
         if needs_ttft and predict_ttft_s is None:
@@ -84,8 +85,9 @@ class SaturationDetector:
         return False
 
     def saturated(self, group: Sequence[InstanceState], request: RequestInfo, slo: SloClass | None) -> bool:
-        """True when every usable instance is saturated; False with none usable (dispatch
-        then answers that nothing serves the model).
+        """True when every usable instance is saturated. With none usable: False (dispatch
+        then answers that nothing serves the model), or, with `hold_until_ready` and
+        instances that may come up (a pool scaling from zero), True: the request waits.
 
         Under overload every instance is checked on every arrival and release, so without a
         TTFT criterion the checks of `instance_saturated` are inlined (0.28 ms at 1,000
@@ -117,7 +119,7 @@ class SaturationDetector:
                 if total > 0 and inst.kv_blocks_used / total >= max_kv:
                     continue
             return False
-        return usable
+        return usable or (self.hold_until_ready and bool(group))
 
     def _saturated_by_method(self, group: Sequence[InstanceState], request: RequestInfo,
                              slo: SloClass | None) -> bool:
@@ -129,7 +131,7 @@ class SaturationDetector:
             usable = True
             if not self.instance_saturated(inst, request, slo):
                 return False
-        return usable
+        return usable or (self.hold_until_ready and bool(group))
 
 
 class AdmissionQueue:

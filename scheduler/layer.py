@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 from scheduler.admission import AdmissionQueue, SaturationDetector
 from scheduler.dispatch import ClusterView, DispatchPolicy, PluginObserver
+from scheduler.planner.routing import RoutingTable
 from scheduler.policy_document import PolicyDocument
 from scheduler.queueing import QueuePolicy, QueueSort
 from scheduler.types import Decision, InstanceState, NoInstanceAvailable, RequestInfo, SloClass
@@ -56,7 +57,8 @@ class DecisionLayer:
         self.default_slo = self.slo_classes.get("default")
         self.admission_enabled = document.admission.enabled
         self.detector = SaturationDetector(document.admission.saturation,
-                                           by_slo_class=document.admission.saturation_by_slo_class)
+                                           by_slo_class=document.admission.saturation_by_slo_class,
+                                           hold_until_ready=document.admission.hold_until_ready)
 
     def new_admission_queue(self) -> AdmissionQueue:
         """The queue a driver holds (one per router replica, one per simulation)."""
@@ -74,6 +76,13 @@ class DecisionLayer:
         if self.override is not None:
             policies.append(self.override)
         return policies
+
+    def set_routing_table(self, table: RoutingTable) -> int:
+        """The autoscaler's new plan as the length-bucket routing of every profile (and the
+        override) that routes by a plan; how many filters took it."""
+        from scheduler.policies.length_bucket import set_routing_table
+
+        return sum(set_routing_table(policy, table) for policy in self.all_policies())
 
     @property
     def reads_progress(self) -> bool:

@@ -155,6 +155,11 @@ class AdmissionSpec(_Strict):
     # priority scheduling serve a high-priority request ahead of their queue, so holding it
     # back at the same depth as batch only adds its wait.
     saturation_by_slo_class: dict[str, SaturationSpec] = Field(default_factory=dict)
+    # Scale-from-zero: a model whose instances are all unhealthy or draining (a pool the
+    # autoscaler scaled to zero, its first instance still starting) counts as saturated,
+    # so its requests wait here (max_queue_depth, the class's queue timeout) until one is
+    # up instead of failing at once. Off: they get 503 "no instance" at once.
+    hold_until_ready: bool = False
 
 
 class MigrationParamsSpec(_Strict):

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from scheduler.catalog import GpuSpec, ModelSpec
-from scheduler.engine_model import factors_for
+from scheduler.engine_model import PerfFactors, factors_for
 from scheduler.types import SloClass
 from sim.cluster import ClusterSpec, PoolSpec
 from sim.engine_core import EngineConfig
@@ -61,12 +61,13 @@ class CapacityQuery:
     gpu_memory_utilization: float = 0.9
     stream_requests: int = 300
     seed: int = 0
+    factors: PerfFactors | None = None  # None: the packaged fit for the GPU (`--factors` sets it)
 
     def key(self) -> str:
         body = {
             "version": CAPACITY_VERSION,
             "gpu": dataclasses.asdict(self.gpu),
-            "factors": factors_for(self.gpu).as_dict(),
+            "factors": (self.factors or factors_for(self.gpu)).as_dict(),
             "model": dataclasses.asdict(self.model),
             "tp": self.tp,
             "shapes": [list(s) for s in self.shapes],
@@ -101,7 +102,8 @@ class Capacity:
 
 
 def _cluster(query: CapacityQuery) -> ClusterSpec:
-    pool = PoolSpec("one", query.gpu, query.model, query.tp, 1, query.engine, query.gpu_memory_utilization)
+    pool = PoolSpec("one", query.gpu, query.model, query.tp, 1, query.engine, query.gpu_memory_utilization,
+                    factors=query.factors)
     return ClusterSpec(pools=(pool,), dispatch={}, slo_classes={"default": query.slo},
                        default_model=query.model.name)
 

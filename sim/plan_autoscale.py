@@ -3,17 +3,24 @@ on simulated time, with instances that start after a cold-start delay.
 
 The cluster holds every instance a pool may ever have (`max_replicas`); those not
 provisioned are unhealthy, so the dispatch filters skip them, exactly as the router skips
-an instance it has not discovered. A dispatch wrapper runs the control ticks due before
-each arrival (`interval_s` apart on the simulated clock), observes the length histogram
-of arrivals (the live router records a request's output length when it finishes; here
-the trace knows it at arrival), and applies the decisions by setting the instances'
-`healthy` and `draining` flags. A draining instance is stopped at the first tick at
-which it has nothing in flight (from the finish events), so the billing record of every
-instance is exact, and `check_no_aborts` verifies against the request records that no
-request ran on an instance after it was stopped. Ticks after the last arrival run to
-`until_s`, so an idle tail scales down too.
+an instance it has not discovered. The loop is the simulation's `Waker`: it runs the
+control ticks (`interval_s` apart on the simulated clock) and marks cold starts done at
+their exact times, and sees every arrival (the live router records a request's output
+length when it finishes; here the trace knows it at arrival). It applies the decisions by
+setting the instances' `healthy` and `draining` flags. A draining instance is stopped at
+the first tick at which it has nothing in flight (from the finish events), so the billing
+record of every instance is exact, and `check_no_aborts` verifies against the request
+records that no request ran on an instance after it was stopped. Ticks after the last
+arrival run to `until_s`, so an idle tail scales down too.
 
-Uses only the simulator's public `Simulation` class; it is not modified.
+With `resolve_interval_s` the loop re-solves the plan from the window's rates, as the
+live control plane does, and hands the new routing table to the dispatch policy's
+`length_bucket` filter (`scheduler.policies.length_bucket.set_routing_table`), so the
+routing follows the fleet. With `hold_until_ready` (the default) the cluster's policy
+document enables the admission queue's scale-from-zero hold
+(`AdmissionSpec.hold_until_ready`): a request that finds every instance of its model
+down waits, bounded by the queue depth and `hold_timeout_s`, until a cold start is done,
+the router's admission queue's very decision.
 """
 
 from __future__ import annotations
@@ -34,7 +41,11 @@ from scheduler.planner.autoscale import (
     pool_loads,
     reconcile,
 )
-from scheduler.planner.problem import Plan, bucket_of
+from scheduler.planner.problem import Plan, PlanError, PlanProblem, bucket_of
+from scheduler.planner.routing import RoutingTable, table_from_plan
+from scheduler.planner.solver import solve
+from scheduler.policies.length_bucket import set_routing_table
+from scheduler.policy_document import load_policy_document
 from scheduler.types import Decision, RequestInfo
 from sim.cluster import ClusterSpec
 from sim.plan_run import Verified
@@ -63,13 +74,25 @@ class ScaleEvent:
     replicas: int
 
 
+@dataclass(slots=True)
+class PlanChange:
+    t_s: float
+    instances: dict[str, int]  # the re-solved plan's fleet
+    usd_per_hour: float
+    filters_updated: int  # length_bucket filters that took its routing table
+    table: RoutingTable
+
+
 class AutoscaledDispatch:
-    """Wraps the cluster's dispatch policy; runs the control loop before each decision."""
+    """Wraps the cluster's dispatch policy; the control loop as the simulation's waker."""
 
     def __init__(self, inner: DispatchPolicy, cluster: ClusterSpec, plan: Plan, capacity_rps: Mapping[str, Sequence[float]],
                  input_edges: Sequence[int], output_edges: Sequence[int], config: AutoscalerConfig,
-                 cold_start_s: float, initial: Mapping[str, int], lengths: Mapping[str, tuple[int, int]]) -> None:
+                 cold_start_s: float, initial: Mapping[str, int], lengths: Mapping[str, tuple[int, int]],
+                 problem: PlanProblem | None = None, resolve_interval_s: float | None = None) -> None:
         config.validate()
+        if resolve_interval_s is not None and (problem is None or resolve_interval_s <= 0):
+            raise ValueError("autoscale: resolve_interval_s needs the plan's problem and a positive interval")
         self.inner = inner
         self.reads_progress = inner.reads_progress
         self.plan = plan
@@ -92,6 +115,12 @@ class AutoscaledDispatch:
         self.events: list[ScaleEvent] = []
         self.next_tick_s: float | None = None
         self.initial = dict(initial)
+        self.problem = problem
+        self.resolve_interval_s = resolve_interval_s
+        self.last_solve_s = -math.inf
+        self.plan_changes: list[PlanChange] = []
+        self.pool_sizes = {p.name: p.count for p in cluster.pools}
+        self._wake_s = math.inf  # the next tick or cold-start end
 
     # -- the DispatchPolicy surface the simulator calls -------------------------------------
     def decide(self, view: ClusterView, request: RequestInfo) -> Decision:
@@ -99,8 +128,25 @@ class AutoscaledDispatch:
         if self.next_tick_s is None:
             self._start(view, now)
         self.advance(view, now)
-        self._observe(request, now)
         return self.inner.decide(view, request)
+
+    # -- the Waker surface (sim.simulator.Waker) -------------------------------------------
+    def next_wake_s(self) -> float:
+        return self._wake_s
+
+    def wake(self, now_s: float) -> None:
+        assert self.sim is not None
+        if self.next_tick_s is not None:
+            self.advance(self.sim.view, now_s)
+
+    def arrived(self, request: RequestInfo, now_s: float) -> None:
+        """Every arrival, before admission: a request held while its pool scales from zero
+        is demand the loop must see, or it would never start an instance for it."""
+        assert self.sim is not None
+        if self.next_tick_s is None:
+            self._start(self.sim.view, now_s)
+        self.advance(self.sim.view, now_s)
+        self._observe(request, now_s)
 
     def on_dispatch(self, request: RequestInfo, instance_id: str) -> None:
         self.instances[instance_id].inflight += 1
@@ -142,6 +188,27 @@ class AutoscaledDispatch:
             self._tick(self.next_tick_s)
             self.next_tick_s += self.config.interval_s
         self._publish(view, now)
+        starting = [i.ready_s for i in self.instances.values() if i.state == "starting"]
+        self._wake_s = min(self.next_tick_s, *starting) if starting else self.next_tick_s
+
+    def _resolve(self, t: float, rates: Mapping[int, float]) -> None:
+        """Re-solve the plan from the window's rates (the live control plane's `_resolve`)
+        and give the dispatch policy its routing table; a failed solve keeps the plan."""
+        assert self.problem is not None
+        self.last_solve_s = t
+        if not rates:
+            return  # nothing to plan from: the previous shares stand
+        buckets = tuple(dataclasses.replace(b, rate_rps=rates.get(k, 0.0)) for k, b in enumerate(self.plan.buckets))
+        options = tuple(dataclasses.replace(o, max_replicas=self.pool_sizes[o.name])
+                        for o in self.problem.options if o.name in self.pool_sizes)
+        try:
+            plan = solve(dataclasses.replace(self.problem, buckets=buckets, options=options), time_limit_s=10.0)
+        except PlanError:
+            return
+        self.plan = plan
+        table = table_from_plan(plan, self.edges[0], self.edges[1], buckets[0].slo_class)
+        updated = set_routing_table(self.inner, table)
+        self.plan_changes.append(PlanChange(t, plan.instances(), plan.usd_per_hour, updated, table))
 
     def _tick(self, t: float) -> None:
         while self.window and self.window[0][0] < t - self.config.window_s:
@@ -153,6 +220,10 @@ class AutoscaledDispatch:
         rates: dict[int, float] = {}
         for _, k in arrivals:
             rates[k] = rates.get(k, 0.0) + 1.0 / span_s
+        if self.resolve_interval_s is not None:
+            uncovered = any(not self.plan.shares[k] for k in rates)
+            if uncovered or t - self.last_solve_s >= self.resolve_interval_s:
+                self._resolve(t, rates)
         loads = pool_loads(rates, self.plan.shares, self.capacity_rps)
         observations = [PoolObservation(p, loads.get(p, 0.0), self.targets[p], self.last_change[p],
                                         self.last_request[p]) for p in self.pools]
@@ -203,8 +274,10 @@ class AutoscaledDispatch:
             if state.healthy != healthy or state.draining != draining:
                 state.healthy, state.draining = healthy, draining
                 changed = True
-        if changed and view.membership_version is not None:
-            view.membership_version += 1  # the static-filter cache must see the new flags
+        if changed:  # the static-filter cache must see the new flags
+            for seen in {id(v): v for v in (view, self.sim.view if self.sim is not None else view)}.values():
+                if seen.membership_version is not None:
+                    seen.membership_version += 1
 
     def finish(self, until_s: float) -> None:
         """Ticks after the last arrival up to `until_s`; close the billing of running instances."""
@@ -226,6 +299,7 @@ class AutoscaleRun:
     usd: float  # billed instance-hours x price
     horizon_s: tuple[float, float]
     aborted: int  # requests that ran on an instance after it was stopped (must be 0)
+    plan_changes: list[PlanChange] = field(default_factory=list)  # re-solves (resolve_interval_s)
 
     def reversals(self, within_s: float) -> int:
         """Scale-direction reversals of a pool within `within_s` of its previous change: flapping."""
@@ -258,17 +332,36 @@ def check_no_aborts(result: SimResult, intervals: Mapping[str, list[tuple[float,
     return bad
 
 
+def with_scale_from_zero_hold(cluster: ClusterSpec, hold_timeout_s: float, max_queue_depth: int = 1024) -> ClusterSpec:
+    """The cluster with the admission queue holding requests while every instance of their
+    model is down (`hold_until_ready`), and no other saturation criterion: only a pool
+    scaled to zero makes a request wait, at most `hold_timeout_s`."""
+    raw = cluster.document().to_dict()
+    raw["admission"] = {"enabled": True, "hold_until_ready": True, "max_queue_depth": max_queue_depth,
+                        "default_queue_timeout_ms": hold_timeout_s * 1000.0,
+                        "saturation": {"max_queued_per_instance": None}}
+    return dataclasses.replace(cluster, policy=load_policy_document(raw, where="autoscale policy"))
+
+
 def simulate_autoscaled(cluster: ClusterSpec, requests: Sequence[TraceRequest], plan: Plan,
                         capacity_rps: Mapping[str, Sequence[float]], input_edges: Sequence[int],
                         output_edges: Sequence[int], config: AutoscalerConfig, cold_start_s: float,
-                        initial: Mapping[str, int], until_s: float | None = None) -> AutoscaleRun:
-    """Replay `requests` on `cluster` (pools at their maximum size) with the autoscaler."""
+                        initial: Mapping[str, int], until_s: float | None = None, *,
+                        problem: PlanProblem | None = None, resolve_interval_s: float | None = None,
+                        hold_until_ready: bool = True, hold_timeout_s: float | None = None) -> AutoscaleRun:
+    """Replay `requests` on `cluster` (pools at their maximum size) with the autoscaler;
+    `resolve_interval_s` re-solves `problem` and re-routes; `hold_until_ready` holds the
+    requests that find their model scaled to zero (default timeout: 2 cold starts)."""
     if not requests:
         raise ValueError("autoscale: no requests to simulate")
     lengths = {r.request_id: (r.input_tokens, r.output_tokens) for r in requests}
     wrapper = AutoscaledDispatch(cluster.build_dispatch(), cluster, plan, capacity_rps, input_edges, output_edges,
-                                 config, cold_start_s, initial, lengths)
-    sim = Simulation(cluster, policy=wrapper)  # type: ignore[arg-type]  # a DispatchPolicy by duck typing
+                                 config, cold_start_s, initial, lengths, problem, resolve_interval_s)
+    if hold_until_ready:
+        cluster = with_scale_from_zero_hold(cluster, hold_timeout_s if hold_timeout_s is not None
+                                            else 2 * cold_start_s + config.interval_s)
+    # The wrapper is a DispatchPolicy by duck typing, and the simulation's waker.
+    sim = Simulation(cluster, policy=wrapper, waker=wrapper)  # type: ignore[arg-type]
     wrapper.sim = sim
     result = sim.run(requests)
     start = requests[0].arrival_s
@@ -278,18 +371,24 @@ def simulate_autoscaled(cluster: ClusterSpec, requests: Sequence[TraceRequest], 
     intervals = {i.instance_id: i.intervals for i in wrapper.instances.values()}
     usd = sum((stop - begin) / 3600.0 * price[i.pool]
               for i in wrapper.instances.values() for begin, stop in i.intervals)
-    return AutoscaleRun(result, wrapper.events, intervals, usd, (start, end), check_no_aborts(result, intervals))
+    return AutoscaleRun(result, wrapper.events, intervals, usd, (start, end), check_no_aborts(result, intervals),
+                        wrapper.plan_changes)
 
 
 def autoscale_from_plan(verified: Verified, inputs: PlanInputs, workload: Workload, requests: Sequence[TraceRequest],
                         config: AutoscalerConfig, cold_start_s: float = 60.0, spare_per_pool: int = 2,
-                        until_s: float | None = None) -> AutoscaleRun:
-    """The autoscaler over `requests`, starting from a verified plan's fleet (warm), each
-    pool able to grow to its planned size + `spare_per_pool`, routed by the plan's table."""
+                        until_s: float | None = None, resolve_interval_s: float | None = None,
+                        hold_until_ready: bool = True, initial: Mapping[str, int] | None = None) -> AutoscaleRun:
+    """The autoscaler over `requests`, starting from a verified plan's fleet (warm; or
+    `initial`), every pool option of the plan's problem able to grow to its planned size +
+    `spare_per_pool` (so a re-solved plan can move traffic to a pool the first plan did not
+    use), routed by the plan's table and, with `resolve_interval_s`, by each re-solved one's."""
     plan = verified.plan
-    cluster = plan_cluster(plan, inputs, workload, inputs.slo_classes or {})
-    cluster = dataclasses.replace(cluster, pools=tuple(dataclasses.replace(p, count=p.count + spare_per_pool)
-                                                       for p in cluster.pools))
+    sized = dataclasses.replace(plan, pools=tuple(dataclasses.replace(p, instances=p.instances + spare_per_pool)
+                                                  for p in plan.pools))
+    cluster = plan_cluster(sized, inputs, workload, inputs.slo_classes or {})
     capacity = {o.name: o.capacity_rps for o in verified.problem.options}
     return simulate_autoscaled(cluster, requests, plan, capacity, workload.input_edges, workload.output_edges,
-                               config, cold_start_s, plan.instances(), until_s=until_s)
+                               config, cold_start_s, plan.instances() if initial is None else initial,
+                               until_s=until_s, problem=verified.problem, resolve_interval_s=resolve_interval_s,
+                               hold_until_ready=hold_until_ready)

@@ -102,6 +102,9 @@ def register(subparsers: Any) -> None:
                         help="share of requests that must meet both SLOs (default 0.95)")
     parser.add_argument("--model", default="llama-3-8b", help="catalog model (default llama-3-8b)")
     parser.add_argument("--catalog", metavar="FILE", help="catalog YAML extending the built-in (e.g. prices)")
+    parser.add_argument("--factors", metavar="JSON",
+                        help="engine-model factors per GPU (`tokenyard calibrate --write`): capacities and "
+                             "verification use them (default: the packaged fit)")
     parser.add_argument("--gpus", metavar="A,B", help="GPU types to consider (default: the whole catalog)")
     parser.add_argument("--tp", default="1", metavar="1,2", help="tensor-parallel degrees (default 1)")
     parser.add_argument("--availability", metavar="GPU=N,...", help="most GPUs per type")

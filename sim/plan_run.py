@@ -182,8 +182,16 @@ def _inputs(args: argparse.Namespace) -> PlanInputs:
         raise UsageError(f"--attainment: expected a fraction in (0, 1], got {args.attainment}")
     if args.min_replicas < 0:
         raise UsageError(f"--min-replicas: expected >= 0, got {args.min_replicas}")
+    factors = None
+    if args.factors:
+        from scheduler.engine_model import load_factors_file
+
+        try:
+            factors = load_factors_file(args.factors)
+        except ValueError as exc:
+            raise UsageError(f"--factors: {exc}") from None
     return PlanInputs(catalog, model, gpus, tps, _slo_classes(args.slo), args.attainment, availability,
-                      args.headroom, args.min_replicas, route_by_input=args.route_by == "input")
+                      args.headroom, args.min_replicas, route_by_input=args.route_by == "input", factors=factors)
 
 
 def _workload(args: argparse.Namespace) -> tuple[Workload, list[TraceRequest] | None]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scheduler.catalog import Catalog, GpuSpec, ModelSpec
+from scheduler.engine_model import PerfFactors, factors_from_table
 from scheduler.planner.problem import Bucket, Plan, PlanError, PlanProblem, PoolOption
 from scheduler.planner.routing import table_from_plan
 from scheduler.types import SloClass
@@ -134,6 +135,12 @@ class PlanInputs:
     min_replicas: int = 0
     engine: EngineConfig = field(default_factory=EngineConfig)
     route_by_input: bool = True
+    # GPU name (lower case) -> calibrated engine-model factors (`--factors`, read by
+    # `scheduler.engine_model.load_factors_file`); None: the packaged fit.
+    factors: Mapping[str, PerfFactors] | None = None
+
+    def factors_for(self, gpu: GpuSpec) -> PerfFactors | None:
+        return factors_from_table(self.factors, gpu) if self.factors is not None else None
 
 
 BURST_WINDOWS_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -204,7 +211,8 @@ def build_problem(workload: Workload, rate_rps: float | None, inputs: PlanInputs
     for gpu, tp in pairs:
         row = []
         for sample, slo in zip(shapes, slos, strict=True):
-            query = CapacityQuery(gpu, inputs.model, tp, sample, slo, inputs.attainment, inputs.engine)
+            query = CapacityQuery(gpu, inputs.model, tp, sample, slo, inputs.attainment, inputs.engine,
+                                  factors=inputs.factors_for(gpu))
             row.append(cache.get(query))
             if progress is not None:
                 progress(1)
@@ -229,7 +237,8 @@ def plan_cluster(plan: Plan, inputs: PlanInputs, workload: Workload,
     """The planned fleet as a simulator cluster, dispatched by the plan's routing tables."""
     by_name = {pool_name(g, tp): (g, tp) for g in inputs.gpus for tp in inputs.tps}
     pools = tuple(
-        PoolSpec(p.name, by_name[p.name][0], inputs.model, p.tp, p.instances, inputs.engine)
+        PoolSpec(p.name, by_name[p.name][0], inputs.model, p.tp, p.instances, inputs.engine,
+                 factors=inputs.factors_for(by_name[p.name][0]))
         for p in plan.pools if p.instances > 0
     )
     classes = workload.slo_classes()

@@ -35,7 +35,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from scheduler.admission import AdmissionQueue, Offer, Verdict
 from scheduler.dispatch import ClusterView, DispatchPolicy
@@ -115,6 +115,20 @@ class _Instance:
         return self.batch is not None or self.run is not None
 
 
+class Waker(Protocol):
+    """A driver part that changes instances over simulated time (the autoscaler: control
+    ticks, cold starts that finish): the loop runs `wake` at `next_wake_s()` while other
+    events are pending, then re-offers held requests (an instance may have come up)."""
+
+    def next_wake_s(self) -> float: ...
+
+    def wake(self, now_s: float) -> None: ...
+
+    def arrived(self, request: RequestInfo, now_s: float) -> None:
+        """Every arrival, before admission (demand the autoscaler must see even when the
+        request is held)."""
+
+
 class Simulation:
     """One run of a cluster over a trace; `simulate` is the usual entry point."""
 
@@ -132,6 +146,7 @@ class Simulation:
         migration: MigrationSimConfig | None = None,
         ranker: Callable[[TraceRequest], float | None] | None = None,
         tier_noise: TierNoise | None = None,
+        waker: Waker | None = None,
     ) -> None:
         if timeline_interval_s <= 0:
             raise ValueError(f"timeline_interval_s: expected a positive number, got {timeline_interval_s}")
@@ -149,6 +164,7 @@ class Simulation:
         self.held: dict[str, TraceRequest] = {}  # request id -> trace request, while queued
         self.queue_deadline_s = math.inf  # when the next held request times out
         self.ranker = ranker  # predicted_rank of each arrival (sim.rank_noise); None: unset
+        self.waker = waker
         # Inside a decode stretch only KV use and tokens in flight change (running and
         # waiting counts change only at its ends, where the snapshot is published). They
         # (and the snapshot time) are published, and kept exact at every decision, only
@@ -169,8 +185,9 @@ class Simulation:
         self.by_id = {inst.state.instance_id: inst for inst in self.instances}
         for instance_id in cluster.cordoned:
             self.by_id[instance_id].state.cordoned = True
-        # Instances never join, leave or change health in a simulation: one membership version
-        # (bumped by `set_cordoned`, the one flag a run may change).
+        # Instances change health only through a waker (the autoscaler) and their cordon
+        # only through `set_cordoned`; both bump this version so the static-filter cache
+        # sees the new flags.
         self.view = ClusterView([inst.state for inst in self.instances], membership_version=0)
         self.groups = group_by_model(self.view.instances)  # stable tuples: the static-filter cache holds
         self.in_runs: dict[int, _Instance] = {}  # instances inside a fast-forward run
@@ -220,7 +237,10 @@ class Simulation:
         last_arrival_s = -math.inf
         events = 0
         migration = self.migration
+        waker = self.waker
         while True:
+            if waker is not None and self._wake_if_due(waker, upcoming):
+                continue  # the waker acted first (its time came before any other event)
             if migration is not None and migration.advance(min(
                     heap[0][0] if heap else math.inf, upcoming.arrival_s if upcoming is not None else math.inf)):
                 continue  # a migration step (sim/migration.py) came first
@@ -281,6 +301,27 @@ class Simulation:
             migrations=self.migration.stats.summary() if self.migration is not None else None,
         )
 
+    def _wake_if_due(self, waker: Waker, upcoming: TraceRequest | None) -> bool:
+        """Run the waker when it is due before the next event, while anything is pending
+        (it never keeps a finished simulation alive); then release held requests."""
+        heap = self.heap
+        if not heap and upcoming is None and not self.held:
+            return False
+        wake_s = waker.next_wake_s()
+        next_s = min(heap[0][0] if heap else math.inf, upcoming.arrival_s if upcoming is not None else math.inf)
+        if not heap and upcoming is None:
+            next_s = self.queue_deadline_s  # only held requests left: their deadlines are the events
+        if wake_s > next_s or math.isinf(wake_s):
+            return False
+        while self.queue_deadline_s <= wake_s:
+            self.now_s = max(self.now_s, self.queue_deadline_s)
+            self._expire_queue(self.now_s)
+        self.now_s = max(self.now_s, wake_s)
+        waker.wake(self.now_s)
+        if self.held:
+            self._release_queue(self.now_s)
+        return True
+
     def _report_progress(self, events: int, now_s: float) -> float:
         """Call the progress callback if enough wall time passed; the event count to check next."""
         assert self.progress is not None
@@ -311,6 +352,8 @@ class Simulation:
         if self.tier_router is not None and self.tier_router.handles(model):
             # The tier decides the model first, as the router resolves the alias before admission.
             info = dataclasses.replace(info, model=self.decide_tier(info, trace, slo, now).model)
+        if self.waker is not None:
+            self.waker.arrived(info, now)
         admission = self.admission
         if admission is not None:
             if self.held:

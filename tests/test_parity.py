@@ -5,10 +5,13 @@ given to the router's `Dispatcher` (with its real file-backed state store for se
 affinity) and to a `Simulation`'s decision step; every decision (the tier of a request
 naming the tier alias, the whole fallback order), every admission verdict, and the
 admission queue's order must be identical, while both drivers see the same dispatches and
-finishes. Hypothesis varies the profiles, windows, affinity, saturation criteria, queue
-sorts, tier policies and contracts, prompts and scores, and loads, and cordons instances:
-the router through its registry's cordon (as Admin CordonInstance sets it), the simulator
-through `Simulation.set_cordoned`, one of them midway through the sequence.
+finishes. Hypothesis varies the profiles (a length_bucket routing table among the filters,
+replaced mid-sequence by a re-solved plan's through both drivers'
+`DecisionLayer.set_routing_table`), windows, affinity, saturation criteria (with the
+scale-from-zero hold), queue sorts, tier policies and contracts, prompts and scores, and
+loads, and cordons instances: the router through its registry's cordon (as Admin
+CordonInstance sets it), the simulator through `Simulation.set_cordoned`, one of them
+midway through the sequence.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from router.registry import InstanceRegistry
 from router.state import FileStateStore, InstanceRecord, cordon_note
 from router.tenants import Tenant
 from router.tiers import build_tier_resolver
+from scheduler.planner.routing import RoutingTable
 from scheduler.types import InstanceState, NoInstanceAvailable, RequestInfo
 from sim.cluster import parse_cluster
 from sim.simulator import Simulation
@@ -45,11 +49,26 @@ PROMPTS = [None, None, "What is 2+2?", "Write a haiku about autumn.",
            "Which of the following is NOT a noble gas?\nA. Neon\nB. Argon\nC. Nitrogen\nD. Xenon"]
 
 
+def _table(weights: list[dict[str, float]]) -> dict[str, Any]:
+    """A plan's routing table over POOLS: input rows [0,512) [512,2048) [2048,...)."""
+    return {"input_edges": [0, 512, 2048, 8192], "output_edges": [0, 8192], "cells": [],
+            "rows": [{"input": i, "pools": w} for i, w in enumerate(weights)]}
+
+
+TABLES = [  # what a plan and its re-solved successor might route
+    _table([{"l4": 1.0}, {"l4": 0.5, "a100": 0.5}, {"a100": 1.0}]),
+    _table([{"a100": 0.3, "l4": 0.7}, {"a100": 1.0}, {"small": 1.0}]),
+]
+
+
 @st.composite
 def profiles(draw: st.DrawFn) -> dict[str, Any]:
     scorers = draw(st.lists(st.sampled_from(SCORERS), unique=True, max_size=3))
     weighted = [{name: {"weight": draw(st.sampled_from([0.1, 0.5, 1.0, 2.0]))}} for name in scorers]
-    filters = ["model", "healthy", "not_draining", "not_cordoned"] + (["kv_room"] if draw(st.booleans()) else [])
+    filters: list[Any] = ["model", "healthy", "not_draining", "not_cordoned"] + (
+        ["kv_room"] if draw(st.booleans()) else [])
+    if draw(st.booleans()):
+        filters.append({"length_bucket": {"table": TABLES[draw(st.integers(0, 1))]}})
     return {"filters": filters, "scorers": weighted, "picker": draw(st.sampled_from(PICKERS))}
 
 
@@ -75,7 +94,8 @@ def documents(draw: st.DrawFn) -> dict[str, Any]:
         "window": {"max_candidates": draw(st.sampled_from([0, 1, 2, 3, 5]))},
         "affinity": {"enabled": draw(st.booleans()), "ttl_s": 600},
         "queue": {"sort": draw(st.sampled_from(["fcfs", "slo_priority"])), "engine_priority": "slo_priority"},
-        "admission": {"enabled": True, "max_queue_depth": draw(st.sampled_from([0, 2, 5])), "saturation": saturation},
+        "admission": {"enabled": True, "max_queue_depth": draw(st.sampled_from([0, 2, 5])), "saturation": saturation,
+                      "hold_until_ready": draw(st.booleans())},
         "tiers": draw(tier_sections()),
     }
 
@@ -110,6 +130,7 @@ requests = st.lists(st.fixed_dictionaries({
     "tokens": st.integers(1, 4000),
     "prefix": st.sampled_from([(), (1,), (1, 2), (3, 4, 5)]),
     "finish": st.integers(0, 2),  # how many in-flight requests finish before this one arrives
+    "replan": st.sampled_from([None, None, None, 0, 1]),  # a re-solved plan's table arrives first
 }), min_size=4, max_size=16)
 
 
@@ -171,6 +192,9 @@ async def _run_parity(doc: dict[str, Any], counts: list[int], instance_loads: li
                 sim_states[iid].router_inflight -= 1
                 dispatcher.policies[dispatcher.policy_name(Tenant(info.tenant, info.slo_class))].on_finish(info, iid)
                 registry.inflight_finished(iid)
+            if spec.get("replan") is not None:  # the autoscaler's new plan, the drivers' one call
+                table = RoutingTable.from_dict(TABLES[spec["replan"]])
+                assert sim.layer.set_routing_table(table) == dispatcher.layer.set_routing_table(table)
             info = RequestInfo(f"r{n}", spec["model"], spec["tokens"], tenant=spec["tenant"],
                                slo_class=spec["slo_class"], session_id=spec["session"], prefix_hashes=spec["prefix"])
             if spec["model"] == "auto":  # Tier: the same choice (and reason) from both drivers' own call.

@@ -19,10 +19,13 @@ from scheduler.planner.autoscale import (
     pool_loads,
     reconcile,
 )
-from scheduler.planner.problem import PlanError
+from scheduler.planner.problem import Plan, PlanError, PlanProblem, PoolOption, grid_buckets
+from scheduler.planner.routing import table_from_plan
+from scheduler.planner.solver import solve
 from scheduler.types import SloClass
 from sim.capacity import CapacityCache
-from sim.plan_autoscale import autoscale_from_plan
+from sim.cluster import ClusterSpec
+from sim.plan_autoscale import autoscale_from_plan, simulate_autoscaled
 from sim.plan_run import plan_and_verify
 from sim.plan_workload import PlanInputs, Workload
 from sim.report import summarize
@@ -124,3 +127,97 @@ def test_simulated_day_with_the_autoscaler(tmp_path: Path) -> None:
     static_usd = plan.usd_per_hour * (run.horizon_s[1] - run.horizon_s[0]) / 3600.0
     assert run.usd < static_usd
     assert summary["slo"]["default"]["both_attainment"] >= 0.9
+
+
+# -- scale-from-zero and the routing table following the fleet (hand-set capacities) ----------
+
+def _controlled(options: dict[str, tuple[str, float, int]], rate_rps: float,
+                ) -> tuple[ClusterSpec, PlanProblem, Plan]:
+    """One short-request bucket; pools {name: (gpu, req/s one instance sustains, instances)};
+    the first plan solved at `rate_rps`. No capacity simulation: the capacities are given."""
+    from sim.cluster import PoolSpec
+    from sim.engine_core import EngineConfig
+
+    catalog = default_catalog()
+    model = catalog.model("llama-3-8b")
+    buckets = grid_buckets([0, 8192], [0, 8192], [[rate_rps]])
+    problem = PlanProblem(buckets, tuple(PoolOption(name, catalog.gpu(gpu).name, 1, catalog.gpu(gpu).usd_per_hour, (cap,))
+                                         for name, (gpu, cap, _) in options.items()))
+    plan = solve(problem)
+    table = table_from_plan(plan, [0, 8192], [0, 8192]).as_dict()
+    pools = tuple(PoolSpec(name, catalog.gpu(gpu), model, 1, count, EngineConfig())
+                  for name, (gpu, _, count) in options.items())
+    cluster = ClusterSpec(pools=pools, dispatch={"filters": ["model", "healthy", "not_draining",
+                                                             {"length_bucket": {"table": table}}],
+                                                 "scorers": ["least_outstanding"], "picker": "max_score"},
+                          slo_classes={"default": SloClass("default", 3000.0, 200.0)}, default_model=model.name)
+    return cluster, problem, plan
+
+
+def _phases(phases: list[tuple[float, float, float]], seed: int = 11) -> list[TraceRequest]:
+    """Poisson arrivals at `rate` in each [start, end); short prompts and answers."""
+    rng = random.Random(seed)
+    out: list[TraceRequest] = []
+    for start, end, rate in phases:
+        t = start
+        while rate > 0:
+            t += rng.expovariate(rate)
+            if t >= end:
+                break
+            out.append(TraceRequest(f"r{len(out)}", t, rng.randint(50, 300), rng.randint(20, 80)))
+    return out
+
+
+SCALE_CONFIG = AutoscalerConfig(interval_s=30, window_s=120, dwell_s=120, idle_s=120, headroom=0.3,
+                                scale_down_headroom=0.5, max_step=4)
+
+
+def test_scale_from_zero_holds_the_first_requests_until_an_instance_is_up() -> None:
+    """A pool scaled to zero in an idle gap: the requests that come back are held by the
+    admission queue (`hold_until_ready`) until the cold start is done, not rejected; without
+    the hold the first minute of them fails."""
+    cluster, problem, plan = _controlled({"l4": ("L4", 2.0, 3)}, 1.0)
+    requests = _phases([(0, 200, 1.0), (900, 1100, 1.0)])
+    first_back = next(r for r in requests if r.arrival_s >= 900)
+    runs = {}
+    for hold in (False, True):
+        runs[hold] = simulate_autoscaled(cluster, requests, plan, {"l4": (2.0,)}, [0, 8192], [0, 8192], SCALE_CONFIG,
+                                         cold_start_s=60.0, initial={"l4": 1}, hold_until_ready=hold)
+        assert any(e.replicas == 0 and 200 < e.t_s < 900 for e in runs[hold].events)  # idle: scaled to zero
+        assert runs[hold].aborted == 0
+    rejected = [r for r in runs[False].result.records if r.rejected]
+    assert rejected and all(r.arrival_s >= 900 and "no instance" in r.reject_reason for r in rejected)
+    held = runs[True].result
+    assert not [r for r in held.records if r.rejected] and len(held.records) == len(requests)
+    record = next(r for r in held.records if r.request_id == first_back.request_id)
+    assert record.first_token_s is not None and record.first_token_s - record.arrival_s >= 60.0  # waited the cold start
+    assert record.first_token_s - record.arrival_s < 60.0 + 2 * SCALE_CONFIG.interval_s + 5
+    # Bounded: a hold timeout shorter than the cold start answers 503 instead of waiting on.
+    short = simulate_autoscaled(cluster, requests, plan, {"l4": (2.0,)}, [0, 8192], [0, 8192], SCALE_CONFIG,
+                                cold_start_s=60.0, initial={"l4": 1}, hold_timeout_s=5.0)
+    timed_out = [r for r in short.result.records if r.rejected]
+    assert timed_out and all("queue timeout" in r.reject_reason for r in timed_out)
+
+
+def test_routing_table_follows_the_re_solved_plan() -> None:
+    """The first plan (low rate) routes everything to L4s; when the rate grows tenfold the
+    loop re-solves (one A100 is then cheaper than many L4s), hands the new table to the
+    dispatch policy's length_bucket filter, and the requests follow it to the A100 pool."""
+    options = {"l4": ("L4", 0.5, 12), "a100": ("A100-80GB", 6.0, 3)}
+    cluster, problem, plan = _controlled(options, 0.4)
+    assert plan.instances() == {"l4": 1}
+    requests = _phases([(0, 300, 0.4), (300, 900, 4.0)])
+    capacity = {name: (cap,) for name, (_, cap, _) in options.items()}
+    run = simulate_autoscaled(cluster, requests, plan, capacity, [0, 8192], [0, 8192], SCALE_CONFIG,
+                              cold_start_s=30.0, initial={"l4": 1}, problem=problem, resolve_interval_s=60.0)
+    assert run.plan_changes and all(c.filters_updated == 1 for c in run.plan_changes)
+    moved = next(c for c in run.plan_changes if c.instances.get("a100", 0) >= 1)
+    assert moved.table.weights_for(100) == (("a100", 1.0),) and 300 < moved.t_s < 500
+    settled_s = moved.t_s + 30.0 + SCALE_CONFIG.interval_s  # its A100 is up by then
+    late = [r for r in run.result.records if r.arrival_s > settled_s and not r.rejected]
+    assert len(late) > 1000 and sum(r.pool == "a100" for r in late) / len(late) >= 0.95
+    assert run.aborted == 0
+    # Without re-solving, the table stays the first plan's: the traffic stays on L4s.
+    fixed = simulate_autoscaled(cluster, requests, plan, capacity, [0, 8192], [0, 8192], SCALE_CONFIG,
+                                cold_start_s=30.0, initial={"l4": 1})
+    assert not fixed.plan_changes and all(r.pool == "l4" for r in fixed.result.records if not r.rejected)

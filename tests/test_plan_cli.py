@@ -150,3 +150,39 @@ def test_burst_factor_sees_bursts_not_poisson() -> None:
     burst = sorted([*steady, *(100.0 + k * 0.01 for k in range(200))])  # 200 requests in 2 s
     assert burst_factor(burst, 1.0) > 5.0
     assert burst_factor([1.0], 1.0) == 1.0
+
+
+def test_factors_file_changes_the_capacities(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--factors` (a `tokenyard calibrate --write` file) replaces the packaged fit in the
+    capacity simulations and the verification: an L4 calibrated at 1/1.6 of the memory
+    bandwidth and compute the packaged fit assumes needs more instances for the same trace."""
+    from scheduler.engine_model import factors_for
+
+    packaged = factors_for(CATALOG.gpu("L4")).as_dict()
+    slow = {**packaged, "memory_efficiency": packaged["memory_efficiency"] / 1.6,
+            "compute_efficiency": packaged["compute_efficiency"] / 1.6}
+    factors = tmp_path / "factors.json"
+    factors.write_text(json.dumps({"gpus": {"L4": slow}, "default": packaged}))
+    trace = _trace(tmp_path / "trace.csv", n=300)
+    base = ["plan", "--trace", str(trace), "--gpus", "L4", "--slo", "default=3000:200", "--input-edges", "0,1024",
+            "--output-edges", "0,128", "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--json",
+            "--no-bursts"]
+    assert main(base) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main([*base, "--factors", str(factors), "--verify"]) == 0
+    calibrated = json.loads(capsys.readouterr().out)
+    assert calibrated["verified"]["accepted"]  # the verification ran on the calibrated engines too
+    assert calibrated["pools"][0]["instances"] > plain["pools"][0]["instances"]
+    # The capacity cache keys on the factors: the calibrated entries are new ones.
+    shapes = ((300, 100),)
+    query = CapacityQuery(CATALOG.gpu("L4"), CATALOG.model("llama-3-8b"), 1, shapes, SLO)
+    from scheduler.engine_model import load_factors_file
+
+    table = load_factors_file(str(factors))
+    assert query.key() != CapacityQuery(query.gpu, query.model, 1, shapes, SLO, factors=table["l4"]).key()
+    assert measure(CapacityQuery(query.gpu, query.model, 1, shapes, SLO, factors=table["l4"])).rate_rps < \
+        measure(query).rate_rps
+    factors.write_text("{not json")
+    assert main([*base, "--factors", str(factors)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--factors" in err and "not JSON" in err, err

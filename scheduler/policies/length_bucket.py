@@ -9,13 +9,24 @@ picks the output cell (else the row's mix). A weighted bucket is split by a hash
 request id. If no instance of the chosen pool is left (scaled to zero, unhealthy), the
 next pool of the bucket is tried, then every candidate: a plan that no longer matches
 the fleet degrades to plain load balancing rather than rejecting requests.
+
+The table follows the fleet: when the autoscaler re-solves the plan, the driver hands
+the new table to every `length_bucket` filter of its policies (`set_routing_table`;
+`DecisionLayer.set_routing_table`), the router from the table the control plane
+publishes in the state store, the simulator from its own control loop's plan.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from scheduler.dispatch import DispatchContext, Filter, PolicyConfigError, register_filter
+from scheduler.dispatch import (
+    DispatchContext,
+    DispatchPolicy,
+    Filter,
+    PolicyConfigError,
+    register_filter,
+)
 from scheduler.planner.problem import PlanError
 from scheduler.planner.routing import RoutingTable
 from scheduler.types import InstanceState, RequestInfo
@@ -52,3 +63,15 @@ class LengthBucket(Filter):
             if kept:
                 return kept
         return instances
+
+
+def set_routing_table(policy: DispatchPolicy, table: RoutingTable) -> int:
+    """Give every `length_bucket` filter of `policy` the new table (the next decision uses
+    it; the filter is not static, so no cached candidate list holds the old one). Returns
+    how many filters took it (0: the policy routes by no plan)."""
+    count = 0
+    for part in policy.filters:
+        if isinstance(part, LengthBucket):
+            part.table = table
+            count += 1
+    return count
