@@ -339,6 +339,7 @@ class UpstreamPool:
         self._idle: list[_Connection] = []
         self._all: set[_Connection] = set()
         self._host_header = f"Host: {self.authority}\r\n".encode()
+        self._request_lines: dict[tuple[str, str], bytes] = {}  # (method, path) -> request line + Host
         self.retired = False  # no longer handed out: busy connections close when done
 
     async def _connect(self) -> _Connection:
@@ -384,12 +385,15 @@ class UpstreamPool:
         `headers` are extra raw header lines (`Name: value\\r\\n` each). A failure on a
         kept-alive connection before any response byte is retried once on a fresh one.
         """
-        head = (
-            f"{method} {self.base_path}{path} HTTP/1.1\r\n".encode()
-            + self._host_header
-            + headers
-            + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
-        )
+        start = self._request_lines.get((method, path))
+        if start is None:
+            if len(self._request_lines) >= 64:  # a few fixed routes in practice; never unbounded
+                self._request_lines.clear()
+            start = self._request_lines[(method, path)] = (
+                f"{method} {self.base_path}{path} HTTP/1.1\r\n".encode() + self._host_header)
+        small = len(body) < 65536
+        # One formatting op builds what goes out in one write (a small body rides with its head).
+        data = b"%s%sContent-Length: %d\r\n\r\n%s" % (start, headers, len(body), body if small else b"")
         for attempt in range(2):
             conn = self._take_idle() if attempt == 0 else None
             if conn is None:
@@ -398,8 +402,8 @@ class UpstreamPool:
             response = UpstreamResponse(conn)
             conn.response = response
             assert conn.transport is not None
-            conn.transport.write(head + body if len(body) < 65536 else head)
-            if len(body) >= 65536:
+            conn.transport.write(data)
+            if not small:
                 conn.transport.write(body)
             try:
                 await _wait(response._headers_waiter, headers_timeout_s, conn)
