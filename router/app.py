@@ -655,7 +655,7 @@ class Router:
             if response.status in RETRYABLE_STATUS:
                 response.abort()
                 self.health.on_failure(instance_id, f"HTTP {response.status}")
-                self.metrics.child(self.metrics.attempts, instance_id, str(response.status)).inc()  # type: ignore[attr-defined]
+                self.metrics.child(self.metrics.attempts, instance_id, str(response.status)).inc()
                 return f"HTTP {response.status}"
             if stream and response.status == 200:
                 first = await response.next_chunk(max(0.001, min(attempt_ends_s, budget.last_byte_s)
@@ -672,21 +672,21 @@ class Router:
                     raise UpstreamError("protocol", f"error answer (HTTP {response.status}) over {limit} bytes")
         except ValueError as exc:  # a URL the engine client cannot speak (https://): fail over, never a 500
             self.health.on_failure(instance_id, str(exc))
-            self.metrics.child(self.metrics.attempts, instance_id, "unsupported_url").inc()  # type: ignore[attr-defined]
+            self.metrics.child(self.metrics.attempts, instance_id, "unsupported_url").inc()
             return str(exc)
         except UpstreamError as exc:
             if exc.kind != "timeout" or time.monotonic() < attempt_ends_s - 0.001 or \
                     self.config.first_byte_timeout_s is not None:
                 self.health.on_failure(instance_id, str(exc))
-            self.metrics.child(self.metrics.attempts, instance_id, exc.kind).inc()  # type: ignore[attr-defined]
+            self.metrics.child(self.metrics.attempts, instance_id, exc.kind).inc()
             return str(exc)
         except asyncio.CancelledError:  # the client left: closing the connection cancels it on the engine
             if response is not None:
                 response.abort()
             raise
         self.health.on_success(instance_id)
-        self.metrics.child(self.metrics.attempts, instance_id, "ok").inc()  # type: ignore[attr-defined]
-        self.metrics.child(self.metrics.first_byte, tenant.name, info.model).observe(  # type: ignore[attr-defined]
+        self.metrics.child(self.metrics.attempts, instance_id, "ok").inc()
+        self.metrics.child(self.metrics.first_byte, tenant.name, info.model).observe(
             time.monotonic() - started_s)
         instance_header = (b"x-tokenyard-instance", instance_id.encode("latin-1"))
         if not (stream and response.status == 200):

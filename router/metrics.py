@@ -80,7 +80,7 @@ class RouterMetrics:
         self.child(self.requests, tenant, model, str(code)).value += 1
 
     def tier_chosen(self, tier: str, model: str) -> None:
-        self.child(self.tier_choices, tier, model).inc()  # type: ignore[attr-defined]
+        self.child(self.tier_choices, tier, model).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

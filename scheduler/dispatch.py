@@ -360,7 +360,7 @@ class DispatchPolicy:
     @property
     def all_normalized(self) -> bool:
         # A plain loop: asked on every decision, and all() over a generator costs a frame.
-        for scorer, _ in self.scorers:
+        for scorer, _ in self.scorers:  # noqa: SIM110
             if not scorer.normalized:
                 return False
         return True

@@ -208,7 +208,7 @@ class LoopHistogram(_Family):
 
 def _bound_text(bound: float) -> str:
     """The `le` label exactly as prometheus_client's own histograms write it."""
-    return str(floatToGoString(bound))
+    return str(floatToGoString(bound))  # type: ignore[no-untyped-call]
 
 
 class LoopMetrics(Collector):
