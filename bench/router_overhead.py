@@ -163,6 +163,25 @@ def load(url: str, body: dict, concurrency: int, duration_s: float, warmup_s: fl
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def median_row(rows: list[dict]) -> dict:
+    """One point's rounds as one row: the median of each figure, errors summed."""
+    good = [row for row in rows if "error" not in row]
+    if not good:
+        return rows[-1]
+    merged: dict = {"rounds": len(good)}
+    for key in ("rps", "p50_us", "p99_us", "first_chunk_p50_us", "first_chunk_p99_us", "cpu_us_per_request",
+                "cpu_share"):
+        values = [row[key] for row in good if key in row]
+        if values:
+            merged[key] = statistics.median(values)
+    errors: dict[str, int] = {}
+    for row in good:
+        for kind, count in row.get("errors", {}).items():
+            errors[kind] = errors.get(kind, 0) + count
+    merged["errors"] = errors
+    return merged
+
+
 def extract_baseline(rev: str) -> Path:
     """The router of git revision `rev` in a temp dir (the packages `tokenyard router` imports)."""
     root = Path(tempfile.mkdtemp(prefix="router_overhead_baseline_"))
@@ -268,7 +287,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration-s", type=float, default=3.0, help="measured seconds per point")
     parser.add_argument("--warmup-s", type=float, default=0.5)
-    parser.add_argument("--rounds", type=int, default=2, help="rounds over all points; each point keeps its best")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds over all points (interleaved)")
+    parser.add_argument("--keep", choices=("best", "median"), default="best",
+                        help="per point: the round with the most req/s, or the median of every figure over "
+                             "the rounds (steadier on a shared machine)")
     parser.add_argument("--concurrency", default="1,32,128",
                         help="comma-separated concurrency levels")
     parser.add_argument("--no-peers", action="store_true", help="measure only direct calls and tokenyard")
@@ -379,6 +401,7 @@ def main() -> int:
                 pids[name] = proc.proc.pid  # taskset execs the command: the same pid
             urls[name] = url
             results[name] = {mode: {} for mode in MODES}
+        every: dict[tuple[str, str, str], list[dict]] = {}
         bar = tqdm(total=args.rounds * len(urls) * len(MODES) * len(CONCURRENCY), desc="router overhead",
                    unit="point")
         for round_index in range(args.rounds):
@@ -387,11 +410,15 @@ def main() -> int:
                     for name, url in urls.items():
                         bar.set_postfix_str(f"round {round_index + 1} {name} {mode} c={c}")
                         row = load(url, body, c, args.duration_s, args.warmup_s, pids.get(name), pin_rest)
+                        every.setdefault((name, mode, str(c)), []).append(row)
                         best = results[name][mode].get(str(c))
                         if best is None or "error" in best or ("rps" in row and row["rps"] > best["rps"]):
                             results[name][mode][str(c)] = row
                         bar.update(1)
         bar.close()
+        if args.keep == "median":
+            for (name, mode, c), rows in every.items():
+                results[name][mode][c] = median_row(rows)
     finally:
         for proc in procs:
             proc.stop()

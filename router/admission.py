@@ -67,7 +67,7 @@ class PluginMetrics:
         return time.perf_counter()
 
     def observe(self, kind: str, name: str, seconds: float) -> None:
-        self.metrics.child(self.metrics.plugin_seconds, kind, name).observe(seconds)  # type: ignore[attr-defined]
+        self.metrics.child(self.metrics.plugin_seconds, kind, name).observe(seconds)
 
 
 class RouterAdmission:
@@ -136,7 +136,7 @@ class RouterAdmission:
             self._waiters.pop(held.request_id, None)
             self.queue.cancel(held.request_id)
             self._gauge(info.slo_class)
-            self.metrics.child(self.metrics.queue_wait, info.slo_class, outcome).observe(  # type: ignore[attr-defined]
+            self.metrics.child(self.metrics.queue_wait, info.slo_class, outcome).observe(
                 time.monotonic() - now_s)
 
     def offer(self, info: RequestInfo, now_s: float) -> tuple[RequestInfo, Offer]:
@@ -200,7 +200,7 @@ class RouterAdmission:
 
     def _gauge(self, slo_class: str) -> None:
         depth = self.queue.depth_by_class().get(slo_class, 0)
-        self.metrics.child(self.metrics.queue_length, slo_class).set(depth)  # type: ignore[attr-defined]
+        self.metrics.child(self.metrics.queue_length, slo_class).set(depth)
 
     def _ensure_ticker(self) -> None:
         if self._ticker is None or self._ticker.done():

@@ -76,20 +76,21 @@ CLIENT_GONE_STATUS = 499  # nginx's code for "the client closed the request", in
 
 
 class _PrioritizedBody(bytes):
-    """The upstream body with `priority` set, able to give the same body without it."""
+    """The upstream body with `priority` set, able to give the same body without it (built
+    only when an engine refuses priorities, not per request)."""
 
-    plain_doc: dict[str, Any]
+    doc: dict[str, Any]
     _plain: bytes | None
 
-    def __new__(cls, data: bytes, plain_doc: dict[str, Any]) -> _PrioritizedBody:
+    def __new__(cls, data: bytes, doc: dict[str, Any]) -> _PrioritizedBody:
         obj = super().__new__(cls, data)
-        obj.plain_doc = plain_doc
+        obj.doc = doc
         obj._plain = None
         return obj
 
     def plain(self) -> bytes:
         if self._plain is None:
-            self._plain = orjson.dumps(self.plain_doc)
+            self._plain = orjson.dumps({k: v for k, v in self.doc.items() if k != "priority"})
         return self._plain
 
 
@@ -103,7 +104,8 @@ class Router:
         self.registry = registry or InstanceRegistry(store)
         self.metrics = RouterMetrics()
         self.dispatcher = Dispatcher(config, self.registry, store, seed=seed)
-        self.dispatcher.layer.set_observer(PluginMetrics(self.metrics))
+        if config.plugin_sample_every:
+            self.dispatcher.layer.set_observer(PluginMetrics(self.metrics, config.plugin_sample_every))
         layer = self.dispatcher.layer
         self.admission = (RouterAdmission(self.dispatcher, self.metrics, layer.new_admission_queue())
                           if layer.admission_enabled else None)
@@ -475,7 +477,7 @@ class Router:
             return
         try:
             body = orjson.loads(raw)
-            validate(body, chat)
+            validate(body, chat, raw)
         except orjson.JSONDecodeError as exc:
             self.metrics.request_done(tenant.name, "", 400)
             await self._send_json(send, 400, error_body(400, f"invalid JSON in the request body: {exc}"), rid_header)
@@ -513,9 +515,8 @@ class Router:
             # sending its own `priority`.
             body["priority"] = self.dispatcher.priority(info, tenant)
         upstream_body = orjson.dumps(body)
-        if "priority" in body and body["priority"] != 0:
-            plain = {k: v for k, v in body.items() if k != "priority"}
-            upstream_body = _PrioritizedBody(upstream_body, plain)
+        if body.get("priority", 0) != 0:
+            upstream_body = _PrioritizedBody(upstream_body, body)
         stream = body.get("stream") is True
         deadline_s = started_s + self.config.deadline_s(tenant.slo_class, stream, info.max_output_tokens)
         reserved = None
@@ -702,7 +703,7 @@ class Router:
             if response.status in RETRYABLE_STATUS:
                 response.abort()
                 self.health.on_failure(instance_id, f"HTTP {response.status}")
-                self.metrics.child(self.metrics.attempts, instance_id, str(response.status)).inc()  # type: ignore[attr-defined]
+                self.metrics.child(self.metrics.attempts, instance_id, str(response.status)).inc()
                 return f"HTTP {response.status}"
             if stream and response.status == 200:
                 first = await response.next_chunk(max(0.001, min(attempt_ends_s, budget.last_byte_s)
@@ -719,21 +720,21 @@ class Router:
                     raise UpstreamError("protocol", f"error answer (HTTP {response.status}) over {limit} bytes")
         except ValueError as exc:  # a URL the engine client cannot speak (https://): fail over, never a 500
             self.health.on_failure(instance_id, str(exc))
-            self.metrics.child(self.metrics.attempts, instance_id, "unsupported_url").inc()  # type: ignore[attr-defined]
+            self.metrics.child(self.metrics.attempts, instance_id, "unsupported_url").inc()
             return str(exc)
         except UpstreamError as exc:
             if exc.kind != "timeout" or time.monotonic() < attempt_ends_s - 0.001 or \
                     self.config.first_byte_timeout_s is not None:
                 self.health.on_failure(instance_id, str(exc))
-            self.metrics.child(self.metrics.attempts, instance_id, exc.kind).inc()  # type: ignore[attr-defined]
+            self.metrics.child(self.metrics.attempts, instance_id, exc.kind).inc()
             return str(exc)
         except asyncio.CancelledError:  # the client left: closing the connection cancels it on the engine
             if response is not None:
                 response.abort()
             raise
         self.health.on_success(instance_id)
-        self.metrics.child(self.metrics.attempts, instance_id, "ok").inc()  # type: ignore[attr-defined]
-        self.metrics.child(self.metrics.first_byte, tenant.name, info.model).observe(  # type: ignore[attr-defined]
+        self.metrics.child(self.metrics.attempts, instance_id, "ok").inc()
+        self.metrics.child(self.metrics.first_byte, tenant.name, info.model).observe(
             time.monotonic() - started_s)
         instance_header = (b"x-tokenyard-instance", instance_id.encode("latin-1"))
         if not (stream and response.status == 200):
@@ -814,13 +815,23 @@ class Router:
                     data, tail = (data[:cut], data[cut:]) if cut > 1 else (b"", data)
                     if len(tail) > MAX_BUFFERED_RESPONSE_BYTES:  # no event is that long: garbage
                         raise UpstreamError("protocol", f"an SSE event over {MAX_BUFFERED_RESPONSE_BYTES} bytes")
+                if response.ended:
+                    # The engine's stream is over: its last events and the end of the
+                    # response leave in one write (not a write for the final empty chunk).
+                    break
                 if data:
                     if b'"object": "error"' in data or b'"object":"error"' in data:
                         data = normalize_sse_errors(data)
                     await send({"type": "http.response.body", "body": data, "more_body": True})
                 chunk = await response.next_chunk(budget.chunk_timeout_s())
-            if tail:
-                await send({"type": "http.response.body", "body": tail, "more_body": True})
+            else:
+                data = b""
+            if data and (b'"object": "error"' in data or b'"object":"error"' in data):
+                data = normalize_sse_errors(data)
+            data += tail
+            if data:
+                await send({"type": "http.response.body", "body": data, "more_body": False})
+                return
         except UpstreamError as exc:
             response.abort()
             past_deadline = time.monotonic() >= budget.last_byte_s - 0.001

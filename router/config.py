@@ -24,6 +24,7 @@ nothing starts from a file that failed to validate. Shape, all keys optional:
     health: {interval_s: 2, timeout_s: 1, eject_after_failures: 3, eject_s: 5, max_eject_s: 60}
     load: {scrape_interval_s: 0.25, timeout_s: 1,
            worker_token_file: worker-token}   # the engines' --worker-token-file (0600)
+    metrics: {plugin_sample_every: 16}      # time each dispatch part in 1 decision of N (0: off)
     discovery: {static: [{url: http://127.0.0.1:8001, model: llama-3-8b, gpu: A100-80GB}]}
     policy: {...}                           # or a path: the policy document (docs/policy.md)
 
@@ -60,7 +61,8 @@ from tokenyard.config import (
 
 DEFAULT_POLICY: dict[str, Any] = {"filters": ["model", "healthy", "not_draining", "not_cordoned"], "scorers": ["least_outstanding"]}
 TOP_KEYS = ("listen", "store", "control", "limits", "slo_classes", "tenants", "anonymous", "policies",
-            "dispatch", "retries", "deadlines_ms", "health", "load", "discovery", "policy", "tiers", "rank")
+            "dispatch", "retries", "deadlines_ms", "health", "load", "discovery", "policy", "tiers", "rank",
+            "metrics")
 # Keys of the older dialect that the policy document replaces.
 POLICY_KEYS = ("slo_classes", "policies", "dispatch")
 MAX_PORT = 65535
@@ -119,6 +121,9 @@ class RouterConfig:
     policy: PolicyDocument = field(default_factory=PolicyDocument)
     tiers: dict[str, Any] = field(default_factory=dict)  # model tier alias (router/tiers.py)
     rank: Any = None  # router.rank.RankSettings: the output-length ranker; None = off
+    # tokenyard_router_plugin_seconds times every part of 1 decision in this many (0: none);
+    # timing all of them cost ~8 us a decision (router/admission.py PluginMetrics).
+    plugin_sample_every: int = 16
 
     def deadline_s(self, slo_class: str, stream: bool = True, max_output_tokens: int | None = None) -> float:
         """How long a request of this class may wait for its first byte.
@@ -403,6 +408,11 @@ def _parse_rest(cfg: RouterConfig, doc: dict[str, Any], source: str, classes: li
         from tokenyard.worker_auth import read_worker_token
 
         cfg.worker_token = read_worker_token(cfg.worker_token_file, at("load.worker_token_file"))
+
+    metrics = _section(doc, "metrics", source)
+    check_keys(metrics, ("plugin_sample_every",), at("metrics"))
+    cfg.plugin_sample_every = get(metrics, "plugin_sample_every", int, at("metrics"),
+                                  default=cfg.plugin_sample_every, minimum=0)
 
     cfg.discovery = _section(doc, "discovery", source)
     if cfg.discovery:

@@ -179,7 +179,7 @@ class MigrationLoop:
 
     def _count(self, reason: str, outcome: str) -> None:
         if self.metrics is not None:
-            self.metrics.child(self.metrics.migrations, reason, outcome).inc()  # type: ignore[attr-defined]
+            self.metrics.child(self.metrics.migrations, reason, outcome).inc()
 
     def _order(self, order: MigrationOrder, source_address: str, destination_address: str
                ) -> asyncio.Task[MoveOutcome]:

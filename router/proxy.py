@@ -89,20 +89,19 @@ class UpstreamResponse:
                 raise self._error
             if self._done:
                 return None
-            loop = asyncio.get_running_loop()
-            self._waiter = loop.create_future()
-            handle = None
+            conn = self._conn
+            assert conn is not None  # not done and no error: the connection still carries it
+            self._waiter = waiter = conn.loop.create_future()
             if timeout_s is not None:
-                handle = loop.call_later(timeout_s, _expire, self._waiter)
+                conn.expire_at(waiter, conn.loop.time() + timeout_s)
             try:
-                await self._waiter
+                await waiter
             except TimeoutError:
                 self.abort()
                 raise UpstreamError("timeout", f"no body chunk within {timeout_s:.3f} s") from None
             finally:
                 self._waiter = None
-                if handle is not None:
-                    handle.cancel()
+                conn.expire_done(waiter)
         # Everything that has arrived goes out at once: events that came in one read are
         # relayed in one write (per-event writes cost a syscall each), and nothing waits.
         if len(self._chunks) == 1:
@@ -135,6 +134,11 @@ class UpstreamResponse:
                 raise UpstreamError("protocol", f"response body over {max_bytes} bytes")
             parts.append(chunk)
         return b"".join(parts)
+
+    @property
+    def ended(self) -> bool:
+        """Everything has been read: the next `next_chunk` returns None at once."""
+        return self._done and not self._chunks and self._error is None
 
     def abort(self) -> None:
         """Stop reading and close the connection (the engine then cancels the request)."""
@@ -176,11 +180,6 @@ class UpstreamResponse:
             waiter.set_result(None)
 
 
-def _expire(future: asyncio.Future[Any]) -> None:
-    if not future.done():
-        future.set_exception(TimeoutError())
-
-
 class _Connection(asyncio.Protocol):
     """One kept-alive connection to an engine; carries one exchange at a time."""
 
@@ -195,6 +194,16 @@ class _Connection(asyncio.Protocol):
         self.reused = False
         self.idle_since_s = 0.0
         self._paused = False
+        # One lazily re-armed timer per connection for the waits of its exchanges (response
+        # headers, each body chunk): `expire_at` only moves the deadline, and the timer,
+        # when it fires before the current deadline, re-schedules itself for it. A
+        # call_later + cancel per wait cost a timer handle per request and per streamed
+        # chunk (bench/router_overhead.py, issue #17); now a connection busy with requests
+        # that each finish within the timeout schedules about one timer per timeout.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at_s = 0.0
+        self._expiring: asyncio.Future[Any] | None = None
+        self._expires_at_s = 0.0
 
     # -- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -253,6 +262,38 @@ class _Connection(asyncio.Protocol):
         else:
             self.close()
 
+    # -- timeouts --------------------------------------------------------------------------
+    def expire_at(self, future: asyncio.Future[Any], at_s: float) -> None:
+        """Fail `future` with TimeoutError at loop time `at_s` unless it is done by then
+        (one timed wait per connection at a time: the latest call wins)."""
+        self._expiring = future
+        self._expires_at_s = at_s
+        if self._timer is None or self._timer_at_s > at_s:
+            self._schedule(at_s)
+
+    def expire_done(self, future: asyncio.Future[Any]) -> None:
+        """`future`'s wait is over. Only its own: by the time its waiter resumes, the
+        connection may already carry the next exchange, whose wait is timed now."""
+        if self._expiring is future:
+            self._expiring = None
+
+    def _schedule(self, at_s: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at_s = at_s
+        self._timer = self.loop.call_at(at_s, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        future = self._expiring
+        if future is None or future.done():
+            return  # nothing waits: the next expire_at schedules again
+        if self.loop.time() >= self._expires_at_s - 0.001:  # a loop may fire up to its resolution early
+            self._expiring = None
+            future.set_exception(TimeoutError())
+            return
+        self._schedule(self._expires_at_s)
+
     # -- helpers ---------------------------------------------------------------------------
     def _fail(self, error: UpstreamError) -> None:
         response = self.response
@@ -275,6 +316,9 @@ class _Connection(asyncio.Protocol):
             self.closed = True
             if self.transport is not None:
                 self.transport.close()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._fail(UpstreamError("reset", f"connection to {self.pool.authority} closed"))
 
 
@@ -295,6 +339,7 @@ class UpstreamPool:
         self._idle: list[_Connection] = []
         self._all: set[_Connection] = set()
         self._host_header = f"Host: {self.authority}\r\n".encode()
+        self._request_lines: dict[tuple[str, str], bytes] = {}  # (method, path) -> request line + Host
         self.retired = False  # no longer handed out: busy connections close when done
 
     async def _connect(self) -> _Connection:
@@ -340,12 +385,15 @@ class UpstreamPool:
         `headers` are extra raw header lines (`Name: value\\r\\n` each). A failure on a
         kept-alive connection before any response byte is retried once on a fresh one.
         """
-        head = (
-            f"{method} {self.base_path}{path} HTTP/1.1\r\n".encode()
-            + self._host_header
-            + headers
-            + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
-        )
+        start = self._request_lines.get((method, path))
+        if start is None:
+            if len(self._request_lines) >= 64:  # a few fixed routes in practice; never unbounded
+                self._request_lines.clear()
+            start = self._request_lines[(method, path)] = (
+                f"{method} {self.base_path}{path} HTTP/1.1\r\n".encode() + self._host_header)
+        small = len(body) < 65536
+        # One formatting op builds what goes out in one write (a small body rides with its head).
+        data = b"%s%sContent-Length: %d\r\n\r\n%s" % (start, headers, len(body), body if small else b"")
         for attempt in range(2):
             conn = self._take_idle() if attempt == 0 else None
             if conn is None:
@@ -354,11 +402,11 @@ class UpstreamPool:
             response = UpstreamResponse(conn)
             conn.response = response
             assert conn.transport is not None
-            conn.transport.write(head + body if len(body) < 65536 else head)
-            if len(body) >= 65536:
+            conn.transport.write(data)
+            if not small:
                 conn.transport.write(body)
             try:
-                await _wait(response._headers_waiter, headers_timeout_s)
+                await _wait(response._headers_waiter, headers_timeout_s, conn)
             except TimeoutError:
                 response.abort()
                 raise UpstreamError(
@@ -395,18 +443,18 @@ class UpstreamPool:
         return [conn for conn in self._all if not conn.closed]
 
 
-async def _wait(future: asyncio.Future[None], timeout_s: float | None) -> None:
+async def _wait(future: asyncio.Future[None], timeout_s: float | None, conn: _Connection) -> None:
     if future.done():
         future.result()
         return
     if timeout_s is None:
         await future
         return
-    handle = asyncio.get_running_loop().call_later(timeout_s, _expire, future)
+    conn.expire_at(future, conn.loop.time() + timeout_s)
     try:
         await future
     finally:
-        handle.cancel()
+        conn.expire_done(future)
 
 
 class PoolSet:

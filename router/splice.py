@@ -59,6 +59,11 @@ class Upstream(Protocol):
 
     async def next_chunk(self, timeout_s: float | None = None) -> bytes | None: ...
 
+    @property
+    def ended(self) -> bool:
+        """True when the next `next_chunk` would return None without waiting."""
+        ...
+
     def abort(self) -> None: ...
 
 
@@ -144,6 +149,10 @@ class SplicedStream:
 
     def header(self, name: bytes) -> bytes | None:
         return self.current.header(name)
+
+    @property
+    def ended(self) -> bool:
+        return self.done  # `[DONE]` was relayed: next_chunk returns None from now on
 
     def abort(self) -> None:
         """The client left (the relay calls this): stop, and splice nothing more."""

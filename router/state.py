@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sqlite3
 import time
 import uuid
@@ -273,6 +274,7 @@ CREATE TABLE IF NOT EXISTS changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, kind 
 """
 _SWEEP_EVERY_CLAIMS = 1024  # expired affinity rows are deleted once per this many claims
 _CHANGES_KEPT = 10_000  # change-log rows kept for watchers (older ones are trimmed)
+WATCH_FORCED_READ_S = 5.0  # a watcher reads the change log at least this often (see FileStateStore.watch)
 
 
 def _enter_wal(db: sqlite3.Connection, timeout_s: float = 10.0) -> None:
@@ -320,6 +322,7 @@ class FileStateStore(StateStore):
         if not self.path.is_absolute():
             raise StateStoreError(f"state file path must be absolute, got {str(path)!r}")
         self.poll_interval_s = poll_interval_s
+        self._wal_path = Path(f"{self.path}-wal")  # SQLite's name for the WAL beside the file
         self.origin = uuid.uuid4().hex
         self._closed = asyncio.Event()
         self._claims = 0
@@ -556,19 +559,47 @@ class FileStateStore(StateStore):
         row = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()
         return int(row[0])
 
+    def _file_stamp(self) -> tuple[tuple[int, int, int] | None, ...]:
+        """What a commit by any process changes: the WAL's (and, on a checkpoint, the
+        database's) inode, size and modification time. One stat() each, on the loop."""
+        stamp: list[tuple[int, int, int] | None] = []
+        for path in (self._wal_path, self.path):
+            try:
+                st = os.stat(path)
+            except OSError:
+                stamp.append(None)
+                continue
+            stamp.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(stamp)
+
     async def watch(self) -> AsyncIterator[StateChange]:
         """Poll the change log every `poll_interval_s`: instance and policy changes by any
         process on this file. Load, affinity and lease writes are not reported: nobody
-        needs to react to them."""
+        needs to react to them.
+
+        A poll reads the change log (a hop to the store's thread) only when the file's
+        stamp moved since the last read, or every WATCH_FORCED_READ_S regardless (a file
+        time is as coarse as the kernel's tick, so two commits in one tick, the second
+        over a just-reset WAL of the same size, could hide from the stamp). The hop was
+        ~8% of the router's samples under load on the 2-core box: the thread and the
+        event loop hand the GIL back and forth (py-spy, issue #17, docs/benchmarks.md)."""
+        stamp = self._file_stamp()  # before the read: a commit after it shows in the next stamp
         seq = await self._run(self._last_seq)
         # Whatever changed before this baseline was taken is unknown to the caller.
         yield StateChange("any")
+        forced_every = max(1, round(WATCH_FORCED_READ_S / self.poll_interval_s))
+        unread = 0
         while not self._closed.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.poll_interval_s):
                     await self._closed.wait()
             if self._closed.is_set():
                 return
+            now_stamp = self._file_stamp()
+            unread += 1
+            if now_stamp == stamp and unread < forced_every:
+                continue
+            stamp, unread = now_stamp, 0
             try:
                 rows = await self._run(self._changes_since, seq)
             except StateStoreError as exc:

@@ -67,30 +67,48 @@ class UsageMeter:
         self._last = b""
         self.events = 0
 
-    async def __call__(self, message: MutableMapping[str, Any]) -> None:
+    def __call__(self, message: MutableMapping[str, Any]) -> Awaitable[None]:
+        # Not a coroutine itself: it returns the wrapped send's awaitable, so a relayed
+        # message costs no extra coroutine frame (a stream sends one per chunk).
         body = message.get("body")
         if body:
             self.events += body.count(b"data: ")
             self._prev, self._last = self._last, body
         elif message.get("type") == "http.response.start":
             self.status = int(message.get("status", 0))
-        await self._send(message)
+        return self._send(message)
 
     @property
     def tail(self) -> bytes:
-        return (bytes(self._prev) + bytes(self._last))[-TAIL_BYTES:]
+        last = self._last
+        if len(last) >= TAIL_BYTES or not self._prev:  # one chunk holds it: no concatenation
+            return bytes(last[-TAIL_BYTES:])
+        return (bytes(self._prev) + bytes(last))[-TAIL_BYTES:]
 
     def usage(self) -> tuple[int | None, int | None]:
         """(prompt tokens, completion tokens) from the answer's `usage`; a stream without
         one gives (None, events not counting `[DONE]`)."""
         tail = self.tail
-        completion = _COMPLETION.findall(tail)
-        if completion:
-            prompt = _PROMPT.findall(tail)
-            return (int(prompt[-1]) if prompt else None), int(completion[-1])
+        completion = _last_match(_COMPLETION, b'"completion_tokens"', tail)
+        if completion is not None:
+            return _last_match(_PROMPT, b'"prompt_tokens"', tail), completion
         if self.events:
             return None, max(0, self.events - tail.count(b"[DONE]"))
         return None, None
+
+
+def _last_match(pattern: re.Pattern[bytes], key: bytes, tail: bytes) -> int | None:
+    """The number of the last `"key": N` in `tail`: the last occurrence of the key tried
+    first (one C search from the end, not a scan for all), all of them if that one is not
+    followed by a number."""
+    at = tail.rfind(key)
+    if at < 0:
+        return None
+    found = pattern.match(tail, at)
+    if found is not None:
+        return int(found.group(1))
+    every = pattern.findall(tail, 0, at)
+    return int(every[-1]) if every else None
 
 
 class WorkloadRecorder:

@@ -98,3 +98,100 @@ async def test_the_disconnect_extension_resolves_when_the_client_leaves() -> Non
         assert seen[0].done()
     finally:
         await server.stop(0.2)
+
+
+# -- the engine client's one timer per connection (router/proxy.py) ----------------------
+
+async def _engine(handler: Any) -> tuple[asyncio.Server, int]:
+    """A raw loopback engine: `handler(reader, writer)` per connection."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    return server, int(server.sockets[0].getsockname()[1])
+
+
+async def test_engine_waits_reuse_one_timer_and_still_time_out_on_time() -> None:
+    from router.proxy import UpstreamError, UpstreamPool
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            body = await reader.readexactly(length)
+            if body == b"stall":  # headers and one chunk, then nothing
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n")
+                await writer.drain()
+                await asyncio.sleep(30)
+                return
+            if body == b"silent":  # no answer at all
+                await asyncio.sleep(30)
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    server, port = await _engine(handler)
+    pool = UpstreamPool(f"http://127.0.0.1:{port}")
+    try:
+        timers = set()
+        for _ in range(30):
+            response = await pool.request("POST", "/v1/x", b"fast", headers_timeout_s=5.0)
+            assert await response.read_all(5.0) == b"ok"
+            (conn,) = pool.connections()
+            timers.add(id(conn._timer))
+        # 30 timed header waits and 30 timed body reads on one kept-alive connection: one handle.
+        assert len(timers) == 1 and conn._timer is not None
+        # The same connection, after those: a silent engine still times out at its own deadline.
+        t0 = time.monotonic()
+        try:
+            await pool.request("POST", "/v1/x", b"silent", headers_timeout_s=0.3)
+        except UpstreamError as exc:
+            assert exc.kind == "timeout"
+        else:
+            raise AssertionError("no timeout")
+        assert 0.25 <= time.monotonic() - t0 < 1.5
+        # A stream that stalls after its first chunk: the chunk wait times out too.
+        response = await pool.request("POST", "/v1/x", b"stall", headers_timeout_s=5.0)
+        assert await response.next_chunk(5.0) == b"hi"
+        t0 = time.monotonic()
+        try:
+            await response.next_chunk(0.3)
+        except UpstreamError as exc:
+            assert exc.kind == "timeout" and "no body chunk within 0.300 s" in str(exc)
+        else:
+            raise AssertionError("no timeout")
+        assert 0.25 <= time.monotonic() - t0 < 1.5
+    finally:
+        pool.close()
+        server.close()
+
+
+async def test_a_wait_that_ends_does_not_untime_the_next_wait_on_its_connection() -> None:
+    """A response's waiter can resume after its connection went back to the pool and the
+    next request armed its own deadline there: ending the old wait must leave that armed."""
+    from router.proxy import UpstreamPool
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(30)
+
+    server, port = await _engine(handler)
+    pool = UpstreamPool(f"http://127.0.0.1:{port}")
+    try:
+        conn = await pool._connect()
+        loop = asyncio.get_running_loop()
+        old, new = loop.create_future(), loop.create_future()
+        conn.expire_at(old, loop.time() + 5.0)
+        old.set_result(None)  # answered; its waiter has not resumed yet
+        conn.expire_at(new, loop.time() + 0.2)  # the next exchange on the connection
+        conn.expire_done(old)  # the old waiter resumes now
+        t0 = time.monotonic()
+        try:
+            await asyncio.wait_for(new, 5)
+        except TimeoutError:
+            pass
+        else:
+            raise AssertionError("the next wait lost its deadline")
+        assert 0.15 <= time.monotonic() - t0 < 1.5
+    finally:
+        pool.close()
+        server.close()

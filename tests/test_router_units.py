@@ -39,12 +39,27 @@ from tokenyard.config import ConfigError
     ({"store": "postgres://x"}, "router.yaml: store", "expected file:///abs/path.json or redis://"),
     ({"discovery": {"static": [{"url": "127.0.0.1:8000", "model": "m"}]}},
      "router.yaml: discovery.static[0].url", "expected http://host:port"),
+    ({"metrics": {"plugin_sample_every": -1}}, "router.yaml: metrics.plugin_sample_every", "expected a value >= 0"),
+    ({"metrics": {"plugin_sample": 4}}, "router.yaml: metrics", "plugin_sample"),
 ])
 def test_config_errors_name_the_file_the_key_path_and_what_is_allowed(doc: dict, where: str, expected: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_router_config(doc, "router.yaml")
     assert info.value.where.startswith(where), info.value.where
     assert expected in str(info.value)
+
+
+def test_plugin_latency_sampling_is_configured_by_metrics_plugin_sample_every() -> None:
+    from router.admission import PluginMetrics
+
+    assert parse_router_config({}, "r.yaml").plugin_sample_every == 16
+    every_4 = Router(parse_router_config({"metrics": {"plugin_sample_every": 4}}, "r.yaml"))
+    observers = {id(p.observer) for p in every_4.dispatcher.layer.all_policies()}
+    observer = every_4.dispatcher.layer.all_policies()[0].observer
+    assert len(observers) == 1 and isinstance(observer, PluginMetrics) and observer.sample_every == 4
+    assert [observer.sample() for _ in range(8)] == [False, False, False, True] * 2
+    off = Router(parse_router_config({"metrics": {"plugin_sample_every": 0}}, "r.yaml"))
+    assert all(p.observer is None for p in off.dispatcher.layer.all_policies())
 
 
 def test_config_defaults_and_deadlines() -> None:

@@ -170,6 +170,47 @@ async def test_watch_reports_other_replicas_changes(stores: tuple[StateStore, St
 
 # -- file backend specifics ----------------------------------------------------------
 
+async def test_file_watch_reads_the_change_log_only_when_the_file_moved(tmp_path: Path) -> None:
+    """An idle watcher does not hop to the store's thread every poll (issue #17), and a
+    commit by another store on the file is still seen at the next poll."""
+    path = tmp_path / "state.json"
+    writer, watcher = FileStateStore(path), FileStateStore(path, poll_interval_s=0.05)
+    reads = 0
+    changes_since = watcher._changes_since
+
+    def counted(seq: int) -> list[tuple[int, str, str, str]]:
+        nonlocal reads
+        reads += 1
+        return changes_since(seq)
+
+    watcher._changes_since = counted  # type: ignore[method-assign]
+    seen: list[StateChange] = []
+    subscribed = asyncio.Event()
+
+    async def follow() -> None:
+        async for change in watcher.watch():
+            if change.kind == "any":
+                subscribed.set()
+                continue
+            seen.append(change)
+            return
+
+    task = asyncio.create_task(follow())
+    try:
+        await asyncio.wait_for(subscribed.wait(), 10)
+        await asyncio.sleep(0.6)  # ~12 polls of an unchanged file
+        assert reads <= 1, f"{reads} change-log reads while nothing was written"
+        started = time.monotonic()
+        await writer.put_policy("acme", {"slo_class": "batch"})
+        await asyncio.wait_for(task, 10)
+        assert time.monotonic() - started < 2.0  # the next poll, not the forced read every 5 s
+        assert [(c.kind, c.key) for c in seen] == [("policy", "acme")]
+    finally:
+        task.cancel()
+        await writer.close()
+        await watcher.close()
+
+
 async def test_file_store_survives_reopen(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "state.json"
     store = FileStateStore(path)

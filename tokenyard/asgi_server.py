@@ -48,6 +48,8 @@ Receive = Callable[[], Awaitable[Message]]
 App = Callable[[MutableMapping[str, Any], Receive, Callable[[Message], Awaitable[None]]], Awaitable[None]]
 
 LINGER_S = 1.0
+_ASGI = {"version": "3.0", "spec_version": "2.3"}  # the same for every request: built once
+_METHODS = {m.encode(): m for m in ("GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH")}
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 _ERROR_TYPES = {400: "invalid_request_error", 408: "timeout", 413: "invalid_request_error",
                 414: "invalid_request_error", 431: "invalid_request_error", 500: "internal_error",
@@ -122,6 +124,9 @@ class Http1Protocol(asyncio.Protocol):
         self.worker: asyncio.Task[None] | None = None
         self.wakeup: asyncio.Future[None] | None = None
         self.disconnected: asyncio.Future[None] = self.loop.create_future()
+        # Resolved when the client's connection is gone: an app can watch it with a
+        # done-callback instead of a task blocked in receive() (router/app.py does).
+        self.extensions = {"tokenyard.disconnected": self.disconnected}
         self.writable: asyncio.Future[None] | None = None
         # One lazily re-armed timer per connection (see _arm): the current limit is a
         # deadline (loop time) and a callback; the timer handle is not replaced per request.
@@ -263,7 +268,8 @@ class Http1Protocol(asyncio.Protocol):
         self.in_head = True
         self.head_bytes = 0
         path, _, query = self._url.partition(b"?")
-        exchange = _Exchange(self.parser.get_method().decode("ascii", "replace"), path.decode("latin-1"), query,
+        method = self.parser.get_method()
+        exchange = _Exchange(_METHODS.get(method) or method.decode("ascii", "replace"), path.decode("latin-1"), query,
                              self._headers, b"".join(self._body), self.parser.should_keep_alive(),
                              self.parser.get_http_version())
         self.pending.append(exchange)
@@ -379,13 +385,11 @@ class Http1Protocol(asyncio.Protocol):
         assert transport is not None
         http10 = exchange.http_version == "1.0"
         scope = {
-            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": exchange.http_version,
+            "type": "http", "asgi": _ASGI, "http_version": exchange.http_version,
             "method": exchange.method, "scheme": "http", "path": exchange.path,
             "raw_path": exchange.path.encode("latin-1"), "query_string": exchange.query, "root_path": "",
             "headers": exchange.headers, "client": self.client, "server": self.server,
-            # Resolved when the client's connection is gone: an app can watch it with a
-            # done-callback instead of a task blocked in receive() (router/app.py does).
-            "extensions": {"tokenyard.disconnected": self.disconnected},
+            "extensions": self.extensions,
         }
         state = _ExchangeState(keep_alive=exchange.keep_alive)
         disconnected = self.disconnected
