@@ -40,6 +40,7 @@ document (an error if the document has one too).
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,11 +61,14 @@ from tokenyard.config import (
 
 DEFAULT_POLICY: dict[str, Any] = {"filters": ["model", "healthy", "not_draining"], "scorers": ["least_outstanding"]}
 TOP_KEYS = ("listen", "store", "control", "limits", "slo_classes", "tenants", "anonymous", "policies",
-            "dispatch", "retries", "deadlines_ms", "health", "load", "discovery", "policy", "tiers", "rank")
+            "dispatch", "retries", "deadlines_ms", "health", "load", "discovery", "policy", "tiers", "rank",
+            "records")
 # Keys of the older dialect that the policy document replaces.
 POLICY_KEYS = ("slo_classes", "policies", "dispatch")
 MAX_PORT = 65535
 REDIS_MAX_DB = 15  # Redis ships with `databases 16`
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -119,6 +123,7 @@ class RouterConfig:
     policy: PolicyDocument = field(default_factory=PolicyDocument)
     tiers: dict[str, Any] = field(default_factory=dict)  # model tier alias (router/tiers.py)
     rank: Any = None  # router.rank.RankSettings: the output-length ranker; None = off
+    records: Any = None  # router.records.RecordsSettings: one JSON line per finished request; None = off
 
     def deadline_s(self, slo_class: str, stream: bool = True, max_output_tokens: int | None = None) -> float:
         """How long a request of this class may wait for its first byte.
@@ -415,6 +420,16 @@ def _parse_rest(cfg: RouterConfig, doc: dict[str, Any], source: str, classes: li
         from router.rank import parse_rank_section
 
         cfg.rank = parse_rank_section(doc["rank"], at("rank"))
+    from router.records import parse_records_section, rank_log_alias
+
+    cfg.records = parse_records_section(doc.get("records"), at("records"))
+    if cfg.rank is not None and cfg.rank.log_path is not None:
+        if cfg.records is not None:
+            raise ConfigError(at("rank.log"), "the rank log is now the request records: set only records.path "
+                                              "(records.include_prompt_text: true keeps the prompt text it logged)")
+        log.info("rank.log is an alias of the request records (records.path); see docs/ranking.md",
+                 extra={"path": cfg.rank.log_path})
+        cfg.records = rank_log_alias(cfg.rank.log_path, cfg.rank.log_max_bytes)
 
 
 def default_store_url(state_dir: str | Path = ".tokenyard") -> str:

@@ -49,6 +49,8 @@ DEFAULT_OUTPUT_EDGES = (0, 64, 256, 1024)
 TAIL_BYTES = 2048  # the usage object is ~100 bytes; vLLM writes it last
 _PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 _COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+# A chat delta's or a completion choice's non-empty text: one per content event of a stream.
+_CONTENT = re.compile(rb'"(?:content|text)"\s*:\s*"(?!")')
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
@@ -56,25 +58,51 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 class UsageMeter:
     """An ASGI `send` that passes every message on and remembers the status, the number
     of SSE events and the last two body chunks (references, no copy: the `usage` object
-    sits in the last one or two)."""
+    sits in the last one or two). For the request records (router/records.py), with
+    `detail=True`, also when the first body byte went out, the instance that answered
+    (the `x-tokenyard-instance` header), the router's in-flight count on it then
+    (`inflight_of`), and the SSE events that carry content (a stream's tokens when it
+    has no `usage`)."""
 
-    __slots__ = ("_send", "status", "_prev", "_last", "events")
+    __slots__ = ("_send", "status", "_prev", "_last", "events", "detail", "first_body_s", "instance",
+                 "inflight", "inflight_of", "content_events")
 
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, *, detail: bool = False,
+                 inflight_of: Callable[[str], int | None] | None = None) -> None:
         self._send = send
         self.status = 0
         self._prev = b""
         self._last = b""
         self.events = 0
+        self.detail = detail
+        self.first_body_s: float | None = None
+        self.instance: str | None = None
+        self.inflight: int | None = None
+        self.inflight_of = inflight_of
+        self.content_events = 0
 
     async def __call__(self, message: MutableMapping[str, Any]) -> None:
         body = message.get("body")
         if body:
             self.events += body.count(b"data: ")
             self._prev, self._last = self._last, body
+            if self.detail:
+                if self.first_body_s is None:
+                    self.first_body_s = time.monotonic()
+                self.content_events += len(_CONTENT.findall(body))
         elif message.get("type") == "http.response.start":
             self.status = int(message.get("status", 0))
+            if self.detail:
+                self._started(message.get("headers") or ())
         await self._send(message)
+
+    def _started(self, headers: Any) -> None:
+        for name, value in headers:
+            if name == b"x-tokenyard-instance":
+                self.instance = value.decode("latin-1")
+                if self.inflight_of is not None:
+                    self.inflight = self.inflight_of(self.instance)
+                return
 
     @property
     def tail(self) -> bytes:
@@ -91,6 +119,16 @@ class UsageMeter:
         if self.events:
             return None, max(0, self.events - tail.count(b"[DONE]"))
         return None, None
+
+    def output_tokens(self) -> tuple[int | None, str]:
+        """(output tokens, "usage" | "events" | "none"): from the `usage` block, else (a
+        stream without one) the events that carried content (`detail` only)."""
+        completion = _COMPLETION.findall(self.tail)
+        if completion:
+            return int(completion[-1]), "usage"
+        if self.content_events:
+            return self.content_events, "events"
+        return None, "none"
 
 
 class WorkloadRecorder:
