@@ -34,6 +34,7 @@ from router.auth import AuthInterceptor, ControlAuth, current_principal, in_cidr
 from router.discovery import AdminRegistration, UnknownInstance
 from router.keys_admin import KeysAdminMixin
 from router.policy_admin import PolicyAdminMixin
+from router.records_admin import RecordsAdminMixin
 from router.registry import InstanceRegistry
 from router.state import InstanceRecord, StateStore, StateStoreError, store_unavailable
 from scheduler.types import Decision, RequestInfo, SloClass
@@ -71,11 +72,11 @@ def policy_from_dict(tenant: str, raw: Mapping[str, Any]) -> admin_pb2.SloPolicy
         priority=int(raw.get("priority", 0)), dispatch_policy=str(raw.get("dispatch_policy", "")))
 
 
-class AdminService(PolicyAdminMixin, KeysAdminMixin, admin_pb2_grpc.AdminServicer):
+class AdminService(PolicyAdminMixin, KeysAdminMixin, RecordsAdminMixin, admin_pb2_grpc.AdminServicer):
     """Constructed with the registry, the store and the lease keeper of self-registered
     instances. `slo_classes` / `dispatch_policies` are the names PutPolicy accepts (None:
     any); `desired_pool_sizes` is the planner's target per pool (None: the registered
-    count)."""
+    count); `records` the router's request records (router/records.py; None: it keeps none)."""
 
     def __init__(self, registry: InstanceRegistry, store: StateStore | None,
                  registration: AdminRegistration, *,
@@ -83,8 +84,9 @@ class AdminService(PolicyAdminMixin, KeysAdminMixin, admin_pb2_grpc.AdminService
                  dispatch_policies: Collection[str] | None = None,
                  desired_pool_sizes: Callable[[], Mapping[str, int]] | None = None,
                  registration_cidrs: Collection[Any] = (),
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic, records: Any = None) -> None:
         self.registry = registry
+        self.records = records
         self.registration_cidrs = tuple(registration_cidrs)
         self.store = store
         self.registration = registration
@@ -352,6 +354,7 @@ async def start_control_server(
     tenant_for_api_key: Callable[[str], str | None] | None = None,
     desired_pool_sizes: Callable[[], Mapping[str, int]] | None = None,
     reuse_port: bool = False,
+    records: Any = None,
 ) -> grpc.aio.Server:
     """Serve Admin and Picker on host:port (0 picks a free port: read `server.bound_port`).
 
@@ -382,7 +385,7 @@ async def start_control_server(
     admin_pb2_grpc.add_AdminServicer_to_server(  # type: ignore[no-untyped-call]  # generated grpc module, unannotated
         AdminService(registry, store, registration, slo_classes=slo_classes,
                      dispatch_policies=dispatch_policies, desired_pool_sizes=desired_pool_sizes,
-                     registration_cidrs=auth.registration_cidrs), server)
+                     registration_cidrs=auth.registration_cidrs, records=records), server)
     picker_pb2_grpc.add_PickerServicer_to_server(  # type: ignore[no-untyped-call]  # generated grpc module, unannotated
         PickerService(registry, decide, tenant_for_api_key=tenant_for_api_key), server)
     try:

@@ -166,7 +166,7 @@ class Router:
                 registry=self.registry, store=self.store, decide=self.decide_for_picker,
                 registration=registration, slo_classes=self.config.slo_classes,
                 dispatch_policies=sorted(self.dispatcher.policies), tenant_for_api_key=self._tenant_for_pick,
-                auth=self.config.control_auth)
+                auth=self.config.control_auth, records=self.records)
         if self.store is not None:
             self.key_cache = KeyCache(KeyStore(self.store))  # API keys of the Admin service
             self.tenants.stored_lookup = self.key_cache.tenant_for

@@ -72,6 +72,7 @@ METHOD_ROLES: dict[str, str] = {
     "/tokenyard.v1.Admin/GetPolicyVersion": "viewer",
     "/tokenyard.v1.Admin/ListCurrentPolicies": "viewer",
     "/tokenyard.v1.Admin/PolicyHistory": "viewer",
+    "/tokenyard.v1.Admin/RecentRecords": "viewer",  # router/records_admin.py
 }
 
 #: The principal of the call being served (set by AuthInterceptor; None outside a call).
@@ -331,7 +332,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 
 # -- the client side (admin CLI, tests, `tokenyard up`) --------------------------------
-class _BearerClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+class _BearerClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
     def __init__(self, token: str) -> None:
         self._metadata = ("authorization", f"Bearer {token}")
 
@@ -339,6 +340,11 @@ class _BearerClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: i
         metadata = list(client_call_details.metadata or ()) + [self._metadata]
         details = client_call_details._replace(metadata=metadata)
         return await continuation(details, request)
+
+    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        """Server-streaming calls (Admin RecentRecords) carry the token too."""
+        metadata = list(client_call_details.metadata or ()) + [self._metadata]
+        return await continuation(client_call_details._replace(metadata=metadata), request)
 
 
 def control_channel(address: str, token: str, *, ca_file: str | None = None,

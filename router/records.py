@@ -196,28 +196,41 @@ class RecordWriter:
         lines = []
         for record in batch:
             try:
-                lines.append(orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+                lines.append(orjson.dumps(record) + b"\n")
             except TypeError as exc:  # a value orjson cannot write: a bug, never the request's problem
                 self.metrics.dropped_error.inc()
                 self._warn.warning("encode", "request record not serialisable", extra={"error": str(exc)})
-        data = b"".join(lines)
+        start = 0
         try:
             if self._size < 0:
                 self._size = self.path.stat().st_size if self.path.exists() else 0
-            if self._size and self._size + len(data) > self.settings.max_bytes:
-                self._rotate()
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                os.write(fd, data)
-            finally:
-                os.close(fd)
-            self._size += len(data)
-            self.metrics.written.inc(len(lines))
+            while start < len(lines):
+                # As many lines as fit in the current file (at least one, into an empty file).
+                end, size = start, self._size
+                while end < len(lines) and (size == 0 or size + len(lines[end]) <= self.settings.max_bytes):
+                    size += len(lines[end])
+                    end += 1
+                if end == start:
+                    self._rotate()
+                    continue
+                self._append(b"".join(lines[start:end]))
+                self.metrics.written.inc(end - start)
+                start = end
         except OSError as exc:
             self._size = -1
-            self.metrics.dropped_error.inc(len(lines))
+            self.metrics.dropped_error.inc(len(lines) - start)
             self._warn.warning("write", "cannot write request records",
                                extra={"path": str(self.path), "error": str(exc)})
+
+    def _append(self, data: bytes) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        self._size += len(data)
 
     def _rotate(self) -> None:
         keep = self.settings.keep_files

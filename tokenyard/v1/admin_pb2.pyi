@@ -352,3 +352,25 @@ class ListApiKeysResponse(_message.Message):
     KEYS_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedCompositeFieldContainer[ApiKeyInfo]
     def __init__(self, keys: _Optional[_Iterable[_Union[ApiKeyInfo, _Mapping]]] = ...) -> None: ...
+
+class RecentRecordsRequest(_message.Message):
+    __slots__ = ("window_s", "max_records", "max_bytes")
+    WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    window_s: float
+    max_records: int
+    max_bytes: int
+    def __init__(self, window_s: _Optional[float] = ..., max_records: _Optional[int] = ..., max_bytes: _Optional[int] = ...) -> None: ...
+
+class RecordsChunk(_message.Message):
+    __slots__ = ("records_json", "truncated", "total", "source")
+    RECORDS_JSON_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    records_json: _containers.RepeatedScalarFieldContainer[str]
+    truncated: bool
+    total: int
+    source: str
+    def __init__(self, records_json: _Optional[_Iterable[str]] = ..., truncated: _Optional[bool] = ..., total: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...

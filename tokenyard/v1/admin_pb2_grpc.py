@@ -135,6 +135,11 @@ class AdminStub:
                 request_serializer=tokenyard_dot_v1_dot_admin__pb2.ListApiKeysRequest.SerializeToString,
                 response_deserializer=tokenyard_dot_v1_dot_admin__pb2.ListApiKeysResponse.FromString,
                 _registered_method=True)
+        self.RecentRecords = channel.unary_stream(
+                '/tokenyard.v1.Admin/RecentRecords',
+                request_serializer=tokenyard_dot_v1_dot_admin__pb2.RecentRecordsRequest.SerializeToString,
+                response_deserializer=tokenyard_dot_v1_dot_admin__pb2.RecordsChunk.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -295,6 +300,18 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecentRecords(self, request, context):
+        """---- request records (router/records.py): what this router replica served lately,
+        for `tokenyard policy apply --dry-run=server` to replay in the simulator. Viewer role.
+
+        The records of the requests that arrived in the last `window_s` seconds, in the
+        order written, in chunks of at most ~1 MiB; the newest kept when a limit cuts.
+        FAILED_PRECONDITION when this router keeps no records (no `records:` section).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -397,6 +414,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListApiKeys,
                     request_deserializer=tokenyard_dot_v1_dot_admin__pb2.ListApiKeysRequest.FromString,
                     response_serializer=tokenyard_dot_v1_dot_admin__pb2.ListApiKeysResponse.SerializeToString,
+            ),
+            'RecentRecords': grpc.unary_stream_rpc_method_handler(
+                    servicer.RecentRecords,
+                    request_deserializer=tokenyard_dot_v1_dot_admin__pb2.RecentRecordsRequest.FromString,
+                    response_serializer=tokenyard_dot_v1_dot_admin__pb2.RecordsChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -940,6 +962,33 @@ class Admin:
             '/tokenyard.v1.Admin/ListApiKeys',
             tokenyard_dot_v1_dot_admin__pb2.ListApiKeysRequest.SerializeToString,
             tokenyard_dot_v1_dot_admin__pb2.ListApiKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecentRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tokenyard.v1.Admin/RecentRecords',
+            tokenyard_dot_v1_dot_admin__pb2.RecentRecordsRequest.SerializeToString,
+            tokenyard_dot_v1_dot_admin__pb2.RecordsChunk.FromString,
             options,
             channel_credentials,
             insecure,
