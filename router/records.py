@@ -39,9 +39,9 @@ the ranker hashes is left out, so a retrained model learns from those statistics
 `true`, `instruction_text` (the ranker's view of the last user turn, at most 2,000 chars)
 and `prompt` (the prompt or last user message, at most `MAX_PROMPT_CHARS`) are written.
 
-Bounded and never in the way: the request path builds a dict (~2-5 us) and puts it on a
-bounded queue without waiting; one writer thread serialises and appends (batched, one
-`write` per batch). A full queue or a write error drops the record and counts it in
+Bounded and never in the way: the request path captures a tuple of values and appends it
+to a bounded queue without waiting; one writer thread, woken every 50 ms, builds the
+records, serialises and appends them (batched, one `write` per batch). A full queue or a write error drops the record and counts it in
 `tokenyard_router_records_dropped_total{reason}`; no request fails for its record. A
 hand-written queue-and-thread because the stdlib `logging.handlers.QueueHandler` +
 `RotatingFileHandler` formats on the caller's thread and rotates by renaming under a lock
@@ -50,11 +50,9 @@ per record; bench/records_cost.py measures this path (docs/benchmarks.md).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
-import queue
 import threading
 import time
 from collections import deque
@@ -66,6 +64,7 @@ from typing import Any
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from scheduler.predictors.features import FEATURE_SPEC_VERSION
 from tokenyard.config import ConfigError
 from tokenyard.logs import RateLimitedLog
 
@@ -77,11 +76,11 @@ DEFAULT_QUEUE_MAX = 10_000
 MAX_PROMPT_CHARS = 4000
 CLIENT_GONE_STATUS = 499  # as router/app.py counts a client that left
 WRITE_BATCH = 512  # records per write() at most
+FLUSH_INTERVAL_S = 0.05  # the writer thread drains the queue this often
 SECTION_KEYS = ("path", "max_bytes", "keep_files", "queue_max", "include_prompt_text")
 # What one RecentRecords answer may carry at most (the Admin call's own caps are lower by default).
 MAX_READ_RECORDS = 200_000
 MAX_READ_BYTES = 256 * 1024 * 1024
-_STOP = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,61 +142,61 @@ class RecordsMetrics:
 
 class RecordWriter:
     """A bounded queue and one thread appending its records as JSON lines, rotating at
-    `max_bytes` to path.1 ... path.<keep_files> (the oldest goes)."""
+    `max_bytes` to path.1 ... path.<keep_files> (the oldest goes).
 
-    def __init__(self, settings: RecordsSettings, metrics: RecordsMetrics) -> None:
+    The queue is a deque the thread drains every `FLUSH_INTERVAL_S` (append and popleft are
+    atomic under the GIL): a request pays one append, and the thread wakes 20 times a second
+    whatever the request rate, instead of once per record as a `queue.Queue` consumer would
+    (measured in bench/records_cost.py). An item that is not a dict is turned into one by
+    `build`, on the thread: the request path only captures values."""
+
+    def __init__(self, settings: RecordsSettings, metrics: RecordsMetrics,
+                 build: Callable[[Any], dict[str, Any]] | None = None) -> None:
         self.settings = settings
         self.path = Path(settings.path)
         self.metrics = metrics
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=settings.queue_max)
+        self.build = build
+        self._pending: deque[Any] = deque()
+        self._stop = threading.Event()
         self._warn = RateLimitedLog(log, interval_s=30.0)
         self._size = -1  # bytes in the current file; -1: not looked at yet
         self._thread = threading.Thread(target=self._run, name="tokenyard-records", daemon=True)
         self._thread.start()
 
-    def submit(self, record: dict[str, Any]) -> bool:
+    def submit(self, record: Any) -> bool:
         """Queue one record (never waits); False when it was dropped."""
-        try:
-            self._queue.put_nowait(record)
-        except queue.Full:
+        if len(self._pending) >= self.settings.queue_max:
             self.metrics.dropped_full.inc()
             self._warn.warning("full", "request records dropped: the writer is behind",
                                extra={"path": str(self.path), "queue_max": self.settings.queue_max})
             return False
+        self._pending.append(record)
         return True
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Write what is queued, then stop the thread."""
-        with contextlib.suppress(queue.Full):
-            self._queue.put(_STOP, timeout=timeout_s)
+        self._stop.set()
         self._thread.join(timeout_s)
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
-            batch = [] if item is _STOP else [item]
-            stop = item is _STOP
-            while not stop and len(batch) < WRITE_BATCH:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stop = True
-                else:
-                    batch.append(item)
-            if batch:
+            stopping = self._stop.wait(FLUSH_INTERVAL_S)
+            while self._pending:
+                batch = []
+                while self._pending and len(batch) < WRITE_BATCH:
+                    batch.append(self._pending.popleft())
                 self._write(batch)
-            self.metrics.queued.set(self._queue.qsize())
-            if stop:
+            self.metrics.queued.set(len(self._pending))
+            if stopping:
                 return
 
-    def _write(self, batch: list[dict[str, Any]]) -> None:
+    def _write(self, batch: list[Any]) -> None:
         lines = []
-        for record in batch:
+        for item in batch:
             try:
+                record = item if self.build is None or isinstance(item, dict) else self.build(item)
                 lines.append(orjson.dumps(record) + b"\n")
-            except TypeError as exc:  # a value orjson cannot write: a bug, never the request's problem
+            except (TypeError, ValueError, AttributeError) as exc:  # a value orjson cannot write: a bug, never the request's problem
                 self.metrics.dropped_error.inc()
                 self._warn.warning("encode", "request record not serialisable", extra={"error": str(exc)})
         start = 0
@@ -318,35 +317,58 @@ def _finite(value: float) -> float | None:
 
 
 class RequestRecords:
-    """The router's side: builds each finished request's record and queues it."""
+    """The router's side: captures each finished request's values (on the event loop: a
+    tuple and a deque append) and has the writer thread build and write its record."""
 
     def __init__(self, settings: RecordsSettings, registry: CollectorRegistry, *,
                  slo_targets_s: Callable[[str], tuple[float, float]],
                  wall_clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.metrics = RecordsMetrics(registry)
-        self.writer = RecordWriter(settings, self.metrics)
+        self.writer = RecordWriter(settings, self.metrics, build=self._build)
         self.slo_targets_s = slo_targets_s
         self.wall_clock = wall_clock
 
-    def record(self, *, request_id: str, tenant: str, slo_class: str, model: str, started_mono_s: float,
-               input_tokens: int, max_tokens: int | None, stream: bool, status: int,
-               instance: tuple[str, str, str] | None = None, first_byte_mono_s: float | None = None,
-               finish_mono_s: float | None = None, usage: tuple[int | None, str] = (None, "none"),
-               instance_inflight: int | None = None, reject_reason: str = "",
-               features: Any = None, body: Mapping[str, Any] | None = None) -> bool:
-        """Queue one request's record. `instance` is (instance id, pool, gpu) of the engine
-        that answered; `usage` (output tokens, where they came from); `features` the
-        ranker's RequestFeatures when it scored the request."""
-        now_mono = time.monotonic()
-        arrival_s = self.wall_clock() - (now_mono - started_mono_s)
-        finish_mono = finish_mono_s if finish_mono_s is not None else now_mono
+    # -- the router's two hooks (router/app.py) ---------------------------------------------
+    def answered(self, router: Any, info: Any, tenant: Any, meter: Any, started_s: float, body: Mapping[str, Any],
+                 stream: bool, client_left: bool) -> bool:
+        """A dispatched request ended (answered, failed upstream, or the client left).
+        `meter` (router.workload_recorder.UsageMeter, detail on) is read on the writer
+        thread: nothing writes to it once the request is over."""
+        instance = None
+        if meter.instance is not None:
+            found = router.registry.find(meter.instance)
+            instance = (meter.instance, *((found[0].pool, found[0].gpu) if found is not None else ("", "")))
+        status = CLIENT_GONE_STATUS if client_left else (meter.status or 500)
+        features = router.ranker.take_features(info.request_id) if router.ranker is not None else None
+        prompt = prompt_text(body) if self.settings.include_prompt_text else None
+        return self.writer.submit((
+            self.wall_clock(), time.monotonic(), started_s, info.request_id, tenant.name, tenant.slo_class,
+            info.model, info.input_tokens, info.max_output_tokens, stream, status, instance, meter.first_body_s,
+            meter if meter.status == 200 else None, meter.inflight,
+            "" if instance is not None else f"HTTP {status} before an engine answered", features, prompt))
+
+    def refused(self, router: Any, info: Any, tenant: Any, started_s: float, body: Mapping[str, Any], stream: bool,
+                status: int, reason: str) -> bool:
+        """A request turned away before dispatch (admission queue, no instance)."""
+        features = router.ranker.take_features(info.request_id) if router.ranker is not None else None
+        prompt = prompt_text(body) if self.settings.include_prompt_text else None
+        return self.writer.submit((
+            self.wall_clock(), time.monotonic(), started_s, info.request_id, tenant.name, tenant.slo_class,
+            info.model, info.input_tokens, info.max_output_tokens, stream, status, None, None, None, None,
+            reason[:200], features, prompt))
+
+    def _build(self, item: tuple[Any, ...]) -> dict[str, Any]:
+        """The record of one captured request (on the writer thread)."""
+        (wall_s, mono_s, started_s, request_id, tenant, slo_class, model, input_tokens, max_tokens, stream, status,
+         instance, first_byte_s, meter, inflight, reject_reason, features, prompt) = item
+        arrival_s = wall_s - (mono_s - started_s)
         rejected = instance is None
-        first_token_s = (arrival_s + first_byte_mono_s - started_mono_s
-                         if stream and first_byte_mono_s is not None and status == 200 else None)
-        finish_s = None if rejected else arrival_s + finish_mono - started_mono_s
-        output_tokens, source = usage
-        tokens = output_tokens or 0
+        first_token_s = (arrival_s + first_byte_s - started_s
+                         if stream and first_byte_s is not None and status == 200 else None)
+        finish_s = None if rejected else wall_s
+        tokens, source = meter.output_tokens() if meter is not None else (None, "none")
+        tokens = tokens or 0
         ttft_slo_s, tpot_slo_s = self.slo_targets_s(slo_class)
         ttft_s = None if first_token_s is None else first_token_s - arrival_s
         tpot_s = (None if first_token_s is None or finish_s is None
@@ -355,52 +377,26 @@ class RequestRecords:
             "request_id": request_id, "tenant": tenant, "slo_class": slo_class, "model": model,
             "pool": instance[1] if instance else "", "instance_id": instance[0] if instance else "",
             "gpu": instance[2] if instance else "", "arrival_s": round(arrival_s, 6),
-            "dispatch_s": round(arrival_s, 6), "first_token_s": None if first_token_s is None else round(first_token_s, 6),
+            # The router sees no dispatch apart from arrival (an admission-queue wait is in the TTFT).
+            "dispatch_s": round(arrival_s, 6),
+            "first_token_s": None if first_token_s is None else round(first_token_s, 6),
             "finish_s": None if finish_s is None else round(finish_s, 6), "input_tokens": input_tokens,
             "output_tokens": tokens, "cached_prompt_tokens": 0, "preemptions": 0, "rejected": rejected,
             "reject_reason": reject_reason, "ttft_slo_s": _finite(ttft_slo_s), "tpot_slo_s": _finite(tpot_slo_s),
             "ttft_ms": None if ttft_s is None else round(ttft_s * 1000, 3),
             "tpot_ms": None if tpot_s is None else round(tpot_s * 1000, 3),
             "e2e_ms": None if finish_s is None else round((finish_s - arrival_s) * 1000, 3),
-            "status": status, "stream": stream, "max_tokens": max_tokens, "instance_inflight": instance_inflight,
+            "status": status, "stream": stream, "max_tokens": max_tokens, "instance_inflight": inflight,
             "output_tokens_from": source,
         }
         if features is not None:
-            from scheduler.predictors.features import FEATURE_SPEC_VERSION
-
             record["feature_spec"] = FEATURE_SPEC_VERSION
             record["dense"] = list(features.dense)
             if self.settings.include_prompt_text:
                 record["instruction_text"] = features.instruction_text
-        if self.settings.include_prompt_text and body is not None:
-            record["prompt"] = prompt_text(body)
-        return self.writer.submit(record)
-
-    # -- the router's two hooks (router/app.py) ---------------------------------------------
-    def answered(self, router: Any, info: Any, tenant: Any, meter: Any, started_s: float, body: Mapping[str, Any],
-                 stream: bool, client_left: bool) -> None:
-        """A dispatched request ended (answered, failed upstream, or the client left)."""
-        instance = None
-        if meter.instance is not None:
-            found = router.registry.find(meter.instance)
-            pool, gpu = (found[0].pool, found[0].gpu) if found is not None else ("", "")
-            instance = (meter.instance, pool, gpu)
-        status = CLIENT_GONE_STATUS if client_left else (meter.status or 500)
-        usage = meter.output_tokens() if meter.status == 200 else (None, "none")
-        features = router.ranker.take_features(info.request_id) if router.ranker is not None else None
-        self.record(request_id=info.request_id, tenant=tenant.name, slo_class=tenant.slo_class, model=info.model,
-                    started_mono_s=started_s, input_tokens=info.input_tokens, max_tokens=info.max_output_tokens,
-                    stream=stream, status=status, instance=instance, first_byte_mono_s=meter.first_body_s,
-                    usage=usage, instance_inflight=meter.inflight, features=features, body=body,
-                    reject_reason="" if instance is not None else f"HTTP {status} before an engine answered")
-
-    def refused(self, router: Any, info: Any, tenant: Any, started_s: float, body: Mapping[str, Any], stream: bool,
-                status: int, reason: str) -> None:
-        """A request turned away before dispatch (admission queue, no instance)."""
-        features = router.ranker.take_features(info.request_id) if router.ranker is not None else None
-        self.record(request_id=info.request_id, tenant=tenant.name, slo_class=tenant.slo_class, model=info.model,
-                    started_mono_s=started_s, input_tokens=info.input_tokens, max_tokens=info.max_output_tokens,
-                    stream=stream, status=status, reject_reason=reason[:200], features=features, body=body)
+        if prompt is not None:
+            record["prompt"] = prompt
+        return record
 
     def recent(self, since_s: float, max_records: int, max_bytes: int) -> tuple[list[bytes], bool]:
         """Blocking: see `read_recent`."""

@@ -83,7 +83,7 @@ def test_a_stuck_writer_drops_and_counts_and_never_blocks(tmp_path: Path) -> Non
     started = time.monotonic()
     accepted = sum(writer.submit(_record(i, time.time())) for i in range(50))
     assert time.monotonic() - started < 0.5  # never waited for the writer
-    assert accepted <= 4  # the queue's 3 and at most one the thread took before it blocked
+    assert accepted <= 6  # the queue's 3, and at most one drain of 3 the thread took before it blocked
     assert _dropped(registry, "queue_full") == 50 - accepted
     got: list[bytes] = []
     reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))

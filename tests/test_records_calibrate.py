@@ -17,8 +17,8 @@ import pytest
 
 from cli.main import main
 from router.state import InstanceRecord
-from scheduler.engine_model import factors_for
 from scheduler.catalog import default_catalog
+from scheduler.engine_model import factors_for
 from tests.test_router_support import running_router
 
 GPU, MODEL = "A100-80GB", "llama-3-8b"

@@ -1,0 +1,214 @@
+"""What the request records (router/records.py) cost per request, against records off.
+
+1. The hook on the event loop: an answered request's `send` calls through the detailed
+   `UsageMeter` and the `RequestRecords.answered` call (build the record, queue it), against
+   the same `send` calls through the plain meter the workload histogram uses (records off),
+   for a non-streamed answer and a 64-event stream; ns per request and the ratio. The
+   writer thread's work (serialising, appending) is timed apart: ns per record.
+2. End to end: a router in this process in front of the zero-latency fake engine
+   (bench/peers/fake_engine.py, its own process), records off and on, the same requests
+   (non-streamed, and 64-token streams) from 8 concurrent clients over loopback HTTP, in
+   alternating rounds so that drift hits both alike; mean latency per request and the ratio.
+
+    python bench/records_cost.py              # ~30 s
+    python bench/records_cost.py --rounds 2 --requests 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+async def _sink(message: Any) -> None:
+    return None
+
+
+def _messages(chunks: int) -> list[dict[str, Any]]:
+    start = {"type": "http.response.start", "status": 200,
+             "headers": [(b"content-type", b"application/json"), (b"x-request-id", b"ty-1"),
+                         (b"x-tokenyard-instance", b"e0")]}
+    if chunks == 0:
+        body = (b'{"id": "x", "choices": [{"message": {"role": "assistant", "content": "' + b"y" * 400
+                + b'"}}], "usage": {"prompt_tokens": 812, "completion_tokens": 64, "total_tokens": 876}}')
+        return [start, {"type": "http.response.body", "body": body}]
+    chunk = b'data: {"id":"x","choices":[{"index":0,"delta":{"content":"tok"}}]}\n\n'
+    return [start, *({"type": "http.response.body", "body": chunk, "more_body": True} for _ in range(chunks)),
+            {"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": True}]
+
+
+class _FakeRouter:
+    """What `RequestRecords.answered` reads of a router: its registry and ranker."""
+
+    def __init__(self) -> None:
+        from router.registry import InstanceRegistry
+        from router.state import InstanceRecord
+
+        self.registry = InstanceRegistry(None)
+        self.registry.upsert(InstanceRecord("e0", "http://127.0.0.1:9", "llama-3-8b", gpu="A100-80GB"))
+        self.ranker = None
+
+
+async def hook_cost(requests: int, chunks: int) -> dict[str, float]:
+    from prometheus_client import CollectorRegistry
+
+    from router.records import RecordsSettings, RequestRecords
+    from router.tenants import Tenant
+    from router.workload_recorder import UsageMeter
+    from scheduler.types import RequestInfo
+
+    router = _FakeRouter()
+    info = RequestInfo("ty-1", "llama-3-8b", 812, max_output_tokens=64)
+    tenant = Tenant("acme", "default")
+    body = {"model": "llama-3-8b", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 64}
+    messages = _messages(chunks)
+    with tempfile.TemporaryDirectory() as tmp:
+        records = RequestRecords(RecordsSettings(str(Path(tmp) / "r.jsonl"), queue_max=requests + 10),
+                                 CollectorRegistry(), slo_targets_s=lambda _: (3.0, 0.2))
+
+        async def plain() -> float:
+            t0 = time.perf_counter()
+            for _ in range(requests):
+                meter = UsageMeter(_sink)
+                for m in messages:
+                    await meter(m)
+                meter.usage()
+            return time.perf_counter() - t0
+
+        async def detailed() -> float:
+            t0 = time.perf_counter()
+            for _ in range(requests):
+                meter = UsageMeter(_sink, detail=True, inflight_of=lambda _: 1)
+                for m in messages:
+                    await meter(m)
+                meter.usage()
+                records.answered(router, info, tenant, meter, time.monotonic(), body, chunks > 0, False)
+            return time.perf_counter() - t0
+
+        await plain()
+        await detailed()  # warm up
+        off, on = [], []
+        for _ in range(3):
+            off.append(await plain())
+            on.append(await detailed())
+        t0 = time.perf_counter()
+        records.close()  # what is queued is written: the writer thread's share
+        writer_s = time.perf_counter() - t0
+    per = 1e9 / requests
+    return {"off_ns": min(off) * per, "on_ns": min(on) * per, "ratio": min(on) / min(off),
+            "writer_tail_ns": writer_s * per}
+
+
+def writer_cost(records: int) -> float:
+    """ns per record of the writer thread alone (serialise + append), one batch after another."""
+    from prometheus_client import CollectorRegistry
+
+    from router.records import RecordsMetrics, RecordsSettings, RecordWriter
+
+    row = {"request_id": "ty-1", "tenant": "acme", "slo_class": "default", "model": "llama-3-8b", "pool": "a100",
+           "instance_id": "e0", "gpu": "A100-80GB", "arrival_s": time.time(), "dispatch_s": time.time(),
+           "first_token_s": time.time(), "finish_s": time.time(), "input_tokens": 812, "output_tokens": 64,
+           "cached_prompt_tokens": 0, "preemptions": 0, "rejected": False, "reject_reason": "", "ttft_slo_s": 3.0,
+           "tpot_slo_s": 0.2, "ttft_ms": 12.5, "tpot_ms": 10.1, "e2e_ms": 650.0, "status": 200, "stream": True,
+           "max_tokens": 64, "instance_inflight": 3, "output_tokens_from": "usage", "feature_spec": 2,
+           "dense": [0.5] * 30}
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = RecordWriter(RecordsSettings(str(Path(tmp) / "r.jsonl"), queue_max=records + 10),
+                              RecordsMetrics(CollectorRegistry()))
+        t0 = time.perf_counter()
+        for _ in range(records):
+            writer.submit(row)
+        writer.close(timeout_s=60)
+        return (time.perf_counter() - t0) / records * 1e9
+
+
+async def end_to_end(rounds: int, requests: int, concurrency: int) -> dict[str, dict[str, float]]:
+    import httpx
+
+    from router.app import Router
+    from router.config import parse_router_config
+    from router.http_server import RouterServer
+    from tests.test_router_support import FakeEngine
+
+    engine = FakeEngine()
+    results: dict[str, dict[str, list[float]]] = {"plain": {"off": [], "on": []}, "stream": {"off": [], "on": []}}
+    with tempfile.TemporaryDirectory() as tmp:
+        servers = {}
+        for mode in ("off", "on"):
+            doc: dict[str, Any] = {"records": {"path": f"{tmp}/records.jsonl"}} if mode == "on" else {}
+            router = Router(parse_router_config(doc, "bench.yaml"))
+            await router.start(background=False)
+            router.registry.upsert(engine.record("e0"))
+            server = RouterServer(router, "127.0.0.1", 0)
+            await server.start()
+            servers[mode] = server
+        try:
+            async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=concurrency * 2)) as client:
+                async def run(mode: str, stream: bool) -> float:
+                    url = f"http://127.0.0.1:{servers[mode].port}/v1/chat/completions"
+                    body = {"model": "llama-3-8b", "max_tokens": 64, "stream": stream,
+                            "messages": [{"role": "user", "content": "hello there"}]}
+                    latencies: list[float] = []
+
+                    async def worker(count: int) -> None:
+                        for _ in range(count):
+                            t0 = time.perf_counter()
+                            async with client.stream("POST", url, json=body) as reply:
+                                async for _ in reply.aiter_bytes():
+                                    pass
+                            latencies.append(time.perf_counter() - t0)
+
+                    await asyncio.gather(*(worker(requests // concurrency) for _ in range(concurrency)))
+                    return statistics.fmean(latencies)
+
+                for stream in (False, True):
+                    await run("off", stream)
+                    await run("on", stream)  # warm up both
+                for _ in range(rounds):
+                    for stream in (False, True):
+                        for mode in ("off", "on") if _ % 2 == 0 else ("on", "off"):
+                            results["stream" if stream else "plain"][mode].append(await run(mode, stream))
+        finally:
+            for server in servers.values():
+                with contextlib.suppress(Exception):
+                    await server.stop()
+            engine.kill()
+    out = {}
+    for kind, modes in results.items():
+        off, on = statistics.median(modes["off"]), statistics.median(modes["on"])
+        out[kind] = {"off_us": off * 1e6, "on_us": on * 1e6, "ratio": on / off}
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hook-requests", type=int, default=20000)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=400, help="requests per round and mode")
+    parser.add_argument("--concurrency", type=int, default=8)
+    args = parser.parse_args()
+    print("1. the hook on the event loop (records on vs the workload meter alone), ns per request")
+    for chunks in (0, 64):
+        r = asyncio.run(hook_cost(args.hook_requests, chunks))
+        kind = "non-streamed" if chunks == 0 else f"{chunks}-event stream"
+        print(f"   {kind:<17} off {r['off_ns']:8.0f}  on {r['on_ns']:8.0f}  added {r['on_ns'] - r['off_ns']:7.0f}"
+              f"  ratio {r['ratio']:.2f}")
+    print(f"   writer thread (serialise + append, off the loop): {writer_cost(args.hook_requests):.0f} ns per record")
+    print(f"2. end to end through a router, {args.concurrency} clients, fake engine; mean latency per request, us")
+    for kind, r in asyncio.run(end_to_end(args.rounds, args.requests, args.concurrency)).items():
+        print(f"   {kind:<7} records off {r['off_us']:8.1f}  on {r['on_us']:8.1f}  ratio {r['ratio']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
