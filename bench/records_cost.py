@@ -88,7 +88,9 @@ async def hook_cost(requests: int, chunks: int) -> dict[str, float]:
         async def detailed() -> float:
             t0 = time.perf_counter()
             for _ in range(requests):
-                meter = UsageMeter(_sink, detail=True, inflight_of=lambda _: 1)
+                # The stream has no usage block (as a client not asking for one gets): the
+                # meter counts its content events, the costlier case.
+                meter = UsageMeter(_sink, detail=True, inflight_of=lambda _: 1, count_content=chunks > 0)
                 for m in messages:
                     await meter(m)
                 meter.usage()

@@ -61,14 +61,14 @@ class UsageMeter:
     sits in the last one or two). For the request records (router/records.py), with
     `detail=True`, also when the first body byte went out, the instance that answered
     (the `x-tokenyard-instance` header), the router's in-flight count on it then
-    (`inflight_of`), and the SSE events that carry content (a stream's tokens when it
-    has no `usage`)."""
+    (`inflight_of`), and, with `count_content` (a stream whose client did not ask for a
+    usage block, so none will come), the SSE events that carry content: its tokens."""
 
     __slots__ = ("_send", "status", "_prev", "_last", "events", "detail", "first_body_s", "instance",
-                 "inflight", "inflight_of", "content_events")
+                 "inflight", "inflight_of", "content_events", "count_content")
 
     def __init__(self, send: Send, *, detail: bool = False,
-                 inflight_of: Callable[[str], int | None] | None = None) -> None:
+                 inflight_of: Callable[[str], int | None] | None = None, count_content: bool = False) -> None:
         self._send = send
         self.status = 0
         self._prev = b""
@@ -80,6 +80,7 @@ class UsageMeter:
         self.inflight: int | None = None
         self.inflight_of = inflight_of
         self.content_events = 0
+        self.count_content = count_content
 
     async def __call__(self, message: MutableMapping[str, Any]) -> None:
         body = message.get("body")
@@ -89,7 +90,8 @@ class UsageMeter:
             if self.detail:
                 if self.first_body_s is None:
                     self.first_body_s = time.monotonic()
-                self.content_events += len(_CONTENT.findall(body))
+                if self.count_content:  # ~1 us a chunk: only where no usage block will come
+                    self.content_events += len(_CONTENT.findall(body))
         elif message.get("type") == "http.response.start":
             self.status = int(message.get("status", 0))
             if self.detail:
