@@ -501,9 +501,9 @@ class Router:
         except NoInstanceAvailable as exc:
             if self.admission is not None:
                 self.admission.unreserve(reserved)
-            await self._refuse_unplaceable(send, exc, info, tenant, chat, rid_header)
+            status = await self._refuse_unplaceable(send, exc, info, tenant, chat, rid_header)
             if self.records is not None:
-                self.records.refused(self, info, tenant, started_s, body, stream, 503, f"no instance: {exc}")
+                self.records.refused(self, info, tenant, started_s, body, stream, status, f"no instance: {exc}")
             return
         if decision.explanation is not None:
             explained = orjson.dumps(decision.explanation.to_dict())
@@ -576,8 +576,9 @@ class Router:
         await self._send_json(send, refusal.status, error_body(refusal.status, refusal.message, code=code), headers)
 
     async def _refuse_unplaceable(self, send: Send, exc: NoInstanceAvailable, info: RequestInfo, tenant: Tenant,
-                                  chat: bool, rid_header: list[tuple[bytes, bytes]]) -> None:
-        """No instance took the request: 400 when it can never fit any, else a retryable 503."""
+                                  chat: bool, rid_header: list[tuple[bytes, bytes]]) -> int:
+        """No instance took the request: 400 when it can never fit any, else a retryable 503
+        (the status sent)."""
         capacity = max_context_tokens(self.dispatcher.candidates(info.model))
         if capacity is not None and info.input_tokens > capacity:
             self.metrics.request_done(tenant.name, info.model, 400)
@@ -585,10 +586,11 @@ class Router:
                 400, f"This model's maximum context length is {capacity} tokens. However, your prompt has "
                      f"about {info.input_tokens} tokens. Please reduce the length of the prompt.",
                 param="messages" if chat else "prompt", code="context_length_exceeded"), rid_header)
-            return
+            return 400
         self.metrics.request_done(tenant.name, info.model, 503)
         await self._send_json(send, 503, error_body(503, f"no instance can serve this request: {exc}",
                                                     code="no_instance_available"), rid_header)
+        return 503
 
     def _budget(self, tenant: Tenant, info: RequestInfo, started_s: float, first_byte_s: float) -> _Budget:
         """One deadline from admission to the last byte, whatever the engine does, and the

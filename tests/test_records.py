@@ -197,3 +197,24 @@ def test_records_without_features_say_what_is_missing(tmp_path: Path) -> None:
                     + json.dumps({"request_id": "b", "status": 502, "rejected": True, "output_tokens": 0}) + "\n")
     with pytest.raises(RankDataError, match="carry no ranker features: turn the ranker on"):
         load_examples([path])
+
+
+async def test_requests_no_instance_takes_are_recorded_as_refused(tmp_path: Path) -> None:
+    path = tmp_path / "records.jsonl"
+    doc = {"records": {"path": str(path)},
+           "policies": {"default": {"filters": ["model", "healthy", "not_draining", "kv_room"],
+                                    "scorers": ["least_outstanding"]}}}
+    with fake_engines(()) as (engine,):
+        async with running_router([engine.record("e0")], doc) as server, \
+                httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=30) as client:
+            server.router.registry.update_load("e0", kv_blocks_total=1000, kv_blocks_used=999, block_size_tokens=16)
+            small = await client.post("/v1/completions", json={"model": "llama-3-8b", "prompt": "word " * 100,
+                                                               "max_tokens": 4})
+            huge = await client.post("/v1/completions", json={"model": "llama-3-8b", "prompt": "word " * 30_000,
+                                                              "max_tokens": 4, "stream": True})
+            assert (small.status_code, huge.status_code) == (503, 400)
+    busy, never = [json.loads(line) for line in path.read_text().splitlines()]
+    assert (busy["status"], busy["rejected"], busy["max_tokens"], busy["stream"]) == (503, True, 4, False)
+    assert (never["status"], never["rejected"], never["stream"]) == (400, True, True)
+    assert busy["reject_reason"].startswith("no instance") and busy["input_tokens"] > 50
+    assert never["finish_s"] is None and never["instance_id"] == ""
