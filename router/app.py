@@ -250,7 +250,7 @@ class Router:
         if self.ranker is not None:
             self.ranker.close()
         if self.records is not None:
-            self.records.close()
+            await asyncio.to_thread(self.records.close)  # writes what is queued
         for task in list(self._background):
             task.cancel()
         for task in list(self._background):

@@ -50,6 +50,7 @@ per record; bench/records_cost.py measures this path (docs/benchmarks.md).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -90,6 +91,25 @@ class RecordsSettings:
     keep_files: int = DEFAULT_KEEP_FILES
     queue_max: int = DEFAULT_QUEUE_MAX
     include_prompt_text: bool = False
+    # Every records file RecentRecords reads (the files of all `tokenyard router --workers`
+    # processes); empty: `path` alone.
+    read_paths: tuple[str, ...] = ()
+
+
+def worker_path(path: str, index: int) -> str:
+    """records.jsonl -> records.w<index>.jsonl"""
+    base = Path(path)
+    return str(base.with_name(f"{base.stem}.w{index}{base.suffix}"))
+
+
+def per_worker(config: Any, index: int, workers: int) -> Any:
+    """The router config of worker `index` of `workers` processes: its own records file
+    (two processes rotating one file would lose records), and all of them to read."""
+    settings = getattr(config, "records", None)
+    if settings is None:
+        return config
+    paths = tuple(worker_path(settings.path, i) for i in range(workers))
+    return dataclasses.replace(config, records=dataclasses.replace(settings, path=paths[index], read_paths=paths))
 
 
 def _int_at_least(raw: Mapping[str, Any], key: str, default: int, minimum: int, where: str) -> int:
@@ -160,6 +180,10 @@ class RecordWriter:
         self._stop = threading.Event()
         self._warn = RateLimitedLog(log, interval_s=30.0)
         self._size = -1  # bytes in the current file; -1: not looked at yet
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # counted as write errors from the first record on
+            log.warning("cannot create the records folder", extra={"path": str(self.path), "error": str(exc)})
         self._thread = threading.Thread(target=self._run, name="tokenyard-records", daemon=True)
         self._thread.start()
 
@@ -399,8 +423,26 @@ class RequestRecords:
         return record
 
     def recent(self, since_s: float, max_records: int, max_bytes: int) -> tuple[list[bytes], bool]:
-        """Blocking: see `read_recent`."""
-        return read_recent(self.settings.path, self.settings.keep_files, since_s, max_records, max_bytes)
+        """Blocking: see `read_recent`; over every file of `read_paths`, merged in arrival order."""
+        paths = self.settings.read_paths or (self.settings.path,)
+        if len(paths) == 1:
+            return read_recent(paths[0], self.settings.keep_files, since_s, max_records, max_bytes)
+        merged: list[tuple[float, bytes]] = []
+        cut = False
+        for path in paths:
+            lines, truncated = read_recent(path, self.settings.keep_files, since_s, max_records, max_bytes)
+            cut = cut or truncated
+            merged.extend((_arrival_s(line) or 0.0, line) for line in lines)
+        merged.sort(key=lambda item: item[0])
+        kept: deque[bytes] = deque()
+        size = 0
+        for _, line in merged:  # the limits again, over all files: the newest kept
+            kept.append(line)
+            size += len(line)
+            while len(kept) > max_records or size > max_bytes:
+                size -= len(kept.popleft())
+                cut = True
+        return list(kept), cut
 
     def close(self) -> None:
         self.writer.close()

@@ -20,7 +20,15 @@ from prometheus_client import CollectorRegistry
 from cli.main import main
 from learn.rank_data import RankDataError, load_examples
 from router.config import parse_router_config
-from router.records import RecordsMetrics, RecordsSettings, RecordWriter, read_recent, record_files
+from router.records import (
+    RecordsMetrics,
+    RecordsSettings,
+    RecordWriter,
+    RequestRecords,
+    per_worker,
+    read_recent,
+    record_files,
+)
 from router.state import InstanceRecord
 from scheduler.predictors.rank import load_rank_model
 from tests.conftest import free_port
@@ -95,10 +103,27 @@ def test_a_stuck_writer_drops_and_counts_and_never_blocks(tmp_path: Path) -> Non
 
 def test_write_errors_are_counted_not_raised(tmp_path: Path) -> None:
     registry = CollectorRegistry()
-    writer = RecordWriter(RecordsSettings(str(tmp_path / "missing" / "r.jsonl")), RecordsMetrics(registry))
+    (tmp_path / "a-file").write_text("")  # the records "folder" is a file: nothing can be written
+    writer = RecordWriter(RecordsSettings(str(tmp_path / "a-file" / "r.jsonl")), RecordsMetrics(registry))
     assert writer.submit(_record(1, time.time()))
     writer.close()
     assert _dropped(registry, "write_error") == 1
+
+
+def test_router_workers_write_files_of_their_own_and_read_them_all(tmp_path: Path) -> None:
+    config = parse_router_config({"records": {"path": str(tmp_path / "records.jsonl")}}, "r.yaml")
+    workers = [per_worker(config, i, 2) for i in range(2)]
+    assert [w.records.path for w in workers] == [str(tmp_path / "records.w0.jsonl"), str(tmp_path / "records.w1.jsonl")]
+    now = time.time()
+    for index, worker in enumerate(workers):
+        records = RequestRecords(worker.records, CollectorRegistry(), slo_targets_s=lambda _: (1.0, 0.1))
+        for i in range(3):
+            records.writer.submit(_record(i * 2 + index, now + i * 2 + index))  # interleaved arrivals
+        records.close()
+    reader = RequestRecords(workers[0].records, CollectorRegistry(), slo_targets_s=lambda _: (1.0, 0.1))
+    lines, truncated = reader.recent(now - 1, 4, 1 << 20)
+    reader.close()
+    assert truncated and [json.loads(line)["request_id"] for line in lines] == ["r2", "r3", "r4", "r5"]
 
 
 async def _stream(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> bytes:
