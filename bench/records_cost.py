@@ -88,12 +88,12 @@ async def hook_cost(requests: int, chunks: int) -> dict[str, float]:
         async def detailed() -> float:
             t0 = time.perf_counter()
             for _ in range(requests):
-                # The stream has no usage block (as a client not asking for one gets): the
-                # meter counts its content events, the costlier case.
-                meter = UsageMeter(_sink, detail=True, inflight_of=lambda _: 1, count_content=chunks > 0)
+                meter = UsageMeter(_sink, detail=True, inflight_of=lambda _: 1)
                 for m in messages:
                     await meter(m)
                 meter.usage()
+                # The stream has no usage block (as a client not asking for one gets): the
+                # writer thread counts its events (meter.output_tokens), the costlier case.
                 records.answered(router, info, tenant, meter, time.monotonic(), body, chunks > 0, False)
             return time.perf_counter() - t0
 

@@ -527,7 +527,7 @@ class Router:
                 self.registry.inflight_finished(held)
                 held = None
 
-        meter = self._meter(send, body, stream)
+        meter = self._meter(send)
         client_left = False
         try:
             forward = asyncio.ensure_future(self._forward(
@@ -549,15 +549,13 @@ class Router:
             if self.admission is not None:
                 self.admission.release()  # capacity freed: held requests may go
 
-    def _meter(self, send: Send, body: dict[str, Any], stream: bool) -> UsageMeter | None:
+    def _meter(self, send: Send) -> UsageMeter | None:
         """The `send` that meters the answer for the workload histogram and the records."""
         if self.workload is None and self.records is None:
             return None
         if self.records is None:
             return UsageMeter(send)
-        options = body.get("stream_options")
-        usage_asked = isinstance(options, dict) and options.get("include_usage") is True
-        return UsageMeter(send, detail=True, inflight_of=self._router_inflight, count_content=stream and not usage_asked)
+        return UsageMeter(send, detail=True, inflight_of=self._router_inflight)
 
     def _router_inflight(self, instance_id: str) -> int | None:
         found = self.registry.find(instance_id)

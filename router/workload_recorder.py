@@ -59,39 +59,36 @@ class UsageMeter:
     """An ASGI `send` that passes every message on and remembers the status, the number
     of SSE events and the last two body chunks (references, no copy: the `usage` object
     sits in the last one or two). For the request records (router/records.py), with
-    `detail=True`, also when the first body byte went out, the instance that answered
-    (the `x-tokenyard-instance` header), the router's in-flight count on it then
-    (`inflight_of`), and, with `count_content` (a stream whose client did not ask for a
-    usage block, so none will come), the SSE events that carry content: its tokens."""
+    `detail=True`, also the first body chunk and when it went out, the instance that
+    answered (the `x-tokenyard-instance` header) and the router's in-flight count on it
+    then (`inflight_of`): what `output_tokens` reads a stream's token count from when it
+    has no `usage`."""
 
-    __slots__ = ("_send", "status", "_prev", "_last", "events", "detail", "first_body_s", "instance",
-                 "inflight", "inflight_of", "content_events", "count_content")
+    __slots__ = ("_send", "status", "_prev", "_last", "events", "detail", "first_body_s", "_first", "instance",
+                 "inflight", "inflight_of")
 
     def __init__(self, send: Send, *, detail: bool = False,
-                 inflight_of: Callable[[str], int | None] | None = None, count_content: bool = False) -> None:
+                 inflight_of: Callable[[str], int | None] | None = None) -> None:
         self._send = send
         self.status = 0
         self._prev = b""
         self._last = b""
+        self._first = b""
         self.events = 0
         self.detail = detail
         self.first_body_s: float | None = None
         self.instance: str | None = None
         self.inflight: int | None = None
         self.inflight_of = inflight_of
-        self.content_events = 0
-        self.count_content = count_content
 
     async def __call__(self, message: MutableMapping[str, Any]) -> None:
         body = message.get("body")
         if body:
             self.events += body.count(b"data: ")
             self._prev, self._last = self._last, body
-            if self.detail:
-                if self.first_body_s is None:
-                    self.first_body_s = time.monotonic()
-                if self.count_content:  # ~1 us a chunk: only where no usage block will come
-                    self.content_events += len(_CONTENT.findall(body))
+            if self.detail and self.first_body_s is None:
+                self.first_body_s = time.monotonic()
+                self._first = body
         elif message.get("type") == "http.response.start":
             self.status = int(message.get("status", 0))
             if self.detail:
@@ -123,14 +120,26 @@ class UsageMeter:
         return None, None
 
     def output_tokens(self) -> tuple[int | None, str]:
-        """(output tokens, "usage" | "events" | "none"): from the `usage` block, else (a
-        stream without one) the events that carried content (`detail` only)."""
+        """(output tokens, "usage" | "events" | "none"): from the `usage` block; else, for a
+        stream, its SSE events less those without text. Events without text (the chat role
+        chunk, a closing finish_reason chunk, `[DONE]`) come first or last, so only the
+        first chunk and the last two are parsed, once, here: nothing is scanned per chunk
+        (`detail` only)."""
         completion = _COMPLETION.findall(self.tail)
         if completion:
             return int(completion[-1]), "usage"
-        if self.content_events:
-            return self.content_events, "events"
-        return None, "none"
+        if not self.events or not self.detail:
+            return None, "none"
+        empty = 0
+        seen: list[bytes] = []
+        for chunk in (self._first, self._prev, self._last):
+            if not chunk or any(chunk is other for other in seen):
+                continue
+            seen.append(chunk)
+            for event in bytes(chunk).split(b"\n\n"):
+                if event.startswith(b"data: ") and not _CONTENT.search(event):
+                    empty += 1
+        return max(0, self.events - empty), "events"
 
 
 class WorkloadRecorder:

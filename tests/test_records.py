@@ -243,3 +243,25 @@ async def test_requests_no_instance_takes_are_recorded_as_refused(tmp_path: Path
     assert (never["status"], never["rejected"], never["stream"]) == (400, True, True)
     assert busy["reject_reason"].startswith("no instance") and busy["input_tokens"] > 50
     assert never["finish_s"] is None and never["instance_id"] == ""
+
+
+async def test_a_stream_without_usage_counts_the_events_that_carry_text() -> None:
+    from router.workload_recorder import UsageMeter
+
+    async def sink(message: Any) -> None:
+        return None
+
+    def event(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return b"data: " + json.dumps({"id": "c", "choices": [{"index": 0, "delta": delta,
+                                                                 "finish_reason": finish}]}).encode() + b"\n\n"
+
+    chunks = [event({"role": "assistant", "content": ""}), *(event({"content": f"t{i}"}) for i in range(5)),
+              event({}, "length") + b"data: [DONE]\n\n"]
+    meter = UsageMeter(sink, detail=True)
+    await meter({"type": "http.response.start", "status": 200, "headers": [(b"x-tokenyard-instance", b"e0")]})
+    for chunk in chunks:
+        await meter({"type": "http.response.body", "body": chunk, "more_body": True})
+    assert meter.output_tokens() == (5, "events") and meter.instance == "e0"
+    single = UsageMeter(sink, detail=True)  # one chunk holding the whole stream
+    await single({"type": "http.response.body", "body": b"".join(chunks), "more_body": True})
+    assert single.output_tokens() == (5, "events")
