@@ -73,7 +73,7 @@ async def hook_cost(requests: int, chunks: int) -> dict[str, float]:
     body = {"model": "llama-3-8b", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 64}
     messages = _messages(chunks)
     with tempfile.TemporaryDirectory() as tmp:
-        records = RequestRecords(RecordsSettings(str(Path(tmp) / "r.jsonl"), queue_max=requests + 10),
+        records = RequestRecords(RecordsSettings(str(Path(tmp) / "r.jsonl"), queue_max=requests * 8),
                                  CollectorRegistry(), slo_targets_s=lambda _: (3.0, 0.2))
 
         async def plain() -> float:

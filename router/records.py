@@ -206,7 +206,7 @@ class RecordWriter:
         while True:
             stopping = self._stop.wait(FLUSH_INTERVAL_S)
             while self._pending:
-                batch = []
+                batch: list[Any] = []
                 while self._pending and len(batch) < WRITE_BATCH:
                     batch.append(self._pending.popleft())
                 self._write(batch)
