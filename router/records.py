@@ -18,8 +18,8 @@ Times are wall-clock Unix seconds (the simulator's are seconds from its trace's 
 readers only take differences). `first_token_s` is the first body byte the client got: the
 first token of a stream; null for a non-streamed answer (its first byte is its last).
 `output_tokens` comes from the answer's `usage` block (`output_tokens_from: "usage"`) or,
-for a stream without one, counts the SSE events that carry content (`"events"`: vLLM sends
-one token per event, so this is a lower bound under speculative decoding).
+for a stream without one, counts its SSE events less those without text (`"events"`: vLLM
+sends one token per event, so this is a lower bound under speculative decoding).
 `instance_inflight` is the router's count of requests in flight on the answering instance
 when the answer began (this one included).
 
@@ -41,11 +41,13 @@ and `prompt` (the prompt or last user message, at most `MAX_PROMPT_CHARS`) are w
 
 Bounded and never in the way: the request path captures a tuple of values and appends it
 to a bounded queue without waiting; one writer thread, woken every 50 ms, builds the
-records, serialises and appends them (batched, one `write` per batch). A full queue or a write error drops the record and counts it in
-`tokenyard_router_records_dropped_total{reason}`; no request fails for its record. A
-hand-written queue-and-thread because the stdlib `logging.handlers.QueueHandler` +
-`RotatingFileHandler` formats on the caller's thread and rotates by renaming under a lock
-per record; bench/records_cost.py measures this path (docs/benchmarks.md).
+records, serialises and appends them (batched, one `write` per batch). A full queue or a
+write error drops the record and counts it in `tokenyard_router_records_dropped_total{reason}`;
+no request fails for its record. A queue-and-thread of its own, not the stdlib's
+`logging.handlers.QueueHandler` + `QueueListener` + `RotatingFileHandler`: those build a
+`LogRecord` and format it on the caller's thread (the event loop) and write line by line;
+bench/records_cost.py measures both on the caller's side (docs/benchmarks.md, "Router
+request records").
 """
 
 from __future__ import annotations
