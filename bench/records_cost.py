@@ -5,11 +5,11 @@
    the same `send` calls through the plain meter the workload histogram uses (records off),
    for a non-streamed answer and a 64-event stream; ns per request and the ratio. The
    writer thread's work (serialising, appending) is timed apart: ns per record.
-2. End to end: two routers in this process in front of the zero-latency fake engine
-   (bench/peers/fake_engine.py, its own process), records off and on, serving at the same
-   time (4 clients each, over loopback HTTP; non-streamed, and 64-token streams) so that
-   whatever else the box runs slows both alike; mean latency per request, the median
-   ratio over the rounds and its range.
+2. End to end: two `tokenyard router` processes, records off and on, in front of the
+   zero-latency fake engine (bench/peers/fake_engine.py), the same requests (non-streamed,
+   and 64-token streams) from 8 concurrent clients over loopback HTTP, in alternating
+   rounds: the router process's CPU time per request (/proc, so the time other work on
+   the box takes is not counted), median over the rounds, and the ratio.
 3. Beside 1: what the stdlib's logging queue and rotating file handler cost the caller's
    thread for the same records (why router/records.py has a writer of its own).
 
@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -183,66 +185,85 @@ def stdlib_cost(records: int) -> tuple[float, float]:
     return caller_s / records * 1e9, total_s / records * 1e9
 
 
-async def end_to_end(rounds: int, requests: int, concurrency: int) -> dict[str, dict[str, float]]:
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/<pid>/stat, Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _router_process(tmp: str, name: str, engine_url: str, records: bool) -> tuple[subprocess.Popen[bytes], str]:
+    import yaml
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    doc: dict[str, Any] = {"listen": {"host": "127.0.0.1", "port": port}, "store": f"file://{tmp}/{name}.db",
+                           "discovery": {"static": [{"id": "e0", "url": engine_url, "model": "llama-3-8b",
+                                                     "gpu": "A100-80GB"}]}}
+    if records:
+        doc["records"] = {"path": f"{tmp}/{name}-records.jsonl"}
+    config = Path(tmp) / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    proc = subprocess.Popen([sys.executable, "-c", "from cli.main import main; raise SystemExit(main())", "router",
+                             "--config", str(config)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+async def end_to_end(rounds: int, requests: int, concurrency: int, a_a: bool = False) -> dict[str, dict[str, float]]:
+    """Router CPU per request (its own process, records off and on), rounds alternating.
+    `a_a`: both routers with records off (the noise floor of the comparison)."""
     import httpx
 
-    from router.app import Router
-    from router.config import parse_router_config
-    from router.http_server import RouterServer
     from tests.test_router_support import FakeEngine
 
     engine = FakeEngine()
     results: dict[str, dict[str, list[float]]] = {"plain": {"off": [], "on": []}, "stream": {"off": [], "on": []}}
+    procs: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        servers = {}
-        for mode in ("off", "on"):
-            doc: dict[str, Any] = {"records": {"path": f"{tmp}/records.jsonl"}} if mode == "on" else {}
-            router = Router(parse_router_config(doc, "bench.yaml"))
-            await router.start(background=False)
-            router.registry.upsert(engine.record("e0"))
-            server = RouterServer(router, "127.0.0.1", 0)
-            await server.start()
-            servers[mode] = server
         try:
+            for mode in ("off", "on"):
+                procs[mode] = _router_process(tmp, mode, engine.url, mode == "on" and not a_a)
             async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=concurrency * 2)) as client:
-                async def run(mode: str, stream: bool) -> float:
-                    url = f"http://127.0.0.1:{servers[mode].port}/v1/chat/completions"
+                for _, url in procs.values():
+                    for _ in range(200):
+                        with contextlib.suppress(httpx.HTTPError):
+                            if (await client.get(url + "/health")).status_code == 200:
+                                break
+                        await asyncio.sleep(0.1)
+
+                async def run(mode: str, stream: bool, count: int) -> float:
+                    proc, url = procs[mode]
                     body = {"model": "llama-3-8b", "max_tokens": 64, "stream": stream,
                             "messages": [{"role": "user", "content": "hello there"}]}
-                    latencies: list[float] = []
 
-                    async def worker(count: int) -> None:
-                        for _ in range(count):
-                            t0 = time.perf_counter()
-                            async with client.stream("POST", url, json=body) as reply:
+                    async def worker(n: int) -> None:
+                        for _ in range(n):
+                            async with client.stream("POST", url + "/v1/chat/completions", json=body) as reply:
                                 async for _ in reply.aiter_bytes():
                                     pass
-                            latencies.append(time.perf_counter() - t0)
 
-                    half = max(1, concurrency // 2)
-                    await asyncio.gather(*(worker(requests // half) for _ in range(half)))
-                    return statistics.fmean(latencies)
+                    before = _cpu_s(proc.pid)
+                    await asyncio.gather(*(worker(count // concurrency) for _ in range(concurrency)))
+                    return (_cpu_s(proc.pid) - before) / (count // concurrency * concurrency)
 
-                # Both routers serve at once, half the clients each: whatever else the box runs
-                # slows both alike, so the ratio is the records' own cost.
                 for stream in (False, True):
-                    await asyncio.gather(run("off", stream), run("on", stream))  # warm up both
-                for _ in range(rounds):
+                    for mode in ("off", "on"):
+                        await run(mode, stream, requests // 4)  # warm up
+                for index in range(rounds):
                     for stream in (False, True):
-                        off, on = await asyncio.gather(run("off", stream), run("on", stream))
-                        results["stream" if stream else "plain"]["off"].append(off)
-                        results["stream" if stream else "plain"]["on"].append(on)
+                        for mode in ("off", "on") if index % 2 == 0 else ("on", "off"):
+                            results["stream" if stream else "plain"][mode].append(await run(mode, stream, requests))
         finally:
-            for server in servers.values():
-                with contextlib.suppress(Exception):
-                    await server.stop()
+            for proc, _ in procs.values():
+                proc.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(10)
             engine.kill()
     out = {}
     for kind, modes in results.items():
         off, on = statistics.median(modes["off"]), statistics.median(modes["on"])
-        ratios = sorted(b / a for a, b in zip(modes["off"], modes["on"], strict=True))
-        out[kind] = {"off_us": off * 1e6, "on_us": on * 1e6, "ratio": statistics.median(ratios),
-                     "ratio_min": ratios[0], "ratio_max": ratios[-1]}
+        out[kind] = {"off_us": off * 1e6, "on_us": on * 1e6, "ratio": on / off,
+                     "rounds": [round(b / a, 3) for a, b in zip(modes["off"], modes["on"], strict=True)]}
     return out
 
 
@@ -250,9 +271,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hook-requests", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--requests", type=int, default=200, help="requests per round and router")
+    parser.add_argument("--requests", type=int, default=800, help="requests per round and router")
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--a-a", action="store_true", help="part 2 with records off in both routers (noise floor)")
+    parser.add_argument("--only-e2e", action="store_true", help="part 2 only")
     args = parser.parse_args()
+    if not args.only_e2e:
+        hook_report(args)
+    print(f"2. a router process in front of the fake engine, {args.concurrency} clients: its CPU per request, us "
+          "(median of the rounds)" + (" -- A/A: records off in both" if args.a_a else ""))
+    for kind, r in asyncio.run(end_to_end(args.rounds, args.requests, args.concurrency, args.a_a)).items():
+        print(f"   {kind:<7} records off {r['off_us']:8.1f}  on {r['on_us']:8.1f}  added {r['on_us'] - r['off_us']:6.1f}"
+              f"  ratio {r['ratio']:.3f}  (per round {r['rounds']})")
+    return 0
+
+
+def hook_report(args: argparse.Namespace) -> None:
     print("1. the hook on the event loop (records on vs the workload meter alone), ns per request")
     for chunks in (0, 64):
         r = asyncio.run(hook_cost(args.hook_requests, chunks))
@@ -263,11 +297,6 @@ def main() -> int:
     caller_ns, total_ns = stdlib_cost(args.hook_requests)
     print(f"   the stdlib way (QueueHandler + QueueListener + RotatingFileHandler, record built by the caller): "
           f"{caller_ns:.0f} ns per record on the caller's thread, {total_ns:.0f} in all")
-    print(f"2. end to end through a router, {args.concurrency} clients, fake engine; mean latency per request, us")
-    for kind, r in asyncio.run(end_to_end(args.rounds, args.requests, args.concurrency)).items():
-        print(f"   {kind:<7} records off {r['off_us']:8.1f}  on {r['on_us']:8.1f}  ratio {r['ratio']:.3f} "
-              f"(rounds {r['ratio_min']:.3f}-{r['ratio_max']:.3f})")
-    return 0
 
 
 if __name__ == "__main__":
