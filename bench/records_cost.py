@@ -40,7 +40,9 @@ async def _sink(message: Any) -> None:
     return None
 
 
-def _messages(chunks: int) -> list[dict[str, Any]]:
+def _messages(chunks: int, sends: int = 0) -> list[dict[str, Any]]:
+    """A non-streamed answer (chunks 0) or a stream of `chunks` events, one send each, or
+    coalesced into `sends` sends (as the relay often hands them on)."""
     start = {"type": "http.response.start", "status": 200,
              "headers": [(b"content-type", b"application/json"), (b"x-request-id", b"ty-1"),
                          (b"x-tokenyard-instance", b"e0")]}
@@ -49,6 +51,11 @@ def _messages(chunks: int) -> list[dict[str, Any]]:
                 + b'"}}], "usage": {"prompt_tokens": 812, "completion_tokens": 64, "total_tokens": 876}}')
         return [start, {"type": "http.response.body", "body": body}]
     chunk = b'data: {"id":"x","choices":[{"index":0,"delta":{"content":"tok"}}]}\n\n'
+    if sends:
+        per = -(-chunks // sends)
+        bodies = [chunk * min(per, chunks - i * per) for i in range(sends)]
+        bodies[-1] += b"data: [DONE]\n\n"
+        return [start, *({"type": "http.response.body", "body": b, "more_body": True} for b in bodies)]
     return [start, *({"type": "http.response.body", "body": chunk, "more_body": True} for _ in range(chunks)),
             {"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": True}]
 
@@ -65,7 +72,7 @@ class _FakeRouter:
         self.ranker = None
 
 
-async def hook_cost(requests: int, chunks: int) -> dict[str, float]:
+async def hook_cost(requests: int, chunks: int, sends: int = 0) -> dict[str, float]:
     """ns per request: the `send` calls through the plain meter (records off), through the
     detailed meter plus `RequestRecords.answered` (records on: what the event loop pays),
     and the writer thread's work for those records (build, serialise, append)."""
@@ -80,7 +87,7 @@ async def hook_cost(requests: int, chunks: int) -> dict[str, float]:
     info = RequestInfo("ty-1", "llama-3-8b", 812, max_output_tokens=64)
     tenant = Tenant("acme", "default")
     body = {"model": "llama-3-8b", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 64}
-    messages = _messages(chunks)
+    messages = _messages(chunks, sends)
     with tempfile.TemporaryDirectory() as tmp:
         settings = RecordsSettings(str(Path(tmp) / "r.jsonl"), queue_max=requests * 8)
         records = RequestRecords(settings, CollectorRegistry(), slo_targets_s=lambda _: (3.0, 0.2))
@@ -298,10 +305,10 @@ def main() -> int:
 
 def hook_report(args: argparse.Namespace) -> None:
     print("1. the hook on the event loop (records on vs the workload meter alone), ns per request")
-    for chunks in (0, 64):
-        r = asyncio.run(hook_cost(args.hook_requests, chunks))
-        kind = "non-streamed" if chunks == 0 else f"{chunks}-event stream"
-        print(f"   {kind:<17} off {r['off_ns']:8.0f}  on {r['on_ns']:8.0f}  added on the loop "
+    for chunks, sends in ((0, 0), (64, 0), (64, 3)):
+        r = asyncio.run(hook_cost(args.hook_requests, chunks, sends))
+        kind = "non-streamed" if chunks == 0 else f"{chunks}-event stream" + (f", {sends} sends" if sends else "")
+        print(f"   {kind:<26} off {r['off_ns']:8.0f}  on {r['on_ns']:8.0f}  added on the loop "
               f"{r['on_ns'] - r['off_ns']:7.0f} (ratio {r['ratio']:.2f});  writer thread {r['writer_ns']:7.0f}")
     print(f"   writer thread, serialise + append of built records only: {writer_cost(args.hook_requests):.0f} ns each")
     caller_ns, total_ns = stdlib_cost(args.hook_requests)

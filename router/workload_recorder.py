@@ -122,24 +122,37 @@ class UsageMeter:
     def output_tokens(self) -> tuple[int | None, str]:
         """(output tokens, "usage" | "events" | "none"): from the `usage` block; else, for a
         stream, its SSE events less those without text. Events without text (the chat role
-        chunk, a closing finish_reason chunk, `[DONE]`) come first or last, so only the
-        first chunk and the last two are parsed, once, here: nothing is scanned per chunk
-        (`detail` only)."""
+        chunk, a closing finish_reason chunk, `[DONE]`) lead or trail, so only the first
+        chunk's leading events and the last two chunks' trailing ones are parsed, once, here,
+        up to the first with text: a few regex searches per stream, however long (sends
+        often carry many events each), and nothing per chunk (`detail` only)."""
         completion = _COMPLETION.findall(self.tail)
         if completion:
             return int(completion[-1]), "usage"
         if not self.events or not self.detail:
             return None, "none"
-        empty = 0
+        first = _data_events(self._first)
+        leading = next((i for i, event in enumerate(first) if _CONTENT.search(event)), None)
+        if leading is None:  # no text in the first chunk: all of it is text-less
+            empty, trailing_from = len(first), [self._last, self._prev]
+            trailing_from = [c for c in trailing_from if c is not self._first]
+        else:
+            empty, trailing_from = leading, [self._last, self._prev]
         seen: list[bytes] = []
-        for chunk in (self._first, self._prev, self._last):
+        for chunk in trailing_from:
             if not chunk or any(chunk is other for other in seen):
                 continue
             seen.append(chunk)
-            for event in bytes(chunk).split(b"\n\n"):
-                if event.startswith(b"data: ") and not _CONTENT.search(event):
-                    empty += 1
+            events = _data_events(chunk)
+            text_at = next((i for i in range(len(events) - 1, -1, -1) if _CONTENT.search(events[i])), None)
+            empty += len(events) - 1 - text_at if text_at is not None else len(events)
+            if text_at is not None:
+                break
         return max(0, self.events - empty), "events"
+
+
+def _data_events(chunk: bytes) -> list[bytes]:
+    return [e for e in bytes(chunk).split(b"\n\n") if e.startswith(b"data: ")] if chunk else []
 
 
 class WorkloadRecorder:

@@ -265,3 +265,7 @@ async def test_a_stream_without_usage_counts_the_events_that_carry_text() -> Non
     single = UsageMeter(sink, detail=True)  # one chunk holding the whole stream
     await single({"type": "http.response.body", "body": b"".join(chunks), "more_body": True})
     assert single.output_tokens() == (5, "events")
+    empty = UsageMeter(sink, detail=True)  # an answer with no text at all, in two sends
+    await empty({"type": "http.response.body", "body": chunks[0], "more_body": True})
+    await empty({"type": "http.response.body", "body": chunks[-1], "more_body": True})
+    assert empty.output_tokens() == (0, "events")
