@@ -293,7 +293,8 @@ async def _write(args: argparse.Namespace, client: Client, method: str, build: C
     print(preview.policy.diff.rstrip() or f"(policy {name} deleted)")
     if args.dry_run != "none":
         if args.dry_run == "server":
-            print_simulation(args, name, json.loads(preview.policy.spec_json) if preview.policy.spec_json else None)
+            await print_simulation(args, client, name,
+                                   json.loads(preview.policy.spec_json) if preview.policy.spec_json else None)
         print(f"dry run: policy {name} would become version {at + 1}; nothing stored")
         return EXIT_OK
     confirm(args, question)
@@ -302,15 +303,32 @@ async def _write(args: argparse.Namespace, client: Client, method: str, build: C
     return EXIT_OK
 
 
-def print_simulation(args: argparse.Namespace, name: str, spec: dict[str, Any] | None) -> None:
-    """`--dry-run=server` replay. The router keeps no request records yet, so it needs `--trace`."""
-    if not args.trace:
-        print("dry run (server): the control plane validated the policy and made the diff; the router keeps no "
-              "request records yet, so nothing is replayed: pass --trace FILE to replay a trace in the simulator")
-        return
-    from cli.policy_replay import replay_policy_change
+async def print_simulation(args: argparse.Namespace, client: Client, name: str, spec: dict[str, Any] | None) -> None:
+    """`--dry-run=server` replay: of `--trace FILE`, else of the router's records of the last
+    `--window` (the Admin RecentRecords call; an error when the router keeps none)."""
+    from cli.policy_replay import fetch_recent_records, replay_policy_change, replay_records
 
-    replay_policy_change(args.trace, name, spec, args.cluster, args.sim_requests)
+    if args.trace:
+        replay_policy_change(args.trace, name, spec, args.cluster, args.sim_requests or 2000)
+        return
+    window_s = parse_window(args.window)
+    rows, truncated, source = await fetch_recent_records(client, window_s, args.sim_requests or 20000)
+    replay_records(rows, f"the router's records of the last {args.window} ({source})", name, spec, args.cluster,
+                   truncated=truncated)
+
+
+def parse_window(text: str) -> float:
+    """`1h`, `30m`, `90s` or plain seconds -> seconds (CliError naming --window otherwise)."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+    raw = text.strip().lower()
+    scale = units.get(raw[-1:])
+    try:
+        value = float(raw[:-1] if scale is not None else raw) * (scale or 1.0)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 7 * 86400:
+        raise CliError(EXIT_USAGE, f"--window: expected a duration like 1h, 30m or 600s (at most 7d), got {text!r}")
+    return value
 
 
 def cmd_policy_apply(args: argparse.Namespace) -> int:
@@ -641,11 +659,16 @@ def _write_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     parser.add_argument("--dry-run", nargs="?", const="client", default="none", choices=("none", "client", "server"),
                         help="validate on the server and show the diff, store nothing; =server also replays "
-                             "--trace in the simulator under the new policy")
-    parser.add_argument("--trace", help="with --dry-run=server: a trace file to replay (the router keeps no "
-                                        "request records yet)")
-    parser.add_argument("--cluster", help="with --trace: a cluster YAML for the simulator (default: a small one)")
-    parser.add_argument("--sim-requests", type=int, default=2000, help="with --trace: requests to replay")
+                             "the router's recent traffic (or --trace) in the simulator under the new policy")
+    parser.add_argument("--trace", help="with --dry-run=server: a trace file to replay instead of the router's "
+                                        "request records")
+    parser.add_argument("--window", default="1h",
+                        help="with --dry-run=server: how much of the router's recent traffic to replay (default 1h)")
+    parser.add_argument("--cluster", help="with --dry-run=server: a cluster YAML for the simulator (default: a "
+                                          "small one)")
+    parser.add_argument("--sim-requests", type=int, default=None,
+                        help="with --dry-run=server: at most this many requests (default: 2000 of --trace, the "
+                             "newest 20000 records)")
 
 
 def register(subparsers: Any) -> None:

@@ -144,11 +144,13 @@ class Fleet:
 
 def router_document(entries: list[dict[str, Any]], host: str, port: int, store_url: str,
                     control: dict[str, Any] | None = None, admission: bool = True,
-                    worker_token_file: str | None = None) -> dict[str, Any]:
+                    worker_token_file: str | None = None, records_path: str | None = None) -> dict[str, Any]:
     """The router config `tokenyard up` runs (also written to <state-dir>/router.yaml).
 
     `control`: the Admin + Picker section (loopback, a tokens_file written for this run).
-    `worker_token_file`: the engines' Worker gRPC token, sent on their Status streams."""
+    `worker_token_file`: the engines' Worker gRPC token, sent on their Status streams.
+    `records_path`: the request records (router/records.py; no prompt text), which
+    `tokenyard calibrate --from`, `train rank --data` and `policy apply --dry-run=server` read."""
     doc: dict[str, Any] = {
         "listen": {"host": host, "port": port},
         "store": store_url,
@@ -184,6 +186,8 @@ def router_document(entries: list[dict[str, Any]], host: str, port: int, store_u
         doc["control"] = control
     if worker_token_file is not None:
         doc["load"] = {"worker_token_file": worker_token_file}
+    if records_path is not None:
+        doc["records"] = {"path": records_path}
     return doc
 
 
@@ -243,7 +247,8 @@ async def up(args: argparse.Namespace) -> int:
         write_token_file(tokens_file, "local-admin", ["admin"])
         control = {"host": "127.0.0.1", "port": _free_port("127.0.0.1"), "tokens_file": str(tokens_file)}
         doc = router_document(fleet.entries, args.host, args.port, store_url, control,
-                              admission=args.admission == "on", worker_token_file=str(fleet.worker_token_file))
+                              admission=args.admission == "on", worker_token_file=str(fleet.worker_token_file),
+                              records_path=str(state_dir / "records.jsonl"))
         (state_dir / "router.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
         config = parse_router_config(doc, str(state_dir / "router.yaml"))
         store = open_store(store_url)
@@ -259,7 +264,9 @@ async def up(args: argparse.Namespace) -> int:
               flush=True)
         print(f"  point the CLI at it: tokenyard context set local --address 127.0.0.1:{control['port']} "
               f"--token-file {tokens_file} && tokenyard context use local\n"
-              "  then: tokenyard policy list; tokenyard instances list (docs/admin.md)\n", flush=True)
+              "  then: tokenyard policy list; tokenyard instances list (docs/admin.md)\n"
+              f"  request records (one JSON line per request, no prompt text): {state_dir / 'records.jsonl'}\n",
+              flush=True)
 
         body = {"model": "llama-3-8b", "messages": [{"role": "user", "content": "Say hello to Tokenyard."}],
                 "max_tokens": 16}

@@ -11,9 +11,13 @@ Each example is (request features, output tokens, prompt key, model, source). So
 - `routing/routellm/gsm8k/gsm8k_responses.csv`: 1,319 maths prompts, two models' answers.
 - `routing/routellm/mt_bench/judgements.jsonl`: 80 two-turn conversations of two models; the
   second turn carries the first turn and its answer as chat history (multi-turn features).
-- any `*.jsonl` file: the router's finished-request log (`router.rank_log`), one
-  `{"feature_spec", "dense", "instruction_text", "model", "output_tokens"}` per line, or plain
-  request records `{"prompt"|"messages", "model", ..., "output_tokens"}`.
+- any `*.jsonl` file: the router's request records (router/records.py; the older rank log
+  has the same keys), one `{"feature_spec", "dense", ["instruction_text"], "model",
+  "output_tokens", ...}` per line, or plain request records `{"prompt"|"messages", "model",
+  ..., "output_tokens"}`. Router records of requests that were not answered in full
+  (`rejected`, or a `status` other than 200) are skipped, as are those that carry no
+  features (the ranker was off and no prompt text was recorded); a file with records but
+  none usable says so.
 
 Output tokens are counted with Mistral's Tekken tokenizer (`tekken_240911.json`, a 131k
 byte-level BPE vocabulary shipped inside the `mistral-common` PyPI package, loaded from the
@@ -179,7 +183,8 @@ def mt_bench_examples(path: Path, counter: TokenCounter) -> list[Example]:
 
 
 def log_examples(path: Path) -> Iterator[Example]:
-    """Examples from a JSONL file: the router's finished-request log or request records."""
+    """Examples from a JSONL file: the router's request records or plain request records."""
+    unanswered = featureless = found = 0
     with path.open(encoding="utf-8") as fh:
         for number, line in enumerate(fh, 1):
             where = f"{path}:{number}"
@@ -191,7 +196,17 @@ def log_examples(path: Path) -> Iterator[Example]:
                 row = json.loads(line)
             except ValueError as exc:
                 raise RankDataError(f"{where}: not JSON: {exc}") from exc
+            if isinstance(row, Mapping) and (row.get("rejected") is True or row.get("status", 200) != 200):
+                unanswered += 1  # its output length is not the answer's (failed, cut, turned away)
+                continue
+            if isinstance(row, Mapping) and "status" in row and not {"dense", "prompt", "messages"} & set(row):
+                featureless += 1
+                continue
+            found += 1
             yield _log_example(row, where)
+    if not found and featureless:
+        raise RankDataError(f"{path}: {featureless} router record(s) carry no ranker features: turn the ranker on "
+                            "(`rank:` in the router config) or set records.include_prompt_text, then retrain")
 
 
 def _log_example(row: Any, where: str) -> Example:
@@ -217,7 +232,10 @@ def _log_example(row: Any, where: str) -> Example:
         text = feats.instruction_text
     else:
         raise RankDataError(f"{where}: expected logged features (dense) or a request (prompt or messages)")
-    return Example(feats, tokens, _prompt_key(text), model, "log")
+    # Records without the prompt text (the privacy default) are each their own "prompt" for
+    # the held-out split: the request id keeps them apart instead of lumping them into one.
+    key = _prompt_key(text) or f"request:{row.get('request_id') or where}"
+    return Example(feats, tokens, key, model, "log")
 
 
 def load_examples(

@@ -36,6 +36,7 @@ from router.fleet_admin import FleetAdminMixin, cordon_message
 from router.keys_admin import KeysAdminMixin
 from router.migration_loop import MigrationLoop
 from router.policy_admin import PolicyAdminMixin
+from router.records_admin import RecordsAdminMixin
 from router.registry import InstanceRegistry
 from router.state import InstanceRecord, StateStore, StateStoreError, store_unavailable
 from scheduler.tiers import TierChoice
@@ -74,11 +75,12 @@ def policy_from_dict(tenant: str, raw: Mapping[str, Any]) -> admin_pb2.SloPolicy
         priority=int(raw.get("priority", 0)), dispatch_policy=str(raw.get("dispatch_policy", "")))
 
 
-class AdminService(PolicyAdminMixin, KeysAdminMixin, FleetAdminMixin, admin_pb2_grpc.AdminServicer):
+class AdminService(PolicyAdminMixin, KeysAdminMixin, FleetAdminMixin, RecordsAdminMixin, admin_pb2_grpc.AdminServicer):
     """Constructed with the registry, the store and the lease keeper of self-registered
     instances. `slo_classes` / `dispatch_policies` are the names PutPolicy accepts (None:
     any); `desired_pool_sizes` is the planner's target per pool (None: the registered
-    count); `migration` is the router's migration loop (None: migration is off)."""
+    count); `migration` is the router's migration loop (None: migration is off); `records`
+    the router's request records (router/records.py; None: it keeps none)."""
 
     def __init__(self, registry: InstanceRegistry, store: StateStore | None,
                  registration: AdminRegistration, *,
@@ -87,9 +89,10 @@ class AdminService(PolicyAdminMixin, KeysAdminMixin, FleetAdminMixin, admin_pb2_
                  desired_pool_sizes: Callable[[], Mapping[str, int]] | None = None,
                  registration_cidrs: Collection[Any] = (),
                  migration: MigrationLoop | None = None,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic, records: Any = None) -> None:
         self.registry = registry
         self.migration = migration
+        self.records = records
         self.registration_cidrs = tuple(registration_cidrs)
         self.store = store
         self.registration = registration
@@ -361,6 +364,7 @@ async def start_control_server(
     reuse_port: bool = False,
     migration: MigrationLoop | None = None,
     resolve_tier: Callable[[RequestInfo, str], tuple[RequestInfo, TierChoice | None]] | None = None,
+    records: Any = None,
 ) -> grpc.aio.Server:
     """Serve Admin and Picker on host:port (0 picks a free port: read `server.bound_port`).
 
@@ -392,7 +396,7 @@ async def start_control_server(
     admin_pb2_grpc.add_AdminServicer_to_server(  # type: ignore[no-untyped-call]  # generated grpc module, unannotated
         AdminService(registry, store, registration, slo_classes=slo_classes,
                      dispatch_policies=dispatch_policies, desired_pool_sizes=desired_pool_sizes,
-                     registration_cidrs=auth.registration_cidrs, migration=migration), server)
+                     registration_cidrs=auth.registration_cidrs, migration=migration, records=records), server)
     picker_pb2_grpc.add_PickerServicer_to_server(  # type: ignore[no-untyped-call]  # generated grpc module, unannotated
         PickerService(registry, decide, tenant_for_api_key=tenant_for_api_key,
                       resolve_tier=resolve_tier), server)

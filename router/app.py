@@ -49,7 +49,7 @@ from router.state import InstanceRecord, StateStore
 from router.tenants import AuthError, RetryBudget, Tenant, TenantTable
 from router.tiers import build_tier_resolver
 from router.validation import BadRequest, max_context_tokens, validate
-from router.workload_recorder import WorkloadRecorder
+from router.workload_recorder import UsageMeter, WorkloadRecorder
 from scheduler.tiers import TierChoice
 from scheduler.types import NoInstanceAvailable, RequestInfo
 
@@ -127,7 +127,8 @@ class Router:
                                               token=config.worker_token, metrics=self.metrics)
         self.discoveries: list[Any] = []
         self.control_server: Any = None
-        self.ranker = _build_ranker(config)  # router.rank: predicted_rank, rank priority, rank log
+        self.ranker = _build_ranker(config)  # router.rank: predicted_rank, rank priority, its features
+        self.records = _build_records(config, self.metrics)  # router.records: one line per request; None: off
         self._ids = itertools.count(1)
         self._id_prefix = f"ty-{os.getpid():x}-{int(time.time()) & 0xffffff:x}-"
         # Every replica records the workload it serves, for the control plane's planner.
@@ -175,7 +176,7 @@ class Router:
                 registry=self.registry, store=self.store, decide=self.decide_for_picker,
                 registration=registration, slo_classes=self.config.slo_classes,
                 dispatch_policies=sorted(self.dispatcher.policies), tenant_for_api_key=self._tenant_for_pick,
-                auth=self.config.control_auth, migration=self.migration,
+                auth=self.config.control_auth, migration=self.migration, records=self.records,
                 resolve_tier=self.resolve_tier_for_picker if self.tiers is not None else None)
             if self.config.control_auth.reviewer is not None:
                 from router.token_review import TokenReviewCollector
@@ -273,6 +274,8 @@ class Router:
         await self.load.stop()
         if self.ranker is not None:
             self.ranker.close()
+        if self.records is not None:
+            await asyncio.to_thread(self.records.close)  # writes what is queued
         for task in list(self._background):
             task.cancel()
         for task in list(self._background):
@@ -525,6 +528,8 @@ class Router:
             if refusal is not None:
                 self._counted_at_hold.discard(info.request_id)
                 await self._refuse(send, refusal, tenant, model, rid_header)
+                if self.records is not None:
+                    self.records.refused(self, info, tenant, started_s, body, stream, refusal.status, refusal.message)
                 return
         try:
             t0 = time.perf_counter()
@@ -534,7 +539,9 @@ class Router:
             if self.admission is not None:
                 self.admission.unreserve(reserved)
             self._counted_at_hold.discard(info.request_id)
-            await self._refuse_unplaceable(send, exc, info, tenant, chat, rid_header)
+            status = await self._refuse_unplaceable(send, exc, info, tenant, chat, rid_header)
+            if self.records is not None:
+                self.records.refused(self, info, tenant, started_s, body, stream, status, f"no instance: {exc}")
             return
         if decision.explanation is not None:
             explained = orjson.dumps(decision.explanation.to_dict())
@@ -558,7 +565,8 @@ class Router:
                 self.registry.inflight_finished(held)
                 held = None
 
-        meter = self.workload.meter(send) if self.workload is not None else None
+        meter = self._meter(send)
+        client_left = False
         try:
             forward = asyncio.ensure_future(self._forward(
                 meter or send, receive, path, upstream_body, headers, stream, info, policy, decision, tenant, budget,
@@ -567,6 +575,7 @@ class Router:
             if not await _unless_client_leaves(forward, receive, gone):
                 # The client left: the attempt was cancelled, which closed the engine
                 # connection, and the engine cancels the request (both modes).
+                client_left = True
                 self.metrics.request_done(tenant.name, info.model, CLIENT_GONE_STATUS)
         finally:
             hand_over()  # cancelled before it started
@@ -575,6 +584,8 @@ class Router:
                 self._counted_at_hold.discard(info.request_id)  # counted as demand when it was held
             elif meter is not None and self.workload is not None:
                 self.workload.finished(info.model, tenant.slo_class, info.input_tokens, meter)
+            if meter is not None and self.records is not None:  # the one hook of the request records
+                self.records.answered(self, info, tenant, meter, started_s, body, stream, client_left)
             if self.admission is not None:
                 self.admission.release()  # capacity freed: held requests may go
 
@@ -586,6 +597,17 @@ class Router:
         if len(self._counted_at_hold) < 65536:  # bounded by the admission queue's depth anyway
             self.workload.record(info.model, info.slo_class, info.input_tokens, info.max_output_tokens or 1)
             self._counted_at_hold.add(info.request_id)
+    def _meter(self, send: Send) -> UsageMeter | None:
+        """The `send` that meters the answer for the workload histogram and the records."""
+        if self.workload is None and self.records is None:
+            return None
+        if self.records is None:
+            return UsageMeter(send)
+        return UsageMeter(send, detail=True, inflight_of=self._router_inflight)
+
+    def _router_inflight(self, instance_id: str) -> int | None:
+        found = self.registry.find(instance_id)
+        return None if found is None else found[1].router_inflight
 
     async def _refuse(self, send: Send, refusal: Any, tenant: Tenant, model: str,
                       rid_header: list[tuple[bytes, bytes]]) -> None:
@@ -600,8 +622,9 @@ class Router:
         await self._send_json(send, refusal.status, error_body(refusal.status, refusal.message, code=code), headers)
 
     async def _refuse_unplaceable(self, send: Send, exc: NoInstanceAvailable, info: RequestInfo, tenant: Tenant,
-                                  chat: bool, rid_header: list[tuple[bytes, bytes]]) -> None:
-        """No instance took the request: 400 when it can never fit any, else a retryable 503."""
+                                  chat: bool, rid_header: list[tuple[bytes, bytes]]) -> int:
+        """No instance took the request: 400 when it can never fit any, else a retryable 503
+        (the status sent)."""
         capacity = max_context_tokens(self.dispatcher.candidates(info.model))
         if capacity is not None and info.input_tokens > capacity:
             self.metrics.request_done(tenant.name, info.model, 400)
@@ -609,10 +632,11 @@ class Router:
                 400, f"This model's maximum context length is {capacity} tokens. However, your prompt has "
                      f"about {info.input_tokens} tokens. Please reduce the length of the prompt.",
                 param="messages" if chat else "prompt", code="context_length_exceeded"), rid_header)
-            return
+            return 400
         self.metrics.request_done(tenant.name, info.model, 503)
         await self._send_json(send, 503, error_body(503, f"no instance can serve this request: {exc}",
                                                     code="no_instance_available"), rid_header)
+        return 503
 
     def _budget(self, tenant: Tenant, info: RequestInfo, started_s: float, first_byte_s: float) -> _Budget:
         """One deadline from admission to the last byte, whatever the engine does, and the
@@ -761,8 +785,6 @@ class Router:
                 *rid_header, instance_header]})
             await send({"type": "http.response.body", "body": body})
             self.metrics.request_done(tenant.name, info.model, response.status)
-            if self.ranker is not None:
-                self.ranker.finished(info, body if response.status == 200 else None)
             return None
         await self._relay(send, response, first, instance_id, budget, [*rid_header, instance_header])
         self.metrics.request_done(tenant.name, info.model, 200)
@@ -860,7 +882,20 @@ def _build_ranker(config: RouterConfig) -> Any:
         return None
     from router.rank import RequestRanker
 
-    return RequestRanker(config.rank)
+    return RequestRanker(config.rank, keep_features=config.records is not None)
+
+
+def _build_records(config: RouterConfig, metrics: RouterMetrics) -> Any:
+    """The request records when the config has a `records` section (router.records)."""
+    if config.records is None:
+        return None
+    from router.records import RequestRecords
+
+    def slo_targets_s(slo_class: str) -> tuple[float, float]:
+        slo = config.slo_classes.get(slo_class)
+        return (float("inf"), float("inf")) if slo is None else (slo.ttft_slo_ms / 1000, slo.tpot_slo_ms / 1000)
+
+    return RequestRecords(config.records, metrics.registry, slo_targets_s=slo_targets_s)
 
 
 class _Budget:

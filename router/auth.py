@@ -81,6 +81,7 @@ METHOD_ROLES: dict[str, str] = {
     "/tokenyard.v1.Admin/CordonInstance": "operator",
     "/tokenyard.v1.Admin/TriggerMigration": "operator",
     "/tokenyard.v1.Admin/GetPlan": "viewer",
+    "/tokenyard.v1.Admin/RecentRecords": "viewer",  # router/records_admin.py
 }
 
 #: The principal of the call being served (set by AuthInterceptor; None outside a call).
@@ -373,10 +374,22 @@ class _BearerClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: i
         return await continuation(details, request)
 
 
+class _BearerStreamClientInterceptor(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    """Server-streaming calls (Admin RecentRecords) carry the token too (grpc.aio files an
+    interceptor under one kind only, so this is a class of its own)."""
+
+    def __init__(self, token: str) -> None:
+        self._metadata = ("authorization", f"Bearer {token}")
+
+    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        metadata = list(client_call_details.metadata or ()) + [self._metadata]
+        return await continuation(client_call_details._replace(metadata=metadata), request)
+
+
 def control_channel(address: str, token: str, *, ca_file: str | None = None,
                     server_name: str | None = None) -> grpc.aio.Channel:
     """A channel to the control server that sends `token` with every call (TLS with `ca_file`)."""
-    interceptors = [_BearerClientInterceptor(token)]
+    interceptors: list[Any] = [_BearerClientInterceptor(token), _BearerStreamClientInterceptor(token)]
     if ca_file is None:
         return grpc.aio.insecure_channel(address, interceptors=interceptors)
     credentials = grpc.ssl_channel_credentials(root_certificates=Path(ca_file).read_bytes())

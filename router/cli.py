@@ -213,8 +213,11 @@ def _run_workers(config: Any, workers: int) -> int:
     import multiprocessing
     import signal
 
+    from router.records import per_worker
+
     context = multiprocessing.get_context("spawn")
-    procs = [context.Process(target=_worker_main, args=(config,), name=f"router-{i}")
+    # Each worker appends to (and rotates) a records file of its own; each reads all of them.
+    procs = [context.Process(target=_worker_main, args=(per_worker(config, i, workers),), name=f"router-{i}")
              for i in range(workers)]
     for proc in procs:
         proc.start()

@@ -41,6 +41,7 @@ document (an error if the document has one too).
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,11 +63,13 @@ from tokenyard.config import (
 DEFAULT_POLICY: dict[str, Any] = {"filters": ["model", "healthy", "not_draining", "not_cordoned"], "scorers": ["least_outstanding"]}
 TOP_KEYS = ("listen", "store", "control", "limits", "slo_classes", "tenants", "anonymous", "policies",
             "dispatch", "retries", "deadlines_ms", "health", "load", "discovery", "policy", "tiers", "rank",
-            "metrics")
+            "metrics", "records")
 # Keys of the older dialect that the policy document replaces.
 POLICY_KEYS = ("slo_classes", "policies", "dispatch")
 MAX_PORT = 65535
 REDIS_MAX_DB = 15  # Redis ships with `databases 16`
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -124,6 +127,7 @@ class RouterConfig:
     # tokenyard_router_plugin_seconds times every part of 1 decision in this many (0: none);
     # timing all of them cost ~8 us a decision (router/admission.py PluginMetrics).
     plugin_sample_every: int = 16
+    records: Any = None  # router.records.RecordsSettings: one JSON line per finished request; None = off
 
     def deadline_s(self, slo_class: str, stream: bool = True, max_output_tokens: int | None = None) -> float:
         """How long a request of this class may wait for its first byte.
@@ -425,6 +429,16 @@ def _parse_rest(cfg: RouterConfig, doc: dict[str, Any], source: str, classes: li
         from router.rank import parse_rank_section
 
         cfg.rank = parse_rank_section(doc["rank"], at("rank"))
+    from router.records import parse_records_section, rank_log_alias
+
+    cfg.records = parse_records_section(doc.get("records"), at("records"))
+    if cfg.rank is not None and cfg.rank.log_path is not None:
+        if cfg.records is not None:
+            raise ConfigError(at("rank.log"), "the rank log is now the request records: set only records.path "
+                                              "(records.include_prompt_text: true keeps the prompt text it logged)")
+        log.info("rank.log is an alias of the request records (records.path); see docs/ranking.md",
+                 extra={"path": cfg.rank.log_path})
+        cfg.records = rank_log_alias(cfg.rank.log_path, cfg.rank.log_max_bytes)
 
 
 def default_store_url(state_dir: str | Path = ".tokenyard") -> str:

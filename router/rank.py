@@ -8,21 +8,23 @@ Config (router YAML, all optional; no `rank` section = the ranker is off):
 
     rank:
       model: path/to/model.json.gz       # default: the ranker shipped in the package
-      log: /var/lib/tokenyard/rank.jsonl  # finished requests (features, output tokens)
-      log_max_bytes: 104857600            # then it rotates to <log>.1 (one old file kept)
 
 Scoring costs ~0.1-0.5 ms (bench/ranking.py --predictor), more than the ~100 us a request
 may hold the event loop, so it runs on one worker thread (`annotate`); the request waits
 for it, other requests do not.
 
-The retraining loop: the router appends one JSON line per finished non-streaming request
-(streamed answers are not logged yet: their token count is not read from the stream) to `log`:
-`{"feature_spec", "dense", "instruction_text", "model", "output_tokens"}`; then
+The retraining loop (docs/ranking.md): with the request records on (`records:` section,
+router/records.py), every finished request, streamed or not, is written with its output
+tokens and the ranker's features (`feature_spec`, `dense`; `instruction_text` only with
+`records.include_prompt_text`); then
 
-    tokenyard train rank --data ../shared/data --data /var/lib/tokenyard/rank.jsonl --out new.json.gz
+    tokenyard train rank --data ../shared/data --data /var/lib/tokenyard/records.jsonl --out new.json.gz
 
 and point `rank.model` at the new file (a router restart loads it). Lines logged under
 another feature spec are refused with a message naming both versions.
+
+`rank.log` / `rank.log_max_bytes` of older configs are an alias of `records: {path,
+max_bytes, include_prompt_text: true}` (router/config.py; both at once is an error).
 """
 
 from __future__ import annotations
@@ -32,16 +34,13 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from scheduler.predictors.features import FEATURE_SPEC_VERSION, RequestFeatures, request_features
+from scheduler.predictors.features import RequestFeatures, request_features
 from scheduler.predictors.rank import RankModel, load_rank_model
 from scheduler.types import RequestInfo
 from tokenyard.config import ConfigError
@@ -99,44 +98,13 @@ def completion_tokens(body: bytes) -> int | None:
     return tokens if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0 else None
 
 
-class RankLog:
-    """Appends finished requests' (features, output tokens) as JSON lines, rotating once
-    at `max_bytes`. Writes happen on the ranker's worker thread, never on the event loop."""
-
-    def __init__(self, path: str | Path, max_bytes: int = DEFAULT_LOG_MAX_BYTES) -> None:
-        self.path = Path(path)
-        self.max_bytes = max_bytes
-        self._lock = threading.Lock()
-        self.written = 0
-
-    def line(self, features: RequestFeatures, model: str, output_tokens: int) -> str:
-        return json.dumps({
-            "feature_spec": FEATURE_SPEC_VERSION, "dense": list(features.dense),
-            "instruction_text": features.instruction_text, "model": model, "output_tokens": output_tokens,
-        }, separators=(",", ":")) + "\n"
-
-    def append(self, features: RequestFeatures, model: str, output_tokens: int) -> None:
-        data = self.line(features, model, output_tokens).encode()
-        with self._lock:
-            try:
-                if self.path.exists() and self.path.stat().st_size + len(data) > self.max_bytes:
-                    os.replace(self.path, self.path.with_name(self.path.name + ".1"))
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-                try:
-                    os.write(fd, data)
-                finally:
-                    os.close(fd)
-                self.written += 1
-            except OSError as exc:  # the log is best effort: serving never fails for it
-                log.warning("cannot write the rank log", extra={"path": str(self.path), "error": str(exc)})
-
-
 class RequestRanker:
-    """Scores requests once each (on a worker thread) and logs them when they finish."""
+    """Scores requests once each (on a worker thread); keeps their features until they
+    finish when the request records take them."""
 
-    def __init__(self, settings: RankSettings, model: RankModel | None = None) -> None:
+    def __init__(self, settings: RankSettings, model: RankModel | None = None, *, keep_features: bool = False) -> None:
         self.model = model if model is not None else load_rank_model(settings.model_path)
-        self.log = RankLog(settings.log_path, settings.log_max_bytes) if settings.log_path else None
+        self.keep_features = keep_features  # the request records want them (router/records.py)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenyard-rank")
         # request id -> features, for the log; bounded (the oldest go: a request that failed
         # never reports its finish)
@@ -158,21 +126,15 @@ class RequestRanker:
         except Exception as exc:  # a ranker bug must not fail the request
             log.warning("rank scoring failed", extra={"request_id": info.request_id, "error": str(exc)})
             return info
-        if self.log is not None and body.get("stream") is not True:
+        if self.keep_features:
             self._features[info.request_id] = features
             if len(self._features) > _PENDING_MAX:
                 self._features.popitem(last=False)
         return dataclasses.replace(info, predicted_rank=rank)
 
-
-    def finished(self, info: RequestInfo, response_body: bytes | None) -> None:
-        """Log a finished request (its output tokens from the response's `usage`)."""
-        features = self._features.pop(info.request_id, None)
-        if features is None or self.log is None or response_body is None:
-            return
-        tokens = completion_tokens(response_body)
-        if tokens is not None:
-            self._executor.submit(self.log.append, features, info.model, tokens)
+    def take_features(self, request_id: str) -> RequestFeatures | None:
+        """The features of a finished request (for its record), forgotten here."""
+        return self._features.pop(request_id, None)
 
     def forget(self, info: RequestInfo) -> None:
         self._features.pop(info.request_id, None)

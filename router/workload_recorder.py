@@ -49,6 +49,8 @@ DEFAULT_OUTPUT_EDGES = (0, 64, 256, 1024)
 TAIL_BYTES = 2048  # the usage object is ~100 bytes; vLLM writes it last
 _PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 _COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+# A chat delta's or a completion choice's non-empty text: one per content event of a stream.
+_CONTENT = re.compile(rb'"(?:content|text)"\s*:\s*"(?!")')
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
@@ -56,16 +58,28 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 class UsageMeter:
     """An ASGI `send` that passes every message on and remembers the status, the number
     of SSE events and the last two body chunks (references, no copy: the `usage` object
-    sits in the last one or two)."""
+    sits in the last one or two). For the request records (router/records.py), with
+    `detail=True`, also the first body chunk and when it went out, the instance that
+    answered (the `x-tokenyard-instance` header) and the router's in-flight count on it
+    then (`inflight_of`): what `output_tokens` reads a stream's token count from when it
+    has no `usage`."""
 
-    __slots__ = ("_send", "status", "_prev", "_last", "events")
+    __slots__ = ("_send", "status", "_prev", "_last", "events", "detail", "first_body_s", "_first", "instance",
+                 "inflight", "inflight_of")
 
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, *, detail: bool = False,
+                 inflight_of: Callable[[str], int | None] | None = None) -> None:
         self._send = send
         self.status = 0
         self._prev = b""
         self._last = b""
+        self._first = b""
         self.events = 0
+        self.detail = detail
+        self.first_body_s: float | None = None
+        self.instance: str | None = None
+        self.inflight: int | None = None
+        self.inflight_of = inflight_of
 
     def __call__(self, message: MutableMapping[str, Any]) -> Awaitable[None]:
         # Not a coroutine itself: it returns the wrapped send's awaitable, so a relayed
@@ -74,9 +88,22 @@ class UsageMeter:
         if body:
             self.events += body.count(b"data: ")
             self._prev, self._last = self._last, body
+            if self.detail and self.first_body_s is None:
+                self.first_body_s = time.monotonic()
+                self._first = body
         elif message.get("type") == "http.response.start":
             self.status = int(message.get("status", 0))
+            if self.detail:
+                self._started(message.get("headers") or ())
         return self._send(message)
+
+    def _started(self, headers: Any) -> None:
+        for name, value in headers:
+            if name == b"x-tokenyard-instance":
+                self.instance = value.decode("latin-1")
+                if self.inflight_of is not None:
+                    self.inflight = self.inflight_of(self.instance)
+                return
 
     @property
     def tail(self) -> bytes:
@@ -95,6 +122,41 @@ class UsageMeter:
         if self.events:
             return None, max(0, self.events - tail.count(b"[DONE]"))
         return None, None
+
+    def output_tokens(self) -> tuple[int | None, str]:
+        """(output tokens, "usage" | "events" | "none"): from the `usage` block; else, for a
+        stream, its SSE events less those without text. Events without text (the chat role
+        chunk, a closing finish_reason chunk, `[DONE]`) lead or trail, so only the first
+        chunk's leading events and the last two chunks' trailing ones are parsed, once, here,
+        up to the first with text: a few regex searches per stream, however long (sends
+        often carry many events each), and nothing per chunk (`detail` only)."""
+        completion = _COMPLETION.findall(self.tail)
+        if completion:
+            return int(completion[-1]), "usage"
+        if not self.events or not self.detail:
+            return None, "none"
+        first = _data_events(self._first)
+        leading = next((i for i, event in enumerate(first) if _CONTENT.search(event)), None)
+        if leading is None:  # no text in the first chunk: all of it is text-less
+            empty, trailing_from = len(first), [self._last, self._prev]
+            trailing_from = [c for c in trailing_from if c is not self._first]
+        else:
+            empty, trailing_from = leading, [self._last, self._prev]
+        seen: list[bytes] = []
+        for chunk in trailing_from:
+            if not chunk or any(chunk is other for other in seen):
+                continue
+            seen.append(chunk)
+            events = _data_events(chunk)
+            text_at = next((i for i in range(len(events) - 1, -1, -1) if _CONTENT.search(events[i])), None)
+            empty += len(events) - 1 - text_at if text_at is not None else len(events)
+            if text_at is not None:
+                break
+        return max(0, self.events - empty), "events"
+
+
+def _data_events(chunk: bytes) -> list[bytes]:
+    return [e for e in bytes(chunk).split(b"\n\n") if e.startswith(b"data: ")] if chunk else []
 
 
 def _last_match(pattern: re.Pattern[bytes], key: bytes, tail: bytes) -> int | None:

@@ -115,8 +115,10 @@ async def test_apply_diff_history_rollback(plane: Plane, capsys: pytest.CaptureF
     code, out, _ = await cli(capsys, "policy", "diff", "-f", second)
     assert code == EXIT_DIFFERS and "-slo_class: interactive" in out and "+slo_class: batch" in out
     assert (await cli(capsys, "policy", "diff", "-f", first))[0] == 0
-    code, out, _ = await cli(capsys, "policy", "apply", "-f", second, "--dry-run=server")
-    assert code == 0 and "nothing stored" in out and "--trace FILE" in out
+    code, out, err = await cli(capsys, "policy", "apply", "-f", second, "--dry-run=server")
+    # This control plane keeps no request records: nothing to replay, and it says how to get some.
+    assert code == EXIT_INVALID and "+slo_class: batch" in out
+    assert "keeps no request records" in err and "--trace FILE" in err
     trace = Path(__file__).resolve().parents[1] / "sim" / "examples" / "traces" / "burstgpt_head.csv"
     code, out, _ = await cli(capsys, "policy", "apply", "-f", second, "--dry-run=server", "--trace", str(trace))
     assert code == 0 and "slo_attainment    current 1.0000" in out and "cost_usd" in out

@@ -147,7 +147,10 @@ def test_contract_shape() -> None:
         "RemovePolicy", "CreateApiKey", "RotateApiKey", "RevokeApiKey", "ListApiKeys",
         # cordon, an operator's migration, the plan
         "CordonInstance", "TriggerMigration", "GetPlan",
+        "RecentRecords",  # request records (router/records_admin.py)
     }
+    recent = admin.methods_by_name["RecentRecords"]
+    assert recent.server_streaming and not recent.client_streaming and recent.output_type.name == "RecordsChunk"
     # Round trip through the wire format keeps every load field.
     snapshot = worker_pb2.LoadSnapshot(
         instance_id="a", sequence=7, running=3, waiting=2, kv_blocks_used=40, kv_blocks_total=100,

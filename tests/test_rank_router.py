@@ -1,5 +1,6 @@
 """The router's ranker: predicted_rank per request, the rank priority forwarded to engines
-over real HTTP, and the finished-request log that retraining reads."""
+over real HTTP, and its features in the request records that retraining reads (`rank.log`
+is an alias of the records; tests/test_records.py tests the records themselves)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import pytest
 
 from learn.rank_data import load_examples
 from router.config import parse_router_config
-from router.rank import RankLog, RankSettings, RequestRanker, completion_tokens
-from scheduler.predictors.features import FEATURE_SPEC_VERSION, request_features
+from router.rank import RankSettings, RequestRanker, completion_tokens
+from router.records import RecordsSettings
+from scheduler.predictors.features import FEATURE_SPEC_VERSION
 from scheduler.queueing import build_queue_policy
 from scheduler.rank_queue import CLASS_STRIDE
 from scheduler.types import RequestInfo
@@ -38,20 +40,16 @@ def test_completion_tokens_from_bodies_and_events() -> None:
     assert completion_tokens(b'{"usage": {"completion_tokens": "many"}}') is None
 
 
-def test_rank_log_appends_and_rotates(tmp_path: Path) -> None:
-    path = tmp_path / "rank.jsonl"
-    log = RankLog(path, max_bytes=4096)
-    feats = request_features({"prompt": "Write a poem about the sea", "model": "m"})
-    for _ in range(40):
-        log.append(feats, "m", 12)
-    assert path.exists() and (tmp_path / "rank.jsonl.1").exists()
-    assert path.stat().st_size <= 4096
-    examples, _ = load_examples([path])
-    assert examples and all(e.output_tokens == 12 and e.features == feats for e in examples)
+def test_rank_log_is_an_alias_of_the_records(tmp_path: Path) -> None:
+    cfg = parse_router_config({"rank": {"log": str(tmp_path / "rank.jsonl"), "log_max_bytes": 8192}}, "r.yaml")
+    assert cfg.records == RecordsSettings(str(tmp_path / "rank.jsonl"), max_bytes=8192, keep_files=1,
+                                          include_prompt_text=True)
+    with pytest.raises(ConfigError, match="rank.log.*set only records.path"):
+        parse_router_config({"rank": {"log": "a.jsonl"}, "records": {"path": "b.jsonl"}}, "r.yaml")
 
 
-async def test_annotate_sets_the_rank_off_the_loop_and_logs_the_finish(tmp_path: Path) -> None:
-    ranker = RequestRanker(RankSettings(log_path=str(tmp_path / "log.jsonl")))
+async def test_annotate_sets_the_rank_off_the_loop_and_keeps_the_features(tmp_path: Path) -> None:
+    ranker = RequestRanker(RankSettings(), keep_features=True)
     engine_priority = build_queue_policy({"learned_rank": {"max_wait_s": 30}})
     try:
         body = {"model": "llama-3-8b", "messages": [{"role": "user", "content": "Write a long essay on tides."}]}
@@ -60,11 +58,11 @@ async def test_annotate_sets_the_rank_off_the_loop_and_logs_the_finish(tmp_path:
         assert ranked.predicted_rank is not None and ranked.predicted_rank > 0
         prio = engine_priority.priority(ranked, None, 100.0)  # what the document's engine_priority gives
         assert prio is not None and CLASS_STRIDE <= prio < 2 * CLASS_STRIDE  # unknown class -> 1
-        ranker.finished(ranked, b'{"usage": {"completion_tokens": 321}}')
+        features = ranker.take_features("r1")
+        assert features is not None and features.instruction_text == "Write a long essay on tides."
+        assert ranker.take_features("r1") is None  # taken once: the pending table stays bounded
     finally:
         ranker.close()
-    line = json.loads((tmp_path / "log.jsonl").read_text())
-    assert line["output_tokens"] == 321 and line["model"] == "llama-3-8b" and line["feature_spec"] == FEATURE_SPEC_VERSION
 
 
 async def test_router_forwards_the_rank_priority_and_logs_finished_requests(tmp_path: Path) -> None:
@@ -85,4 +83,6 @@ async def test_router_forwards_the_rank_priority_and_logs_finished_requests(tmp_
     assert priorities[0] > priorities[1]  # the long story goes after the one-word answer
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["output_tokens"] for r in rows] == [2000, 2000]  # the fake engine writes max_tokens
-    assert rows[0]["instruction_text"] == prompts[0]
+    assert rows[0]["instruction_text"] == prompts[0] and rows[0]["feature_spec"] == FEATURE_SPEC_VERSION
+    examples, _ = load_examples([log])
+    assert [e.output_tokens for e in examples] == [2000, 2000]
