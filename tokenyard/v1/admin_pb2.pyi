@@ -170,7 +170,7 @@ class ListInstancesRequest(_message.Message):
     def __init__(self, pool: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
 class InstanceInfo(_message.Message):
-    __slots__ = ("registration", "source", "healthy", "draining", "running", "waiting", "kv_blocks_used", "kv_blocks_total", "router_inflight", "load_updated_unix_ms", "lease_expires_unix_ms")
+    __slots__ = ("registration", "source", "healthy", "draining", "running", "waiting", "kv_blocks_used", "kv_blocks_total", "router_inflight", "load_updated_unix_ms", "lease_expires_unix_ms", "cordon")
     REGISTRATION_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +182,7 @@ class InstanceInfo(_message.Message):
     ROUTER_INFLIGHT_FIELD_NUMBER: _ClassVar[int]
     LOAD_UPDATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    CORDON_FIELD_NUMBER: _ClassVar[int]
     registration: InstanceRegistration
     source: str
     healthy: bool
@@ -193,7 +194,8 @@ class InstanceInfo(_message.Message):
     router_inflight: int
     load_updated_unix_ms: int
     lease_expires_unix_ms: int
-    def __init__(self, registration: _Optional[_Union[InstanceRegistration, _Mapping]] = ..., source: _Optional[str] = ..., healthy: _Optional[bool] = ..., draining: _Optional[bool] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., router_inflight: _Optional[int] = ..., load_updated_unix_ms: _Optional[int] = ..., lease_expires_unix_ms: _Optional[int] = ...) -> None: ...
+    cordon: CordonInfo
+    def __init__(self, registration: _Optional[_Union[InstanceRegistration, _Mapping]] = ..., source: _Optional[str] = ..., healthy: _Optional[bool] = ..., draining: _Optional[bool] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., router_inflight: _Optional[int] = ..., load_updated_unix_ms: _Optional[int] = ..., lease_expires_unix_ms: _Optional[int] = ..., cordon: _Optional[_Union[CordonInfo, _Mapping]] = ...) -> None: ...
 
 class ListInstancesResponse(_message.Message):
     __slots__ = ("instances",)
@@ -352,6 +354,145 @@ class ListApiKeysResponse(_message.Message):
     KEYS_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedCompositeFieldContainer[ApiKeyInfo]
     def __init__(self, keys: _Optional[_Iterable[_Union[ApiKeyInfo, _Mapping]]] = ...) -> None: ...
+
+class CordonInfo(_message.Message):
+    __slots__ = ("by", "at_unix_ms", "reason")
+    BY_FIELD_NUMBER: _ClassVar[int]
+    AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    by: str
+    at_unix_ms: int
+    reason: str
+    def __init__(self, by: _Optional[str] = ..., at_unix_ms: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class CordonInstanceRequest(_message.Message):
+    __slots__ = ("instance_id", "cordoned", "reason")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    CORDONED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    cordoned: bool
+    reason: str
+    def __init__(self, instance_id: _Optional[str] = ..., cordoned: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class CordonInstanceResponse(_message.Message):
+    __slots__ = ("instance", "cordon", "changed")
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    CORDON_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    instance: InstanceInfo
+    cordon: CordonInfo
+    changed: bool
+    def __init__(self, instance: _Optional[_Union[InstanceInfo, _Mapping]] = ..., cordon: _Optional[_Union[CordonInfo, _Mapping]] = ..., changed: _Optional[bool] = ...) -> None: ...
+
+class TriggerMigrationRequest(_message.Message):
+    __slots__ = ("source_instance_id", "destination_instance_id", "request_id", "reason")
+    SOURCE_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    source_instance_id: str
+    destination_instance_id: str
+    request_id: str
+    reason: str
+    def __init__(self, source_instance_id: _Optional[str] = ..., destination_instance_id: _Optional[str] = ..., request_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class TriggerMigrationResponse(_message.Message):
+    __slots__ = ("migration_id", "request_id", "source_instance_id", "destination_instance_id", "committed", "state", "error", "error_message", "blocks_copied", "suspended_us", "duration_ms")
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_COPIED_FIELD_NUMBER: _ClassVar[int]
+    SUSPENDED_US_FIELD_NUMBER: _ClassVar[int]
+    DURATION_MS_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    request_id: str
+    source_instance_id: str
+    destination_instance_id: str
+    committed: bool
+    state: str
+    error: str
+    error_message: str
+    blocks_copied: int
+    suspended_us: int
+    duration_ms: float
+    def __init__(self, migration_id: _Optional[str] = ..., request_id: _Optional[str] = ..., source_instance_id: _Optional[str] = ..., destination_instance_id: _Optional[str] = ..., committed: _Optional[bool] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., error_message: _Optional[str] = ..., blocks_copied: _Optional[int] = ..., suspended_us: _Optional[int] = ..., duration_ms: _Optional[float] = ...) -> None: ...
+
+class GetPlanRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PlanPool(_message.Message):
+    __slots__ = ("name", "gpu", "tensor_parallel", "replicas_current", "replicas_target", "planned_instances", "usd_per_hour", "load_instances", "draining")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    GPU_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_CURRENT_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_TARGET_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    USD_PER_HOUR_FIELD_NUMBER: _ClassVar[int]
+    LOAD_INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    gpu: str
+    tensor_parallel: int
+    replicas_current: int
+    replicas_target: int
+    planned_instances: int
+    usd_per_hour: float
+    load_instances: float
+    draining: int
+    def __init__(self, name: _Optional[str] = ..., gpu: _Optional[str] = ..., tensor_parallel: _Optional[int] = ..., replicas_current: _Optional[int] = ..., replicas_target: _Optional[int] = ..., planned_instances: _Optional[int] = ..., usd_per_hour: _Optional[float] = ..., load_instances: _Optional[float] = ..., draining: _Optional[int] = ...) -> None: ...
+
+class PlanRoute(_message.Message):
+    __slots__ = ("slo_class", "input_lo", "input_hi", "output_lo", "output_hi", "rate_rps", "pool_shares")
+    class PoolSharesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    SLO_CLASS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_LO_FIELD_NUMBER: _ClassVar[int]
+    INPUT_HI_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_LO_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_HI_FIELD_NUMBER: _ClassVar[int]
+    RATE_RPS_FIELD_NUMBER: _ClassVar[int]
+    POOL_SHARES_FIELD_NUMBER: _ClassVar[int]
+    slo_class: str
+    input_lo: int
+    input_hi: int
+    output_lo: int
+    output_hi: int
+    rate_rps: float
+    pool_shares: _containers.ScalarMap[str, float]
+    def __init__(self, slo_class: _Optional[str] = ..., input_lo: _Optional[int] = ..., input_hi: _Optional[int] = ..., output_lo: _Optional[int] = ..., output_hi: _Optional[int] = ..., rate_rps: _Optional[float] = ..., pool_shares: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class PlanStatus(_message.Message):
+    __slots__ = ("pools", "routes", "usd_per_hour", "solved_unix_ms", "updated_unix_ms", "leader", "solver", "solve_s")
+    POOLS_FIELD_NUMBER: _ClassVar[int]
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
+    USD_PER_HOUR_FIELD_NUMBER: _ClassVar[int]
+    SOLVED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    SOLVER_FIELD_NUMBER: _ClassVar[int]
+    SOLVE_S_FIELD_NUMBER: _ClassVar[int]
+    pools: _containers.RepeatedCompositeFieldContainer[PlanPool]
+    routes: _containers.RepeatedCompositeFieldContainer[PlanRoute]
+    usd_per_hour: float
+    solved_unix_ms: int
+    updated_unix_ms: int
+    leader: str
+    solver: str
+    solve_s: float
+    def __init__(self, pools: _Optional[_Iterable[_Union[PlanPool, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[PlanRoute, _Mapping]]] = ..., usd_per_hour: _Optional[float] = ..., solved_unix_ms: _Optional[int] = ..., updated_unix_ms: _Optional[int] = ..., leader: _Optional[str] = ..., solver: _Optional[str] = ..., solve_s: _Optional[float] = ...) -> None: ...
 
 class RecentRecordsRequest(_message.Message):
     __slots__ = ("window_s", "max_records", "max_bytes")

@@ -135,6 +135,21 @@ class AdminStub:
                 request_serializer=tokenyard_dot_v1_dot_admin__pb2.ListApiKeysRequest.SerializeToString,
                 response_deserializer=tokenyard_dot_v1_dot_admin__pb2.ListApiKeysResponse.FromString,
                 _registered_method=True)
+        self.CordonInstance = channel.unary_unary(
+                '/tokenyard.v1.Admin/CordonInstance',
+                request_serializer=tokenyard_dot_v1_dot_admin__pb2.CordonInstanceRequest.SerializeToString,
+                response_deserializer=tokenyard_dot_v1_dot_admin__pb2.CordonInstanceResponse.FromString,
+                _registered_method=True)
+        self.TriggerMigration = channel.unary_unary(
+                '/tokenyard.v1.Admin/TriggerMigration',
+                request_serializer=tokenyard_dot_v1_dot_admin__pb2.TriggerMigrationRequest.SerializeToString,
+                response_deserializer=tokenyard_dot_v1_dot_admin__pb2.TriggerMigrationResponse.FromString,
+                _registered_method=True)
+        self.GetPlan = channel.unary_unary(
+                '/tokenyard.v1.Admin/GetPlan',
+                request_serializer=tokenyard_dot_v1_dot_admin__pb2.GetPlanRequest.SerializeToString,
+                response_deserializer=tokenyard_dot_v1_dot_admin__pb2.PlanStatus.FromString,
+                _registered_method=True)
         self.RecentRecords = channel.unary_stream(
                 '/tokenyard.v1.Admin/RecentRecords',
                 request_serializer=tokenyard_dot_v1_dot_admin__pb2.RecentRecordsRequest.SerializeToString,
@@ -300,11 +315,40 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def RecentRecords(self, request, context):
-        """---- request records (router/records.py): what this router replica served lately,
-        for `tokenyard policy apply --dry-run=server` to replay in the simulator. Viewer role.
+    def CordonInstance(self, request, context):
+        """---- cordon, an operator's migration, the control plane's plan (docs/admin.md)
 
-        The records of the requests that arrived in the last `window_s` seconds, in the
+        Cordon an instance (no new requests and no migrations in; running requests stay,
+        nothing is moved away, and no scale-down counts it) or uncordon it. Kept in the store
+        with who, when and why, so every replica follows within a second. INVALID_ARGUMENT
+        without a reason; NOT_FOUND for an unknown instance.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TriggerMigration(self, request, context):
+        """Move one running request now, through the router's migration loop, and answer when
+        the move has ended (committed or aborted). FAILED_PRECONDITION when migration is off in
+        the policy document, an instance has no Worker address, or one is in a move already;
+        NOT_FOUND for an unknown instance or request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPlan(self, request, context):
+        """The latest plan the control plane's leader wrote to the store. NOT_FOUND when there
+        is none (no control plane runs over this store, or it has not ticked yet).
+        ---- request records (router/records.py): what this router replica served lately,
+        for `tokenyard policy apply --dry-run=server` to replay in the simulator. Viewer role.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecentRecords(self, request, context):
+        """The records of the requests that arrived in the last `window_s` seconds, in the
         order written, in chunks of at most ~1 MiB; the newest kept when a limit cuts.
         FAILED_PRECONDITION when this router keeps no records (no `records:` section).
         """
@@ -414,6 +458,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListApiKeys,
                     request_deserializer=tokenyard_dot_v1_dot_admin__pb2.ListApiKeysRequest.FromString,
                     response_serializer=tokenyard_dot_v1_dot_admin__pb2.ListApiKeysResponse.SerializeToString,
+            ),
+            'CordonInstance': grpc.unary_unary_rpc_method_handler(
+                    servicer.CordonInstance,
+                    request_deserializer=tokenyard_dot_v1_dot_admin__pb2.CordonInstanceRequest.FromString,
+                    response_serializer=tokenyard_dot_v1_dot_admin__pb2.CordonInstanceResponse.SerializeToString,
+            ),
+            'TriggerMigration': grpc.unary_unary_rpc_method_handler(
+                    servicer.TriggerMigration,
+                    request_deserializer=tokenyard_dot_v1_dot_admin__pb2.TriggerMigrationRequest.FromString,
+                    response_serializer=tokenyard_dot_v1_dot_admin__pb2.TriggerMigrationResponse.SerializeToString,
+            ),
+            'GetPlan': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPlan,
+                    request_deserializer=tokenyard_dot_v1_dot_admin__pb2.GetPlanRequest.FromString,
+                    response_serializer=tokenyard_dot_v1_dot_admin__pb2.PlanStatus.SerializeToString,
             ),
             'RecentRecords': grpc.unary_stream_rpc_method_handler(
                     servicer.RecentRecords,
@@ -962,6 +1021,87 @@ class Admin:
             '/tokenyard.v1.Admin/ListApiKeys',
             tokenyard_dot_v1_dot_admin__pb2.ListApiKeysRequest.SerializeToString,
             tokenyard_dot_v1_dot_admin__pb2.ListApiKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CordonInstance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenyard.v1.Admin/CordonInstance',
+            tokenyard_dot_v1_dot_admin__pb2.CordonInstanceRequest.SerializeToString,
+            tokenyard_dot_v1_dot_admin__pb2.CordonInstanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TriggerMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenyard.v1.Admin/TriggerMigration',
+            tokenyard_dot_v1_dot_admin__pb2.TriggerMigrationRequest.SerializeToString,
+            tokenyard_dot_v1_dot_admin__pb2.TriggerMigrationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPlan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenyard.v1.Admin/GetPlan',
+            tokenyard_dot_v1_dot_admin__pb2.GetPlanRequest.SerializeToString,
+            tokenyard_dot_v1_dot_admin__pb2.PlanStatus.FromString,
             options,
             channel_credentials,
             insecure,
