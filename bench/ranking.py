@@ -181,9 +181,9 @@ def predictor_cost(model_path: Path | None, samples: int) -> None:
     records = [{"messages": [{"role": "user", "content": t}], "model": "llama-3-8b", "max_tokens": 512} for t in texts]
 
     def library_path(record: dict[str, Any]) -> None:
+        row = model.design_matrix([record])[0]  # dense features, text layer, model prior
         model.booster.predict(np.column_stack([
-            np.array([model.design_matrix([record])[0, :-1]]),
-            model.text_scores([record["messages"][0]["content"]]),
+            np.array([row[:-2]]), model.text_scores([record["messages"][0]["content"]]), np.array([row[-1:]]),
         ]), num_threads=1)
 
     for record in records:
