@@ -204,11 +204,11 @@ def plot(doc: dict[str, Any], path: Path) -> None:
             x = np.arange(len(rows)) + k * width
             axes[0][col].bar(x, [r["mean_e2e_s"] for r in rows], width, label=name)
             axes[1][col].bar(x, [r["p99_ttft_s"] for r in rows], width, label=name)
-        for row, title in ((0, "mean E2E (s)"), (1, "p99 TTFT (s, log)")):
+        for row, title in ((0, "mean E2E (s, log)"), (1, "p99 TTFT (s, log)")):
             ax = axes[row][col]
             ax.set_xticks(np.arange(len(LOADS)) + 0.4 - width / 2, [f"{int(load * 100)}%" for load in LOADS])
             ax.set_title(f"{block['setup']}: {title}", fontsize=9)
-        axes[1][col].set_yscale("log")
+            ax.set_yscale("log")
     axes[0][0].legend(fontsize=7)
     fig.suptitle("Shortest-predicted-first vs FCFS, simulated llama-3-8b on A100 (bench/ranking_regimes.py)")
     fig.tight_layout()
@@ -228,7 +228,11 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img" / "ranking_regimes.png")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--replot", type=Path, default=None, help="redraw the plot from a --json file and exit")
     args = parser.parse_args()
+    if args.replot:
+        plot(json.loads(args.replot.read_text()), args.out)
+        return 0
     setups = [s for s in args.setups.split(",") if s]
     unknown = [s for s in setups if s not in SETUPS]
     if unknown:
