@@ -6,9 +6,13 @@ Pipeline (the model it builds is described in `scheduler.predictors.rank`):
    train and test), and a few models are held out entirely (`unseen_models`), evaluated on
    the held-out prompts only, so "unseen model" also means "unseen prompt";
 2. the text layer: ridge regression (scikit-learn) of model-demeaned ln(1 + output tokens)
-   on the hashed instruction n-grams, one row per distinct prompt; the booster is trained on
-   its out-of-fold predictions (5 folds by prompt), so it does not learn to trust an
-   in-sample fit;
+   on the sublinear TF-IDF of the hashed instruction n-grams (idf fit on the distinct
+   training prompts), one row per distinct prompt; the booster is trained on its
+   out-of-fold predictions (5 folds by prompt), so it does not learn to trust an in-sample
+   fit;
+2b. the model prior: each training model's mean ln(1 + output tokens) (models with at
+   least 20 answers); 20% of the models (a stable hash of the name) are hidden from it while
+   the booster trains, so the booster learns to rank requests to a model without a prior;
 3. the booster: LightGBM `lambdarank` over query groups of 64 (per model, plus mixed-model
    groups so that model cues matter too), labels = the within-group rank in 32 bins, linear
    gains; or the `regression` baseline (L2 on ln(1 + tokens));

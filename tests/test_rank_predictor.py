@@ -241,3 +241,15 @@ def test_model_prior_orders_a_verbose_model_after_a_terse_one() -> None:
     prompt = "Tell me about trains number 9000."
     terse, verbose, unknown = (model.score({"prompt": prompt, "model": m}) for m in (*models, "never-seen-3b"))
     assert verbose > terse + 1.0 and math.isfinite(unknown)
+
+
+def test_the_same_prompt_for_another_model_changes_only_model_features() -> None:
+    from learn.rank_data import _with_model
+
+    text = "Write a Python function that lists 10 ideas, in detail."
+    base = request_features({"prompt": text, "model": "gpt-4"})
+    other = _with_model(base, text, "Qwen/Qwen1.5-72B-Chat")
+    direct = request_features({"prompt": text, "model": "Qwen/Qwen1.5-72B-Chat"})
+    assert other.dense == direct.dense and other.model == direct.model == "qwen1.5-72b-chat"
+    changed = {n for n, a, b in zip(DENSE_FEATURE_NAMES, base.dense, other.dense, strict=True) if a != b}
+    assert changed and all(n.startswith("model_") for n in changed)

@@ -77,44 +77,46 @@ class HashedTextLayer:
     weight and an idf (a sparse table); an unseen bucket has weight 0 and `idf_unseen`, which
     still counts in the norm. Token -> index lookups are cached (bounded)."""
 
-    __slots__ = ("weights", "idf", "idf_unseen", "bias", "_index")
+    __slots__ = ("table", "idf_unseen", "bias", "_index")
 
     def __init__(self, weights: Mapping[int, float], idf: Mapping[int, float], idf_unseen: float, bias: float) -> None:
-        self.weights = dict(weights)
-        self.idf = dict(idf)
+        # one lookup per bucket: (weight, idf) together
+        self.table: dict[int, tuple[float, float]] = {i: (float(w), float(idf[i])) for i, w in weights.items()}
         self.idf_unseen = idf_unseen
         self.bias = bias
         self._index: dict[str, int] = {}
 
     def _index_of(self, gram: str) -> int:
-        index = self._index.get(gram)
-        if index is None:
-            from sklearn.utils import murmurhash3_32
+        from sklearn.utils import murmurhash3_32
 
-            index = abs(int(murmurhash3_32(gram, seed=0))) % HASH_N_FEATURES
-            if len(self._index) >= _INDEX_CACHE_MAX:
-                self._index.clear()
-            self._index[gram] = index
+        index = abs(int(murmurhash3_32(gram, seed=0))) % HASH_N_FEATURES
+        if len(self._index) >= _INDEX_CACHE_MAX:
+            self._index.clear()
+        self._index[gram] = index
         return index
 
     def score(self, text: str) -> float:
         tokens = _TOKEN.findall(text.lower())
         counts: dict[int, int] = {}
-        index_of = self._index_of
-        for gram in tokens:
-            i = index_of(gram)
-            counts[i] = counts.get(i, 0) + 1
-        for left, right in zip(tokens, tokens[1:], strict=False):
-            i = index_of(left + " " + right)
+        cache = self._index
+        for gram in (*tokens, *(f"{a} {b}" for a, b in zip(tokens, tokens[1:], strict=False))):
+            i = cache.get(gram)
+            if i is None:
+                i = self._index_of(gram)
             counts[i] = counts.get(i, 0) + 1
         if not counts:
             return self.bias
-        weights, idf, unseen, log = self.weights, self.idf, self.idf_unseen, math.log
+        table, unseen, log = self.table, self.idf_unseen, math.log
         total = norm2 = 0.0
         for i, c in counts.items():
-            value = (1.0 + log(c)) * idf.get(i, unseen)
+            tf = 1.0 if c == 1 else 1.0 + log(c)
+            entry = table.get(i)
+            if entry is None:
+                value = tf * unseen
+            else:
+                value = tf * entry[1]
+                total += entry[0] * value
             norm2 += value * value
-            total += weights.get(i, 0.0) * value
         return total / math.sqrt(norm2) + self.bias
 
 
