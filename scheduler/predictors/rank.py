@@ -26,7 +26,7 @@ differs from `features.FEATURE_SPEC` fails to load with a message naming both ve
 Cost: scoring one request goes through `HashedTextLayer`, a hand-written equivalent of
 scikit-learn's `HashingVectorizer` (same tokens, same murmurhash3 indices, same l2 norm;
 tests/test_rank_predictor.py checks equality) because the library's per-call overhead was
-measured at ~340 us p50 for one 770-character prompt against ~80 us for this one (one core,
+measured at 2.4-4.5x the cost of this one (one core, spec 3; earlier ~340 us vs ~80 us,
 `bench/ranking.py --predictor` prints the current figures), and batching does not amortise
 it (the library tokenises each document in Python too). Training uses the library.
 """
