@@ -1,7 +1,7 @@
 """Learned-rank shortest-job-first against FCFS, input-length SJF and the oracle, in the
 simulator on the Azure conversation trace; and the ranker's cost per request.
 
-    python bench/ranking.py [--requests 3000] [--max-num-seqs 64] [--tau 0.37] [--guard-s 60]
+    python bench/ranking.py [--requests 3000] [--max-num-seqs 64] [--tau 0.49] [--guard-s 60]
     python bench/ranking.py --predictor      # scoring cost: one request, one core
 
 Output lengths come from the trace; predictions from `sim.rank_noise` at the Kendall tau
@@ -181,9 +181,9 @@ def predictor_cost(model_path: Path | None, samples: int) -> None:
     records = [{"messages": [{"role": "user", "content": t}], "model": "llama-3-8b", "max_tokens": 512} for t in texts]
 
     def library_path(record: dict[str, Any]) -> None:
+        row = model.design_matrix([record])[0]  # dense features, text layer, model prior
         model.booster.predict(np.column_stack([
-            np.array([model.design_matrix([record])[0, :-1]]),
-            model.text_scores([record["messages"][0]["content"]]),
+            np.array([row[:-2]]), model.text_scores([record["messages"][0]["content"]]), np.array([row[-1:]]),
         ]), num_threads=1)
 
     for record in records:
@@ -216,7 +216,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--count", type=int, default=1, help="instances")
-    parser.add_argument("--tau", type=float, default=0.37, help="Kendall tau of the predictions")
+    parser.add_argument("--tau", type=float, default=0.49, help="Kendall tau of the predictions")
     parser.add_argument("--guard-s", type=float, default=60.0, help="starvation guard max_wait_s")
     parser.add_argument("--sweep-load", type=float, default=0.95)
     parser.add_argument("--out", type=Path, default=Path("docs/img/ranking.png"))

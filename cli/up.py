@@ -57,6 +57,14 @@ def register(subparsers: Any) -> None:
                         help="engine speed: 1 = the modelled GPU speed, 0 = no latency")
     parser.add_argument("--admission", choices=["on", "off"], default="on",
                         help="the router's admission queue (flow control) in the generated policy document")
+    parser.add_argument("--queue-sort", choices=["slo_priority", "fcfs", "learned_rank"], default="slo_priority",
+                        help="the order the admission queue releases held requests in; learned_rank scores each "
+                             "request with the output-length ranker (shortest predicted first, within SLO class, "
+                             "with a starvation guard of --rank-max-wait-s) (docs/ranking.md)")
+    parser.add_argument("--rank-max-wait-s", type=float, default=30.0,
+                        help="learned_rank: a request held this long is released before any shorter one")
+    parser.add_argument("--rank-model", default=None,
+                        help="learned_rank: rank model file (default: the ranker shipped in the package)")
     parser.add_argument("--smoke", action="store_true", help="send one request, then stop everything and exit")
     parser.add_argument("--ready-timeout-s", type=float, default=60.0, help="how long engines may take to start")
     parser.set_defaults(handler=run_up)
@@ -144,13 +152,16 @@ class Fleet:
 
 def router_document(entries: list[dict[str, Any]], host: str, port: int, store_url: str,
                     control: dict[str, Any] | None = None, admission: bool = True,
-                    worker_token_file: str | None = None, records_path: str | None = None) -> dict[str, Any]:
+                    worker_token_file: str | None = None, records_path: str | None = None,
+                    queue_sort: Any = "slo_priority", rank_model: str | None = None) -> dict[str, Any]:
     """The router config `tokenyard up` runs (also written to <state-dir>/router.yaml).
 
     `control`: the Admin + Picker section (loopback, a tokens_file written for this run).
     `worker_token_file`: the engines' Worker gRPC token, sent on their Status streams.
     `records_path`: the request records (router/records.py; no prompt text), which
-    `tokenyard calibrate --from`, `train rank --data` and `policy apply --dry-run=server` read."""
+    `tokenyard calibrate --from`, `train rank --data` and `policy apply --dry-run=server` read.
+    `queue_sort`: the admission queue's release order; a `learned_rank` sort also turns the
+    ranker on (`rank_model`, None = the shipped one)."""
     doc: dict[str, Any] = {
         "listen": {"host": host, "port": port},
         "store": store_url,
@@ -168,7 +179,7 @@ def router_document(entries: list[dict[str, Any]], host: str, port: int, store_u
                              "scorers": ["slo_headroom", {"least_outstanding": {"weight": 0.5}}]},
             },
             "selection": {"default": "headroom", "by_slo_class": {"batch": "balanced"}},
-            "queue": {"sort": "slo_priority", "engine_priority": "slo_priority"},
+            "queue": {"sort": queue_sort, "engine_priority": "slo_priority"},
             # Flow control: with every engine saturated, requests wait in the router (in SLO
             # priority order) instead of in engine queues; batch is shed with 429 + Retry-After.
             # An engine holding 32 requests is saturated (its decode batch, so every stream's
@@ -182,6 +193,9 @@ def router_document(entries: list[dict[str, Any]], host: str, port: int, store_u
         "tiers": {"alias": "auto", "small_model": "qwen2.5-1.5b", "large_model": "llama-3-8b",
                   "policy": "load_aware", "default": {"quality_target": 0.9, "quality_floor": 0.5}},
     }
+    sort_name = queue_sort if isinstance(queue_sort, str) else next(iter(queue_sort), "")
+    if sort_name == "learned_rank":
+        doc["rank"] = {"model": rank_model}
     if control is not None:
         doc["control"] = control
     if worker_token_file is not None:
@@ -189,6 +203,12 @@ def router_document(entries: list[dict[str, Any]], host: str, port: int, store_u
     if records_path is not None:
         doc["records"] = {"path": records_path}
     return doc
+
+
+def _queue_sort(args: argparse.Namespace) -> Any:
+    if args.queue_sort == "learned_rank":
+        return {"learned_rank": {"max_wait_s": args.rank_max_wait_s}}
+    return args.queue_sort
 
 
 def _examples(url: str) -> str:
@@ -248,7 +268,8 @@ async def up(args: argparse.Namespace) -> int:
         control = {"host": "127.0.0.1", "port": _free_port("127.0.0.1"), "tokens_file": str(tokens_file)}
         doc = router_document(fleet.entries, args.host, args.port, store_url, control,
                               admission=args.admission == "on", worker_token_file=str(fleet.worker_token_file),
-                              records_path=str(state_dir / "records.jsonl"))
+                              records_path=str(state_dir / "records.jsonl"),
+                              queue_sort=_queue_sort(args), rank_model=args.rank_model)
         (state_dir / "router.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
         config = parse_router_config(doc, str(state_dir / "router.yaml"))
         store = open_store(store_url)

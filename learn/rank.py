@@ -6,9 +6,13 @@ Pipeline (the model it builds is described in `scheduler.predictors.rank`):
    train and test), and a few models are held out entirely (`unseen_models`), evaluated on
    the held-out prompts only, so "unseen model" also means "unseen prompt";
 2. the text layer: ridge regression (scikit-learn) of model-demeaned ln(1 + output tokens)
-   on the hashed instruction n-grams, one row per distinct prompt; the booster is trained on
-   its out-of-fold predictions (5 folds by prompt), so it does not learn to trust an
-   in-sample fit;
+   on the sublinear TF-IDF of the hashed instruction n-grams (idf fit on the distinct
+   training prompts), one row per distinct prompt; the booster is trained on its
+   out-of-fold predictions (5 folds by prompt), so it does not learn to trust an in-sample
+   fit;
+2b. the model prior: each training model's mean ln(1 + output tokens) (models with at
+   least 20 answers); 20% of the models (a stable hash of the name) are hidden from it while
+   the booster trains, so the booster learns to rank requests to a model without a prior;
 3. the booster: LightGBM `lambdarank` over query groups of 64 (per model, plus mixed-model
    groups so that model cues matter too), labels = the within-group rank in 32 bins, linear
    gains; or the `regression` baseline (L2 on ln(1 + tokens));
@@ -23,6 +27,7 @@ With `refit_all` the shipped model is then refit on every example with the same 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -32,11 +37,13 @@ from typing import Any
 import numpy as np
 
 from learn.rank_data import Example
-from scheduler.predictors.features import DENSE_FEATURE_NAMES, hashing_vectorizer
-from scheduler.predictors.rank import RankModel
+from scheduler.predictors.features import DENSE_FEATURE_NAMES, hashing_vectorizer, tfidf
+from scheduler.predictors.rank import RankModel, TextLayer
 
 OBJECTIVES = ("lambdarank", "regression")
 _RANK_BINS = 32
+_PRIOR_MIN_EXAMPLES = 20  # a model with fewer training answers gets no prior (too noisy)
+_PRIOR_HIDDEN_SHARE = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +53,7 @@ class TrainConfig:
     num_leaves: int = 31
     learning_rate: float = 0.05
     min_child_samples: int = 40
-    ridge_alpha: float = 0.5
+    ridge_alpha: float = 4.0  # chosen on a validation split of the training prompts (docs/ranking.md)
     test_fraction: float = 0.2
     unseen_models: tuple[str, ...] = ("gpt-4o-2024-05-13", "Meta-Llama-3-70B-Instruct", "gemma-2b-it")
     group_size: int = 64
@@ -114,38 +121,72 @@ def _demeaned_by_prompt(examples: Sequence[Example]) -> tuple[list[str], np.ndar
     )
 
 
-def fit_text_layer(examples: Sequence[Example], alpha: float) -> tuple[np.ndarray, float]:
-    """Ridge weights over the hashed instruction n-grams, and the intercept."""
+def fit_text_layer(examples: Sequence[Example], alpha: float) -> TextLayer:
+    """Ridge over the sublinear TF-IDF of the hashed instruction n-grams (idf fit on the
+    distinct training prompts); the sparse layer keeps only the buckets seen in training."""
+    from sklearn.feature_extraction.text import TfidfTransformer
     from sklearn.linear_model import Ridge
 
     texts, target, weight = _demeaned_by_prompt(examples)
-    hashed = hashing_vectorizer().transform(texts)
+    counts = hashing_vectorizer().transform(texts)
+    idf = TfidfTransformer(sublinear_tf=True, smooth_idf=True).fit(counts).idf_
     # sqrt weights: a prompt answered by 200 models should count more, not 200x more
     ridge = Ridge(alpha=alpha, solver="sparse_cg", random_state=0)
-    ridge.fit(hashed, target, sample_weight=np.sqrt(weight))
-    return np.asarray(ridge.coef_, dtype=np.float32), float(ridge.intercept_)
+    ridge.fit(tfidf(counts, idf), target, sample_weight=np.sqrt(weight))
+    seen = np.flatnonzero(np.asarray(counts.getnnz(axis=0)).ravel())
+    unseen_idf = float(np.log(1.0 + len(texts)) + 1.0)  # smooth idf of a bucket in no document
+    return TextLayer(seen.astype(np.int32), np.asarray(ridge.coef_[seen], dtype=np.float32),
+                     np.asarray(idf[seen], dtype=np.float32), unseen_idf, float(ridge.intercept_))
+
+
+def _layer_scores(layer: TextLayer, counts: Any) -> np.ndarray:
+    weights, idf = layer.dense_weights()
+    return np.asarray(tfidf(counts, idf) @ weights, dtype=np.float64) + layer.bias
 
 
 def out_of_fold_text_scores(examples: Sequence[Example], alpha: float, seed: int, folds: int = 5) -> np.ndarray:
     keys = sorted({e.prompt_key for e in examples})
     rng = np.random.default_rng(seed + 1)
     fold_of = dict(zip(keys, rng.integers(0, folds, len(keys)), strict=True))
-    vectorizer = hashing_vectorizer()
-    hashed = vectorizer.transform([e.features.instruction_text for e in examples])
+    counts = hashing_vectorizer().transform([e.features.instruction_text for e in examples])
     scores = np.zeros(len(examples))
     fold_index = np.array([fold_of[e.prompt_key] for e in examples])
     for fold in range(folds):
         inside = fold_index == fold
         if not inside.any():
             continue
-        weights, bias = fit_text_layer([e for e, i in zip(examples, inside, strict=True) if not i], alpha)
-        scores[inside] = hashed[inside] @ weights + bias
+        layer = fit_text_layer([e for e, i in zip(examples, inside, strict=True) if not i], alpha)
+        scores[inside] = _layer_scores(layer, counts[inside])
     return scores
 
 
-def design_matrix(examples: Sequence[Example], text_scores: np.ndarray) -> np.ndarray:
+def model_prior_table(examples: Sequence[Example]) -> dict[str, float]:
+    """Mean ln(1 + output tokens) per model (`RequestFeatures.model`): its verbosity prior."""
+    sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for e, v in zip(examples, _log_tokens(examples), strict=True):
+        acc = sums[e.features.model]
+        acc[0] += float(v)
+        acc[1] += 1.0
+    return {m: round(acc[0] / acc[1], 4) for m, acc in sorted(sums.items()) if m and acc[1] >= _PRIOR_MIN_EXAMPLES}
+
+
+def _hidden_from_prior(model: str, seed: int) -> bool:
+    """Models whose prior the booster does not see in training (a stable hash of the name),
+    so it learns to rank requests to a model missing from the table."""
+    return hashlib.blake2b(f"{seed}:{model}".encode(), digest_size=2).digest()[0] < 256 * _PRIOR_HIDDEN_SHARE
+
+
+def prior_column(examples: Sequence[Example], table: dict[str, float], seed: int | None = None) -> np.ndarray:
+    """Each example's model prior; NaN when unknown (or hidden, with a training `seed`)."""
+    return np.array([
+        math.nan if seed is not None and _hidden_from_prior(e.features.model, seed)
+        else table.get(e.features.model, math.nan) for e in examples
+    ], dtype=np.float64)
+
+
+def design_matrix(examples: Sequence[Example], text_scores: np.ndarray, prior: np.ndarray) -> np.ndarray:
     dense = np.array([e.features.dense for e in examples], dtype=np.float64).reshape(len(examples), len(DENSE_FEATURE_NAMES))
-    return np.column_stack([dense, text_scores])
+    return np.column_stack([dense, text_scores, prior])
 
 
 def query_groups(examples: Sequence[Example], group_size: int, seed: int) -> list[np.ndarray]:
@@ -248,12 +289,16 @@ def evaluate(model: RankModel, examples: Sequence[Example], seed: int) -> dict[s
         return {"n": 0}
     rng = np.random.default_rng(seed + 4)
     text = model.text_scores([e.features.instruction_text for e in examples])
-    raw = np.asarray(model.booster.predict(design_matrix(examples, text), num_threads=2))
+    prior = prior_column(examples, model.model_prior)
+    raw = np.asarray(model.booster.predict(design_matrix(examples, text, prior), num_threads=2))
     input_len = np.array([e.features.dense[0] for e in examples])
     return {
         "n": len(examples),
         "model": _tau_row(raw, examples, seed),
         "input_length": _tau_row(input_len, examples, seed),
+        # the verbosity prior alone (a model's mean length; the same for all its requests)
+        "model_prior": _tau_row(np.nan_to_num(prior, nan=float(np.nanmean(prior)) if np.isfinite(prior).any() else 0.0),
+                                examples, seed),
         "random": _tau_row(rng.random(len(examples)), examples, seed),
         # FCFS serves in arrival order, which is independent of the answer's length: its
         # "prediction" is the arrival index of a random arrival sequence.
@@ -275,13 +320,14 @@ class TrainReport:
 def fit_model(
     train: Sequence[Example], config: TrainConfig, on_iteration: Callable[[], None] | None = None
 ) -> RankModel:
-    """Text layer, booster on out-of-fold text scores, calibration: one RankModel."""
-    weights, bias = fit_text_layer(train, config.ridge_alpha)
+    """Text layer, model prior, booster on out-of-fold text scores, calibration: one RankModel."""
+    layer = fit_text_layer(train, config.ridge_alpha)
     oof = out_of_fold_text_scores(train, config.ridge_alpha, config.seed)
-    features = design_matrix(train, oof)
+    table = model_prior_table(train)
+    features = design_matrix(train, oof, prior_column(train, table, config.seed))
     booster = train_booster(features, train, config, on_iteration)
     scale, offset = calibrate(np.asarray(booster.predict(features, num_threads=2)), train)
-    return RankModel(weights, bias, booster, scale, offset, kind=config.objective)
+    return RankModel(layer, booster, scale, offset, model_prior=table, kind=config.objective)
 
 
 def multi_turn_findings(model: RankModel, examples: Sequence[Example], seed: int) -> dict[str, Any]:
@@ -302,7 +348,7 @@ def multi_turn_findings(model: RankModel, examples: Sequence[Example], seed: int
 
 def _feature_gain(model: RankModel) -> dict[str, float]:
     gains = model.booster.feature_importance(importance_type="gain")
-    names = [*DENSE_FEATURE_NAMES, "text_layer"]
+    names = [*DENSE_FEATURE_NAMES, "text_layer", "model_prior"]
     total = float(np.sum(gains)) or 1.0
     ranked = sorted(zip(names, gains, strict=True), key=lambda p: -p[1])
     return {name: round(float(g) / total, 4) for name, g in ranked[:12]}

@@ -103,7 +103,7 @@ def _print_report(doc: dict[str, Any], out: Path) -> None:
     for title, block in (("held-out prompts", doc["held_out_prompts"]), ("unseen models", doc["unseen_models"])):
         if not block.get("n"):
             continue
-        for name in ("model", "input_length", "random", "fcfs"):
+        for name in ("model", "model_prior", "input_length", "random", "fcfs"):
             row = block[name]
             print(f"{title + ': ' + name:<28}{row['overall']:>9.3f}{row['batch32']:>9.3f}{row['batch64']:>9.3f}")
     for source, row in doc["by_source"].items():

@@ -39,11 +39,13 @@ from scheduler.predictors.features import (
     DENSE_FEATURE_NAMES,
     FEATURE_SPEC_VERSION,
     RequestFeatures,
+    model_key,
     request_features,
 )
 
 TOKENIZER_NAME = "mistral-common tekken_240911 (Tekken BPE, 131k vocabulary)"
 MAX_LOG_LINE_BYTES = 1 << 20
+_MODEL_FEATURES = frozenset(n for n in DENSE_FEATURE_NAMES if n.startswith("model_"))
 _DATASET_JSONL = frozenset({"judgements.jsonl", "question.jsonl", "contaminated_prompts.jsonl"})
 
 
@@ -133,9 +135,9 @@ def alpaca_word_examples(root: Path, tokens_per_word: float, skip_models: set[st
 
 def _with_model(base: RequestFeatures, text: str, model: str) -> RequestFeatures:
     """The features of the same prompt sent to another model (only model features differ)."""
-    model_part = request_features({"messages": [{"role": "user", "content": ""}], "model": model}).dense
-    n_model = len(model_part) - DENSE_FEATURE_NAMES.index("model_log_params_b")
-    return RequestFeatures(dense=base.dense[:-n_model] + model_part[-n_model:], instruction_text=base.instruction_text)
+    other = request_features({"messages": [{"role": "user", "content": ""}], "model": model})
+    dense = tuple(o if name in _MODEL_FEATURES else b for name, b, o in zip(DENSE_FEATURE_NAMES, base.dense, other.dense, strict=True))
+    return RequestFeatures(dense=dense, instruction_text=base.instruction_text, model=other.model)
 
 
 def gsm8k_examples(path: Path, counter: TokenCounter) -> list[Example]:
@@ -226,7 +228,7 @@ def _log_example(row: Any, where: str) -> Example:
         if not isinstance(dense, list) or len(dense) != len(DENSE_FEATURE_NAMES):
             raise RankDataError(f"{where}: dense: expected a list of {len(DENSE_FEATURE_NAMES)} numbers")
         text = str(row.get("instruction_text") or "")
-        feats = RequestFeatures(dense=tuple(float(v) for v in dense), instruction_text=text)
+        feats = RequestFeatures(dense=tuple(float(v) for v in dense), instruction_text=text, model=model_key(model))
     elif "prompt" in row or "messages" in row:
         feats = request_features(row)
         text = feats.instruction_text

@@ -65,6 +65,10 @@ JSON_HEADERS = [(b"content-type", b"application/json")]
 SSE_DONE = b"data: [DONE]\n\n"
 PICK_INFLIGHT_LEASE_S = 2.0  # a Picker gRPC pick counts as in flight this long (no finish is reported)
 EXPLAIN_HEADER = b"x-tokenyard-explain"  # request: "1" asks for the decision's explanation
+# request: the emulated engine's fixed output length (sim/engine_http.py), passed through so a
+# benchmark can replay a prompt set with known answer lengths through the router; digits only,
+# at most 7 (real engines ignore the header)
+OUTPUT_TOKENS_HEADER = b"x-tokenyard-output-tokens"
 # A stream (or a non-streaming body) with no chunk for this long is ended: an engine that
 # is stopped (SIGSTOP) or wedged says nothing. Per SLO class as `SloClass.stall_timeout_s`
 # where the policy document sets it; this is the default.
@@ -448,6 +452,7 @@ class Router:
         started_s = time.monotonic()
         authorization = content_length = session_id = request_id = None
         explain = False
+        output_tokens = b""
         for name, value in scope["headers"]:
             if name == b"authorization":
                 authorization = value
@@ -459,6 +464,8 @@ class Router:
                 request_id = value.decode("latin-1")
             elif name == EXPLAIN_HEADER:
                 explain = value == b"1"
+            elif name == OUTPUT_TOKENS_HEADER and value.isdigit() and len(value) <= 7:
+                output_tokens = value
         request_id = request_id or self._id_prefix + str(next(self._ids))
         rid_header = [(b"x-request-id", request_id.encode("latin-1"))]
         try:
@@ -548,6 +555,8 @@ class Router:
             log.debug("decision explained", extra={"request_id": request_id, "explanation": explained.decode()})
             rid_header.append((EXPLAIN_HEADER, explained))
         headers = b"Content-Type: application/json\r\nX-Request-Id: " + request_id.encode("latin-1") + b"\r\n"
+        if output_tokens:
+            headers += b"X-Tokenyard-Output-Tokens: " + output_tokens + b"\r\n"
         budget = self._budget(tenant, info, started_s, deadline_s)
         self.metrics.inflight.inc()
         # The request counts as in flight on its pick from now until _forward counts its

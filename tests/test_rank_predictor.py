@@ -21,11 +21,13 @@ from scheduler.predictors.features import (
     FEATURE_SPEC,
     hashing_vectorizer,
     request_features,
+    tfidf,
 )
 from scheduler.predictors.rank import (
     DEFAULT_MODEL_PATH,
     HashedTextLayer,
     RankModelError,
+    TextLayer,
     load_rank_model,
     model_from_document,
 )
@@ -65,14 +67,39 @@ def small_model():
     return fit_model(_examples(400), config)
 
 
+_LAYER_VOCAB = ["the", "a", "of", "write", "essay", "yes", "no", "the a", "write essay", "x"]
+
+
 @settings(max_examples=60, deadline=None)
-@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=300))
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=300)
+       | st.lists(st.sampled_from(_LAYER_VOCAB), max_size=40).map(" ".join))
 def test_hashed_text_layer_equals_scikit_learn(text: str) -> None:
+    from sklearn.feature_extraction.text import TfidfTransformer
+
     rng = np.random.default_rng(1)
-    weights = rng.normal(size=2**15).astype(np.float32)
-    layer = HashedTextLayer(weights, 0.25)
-    expected = float((hashing_vectorizer().transform([text]) @ weights)[0]) + 0.25
-    assert layer.score(text) == pytest.approx(expected, abs=1e-4)
+    # a sparse layer over the buckets of a few training texts, as `fit_text_layer` builds it
+    counts = hashing_vectorizer().transform(_LAYER_VOCAB + ["write a long essay", "yes or no"])
+    idf_full = TfidfTransformer(sublinear_tf=True).fit(counts).idf_
+    seen = np.flatnonzero(np.asarray(counts.getnnz(axis=0)).ravel())
+    layer = TextLayer(seen.astype(np.int32), rng.normal(size=len(seen)).astype(np.float32),
+                      idf_full[seen].astype(np.float32), 3.5, 0.25)
+    weights, idf = layer.dense_weights()
+    fast = HashedTextLayer(dict(zip(seen.tolist(), layer.weights.tolist(), strict=True)),
+                           dict(zip(seen.tolist(), layer.idf.tolist(), strict=True)), 3.5, 0.25)
+    expected = float((tfidf(hashing_vectorizer().transform([text]), idf) @ weights)[0]) + 0.25
+    assert fast.score(text) == pytest.approx(expected, abs=1e-4)
+
+
+def test_task_cues_and_model_key() -> None:
+    code = request_features({"prompt": "Write a Python function that parses JSON, in detail.", "model": "org/Qwen2-7B"})
+    short = request_features({"prompt": "Yes or no: is the sky green? One word."})
+    values = dict(zip(DENSE_FEATURE_NAMES, code.dense, strict=True))
+    others = dict(zip(DENSE_FEATURE_NAMES, short.dense, strict=True))
+    assert values["task_code"] >= 3 and others["task_code"] == 0
+    assert others["task_yes_no"] >= 2 and others["format_one_unit"] >= 1
+    assert values["format_long_form"] >= 1 and values["format_structured"] >= 1
+    assert code.model == "qwen2-7b" and short.model == ""
+    assert others["prompt_length_bucket"] == 0 and values["prompt_length_bucket"] == 1
 
 
 def test_features_read_chat_structure_and_length_requests() -> None:
@@ -123,7 +150,7 @@ def test_a_model_for_another_feature_spec_is_refused(small_model, tmp_path: Path
     doc["feature_spec"] = {**doc["feature_spec"], "version": 999}
     path = tmp_path / "old.json"
     path.write_text(json.dumps(doc))
-    with pytest.raises(RankModelError, match=r"feature spec version 999.*computes feature spec version 2"):
+    with pytest.raises(RankModelError, match=r"feature spec version 999.*computes feature spec version 3"):
         load_rank_model(path)
     with pytest.raises(RankModelError, match="not a tokenyard-rank model"):
         model_from_document({"format": "something"})
@@ -192,3 +219,37 @@ def test_rank_score_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     source.write_text('{"prompt": "x"}\n[1, 2]\n')
     assert main(["rank", "score", "--input", str(source)]) == 2
     assert f"{source}:2: expected an object" in capsys.readouterr().err
+
+
+def test_model_prior_orders_a_verbose_model_after_a_terse_one() -> None:
+    from learn.rank import _hidden_from_prior
+
+    models = [m for m in ("model-a-7b", "model-b-7b", "model-c-7b", "model-d-7b") if not _hidden_from_prior(m, 0)][:2]
+    assert len(models) == 2
+    rng = random.Random(3)
+    examples = []
+    for i in range(400):
+        text = f"Tell me about {_TOPICS[i % len(_TOPICS)]} number {i}."
+        model = models[i % 2]
+        tokens = int(rng.uniform(20, 60) * (8 if model == models[1] else 1))
+        feats = request_features({"prompt": text, "model": model})
+        examples.append(Example(feats, tokens, text, model, "test"))
+    config = TrainConfig(n_estimators=30, num_leaves=8, min_child_samples=5, unseen_models=(), refit_all=False)
+    model = fit_model(examples, config)
+    assert set(model.model_prior) == set(models)
+    assert model.model_prior[models[1]] > model.model_prior[models[0]] + 1.5  # ln(8) ~ 2.1
+    prompt = "Tell me about trains number 9000."
+    terse, verbose, unknown = (model.score({"prompt": prompt, "model": m}) for m in (*models, "never-seen-3b"))
+    assert verbose > terse + 1.0 and math.isfinite(unknown)
+
+
+def test_the_same_prompt_for_another_model_changes_only_model_features() -> None:
+    from learn.rank_data import _with_model
+
+    text = "Write a Python function that lists 10 ideas, in detail."
+    base = request_features({"prompt": text, "model": "gpt-4"})
+    other = _with_model(base, text, "Qwen/Qwen1.5-72B-Chat")
+    direct = request_features({"prompt": text, "model": "Qwen/Qwen1.5-72B-Chat"})
+    assert other.dense == direct.dense and other.model == direct.model == "qwen1.5-72b-chat"
+    changed = {n for n, a, b in zip(DENSE_FEATURE_NAMES, base.dense, other.dense, strict=True) if a != b}
+    assert changed and all(n.startswith("model_") for n in changed)

@@ -111,3 +111,41 @@ def _check_control_plane(state_dir: Path) -> None:
 
     count, code = asyncio.run(calls())
     assert (count, code) == (3, grpc.StatusCode.UNAUTHENTICATED)
+
+
+def test_up_with_learned_rank_scores_requests_and_passes_known_lengths(tmp_path: Path) -> None:
+    """`--queue-sort learned_rank` turns the ranker on (the router scores each request, the
+    admission queue releases by rank) and the emulated engines' known-length header passes
+    through the router, as bench/ranking_up.py replays prompts with known answer lengths."""
+    proc = subprocess.Popen(_command(tmp_path / "state", "--queue-sort", "learned_rank", "--rank-max-wait-s", "12"),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO_ROOT)
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("first request answered"):
+                break
+        out = "".join(lines)
+        url = re.search(r"Tokenyard is up: (http://127\.0\.0\.1:\d+)", out)
+        assert url is not None, out
+        config = yaml.safe_load((tmp_path / "state" / "router.yaml").read_text())
+        assert config["policy"]["queue"]["sort"] == {"learned_rank": {"max_wait_s": 12.0}}
+        assert config["rank"] == {"model": None}
+        for tokens in ("7", "23"):
+            reply = httpx.post(url.group(1) + "/v1/chat/completions", timeout=30, headers={
+                "x-tokenyard-output-tokens": tokens}, json={
+                "model": "llama-3-8b", "messages": [{"role": "user", "content": "Tell me a story."}],
+                "max_tokens": 500})
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["usage"]["completion_tokens"] == int(tokens)
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -7,9 +7,16 @@ Two parts:
 
 - dense features (`DENSE_FEATURE_NAMES`): cheap text statistics, chat structure, explicit
   length requests ("in 500 words", "list 10"), model-name cues (parameter count, family);
+- task-type and requested-format cues (`task_*`, `format_*`): counts of words that mark code,
+  lists, essays, translation, yes/no, maths, rewriting, extraction, explanation; JSON, table,
+  bullets, one word/sentence. Word-set lookups, so they cost little and generalise beyond
+  the wording of one data set;
 - the instruction text (`instruction_text`): the last user turn, hashed into word 1-2 grams
-  by scikit-learn's `HashingVectorizer` (`hashing_vectorizer`); a trained linear layer
-  turns it into one more dense feature (see `scheduler.predictors.rank`).
+  by scikit-learn's `HashingVectorizer` (`hashing_vectorizer`, raw counts), weighted by
+  sublinear TF-IDF; a trained linear layer turns it into one more dense feature (see
+  `scheduler.predictors.rank`);
+- the target model's name (`RequestFeatures.model`, normalised by `model_key`), which the
+  ranker looks up in its per-model verbosity prior.
 
 `FEATURE_SPEC` names the version of all of this; a model file records the spec it was
 built for, and loading it under another spec fails (`rank.RankModelError`). Change any
@@ -27,12 +34,52 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-FEATURE_SPEC_VERSION = 2
-HASH_N_FEATURES = 2**15
+import numpy as np
+
+FEATURE_SPEC_VERSION = 3
+HASH_N_FEATURES = 2**18
 HASH_NGRAM_RANGE = (1, 2)
 MAX_TEXT_CHARS = 2000  # of the instruction read; a longer one is cut to its head and tail
 
 _MODEL_FAMILIES = ("gpt", "llama", "qwen", "mistral", "mixtral", "gemma", "phi", "claude", "deepseek", "yi")
+# Task-type cues: how many of the instruction's words name each kind of task. The kinds are
+# those whose answers differ most in length (code and essays long; yes/no, classification and
+# extraction short); the words are generic English, not any data set's wording.
+_TASK_WORDS: dict[str, frozenset[str]] = {
+    "code": frozenset(("code", "python", "javascript", "java", "sql", "function", "script", "program", "class",
+                       "regex", "bash", "html", "css", "json", "api", "algorithm", "implement", "debug", "compile",
+                       "snippet", "typescript", "rust", "golang", "cpp")),
+    "list": frozenset(("list", "examples", "ideas", "tips", "ways", "suggestions", "options", "names", "steps",
+                       "reasons", "items", "brainstorm", "recommendations", "alternatives")),
+    "essay": frozenset(("essay", "story", "article", "blog", "poem", "letter", "speech", "report", "novel",
+                        "chapter", "narrative", "lyrics", "song", "screenplay", "dialogue", "proposal", "email")),
+    "translate": frozenset(("translate", "translation", "french", "spanish", "german", "chinese", "japanese",
+                            "italian", "portuguese", "russian", "korean", "arabic", "english")),
+    "yes_no": frozenset(("yes", "no", "true", "false", "correct", "whether")),
+    "math": frozenset(("calculate", "solve", "equation", "sum", "total", "percent", "probability", "integral",
+                       "derivative", "multiply", "divide", "average", "compute", "math", "arithmetic")),
+    "rewrite": frozenset(("rewrite", "paraphrase", "rephrase", "edit", "proofread", "correct", "improve",
+                          "shorten", "simplify", "grammar", "polish", "revise")),
+    "extract": frozenset(("classify", "categorize", "categorise", "extract", "identify", "label", "sentiment",
+                          "detect", "tag", "select", "pick", "rate", "score")),
+    "explain": frozenset(("explain", "why", "how", "describe", "compare", "difference", "differences",
+                          "analyze", "analyse", "discuss", "evaluate", "pros", "cons")),
+}
+_WORD_TASKS: dict[str, tuple[int, ...]] = {
+    word: tuple(k for k, vocab in enumerate(_TASK_WORDS.values()) if word in vocab)
+    for word in frozenset().union(*_TASK_WORDS.values())
+}
+# Requested-format cues: substrings of the lowercased instruction.
+_FORMAT_CUES: dict[str, tuple[str, ...]] = {
+    "structured": ("json", "table", "csv", "yaml", "markdown", "bullet", "numbered", "headings", "outline"),
+    "one_unit": ("one word", "single word", "one sentence", "one line", "a number", "only the", "just the",
+                 "no explanation", "without explanation", "short answer"),
+    "long_form": ("in detail", "step by step", "step-by-step", "comprehensive", "thorough", "at least",
+                  "long", "full", "complete"),
+}
+# Instruction length buckets (characters): answers to a one-liner, a paragraph and a pasted
+# document behave differently (a pasted text often asks for a summary or an edit).
+_LENGTH_BUCKETS_CHARS = (40, 120, 400, 1500)
 
 DENSE_FEATURE_NAMES: tuple[str, ...] = (
     "log_input_tokens",
@@ -63,18 +110,29 @@ DENSE_FEATURE_NAMES: tuple[str, ...] = (
     "model_log_params_b",
     "model_is_chat",
     *(f"model_family_{name}" for name in _MODEL_FAMILIES),
+    *(f"task_{name}" for name in _TASK_WORDS),
+    *(f"format_{name}" for name in _FORMAT_CUES),
+    "prompt_length_bucket",
 )
 
 FEATURE_SPEC: dict[str, Any] = {
     "version": FEATURE_SPEC_VERSION,
     "dense": list(DENSE_FEATURE_NAMES),
     "hash": {"n_features": HASH_N_FEATURES, "ngram_range": list(HASH_NGRAM_RANGE),
-             "analyzer": "word", "lowercase": True, "norm": "l2", "alternate_sign": False},
+             "analyzer": "word", "lowercase": True, "alternate_sign": False,
+             "weighting": "sublinear tf x idf, then l2 norm"},
+    "task_words": {name: sorted(vocab) for name, vocab in _TASK_WORDS.items()},
+    "format_cues": {name: list(cues) for name, cues in _FORMAT_CUES.items()},
+    "length_buckets_chars": list(_LENGTH_BUCKETS_CHARS),
+    "model_key": "lowercased, org prefix dropped",
     "max_text_chars": MAX_TEXT_CHARS,
 }
 
-_REQUEST_COUNT = re.compile(
-    r"\b(\d{1,5})[\s-]*(words?|sentences?|paragraphs?|lines?|items?|examples?|ideas?|tips?|points?|"
+_DIGITS = re.compile(r"\b\d{1,5}")
+# the unit after a number (matched at the number's end: scanning the whole text for
+# "number + unit" with one pattern cost ~50 us on a 1,500-character prompt)
+_REQUEST_UNIT = re.compile(
+    r"[\s-]*(words?|sentences?|paragraphs?|lines?|items?|examples?|ideas?|tips?|points?|"
     r"steps?|questions?|names?|reasons?|ways?|bullet\w*|pages?|characters?|tweets?|verses?|stanzas?)\b",
     re.IGNORECASE,
 )
@@ -112,6 +170,7 @@ class RequestFeatures:
 
     dense: tuple[float, ...]
     instruction_text: str
+    model: str = ""  # `model_key` of the target model: the key of the ranker's verbosity prior
 
 
 def _clip(text: str) -> str:
@@ -176,6 +235,24 @@ def _number(record: Mapping[str, Any], key: str, default: float) -> float:
     return float(value)
 
 
+def model_key(model: str) -> str:
+    """A model name as the verbosity prior keys it: lowercased, without an org prefix
+    ("meta-llama/Meta-Llama-3-8B-Instruct" -> "meta-llama-3-8b-instruct")."""
+    return model.strip().lower().rsplit("/", 1)[-1][:200]
+
+
+def _task_and_format(words: Sequence[str], lower: str) -> list[float]:
+    counts = [0.0] * len(_TASK_WORDS)
+    # one set lookup per word (not one per word and task kind), then the few hits
+    for word in [w for w in words if w in _WORD_TASKS]:
+        for k in _WORD_TASKS[word]:
+            counts[k] += 1.0
+    counts = [min(10.0, c) for c in counts]
+    formats = [float(min(10, sum(lower.count(cue) for cue in cues))) for cues in _FORMAT_CUES.values()]
+    bucket = float(sum(1 for edge in _LENGTH_BUCKETS_CHARS if len(lower) > edge))
+    return [*counts, *formats, bucket]
+
+
 def _model_features(model: str) -> list[float]:
     name = model.lower()
     match = _PARAMS_B.search(name)
@@ -188,11 +265,14 @@ def _model_features(model: str) -> list[float]:
 def _requested_count(text: str) -> tuple[float, float, float]:
     """(log of the largest explicit count asked for, unit is text length, unit is items)."""
     best, words, items = 0, 0.0, 0.0
-    for match in _REQUEST_COUNT.finditer(text):
-        count = int(match.group(1))
+    for number in _DIGITS.finditer(text):
+        unit = _REQUEST_UNIT.match(text, number.end())
+        if unit is None:
+            continue
+        count = int(number.group())
         if count > best:
             best = count
-            is_words = match.group(2).lower().startswith(_WORD_UNITS)
+            is_words = unit.group(1).lower().startswith(_WORD_UNITS)
             words, items = (1.0, 0.0) if is_words else (0.0, 1.0)
     return math.log1p(best), words, items
 
@@ -242,15 +322,27 @@ def request_features(record: Mapping[str, Any]) -> RequestFeatures:
         _number(record, "temperature", 1.0),
         _number(record, "top_p", 1.0),
         *_model_features(str(record.get("model") or "")),
+        *_task_and_format(words, lower),
     ]
-    return RequestFeatures(dense=tuple(dense), instruction_text=text)
+    return RequestFeatures(dense=tuple(dense), instruction_text=text, model=model_key(str(record.get("model") or "")))
 
 
 def hashing_vectorizer() -> Any:
-    """The scikit-learn `HashingVectorizer` of `FEATURE_SPEC` (stateless: nothing to fit)."""
+    """The scikit-learn `HashingVectorizer` of `FEATURE_SPEC`: raw word 1-2 gram counts
+    (stateless; the TF-IDF weighting is applied by `tfidf`)."""
     from sklearn.feature_extraction.text import HashingVectorizer
 
     return HashingVectorizer(
         n_features=HASH_N_FEATURES, ngram_range=HASH_NGRAM_RANGE, analyzer="word",
-        lowercase=True, norm="l2", alternate_sign=False, dtype="float32",
+        lowercase=True, norm=None, alternate_sign=False, dtype="float64",
     )
+
+
+def tfidf(counts: Any, idf: Any) -> Any:
+    """Sublinear TF-IDF of hashed counts (a scipy CSR matrix): 1 + ln(count), times the
+    bucket's idf, each row l2-normalised (scikit-learn's `TfidfTransformer(sublinear_tf=True)`)."""
+    from sklearn.preprocessing import normalize
+
+    weighted = counts.tocsr(copy=True)
+    weighted.data = (1.0 + np.log(weighted.data)) * np.asarray(idf)[weighted.indices]
+    return normalize(weighted, norm="l2", copy=False)

@@ -3,10 +3,14 @@ longer answer), from a versioned model file trained by `tokenyard train rank` (`
 
 A model is two layers over `scheduler.predictors.features`:
 
-1. a linear layer over the hashed word 1-2 grams of the instruction (ridge regression on
-   log output tokens, model-demeaned): one number, "how long does this wording ask for";
-2. a LightGBM booster (lambdarank, or a regression baseline) over the dense features plus
-   that number.
+1. a linear layer over the sublinear TF-IDF of the instruction's hashed word 1-2 grams
+   (ridge regression on log output tokens, model-demeaned): one number, "how long does this
+   wording ask for";
+2. a per-model verbosity prior: the mean ln(1 + output tokens) of each model in training
+   (a table keyed by `features.model_key`; NaN for a model not in it, which the booster
+   learned to handle from models hidden from the table in training);
+3. a LightGBM booster (lambdarank, or a regression baseline) over the dense features plus
+   those two numbers.
 
 Its raw output is mapped by a monotone linear calibration onto ln(1 + output tokens), so
 scores keep the ranker's order but have a unit queue policies can reason about (a
@@ -14,14 +18,15 @@ starvation guard's span, vLLM integer priorities); a request's `max_tokens` caps
 (nothing is longer than its cap). Scoring is pure; loading reads the file once.
 
 File format (JSON, optionally gzip-compressed, `.gz`): `{"format": "tokenyard-rank",
-"format_version", "feature_spec", "kind", "text_layer": {"weights_b64", "bias"},
-"booster", "calibration": {"scale", "offset"}, "meta"}`. A file whose `feature_spec`
+"format_version", "feature_spec", "kind", "text_layer": {"index_b64", "weights_b64",
+"idf_b64", "idf_unseen", "bias"}, "model_prior": {"log_tokens": {model: number}}, "booster",
+"calibration": {"scale", "offset"}, "meta"}` (the text layer sparse: only trained buckets). A file whose `feature_spec`
 differs from `features.FEATURE_SPEC` fails to load with a message naming both versions.
 
 Cost: scoring one request goes through `HashedTextLayer`, a hand-written equivalent of
 scikit-learn's `HashingVectorizer` (same tokens, same murmurhash3 indices, same l2 norm;
 tests/test_rank_predictor.py checks equality) because the library's per-call overhead was
-measured at ~340 us p50 for one 770-character prompt against ~80 us for this one (one core,
+measured at 2.4-4.5x the cost of this one (one core, spec 3; earlier ~340 us vs ~80 us,
 `bench/ranking.py --predictor` prints the current figures), and batching does not amortise
 it (the library tokenises each document in Python too). Training uses the library.
 """
@@ -47,10 +52,11 @@ from scheduler.predictors.features import (
     RequestFeatures,
     hashing_vectorizer,
     request_features,
+    tfidf,
 )
 
 MODEL_FORMAT = "tokenyard-rank"
-MODEL_FORMAT_VERSION = 1
+MODEL_FORMAT_VERSION = 2
 DEFAULT_MODEL_PATH = Path(__file__).with_name("default_rank.json.gz")
 MAX_MODEL_FILE_BYTES = 64 * 1024 * 1024
 
@@ -64,82 +70,131 @@ _INDEX_CACHE_MAX = 200_000
 
 
 class HashedTextLayer:
-    """weights . l2-normalised hashed word 1-2 gram counts + bias, for one text at a time.
+    """weights . l2-normalised sublinear TF-IDF of hashed word 1-2 grams + bias, one text at a time.
 
-    Equal to `hashing_vectorizer().transform([text]) @ weights + bias`; see the module
-    docstring for why it is hand-written. Token -> index lookups are cached (bounded)."""
+    Equal to `tfidf(hashing_vectorizer().transform([text]), idf) @ weights + bias`; see the
+    module docstring for why it is hand-written. Only the buckets seen in training carry a
+    weight and an idf (a sparse table); an unseen bucket has weight 0 and `idf_unseen`, which
+    still counts in the norm. Token -> index lookups are cached (bounded)."""
 
-    __slots__ = ("weights", "bias", "_index")
+    __slots__ = ("table", "idf_unseen", "bias", "_index")
 
-    def __init__(self, weights: np.ndarray, bias: float) -> None:
-        self.weights: list[float] = [float(w) for w in weights]
+    def __init__(self, weights: Mapping[int, float], idf: Mapping[int, float], idf_unseen: float, bias: float) -> None:
+        # one lookup per bucket: (weight, idf) together
+        self.table: dict[int, tuple[float, float]] = {i: (float(w), float(idf[i])) for i, w in weights.items()}
+        self.idf_unseen = idf_unseen
         self.bias = bias
         self._index: dict[str, int] = {}
 
     def _index_of(self, gram: str) -> int:
-        index = self._index.get(gram)
-        if index is None:
-            from sklearn.utils import murmurhash3_32
+        from sklearn.utils import murmurhash3_32
 
-            index = abs(int(murmurhash3_32(gram, seed=0))) % HASH_N_FEATURES
-            if len(self._index) >= _INDEX_CACHE_MAX:
-                self._index.clear()
-            self._index[gram] = index
+        index = abs(int(murmurhash3_32(gram, seed=0))) % HASH_N_FEATURES
+        if len(self._index) >= _INDEX_CACHE_MAX:
+            self._index.clear()
+        self._index[gram] = index
         return index
 
     def score(self, text: str) -> float:
         tokens = _TOKEN.findall(text.lower())
         counts: dict[int, int] = {}
-        index_of = self._index_of
-        for gram in tokens:
-            i = index_of(gram)
-            counts[i] = counts.get(i, 0) + 1
-        for left, right in zip(tokens, tokens[1:], strict=False):
-            i = index_of(left + " " + right)
+        cache = self._index
+        for gram in (*tokens, *(f"{a} {b}" for a, b in zip(tokens, tokens[1:], strict=False))):
+            i = cache.get(gram)
+            if i is None:
+                i = self._index_of(gram)
             counts[i] = counts.get(i, 0) + 1
         if not counts:
             return self.bias
-        weights = self.weights
-        norm = math.sqrt(sum(c * c for c in counts.values()))
-        return sum(weights[i] * c for i, c in counts.items()) / norm + self.bias
+        table, unseen, log = self.table, self.idf_unseen, math.log
+        total = norm2 = 0.0
+        for i, c in counts.items():
+            tf = 1.0 if c == 1 else 1.0 + log(c)
+            entry = table.get(i)
+            if entry is None:
+                value = tf * unseen
+            else:
+                value = tf * entry[1]
+                total += entry[0] * value
+            norm2 += value * value
+        return total / math.sqrt(norm2) + self.bias
+
+
+@dataclass(slots=True)
+class TextLayer:
+    """The trained text layer's parameters: sparse (bucket, weight, idf) for the buckets seen
+    in training, the idf of an unseen bucket, and the intercept."""
+
+    index: np.ndarray  # int32 bucket numbers, ascending
+    weights: np.ndarray  # float32, one per bucket in `index`
+    idf: np.ndarray  # float32, one per bucket in `index`
+    idf_unseen: float
+    bias: float
+
+    def __post_init__(self) -> None:
+        n = len(self.index)
+        if self.weights.shape != (n,) or self.idf.shape != (n,):
+            raise RankModelError(f"text layer: {n} buckets but {self.weights.shape[0]} weights, {self.idf.shape[0]} idf")
+        if n and (int(self.index.min()) < 0 or int(self.index.max()) >= HASH_N_FEATURES):
+            raise RankModelError(f"text layer: bucket numbers must lie in [0, {HASH_N_FEATURES})")
+
+    def dense_weights(self) -> tuple[np.ndarray, np.ndarray]:
+        """(weights, idf) over all HASH_N_FEATURES buckets."""
+        weights = np.zeros(HASH_N_FEATURES, dtype=np.float64)
+        idf = np.full(HASH_N_FEATURES, self.idf_unseen, dtype=np.float64)
+        weights[self.index] = self.weights
+        idf[self.index] = self.idf
+        return weights, idf
 
 
 @dataclass(slots=True)
 class RankModel:
     """A loaded ranker; `score`/`score_batch` give predicted ln(1 + output tokens)."""
 
-    text_weights: np.ndarray  # float32, HASH_N_FEATURES
-    text_bias: float
+    text: TextLayer
     booster: Any  # lightgbm.Booster
     calibration_scale: float
     calibration_offset: float
+    model_prior: dict[str, float] = field(default_factory=dict)  # model_key -> mean ln(1 + tokens)
     kind: str = "lambdarank"
     meta: dict[str, Any] = field(default_factory=dict)
     _vectorizer: Any = None
     _text_layer: HashedTextLayer | None = None
+    _dense_text: tuple[np.ndarray, np.ndarray] | None = None
 
     def __post_init__(self) -> None:
-        if self.text_weights.shape != (HASH_N_FEATURES,):
-            raise RankModelError(
-                f"text layer: expected {HASH_N_FEATURES} weights, got {self.text_weights.shape}"
-            )
         if not self.calibration_scale > 0:
             raise RankModelError(f"calibration scale must be positive, got {self.calibration_scale}")
         self._vectorizer = hashing_vectorizer()
-        self._text_layer = HashedTextLayer(self.text_weights, self.text_bias)
+        index = [int(i) for i in self.text.index]
+        self._text_layer = HashedTextLayer(
+            dict(zip(index, (float(w) for w in self.text.weights), strict=True)),
+            dict(zip(index, (float(v) for v in self.text.idf), strict=True)),
+            self.text.idf_unseen, self.text.bias,
+        )
+        self._dense_text = self.text.dense_weights()
 
     def text_scores(self, texts: Sequence[str]) -> np.ndarray:
-        hashed = self._vectorizer.transform(list(texts))
-        return np.asarray(hashed @ self.text_weights, dtype=np.float64) + self.text_bias
+        """The text layer by scikit-learn (batches; training and evaluation)."""
+        assert self._dense_text is not None
+        weights, idf = self._dense_text
+        weighted = tfidf(self._vectorizer.transform(list(texts)), idf)
+        return np.asarray(weighted @ weights, dtype=np.float64) + self.text.bias
+
+    def prior(self, model: str) -> float:
+        """The model's verbosity prior (mean ln(1 + output tokens) in training); NaN for a
+        model the training data did not have (the booster then reads size and family)."""
+        return self.model_prior.get(model, math.nan)
 
     def design_matrix(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
-        """The booster's input rows: dense features, then the text layer's output."""
+        """The booster's input rows: dense features, the text layer's output, the model prior."""
         feats = [request_features(r) for r in records]
         dense = np.array([f.dense for f in feats], dtype=np.float64).reshape(len(feats), len(DENSE_FEATURE_NAMES))
         assert self._text_layer is not None
         layer = self._text_layer
         text = np.array([layer.score(f.instruction_text) for f in feats], dtype=np.float64)
-        return np.column_stack([dense, text])
+        prior = np.array([self.prior(f.model) for f in feats], dtype=np.float64)
+        return np.column_stack([dense, text, prior])
 
     def score_batch(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
         """Predicted ln(1 + output tokens) of each record, capped by its `max_tokens`."""
@@ -157,19 +212,24 @@ class RankModel:
 
     def score_features(self, features: RequestFeatures, cap: float = math.inf) -> float:
         assert self._text_layer is not None
-        row = np.array([[*features.dense, self._text_layer.score(features.instruction_text)]])
+        row = np.array([[*features.dense, self._text_layer.score(features.instruction_text), self.prior(features.model)]])
         raw = float(self.booster.predict(row, num_threads=1)[0])
         return min(max(raw * self.calibration_scale + self.calibration_offset, 0.0), cap)
 
     # ------------------------------------------------------------------ file I/O
     def to_document(self) -> dict[str, Any]:
-        weights = np.ascontiguousarray(self.text_weights, dtype="<f4").tobytes()
+        def b64(array: np.ndarray, dtype: str) -> str:
+            return base64.b64encode(np.ascontiguousarray(array, dtype=dtype).tobytes()).decode("ascii")
+
         return {
             "format": MODEL_FORMAT,
             "format_version": MODEL_FORMAT_VERSION,
             "feature_spec": FEATURE_SPEC,
             "kind": self.kind,
-            "text_layer": {"weights_b64": base64.b64encode(weights).decode("ascii"), "bias": self.text_bias},
+            "text_layer": {"index_b64": b64(self.text.index, "<i4"), "weights_b64": b64(self.text.weights, "<f4"),
+                           "idf_b64": b64(self.text.idf, "<f4"), "idf_unseen": self.text.idf_unseen,
+                           "bias": self.text.bias},
+            "model_prior": {"log_tokens": self.model_prior},
             "booster": self.booster.model_to_string(),
             "calibration": {"scale": self.calibration_scale, "offset": self.calibration_offset},
             "meta": self.meta,
@@ -218,12 +278,20 @@ def model_from_document(doc: Any, where: str = "rank model") -> RankModel:
         import lightgbm
 
         text = doc["text_layer"]
-        weights = np.frombuffer(base64.b64decode(text["weights_b64"]), dtype="<f4").astype(np.float32)
+
+        def array(key: str, dtype: str) -> np.ndarray:
+            return np.frombuffer(base64.b64decode(text[key]), dtype=dtype).astype(dtype[1:])
+
+        layer = TextLayer(array("index_b64", "<i4"), array("weights_b64", "<f4"), array("idf_b64", "<f4"),
+                          float(text["idf_unseen"]), float(text["bias"]))
+        prior = doc["model_prior"]["log_tokens"]
+        if not isinstance(prior, Mapping):
+            raise TypeError("model_prior.log_tokens: expected an object of model -> number")
         booster = lightgbm.Booster(model_str=str(doc["booster"]))
         calibration = doc["calibration"]
         return RankModel(
-            text_weights=weights,
-            text_bias=float(text["bias"]),
+            text=layer,
+            model_prior={str(k): float(v) for k, v in prior.items()},
             booster=booster,
             calibration_scale=float(calibration["scale"]),
             calibration_offset=float(calibration["offset"]),

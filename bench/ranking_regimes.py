@@ -1,0 +1,256 @@
+"""Where shortest-predicted-first pays: FCFS, input-length SJF, learned-rank SJF with and
+without the starvation guard, and the oracle, in three simulated setups where queueing
+(not decode time) is a larger share of end-to-end latency, at 50/80/95% load.
+
+    python bench/ranking_regimes.py [--requests 2000] [--tau 0.49] [--rank-model split.json.gz]
+
+Setups (llama-3-8b on A100-80GB, Azure conversation trace lengths unless said):
+
+- `batch8`: one engine capped at 8 running sequences (`max_num_seqs 8`), ordering its own
+  waiting queue by the policy's vLLM `priority` (`--scheduling-policy priority`);
+- `kv-limited`: one engine (max_num_seqs 64) whose KV cache holds 1,500 blocks of 16 tokens
+  (~17 average Azure conversations), so memory, not the sequence cap, limits the batch and
+  long requests hold memory (and get preempted); engine priority as in `batch8`;
+- `fleet-admission`: four engines (max_num_seqs 64) behind the router's admission queue,
+  an instance saturated at 8 outstanding requests (`admission.saturation.
+  max_outstanding_per_instance: 8`, a TPOT cap): requests beyond that wait in the router,
+  which releases them in `queue.sort` order; engines run FCFS;
+- `alpaca-batch8`, `alpaca-fleet`: `batch8` and `fleet-admission` with real prompts and real output lengths: the
+  AlpacaEval prompts that `tokenyard train rank`'s split holds out, with the answers of
+  its 11 text models (tokens by the Tekken tokenizer), Poisson arrivals (seeded), each request
+  scored by a ranker trained without those prompts (`--rank-model`, a `--no-refit` model);
+  its learned rows use that ranker, not the noise model.
+
+Predictions elsewhere come from `sim.rank_noise` at `--tau` (the ranker's held-out tau);
+the oracle is tau = 1. Load = arrival rate over the capacity of the same setup under FCFS,
+measured in the same run (every request offered at 200 req/s: completed requests per
+second); 150% is a burst over capacity that drains when the finite trace ends. Writes a table, a
+JSON file (`--json`) and docs/img/ranking_regimes.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.ranking import metrics, rate_per_s, scaled  # noqa: E402
+from sim.cluster import parse_cluster  # noqa: E402
+from sim.rank_noise import InputLengthRanker, NoisyRanker, RankFn, noise_sd_for_tau  # noqa: E402
+from sim.simulator import simulate  # noqa: E402
+from sim.traces import read_trace  # noqa: E402
+from sim.workload import TraceRequest  # noqa: E402
+
+SHARED_DATA_DEFAULT = ROOT.parent / "shared" / "data"
+TRACE = "traces/azure_llm_2023/AzureLLMInferenceTrace_conv.csv"
+LOADS = (0.5, 0.8, 0.95, 1.5)  # 1.5: a burst over capacity (the trace is finite, so it drains)
+OVERLOAD_RPS = 200.0
+KV_LIMITED_BLOCKS = 1500
+SETUPS = ("batch8", "kv-limited", "fleet-admission", "alpaca-batch8", "alpaca-fleet")
+
+
+def cluster(setup: str, policy: Any) -> Any:
+    """The setup's cluster with `policy` as the engine priority (batch8) or the admission
+    queue's sort (the fleets)."""
+    batch8 = setup.endswith("batch8")
+    engine: dict[str, Any] = {"max_num_seqs": 8 if batch8 else 64, "max_num_batched_tokens": 4096}
+    if setup == "kv-limited":  # 1,500 blocks of 16 tokens: ~17 Azure conversations (1,420 tokens each)
+        engine["num_kv_blocks"] = KV_LIMITED_BLOCKS
+    engine_queue = batch8 or setup == "kv-limited"
+    count = 1 if engine_queue else 4
+    document: dict[str, Any] = {
+        "version": 1,
+        "profiles": {"default": {"scorers": ["least_outstanding"], "picker": "max_score"}},
+        "affinity": {"enabled": False},
+    }
+    if engine_queue:
+        document["queue"] = {"sort": "fcfs", "engine_priority": policy}
+    else:
+        document["queue"] = {"sort": policy, "engine_priority": "fcfs"}
+        document["admission"] = {
+            "enabled": True, "max_queue_depth": 100_000, "default_queue_timeout_ms": 3_600_000,
+            "saturation": {"max_queued_per_instance": None, "max_outstanding_per_instance": 8},
+        }
+    return parse_cluster({
+        "default_model": "llama-3-8b",
+        "pools": [{"name": "a100", "gpu": "A100-80GB", "model": "llama-3-8b", "count": count, "engine": engine}],
+        "policy": document,
+    }, f"bench/ranking_regimes.py {setup}")
+
+
+def policies(noise_sd: float, guard_s: float, learned: RankFn | None) -> list[tuple[str, Any, RankFn | None]]:
+    model_rank: RankFn = learned if learned is not None else NoisyRanker(noise_sd)
+    return [
+        ("fcfs", "fcfs", None),
+        ("input-length SJF", {"input_length": {}}, InputLengthRanker()),
+        ("learned SJF", {"learned_rank": {"max_wait_s": None}}, model_rank),
+        (f"learned SJF + guard {guard_s:g}s", {"learned_rank": {"max_wait_s": guard_s}}, model_rank),
+        ("oracle SJF", {"learned_rank": {"max_wait_s": None}}, NoisyRanker(0.0)),
+    ]
+
+
+def alpaca_requests(data: Path, seed: int) -> tuple[list[TraceRequest], dict[str, str]]:
+    """Held-out AlpacaEval prompts x the 11 text models' real answer lengths, shuffled, at 1 req/s
+    (Poisson; `scaled` sets the rate); also each request's generator (the model that wrote
+    the answer), which the ranker is told."""
+    from learn.rank import TrainConfig, split_by_prompt
+    from learn.rank_data import TokenCounter, alpaca_text_examples
+
+    counter = TokenCounter()
+    examples, _ = alpaca_text_examples(data / "lengths" / "alpaca_eval", counter)
+    split = split_by_prompt(examples, TrainConfig())  # the same split as `tokenyard train rank`
+    held = split.test + split.unseen
+    rng = random.Random(seed)
+    rng.shuffle(held)
+    input_tokens = {e.prompt_key: counter.count(e.features.instruction_text) for e in held}
+    out: list[TraceRequest] = []
+    generators: dict[str, str] = {}
+    clock = 0.0
+    for i, e in enumerate(held):
+        clock += rng.expovariate(1.0)
+        out.append(TraceRequest(f"alpaca-{i}", clock, max(1, input_tokens[e.prompt_key]), max(1, e.output_tokens),
+                                prompt=e.features.instruction_text))
+        generators[f"alpaca-{i}"] = e.model
+    return out, generators
+
+
+class GeneratorRanker:
+    """The real ranker for the alpaca setups: scores the prompt as a request to the model that
+    wrote the answer (the simulated engines all run llama-3-8b's timing)."""
+
+    def __init__(self, model_path: Path | None, generators: dict[str, str]) -> None:
+        from scheduler.predictors.rank import load_rank_model
+
+        self.model = load_rank_model(model_path)
+        self.generators = generators
+        self.cache: dict[str, float] = {}
+
+    def __call__(self, trace: TraceRequest) -> float:
+        score = self.cache.get(trace.request_id)
+        if score is None:
+            record = {"prompt": trace.prompt or "", "model": self.generators.get(trace.request_id, ""), "input_tokens": trace.input_tokens}
+            score = self.cache[trace.request_id] = float(self.model.score(record))
+        return score
+
+
+def run_setup(setup: str, args: argparse.Namespace, bar: Any) -> dict[str, Any]:
+    learned: RankFn | None = None
+    if setup.startswith("alpaca"):
+        requests, generators = alpaca_requests(args.data, args.seed)
+        learned = GeneratorRanker(args.rank_model, generators)
+        from scipy.stats import kendalltau
+
+        tau = float(kendalltau([learned(r) for r in requests], [r.output_tokens for r in requests]).statistic)
+    else:
+        requests = read_trace(args.data / TRACE, limit=args.requests).requests()
+        tau = args.tau
+    outputs = [r.output_tokens for r in requests]
+    sd = noise_sd_for_tau(outputs, tau, seed=0)
+    # capacity: every request offered within seconds (200 req/s), FCFS; completions per second
+    capacity = metrics(simulate(cluster(setup, "fcfs"), scaled(requests, OVERLOAD_RPS / rate_per_s(requests))))
+    cap_rps = capacity["throughput_rps"]
+    rows: list[dict[str, Any]] = []
+    for load in LOADS:
+        trace = scaled(requests, load * cap_rps / rate_per_s(requests))
+        for name, policy, ranker in policies(sd, args.guard_s, learned):
+            result = simulate(cluster(setup, policy), trace, ranker=ranker)
+            rows.append({"load": load, "policy": name, **metrics(result)})
+            bar.update(1)
+    out_mean = float(np.mean(outputs))
+    out_cv = float(np.std(outputs) / out_mean)
+    return {"setup": setup, "requests": len(requests), "capacity_rps": cap_rps, "tau": round(tau, 3),
+            "noise_sd": sd, "output_mean": out_mean, "output_cv": out_cv, "rows": rows}
+
+
+def print_tables(doc: dict[str, Any]) -> None:
+    for block in doc["setups"]:
+        print(f"\n{block['setup']}: {block['requests']} requests, output tokens mean {block['output_mean']:.0f} "
+              f"(CV {block['output_cv']:.2f}); capacity {block['capacity_rps']:.2f} req/s; learned rank at tau "
+              f"{block['tau']}")
+        print("| load | policy | mean E2E s | p90 E2E s | mean TTFT s | p99 TTFT s | max TTFT s | req/s | FCFS / policy |"
+              " oracle / policy |")
+        print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        fcfs = {r["load"]: r["mean_e2e_s"] for r in block["rows"] if r["policy"] == "fcfs"}
+        oracle = {r["load"]: r["mean_e2e_s"] for r in block["rows"] if r["policy"] == "oracle SJF"}
+        for r in block["rows"]:
+            print(f"| {r['load']:.2f} | {r['policy']} | {r['mean_e2e_s']:.2f} | {r['p90_e2e_s']:.2f} | "
+                  f"{r['mean_ttft_s']:.2f} | {r['p99_ttft_s']:.2f} | {r['max_ttft_s']:.1f} | {r['throughput_rps']:.2f} | "
+                  f"{fcfs[r['load']] / r['mean_e2e_s']:.2f} | {oracle[r['load']] / r['mean_e2e_s']:.2f} |")
+
+
+def plot(doc: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    setups = doc["setups"]
+    fig, axes = plt.subplots(2, len(setups), figsize=(5 * len(setups), 7.5), squeeze=False)
+    for col, block in enumerate(setups):
+        names = list(dict.fromkeys(r["policy"] for r in block["rows"]))
+        width = 0.8 / len(names)
+        for k, name in enumerate(names):
+            rows = [r for r in block["rows"] if r["policy"] == name]
+            x = np.arange(len(rows)) + k * width
+            axes[0][col].bar(x, [r["mean_e2e_s"] for r in rows], width, label=name)
+            axes[1][col].bar(x, [r["p99_ttft_s"] for r in rows], width, label=name)
+        for row, title in ((0, "mean E2E (s, log)"), (1, "p99 TTFT (s, log)")):
+            ax = axes[row][col]
+            ax.set_xticks(np.arange(len(LOADS)) + 0.4 - width / 2, [f"{int(load * 100)}%" for load in LOADS])
+            ax.set_title(f"{block['setup']}: {title}", fontsize=9)
+            ax.set_yscale("log")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Shortest-predicted-first vs FCFS, simulated llama-3-8b on A100 (bench/ranking_regimes.py)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=SHARED_DATA_DEFAULT)
+    parser.add_argument("--requests", type=int, default=2000, help="Azure conv requests (batch8, fleet-admission)")
+    parser.add_argument("--tau", type=float, default=0.49, help="Kendall tau of the noise-model predictions")
+    parser.add_argument("--guard-s", type=float, default=60.0, help="starvation guard max_wait_s")
+    parser.add_argument("--rank-model", type=Path, default=None,
+                        help="ranker for the alpaca setups: one trained with --no-refit (it has not seen the held-out prompts)")
+    parser.add_argument("--setups", default=",".join(SETUPS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img" / "ranking_regimes.png")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--replot", type=Path, default=None, help="redraw the plot from a --json file and exit")
+    args = parser.parse_args()
+    if args.replot:
+        plot(json.loads(args.replot.read_text()), args.out)
+        return 0
+    setups = [s for s in args.setups.split(",") if s]
+    unknown = [s for s in setups if s not in SETUPS]
+    if unknown:
+        parser.error(f"--setups: unknown {unknown}; known: {', '.join(SETUPS)}")
+    if any(s.startswith("alpaca") for s in setups) and args.rank_model is None:
+        parser.error("--rank-model: the alpaca setups need a ranker that has not seen the held-out prompts "
+                     "(tokenyard train rank --no-refit --out split.json.gz)")
+    doc: dict[str, Any] = {"guard_s": args.guard_s, "setups": []}
+    with tqdm(total=len(setups) * len(LOADS) * 5, desc="ranking regimes", unit="run", file=sys.stderr) as bar:
+        for setup in setups:
+            doc["setups"].append(run_setup(setup, args, bar))
+    print_tables(doc)
+    plot(doc, args.out)
+    if args.json:
+        args.json.write_text(json.dumps(doc, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v))
+    print(f"\nplot: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
