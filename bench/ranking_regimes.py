@@ -56,6 +56,8 @@ TRACE = "traces/azure_llm_2023/AzureLLMInferenceTrace_conv.csv"
 LOADS = (0.5, 0.8, 0.95, 1.5)  # 1.5: a burst over capacity (the trace is finite, so it drains)
 OVERLOAD_RPS = 200.0
 KV_LIMITED_BLOCKS = 1500
+GUARD_SWEEP_LOAD = 0.95
+GUARD_SWEEP_S: tuple[float | None, ...] = (15.0, 30.0, 60.0, 120.0, 240.0, None)
 SETUPS = ("batch8", "kv-limited", "fleet-admission", "alpaca-batch8", "alpaca-fleet")
 
 
@@ -175,10 +177,18 @@ def run_setup(setup: str, args: argparse.Namespace, bar: Any) -> dict[str, Any]:
             result = simulate(cluster(setup, policy), trace, ranker=ranker)
             rows.append({"load": load, "policy": name, **metrics(result)})
             bar.update(1)
+    # the guard's trade: mean gain against the worst wait, at 95% load, per max_wait_s
+    trace = scaled(requests, GUARD_SWEEP_LOAD * cap_rps / rate_per_s(requests))
+    model_rank: RankFn = learned if learned is not None else NoisyRanker(sd)
+    guard_sweep = []
+    for guard in GUARD_SWEEP_S:
+        result = simulate(cluster(setup, {"learned_rank": {"max_wait_s": guard}}), trace, ranker=model_rank)
+        guard_sweep.append({"max_wait_s": guard, **metrics(result)})
+        bar.update(1)
     out_mean = float(np.mean(outputs))
     out_cv = float(np.std(outputs) / out_mean)
     return {"setup": setup, "requests": len(requests), "capacity_rps": cap_rps, "tau": round(tau, 3), "within_model_tau": round(within_tau, 3),
-            "noise_sd": sd, "output_mean": out_mean, "output_cv": out_cv, "rows": rows}
+            "noise_sd": sd, "guard_sweep": guard_sweep, "output_mean": out_mean, "output_cv": out_cv, "rows": rows}
 
 
 def print_tables(doc: dict[str, Any]) -> None:
@@ -201,6 +211,13 @@ def print_tables(doc: dict[str, Any]) -> None:
                   f"{r['throughput_rps']:.2f} | {f['mean_e2e_s'] / r['mean_e2e_s']:.2f} | "
                   f"{oracle[r['load']] / r['mean_e2e_s']:.2f} | {1000 * r['mean_norm_latency_s']:.1f} | "
                   f"{f['mean_norm_latency_s'] / r['mean_norm_latency_s']:.2f} | {bound:.2f} |")
+        f = fcfs[GUARD_SWEEP_LOAD]
+        print(f"guard sweep at {GUARD_SWEEP_LOAD:.0%} load (FCFS max TTFT {f['max_ttft_s']:.0f} s): max_wait_s -> "
+              "FCFS / learned mean E2E, normalized, max TTFT s")
+        for g in block["guard_sweep"]:
+            label = "none" if g["max_wait_s"] is None else f"{g['max_wait_s']:g}"
+            print(f"  {label:>5}: {f['mean_e2e_s'] / g['mean_e2e_s']:.2f}x, {f['mean_norm_latency_s'] / g['mean_norm_latency_s']:.2f}x, "
+                  f"{g['max_ttft_s']:.0f}")
 
 
 def plot(doc: dict[str, Any], path: Path) -> None:
@@ -210,7 +227,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     setups = doc["setups"]
-    fig, axes = plt.subplots(2, len(setups), figsize=(5 * len(setups), 7.5), squeeze=False)
+    fig, axes = plt.subplots(3, len(setups), figsize=(5 * len(setups), 11), squeeze=False)
     for col, block in enumerate(setups):
         names = list(dict.fromkeys(r["policy"] for r in block["rows"]))
         width = 0.8 / len(names)
@@ -219,7 +236,8 @@ def plot(doc: dict[str, Any], path: Path) -> None:
             x = np.arange(len(rows)) + k * width
             axes[0][col].bar(x, [r["mean_e2e_s"] for r in rows], width, label=name)
             axes[1][col].bar(x, [r["p99_ttft_s"] for r in rows], width, label=name)
-        for row, title in ((0, "mean E2E (s, log)"), (1, "p99 TTFT (s, log)")):
+            axes[2][col].bar(x, [1000 * r.get("mean_norm_latency_s", math.nan) for r in rows], width, label=name)
+        for row, title in ((0, "mean E2E (s, log)"), (1, "p99 TTFT (s, log)"), (2, "mean E2E / output token (ms, log)")):
             ax = axes[row][col]
             ax.set_xticks(np.arange(len(LOADS)) + 0.4 - width / 2, [f"{int(load * 100)}%" for load in LOADS])
             ax.set_title(f"{block['setup']}: {title}", fontsize=9)
@@ -259,7 +277,7 @@ def main() -> int:
         parser.error("--rank-model: the alpaca setups need a ranker that has not seen the held-out prompts "
                      "(tokenyard train rank --no-refit --out split.json.gz)")
     doc: dict[str, Any] = {"guard_s": args.guard_s, "setups": []}
-    with tqdm(total=len(setups) * len(LOADS) * 5, desc="ranking regimes", unit="run", file=sys.stderr) as bar:
+    with tqdm(total=len(setups) * (len(LOADS) * 5 + len(GUARD_SWEEP_S)), desc="ranking regimes", unit="run", file=sys.stderr) as bar:
         for setup in setups:
             doc["setups"].append(run_setup(setup, args, bar))
     print_tables(doc)
