@@ -3,6 +3,7 @@ simulator on the Azure conversation trace; and the ranker's cost per request.
 
     python bench/ranking.py [--requests 3000] [--max-num-seqs 64] [--tau 0.37] [--guard-s 60]
     python bench/ranking.py --predictor      # scoring cost: one request, one core
+    python bench/ranking.py --cap-study      # a lower batch cap to make a queue for SJF: does it pay?
 
 Output lengths come from the trace; predictions from `sim.rank_noise` at the Kendall tau
 given (default: the shipped ranker's held-out tau), the oracle is tau = 1. Load is the
@@ -116,6 +117,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"requests": len(requests), "capacity_rps": capacity, "trace_rate_rps": base_rate, "tau": args.tau,
             "noise_sd": sd, "max_num_seqs": args.max_num_seqs, "instances": args.count,
             "guard_s": args.guard_s, "rows": rows, "sweep_load": args.sweep_load, "sweep": sweep}
+
+
+CAP_STUDY_SEQS = (16, 32, 48, 64, 128)
+
+
+def cap_study(args: argparse.Namespace) -> None:
+    """Does a lower batch cap, which makes a queue form for SJF to order, pay? Capacity per
+    `max_num_seqs`, then mean E2E at 80/95% of the `--max-num-seqs` engine's capacity under
+    each cap, FCFS and oracle SJF, against FCFS at `--max-num-seqs`."""
+    requests = read_trace(args.data / TRACE, limit=args.requests).requests()
+    base_rate = rate_per_s(requests)
+    caps = {n: metrics(simulate(cluster("fcfs", n, args.count), scaled(requests, 5.0)))["throughput_rps"]
+            for n in sorted({*CAP_STUDY_SEQS, args.max_num_seqs})}
+    print("capacity req/s by max_num_seqs: " + ", ".join(f"{n}: {c:.2f}" for n, c in caps.items()))
+    oracle = {"learned_rank": {"max_wait_s": None}}
+    for load in (0.8, 0.95):
+        trace = scaled(requests, load * caps[args.max_num_seqs] / base_rate)
+        ref = metrics(simulate(cluster("fcfs", args.max_num_seqs, args.count), trace))["mean_e2e_s"]
+        cells = []
+        for n in caps:
+            fcfs = metrics(simulate(cluster("fcfs", n, args.count), trace))["mean_e2e_s"]
+            best = metrics(simulate(cluster(oracle, n, args.count), trace, ranker=NoisyRanker(0.0)))["mean_e2e_s"]
+            cells.append(f"{n}: FCFS {fcfs:.1f} s, oracle {best:.1f} s ({ref / best:.2f}x)")
+        print(f"load {load:.2f} of max_num_seqs {args.max_num_seqs}'s capacity (FCFS there {ref:.2f} s); "
+              "mean E2E by cap (FCFS at the reference cap / oracle): " + "; ".join(cells))
 
 
 def print_table(doc: dict[str, Any]) -> None:
@@ -236,11 +262,16 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("docs/img/ranking.png"))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--predictor", action="store_true", help="measure the ranker's scoring cost instead")
+    parser.add_argument("--cap-study", action="store_true",
+                        help="instead: does a lower max_num_seqs (a queue for SJF to order) pay at 80/95%% load?")
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--samples", type=int, default=2000)
     args = parser.parse_args()
     if args.predictor:
         predictor_cost(args.model, args.samples)
+        return 0
+    if args.cap_study:
+        cap_study(args)
         return 0
     doc = run(args)
     print_table(doc)
