@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ from sim.traces import read_trace
 from sim.workload import TraceRequest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA_DEFAULT = ROOT.parent / "shared" / "data"  # a worktree: pass --data
+SHARED_DATA_DEFAULT = Path(os.environ.get("TOKENYARD_SHARED_DATA", ROOT.parent / "shared" / "data"))  # as tests/conftest.py
 TRACE = "traces/azure_llm_2023/AzureLLMInferenceTrace_conv.csv"
 LOADS = (0.5, 0.8, 0.95, 1.2)  # 1.2: a burst over capacity (the trace is finite)
 
@@ -205,8 +206,6 @@ def predictor_cost(model_path: Path | None, samples: int) -> None:
     """Scoring one request on one core: wall time, and the thread's CPU time (what the
     scoring costs a core, robust to a box shared with other jobs), for the fast path and
     for scikit-learn's HashingVectorizer path (the baseline) in the same run."""
-    import os
-
     from scheduler.predictors.rank import load_rank_model
 
     if hasattr(os, "sched_setaffinity"):

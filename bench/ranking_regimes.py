@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import sys
 from pathlib import Path
@@ -51,7 +52,7 @@ from sim.simulator import simulate  # noqa: E402
 from sim.traces import read_trace  # noqa: E402
 from sim.workload import TraceRequest  # noqa: E402
 
-SHARED_DATA_DEFAULT = ROOT.parent / "shared" / "data"  # a worktree: pass --data
+SHARED_DATA_DEFAULT = Path(os.environ.get("TOKENYARD_SHARED_DATA", ROOT.parent / "shared" / "data"))  # as tests/conftest.py
 TRACE = "traces/azure_llm_2023/AzureLLMInferenceTrace_conv.csv"
 LOADS = (0.5, 0.8, 0.95, 1.5)  # 1.5: a burst over capacity (the trace is finite, so it drains)
 OVERLOAD_RPS = 200.0
