@@ -62,6 +62,28 @@ GUARD_SWEEP_S: tuple[float | None, ...] = (15.0, 30.0, 60.0, 120.0, 240.0, None)
 SETUPS = ("batch8", "kv-limited", "fleet-admission", "alpaca-batch8", "alpaca-fleet")
 
 
+ADMIT_PREEMPTION = "and self._victim().priority > req.priority"
+
+
+def admit_without_preemption() -> None:
+    """Diagnosis (`--no-admit-preemption`): run the simulator's engine core with vLLM V1's
+    admission, where a waiting request that does not fit in the KV cache waits (the waiting
+    loop stops at it); the core as shipped instead preempts a lower-priority running
+    request to admit it. Patches that one condition of `EngineCore._admit` for this process."""
+    import inspect
+    import textwrap
+
+    import sim.engine_core as core
+
+    source = textwrap.dedent(inspect.getsource(core.EngineCore._admit))
+    if ADMIT_PREEMPTION not in source:
+        raise SystemExit("--no-admit-preemption: sim/engine_core.py EngineCore._admit no longer has the condition "
+                         f"{ADMIT_PREEMPTION!r}; update this diagnosis")
+    namespace = dict(vars(core))
+    exec(source.replace(ADMIT_PREEMPTION, "and False"), namespace)  # noqa: S102 - our own source, one condition
+    core.EngineCore._admit = namespace["_admit"]  # type: ignore[method-assign]
+
+
 def cluster(setup: str, policy: Any) -> Any:
     """The setup's cluster with `policy` as the engine priority (batch8) or the admission
     queue's sort (the fleets)."""
@@ -262,6 +284,8 @@ def main() -> int:
     parser.add_argument("--rank-model", type=Path, default=None,
                         help="ranker for the alpaca setups: one trained with --no-refit (it has not seen the held-out prompts)")
     parser.add_argument("--setups", default=",".join(SETUPS))
+    parser.add_argument("--no-admit-preemption", action="store_true",
+                        help="diagnosis: engines admit as vLLM V1 does, never preempting to admit a waiting request")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img" / "ranking_regimes.png")
     parser.add_argument("--json", type=Path, default=None)
@@ -277,7 +301,9 @@ def main() -> int:
     if any(s.startswith("alpaca") for s in setups) and args.rank_model is None:
         parser.error("--rank-model: the alpaca setups need a ranker that has not seen the held-out prompts "
                      "(tokenyard train rank --no-refit --out split.json.gz)")
-    doc: dict[str, Any] = {"guard_s": args.guard_s, "setups": []}
+    if args.no_admit_preemption:
+        admit_without_preemption()
+    doc: dict[str, Any] = {"guard_s": args.guard_s, "admit_preemption": not args.no_admit_preemption, "setups": []}
     with tqdm(total=len(setups) * (len(LOADS) * 5 + len(GUARD_SWEEP_S)), desc="ranking regimes", unit="run", file=sys.stderr) as bar:
         for setup in setups:
             doc["setups"].append(run_setup(setup, args, bar))
