@@ -1,8 +1,9 @@
 """Learned-rank shortest-job-first against FCFS, input-length SJF and the oracle, in the
 simulator on the Azure conversation trace; and the ranker's cost per request.
 
-    python bench/ranking.py [--requests 3000] [--max-num-seqs 64] [--tau 0.49] [--guard-s 60]
+    python bench/ranking.py [--requests 3000] [--max-num-seqs 64] [--tau 0.37] [--guard-s 60]
     python bench/ranking.py --predictor      # scoring cost: one request, one core
+    python bench/ranking.py --cap-study      # a lower batch cap to make a queue for SJF: does it pay?
 
 Output lengths come from the trace; predictions from `sim.rank_noise` at the Kendall tau
 given (default: the shipped ranker's held-out tau), the oracle is tau = 1. Load is the
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,7 +35,7 @@ from sim.traces import read_trace
 from sim.workload import TraceRequest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA_DEFAULT = ROOT.parent / "shared" / "data"
+SHARED_DATA_DEFAULT = Path(os.environ.get("TOKENYARD_SHARED_DATA", ROOT.parent / "shared" / "data"))  # as tests/conftest.py
 TRACE = "traces/azure_llm_2023/AzureLLMInferenceTrace_conv.csv"
 LOADS = (0.5, 0.8, 0.95, 1.2)  # 1.2: a burst over capacity (the trace is finite)
 
@@ -61,9 +63,15 @@ def metrics(result: Any) -> dict[str, float]:
     done = [r for r in result.records if r.e2e_s is not None]
     e2e = np.array([r.e2e_s for r in done])
     ttft = np.array([r.ttft_s for r in done])
+    outputs = np.array([max(1, r.output_tokens) for r in done], dtype=np.float64)
     span = max(1e-9, result.end_s - result.start_s)
     return {
         "mean_e2e_s": float(e2e.mean()), "p90_e2e_s": float(np.percentile(e2e, 90)),
+        # vLLM's "normalized latency" and vllm-ltr's headline metric (its Figure 1: s / token):
+        # each request's E2E over its output tokens, averaged over requests
+        "mean_norm_latency_s": float((e2e / outputs).mean()),
+        # after the first token: what queue order cannot shorten (decode in a shared batch)
+        "mean_decode_s": float((e2e - ttft).mean()),
         "mean_ttft_s": float(ttft.mean()), "p99_ttft_s": float(np.percentile(ttft, 99)),
         "max_ttft_s": float(ttft.max()), "throughput_rps": len(done) / span,
         "output_tok_per_s": float(sum(r.output_tokens for r in done)) / span,
@@ -112,17 +120,47 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "guard_s": args.guard_s, "rows": rows, "sweep_load": args.sweep_load, "sweep": sweep}
 
 
+CAP_STUDY_SEQS = (16, 32, 48, 64, 128)
+
+
+def cap_study(args: argparse.Namespace) -> None:
+    """Does a lower batch cap, which makes a queue form for SJF to order, pay? Capacity per
+    `max_num_seqs`, then mean E2E at 80/95% of the `--max-num-seqs` engine's capacity under
+    each cap, FCFS and oracle SJF, against FCFS at `--max-num-seqs`."""
+    requests = read_trace(args.data / TRACE, limit=args.requests).requests()
+    base_rate = rate_per_s(requests)
+    caps = {n: metrics(simulate(cluster("fcfs", n, args.count), scaled(requests, 5.0)))["throughput_rps"]
+            for n in sorted({*CAP_STUDY_SEQS, args.max_num_seqs})}
+    print("capacity req/s by max_num_seqs: " + ", ".join(f"{n}: {c:.2f}" for n, c in caps.items()))
+    oracle = {"learned_rank": {"max_wait_s": None}}
+    for load in (0.8, 0.95):
+        trace = scaled(requests, load * caps[args.max_num_seqs] / base_rate)
+        ref = metrics(simulate(cluster("fcfs", args.max_num_seqs, args.count), trace))["mean_e2e_s"]
+        cells = []
+        for n in caps:
+            fcfs = metrics(simulate(cluster("fcfs", n, args.count), trace))["mean_e2e_s"]
+            best = metrics(simulate(cluster(oracle, n, args.count), trace, ranker=NoisyRanker(0.0)))["mean_e2e_s"]
+            cells.append(f"{n}: FCFS {fcfs:.1f} s, oracle {best:.1f} s ({ref / best:.2f}x)")
+        print(f"load {load:.2f} of max_num_seqs {args.max_num_seqs}'s capacity (FCFS there {ref:.2f} s); "
+              "mean E2E by cap (FCFS at the reference cap / oracle): " + "; ".join(cells))
+
+
 def print_table(doc: dict[str, Any]) -> None:
     print(f"Azure conv, first {doc['requests']} requests; {doc['instances']} x A100-80GB llama-3-8b, "
           f"max_num_seqs {doc['max_num_seqs']}; capacity {doc['capacity_rps']:.2f} req/s; "
           f"predictions at tau {doc['tau']} (noise sd {doc['noise_sd']:.3f})")
-    print(f"{'load':>5} {'policy':<26}{'mean E2E':>9}{'p90 E2E':>9}{'mean TTFT':>10}{'p99 TTFT':>9}"
-          f"{'max TTFT':>9}{'req/s':>7}{'FCFS/x':>7}")
-    fcfs = {r["load"]: r["mean_e2e_s"] for r in doc["rows"] if r["policy"] == "fcfs"}
+    print(f"{'load':>5} {'policy':<26}{'mean E2E':>9}{'p90 E2E':>9}{'mean TTFT':>10}{'decode':>8}{'p99 TTFT':>9}"
+          f"{'max TTFT':>9}{'req/s':>7}{'FCFS/x':>7}{'ms/tok':>8}{'norm FCFS/x':>12}{'bound':>7}")
+    fcfs = {r["load"]: r for r in doc["rows"] if r["policy"] == "fcfs"}
     for r in doc["rows"]:
+        f = fcfs[r["load"]]
         print(f"{r['load']:>5.2f} {r['policy']:<26}{r['mean_e2e_s']:>9.2f}{r['p90_e2e_s']:>9.2f}"
-              f"{r['mean_ttft_s']:>10.2f}{r['p99_ttft_s']:>9.2f}{r['max_ttft_s']:>9.1f}"
-              f"{r['throughput_rps']:>7.2f}{fcfs[r['load']] / r['mean_e2e_s']:>7.2f}")
+              f"{r['mean_ttft_s']:>10.2f}{r['mean_decode_s']:>8.2f}{r['p99_ttft_s']:>9.2f}{r['max_ttft_s']:>9.1f}"
+              f"{r['throughput_rps']:>7.2f}{f['mean_e2e_s'] / r['mean_e2e_s']:>7.2f}"
+              f"{1000 * r['mean_norm_latency_s']:>8.1f}{f['mean_norm_latency_s'] / r['mean_norm_latency_s']:>12.2f}"
+              f"{f['mean_e2e_s'] / max(1e-9, f['mean_decode_s']):>7.2f}")
+    print("norm = mean over requests of E2E / output tokens (vllm-ltr's metric); bound = FCFS mean E2E over its mean "
+          "decode time: the most any queue order can gain on mean E2E (it removes waits, not decode)")
     print(f"tau sweep at load {doc['sweep_load']}: mean E2E FCFS / learned (no guard | guard {doc['guard_s']:g}s), max TTFT")
     for tau in sorted({s["tau"] for s in doc["sweep"]}):
         pair = [s for s in doc["sweep"] if s["tau"] == tau]
@@ -168,8 +206,6 @@ def predictor_cost(model_path: Path | None, samples: int) -> None:
     """Scoring one request on one core: wall time, and the thread's CPU time (what the
     scoring costs a core, robust to a box shared with other jobs), for the fast path and
     for scikit-learn's HashingVectorizer path (the baseline) in the same run."""
-    import os
-
     from scheduler.predictors.rank import load_rank_model
 
     if hasattr(os, "sched_setaffinity"):
@@ -216,17 +252,25 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--count", type=int, default=1, help="instances")
-    parser.add_argument("--tau", type=float, default=0.49, help="Kendall tau of the predictions")
+    parser.add_argument("--tau", type=float, default=0.37,
+                        help="Kendall tau of the predictions; default: the shipped ranker's held-out tau per batch of "
+                        "one model's requests (0.372), what one engine's queue sees (0.489 overall also counts the "
+                        "model prior, which ranks models, not one model's requests)")
     parser.add_argument("--guard-s", type=float, default=60.0, help="starvation guard max_wait_s")
     parser.add_argument("--sweep-load", type=float, default=0.95)
     parser.add_argument("--out", type=Path, default=Path("docs/img/ranking.png"))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--predictor", action="store_true", help="measure the ranker's scoring cost instead")
+    parser.add_argument("--cap-study", action="store_true",
+                        help="instead: does a lower max_num_seqs (a queue for SJF to order) pay at 80/95%% load?")
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--samples", type=int, default=2000)
     args = parser.parse_args()
     if args.predictor:
         predictor_cost(args.model, args.samples)
+        return 0
+    if args.cap_study:
+        cap_study(args)
         return 0
     doc = run(args)
     print_table(doc)

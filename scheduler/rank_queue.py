@@ -17,8 +17,11 @@ cannot change while a request waits), so its guard is aging by construction:
 `priority = class x CLASS_STRIDE + round(1000 x (arrival_s + max_wait_s x u))` with
 u = clamp(rank / rank_span, 0, 1) in [0, 1]. A request is therefore overtaken only by
 requests of its class that arrived less than `max_wait_s` after it (their value is at most
-that much lower), which bounds how long newcomers can keep it waiting. With
-`max_wait_s: null` the priority is the rank alone (pure SJF, no guard).
+that much lower), which bounds how long newcomers can keep it waiting. The bound is loose:
+a later request overtakes by `max_wait_s` x its rank difference / `rank_span`, and real
+ranks differ by about a third of `rank_span`, so the realised extra wait is well under
+`max_wait_s` (docs/benchmarks.md, guard sweep). With `max_wait_s: null` the priority is
+the rank alone (pure SJF, no guard).
 
 `input_length` (shortest prompt first) is the baseline both ways.
 """
