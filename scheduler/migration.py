@@ -5,26 +5,36 @@ which then calls the Worker migration RPCs) and by the simulator (sim/migration.
 models the move by its transfer time). Two steps, so that a driver asks for the running
 requests of the chosen sources only:
 
-1. `pairs(loads)`: every instance's *virtual usage* -- the KV blocks its running requests
-   hold, plus the blocks its head-of-line queued request needs (queued demand: what keeps
-   it from admitting), plus headroom kept free for its high-priority requests -- as a
-   fraction of its blocks. Draining instances count as infinitely loaded (everything on
-   them should leave before scale-down). Instances above `overload_usage` are sources,
-   those below `underload_usage` destinations; the most loaded source is paired with the
-   least loaded destination, and so on. An instance already in a migration (in or out)
-   takes part in none: at most one migration per instance at a time.
-2. `choose(source, destination, candidates)`: the request to move. Cost grows with its
-   context (the bytes copied); the benefit is the KV it frees at the source. Llumnix moves
-   the cheapest: lowest priority class first (high-priority requests stay put), then the
-   shortest context, provided it fits at the destination with room to grow and the move
-   does not make the destination more loaded than the source is after it (no ping-pong).
-   Longer than `max_context_tokens`: not worth the copy.
+1. `pairs(loads)`: a *source* is an instance whose queue head cannot be admitted: the
+   blocks its head-of-line request needs, plus `preempt_guard_blocks` left for its running
+   decodes to grow into (admitting a head that leaves none only trades a wait for
+   preemptions), plus headroom kept for its high-priority requests, exceed its free
+   blocks; that shortfall is its *deficit*. A draining instance is a source while anything
+   runs on it (everything leaves before scale-down). A *destination* takes no part in a
+   move, is neither cordoned nor draining, and has *room*: free blocks after admitting its
+   own queue head, keeping `destination_reserve_blocks` and the mover's grow room free.
+   Sources by decreasing deficit (drains first) take, each, the destination with the most
+   room that can hold a request freeing the whole deficit and whose virtual usage (KV held
+   plus the head's blocks, over all blocks) is at least `min_usage_gap` lower (no
+   ping-pong between two equally full instances). An instance already in a migration (in
+   or out) takes part in none: at most one migration per instance at a time.
+2. `choose(source, destination, candidates)`: the request to move. The benefit is the
+   queue head admitted at once, so only a request whose blocks cover the deficit and fit
+   the destination's room qualifies; among those, the lowest priority class (high-priority
+   requests stay put) and then the fewest blocks (the cheapest copy). Longer than
+   `max_context_tokens`: not worth the copy. Draining moves take the cheapest that fits.
+
+Why not balance a usage measure, as the first version did (`overload_usage` /
+`underload_usage`): in the simulator, tails came from heads blocked on KV while a peer had
+room; moving requests between thresholds relieved no blocked head and lost to plain
+least-load dispatch (docs/benchmarks.md, "Live migration"). Documents that still name the
+two retired parameters are refused with this hint (`RETIRED_PARAMS`).
 
 An operator's move (`tokenyard instances migrate`) uses `pick_destination` and
 `operator_choice`: the same choice, without the load thresholds.
 
 Policies register by name (`register_migration_policy`), as dispatch parts do, and are
-chosen in config: `migration: {policy: llumnix, overload_usage: 0.9, ...}`; `none` never
+chosen in config: `migration: {policy: llumnix, preempt_guard_blocks: 8, ...}`; `none` never
 moves anything.
 """
 
@@ -148,18 +158,33 @@ def _count(name: str, value: Any) -> int:
     return value
 
 
-@register_migration_policy("llumnix")
-class VirtualUsageBalance(MigrationPolicy):
-    """Llumnix's load balancing and draining by virtual usage (see the module docstring)."""
+# Parameters of the usage-balancing policy this one replaced (issue 13): it balanced a
+# usage measure between thresholds, which moved requests without admitting anyone, so a
+# document that still sets them is refused with what to write instead.
+RETIRED_PARAMS = {
+    "overload_usage": "sources are now instances whose queue head cannot be admitted (see preempt_guard_blocks)",
+    "underload_usage": "destinations are now instances that keep destination_reserve_blocks free after the move",
+}
 
-    def __init__(self, overload_usage: float = 0.9, underload_usage: float = 0.6,
-                 priority_headroom_blocks: int = 0, high_priority_below: int = 0,
-                 max_context_tokens: int = 32_768, grow_room_blocks: int = 4) -> None:
-        self.overload_usage = _fraction("overload_usage", overload_usage)
-        self.underload_usage = _fraction("underload_usage", underload_usage)
-        if self.underload_usage >= self.overload_usage:
+
+@register_migration_policy("llumnix")
+class BlockedHeadRelief(MigrationPolicy):
+    """Moves a running request off an instance whose queue head is blocked on KV blocks,
+    to an instance with room to spare, so that the head is admitted (module docstring)."""
+
+    def __init__(self, preempt_guard_blocks: int = 8, destination_reserve_blocks: int = 16,
+                 min_usage_gap: float = 0.1, priority_headroom_blocks: int = 0, high_priority_below: int = 0,
+                 max_context_tokens: int = 32_768, grow_room_blocks: int = 4, **retired: Any) -> None:
+        for name in retired:
+            hint = RETIRED_PARAMS.get(name)
+            if hint is None:
+                raise MigrationPolicyError(f"migration: unexpected keyword argument {name!r}")
             raise MigrationPolicyError(
-                f"migration: underload_usage ({underload_usage}) must be below overload_usage ({overload_usage})")
+                f"migration.{name}: no longer a parameter of the llumnix policy: {hint}; set preempt_guard_blocks, "
+                f"destination_reserve_blocks and min_usage_gap instead (docs/migration.md)")
+        self.preempt_guard_blocks = _count("preempt_guard_blocks", preempt_guard_blocks)
+        self.destination_reserve_blocks = _count("destination_reserve_blocks", destination_reserve_blocks)
+        self.min_usage_gap = _fraction("min_usage_gap", min_usage_gap)
         self.priority_headroom_blocks = _count("priority_headroom_blocks", priority_headroom_blocks)
         if isinstance(high_priority_below, bool) or not isinstance(high_priority_below, int):
             raise MigrationPolicyError(f"migration.high_priority_below: expected an integer, got {high_priority_below!r}")
@@ -167,6 +192,7 @@ class VirtualUsageBalance(MigrationPolicy):
         self.max_context_tokens = _count("max_context_tokens", max_context_tokens)
         self.grow_room_blocks = _count("grow_room_blocks", grow_room_blocks)
 
+    # ------------------------------------------------------------ measures
     def virtual_usage(self, load: MigrationLoad) -> float:
         """Virtual KV usage as a fraction of the instance's blocks (inf when draining)."""
         if load.draining:
@@ -175,56 +201,81 @@ class VirtualUsageBalance(MigrationPolicy):
                    + self.priority_headroom_blocks * load.high_priority_running)
         return virtual / max(1, load.kv_blocks_total)
 
+    def deficit_blocks(self, load: MigrationLoad) -> int:
+        """Blocks the instance must free before its queue head is admitted with
+        `preempt_guard_blocks` left for its decodes to grow into (0: nothing is blocked)."""
+        if load.waiting <= 0 or load.head_of_line_blocks <= 0:
+            return 0
+        free = load.kv_blocks_total - load.kv_blocks_used
+        need = load.head_of_line_blocks + self.preempt_guard_blocks \
+            + self.priority_headroom_blocks * load.high_priority_running
+        return max(0, need - free)
+
+    def room_blocks(self, load: MigrationLoad) -> int:
+        """Blocks the instance can take in and still admit its own queue head and keep
+        `destination_reserve_blocks` (and the mover's grow room) free."""
+        free = load.kv_blocks_total - load.kv_blocks_used
+        own = load.head_of_line_blocks if load.waiting > 0 else 0
+        return free - own - self.destination_reserve_blocks - self.grow_room_blocks
+
+    # ------------------------------------------------------------ steps
     def pairs(self, loads: Sequence[MigrationLoad]) -> list[MigrationPair]:
-        usage = {load.instance_id: self.virtual_usage(load) for load in loads}
         by_model: dict[str, list[MigrationLoad]] = {}
         for load in loads:
             if not load.migrating:
                 by_model.setdefault(load.model, []).append(load)
         found: list[MigrationPair] = []
         for group in by_model.values():
-            # A source must also hold much KV itself: one overloaded only by its queue, with
-            # little KV in use, frees nothing by moving out (and, emptied, would attract the
-            # dispatcher's next arrivals and be drained again, in a loop).
-            sources = sorted((g for g in group if usage[g.instance_id] >= self.overload_usage and g.running > 0
-                              and (g.draining or g.kv_blocks_used > self.underload_usage * g.kv_blocks_total)),
-                             key=lambda g: (-usage[g.instance_id], g.instance_id))
-            destinations = sorted((g for g in group if usage[g.instance_id] <= self.underload_usage
-                                   and not g.cordoned),
-                                  key=lambda g: (usage[g.instance_id], g.instance_id))
-            for source, destination in zip(sources, destinations, strict=False):
-                reason = "drain" if source.draining else "load"
-                found.append(MigrationPair(source.instance_id, destination.instance_id, reason))
+            deficit = {g.instance_id: self.deficit_blocks(g) for g in group}
+            room = {g.instance_id: self.room_blocks(g) for g in group}
+            sources = sorted((g for g in group if g.running > 0 and (g.draining or deficit[g.instance_id] > 0)),
+                             key=lambda g: (not g.draining, -deficit[g.instance_id], g.instance_id))
+            taken = {g.instance_id for g in sources}
+            destinations = sorted((g for g in group if not (g.cordoned or g.draining) and room[g.instance_id] > 0
+                                   and g.instance_id not in taken),
+                                  key=lambda g: (-room[g.instance_id], g.instance_id))
+            for source in sources:
+                for destination in destinations:
+                    if not source.draining and not self._relieves(source, destination, deficit, room):
+                        continue
+                    reason = "drain" if source.draining else "load"
+                    found.append(MigrationPair(source.instance_id, destination.instance_id, reason))
+                    destinations.remove(destination)
+                    break
         return found
+
+    def _relieves(self, source: MigrationLoad, destination: MigrationLoad, deficit: Mapping[str, int],
+                  room: Mapping[str, int]) -> bool:
+        # The destination can take a request that frees the whole deficit, and is clearly
+        # less loaded (no ping-pong between two equally full instances).
+        if room[destination.instance_id] < deficit[source.instance_id]:
+            return False
+        return self.virtual_usage(source) - self.virtual_usage(destination) >= self.min_usage_gap
 
     def choose(self, source: MigrationLoad, destination: MigrationLoad,
                candidates: Sequence[MigrationCandidate], block_size_tokens: int) -> MigrationCandidate | None:
         bs = max(1, block_size_tokens)
-        free_at_destination = destination.kv_blocks_total - destination.kv_blocks_used
-        source_usage = self.virtual_usage(source)
-        destination_total = max(1, destination.kv_blocks_total)
-        # Blocks the source must free before its head-of-line request fits: a move that frees
-        # that many helps at once, so the cheapest such move wins over merely cheap ones.
-        unblock = source.head_of_line_blocks - (source.kv_blocks_total - source.kv_blocks_used)
+        room = self.room_blocks(destination)
+        if source.draining:
+            # Everything leaves: the cheapest that fits, whatever its priority or length.
+            room = destination.kv_blocks_total - destination.kv_blocks_used - self.grow_room_blocks
+        deficit = self.deficit_blocks(source)
         best: MigrationCandidate | None = None
-        best_key: tuple[int, int, int] | None = None
+        best_key: tuple[int, int] | None = None
         for cand in candidates:
-            if self.max_context_tokens and cand.context_tokens > self.max_context_tokens and not source.draining:
-                continue
-            if cand.priority < self.high_priority_below and not source.draining:
-                continue  # high-priority requests are not disturbed to balance load
-            blocks = -(-cand.context_tokens // bs)
-            if blocks + self.grow_room_blocks > free_at_destination:
-                continue
             if not source.draining:
-                after_source = source_usage - blocks / max(1, source.kv_blocks_total)
-                after_destination = (destination.kv_blocks_used + destination.head_of_line_blocks + blocks) \
-                    / destination_total
-                if after_destination >= after_source:
-                    continue  # the move would only turn the imbalance around
-            # Lowest priority class (largest value) first; then a move that unblocks the
-            # queue over one that does not; then the cheapest (shortest context).
-            key = (-cand.priority, 0 if unblock <= 0 or blocks >= unblock else 1, cand.context_tokens)
+                if self.max_context_tokens and cand.context_tokens > self.max_context_tokens:
+                    continue
+                if cand.priority < self.high_priority_below:
+                    continue  # high-priority requests are not disturbed to make room
+            blocks = -(-cand.context_tokens // bs)
+            if blocks > room:
+                continue
+            # Lowest priority class (largest value) first; then a move that admits the head
+            # (the fewest blocks copied among those); else, when no single request frees the
+            # whole deficit, the one that frees the most (the next tick moves another).
+            covers = source.draining or blocks >= deficit
+            key = (-cand.priority, blocks if covers else 1_000_000_000 - blocks)
             if best_key is None or key < best_key:
                 best, best_key = cand, key
         return best
