@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--scorer", default="least_kv", help="the least-load scorer (least_kv or least_outstanding)")
         p.add_argument("--guard", type=int, default=8, help="migration preempt_guard_blocks")
         p.add_argument("--reserve", type=int, default=16, help="migration destination_reserve_blocks")
-        p.add_argument("--gap", type=float, default=0.1, help="migration min_usage_gap")
+        p.add_argument("--gap", type=float, default=0.0, help="migration min_usage_gap")
     live = sub.add_parser("live", help="emulated engines on loopback: downtime and migration time")
     live.add_argument("--contexts", default="1024,4096,16384,32768")
     live.add_argument("--repeat", type=int, default=5)

@@ -107,18 +107,27 @@ class MigrationPolicy:
                candidates: Sequence[MigrationCandidate], block_size_tokens: int) -> MigrationCandidate | None:
         raise NotImplementedError
 
-    def plan(self, loads: Sequence[MigrationLoad], candidates_of: Callable[[str], Sequence[MigrationCandidate]],
-             block_size_tokens: int) -> list[MigrationOrder]:
-        """Both steps: at most one order per instance."""
+    def sources(self, loads: Sequence[MigrationLoad]) -> list[str]:
+        """The instances whose running requests a driver should list (step 1)."""
+        return [pair.source_id for pair in self.pairs(loads)]
+
+    def assign(self, loads: Sequence[MigrationLoad], candidates: Mapping[str, Sequence[MigrationCandidate]],
+               block_size_tokens: int) -> list[MigrationOrder]:
+        """The orders (step 2), given the candidates of the `sources`: at most one per instance."""
         by_id = {load.instance_id: load for load in loads}
         orders: list[MigrationOrder] = []
         for pair in self.pairs(loads):
             source, destination = by_id[pair.source_id], by_id[pair.destination_id]
-            chosen = self.choose(source, destination, candidates_of(pair.source_id), block_size_tokens)
+            chosen = self.choose(source, destination, candidates.get(pair.source_id, ()), block_size_tokens)
             if chosen is not None:
                 orders.append(MigrationOrder(chosen.request_id, pair.source_id, pair.destination_id, pair.reason,
                                              chosen.context_tokens))
         return orders
+
+    def plan(self, loads: Sequence[MigrationLoad], candidates_of: Callable[[str], Sequence[MigrationCandidate]],
+             block_size_tokens: int) -> list[MigrationOrder]:
+        """Both steps, for a driver that lists candidates synchronously (the simulator)."""
+        return self.assign(loads, {iid: candidates_of(iid) for iid in self.sources(loads)}, block_size_tokens)
 
 
 MIGRATION_POLICIES: dict[str, type[MigrationPolicy]] = {}
@@ -173,7 +182,7 @@ class BlockedHeadRelief(MigrationPolicy):
     to an instance with room to spare, so that the head is admitted (module docstring)."""
 
     def __init__(self, preempt_guard_blocks: int = 8, destination_reserve_blocks: int = 16,
-                 min_usage_gap: float = 0.1, priority_headroom_blocks: int = 0, high_priority_below: int = 0,
+                 min_usage_gap: float = 0.0, priority_headroom_blocks: int = 0, high_priority_below: int = 0,
                  max_context_tokens: int = 32_768, grow_room_blocks: int = 4, **retired: Any) -> None:
         for name in retired:
             hint = RETIRED_PARAMS.get(name)
@@ -219,12 +228,14 @@ class BlockedHeadRelief(MigrationPolicy):
         return free - own - self.destination_reserve_blocks - self.grow_room_blocks
 
     # ------------------------------------------------------------ steps
-    def pairs(self, loads: Sequence[MigrationLoad]) -> list[MigrationPair]:
+    def _ranked(self, loads: Sequence[MigrationLoad]) -> list[tuple[list[MigrationLoad], list[MigrationLoad]]]:
+        """Per model: its sources (drains first, then by decreasing deficit) and its
+        destinations (by decreasing room)."""
         by_model: dict[str, list[MigrationLoad]] = {}
         for load in loads:
             if not load.migrating:
                 by_model.setdefault(load.model, []).append(load)
-        found: list[MigrationPair] = []
+        ranked = []
         for group in by_model.values():
             deficit = {g.instance_id: self.deficit_blocks(g) for g in group}
             room = {g.instance_id: self.room_blocks(g) for g in group}
@@ -234,23 +245,50 @@ class BlockedHeadRelief(MigrationPolicy):
             destinations = sorted((g for g in group if not (g.cordoned or g.draining) and room[g.instance_id] > 0
                                    and g.instance_id not in taken),
                                   key=lambda g: (-room[g.instance_id], g.instance_id))
+            ranked.append((sources, destinations))
+        return ranked
+
+    def _apart(self, source: MigrationLoad, destination: MigrationLoad) -> bool:
+        # Optionally, the destination must be clearly less loaded (`min_usage_gap`); the
+        # room check alone already keeps it from being blocked by what it takes in.
+        return source.draining or self.virtual_usage(source) - self.virtual_usage(destination) >= self.min_usage_gap
+
+    def pairs(self, loads: Sequence[MigrationLoad]) -> list[MigrationPair]:
+        """Each source with the first destination `assign` would try for it."""
+        found: list[MigrationPair] = []
+        for sources, destinations in self._ranked(loads):
             for source in sources:
-                for destination in destinations:
-                    if not source.draining and not self._relieves(source, destination, deficit, room):
-                        continue
-                    reason = "drain" if source.draining else "load"
-                    found.append(MigrationPair(source.instance_id, destination.instance_id, reason))
+                destination = next((d for d in destinations if self._apart(source, d)), None)
+                if destination is not None:
                     destinations.remove(destination)
-                    break
+                    found.append(MigrationPair(source.instance_id, destination.instance_id,
+                                               "drain" if source.draining else "load"))
         return found
 
-    def _relieves(self, source: MigrationLoad, destination: MigrationLoad, deficit: Mapping[str, int],
-                  room: Mapping[str, int]) -> bool:
-        # The destination can take a request that frees the whole deficit, and is clearly
-        # less loaded (no ping-pong between two equally full instances).
-        if room[destination.instance_id] < deficit[source.instance_id]:
-            return False
-        return self.virtual_usage(source) - self.virtual_usage(destination) >= self.min_usage_gap
+    def sources(self, loads: Sequence[MigrationLoad]) -> list[str]:
+        return [source.instance_id for sources, destinations in self._ranked(loads) if destinations
+                for source in sources]
+
+    def assign(self, loads: Sequence[MigrationLoad], candidates: Mapping[str, Sequence[MigrationCandidate]],
+               block_size_tokens: int) -> list[MigrationOrder]:
+        """Each source, in order, takes the first free destination (most room first) for
+        which `choose` finds a request: a destination with room too small for any of this
+        source's requests may still suit the next source."""
+        orders: list[MigrationOrder] = []
+        for sources, destinations in self._ranked(loads):
+            for source in sources:
+                cands = candidates.get(source.instance_id, ())
+                for destination in destinations:
+                    if not self._apart(source, destination):
+                        continue
+                    chosen = self.choose(source, destination, cands, block_size_tokens)
+                    if chosen is not None:
+                        destinations.remove(destination)
+                        orders.append(MigrationOrder(chosen.request_id, source.instance_id,
+                                                     destination.instance_id,
+                                                     "drain" if source.draining else "load", chosen.context_tokens))
+                        break
+        return orders
 
     def choose(self, source: MigrationLoad, destination: MigrationLoad,
                candidates: Sequence[MigrationCandidate], block_size_tokens: int) -> MigrationCandidate | None:

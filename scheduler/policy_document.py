@@ -170,7 +170,7 @@ class MigrationParamsSpec(_Strict):
 
     preempt_guard_blocks: int = Field(default=8, ge=0)
     destination_reserve_blocks: int = Field(default=16, ge=0)
-    min_usage_gap: float = Field(default=0.1, ge=0, le=10)
+    min_usage_gap: float = Field(default=0.0, ge=0, le=10)
     priority_headroom_blocks: int = Field(default=0, ge=0)
     high_priority_below: int = 0
     max_context_tokens: int = Field(default=32_768, ge=0)
