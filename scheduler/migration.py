@@ -239,7 +239,9 @@ class BlockedHeadRelief(MigrationPolicy):
         for group in by_model.values():
             deficit = {g.instance_id: self.deficit_blocks(g) for g in group}
             room = {g.instance_id: self.room_blocks(g) for g in group}
-            sources = sorted((g for g in group if g.running > 0 and (g.draining or deficit[g.instance_id] > 0)),
+            # A cordoned instance keeps its own requests (cordon is not drain).
+            sources = sorted((g for g in group if g.running > 0
+                              and (g.draining or (deficit[g.instance_id] > 0 and not g.cordoned))),
                              key=lambda g: (not g.draining, -deficit[g.instance_id], g.instance_id))
             taken = {g.instance_id for g in sources}
             destinations = sorted((g for g in group if not (g.cordoned or g.draining) and room[g.instance_id] > 0
