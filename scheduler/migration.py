@@ -213,11 +213,11 @@ class BlockedHeadRelief(MigrationPolicy):
     def deficit_blocks(self, load: MigrationLoad) -> int:
         """Blocks the instance must free before its queue head is admitted with
         `preempt_guard_blocks` left for its decodes to grow into (0: nothing is blocked)."""
-        if load.waiting <= 0 or load.head_of_line_blocks <= 0:
+        head = load.head_of_line_blocks if load.waiting > 0 else 0
+        if head <= 0 and load.running <= 0:
             return 0
         free = load.kv_blocks_total - load.kv_blocks_used
-        need = load.head_of_line_blocks + self.preempt_guard_blocks \
-            + self.priority_headroom_blocks * load.high_priority_running
+        need = head + self.preempt_guard_blocks + self.priority_headroom_blocks * load.high_priority_running
         return max(0, need - free)
 
     def room_blocks(self, load: MigrationLoad) -> int:
