@@ -212,7 +212,9 @@ class BlockedHeadRelief(MigrationPolicy):
 
     def deficit_blocks(self, load: MigrationLoad) -> int:
         """Blocks the instance must free before its queue head is admitted with
-        `preempt_guard_blocks` left for its decodes to grow into (0: nothing is blocked)."""
+        `preempt_guard_blocks` left for its decodes to grow into; with nothing queued,
+        before its decodes have that guard (fewer free blocks and the engine soon preempts
+        one, recomputing its whole context later). 0: nothing is blocked."""
         head = load.head_of_line_blocks if load.waiting > 0 else 0
         if head <= 0 and load.running <= 0:
             return 0
@@ -225,7 +227,9 @@ class BlockedHeadRelief(MigrationPolicy):
         `destination_reserve_blocks` (and the mover's grow room) free."""
         free = load.kv_blocks_total - load.kv_blocks_used
         own = load.head_of_line_blocks if load.waiting > 0 else 0
-        return free - own - self.destination_reserve_blocks - self.grow_room_blocks
+        # Never below the guard: a destination must not become a source by what it takes in.
+        reserve = max(self.destination_reserve_blocks, self.preempt_guard_blocks)
+        return free - own - reserve - self.grow_room_blocks
 
     # ------------------------------------------------------------ steps
     def _ranked(self, loads: Sequence[MigrationLoad]) -> list[tuple[list[MigrationLoad], list[MigrationLoad]]]:

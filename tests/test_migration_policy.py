@@ -51,6 +51,19 @@ def test_a_source_is_an_instance_whose_queue_head_cannot_be_admitted() -> None:
     assert policy.pairs([a, load("f", 985), load("g", 970, head_of_line_blocks=10, waiting=1)]) == []
 
 
+def test_decodes_about_to_run_out_of_blocks_make_a_source_too() -> None:
+    # Nothing waits, but 4 free blocks for 10 growing decodes: the engine would soon preempt.
+    policy = BlockedHeadRelief(preempt_guard_blocks=8, destination_reserve_blocks=0, grow_room_blocks=0)
+    tight = load("tight", 996, running=10)
+    assert policy.deficit_blocks(tight) == 4
+    assert policy.deficit_blocks(load("idle", 996, running=0)) == 0  # nothing to grow
+    assert policy.deficit_blocks(load("roomy", 992, running=10)) == 0
+    # A destination keeps at least the guard free, so it never becomes a source by a move.
+    assert policy.room_blocks(load("d", 900)) == 100 - 8
+    orders = policy.plan([tight, load("d", 900)], lambda iid: [MigrationCandidate("r", 16 * 5)], 16)
+    assert [(o.source_id, o.destination_id) for o in orders] == [("tight", "d")]
+
+
 def test_a_destination_keeps_its_reserve_and_its_own_head() -> None:
     policy = BlockedHeadRelief(preempt_guard_blocks=0, destination_reserve_blocks=16, grow_room_blocks=4)
     source = load("s", 990, head_of_line_blocks=40, waiting=1)  # deficit 30
