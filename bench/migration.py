@@ -6,6 +6,9 @@
                                      # high load: round-robin vs least-load vs least-load
                                      # with migration (p50/p99 TTFT and TPOT, preemptions),
                                      # and dispatch on virtual usage with and without it
+    python bench/migration.py sweep  # round-robin vs least-load vs least-load + migration
+                                     # on the conv and code traces, 8 and 16 instances,
+                                     # loads x1.0-1.5 per instance (20 points, ~2 min)
 
 live: two emulated engines with their Worker gRPC services on
 127.0.0.1; a streamed completion with a prompt of N tokens decodes on the source; after a
@@ -23,7 +26,13 @@ whatever the scale. Each context is run `--repeat` times; medians are reported.
 sim: `--instances` L4 instances of llama-3-8b (small KV: memory pressure is what
 migration relieves), the first `--requests` requests of the Azure conversation trace
 with arrivals sped up `--rate-scale` times. Migration: scheduler.migration's llumnix
-policy every 0.2 s, KV copied over a `--link-gbps` link.
+policy every `--interval-s` (0.05 s), KV copied over a `--link-gbps` link; its parameters
+are `--guard` (preempt_guard_blocks), `--reserve` (destination_reserve_blocks) and
+`--gap` (min_usage_gap), the defaults of the policy document.
+
+sweep: the same fleet and policies over `--traces` x `--instances` x `--loads`; a load is
+per instance (arrivals x load x instances / 8, `--requests-per-instance` each); prints a
+line per point and the geometric mean of least-load / migration p99 TTFT.
 """
 
 from __future__ import annotations
