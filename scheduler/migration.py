@@ -5,24 +5,30 @@ which then calls the Worker migration RPCs) and by the simulator (sim/migration.
 models the move by its transfer time). Two steps, so that a driver asks for the running
 requests of the chosen sources only:
 
-1. `pairs(loads)`: a *source* is an instance whose queue head cannot be admitted: the
-   blocks its head-of-line request needs, plus `preempt_guard_blocks` left for its running
-   decodes to grow into (admitting a head that leaves none only trades a wait for
-   preemptions), plus headroom kept for its high-priority requests, exceed its free
-   blocks; that shortfall is its *deficit*. A draining instance is a source while anything
-   runs on it (everything leaves before scale-down). A *destination* takes no part in a
-   move, is neither cordoned nor draining, and has *room*: free blocks after admitting its
-   own queue head, keeping `destination_reserve_blocks` and the mover's grow room free.
-   Sources by decreasing deficit (drains first) take, each, the destination with the most
-   room that can hold a request freeing the whole deficit and whose virtual usage (KV held
-   plus the head's blocks, over all blocks) is at least `min_usage_gap` lower (no
-   ping-pong between two equally full instances). An instance already in a migration (in
-   or out) takes part in none: at most one migration per instance at a time.
-2. `choose(source, destination, candidates)`: the request to move. The benefit is the
-   queue head admitted at once, so only a request whose blocks cover the deficit and fit
-   the destination's room qualifies; among those, the lowest priority class (high-priority
-   requests stay put) and then the fewest blocks (the cheapest copy). Longer than
-   `max_context_tokens`: not worth the copy. Draining moves take the cheapest that fits.
+1. `sources(loads)`: a *source* is an instance with a *deficit*: the blocks it must free
+   before its head-of-line request is admitted with `preempt_guard_blocks` left for its
+   running decodes to grow into (admitting a head that leaves none only trades a wait
+   for preemptions), plus headroom kept for its high-priority requests; with nothing
+   queued, the blocks its decodes lack to keep that guard (the engine would soon preempt
+   one and recompute its whole context later). A draining instance is a source while
+   anything runs on it (everything leaves before scale-down); a cordoned one keeps its
+   requests. Sources go by decreasing deficit, drains first.
+2. `assign(loads, candidates)`: a *destination* takes part in no other move, is neither
+   cordoned nor draining, and has *room*: free blocks after admitting its own queue head,
+   keeping max(`destination_reserve_blocks`, `preempt_guard_blocks`) and the mover's grow
+   room free (so it becomes no source by what it takes in). Each source, in order, takes
+   the first free destination, most room first, for which `choose` finds a request: one
+   that fits the room, of the lowest priority class (high-priority requests stay put),
+   then the fewest blocks among those that free the whole deficit (the cheapest copy
+   that admits the head at once), else the most blocks (the next round moves another).
+   Longer than `max_context_tokens`: not worth the copy. Draining moves take the cheapest
+   that fits. `min_usage_gap` (0 by default) can also require the destination's virtual
+   usage (KV held plus the head's blocks, over all blocks) to be that much lower. An
+   instance already in a migration (in or out) takes part in none: at most one migration
+   per instance at a time. `pairs` is the first destination each source would try.
+
+The router lists the sources' running requests over gRPC between the two steps; the
+simulator's `plan` runs both at once.
 
 Why not balance a usage measure, as the first version did (`overload_usage` /
 `underload_usage`): in the simulator, tails came from heads blocked on KV while a peer had
@@ -179,7 +185,8 @@ RETIRED_PARAMS = {
 @register_migration_policy("llumnix")
 class BlockedHeadRelief(MigrationPolicy):
     """Moves a running request off an instance whose queue head is blocked on KV blocks,
-    to an instance with room to spare, so that the head is admitted (module docstring)."""
+    or whose decodes are about to be preempted for lack of them, to an instance with room
+    to spare (module docstring)."""
 
     def __init__(self, preempt_guard_blocks: int = 8, destination_reserve_blocks: int = 16,
                  min_usage_gap: float = 0.0, priority_headroom_blocks: int = 0, high_priority_below: int = 0,
