@@ -6,6 +6,9 @@
                                      # high load: round-robin vs least-load vs least-load
                                      # with migration (p50/p99 TTFT and TPOT, preemptions),
                                      # and dispatch on virtual usage with and without it
+    python bench/migration.py sweep  # round-robin vs least-load vs least-load + migration
+                                     # on the conv and code traces, 8 and 16 instances,
+                                     # loads x1.0-1.5 per instance (20 points, ~2 min)
 
 live: two emulated engines with their Worker gRPC services on
 127.0.0.1; a streamed completion with a prompt of N tokens decodes on the source; after a
@@ -23,7 +26,13 @@ whatever the scale. Each context is run `--repeat` times; medians are reported.
 sim: `--instances` L4 instances of llama-3-8b (small KV: memory pressure is what
 migration relieves), the first `--requests` requests of the Azure conversation trace
 with arrivals sped up `--rate-scale` times. Migration: scheduler.migration's llumnix
-policy every 0.2 s, KV copied over a `--link-gbps` link.
+policy every `--interval-s` (0.05 s), KV copied over a `--link-gbps` link; its parameters
+are `--guard` (preempt_guard_blocks), `--reserve` (destination_reserve_blocks) and
+`--gap` (min_usage_gap), the defaults of the policy document.
+
+sweep: the same fleet and policies over `--traces` x `--instances` x `--loads`; a load is
+per instance (arrivals x load x instances / 8, `--requests-per-instance` each); prints a
+line per point and the geometric mean of least-load / migration p99 TTFT.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import time
@@ -40,7 +50,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-AZURE_CONV = REPO.parent / "shared" / "data" / "traces" / "azure_llm_2023" / "AzureLLMInferenceTrace_conv.csv"
+# ../shared/data from the project root; from a git worktree (/work/wt/<name>) it is two
+# levels up; TOKENYARD_SHARED_DATA names it outright.
+SHARED_DATA = Path(os.environ.get("TOKENYARD_SHARED_DATA") or next(
+    (p / "shared" / "data" for p in REPO.parents if (p / "shared" / "data").is_dir()), REPO.parent / "shared" / "data"))
+AZURE_CONV = SHARED_DATA / "traces" / "azure_llm_2023" / "AzureLLMInferenceTrace_conv.csv"
 
 
 # ----------------------------------------------------------------- simulator
@@ -57,7 +71,28 @@ def sim_cluster(instances: int, picker: str, scorers: list[str]) -> Any:
     return parse_cluster(doc, "bench/migration.py")
 
 
-def run_sim(args: argparse.Namespace) -> int:
+def _pct(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, int(q * len(values)))] * 1000 if values else float("nan")
+
+
+def sim_variants(args: argparse.Namespace, with_virtual_usage: bool) -> list[tuple[str, str, list[str], Any]]:
+    """(label, picker, scorers, migration params or None) of the policies compared."""
+    params = {"policy": "llumnix", "preempt_guard_blocks": args.guard, "destination_reserve_blocks": args.reserve,
+              "min_usage_gap": args.gap}
+    variants: list[tuple[str, str, list[str], Any]] = [
+        ("round-robin", "round_robin", ["least_outstanding"], None),
+        ("least-load", "max_score", [args.scorer], None),
+        ("least-load + migration", "max_score", [args.scorer], params),
+    ]
+    if with_virtual_usage:
+        variants += [("virtual-usage dispatch", "max_score", ["least_virtual_usage"], None),
+                     ("virtual-usage dispatch + migration", "max_score", ["least_virtual_usage"], params)]
+    return variants
+
+
+def sim_point(args: argparse.Namespace, trace_path: str, instances: int, rate_scale: float, requests: int,
+              variants: list[tuple[str, str, list[str], Any]], progress: bool = True) -> list[dict[str, Any]]:
+    """One load point: every variant on the same trace slice; a row per variant."""
     from tqdm import tqdm
 
     from scheduler.migration import build_migration_policy
@@ -66,34 +101,21 @@ def run_sim(args: argparse.Namespace) -> int:
     from sim.simulator import Simulation
     from sim.traces import read_trace
 
-    scorers = [args.scorer]
-    variants = [
-        ("round-robin", "round_robin", ["least_outstanding"], None),
-        ("least-load", "max_score", scorers, None),
-        ("least-load + migration", "max_score", scorers,
-         {"policy": "llumnix", "overload_usage": args.overload, "underload_usage": args.underload}),
-    ]
-    mig = variants[-1][3]
-    variants += [
-        ("virtual-usage dispatch", "max_score", ["least_virtual_usage"], None),
-        ("virtual-usage dispatch + migration", "max_score", ["least_virtual_usage"], mig),
-    ]
     rows = []
     for label, picker, scorers, migration in variants:
-        cluster = sim_cluster(args.instances, picker, scorers)
-        trace = read_trace(args.trace, rate_scale=args.rate_scale, limit=args.requests)
+        cluster = sim_cluster(instances, picker, scorers)
+        trace = read_trace(trace_path, rate_scale=rate_scale, limit=requests)
         config = None
         if migration is not None:
             config = MigrationSimConfig(policy=build_migration_policy(migration), link_gbps=args.link_gbps,
-                                        queued_demand=args.queued_demand)
-        bar = tqdm(total=args.requests, desc=label, unit="req", leave=False)
+                                        interval_s=args.interval_s)
+        bar = tqdm(total=requests, desc=label, unit="req", leave=False, disable=not progress)
 
-        def progress(now_s: float, finished: int, total: int, bar: Any = bar) -> None:
+        def tick(now_s: float, finished: int, total: int, bar: Any = bar) -> None:
             bar.n = finished
             bar.refresh()
 
-        sim = Simulation(cluster, progress=progress, total_requests=args.requests, migration=config,
-                         fast_forward=True)
+        sim = Simulation(cluster, progress=tick, total_requests=requests, migration=config, fast_forward=True)
         started = time.perf_counter()
         result = sim.run(trace)
         bar.close()
@@ -102,26 +124,67 @@ def run_sim(args: argparse.Namespace) -> int:
         ttft = sorted(r.first_token_s - r.arrival_s for r in done)  # type: ignore[operator]
         tpot = sorted((r.finish_s - r.first_token_s) / (r.output_tokens - 1)  # type: ignore[operator]
                       for r in done if r.output_tokens > 1)
-
-        def pct(values: list[float], q: float) -> float:
-            return values[min(len(values) - 1, int(q * len(values)))] * 1000 if values else float("nan")
-
         row = {
             "policy": label, "completed": summary["completed"],
-            "ttft_p50_ms": pct(ttft, 0.5), "ttft_p99_ms": pct(ttft, 0.99),
-            "tpot_p50_ms": pct(tpot, 0.5), "tpot_p99_ms": pct(tpot, 0.99),
+            "ttft_p50_ms": _pct(ttft, 0.5), "ttft_p99_ms": _pct(ttft, 0.99),
+            "tpot_p50_ms": _pct(tpot, 0.5), "tpot_p99_ms": _pct(tpot, 0.99),
             "preemptions": sum(i.preemptions for i in result.instances),
             "wall_s": round(time.perf_counter() - started, 1),
         }
         if sim.migration is not None:
             row["migrations"] = sim.migration.stats.summary()
         rows.append(row)
+    return rows
+
+
+def run_sim(args: argparse.Namespace) -> int:
+    rows = sim_point(args, args.trace, args.instances, args.rate_scale, args.requests,
+                     sim_variants(args, with_virtual_usage=not args.no_virtual_usage))
+    for row in rows:
         print(json.dumps(row), flush=True)
     base_rr, base_ll, mig = rows[:3]
     print(f"p99 TTFT: round-robin / migration = {base_rr['ttft_p99_ms'] / mig['ttft_p99_ms']:.2f}x; "
           f"least-load / migration = {base_ll['ttft_p99_ms'] / mig['ttft_p99_ms']:.2f}x")
     print(f"p50 TTFT: round-robin / migration = {base_rr['ttft_p50_ms'] / mig['ttft_p50_ms']:.2f}x")
     return 0
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """Round-robin, least-load and least-load + migration over traces x fleet sizes x loads.
+    The load is per instance: arrivals are sped up `load x instances / 8` times (x1.0 on 8
+    instances is the trace's own rate), with `requests_per_instance x instances` requests."""
+    from tqdm import tqdm
+
+    traces = {name: str(_trace(name)) for name in args.traces.split(",")}
+    sizes = [int(n) for n in args.instances.split(",")]
+    loads = [float(x) for x in args.loads.split(",")]
+    variants = sim_variants(args, with_virtual_usage=False)
+    points = [(t, n, x) for t in traces for n in sizes for x in loads]
+    ratios: list[float] = []
+    better = within = worse = 0
+    started = time.perf_counter()
+    for name, instances, load in tqdm(points, desc="sweep", unit="point"):
+        rows = sim_point(args, traces[name], instances, load * instances / 8, args.requests_per_instance * instances,
+                         variants, progress=False)
+        rr, ll, mig = (r["ttft_p99_ms"] for r in rows)
+        ratio = ll / mig  # > 1: migration's p99 TTFT is lower than least-load's
+        ratios.append(ratio)
+        better += ratio > 1.02
+        within += 1 / 1.02 <= ratio <= 1.02
+        worse += ratio < 1 / 1.02
+        tqdm.write(json.dumps({"trace": name, "instances": instances, "load": load, "rr_p99_ms": round(rr),
+                               "ll_p99_ms": round(ll), "mig_p99_ms": round(mig), "ll_over_mig": round(ratio, 2),
+                               "rr_over_mig": round(rr / mig, 2),
+                               "moves": rows[2].get("migrations", {}).get("committed", 0)}))
+    gmean = statistics.geometric_mean(ratios)
+    print(f"{len(points)} points x {len(variants)} policies in {time.perf_counter() - started:.0f} s; p99 TTFT "
+          f"least-load / migration: geometric mean {gmean:.2f}x; better {better}, within 2% {within}, worse {worse}")
+    return 0
+
+
+def _trace(name: str) -> Path:
+    files = {"conv": AZURE_CONV, "code": AZURE_CONV.with_name("AzureLLMInferenceTrace_code.csv")}
+    return files[name] if name in files else Path(name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,11 +195,19 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--instances", type=int, default=8)
     sim.add_argument("--requests", type=int, default=3000)
     sim.add_argument("--rate-scale", type=float, default=1.4)
-    sim.add_argument("--link-gbps", type=float, default=100.0)
-    sim.add_argument("--scorer", default="least_kv", help="the least-load scorer (least_kv or least_outstanding)")
-    sim.add_argument("--queued-demand", choices=("head", "all"), default="all")
-    sim.add_argument("--overload", type=float, default=1.0)
-    sim.add_argument("--underload", type=float, default=0.8)
+    sim.add_argument("--no-virtual-usage", action="store_true", help="leave out the least_virtual_usage rows")
+    sweep = sub.add_parser("sweep", help="least-load vs least-load + migration over traces, sizes and loads")
+    sweep.add_argument("--traces", default="conv,code", help="conv, code or trace paths, comma-separated")
+    sweep.add_argument("--instances", default="8,16")
+    sweep.add_argument("--loads", default="1.0,1.2,1.3,1.4,1.5")
+    sweep.add_argument("--requests-per-instance", type=int, default=250)
+    for p in (sim, sweep):
+        p.add_argument("--link-gbps", type=float, default=100.0)
+        p.add_argument("--interval-s", type=float, default=0.05)
+        p.add_argument("--scorer", default="least_kv", help="the least-load scorer (least_kv or least_outstanding)")
+        p.add_argument("--guard", type=int, default=8, help="migration preempt_guard_blocks")
+        p.add_argument("--reserve", type=int, default=16, help="migration destination_reserve_blocks")
+        p.add_argument("--gap", type=float, default=0.0, help="migration min_usage_gap")
     live = sub.add_parser("live", help="emulated engines on loopback: downtime and migration time")
     live.add_argument("--contexts", default="1024,4096,16384,32768")
     live.add_argument("--repeat", type=int, default=5)
@@ -145,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.what == "sim":
         return run_sim(args)
+    if args.what == "sweep":
+        return run_sweep(args)
     return asyncio.run(run_live(args))
 
 

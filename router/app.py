@@ -44,7 +44,7 @@ from router.policy_versions import stored_policy_problems
 from router.proxy import PoolSet, UpstreamError
 from router.rate_limiter import SLOTS, build_rate_limiter, refuse_over_limits
 from router.registry import InstanceRegistry
-from router.splice import Splicer, Upstream
+from router.splice import MIGRATED_HEADER, Splicer, Upstream
 from router.state import InstanceRecord, StateStore
 from router.tenants import AuthError, RetryBudget, Tenant, TenantTable
 from router.tiers import build_tier_resolver
@@ -776,6 +776,14 @@ class Router:
                 self.metrics.request_done(tenant.name, info.model, response.status)
                 return None
             body = b"".join(parts)
+            if response.status == 200 and response.header(MIGRATED_HEADER) is not None:
+                # The request migrated while it ran: the rest comes from its destination.
+                try:
+                    body = await self.splicer.follow_body(body, instance_id, record.model, path, payload, headers,
+                                                          budget.until(attempt_ends_s), MAX_BUFFERED_RESPONSE_BYTES)
+                except UpstreamError as exc:
+                    self.metrics.child(self.metrics.attempts, instance_id, exc.kind).inc()
+                    return f"after a migration: {exc}"
             if (response.status == 400 and isinstance(payload, _PrioritizedBody)
                     and b"riority scheduling is not enabled" in body):
                 # vLLM refuses a non-zero priority unless it runs --scheduling-policy priority:

@@ -2,17 +2,18 @@
 
 Every `interval_s` it reads the load views the router already keeps (the registry's
 `InstanceState`s, fed by /metrics scrapes or Worker Status streams), turns each instance
-into a `scheduler.migration.MigrationLoad`, asks the policy for pairs, fetches the running
-requests of each chosen source (`ListMigrations` with candidates), lets the policy choose
-one, and orders the move with `MigrateOut` on the source (router/worker_client.py). The
+into a `scheduler.migration.MigrationLoad`, asks the policy which instances are sources,
+fetches their running requests (`ListMigrations` with candidates, in parallel), lets the
+policy assign each a request and a destination (`assign`, as the simulator's `plan` does),
+and orders the move with `MigrateOut` on the source (router/worker_client.py). The
 source drives the copy (proto/tokenyard/v1/worker.proto); the client's stream follows the
 move in router/splice.py. An instance takes part in at most one move at a time (the
 policy sees it as `migrating`), and the loop never waits on a move: each runs in its own
 task, bounded by the MigrateOut deadline.
 
 Draining before scale-down: an instance marked draining (Admin DrainInstance, or the
-engine's own flag) has infinite virtual usage, so its running requests are moved to the
-least loaded instances of its model, one at a time, until it is empty.
+engine's own flag) is a source while anything runs on it, so its running requests are
+moved to the instances of its model with the most room, one at a time, until it is empty.
 
 Instances without a Worker gRPC address cannot be moved from or to (a plain vLLM without
 the sidecar of docs/migration.md) and are left out. A cordoned instance takes no move in.
@@ -153,27 +154,25 @@ class MigrationLoop:
         loads = [load_of(state, draining=records[state.instance_id].draining,
                          migrating=state.instance_id in self.busy)
                  for state in self.registry.instances() if state.instance_id in records and state.healthy]
-        by_id = {load.instance_id: load for load in loads}
-        orders: list[MigrationOrder] = []
-        for pair in self.policy.pairs(loads):
-            source = records[pair.source_id]
-            try:
-                found = await self.client.candidates(source.grpc_address, self.max_candidates)
-            except grpc.aio.AioRpcError as exc:
-                log.info("no migration candidates", extra={"instance": pair.source_id, "error": exc.code().name})
+        # Step 1: the policy names the sources; their running requests are listed (in
+        # parallel); step 2: the policy assigns each a request and a destination.
+        sources = self.policy.sources(loads)
+        listed = await asyncio.gather(*(self.client.candidates(records[iid].grpc_address or "", self.max_candidates)
+                                        for iid in sources), return_exceptions=True)
+        candidates: dict[str, list[MigrationCandidate]] = {}
+        for iid, found in zip(sources, listed, strict=True):
+            if isinstance(found, grpc.aio.AioRpcError):
+                log.info("no migration candidates", extra={"instance": iid, "error": found.code().name})
                 continue
-            candidates = [MigrationCandidate(c.request_id, c.context_tokens, c.priority, c.tokens_generated)
-                          for c in found]
-            state = by_id[pair.source_id]
-            block_size = next((s.block_size_tokens for s in self.registry.instances()
-                               if s.instance_id == pair.source_id), 16)
-            chosen = self.policy.choose(state, by_id[pair.destination_id], candidates, block_size)
-            if chosen is None:
-                continue
-            order = MigrationOrder(chosen.request_id, pair.source_id, pair.destination_id, pair.reason,
-                                   chosen.context_tokens)
-            orders.append(order)
-            self._order(order, source.grpc_address, records[pair.destination_id].grpc_address)
+            if isinstance(found, BaseException):
+                raise found
+            candidates[iid] = [MigrationCandidate(c.request_id, c.context_tokens, c.priority, c.tokens_generated)
+                               for c in found]
+        block_size = next((s.block_size_tokens for s in self.registry.instances() if s.instance_id in candidates), 16)
+        orders = self.policy.assign(loads, candidates, block_size)
+        for order in orders:
+            self._order(order, records[order.source_id].grpc_address or "",
+                        records[order.destination_id].grpc_address or "")
         self.stats.last_orders = orders
         return orders
 

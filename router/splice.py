@@ -21,6 +21,16 @@ engine's own stream. The wrapper reads the engine's SSE events and:
   (temperature > 0) the continuation is a fresh sample of the rest, a valid but different
   completion. A failure at the attach step falls back to the same continuation.
 
+Non-streamed requests move too: the source answers a request that migrated out with
+`X-Tokenyard-Migrated: 1` and a JSON marker (where it went, the text it generated, how
+many tokens), and the forwarding path hands that body to `Splicer.follow_body`, which
+re-sends the request to the destination with `X-Tokenyard-Attach` (the destination
+answers with the rest of the text and the whole `usage`), follows further moves, and
+returns one answer: the text of every leg joined, the last leg's fields. When the attach
+fails it continues elsewhere as a stream's failover does (prompt plus the text so far,
+`usage` shifted back). Bounded like a stream: `max_splices` legs, each body at most
+`max_body_bytes`, every leg within the caller's deadline.
+
 Cost on the normal path: a chunk is scanned for the migration event and `[DONE]` and
 forwarded as it came; only a failover parses what was forwarded (tokens are counted per
 content event, one token per event as vLLM streams them) to build the continuation, and
@@ -31,6 +41,7 @@ failovers per request.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -43,6 +54,7 @@ from scheduler.types import InstanceState
 log = logging.getLogger(__name__)
 
 MIGRATED_EVENT = b"event: tokenyard.migrated\n"
+MIGRATED_HEADER = b"x-tokenyard-migrated"  # on a non-streamed answer: the body is a marker
 DONE_EVENT = b"data: [DONE]"
 ATTACH_HEADER = b"X-Tokenyard-Attach"
 CONTINUATION_HEADER = b"X-Tokenyard-Continuation"
@@ -104,6 +116,90 @@ class Splicer:
         """The stream to relay instead of `response`, and its first chunk (for `first`)."""
         stream = SplicedStream(self, response, instance_id, model, path, payload, headers)
         return stream, await stream.take_first(first)
+
+    async def follow_body(self, marker: bytes, instance_id: str, model: str, path: str, payload: bytes,
+                          headers: bytes, until_s: float, max_body_bytes: int) -> bytes:
+        """The whole non-streamed answer of a request whose source answered with the
+        migration marker `marker` (see the module docstring); UpstreamError when no leg
+        can finish it (nothing has gone to the client: the caller may retry elsewhere)."""
+        chat = path.endswith("/chat/completions")
+        text: list[str] = []
+        tokens = 0
+        shift = 0  # tokens a continuation's engine counted as prompt
+        failed: set[str] = set()
+        body, current, legs = marker, instance_id, 0
+        while True:
+            moved = _marker(body)
+            if moved is None:
+                return _joined(body, chat, "".join(text), shift)
+            legs += 1
+            if legs > self.max_splices:
+                raise UpstreamError("reset", f"moved {legs - 1} times; gave up after {self.max_splices} splices")
+            where, piece, count = moved
+            text.append(piece)
+            tokens += count
+            destination = str(where.get("destination_instance_id", ""))
+            request_id = str(where.get("destination_request_id", "")).encode("latin-1")
+            url = self.url_of(destination)
+            answer: bytes | None = None
+            if url is not None:
+                try:
+                    answer = await self._post_body(url, path, payload, headers + ATTACH_HEADER + b": " + request_id
+                                                   + b"\r\n", until_s, max_body_bytes)
+                except UpstreamError as exc:
+                    log.info("attach to a migration's destination failed", extra={"to": destination, "error": str(exc)})
+            if answer is not None:
+                self.stats.migrations_spliced += 1
+                body, current = answer, destination
+                continue
+            # The destination is gone or refused: continue elsewhere from the text so far.
+            failed.update((current, destination))
+            body, current = await self._continue_body(model, path, payload, headers, chat, "".join(text), tokens,
+                                                      failed, until_s, max_body_bytes)
+            shift = tokens
+
+    async def _continue_body(self, model: str, path: str, payload: bytes, headers: bytes, chat: bool, text: str,
+                             tokens: int, failed: set[str], until_s: float, max_body_bytes: int) -> tuple[bytes, str]:
+        body, extra = continuation(payload, chat, text, tokens)
+        while True:
+            target = self.pick(model, failed)
+            url = None if target is None else (target.url or self.url_of(target.instance_id))
+            if target is None or body is None or not url:
+                self.stats.failover_errors += 1
+                raise UpstreamError("reset", "a migrated request's destination failed and it cannot be continued "
+                                             "elsewhere")
+            failed.add(target.instance_id)
+            try:
+                answer = await self._post_body(url, path, body, headers + extra, until_s, max_body_bytes)
+            except UpstreamError as exc:
+                if self.on_failure is not None:
+                    self.on_failure(target.instance_id, str(exc))
+                continue
+            if answer is not None:
+                self.stats.failovers += 1
+                return answer, target.instance_id
+
+    async def _post_body(self, url: str, path: str, payload: bytes, headers: bytes, until_s: float,
+                         max_body_bytes: int) -> bytes | None:
+        """The body of a 200 answer (None for another status); UpstreamError on a
+        transport failure, past `until_s` or over `max_body_bytes`."""
+        remaining_s = until_s - time.monotonic()
+        if remaining_s <= 0:
+            raise UpstreamError("timeout", "the request's deadline passed while it migrated")
+        response = await self.pools.get(url).request(
+            "POST", path, payload, headers, headers_timeout_s=min(SPLICE_CONNECT_TIMEOUT_S, remaining_s))
+        if response.status != 200:
+            response.abort()
+            return None
+        parts: list[bytes] = []
+        size = 0
+        while (chunk := await response.next_chunk(max(0.001, until_s - time.monotonic()))) is not None:
+            size += len(chunk)
+            if size > max_body_bytes:
+                response.abort()
+                raise UpstreamError("protocol", f"a migrated request's answer is over {max_body_bytes} bytes")
+            parts.append(chunk)
+        return b"".join(parts)
 
     def pick(self, model: str, exclude: set[str]) -> InstanceState | None:
         """Where a failover goes: a healthy, not draining instance of the model, least loaded."""
@@ -344,6 +440,46 @@ class SplicedStream:
             self.splicer.stats.failovers += 1
             self.splicer.stats.by_instance[failed] = self.splicer.stats.by_instance.get(failed, 0) + 1
             return
+
+
+def _marker(body: bytes) -> tuple[dict[str, Any], str, int] | None:
+    """(where it went, the text generated before, its tokens) of a migration marker; None
+    for a plain answer."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("tokenyard_migrated"), dict):
+        return None
+    text, tokens = doc.get("text"), doc.get("tokens")
+    if not isinstance(text, str) or isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+        raise UpstreamError("protocol", "a migration marker without its text and token count")
+    return doc["tokenyard_migrated"], text, tokens
+
+
+def _joined(body: bytes, chat: bool, before: str, shift: int) -> bytes:
+    """The last leg's answer with the text of the legs before it in front and, after a
+    continuation, its `usage` shifted back to the original prompt."""
+    if not before and not shift:
+        return body
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise UpstreamError("protocol", "the last leg of a migrated request answered no JSON") from None
+    choices = doc.get("choices") if isinstance(doc, dict) else None
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise UpstreamError("protocol", "the last leg of a migrated request answered no choices")
+    first = choices[0]
+    holder = first.get("message") if chat else first
+    key = "content" if chat else "text"
+    if not isinstance(holder, dict) or not isinstance(holder.get(key, ""), str):
+        raise UpstreamError("protocol", f"the last leg of a migrated request answered no {key}")
+    holder[key] = before + (holder.get(key) or "")
+    usage = doc.get("usage")
+    if shift and isinstance(usage, dict):
+        usage["prompt_tokens"] = int(usage.get("prompt_tokens", 0)) - shift
+        usage["completion_tokens"] = int(usage.get("completion_tokens", 0)) + shift
+    return orjson.dumps(doc)
 
 
 def continuation(payload: bytes, chat: bool, text: str, tokens: int) -> tuple[bytes | None, bytes]:

@@ -5,26 +5,42 @@ which then calls the Worker migration RPCs) and by the simulator (sim/migration.
 models the move by its transfer time). Two steps, so that a driver asks for the running
 requests of the chosen sources only:
 
-1. `pairs(loads)`: every instance's *virtual usage* -- the KV blocks its running requests
-   hold, plus the blocks its head-of-line queued request needs (queued demand: what keeps
-   it from admitting), plus headroom kept free for its high-priority requests -- as a
-   fraction of its blocks. Draining instances count as infinitely loaded (everything on
-   them should leave before scale-down). Instances above `overload_usage` are sources,
-   those below `underload_usage` destinations; the most loaded source is paired with the
-   least loaded destination, and so on. An instance already in a migration (in or out)
-   takes part in none: at most one migration per instance at a time.
-2. `choose(source, destination, candidates)`: the request to move. Cost grows with its
-   context (the bytes copied); the benefit is the KV it frees at the source. Llumnix moves
-   the cheapest: lowest priority class first (high-priority requests stay put), then the
-   shortest context, provided it fits at the destination with room to grow and the move
-   does not make the destination more loaded than the source is after it (no ping-pong).
-   Longer than `max_context_tokens`: not worth the copy.
+1. `sources(loads)`: a *source* is an instance with a *deficit*: the blocks it must free
+   before its head-of-line request is admitted with `preempt_guard_blocks` left for its
+   running decodes to grow into (admitting a head that leaves none only trades a wait
+   for preemptions), plus headroom kept for its high-priority requests; with nothing
+   queued, the blocks its decodes lack to keep that guard (the engine would soon preempt
+   one and recompute its whole context later). A draining instance is a source while
+   anything runs on it (everything leaves before scale-down); a cordoned one keeps its
+   requests. Sources go by decreasing deficit, drains first.
+2. `assign(loads, candidates)`: a *destination* takes part in no other move, is neither
+   cordoned nor draining, and has *room*: free blocks after admitting its own queue head,
+   keeping max(`destination_reserve_blocks`, `preempt_guard_blocks`) and the mover's grow
+   room free (so it becomes no source by what it takes in). Each source, in order, takes
+   the first free destination, most room first, for which `choose` finds a request: one
+   that fits the room, of the lowest priority class (high-priority requests stay put),
+   then the fewest blocks among those that free the whole deficit (the cheapest copy
+   that admits the head at once), else the most blocks (the next round moves another).
+   Longer than `max_context_tokens`: not worth the copy. Draining moves take the cheapest
+   that fits. `min_usage_gap` (0 by default) can also require the destination's virtual
+   usage (KV held plus the head's blocks, over all blocks) to be that much lower. An
+   instance already in a migration (in or out) takes part in none: at most one migration
+   per instance at a time. `pairs` is the first destination each source would try.
+
+The router lists the sources' running requests over gRPC between the two steps; the
+simulator's `plan` runs both at once.
+
+Why not balance a usage measure, as the first version did (`overload_usage` /
+`underload_usage`): in the simulator, tails came from heads blocked on KV while a peer had
+room; moving requests between thresholds relieved no blocked head and lost to plain
+least-load dispatch (docs/benchmarks.md, "Live migration"). Documents that still name the
+two retired parameters are refused with this hint (`RETIRED_PARAMS`).
 
 An operator's move (`tokenyard instances migrate`) uses `pick_destination` and
 `operator_choice`: the same choice, without the load thresholds.
 
 Policies register by name (`register_migration_policy`), as dispatch parts do, and are
-chosen in config: `migration: {policy: llumnix, overload_usage: 0.9, ...}`; `none` never
+chosen in config: `migration: {policy: llumnix, preempt_guard_blocks: 8, ...}`; `none` never
 moves anything.
 """
 
@@ -97,18 +113,27 @@ class MigrationPolicy:
                candidates: Sequence[MigrationCandidate], block_size_tokens: int) -> MigrationCandidate | None:
         raise NotImplementedError
 
-    def plan(self, loads: Sequence[MigrationLoad], candidates_of: Callable[[str], Sequence[MigrationCandidate]],
-             block_size_tokens: int) -> list[MigrationOrder]:
-        """Both steps: at most one order per instance."""
+    def sources(self, loads: Sequence[MigrationLoad]) -> list[str]:
+        """The instances whose running requests a driver should list (step 1)."""
+        return [pair.source_id for pair in self.pairs(loads)]
+
+    def assign(self, loads: Sequence[MigrationLoad], candidates: Mapping[str, Sequence[MigrationCandidate]],
+               block_size_tokens: int) -> list[MigrationOrder]:
+        """The orders (step 2), given the candidates of the `sources`: at most one per instance."""
         by_id = {load.instance_id: load for load in loads}
         orders: list[MigrationOrder] = []
         for pair in self.pairs(loads):
             source, destination = by_id[pair.source_id], by_id[pair.destination_id]
-            chosen = self.choose(source, destination, candidates_of(pair.source_id), block_size_tokens)
+            chosen = self.choose(source, destination, candidates.get(pair.source_id, ()), block_size_tokens)
             if chosen is not None:
                 orders.append(MigrationOrder(chosen.request_id, pair.source_id, pair.destination_id, pair.reason,
                                              chosen.context_tokens))
         return orders
+
+    def plan(self, loads: Sequence[MigrationLoad], candidates_of: Callable[[str], Sequence[MigrationCandidate]],
+             block_size_tokens: int) -> list[MigrationOrder]:
+        """Both steps, for a driver that lists candidates synchronously (the simulator)."""
+        return self.assign(loads, {iid: candidates_of(iid) for iid in self.sources(loads)}, block_size_tokens)
 
 
 MIGRATION_POLICIES: dict[str, type[MigrationPolicy]] = {}
@@ -148,18 +173,34 @@ def _count(name: str, value: Any) -> int:
     return value
 
 
-@register_migration_policy("llumnix")
-class VirtualUsageBalance(MigrationPolicy):
-    """Llumnix's load balancing and draining by virtual usage (see the module docstring)."""
+# Parameters of the usage-balancing policy this one replaced (issue 13): it balanced a
+# usage measure between thresholds, which moved requests without admitting anyone, so a
+# document that still sets them is refused with what to write instead.
+RETIRED_PARAMS = {
+    "overload_usage": "sources are now instances whose queue head cannot be admitted (see preempt_guard_blocks)",
+    "underload_usage": "destinations are now instances that keep destination_reserve_blocks free after the move",
+}
 
-    def __init__(self, overload_usage: float = 0.9, underload_usage: float = 0.6,
-                 priority_headroom_blocks: int = 0, high_priority_below: int = 0,
-                 max_context_tokens: int = 32_768, grow_room_blocks: int = 4) -> None:
-        self.overload_usage = _fraction("overload_usage", overload_usage)
-        self.underload_usage = _fraction("underload_usage", underload_usage)
-        if self.underload_usage >= self.overload_usage:
+
+@register_migration_policy("llumnix")
+class BlockedHeadRelief(MigrationPolicy):
+    """Moves a running request off an instance whose queue head is blocked on KV blocks,
+    or whose decodes are about to be preempted for lack of them, to an instance with room
+    to spare (module docstring)."""
+
+    def __init__(self, preempt_guard_blocks: int = 8, destination_reserve_blocks: int = 16,
+                 min_usage_gap: float = 0.0, priority_headroom_blocks: int = 0, high_priority_below: int = 0,
+                 max_context_tokens: int = 32_768, grow_room_blocks: int = 4, **retired: Any) -> None:
+        for name in retired:
+            hint = RETIRED_PARAMS.get(name)
+            if hint is None:
+                raise MigrationPolicyError(f"migration: unexpected keyword argument {name!r}")
             raise MigrationPolicyError(
-                f"migration: underload_usage ({underload_usage}) must be below overload_usage ({overload_usage})")
+                f"migration.{name}: no longer a parameter of the llumnix policy: {hint}; set preempt_guard_blocks, "
+                f"destination_reserve_blocks and min_usage_gap instead (docs/migration.md)")
+        self.preempt_guard_blocks = _count("preempt_guard_blocks", preempt_guard_blocks)
+        self.destination_reserve_blocks = _count("destination_reserve_blocks", destination_reserve_blocks)
+        self.min_usage_gap = _fraction("min_usage_gap", min_usage_gap)
         self.priority_headroom_blocks = _count("priority_headroom_blocks", priority_headroom_blocks)
         if isinstance(high_priority_below, bool) or not isinstance(high_priority_below, int):
             raise MigrationPolicyError(f"migration.high_priority_below: expected an integer, got {high_priority_below!r}")
@@ -167,6 +208,7 @@ class VirtualUsageBalance(MigrationPolicy):
         self.max_context_tokens = _count("max_context_tokens", max_context_tokens)
         self.grow_room_blocks = _count("grow_room_blocks", grow_room_blocks)
 
+    # ------------------------------------------------------------ measures
     def virtual_usage(self, load: MigrationLoad) -> float:
         """Virtual KV usage as a fraction of the instance's blocks (inf when draining)."""
         if load.draining:
@@ -175,56 +217,116 @@ class VirtualUsageBalance(MigrationPolicy):
                    + self.priority_headroom_blocks * load.high_priority_running)
         return virtual / max(1, load.kv_blocks_total)
 
-    def pairs(self, loads: Sequence[MigrationLoad]) -> list[MigrationPair]:
-        usage = {load.instance_id: self.virtual_usage(load) for load in loads}
+    def deficit_blocks(self, load: MigrationLoad) -> int:
+        """Blocks the instance must free before its queue head is admitted with
+        `preempt_guard_blocks` left for its decodes to grow into; with nothing queued,
+        before its decodes have that guard (fewer free blocks and the engine soon preempts
+        one, recomputing its whole context later). 0: nothing is blocked."""
+        head = load.head_of_line_blocks if load.waiting > 0 else 0
+        if head <= 0 and load.running <= 0:
+            return 0
+        free = load.kv_blocks_total - load.kv_blocks_used
+        need = head + self.preempt_guard_blocks + self.priority_headroom_blocks * load.high_priority_running
+        return max(0, need - free)
+
+    def room_blocks(self, load: MigrationLoad) -> int:
+        """Blocks the instance can take in and still admit its own queue head and keep
+        `destination_reserve_blocks` (and the mover's grow room) free."""
+        free = load.kv_blocks_total - load.kv_blocks_used
+        own = load.head_of_line_blocks if load.waiting > 0 else 0
+        # Never below the guard: a destination must not become a source by what it takes in.
+        reserve = max(self.destination_reserve_blocks, self.preempt_guard_blocks)
+        return free - own - reserve - self.grow_room_blocks
+
+    # ------------------------------------------------------------ steps
+    def _ranked(self, loads: Sequence[MigrationLoad]) -> list[tuple[list[MigrationLoad], list[MigrationLoad]]]:
+        """Per model: its sources (drains first, then by decreasing deficit) and its
+        destinations (by decreasing room)."""
         by_model: dict[str, list[MigrationLoad]] = {}
         for load in loads:
             if not load.migrating:
                 by_model.setdefault(load.model, []).append(load)
-        found: list[MigrationPair] = []
+        ranked = []
         for group in by_model.values():
-            # A source must also hold much KV itself: one overloaded only by its queue, with
-            # little KV in use, frees nothing by moving out (and, emptied, would attract the
-            # dispatcher's next arrivals and be drained again, in a loop).
-            sources = sorted((g for g in group if usage[g.instance_id] >= self.overload_usage and g.running > 0
-                              and (g.draining or g.kv_blocks_used > self.underload_usage * g.kv_blocks_total)),
-                             key=lambda g: (-usage[g.instance_id], g.instance_id))
-            destinations = sorted((g for g in group if usage[g.instance_id] <= self.underload_usage
-                                   and not g.cordoned),
-                                  key=lambda g: (usage[g.instance_id], g.instance_id))
-            for source, destination in zip(sources, destinations, strict=False):
-                reason = "drain" if source.draining else "load"
-                found.append(MigrationPair(source.instance_id, destination.instance_id, reason))
+            deficit = {g.instance_id: self.deficit_blocks(g) for g in group}
+            room = {g.instance_id: self.room_blocks(g) for g in group}
+            # A cordoned instance keeps its own requests (cordon is not drain).
+            sources = sorted((g for g in group if g.running > 0
+                              and (g.draining or (deficit[g.instance_id] > 0 and not g.cordoned))),
+                             key=lambda g: (not g.draining, -deficit[g.instance_id], g.instance_id))
+            taken = {g.instance_id for g in sources}
+            destinations = sorted((g for g in group if not (g.cordoned or g.draining) and room[g.instance_id] > 0
+                                   and g.instance_id not in taken),
+                                  key=lambda g: (-room[g.instance_id], g.instance_id))
+            ranked.append((sources, destinations))
+        return ranked
+
+    def _apart(self, source: MigrationLoad, destination: MigrationLoad) -> bool:
+        # Optionally, the destination must be clearly less loaded (`min_usage_gap`); the
+        # room check alone already keeps it from being blocked by what it takes in.
+        return source.draining or self.virtual_usage(source) - self.virtual_usage(destination) >= self.min_usage_gap
+
+    def pairs(self, loads: Sequence[MigrationLoad]) -> list[MigrationPair]:
+        """Each source with the first destination `assign` would try for it."""
+        found: list[MigrationPair] = []
+        for sources, destinations in self._ranked(loads):
+            for source in sources:
+                destination = next((d for d in destinations if self._apart(source, d)), None)
+                if destination is not None:
+                    destinations.remove(destination)
+                    found.append(MigrationPair(source.instance_id, destination.instance_id,
+                                               "drain" if source.draining else "load"))
         return found
+
+    def sources(self, loads: Sequence[MigrationLoad]) -> list[str]:
+        return [source.instance_id for sources, destinations in self._ranked(loads) if destinations
+                for source in sources]
+
+    def assign(self, loads: Sequence[MigrationLoad], candidates: Mapping[str, Sequence[MigrationCandidate]],
+               block_size_tokens: int) -> list[MigrationOrder]:
+        """Each source, in order, takes the first free destination (most room first) for
+        which `choose` finds a request: a destination with room too small for any of this
+        source's requests may still suit the next source."""
+        orders: list[MigrationOrder] = []
+        for sources, destinations in self._ranked(loads):
+            for source in sources:
+                cands = candidates.get(source.instance_id, ())
+                for destination in destinations:
+                    if not self._apart(source, destination):
+                        continue
+                    chosen = self.choose(source, destination, cands, block_size_tokens)
+                    if chosen is not None:
+                        destinations.remove(destination)
+                        orders.append(MigrationOrder(chosen.request_id, source.instance_id,
+                                                     destination.instance_id,
+                                                     "drain" if source.draining else "load", chosen.context_tokens))
+                        break
+        return orders
 
     def choose(self, source: MigrationLoad, destination: MigrationLoad,
                candidates: Sequence[MigrationCandidate], block_size_tokens: int) -> MigrationCandidate | None:
         bs = max(1, block_size_tokens)
-        free_at_destination = destination.kv_blocks_total - destination.kv_blocks_used
-        source_usage = self.virtual_usage(source)
-        destination_total = max(1, destination.kv_blocks_total)
-        # Blocks the source must free before its head-of-line request fits: a move that frees
-        # that many helps at once, so the cheapest such move wins over merely cheap ones.
-        unblock = source.head_of_line_blocks - (source.kv_blocks_total - source.kv_blocks_used)
+        room = self.room_blocks(destination)
+        if source.draining:
+            # Everything leaves: the cheapest that fits, whatever its priority or length.
+            room = destination.kv_blocks_total - destination.kv_blocks_used - self.grow_room_blocks
+        deficit = self.deficit_blocks(source)
         best: MigrationCandidate | None = None
-        best_key: tuple[int, int, int] | None = None
+        best_key: tuple[int, int] | None = None
         for cand in candidates:
-            if self.max_context_tokens and cand.context_tokens > self.max_context_tokens and not source.draining:
-                continue
-            if cand.priority < self.high_priority_below and not source.draining:
-                continue  # high-priority requests are not disturbed to balance load
-            blocks = -(-cand.context_tokens // bs)
-            if blocks + self.grow_room_blocks > free_at_destination:
-                continue
             if not source.draining:
-                after_source = source_usage - blocks / max(1, source.kv_blocks_total)
-                after_destination = (destination.kv_blocks_used + destination.head_of_line_blocks + blocks) \
-                    / destination_total
-                if after_destination >= after_source:
-                    continue  # the move would only turn the imbalance around
-            # Lowest priority class (largest value) first; then a move that unblocks the
-            # queue over one that does not; then the cheapest (shortest context).
-            key = (-cand.priority, 0 if unblock <= 0 or blocks >= unblock else 1, cand.context_tokens)
+                if self.max_context_tokens and cand.context_tokens > self.max_context_tokens:
+                    continue
+                if cand.priority < self.high_priority_below:
+                    continue  # high-priority requests are not disturbed to make room
+            blocks = -(-cand.context_tokens // bs)
+            if blocks > room:
+                continue
+            # Lowest priority class (largest value) first; then a move that admits the head
+            # (the fewest blocks copied among those); else, when no single request frees the
+            # whole deficit, the one that frees the most (the next tick moves another).
+            covers = source.draining or blocks >= deficit
+            key = (-cand.priority, blocks if covers else 1_000_000_000 - blocks)
             if best_key is None or key < best_key:
                 best, best_key = cand, key
         return best

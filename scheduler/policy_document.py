@@ -16,7 +16,7 @@ share, one schema, one loader.
     admission: {enabled: false, max_queue_depth: 1024, default_queue_timeout_ms: 10000,
                 retry_after_s: 1, saturation: {max_queued_per_instance: 8}}
     migration: {enabled: true, policy: llumnix, interval_s: 0.5, link_gbps: 100,
-                params: {overload_usage: 0.9, underload_usage: 0.6}}   # live migration
+                params: {preempt_guard_blocks: 8, destination_reserve_blocks: 16}}   # live migration
     tiers: {alias: auto, small_model: qwen2.5-1.5b, large_model: llama-3-8b,   # optional
             policy: load_aware, default: {quality_target: 0.9, quality_floor: 0.5}}
 
@@ -43,6 +43,7 @@ from scheduler.dispatch import (
 )
 from scheduler.migration import (
     MIGRATION_POLICIES,
+    RETIRED_PARAMS,
     MigrationPolicy,
     MigrationPolicyError,
     build_migration_policy,
@@ -163,10 +164,13 @@ class AdmissionSpec(_Strict):
 
 
 class MigrationParamsSpec(_Strict):
-    """Typed parameters of the `llumnix` migration policy (scheduler.migration.VirtualUsageBalance)."""
+    """Typed parameters of the `llumnix` migration policy (scheduler.migration.BlockedHeadRelief).
+    The retired `overload_usage` / `underload_usage` are refused with a hint
+    (`_check_retired_migration_params`)."""
 
-    overload_usage: float = Field(default=0.9, ge=0, le=10)
-    underload_usage: float = Field(default=0.6, ge=0, le=10)
+    preempt_guard_blocks: int = Field(default=8, ge=0)
+    destination_reserve_blocks: int = Field(default=16, ge=0)
+    min_usage_gap: float = Field(default=0.0, ge=0, le=10)
     priority_headroom_blocks: int = Field(default=0, ge=0)
     high_priority_below: int = 0
     max_context_tokens: int = Field(default=32_768, ge=0)
@@ -280,12 +284,27 @@ def load_policy_document(raw: Mapping[str, Any] | PolicyDocument | None, where: 
         raise PolicyDocumentError(
             f"{where or 'policy'}: expected a mapping (the policy document), got {type(raw).__name__}"
         )
+    _check_retired_migration_params(raw, where)
     try:
         doc = PolicyDocument.model_validate(dict(raw))
     except pydantic.ValidationError as exc:
         raise PolicyDocumentError(_with_allowed(format_validation_error(exc, where), exc)) from None
     _check_references(doc, where)
     return doc
+
+
+def _check_retired_migration_params(raw: Mapping[str, Any], where: str) -> None:
+    """A document written for the usage-balancing migration policy (before issue 13's
+    rewrite) names parameters that no longer exist: say what replaced them."""
+    section = raw.get("migration")
+    params = section.get("params") if isinstance(section, Mapping) else None
+    if not isinstance(params, Mapping):
+        return
+    for name, hint in RETIRED_PARAMS.items():
+        if name in params:
+            raise PolicyDocumentError(
+                f"{_at(where)}migration.params.{name}: retired ({hint}); set preempt_guard_blocks, "
+                f"destination_reserve_blocks and min_usage_gap instead (docs/migration.md) (got {params[name]!r})")
 
 
 def _with_allowed(message: str, exc: pydantic.ValidationError) -> str:
@@ -378,10 +397,8 @@ def _check_references(doc: PolicyDocument, where: str) -> None:
                                   f"allowed: {', '.join(sorted(MIGRATION_POLICIES))}")
     try:
         doc.migration.build_policy()
-    except MigrationPolicyError as exc:  # cross-field checks (underload below overload)
-        problem = str(exc).split(": ", 1)[-1]
-        raise PolicyDocumentError(f"{_at(where)}migration.params: {problem} (allowed: underload_usage < "
-                                  f"overload_usage)") from None
+    except MigrationPolicyError as exc:  # the policy's own checks
+        raise PolicyDocumentError(f"{_at(where)}{exc}") from None
     if doc.tiers is not None:
         problem = check_tiers(doc.tiers, f"{_at(where)}tiers")
         if problem is not None:

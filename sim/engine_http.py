@@ -74,6 +74,10 @@ OUTPUT_TOKENS_HEADER = b"x-tokenyard-output-tokens"
 ATTACH_HEADER = b"x-tokenyard-attach"
 CONTINUATION_HEADER = b"x-tokenyard-continuation"
 MIGRATED_EVENT = b"event: tokenyard.migrated\ndata: "
+# A non-streamed request that migrated out is answered with this header and a JSON body
+# `{"tokenyard_migrated": {where it went}, "text": what it generated here, "tokens": N}`;
+# the router (router/splice.py `Splicer.follow_body`) fetches the rest from the destination.
+MIGRATED_HEADER = b"x-tokenyard-migrated"
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 _DONE = b"data: [DONE]\n\n"
@@ -489,12 +493,17 @@ class EngineHttpApp:
                 engine.abort(handle.request_id)
 
     async def _complete(self, send: Send, handle: RequestHandle, model: str, chat: bool) -> None:
+        start = handle.consumed  # tokens generated elsewhere before (a request that migrated in)
         await handle.wait_finished()
         if handle.finish_reason == "abort":
             if self.engine.failure is not None:
                 raise ApiError(f"the engine loop died: {self.engine.failure}", 500, "InternalServerError")
             return  # the client is gone
-        text = "".join(handle.text.take(handle.emitted))
+        text = "".join(handle.text.take(handle.emitted - start))
+        if handle.migrated_to is not None:
+            marker = {"tokenyard_migrated": handle.migrated_to, "text": text, "tokens": handle.emitted - start}
+            await _send_bytes(send, 200, orjson.dumps(marker), [*_JSON_HEADERS, (MIGRATED_HEADER, b"1")])
+            return
         usage = {
             "prompt_tokens": handle.prompt_tokens,
             "total_tokens": handle.prompt_tokens + handle.emitted,

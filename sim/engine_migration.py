@@ -64,8 +64,6 @@ class EngineMigration:
             return f"no running request {request_id!r} on {self.instance_id}"
         if req.status is not RequestStatus.RUNNING or req.generated_tokens < 1 or req.is_prefilling:
             return f"request {request_id!r} is not decoding (status {req.status.value})"
-        if not handle.wake_per_token:
-            return f"request {request_id!r} is not streamed (only streams are spliced across a move)"
         return None
 
     def _request_kv(self, request_id: str, handle: RequestHandle) -> RequestKV:

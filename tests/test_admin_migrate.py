@@ -27,8 +27,9 @@ from tokenyard.worker_auth import write_worker_token
 
 KV_BLOCKS = 60
 MAX_TOKENS = 200
-# The loop's own policy never finds a source (usage stays below 9), so only the operator moves.
-NEVER_BY_ITSELF = {"enabled": True, "interval_s": 0.05, "params": {"overload_usage": 9.0, "underload_usage": 0.5}}
+# The loop's own policy never finds a destination (none keeps a reserve that large), so only
+# the operator moves.
+NEVER_BY_ITSELF = {"enabled": True, "interval_s": 0.05, "params": {"destination_reserve_blocks": 1_000_000}}
 
 
 async def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

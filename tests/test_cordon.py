@@ -28,7 +28,7 @@ from router.dispatcher import Dispatcher
 from router.registry import InstanceRegistry
 from router.state import InstanceRecord, RedisStateStore, StateStore, cordon_note, open_store
 from router.tenants import Tenant
-from scheduler.migration import MigrationLoad, VirtualUsageBalance, pick_destination
+from scheduler.migration import BlockedHeadRelief, MigrationLoad, pick_destination
 from scheduler.types import RequestInfo
 from sim.engine_http import EngineServer
 from tests.test_admin_cli import REDIS_URL, Plane, cli
@@ -186,8 +186,8 @@ async def test_static_discovery_keeps_an_operators_cordon(tmp_path: Path) -> Non
 
 
 def test_cordon_is_not_drain_for_migration_and_scale_down(tmp_path: Path) -> None:
-    policy = VirtualUsageBalance(overload_usage=0.8, underload_usage=0.4)
-    hot = MigrationLoad("hot", "m", 100, 95, running=4)
+    policy = BlockedHeadRelief(preempt_guard_blocks=0, destination_reserve_blocks=0, grow_room_blocks=0)
+    hot = MigrationLoad("hot", "m", 100, 95, running=4, waiting=1, head_of_line_blocks=10)
     idle_cordoned = MigrationLoad("c", "m", 100, 0, cordoned=True)
     idle = MigrationLoad("i", "m", 100, 10)
     # Nothing moves into a cordoned instance, however idle it is.
@@ -196,6 +196,9 @@ def test_cordon_is_not_drain_for_migration_and_scale_down(tmp_path: Path) -> Non
     assert pick_destination(hot, [hot, idle_cordoned]) is None
     # A cordoned, idle instance is no source either (a drained one would be: infinite usage).
     assert policy.pairs([MigrationLoad("c", "m", 100, 30, running=2, cordoned=True), idle]) == []
+    # ... even when its queue head is blocked: a cordon leaves its own requests where they are.
+    blocked = MigrationLoad("c", "m", 100, 95, running=2, waiting=1, head_of_line_blocks=10, cordoned=True)
+    assert policy.pairs([blocked, idle]) == []
     assert policy.pairs([MigrationLoad("d", "m", 100, 30, running=2, draining=True), idle])[0].reason == "drain"
 
     async def scale_view() -> dict[str, int]:

@@ -3,7 +3,8 @@ every request completes exactly once with exactly its tokens.
 
 Three emulated engines (real HTTP and Worker gRPC servers on loopback) serve streamed
 completions read through the router's real `Splicer` (router/splice.py), which follows
-moves and fails over. Controllers move random running requests between random engines;
+moves and fails over, and, one request in four, non-streamed ones, whose move markers the
+splicer follows to the whole answer. Controllers move random running requests between random engines;
 each MigrateOut draws a fault and a step for it (source or destination, every step of the
 state machine): an exception, a stall past the acknowledgement timeout, a refusal as out
 of memory, a stream cut. Now and then a whole engine is stopped without grace (its streams
@@ -23,8 +24,8 @@ import time
 import grpc
 import pytest
 
-from router.proxy import PoolSet
-from router.splice import Splicer
+from router.proxy import PoolSet, UpstreamError
+from router.splice import MIGRATED_HEADER, Splicer
 from scheduler.types import InstanceState
 from sim.engine_http import EngineServer
 from sim.migration_worker import MigrationAborted
@@ -42,6 +43,7 @@ HANG_S = 300
 POINTS = ("source:begin", "source:stage", "source:final", "source:commit", "dest:begin", "dest:stage", "dest:commit")
 FAULTS = ("none", "none", "raise", "stall", "oom", "cut")
 MIGRATION_IDS = itertools.count()
+PLAIN = {"answered": 0, "followed": 0, "retried": 0}  # what the non-streamed clients went through
 
 
 class Fleet:
@@ -114,6 +116,41 @@ async def client(fleet: Fleet, splicer: Splicer, pools: PoolSet, index: int, rng
     return texts
 
 
+async def plain_client(fleet: Fleet, splicer: Splicer, pools: PoolSet, index: int, rng: random.Random) -> list[str]:
+    """A non-streamed request: its source answers a move with a marker, which the splicer
+    follows to the whole answer (router/splice.py `follow_body`). A leg that breaks before
+    the answer is whole is tried again on another engine, as the router's retry does
+    (nothing has reached the client)."""
+    prompt = f"request {index} " + "word " * rng.randint(20, 200)
+    max_tokens = rng.randint(60, 260)
+    payload = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True}).encode()
+    headers = b"Content-Type: application/json\r\nX-Request-Id: c" + str(index).encode() + b"\r\n"
+    for _ in range(KILLS + 2):
+        name = rng.choice(sorted(fleet.servers))
+        try:
+            response = await pools.get(fleet.servers[name].base_url).request(
+                "POST", "/v1/completions", payload, headers, headers_timeout_s=10)
+            assert response.status == 200
+            parts = []
+            while (chunk := await response.next_chunk(30)) is not None:
+                parts.append(chunk)
+            body = b"".join(parts)
+            if response.header(MIGRATED_HEADER) is not None:
+                PLAIN["followed"] += 1
+                body = await splicer.follow_body(body, name, MODEL, "/v1/completions", payload, headers,
+                                                 time.monotonic() + 60, 1 << 20)
+        except UpstreamError:
+            PLAIN["retried"] += 1
+            continue  # the engine died under it: the router would try another
+        PLAIN["answered"] += 1
+        doc = json.loads(body)
+        assert doc["usage"]["completion_tokens"] == max_tokens, (index, doc["usage"])
+        text = doc["choices"][0]["text"]
+        assert text == "".join(expected_tokens(prompt, max_tokens)), f"request {index}: wrong text"
+        return [text]
+    raise AssertionError(f"request {index}: no engine finished it")
+
+
 async def controller(fleet: Fleet, rng: random.Random, budget: list[int], outcomes: dict[str, int]) -> None:
     channels: dict[str, grpc.aio.Channel] = {}
     while budget[0] > 0:
@@ -147,6 +184,7 @@ async def controller(fleet: Fleet, rng: random.Random, budget: list[int], outcom
 
 async def test_a_thousand_migrations_with_faults_lose_or_repeat_no_token() -> None:
     started = time.monotonic()
+    PLAIN.update(answered=0, followed=0, retried=0)
     rng = random.Random(13)
     fleet = Fleet()
     for name in ("e0", "e1", "e2"):
@@ -165,7 +203,8 @@ async def test_a_thousand_migrations_with_faults_lose_or_repeat_no_token() -> No
         active: set[asyncio.Future[list[str]]] = set()
         while budget[0] > 0 or active:
             while budget[0] > 0 and len(active) < CONCURRENT_STREAMS:
-                active.add(asyncio.ensure_future(client(fleet, splicer, pools, index, rng)))
+                kind = plain_client if index % 4 == 3 else client  # every fourth is not streamed
+                active.add(asyncio.ensure_future(kind(fleet, splicer, pools, index, rng)))
                 index += 1
             done, active = await asyncio.wait(active, timeout=0.05, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -195,7 +234,8 @@ async def test_a_thousand_migrations_with_faults_lose_or_repeat_no_token() -> No
     assert outcomes.get("COMMITTED", 0) > 150 and outcomes.get("ABORTED", 0) > 300, outcomes
     assert splicer.stats.migrations_spliced > 150 and splicer.stats.failovers >= KILLS, splicer.stats
     assert completed >= 200
-    print(f"outcomes {outcomes}, {completed} streams, {splicer.stats}")
+    assert PLAIN["answered"] >= 50 and PLAIN["followed"] >= 20, PLAIN  # non-streamed requests moved too
+    print(f"outcomes {outcomes}, {completed} requests, {splicer.stats}, non-streamed {PLAIN}")
 
 
 @pytest.mark.parametrize("fault", ["raise", "stall", "oom", "cut"])

@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 
 from router.migration_loop import MigrationLoop, load_of
 from scheduler.migration import (
+    BlockedHeadRelief,
     MigrationCandidate,
     MigrationLoad,
     MigrationPolicyError,
-    VirtualUsageBalance,
     build_migration_policy,
 )
 from scheduler.types import InstanceState
@@ -31,33 +31,94 @@ def load(instance_id: str, used: int, total: int = 1000, **extra: Any) -> Migrat
                          running=extra.pop("running", 10), **extra)
 
 
-def test_pairs_the_most_loaded_with_the_least_loaded_and_skips_busy_instances() -> None:
-    policy = VirtualUsageBalance(overload_usage=0.9, underload_usage=0.6)
-    loads = [load("a", 950), load("b", 990), load("c", 100), load("d", 500), load("e", 300, migrating=True),
-             load("f", 700, head_of_line_blocks=280)]  # queued demand: f counts as 980
-    pairs = policy.pairs(loads)
-    assert [(p.source_id, p.destination_id) for p in pairs] == [("b", "c"), ("f", "d")]
-    assert policy.pairs([load("a", 990), load("b", 980)]) == []  # nobody to take it
+def test_a_source_is_an_instance_whose_queue_head_cannot_be_admitted() -> None:
+    policy = BlockedHeadRelief(preempt_guard_blocks=8, destination_reserve_blocks=16)
+    # a: 950 used, head 60 -> needs 60 + 8, has 50 free: deficit 18. b: full KV but nothing
+    # waits: not a source (usage alone moves nothing). c: head fits with the guard.
+    a = load("a", 950, head_of_line_blocks=60, waiting=1)
+    b = load("b", 990)
+    c = load("c", 900, head_of_line_blocks=50, waiting=2)
+    assert [policy.deficit_blocks(x) for x in (a, b, c)] == [18, 0, 0]
+    d = load("d", 500)
+    e = load("e", 100, migrating=True)
+    pairs = policy.pairs([a, b, c, d, e])
+    assert [(p.source_id, p.destination_id, p.reason) for p in pairs] == [("a", "d", "load")]
+    # The guard counts: without it, `a`'s head (60 blocks) would still not fit in 50.
+    assert BlockedHeadRelief(preempt_guard_blocks=0).deficit_blocks(a) == 10
+    assert BlockedHeadRelief(preempt_guard_blocks=0).deficit_blocks(load("x", 900, head_of_line_blocks=60,
+                                                                              waiting=1)) == 0
+    # No destination with room: no pair (everyone full is not migration's to fix).
+    assert policy.pairs([a, load("f", 985), load("g", 970, head_of_line_blocks=10, waiting=1)]) == []
 
 
-def test_chooses_the_cheapest_move_that_helps_and_never_turns_the_imbalance_around() -> None:
-    policy = VirtualUsageBalance(high_priority_below=1)
-    source, destination = load("s", 950), load("d", 100)
-    cands = [MigrationCandidate("big", 8000, priority=2), MigrationCandidate("small", 320, priority=2),
-             MigrationCandidate("vip", 100, priority=0)]
+def test_decodes_about_to_run_out_of_blocks_make_a_source_too() -> None:
+    # Nothing waits, but 4 free blocks for 10 growing decodes: the engine would soon preempt.
+    policy = BlockedHeadRelief(preempt_guard_blocks=8, destination_reserve_blocks=0, grow_room_blocks=0)
+    tight = load("tight", 996, running=10)
+    assert policy.deficit_blocks(tight) == 4
+    assert policy.deficit_blocks(load("idle", 996, running=0)) == 0  # nothing to grow
+    assert policy.deficit_blocks(load("roomy", 992, running=10)) == 0
+    # A destination keeps at least the guard free, so it never becomes a source by a move.
+    assert policy.room_blocks(load("d", 900)) == 100 - 8
+    orders = policy.plan([tight, load("d", 900)], lambda iid: [MigrationCandidate("r", 16 * 5)], 16)
+    assert [(o.source_id, o.destination_id) for o in orders] == [("tight", "d")]
+
+
+def test_a_destination_keeps_its_reserve_and_its_own_head() -> None:
+    policy = BlockedHeadRelief(preempt_guard_blocks=0, destination_reserve_blocks=16, grow_room_blocks=4)
+    source = load("s", 990, head_of_line_blocks=40, waiting=1)  # deficit 30
+    # 1000 - 900 free = 100; own head 50 waits: room 100 - 50 - 16 - 4 = 30.
+    dest = load("d", 900, head_of_line_blocks=50, waiting=1)
+    assert policy.room_blocks(dest) == 30
+    fits = MigrationCandidate("fits", 16 * 30)
+    too_big = MigrationCandidate("big", 16 * 31)
+    assert policy.choose(source, dest, [too_big, fits], 16) == fits
+    assert policy.choose(source, dest, [too_big], 16) is None
+
+
+def test_chooses_the_cheapest_move_that_admits_the_head() -> None:
+    policy = BlockedHeadRelief(preempt_guard_blocks=0, destination_reserve_blocks=0, high_priority_below=1)
+    source = load("s", 990, head_of_line_blocks=70, waiting=3)  # deficit 60
+    destination = load("d", 100)
+    cands = [MigrationCandidate("tiny", 16 * 10, priority=2), MigrationCandidate("enough", 16 * 60, priority=2),
+             MigrationCandidate("more", 16 * 200, priority=2), MigrationCandidate("vip", 16 * 61, priority=0)]
     chosen = policy.choose(source, destination, cands, 16)
-    assert chosen is not None and chosen.request_id == "small"  # vip stays; small is cheapest
-    # A move that would leave the destination above the source is not made.
-    assert policy.choose(load("s", 920), load("d", 590), [MigrationCandidate("x", 16 * 400)], 16) is None
-    # When the source's queue is blocked, the cheapest move that unblocks it wins.
-    blocked = load("s", 990, head_of_line_blocks=60)
-    cands = [MigrationCandidate("tiny", 160, priority=2), MigrationCandidate("enough", 16 * 60, priority=2)]
-    chosen = policy.choose(blocked, destination, cands, 16)
-    assert chosen is not None and chosen.request_id == "enough"
+    assert chosen is not None and chosen.request_id == "enough"  # vip stays; tiny leaves the head blocked
+    # When no single request frees the whole deficit, the one that frees the most moves
+    # (the next tick moves another).
+    small = [MigrationCandidate("tiny", 16 * 10, priority=2), MigrationCandidate("half", 16 * 30, priority=2)]
+    chosen = policy.choose(source, destination, small, 16)
+    assert chosen is not None and chosen.request_id == "half"
+    # Lower priority classes go first, whatever their size.
+    mixed = [MigrationCandidate("p1", 16 * 60, priority=1), MigrationCandidate("p3", 16 * 150, priority=3)]
+    chosen = policy.choose(source, destination, mixed, 16)
+    assert chosen is not None and chosen.request_id == "p3"
+
+
+def test_assign_tries_the_next_destination_when_the_roomiest_fits_nothing() -> None:
+    policy = BlockedHeadRelief(preempt_guard_blocks=0, destination_reserve_blocks=0, grow_room_blocks=0)
+    s1 = load("s1", 995, head_of_line_blocks=30, waiting=1)  # deficit 25
+    s2 = load("s2", 990, head_of_line_blocks=15, waiting=1)  # deficit 5
+    d1, d2 = load("d1", 900), load("d2", 960)  # room 100 and 40
+    cands = {"s1": [MigrationCandidate("big", 16 * 90)], "s2": [MigrationCandidate("one", 16 * 35)]}
+    assert policy.sources([s1, s2, d1, d2]) == ["s1", "s2"]
+    orders = policy.assign([s1, s2, d1, d2], cands, 16)
+    assert [(o.request_id, o.source_id, o.destination_id) for o in orders] == [("big", "s1", "d1"),
+                                                                              ("one", "s2", "d2")]
+    # s2's request does not fit d2; it takes d1 when s1 has none to move.
+    cands = {"s1": [], "s2": [MigrationCandidate("two", 16 * 60)]}
+    orders = policy.assign([s1, s2, d1, d2], cands, 16)
+    assert [(o.request_id, o.source_id, o.destination_id) for o in orders] == [("two", "s2", "d1")]
+    # min_usage_gap: a destination must be that much less loaded.
+    strict = BlockedHeadRelief(preempt_guard_blocks=0, destination_reserve_blocks=0, grow_room_blocks=0,
+                               min_usage_gap=0.1)
+    orders = strict.assign([s1, s2, d1, d2], {"s1": [MigrationCandidate("big", 16 * 90)]}, 16)
+    assert [(o.source_id, o.destination_id) for o in orders] == [("s1", "d1")]  # d2 is within 0.1 of s1
+    assert strict.assign([s1, d2], {"s1": [MigrationCandidate("small", 16 * 30)]}, 16) == []
 
 
 def test_draining_instances_move_everything_even_high_priority() -> None:
-    policy = VirtualUsageBalance(high_priority_below=1)
+    policy = BlockedHeadRelief(high_priority_below=1)
     draining = load("old", 10, draining=True, running=1)
     pairs = policy.pairs([draining, load("new", 500)])
     assert [(p.source_id, p.destination_id, p.reason) for p in pairs] == [("old", "new", "drain")]
@@ -66,27 +127,42 @@ def test_draining_instances_move_everything_even_high_priority() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 1200), st.integers(0, 300), st.booleans(), st.booleans()),
-                min_size=1, max_size=12))
-def test_every_instance_is_in_at_most_one_pair(raw: list[tuple[int, int, bool, bool]]) -> None:
-    policy = VirtualUsageBalance()
-    loads = [load(f"i{k}", used, head_of_line_blocks=head, draining=draining, migrating=busy)
-             for k, (used, head, draining, busy) in enumerate(raw)]
-    pairs = policy.pairs(loads)
-    ids = [p.source_id for p in pairs] + [p.destination_id for p in pairs]
-    assert len(ids) == len(set(ids))
-    busy = {ld.instance_id for ld in loads if ld.migrating or ld.draining}
-    assert not {p.destination_id for p in pairs} & busy
-    assert not {p.source_id for p in pairs} & {ld.instance_id for ld in loads if ld.migrating}
+@given(st.lists(st.tuples(st.integers(0, 1000), st.integers(0, 300), st.booleans(), st.booleans(),
+                          st.lists(st.integers(1, 400), max_size=4)),
+                min_size=1, max_size=12),
+       st.integers(0, 32), st.integers(0, 64), st.sampled_from([0.0, 0.05, 0.3]))
+def test_every_order_admits_help_and_fits(raw: list[tuple[int, int, bool, bool, list[int]]], guard: int,
+                                          reserve: int, gap: float) -> None:
+    policy = BlockedHeadRelief(preempt_guard_blocks=guard, destination_reserve_blocks=reserve, min_usage_gap=gap)
+    loads = [load(f"i{k}", used, head_of_line_blocks=head, waiting=1 if head else 0, draining=draining,
+                  migrating=busy) for k, (used, head, draining, busy, _) in enumerate(raw)]
+    cands = {f"i{k}": [MigrationCandidate(f"i{k}-{j}", 16 * b) for j, b in enumerate(sizes)]
+             for k, (*_, sizes) in enumerate(raw)}
+    orders = policy.assign(loads, cands, 16)
+    ids = [o.source_id for o in orders] + [o.destination_id for o in orders]
+    assert len(ids) == len(set(ids))  # at most one migration per instance
+    by_id = {ld.instance_id: ld for ld in loads}
+    for order in orders:
+        source, destination = by_id[order.source_id], by_id[order.destination_id]
+        assert not (source.migrating or destination.migrating or destination.draining)
+        assert order.request_id.startswith(order.source_id + "-")
+        assert source.draining or policy.deficit_blocks(source) > 0  # only a blocked head is a reason
+        blocks = -(-order.context_tokens // 16)
+        if not source.draining:
+            assert blocks <= policy.room_blocks(destination)  # the destination keeps its reserve
+    # plan() is sources + assign, as the router's loop runs them
+    assert policy.plan(loads, lambda iid: cands[iid], 16) == orders
 
 
 def test_bad_config_says_what_and_where() -> None:
     with pytest.raises(MigrationPolicyError, match="unknown 'teleport'"):
         build_migration_policy({"policy": "teleport"})
-    with pytest.raises(MigrationPolicyError, match="underload_usage"):
-        build_migration_policy({"policy": "llumnix", "overload_usage": 0.5, "underload_usage": 0.7})
+    with pytest.raises(MigrationPolicyError, match="overload_usage: no longer a parameter.*preempt_guard_blocks"):
+        build_migration_policy({"policy": "llumnix", "overload_usage": 0.5, "underload_usage": 0.3})
     with pytest.raises(MigrationPolicyError, match="migration: .*unexpected keyword"):
         build_migration_policy({"policy": "llumnix", "speed": 3})
+    with pytest.raises(MigrationPolicyError, match="destination_reserve_blocks: expected an integer >= 0"):
+        build_migration_policy({"policy": "llumnix", "destination_reserve_blocks": -1})
     assert build_migration_policy(None).pairs([load("a", 999)]) == []
 
 
@@ -102,6 +178,16 @@ def test_virtual_usage_dispatch_prefers_the_instance_with_the_shorter_queue() ->
                          kv_blocks_total=1000)
     decision = policy.decide(ClusterView([queued, calm]), RequestInfo("r", MODEL, 100))
     assert decision.instance_ids[0] == "calm"  # 0.6 virtual usage against 0.5 + 3 x 100 / 1000
+    # Scores stay in (0, 1] and apart when the queue takes virtual usage past 1; ids sort
+    # against the expected order, since equal scores go in id order (negative scores were
+    # clamped to 0, all ties, and every request went to the first instance by id).
+    swamped = InstanceState(instance_id="a-swamped", model=MODEL, running=30, waiting=200, kv_blocks_used=990,
+                            kv_blocks_total=1000)
+    busy = InstanceState(instance_id="b-busy", model=MODEL, running=5, waiting=3, kv_blocks_used=500,
+                         kv_blocks_total=1000)
+    idle = InstanceState(instance_id="c-idle", model=MODEL, kv_blocks_total=1000)
+    decision = policy.decide(ClusterView([swamped, busy, idle]), RequestInfo("r", MODEL, 100))
+    assert decision.instance_ids == ("c-idle", "b-busy", "a-swamped"), decision
 
 
 def test_load_of_estimates_queued_demand_from_what_the_router_sees() -> None:
@@ -117,7 +203,7 @@ async def test_the_router_loop_drains_an_instance_by_moving_its_stream() -> None
     expected, usage = await reference(chat_body())
     try:
         async with running_router(records(servers)) as server, httpx.AsyncClient(timeout=30) as client:
-            loop = MigrationLoop(server.router.registry, VirtualUsageBalance(), interval_s=0.05)
+            loop = MigrationLoop(server.router.registry, BlockedHeadRelief(), interval_s=0.05)
             lines: list[str] = []
             async with client.stream("POST", server.url + "/v1/chat/completions", json=chat_body()) as response:
                 first = response.headers["x-tokenyard-instance"]
@@ -159,8 +245,7 @@ def test_the_simulator_moves_requests_and_keeps_every_token() -> None:
     # Long answers land round-robin on the first two instances; short ones finish fast on the others.
     trace = [TraceRequest(request_id=f"r{i}", arrival_s=i * 0.05, input_tokens=2000,
                           output_tokens=600 if i % 4 < 2 else 5) for i in range(120)]
-    config = MigrationSimConfig(policy=build_migration_policy({"policy": "llumnix", "overload_usage": 0.7,
-                                                               "underload_usage": 0.5}), link_gbps=50)
+    config = MigrationSimConfig(policy=build_migration_policy({"policy": "llumnix"}), link_gbps=50)
     sim = Simulation(cluster, migration=config)
     result = sim.run(trace)
     assert sim.migration is not None and sim.migration.stats.committed > 0, sim.migration.stats.summary()

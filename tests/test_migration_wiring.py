@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from scheduler.migration import NoMigration, VirtualUsageBalance
+from scheduler.migration import BlockedHeadRelief, NoMigration
 from scheduler.policy_document import PolicyDocumentError, load_policy_document
 from sim.engine_http import EngineServer
 from tests.test_migration import engine
@@ -28,12 +28,14 @@ def test_migration_section_defaults_off_and_round_trips() -> None:
     doc = load_policy_document({})
     assert not doc.migration.enabled and not doc.migration.active()
     raw = {"migration": {"enabled": True, "interval_s": 0.2, "link_gbps": 25,
-                         "params": {"overload_usage": 0.8, "underload_usage": 0.5, "grow_room_blocks": 2}}}
+                         "params": {"preempt_guard_blocks": 4, "destination_reserve_blocks": 32,
+                                    "min_usage_gap": 0.05, "grow_room_blocks": 2}}}
     doc = load_policy_document(raw)
     assert doc.migration.active()
     policy = doc.migration.build_policy()
-    assert isinstance(policy, VirtualUsageBalance)
-    assert (policy.overload_usage, policy.underload_usage, policy.grow_room_blocks) == (0.8, 0.5, 2)
+    assert isinstance(policy, BlockedHeadRelief)
+    assert (policy.preempt_guard_blocks, policy.destination_reserve_blocks, policy.min_usage_gap,
+            policy.grow_room_blocks) == (4, 32, 0.05, 2)
     assert load_policy_document(doc.to_dict()) == doc
     assert load_policy_document(doc.to_dict(minimal=True)) == doc
     assert doc.to_dict(minimal=True)["migration"]["link_gbps"] == 25
@@ -46,9 +48,16 @@ def test_migration_section_defaults_off_and_round_trips() -> None:
     ({"interval_s": 0}, "policy.migration.interval_s: Input should be greater than 0 (got 0)"),
     ({"link_gbps": -1}, "policy.migration.link_gbps: Input should be greater than 0 (got -1)"),
     ({"every": 1}, "policy.migration.every: unknown key; allowed: enabled, policy, interval_s, link_gbps, params"),
-    ({"params": {"overload": 1}}, "policy.migration.params.overload: unknown key; allowed: overload_usage"),
-    ({"params": {"underload_usage": 0.95}},
-     "policy.migration.params: underload_usage (0.95) must be below overload_usage (0.9)"),
+    ({"params": {"overload": 1}}, "policy.migration.params.overload: unknown key; allowed: preempt_guard_blocks, "
+                                  "destination_reserve_blocks, min_usage_gap"),
+    ({"params": {"destination_reserve_blocks": -1}},
+     "policy.migration.params.destination_reserve_blocks: Input should be greater than or equal to 0 (got -1)"),
+    # A document written for the retired usage-balancing policy says what replaced it.
+    ({"params": {"overload_usage": 0.9, "underload_usage": 0.6}},
+     "policy.migration.params.overload_usage: retired (sources are now instances whose queue head cannot be "
+     "admitted (see preempt_guard_blocks)); set preempt_guard_blocks, destination_reserve_blocks and "
+     "min_usage_gap instead (docs/migration.md) (got 0.9)"),
+    ({"params": {"underload_usage": 0.6}}, "policy.migration.params.underload_usage: retired (destinations"),
 ])
 def test_migration_errors_name_path_value_and_allowed(raw: dict[str, object], expected: str) -> None:
     with pytest.raises(PolicyDocumentError) as info:
@@ -58,7 +67,7 @@ def test_migration_errors_name_path_value_and_allowed(raw: dict[str, object], ex
 
 # ------------------------------------------------------------------------------ the router
 ROUTER_MIGRATION = {"enabled": True, "interval_s": 0.05,
-                    "params": {"overload_usage": 0.6, "underload_usage": 0.3, "grow_room_blocks": 2}}
+                    "params": {"preempt_guard_blocks": 2, "destination_reserve_blocks": 2, "grow_room_blocks": 2}}
 
 
 async def test_a_router_with_migration_enabled_moves_a_request_off_an_overloaded_engine(tmp_path: Path) -> None:
@@ -113,7 +122,7 @@ policy:
   profiles:
     default: {filters: [model], scorers: [least_outstanding], picker: round_robin}
   migration: {enabled: %s, interval_s: 0.05, link_gbps: 50,
-              params: {overload_usage: 0.7, underload_usage: 0.5}}
+              params: {preempt_guard_blocks: 8, destination_reserve_blocks: 16}}
 """
 
 
@@ -173,9 +182,13 @@ def test_one_document_gives_the_router_and_the_simulator_the_same_migration_deci
                                         "router.yaml"))
     assert sim.migration is not None and router.migration is not None
     assert router.migration.interval_s == sim.migration.config.interval_s == 0.05
-    loads = [MigrationLoad("a", "m", 100, 80, running=4), MigrationLoad("b", "m", 100, 10, running=1),
-             MigrationLoad("c", "m", 100, 75, running=3, head_of_line_blocks=10), MigrationLoad("d", "m", 100, 40)]
+    # a and c: queue heads blocked (deficits 13 and 13 with the guard of 8); b and d have room.
+    loads = [MigrationLoad("a", "m", 100, 80, running=4, waiting=1, head_of_line_blocks=25),
+             MigrationLoad("b", "m", 100, 10, running=1),
+             MigrationLoad("c", "m", 100, 75, running=3, waiting=2, head_of_line_blocks=30),
+             MigrationLoad("d", "m", 100, 40)]
     cands = {"a": [MigrationCandidate("a1", 600), MigrationCandidate("a2", 300)],
              "c": [MigrationCandidate("c1", 200, priority=2), MigrationCandidate("c2", 100)]}
     plans = [p.plan(loads, lambda i: cands.get(i, []), 16) for p in (router.migration.policy, sim.migration.policy)]
-    assert plans[0] == plans[1] and len(plans[0]) == 2, plans
+    assert plans[0] == plans[1], plans
+    assert [(o.request_id, o.source_id, o.destination_id) for o in plans[0]] == [("a2", "a", "b"), ("c1", "c", "d")]

@@ -327,3 +327,44 @@ async def _release_draws_nothing() -> None:
     assert [(rid.split("#")[0], verdict.value, reserved) for rid, (verdict, reserved) in released] == \
         [("r0", "admit", "i2")]  # exactly one, into the free slot, reserved there
     assert len(admission.queue) == 2 and registry.get("i2")[1].router_inflight == 1
+
+
+# ------------------------------------------------------------------------------ migration
+migration_params = st.fixed_dictionaries({
+    "preempt_guard_blocks": st.integers(0, 40), "destination_reserve_blocks": st.integers(0, 80),
+    "min_usage_gap": st.sampled_from([0.0, 0.02, 0.2]), "grow_room_blocks": st.integers(0, 8),
+    "high_priority_below": st.integers(0, 2), "max_context_tokens": st.sampled_from([0, 2048, 32768]),
+})
+migration_loads = st.lists(st.tuples(
+    st.integers(0, 1000), st.integers(0, 400), st.integers(0, 3), st.integers(0, 8),
+    st.sampled_from([False, False, False, True]), st.sampled_from([False, False, True]),
+    st.sampled_from([False, False, False, True]), st.sampled_from(["llama-3-8b", "llama-3-8b", "qwen2.5-1.5b"]),
+    st.lists(st.tuples(st.integers(1, 6000), st.integers(0, 3)), max_size=5)), min_size=1, max_size=8)
+
+
+@settings(max_examples=60, deadline=None)
+@given(params=migration_params, raw=migration_loads)
+def test_router_and_simulator_order_the_same_migrations(params: dict[str, Any], raw: list[Any]) -> None:
+    """One `migration:` section gives the router's loop and the simulator's driver the same
+    policy, and the same loads and candidates give the same orders through the steps each
+    driver runs: the router `sources` then (its candidates listed over gRPC) `assign`, the
+    simulator `plan`."""
+    from router.app import Router
+    from scheduler.migration import MigrationCandidate, MigrationLoad
+
+    section = {"enabled": True, "interval_s": 0.1, "params": params}
+    sim = Simulation(_cluster([1, 0, 0], {"migration": section}))
+    router = Router(parse_router_config({"policy": {"migration": section}}, "parity.yaml"))
+    assert sim.migration is not None and router.migration is not None
+    assert router.migration.interval_s == sim.migration.config.interval_s
+    loads = [MigrationLoad(f"i{k}", model, 1000, used, head_of_line_blocks=head, waiting=waiting, running=running,
+                           high_priority_running=min(running, 1), draining=draining, migrating=migrating,
+                           cordoned=cordoned)
+             for k, (used, head, waiting, running, draining, migrating, cordoned, model, _) in enumerate(raw)]
+    candidates = {f"i{k}": [MigrationCandidate(f"i{k}-{j}", tokens, priority) for j, (tokens, priority)
+                            in enumerate(cands)] for k, (*_, cands) in enumerate(raw)}
+    router_policy, sim_policy = router.migration.policy, sim.migration.policy
+    listed = {iid: candidates[iid] for iid in router_policy.sources(loads)}
+    router_orders = router_policy.assign(loads, listed, 16)
+    sim_orders = sim_policy.plan(loads, lambda iid: candidates[iid], 16)
+    assert router_orders == sim_orders, (params, loads)

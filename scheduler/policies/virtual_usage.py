@@ -28,7 +28,13 @@ def virtual_usage(instance: InstanceState) -> float:
 
 @register_scorer("least_virtual_usage")
 class LeastVirtualUsage(Scorer):
-    """Lower virtual usage is better; among equal, fewer outstanding requests."""
+    """Lower virtual usage is better; among equal, fewer outstanding requests.
+    Score = 1 / (1 + usage + eps x outstanding), in (0, 1]: virtual usage exceeds 1 when
+    the queue does, so `1 - usage` would not do. (It once returned `-usage`, which the
+    dispatcher clamps to 0 for every instance: all ties, so every request went to the
+    first instance; issue 13's meltdown at load x1.4.)"""
+
+    normalized = True
 
     def score(self, request: RequestInfo, instance: InstanceState, ctx: DispatchContext) -> float:
-        return -(virtual_usage(instance) + 1e-6 * instance.outstanding)
+        return 1.0 / (1.0 + virtual_usage(instance) + 1e-6 * instance.outstanding)
