@@ -94,6 +94,12 @@ ENGINE_SPECIFIC_SOURCES = ("splitwise",)
 ENGINE_SPECIFIC_BOUNDS: dict[str, tuple[float, float]] = {
     "per_seq_overhead_s": (1e-7, 2e-3),
     "layer_overhead_s": (1e-7, 2e-3),
+    # Splitwise's engine gets dearer per token above a few thousand tokens per iteration
+    # (PerfFactors.large_step_s_per_token_layer); Vidur's GEMM profiles show no such step and
+    # no measurement of a current engine has iterations that large, so it is fitted for
+    # Splitwise's engine only and the packaged factors keep 0.
+    "large_step_s_per_token_layer": (1e-10, 1e-5),
+    "large_step_knee_tokens": (256.0, 65536.0),
 }
 # Factors held fixed. A fixed cost per iteration and one per layer are nearly collinear in
 # this data (Splitwise: only 70- and 80-layer models); left free, the A100 fit took the first
@@ -101,6 +107,16 @@ ENGINE_SPECIFIC_BOUNDS: dict[str, tuple[float, float]] = {
 # per-layer form is what eager-mode launches cost and extrapolates sensibly to shallower
 # models; the per-iteration part (scheduling, sampling setup) is fixed at a typical 2 ms.
 FIXED_FACTORS: dict[str, float] = {"iteration_overhead_s": 0.002}
+# Factors held per chip at published kernel figures instead of fitted. Prefill attention
+# efficiency: FlashAttention-2's forward pass reaches ~190-200 TFLOP/s of A100's 312 with a
+# causal mask at head dim 128 (Dao 2023, fig. 5), and "only 35% utilization" on H100 (Shah et
+# al. 2024, FlashAttention-3). Fitted, it trades off against the prefill terms the data do
+# pin down: Splitwise's prompts of 128-8,192 tokens leave attention a few % of the step, and
+# the fit drove H100's to 0.16, which charged a 16k prompt's attention at twice its real cost.
+CHIP_FIXED_FACTORS: dict[str, dict[str, float]] = {
+    "A100-80GB": {"prefill_attention_efficiency": 0.62},
+    "H100-80GB": {"prefill_attention_efficiency": 0.35},
+}
 ENGINE_SPECIFIC_FIXED: dict[str, float] = {"iteration_overhead_s": 0.002}
 
 # GPU types without measurements of their own that share the chip (and its efficiencies) of
@@ -263,6 +279,7 @@ def splitwise_observations(data_dir: Path) -> list[Observation]:
             source="splitwise", quantity="prefill_time", gpu=gpu, model=model, tp=tp,
             key=f"{gpu} {model} tp{tp} prompt={prompt:05d} batch={batch:03d}",
             measured=statistics.median(values), prompt_tokens=prompt, batch_size=batch,
+            group=f"{model} tp{tp}",
         )
         for (gpu, model, tp, prompt, batch), values in prefill.items()
     ]
@@ -273,7 +290,7 @@ def splitwise_observations(data_dir: Path) -> list[Observation]:
             # The mean over a generation of `output` tokens is at the mean context, because
             # the step time is linear in context (EngineModel.decode_step_linear_s).
             measured=statistics.median(values), prompt_tokens=prompt, batch_size=batch,
-            context_tokens=prompt + output // 2, output_tokens=output,
+            context_tokens=prompt + output // 2, output_tokens=output, group=f"{model} tp{tp}",
         )
         for (gpu, model, tp, prompt, batch, output), values in decode.items()
     ]
@@ -559,7 +576,8 @@ def calibrate(
                 bar.update(1)
                 bar.set_postfix(cost=f"{cost:.4g}", refresh=False)
 
-            fitted[chip], own[chip], costs[chip] = fit_gpu(catalog, train[chip], on_evaluation=on_evaluation)
+            fitted[chip], own[chip], costs[chip] = fit_gpu(catalog, train[chip], on_evaluation=on_evaluation,
+                                                           held=dict(CHIP_FIXED_FACTORS.get(chip, {})))
     if len(chips) > 1:
         shared = {n: statistics.fmean(getattr(fitted[c], n) for c in chips) for n in SHARED_ENGINE_FACTORS}
         for chip in chips:
@@ -569,7 +587,8 @@ def calibrate(
                     bar.set_postfix(cost=f"{cost:.4g}", refresh=False)
 
                 fitted[chip], own[chip], costs[chip] = fit_gpu(
-                    catalog, train[chip], start=fitted[chip], on_evaluation=on_refit, held=shared)
+                    catalog, train[chip], start=fitted[chip], on_evaluation=on_refit,
+                    held={**CHIP_FIXED_FACTORS.get(chip, {}), **shared})
     for chip in chips:
         log.info("fitted perf factors", extra={"gpu": chip, "train_configs": len(train[chip]), **fitted[chip].as_dict()})
     fitted["*"] = mean_factors(fitted[g] for g in chips)
