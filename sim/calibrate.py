@@ -618,6 +618,13 @@ def factors_document(result: FitResult, data_dir: Path) -> dict[str, Any]:
         "held_out_every": HELD_OUT_EVERY,
         "gpus": {name: f.as_dict() for name, f in sorted(result.factors.items()) if name != "*"},
         "default": result.factors["*"].as_dict(),
+        # The older engine Splitwise measured (its own CPU overheads and large-iteration step),
+        # fitted alongside the hardware factors: for reference, never loaded as a GPU's factors.
+        "engine_specific": {
+            source: {name: f.as_dict() for name, f in sorted(result.engine_specific.items())
+                     if name != "*" and name not in SAME_SILICON}
+            for source in ENGINE_SPECIFIC_SOURCES
+        },
         "errors": result.errors(),
     }
 
