@@ -17,6 +17,8 @@ A roofline per iteration, in two parts that a current engine runs one after the 
 - CPU time: a fixed cost per iteration (scheduling, input preparation, launches; per layer
   in eager mode) and a cost per sequence in the batch (sampling, detokenisation, output
   processing). `cpu_time_s` and `gpu_time_s` give the two apart.
+- For engines that show one (Splitwise's, not the packaged current engine): a step up in the
+  cost per token of iterations above a knee of a few thousand tokens.
 
 The efficiency factors (`PerfFactors`) are fitted to real measurements by
 `tokenyard calibrate` (sim/calibrate.py) and stored in `perf_factors.json` next to this

@@ -17,8 +17,12 @@ Each GPU type with measurements (A100-80GB, H100-80GB) gets its own `PerfFactors
 scipy least squares on log(predicted / measured) with a robust loss; GPU types on the same chip
 (H200, A100-40GB) take that chip's fit, and the fallback `"*"` for the others (A10G, L4,
 L40S) is the mean of the fits. Configurations are split deterministically:
-every k-th configuration of each source (sorted by its key) is held out of the fit and
-the error table reports train and held-out errors separately.
+every k-th configuration of each source (sorted by its key) is held out of the fit, except
+ML.ENERGY (held out by whole model) and Splitwise (by whole (model, TP) configuration), and
+the error table reports train and held-out errors separately. Splitwise's older engine gets
+its own CPU overheads and a large-iteration step (`ENGINE_SPECIFIC_BOUNDS`), fitted alongside
+and recorded under `engine_specific`, never packaged as a GPU's factors; prefill attention
+efficiency is held per chip at published FlashAttention-2 figures (`CHIP_FIXED_FACTORS`).
 
 The file written (`scheduler/perf_factors.json` by default) is what `EngineModel` loads.
 """
