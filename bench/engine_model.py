@@ -11,7 +11,7 @@ measurements), then the same per (model, GPU, TP) group with the group's median 
 checks the targets: median APE <= 10% held out, no group with |median bias| > 25%.
 Then times `iteration_time_s` against an empty method with the same arguments, as a ratio.
 
-    python bench/engine_model.py [--data DIR] [--plot docs/img/calibration.png]
+    python bench/engine_model.py [--data DIR] [--plot docs/img/calibration.png] [--ablation]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from sim.calibrate import (
     HELD_OUT_EVERY,
     SAME_SILICON,
     FitResult,
+    FitShape,
     Observation,
     Predictor,
     calibrate,
@@ -48,13 +49,13 @@ TARGET_GROUP_BIAS_PCT = 25.0
 TARGET_QUANTITIES = ("serving_tpot", "decode_time_per_token", "prefill_time")
 
 
-def out_of_fold(data_dir: Path) -> tuple[list[Observation], list[float], FitResult]:
+def out_of_fold(data_dir: Path, shape: FitShape | None = None) -> tuple[list[Observation], list[float], FitResult]:
     """Every observation with the prediction of the fit that held it out; and the last fit."""
     observations: list[Observation] = []
     predictions: list[float] = []
     last: FitResult | None = None
     for fold in range(HELD_OUT_EVERY):
-        result = calibrate(data_dir, progress=False, fold=fold)
+        result = calibrate(data_dir, progress=False, fold=fold, shape=shape)
         for obs, pred in zip(result.observations, result.predictions, strict=True):
             # TensorRT-LLM figures are held out of every fold: count them once.
             if obs.held_out and (obs.source != "trtllm" or fold == 0):
@@ -120,6 +121,28 @@ def print_tables(observations: list[Observation], after: list[float], before: li
     return failures
 
 
+def print_ablation(data_dir: Path, observations: list[Observation], full: list[float]) -> None:
+    """Held-out median / p90 APE of the target quantities with each shape choice switched off
+    (same split, same folds); `large_step=False, hold_attention=False` is main's shape before."""
+    variants = {
+        "no step, attention fitted (before)": FitShape(large_step=False, hold_attention=False),
+        "no step, attention held": FitShape(large_step=False, hold_attention=True),
+        "step, attention fitted": FitShape(large_step=True, hold_attention=False),
+    }
+    columns = {"step, attention held (packaged)": error_rows(observations, full, by_group=False)}
+    for label, shape in variants.items():
+        obs, pred, _ = out_of_fold(data_dir, shape)
+        columns[label] = error_rows(obs, pred, by_group=False)
+    print("## Ablation: held-out median / p90 APE % with each shape choice off")
+    print(f"{'source':<10} {'quantity':<22}" + "".join(f" {label:>36}" for label in columns))
+    for key in columns["step, attention held (packaged)"]:
+        if key[1] not in TARGET_QUANTITIES:
+            continue
+        cells = "".join(f" {f'{rows[key][1][0]:.1f} / {rows[key][1][1]:.1f}':>36}" for rows in columns.values())
+        print(f"{key[0]:<10} {key[1]:<22}{cells}")
+    print()
+
+
 class _Baseline:
     """Same call shape as EngineModel.iteration_time_s, doing the least possible work."""
 
@@ -141,6 +164,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=default_data_dir())
     parser.add_argument("--plot", type=Path, help="also write the predicted-vs-measured plot here")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also cross-validate the model without each of its shape choices (3 more fits x 4 folds)")
     args = parser.parse_args()
 
     observations, after, last = out_of_fold(args.data)
@@ -163,6 +188,8 @@ def main() -> int:
     print("## Targets: median APE <= 10% held out (serving TPOT, decode, prefill), no group median bias > 25%")
     print("\n".join(f"MISSED  {line}" for line in failures) or "all met")
     print()
+    if args.ablation:
+        print_ablation(args.data, observations, after)
 
     catalog = default_catalog()
     h100 = catalog.gpu("H100-80GB")

@@ -39,7 +39,7 @@ import statistics
 import sys
 import tempfile
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -486,12 +486,30 @@ def quantile(sorted_values: Sequence[float], q: float) -> float:
 SHARED_ENGINE_FACTORS = ("per_seq_overhead_s", "layer_overhead_s", "sampling_s_per_vocab_seq")
 
 
+@dataclass(frozen=True, slots=True)
+class FitShape:
+    """Which model-shape choices a fit makes (`bench/engine_model.py --ablation` compares
+    them): the large-iteration step for Splitwise's engine, and prefill attention efficiency
+    held per chip at published figures (else fitted, as before issue 10's second round)."""
+
+    large_step: bool = True
+    hold_attention: bool = True
+
+    def own_bounds(self) -> dict[str, tuple[float, float]]:
+        """The factors fitted for ENGINE_SPECIFIC_SOURCES' engine, with bounds."""
+        return {name: bound for name, bound in ENGINE_SPECIFIC_BOUNDS.items()
+                if self.large_step or not name.startswith("large_step_")}
+
+    def held_for(self, chip: str) -> dict[str, float]:
+        return dict(CHIP_FIXED_FACTORS.get(chip, {})) if self.hold_attention else {}
+
+
 def _factors_from_vector(
-    vector: Sequence[float], names: Sequence[str], held: dict[str, float]
+    vector: Sequence[float], names: Sequence[str], held: dict[str, float], own_names: Sequence[str]
 ) -> tuple[PerfFactors, PerfFactors]:
     """(current-engine factors, engine-specific factors for ENGINE_SPECIFIC_SOURCES)."""
     fitted = {name: math.exp(v) for name, v in zip(names, vector[: len(names)], strict=True)}
-    own = {name: math.exp(v) for name, v in zip(ENGINE_SPECIFIC_BOUNDS, vector[len(names):], strict=True)}
+    own = {name: math.exp(v) for name, v in zip(own_names, vector[len(names):], strict=True)}
     current = PerfFactors(**{**FIXED_FACTORS, **held, **fitted})
     return current, replace(current, **{**ENGINE_SPECIFIC_FIXED, **own})
 
@@ -502,10 +520,12 @@ def fit_gpu(
     start: PerfFactors | None = None,
     on_evaluation: Callable[[float], None] | None = None,
     held: dict[str, float] | None = None,
+    own_bounds: Mapping[str, tuple[float, float]] | None = None,
 ) -> tuple[PerfFactors, PerfFactors, float]:
     """Least squares on the log ratio predicted / measured of one chip's observations;
     returns the current-engine factors, those of ENGINE_SPECIFIC_SOURCES, and the cost.
-    `held`: factors kept at the given values instead of fitted."""
+    `held`: factors kept at the given values instead of fitted; `own_bounds`: the factors
+    fitted for ENGINE_SPECIFIC_SOURCES' engine (default ENGINE_SPECIFIC_BOUNDS)."""
     import numpy as np
     from scipy.optimize import least_squares
 
@@ -517,16 +537,18 @@ def fit_gpu(
     own_source = [o.source in ENGINE_SPECIFIC_SOURCES for o in train]
     start = start or PerfFactors()
     held = held or {}
+    own_bounds = dict(ENGINE_SPECIFIC_BOUNDS if own_bounds is None else own_bounds)
+    own_names = list(own_bounds)
     fit_names = [n for n in FIT_BOUNDS if n not in held]
-    bounds = [*(FIT_BOUNDS[n] for n in fit_names), *ENGINE_SPECIFIC_BOUNDS.values()]
-    names = [*fit_names, *ENGINE_SPECIFIC_BOUNDS]
+    bounds = [*(FIT_BOUNDS[n] for n in fit_names), *own_bounds.values()]
+    names = [*fit_names, *own_names]
     lower = np.log([b[0] for b in bounds])
     upper = np.log([b[1] for b in bounds])
     x0 = np.clip(np.log([max(getattr(start, name), bound[0] * 10) for name, bound in zip(names, bounds, strict=True)]),
                  lower, upper)
 
     def residuals(vector: Any) -> Any:
-        current, own = _factors_from_vector(vector, fit_names, held)
+        current, own = _factors_from_vector(vector, fit_names, held, own_names)
         predictor, own_predictor = Predictor(catalog, current), Predictor(catalog, own)
         predicted = np.array([
             (own_predictor if is_own else predictor).predict(o) for o, is_own in zip(train, own_source, strict=True)
@@ -542,7 +564,7 @@ def fit_gpu(
         residuals, x0, bounds=(lower, upper), loss="soft_l1", f_scale=0.1 / math.sqrt(len(train)),
         x_scale=1.0, max_nfev=400,
     )
-    current, own = _factors_from_vector(solution.x, fit_names, held)
+    current, own = _factors_from_vector(solution.x, fit_names, held, own_names)
     return current, own, float(solution.cost)
 
 
@@ -556,12 +578,16 @@ def mean_factors(factors: Iterable[PerfFactors]) -> PerfFactors:
 
 
 def calibrate(
-    data_dir: Path, catalog: Catalog | None = None, progress: bool = True, fold: int = HELD_OUT_EVERY - 1
+    data_dir: Path, catalog: Catalog | None = None, progress: bool = True, fold: int = HELD_OUT_EVERY - 1,
+    shape: FitShape | None = None,
 ) -> FitResult:
     """Fit factors per GPU type on the training split; predict every observation.
 
-    `fold` picks which of the HELD_OUT_EVERY interleaved splits is held out (cross-validation).
+    `fold` picks which of the HELD_OUT_EVERY interleaved splits is held out (cross-validation);
+    `shape` the model-shape choices (default: all of them, what is packaged).
     """
+    shape = shape or FitShape()
+    own_bounds = shape.own_bounds()
     from tqdm import tqdm
 
     catalog = catalog or default_catalog()
@@ -581,7 +607,7 @@ def calibrate(
                 bar.set_postfix(cost=f"{cost:.4g}", refresh=False)
 
             fitted[chip], own[chip], costs[chip] = fit_gpu(catalog, train[chip], on_evaluation=on_evaluation,
-                                                           held=dict(CHIP_FIXED_FACTORS.get(chip, {})))
+                                                           held=shape.held_for(chip), own_bounds=own_bounds)
     if len(chips) > 1:
         shared = {n: statistics.fmean(getattr(fitted[c], n) for c in chips) for n in SHARED_ENGINE_FACTORS}
         for chip in chips:
@@ -592,7 +618,7 @@ def calibrate(
 
                 fitted[chip], own[chip], costs[chip] = fit_gpu(
                     catalog, train[chip], start=fitted[chip], on_evaluation=on_refit,
-                    held={**CHIP_FIXED_FACTORS.get(chip, {}), **shared})
+                    held={**shape.held_for(chip), **shared}, own_bounds=own_bounds)
     for chip in chips:
         log.info("fitted perf factors", extra={"gpu": chip, "train_configs": len(train[chip]), **fitted[chip].as_dict()})
     fitted["*"] = mean_factors(fitted[g] for g in chips)
