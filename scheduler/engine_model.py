@@ -17,6 +17,8 @@ A roofline per iteration, in two parts that a current engine runs one after the 
 - CPU time: a fixed cost per iteration (scheduling, input preparation, launches; per layer
   in eager mode) and a cost per sequence in the batch (sampling, detokenisation, output
   processing). `cpu_time_s` and `gpu_time_s` give the two apart.
+- For engines that show one (Splitwise's, not the packaged current engine): a step up in the
+  cost per token of iterations above a knee of a few thousand tokens.
 
 The efficiency factors (`PerfFactors`) are fitted to real measurements by
 `tokenyard calibrate` (sim/calibrate.py) and stored in `perf_factors.json` next to this
@@ -71,6 +73,16 @@ class PerfFactors:
     # Sampling per sequence and vocabulary entry (softmax, top-p / top-k sorts over the
     # logits): a 256k-vocabulary model pays 2-5x more per sequence than a 32k one.
     sampling_s_per_vocab_seq: float = 0.0
+    # A step up in the cost per token of large iterations, per token per layer, not split by
+    # TP: above `large_step_knee_tokens` tokens in one iteration every token costs this much
+    # more. Splitwise's engine shows it (llama-2-70b prefill on H100 TP8: 0.067 ms per token
+    # at 2,048 tokens, 0.095 at 4,096 and beyond), Vidur's GEMM profiles do not (so it is not
+    # the kernels), and no measurement of a current engine does: 0 in the packaged factors,
+    # fitted for Splitwise's engine only (sim/calibrate.py, ENGINE_SPECIFIC_BOUNDS). The step
+    # is smooth (a Hill function of order 4, a factor 1.2 either side of the knee covers 30-70%
+    # of it) so that least squares can move the knee.
+    large_step_s_per_token_layer: float = 0.0
+    large_step_knee_tokens: float = 4096.0
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any], where: str = "perf factors") -> PerfFactors:
@@ -222,6 +234,8 @@ class EngineModel:
         self._cpu_fixed_s = f.iteration_overhead_s + m.num_layers * f.layer_overhead_s
         self._per_seq_s = f.per_seq_overhead_s + m.vocab_size * f.sampling_s_per_vocab_seq
         self._s_per_token = self._s_per_comm_token + m.num_layers * f.unsharded_s_per_token_layer + self._s_per_route_token
+        self._large_step_s = m.num_layers * f.large_step_s_per_token_layer
+        self._knee4 = f.large_step_knee_tokens ** 4
 
     @property
     def name(self) -> str:
@@ -265,6 +279,8 @@ class EngineModel:
 
             t = linear(T, S) + a_p * pairs + a_d * ctx + T * c_tok + o_tp + o_cpu + o_s * S
 
+        plus, for an engine with a large-iteration step (not the packaged one), T * step * h(T)
+        with h the Hill function of `large_step_share`;
         where linear(T, S) = max(C, M) + loss * min(C, M) with C = T * c_lin + S * c_head
         (GEMM FLOPs) and M the weight-read time (constant for dense models, rising with T
         towards all experts for MoE), a_p the prefill-attention time per query x key pair,
@@ -279,7 +295,7 @@ class EngineModel:
         if prefill_seqs is None:
             prefill_seqs = 1 if prefill_tokens else 0
         seqs = decode_seqs + prefill_seqs
-        return (
+        total = (
             self._linear_s(tokens, seqs)
             + prefill_attention_pairs * self._s_per_prefill_pair
             + context_tokens * self._s_per_decode_context
@@ -288,6 +304,15 @@ class EngineModel:
             + self._cpu_fixed_s
             + seqs * self._per_seq_s
         )
+        if self._large_step_s:
+            total += self._large_step_s * tokens * self.large_step_share(tokens)
+        return total
+
+    def large_step_share(self, tokens: float) -> float:
+        """How much of the large-iteration step applies at `tokens` tokens: T^4 / (T^4 + knee^4),
+        0 well below the knee, 1/2 at it, 1 well above."""
+        t4 = tokens * tokens * tokens * tokens
+        return t4 / (t4 + self._knee4) if t4 + self._knee4 > 0 else 1.0
 
     def cpu_time_s(self, seqs: float) -> float:
         """The CPU part of an iteration over `seqs` sequences: scheduling, input preparation

@@ -17,8 +17,12 @@ Each GPU type with measurements (A100-80GB, H100-80GB) gets its own `PerfFactors
 scipy least squares on log(predicted / measured) with a robust loss; GPU types on the same chip
 (H200, A100-40GB) take that chip's fit, and the fallback `"*"` for the others (A10G, L4,
 L40S) is the mean of the fits. Configurations are split deterministically:
-every k-th configuration of each source (sorted by its key) is held out of the fit and
-the error table reports train and held-out errors separately.
+every k-th configuration of each source (sorted by its key) is held out of the fit, except
+ML.ENERGY (held out by whole model) and Splitwise (by whole (model, TP) configuration), and
+the error table reports train and held-out errors separately. Splitwise's older engine gets
+its own CPU overheads and a large-iteration step (`ENGINE_SPECIFIC_BOUNDS`), fitted alongside
+and recorded under `engine_specific`, never packaged as a GPU's factors; prefill attention
+efficiency is held per chip at published FlashAttention-2 figures (`CHIP_FIXED_FACTORS`).
 
 The file written (`scheduler/perf_factors.json` by default) is what `EngineModel` loads.
 """
@@ -35,7 +39,7 @@ import statistics
 import sys
 import tempfile
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -94,6 +98,12 @@ ENGINE_SPECIFIC_SOURCES = ("splitwise",)
 ENGINE_SPECIFIC_BOUNDS: dict[str, tuple[float, float]] = {
     "per_seq_overhead_s": (1e-7, 2e-3),
     "layer_overhead_s": (1e-7, 2e-3),
+    # Splitwise's engine gets dearer per token above a few thousand tokens per iteration
+    # (PerfFactors.large_step_s_per_token_layer); Vidur's GEMM profiles show no such step and
+    # no measurement of a current engine has iterations that large, so it is fitted for
+    # Splitwise's engine only and the packaged factors keep 0.
+    "large_step_s_per_token_layer": (1e-10, 1e-5),
+    "large_step_knee_tokens": (256.0, 65536.0),
 }
 # Factors held fixed. A fixed cost per iteration and one per layer are nearly collinear in
 # this data (Splitwise: only 70- and 80-layer models); left free, the A100 fit took the first
@@ -101,6 +111,16 @@ ENGINE_SPECIFIC_BOUNDS: dict[str, tuple[float, float]] = {
 # per-layer form is what eager-mode launches cost and extrapolates sensibly to shallower
 # models; the per-iteration part (scheduling, sampling setup) is fixed at a typical 2 ms.
 FIXED_FACTORS: dict[str, float] = {"iteration_overhead_s": 0.002}
+# Factors held per chip at published kernel figures instead of fitted. Prefill attention
+# efficiency: FlashAttention-2's forward pass reaches ~190-200 TFLOP/s of A100's 312 with a
+# causal mask at head dim 128 (Dao 2023, fig. 5), and "only 35% utilization" on H100 (Shah et
+# al. 2024, FlashAttention-3). Fitted, it trades off against the prefill terms the data do
+# pin down: Splitwise's prompts of 128-8,192 tokens leave attention a few % of the step, and
+# the fit drove H100's to 0.16, which charged a 16k prompt's attention at twice its real cost.
+CHIP_FIXED_FACTORS: dict[str, dict[str, float]] = {
+    "A100-80GB": {"prefill_attention_efficiency": 0.62},
+    "H100-80GB": {"prefill_attention_efficiency": 0.35},
+}
 ENGINE_SPECIFIC_FIXED: dict[str, float] = {"iteration_overhead_s": 0.002}
 
 # GPU types without measurements of their own that share the chip (and its efficiencies) of
@@ -263,6 +283,7 @@ def splitwise_observations(data_dir: Path) -> list[Observation]:
             source="splitwise", quantity="prefill_time", gpu=gpu, model=model, tp=tp,
             key=f"{gpu} {model} tp{tp} prompt={prompt:05d} batch={batch:03d}",
             measured=statistics.median(values), prompt_tokens=prompt, batch_size=batch,
+            group=f"{model} tp{tp}",
         )
         for (gpu, model, tp, prompt, batch), values in prefill.items()
     ]
@@ -273,7 +294,7 @@ def splitwise_observations(data_dir: Path) -> list[Observation]:
             # The mean over a generation of `output` tokens is at the mean context, because
             # the step time is linear in context (EngineModel.decode_step_linear_s).
             measured=statistics.median(values), prompt_tokens=prompt, batch_size=batch,
-            context_tokens=prompt + output // 2, output_tokens=output,
+            context_tokens=prompt + output // 2, output_tokens=output, group=f"{model} tp{tp}",
         )
         for (gpu, model, tp, prompt, batch, output), values in decode.items()
     ]
@@ -465,12 +486,30 @@ def quantile(sorted_values: Sequence[float], q: float) -> float:
 SHARED_ENGINE_FACTORS = ("per_seq_overhead_s", "layer_overhead_s", "sampling_s_per_vocab_seq")
 
 
+@dataclass(frozen=True, slots=True)
+class FitShape:
+    """Which model-shape choices a fit makes (`bench/engine_model.py --ablation` compares
+    them): the large-iteration step for Splitwise's engine, and prefill attention efficiency
+    held per chip at published figures (else fitted, as before issue 10's second round)."""
+
+    large_step: bool = True
+    hold_attention: bool = True
+
+    def own_bounds(self) -> dict[str, tuple[float, float]]:
+        """The factors fitted for ENGINE_SPECIFIC_SOURCES' engine, with bounds."""
+        return {name: bound for name, bound in ENGINE_SPECIFIC_BOUNDS.items()
+                if self.large_step or not name.startswith("large_step_")}
+
+    def held_for(self, chip: str) -> dict[str, float]:
+        return dict(CHIP_FIXED_FACTORS.get(chip, {})) if self.hold_attention else {}
+
+
 def _factors_from_vector(
-    vector: Sequence[float], names: Sequence[str], held: dict[str, float]
+    vector: Sequence[float], names: Sequence[str], held: dict[str, float], own_names: Sequence[str]
 ) -> tuple[PerfFactors, PerfFactors]:
     """(current-engine factors, engine-specific factors for ENGINE_SPECIFIC_SOURCES)."""
     fitted = {name: math.exp(v) for name, v in zip(names, vector[: len(names)], strict=True)}
-    own = {name: math.exp(v) for name, v in zip(ENGINE_SPECIFIC_BOUNDS, vector[len(names):], strict=True)}
+    own = {name: math.exp(v) for name, v in zip(own_names, vector[len(names):], strict=True)}
     current = PerfFactors(**{**FIXED_FACTORS, **held, **fitted})
     return current, replace(current, **{**ENGINE_SPECIFIC_FIXED, **own})
 
@@ -481,10 +520,12 @@ def fit_gpu(
     start: PerfFactors | None = None,
     on_evaluation: Callable[[float], None] | None = None,
     held: dict[str, float] | None = None,
+    own_bounds: Mapping[str, tuple[float, float]] | None = None,
 ) -> tuple[PerfFactors, PerfFactors, float]:
     """Least squares on the log ratio predicted / measured of one chip's observations;
     returns the current-engine factors, those of ENGINE_SPECIFIC_SOURCES, and the cost.
-    `held`: factors kept at the given values instead of fitted."""
+    `held`: factors kept at the given values instead of fitted; `own_bounds`: the factors
+    fitted for ENGINE_SPECIFIC_SOURCES' engine (default ENGINE_SPECIFIC_BOUNDS)."""
     import numpy as np
     from scipy.optimize import least_squares
 
@@ -496,16 +537,18 @@ def fit_gpu(
     own_source = [o.source in ENGINE_SPECIFIC_SOURCES for o in train]
     start = start or PerfFactors()
     held = held or {}
+    own_bounds = dict(ENGINE_SPECIFIC_BOUNDS if own_bounds is None else own_bounds)
+    own_names = list(own_bounds)
     fit_names = [n for n in FIT_BOUNDS if n not in held]
-    bounds = [*(FIT_BOUNDS[n] for n in fit_names), *ENGINE_SPECIFIC_BOUNDS.values()]
-    names = [*fit_names, *ENGINE_SPECIFIC_BOUNDS]
+    bounds = [*(FIT_BOUNDS[n] for n in fit_names), *own_bounds.values()]
+    names = [*fit_names, *own_names]
     lower = np.log([b[0] for b in bounds])
     upper = np.log([b[1] for b in bounds])
     x0 = np.clip(np.log([max(getattr(start, name), bound[0] * 10) for name, bound in zip(names, bounds, strict=True)]),
                  lower, upper)
 
     def residuals(vector: Any) -> Any:
-        current, own = _factors_from_vector(vector, fit_names, held)
+        current, own = _factors_from_vector(vector, fit_names, held, own_names)
         predictor, own_predictor = Predictor(catalog, current), Predictor(catalog, own)
         predicted = np.array([
             (own_predictor if is_own else predictor).predict(o) for o, is_own in zip(train, own_source, strict=True)
@@ -521,7 +564,7 @@ def fit_gpu(
         residuals, x0, bounds=(lower, upper), loss="soft_l1", f_scale=0.1 / math.sqrt(len(train)),
         x_scale=1.0, max_nfev=400,
     )
-    current, own = _factors_from_vector(solution.x, fit_names, held)
+    current, own = _factors_from_vector(solution.x, fit_names, held, own_names)
     return current, own, float(solution.cost)
 
 
@@ -535,12 +578,16 @@ def mean_factors(factors: Iterable[PerfFactors]) -> PerfFactors:
 
 
 def calibrate(
-    data_dir: Path, catalog: Catalog | None = None, progress: bool = True, fold: int = HELD_OUT_EVERY - 1
+    data_dir: Path, catalog: Catalog | None = None, progress: bool = True, fold: int = HELD_OUT_EVERY - 1,
+    shape: FitShape | None = None,
 ) -> FitResult:
     """Fit factors per GPU type on the training split; predict every observation.
 
-    `fold` picks which of the HELD_OUT_EVERY interleaved splits is held out (cross-validation).
+    `fold` picks which of the HELD_OUT_EVERY interleaved splits is held out (cross-validation);
+    `shape` the model-shape choices (default: all of them, what is packaged).
     """
+    shape = shape or FitShape()
+    own_bounds = shape.own_bounds()
     from tqdm import tqdm
 
     catalog = catalog or default_catalog()
@@ -559,7 +606,8 @@ def calibrate(
                 bar.update(1)
                 bar.set_postfix(cost=f"{cost:.4g}", refresh=False)
 
-            fitted[chip], own[chip], costs[chip] = fit_gpu(catalog, train[chip], on_evaluation=on_evaluation)
+            fitted[chip], own[chip], costs[chip] = fit_gpu(catalog, train[chip], on_evaluation=on_evaluation,
+                                                           held=shape.held_for(chip), own_bounds=own_bounds)
     if len(chips) > 1:
         shared = {n: statistics.fmean(getattr(fitted[c], n) for c in chips) for n in SHARED_ENGINE_FACTORS}
         for chip in chips:
@@ -569,7 +617,8 @@ def calibrate(
                     bar.set_postfix(cost=f"{cost:.4g}", refresh=False)
 
                 fitted[chip], own[chip], costs[chip] = fit_gpu(
-                    catalog, train[chip], start=fitted[chip], on_evaluation=on_refit, held=shared)
+                    catalog, train[chip], start=fitted[chip], on_evaluation=on_refit,
+                    held={**shape.held_for(chip), **shared}, own_bounds=own_bounds)
     for chip in chips:
         log.info("fitted perf factors", extra={"gpu": chip, "train_configs": len(train[chip]), **fitted[chip].as_dict()})
     fitted["*"] = mean_factors(fitted[g] for g in chips)
@@ -599,6 +648,13 @@ def factors_document(result: FitResult, data_dir: Path) -> dict[str, Any]:
         "held_out_every": HELD_OUT_EVERY,
         "gpus": {name: f.as_dict() for name, f in sorted(result.factors.items()) if name != "*"},
         "default": result.factors["*"].as_dict(),
+        # The older engine Splitwise measured (its own CPU overheads and large-iteration step),
+        # fitted alongside the hardware factors: for reference, never loaded as a GPU's factors.
+        "engine_specific": {
+            source: {name: f.as_dict() for name, f in sorted(result.engine_specific.items())
+                     if name != "*" and name not in SAME_SILICON}
+            for source in ENGINE_SPECIFIC_SOURCES
+        },
         "errors": result.errors(),
     }
 

@@ -192,3 +192,37 @@ def test_serving_tpot_includes_the_prefill_share() -> None:
         m.decode_time_per_token_s(64, 800 + 20000), rel=0.02)
     batches = [m.serving_tpot_s(b, 500, 300) for b in (8, 32, 128, 512)]
     assert batches == sorted(batches)
+
+
+def test_large_iteration_step_is_off_in_the_packaged_factors() -> None:
+    # Only Splitwise's older engine shows the step; the packaged (current-engine) factors keep 0,
+    # so their iteration time is the plain closed form.
+    for factors in fitted_factors().values():
+        assert factors.large_step_s_per_token_layer == 0.0
+    m = engine("H100-80GB", "llama-3-8b")
+    pairs = BatchShape.prefill_pairs(16384, 0)
+    plain = EngineModel(m.gpu, m.model, factors=replace(m.factors, large_step_knee_tokens=64.0))
+    assert plain.iteration_time_s(16384, 0, 0, pairs) == m.iteration_time_s(16384, 0, 0, pairs)
+
+
+def test_large_iteration_step_is_a_smooth_step_at_the_knee() -> None:
+    base = engine("H100-80GB", "llama-2-70b", tp=8)
+    step = 5e-7
+    stepped = EngineModel(base.gpu, base.model, 8, replace(base.factors, large_step_s_per_token_layer=step,
+                                                         large_step_knee_tokens=2000.0))
+    assert stepped.large_step_share(2000) == pytest.approx(0.5)
+    assert stepped.large_step_share(200) < 1e-3 and stepped.large_step_share(20000) > 0.999
+
+    def extra(tokens: int) -> float:
+        pairs = BatchShape.prefill_pairs(tokens, 0)
+        return stepped.iteration_time_s(tokens, 0, 0, pairs) - base.iteration_time_s(tokens, 0, 0, pairs)
+
+    layers = base.model.num_layers
+    assert extra(2000) == pytest.approx(0.5 * 2000 * layers * step)
+    assert extra(256) < 1e-3 * 256 * layers * step
+    assert extra(32768) == pytest.approx(32768 * layers * step, rel=1e-3)
+    # Per token the step only rises with the iteration's size; decode stays linear in context.
+    per_token = [extra(n) / n for n in (512, 1024, 2048, 4096, 8192)]
+    assert per_token == sorted(per_token)
+    t0, slope = stepped.decode_step_linear_s(64)
+    assert stepped.decode_time_per_token_s(64, 3000) == pytest.approx(t0 + slope * 64 * 3000)
