@@ -88,18 +88,24 @@ FINER_OUTPUT_EDGES = (0, 32, 64, 128, 192, 256, 384, 512, 768, 1024, 2048)
 
 def run(rates: list[float], tpots_ms: list[float], ttft_ms: float, count: int, cache_dir: str,
         names: list[str], slo_rule: str = "tokenyard",
-        edges: tuple[tuple[int, ...], tuple[int, ...]] = (INPUT_EDGES, OUTPUT_EDGES)) -> list[dict[str, Any]]:
+        edges: tuple[tuple[int, ...], tuple[int, ...]] = (INPUT_EDGES, OUTPUT_EDGES),
+        taus: tuple[float, ...] = (1.0, 0.7, 0.49)) -> list[dict[str, Any]]:
     from scheduler.catalog import default_catalog
     from scheduler.planner.solver import single_type_plans, solve
     from scheduler.types import SloClass
     from sim.capacity import CapacityCache
-    from sim.plan_workload import PlanInputs, Workload, build_problem
+    from sim.plan_workload import PlanInputs, Workload, build_problem, routing_keys
+    from sim.rank_noise import noise_sd_for_tau
 
     catalog = default_catalog()
     cache: Any = CapacityCache(cache_dir) if slo_rule == "tokenyard" else _MelangeRuleCache()
     model = catalog.model("llama-2-7b")
     gpus = tuple(catalog.gpu(g) for g in MELANGE_GPUS)
     loads = workloads(count)
+    # Predicted-output routing at the predictor qualities `taus` (Kendall's tau of the
+    # prediction; 1 = exact), as sim.rank_noise's noise on each workload's own lengths.
+    noise_sds = {name: [(tau, 0.0 if tau >= 1 else noise_sd_for_tau([r.output_tokens for r in loads[name]], tau))
+                        for tau in taus] for name in names}
     points = []
     for name in names:
         workload = Workload.from_requests(loads[name], *edges)
@@ -114,14 +120,19 @@ def run(rates: list[float], tpots_ms: list[float], ttft_ms: float, count: int, c
                     points.append(row)
                     continue
                 by_cell = dataclasses.replace(by_input, route_by_input=False)
-                for key, problem in (("route_by_input", by_input), ("route_by_cell", by_cell)):
+                variants = [("route_by_input", by_input), ("route_by_cell", by_cell)]
+                buckets, shapes = workload.buckets(rate)
+                for tau, sd in noise_sds[name]:
+                    keys = routing_keys(buckets, shapes, workload.output_edges, sd)
+                    variants.append((f"route_by_predicted_tau{tau:g}", dataclasses.replace(by_input, routing_keys=keys)))
+                for key, problem in variants:
                     plan = solve(problem)
                     row[key] = {"usd_per_hour": round(plan.usd_per_hour, 3), "instances": plan.instances()}
                 singles = {g: p.usd_per_hour for g, p in single_type_plans(by_input).items() if not isinstance(p, PlanError)}
                 best = min(singles, key=lambda g: singles[g])
                 row["singles"] = {g: round(v, 3) for g, v in singles.items()}
                 row["best_single"] = best
-                for key in ("route_by_input", "route_by_cell"):
+                for key, _ in variants:
                     row[f"saving_{key}"] = round(1 - row[key]["usd_per_hour"] / singles[best], 4)
                 if rate == rates[0]:
                     row["efficiency"] = _efficiency(by_input)

@@ -59,7 +59,12 @@ def verify(plan: Plan, inputs: PlanInputs, workload: Workload, requests: Sequenc
     from sim.simulator import simulate
 
     cluster = plan_cluster(plan, inputs, workload, slo_classes)
-    result = simulate(cluster, requests)
+    ranker = None
+    if inputs.rank_noise_sd is not None:  # the requests carry the predictions the plan routes on
+        from sim.rank_noise import NoisyRanker
+
+        ranker = NoisyRanker(inputs.rank_noise_sd)
+    result = simulate(cluster, requests, ranker=ranker)
     summary = summarize(result, dict(slo_classes))
     met: dict[str, list[int]] = {}
     for record in result.records:
