@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cli.main import main
 from scheduler.catalog import default_catalog
 from scheduler.dispatch import ClusterView, build_policy
 from scheduler.planner.problem import PlanError, PlanProblem, PoolOption, RoutingKey, grid_buckets
@@ -110,7 +113,7 @@ def test_bad_keys_and_noise_are_errors_that_say_what() -> None:
         solve(dataclasses.replace(problem, routing_keys=bad))
 
 
-def test_verified_plan_on_predicted_outputs_in_the_simulator(tmp_path: object) -> None:
+def test_verified_plan_on_predicted_outputs_in_the_simulator(tmp_path: Path) -> None:
     """A real capacity table and a replay: the plan routes on predictions and meets its SLO."""
     catalog = default_catalog()
     rng = random.Random(3)
@@ -150,5 +153,33 @@ def test_keyed_plans_fit_their_pools_and_never_cost_more_than_rows(rates: list[f
         for pool, weight in share.items():
             option = next(o for o in options if o.name == pool)
             load[pool] += weight * sum(buckets[k].rate_rps * f / option.capacity_rps[k] for k, f in key.members)
-    for pool in plan.pools:
-        assert load[pool.name] <= pool.instances * 0.9 + 1e-6
+    for pool_plan in plan.pools:
+        assert load[pool_plan.name] <= pool_plan.instances * 0.9 + 1e-6
+
+
+def _trace_file(path: Path, n: int = 200) -> Path:
+    rng = random.Random(5)
+    t, lines = 0.0, ["arrival_s,input_tokens,output_tokens"]
+    for _ in range(n):
+        t += rng.expovariate(4.0)
+        lines.append(f"{t:.4f},{rng.randint(30, 300)},{rng.choice([rng.randint(8, 40), rng.randint(200, 500)])}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_cli_plans_on_predicted_outputs_and_says_what_is_missing(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    trace = _trace_file(tmp_path / "trace.csv")
+    base = ["plan", "--trace", str(trace), "--gpus", "L4,A100-80GB", "--slo", "default=3000:200",
+            "--input-edges", "0,1024", "--output-edges", "0,64,1024", "--cache-dir", str(tmp_path / "cache"),
+            "--no-progress", "--json"]
+    assert main([*base, "--route-by", "predicted", "--rank-tau", "0.6", "--verify", "--verify-tries", "3"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["routing"]["default"]["output_source"] == "predicted_rank"
+    assert plan["verified"]["accepted"]
+    for extra, expected in ((["--route-by", "predicted"], "exactly one of --rank-tau"),
+                            (["--rank-tau", "0.5"], "only with --route-by predicted"),
+                            (["--route-by", "predicted", "--rank-tau", "1.5"], "--rank-tau: expected a Kendall tau")):
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err, err
