@@ -183,3 +183,40 @@ def test_cli_plans_on_predicted_outputs_and_says_what_is_missing(tmp_path: Path,
         assert main([*base, *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and expected in err, err
+
+
+def test_simulated_autoscaler_routes_on_the_same_predictions(tmp_path: Path) -> None:
+    """With exact predictions, a request whose predicted cell the plan sends wholly to one
+    pool is served there (while that pool has an instance), autoscaler in the loop."""
+    from scheduler.planner.autoscale import AutoscalerConfig
+    from scheduler.planner.problem import bucket_of
+    from sim.plan_autoscale import autoscale_from_plan
+
+    catalog = default_catalog()
+    rng = random.Random(7)
+    requests, t = [], 0.0
+    for k in range(400):  # 20 req/s, 20% long answers: short ones are cheapest on L4, long ones on A100
+        t += rng.expovariate(20.0)
+        requests.append(TraceRequest(f"a{k}", t, rng.randint(20, 60),
+                                     rng.randint(600, 900) if rng.random() < 0.2 else rng.randint(8, 40)))
+    workload = Workload.from_requests(requests, [0, 512], [0, 64, 1024])
+    inputs = PlanInputs(catalog, catalog.model("llama-2-7b"), (catalog.gpu("L4"), catalog.gpu("A100-80GB")), (1,),
+                        {"default": SloClass("default", 5000, 120)}, 0.9, rank_noise_sd=0.0)
+    verified = plan_and_verify(workload, requests, None, inputs, CapacityCache(str(tmp_path)), tries=3)
+    assert verified.plan.key_shares is not None
+    config = AutoscalerConfig(interval_s=30, window_s=120, dwell_s=300, idle_s=300, headroom=0.3,
+                              scale_down_headroom=0.5, max_step=4)
+    run = autoscale_from_plan(verified, inputs, workload, requests, config)
+    sole = {(row, col): next(iter(share)) for (_, row, col), share in verified.plan.key_shares.items()
+            if len(share) == 1}
+    by_id = {r.request_id: r for r in requests}
+    checked = followed = 0
+    for record in run.result.records:
+        req = by_id[record.request_id]
+        key = (bucket_of(workload.input_edges, req.input_tokens), bucket_of(workload.output_edges, req.output_tokens))
+        if key in sole and record.pool:
+            checked += 1
+            followed += record.pool == sole[key]
+    shares = verified.plan.key_shares
+    assert shares[("default", 0, 0)] != shares[("default", 0, 1)], shares  # the plan splits by output
+    assert checked > 100 and followed >= 0.95 * checked, (followed, checked, sole)
