@@ -239,7 +239,10 @@ def _no_worse_than_rows(problem: PlanProblem, plan: Plan, time_limit_s: float, s
     the solver stopped short: on near-zero key fractions HiGHS returned "optimal" plans 15%
     above it (bench/planner_routing.py, pubmed-like, 40 ms, before `routing_keys` dropped
     them). Keying on predictions is then never costlier than ignoring them."""
-    rows = solve(dataclasses.replace(problem, routing_keys=None, route_by_input=True), time_limit_s)
+    try:
+        rows = solve(dataclasses.replace(problem, routing_keys=None, route_by_input=True), time_limit_s)
+    except PlanError:  # e.g. a bucket no pool serves, present in rows but only as dropped slivers in keys
+        return plan
     if rows.usd_per_hour >= plan.usd_per_hour - 1e-9:
         return plan
     by_row = {(b.slo_class, b.row): dict(share) for b, share in zip(rows.buckets, rows.shares, strict=True) if share}
