@@ -90,12 +90,16 @@ def workloads(count: int) -> dict[str, list[TraceRequest]]:
 
 
 def run(rates: list[float], tpots_ms: list[float], ttft_ms: float, count: int, cache_dir: str,
-        edges: tuple[tuple[int, ...], tuple[int, ...]], names: list[str]) -> list[dict[str, Any]]:
+        edges: tuple[tuple[int, ...], tuple[int, ...]], names: list[str],
+        rank_tau: float | None = None) -> list[dict[str, Any]]:
+    """`rank_tau`: the mixes route on predicted output lengths of that quality (Kendall tau;
+    1 = exact; sim.rank_noise's model), the single types as before (one type: nothing to route)."""
     from scheduler.catalog import default_catalog
     from scheduler.types import SloClass
     from sim.capacity import CapacityCache
     from sim.plan_run import plan_and_verify
     from sim.plan_workload import PlanInputs, Workload
+    from sim.rank_noise import noise_sd_for_tau
 
     catalog = default_catalog()
     cache = CapacityCache(cache_dir)
@@ -107,6 +111,9 @@ def run(rates: list[float], tpots_ms: list[float], ttft_ms: float, count: int, c
     for name in names:
         requests = loads[name]
         workload = Workload.from_requests(requests, *edges)
+        noise_sd = None
+        if rank_tau is not None:
+            noise_sd = 0.0 if rank_tau >= 1 else noise_sd_for_tau([r.output_tokens for r in requests], rank_tau)
         for tpot in tpots_ms:
             slos = {"default": SloClass("default", ttft_ms, tpot)}
             base = PlanInputs(catalog, model, melange, (1,), slos, 0.95)
@@ -116,9 +123,10 @@ def run(rates: list[float], tpots_ms: list[float], ttft_ms: float, count: int, c
                                                              *[(g.name, (g,)) for g in with_l40s]]
                 for fleet, gpus in fleets:
                     started = time.perf_counter()
+                    fleet_inputs = dataclasses.replace(base, gpus=gpus,
+                                                       rank_noise_sd=noise_sd if len(gpus) > 1 else None)
                     try:
-                        verified = plan_and_verify(workload, requests, rate, dataclasses.replace(base, gpus=gpus),
-                                                   cache)
+                        verified = plan_and_verify(workload, requests, rate, fleet_inputs, cache)
                     except PlanError as exc:
                         row[fleet] = {"error": str(exc)[:120]}
                         continue
@@ -188,6 +196,9 @@ def main() -> None:
     parser.add_argument("--workloads", default="arena-like,pubmed-like,mixed")
     parser.add_argument("--edges", choices=["fine", "default"], default="fine",
                         help="fine: this file's edges; default: the planner's (bucket granularity)")
+    parser.add_argument("--rank-tau", type=float, default=None,
+                        help="mixes route on predicted output lengths of this Kendall tau (1: exact); "
+                             "default: by input length only")
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "tokenyard" / "capacity"))
     parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "planner_melange.json"))
     parser.add_argument("--plot-from", nargs="+", metavar="JSON", help="only draw the plot from results files")
@@ -201,8 +212,8 @@ def main() -> None:
     edges = (INPUT_EDGES, OUTPUT_EDGES) if args.edges == "fine" else (DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES)
     started = time.perf_counter()
     points = run([float(r) for r in args.rates.split(",")], [float(t) for t in args.tpot_ms.split(",")],
-                 args.ttft_ms, args.requests, args.cache_dir, edges, args.workloads.split(","))
-    doc = {"edges": {"input": list(edges[0]), "output": list(edges[1])}, "points": points,
+                 args.ttft_ms, args.requests, args.cache_dir, edges, args.workloads.split(","), args.rank_tau)
+    doc = {"edges": {"input": list(edges[0]), "output": list(edges[1])}, "rank_tau": args.rank_tau, "points": points,
            "wall_s": round(time.perf_counter() - started, 1)}
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {args.out}")

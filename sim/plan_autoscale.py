@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -348,10 +348,12 @@ def simulate_autoscaled(cluster: ClusterSpec, requests: Sequence[TraceRequest], 
                         output_edges: Sequence[int], config: AutoscalerConfig, cold_start_s: float,
                         initial: Mapping[str, int], until_s: float | None = None, *,
                         problem: PlanProblem | None = None, resolve_interval_s: float | None = None,
-                        hold_until_ready: bool = True, hold_timeout_s: float | None = None) -> AutoscaleRun:
+                        hold_until_ready: bool = True, hold_timeout_s: float | None = None,
+                        ranker: Callable[[TraceRequest], float | None] | None = None) -> AutoscaleRun:
     """Replay `requests` on `cluster` (pools at their maximum size) with the autoscaler;
     `resolve_interval_s` re-solves `problem` and re-routes; `hold_until_ready` holds the
-    requests that find their model scaled to zero (default timeout: 2 cold starts)."""
+    requests that find their model scaled to zero (default timeout: 2 cold starts);
+    `ranker` gives each request the `predicted_rank` a plan on predicted outputs routes on."""
     if not requests:
         raise ValueError("autoscale: no requests to simulate")
     lengths = {r.request_id: (r.input_tokens, r.output_tokens) for r in requests}
@@ -361,7 +363,7 @@ def simulate_autoscaled(cluster: ClusterSpec, requests: Sequence[TraceRequest], 
         cluster = with_scale_from_zero_hold(cluster, hold_timeout_s if hold_timeout_s is not None
                                             else 2 * cold_start_s + config.interval_s)
     # The wrapper is a DispatchPolicy by duck typing, and the simulation's waker.
-    sim = Simulation(cluster, policy=wrapper, waker=wrapper)  # type: ignore[arg-type]
+    sim = Simulation(cluster, policy=wrapper, waker=wrapper, ranker=ranker)  # type: ignore[arg-type]
     wrapper.sim = sim
     result = sim.run(requests)
     start = requests[0].arrival_s
@@ -388,7 +390,12 @@ def autoscale_from_plan(verified: Verified, inputs: PlanInputs, workload: Worklo
                                                   for p in plan.pools))
     cluster = plan_cluster(sized, inputs, workload, inputs.slo_classes or {})
     capacity = {o.name: o.capacity_rps for o in verified.problem.options}
+    ranker = None
+    if inputs.rank_noise_sd is not None:  # a plan on predicted outputs: the same predictions as its verification
+        from sim.rank_noise import NoisyRanker
+
+        ranker = NoisyRanker(inputs.rank_noise_sd)
     return simulate_autoscaled(cluster, requests, plan, capacity, workload.input_edges, workload.output_edges,
                                config, cold_start_s, plan.instances() if initial is None else initial,
                                until_s=until_s, problem=verified.problem, resolve_interval_s=resolve_interval_s,
-                               hold_until_ready=hold_until_ready)
+                               hold_until_ready=hold_until_ready, ranker=ranker)

@@ -112,8 +112,16 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--min-replicas", type=int, default=0, help="instances per used pool, at least")
     parser.add_argument("--input-edges", metavar="0,256,...", help="input-length bucket edges (tokens)")
     parser.add_argument("--output-edges", metavar="0,64,...", help="output-length bucket edges (tokens)")
-    parser.add_argument("--route-by", choices=["input", "cell"], default="input",
-                        help="split traffic by input bucket only (what a router can see; default) or by cell")
+    parser.add_argument("--route-by", choices=["input", "cell", "predicted"], default="input",
+                        help="split traffic by input bucket only (what a router can see; default), by cell "
+                             "(the output length known in advance), or by input and *predicted* output "
+                             "(the router's output-length ranker; give --rank-tau or --rank-noise-sd)")
+    parser.add_argument("--rank-tau", type=float, metavar="TAU",
+                        help="--route-by predicted: the ranker's Kendall tau (`tokenyard train rank` reports "
+                             "its held-out tau); misrouting is planned for")
+    parser.add_argument("--rank-noise-sd", type=float, metavar="SD",
+                        help="--route-by predicted: the prediction's noise on ln(1 + output tokens) instead "
+                             "(0: exact)")
     parser.add_argument("--continuous", action="store_true",
                         help="Mélange input: split buckets in any fraction, not in slices")
     parser.add_argument("--baseline", action="store_true", help="Mélange input: also solve Mélange's formulation")

@@ -59,7 +59,12 @@ def verify(plan: Plan, inputs: PlanInputs, workload: Workload, requests: Sequenc
     from sim.simulator import simulate
 
     cluster = plan_cluster(plan, inputs, workload, slo_classes)
-    result = simulate(cluster, requests)
+    ranker = None
+    if inputs.rank_noise_sd is not None:  # the requests carry the predictions the plan routes on
+        from sim.rank_noise import NoisyRanker
+
+        ranker = NoisyRanker(inputs.rank_noise_sd)
+    result = simulate(cluster, requests, ranker=ranker)
     summary = summarize(result, dict(slo_classes))
     met: dict[str, list[int]] = {}
     for record in result.records:
@@ -255,6 +260,34 @@ def _rates_text(spec: str) -> str:
                     if part.strip() and not part.strip().startswith("#"))
 
 
+def _rank_noise_sd(args: argparse.Namespace, workload: Workload, requests: Sequence[TraceRequest] | None) -> float | None:
+    """--route-by predicted: the predictor's noise (sim.rank_noise's model), from --rank-noise-sd or
+    from --rank-tau on the workload's own output lengths."""
+    from sim.plan_cli import UsageError
+
+    tau, sd = getattr(args, "rank_tau", None), getattr(args, "rank_noise_sd", None)
+    if args.route_by != "predicted":
+        if tau is not None or sd is not None:
+            raise UsageError("--rank-tau / --rank-noise-sd: only with --route-by predicted")
+        return None
+    if (tau is None) == (sd is None):
+        raise UsageError("--route-by predicted: give exactly one of --rank-tau TAU or --rank-noise-sd SD")
+    if sd is not None:
+        if not (sd >= 0 and math.isfinite(sd)):
+            raise UsageError(f"--rank-noise-sd: expected a finite number >= 0, got {sd}")
+        return float(sd)
+    assert tau is not None  # exactly one of the two is given
+    if not 0 < tau <= 1:
+        raise UsageError(f"--rank-tau: expected a Kendall tau in (0, 1], got {tau}")
+    if tau == 1:
+        return 0.0
+    from sim.rank_noise import noise_sd_for_tau
+
+    outputs = ([r.output_tokens for r in requests] if requests is not None else
+               [n_out for cell in workload.cells.values() for _, n_out in cell.shapes()])
+    return float(noise_sd_for_tau(outputs, tau))
+
+
 def run_plan(args: argparse.Namespace) -> int:
     from sim.plan_cli import EXIT_NOT_VERIFIED, UsageError, _emit, _numbers
 
@@ -264,6 +297,7 @@ def run_plan(args: argparse.Namespace) -> int:
         raise UsageError("--verify replays requests: give --trace (a histogram has none)")
     inputs = _inputs(args)
     workload, requests = _workload(args)
+    inputs = dataclasses.replace(inputs, rank_noise_sd=_rank_noise_sd(args, workload, requests))
     cache = CapacityCache(None if args.no_cache else (args.cache_dir or default_cache_dir()))
     bar, progress, on_total = _progress(args)
     try:

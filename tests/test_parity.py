@@ -58,6 +58,11 @@ def _table(weights: list[dict[str, float]]) -> dict[str, Any]:
 TABLES = [  # what a plan and its re-solved successor might route
     _table([{"l4": 1.0}, {"l4": 0.5, "a100": 0.5}, {"a100": 1.0}]),
     _table([{"a100": 0.3, "l4": 0.7}, {"a100": 1.0}, {"small": 1.0}]),
+    # A plan on predicted output lengths: the ranker's predicted_rank picks the output cell.
+    {**_table([{"l4": 0.6, "a100": 0.4}, {"a100": 1.0}, {"a100": 1.0}]), "output_edges": [0, 256, 8192],
+     "output_source": "predicted_rank",
+     "cells": [{"input": 0, "output": 0, "pools": {"l4": 1.0}}, {"input": 0, "output": 1, "pools": {"a100": 1.0}},
+               {"input": 1, "output": 0, "pools": {"l4": 0.5, "small": 0.5}}]},
 ]
 
 
@@ -68,7 +73,7 @@ def profiles(draw: st.DrawFn) -> dict[str, Any]:
     filters: list[Any] = ["model", "healthy", "not_draining", "not_cordoned"] + (
         ["kv_room"] if draw(st.booleans()) else [])
     if draw(st.booleans()):
-        filters.append({"length_bucket": {"table": TABLES[draw(st.integers(0, 1))]}})
+        filters.append({"length_bucket": {"table": TABLES[draw(st.integers(0, len(TABLES) - 1))]}})
     return {"filters": filters, "scorers": weighted, "picker": draw(st.sampled_from(PICKERS))}
 
 
@@ -130,7 +135,8 @@ requests = st.lists(st.fixed_dictionaries({
     "tokens": st.integers(1, 4000),
     "prefix": st.sampled_from([(), (1,), (1, 2), (3, 4, 5)]),
     "finish": st.integers(0, 2),  # how many in-flight requests finish before this one arrives
-    "replan": st.sampled_from([None, None, None, 0, 1]),  # a re-solved plan's table arrives first
+    "replan": st.sampled_from([None, None, None, 0, 1, 2]),  # a re-solved plan's table arrives first
+    "rank": st.sampled_from([None, 1.0, 4.0, 7.5]),  # the output-length ranker's predicted_rank
 }), min_size=4, max_size=16)
 
 
@@ -196,7 +202,8 @@ async def _run_parity(doc: dict[str, Any], counts: list[int], instance_loads: li
                 table = RoutingTable.from_dict(TABLES[spec["replan"]])
                 assert sim.layer.set_routing_table(table) == dispatcher.layer.set_routing_table(table)
             info = RequestInfo(f"r{n}", spec["model"], spec["tokens"], tenant=spec["tenant"],
-                               slo_class=spec["slo_class"], session_id=spec["session"], prefix_hashes=spec["prefix"])
+                               slo_class=spec["slo_class"], session_id=spec["session"], prefix_hashes=spec["prefix"],
+                               predicted_rank=spec.get("rank"))
             if spec["model"] == "auto":  # Tier: the same choice (and reason) from both drivers' own call.
                 info = _same_tier(sim, tiers, dispatcher, info, spec, float(n))
             # Admission: the same verdict from both drivers' own offer, the same queue order.

@@ -42,6 +42,20 @@ class Bucket:
 
 
 @dataclass(frozen=True, slots=True)
+class RoutingKey:
+    """What a dispatcher routes on when it predicts output lengths: an input row and a
+    *predicted* output column of one SLO class, with the traffic that lands there as
+    (bucket index, fraction of that bucket's rate) pairs. A predictor that misjudges the
+    output sends part of a bucket to the neighbouring keys; the planner sizes each key's
+    pools for the true buckets it holds, so misrouting is planned for, not ignored."""
+
+    slo_class: str
+    row: int
+    col: int
+    members: tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class PoolOption:
     """Instances of one GPU type at one TP degree. `capacity_rps[k]` is the max request rate
     of bucket k one instance sustains within the SLO (0: it cannot)."""
@@ -67,6 +81,11 @@ class PlanProblem:
     slice_factor: None: shares are any fraction; k: shares are multiples of 1/k of a
         group's traffic (Mélange's slices: on Mélange inputs the two formulations then
         have the same feasible set, hence the same optimum).
+    routing_keys: route by (input row, predicted output column) instead: each key's
+        traffic is split across pools on its own (overrides `route_by_input`). Giving all
+        keys of a row the same split is the `route_by_input` plan, so a plan with keys is
+        never costlier than one by input rows; with exact predictions the keys are the
+        cells (Mélange's per-bucket assignment).
     """
 
     buckets: tuple[Bucket, ...]
@@ -78,6 +97,7 @@ class PlanProblem:
     # pool name -> headroom replacing `headroom_fraction` for that pool (verification
     # raises it for pools that missed the SLO: mixing buckets on an instance interferes)
     headroom_by_pool: Mapping[str, float] = field(default_factory=dict)
+    routing_keys: tuple[RoutingKey, ...] | None = None
 
     def headroom_for(self, pool: str) -> float:
         return self.headroom_by_pool.get(pool, self.headroom_fraction)
@@ -106,6 +126,11 @@ class PlanProblem:
                                 f"{len(self.buckets)} buckets")
             if option.usd_per_hour < 0 or any(c < 0 for c in option.capacity_rps):
                 raise PlanError(f"pool {option.name}: expected a non-negative cost and capacities")
+        for key in self.routing_keys or ():
+            for k, fraction in key.members:
+                if not 0 <= k < len(self.buckets) or not 0.0 < fraction <= 1.0 + 1e-9:
+                    raise PlanError(f"routing key {key.slo_class} [{key.row}][{key.col}]: member ({k}, {fraction}) "
+                                    f"is not (a bucket index, a fraction in (0, 1])")
         for gpu, limit in self.availability_gpus.items():
             if limit < 0:
                 raise PlanError(f"availability of {gpu}: expected >= 0 GPUs, got {limit}")
@@ -137,6 +162,9 @@ class Plan:
     usd_per_hour: float
     solve_s: float
     solver: str = "scipy-highs"
+    # With routing keys: (slo_class, input row, predicted output column) -> pool shares,
+    # what the routing table holds (`shares` is then each bucket's resulting mix).
+    key_shares: Mapping[tuple[str, int, int], Mapping[str, float]] | None = None
 
     def instances(self) -> dict[str, int]:
         return {p.name: p.instances for p in self.pools if p.instances > 0}

@@ -4,12 +4,17 @@ Keyed by (input bucket, output bucket) cell, with each input row's rate-weighted
 well, which a dispatcher uses when it does not know the output length (it rarely does:
 a request carries at most its `max_output_tokens`). A plan solved with `route_by_input`
 gives every cell of a row the row's mix, so routing by the prompt alone follows it
-exactly. The choice among weighted pools is a pure function of the request id, so the
+exactly. A plan solved with routing keys (`PlanProblem.routing_keys`) routes on the
+*predicted* output length instead (`output_source: predicted_rank`: the output-length
+ranker's score, ln(1 + tokens), the scale of `scheduler.predictors.rank` and
+`sim.rank_noise`), the cell being the request's input row and predicted output column.
+The choice among weighted pools is a pure function of the request id, so the
 router and the simulator (and every router replica) send a request to the same pool.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,6 +23,8 @@ from typing import Any
 from scheduler.planner.problem import Plan, PlanError, bucket_of
 
 Weights = tuple[tuple[str, float], ...]
+OUTPUT_SOURCES = ("max_output_tokens", "predicted_rank")
+_MAX_RANK = 30.0  # e^30 tokens: any rank above is "the longest bucket", and expm1 stays finite
 
 
 def _normalised(weights: Mapping[str, float]) -> Weights:
@@ -33,6 +40,15 @@ class RoutingTable:
     output_edges: tuple[int, ...]
     cells: Mapping[tuple[int, int], Weights]
     rows: Mapping[int, Weights]
+    output_source: str = "max_output_tokens"  # what picks the output cell (OUTPUT_SOURCES)
+
+    def output_tokens_of(self, max_output_tokens: int | None, predicted_rank: float | None) -> int | None:
+        """The output length the cell is looked up by (None: use the row's mix)."""
+        if self.output_source != "predicted_rank":
+            return max_output_tokens
+        if predicted_rank is None or not math.isfinite(predicted_rank):
+            return None
+        return max(0, round(math.expm1(min(max(predicted_rank, 0.0), _MAX_RANK))))
 
     def weights_for(self, input_tokens: int, output_tokens: int | None = None) -> Weights:
         row = bucket_of(self.input_edges, input_tokens)
@@ -64,6 +80,7 @@ class RoutingTable:
             "output_edges": list(self.output_edges),
             "cells": [{"input": i, "output": j, "pools": dict(w)} for (i, j), w in sorted(self.cells.items())],
             "rows": [{"input": i, "pools": dict(w)} for i, w in sorted(self.rows.items())],
+            "output_source": self.output_source,
         }
 
     @classmethod
@@ -99,15 +116,30 @@ class RoutingTable:
                 if not isinstance(j, int) or not 0 <= j < len(edges[1]) - 1:
                     raise PlanError(f"{path}.output: expected an output bucket index in [0, {len(edges[1]) - 2}]")
                 cells[(i, j)] = weights
-        return cls(edges[0], edges[1], cells, rows)
+        source = raw.get("output_source", "max_output_tokens")
+        if source not in OUTPUT_SOURCES:
+            raise PlanError(f"{where}.output_source: expected one of {', '.join(OUTPUT_SOURCES)}, got {source!r}")
+        return cls(edges[0], edges[1], cells, rows, str(source))
 
 
 def table_from_plan(plan: Plan, input_edges: Sequence[int], output_edges: Sequence[int],
                     slo_class: str = "default") -> RoutingTable:
     """The plan's shares (of one SLO class's buckets) as a routing table; rows weigh each
-    cell's mix by its rate."""
+    cell's mix by its rate. A plan with routing keys gives its keys' shares, looked up by
+    the predicted output length."""
     cells: dict[tuple[int, int], Weights] = {}
     row_mix: dict[int, dict[str, float]] = {}
+    if plan.key_shares is not None:
+        for (klass, row, col), share in plan.key_shares.items():
+            if klass == slo_class and share:
+                cells[(row, col)] = _normalised(share)
+        for bucket, share in zip(plan.buckets, plan.shares, strict=True):
+            if bucket.rate_rps > 0 and share and bucket.slo_class == slo_class:
+                mix = row_mix.setdefault(bucket.row, {})
+                for pool, weight in share.items():
+                    mix[pool] = mix.get(pool, 0.0) + weight * bucket.rate_rps
+        rows = {i: _normalised(mix) for i, mix in row_mix.items()}
+        return RoutingTable(tuple(input_edges), tuple(output_edges), cells, rows, "predicted_rank")
     for bucket, share in zip(plan.buckets, plan.shares, strict=True):
         if bucket.rate_rps <= 0 or not share or bucket.slo_class != slo_class:
             continue

@@ -1,11 +1,12 @@
 """The allocation integer program: fewest dollars per hour that carry the workload.
 
 Variables: n[p], the integer number of instances of pool option p, and x[g, p] in [0, 1],
-the share of routing group g's traffic sent to p (a group is one bucket, or one input row
-with `route_by_input`). Minimise sum_p cost_p n[p] subject to
+the share of routing group g's traffic sent to p (a group is one bucket, one input row
+with `route_by_input`, or one routing key: an input row and a predicted output column,
+holding given fractions of the true buckets the predictor sends there). Minimise sum_p cost_p n[p] subject to
 
     sum_p x[g, p] = 1                                   every group with traffic
-    sum_k rate_k x[g(k), p] / cap[p, k] <= (1 - headroom) n[p]     capacity of every pool
+    sum_g x[g, p] sum_{k in g} f_gk rate_k / cap[p, k] <= (1 - headroom) n[p]   every pool
     sum_{p of type t} tp_p n[p] <= available GPUs of type t       availability
     n[p] = 0 or min_replicas_p <= n[p] <= max_replicas_p         (semi-integer variables)
 
@@ -52,7 +53,7 @@ class _Layout:
     """Column indices of the variables: n[p] first, then x[g, p] for allowed pairs."""
 
     n_options: int
-    groups: list[list[int]]  # group -> bucket indices
+    groups: list[list[tuple[int, float]]]  # group -> (bucket index, fraction of its rate)
     pairs: list[tuple[int, int]]  # column n_options + k -> (group, option)
 
     @property
@@ -60,25 +61,32 @@ class _Layout:
         return self.n_options + len(self.pairs)
 
 
-def _groups(problem: PlanProblem) -> list[list[int]]:
+def _groups(problem: PlanProblem) -> list[list[tuple[int, float]]]:
+    if problem.routing_keys is not None:
+        keys = [[(k, f) for k, f in key.members if problem.buckets[k].rate_rps > 0] for key in problem.routing_keys]
+        return [members for members in keys if members]
     if not problem.route_by_input:
-        return [[k] for k, b in enumerate(problem.buckets) if b.rate_rps > 0]
-    rows: dict[tuple[str, int], list[int]] = {}
+        return [[(k, 1.0)] for k, b in enumerate(problem.buckets) if b.rate_rps > 0]
+    rows: dict[tuple[str, int], list[tuple[int, float]]] = {}
     for k, bucket in enumerate(problem.buckets):
         if bucket.rate_rps > 0:
-            rows.setdefault((bucket.slo_class, bucket.row), []).append(k)
+            rows.setdefault((bucket.slo_class, bucket.row), []).append((k, 1.0))
     return list(rows.values())
 
 
-def _can_serve(option: PoolOption, members: Sequence[int]) -> bool:
-    return all(option.capacity_rps[k] > 0 for k in members)
+def _can_serve(option: PoolOption, members: Sequence[tuple[int, float]]) -> bool:
+    return all(option.capacity_rps[k] > 0 for k, _ in members)
 
 
-def _unservable_error(problem: PlanProblem, members: Sequence[int]) -> PlanError:
-    bucket = problem.buckets[members[0]]
-    label = bucket.label if len(members) == 1 else f"input row [{bucket.input_lo},{bucket.input_hi})"
+def _unservable_error(problem: PlanProblem, members: Sequence[tuple[int, float]]) -> PlanError:
+    bucket = problem.buckets[members[0][0]]
+    if problem.routing_keys is not None:
+        label = f"the requests predicted into {bucket.label} and its neighbours"
+    else:
+        label = bucket.label if len(members) == 1 else f"input row [{bucket.input_lo},{bucket.input_hi})"
+    rate = sum(problem.buckets[k].rate_rps * f for k, f in members)
     return PlanError(
-        f"SLO: no GPU type meets the SLO for {label} ({sum(problem.buckets[k].rate_rps for k in members):.3g} "
+        f"SLO: no GPU type meets the SLO for {label} ({rate:.3g} "
         f"req/s); relax the TTFT/TPOT SLO, allow a larger GPU or higher tp, or drop those requests"
     )
 
@@ -94,9 +102,9 @@ def _layout(problem: PlanProblem) -> _Layout:
     return _Layout(len(problem.options), groups, pairs)
 
 
-def _load_per_share(problem: PlanProblem, members: Sequence[int], option: PoolOption) -> float:
+def _load_per_share(problem: PlanProblem, members: Sequence[tuple[int, float]], option: PoolOption) -> float:
     """Instance-equivalents of load the whole group puts on one instance of `option`."""
-    return sum(problem.buckets[k].rate_rps / option.capacity_rps[k] for k in members)
+    return sum(problem.buckets[k].rate_rps * f / option.capacity_rps[k] for k, f in members)
 
 
 def _replica_bounds(problem: PlanProblem, layout: _Layout) -> list[tuple[int, int]]:
@@ -219,20 +227,44 @@ def solve(problem: PlanProblem, time_limit_s: float = 30.0) -> Plan:
         if problem.availability_gpus:
             raise _availability_error(problem, layout, _replica_bounds(unlimited, layout), time_limit_s)
         raise PlanError("plan: the solver found no feasible allocation (check max_replicas)")
-    return _plan_from(problem, layout, x, time.perf_counter() - started)
+    plan = _plan_from(problem, layout, x, time.perf_counter() - started)
+    if problem.routing_keys is not None:
+        plan = _no_worse_than_rows(problem, plan, time_limit_s, started)
+    return plan
+
+
+def _no_worse_than_rows(problem: PlanProblem, plan: Plan, time_limit_s: float, started: float) -> Plan:
+    """The keyed plan, or the input-row plan written as one (every key of a row gets the
+    row's split) when that is cheaper. It is a feasible keyed plan, so a cheaper one means
+    the solver stopped short: on near-zero key fractions HiGHS returned "optimal" plans 15%
+    above it (bench/planner_routing.py, pubmed-like, 40 ms, before `routing_keys` dropped
+    them). Keying on predictions is then never costlier than ignoring them."""
+    try:
+        rows = solve(dataclasses.replace(problem, routing_keys=None, route_by_input=True), time_limit_s)
+    except PlanError:  # e.g. a bucket no pool serves, present in rows but only as dropped slivers in keys
+        return plan
+    if rows.usd_per_hour >= plan.usd_per_hour - 1e-9:
+        return plan
+    by_row = {(b.slo_class, b.row): dict(share) for b, share in zip(rows.buckets, rows.shares, strict=True) if share}
+    keys = problem.routing_keys or ()
+    key_shares = {(k.slo_class, k.row, k.col): by_row[(k.slo_class, k.row)] for k in keys
+                  if (k.slo_class, k.row) in by_row}
+    return dataclasses.replace(rows, key_shares=key_shares, solve_s=time.perf_counter() - started)
 
 
 def _plan_from(problem: PlanProblem, layout: _Layout, x: np.ndarray, solve_s: float) -> Plan:
     counts = [int(round(v)) for v in x[: layout.n_options]]
     shares: list[dict[str, float]] = [{} for _ in problem.buckets]
+    group_shares: list[dict[str, float]] = [{} for _ in layout.groups]
     load = [0.0] * layout.n_options
     for k, (g, p) in enumerate(layout.pairs):
         share = float(x[layout.n_options + k]) / (problem.slice_factor or 1)
         if share <= _SHARE_EPS:
             continue
         option = problem.options[p]
-        for b in layout.groups[g]:
-            shares[b][option.name] = share
+        group_shares[g][option.name] = share
+        for b, fraction in layout.groups[g]:
+            shares[b][option.name] = shares[b].get(option.name, 0.0) + share * fraction
         load[p] += share * _load_per_share(problem, layout.groups[g], option)
     for bucket_shares in shares:  # renormalise away the dropped noise
         total = sum(bucket_shares.values())
@@ -243,7 +275,12 @@ def _plan_from(problem: PlanProblem, layout: _Layout, x: np.ndarray, solve_s: fl
         for p, o in enumerate(problem.options)
     )
     cost = sum(p.usd_per_hour for p in pools)
-    return Plan(pools, problem.buckets, tuple(shares), cost, solve_s)
+    key_shares = None
+    if problem.routing_keys is not None:
+        used = [key for key in problem.routing_keys
+                if any(problem.buckets[k].rate_rps > 0 for k, _ in key.members)]
+        key_shares = {(key.slo_class, key.row, key.col): group_shares[g] for g, key in enumerate(used)}
+    return Plan(pools, problem.buckets, tuple(shares), cost, solve_s, key_shares=key_shares)
 
 
 def single_type_plans(problem: PlanProblem, time_limit_s: float = 30.0) -> dict[str, Plan | PlanError]:

@@ -5,7 +5,8 @@ was sized for.
     filters: [model, healthy, not_draining, {length_bucket: {table: <RoutingTable.as_dict()>}}]
 
 The request's prompt length picks the input row; its `max_output_tokens`, when given,
-picks the output cell (else the row's mix). A weighted bucket is split by a hash of the
+picks the output cell (else the row's mix), or, in a table planned on predicted output
+lengths (`output_source: predicted_rank`), the ranker's `predicted_rank` does. A weighted bucket is split by a hash of the
 request id. If no instance of the chosen pool is left (scaled to zero, unhealthy), the
 next pool of the bucket is tried, then every candidate: a plan that no longer matches
 the fleet degrades to plain load balancing rather than rejecting requests.
@@ -48,16 +49,20 @@ class LengthBucket(Filter):
         except PlanError as exc:
             raise PolicyConfigError(str(exc)) from exc
 
+    def _pools(self, request: RequestInfo) -> list[str]:
+        output = self.table.output_tokens_of(request.max_output_tokens, request.predicted_rank)
+        return self.table.pools_for(request.request_id, request.input_tokens, output)
+
     def keep(self, request: RequestInfo, instance: InstanceState, ctx: DispatchContext) -> bool:
         """The per-instance rule: in the request's drawn pool (or no table entry). `keep_all`
         adds the fallback to the bucket's other pools when none of the drawn one is left."""
-        pools = self.table.pools_for(request.request_id, request.input_tokens, request.max_output_tokens)
+        pools = self._pools(request)
         return not pools or instance.pool == pools[0]
 
     def keep_all(
         self, request: RequestInfo, instances: list[InstanceState], ctx: DispatchContext
     ) -> list[InstanceState]:
-        pools = self.table.pools_for(request.request_id, request.input_tokens, request.max_output_tokens)
+        pools = self._pools(request)
         for pool in pools:
             kept = [inst for inst in instances if inst.pool == pool]
             if kept:
