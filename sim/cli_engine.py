@@ -107,8 +107,10 @@ def register(subparsers: Any) -> None:
 
 def build_config(args: argparse.Namespace) -> Any:
     from sim.emulated_engine import EmulatedEngineConfig
-    from sim.engine_core import EngineConfig
+    from sim.engine_core import EngineConfig, EngineConfigError
 
+    if args.admit_preemption and args.scheduling_policy != "priority":
+        raise EngineConfigError("--admit-preemption preempts by request priority: it needs --scheduling-policy priority")
     return EmulatedEngineConfig(
         gpu=args.gpu,
         model=args.model,
