@@ -62,36 +62,18 @@ GUARD_SWEEP_S: tuple[float | None, ...] = (15.0, 30.0, 60.0, 120.0, 240.0, None)
 SETUPS = ("batch8", "kv-limited", "fleet-admission", "alpaca-batch8", "alpaca-fleet")
 
 
-ADMIT_PREEMPTION = "and self._victim().priority > req.priority"
-
-
-def admit_without_preemption() -> None:
-    """Diagnosis (`--no-admit-preemption`): run the simulator's engine core with vLLM V1's
-    admission, where a waiting request that does not fit in the KV cache waits (the waiting
-    loop stops at it); the core as shipped instead preempts a lower-priority running
-    request to admit it. Patches that one condition of `EngineCore._admit` for this process."""
-    import inspect
-    import textwrap
-
-    import sim.engine_core as core
-
-    source = textwrap.dedent(inspect.getsource(core.EngineCore._admit))
-    if ADMIT_PREEMPTION not in source:
-        raise SystemExit("--no-admit-preemption: sim/engine_core.py EngineCore._admit no longer has the condition "
-                         f"{ADMIT_PREEMPTION!r}; update this diagnosis")
-    namespace = dict(vars(core))
-    exec(source.replace(ADMIT_PREEMPTION, "and False"), namespace)  # noqa: S102 - our own source, one condition
-    core.EngineCore._admit = namespace["_admit"]  # type: ignore[method-assign]
-
-
-def cluster(setup: str, policy: Any) -> Any:
+def cluster(setup: str, policy: Any, admit_preemption: bool = False) -> Any:
     """The setup's cluster with `policy` as the engine priority (batch8) or the admission
-    queue's sort (the fleets)."""
+    queue's sort (the fleets). `admit_preemption`: engines that order by priority preempt
+    a lower-priority running request to admit a waiting one (vLLM V0's priority
+    scheduler; the engine option `admit_preemption`); default vLLM V1's admission."""
     batch8 = setup.endswith("batch8")
     engine: dict[str, Any] = {"max_num_seqs": 8 if batch8 else 64, "max_num_batched_tokens": 4096}
     if setup == "kv-limited":  # 1,500 blocks of 16 tokens: ~17 Azure conversations (1,420 tokens each)
         engine["num_kv_blocks"] = KV_LIMITED_BLOCKS
     engine_queue = batch8 or setup == "kv-limited"
+    if admit_preemption and engine_queue and policy != "fcfs":
+        engine["admit_preemption"] = True  # FCFS rows: no priorities, so nothing to preempt for
     count = 1 if engine_queue else 4
     document: dict[str, Any] = {
         "version": 1,
@@ -191,13 +173,14 @@ def run_setup(setup: str, args: argparse.Namespace, bar: Any) -> dict[str, Any]:
     outputs = [r.output_tokens for r in requests]
     sd = noise_sd_for_tau(outputs, tau, seed=0)
     # capacity: every request offered within seconds (200 req/s), FCFS; completions per second
-    capacity = metrics(simulate(cluster(setup, "fcfs"), scaled(requests, OVERLOAD_RPS / rate_per_s(requests))))
+    admit = args.admit_preemption
+    capacity = metrics(simulate(cluster(setup, "fcfs", admit), scaled(requests, OVERLOAD_RPS / rate_per_s(requests))))
     cap_rps = capacity["throughput_rps"]
     rows: list[dict[str, Any]] = []
     for load in LOADS:
         trace = scaled(requests, load * cap_rps / rate_per_s(requests))
         for name, policy, ranker in policies(sd, args.guard_s, learned):
-            result = simulate(cluster(setup, policy), trace, ranker=ranker)
+            result = simulate(cluster(setup, policy, admit), trace, ranker=ranker)
             rows.append({"load": load, "policy": name, **metrics(result)})
             bar.update(1)
     # the guard's trade: mean gain against the worst wait, at 95% load, per max_wait_s
@@ -205,7 +188,7 @@ def run_setup(setup: str, args: argparse.Namespace, bar: Any) -> dict[str, Any]:
     model_rank: RankFn = learned if learned is not None else NoisyRanker(sd)
     guard_sweep = []
     for guard in GUARD_SWEEP_S:
-        result = simulate(cluster(setup, {"learned_rank": {"max_wait_s": guard}}), trace, ranker=model_rank)
+        result = simulate(cluster(setup, {"learned_rank": {"max_wait_s": guard}}, admit), trace, ranker=model_rank)
         guard_sweep.append({"max_wait_s": guard, **metrics(result)})
         bar.update(1)
     out_mean = float(np.mean(outputs))
@@ -284,8 +267,10 @@ def main() -> int:
     parser.add_argument("--rank-model", type=Path, default=None,
                         help="ranker for the alpaca setups: one trained with --no-refit (it has not seen the held-out prompts)")
     parser.add_argument("--setups", default=",".join(SETUPS))
-    parser.add_argument("--no-admit-preemption", action="store_true",
-                        help="diagnosis: engines admit as vLLM V1 does, never preempting to admit a waiting request")
+    parser.add_argument("--admit-preemption", action="store_true",
+                        help="engines that order by priority preempt a lower-priority running request to admit a "
+                             "waiting one (vLLM V0's priority scheduler; the engine core's default until it became an "
+                             "option); default: vLLM V1's admission, which never preempts to admit")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img" / "ranking_regimes.png")
     parser.add_argument("--json", type=Path, default=None)
@@ -301,9 +286,7 @@ def main() -> int:
     if any(s.startswith("alpaca") for s in setups) and args.rank_model is None:
         parser.error("--rank-model: the alpaca setups need a ranker that has not seen the held-out prompts "
                      "(tokenyard train rank --no-refit --out split.json.gz)")
-    if args.no_admit_preemption:
-        admit_without_preemption()
-    doc: dict[str, Any] = {"guard_s": args.guard_s, "admit_preemption": not args.no_admit_preemption, "setups": []}
+    doc: dict[str, Any] = {"guard_s": args.guard_s, "admit_preemption": args.admit_preemption, "setups": []}
     with tqdm(total=len(setups) * (len(LOADS) * 5 + len(GUARD_SWEEP_S)), desc="ranking regimes", unit="run", file=sys.stderr) as bar:
         for setup in setups:
             doc["setups"].append(run_setup(setup, args, bar))

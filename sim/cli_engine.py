@@ -91,6 +91,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
     parser.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
                         help="queue order; 'priority' honours the request field priority (lower runs earlier)")
+    parser.add_argument("--admit-preemption", action="store_true",
+                        help="with --scheduling-policy priority: preempt a lower-priority running request to "
+                             "admit a waiting one when KV blocks run out (vLLM V0's priority scheduler; "
+                             "default: vLLM V1, which preempts only to let running requests grow)")
     parser.add_argument("--output-len-dist", type=_length_dist, default=DEFAULT_OUTPUT_LEN_DIST,
                         help="output length when max_tokens does not bind: fixed:N, uniform:A:B, lognormal:MEDIAN:SIGMA")
     parser.add_argument("--seed", type=int, default=0, help="seed of generated text and output lengths")
@@ -103,8 +107,10 @@ def register(subparsers: Any) -> None:
 
 def build_config(args: argparse.Namespace) -> Any:
     from sim.emulated_engine import EmulatedEngineConfig
-    from sim.engine_core import EngineConfig
+    from sim.engine_core import EngineConfig, EngineConfigError
 
+    if args.admit_preemption and args.scheduling_policy != "priority":
+        raise EngineConfigError("--admit-preemption preempts by request priority: it needs --scheduling-policy priority")
     return EmulatedEngineConfig(
         gpu=args.gpu,
         model=args.model,
@@ -117,6 +123,7 @@ def build_config(args: argparse.Namespace) -> Any:
             max_num_batched_tokens=args.max_num_batched_tokens,
             enable_prefix_caching=not args.no_prefix_caching,
             scheduling_policy=args.scheduling_policy,
+            admit_preemption=args.admit_preemption,
             max_model_len=args.max_model_len,
             num_kv_blocks=args.num_kv_blocks,
         ),

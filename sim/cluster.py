@@ -12,7 +12,11 @@ the engine settings of each pool, the dispatch and queue policies by name, SLO c
         count: 2
         engine: {max_num_seqs: 256, max_num_batched_tokens: 8192, block_size: 16,
                  enable_prefix_caching: true, num_kv_blocks: null, max_model_len: null,
-                 gpu_memory_utilization: 0.9}
+                 gpu_memory_utilization: 0.9, scheduling_policy: fcfs, admit_preemption: false}
+                                      # scheduling_policy: priority when the queue policy sets
+                                      # engine priorities; admit_preemption: true preempts a
+                                      # lower-priority running request to admit a waiting one
+                                      # (vLLM V0's priority scheduler; default vLLM V1's)
     dispatch:                         # scheduler.dispatch.build_policy
       filters: [model, healthy, not_draining, not_cordoned]
       scorers: [least_outstanding]
@@ -81,7 +85,7 @@ _POLICY_KEYS = ("dispatch", "queue", "slo_classes")  # the older dialect the doc
 _POOL_KEYS = ("name", "gpu", "model", "tp", "count", "engine")
 _ENGINE_KEYS = (
     "max_num_seqs", "max_num_batched_tokens", "block_size", "enable_prefix_caching",
-    "scheduling_policy", "num_kv_blocks", "max_model_len", "gpu_memory_utilization",
+    "scheduling_policy", "num_kv_blocks", "max_model_len", "gpu_memory_utilization", "admit_preemption",
 )
 _DISPATCH_KEYS = ("filters", "scorers", "picker", "seed", "per_slo_class")
 
@@ -364,6 +368,13 @@ def _parse_pool(raw: Any, where: str, catalog: Catalog, queue_needs_priority: bo
             f"{engine_where}.scheduling_policy",
             "the queue policy sets request priorities, so engines must use 'priority' (or leave it unset)",
         )
+    admit_preemption = get(engine_raw, "admit_preemption", bool, engine_where, default=False)
+    if admit_preemption and scheduling_policy != "priority":
+        raise ConfigError(
+            f"{engine_where}.admit_preemption",
+            "preempting to admit a waiting request goes by request priority: it needs "
+            "scheduling_policy 'priority' (or a queue policy that sets engine priorities)",
+        )
     optional_ints = {}
     for key in ("num_kv_blocks", "max_model_len"):
         value = engine_raw.get(key)
@@ -377,6 +388,7 @@ def _parse_pool(raw: Any, where: str, catalog: Catalog, queue_needs_priority: bo
             ),
             enable_prefix_caching=get(engine_raw, "enable_prefix_caching", bool, engine_where, default=True),
             scheduling_policy=scheduling_policy,
+            admit_preemption=admit_preemption,
             max_model_len=optional_ints["max_model_len"],
             num_kv_blocks=optional_ints["num_kv_blocks"],
         )

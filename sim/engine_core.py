@@ -83,6 +83,7 @@ class EngineCore:
         self._decode_lines = fast.DECODE_LINES.setdefault(model, {})
         self._run_counter = itertools.count()
         self._by_priority = self.config.scheduling_policy == "priority"
+        self._admit_preemption = self._by_priority and self.config.admit_preemption
         # The fast path's decoding cohort (see "fast path" below).
         self._in_step = False  # a schedule_fast batch is in flight
         self._tick = 0  # fast-path steps completed
@@ -375,7 +376,9 @@ class EngineCore:
         self, scheduled: list[tuple[EngineRequest, int]], budget: int, preempted: list[EngineRequest]
     ) -> list[tuple[EngineRequest, int]]:
         """Admit waiting requests in queue order while seats, token budget and KV blocks
-        allow (under priority scheduling, preempting lower-priority running requests).
+        allow: the first that does not fit stops admission, as in vLLM V1 (only running
+        requests preempt, to grow). With `admit_preemption` (vLLM V0's priority scheduler)
+        it preempts lower-priority running requests to fit instead.
         Appends to `scheduled` and `preempted`; returns `scheduled` without the victims."""
         while self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             _, req = self._waiting[0]
@@ -383,11 +386,7 @@ class EngineCore:
                 self._lookup_prefix(req)
             new = min(req.num_tokens - req.computed_tokens, budget)
             if not self._grow(req, new):
-                if (
-                    self.config.scheduling_policy == "priority"
-                    and self.running
-                    and self._victim().priority > req.priority
-                ):
+                if self._admit_preemption and self.running and self._victim().priority > req.priority:
                     victim = self._victim()
                     self._preempt(victim)
                     preempted.append(victim)

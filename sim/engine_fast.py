@@ -325,7 +325,7 @@ def schedule_fast(core: EngineCore) -> Batch:
     preempted: list[EngineRequest] = []
     if core._waiting and budget > 0 and len(core.running) < core.config.max_num_seqs:
         scheduled = core._admit(scheduled, budget, preempted)
-    members = core._cohort_size  # fewer if admission preempted a member
+    members = core._cohort_size  # fewer if admission preempted a member (admit_preemption)
     prefill_tokens = 0
     decode_seqs = members
     context = cohort_tokens(core)  # each member decodes with computed + 1 tokens of context

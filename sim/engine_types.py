@@ -23,11 +23,22 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"  # "fcfs" or "priority" (lower priority value runs earlier)
     max_model_len: int | None = None  # defaults to the model's max context
     num_kv_blocks: int | None = None  # defaults to the engine model's KV capacity
+    # Under `priority`: preempt the lowest-priority running request to admit a waiting one
+    # of higher priority when KV blocks run out, as vLLM V0's priority scheduler does
+    # (`_schedule_priority_preemption`). Off, the engine admits as vLLM V1 does: the
+    # waiting loop stops at the first request that does not fit, and only a running
+    # request that must grow preempts.
+    admit_preemption: bool = False
 
     def __post_init__(self) -> None:
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise EngineConfigError(
                 f"scheduling_policy: expected 'fcfs' or 'priority', got {self.scheduling_policy!r}"
+            )
+        if self.admit_preemption and self.scheduling_policy != "priority":
+            raise EngineConfigError(
+                "admit_preemption: preempts a lower-priority running request to admit a waiting one, "
+                f"so it needs scheduling_policy 'priority', got {self.scheduling_policy!r}"
             )
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:

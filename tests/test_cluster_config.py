@@ -49,6 +49,9 @@ def test_example_values_are_read() -> None:
     assert qwen.catalog.gpu("A100-80GB").usd_per_hour == 2.90
     assert qwen.pools[1].usd_per_hour == 2.90
     assert all(p.engine.scheduling_policy == "priority" for p in qwen.pools)  # slo_priority needs it
+    assert not any(p.engine.admit_preemption for p in qwen.pools)  # vLLM V1's admission by default
+    v0 = parse_cluster(base(queue={"policy": "slo_priority"}, pools=[pool(engine={"admit_preemption": True})]), "c.yaml")
+    assert v0.pools[0].engine.admit_preemption and v0.pools[0].engine.scheduling_policy == "priority"
     assert qwen.load_refresh_s == 0.2
 
 
@@ -65,6 +68,10 @@ def test_example_values_are_read() -> None:
         (base(pools=[pool(engine={"block_size": 0})]), "c.yaml: pools[0].engine.block_size", ">= 1"),
         (base(pools=[pool(engine={"scheduling_policy": "lifo"})]), "c.yaml: pools[0].engine.scheduling_policy",
          "one of fcfs, priority"),
+        (base(pools=[pool(engine={"admit_preemption": True})]), "c.yaml: pools[0].engine.admit_preemption",
+         "needs scheduling_policy 'priority'"),
+        (base(pools=[pool(engine={"scheduling_policy": "priority", "admit_preemption": "yes"})]),
+         "c.yaml: pools[0].engine.admit_preemption", "expected true or false"),
         (base(pools=[pool(), pool()]), "c.yaml: pools[1].name", "duplicate pool name"),
         (base(pools=[]), "c.yaml: pools", "non-empty list"),
         (base(pools=[pool(gpu="L4", model="llama-3-70b")]), "c.yaml: pools[0]", "does not fit on L4"),

@@ -187,6 +187,21 @@ async def test_priority_policy_admits_the_lower_value_first() -> None:
         await engine.stop()
 
 
+def test_engine_cli_admit_preemption_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    """`tokenyard engine --admit-preemption` (vLLM V0's priority admission) needs the
+    priority policy; without the flag the engine admits as vLLM V1 does."""
+    from cli.main import build_parser, main
+    from sim.cli_engine import build_config
+
+    parser = build_parser()
+    assert not build_config(parser.parse_args(["engine", "--scheduling-policy", "priority"])).engine.admit_preemption
+    args = parser.parse_args(["engine", "--scheduling-policy", "priority", "--admit-preemption"])
+    assert build_config(args).engine.admit_preemption
+    assert main(["engine", "--admit-preemption"]) == 2
+    assert "--admit-preemption preempts by request priority: it needs --scheduling-policy priority" in (
+        capsys.readouterr().err)
+
+
 async def test_kv_pressure_preempts_and_everything_still_finishes() -> None:
     engine = _engine(num_kv_blocks=24, time_scale=0.0)
     await engine.start()

@@ -67,19 +67,21 @@ def shape(batch: Batch) -> tuple[object, ...]:
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 10**6), blocks=st.integers(30, 300), policy=st.sampled_from(["fcfs", "priority"]),
        budget=st.sampled_from([16, 64, 512]), caching=st.booleans(), cut=st.booleans(),
-       seats=st.sampled_from([2, 8, 64]), block_size=st.sampled_from([4, 16]))
+       seats=st.sampled_from([2, 8, 64]), block_size=st.sampled_from([4, 16]), admit=st.booleans())
 def test_fast_path_equals_stepping(seed: int, blocks: int, policy: str, budget: int, caching: bool, cut: bool,
-                                   seats: int, block_size: int) -> None:
+                                   seats: int, block_size: int, admit: bool) -> None:
     """The simulator's path (`schedule_fast`, `plan_decode_run`, `complete_run`, with the
     cohort's progress held lazily) against `schedule`/`complete` one step at a time on a
     copy: the same batches, the same load an observer sees inside every run, the same
     finishes in the same order, and the same engine and request state after every step
     or run, on random workloads (prefix caching and eviction, priorities and preemption,
-    small token budgets with chunked prompts, runs cut short, aborts)."""
+    with and without preemption to admit, small token budgets with chunked prompts, runs
+    cut short, aborts)."""
     rng = random.Random(seed)
     fast = EngineCore(MODEL, EngineConfig(block_size=block_size, max_num_seqs=seats, max_num_batched_tokens=budget,
                                           scheduling_policy=policy, num_kv_blocks=blocks * 4 // block_size + 8,
-                                          enable_prefix_caching=caching, max_model_len=4096))
+                                          enable_prefix_caching=caching, max_model_len=4096,
+                                          admit_preemption=admit and policy == "priority"))
     ref = copy.deepcopy(fast)
     t = 0.0
     n = 0
@@ -272,3 +274,85 @@ def test_prefix_cache_queries_are_counted_once_per_admission() -> None:
     assert blocked_steps > 5  # the second request really was re-examined many times
     assert core.prefix_cache_queries_tokens == 160 + 96
     assert core.prefix_cache_hits_tokens == 0  # nothing shared
+
+
+def _kv_full_of_low_priority(admit_preemption: bool, fast: bool) -> EngineCore:
+    """10 blocks of 4 tokens; a low-priority request decoding in 8 of them; a high-priority
+    one arrives that needs 3 (it does not fit in the 2 left)."""
+    core = EngineCore(MODEL, EngineConfig(block_size=4, max_num_seqs=8, max_num_batched_tokens=256,
+                                          scheduling_policy="priority", num_kv_blocks=10, max_model_len=4096,
+                                          admit_preemption=admit_preemption))
+    core.add_request(EngineRequest("low", prompt_tokens=30, output_tokens=8, arrival_s=0.0, priority=5))
+    batch = core.schedule_fast() if fast else core.schedule()
+    core.complete(batch, 1.0)  # low's prompt: 8 blocks held (30 tokens + the next one's slot)
+    core.add_request(EngineRequest("high", prompt_tokens=12, output_tokens=4, arrival_s=1.0, priority=0))
+    return core
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_waiting_high_priority_request_does_not_preempt_to_be_admitted(fast: bool) -> None:
+    """vLLM V1: the waiting loop stops at the first request that does not fit in KV; only a
+    running request that must grow preempts (vllm/v1/core/sched/scheduler.py `schedule`)."""
+    core = _kv_full_of_low_priority(admit_preemption=False, fast=fast)
+    batch = core.schedule_fast() if fast else core.schedule()
+    assert not batch.preempted and core.preemptions_total == 0
+    assert [r.request_id for r in core.running] == ["low"] and core.num_waiting == 1
+    t = 1.0
+    while core.has_work():  # high is admitted when low finishes and frees its blocks
+        t += batch.duration_s
+        out = core.complete(batch, t)
+        core.check_invariants()
+        if out.finished:
+            assert [r.request_id for r in out.finished] == ["low"]
+            break
+        batch = core.schedule_fast() if fast else core.schedule()
+        assert not batch.preempted
+    assert core.requests["high"].status is RequestStatus.WAITING
+    batch = core.schedule_fast() if fast else core.schedule()
+    assert [r.request_id for r in core.running] == ["high"] and core.preemptions_total == 0
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_admit_preemption_preempts_the_lower_priority_to_admit(fast: bool) -> None:
+    """`admit_preemption` (vLLM V0's priority scheduler): the lower-priority running
+    request gives its blocks to the higher-priority waiting one."""
+    core = _kv_full_of_low_priority(admit_preemption=True, fast=fast)
+    batch = core.schedule_fast() if fast else core.schedule()
+    assert [r.request_id for r in batch.preempted] == ["low"] and core.preemptions_total == 1
+    assert [r.request_id for r in core.running] == ["high"]
+    assert core.requests["low"].status is RequestStatus.WAITING and core.requests["low"].computed_tokens == 0
+    core.check_invariants()
+
+
+@pytest.mark.parametrize("admit_preemption", [False, True])
+def test_running_requests_preempt_the_lowest_priority_to_grow(admit_preemption: bool) -> None:
+    """With or without preemption to admit, a running request that needs a block when KV
+    is full preempts the lowest-priority running request (max of priority, arrival), as
+    vLLM V1's running loop does, and runs on in the same step."""
+    core = EngineCore(MODEL, EngineConfig(block_size=4, max_num_seqs=8, max_num_batched_tokens=256,
+                                          scheduling_policy="priority", num_kv_blocks=7, max_model_len=4096,
+                                          admit_preemption=admit_preemption))
+    core.add_request(EngineRequest("low", prompt_tokens=8, output_tokens=20, arrival_s=0.0, priority=9))
+    core.complete(core.schedule(), 1.0)  # low: 2 blocks
+    core.add_request(EngineRequest("high", prompt_tokens=8, output_tokens=20, arrival_s=1.0, priority=0))
+    core.add_request(EngineRequest("mid", prompt_tokens=8, output_tokens=20, arrival_s=1.0, priority=3))
+    batch = core.schedule()  # low grows to 3 blocks; high and mid fit in 2 each: KV is full
+    assert [r.request_id for r, _ in batch.scheduled] == ["low", "high", "mid"] and not batch.preempted
+    assert core.free_blocks == 0
+    core.complete(batch, 2.0)
+    # high and mid need a 3rd block for their 9th token. The victim is low, first in the
+    # running order: chosen by priority, not position (FCFS would take the last, mid).
+    batch = core.schedule()
+    assert [r.request_id for r in batch.preempted] == ["low"]
+    assert [r.request_id for r, _ in batch.scheduled] == ["high", "mid"]
+    assert core.requests["low"].status is RequestStatus.WAITING and core.preemptions_total == 1
+    core.check_invariants()
+
+
+def test_admit_preemption_needs_the_priority_policy() -> None:
+    from sim.engine_core import EngineConfigError
+
+    with pytest.raises(EngineConfigError, match="admit_preemption: .* needs scheduling_policy 'priority'"):
+        EngineConfig(admit_preemption=True)
+    assert EngineConfig(scheduling_policy="priority", admit_preemption=True).admit_preemption
+    assert not EngineConfig(scheduling_policy="priority").admit_preemption  # vLLM V1 by default
