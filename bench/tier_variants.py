@@ -8,12 +8,18 @@ Then two nested selections, so that what is adopted is not chosen on the test fo
 each outer fold, the variant with the best mean APGR on a 4-fold task split of the
 training tasks alone is fitted on them and scores the outer fold.
 
-    nice -n 10 python bench/tier_variants.py [--nested] [--json out.json]
+    nice -n 10 python bench/tier_variants.py [--nested] [--beyond] [--json out.json]
 
 Labels: `small_ok` (binary), `gain` (q_large - q_small, regression, ranked by minus the
 prediction), `q_small` (the small tier's own score: regression or cross-entropy).
 Features: the first 18 statistics and cues of `scheduler.predictors.tier.STAT_NAMES` (the
 earlier feature set), or all of them (with the difficulty and shape cues).
+
+`--beyond` (instead of the table; the default's row is repeated) measures what goes past one tree model of the cues (the default's stumps are the
+reference): two heads, the small tier's score minus a share of the large tier's
+(the gain the issue's label is about); five bagged stump models; OrchestraLLM-style
+exemplars, the similarity-weighted small-tier score of the 50 nearest training prompts
+by TF-IDF cosine; and the stumps' rank averaged with the exemplars' (ranks per benchmark).
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class Data:
         self.small_ok = np.array([r.small_ok for r in rows], dtype=float)
         counts = Counter(self.bench.tolist())
         self.weight = np.array([len(rows) / len(counts) / counts[b] for b in self.bench])
+        self.texts = [r.prompt[:8000] for r in rows]
 
     def mean_apgr(self, index: np.ndarray, scores: np.ndarray) -> tuple[float, dict[str, float]]:
         per = {}
@@ -84,7 +91,8 @@ def _fit_score(data: Data, variant: Variant, train: np.ndarray, test: np.ndarray
 
     features, label, objective, sign, extra, trees = variant
     x = data.stats if features == "all" else data.stats[:, :EARLIER_FEATURES]
-    y = {"small_ok": data.small_ok, "gain": data.q_large - data.q_small, "q_small": data.q_small}[label]
+    y = {"small_ok": data.small_ok, "gain": data.q_large - data.q_small, "q_small": data.q_small,
+         "q_large": data.q_large}[label]
     params = {"objective": objective, "num_leaves": 7, "learning_rate": 0.03, "min_data_in_leaf": 40,
               "feature_fraction": 0.8, "bagging_fraction": 0.8, "bagging_freq": 1, "verbose": -1, "seed": 0,
               "num_threads": 1, "deterministic": True, **extra}
@@ -104,6 +112,58 @@ def by_task(data: Data, variant: Variant) -> np.ndarray:
     for train, test in _folds(data.tasks, 5):
         oof[test] = _fit_score(data, variant, train, test)
     return oof
+
+
+DEFAULT = SHAPE_VARIANTS["q_small cross-entropy, stumps x 600 (the default)"]
+
+
+def _exemplars(data: Data, train: np.ndarray, test: np.ndarray, k: int = 50) -> np.ndarray:
+    """Similarity-weighted q_small of the k nearest training prompts (TF-IDF cosine)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    vectorizer = TfidfVectorizer(sublinear_tf=True, stop_words="english", min_df=2, max_features=50000)
+    known = vectorizer.fit_transform([data.texts[i] for i in train])
+    similarity = (vectorizer.transform([data.texts[i] for i in test]) @ known.T).tocsr()
+    y = data.q_small[train]
+    out = np.full(len(test), float(y.mean()))
+    for i in range(len(test)):
+        start, end = similarity.indptr[i], similarity.indptr[i + 1]
+        if end > start:
+            idx, val = similarity.indices[start:end], similarity.data[start:end]
+            top = np.argsort(-val)[:k]
+            out[i] = np.average(y[idx[top]], weights=val[top] + 1e-9)
+    return out
+
+
+def _rank_per_benchmark(data: Data, scores: np.ndarray) -> np.ndarray:
+    from scipy.stats import rankdata
+
+    out = np.zeros(len(scores))
+    for bench in set(data.bench.tolist()):
+        mask = data.bench == bench
+        out[mask] = rankdata(scores[mask]) / mask.sum()
+    return out
+
+
+def beyond(data: Data, report: Callable[[str, np.ndarray], None]) -> None:
+    """The variants past one tree model of the cues (module docstring), by task."""
+    large_head = ("all", "q_large", "cross_entropy", 1.0, {"num_leaves": 2}, 600)
+    small = by_task(data, DEFAULT)
+    report("q_small cross-entropy, stumps x 600 (the default)", small)
+    large = by_task(data, large_head)
+    for share in (0.25, 0.5):
+        report(f"two heads: q_small - {share} x q_large", small - share * large)
+    bagged = np.zeros(len(data.tasks))
+    for train, test in _folds(data.tasks, 5):
+        bagged[test] = np.mean([_fit_score(data, (*DEFAULT[:4], {**DEFAULT[4], "seed": s}, DEFAULT[5]), train, test)
+                                for s in range(5)], axis=0)
+    report("5 bagged stump models (seeds 0-4)", bagged)
+    exemplars = np.zeros(len(data.tasks))
+    for train, test in _folds(data.tasks, 5):
+        exemplars[test] = _exemplars(data, train, test)
+    report("exemplars: 50 nearest training prompts (TF-IDF)", exemplars)
+    report("stumps + 0.25 exemplars (rank average)",
+           0.75 * _rank_per_benchmark(data, small) + 0.25 * _rank_per_benchmark(data, exemplars))
 
 
 def nested(data: Data, variants: dict[str, Variant], say: Callable[[str], None]) -> tuple[np.ndarray, list[str]]:
@@ -128,6 +188,8 @@ def nested(data: Data, variants: dict[str, Variant], say: Callable[[str], None])
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nested", action="store_true", help="also run the two nested selections (minutes)")
+    parser.add_argument("--beyond", action="store_true",
+                        help="also the variants past one tree model: two heads, bagging, exemplars")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     rows: list[LabelledPrompt] = []
@@ -143,10 +205,13 @@ def main() -> int:
         print(f"{name:<55} mean {mean:.3f}  " + "  ".join(f"{b} {v:.3f}" for b, v in per.items()), flush=True)
 
     print(f"{len(rows)} prompts; by-task APGR (5 folds over task groups; random router 0.5)")
-    for name, variant in {**LABEL_VARIANTS, **SHAPE_VARIANTS}.items():
-        report(name, by_task(data, variant))
-    length_prior = -data.stats[:, 0]  # longer prompts go large
-    report("the length prior alone (longer prompts go large)", length_prior)
+    if args.beyond:  # the reference row, then the rest (the table above is the same as without it)
+        beyond(data, report)
+    else:
+        for name, variant in {**LABEL_VARIANTS, **SHAPE_VARIANTS}.items():
+            report(name, by_task(data, variant))
+        length_prior = -data.stats[:, 0]  # longer prompts go large
+        report("the length prior alone (longer prompts go large)", length_prior)
     if args.nested:
         for title, variants in (("label and features", LABEL_VARIANTS), ("tree shape", SHAPE_VARIANTS)):
             print(f"nested selection of the {title}:")
