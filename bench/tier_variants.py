@@ -19,7 +19,10 @@ earlier feature set), or all of them (with the difficulty and shape cues).
 reference): two heads, the small tier's score minus a share of the large tier's
 (the gain the issue's label is about); five bagged stump models; OrchestraLLM-style
 exemplars, the similarity-weighted small-tier score of the 50 nearest training prompts
-by TF-IDF cosine; and the stumps' rank averaged with the exemplars' (ranks per benchmark).
+by TF-IDF cosine; the stumps' rank averaged with the exemplars' (ranks per benchmark); and
+the stumps with one more input, the packaged output-length ranker's prediction (that
+ranker was trained on the AlpacaEval, GSM8K and MT-Bench prompts' answer lengths, so only
+MMLU's figure of that row is held out from it).
 """
 
 from __future__ import annotations
@@ -164,6 +167,13 @@ def beyond(data: Data, report: Callable[[str, np.ndarray], None]) -> None:
     report("exemplars: 50 nearest training prompts (TF-IDF)", exemplars)
     report("stumps + 0.25 exemplars (rank average)",
            0.75 * _rank_per_benchmark(data, small) + 0.25 * _rank_per_benchmark(data, exemplars))
+    from scheduler.predictors.rank import load_rank_model
+
+    lengths = load_rank_model().score_batch([{"prompt": t, "model": "llama-3-8b"} for t in data.texts])
+    with_length = Data.__new__(Data)
+    with_length.__dict__.update(data.__dict__)  # the same rows, one more column (Data has no __slots__)
+    with_length.stats = np.column_stack([data.stats, lengths])
+    report("stumps + the ranker's predicted output length", by_task(with_length, DEFAULT))
 
 
 def nested(data: Data, variants: dict[str, Variant], say: Callable[[str], None]) -> tuple[np.ndarray, list[str]]:
