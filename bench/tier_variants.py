@@ -22,7 +22,9 @@ exemplars, the similarity-weighted small-tier score of the 50 nearest training p
 by TF-IDF cosine; the stumps' rank averaged with the exemplars' (ranks per benchmark); and
 the stumps with one more input, the packaged output-length ranker's prediction (that
 ranker was trained on the AlpacaEval, GSM8K and MT-Bench prompts' answer lengths, so only
-MMLU's figure of that row is held out from it).
+MMLU's figure of that row is held out from it); then the stumps blended with the length
+prior ("longer prompts go large") at weights 0 to 1, and the weight a nested split of the
+training tasks picks (what the packaged model ships: `learn.tier.TrainParams`).
 """
 
 from __future__ import annotations
@@ -176,6 +178,51 @@ def beyond(data: Data, report: Callable[[str, np.ndarray], None]) -> None:
     report("stumps + the ranker's predicted output length", by_task(with_length, DEFAULT))
 
 
+LENGTH_WEIGHTS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+def _length_blends(data: Data, train: np.ndarray, test: np.ndarray) -> dict[float, np.ndarray]:
+    """The default's trees blended with minus the standardised log length at each weight
+    (the form `scheduler.predictors.tier.LengthPrior` serves: z-scores from the training rows)."""
+    import lightgbm
+
+    features, _, objective, _, extra, trees = DEFAULT
+    params = {"objective": objective, "num_leaves": 7, "learning_rate": 0.03, "min_data_in_leaf": 40,
+              "feature_fraction": 0.8, "bagging_fraction": 0.8, "bagging_freq": 1, "verbose": -1, "seed": 0,
+              "num_threads": 1, "deterministic": True, **extra}
+    booster = lightgbm.train(params, lightgbm.Dataset(data.stats[train], data.q_small[train],
+                                                      weight=data.weight[train]), num_boost_round=trees)
+
+    def logit(rows: np.ndarray) -> np.ndarray:
+        p = np.clip(np.asarray(booster.predict(data.stats[rows])), 1e-6, 1 - 1e-6)
+        return np.asarray(np.log(p / (1 - p)))
+
+    fit_logit, length = logit(train), data.stats[train, 0]
+    z_trees = (logit(test) - fit_logit.mean()) / fit_logit.std()
+    z_length = (data.stats[test, 0] - length.mean()) / length.std()
+    return {w: (1 - w) * z_trees - w * z_length for w in LENGTH_WEIGHTS}
+
+
+def length_prior_blends(data: Data, report: Callable[[str, np.ndarray], None], say: Callable[[str], None]) -> None:
+    """Each weight by task, then the nested choice of the weight on the training tasks."""
+    fixed = {w: np.zeros(len(data.tasks)) for w in LENGTH_WEIGHTS}
+    chosen = np.zeros(len(data.tasks))
+    for k, (train, test) in enumerate(_folds(data.tasks, 5)):
+        inner = {w: np.zeros(len(train)) for w in LENGTH_WEIGHTS}
+        for inner_train, inner_test in _folds(data.tasks[train], 4):
+            for w, scores in _length_blends(data, train[inner_train], train[inner_test]).items():
+                inner[w][inner_test] = scores
+        picked = max(LENGTH_WEIGHTS, key=lambda w: data.mean_apgr(train, inner[w])[0])
+        outer = _length_blends(data, train, test)
+        for w in LENGTH_WEIGHTS:
+            fixed[w][test] = outer[w]
+        chosen[test] = outer[picked]
+        say(f"  outer fold {k + 1}: length prior weight {picked} picked on its training tasks")
+    for w in LENGTH_WEIGHTS:
+        report(f"stumps blended with the length prior, weight {w}", fixed[w])
+    report("nested: the weight picked on the training tasks", chosen)
+
+
 def nested(data: Data, variants: dict[str, Variant], say: Callable[[str], None]) -> tuple[np.ndarray, list[str]]:
     """Outer by-task folds; in each, the variant an inner task split of its training tasks picks."""
     oof = np.zeros(len(data.tasks))
@@ -217,6 +264,7 @@ def main() -> int:
     print(f"{len(rows)} prompts; by-task APGR (5 folds over task groups; random router 0.5)")
     if args.beyond:  # the reference row, then the rest (the table above is the same as without it)
         beyond(data, report)
+        length_prior_blends(data, report, print)
     else:
         for name, variant in {**LABEL_VARIANTS, **SHAPE_VARIANTS}.items():
             report(name, by_task(data, variant))
