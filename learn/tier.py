@@ -2,7 +2,8 @@
 
 Fits gradient-boosted trees (LightGBM, the default) on the text statistics and cues
 `scheduler.predictors.tier` computes, learning the small tier's own score on each prompt
-(`TrainParams.target`), or a logistic regression over hashed word n-grams + the same
+(`TrainParams.target`) and blended with a prompt-length prior (`TrainParams.length_prior_weight`;
+trees only), or a logistic regression over hashed word n-grams + the same
 statistics learning "the small tier's answer suffices" (`LabelledPrompt.small_ok`); either
 way the raw score is Platt-calibrated to p_small_ok on held-out tasks. Writes the
 versioned model file that module loads. Scores at evaluation are computed by loading the very document that is written, so
@@ -70,7 +71,7 @@ class TrainParams:
     # The trees' score blended with "longer prompts go large" (scheduler.predictors.tier.
     # LengthPrior): 0.4 is what a 4-fold task split of the training tasks picked in three
     # outer folds of five (0.2 in the other two); by task 0.569 -> 0.588, each benchmark
-    # held out 0.502 -> 0.523 (docs/benchmarks.md, "Tier routing"). 0 = the trees alone.
+    # held out 0.503 -> 0.524 (docs/benchmarks.md, "Tier routing"). 0 = the trees alone.
     length_prior_weight: float = 0.4
     seed: int = 0
     folds: int = 5
