@@ -8,12 +8,23 @@ Then two nested selections, so that what is adopted is not chosen on the test fo
 each outer fold, the variant with the best mean APGR on a 4-fold task split of the
 training tasks alone is fitted on them and scores the outer fold.
 
-    nice -n 10 python bench/tier_variants.py [--nested] [--json out.json]
+    nice -n 10 python bench/tier_variants.py [--nested] [--beyond] [--json out.json]
 
 Labels: `small_ok` (binary), `gain` (q_large - q_small, regression, ranked by minus the
 prediction), `q_small` (the small tier's own score: regression or cross-entropy).
 Features: the first 18 statistics and cues of `scheduler.predictors.tier.STAT_NAMES` (the
 earlier feature set), or all of them (with the difficulty and shape cues).
+
+`--beyond` (instead of the table; the default's row is repeated) measures what goes past one tree model of the cues (the default's stumps are the
+reference): two heads, the small tier's score minus a share of the large tier's
+(the gain the issue's label is about); five bagged stump models; OrchestraLLM-style
+exemplars, the similarity-weighted small-tier score of the 50 nearest training prompts
+by TF-IDF cosine; the stumps' rank averaged with the exemplars' (ranks per benchmark); and
+the stumps with one more input, the packaged output-length ranker's prediction (that
+ranker was trained on the AlpacaEval, GSM8K and MT-Bench prompts' answer lengths, so only
+MMLU's figure of that row is held out from it); then the stumps blended with the length
+prior ("longer prompts go large") at weights 0 to 1, and the weight a nested split of the
+training tasks picks (what the packaged model ships: `learn.tier.TrainParams`).
 """
 
 from __future__ import annotations
@@ -50,6 +61,7 @@ class Data:
         self.small_ok = np.array([r.small_ok for r in rows], dtype=float)
         counts = Counter(self.bench.tolist())
         self.weight = np.array([len(rows) / len(counts) / counts[b] for b in self.bench])
+        self.texts = [r.prompt[:8000] for r in rows]
 
     def mean_apgr(self, index: np.ndarray, scores: np.ndarray) -> tuple[float, dict[str, float]]:
         per = {}
@@ -84,7 +96,8 @@ def _fit_score(data: Data, variant: Variant, train: np.ndarray, test: np.ndarray
 
     features, label, objective, sign, extra, trees = variant
     x = data.stats if features == "all" else data.stats[:, :EARLIER_FEATURES]
-    y = {"small_ok": data.small_ok, "gain": data.q_large - data.q_small, "q_small": data.q_small}[label]
+    y = {"small_ok": data.small_ok, "gain": data.q_large - data.q_small, "q_small": data.q_small,
+         "q_large": data.q_large}[label]
     params = {"objective": objective, "num_leaves": 7, "learning_rate": 0.03, "min_data_in_leaf": 40,
               "feature_fraction": 0.8, "bagging_fraction": 0.8, "bagging_freq": 1, "verbose": -1, "seed": 0,
               "num_threads": 1, "deterministic": True, **extra}
@@ -104,6 +117,110 @@ def by_task(data: Data, variant: Variant) -> np.ndarray:
     for train, test in _folds(data.tasks, 5):
         oof[test] = _fit_score(data, variant, train, test)
     return oof
+
+
+DEFAULT = SHAPE_VARIANTS["q_small cross-entropy, stumps x 600 (the default)"]
+
+
+def _exemplars(data: Data, train: np.ndarray, test: np.ndarray, k: int = 50) -> np.ndarray:
+    """Similarity-weighted q_small of the k nearest training prompts (TF-IDF cosine)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    vectorizer = TfidfVectorizer(sublinear_tf=True, stop_words="english", min_df=2, max_features=50000)
+    known = vectorizer.fit_transform([data.texts[i] for i in train])
+    similarity = (vectorizer.transform([data.texts[i] for i in test]) @ known.T).tocsr()
+    y = data.q_small[train]
+    out = np.full(len(test), float(y.mean()))
+    for i in range(len(test)):
+        start, end = similarity.indptr[i], similarity.indptr[i + 1]
+        if end > start:
+            idx, val = similarity.indices[start:end], similarity.data[start:end]
+            top = np.argsort(-val)[:k]
+            out[i] = np.average(y[idx[top]], weights=val[top] + 1e-9)
+    return out
+
+
+def _rank_per_benchmark(data: Data, scores: np.ndarray) -> np.ndarray:
+    from scipy.stats import rankdata
+
+    out = np.zeros(len(scores))
+    for bench in set(data.bench.tolist()):
+        mask = data.bench == bench
+        out[mask] = rankdata(scores[mask]) / mask.sum()
+    return out
+
+
+def beyond(data: Data, report: Callable[[str, np.ndarray], None]) -> None:
+    """The variants past one tree model of the cues (module docstring), by task."""
+    large_head = ("all", "q_large", "cross_entropy", 1.0, {"num_leaves": 2}, 600)
+    small = by_task(data, DEFAULT)
+    report("q_small cross-entropy, stumps x 600 (the default)", small)
+    large = by_task(data, large_head)
+    for share in (0.25, 0.5):
+        report(f"two heads: q_small - {share} x q_large", small - share * large)
+    bagged = np.zeros(len(data.tasks))
+    for train, test in _folds(data.tasks, 5):
+        bagged[test] = np.mean([_fit_score(data, (*DEFAULT[:4], {**DEFAULT[4], "seed": s}, DEFAULT[5]), train, test)
+                                for s in range(5)], axis=0)
+    report("5 bagged stump models (seeds 0-4)", bagged)
+    exemplars = np.zeros(len(data.tasks))
+    for train, test in _folds(data.tasks, 5):
+        exemplars[test] = _exemplars(data, train, test)
+    report("exemplars: 50 nearest training prompts (TF-IDF)", exemplars)
+    report("stumps + 0.25 exemplars (rank average)",
+           0.75 * _rank_per_benchmark(data, small) + 0.25 * _rank_per_benchmark(data, exemplars))
+    from scheduler.predictors.rank import load_rank_model
+
+    lengths = load_rank_model().score_batch([{"prompt": t, "model": "llama-3-8b"} for t in data.texts])
+    with_length = Data.__new__(Data)
+    with_length.__dict__.update(data.__dict__)  # the same rows, one more column (Data has no __slots__)
+    with_length.stats = np.column_stack([data.stats, lengths])
+    report("stumps + the ranker's predicted output length", by_task(with_length, DEFAULT))
+
+
+LENGTH_WEIGHTS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+def _length_blends(data: Data, train: np.ndarray, test: np.ndarray) -> dict[float, np.ndarray]:
+    """The default's trees blended with minus the standardised log length at each weight
+    (the form `scheduler.predictors.tier.LengthPrior` serves: z-scores from the training rows)."""
+    import lightgbm
+
+    features, _, objective, _, extra, trees = DEFAULT
+    params = {"objective": objective, "num_leaves": 7, "learning_rate": 0.03, "min_data_in_leaf": 40,
+              "feature_fraction": 0.8, "bagging_fraction": 0.8, "bagging_freq": 1, "verbose": -1, "seed": 0,
+              "num_threads": 1, "deterministic": True, **extra}
+    booster = lightgbm.train(params, lightgbm.Dataset(data.stats[train], data.q_small[train],
+                                                      weight=data.weight[train]), num_boost_round=trees)
+
+    def logit(rows: np.ndarray) -> np.ndarray:
+        p = np.clip(np.asarray(booster.predict(data.stats[rows])), 1e-6, 1 - 1e-6)
+        return np.asarray(np.log(p / (1 - p)))
+
+    fit_logit, length = logit(train), data.stats[train, 0]
+    z_trees = (logit(test) - fit_logit.mean()) / fit_logit.std()
+    z_length = (data.stats[test, 0] - length.mean()) / length.std()
+    return {w: (1 - w) * z_trees - w * z_length for w in LENGTH_WEIGHTS}
+
+
+def length_prior_blends(data: Data, report: Callable[[str, np.ndarray], None], say: Callable[[str], None]) -> None:
+    """Each weight by task, then the nested choice of the weight on the training tasks."""
+    fixed = {w: np.zeros(len(data.tasks)) for w in LENGTH_WEIGHTS}
+    chosen = np.zeros(len(data.tasks))
+    for k, (train, test) in enumerate(_folds(data.tasks, 5)):
+        inner = {w: np.zeros(len(train)) for w in LENGTH_WEIGHTS}
+        for inner_train, inner_test in _folds(data.tasks[train], 4):
+            for w, scores in _length_blends(data, train[inner_train], train[inner_test]).items():
+                inner[w][inner_test] = scores
+        picked = max(LENGTH_WEIGHTS, key=lambda w: data.mean_apgr(train, inner[w])[0])
+        outer = _length_blends(data, train, test)
+        for w in LENGTH_WEIGHTS:
+            fixed[w][test] = outer[w]
+        chosen[test] = outer[picked]
+        say(f"  outer fold {k + 1}: length prior weight {picked} picked on its training tasks")
+    for w in LENGTH_WEIGHTS:
+        report(f"stumps blended with the length prior, weight {w}", fixed[w])
+    report("nested: the weight picked on the training tasks", chosen)
 
 
 def nested(data: Data, variants: dict[str, Variant], say: Callable[[str], None]) -> tuple[np.ndarray, list[str]]:
@@ -128,6 +245,8 @@ def nested(data: Data, variants: dict[str, Variant], say: Callable[[str], None])
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nested", action="store_true", help="also run the two nested selections (minutes)")
+    parser.add_argument("--beyond", action="store_true",
+                        help="also the variants past one tree model: two heads, bagging, exemplars")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     rows: list[LabelledPrompt] = []
@@ -143,10 +262,14 @@ def main() -> int:
         print(f"{name:<55} mean {mean:.3f}  " + "  ".join(f"{b} {v:.3f}" for b, v in per.items()), flush=True)
 
     print(f"{len(rows)} prompts; by-task APGR (5 folds over task groups; random router 0.5)")
-    for name, variant in {**LABEL_VARIANTS, **SHAPE_VARIANTS}.items():
-        report(name, by_task(data, variant))
-    length_prior = -data.stats[:, 0]  # longer prompts go large
-    report("the length prior alone (longer prompts go large)", length_prior)
+    if args.beyond:  # the reference row, then the rest (the table above is the same as without it)
+        beyond(data, report)
+        length_prior_blends(data, report, print)
+    else:
+        for name, variant in {**LABEL_VARIANTS, **SHAPE_VARIANTS}.items():
+            report(name, by_task(data, variant))
+        length_prior = -data.stats[:, 0]  # longer prompts go large
+        report("the length prior alone (longer prompts go large)", length_prior)
     if args.nested:
         for title, variants in (("label and features", LABEL_VARIANTS), ("tree shape", SHAPE_VARIANTS)):
             print(f"nested selection of the {title}:")

@@ -102,12 +102,17 @@ def run_scenario(name: str, cluster: Any, requests: list[Any], scored: dict[str,
         compute = sum((r.input_tokens + r.output_tokens) * ACTIVE_PARAMS[r.model]
                       for r in result.records if not r.rejected)
         slo = summary["slo"]["default"]
+        # Requests that met their TTFT but not their TPOT, by the tier that served them:
+        # the tier decision reads predicted TTFT only, so these are what it cannot see.
+        tpot_only = {model: sum(1 for r in result.records if not r.rejected and r.model == model
+                                and r.ttft_met and not r.tpot_met) for model in (SMALL_MODEL, LARGE_MODEL)}
         rows.append({
             "scenario": name, "policy": policy, "requests": summary["requests"],
             "ttft_attainment": slo["ttft_attainment"], "both_attainment": slo["both_attainment"],
             "ttft_p99_ms": summary["ttft_p99_ms"],
             "large_share": sum(1 for m in served.values() if m == LARGE_MODEL) / max(1, len(served)),
             "quality": quality(served, scored, SMALL_MODEL), "compute": compute,
+            "tpot_only_misses_small": tpot_only[SMALL_MODEL], "tpot_only_misses_large": tpot_only[LARGE_MODEL],
             "wall_s": time.perf_counter() - wall,
         })
         print(f"  {name:<8} {policy:<15} done in {rows[-1]['wall_s']:.1f} s", file=sys.stderr)
@@ -287,11 +292,12 @@ def main() -> int:
           f"middle third; {args.small} x L4 {SMALL_MODEL} + {args.large} x A100 {LARGE_MODEL}; "
           f"quality target {args.target}, floor {args.floor} (PGR)")
     print(f"  {'scenario':<9}{'policy':<16}{'reqs':>6}{'TTFT ok':>9}{'SLO ok':>8}{'p99 TTFT':>10}"
-          f"{'large':>7}{'quality':>9}{'loss':>7}{'cost':>6}")
+          f"{'large':>7}{'quality':>9}{'loss':>7}{'cost':>6}  TPOT-only misses small/large")
     for r in results:
         print(f"  {r['scenario']:<9}{r['policy']:<16}{r['requests']:>6}{100 * r['ttft_attainment']:>8.1f}%"
               f"{100 * r['both_attainment']:>7.1f}%{r['ttft_p99_ms']:>9.0f}ms{r['large_share']:>7.2f}"
-              f"{r['quality']:>9.3f}{r['quality_loss']:>7.3f}{r['cost_ratio']:>6.2f}")
+              f"{r['quality']:>9.3f}{r['quality_loss']:>7.3f}{r['cost_ratio']:>6.2f}"
+              f"  {r['tpot_only_misses_small']}/{r['tpot_only_misses_large']}")
     if noise_rows:
         print(f"\npredictor quality: {args.burst_factor}x burst without prompts, tier noise model "
               f"(small-ok share {args.noise_share}); quality loss = share of requests answered small whose label says not ok")

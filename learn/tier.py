@@ -2,7 +2,8 @@
 
 Fits gradient-boosted trees (LightGBM, the default) on the text statistics and cues
 `scheduler.predictors.tier` computes, learning the small tier's own score on each prompt
-(`TrainParams.target`), or a logistic regression over hashed word n-grams + the same
+(`TrainParams.target`) and blended with a prompt-length prior (`TrainParams.length_prior_weight`;
+trees only), or a logistic regression over hashed word n-grams + the same
 statistics learning "the small tier's answer suffices" (`LabelledPrompt.small_ok`); either
 way the raw score is Platt-calibrated to p_small_ok on held-out tasks. Writes the
 versioned model file that module loads. Scores at evaluation are computed by loading the very document that is written, so
@@ -67,6 +68,11 @@ class TrainParams:
     target: str = "small_quality"
     trees: int = 600
     leaves: int = 2  # stumps: an additive model of the cues (see `target`), picked by the same nested validation
+    # The trees' score blended with "longer prompts go large" (scheduler.predictors.tier.
+    # LengthPrior): 0.4 is what a 4-fold task split of the training tasks picked in three
+    # outer folds of five (0.2 in the other two); by task 0.569 -> 0.588, each benchmark
+    # held out 0.503 -> 0.524 (docs/benchmarks.md, "Tier routing"). 0 = the trees alone.
+    length_prior_weight: float = 0.4
     seed: int = 0
     folds: int = 5
 
@@ -83,6 +89,8 @@ class TrainParams:
             raise ValueError(f"classifier: expected 'lightgbm' or 'logistic', got {self.classifier!r}")
         if not 1 <= self.trees <= 5000 or not 2 <= self.leaves <= 255:
             raise ValueError(f"trees/leaves: expected 1..5000 and 2..255, got {self.trees}, {self.leaves}")
+        if not 0.0 <= self.length_prior_weight <= 1.0:
+            raise ValueError(f"length prior weight: expected a number in [0, 1], got {self.length_prior_weight}")
         if not 2 <= self.folds <= 20:
             raise ValueError(f"folds: expected 2..20, got {self.folds}")
 
@@ -181,7 +189,14 @@ def _lightgbm_document(rows: Sequence[LabelledPrompt], params: TrainParams, stat
         num_boost_round=params.trees,
     )
     calib_x, calib_y = calibration if calibration is not None else ([0.0, 1.0], [0.0, 1.0])
+    extra: dict[str, Any] = {}
+    if params.length_prior_weight > 0:
+        trees = np.clip(np.asarray(booster.predict((stats - stat_mean) / stat_scale), dtype=np.float64), 1e-6, 1 - 1e-6)
+        logits = np.log(trees / (1.0 - trees))
+        extra["length_prior"] = {"weight": params.length_prior_weight, "logit_mean": round(float(logits.mean()), 6),
+                                 "logit_scale": round(float(max(logits.std(), 1e-6)), 6)}
     return {
+        **extra,
         "format": MODEL_FORMAT,
         "version": MODEL_VERSION,
         "classifier": "lightgbm",
@@ -308,6 +323,7 @@ def train(rows: Sequence[LabelledPrompt], params: TrainParams, meta: dict[str, A
     if progress:
         progress("final fit on all rows")
     meta = {**meta, "params": {"classifier": params.classifier, "target": params.target, "trees": params.trees, "leaves": params.leaves,
+                               "length_prior_weight": params.length_prior_weight,
                                "n_features": params.n_features, "ngram_max": params.ngram_max, "C": params.c,
                                "balance_benchmarks": params.balance_benchmarks, "seed": params.seed},
             "rows": len(rows), "small_ok_share": round(float(labels.mean()), 4),

@@ -37,6 +37,9 @@ def register_train(subparsers: Any) -> None:
     parser.add_argument("--target", choices=["small_quality", "small_ok"], default="small_quality",
                         help="what the trees learn: the small tier's score on the prompt, or whether it "
                              "matches the large tier's (docs/tiers.md)")
+    parser.add_argument("--length-prior-weight", type=float, default=0.4,  # learn.tier.TrainParams (imported lazily)
+                        help="blend the trees' score with 'longer prompts go large' at this weight in [0, 1] "
+                             "(0: the trees alone; docs/tiers.md)")
     parser.add_argument("--small-model", help="the small tier's column in correctness files (default: the weakest)")
     parser.add_argument("--large-model", help="the large tier's column in correctness files (default: the strongest)")
     parser.add_argument("--alpaca-small-model", default=None,
@@ -104,7 +107,8 @@ def _train(args: argparse.Namespace) -> int:
     except TierDataError as exc:
         print(f"tokenyard train tier: {exc}", file=sys.stderr)
         return 2
-    params = TrainParams(classifier=args.classifier, seed=args.seed, target=args.target)
+    params = TrainParams(classifier=args.classifier, seed=args.seed, target=args.target,
+                         length_prior_weight=args.length_prior_weight)
     benchmarks = sorted({r.benchmark for r in rows})
     stages = 1 + min(params.folds, len({r.task for r in rows})) + (len(benchmarks) if len(benchmarks) > 1 else 0) + 1
     meta = {"data": [str(s) for s in sources], "contaminated_dropped": dropped, "benchmarks": benchmarks,

@@ -51,11 +51,26 @@ def test_default_model_is_small_and_scores_probabilities() -> None:
         ({"classifier": "svm"}, "classifier 'svm'"),
         ({"stat_mean": [0.0]}, "stat_mean"),
         ({"calibration": {"x": [1.0, 0.0], "y": [0.0, 1.0]}}, "x ascending"),
+        ({"length_prior": {"weight": 1.5, "logit_mean": 0.0, "logit_scale": 1.0}}, "weight in"),
+        ({"length_prior": {"weight": 0.4, "logit_mean": "x", "logit_scale": 1.0}}, "length_prior.logit_mean"),
+        ({"length_prior": [0.4]}, "length_prior: expected an object"),
     ],
 )
 def test_bad_model_files_are_refused_with_the_reason(default_doc: dict, change: dict, message: str) -> None:
     with pytest.raises(TierModelError, match=message):
         TierPredictor({**default_doc, **change}, "m.json")
+
+
+def test_length_prior_weight_moves_the_order_toward_longer_prompts_large(default_doc: dict) -> None:
+    assert default_doc["length_prior"]["weight"] > 0  # the packaged model blends it
+    texts = [f"Question {k}: " + "word " * (5 + 40 * k) + "?" for k in range(6)] + ["Solve 12 + 7 =", "Write a haiku."]
+    prior_only = TierPredictor({**default_doc, "length_prior": {**default_doc["length_prior"], "weight": 1.0}})
+    scores = prior_only.raw_scores(texts[:6])
+    assert np.all(np.diff(scores) < 0)  # longer prompt, lower p_small_ok: the prior alone
+    trees_only = TierPredictor({key: value for key, value in default_doc.items() if key != "length_prior"})
+    blended = TierPredictor(default_doc)
+    assert not np.allclose(trees_only.raw_scores(texts), blended.raw_scores(texts))
+    assert np.all((blended.score_many(texts) >= 0) & (blended.score_many(texts) <= 1))
 
 
 def test_stats_mismatch_names_the_difference(default_doc: dict) -> None:

@@ -4,7 +4,7 @@ answer to a prompt is good enough (correct, or within a score margin of the larg
 Owns the feature spec (hashed word n-grams via scikit-learn's `HashingVectorizer`, text
 statistics, task cues), the versioned model file (JSON: a logistic regression over those
 features, a calibration map, and the held-out threshold table the tier decision reads; or a LightGBM booster over the
-statistics and cues),
+statistics and cues, optionally blended with a prompt-length prior),
 and scoring. Training lives in `learn.tier`; it writes files this module loads.
 
 A model file names its format, version and feature spec; a file whose spec differs from
@@ -272,6 +272,7 @@ class TierPredictor:
         self.calib_y = np.asarray(_float_list(calibration, "y", f"{where}: calibration"))
         if len(self.calib_x) < 2 or len(self.calib_x) != len(self.calib_y) or np.any(np.diff(self.calib_x) < 0):
             raise TierModelError(f"{where}: calibration: expected equal-length x, y (>= 2 points, x ascending)")
+        self.length_prior = _length_prior(doc.get("length_prior"), where) if self._booster is not None else None
         self.thresholds = tuple(_threshold_rows(doc.get("thresholds") or [], where))
         self.meta: Mapping[str, Any] = doc.get("trained") or {}
         self._vectorizer = self.hash_spec.vectorizer()
@@ -281,7 +282,10 @@ class TierPredictor:
         clipped = [t[:MAX_PROMPT_CHARS] for t in texts]
         stats = (np.asarray([text_stats(t) for t in clipped], dtype=np.float64) - self.stat_mean) / self.stat_scale
         if self._booster is not None:
-            return np.asarray(self._booster.predict(stats, num_threads=1))
+            trees = np.asarray(self._booster.predict(stats, num_threads=1))
+            if self.length_prior is None:
+                return trees
+            return self.length_prior.blend(trees, stats[:, STAT_NAMES.index("log_chars")])
         hashed = self._vectorizer.transform(clipped)
         logits = hashed @ self.weights + stats @ self.stat_weights + self.intercept
         return np.asarray(1.0 / (1.0 + np.exp(-np.clip(logits, -30.0, 30.0))))
@@ -294,6 +298,45 @@ class TierPredictor:
 
     def score(self, text: str) -> float:
         return float(self.score_many([text])[0])
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    clipped = np.clip(p, 1e-6, 1.0 - 1e-6)
+    return np.asarray(np.log(clipped / (1.0 - clipped)))
+
+
+@dataclass(frozen=True, slots=True)
+class LengthPrior:
+    """The trees' score blended with "longer prompts go large": `weight` x the standardised
+    minus log length + (1 - weight) x the trees' standardised logit, squashed to (0, 1).
+    The prior is the one rule that held on benchmarks the trees never saw (GSM8K's word
+    problems, where the trees rank below random); the weight was chosen on training tasks
+    only (docs/benchmarks.md, "Tier routing")."""
+
+    weight: float
+    logit_mean: float
+    logit_scale: float
+
+    def blend(self, trees: np.ndarray, log_chars_standardised: np.ndarray) -> np.ndarray:
+        z_trees = (_logit(trees) - self.logit_mean) / self.logit_scale
+        z = (1.0 - self.weight) * z_trees - self.weight * log_chars_standardised
+        return np.asarray(1.0 / (1.0 + np.exp(-np.clip(z, -30.0, 30.0))))
+
+
+def _length_prior(value: Any, where: str) -> LengthPrior | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise TierModelError(f"{where}: length_prior: expected an object {{weight, logit_mean, logit_scale}}")
+    numbers = {}
+    for key in ("weight", "logit_mean", "logit_scale"):
+        item = value.get(key)
+        if not isinstance(item, int | float) or isinstance(item, bool) or not math.isfinite(item):
+            raise TierModelError(f"{where}: length_prior.{key}: expected a number, got {item!r}")
+        numbers[key] = float(item)
+    if not 0.0 <= numbers["weight"] <= 1.0 or numbers["logit_scale"] <= 0.0:
+        raise TierModelError(f"{where}: length_prior: expected weight in [0, 1] and logit_scale > 0, got {dict(value)!r:.120}")
+    return LengthPrior(numbers["weight"], numbers["logit_mean"], numbers["logit_scale"])
 
 
 def _threshold_rows(value: Any, where: str) -> list[ThresholdPoint]:
