@@ -154,6 +154,11 @@ class Router:
             ("GET", "/health"): self._health,
             ("GET", "/metrics"): self._metrics,
         }
+        # The completion routes, run by __call__ itself (chat?, path): one coroutine less.
+        self._completion_routes: dict[Any, tuple[bool, str]] = {
+            self._routes[("POST", "/v1/chat/completions")]: (True, "/v1/chat/completions"),
+            self._routes[("POST", "/v1/completions")]: (False, "/v1/completions"),
+        }
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self, *, background: bool = True) -> None:
@@ -356,12 +361,28 @@ class Router:
                                                                 "/v1/chat/completions, /v1/completions, "
                                                                 "/v1/models, /health, /metrics"))
                 return
+            completion = self._completion_routes.get(handler)
+            held: list[tuple[str, str]] | None = None
+            if completion is not None:
+                # The tenant concurrency slots a request takes (`_rate_limited`) go back
+                # however it ends. Done here rather than in a wrapper coroutine: every resume
+                # of the request walks each frame of its await chain (issue #17).
+                held = []
+                reset = SLOTS.set(held)
             try:
-                await handler(scope, receive, send)
+                if completion is not None:
+                    await self._completion(scope, receive, send, *completion)
+                else:
+                    await handler(scope, receive, send)
             except Exception:
                 # The server answers the 500 (or closes a started response); it is counted here.
                 self.metrics.request_done("unknown", "", 500)
                 raise
+            finally:
+                if held is not None:
+                    SLOTS.reset(reset)
+                    for tenant, slot_id in held:
+                        await self.rate_limiter.release(tenant, slot_id)
         elif kind == "lifespan":
             while True:
                 message = await receive()
@@ -581,7 +602,9 @@ class Router:
                 meter or send, receive, path, upstream_body, headers, stream, info, policy, decision, tenant, budget,
                 started_s, rid_header, hand_over))
             gone = scope.get("extensions", {}).get("tokenyard.disconnected")
-            if not await _unless_client_leaves(forward, receive, gone):
+            # The built-in server's disconnect future is awaited without a wrapper coroutine.
+            if not await (_unless_gone(forward, gone) if gone is not None else
+                          _unless_client_leaves(forward, receive)):
                 # The client left: the attempt was cancelled, which closed the engine
                 # connection, and the engine cancels the request (both modes).
                 client_left = True
