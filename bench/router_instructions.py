@@ -158,7 +158,10 @@ def main() -> int:
     finally:
         for proc in procs:
             proc.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if os.environ.get("ROUTER_INSTR_KEEP"):
+            print(f"dumps kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     names = list(results)
     points = list(results[names[0]]) if names else []
     print()
