@@ -496,15 +496,16 @@ class Router:
             await self._send_json(send, 401, error_body(401, str(exc), code="invalid_api_key"), rid_header)
             return
         limit = self.config.max_request_bytes
-        too_large = f"request body exceeds the limit of {limit} bytes"
         if content_length is not None and content_length.isdigit() and int(content_length) > limit:
             self.metrics.request_done(tenant.name, "", 413)
-            await self._send_json(send, 413, error_body(413, too_large, code="request_too_large"), rid_header)
+            await self._send_json(send, 413, error_body(413, f"request body exceeds the limit of {limit} bytes",
+                                                               code="request_too_large"), rid_header)
             return
         raw = await self._read_body(receive, limit)
         if raw is None:
             self.metrics.request_done(tenant.name, "", 413)
-            await self._send_json(send, 413, error_body(413, too_large, code="request_too_large"), rid_header)
+            await self._send_json(send, 413, error_body(413, f"request body exceeds the limit of {limit} bytes",
+                                                               code="request_too_large"), rid_header)
             return
         try:
             body = orjson.loads(raw)
@@ -578,7 +579,7 @@ class Router:
         headers = b"Content-Type: application/json\r\nX-Request-Id: " + request_id.encode("latin-1") + b"\r\n"
         if output_tokens:
             headers += b"X-Tokenyard-Output-Tokens: " + output_tokens + b"\r\n"
-        budget = self._budget(tenant, info, started_s, deadline_s)
+        budget = self._budget(tenant, info, started_s, deadline_s, None if stream else deadline_s)
         self.metrics.inflight.inc()
         # The request counts as in flight on its pick from now until _forward counts its
         # first attempt: under a server without the disconnect future _forward runs as a
@@ -708,14 +709,16 @@ class Router:
                                                     code="no_instance_available"), rid_header)
         return 503
 
-    def _budget(self, tenant: Tenant, info: RequestInfo, started_s: float, first_byte_s: float) -> _Budget:
+    def _budget(self, tenant: Tenant, info: RequestInfo, started_s: float, first_byte_s: float,
+                last_byte_s: float | None = None) -> _Budget:
         """One deadline from admission to the last byte, whatever the engine does, and the
-        SLO class's stall timeout between chunks."""
+        SLO class's stall timeout between chunks. `last_byte_s`: that deadline when the
+        caller has it already (a non-streaming request's first byte comes with its last)."""
         slo_class = self.dispatcher.slo_class(tenant)
-        return _Budget(
-            first_byte_s=first_byte_s,
-            last_byte_s=started_s + self.config.deadline_s(tenant.slo_class, False, info.max_output_tokens),
-            stall_s=float(getattr(slo_class, "stall_timeout_s", None) or DEFAULT_STALL_TIMEOUT_S))
+        if last_byte_s is None:
+            last_byte_s = started_s + self.config.deadline_s(tenant.slo_class, False, info.max_output_tokens)
+        return _Budget(first_byte_s, last_byte_s,
+                       float(getattr(slo_class, "stall_timeout_s", None) or DEFAULT_STALL_TIMEOUT_S))
 
     async def _forward(self, send: Send, receive: Receive, path: str, upstream_body: bytes, headers: bytes,
                        stream: bool, info: RequestInfo, policy: Any, decision: Any, tenant: Tenant,

@@ -242,6 +242,9 @@ class _Connection(asyncio.Protocol):
         response.status = self.parser.get_status_code()
         self.keep_alive = self.parser.should_keep_alive()
         for key, value in response.headers:
+            size = len(key)
+            if size != 14 and size != 17:  # neither name: no lower()
+                continue
             lower = key.lower()
             if lower == b"content-length" or (lower == b"transfer-encoding" and b"chunked" in value.lower()):
                 response.framed = True

@@ -479,7 +479,7 @@ def _response_head(status: int, headers: Any, keep_alive: bool, http10: bool) ->
     lines = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))]
     has_length = False
     for name, value in headers:
-        if name.lower() == b"content-length":
+        if len(name) == 14 and name.lower() == b"content-length":  # no lower() for the others
             has_length = True
         lines.append(name + b": " + value + b"\r\n")
     chunked = False
