@@ -17,6 +17,8 @@ is ~50x slower, so it weighs more per request here than at full speed.
     python bench/router_instructions.py --concurrency 1,32,128 --duration-s 6 --rounds 2
 
 Prints a Markdown table (instructions per request, and now / baseline) for docs/benchmarks.md.
+With ROUTER_INSTR_KEEP=1 the callgrind dumps are kept (the path is printed) for
+`callgrind_annotate --inclusive=yes`.
 """
 
 from __future__ import annotations
