@@ -67,6 +67,9 @@ def main() -> int:
     parser.add_argument("--warmup-s", type=float, default=2.0)
     parser.add_argument("--rounds", type=int, default=1, help="rounds over all points (interleaved)")
     parser.add_argument("--baseline-rev", default=None, help="git revision whose router is measured side by side")
+    parser.add_argument("--code-root", action="append", default=[], metavar="NAME=PATH",
+                        help="also measure the router imported from PATH first (e.g. a copy of the tree with "
+                             "mypyc-built modules), shown as NAME")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
@@ -92,6 +95,12 @@ def main() -> int:
         roots: list[tuple[str, Path | None]] = [("tokenyard", None)]
         if args.baseline_rev:
             roots.append((f"tokenyard@{args.baseline_rev}", extract_baseline(args.baseline_rev)))
+        for spec in args.code_root:
+            name, _, path = spec.partition("=")
+            if not name or not path or not Path(path).is_dir():
+                print(f"--code-root {spec!r}: expected NAME=PATH of a directory", file=sys.stderr)
+                return 2
+            roots.append((name, Path(path).resolve()))
         routers: dict[str, tuple[str, Proc]] = {}
         for name, root in roots:
             port = free_port()

@@ -530,7 +530,7 @@ class Http1Server:
             raise OSError(f"{self.name}: cannot listen on {self.host}:{self.port}: port must be 0-65535") from None
         self._server = await asyncio.get_running_loop().create_server(
             lambda: Http1Protocol(self.app, self), sock=sock, backlog=4096)
-        self.port = int(self._server.sockets[0].getsockname()[1])
+        self.port = int(sock.getsockname()[1])  # the bound socket (uvloop gives `sockets` as a list)
 
     def client_sockets(self) -> list[socket.socket]:
         found = []
