@@ -296,6 +296,8 @@ def main() -> int:
     parser.add_argument("--no-peers", action="store_true", help="measure only direct calls and tokenyard")
     parser.add_argument("--workers", type=int, default=2,
                         help="also measure `tokenyard router --workers N` (1: skip)")
+    parser.add_argument("--native", action="store_true",
+                        help="also measure `tokenyard router --native` (byte path compiled with mypyc)")
     parser.add_argument("--no-uvicorn", action="store_true",
                         help="skip tokenyard on uvicorn (the alternative front-door HTTP server)")
     parser.add_argument("--peers", default=",".join(PEERS), help="comma-separated peers to try")
@@ -343,7 +345,7 @@ def main() -> int:
         targets: list[tuple[str, Callable[[], tuple[str, Proc | None]]]] = [("direct", lambda: (engine_url, None))]
 
         def start_tokenyard(http_server: str = "builtin", workers: int = 1,
-                            code_root: Path | None = None) -> tuple[str, Proc | None]:
+                            code_root: Path | None = None, extra: tuple[str, ...] = ()) -> tuple[str, Proc | None]:
             port = free_port()
             config = workdir / f"router-{http_server}-{workers}.yaml"
             config.write_text(yaml.safe_dump({
@@ -354,12 +356,12 @@ def main() -> int:
             }))
             # uvicorn is no longer a router option; bench/http_server.py serves the router app on it.
             cmd = pin_router + ([sys.executable, "-m", "cli.main", "--log-level", "warning", "router", "--config",
-                    str(config), "--workers", str(workers)] if http_server == "builtin" else
+                    str(config), "--workers", str(workers), *extra] if http_server == "builtin" else
                    [sys.executable, str(REPO / "bench" / "http_server.py"), "serve-uvicorn", "--config", str(config)])
             # A baseline revision's packages go first on the import path (ahead of the
             # editable install, whose finder comes after the path entries).
             env = dict(os.environ, PYTHONPATH=str(code_root)) if code_root is not None else None
-            tag = "baseline" if code_root is not None else http_server
+            tag = "baseline" if code_root is not None else http_server + "".join(extra)
             proc = Proc(cmd, workdir / f"tokenyard-{tag}-{workers}.log", env=env)
             return f"http://127.0.0.1:{port}", proc
 
@@ -367,6 +369,8 @@ def main() -> int:
         if args.baseline_rev:
             base_root = extract_baseline(args.baseline_rev)
             targets.append((f"tokenyard@{args.baseline_rev}", lambda: start_tokenyard(code_root=base_root)))
+        if args.native:
+            targets.append(("tokenyard-native", lambda: start_tokenyard(extra=("--native",))))
         if not args.no_uvicorn:
             targets.append(("tokenyard-uvicorn", lambda: start_tokenyard("uvicorn")))
         if args.workers > 1:

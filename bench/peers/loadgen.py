@@ -63,8 +63,10 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     errors: dict[str, int] = {}
     recording = False
     stop = False
+    completed = 0  # every answer, recorded or not (bench/router_instructions.py counts per answer)
 
     async def worker() -> None:
+        nonlocal completed
         while not stop:
             start = time.perf_counter()
             try:
@@ -79,6 +81,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 await asyncio.sleep(0.01)
                 continue
             end = time.perf_counter()
+            completed += 1
             if status != 200 or first is None:
                 errors[f"http_{status}"] = errors.get(f"http_{status}", 0) + 1
                 continue
@@ -102,6 +105,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     first_chunks.sort()
     return {
         "requests": len(latencies),
+        "completed": completed,
         "rps": len(latencies) / elapsed,
         "p50_us": percentile(latencies, 0.50) * 1e6,
         "p99_us": percentile(latencies, 0.99) * 1e6,

@@ -1,0 +1,101 @@
+"""`tokenyard router --native` (router/native.py): the byte path compiled with mypyc serves
+the same answers, in the same process (execve), and never from a stale build.
+
+The build is real: mypyc compiles tokenyard/asgi_server.py and router/proxy.py with the
+machine's C compiler into a temporary cache folder (10-30 s), once for this module. The
+engine is bench/peers/fake_engine.py on loopback, the router a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from router import native
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("router-native")
+    native.build(path)
+    return path
+
+
+def _wait_answer(url: str, proc: subprocess.Popen[str], body: dict[str, object]) -> httpx.Response:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"router exited: {proc.stdout.read() if proc.stdout else ''}"
+        try:
+            return httpx.post(url, json=body, timeout=5)
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise AssertionError("the router did not answer within 60 s")
+
+
+def test_the_build_is_keyed_by_the_sources_and_compiles_both_modules(cache_dir: Path) -> None:
+    root = cache_dir / native.build_key()
+    assert native.compiled_in(root)
+    assert native.build(cache_dir) == root  # found, not rebuilt
+    suffix = next(p.name for p in (root / "router").glob("proxy.*") if not p.name.endswith(".py"))
+    assert suffix.endswith(".so")
+
+
+def test_native_router_answers_like_the_plain_one_in_the_same_process(cache_dir: Path, tmp_path: Path) -> None:
+    engine_port, router_port = free_port(), free_port()
+    engine = subprocess.Popen([sys.executable, str(REPO / "bench" / "peers" / "fake_engine.py"), "--port",
+                               str(engine_port), "--model", "m"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    config = tmp_path / "router.yaml"
+    config.write_text(yaml.safe_dump({
+        "listen": {"host": "127.0.0.1", "port": router_port},
+        "store": f"file://{tmp_path / 'state.db'}",
+        "discovery": {"static": [{"url": f"http://127.0.0.1:{engine_port}", "model": "m", "gpu": "A100-80GB"}]},
+    }))
+    env = dict(os.environ, XDG_CACHE_HOME=str(cache_dir.parent / "xdg"))
+    # The prebuilt folder is found through the default cache dir: point it there.
+    (cache_dir.parent / "xdg" / "tokenyard").mkdir(parents=True, exist_ok=True)
+    link = cache_dir.parent / "xdg" / "tokenyard" / "router-native"
+    if not link.exists():
+        link.symlink_to(cache_dir)
+    router = subprocess.Popen([sys.executable, "-m", "cli.main", "router", "--config", str(config), "--native"],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        body = {"model": "m", "prompt": "hello", "max_tokens": 4}
+        answer = _wait_answer(f"http://127.0.0.1:{router_port}/v1/completions", router, body)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["completion_tokens"] >= 1
+        streamed = httpx.post(f"http://127.0.0.1:{router_port}/v1/completions", json={**body, "stream": True},
+                              timeout=5)
+        assert streamed.status_code == 200 and streamed.text.rstrip().endswith("data: [DONE]")
+        events = [json.loads(line[6:]) for line in streamed.text.splitlines()
+                  if line.startswith("data: {")]
+        assert events, streamed.text
+    finally:
+        router.terminate()
+        output, _ = router.communicate(timeout=20)
+        engine.terminate()
+        engine.wait(10)
+    # execve: the process that printed its pid is the one started (signals reach it).
+    found = re.search(r"\(pid (\d+)\)", output)
+    assert found is not None and int(found.group(1)) == router.pid, output
+    assert "compiled" not in output  # the prebuilt folder was used, not a new build
+
+
+def test_a_failed_build_says_why_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setattr(native, "COMPILED", ("tokenyard/asgi_server.py", "router/proxy.py"))
+    monkeypatch.setattr(native, "build_key", lambda: "k-failing")
+    with pytest.raises(native.NativeBuildError, match="C compiler"):
+        native.build(tmp_path)
+    assert not (tmp_path / "k-failing").exists()
+    assert not any(p.name.startswith("k-failing.") for p in tmp_path.iterdir())
