@@ -6,17 +6,19 @@ models the move by its transfer time). Two steps, so that a driver asks for the 
 requests of the chosen sources only:
 
 1. `sources(loads)`: a *source* is an instance with a *deficit*: the blocks it must free
-   before its head-of-line request is admitted with `preempt_guard_blocks` left for its
-   running decodes to grow into (admitting a head that leaves none only trades a wait
-   for preemptions), plus headroom kept for its high-priority requests; with nothing
-   queued, the blocks its decodes lack to keep that guard (the engine would soon preempt
-   one and recompute its whole context later). A draining instance is a source while
-   anything runs on it (everything leaves before scale-down); a cordoned one keeps its
-   requests. Sources go by decreasing deficit, drains first.
+   before its head-of-line request is admitted with the *guard* left for its running
+   decodes (the head among them) to grow into: `guard_blocks_per_decode` (1) per decode,
+   at least `preempt_guard_blocks` (admitting a head that leaves less only trades a wait
+   for preemptions: a batch of n decodes needs about n / block_size new blocks a step),
+   plus headroom kept for its high-priority requests; with nothing queued, the blocks
+   its decodes lack to keep that guard (the engine would soon preempt one and recompute
+   its whole context later). A draining instance is a source while anything runs on it
+   (everything leaves before scale-down); a cordoned one keeps its requests. Sources go
+   by decreasing deficit, drains first.
 2. `assign(loads, candidates)`: a *destination* takes part in no other move, is neither
    cordoned nor draining, and has *room*: free blocks after admitting its own queue head,
-   keeping max(`destination_reserve_blocks`, `preempt_guard_blocks`) and the mover's grow
-   room free (so it becomes no source by what it takes in). Each source, in order, takes
+   keeping max(`destination_reserve_blocks`, its guard with the mover and its head
+   counted) and the mover's grow room free (so it becomes no source by what it takes in). Each source, in order, takes
    the first free destination, most room first, for which `choose` finds a request: one
    that fits the room, of the lowest priority class (high-priority requests stay put),
    then the fewest blocks among those that free the whole deficit (the cheapest copy
@@ -225,9 +227,10 @@ class BlockedHeadRelief(MigrationPolicy):
         Why per decode: each crosses into a new block every block_size tokens, so a batch
         of n needs about n / block_size blocks a step; a flat guard lasts one step of a
         full batch, and a head admitted into it soon preempts a decode (vLLM V1 admits
-        into the last free block), whose whole context is recomputed: with least-virtual-
-        usage dispatch that tripled the preemptions and raised p99 TTFT (issue 13). One
-        block each lasts block_size steps, many of the policy's rounds."""
+        into the last free block), whose whole context is recomputed: on top of least-
+        virtual-usage dispatch a flat 8 took preemptions from 82 to 312 and p99 TTFT from
+        6.6 to 10.3 s (issue 13, docs/benchmarks.md). One block each lasts block_size
+        steps, many of the policy's rounds."""
         per_decode = math.ceil(self.guard_blocks_per_decode * max(0, load.running + more_running) - 1e-9)
         return max(self.preempt_guard_blocks, per_decode)
 
