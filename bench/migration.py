@@ -27,8 +27,9 @@ sim: `--instances` L4 instances of llama-3-8b (small KV: memory pressure is what
 migration relieves), the first `--requests` requests of the Azure conversation trace
 with arrivals sped up `--rate-scale` times. Migration: scheduler.migration's llumnix
 policy every `--interval-s` (0.05 s), KV copied over a `--link-gbps` link; its parameters
-are `--guard` (preempt_guard_blocks), `--reserve` (destination_reserve_blocks) and
-`--gap` (min_usage_gap), the defaults of the policy document.
+are `--guard` (preempt_guard_blocks), `--guard-per-decode` (guard_blocks_per_decode),
+`--reserve` (destination_reserve_blocks) and `--gap` (min_usage_gap), the defaults of
+the policy document.
 
 sweep: the same fleet and policies over `--traces` x `--instances` x `--loads`; a load is
 per instance (arrivals x load x instances / 8, `--requests-per-instance` each); prints a
