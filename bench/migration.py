@@ -27,8 +27,9 @@ sim: `--instances` L4 instances of llama-3-8b (small KV: memory pressure is what
 migration relieves), the first `--requests` requests of the Azure conversation trace
 with arrivals sped up `--rate-scale` times. Migration: scheduler.migration's llumnix
 policy every `--interval-s` (0.05 s), KV copied over a `--link-gbps` link; its parameters
-are `--guard` (preempt_guard_blocks), `--reserve` (destination_reserve_blocks) and
-`--gap` (min_usage_gap), the defaults of the policy document.
+are `--guard` (preempt_guard_blocks), `--guard-per-decode` (guard_blocks_per_decode),
+`--reserve` (destination_reserve_blocks) and `--gap` (min_usage_gap), the defaults of
+the policy document.
 
 sweep: the same fleet and policies over `--traces` x `--instances` x `--loads`; a load is
 per instance (arrivals x load x instances / 8, `--requests-per-instance` each); prints a
@@ -78,7 +79,7 @@ def _pct(values: list[float], q: float) -> float:
 def sim_variants(args: argparse.Namespace, with_virtual_usage: bool) -> list[tuple[str, str, list[str], Any]]:
     """(label, picker, scorers, migration params or None) of the policies compared."""
     params = {"policy": "llumnix", "preempt_guard_blocks": args.guard, "destination_reserve_blocks": args.reserve,
-              "min_usage_gap": args.gap}
+              "min_usage_gap": args.gap, "guard_blocks_per_decode": args.guard_per_decode}
     variants: list[tuple[str, str, list[str], Any]] = [
         ("round-robin", "round_robin", ["least_outstanding"], None),
         ("least-load", "max_score", [args.scorer], None),
@@ -208,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--guard", type=int, default=8, help="migration preempt_guard_blocks")
         p.add_argument("--reserve", type=int, default=16, help="migration destination_reserve_blocks")
         p.add_argument("--gap", type=float, default=0.0, help="migration min_usage_gap")
+        p.add_argument("--guard-per-decode", type=float, default=1.0, help="migration guard_blocks_per_decode")
     live = sub.add_parser("live", help="emulated engines on loopback: downtime and migration time")
     live.add_argument("--contexts", default="1024,4096,16384,32768")
     live.add_argument("--repeat", type=int, default=5)

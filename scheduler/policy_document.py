@@ -175,6 +175,7 @@ class MigrationParamsSpec(_Strict):
     high_priority_below: int = 0
     max_context_tokens: int = Field(default=32_768, ge=0)
     grow_room_blocks: int = Field(default=4, ge=0)
+    guard_blocks_per_decode: float = Field(default=1.0, ge=0, le=10)
 
 
 class MigrationSpec(_Strict):

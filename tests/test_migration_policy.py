@@ -32,7 +32,8 @@ def load(instance_id: str, used: int, total: int = 1000, **extra: Any) -> Migrat
 
 
 def test_a_source_is_an_instance_whose_queue_head_cannot_be_admitted() -> None:
-    policy = BlockedHeadRelief(preempt_guard_blocks=8, destination_reserve_blocks=16)
+    # A flat guard here (guard_blocks_per_decode=0); the per-decode guard has its own test.
+    policy = BlockedHeadRelief(preempt_guard_blocks=8, destination_reserve_blocks=16, guard_blocks_per_decode=0)
     # a: 950 used, head 60 -> needs 60 + 8, has 50 free: deficit 18. b: full KV but nothing
     # waits: not a source (usage alone moves nothing). c: head fits with the guard.
     a = load("a", 950, head_of_line_blocks=60, waiting=1)
@@ -44,16 +45,17 @@ def test_a_source_is_an_instance_whose_queue_head_cannot_be_admitted() -> None:
     pairs = policy.pairs([a, b, c, d, e])
     assert [(p.source_id, p.destination_id, p.reason) for p in pairs] == [("a", "d", "load")]
     # The guard counts: without it, `a`'s head (60 blocks) would still not fit in 50.
-    assert BlockedHeadRelief(preempt_guard_blocks=0).deficit_blocks(a) == 10
-    assert BlockedHeadRelief(preempt_guard_blocks=0).deficit_blocks(load("x", 900, head_of_line_blocks=60,
-                                                                              waiting=1)) == 0
+    unguarded = BlockedHeadRelief(preempt_guard_blocks=0, guard_blocks_per_decode=0)
+    assert unguarded.deficit_blocks(a) == 10
+    assert unguarded.deficit_blocks(load("x", 900, head_of_line_blocks=60, waiting=1)) == 0
     # No destination with room: no pair (everyone full is not migration's to fix).
     assert policy.pairs([a, load("f", 985), load("g", 970, head_of_line_blocks=10, waiting=1)]) == []
 
 
 def test_decodes_about_to_run_out_of_blocks_make_a_source_too() -> None:
     # Nothing waits, but 4 free blocks for 10 growing decodes: the engine would soon preempt.
-    policy = BlockedHeadRelief(preempt_guard_blocks=8, destination_reserve_blocks=0, grow_room_blocks=0)
+    policy = BlockedHeadRelief(preempt_guard_blocks=8, destination_reserve_blocks=0, grow_room_blocks=0,
+                               guard_blocks_per_decode=0)
     tight = load("tight", 996, running=10)
     assert policy.deficit_blocks(tight) == 4
     assert policy.deficit_blocks(load("idle", 996, running=0)) == 0  # nothing to grow
@@ -62,6 +64,33 @@ def test_decodes_about_to_run_out_of_blocks_make_a_source_too() -> None:
     assert policy.room_blocks(load("d", 900)) == 100 - 8
     orders = policy.plan([tight, load("d", 900)], lambda iid: [MigrationCandidate("r", 16 * 5)], 16)
     assert [(o.source_id, o.destination_id) for o in orders] == [("tight", "d")]
+
+
+def test_the_guard_grows_with_the_running_decodes() -> None:
+    # 40 decodes cross into a new block every 16 steps each: 8 flat blocks last one step or
+    # so of that batch; one block per decode (the default) lasts 16. The queue head counts
+    # as one more decode once admitted.
+    policy = BlockedHeadRelief(preempt_guard_blocks=8, destination_reserve_blocks=16, grow_room_blocks=0)
+    assert policy.guard_blocks(load("few", 0, running=3)) == 8  # never below preempt_guard_blocks
+    assert policy.guard_blocks(load("many", 0, running=40)) == 40
+    assert BlockedHeadRelief(guard_blocks_per_decode=0.5).guard_blocks(load("half", 0, running=41)) == 21
+    # Head 30, 960 used (40 free): a flat guard of 8 sees no deficit; 41 decodes after the
+    # head's admission need 41 free blocks: deficit 30 + 41 - 40 = 31.
+    busy = load("busy", 960, head_of_line_blocks=30, waiting=1, running=40)
+    assert BlockedHeadRelief(preempt_guard_blocks=8, guard_blocks_per_decode=0).deficit_blocks(busy) == 0
+    assert policy.deficit_blocks(busy) == 31
+    # Nothing queued: 40 decodes with 30 free lack 10.
+    assert policy.deficit_blocks(load("tight", 970, running=40)) == 10
+    # A destination keeps the guard of its decodes plus the mover: 40 running + 1 -> 41
+    # (above the reserve of 16), so what it takes in never makes it a source.
+    dest = load("d", 800, running=40)
+    assert policy.room_blocks(dest) == 200 - 41
+    mover = MigrationCandidate("m", 16 * policy.room_blocks(dest))
+    after = load("d", 800 + policy.room_blocks(dest), running=41)
+    assert policy.deficit_blocks(after) == 0
+    assert policy.choose(busy, dest, [mover], 16) == mover
+    with pytest.raises(MigrationPolicyError, match="guard_blocks_per_decode"):
+        BlockedHeadRelief(guard_blocks_per_decode=-1)
 
 
 def test_a_destination_keeps_its_reserve_and_its_own_head() -> None:
@@ -77,7 +106,8 @@ def test_a_destination_keeps_its_reserve_and_its_own_head() -> None:
 
 
 def test_chooses_the_cheapest_move_that_admits_the_head() -> None:
-    policy = BlockedHeadRelief(preempt_guard_blocks=0, destination_reserve_blocks=0, high_priority_below=1)
+    policy = BlockedHeadRelief(preempt_guard_blocks=0, destination_reserve_blocks=0, high_priority_below=1,
+                               guard_blocks_per_decode=0)
     source = load("s", 990, head_of_line_blocks=70, waiting=3)  # deficit 60
     destination = load("d", 100)
     cands = [MigrationCandidate("tiny", 16 * 10, priority=2), MigrationCandidate("enough", 16 * 60, priority=2),
@@ -96,7 +126,8 @@ def test_chooses_the_cheapest_move_that_admits_the_head() -> None:
 
 
 def test_assign_tries_the_next_destination_when_the_roomiest_fits_nothing() -> None:
-    policy = BlockedHeadRelief(preempt_guard_blocks=0, destination_reserve_blocks=0, grow_room_blocks=0)
+    policy = BlockedHeadRelief(preempt_guard_blocks=0, destination_reserve_blocks=0, grow_room_blocks=0,
+                               guard_blocks_per_decode=0)
     s1 = load("s1", 995, head_of_line_blocks=30, waiting=1)  # deficit 25
     s2 = load("s2", 990, head_of_line_blocks=15, waiting=1)  # deficit 5
     d1, d2 = load("d1", 900), load("d2", 960)  # room 100 and 40
@@ -111,7 +142,7 @@ def test_assign_tries_the_next_destination_when_the_roomiest_fits_nothing() -> N
     assert [(o.request_id, o.source_id, o.destination_id) for o in orders] == [("two", "s2", "d1")]
     # min_usage_gap: a destination must be that much less loaded.
     strict = BlockedHeadRelief(preempt_guard_blocks=0, destination_reserve_blocks=0, grow_room_blocks=0,
-                               min_usage_gap=0.1)
+                               min_usage_gap=0.1, guard_blocks_per_decode=0)
     orders = strict.assign([s1, s2, d1, d2], {"s1": [MigrationCandidate("big", 16 * 90)]}, 16)
     assert [(o.source_id, o.destination_id) for o in orders] == [("s1", "d1")]  # d2 is within 0.1 of s1
     assert strict.assign([s1, d2], {"s1": [MigrationCandidate("small", 16 * 30)]}, 16) == []

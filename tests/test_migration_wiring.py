@@ -29,13 +29,14 @@ def test_migration_section_defaults_off_and_round_trips() -> None:
     assert not doc.migration.enabled and not doc.migration.active()
     raw = {"migration": {"enabled": True, "interval_s": 0.2, "link_gbps": 25,
                          "params": {"preempt_guard_blocks": 4, "destination_reserve_blocks": 32,
-                                    "min_usage_gap": 0.05, "grow_room_blocks": 2}}}
+                                    "min_usage_gap": 0.05, "grow_room_blocks": 2,
+                                    "guard_blocks_per_decode": 0.5}}}
     doc = load_policy_document(raw)
     assert doc.migration.active()
     policy = doc.migration.build_policy()
     assert isinstance(policy, BlockedHeadRelief)
     assert (policy.preempt_guard_blocks, policy.destination_reserve_blocks, policy.min_usage_gap,
-            policy.grow_room_blocks) == (4, 32, 0.05, 2)
+            policy.grow_room_blocks, policy.guard_blocks_per_decode) == (4, 32, 0.05, 2, 0.5)
     assert load_policy_document(doc.to_dict()) == doc
     assert load_policy_document(doc.to_dict(minimal=True)) == doc
     assert doc.to_dict(minimal=True)["migration"]["link_gbps"] == 25

@@ -341,9 +341,10 @@ migration_params = st.fixed_dictionaries({
     "preempt_guard_blocks": st.integers(0, 40), "destination_reserve_blocks": st.integers(0, 80),
     "min_usage_gap": st.sampled_from([0.0, 0.02, 0.2]), "grow_room_blocks": st.integers(0, 8),
     "high_priority_below": st.integers(0, 2), "max_context_tokens": st.sampled_from([0, 2048, 32768]),
+    "guard_blocks_per_decode": st.sampled_from([0.0, 0.5, 1.0, 2.5]),
 })
 migration_loads = st.lists(st.tuples(
-    st.integers(0, 1000), st.integers(0, 400), st.integers(0, 3), st.integers(0, 8),
+    st.integers(0, 1000), st.integers(0, 400), st.integers(0, 3), st.integers(0, 64),
     st.sampled_from([False, False, False, True]), st.sampled_from([False, False, True]),
     st.sampled_from([False, False, False, True]), st.sampled_from(["llama-3-8b", "llama-3-8b", "qwen2.5-1.5b"]),
     st.lists(st.tuples(st.integers(1, 6000), st.integers(0, 3)), max_size=5)), min_size=1, max_size=8)
