@@ -21,7 +21,10 @@ from scheduler.predictors import features as F
 from scheduler.predictors.rank import RankModel, load_rank_model
 
 _PLAIN_DIGITS = re.compile(r"\b\d{1,5}")
-_PLAIN_BREVITY = re.compile(r"\b" + F._BREVITY.pattern.removeprefix(r"\b(?=[bcijostwy])"), re.IGNORECASE)
+_PLAIN_BREVITY = re.compile(
+    r"\b(brief(ly)?|short|concise(ly)?|one word|single word|one sentence|yes or no|just (the|a)|only (the|answer)|"
+    r"in a word|summari[sz]e|tl;?dr|classify|choose|which one|true or false)\b", re.IGNORECASE,
+)
 _PLAIN_WORD = re.compile(r"[a-z]+")
 
 
@@ -55,7 +58,10 @@ def _plain_changed_features(text: str, model: str) -> dict[str, float]:
 def _plain_score(model: RankModel, record: dict[str, Any]) -> float:
     feats = F.request_features(record)
     dense = dict(zip(F.DENSE_FEATURE_NAMES, feats.dense, strict=True))
-    dense.update(_plain_changed_features(feats.instruction_text, str(record.get("model") or "")))
+    plain = _plain_changed_features(feats.instruction_text, str(record.get("model") or ""))
+    # the features themselves, not only the score (the booster may not split on every one)
+    assert {name: dense[name] for name in plain} == plain
+    dense.update(plain)
     text = float(model.text_scores([feats.instruction_text])[0])  # scikit-learn's HashingVectorizer
     row = np.array([[*(dense[n] for n in F.DENSE_FEATURE_NAMES), text, model.prior(feats.model)]])
     raw = float(model.booster.predict(row, num_threads=1)[0])
@@ -73,7 +79,7 @@ _PROMPTS = [
     "Answer yes or no: 123456 words? 99999 items, 7-steps, 12\tsentences, 4%", "Summarise: " + "Revenue grew 4%. " * 200,
     "Ｗrite ſhort ıtems: 12 ſteps, 5 İdeas, ٣ words, 8 KELVIN K bullets", "def f(x):\n    return x_1 + x2  # 2 lines",
     "Translate to French: one sentence only, in a word, tl;dr", "¿Qué es 2+2? Explica paso a paso, en 200 palabras.",
-    "写一篇关于春天的文章，500字", "brief(ly) shortly concisely JUST THE answer; which one? true or false",
+    "写一篇关于春天的文章，500字", "Give a short answer.", "in 300words, 5bullet points, 2Lines", "Summarize this text for me.", "brief(ly) shortly concisely JUST THE answer; which one? true or false",
 ]
 _MODELS = ["llama-3-8b", "meta-llama/Meta-Llama-3-70B-Instruct", "gpt-4o", "Qwen2-1.5B-chat", "", "unknown"]
 

@@ -148,7 +148,7 @@ class _SingleRowPredictor:
         from lightgbm import basic
 
         try:
-            lib = basic._LIB
+            lib = basic._LIB  # type: ignore[attr-defined]  # the loaded C library (private, stable since 3.x)
             basic._safe_call(lib.LGBM_BoosterPredictForMatSingleRowFastInit(
                 booster._handle, ctypes.c_int(basic._C_API_PREDICT_NORMAL), ctypes.c_int(0),
                 ctypes.c_int(booster.best_iteration), ctypes.c_int(basic._C_API_DTYPE_FLOAT64),
