@@ -28,16 +28,23 @@ scikit-learn's `HashingVectorizer` (same tokens, same murmurhash3 indices, same 
 tests/test_rank_predictor.py checks equality) because the library's per-call overhead was
 measured at 2.4-4.5x the cost of this one (one core, spec 3; earlier ~340 us vs ~80 us,
 `bench/ranking.py --predictor` prints the current figures), and batching does not amortise
-it (the library tokenises each document in Python too). Training uses the library.
+it (the library tokenises each document in Python too). Training uses the library. The
+booster runs through LightGBM's single-row C API (`_SingleRowPredictor`), not
+`Booster.predict`, whose per-call Python setup cost more than the trees (22 us vs 7 us).
+tests/test_rank_score_path.py checks `score()` against the plain path (scikit-learn's text
+layer, `Booster.predict`, the plain feature code) to 1e-9.
 """
 
 from __future__ import annotations
 
 import base64
+import ctypes
 import gzip
 import json
 import math
 import re
+import threading
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +73,9 @@ class RankModelError(ValueError):
 
 
 _TOKEN = re.compile(r"(?u)\b\w\w+\b")  # scikit-learn's default token_pattern
+# `_TOKEN.findall` of an ASCII text, in C: non-word characters to spaces, split, drop
+# one-character words (a third of the regex's cost; \w of ASCII is [0-9A-Za-z_])
+_ASCII_NON_WORD_TO_SPACE = str.maketrans({chr(c): " " for c in range(128) if not (chr(c).isalnum() or chr(c) == "_")})
 _INDEX_CACHE_MAX = 200_000
 
 
@@ -74,50 +84,101 @@ class HashedTextLayer:
 
     Equal to `tfidf(hashing_vectorizer().transform([text]), idf) @ weights + bias`; see the
     module docstring for why it is hand-written. Only the buckets seen in training carry a
-    weight and an idf (a sparse table); an unseen bucket has weight 0 and `idf_unseen`, which
-    still counts in the norm. Token -> index lookups are cached (bounded)."""
+    weight and an idf; an unseen bucket has weight 0 and `idf_unseen`, which still counts in
+    the norm. The per-bucket arithmetic runs in numpy over dense (weight, idf) tables, and
+    the n-grams are counted by `collections.Counter` (C): a Python loop per bucket was the
+    largest part of the cost. Gram -> bucket lookups are cached (bounded)."""
 
-    __slots__ = ("table", "idf_unseen", "bias", "_index")
+    __slots__ = ("weights", "idf", "idf_unseen", "bias", "_index", "_murmur")
 
     def __init__(self, weights: Mapping[int, float], idf: Mapping[int, float], idf_unseen: float, bias: float) -> None:
-        # one lookup per bucket: (weight, idf) together
-        self.table: dict[int, tuple[float, float]] = {i: (float(w), float(idf[i])) for i, w in weights.items()}
+        self.weights = np.zeros(HASH_N_FEATURES, dtype=np.float64)
+        self.idf = np.full(HASH_N_FEATURES, idf_unseen, dtype=np.float64)
+        buckets = np.fromiter(weights.keys(), dtype=np.intp, count=len(weights))
+        self.weights[buckets] = np.fromiter(weights.values(), dtype=np.float64, count=len(weights))
+        self.idf[buckets] = np.fromiter((idf[i] for i in weights), dtype=np.float64, count=len(weights))
         self.idf_unseen = idf_unseen
         self.bias = bias
         self._index: dict[str, int] = {}
+        self._murmur: Any = None
 
     def _index_of(self, gram: str) -> int:
-        from sklearn.utils import murmurhash3_32
+        if self._murmur is None:
+            from sklearn.utils import murmurhash3_32
 
-        index = abs(int(murmurhash3_32(gram, seed=0))) % HASH_N_FEATURES
+            self._murmur = murmurhash3_32
+        index = abs(int(self._murmur(gram, seed=0))) % HASH_N_FEATURES
         if len(self._index) >= _INDEX_CACHE_MAX:
             self._index.clear()
         self._index[gram] = index
         return index
 
     def score(self, text: str) -> float:
-        tokens = _TOKEN.findall(text.lower())
-        counts: dict[int, int] = {}
-        cache = self._index
-        for gram in (*tokens, *(f"{a} {b}" for a, b in zip(tokens, tokens[1:], strict=False))):
-            i = cache.get(gram)
-            if i is None:
-                i = self._index_of(gram)
-            counts[i] = counts.get(i, 0) + 1
-        if not counts:
+        lower = text.lower()
+        if lower.isascii():
+            tokens = [t for t in lower.translate(_ASCII_NON_WORD_TO_SPACE).split() if len(t) > 1]
+        else:
+            tokens = _TOKEN.findall(lower)
+        if not tokens:
             return self.bias
-        table, unseen, log = self.table, self.idf_unseen, math.log
-        total = norm2 = 0.0
-        for i, c in counts.items():
-            tf = 1.0 if c == 1 else 1.0 + log(c)
-            entry = table.get(i)
-            if entry is None:
-                value = tf * unseen
-            else:
-                value = tf * entry[1]
-                total += entry[0] * value
-            norm2 += value * value
-        return total / math.sqrt(norm2) + self.bias
+        grams = tokens + list(map(" ".join, zip(tokens, tokens[1:], strict=False)))
+        counts = Counter(map(self._index.get, grams))
+        if None in counts:  # some gram not hashed yet
+            counts = Counter(self._index.get(g) or self._index_of(g) for g in grams)
+        n = len(counts)
+        index = np.fromiter(counts.keys(), dtype=np.intp, count=n)
+        # 1 + ln(1) is exactly 1: the sublinear tf needs no case for a single occurrence
+        values = (1.0 + np.log(np.fromiter(counts.values(), dtype=np.float64, count=n))) * self.idf[index]
+        total = float(self.weights[index] @ values)
+        return total / math.sqrt(float(values @ values)) + self.bias
+
+
+class _SingleRowPredictor:
+    """LightGBM's single-row C API (`LGBM_BoosterPredictForMatSingleRowFast`), its
+    configuration prepared once: the same trees and arithmetic as `Booster.predict` (with
+    `num_threads=1`, all iterations up to `best_iteration`), without the ~20 us of Python
+    input checks and setup that call pays per row. Falls back to `Booster.predict` where the
+    library lacks the API. A lock serialises the shared output buffer across threads."""
+
+    def __init__(self, booster: Any, n_columns: int) -> None:
+        self.booster = booster
+        self.n_columns = n_columns
+        self._row = np.zeros(n_columns, dtype=np.float64)
+        self._out = np.zeros(1, dtype=np.float64)
+        self._out_len = ctypes.c_int64(0)
+        self._lock = threading.Lock()
+        self._lib: Any = None
+        self._config = ctypes.c_void_p()
+        from lightgbm import basic
+
+        try:
+            lib = basic._LIB  # type: ignore[attr-defined]  # the loaded C library (private, stable since 3.x)
+            basic._safe_call(lib.LGBM_BoosterPredictForMatSingleRowFastInit(
+                booster._handle, ctypes.c_int(basic._C_API_PREDICT_NORMAL), ctypes.c_int(0),
+                ctypes.c_int(booster.best_iteration), ctypes.c_int(basic._C_API_DTYPE_FLOAT64),
+                ctypes.c_int32(n_columns), basic._c_str("num_threads=1"), ctypes.byref(self._config),
+            ))
+        except (AttributeError, basic.LightGBMError):
+            return
+        self._lib = lib
+        self._row_ptr = self._row.ctypes.data_as(ctypes.c_void_p)
+        self._out_ptr = self._out.ctypes.data_as(ctypes.POINTER(ctypes.c_double))
+
+    def __del__(self) -> None:
+        if self._lib is not None:
+            self._lib.LGBM_FastConfigFree(self._config)
+
+    def predict(self, row: Sequence[float]) -> float:
+        if self._lib is None:
+            return float(self.booster.predict(np.array([row], dtype=np.float64), num_threads=1)[0])
+        with self._lock:
+            self._row[:] = row
+            from lightgbm import basic
+
+            basic._safe_call(self._lib.LGBM_BoosterPredictForMatSingleRowFast(
+                self._config, self._row_ptr, ctypes.byref(self._out_len), self._out_ptr,
+            ))
+            return float(self._out[0])
 
 
 @dataclass(slots=True)
@@ -161,6 +222,7 @@ class RankModel:
     _vectorizer: Any = None
     _text_layer: HashedTextLayer | None = None
     _dense_text: tuple[np.ndarray, np.ndarray] | None = None
+    _single_row: _SingleRowPredictor | None = None
 
     def __post_init__(self) -> None:
         if not self.calibration_scale > 0:
@@ -172,7 +234,9 @@ class RankModel:
             dict(zip(index, (float(v) for v in self.text.idf), strict=True)),
             self.text.idf_unseen, self.text.bias,
         )
-        self._dense_text = self.text.dense_weights()
+        # the fast layer's dense tables are `text.dense_weights()`: one copy serves both paths
+        self._dense_text = (self._text_layer.weights, self._text_layer.idf)
+        self._single_row = _SingleRowPredictor(self.booster, len(DENSE_FEATURE_NAMES) + 2)
 
     def text_scores(self, texts: Sequence[str]) -> np.ndarray:
         """The text layer by scikit-learn (batches; training and evaluation)."""
@@ -211,9 +275,9 @@ class RankModel:
         return self.score_features(request_features(record), _cap(record))
 
     def score_features(self, features: RequestFeatures, cap: float = math.inf) -> float:
-        assert self._text_layer is not None
-        row = np.array([[*features.dense, self._text_layer.score(features.instruction_text), self.prior(features.model)]])
-        raw = float(self.booster.predict(row, num_threads=1)[0])
+        assert self._text_layer is not None and self._single_row is not None
+        raw = self._single_row.predict(
+            (*features.dense, self._text_layer.score(features.instruction_text), self.prior(features.model)))
         return min(max(raw * self.calibration_scale + self.calibration_offset, 0.0), cap)
 
     # ------------------------------------------------------------------ file I/O

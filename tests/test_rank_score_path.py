@@ -1,0 +1,114 @@
+"""The fast scoring path (`RankModel.score`) against a straightforward reference: the text
+layer by scikit-learn, the booster by `Booster.predict`, and the features that the fast path
+computes differently (word split, number + unit scan, brevity regex, cue-word counts,
+cached model-name features) recomputed the plain way, as feature spec 3 defines them."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scheduler.predictors import features as F
+from scheduler.predictors.rank import RankModel, load_rank_model
+
+_PLAIN_DIGITS = re.compile(r"\b\d{1,5}")
+_PLAIN_BREVITY = re.compile(
+    r"\b(brief(ly)?|short|concise(ly)?|one word|single word|one sentence|yes or no|just (the|a)|only (the|answer)|"
+    r"in a word|summari[sz]e|tl;?dr|classify|choose|which one|true or false)\b", re.IGNORECASE,
+)
+_PLAIN_WORD = re.compile(r"[a-z]+")
+
+
+def _plain_changed_features(text: str, model: str) -> dict[str, float]:
+    """The features the fast path computes in its own way, computed the plain way."""
+    best, unit_words, unit_items = 0, 0.0, 0.0
+    for number in _PLAIN_DIGITS.finditer(text):
+        unit = F._REQUEST_UNIT.match(text, number.end())
+        if unit is not None and int(number.group()) > best:
+            best = int(number.group())
+            is_words = unit.group(1).lower().startswith(F._WORD_UNITS)
+            unit_words, unit_items = (1.0, 0.0) if is_words else (0.0, 1.0)
+    lower = text.lower()
+    words = _PLAIN_WORD.findall(lower)
+    first = words[0] if words else ""
+    length = sum(1 for w in words if w in F._LENGTH_WORDS) + sum(lower.count(p) for p in F._LENGTH_PHRASES)
+    out = {"log_requested_count": math.log1p(best), "requested_unit_words": unit_words,
+           "requested_unit_items": unit_items, "brevity_cue": 1.0 if _PLAIN_BREVITY.search(text) else 0.0,
+           "length_cue": float(min(length, 10)), "starts_with_question": float(first in F._QUESTION_WORDS),
+           "starts_with_task_verb": float(first in F._TASK_VERBS)}
+    for name, vocab in F._TASK_WORDS.items():
+        out[f"task_{name}"] = float(min(10, sum(1 for w in words if w in vocab)))
+    name = model.lower()
+    match = F._PARAMS_B.search(name)
+    out["model_log_params_b"] = math.log1p(min(float(match.group(1)) if match else 0.0, 10_000.0))
+    for family in F._MODEL_FAMILIES:
+        out[f"model_family_{family}"] = float(family in name)
+    return out
+
+
+def _plain_score(model: RankModel, record: dict[str, Any]) -> float:
+    feats = F.request_features(record)
+    dense = dict(zip(F.DENSE_FEATURE_NAMES, feats.dense, strict=True))
+    plain = _plain_changed_features(feats.instruction_text, str(record.get("model") or ""))
+    # the features themselves, not only the score (the booster may not split on every one)
+    assert {name: dense[name] for name in plain} == plain
+    dense.update(plain)
+    text = float(model.text_scores([feats.instruction_text])[0])  # scikit-learn's HashingVectorizer
+    row = np.array([[*(dense[n] for n in F.DENSE_FEATURE_NAMES), text, model.prior(feats.model)]])
+    raw = float(model.booster.predict(row, num_threads=1)[0])
+    cap = math.log1p(record["max_tokens"]) if "max_tokens" in record else math.inf
+    return min(max(raw * model.calibration_scale + model.calibration_offset, 0.0), cap)
+
+
+@pytest.fixture(scope="module")
+def model() -> RankModel:
+    return load_rank_model()
+
+
+_PROMPTS = [
+    "What is the capital of France?", "", "a", "Write 3 essays of 500 words, then list 10 ways to cook rice.",
+    "Answer yes or no: 123456 words? 99999 items, 7-steps, 12\tsentences, 4%", "Summarise: " + "Revenue grew 4%. " * 200,
+    "Ｗrite ſhort ıtems: 12 ſteps, 5 İdeas, ٣ words, 8 KELVIN K bullets", "def f(x):\n    return x_1 + x2  # 2 lines",
+    "Translate to French: one sentence only, in a word, tl;dr", "¿Qué es 2+2? Explica paso a paso, en 200 palabras.",
+    "写一篇关于春天的文章，500字", "Give a short answer.", "in 300words, 5bullet points, 2Lines", "Summarize this text for me.", "brief(ly) shortly concisely JUST THE answer; which one? true or false",
+]
+_MODELS = ["llama-3-8b", "meta-llama/Meta-Llama-3-70B-Instruct", "gpt-4o", "Qwen2-1.5B-chat", "", "unknown"]
+
+
+def test_fast_score_equals_the_plain_reference(model: RankModel) -> None:
+    for i, prompt in enumerate(_PROMPTS):
+        record: dict[str, Any] = {"messages": [{"role": "user", "content": prompt}], "model": _MODELS[i % 6]}
+        if i % 2:
+            record["max_tokens"] = 400
+        assert model.score(record) == pytest.approx(_plain_score(model, record), abs=1e-9), prompt
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=400)
+       | st.lists(st.sampled_from(["write", "7", "words", "list", "12-items", "Brief", "code", "é", "yes or no",
+                                   "step by step", "a", "Why", "-", "json"]), max_size=60).map(" ".join),
+       st.sampled_from(_MODELS))
+def test_fast_score_equals_the_plain_reference_on_any_text(model: RankModel, text: str, name: str) -> None:
+    record = {"prompt": text, "model": name}
+    assert model.score(record) == pytest.approx(_plain_score(model, record), abs=1e-9)
+
+
+def test_fast_score_equals_the_plain_reference_on_held_out_prompts(model: RankModel) -> None:
+    data = os.environ.get("TOKENYARD_SHARED_DATA")
+    path = Path(data or "/nonexistent") / "lengths" / "alpaca_eval" / "derived_instructions.csv"
+    if not path.exists():
+        pytest.skip("TOKENYARD_SHARED_DATA with lengths/alpaca_eval not set")
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))[::8]  # ~100 prompts
+    for i, row in enumerate(rows):
+        record = {"prompt": row["instruction"], "model": _MODELS[i % 6]}
+        assert model.score(record) == pytest.approx(_plain_score(model, record), abs=1e-9), row["instruction"]
