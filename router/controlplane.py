@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import socket
@@ -62,11 +63,14 @@ from scheduler.planner.autoscale import (
 )
 from scheduler.planner.fleet import LiveInstance, last_request_by_pool, pool_step
 from scheduler.planner.histogram import LengthHistogram
+from scheduler.planner.predicted import grid_noise_sd, grid_routing_keys
 from scheduler.planner.problem import (
+    Bucket,
     Plan,
     PlanError,
     PlanProblem,
     PoolOption,
+    RoutingKey,
     bucket_of,
     grid_buckets,
 )
@@ -114,11 +118,16 @@ class ControlPlaneConfig:
     leader_election: bool = True
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = 9400
+    # "cell": each cell's split, looked up by a request's max_tokens; "predicted": plan on
+    # the routers' ranker (routing keys, scheduler.planner.predicted) with this quality.
+    route_by: str = "cell"
+    rank_tau: float | None = None  # the ranker's Kendall tau; the noise is calibrated on the live grid
+    rank_noise_sd: float | None = None  # or the noise on ln(1 + output tokens) itself (0: exact)
 
 
 _TOP_KEYS = ("store", "pools", "input_edges", "output_edges", "models", "headroom", "resolve_interval_s",
              "drain_grace_s", "scrape_timeout_s", "autoscaler", "actuator", "kubernetes", "leader_election",
-             "metrics")
+             "metrics", "route_by", "rank_tau", "rank_noise_sd")
 _POOL_KEYS = ("name", "gpu", "tp", "usd_per_hour", "capacity_rps", "min_replicas", "max_replicas", "deployment")
 _AUTOSCALER_KEYS = ("interval_s", "window_s", "headroom", "scale_down_headroom", "dwell_s", "idle_s", "max_step")
 
@@ -223,6 +232,7 @@ def _parse(doc: Mapping[str, Any], env: Mapping[str, str]) -> ControlPlaneConfig
         else None)
     if not config.headroom < 1:
         raise ConfigError("headroom", f"expected a fraction in [0, 1), got {config.headroom}")
+    config = _route_by(doc, config)
     if config.actuator == "kubernetes":
         from router.k8s_scale import parse_deployments
 
@@ -232,6 +242,24 @@ def _parse(doc: Mapping[str, Any], env: Mapping[str, str]) -> ControlPlaneConfig
             raise ConfigError("pools", f"actuator kubernetes: no Deployment for pool(s) {', '.join(missing)}; "
                               "expected pools[].deployment or TOKENYARD_SCALABLE_DEPLOYMENTS=pool=deployment,...")
     return config
+
+
+def _route_by(doc: Mapping[str, Any], config: ControlPlaneConfig) -> ControlPlaneConfig:
+    route_by = get(doc, "route_by", str, "", "cell", choices=("cell", "predicted"))
+    tau = get(doc, "rank_tau", float, "", None) if doc.get("rank_tau") is not None else None
+    sd = get(doc, "rank_noise_sd", float, "", None, minimum=0) if doc.get("rank_noise_sd") is not None else None
+    if route_by != "predicted":
+        if tau is not None or sd is not None:
+            raise ConfigError("rank_tau" if tau is not None else "rank_noise_sd", "only with route_by: predicted")
+        return config
+    if (tau is None) == (sd is None):
+        raise ConfigError("route_by", "predicted: expected exactly one of rank_tau (the ranker's Kendall tau, "
+                          "as `tokenyard train rank` reports it) or rank_noise_sd")
+    if tau is not None and not 0 < tau <= 1:
+        raise ConfigError("rank_tau", f"expected a Kendall tau in (0, 1], got {tau}")
+    if sd is not None and not math.isfinite(sd):
+        raise ConfigError("rank_noise_sd", f"expected a finite number >= 0, got {sd}")
+    return dataclasses.replace(config, route_by=route_by, rank_tau=tau, rank_noise_sd=sd)
 
 
 def _store_url(doc: Mapping[str, Any], env: Mapping[str, str]) -> str:
@@ -409,12 +437,13 @@ class ControlPlane:
         grid = [list(rates[r * cols:(r + 1) * cols]) for r in range(len(self.config.input_edges) - 1)]
         options = tuple(PoolOption(p.name, p.gpu, p.tp, p.usd_per_hour, p.capacity_rps,
                                    max_replicas=p.max_replicas) for p in self.config.pools)
-        problem = PlanProblem(grid_buckets(self.config.input_edges, self.config.output_edges, grid), options,
-                              headroom_fraction=self.config.headroom)
+        buckets = grid_buckets(self.config.input_edges, self.config.output_edges, grid)
         self.last_solve_s = now_s
         if sum(rates) <= 0:
             return  # nothing to plan from: the previous shares stand, idle pools go to their minimum
         try:
+            problem = PlanProblem(buckets, options, headroom_fraction=self.config.headroom,
+                                  routing_keys=self._routing_keys(buckets))
             self.plan = solve(problem, time_limit_s=10.0)
             self.solved_s = now_s
         except PlanError as exc:
@@ -426,6 +455,17 @@ class ControlPlane:
                                                "instances": self.plan.instances(), "solve_s": round(self.plan.solve_s, 3)})
         if self.metrics is not None:
             self.metrics.plan_usd_per_hour.set(self.plan.usd_per_hour)
+
+    def _routing_keys(self, buckets: Sequence[Bucket]) -> tuple[RoutingKey, ...] | None:
+        """With `route_by: predicted`, the keys the routers' ranker sends each cell's
+        requests to (the same model as `tokenyard plan --route-by predicted`)."""
+        if self.config.route_by != "predicted":
+            return None
+        noise_sd = self.config.rank_noise_sd
+        if noise_sd is None:
+            assert self.config.rank_tau is not None  # the config checks that one of the two is set
+            noise_sd = grid_noise_sd(buckets, self.config.rank_tau)
+        return grid_routing_keys(buckets, self.config.output_edges, noise_sd)
 
     async def _inflight(self, record: InstanceRecord) -> int | None:
         try:
