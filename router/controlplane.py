@@ -13,7 +13,12 @@
    rates (`scheduler.planner.solver.solve`: which share of each bucket goes to which pool);
    a solve that fails keeps the previous plan (logged, rate-limited); a new plan's routing
    table goes to the store (`router.plan_routing`), where every router's `length_bucket`
-   filter picks it up, so dispatch follows the resized fleet;
+   filter picks it up, so dispatch follows the resized fleet. With `route_by: predicted`
+   the solve is on routing keys (input row x the routers' ranker's predicted output
+   column, its quality from `rank_tau` or `rank_noise_sd`: scheduler.planner.predicted,
+   as `tokenyard plan --route-by predicted`) and the table says `output_source:
+   predicted_rank`, so routers follow the cell for every request their ranker scored,
+   `max_tokens` or not;
 3. turns the rates into each pool's load in instance-equivalents through the plan's shares
    and decides the targets with hysteresis, dwell and idle-to-minimum
    (`scheduler.planner.autoscale.decide_targets`);
