@@ -511,7 +511,9 @@ class ControlPlane:
         uncovered = any(rate > 0 and (self.plan is None or not self.plan.shares[k]) for k, rate in enumerate(rates))
         if uncovered or now_s - self.last_solve_s >= self.config.resolve_interval_s:
             before = self.plan
-            self._resolve(rates, now_s)
+            # Off the event loop: the solve (and, with rank_tau, the noise calibration, ~0.1-0.2 s)
+            # must not hold up the Lease renewal that runs beside it.
+            await asyncio.to_thread(self._resolve, rates, now_s)
             if self.plan is not None and self.plan is not before and not self.dry_run and self.leading():
                 await self._publish_routing(self.plan, now_s)
         shares = self.plan.shares if self.plan is not None else ()
