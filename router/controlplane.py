@@ -507,8 +507,12 @@ class ControlPlane:
                     state.drained_since_s = {str(i): float(t) for i, t in adopted.items()}
         rates, seen = self._grid(await read_workload(self.store), now_s)
         # Traffic the plan routes nowhere (the first, or a new bucket) cannot wait a whole
-        # re-solve interval: that is a scale-from-zero.
-        uncovered = any(rate > 0 and (self.plan is None or not self.plan.shares[k]) for k, rate in enumerate(rates))
+        # re-solve interval: that is a scale-from-zero. A bucket that had traffic when the
+        # plan was solved and still has no share is a sliver a keyed plan left out of its
+        # keys (scheduler.planner.predicted): re-solving would leave it out again.
+        uncovered = any(rate > 0 and (self.plan is None or (not self.plan.shares[k]
+                                                            and self.plan.buckets[k].rate_rps <= 0))
+                        for k, rate in enumerate(rates))
         if uncovered or now_s - self.last_solve_s >= self.config.resolve_interval_s:
             before = self.plan
             # Off the event loop: the solve (and, with rank_tau, the noise calibration, ~0.1-0.2 s)

@@ -149,6 +149,33 @@ def test_a_plan_on_a_ranker_of_measured_tau_sizes_for_its_misrouting(tmp_path: P
     assert short_key == {"exact": {"a10g": 1.0}, "tau": {"a100": 1.0}}
 
 
+def test_a_sliver_left_out_of_the_keys_does_not_re_solve_every_round(tmp_path: Path) -> None:
+    """With noisy predictions a rare bucket can carry under 0.5% of every key it lands in
+    and is left out of them (no share in the plan). It had traffic when the plan was
+    solved, so it is not new traffic to scale from zero for: the next round keeps the plan."""
+    edges = [0, 64, 256, 1024]
+    config = _config(edges, {"p": [100.0, 50.0, 25.0]}, rank_noise_sd=2.0, resolve_interval_s=3600.0)
+    now_s = 1_800_000_000.0
+
+    async def main() -> None:
+        store = FileStateStore(tmp_path / "state.db")
+        hist = LengthHistogram(tuple(INPUT_EDGES), tuple(edges), SLOT_S, 60)
+        for back in (1, 2):
+            for col, count in enumerate((2000, 200, 1)):
+                hist.counts[(int(now_s // SLOT_S) - back, "default", 0, col)] = count
+        await store.put_load(STORE_KEY_PREFIX + "r", {"replica": "r", "models": {MODEL: hist.as_dict()}}, 600)
+        clock = [now_s]
+        plane = ControlPlane(config, store, PrintActuator({"p": 1}, emit=lambda _: None), clock=lambda: clock[0])
+        await plane.tick()
+        assert plane.plan is not None and not plane.plan.shares[2] and plane.plan.buckets[2].rate_rps > 0
+        clock[0] += 1.0  # the same slots, the same rates
+        await plane.tick()
+        assert plane.last_solve_s == now_s
+        await store.close()
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     ({"route_by": "predicted"}, "route_by: predicted: expected exactly one of rank_tau"),
     ({"route_by": "predicted", "rank_tau": 0.5, "rank_noise_sd": 1.0}, "expected exactly one"),
