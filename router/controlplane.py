@@ -402,6 +402,7 @@ class ControlPlane:
         self._warn = RateLimitedLog(log, interval_s=60.0)
         self._lead_since_s: float | None = None
         self._routing_version = 0
+        self.rank_noise_sd: float | None = None  # the prediction noise the latest keyed solve planned for
 
     # -- inputs ---------------------------------------------------------------------------
     def _grid(self, merged: Mapping[str, LengthHistogram], now_s: float) -> tuple[list[float], dict[int, float]]:
@@ -457,7 +458,8 @@ class ControlPlane:
             self._count("solve_errors")
             return
         log.info("pool plan re-solved", extra={"usd_per_hour": round(self.plan.usd_per_hour, 4),
-                                               "instances": self.plan.instances(), "solve_s": round(self.plan.solve_s, 3)})
+                                               "instances": self.plan.instances(), "solve_s": round(self.plan.solve_s, 3),
+                                               "route_by": self.config.route_by, "rank_noise_sd": self.rank_noise_sd})
         if self.metrics is not None:
             self.metrics.plan_usd_per_hour.set(self.plan.usd_per_hour)
 
@@ -470,6 +472,7 @@ class ControlPlane:
         if noise_sd is None:
             assert self.config.rank_tau is not None  # the config checks that one of the two is set
             noise_sd = grid_noise_sd(buckets, self.config.rank_tau)
+        self.rank_noise_sd = noise_sd
         return grid_routing_keys(buckets, self.config.output_edges, noise_sd)
 
     async def _inflight(self, record: InstanceRecord) -> int | None:
