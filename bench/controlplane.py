@@ -8,9 +8,11 @@
    the 6 x 4 default buckets), which bounds what each replica writes every 5 s.
 3. One control round (`ControlPlane.tick`, print actuator, embedded store) merging
    `--replicas` router histograms for 7 pools, with the re-solve and without, against
-   the solve alone.
+   the solve alone; per `route_by` (cell, and predicted with a given noise or with a
+   tau, which is calibrated on the grid at every re-solve).
 
     python bench/controlplane.py               # ~20 s
+    python bench/controlplane.py --rounds-only # the control rounds only
 """
 
 from __future__ import annotations
@@ -82,8 +84,16 @@ def document_bytes() -> int:
     return len(json.dumps({"replica": "router-abcdef12", "models": {"llama-3-8b": hist.as_dict()}}))
 
 
-async def round_cost(replicas: int, rounds: int) -> tuple[float, float, float]:
-    """(ms per round with a re-solve, ms per round without, ms per solve alone)."""
+ROUTE_BY: dict[str, dict[str, Any]] = {
+    "cell": {},
+    "predicted, rank_noise_sd 0.8": {"route_by": "predicted", "rank_noise_sd": 0.8},
+    "predicted, rank_tau 0.45": {"route_by": "predicted", "rank_tau": 0.45},
+}
+
+
+async def round_cost(replicas: int, rounds: int, route_by: dict[str, Any] | None = None
+                     ) -> tuple[float, float, float, float]:
+    """(ms per round with a re-solve, ms per round without, ms per solve alone, the plan's $/h)."""
     from router.controlplane import ControlPlane, PrintActuator, parse_config
     from router.state import FileStateStore
     from router.workload_recorder import WorkloadRecorder
@@ -93,7 +103,8 @@ async def round_cost(replicas: int, rounds: int) -> tuple[float, float, float]:
     pools = [{"name": n, "gpu": n, "usd_per_hour": usd,
               "capacity_rps": [[speed * 8 / (1 + i + j) for j in range(3)] for i in range(5)]} for n, usd, speed in gpus]
     doc = {"store": "file:///unused", "pools": pools, "actuator": "print", "input_edges": [0, 256, 1024, 2048, 4096, 8192],
-           "output_edges": [0, 64, 256, 1024], "autoscaler": {"interval_s": 60, "window_s": 600}}
+           "output_edges": [0, 64, 256, 1024], "autoscaler": {"interval_s": 60, "window_s": 600},
+           **(route_by or {})}
     with tempfile.TemporaryDirectory() as tmp:
         store = FileStateStore(Path(tmp) / "s.db")
         now = time.time()
@@ -116,9 +127,10 @@ async def round_cost(replicas: int, rounds: int) -> tuple[float, float, float]:
             await plane.tick()
             without.append(time.perf_counter() - t0)
         solve_s = min(solves)
+        usd_per_hour = plane.plan.usd_per_hour if plane.plan is not None else float("nan")
         plane.close()
         await store.close()
-    return min(with_solve) * 1e3, min(without) * 1e3, solve_s * 1e3
+    return min(with_solve) * 1e3, min(without) * 1e3, solve_s * 1e3, usd_per_hour
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,17 +138,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--replicas", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds-only", action="store_true", help="only the control rounds, per route_by")
     args = parser.parse_args(argv)
+    if args.rounds_only:
+        _print_rounds(args.replicas, args.rounds)
+        return 0
     print("| case | direct ns/req | through the hook ns/req | ratio |")
     print("| --- | --- | --- | --- |")
     for name, chunks in (("non-streamed (usage in the body)", 0), ("stream of 64 chunks", 64)):
         direct, hooked = asyncio.run(hook_cost(args.requests, chunks))
         print(f"| {name} | {direct:.0f} | {hooked:.0f} | {hooked / direct:.2f}x |")
     print(f"\nfull stored histogram of one replica: {document_bytes()} bytes")
-    with_solve, without, solve = asyncio.run(round_cost(args.replicas, args.rounds))
-    print(f"control round, {args.replicas} router histograms, 7 pools, 5x3 buckets: {with_solve:.1f} ms with the "
-          f"re-solve ({solve:.1f} ms of it the solve), {without:.1f} ms without")
+    _print_rounds(args.replicas, args.rounds)
     return 0
+
+
+def _print_rounds(replicas: int, rounds: int) -> None:
+    print(f"\ncontrol round, {replicas} router histograms, 7 pools, 5x3 buckets (best of {rounds}):")
+    print("| route_by | round with re-solve ms | of it the solve ms | round without ms | plan $/h |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, extra in ROUTE_BY.items():
+        with_solve, without, solve, usd = asyncio.run(round_cost(replicas, rounds, extra))
+        print(f"| {name} | {with_solve:.1f} | {solve:.1f} | {without:.1f} | {usd:.2f} |")
 
 
 if __name__ == "__main__":

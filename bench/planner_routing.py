@@ -91,10 +91,11 @@ def run(rates: list[float], tpots_ms: list[float], ttft_ms: float, count: int, c
         edges: tuple[tuple[int, ...], tuple[int, ...]] = (INPUT_EDGES, OUTPUT_EDGES),
         taus: tuple[float, ...] = (1.0, 0.7, 0.49)) -> list[dict[str, Any]]:
     from scheduler.catalog import default_catalog
+    from scheduler.planner.predicted import routing_keys
     from scheduler.planner.solver import single_type_plans, solve
     from scheduler.types import SloClass
     from sim.capacity import CapacityCache
-    from sim.plan_workload import PlanInputs, Workload, build_problem, routing_keys
+    from sim.plan_workload import PlanInputs, Workload, build_problem
     from sim.rank_noise import noise_sd_for_tau
 
     catalog = default_catalog()

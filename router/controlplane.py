@@ -13,7 +13,12 @@
    rates (`scheduler.planner.solver.solve`: which share of each bucket goes to which pool);
    a solve that fails keeps the previous plan (logged, rate-limited); a new plan's routing
    table goes to the store (`router.plan_routing`), where every router's `length_bucket`
-   filter picks it up, so dispatch follows the resized fleet;
+   filter picks it up, so dispatch follows the resized fleet. With `route_by: predicted`
+   the solve is on routing keys (input row x the routers' ranker's predicted output
+   column, its quality from `rank_tau` or `rank_noise_sd`: scheduler.planner.predicted,
+   as `tokenyard plan --route-by predicted`) and the table says `output_source:
+   predicted_rank`, so routers follow the cell for every request their ranker scored,
+   `max_tokens` or not;
 3. turns the rates into each pool's load in instance-equivalents through the plan's shares
    and decides the targets with hysteresis, dwell and idle-to-minimum
    (`scheduler.planner.autoscale.decide_targets`);
@@ -40,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import socket
@@ -62,11 +68,14 @@ from scheduler.planner.autoscale import (
 )
 from scheduler.planner.fleet import LiveInstance, last_request_by_pool, pool_step
 from scheduler.planner.histogram import LengthHistogram
+from scheduler.planner.predicted import grid_noise_sd, grid_routing_keys
 from scheduler.planner.problem import (
+    Bucket,
     Plan,
     PlanError,
     PlanProblem,
     PoolOption,
+    RoutingKey,
     bucket_of,
     grid_buckets,
 )
@@ -114,11 +123,16 @@ class ControlPlaneConfig:
     leader_election: bool = True
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = 9400
+    # "cell": each cell's split, looked up by a request's max_tokens; "predicted": plan on
+    # the routers' ranker (routing keys, scheduler.planner.predicted) with this quality.
+    route_by: str = "cell"
+    rank_tau: float | None = None  # the ranker's Kendall tau; the noise is calibrated on the live grid
+    rank_noise_sd: float | None = None  # or the noise on ln(1 + output tokens) itself (0: exact)
 
 
 _TOP_KEYS = ("store", "pools", "input_edges", "output_edges", "models", "headroom", "resolve_interval_s",
              "drain_grace_s", "scrape_timeout_s", "autoscaler", "actuator", "kubernetes", "leader_election",
-             "metrics")
+             "metrics", "route_by", "rank_tau", "rank_noise_sd")
 _POOL_KEYS = ("name", "gpu", "tp", "usd_per_hour", "capacity_rps", "min_replicas", "max_replicas", "deployment")
 _AUTOSCALER_KEYS = ("interval_s", "window_s", "headroom", "scale_down_headroom", "dwell_s", "idle_s", "max_step")
 
@@ -223,6 +237,7 @@ def _parse(doc: Mapping[str, Any], env: Mapping[str, str]) -> ControlPlaneConfig
         else None)
     if not config.headroom < 1:
         raise ConfigError("headroom", f"expected a fraction in [0, 1), got {config.headroom}")
+    config = _route_by(doc, config)
     if config.actuator == "kubernetes":
         from router.k8s_scale import parse_deployments
 
@@ -232,6 +247,24 @@ def _parse(doc: Mapping[str, Any], env: Mapping[str, str]) -> ControlPlaneConfig
             raise ConfigError("pools", f"actuator kubernetes: no Deployment for pool(s) {', '.join(missing)}; "
                               "expected pools[].deployment or TOKENYARD_SCALABLE_DEPLOYMENTS=pool=deployment,...")
     return config
+
+
+def _route_by(doc: Mapping[str, Any], config: ControlPlaneConfig) -> ControlPlaneConfig:
+    route_by = get(doc, "route_by", str, "", "cell", choices=("cell", "predicted"))
+    tau = get(doc, "rank_tau", float, "", None) if doc.get("rank_tau") is not None else None
+    sd = get(doc, "rank_noise_sd", float, "", None, minimum=0) if doc.get("rank_noise_sd") is not None else None
+    if route_by != "predicted":
+        if tau is not None or sd is not None:
+            raise ConfigError("rank_tau" if tau is not None else "rank_noise_sd", "only with route_by: predicted")
+        return config
+    if (tau is None) == (sd is None):
+        raise ConfigError("route_by", "predicted: expected exactly one of rank_tau (the ranker's Kendall tau, "
+                          "as `tokenyard train rank` reports it) or rank_noise_sd")
+    if tau is not None and not 0 < tau <= 1:
+        raise ConfigError("rank_tau", f"expected a Kendall tau in (0, 1], got {tau}")
+    if sd is not None and not math.isfinite(sd):
+        raise ConfigError("rank_noise_sd", f"expected a finite number >= 0, got {sd}")
+    return dataclasses.replace(config, route_by=route_by, rank_tau=tau, rank_noise_sd=sd)
 
 
 def _store_url(doc: Mapping[str, Any], env: Mapping[str, str]) -> str:
@@ -369,6 +402,7 @@ class ControlPlane:
         self._warn = RateLimitedLog(log, interval_s=60.0)
         self._lead_since_s: float | None = None
         self._routing_version = 0
+        self.rank_noise_sd: float | None = None  # the prediction noise the latest keyed solve planned for
 
     # -- inputs ---------------------------------------------------------------------------
     def _grid(self, merged: Mapping[str, LengthHistogram], now_s: float) -> tuple[list[float], dict[int, float]]:
@@ -409,12 +443,13 @@ class ControlPlane:
         grid = [list(rates[r * cols:(r + 1) * cols]) for r in range(len(self.config.input_edges) - 1)]
         options = tuple(PoolOption(p.name, p.gpu, p.tp, p.usd_per_hour, p.capacity_rps,
                                    max_replicas=p.max_replicas) for p in self.config.pools)
-        problem = PlanProblem(grid_buckets(self.config.input_edges, self.config.output_edges, grid), options,
-                              headroom_fraction=self.config.headroom)
+        buckets = grid_buckets(self.config.input_edges, self.config.output_edges, grid)
         self.last_solve_s = now_s
         if sum(rates) <= 0:
             return  # nothing to plan from: the previous shares stand, idle pools go to their minimum
         try:
+            problem = PlanProblem(buckets, options, headroom_fraction=self.config.headroom,
+                                  routing_keys=self._routing_keys(buckets))
             self.plan = solve(problem, time_limit_s=10.0)
             self.solved_s = now_s
         except PlanError as exc:
@@ -423,9 +458,22 @@ class ControlPlane:
             self._count("solve_errors")
             return
         log.info("pool plan re-solved", extra={"usd_per_hour": round(self.plan.usd_per_hour, 4),
-                                               "instances": self.plan.instances(), "solve_s": round(self.plan.solve_s, 3)})
+                                               "instances": self.plan.instances(), "solve_s": round(self.plan.solve_s, 3),
+                                               "route_by": self.config.route_by, "rank_noise_sd": self.rank_noise_sd})
         if self.metrics is not None:
             self.metrics.plan_usd_per_hour.set(self.plan.usd_per_hour)
+
+    def _routing_keys(self, buckets: Sequence[Bucket]) -> tuple[RoutingKey, ...] | None:
+        """With `route_by: predicted`, the keys the routers' ranker sends each cell's
+        requests to (the same model as `tokenyard plan --route-by predicted`)."""
+        if self.config.route_by != "predicted":
+            return None
+        noise_sd = self.config.rank_noise_sd
+        if noise_sd is None:
+            assert self.config.rank_tau is not None  # the config checks that one of the two is set
+            noise_sd = grid_noise_sd(buckets, self.config.rank_tau)
+        self.rank_noise_sd = noise_sd
+        return grid_routing_keys(buckets, self.config.output_edges, noise_sd)
 
     async def _inflight(self, record: InstanceRecord) -> int | None:
         try:
@@ -462,11 +510,17 @@ class ControlPlane:
                     state.drained_since_s = {str(i): float(t) for i, t in adopted.items()}
         rates, seen = self._grid(await read_workload(self.store), now_s)
         # Traffic the plan routes nowhere (the first, or a new bucket) cannot wait a whole
-        # re-solve interval: that is a scale-from-zero.
-        uncovered = any(rate > 0 and (self.plan is None or not self.plan.shares[k]) for k, rate in enumerate(rates))
+        # re-solve interval: that is a scale-from-zero. A bucket that had traffic when the
+        # plan was solved and still has no share is a sliver a keyed plan left out of its
+        # keys (scheduler.planner.predicted): re-solving would leave it out again.
+        uncovered = any(rate > 0 and (self.plan is None or (not self.plan.shares[k]
+                                                            and self.plan.buckets[k].rate_rps <= 0))
+                        for k, rate in enumerate(rates))
         if uncovered or now_s - self.last_solve_s >= self.config.resolve_interval_s:
             before = self.plan
-            self._resolve(rates, now_s)
+            # Off the event loop: the solve (and, with rank_tau, the noise calibration, ~0.1-0.2 s)
+            # must not hold up the Lease renewal that runs beside it.
+            await asyncio.to_thread(self._resolve, rates, now_s)
             if self.plan is not None and self.plan is not before and not self.dry_run and self.leading():
                 await self._publish_routing(self.plan, now_s)
         shares = self.plan.shares if self.plan is not None else ()

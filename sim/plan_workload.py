@@ -19,7 +19,8 @@ from typing import Any
 
 from scheduler.catalog import Catalog, GpuSpec, ModelSpec
 from scheduler.engine_model import PerfFactors, factors_from_table
-from scheduler.planner.problem import Bucket, Plan, PlanError, PlanProblem, PoolOption, RoutingKey
+from scheduler.planner.predicted import routing_keys
+from scheduler.planner.problem import Bucket, Plan, PlanError, PlanProblem, PoolOption
 from scheduler.planner.routing import table_from_plan
 from scheduler.types import SloClass
 from sim.capacity import Capacity, CapacityCache, CapacityQuery
@@ -200,48 +201,6 @@ def _relaxation(bucket: Bucket, slo: SloClass, caps: Sequence[tuple[str, Capacit
     return (f"nearest relaxation: TTFT >= {ttft:.0f} ms and TPOT >= {tpot:.0f} ms for class "
             f"{slo.name!r} ({name} unloaded: TTFT {best.unloaded_ttft_ms:.0f} ms, TPOT "
             f"{best.unloaded_tpot_ms:.0f} ms)")
-
-
-# A key member carrying less than this share of the key's traffic is left out of the key
-# (so that a pool is not barred from a key by a sliver of an unservable bucket): the
-# attainment target's slack covers it, and verification checks the plan with it.
-_MIN_MEMBER_SHARE = 0.005
-
-
-def _normal_cdf(z: float) -> float:
-    return 0.5 * math.erfc(-z / math.sqrt(2.0))
-
-
-def routing_keys(buckets: Sequence[Bucket], shapes: Sequence[Sequence[tuple[int, int]]],
-                 output_edges: Sequence[int], noise_sd: float) -> tuple[RoutingKey, ...]:
-    """Keys (class, input row, predicted output column) with the fraction of each bucket's
-    requests a predictor of `noise_sd` (on ln(1 + tokens)) sends there, over the bucket's
-    own sample of lengths (the cut points are the ln(1 + edge) of the routing table's
-    lookup; the first and last columns are open-ended, as `bucket_of` clamps)."""
-    if not noise_sd >= 0 or not math.isfinite(noise_sd):
-        raise PlanError(f"rank noise: expected a finite standard deviation >= 0, got {noise_sd}")
-    cuts = [math.log1p(e - 0.5) for e in output_edges[1:-1]]  # rounding: tokens >= e from e - 0.5
-    groups: dict[tuple[str, int, int], list[tuple[int, float]]] = {}
-    for k, (bucket, sample) in enumerate(zip(buckets, shapes, strict=True)):
-        if bucket.rate_rps <= 0 or not sample:
-            continue
-        mass = [0.0] * (len(cuts) + 1)
-        for _, n_out in sample:
-            true = math.log1p(max(0, n_out))
-            below = [(_normal_cdf((c - true) / noise_sd) if noise_sd > 0 else float(true < c)) for c in cuts]
-            for col in range(len(mass)):
-                hi = below[col] if col < len(cuts) else 1.0
-                lo = below[col - 1] if col > 0 else 0.0
-                mass[col] += max(0.0, hi - lo) / len(sample)
-        for col, fraction in enumerate(mass):
-            if fraction > 1e-6:  # a tail the normal CDF never quite reaches
-                groups.setdefault((bucket.slo_class, bucket.row, col), []).append((k, fraction))
-    keys = []
-    for (klass, row, col), members in sorted(groups.items()):
-        total = sum(buckets[k].rate_rps * f for k, f in members)
-        kept = tuple((k, f) for k, f in members if buckets[k].rate_rps * f >= _MIN_MEMBER_SHARE * total)
-        keys.append(RoutingKey(klass, row, col, kept))
-    return tuple(keys)
 
 
 def build_problem(workload: Workload, rate_rps: float | None, inputs: PlanInputs, cache: CapacityCache,

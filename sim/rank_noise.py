@@ -16,66 +16,21 @@ ranker's (ln tokens), so the same queue-policy parameters apply to both.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
-import struct
-from collections.abc import Callable, Iterable, Sequence
-from statistics import NormalDist
+from collections.abc import Callable, Iterable
 from typing import Any
 
-import numpy as np
-
+# The noise model is the planner's as well (its routing keys, the live control loop's);
+# kept there, re-exported here for the simulator's callers.
+from scheduler.planner.predicted import TAU_SAMPLE as _TAU_SAMPLE
+from scheduler.planner.predicted import measured_tau as measured_tau
+from scheduler.planner.predicted import noise_sd_for_tau as noise_sd_for_tau
+from scheduler.planner.predicted import noisy_ranks as noisy_ranks
+from scheduler.planner.predicted import standard_normal as _standard_normal
 from sim.workload import TraceRequest
 
 RankFn = Callable[[TraceRequest], float | None]
-_UNIT = NormalDist()
-_TAU_SAMPLE = 4000
-
-
-def _standard_normal(seed: int, request_id: str) -> float:
-    digest = hashlib.blake2b(f"{seed}:{request_id}".encode(), digest_size=8).digest()
-    u = (struct.unpack("<Q", digest)[0] + 0.5) / 2**64  # in (0, 1)
-    return _UNIT.inv_cdf(u)
-
-
-def noisy_ranks(output_tokens: Sequence[int], noise_sd: float, seed: int, ids: Sequence[str]) -> np.ndarray:
-    truth = np.log1p(np.asarray(output_tokens, dtype=np.float64))
-    noise = np.array([_standard_normal(seed, i) for i in ids])
-    return truth + noise_sd * noise
-
-
-def measured_tau(output_tokens: Sequence[int], noise_sd: float, seed: int = 0) -> float:
-    from scipy.stats import kendalltau
-
-    ids = [str(i) for i in range(len(output_tokens))]
-    tau = kendalltau(noisy_ranks(output_tokens, noise_sd, seed, ids), output_tokens).statistic
-    return float(tau)
-
-
-def noise_sd_for_tau(output_tokens: Sequence[int], target_tau: float, seed: int = 0) -> float:
-    """The noise that gives Kendall tau `target_tau` on these output lengths (a sample of
-    at most 4,000 of them); 0 for tau >= the noiseless tau (ties in the truth cap it)."""
-    if not -1.0 < target_tau <= 1.0:
-        raise ValueError(f"target tau: expected a number in (-1, 1], got {target_tau}")
-    sample = list(output_tokens)
-    if len(sample) > _TAU_SAMPLE:
-        picks = np.random.default_rng(seed).choice(len(sample), _TAU_SAMPLE, replace=False)
-        sample = [sample[int(i)] for i in picks]
-    if len(sample) < 10:
-        raise ValueError(f"target tau: need at least 10 output lengths to calibrate, got {len(sample)}")
-    if target_tau >= measured_tau(sample, 0.0, seed) - 1e-9:
-        return 0.0
-    low, high = 0.0, 1.0
-    while measured_tau(sample, high, seed) > target_tau and high < 1e4:
-        high *= 2.0
-    for _ in range(40):
-        mid = (low + high) / 2.0
-        if measured_tau(sample, mid, seed) > target_tau:
-            low = mid
-        else:
-            high = mid
-    return (low + high) / 2.0
 
 
 class NoisyRanker:

@@ -74,3 +74,12 @@ def test_wrong_control_plane_values_fail_at_install(chart: Any, values: dict[str
     with pytest.raises(helm.HelmError) as caught:
         chart.render(values, name="ty", namespace="llm", is_install=True)
     assert message in str(caught.value)
+
+
+def test_the_chart_passes_planning_on_predictions_through(chart: Any) -> None:  # noqa: F811
+    config_values = {**CONTROL_PLANE.get("config", {}), "route_by": "predicted", "rank_tau": 0.45}
+    docs = render(chart, {"pools": POOLS, "controlPlane": {**CONTROL_PLANE, "config": config_values}})
+    data = one(docs, "Secret", "ty-tokenyard-config")["stringData"]
+    env = _env(one(docs, "Deployment", "ty-tokenyard-controlplane"))
+    config = parse_config(yaml.safe_load(data["controlplane.yaml"]), "controlplane.yaml", env)
+    assert (config.route_by, config.rank_tau, config.rank_noise_sd) == ("predicted", 0.45, None)

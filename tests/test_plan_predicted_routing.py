@@ -15,13 +15,14 @@ from hypothesis import strategies as st
 from cli.main import main
 from scheduler.catalog import default_catalog
 from scheduler.dispatch import ClusterView, build_policy
+from scheduler.planner.predicted import routing_keys
 from scheduler.planner.problem import PlanError, PlanProblem, PoolOption, RoutingKey, grid_buckets
 from scheduler.planner.routing import RoutingTable, table_from_plan
 from scheduler.planner.solver import solve
 from scheduler.types import InstanceState, RequestInfo, SloClass
 from sim.capacity import CapacityCache
 from sim.plan_run import plan_and_verify
-from sim.plan_workload import PlanInputs, Workload, routing_keys
+from sim.plan_workload import PlanInputs, Workload
 from sim.workload import TraceRequest
 
 INPUT_EDGES = [0, 512, 4096]
