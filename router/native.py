@@ -34,24 +34,13 @@ ROOT_ENV = "TOKENYARD_ROUTER_NATIVE_ROOT"  # set in the process re-run on the co
 BUILD = NativeBuild(packages=("router", "tokenyard"), compiled=COMPILED, cache_name="router-native")
 
 
-def default_cache_dir() -> Path:
-    return BUILD.default_cache_dir()
-
-
-def build_key() -> str:
-    """SHA-256 over every module of the copied packages, the Python and the mypy version."""
-    return BUILD.key()
-
-
-def compiled_in(root: Path) -> bool:
-    return BUILD.compiled_in(root)
-
-
-def build(cache_dir: Path | None = None, *, quiet: bool = True) -> Path:
-    """The folder holding the compiled packages for the current sources (built now if not
-    already there). Raises NativeBuildError if mypyc or the C compiler fails."""
-    return BUILD.build(cache_dir, quiet=quiet)
-
+# The module's interface is the build's: `build(cache_dir=None, *, quiet=True)` returns the
+# folder holding the compiled modules for the current sources, built now if not there
+# (NativeBuildError says why it could not be).
+default_cache_dir = BUILD.default_cache_dir
+build_key = BUILD.key
+compiled_in = BUILD.compiled_in
+build = BUILD.build
 
 def active() -> bool:
     """Whether this process runs the compiled byte path."""

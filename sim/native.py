@@ -32,24 +32,13 @@ ROOT_ENV = "TOKENYARD_NATIVE_ROOT"  # set in a process re-run on the compiled mo
 BUILD = NativeBuild(packages=("sim",), compiled=tuple(f"sim/{name}" for name in COMPILED), cache_name="native")
 
 
-def default_cache_dir() -> Path:
-    return BUILD.default_cache_dir()
-
-
-def build_key() -> str:
-    """SHA-256 over every `sim` module's source, the Python and the mypy version."""
-    return BUILD.key()
-
-
-def compiled_in(root: Path) -> bool:
-    return BUILD.compiled_in(root)
-
-
-def build(cache_dir: Path | None = None, *, quiet: bool = True) -> Path:
-    """The folder holding the compiled `sim` package for the current sources (built now
-    if not already there). Raises NativeBuildError if mypyc or the C compiler fails."""
-    return BUILD.build(cache_dir, quiet=quiet)
-
+# The module's interface is the build's: `build(cache_dir=None, *, quiet=True)` returns the
+# folder holding the compiled modules for the current sources, built now if not there
+# (NativeBuildError says why it could not be).
+default_cache_dir = BUILD.default_cache_dir
+build_key = BUILD.key
+compiled_in = BUILD.compiled_in
+build = BUILD.build
 
 def active() -> bool:
     """Whether this process runs the compiled modules."""
