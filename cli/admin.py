@@ -530,6 +530,9 @@ def cmd_instances_migrate(args: argparse.Namespace) -> int:
 def plan_dict(plan: Any) -> dict[str, Any]:
     return {"leader": plan.leader, "solved": _utc(plan.solved_unix_ms), "updated": _utc(plan.updated_unix_ms),
             "usd_per_hour": round(plan.usd_per_hour, 4), "solver": plan.solver, "solve_s": round(plan.solve_s, 4),
+            "route_by": plan.route_by,
+            "rank_noise_sd": round(plan.rank_noise_sd, 4) if plan.HasField("rank_noise_sd") else None,
+            "rank_tau": plan.rank_tau if plan.HasField("rank_tau") else None,
             "pools": [{"name": p.name, "gpu": p.gpu, "tp": p.tensor_parallel, "current": p.replicas_current,
                        "target": p.replicas_target, "planned": p.planned_instances,
                        "usd_per_hour": round(p.usd_per_hour, 4), "load_instances": round(p.load_instances, 3),
@@ -537,6 +540,17 @@ def plan_dict(plan: Any) -> dict[str, Any]:
             "routes": [{"slo_class": r.slo_class, "input": f"[{r.input_lo}, {r.input_hi})",
                         "output": f"[{r.output_lo}, {r.output_hi})", "rate_rps": round(r.rate_rps, 4),
                         "pools": {k: round(v, 4) for k, v in sorted(r.pool_shares.items())}} for r in plan.routes]}
+
+
+def _routing_line(data: dict[str, Any]) -> str:
+    """`predicted, rank_noise_sd 0.81 (from rank_tau 0.45)`: how the plan routes, and on what noise."""
+    line = data["route_by"] or "? (not recorded by this control plane)"
+    if data["rank_noise_sd"] is not None:
+        line += f", rank_noise_sd {data['rank_noise_sd']:g}"
+    if data["rank_tau"] is not None:
+        line += f" (from rank_tau {data['rank_tau']:g})" if data["rank_noise_sd"] is not None \
+            else f", rank_tau {data['rank_tau']:g} (no keyed solve yet)"
+    return line
 
 
 def cmd_plan_show(args: argparse.Namespace) -> int:
@@ -548,7 +562,8 @@ def cmd_plan_show(args: argparse.Namespace) -> int:
             emit(args, data)
             return EXIT_OK
         print(f"plan by {data['leader'] or '?'}, solved {data['solved'] or 'never'}, updated {data['updated']}, "
-              f"${data['usd_per_hour']}/h ({data['solver'] or 'no solve yet'})\n")
+              f"${data['usd_per_hour']}/h ({data['solver'] or 'no solve yet'})")
+        print(f"route_by {_routing_line(data)}\n")
         print_table(data["pools"], ("name", "gpu", "tp", "current", "target", "planned", "usd_per_hour",
                                     "load_instances", "draining"))
         if data["routes"]:

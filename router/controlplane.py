@@ -403,6 +403,7 @@ class ControlPlane:
         self._lead_since_s: float | None = None
         self._routing_version = 0
         self.rank_noise_sd: float | None = None  # the prediction noise the latest keyed solve planned for
+        self.plan_rank_noise_sd: float | None = None  # ... and the one `plan` was solved with (a failed solve keeps it)
 
     # -- inputs ---------------------------------------------------------------------------
     def _grid(self, merged: Mapping[str, LengthHistogram], now_s: float) -> tuple[list[float], dict[int, float]]:
@@ -452,6 +453,7 @@ class ControlPlane:
                                   routing_keys=self._routing_keys(buckets))
             self.plan = solve(problem, time_limit_s=10.0)
             self.solved_s = now_s
+            self.plan_rank_noise_sd = self.rank_noise_sd if problem.routing_keys is not None else None
         except PlanError as exc:
             self._warn.warning("solve", "re-solving the pool plan failed; keeping the previous plan",
                                extra={"error": str(exc)})
@@ -551,7 +553,9 @@ class ControlPlane:
         doc = plan_document(plan=self.plan, solved_s=self.solved_s, now_s=now_s, leader=self.identity,
                             pools={p.name: (p.gpu, p.tp) for p in self.config.pools}, current=current,
                             targets=targets, loads=loads,
-                            draining={name: len(state.drained_since_s) for name, state in self.pools.items()})
+                            draining={name: len(state.drained_since_s) for name, state in self.pools.items()},
+                            route_by=self.config.route_by, rank_tau=self.config.rank_tau,
+                            rank_noise_sd=self.plan_rank_noise_sd)
         await self.store.put_load(PLAN_KEY, doc, PLAN_TTL_S)
 
     async def _step_pool(self, pool: str, target: int, replicas: int, records: Sequence[InstanceRecord],

@@ -5,7 +5,11 @@ The leader of router/controlplane.py writes it after every round (`plan_document
 service's GetPlan reads it back (`plan_message`). One JSON document, so a reader never
 sees half of a round: the pools (replicas now, the autoscaler's target, the solved
 plan's instances, cost, load, drains), the routing table (per length bucket with traffic,
-each pool's share), when it was solved and written, and by which leader.
+each pool's share), when it was solved and written, and by which leader, and how it
+routes: `route_by` (`cell`, or `predicted` on the routers' ranker) with the prediction
+noise its solve planned for (`rank_noise_sd`, derived from `rank_tau` when that is what
+is configured). A document written before these were recorded reads as `route_by` ""
+(unknown) rather than being refused.
 
 A document from another format, or a damaged one, is refused by name (`PlanRecordError`)
 rather than shown half-read.
@@ -30,8 +34,10 @@ class PlanRecordError(ValueError):
 def plan_document(*, plan: Plan | None, solved_s: float | None, now_s: float, leader: str,
                   pools: Mapping[str, tuple[str, int]], current: Mapping[str, int],
                   targets: Mapping[str, int], loads: Mapping[str, float],
-                  draining: Mapping[str, int]) -> dict[str, Any]:
-    """The stored form. `pools` maps each configured pool to (gpu, tp); times are epoch seconds."""
+                  draining: Mapping[str, int], route_by: str = "cell", rank_tau: float | None = None,
+                  rank_noise_sd: float | None = None) -> dict[str, Any]:
+    """The stored form. `pools` maps each configured pool to (gpu, tp); times are epoch seconds;
+    `rank_noise_sd` is the noise the stored plan's solve used (None: no keyed solve)."""
     planned = {p.name: p for p in plan.pools} if plan is not None else {}
     rows = []
     for name in sorted(pools):
@@ -49,6 +55,8 @@ def plan_document(*, plan: Plan | None, solved_s: float | None, now_s: float, le
         "usd_per_hour": round(plan.usd_per_hour, 6) if plan is not None else 0.0,
         "solver": plan.solver if plan is not None else "", "solve_s": plan.solve_s if plan is not None else 0.0,
         "pools": rows, "routes": plan.as_dict()["buckets"] if plan is not None else [],
+        "route_by": route_by, "rank_tau": rank_tau,
+        "rank_noise_sd": round(rank_noise_sd, 6) if plan is not None and rank_noise_sd is not None else None,
     }
 
 
@@ -70,9 +78,17 @@ def plan_message(doc: Any) -> Any:
             slo_class=str(r["slo_class"]), input_lo=int(r["input"][0]), input_hi=int(r["input"][1]),
             output_lo=int(r["output"][0]), output_hi=int(r["output"][1]), rate_rps=float(r["rate_rps"]),
             pool_shares={str(k): float(v) for k, v in r["pools"].items()}) for r in doc["routes"]]
-        return admin_pb2.PlanStatus(
+        message = admin_pb2.PlanStatus(
             pools=pools, routes=routes, usd_per_hour=float(doc["usd_per_hour"]),
             solved_unix_ms=int(doc["solved_unix_ms"]), updated_unix_ms=int(doc["updated_unix_ms"]),
-            leader=str(doc["leader"]), solver=str(doc["solver"]), solve_s=float(doc["solve_s"]))
+            leader=str(doc["leader"]), solver=str(doc["solver"]), solve_s=float(doc["solve_s"]),
+            # Absent from documents written before they were recorded: unknown, not an error.
+            route_by=str(doc.get("route_by") or ""))
+        tau, noise_sd = doc.get("rank_tau"), doc.get("rank_noise_sd")
+        if tau is not None:
+            message.rank_tau = float(tau)
+        if noise_sd is not None:
+            message.rank_noise_sd = float(noise_sd)
+        return message
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         raise PlanRecordError(f"the stored plan ({PLAN_KEY}) is damaged: {type(exc).__name__}: {exc}") from None

@@ -475,7 +475,7 @@ class PlanRoute(_message.Message):
     def __init__(self, slo_class: _Optional[str] = ..., input_lo: _Optional[int] = ..., input_hi: _Optional[int] = ..., output_lo: _Optional[int] = ..., output_hi: _Optional[int] = ..., rate_rps: _Optional[float] = ..., pool_shares: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class PlanStatus(_message.Message):
-    __slots__ = ("pools", "routes", "usd_per_hour", "solved_unix_ms", "updated_unix_ms", "leader", "solver", "solve_s")
+    __slots__ = ("pools", "routes", "usd_per_hour", "solved_unix_ms", "updated_unix_ms", "leader", "solver", "solve_s", "route_by", "rank_noise_sd", "rank_tau")
     POOLS_FIELD_NUMBER: _ClassVar[int]
     ROUTES_FIELD_NUMBER: _ClassVar[int]
     USD_PER_HOUR_FIELD_NUMBER: _ClassVar[int]
@@ -484,6 +484,9 @@ class PlanStatus(_message.Message):
     LEADER_FIELD_NUMBER: _ClassVar[int]
     SOLVER_FIELD_NUMBER: _ClassVar[int]
     SOLVE_S_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_BY_FIELD_NUMBER: _ClassVar[int]
+    RANK_NOISE_SD_FIELD_NUMBER: _ClassVar[int]
+    RANK_TAU_FIELD_NUMBER: _ClassVar[int]
     pools: _containers.RepeatedCompositeFieldContainer[PlanPool]
     routes: _containers.RepeatedCompositeFieldContainer[PlanRoute]
     usd_per_hour: float
@@ -492,7 +495,10 @@ class PlanStatus(_message.Message):
     leader: str
     solver: str
     solve_s: float
-    def __init__(self, pools: _Optional[_Iterable[_Union[PlanPool, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[PlanRoute, _Mapping]]] = ..., usd_per_hour: _Optional[float] = ..., solved_unix_ms: _Optional[int] = ..., updated_unix_ms: _Optional[int] = ..., leader: _Optional[str] = ..., solver: _Optional[str] = ..., solve_s: _Optional[float] = ...) -> None: ...
+    route_by: str
+    rank_noise_sd: float
+    rank_tau: float
+    def __init__(self, pools: _Optional[_Iterable[_Union[PlanPool, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[PlanRoute, _Mapping]]] = ..., usd_per_hour: _Optional[float] = ..., solved_unix_ms: _Optional[int] = ..., updated_unix_ms: _Optional[int] = ..., leader: _Optional[str] = ..., solver: _Optional[str] = ..., solve_s: _Optional[float] = ..., route_by: _Optional[str] = ..., rank_noise_sd: _Optional[float] = ..., rank_tau: _Optional[float] = ...) -> None: ...
 
 class RecentRecordsRequest(_message.Message):
     __slots__ = ("window_s", "max_records", "max_bytes")

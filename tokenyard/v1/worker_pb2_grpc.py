@@ -52,8 +52,15 @@ class WorkerStub:
     4. Commit     ... and the exact number of tokens generated so far. The destination
     checks it holds every block, makes the request RUNNING from exactly that
     token, and answers COMMITTED. Only then does the source RELEASE its copy
-    and end the client's stream there with a `tokenyard.migrated` event
-    naming the destination (the router splices the stream, router/splice.py).
+    and tell the router where the request went, naming the destination:
+    a streamed request's stream ends there with a `tokenyard.migrated`
+    event (the router splices the stream, router/splice.py); a
+    non-streamed request is answered 200 with the header
+    `X-Tokenyard-Migrated: 1` and a JSON marker instead of the completion
+    (the destination, the text generated so far and its token count), which
+    the router follows with `Splicer.follow_body`: it attaches to the
+    destination (`X-Tokenyard-Attach`) for the rest and joins the legs into
+    one completion for the client (docs/migration.md).
 
     Downtime is step 3 + 4 only: the blocks of the last stage (a few, whatever the context
     length) and one round trip.
@@ -75,17 +82,24 @@ class WorkerStub:
     cancellation) and resumes the request: ABORTED with DESTINATION_UNREACHABLE /
     TIMEOUT. The source never releases before it has read COMMITTED.
     - source dies: the destination sees MigrateIn break before Commit and frees
-    everything. The client's stream breaks; the router re-submits the request as a
-    continuation elsewhere (mid-stream failover, router/splice.py).
+    everything. A client's stream breaks; the router re-submits the request as a
+    continuation elsewhere (mid-stream failover, router/splice.py). A non-streamed
+    request has sent the client nothing yet: the router's ordinary retry runs it
+    again elsewhere.
     - lost COMMITTED answer (destination committed, source timed out): the source
-    resumes and keeps streaming; the destination's copy is an ORPHAN that no client
-    attaches to, and it is aborted after `attach_timeout_ms`. Two copies may decode
-    for that long, but only the source's reaches the client.
+    resumes and keeps decoding (streaming, or towards its ordinary non-streamed
+    answer); the destination's copy is an ORPHAN that no client attaches to, and it
+    is aborted after `attach_timeout_ms`. Two copies may decode for that long, but
+    only the source's reaches the client.
+    - the attach to the destination fails after COMMITTED (it died, or refuses): the
+    router asks another instance for the rest as a continuation of the text so far,
+    from the streamed events or, non-streamed, from the marker's text and tokens.
     - the whole migration exceeds `deadline_ms`: as a timeout (ABORTED, TIMEOUT).
     - router restarts: a migration does not depend on the MigrateOut stream staying
     open (cancelling it does not abort; AbortMigration does); the new router finds
-    migrations in flight with ListMigrations. The clients' streams died with the old
-    router, so their requests are aborted by the engines (REQUEST_GONE).
+    migrations in flight with ListMigrations. The clients' connections (streamed or
+    not) died with the old router, so their requests are aborted by the engines
+    (REQUEST_GONE).
     - abort from either side: AbortMigration on the source or on the destination
     before COMMITTED aborts the migration on both (the other side learns through the
     MigrateIn stream); after COMMITTED it changes nothing (answers the final state).
@@ -162,8 +176,15 @@ class WorkerServicer:
     4. Commit     ... and the exact number of tokens generated so far. The destination
     checks it holds every block, makes the request RUNNING from exactly that
     token, and answers COMMITTED. Only then does the source RELEASE its copy
-    and end the client's stream there with a `tokenyard.migrated` event
-    naming the destination (the router splices the stream, router/splice.py).
+    and tell the router where the request went, naming the destination:
+    a streamed request's stream ends there with a `tokenyard.migrated`
+    event (the router splices the stream, router/splice.py); a
+    non-streamed request is answered 200 with the header
+    `X-Tokenyard-Migrated: 1` and a JSON marker instead of the completion
+    (the destination, the text generated so far and its token count), which
+    the router follows with `Splicer.follow_body`: it attaches to the
+    destination (`X-Tokenyard-Attach`) for the rest and joins the legs into
+    one completion for the client (docs/migration.md).
 
     Downtime is step 3 + 4 only: the blocks of the last stage (a few, whatever the context
     length) and one round trip.
@@ -185,17 +206,24 @@ class WorkerServicer:
     cancellation) and resumes the request: ABORTED with DESTINATION_UNREACHABLE /
     TIMEOUT. The source never releases before it has read COMMITTED.
     - source dies: the destination sees MigrateIn break before Commit and frees
-    everything. The client's stream breaks; the router re-submits the request as a
-    continuation elsewhere (mid-stream failover, router/splice.py).
+    everything. A client's stream breaks; the router re-submits the request as a
+    continuation elsewhere (mid-stream failover, router/splice.py). A non-streamed
+    request has sent the client nothing yet: the router's ordinary retry runs it
+    again elsewhere.
     - lost COMMITTED answer (destination committed, source timed out): the source
-    resumes and keeps streaming; the destination's copy is an ORPHAN that no client
-    attaches to, and it is aborted after `attach_timeout_ms`. Two copies may decode
-    for that long, but only the source's reaches the client.
+    resumes and keeps decoding (streaming, or towards its ordinary non-streamed
+    answer); the destination's copy is an ORPHAN that no client attaches to, and it
+    is aborted after `attach_timeout_ms`. Two copies may decode for that long, but
+    only the source's reaches the client.
+    - the attach to the destination fails after COMMITTED (it died, or refuses): the
+    router asks another instance for the rest as a continuation of the text so far,
+    from the streamed events or, non-streamed, from the marker's text and tokens.
     - the whole migration exceeds `deadline_ms`: as a timeout (ABORTED, TIMEOUT).
     - router restarts: a migration does not depend on the MigrateOut stream staying
     open (cancelling it does not abort; AbortMigration does); the new router finds
-    migrations in flight with ListMigrations. The clients' streams died with the old
-    router, so their requests are aborted by the engines (REQUEST_GONE).
+    migrations in flight with ListMigrations. The clients' connections (streamed or
+    not) died with the old router, so their requests are aborted by the engines
+    (REQUEST_GONE).
     - abort from either side: AbortMigration on the source or on the destination
     before COMMITTED aborts the migration on both (the other side learns through the
     MigrateIn stream); after COMMITTED it changes nothing (answers the final state).
@@ -335,8 +363,15 @@ class Worker:
     4. Commit     ... and the exact number of tokens generated so far. The destination
     checks it holds every block, makes the request RUNNING from exactly that
     token, and answers COMMITTED. Only then does the source RELEASE its copy
-    and end the client's stream there with a `tokenyard.migrated` event
-    naming the destination (the router splices the stream, router/splice.py).
+    and tell the router where the request went, naming the destination:
+    a streamed request's stream ends there with a `tokenyard.migrated`
+    event (the router splices the stream, router/splice.py); a
+    non-streamed request is answered 200 with the header
+    `X-Tokenyard-Migrated: 1` and a JSON marker instead of the completion
+    (the destination, the text generated so far and its token count), which
+    the router follows with `Splicer.follow_body`: it attaches to the
+    destination (`X-Tokenyard-Attach`) for the rest and joins the legs into
+    one completion for the client (docs/migration.md).
 
     Downtime is step 3 + 4 only: the blocks of the last stage (a few, whatever the context
     length) and one round trip.
@@ -358,17 +393,24 @@ class Worker:
     cancellation) and resumes the request: ABORTED with DESTINATION_UNREACHABLE /
     TIMEOUT. The source never releases before it has read COMMITTED.
     - source dies: the destination sees MigrateIn break before Commit and frees
-    everything. The client's stream breaks; the router re-submits the request as a
-    continuation elsewhere (mid-stream failover, router/splice.py).
+    everything. A client's stream breaks; the router re-submits the request as a
+    continuation elsewhere (mid-stream failover, router/splice.py). A non-streamed
+    request has sent the client nothing yet: the router's ordinary retry runs it
+    again elsewhere.
     - lost COMMITTED answer (destination committed, source timed out): the source
-    resumes and keeps streaming; the destination's copy is an ORPHAN that no client
-    attaches to, and it is aborted after `attach_timeout_ms`. Two copies may decode
-    for that long, but only the source's reaches the client.
+    resumes and keeps decoding (streaming, or towards its ordinary non-streamed
+    answer); the destination's copy is an ORPHAN that no client attaches to, and it
+    is aborted after `attach_timeout_ms`. Two copies may decode for that long, but
+    only the source's reaches the client.
+    - the attach to the destination fails after COMMITTED (it died, or refuses): the
+    router asks another instance for the rest as a continuation of the text so far,
+    from the streamed events or, non-streamed, from the marker's text and tokens.
     - the whole migration exceeds `deadline_ms`: as a timeout (ABORTED, TIMEOUT).
     - router restarts: a migration does not depend on the MigrateOut stream staying
     open (cancelling it does not abort; AbortMigration does); the new router finds
-    migrations in flight with ListMigrations. The clients' streams died with the old
-    router, so their requests are aborted by the engines (REQUEST_GONE).
+    migrations in flight with ListMigrations. The clients' connections (streamed or
+    not) died with the old router, so their requests are aborted by the engines
+    (REQUEST_GONE).
     - abort from either side: AbortMigration on the source or on the destination
     before COMMITTED aborts the migration on both (the other side learns through the
     MigrateIn stream); after COMMITTED it changes nothing (answers the final state).
