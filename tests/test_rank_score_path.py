@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -102,11 +101,8 @@ def test_fast_score_equals_the_plain_reference_on_any_text(model: RankModel, tex
     assert model.score(record) == pytest.approx(_plain_score(model, record), abs=1e-9)
 
 
-def test_fast_score_equals_the_plain_reference_on_held_out_prompts(model: RankModel) -> None:
-    data = os.environ.get("TOKENYARD_SHARED_DATA")
-    path = Path(data or "/nonexistent") / "lengths" / "alpaca_eval" / "derived_instructions.csv"
-    if not path.exists():
-        pytest.skip("TOKENYARD_SHARED_DATA with lengths/alpaca_eval not set")
+def test_fast_score_equals_the_plain_reference_on_held_out_prompts(model: RankModel, shared_data: Path) -> None:
+    path = shared_data / "lengths" / "alpaca_eval" / "derived_instructions.csv"
     with path.open(newline="") as handle:
         rows = list(csv.DictReader(handle))[::8]  # ~100 prompts
     for i, row in enumerate(rows):
