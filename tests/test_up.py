@@ -21,6 +21,22 @@ def _command(state_dir: Path, *extra: str) -> list[str]:
             "--time-scale", "0", *extra]
 
 
+def _start(tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
+    """`tokenyard up` in the background, its stdout piped, its log in up.stderr (so that
+    a failed start can say why)."""
+    with (tmp_path / "up.stderr").open("w") as log:
+        return subprocess.Popen(_command(tmp_path / "state", *extra), stdout=subprocess.PIPE, stderr=log,
+                                text=True, cwd=REPO_ROOT)
+
+
+def _why_not_up(out: str, tmp_path: Path) -> str:
+    """The start-up output, the router's log tail and every engine log's tail."""
+    parts = [out, "-- up stderr --", (tmp_path / "up.stderr").read_text()[-3000:]]
+    for log in sorted((tmp_path / "state" / "logs").glob("*.log")):
+        parts += [f"-- {log.name} --", log.read_text(errors="replace")[-1500:]]
+    return "\n".join(parts)
+
+
 def test_up_smoke_starts_the_fleet_answers_and_exits(tmp_path: Path) -> None:
     result = subprocess.run(_command(tmp_path / "state", "--smoke"), capture_output=True, text=True, timeout=120,
                             cwd=REPO_ROOT)
@@ -43,8 +59,7 @@ def test_up_smoke_starts_the_fleet_answers_and_exits(tmp_path: Path) -> None:
 
 
 def test_up_stays_up_until_ctrl_c_and_stops_everything(tmp_path: Path) -> None:
-    proc = subprocess.Popen(_command(tmp_path / "state"), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, cwd=REPO_ROOT)
+    proc = _start(tmp_path)
     try:
         lines: list[str] = []
         deadline = time.monotonic() + 90
@@ -58,7 +73,7 @@ def test_up_stays_up_until_ctrl_c_and_stops_everything(tmp_path: Path) -> None:
                 break
         out = "".join(lines)
         url = re.search(r"Tokenyard is up: (http://127\.0\.0\.1:\d+)", out)
-        assert url is not None, out
+        assert url is not None, _why_not_up(out, tmp_path)
         models = httpx.get(url.group(1) + "/v1/models", timeout=10).json()
         assert sorted(m["id"] for m in models["data"]) == ["auto", "llama-3-8b", "qwen2.5-1.5b"]  # + the tier alias
         engines = [entry["url"] for entry in
@@ -117,8 +132,7 @@ def test_up_with_learned_rank_scores_requests_and_passes_known_lengths(tmp_path:
     """`--queue-sort learned_rank` turns the ranker on (the router scores each request, the
     admission queue releases by rank) and the emulated engines' known-length header passes
     through the router, as bench/ranking_up.py replays prompts with known answer lengths."""
-    proc = subprocess.Popen(_command(tmp_path / "state", "--queue-sort", "learned_rank", "--rank-max-wait-s", "12"),
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO_ROOT)
+    proc = _start(tmp_path, "--queue-sort", "learned_rank", "--rank-max-wait-s", "12")
     try:
         assert proc.stdout is not None
         lines: list[str] = []
@@ -132,7 +146,7 @@ def test_up_with_learned_rank_scores_requests_and_passes_known_lengths(tmp_path:
                 break
         out = "".join(lines)
         url = re.search(r"Tokenyard is up: (http://127\.0\.0\.1:\d+)", out)
-        assert url is not None, out
+        assert url is not None, _why_not_up(out, tmp_path)
         config = yaml.safe_load((tmp_path / "state" / "router.yaml").read_text())
         assert config["policy"]["queue"]["sort"] == {"learned_rank": {"max_wait_s": 12.0}}
         assert config["rank"] == {"model": None}
