@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from router_overhead import MODEL, MODES, Proc, extract_baseline, wait_ready  # noqa: E402
+from router_overhead import MODEL, MODES, Proc, extract_baseline, router_config, wait_ready  # noqa: E402
 
 from tests.conftest import free_port  # noqa: E402
 
@@ -106,12 +106,7 @@ def main() -> int:
             port = free_port()
             tag = name.replace("@", "-")
             config = workdir / f"{tag}.yaml"
-            config.write_text(yaml.safe_dump({
-                "listen": {"host": "127.0.0.1", "port": port},
-                "store": f"file://{workdir / f'state-{tag}.db'}",
-                "discovery": {"static": [{"url": url, "model": MODEL, "gpu": "A100-80GB", "id": f"engine-{k}"}
-                                         for k, url in enumerate(engine_urls)]},
-            }))
+            config.write_text(yaml.safe_dump(router_config(port, workdir / f"state-{tag}.db", engine_urls)))
             out_dir = workdir / f"cg-{tag}"
             out_dir.mkdir()
             cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_dir}/callgrind.out.%p",

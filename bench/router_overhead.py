@@ -41,6 +41,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import yaml
@@ -130,6 +131,16 @@ class Proc:
         with contextlib.suppress(OSError):
             return self.log_path.read_text(errors="replace")[-600:]
         return ""
+
+
+def router_config(port: int, store: Path, engine_urls: list[str]) -> dict[str, Any]:
+    """The benchmarked router's config: on loopback, a file store, the engines static."""
+    return {
+        "listen": {"host": "127.0.0.1", "port": port},
+        "store": f"file://{store}",
+        "discovery": {"static": [{"url": url, "model": MODEL, "gpu": "A100-80GB", "id": f"engine-{k}"}
+                                 for k, url in enumerate(engine_urls)]},
+    }
 
 
 def wait_ready(url: str, proc: Proc, timeout_s: float) -> str | None:
@@ -348,12 +359,8 @@ def main() -> int:
                             code_root: Path | None = None, extra: tuple[str, ...] = ()) -> tuple[str, Proc | None]:
             port = free_port()
             config = workdir / f"router-{http_server}-{workers}.yaml"
-            config.write_text(yaml.safe_dump({
-                "listen": {"host": "127.0.0.1", "port": port},
-                "store": f"file://{workdir / f'state-{http_server}-{workers}.json'}",
-                "discovery": {"static": [{"url": url, "model": MODEL, "gpu": "A100-80GB", "id": f"engine-{k}"}
-                                         for k, url in enumerate(engine_urls)]},
-            }))
+            config.write_text(yaml.safe_dump(router_config(port, workdir / f"state-{http_server}-{workers}.json",
+                                                           engine_urls)))
             # uvicorn is no longer a router option; bench/http_server.py serves the router app on it.
             cmd = pin_router + ([sys.executable, "-m", "cli.main", "--log-level", "warning", "router", "--config",
                     str(config), "--workers", str(workers), *extra] if http_server == "builtin" else
