@@ -88,12 +88,16 @@ MAX_OPERATOR_CANDIDATES = 256  # a named request is looked for among this many r
 def load_of(state: InstanceState, *, draining: bool, migrating: bool) -> MigrationLoad:
     """An instance's migration load from what the router knows of it. The head-of-line
     demand is estimated as one average running request's blocks when requests wait (the
-    Worker status has no per-request queue)."""
+    Worker status has no per-request queue), bounded by the whole queued demand when the
+    engine reports it (`kv_blocks_queued`; exact with one request waiting)."""
     bs = max(1, state.block_size_tokens)
     head = 0
     if state.waiting > 0:
         per_request = state.tokens_in_flight / max(1, state.running) if state.running else bs
         head = -(-int(per_request) // bs)
+        queued = state.kv_blocks_queued  # reported by the Worker status: the head needs no more
+        if queued is not None:
+            head = queued if state.waiting == 1 else min(head, queued)
     return MigrationLoad(
         instance_id=state.instance_id, model=state.model, kv_blocks_total=state.kv_blocks_total,
         kv_blocks_used=state.kv_blocks_used, head_of_line_blocks=head, waiting=state.waiting,

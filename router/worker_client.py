@@ -63,6 +63,8 @@ def apply_snapshot(state: InstanceState, snapshot: worker_pb2.LoadSnapshot, now_
     if snapshot.block_size_tokens:
         state.block_size_tokens = snapshot.block_size_tokens
     state.tokens_in_flight = snapshot.tokens_in_flight
+    # An engine that does not report its queued demand leaves it unset: estimated then.
+    state.kv_blocks_queued = snapshot.kv_blocks_queued if snapshot.HasField("kv_blocks_queued") else None
     state.draining = snapshot.draining or router_draining
     state.healthy = True
     state.updated_s = now_s

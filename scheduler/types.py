@@ -50,6 +50,10 @@ class InstanceState:
     block_size_tokens: int = 16
     tokens_in_flight: int = 0
     router_inflight: int = 0
+    # KV blocks the queued (waiting) requests need to be admitted: the queued demand that
+    # `kv_blocks_used` does not show. None: the driver does not know it (a vLLM /metrics
+    # scrape); a scorer then estimates it from `waiting`.
+    kv_blocks_queued: int | None = None
     updated_s: float = 0.0
 
     @property

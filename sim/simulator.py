@@ -458,7 +458,9 @@ class Simulation:
                 continue
             state = inst.state
             state.router_inflight += 1
-            state.waiting = inst.core.num_waiting if self.live_load else state.waiting
+            if self.live_load:
+                state.waiting = inst.core.num_waiting
+                state.kv_blocks_queued = inst.core.waiting_blocks
             inst.stats.requests += 1
             policy.on_dispatch(info, instance_id)
             if affinity is not None and reasons:
@@ -571,6 +573,7 @@ class Simulation:
                 state = inst.state
                 state.running = len(core.running)
                 state.waiting = core.num_waiting
+                state.kv_blocks_queued = core.waiting_blocks
 
     def _cut_run(self, inst: _Instance, now: float) -> None:
         """A request arrived while `inst` was inside a run: the next schedule must see it."""
@@ -654,6 +657,7 @@ class Simulation:
         run = inst.run
         state.running = len(core.running)
         state.waiting = core.num_waiting
+        state.kv_blocks_queued = core.waiting_blocks
         if not self.publish_progress:
             return  # no policy reads KV use, tokens in flight or the snapshot time
         if run is not None:

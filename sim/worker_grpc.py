@@ -107,6 +107,7 @@ class LoadInfo:
     migrations_out: int = 0
     migrations_in: int = 0
     kv_blocks_reserved_for_migration: int = 0
+    kv_blocks_queued: int | None = None  # None: unknown (the snapshot leaves the field unset)
 
     @classmethod
     def of_core(cls, core: EngineCore, draining: bool, *, migrations_out: int = 0, migrations_in: int = 0,
@@ -126,6 +127,7 @@ class LoadInfo:
             migrations_out=migrations_out,
             migrations_in=migrations_in,
             kv_blocks_reserved_for_migration=kv_blocks_reserved_for_migration,
+            kv_blocks_queued=core.waiting_blocks,
         )
 
 
@@ -301,6 +303,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             migrations_out=load.migrations_out,
             migrations_in=load.migrations_in,
             kv_blocks_reserved_for_migration=load.kv_blocks_reserved_for_migration,
+            kv_blocks_queued=load.kv_blocks_queued,
         )
 
     async def Describe(  # noqa: N802 (gRPC method name)

@@ -225,6 +225,34 @@ def test_load_of_estimates_queued_demand_from_what_the_router_sees() -> None:
     state = InstanceState(instance_id="a", model=MODEL, running=4, waiting=2, tokens_in_flight=4000,
                           kv_blocks_used=300, kv_blocks_total=400, block_size_tokens=16)
     assert load_of(state, draining=False, migrating=False).head_of_line_blocks == 63  # 1000 tokens / 16
+    # An engine that reports its queued demand bounds the head's: it cannot need more.
+    state.kv_blocks_queued = 20
+    assert load_of(state, draining=False, migrating=False).head_of_line_blocks == 20
+    state.waiting, state.kv_blocks_queued = 1, 90  # one request queued: its blocks are the whole demand
+    assert load_of(state, draining=False, migrating=False).head_of_line_blocks == 90
+
+
+def test_virtual_usage_counts_the_queued_demand_the_driver_reports() -> None:
+    from scheduler.dispatch import ClusterView, build_policy
+    from scheduler.policies.virtual_usage import virtual_usage
+    from scheduler.types import RequestInfo
+
+    policy = build_policy({"filters": ["model"], "scorers": ["least_virtual_usage"], "picker": "max_score"})
+    # Three short prompts wait on "short-queue" (30 blocks in all); "long-running" queues
+    # nothing but holds more. Estimated from the mean running request (100 blocks each), the
+    # queue looks like 300 blocks and "short-queue" the busier; counted, it is the lighter.
+    short = InstanceState(instance_id="short-queue", model=MODEL, running=5, waiting=3, kv_blocks_used=500,
+                          kv_blocks_total=1000)
+    long = InstanceState(instance_id="long-running", model=MODEL, running=5, kv_blocks_used=600,
+                         kv_blocks_total=1000, kv_blocks_queued=0)
+    assert virtual_usage(short) == pytest.approx(0.8)  # estimated: 500 + 3 x 100
+    assert policy.decide(ClusterView([short, long]), RequestInfo("r", MODEL, 100)).instance_ids[0] == "long-running"
+    short.kv_blocks_queued = 30
+    assert virtual_usage(short) == pytest.approx(0.53)
+    assert policy.decide(ClusterView([short, long]), RequestInfo("r", MODEL, 100)).instance_ids[0] == "short-queue"
+    # A reported 0 with requests waiting (all admitted since the last snapshot) is taken as it is.
+    assert virtual_usage(InstanceState(instance_id="x", model=MODEL, running=2, waiting=4, kv_blocks_used=100,
+                                       kv_blocks_total=1000, kv_blocks_queued=0)) == pytest.approx(0.1)
 
 
 async def test_the_router_loop_drains_an_instance_by_moving_its_stream() -> None:

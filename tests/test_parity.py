@@ -41,7 +41,7 @@ from sim.simulator import Simulation
 from sim.workload import TraceRequest
 
 PICKERS = ["max_score", "round_robin", "random", "power_of_two", "session_affinity", "prefix_affinity"]
-SCORERS = ["least_outstanding", "least_kv", "slo_headroom"]
+SCORERS = ["least_outstanding", "least_kv", "slo_headroom", "least_virtual_usage"]
 POOLS = [("a100", "A100-80GB", "llama-3-8b"), ("l4", "L4", "llama-3-8b"), ("small", "L4", "qwen2.5-1.5b")]
 TIER_POLICIES = ["always_large", "always_small", "quality_only", "load_aware", "random_offload", "cascade"]
 PROMPTS = [None, None, "What is 2+2?", "Write a haiku about autumn.",
@@ -123,6 +123,9 @@ loads = st.fixed_dictionaries({
     "running": st.integers(0, 6), "waiting": st.integers(0, 4), "kv": st.floats(0, 0.98),
     "healthy": st.sampled_from([True, True, True, False]), "draining": st.sampled_from([False, False, False, True]),
     "cordoned": st.sampled_from([False, False, False, True]),
+    # The queued demand in KV blocks, as the simulator and a Worker status stream report it;
+    # None as a /metrics scrape leaves it (estimated from `waiting`).
+    "queued": st.one_of(st.none(), st.integers(0, 600)),
 })
 
 requests = st.lists(st.fixed_dictionaries({
@@ -150,6 +153,7 @@ def _set_load(state: InstanceState, load: dict[str, Any], kv_total: int) -> None
     state.running, state.waiting = load["running"], load["waiting"]
     state.kv_blocks_total = kv_total
     state.kv_blocks_used = int(load["kv"] * kv_total)
+    state.kv_blocks_queued = load.get("queued")
     state.healthy, state.draining = load["healthy"], load["draining"]
 
 

@@ -280,6 +280,8 @@ async def test_client_turns_snapshots_into_instance_state(served: tuple[EngineCo
         # KV room for 64 blocks: 13 blocks per 200-token prompt admits 4, queues 1.
         assert (state.running, state.waiting, state.kv_blocks_used) == (4, 1, 52)
         assert state.tokens_in_flight == core.tokens_in_flight == 800
+        # The queued demand travels too: the one waiting 200-token prompt needs 13 blocks.
+        assert state.kv_blocks_queued == core.waiting_blocks == 13
         assert state.kv_usage == pytest.approx(52 / 64)
         assert state.router_inflight == 7  # the router's own count is not overwritten
         assert state.outstanding == 7
@@ -378,6 +380,7 @@ async def test_client_drops_a_silent_stream_and_reconnects() -> None:
     try:
         await until(lambda: client.connections >= 3, "two reconnections after silent streams")
         assert state.kv_blocks_used == 2 and state.gpu == "L4"
+        assert state.kv_blocks_queued is None  # a backend that does not know it leaves it unset
     finally:
         await client.stop()
         await server.stop(None)

@@ -15,12 +15,15 @@ from scheduler.types import InstanceState, RequestInfo
 
 
 def virtual_usage(instance: InstanceState) -> float:
-    """(KV blocks held + estimated blocks of the queue) / KV blocks; 0 when unknown."""
+    """(KV blocks held + blocks of the queue) / KV blocks; 0 when unknown. The queue's
+    blocks are the driver's `kv_blocks_queued` when it knows them, else estimated."""
     total = instance.kv_blocks_total
     if total <= 0:
         return 0.0
     queued = 0.0
-    if instance.waiting:
+    if instance.kv_blocks_queued is not None:
+        queued = float(instance.kv_blocks_queued)
+    elif instance.waiting:
         per_request = instance.kv_blocks_used / instance.running if instance.running else 0.0
         queued = instance.waiting * per_request
     return (instance.kv_blocks_used + queued) / total

@@ -109,7 +109,7 @@ class StatusRequest(_message.Message):
     def __init__(self, interval_ms: _Optional[int] = ..., min_change_interval_ms: _Optional[int] = ...) -> None: ...
 
 class LoadSnapshot(_message.Message):
-    __slots__ = ("instance_id", "sequence", "timestamp_unix_ms", "running", "waiting", "kv_blocks_used", "kv_blocks_total", "block_size_tokens", "tokens_in_flight", "preemptions_total", "prefix_cache_hit_tokens_total", "prefix_cache_query_tokens_total", "draining", "incarnation_id", "migrations_out", "migrations_in", "kv_blocks_reserved_for_migration")
+    __slots__ = ("instance_id", "sequence", "timestamp_unix_ms", "running", "waiting", "kv_blocks_used", "kv_blocks_total", "block_size_tokens", "tokens_in_flight", "preemptions_total", "prefix_cache_hit_tokens_total", "prefix_cache_query_tokens_total", "draining", "incarnation_id", "migrations_out", "migrations_in", "kv_blocks_reserved_for_migration", "kv_blocks_queued")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +127,7 @@ class LoadSnapshot(_message.Message):
     MIGRATIONS_OUT_FIELD_NUMBER: _ClassVar[int]
     MIGRATIONS_IN_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_RESERVED_FOR_MIGRATION_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_QUEUED_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     sequence: int
     timestamp_unix_ms: int
@@ -144,7 +145,8 @@ class LoadSnapshot(_message.Message):
     migrations_out: int
     migrations_in: int
     kv_blocks_reserved_for_migration: int
-    def __init__(self, instance_id: _Optional[str] = ..., sequence: _Optional[int] = ..., timestamp_unix_ms: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., block_size_tokens: _Optional[int] = ..., tokens_in_flight: _Optional[int] = ..., preemptions_total: _Optional[int] = ..., prefix_cache_hit_tokens_total: _Optional[int] = ..., prefix_cache_query_tokens_total: _Optional[int] = ..., draining: _Optional[bool] = ..., incarnation_id: _Optional[str] = ..., migrations_out: _Optional[int] = ..., migrations_in: _Optional[int] = ..., kv_blocks_reserved_for_migration: _Optional[int] = ...) -> None: ...
+    kv_blocks_queued: int
+    def __init__(self, instance_id: _Optional[str] = ..., sequence: _Optional[int] = ..., timestamp_unix_ms: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., block_size_tokens: _Optional[int] = ..., tokens_in_flight: _Optional[int] = ..., preemptions_total: _Optional[int] = ..., prefix_cache_hit_tokens_total: _Optional[int] = ..., prefix_cache_query_tokens_total: _Optional[int] = ..., draining: _Optional[bool] = ..., incarnation_id: _Optional[str] = ..., migrations_out: _Optional[int] = ..., migrations_in: _Optional[int] = ..., kv_blocks_reserved_for_migration: _Optional[int] = ..., kv_blocks_queued: _Optional[int] = ...) -> None: ...
 
 class MigrateOutRequest(_message.Message):
     __slots__ = ("migration_id", "request_id", "destination_instance_id", "destination_address", "max_stages", "stop_copy_max_blocks", "stage_timeout_ms", "deadline_ms", "attach_timeout_ms")
