@@ -6,9 +6,10 @@
                                      # high load: round-robin vs least-load vs least-load
                                      # with migration (p50/p99 TTFT and TPOT, preemptions),
                                      # and dispatch on virtual usage with and without it
-    python bench/migration.py sweep  # round-robin vs least-load vs least-load + migration
-                                     # on the conv and code traces, 8 and 16 instances,
-                                     # loads x1.0-1.5 per instance (20 points, ~2 min)
+    python bench/migration.py sweep  # round-robin, least-load and virtual-usage dispatch,
+                                     # the last two with and without migration, on the
+                                     # conv and code traces, 8 and 16 instances, loads
+                                     # x1.0-1.5 per instance (20 points, ~10 min)
 
 live: two emulated engines with their Worker gRPC services on
 127.0.0.1; a streamed completion with a prompt of N tokens decodes on the source; after a
@@ -33,7 +34,9 @@ the policy document.
 
 sweep: the same fleet and policies over `--traces` x `--instances` x `--loads`; a load is
 per instance (arrivals x load x instances / 8, `--requests-per-instance` each); prints a
-line per point and the geometric mean of least-load / migration p99 TTFT.
+line per point (p50/p99 TTFT and TPOT, preemptions, moves per policy) and, for each
+policy with migration, the geometric mean over the points of each baseline's p99 TTFT
+over its p99 TTFT (and at how many points it is >= 5x).
 """
 
 from __future__ import annotations
@@ -76,15 +79,17 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] * 1000 if values else float("nan")
 
 
-def sim_variants(args: argparse.Namespace, with_virtual_usage: bool) -> list[tuple[str, str, list[str], Any]]:
+def sim_variants(args: argparse.Namespace, with_virtual_usage: bool,
+                 with_least_load_migration: bool = True) -> list[tuple[str, str, list[str], Any]]:
     """(label, picker, scorers, migration params or None) of the policies compared."""
     params = {"policy": "llumnix", "preempt_guard_blocks": args.guard, "destination_reserve_blocks": args.reserve,
               "min_usage_gap": args.gap, "guard_blocks_per_decode": args.guard_per_decode}
     variants: list[tuple[str, str, list[str], Any]] = [
         ("round-robin", "round_robin", ["least_outstanding"], None),
         ("least-load", "max_score", [args.scorer], None),
-        ("least-load + migration", "max_score", [args.scorer], params),
     ]
+    if with_least_load_migration:
+        variants.append(("least-load + migration", "max_score", [args.scorer], params))
     if with_virtual_usage:
         variants += [("virtual-usage dispatch", "max_score", ["least_virtual_usage"], None),
                      ("virtual-usage dispatch + migration", "max_score", ["least_virtual_usage"], params)]
@@ -150,36 +155,56 @@ def run_sim(args: argparse.Namespace) -> int:
     return 0
 
 
+SWEEP_SHORT = {"round-robin": "rr", "least-load": "ll", "least-load + migration": "ll_mig",
+               "virtual-usage dispatch": "vu", "virtual-usage dispatch + migration": "vu_mig"}
+
+
 def run_sweep(args: argparse.Namespace) -> int:
-    """Round-robin, least-load and least-load + migration over traces x fleet sizes x loads.
-    The load is per instance: arrivals are sped up `load x instances / 8` times (x1.0 on 8
-    instances is the trace's own rate), with `requests_per_instance x instances` requests."""
+    """Round-robin, least-load (with and without migration) and virtual-usage dispatch
+    (with and without migration) over traces x fleet sizes x loads. The load is per
+    instance: arrivals are sped up `load x instances / 8` times (x1.0 on 8 instances is the
+    trace's own rate), with `requests_per_instance x instances` requests. A line per point
+    (p50/p99 TTFT and TPOT, preemptions, moves, per policy), then the geometric means of
+    the p99 TTFT ratios over the points: each baseline over each policy with migration."""
     from tqdm import tqdm
 
     traces = {name: str(_trace(name)) for name in args.traces.split(",")}
     sizes = [int(n) for n in args.instances.split(",")]
     loads = [float(x) for x in args.loads.split(",")]
-    variants = sim_variants(args, with_virtual_usage=False)
+    variants = sim_variants(args, with_virtual_usage=not args.no_virtual_usage,
+                            with_least_load_migration=not args.no_least_load_migration)
     points = [(t, n, x) for t in traces for n in sizes for x in loads]
-    ratios: list[float] = []
-    better = within = worse = 0
+    p99: dict[str, list[float]] = {SWEEP_SHORT[v[0]]: [] for v in variants}
     started = time.perf_counter()
-    for name, instances, load in tqdm(points, desc="sweep", unit="point"):
-        rows = sim_point(args, traces[name], instances, load * instances / 8, args.requests_per_instance * instances,
-                         variants, progress=False)
-        rr, ll, mig = (r["ttft_p99_ms"] for r in rows)
-        ratio = ll / mig  # > 1: migration's p99 TTFT is lower than least-load's
-        ratios.append(ratio)
-        better += ratio > 1.02
-        within += 1 / 1.02 <= ratio <= 1.02
-        worse += ratio < 1 / 1.02
-        tqdm.write(json.dumps({"trace": name, "instances": instances, "load": load, "rr_p99_ms": round(rr),
-                               "ll_p99_ms": round(ll), "mig_p99_ms": round(mig), "ll_over_mig": round(ratio, 2),
-                               "rr_over_mig": round(rr / mig, 2),
-                               "moves": rows[2].get("migrations", {}).get("committed", 0)}))
-    gmean = statistics.geometric_mean(ratios)
-    print(f"{len(points)} points x {len(variants)} policies in {time.perf_counter() - started:.0f} s; p99 TTFT "
-          f"least-load / migration: geometric mean {gmean:.2f}x; better {better}, within 2% {within}, worse {worse}")
+    out = open(args.json, "w") if args.json else None  # noqa: SIM115 (closed below)
+    try:
+        for name, instances, load in tqdm(points, desc="sweep", unit="point"):
+            rows = sim_point(args, traces[name], instances, load * instances / 8,
+                             args.requests_per_instance * instances, variants, progress=False)
+            line: dict[str, Any] = {"trace": name, "instances": instances, "load": load}
+            for row in rows:
+                key = SWEEP_SHORT[row["policy"]]
+                p99[key].append(row["ttft_p99_ms"])
+                line[key] = {"ttft_p50_ms": round(row["ttft_p50_ms"]), "ttft_p99_ms": round(row["ttft_p99_ms"]),
+                             "tpot_p50_ms": round(row["tpot_p50_ms"], 1), "tpot_p99_ms": round(row["tpot_p99_ms"], 1),
+                             "preemptions": row["preemptions"]}
+                if "migrations" in row:
+                    line[key]["moves"] = row["migrations"]["committed"]
+            tqdm.write(json.dumps(line))
+            if out is not None:
+                out.write(json.dumps(line) + "\n")
+    finally:
+        if out is not None:
+            out.close()
+    print(f"{len(points)} points x {len(variants)} policies in {time.perf_counter() - started:.0f} s")
+    for mig in (k for k in ("ll_mig", "vu_mig") if k in p99):
+        for base in (k for k in ("rr", "ll", "vu") if k in p99):
+            ratios = [b / m for b, m in zip(p99[base], p99[mig], strict=True)]
+            better = sum(r > 1.02 for r in ratios)
+            worse = sum(r < 1 / 1.02 for r in ratios)
+            at5 = sum(r >= 5 for r in ratios)
+            print(f"p99 TTFT {base} / {mig}: geometric mean {statistics.geometric_mean(ratios):.2f}x; "
+                  f"better {better}, within 2% {len(ratios) - better - worse}, worse {worse}; >= 5x at {at5}")
     return 0
 
 
@@ -202,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--instances", default="8,16")
     sweep.add_argument("--loads", default="1.0,1.2,1.3,1.4,1.5")
     sweep.add_argument("--requests-per-instance", type=int, default=250)
+    sweep.add_argument("--no-virtual-usage", action="store_true", help="leave out the least_virtual_usage policies")
+    sweep.add_argument("--no-least-load-migration", action="store_true",
+                       help="leave out least-load + migration")
+    sweep.add_argument("--json", default="", help="also write the per-point lines to this JSONL file")
     for p in (sim, sweep):
         p.add_argument("--link-gbps", type=float, default=100.0)
         p.add_argument("--interval-s", type=float, default=0.05)
