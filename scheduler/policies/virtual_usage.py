@@ -1,8 +1,12 @@
 """Dispatch by virtual usage: the load measure the migration policy balances (Llumnix).
 
 `least_virtual_usage` scores an instance by the KV blocks its running requests hold plus
-an estimate of what its queued requests will need (waiting requests times the mean
-blocks of a running one), over its blocks: lower is better. Dispatching on the same
+what its queued requests will need, over its blocks: lower is better. The queued demand is
+`InstanceState.kv_blocks_queued` when the driver knows it (the simulator's cores, the
+Worker status stream), else estimated as waiting requests times the mean blocks of a
+running one (a vLLM /metrics scrape). Counting it exactly is what keeps a KV-only view
+from piling arrivals onto an instance whose queue holds no blocks yet (issue 13,
+docs/benchmarks.md "Live migration", fourth round). Dispatching on the same
 measure the migration policy (scheduler/migration.py) moves requests on keeps the two
 from working against each other: a KV-only dispatcher sends every arrival to an
 instance that migration has just emptied of decodes, although its queue is long.
