@@ -51,6 +51,10 @@ class InstanceState:
     tokens_in_flight: int = 0
     router_inflight: int = 0
     updated_s: float = 0.0
+    # Prompt tokens/s the driver has dispatched to the instance, as of `prefill_rate_at_s`
+    # (an exponentially decayed rate: scheduler/prefill_rate.py reads and updates it).
+    prefill_tokens_per_s: float = 0.0
+    prefill_rate_at_s: float = 0.0
 
     @property
     def kv_usage(self) -> float:
