@@ -232,9 +232,9 @@ def main() -> int:
     parser.add_argument("--floor", type=float, default=0.3, help="quality floor (PGR) under load")
     parser.add_argument("--pressure-start", type=float, default=0.2, help="x TTFT SLO where offloading starts")
     parser.add_argument("--pressure-full", type=float, default=0.6, help="x TTFT SLO where it reaches the floor")
-    parser.add_argument("--tpot-start", type=float, default=0.5,
-                        help="x TPOT SLO (predicted from the prefill rate) where offloading starts")
-    parser.add_argument("--tpot-full", type=float, default=1.0, help="x TPOT SLO where it reaches the floor")
+    parser.add_argument("--tpot-start", type=float, default=0.2,
+                        help="x TPOT SLO (predicted from the prefill rate) where offloading starts (the TTFT's multiple)")
+    parser.add_argument("--tpot-full", type=float, default=0.6, help="x TPOT SLO where it reaches the floor")
     parser.add_argument("--no-tpot-pressure", action="store_true",
                         help="the decision reads predicted TTFT alone (as before the prefill rate)")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)

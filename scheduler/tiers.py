@@ -39,8 +39,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, TypeVar
 
-from scheduler.policies.slo_headroom import SloHeadroom
 from scheduler import prefill_rate
+from scheduler.policies.slo_headroom import SloHeadroom
 from scheduler.prefill_rate import prefill_tokens_per_s
 from scheduler.types import InstanceState, RequestInfo, SloClass
 
@@ -314,17 +314,22 @@ class TierRouter:
         """The decode step of the instance's batch (with this request in it), stretched by
         the share of the engine's time its prompt-token arrivals (this request's prompt
         included, as arriving now) take to prefill: step / (1 - rate x prefill time per
-        token), the share capped at 0.95 (scheduler/prefill_rate.py). A prefill-heavy stream breaks the TPOT of the requests
-        decoding beside it before any queue forms."""
+        token), the share capped at 0.95 (scheduler/prefill_rate.py). A prefill-heavy
+        stream breaks the TPOT of the requests decoding beside it before any queue forms."""
         model = self.ttft_model.engine_model(inst)
         if model is None:
             return 0.0  # no engine model: no TPOT estimate (TTFT pressure alone)
         seqs = inst.running + 1
-        step_s = model.iteration_time_s(decode_seqs=seqs, context_tokens=seqs * self.ttft_model.context_tokens_per_seq)
+        context = seqs * self.ttft_model.context_tokens_per_seq
+        step_s = model.iteration_time_s(decode_seqs=seqs, context_tokens=context)
         # The request's own prompt counts as arriving now: it is what this decision would add.
         rate = prefill_tokens_per_s(inst, request.arrival_s) + request.input_tokens / prefill_rate.PREFILL_RATE_TAU_S
+        # Prefill time per token: what a chunk of the request's prompt length adds to a decode
+        # iteration (the iteration's fixed costs are in the step already).
         chunk = max(request.input_tokens, PREFILL_CHUNK_TOKENS)
-        busy = rate * model.prefill_time_s(chunk) / chunk
+        mixed_s = model.iteration_time_s(prefill_tokens=chunk, decode_seqs=seqs, context_tokens=context,
+                                         prefill_attention_pairs=chunk * (chunk + 1) / 2.0, prefill_seqs=1)
+        busy = rate * max(0.0, mixed_s - step_s) / chunk
         return step_s / (1.0 - min(busy, MAX_PREFILL_SHARE))
 
     def predicted_ttft_s(self, request: RequestInfo, inst: InstanceState) -> float:
