@@ -73,7 +73,8 @@ def cluster_doc(small: int, large: int) -> dict[str, Any]:
 def tier_doc(policy: str, args: argparse.Namespace) -> dict[str, Any]:
     return {"alias": "auto", "small_model": SMALL_MODEL, "large_model": LARGE_MODEL, "policy": policy,
             "default": {"quality_target": args.target, "quality_floor": args.floor},
-            "pressure": {"start": args.pressure_start, "full": args.pressure_full}}
+            "pressure": {"start": args.pressure_start, "full": args.pressure_full,
+                         "tpot": False if args.no_tpot_pressure else {"start": args.tpot_start, "full": args.tpot_full}}}
 
 
 def balanced_prompts(rows: list[LabelledPrompt], scores: np.ndarray, per_benchmark: int, seed: int) -> list[ScoredPrompt]:
@@ -231,6 +232,11 @@ def main() -> int:
     parser.add_argument("--floor", type=float, default=0.3, help="quality floor (PGR) under load")
     parser.add_argument("--pressure-start", type=float, default=0.2, help="x TTFT SLO where offloading starts")
     parser.add_argument("--pressure-full", type=float, default=0.6, help="x TTFT SLO where it reaches the floor")
+    parser.add_argument("--tpot-start", type=float, default=0.2,
+                        help="x TPOT SLO (predicted from the prefill rate) where offloading starts (the TTFT's multiple)")
+    parser.add_argument("--tpot-full", type=float, default=0.6, help="x TPOT SLO where it reaches the floor")
+    parser.add_argument("--no-tpot-pressure", action="store_true",
+                        help="the decision reads predicted TTFT alone (as before the prefill rate)")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     parser.add_argument("--scenarios", nargs="+", default=["normal", "burst2x"], choices=["normal", "burst2x"])
     parser.add_argument("--per-benchmark", type=int, default=800)

@@ -15,6 +15,11 @@ event loop with the router makes the engines' timing and the router's latency di
 each other; as processes they also use the machine's other cores. Measured on the 2-core
 box: `tokenyard up --smoke` (three engine processes started in parallel, router, first
 request, clean stop) takes 6.9 s of wall time; the in-process variant was not built.
+
+Ports: every listener binds port 0 itself and reports what it got (engines through
+`--ready-file`, the control server through its `bound_port`), so no port is picked here
+and then bound later by someone else: between a pick and a bind another process (or the
+next pick, which may hand out the same port once the probe socket is closed) can take it.
 """
 
 from __future__ import annotations
@@ -70,12 +75,27 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(handler=run_up)
 
 
-def _free_port(host: str) -> int:
-    import socket
+def read_ready_file(path: Path, instance_id: str) -> dict[str, Any] | None:
+    """An engine's ready file (`tokenyard engine --ready-file`): its URL and gRPC port, or
+    None while it is not written yet. A record for another instance, or without the ports,
+    is refused (RuntimeError naming the file)."""
+    import json
 
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    if len(text) > 4096:
+        raise RuntimeError(f"{path}: ready file of {len(text)} characters; expected one short JSON object")
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RuntimeError(f"{path}: not JSON ({exc})") from None
+    if (not isinstance(record, dict) or record.get("instance_id") != instance_id
+            or not isinstance(record.get("url"), str) or not isinstance(record.get("grpc_port"), int)
+            or not 0 < record["grpc_port"] < 65536):
+        raise RuntimeError(f"{path}: expected {{url, grpc_port, instance_id: {instance_id!r}}}, got {text[:200]!r}")
+    return record
 
 
 class Fleet:
@@ -101,36 +121,46 @@ class Fleet:
         logs = self.state_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         write_worker_token(self.worker_token_file)
+        ready_files = []
         for spec in self.specs:
-            port, grpc_port = _free_port("127.0.0.1"), _free_port("127.0.0.1")
+            # Port 0 for both listeners: the engine binds what the OS gives it and writes the
+            # ports to its ready file (sim/cli_engine.py), read below.
+            ready_file = logs / f"{spec.instance_id}.ready.json"
+            ready_file.unlink(missing_ok=True)  # a previous run's
             log_file = (logs / f"{spec.instance_id}.log").open("ab")
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "cli.main", "--log-format", "json", "engine", "--gpu", spec.gpu,
-                "--model", spec.model, "--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(grpc_port),
+                "--model", spec.model, "--host", "127.0.0.1", "--port", "0", "--grpc-port", "0",
+                "--ready-file", str(ready_file),
                 "--instance-id", spec.instance_id, "--time-scale", str(self.time_scale),
                 "--scheduling-policy", "priority", "--worker-token-file", str(self.worker_token_file),
                 stdout=log_file, stderr=log_file, start_new_session=True)
             log_file.close()
             self.procs.append((spec, proc))
-            self.entries.append({"id": spec.instance_id, "url": f"http://127.0.0.1:{port}", "model": spec.model,
-                                 "gpu": spec.gpu, "pool": f"{spec.tier}-{spec.gpu}", "grpc": f"127.0.0.1:{grpc_port}",
-                                 "labels": {"tier": spec.tier}})
+            ready_files.append(ready_file)
         deadline = time.monotonic() + ready_timeout_s
         async with httpx.AsyncClient(timeout=1.0) as client:
-            for (spec, proc), entry in zip(self.procs, self.entries, strict=True):
+            for (spec, proc), ready_file in zip(self.procs, ready_files, strict=True):
+                bound: dict[str, Any] | None = None
                 while True:
                     if proc.returncode is not None:
                         raise RuntimeError(f"engine {spec.instance_id} exited with {proc.returncode}; see "
                                            f"{logs / (spec.instance_id + '.log')}")
-                    try:
-                        if (await client.get(entry["url"] + "/health")).status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        pass
+                    if bound is None:
+                        bound = read_ready_file(ready_file, spec.instance_id)
+                    if bound is not None:
+                        try:
+                            if (await client.get(bound["url"] + "/health")).status_code == 200:
+                                break
+                        except httpx.HTTPError:
+                            pass
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"engine {spec.instance_id} not ready after {ready_timeout_s:.0f} s; see "
                                            f"{logs / (spec.instance_id + '.log')}")
                     await asyncio.sleep(0.1)
+                self.entries.append({"id": spec.instance_id, "url": bound["url"], "model": spec.model,
+                                     "gpu": spec.gpu, "pool": f"{spec.tier}-{spec.gpu}",
+                                     "grpc": f"127.0.0.1:{bound['grpc_port']}", "labels": {"tier": spec.tier}})
 
     async def stop(self) -> None:
         import asyncio
@@ -265,7 +295,8 @@ async def up(args: argparse.Namespace) -> int:
         # (0600 file under the state dir): the operator's tools read it from there.
         tokens_file = state_dir / "control-tokens.yaml"
         write_token_file(tokens_file, "local-admin", ["admin"])
-        control = {"host": "127.0.0.1", "port": _free_port("127.0.0.1"), "tokens_file": str(tokens_file)}
+        # Port 0: the control server binds a free port itself; router.yaml gets the bound one below.
+        control = {"host": "127.0.0.1", "port": 0, "tokens_file": str(tokens_file)}
         doc = router_document(fleet.entries, args.host, args.port, store_url, control,
                               admission=args.admission == "on", worker_token_file=str(fleet.worker_token_file),
                               records_path=str(state_dir / "records.jsonl"),
@@ -278,8 +309,12 @@ async def up(args: argparse.Namespace) -> int:
         for record in await store.list_instances():
             if record.instance_id not in wanted:
                 await store.remove_instance(record.instance_id)
-        server = RouterServer(Router(config, store=store), config.host, config.port)
+        router = Router(config, store=store)
+        server = RouterServer(router, config.host, config.port)
         await server.start()
+        control["port"] = int(router.control_server.bound_port)
+        doc["listen"]["port"] = server.port  # the bound one, when --port 0
+        (state_dir / "router.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
         print(_examples(server.url), flush=True)
         print(f"  control (Admin + Picker gRPC): 127.0.0.1:{control['port']}, bearer token in {tokens_file}",
               flush=True)

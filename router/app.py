@@ -307,7 +307,7 @@ class Router:
         # dispatched (stateful parts see it) and in flight for a lease, as an HTTP request would.
         chosen = decision.instance_id
         policy.on_dispatch(info, chosen)
-        self.registry.inflight_started(chosen)
+        self.registry.inflight_started(chosen, info.input_tokens)
 
         def lease_over() -> None:
             self.registry.inflight_finished(chosen)
@@ -752,7 +752,7 @@ class Router:
             timeout_s = remaining_s
             if config.first_byte_timeout_s is not None and config.first_byte_timeout_s < timeout_s:
                 timeout_s = config.first_byte_timeout_s
-            self.registry.inflight_started(instance_id)
+            self.registry.inflight_started(instance_id, info.input_tokens)
             hand_over()
             policy.on_dispatch(info, instance_id)
             try:

@@ -340,7 +340,7 @@ class _Exchange:
         if instance_id is None or self.info is None:
             return
         self.counted = instance_id
-        self.router.registry.inflight_started(instance_id)
+        self.router.registry.inflight_started(instance_id, self.info.input_tokens)
         self.policy.on_dispatch(self.info, instance_id)
 
     def _count_stop(self) -> None:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from router.state import InstanceRecord, StateChange, StateStore, cancel_and_wait
+from scheduler.prefill_rate import note_dispatch
 from scheduler.types import InstanceState
 from tokenyard.logs import RateLimitedLog
 
@@ -110,10 +111,16 @@ class InstanceRegistry:
     def records(self) -> list[InstanceRecord]:
         return list(self._records.values())
 
-    def inflight_started(self, instance_id: str) -> None:
+    def inflight_started(self, instance_id: str, prompt_tokens: int = 0) -> None:
+        """One more request in flight on the instance; `prompt_tokens` > 0 when this is
+        a real hand-over to the engine (not a provisional hold), for its prefill rate."""
         state = self._states.get(instance_id)
         if state is not None:
-            state.router_inflight += 1
+            note_dispatch(state, prompt_tokens, self._clock())
+
+    def now_s(self) -> float:
+        """The registry's clock (the one its load snapshots and prefill rates are on)."""
+        return self._clock()
 
     def inflight_finished(self, instance_id: str) -> None:
         state = self._states.get(instance_id)

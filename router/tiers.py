@@ -67,7 +67,9 @@ class TierResolver:
     def decide_info(self, info: RequestInfo, text: str | None, slo: SloClass, dispatcher: Any) -> TierChoice:
         """The choice for a request naming the alias: `text` scored (None or empty: the
         request keeps its own p_small_ok; without one it is unscored and goes large,
-        `TierRouter.decide`'s rule), on the two tiers' current candidates."""
+        `TierRouter.decide`'s rule), on the two tiers' current candidates, at the registry's
+        clock (the one the instances' prefill rates are on)."""
+        info = replace(info, arrival_s=dispatcher.registry.now_s())
         if text:
             info = replace(info, p_small_ok=self.predictor.score(text))
         instances = (*dispatcher.candidates(self.router.small_model), *dispatcher.candidates(self.router.large_model))

@@ -10,7 +10,7 @@ target vs floor) by building the router on a one-row table.
       large_model: llama-3-8b
       policy: load_aware               # scheduler.tiers.TIER_POLICIES
       model_file: /path/tier.json      # default: the packaged tier model
-      pressure: {start: 0.6, full: 1.0}
+      pressure: {start: 0.6, full: 1.0, tpot: {start: 0.5, full: 1.0}}   # tpot: false = TTFT alone
       mean_output_tokens: 256
       default: {quality_target: 0.9, quality_floor: 0.5}
       classes: {batch: {cost_budget: 0.2, quality_floor: 0.3}}
@@ -38,11 +38,21 @@ class TierClassSpec(_Strict):
     quality_floor: float = Field(default=0.0, ge=0, le=1)
 
 
+class TierTpotPressureSpec(_Strict):
+    """Multiples of the TPOT SLO (predicted from the prefill rate) between which a tier's
+    TPOT pressure goes from 0 to 1."""
+
+    start: float = Field(default=0.5, ge=0)
+    full: float = Field(default=1.0, gt=0)
+
+
 class TierPressureSpec(_Strict):
-    """Multiples of the TTFT SLO between which a tier's pressure goes from 0 to 1."""
+    """Multiples of the TTFT SLO between which a tier's pressure goes from 0 to 1; `tpot`:
+    the TPOT pressure's (true: the defaults, false: TTFT alone)."""
 
     start: float = Field(default=0.6, ge=0)
     full: float = Field(default=1.0, gt=0)
+    tpot: bool | TierTpotPressureSpec = True
 
 
 class TiersSpec(_Strict):

@@ -16,7 +16,10 @@ about:
 
 Load-aware routing (`load_aware`): the predicted TTFT of the large tier (its best
 instance: `slo_headroom`'s prediction plus the drain time of its queue) against the request's SLO gives a pressure in
-[0, 1] (0 below `pressure_start` x SLO, 1 at `pressure_full` x SLO); the threshold moves
+[0, 1] (0 below `pressure_start` x SLO, 1 at `pressure_full` x SLO), and so does its
+predicted TPOT (the decode step stretched by the prefill its prompt-token arrival rate
+takes, `predicted_tpot_s`, between `tpot_start` and `tpot_full` x the TPOT SLO; the
+larger pressure counts; `pressure: {tpot: false}` reads TTFT alone); the threshold moves
 from the normal one down toward the floor in proportion, so the requests with the
 smallest predicted quality loss (highest p_small_ok) move to the small tier first. The
 reverse when the small tier saturates: the threshold rises toward 1 (more to large). When
@@ -30,15 +33,20 @@ driver runs cascades yet; the decision and the check are here so both will alike
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, TypeVar
 
+from scheduler import prefill_rate
 from scheduler.policies.slo_headroom import SloHeadroom
+from scheduler.prefill_rate import prefill_tokens_per_s
 from scheduler.types import InstanceState, RequestInfo, SloClass
 
 ALWAYS_LARGE = 1.0 + 1e-9  # a threshold no score reaches
+PREFILL_CHUNK_TOKENS = 512  # prefill cost per token is read at least at this prompt length
+MAX_PREFILL_SHARE = 0.95  # of an engine's time: the TPOT stretch stays finite
 
 
 class TierConfigError(ValueError):
@@ -65,10 +73,15 @@ class TierClassPolicy:
 
 @dataclass(frozen=True, slots=True)
 class TierLoad:
-    """Predicted TTFT of each tier's best instance, in ms (inf: no usable instance)."""
+    """Predicted TTFT and TPOT of each tier's best instance (the one under the least
+    pressure), in ms (inf: no usable instance), and that instance's pressure in [0, 1]."""
 
     small_ttft_ms: float
     large_ttft_ms: float
+    small_tpot_ms: float = 0.0
+    large_tpot_ms: float = 0.0
+    small_pressure: float = 0.0
+    large_pressure: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +131,11 @@ def class_thresholds(policy: TierClassPolicy, table: Sequence[ThresholdPoint]) -
 
 def pressure(ttft_ms: float, slo_ms: float, start: float, full: float) -> float:
     """0 while predicted TTFT <= start x SLO, 1 from full x SLO, linear between."""
-    ratio = ttft_ms / slo_ms
+    return ratio_pressure(ttft_ms / slo_ms, start, full)
+
+
+def ratio_pressure(ratio: float, start: float, full: float) -> float:
+    """0 while a prediction / SLO ratio <= start, 1 from full, linear between."""
     if ratio <= start:
         return 0.0
     if ratio >= full:
@@ -255,6 +272,9 @@ class TierRouter:
     pressure_full: float = 1.0
     default_ttft_slo_ms: float = 3000.0
     mean_output_tokens: int = 256  # of the requests queued ahead (drain-time estimate)
+    tpot_pressure: bool = True  # the TPOT predicted from the prefill rate counts too
+    tpot_start: float = 0.5  # TPOT pressure: 0 below this x the TPOT SLO ...
+    tpot_full: float = 1.0  # ... 1 from this
     ttft_model: SloHeadroom = field(default_factory=SloHeadroom)
 
     def handles(self, model: str) -> bool:
@@ -266,17 +286,51 @@ class TierRouter:
             return found
         return self.by_class.get(request.slo_class, self.default)
 
-    def load(self, request: RequestInfo, instances: Sequence[InstanceState]) -> TierLoad:
-        """Predicted TTFT (ms) on each tier's best usable instance."""
-        best = {self.small_model.lower(): float("inf"), self.large_model.lower(): float("inf")}
+    def load(self, request: RequestInfo, instances: Sequence[InstanceState], slo: SloClass | None = None) -> TierLoad:
+        """Predicted TTFT and TPOT (ms) on each tier's best usable instance, the one under
+        the least pressure: the larger of the TTFT pressure (TTFT / TTFT SLO between
+        `pressure_start` and `pressure_full`) and, with `tpot_pressure`, the TPOT pressure
+        (TPOT / TPOT SLO between `tpot_start` and `tpot_full`), at the request's arrival."""
+        ttft_slo_ms = slo.ttft_slo_ms if slo is not None else self.default_ttft_slo_ms
+        tpot_slo_ms = slo.tpot_slo_ms if slo is not None and self.tpot_pressure else math.inf
+        inf = math.inf
+        best = {self.small_model.lower(): (1.0, inf, inf), self.large_model.lower(): (1.0, inf, inf)}
         for inst in instances:
             model = inst.model.lower()
             if model not in best or not inst.healthy or inst.draining or inst.cordoned:
                 continue
             ttft_ms = 1000.0 * self.predicted_ttft_s(request, inst)
-            if ttft_ms < best[model]:
-                best[model] = ttft_ms
-        return TierLoad(best[self.small_model.lower()], best[self.large_model.lower()])
+            press = ratio_pressure(ttft_ms / ttft_slo_ms, self.pressure_start, self.pressure_full)
+            tpot_ms = 0.0
+            if tpot_slo_ms < inf:
+                tpot_ms = 1000.0 * self.predicted_tpot_s(request, inst)
+                press = max(press, ratio_pressure(tpot_ms / tpot_slo_ms, self.tpot_start, self.tpot_full))
+            if (press, ttft_ms) < best[model][:2]:
+                best[model] = (press, ttft_ms, tpot_ms)
+        small, large = best[self.small_model.lower()], best[self.large_model.lower()]
+        return TierLoad(small[1], large[1], small[2], large[2], small[0], large[0])
+
+    def predicted_tpot_s(self, request: RequestInfo, inst: InstanceState) -> float:
+        """The decode step of the instance's batch (with this request in it), stretched by
+        the share of the engine's time its prompt-token arrivals (this request's prompt
+        included, as arriving now) take to prefill: step / (1 - rate x prefill time per
+        token), the share capped at 0.95 (scheduler/prefill_rate.py). A prefill-heavy
+        stream breaks the TPOT of the requests decoding beside it before any queue forms."""
+        model = self.ttft_model.engine_model(inst)
+        if model is None:
+            return 0.0  # no engine model: no TPOT estimate (TTFT pressure alone)
+        seqs = inst.running + 1
+        context = seqs * self.ttft_model.context_tokens_per_seq
+        step_s = model.iteration_time_s(decode_seqs=seqs, context_tokens=context)
+        # The request's own prompt counts as arriving now: it is what this decision would add.
+        rate = prefill_tokens_per_s(inst, request.arrival_s) + request.input_tokens / prefill_rate.PREFILL_RATE_TAU_S
+        # Prefill time per token: what a chunk of the request's prompt length adds to a decode
+        # iteration (the iteration's fixed costs are in the step already).
+        chunk = max(request.input_tokens, PREFILL_CHUNK_TOKENS)
+        mixed_s = model.iteration_time_s(prefill_tokens=chunk, decode_seqs=seqs, context_tokens=context,
+                                         prefill_attention_pairs=chunk * (chunk + 1) / 2.0, prefill_seqs=1)
+        busy = rate * max(0.0, mixed_s - step_s) / chunk
+        return step_s / (1.0 - min(busy, MAX_PREFILL_SHARE))
 
     def predicted_ttft_s(self, request: RequestInfo, inst: InstanceState) -> float:
         """`slo_headroom`'s prediction (the next iteration prefills the queue and the
@@ -299,10 +353,8 @@ class TierRouter:
         limits = self.limits(request)
         small_p = large_p = 0.0
         if self.policy.reads_load:
-            load = self.load(request, instances)
-            slo_ms = slo.ttft_slo_ms if slo is not None else self.default_ttft_slo_ms
-            small_p = pressure(load.small_ttft_ms, slo_ms, self.pressure_start, self.pressure_full)
-            large_p = pressure(load.large_ttft_ms, slo_ms, self.pressure_start, self.pressure_full)
+            load = self.load(request, instances, slo)
+            small_p, large_p = load.small_pressure, load.large_pressure
         threshold = self.policy.threshold(limits, small_p, large_p)
         p = request.p_small_ok if request.p_small_ok is not None else 0.0  # unscored: large
         small, escalate = self.policy.choose(p, threshold, limits, self.table, rng)
@@ -377,8 +429,21 @@ def build_tier_router(doc: Mapping[str, Any], table: Sequence[ThresholdPoint], w
     if not rows:
         raise TierConfigError(f"{where}: the tier model has no threshold table (retrain with `tokenyard train tier`)")
     press = doc.get("pressure") or {}
-    if not isinstance(press, Mapping) or set(press) - {"start", "full"}:
-        raise TierConfigError(f"{where}.pressure: expected {{start, full}} (multiples of the TTFT SLO)")
+    if not isinstance(press, Mapping) or set(press) - {"start", "full", "tpot"}:
+        raise TierConfigError(f"{where}.pressure: expected {{start, full, tpot}} (multiples of the TTFT SLO; "
+                              "tpot: false, or {start, full} in multiples of the TPOT SLO)")
+    tpot_doc = press.get("tpot", True)
+    tpot_on, tpot_start, tpot_full = True, 0.5, 1.0
+    if isinstance(tpot_doc, bool):
+        tpot_on = tpot_doc
+    elif isinstance(tpot_doc, Mapping) and not set(tpot_doc) - {"start", "full"}:
+        tpot_start, tpot_full = float(tpot_doc.get("start", 0.5)), float(tpot_doc.get("full", 1.0))
+        if not 0.0 <= tpot_start < tpot_full:
+            raise TierConfigError(f"{where}.pressure.tpot: expected 0 <= start < full, got start {tpot_start}, "
+                                  f"full {tpot_full}")
+    else:
+        raise TierConfigError(f"{where}.pressure.tpot: expected true, false or {{start, full}} (multiples of the "
+                              f"TPOT SLO), got {tpot_doc!r}")
     start, full = float(press.get("start", 0.6)), float(press.get("full", 1.0))
     if not 0.0 <= start < full:
         raise TierConfigError(f"{where}.pressure: expected 0 <= start < full, got start {start}, full {full}")
@@ -399,5 +464,6 @@ def build_tier_router(doc: Mapping[str, Any], table: Sequence[ThresholdPoint], w
         alias=alias, small_model=models["small_model"], large_model=models["large_model"],
         policy=_policy(doc.get("policy", "load_aware"), f"{where}.policy"), table=rows,
         by_class=section("classes"), by_tenant=section("tenants"), default=default,
-        pressure_start=start, pressure_full=full, mean_output_tokens=mean_output,
+        pressure_start=start, pressure_full=full, mean_output_tokens=mean_output, tpot_pressure=tpot_on,
+        tpot_start=tpot_start, tpot_full=tpot_full,
     )

@@ -55,6 +55,10 @@ class InstanceState:
     # scrape); a scorer then estimates it from `waiting`.
     kv_blocks_queued: int | None = None
     updated_s: float = 0.0
+    # Prompt tokens/s the driver has dispatched to the instance, as of `prefill_rate_at_s`
+    # (an exponentially decayed rate: scheduler/prefill_rate.py reads and updates it).
+    prefill_tokens_per_s: float = 0.0
+    prefill_rate_at_s: float = 0.0
 
     @property
     def kv_usage(self) -> float:

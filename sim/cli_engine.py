@@ -4,7 +4,10 @@
         [--worker-token-file worker-token]   # required for --grpc-port off loopback
 
 Runs on uvloop until SIGINT or SIGTERM, then closes the listeners and aborts what is in
-flight. With `--port 0` the OS picks a port; the "engine listening" log line says which.
+flight. With `--port 0` the OS picks a port; the "engine listening" log line says which,
+and `--ready-file PATH` writes it (and the gRPC port) as JSON once both listen, so a
+parent that starts engines (`tokenyard up`) never has to pick a port and hope it is still
+free when the engine binds it.
 """
 
 from __future__ import annotations
@@ -72,6 +75,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--port", type=_port, default=8000, help="HTTP port (0: any free port)")
     parser.add_argument("--grpc-port", type=_port, default=None,
                         help="also serve the Worker gRPC service on this port (0: any free port)")
+    parser.add_argument("--ready-file", default=None, metavar="PATH",
+                        help="once listening, write {\"url\", \"port\", \"grpc_port\", \"instance_id\", \"pid\"} "
+                             "as JSON to PATH (atomically: written beside it, then renamed); with --port 0 "
+                             "this is how a parent learns the ports the engine bound")
     parser.add_argument("--worker-token-file", default=None, metavar="PATH",
                         help="bearer token (a 0600 file) every Worker gRPC call must carry, and this engine "
                              "sends to a migration's destination (default: env TOKENYARD_WORKER_TOKEN_FILE); "
@@ -135,6 +142,21 @@ def build_config(args: argparse.Namespace) -> Any:
     )
 
 
+def write_ready_file(path: str, server: Any) -> None:
+    """The ports `server` (a started EngineServer) bound, as JSON at `path`: written to a
+    temporary file beside it and renamed, so a reader sees the whole record or none."""
+    import json
+    import os
+
+    record = {"url": server.base_url, "port": server.port,
+              "grpc_port": server.grpc_port if server.grpc_address is not None else None,
+              "instance_id": server.engine.instance_id, "pid": os.getpid()}
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as out:
+        json.dump(record, out)
+    os.replace(tmp, path)
+
+
 def run_engine(args: argparse.Namespace) -> int:
     import asyncio
     import logging
@@ -176,6 +198,13 @@ def run_engine(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        if args.ready_file:
+            try:
+                write_ready_file(args.ready_file, server)
+            except OSError as exc:
+                print(f"tokenyard engine: --ready-file {args.ready_file}: {exc}", file=sys.stderr)
+                await server.stop()
+                return 1
         log.info("engine ready", extra={"instance_id": engine.instance_id, "url": server.base_url,
                                         "grpc": server.grpc_address})
         await stop.wait()

@@ -41,6 +41,7 @@ from scheduler.admission import AdmissionQueue, Offer, Verdict
 from scheduler.dispatch import ClusterView, DispatchPolicy
 from scheduler.engine_model import EngineModel, FrontEndCost
 from scheduler.layer import DecisionLayer, group_by_model
+from scheduler.prefill_rate import note_dispatch
 from scheduler.queueing import QueuedRequest
 from scheduler.session_affinity import InMemoryAffinity, can_own, follow, resolve_affinity
 from scheduler.tiers import TierChoice, TierRouter
@@ -457,7 +458,7 @@ class Simulation:
                 reasons.append(f"{instance_id}: {exc}")
                 continue
             state = inst.state
-            state.router_inflight += 1
+            note_dispatch(state, info.input_tokens, now)
             if self.live_load:
                 state.waiting = inst.core.num_waiting
                 state.kv_blocks_queued = inst.core.waiting_blocks

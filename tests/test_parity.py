@@ -35,6 +35,7 @@ from router.state import FileStateStore, InstanceRecord, cordon_note
 from router.tenants import Tenant
 from router.tiers import build_tier_resolver
 from scheduler.planner.routing import RoutingTable
+from scheduler.prefill_rate import note_dispatch
 from scheduler.types import InstanceState, NoInstanceAvailable, RequestInfo
 from sim.cluster import parse_cluster
 from sim.simulator import Simulation
@@ -110,8 +111,10 @@ def tier_sections(draw: st.DrawFn) -> dict[str, Any]:
     return {
         "alias": "auto", "small_model": "qwen2.5-1.5b", "large_model": "llama-3-8b",
         "policy": draw(st.sampled_from(TIER_POLICIES)),
-        "pressure": draw(st.sampled_from([{"start": 0.6, "full": 1.0}, {"start": 0.0, "full": 0.05},
-                                          {"start": 0.2, "full": 0.6}])),
+        "pressure": {**draw(st.sampled_from([{"start": 0.6, "full": 1.0}, {"start": 0.0, "full": 0.05},
+                                             {"start": 0.2, "full": 0.6}])),
+                     # the TPOT predicted from each instance's prefill rate (scheduler/prefill_rate.py)
+                     "tpot": draw(st.sampled_from([True, False, {"start": 0.05, "full": 0.3}]))},
         "mean_output_tokens": draw(st.sampled_from([16, 256])),
         "default": draw(st.sampled_from([{"quality_target": 0.9, "quality_floor": 0.3}, {"cost_budget": 0.3}])),
         "classes": draw(st.sampled_from([{}, {"batch": {"cost_budget": 0.1, "quality_floor": 0.2}}])),
@@ -126,6 +129,7 @@ loads = st.fixed_dictionaries({
     # The queued demand in KV blocks, as the simulator and a Worker status stream report it;
     # None as a /metrics scrape leaves it (estimated from `waiting`).
     "queued": st.one_of(st.none(), st.integers(0, 600)),
+    "prefill_tokens_per_s": st.sampled_from([0.0, 500.0, 20000.0]),  # as of t = 0
 })
 
 requests = st.lists(st.fixed_dictionaries({
@@ -155,6 +159,7 @@ def _set_load(state: InstanceState, load: dict[str, Any], kv_total: int) -> None
     state.kv_blocks_used = int(load["kv"] * kv_total)
     state.kv_blocks_queued = load.get("queued")
     state.healthy, state.draining = load["healthy"], load["draining"]
+    state.prefill_tokens_per_s, state.prefill_rate_at_s = load.get("prefill_tokens_per_s", 0.0), 0.0
 
 
 def _outcome(sim: Simulation, info: RequestInfo, now_s: float) -> tuple[str, ...] | str:
@@ -169,7 +174,8 @@ async def _run_parity(doc: dict[str, Any], counts: list[int], instance_loads: li
     cluster = _cluster(counts, doc)
     sim = Simulation(cluster, seed=3)
     store = FileStateStore(state_dir / "state.json")
-    registry = InstanceRegistry()
+    clock = [0.0]  # the router's clock, stepped with the simulator's (prefill rates decay on it)
+    registry = InstanceRegistry(clock=lambda: clock[0])
     config = parse_router_config({"policy": doc}, "parity.yaml")
     dispatcher = Dispatcher(config, registry, store, seed=3)
     tiers = build_tier_resolver(config.tiers, seed=3) if config.tiers else None  # as Router builds it
@@ -190,6 +196,7 @@ async def _run_parity(doc: dict[str, Any], counts: list[int], instance_loads: li
     sim_states = {inst.state.instance_id: inst.state for inst in sim.instances}
     try:
         for n, spec in enumerate(sequence):
+            clock[0] = float(n)
             if n == cordon_at:  # a cordon (or uncordon) in the middle: both drivers see it next decision
                 iid = sim.instances[n % len(sim.instances)].state.instance_id
                 flip = not sim.by_id[iid].state.cordoned
@@ -207,7 +214,7 @@ async def _run_parity(doc: dict[str, Any], counts: list[int], instance_loads: li
                 assert sim.layer.set_routing_table(table) == dispatcher.layer.set_routing_table(table)
             info = RequestInfo(f"r{n}", spec["model"], spec["tokens"], tenant=spec["tenant"],
                                slo_class=spec["slo_class"], session_id=spec["session"], prefix_hashes=spec["prefix"],
-                               predicted_rank=spec.get("rank"))
+                               predicted_rank=spec.get("rank"), arrival_s=float(n))
             if spec["model"] == "auto":  # Tier: the same choice (and reason) from both drivers' own call.
                 info = _same_tier(sim, tiers, dispatcher, info, spec, float(n))
             # Admission: the same verdict from both drivers' own offer, the same queue order.
@@ -232,9 +239,12 @@ async def _run_parity(doc: dict[str, Any], counts: list[int], instance_loads: li
             if isinstance(sim_decision, tuple):
                 chosen = sim_decision[0]
                 sim_policy.on_dispatch(info, chosen)
-                sim_states[chosen].router_inflight += 1
+                note_dispatch(sim_states[chosen], info.input_tokens, float(n))  # as Simulation._dispatch does
                 router_policy.on_dispatch(info, chosen)
-                registry.inflight_started(chosen)
+                registry.inflight_started(chosen, info.input_tokens)  # as the router's forwarding attempt does
+                router_state = registry.get(chosen)[1]
+                assert (router_state.prefill_tokens_per_s, router_state.router_inflight) == \
+                    (sim_states[chosen].prefill_tokens_per_s, sim_states[chosen].router_inflight)
                 inflight.append((info, chosen))
         # Release order: both drivers' saturation checks, the same sort.
         groups = sim.groups

@@ -153,3 +153,65 @@ def test_unscored_request_goes_large() -> None:
 def test_config_errors_name_the_key(doc: dict, message: str) -> None:
     with pytest.raises(TierConfigError, match=message):
         build_tier_router(doc, TABLE)
+
+
+def test_prefill_rate_is_a_decayed_event_rate() -> None:
+    from scheduler.prefill_rate import (
+        PREFILL_RATE_TAU_S,
+        note_dispatch,
+        note_prefill,
+        prefill_tokens_per_s,
+    )
+
+    state = InstanceState("big-0", "llama-3-8b")
+    note_dispatch(state, 2000, now_s=10.0)
+    assert state.router_inflight == 1
+    assert prefill_tokens_per_s(state, 10.0) == pytest.approx(2000 / PREFILL_RATE_TAU_S)
+    # decays with e-folding time tau, and a reader does not change it
+    assert prefill_tokens_per_s(state, 10.0 + PREFILL_RATE_TAU_S) == pytest.approx(2000 / PREFILL_RATE_TAU_S / 2.718281828)
+    assert prefill_tokens_per_s(state, 10.0 + 50 * PREFILL_RATE_TAU_S) < 1e-6
+    note_prefill(state, 1000, now_s=10.0 + PREFILL_RATE_TAU_S)
+    assert state.prefill_tokens_per_s == pytest.approx((2000 / 2.718281828 + 1000) / PREFILL_RATE_TAU_S)
+    # steady arrivals of R tokens/s converge to R
+    steady = InstanceState("s", "llama-3-8b")
+    for k in range(2000):
+        note_prefill(steady, 100, now_s=k * 0.01)  # 10,000 tokens/s
+    assert prefill_tokens_per_s(steady, 19.99) == pytest.approx(10_000, rel=0.01)
+    note_prefill(steady, 0, now_s=30.0)  # nothing dispatched: unchanged
+    assert steady.prefill_rate_at_s == pytest.approx(19.99)
+
+
+def test_prefill_heavy_large_tier_offloads_by_predicted_tpot_and_long_prompts_first() -> None:
+    """No queue anywhere, so the TTFT pressure is 0; the large instance takes prompt tokens
+    at a rate that fills most of its time with prefill, so its decode steps (TPOT) stretch:
+    the TPOT pressure moves the threshold, and more for a long prompt (its own prefill counts)."""
+    router, ttft_only = _router(), _router(pressure={"tpot": False})
+    rng = random.Random(0)
+    idle = _instances(0)
+    heavy = _instances(0)
+    heavy[0].running = 8
+    heavy[0].prefill_tokens_per_s, heavy[0].prefill_rate_at_s = 9_000.0, 5.0
+    short = RequestInfo("r", "auto", input_tokens=200, p_small_ok=0.7, arrival_s=5.0)
+    long = RequestInfo("r", "auto", input_tokens=6000, p_small_ok=0.7, arrival_s=5.0)
+    assert router.load(short, heavy, SLO).large_ttft_ms < 0.2 * SLO.ttft_slo_ms  # TTFT sees nothing
+    assert router.load(short, heavy, SLO).large_tpot_ms > 2 * router.load(short, idle, SLO).large_tpot_ms
+    assert router.load(short, idle, SLO).large_pressure == 0.0
+    for request in (short, long):  # TTFT alone sees nothing: 0.7 < the normal threshold 0.9
+        assert ttft_only.decide(request, heavy, SLO, rng).model == "llama-3-8b"
+    choice = router.decide(long, heavy, SLO, rng)
+    assert choice.model == "qwen2.5-1.5b" and choice.threshold == pytest.approx(0.3)  # down to the floor
+    short_choice = router.decide(short, heavy, SLO, rng)  # some pressure, not enough to send 0.7 small
+    assert short_choice.model == "llama-3-8b" and 0.3 < short_choice.threshold < 0.9
+    # the rate decays: a minute later the same instance is idle again
+    later = RequestInfo("r", "auto", input_tokens=6000, p_small_ok=0.7, arrival_s=65.0)
+    assert router.decide(later, heavy, SLO, rng).model == "llama-3-8b"
+
+
+@pytest.mark.parametrize("tpot, message", [
+    ("yes", "tiers.pressure.tpot: expected true, false or {start, full}"),
+    ({"start": 1.0, "full": 0.5}, "tiers.pressure.tpot: expected 0 <= start < full"),
+    ({"begin": 0.1}, "tiers.pressure.tpot: expected true, false or {start, full}"),
+])
+def test_tpot_pressure_config_errors(tpot: object, message: str) -> None:
+    with pytest.raises(TierConfigError, match=message.replace("{", r"\{").replace("}", r"\}")):
+        _router(pressure={"tpot": tpot})

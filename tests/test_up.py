@@ -83,6 +83,7 @@ def test_up_stays_up_until_ctrl_c_and_stops_everything(tmp_path: Path) -> None:
             "stream": True})
         assert stream.text.endswith("data: [DONE]\n\n")
         _check_control_plane(tmp_path / "state")
+        _check_engines_are_the_fleets(tmp_path / "state")
         os.kill(proc.pid, signal.SIGINT)
         assert proc.wait(30) == 0
         for engine_url in engines:  # the engine processes are gone too
@@ -163,3 +164,92 @@ def test_up_with_learned_rank_scores_requests_and_passes_known_lengths(tmp_path:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _describe(grpc_address: str, token: str) -> str:
+    """The instance id the Worker service at grpc_address gives for itself."""
+    import asyncio
+
+    import grpc
+
+    from tokenyard.v1 import worker_pb2, worker_pb2_grpc
+
+    async def call() -> str:
+        async with grpc.aio.insecure_channel(grpc_address) as channel:
+            description = await worker_pb2_grpc.WorkerStub(channel).Describe(
+                worker_pb2.DescribeRequest(), timeout=10, metadata=(("authorization", f"Bearer {token}"),))
+        return str(description.instance_id)
+
+    return asyncio.run(call())
+
+
+def _check_engines_are_the_fleets(state_dir: Path) -> None:
+    """Every address in router.yaml is served by the engine it names (HTTP and Worker gRPC):
+    the ports are the ones each engine bound, read back from its ready file."""
+    config = yaml.safe_load((state_dir / "router.yaml").read_text())
+    token = Path(config["load"]["worker_token_file"]).read_text().strip()
+    assert config["listen"]["port"] != 0 and config["control"]["port"] != 0  # the bound ports
+    ports = set()
+    for entry in config["discovery"]["static"]:
+        models = httpx.get(entry["url"] + "/v1/models", timeout=10).json()
+        assert models["data"][0]["permission"][0]["id"] == f"modelperm-{entry['id']}", (entry, models)
+        assert _describe(entry["grpc"], token) == entry["id"], entry
+        ports |= {entry["url"].rsplit(":", 1)[1], entry["grpc"].rsplit(":", 1)[1]}
+    assert len(ports) == 2 * len(config["discovery"]["static"])  # no two listeners share a port
+
+
+def _engine(ready_file: Path, *extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "engine", "--gpu", "L4", "--model", "qwen2.5-1.5b", "--time-scale", "0",
+         "--grpc-port", "0", "--ready-file", str(ready_file), *extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO_ROOT)
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], ready_file: Path) -> dict[str, object]:
+    import json
+
+    deadline = time.monotonic() + 30
+    while not ready_file.exists():
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        assert time.monotonic() < deadline, "no ready file in 30 s"
+        time.sleep(0.05)
+    record = json.loads(ready_file.read_text())
+    assert isinstance(record, dict)
+    return record
+
+
+def test_engine_binds_port_0_and_reports_the_ports_in_its_ready_file(tmp_path: Path) -> None:
+    """What `tokenyard up` relies on instead of picking ports for its engines: each engine
+    binds port 0 itself and writes what it got; two such engines never collide."""
+    procs = [_engine(tmp_path / f"e{i}.json", "--port", "0", "--instance-id", f"e{i}") for i in range(2)]
+    try:
+        records = [_wait_ready(proc, tmp_path / f"e{i}.json") for i, proc in enumerate(procs)]
+        for i, record in enumerate(records):
+            assert record["instance_id"] == f"e{i}" and record["pid"] == procs[i].pid
+            assert record["url"] == f"http://127.0.0.1:{record['port']}"
+            assert httpx.get(f"{record['url']}/health", timeout=5).status_code == 200
+            assert _describe(f"127.0.0.1:{record['grpc_port']}", "") == f"e{i}"  # loopback: no token needed
+        assert len({r["port"] for r in records} | {r["grpc_port"] for r in records}) == 4
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            assert proc.wait(timeout=15) == 0
+
+
+def test_engine_on_a_taken_port_fails_clearly_and_writes_no_ready_file(tmp_path: Path) -> None:
+    """The failure `_free_port` left to chance (a picked port taken before the engine bound
+    it) is now only possible with an explicit port, and then it is an exit, never a ready file
+    pointing at the other process's listener."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = _engine(tmp_path / "ready.json", "--port", str(port))
+        code = proc.wait(timeout=30)
+        err = proc.stderr.read().decode() if proc.stderr else ""
+    assert code == 1, err
+    assert "tokenyard engine:" in err and str(port) in err, err
+    assert not (tmp_path / "ready.json").exists()
