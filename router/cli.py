@@ -49,7 +49,8 @@ def register(subparsers: Any) -> None:
 
 
 async def serve_until_signal(config: Any, reuse_port: bool = False,
-                             extproc: tuple[str, int, Any] | None = None) -> None:
+                             extproc: tuple[str, int, Any] | None = None,
+                             shared_inflight: tuple[str, int] | None = None) -> None:
     import asyncio
     import contextlib
     import gc
@@ -68,6 +69,10 @@ async def serve_until_signal(config: Any, reuse_port: bool = False,
             await store.close()
             raise
     router = Router(config, store=store)
+    if shared_inflight is not None:  # worker i of `--workers N`: in-flight counts summed over the workers
+        from router.shared_inflight import SharedInflight
+
+        router.registry.share_inflight(SharedInflight(*shared_inflight))
     server = RouterServer(router, config.host, config.port, reuse_port=reuse_port)
     try:
         await server.start()
@@ -206,7 +211,7 @@ def startup_error(exc: BaseException, config: Any) -> str:
     return f"could not start: {type(exc).__name__}: {exc}"
 
 
-def _worker_main(config: Any) -> None:
+def _worker_main(config: Any, shared_inflight: tuple[str, int] | None = None) -> None:
     import asyncio
     import signal
 
@@ -218,7 +223,7 @@ def _worker_main(config: Any) -> None:
     except ImportError:
         pass
     try:
-        asyncio.run(serve_until_signal(config, reuse_port=True))
+        asyncio.run(serve_until_signal(config, reuse_port=True, shared_inflight=shared_inflight))
     except Exception as exc:
         import sys
 
@@ -227,26 +232,47 @@ def _worker_main(config: Any) -> None:
 
 
 def _run_workers(config: Any, workers: int) -> int:
-    """Several router processes on one port; the kernel spreads connections over them."""
+    """Several router processes on one port; the kernel spreads connections over them. Their
+    in-flight counts per instance are shared through one mapped table (router/shared_inflight.py),
+    so least-outstanding dispatch and admission see every worker's requests; a worker that
+    exits has its counts zeroed."""
     import multiprocessing
     import signal
+    import sys
+    from multiprocessing.connection import wait
 
     from router.records import per_worker
+    from router.shared_inflight import SharedInflight, SharedInflightError, create_table
 
+    try:
+        table = create_table(workers)
+    except SharedInflightError as exc:
+        print(f"tokenyard router: {exc}", file=sys.stderr)
+        return 1
+    keeper = SharedInflight(table, 0)
     context = multiprocessing.get_context("spawn")
     # Each worker appends to (and rotates) a records file of its own; each reads all of them.
-    procs = [context.Process(target=_worker_main, args=(per_worker(config, i, workers),), name=f"router-{i}")
+    procs = [context.Process(target=_worker_main, args=(per_worker(config, i, workers), (str(table), i)),
+                             name=f"router-{i}")
              for i in range(workers)]
-    for proc in procs:
-        proc.start()
-
-    def forward(signum: int, frame: Any) -> None:
+    try:
         for proc in procs:
-            if proc.is_alive() and proc.pid is not None:
-                os.kill(proc.pid, signal.SIGTERM)
+            proc.start()
 
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
-    for proc in procs:
-        proc.join()
+        def forward(signum: int, frame: Any) -> None:
+            for proc in procs:
+                if proc.is_alive() and proc.pid is not None:
+                    os.kill(proc.pid, signal.SIGTERM)
+
+        signal.signal(signal.SIGINT, forward)
+        signal.signal(signal.SIGTERM, forward)
+        running = {proc.sentinel: (index, proc) for index, proc in enumerate(procs)}
+        while running:
+            for sentinel in wait(list(running)):
+                index, proc = running.pop(sentinel if isinstance(sentinel, int) else -1)
+                proc.join()
+                keeper.clear_worker(index)  # its requests ended with it
+    finally:
+        keeper.close()
+        table.unlink(missing_ok=True)
     return 0 if all(proc.exitcode == 0 for proc in procs) else 1
