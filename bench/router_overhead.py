@@ -358,8 +358,9 @@ def main() -> int:
         def start_tokenyard(http_server: str = "builtin", workers: int = 1,
                             code_root: Path | None = None, extra: tuple[str, ...] = ()) -> tuple[str, Proc | None]:
             port = free_port()
-            config = workdir / f"router-{http_server}-{workers}.yaml"
-            config.write_text(yaml.safe_dump(router_config(port, workdir / f"state-{http_server}-{workers}.json",
+            tag = "baseline" if code_root is not None else http_server + "".join(extra)
+            config = workdir / f"router-{tag}-{workers}.yaml"
+            config.write_text(yaml.safe_dump(router_config(port, workdir / f"state-{tag}-{workers}.json",
                                                            engine_urls)))
             # uvicorn is no longer a router option; bench/http_server.py serves the router app on it.
             cmd = pin_router + ([sys.executable, "-m", "cli.main", "--log-level", "warning", "router", "--config",
@@ -367,12 +368,16 @@ def main() -> int:
                    [sys.executable, str(REPO / "bench" / "http_server.py"), "serve-uvicorn", "--config", str(config)])
             # A baseline revision's packages go first on the import path (ahead of the
             # editable install, whose finder comes after the path entries).
-            env = dict(os.environ, PYTHONPATH=str(code_root)) if code_root is not None else None
-            tag = "baseline" if code_root is not None else http_server + "".join(extra)
+            # The baseline runs as its code does by default, but never on a compiled build
+            # (`tokenyard router` runs one by default when one is cached: router/native.py).
+            env = dict(os.environ, PYTHONPATH=str(code_root), TOKENYARD_ROUTER_NATIVE="off") \
+                if code_root is not None else None
             proc = Proc(cmd, workdir / f"tokenyard-{tag}-{workers}.log", env=env)
             return f"http://127.0.0.1:{port}", proc
 
-        targets.append(("tokenyard", start_tokenyard))
+        # `tokenyard`: plain Python; `tokenyard-native`: the compiled byte path (what the router
+        # runs by default once a build is cached).
+        targets.append(("tokenyard", lambda: start_tokenyard(extra=("--no-native",))))
         if args.baseline_rev:
             base_root = extract_baseline(args.baseline_rev)
             targets.append((f"tokenyard@{args.baseline_rev}", lambda: start_tokenyard(code_root=base_root)))
@@ -381,7 +386,9 @@ def main() -> int:
         if not args.no_uvicorn:
             targets.append(("tokenyard-uvicorn", lambda: start_tokenyard("uvicorn")))
         if args.workers > 1:
-            targets.append((f"tokenyard-{args.workers}-workers", lambda: start_tokenyard("builtin", args.workers)))
+            workers_mode = ("--native",) if args.native else ("--no-native",)
+            targets.append((f"tokenyard-{args.workers}-workers{'-native' if args.native else ''}",
+                            lambda: start_tokenyard("builtin", args.workers, extra=workers_mode)))
         for name, venv in peers.items():
             def start_peer(name: str = name, venv: Path = venv) -> tuple[str, Proc | None]:
                 port = free_port()

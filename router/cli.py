@@ -24,10 +24,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--workers", type=int, default=1,
                         help="router processes sharing the port (SO_REUSEPORT); each keeps its own in-flight "
                              "counts and scrapes, and they share membership, affinity and policies through the store")
-    parser.add_argument("--native", action="store_true",
+    parser.add_argument("--native", action=argparse.BooleanOptionalAction, default=None,
                         help="run the byte path (HTTP server, engine client) compiled with mypyc: 11-14%% fewer "
-                             "instructions per request; built once into ~/.cache/tokenyard/router-native, needs a "
-                             "C compiler (router/native.py)")
+                             "instructions per request; --native builds it once into ~/.cache/tokenyard/router-native "
+                             "(needs a C compiler), --no-native runs plain Python; unset: compiled when a build for "
+                             "these sources is already cached, else plain (env TOKENYARD_ROUTER_NATIVE=on|off|auto; "
+                             "router/native.py)")
     parser.add_argument("--extproc-port", type=int, default=None,
                         help="also serve the Envoy ext_proc endpoint picker (Gateway API Inference Extension "
                              "protocol, router/extproc.py) and gRPC health on this port")
@@ -91,7 +93,10 @@ async def serve_until_signal(config: Any, reuse_port: bool = False,
     # collector's reach, so full collections stay short and stop showing in tail latency.
     gc.collect()
     gc.freeze()
-    print(f"tokenyard router listening on {server.url} (pid {os.getpid()})", flush=True)
+    from router.native import active
+
+    byte_path = "mypyc" if active() else "python"  # router/native.py: compiled when a build is cached
+    print(f"tokenyard router listening on {server.url} (byte path: {byte_path}; pid {os.getpid()})", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -115,12 +120,15 @@ def run_router(args: argparse.Namespace) -> int:
     import os
     import sys
 
-    if getattr(args, "native", False):
-        from router import native
+    from router import native
 
+    flag = getattr(args, "native", None)
+    mode = native.mode_default() if flag is None else ("on" if flag else "off")
+    argv = list(getattr(args, "argv", sys.argv[1:]))
+    if mode == "on":
         if not os.environ.get(native.ROOT_ENV):
             try:
-                native.exec_on_native(list(getattr(args, "argv", sys.argv[1:])))  # returns only by raising
+                native.exec_on_native(argv)  # returns only by raising
             except (native.NativeBuildError, OSError) as exc:
                 print(f"tokenyard router: --native: {exc}", file=sys.stderr)
                 return 1
@@ -128,6 +136,14 @@ def run_router(args: argparse.Namespace) -> int:
             print(f"tokenyard router: --native: the compiled modules in {os.environ[native.ROOT_ENV]} were not "
                   "imported", file=sys.stderr)
             return 1
+    elif mode == "auto" and not os.environ.get(native.ROOT_ENV):
+        found = native.available()
+        if found is not None:
+            try:
+                native.exec_on_native(argv, root=found)  # returns only by raising
+            except OSError as exc:  # the plain modules are the fallback
+                print(f"tokenyard router: the compiled byte path in {found} did not start ({exc}); "
+                      "running plain Python", file=sys.stderr)
     from router.config import default_store_url, load_router_config
     from tokenyard.config import ConfigError
 
