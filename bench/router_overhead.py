@@ -345,6 +345,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="tokenyard-bench-"))
     procs: list[Proc] = []
     results: dict[str, dict[str, dict[str, dict]]] = {}
+    every: dict[tuple[str, str, str], list[dict]] = {}
     try:
         engine_urls = []
         for k in range(2):
@@ -419,7 +420,6 @@ def main() -> int:
                 pids[name] = proc.proc.pid  # taskset execs the command: the same pid
             urls[name] = url
             results[name] = {mode: {} for mode in MODES}
-        every: dict[tuple[str, str, str], list[dict]] = {}
         bar = tqdm(total=args.rounds * len(urls) * len(MODES) * len(CONCURRENCY), desc="router overhead",
                    unit="point")
         for round_index in range(args.rounds):
@@ -444,7 +444,12 @@ def main() -> int:
     print("measuring dispatch decision time with 1,000 instances ...", flush=True)
     decisions = decision_times()
     plot(results, Path(args.out))
-    report = {"results": results, "decisions": decisions, "notes": notes, "rounds": args.rounds,
+    # Every round's row too: the targets of one point run back to back within a round, so
+    # a ratio per round (bench/router_ratios.py) pairs measurements minutes apart at most.
+    per_round = {name: {mode: {c: every.get((name, mode, c), []) for c in by_c} for mode, by_c in modes.items()}
+                 for name, modes in results.items()}
+    report = {"results": results, "per_round": per_round, "decisions": decisions, "notes": notes,
+              "rounds": args.rounds,
               "duration_s": args.duration_s, "cpus": os.cpu_count()}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
