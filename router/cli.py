@@ -22,8 +22,9 @@ def register(subparsers: Any) -> None:
                         help="state store URL (overrides store:), e.g. redis://127.0.0.1:6379/0; with "
                              "neither: file://$PWD/.tokenyard/state.json")
     parser.add_argument("--workers", type=int, default=1,
-                        help="router processes sharing the port (SO_REUSEPORT); each keeps its own in-flight "
-                             "counts and scrapes, and they share membership, affinity and policies through the store")
+                        help="router processes sharing the port (SO_REUSEPORT); they count in-flight requests "
+                             "per instance together (a mapped table, router/shared_inflight.py), each scrapes for "
+                             "itself, and they share membership, affinity and policies through the store")
     parser.add_argument("--native", action=argparse.BooleanOptionalAction, default=None,
                         help="run the byte path (HTTP server, engine client) compiled with mypyc: 11-14%% fewer "
                              "instructions per request; --native builds it once into ~/.cache/tokenyard/router-native "
