@@ -196,6 +196,8 @@ class SharedInflight:
         """This worker's count for the instance moves by `delta` (never below 0)."""
         index = self._slots.get(instance_id)
         if index is None:
+            if delta <= 0:
+                return  # never counted here: nothing to take back
             index = self.slot(instance_id)
             if index is None:
                 return
