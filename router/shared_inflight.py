@@ -49,6 +49,7 @@ DEFAULT_CAPACITY = 16_384
 MAX_WORKERS = 256
 SYNC_INTERVAL_S = 0.001
 FULL_SYNC_S = 0.1
+VECTOR_SLOTS = 64  # above this many instances a sync sums in numpy, below in plain Python
 
 
 class SharedInflightError(RuntimeError):
@@ -134,8 +135,12 @@ class SharedInflight:
         self._slots: dict[str, int] = {}
         self._ids_by_slot: dict[int, str] = {}
         self._positions: dict[str, int] = {}  # instance id -> its place in _used / _seen
-        self._used = np.zeros(0, dtype=np.intp)
-        self._seen = np.zeros(0, dtype=np.int64)  # the others' sum per used slot at the last sync
+        self._used: list[int] = []  # slots this worker reads, in claim order
+        self._used_array = np.zeros(0, dtype=np.intp)  # _used and _seen as arrays, for large fleets
+        self._seen_array = np.zeros(0, dtype=np.int64)
+        self._seen: list[int] = []  # the others' sum per used slot at the last sync
+        self._other_gen_words = [gens + GEN_STRIDE * w for w in self._others]
+        self._other_bases = [counts + w * capacity for w in self._others]
         self._seen_gens = -1
         self._next_sync_s = 0.0
         self._full_sync_s = 0.0
@@ -176,8 +181,11 @@ class SharedInflight:
         others_now = int(self._counts[self._others, index].sum()) if self._others else 0
         # The new slot joins with its current value (the caller sets its state from the
         # table); the pending changes of the other slots stay pending for the next sync.
-        self._used = np.append(self._used, np.intp(index))
-        self._seen = np.append(self._seen, np.int64(others_now))
+        self._used.append(index)
+        self._seen.append(others_now)
+        if len(self._used) > VECTOR_SLOTS:
+            self._used_array = np.array(self._used, dtype=np.intp)
+            self._seen_array = np.array(self._seen, dtype=np.int64)
         return index
 
     def total(self, instance_id: str) -> int:
@@ -189,7 +197,7 @@ class SharedInflight:
         """Requests in flight to the instance through the other workers, as last synced."""
         if instance_id not in self._positions:
             return 0
-        return int(self._seen[self._positions[instance_id]])
+        return self._seen[self._positions[instance_id]]
 
     # -- the request path ------------------------------------------------------------------
     def add(self, instance_id: str, delta: int) -> None:
@@ -215,7 +223,10 @@ class SharedInflight:
         self._next_sync_s = now + self.sync_interval_s
         if not self._others:
             return
-        gens = int(self._gens.sum()) - int(self._gens[self.worker])
+        cells = self._cells
+        gens = 0
+        for word in self._other_gen_words:
+            gens += cells[word]
         # Unchanged generations: nothing to read, except every FULL_SYNC_S regardless (a
         # reader on a weakly ordered CPU may see a new generation before its count).
         if gens == self._seen_gens and now < self._full_sync_s:
@@ -223,21 +234,38 @@ class SharedInflight:
         self._seen_gens = gens
         self._full_sync_s = now + FULL_SYNC_S
         used = self._used
-        if not len(used):
-            return
-        others = self._counts[self._others][:, used].sum(axis=0)
-        changed = np.flatnonzero(others != self._seen)
-        if not len(changed):
-            return
-        self._seen = others
-        own = self._cells
         own_base = self._own_base
         ids = self._ids_by_slot
-        for position in changed.tolist():
-            index = int(used[position])
-            state = states.get(ids[index])
-            if state is not None:
-                state.router_inflight = own[own_base + index] + int(others[position])
+        if len(used) > VECTOR_SLOTS:  # a large fleet: sum and compare the columns in numpy
+            columns = self._counts[:, self._used_array]  # workers x used slots (a copy of just those)
+            summed = columns.sum(axis=0) - columns[self.worker]
+            changed: list[int] = np.flatnonzero(summed != self._seen_array).tolist()
+            if changed:
+                self._seen_array = summed
+                for position in changed:
+                    index = used[position]
+                    value = int(summed[position])
+                    self._seen[position] = value
+                    state = states.get(ids[index])
+                    if state is not None:
+                        state.router_inflight = cells[own_base + index] + value
+            return
+        others: list[int] = []
+        for index in used:
+            total = 0
+            for base in self._other_bases:
+                total += cells[base + index]
+            others.append(total)
+        seen = self._seen
+        if others == seen:
+            return
+        for position, value in enumerate(others):
+            if value != seen[position]:
+                index = used[position]
+                seen[position] = value
+                state = states.get(ids[index])
+                if state is not None:
+                    state.router_inflight = cells[own_base + index] + value
 
     def refresh(self, instance_id: str, state: InstanceState) -> None:
         """Set a (new) state's count from the table at once: own + the others' now."""
@@ -257,7 +285,7 @@ class SharedInflight:
         for table in ("_slots", "_ids_by_slot", "_positions"):
             if hasattr(self, table):
                 getattr(self, table).clear()
-        for name in ("_cells", "_keys", "_gens", "_counts", "_words", "_used", "_seen"):
+        for name in ("_cells", "_keys", "_gens", "_counts", "_words", "_used_array", "_seen_array"):
             value = getattr(self, name, None)
             if isinstance(value, memoryview):
                 value.release()

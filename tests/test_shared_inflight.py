@@ -71,6 +71,31 @@ def test_each_worker_sees_the_sum_of_every_workers_requests(table: Path) -> None
         shared.close()
 
 
+def test_a_large_fleet_is_summed_the_same_way(table: Path, tmp_path: Path) -> None:
+    from router.shared_inflight import VECTOR_SLOTS
+
+    big = create_table(2, capacity=4 * VECTOR_SLOTS, directory=str(tmp_path))
+    ids = [f"i{k}" for k in range(2 * VECTOR_SLOTS)]  # above the plain-Python limit: numpy sums
+    mine, theirs = SharedInflight(big, 0), SharedInflight(big, 1)
+    registry = _registry(mine, *ids)
+    other = _registry(theirs, *ids)
+    for k, iid in enumerate(ids):
+        for _ in range(k % 3):
+            other.inflight_started(iid)
+        if k % 5 == 0:
+            registry.inflight_started(iid)
+    expected = {iid: k % 3 + (k % 5 == 0) for k, iid in enumerate(ids)}
+    assert _synced(registry) == expected and _synced(other) == expected
+    for k, iid in enumerate(ids):
+        if k % 2 == 0:  # the other worker's requests to every second instance end
+            for _ in range(k % 3):
+                other.inflight_finished(iid)
+            expected[iid] = int(k % 5 == 0)
+    assert _synced(registry) == expected and _synced(other) == expected
+    mine.close()
+    theirs.close()
+
+
 def test_a_worker_in_another_process_counts_and_a_dead_worker_is_cleared(table: Path) -> None:
     here = SharedInflight(table, 0)
     registry = _registry(here, "engine-1")
