@@ -16,7 +16,9 @@ the parent before the workers start and removed after they stop:
 - a reader sums the other columns for the slots it uses, at most once per `sync_interval_s`
   and only when another worker's generation moved, and writes `own + others` into its
   states. A worker's own starts and ends are applied at once; the others' are at most
-  `sync_interval_s` (1 ms) old when a decision reads them.
+  `sync_interval_s` old when a decision reads them (1 ms up to 100 instances, then 10 µs
+  more per instance: 10 ms at 1,000, so that a sync's cost, which reads every slot, stays
+  a small share of a busy worker's time).
 
 A worker that exits has its column zeroed by the parent (`clear_worker`), so a crash does not
 leave phantom load. Bounded: `capacity` slots (16,384 by default); instances beyond it are
@@ -220,7 +222,12 @@ class SharedInflight:
         now = time.monotonic()
         if now < self._next_sync_s:
             return
-        self._next_sync_s = now + self.sync_interval_s
+        # A sync reads every used slot: a large fleet syncs less often (10 µs of interval per
+        # instance: 1 ms up to 100 instances, 10 ms at 1,000), so its cost stays bounded.
+        interval = self.sync_interval_s
+        if len(self._used) > 100:
+            interval *= len(self._used) / 100
+        self._next_sync_s = now + interval
         if not self._others:
             return
         cells = self._cells
