@@ -183,7 +183,15 @@ def test_two_router_workers_share_in_flight_counts(tmp_path: Path) -> None:
                                 cwd=REPO_ROOT)
         try:
             assert proc.stdout is not None
-            pids = [int(proc.stdout.readline().rsplit("pid ", 1)[-1].strip(") \n")) for _ in range(2)]
+            pids: list[int] = []
+            lines: list[str] = []
+            while len(pids) < 2:  # one listening line per worker (log lines may come first)
+                line = proc.stdout.readline()
+                assert line, f"the router exited before both workers listened: {''.join(lines)}"
+                lines.append(line)
+                found = re.search(r"listening on .*pid (\d+)\)", line)
+                if found is not None:
+                    pids.append(int(found.group(1)))
             answers: list[int] = []
 
             def one() -> None:  # each on its own connection: spread over the workers
