@@ -112,7 +112,11 @@ def main() -> int:
             cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_dir}/callgrind.out.%p",
                    sys.executable, "-m", "cli.main", "--log-level", "warning", "router", "--config", str(config),
                    "--workers", "1"]
-            env = dict(os.environ, PYTHONPATH=str(root)) if root is not None else None
+            # No re-exec onto a cached compiled build (router/native.py): valgrind would lose the
+            # process. A compiled build is measured as a --code-root.
+            env = dict(os.environ, TOKENYARD_ROUTER_NATIVE="off")
+            if root is not None:
+                env["PYTHONPATH"] = str(root)
             proc = Proc(cmd, workdir / f"{tag}.log", env=env)
             procs.append(proc)
             url = f"http://127.0.0.1:{port}"

@@ -345,6 +345,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="tokenyard-bench-"))
     procs: list[Proc] = []
     results: dict[str, dict[str, dict[str, dict]]] = {}
+    every: dict[tuple[str, str, str], list[dict]] = {}
     try:
         engine_urls = []
         for k in range(2):
@@ -358,8 +359,9 @@ def main() -> int:
         def start_tokenyard(http_server: str = "builtin", workers: int = 1,
                             code_root: Path | None = None, extra: tuple[str, ...] = ()) -> tuple[str, Proc | None]:
             port = free_port()
-            config = workdir / f"router-{http_server}-{workers}.yaml"
-            config.write_text(yaml.safe_dump(router_config(port, workdir / f"state-{http_server}-{workers}.json",
+            tag = "baseline" if code_root is not None else http_server + "".join(extra)
+            config = workdir / f"router-{tag}-{workers}.yaml"
+            config.write_text(yaml.safe_dump(router_config(port, workdir / f"state-{tag}-{workers}.json",
                                                            engine_urls)))
             # uvicorn is no longer a router option; bench/http_server.py serves the router app on it.
             cmd = pin_router + ([sys.executable, "-m", "cli.main", "--log-level", "warning", "router", "--config",
@@ -367,12 +369,16 @@ def main() -> int:
                    [sys.executable, str(REPO / "bench" / "http_server.py"), "serve-uvicorn", "--config", str(config)])
             # A baseline revision's packages go first on the import path (ahead of the
             # editable install, whose finder comes after the path entries).
-            env = dict(os.environ, PYTHONPATH=str(code_root)) if code_root is not None else None
-            tag = "baseline" if code_root is not None else http_server + "".join(extra)
+            # The baseline runs as its code does by default, but never on a compiled build
+            # (`tokenyard router` runs one by default when one is cached: router/native.py).
+            env = dict(os.environ, PYTHONPATH=str(code_root), TOKENYARD_ROUTER_NATIVE="off") \
+                if code_root is not None else None
             proc = Proc(cmd, workdir / f"tokenyard-{tag}-{workers}.log", env=env)
             return f"http://127.0.0.1:{port}", proc
 
-        targets.append(("tokenyard", start_tokenyard))
+        # `tokenyard`: plain Python; `tokenyard-native`: the compiled byte path (what the router
+        # runs by default once a build is cached).
+        targets.append(("tokenyard", lambda: start_tokenyard(extra=("--no-native",))))
         if args.baseline_rev:
             base_root = extract_baseline(args.baseline_rev)
             targets.append((f"tokenyard@{args.baseline_rev}", lambda: start_tokenyard(code_root=base_root)))
@@ -381,7 +387,9 @@ def main() -> int:
         if not args.no_uvicorn:
             targets.append(("tokenyard-uvicorn", lambda: start_tokenyard("uvicorn")))
         if args.workers > 1:
-            targets.append((f"tokenyard-{args.workers}-workers", lambda: start_tokenyard("builtin", args.workers)))
+            workers_mode = ("--native",) if args.native else ("--no-native",)
+            targets.append((f"tokenyard-{args.workers}-workers{'-native' if args.native else ''}",
+                            lambda: start_tokenyard("builtin", args.workers, extra=workers_mode)))
         for name, venv in peers.items():
             def start_peer(name: str = name, venv: Path = venv) -> tuple[str, Proc | None]:
                 port = free_port()
@@ -412,7 +420,6 @@ def main() -> int:
                 pids[name] = proc.proc.pid  # taskset execs the command: the same pid
             urls[name] = url
             results[name] = {mode: {} for mode in MODES}
-        every: dict[tuple[str, str, str], list[dict]] = {}
         bar = tqdm(total=args.rounds * len(urls) * len(MODES) * len(CONCURRENCY), desc="router overhead",
                    unit="point")
         for round_index in range(args.rounds):
@@ -437,7 +444,12 @@ def main() -> int:
     print("measuring dispatch decision time with 1,000 instances ...", flush=True)
     decisions = decision_times()
     plot(results, Path(args.out))
-    report = {"results": results, "decisions": decisions, "notes": notes, "rounds": args.rounds,
+    # Every round's row too: the targets of one point run back to back within a round, so
+    # a ratio per round (bench/router_ratios.py) pairs measurements minutes apart at most.
+    per_round = {name: {mode: {c: every.get((name, mode, c), []) for c in by_c} for mode, by_c in modes.items()}
+                 for name, modes in results.items()}
+    report = {"results": results, "per_round": per_round, "decisions": decisions, "notes": notes,
+              "rounds": args.rounds,
               "duration_s": args.duration_s, "cpus": os.cpu_count()}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

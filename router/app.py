@@ -107,6 +107,8 @@ class Router:
         self.store = store
         self.registry = registry or InstanceRegistry(store)
         self.metrics = RouterMetrics()
+        self.metrics.expose_instance_inflight(
+            lambda: [(state.instance_id, state.router_inflight) for state in self.registry.instances()])
         self.dispatcher = Dispatcher(config, self.registry, store, seed=seed)
         if config.plugin_sample_every:
             self.dispatcher.layer.set_observer(PluginMetrics(self.metrics, config.plugin_sample_every))

@@ -22,12 +22,15 @@ def register(subparsers: Any) -> None:
                         help="state store URL (overrides store:), e.g. redis://127.0.0.1:6379/0; with "
                              "neither: file://$PWD/.tokenyard/state.json")
     parser.add_argument("--workers", type=int, default=1,
-                        help="router processes sharing the port (SO_REUSEPORT); each keeps its own in-flight "
-                             "counts and scrapes, and they share membership, affinity and policies through the store")
-    parser.add_argument("--native", action="store_true",
+                        help="router processes sharing the port (SO_REUSEPORT); they count in-flight requests "
+                             "per instance together (a mapped table, router/shared_inflight.py), each scrapes for "
+                             "itself, and they share membership, affinity and policies through the store")
+    parser.add_argument("--native", action=argparse.BooleanOptionalAction, default=None,
                         help="run the byte path (HTTP server, engine client) compiled with mypyc: 11-14%% fewer "
-                             "instructions per request; built once into ~/.cache/tokenyard/router-native, needs a "
-                             "C compiler (router/native.py)")
+                             "instructions per request; --native builds it once into ~/.cache/tokenyard/router-native "
+                             "(needs a C compiler), --no-native runs plain Python; unset: compiled when a build for "
+                             "these sources is already cached, else plain (env TOKENYARD_ROUTER_NATIVE=on|off|auto; "
+                             "router/native.py)")
     parser.add_argument("--extproc-port", type=int, default=None,
                         help="also serve the Envoy ext_proc endpoint picker (Gateway API Inference Extension "
                              "protocol, router/extproc.py) and gRPC health on this port")
@@ -49,7 +52,8 @@ def register(subparsers: Any) -> None:
 
 
 async def serve_until_signal(config: Any, reuse_port: bool = False,
-                             extproc: tuple[str, int, Any] | None = None) -> None:
+                             extproc: tuple[str, int, Any] | None = None,
+                             shared_inflight: tuple[str, int] | None = None) -> None:
     import asyncio
     import contextlib
     import gc
@@ -68,6 +72,10 @@ async def serve_until_signal(config: Any, reuse_port: bool = False,
             await store.close()
             raise
     router = Router(config, store=store)
+    if shared_inflight is not None:  # worker i of `--workers N`: in-flight counts summed over the workers
+        from router.shared_inflight import SharedInflight
+
+        router.registry.share_inflight(SharedInflight(*shared_inflight))
     server = RouterServer(router, config.host, config.port, reuse_port=reuse_port)
     try:
         await server.start()
@@ -86,7 +94,10 @@ async def serve_until_signal(config: Any, reuse_port: bool = False,
     # collector's reach, so full collections stay short and stop showing in tail latency.
     gc.collect()
     gc.freeze()
-    print(f"tokenyard router listening on {server.url} (pid {os.getpid()})", flush=True)
+    from router.native import active
+
+    byte_path = "mypyc" if active() else "python"  # router/native.py: compiled when a build is cached
+    print(f"tokenyard router listening on {server.url} (byte path: {byte_path}; pid {os.getpid()})", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -110,12 +121,15 @@ def run_router(args: argparse.Namespace) -> int:
     import os
     import sys
 
-    if getattr(args, "native", False):
-        from router import native
+    from router import native
 
+    flag = getattr(args, "native", None)
+    mode = native.mode_default() if flag is None else ("on" if flag else "off")
+    argv = list(getattr(args, "argv", sys.argv[1:]))
+    if mode == "on":
         if not os.environ.get(native.ROOT_ENV):
             try:
-                native.exec_on_native(list(getattr(args, "argv", sys.argv[1:])))  # returns only by raising
+                native.exec_on_native(argv)  # returns only by raising
             except (native.NativeBuildError, OSError) as exc:
                 print(f"tokenyard router: --native: {exc}", file=sys.stderr)
                 return 1
@@ -123,6 +137,14 @@ def run_router(args: argparse.Namespace) -> int:
             print(f"tokenyard router: --native: the compiled modules in {os.environ[native.ROOT_ENV]} were not "
                   "imported", file=sys.stderr)
             return 1
+    elif mode == "auto" and not os.environ.get(native.ROOT_ENV):
+        found = native.available()
+        if found is not None:
+            try:
+                native.exec_on_native(argv, root=found)  # returns only by raising
+            except OSError as exc:  # the plain modules are the fallback
+                print(f"tokenyard router: the compiled byte path in {found} did not start ({exc}); "
+                      "running plain Python", file=sys.stderr)
     from router.config import default_store_url, load_router_config
     from tokenyard.config import ConfigError
 
@@ -206,7 +228,7 @@ def startup_error(exc: BaseException, config: Any) -> str:
     return f"could not start: {type(exc).__name__}: {exc}"
 
 
-def _worker_main(config: Any) -> None:
+def _worker_main(config: Any, shared_inflight: tuple[str, int] | None = None) -> None:
     import asyncio
     import signal
 
@@ -218,7 +240,7 @@ def _worker_main(config: Any) -> None:
     except ImportError:
         pass
     try:
-        asyncio.run(serve_until_signal(config, reuse_port=True))
+        asyncio.run(serve_until_signal(config, reuse_port=True, shared_inflight=shared_inflight))
     except Exception as exc:
         import sys
 
@@ -227,26 +249,47 @@ def _worker_main(config: Any) -> None:
 
 
 def _run_workers(config: Any, workers: int) -> int:
-    """Several router processes on one port; the kernel spreads connections over them."""
+    """Several router processes on one port; the kernel spreads connections over them. Their
+    in-flight counts per instance are shared through one mapped table (router/shared_inflight.py),
+    so least-outstanding dispatch and admission see every worker's requests; a worker that
+    exits has its counts zeroed."""
     import multiprocessing
     import signal
+    import sys
+    from multiprocessing.connection import wait
 
     from router.records import per_worker
+    from router.shared_inflight import SharedInflight, SharedInflightError, create_table
 
+    try:
+        table = create_table(workers)
+    except SharedInflightError as exc:
+        print(f"tokenyard router: {exc}", file=sys.stderr)
+        return 1
+    keeper = SharedInflight(table, 0)
     context = multiprocessing.get_context("spawn")
     # Each worker appends to (and rotates) a records file of its own; each reads all of them.
-    procs = [context.Process(target=_worker_main, args=(per_worker(config, i, workers),), name=f"router-{i}")
+    procs = [context.Process(target=_worker_main, args=(per_worker(config, i, workers), (str(table), i)),
+                             name=f"router-{i}")
              for i in range(workers)]
-    for proc in procs:
-        proc.start()
-
-    def forward(signum: int, frame: Any) -> None:
+    try:
         for proc in procs:
-            if proc.is_alive() and proc.pid is not None:
-                os.kill(proc.pid, signal.SIGTERM)
+            proc.start()
 
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
-    for proc in procs:
-        proc.join()
+        def forward(signum: int, frame: Any) -> None:
+            for proc in procs:
+                if proc.is_alive() and proc.pid is not None:
+                    os.kill(proc.pid, signal.SIGTERM)
+
+        signal.signal(signal.SIGINT, forward)
+        signal.signal(signal.SIGTERM, forward)
+        running = {proc.sentinel: (index, proc) for index, proc in enumerate(procs)}
+        while running:
+            for sentinel in wait(list(running)):
+                index, proc = running.pop(sentinel if isinstance(sentinel, int) else -1)
+                proc.join()
+                keeper.clear_worker(index)  # its requests ended with it
+    finally:
+        keeper.close()
+        table.unlink(missing_ok=True)
     return 0 if all(proc.exitcode == 0 for proc in procs) else 1

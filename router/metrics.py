@@ -9,10 +9,13 @@ All are on the one registry and in the one exposition.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.registry import Collector
 
 from tokenyard.loop_metrics import LoopCounter, LoopGauge, LoopHistogram, LoopMetrics
 
@@ -67,6 +70,7 @@ class RouterMetrics:
                                     "Requests for the tier alias, by the tier and model chosen", ["tier", "model"],
                                     registry=r)
         hot.register(r)
+        self._instance_inflight: _InstanceInflight | None = None
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def child(self, metric: MetricWrapperBase | LoopCounter | LoopHistogram, *labels: str) -> Any:
@@ -82,5 +86,25 @@ class RouterMetrics:
     def tier_chosen(self, tier: str, model: str) -> None:
         self.child(self.tier_choices, tier, model).inc()
 
+    def expose_instance_inflight(self, read: Callable[[], Iterable[tuple[str, int]]]) -> None:
+        """`tokenyard_router_instance_inflight{instance}`: the in-flight count dispatch reads
+        per instance (every worker's requests under `--workers N`), from `read()` at each scrape."""
+        if self._instance_inflight is None:
+            self._instance_inflight = _InstanceInflight(read)
+            self.registry.register(self._instance_inflight)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _InstanceInflight(Collector):
+    def __init__(self, read: Callable[[], Iterable[tuple[str, int]]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("tokenyard_router_instance_inflight",
+                                   "Requests in flight to the instance as dispatch counts them (through every "
+                                   "worker of `tokenyard router --workers N`)", labels=["instance"])
+        for instance_id, count in self._read():
+            family.add_metric([instance_id], count)
+        yield family

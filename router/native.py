@@ -15,7 +15,9 @@ nothing in the source tree changes, and an edit changes the key, so a stale buil
 never shadow edited code.
 
     python -m router.native build        # build (or find) it; prints the folder
-    tokenyard router --config r.yaml --native
+    tokenyard router --config r.yaml --native      # build if needed, then run compiled
+    tokenyard router --config r.yaml               # compiled if a build for these sources is cached
+    tokenyard router --config r.yaml --no-native   # plain Python (also TOKENYARD_ROUTER_NATIVE=off)
 
 Needs a C compiler and the Python headers (what building any C extension needs).
 """
@@ -31,6 +33,7 @@ from tokenyard.native_build import NativeBuildError as NativeBuildError  # raise
 
 COMPILED = ("tokenyard/asgi_server.py", "router/proxy.py")
 ROOT_ENV = "TOKENYARD_ROUTER_NATIVE_ROOT"  # set in the process re-run on the compiled modules
+MODE_ENV = "TOKENYARD_ROUTER_NATIVE"  # on | off | auto (the default): what `--native` defaults to
 BUILD = NativeBuild(packages=("router", "tokenyard"), compiled=COMPILED, cache_name="router-native")
 
 
@@ -50,11 +53,28 @@ def active() -> bool:
     return not any(str(module.__file__).endswith(".py") for module in (router.proxy, tokenyard.asgi_server))
 
 
-def exec_on_native(argv: list[str], cache_dir: Path | None = None) -> None:
+def available(cache_dir: Path | None = None) -> Path | None:
+    """The folder of a build for the current sources if one is already in the cache (what
+    `tokenyard router` runs by default), else None; never builds, needs no compiler."""
+    try:
+        root = (cache_dir or default_cache_dir()) / build_key()
+    except (ImportError, OSError):  # no mypy installed, or an unreadable source: plain Python
+        return None
+    return root if compiled_in(root) else None
+
+
+def mode_default() -> str:
+    """`--native` when the flag is not given: TOKENYARD_ROUTER_NATIVE=on|off|auto (auto: the
+    compiled byte path when a build for these sources is cached, else plain Python)."""
+    value = os.environ.get(MODE_ENV, "auto").strip().lower()
+    return {"on": "on", "1": "on", "off": "off", "0": "off"}.get(value, "auto")
+
+
+def exec_on_native(argv: list[str], cache_dir: Path | None = None, root: Path | None = None) -> None:
     """Replace this process with `tokenyard <argv>` importing the compiled packages first
     (same pid, so signals and supervisors see one process; returns only by raising
-    NativeBuildError or OSError)."""
-    command, env = BUILD.child_command(build(cache_dir, quiet=False), ROOT_ENV, argv)
+    NativeBuildError or OSError). `root`: a build already found (else built now if needed)."""
+    command, env = BUILD.child_command(root or build(cache_dir, quiet=False), ROOT_ENV, argv)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(command[0], command, env)

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
+from router.shared_inflight import SharedInflight
 from router.state import InstanceRecord, StateChange, StateStore, cancel_and_wait
 from scheduler.prefill_rate import note_dispatch
 from scheduler.types import InstanceState
@@ -63,6 +64,14 @@ class InstanceRegistry:
         self._tasks: list[asyncio.Task[None]] = []
         self._idle = asyncio.Event()
         self._idle.set()
+        self._shared: SharedInflight | None = None
+
+    def share_inflight(self, shared: SharedInflight) -> None:
+        """Count in-flight requests with the other workers of `--workers N` (router/shared_inflight.py):
+        from now on `router_inflight` is every worker's requests, not this process's only."""
+        self._shared = shared
+        for iid, state in self._states.items():
+            shared.refresh(iid, state)
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -90,6 +99,8 @@ class InstanceRegistry:
 
     # -- hot path (O(1), no I/O) -------------------------------------------------------
     def instances(self) -> Sequence[InstanceState]:
+        if self._shared is not None:
+            self._shared.sync(self._states)
         return self._snapshot
 
     def get(self, instance_id: str) -> tuple[InstanceRecord, InstanceState]:
@@ -117,6 +128,8 @@ class InstanceRegistry:
         state = self._states.get(instance_id)
         if state is not None:
             note_dispatch(state, prompt_tokens, self._clock())
+            if self._shared is not None:
+                self._shared.add(instance_id, 1)
 
     def now_s(self) -> float:
         """The registry's clock (the one its load snapshots and prefill rates are on)."""
@@ -126,6 +139,8 @@ class InstanceRegistry:
         state = self._states.get(instance_id)
         if state is not None and state.router_inflight > 0:
             state.router_inflight -= 1
+        if self._shared is not None:  # also for a removed instance: its count must not stay
+            self._shared.add(instance_id, -1)
 
     def update_load(self, instance_id: str, *, running: int | None = None,
                     waiting: int | None = None, kv_blocks_used: int | None = None,
@@ -213,6 +228,8 @@ class InstanceRegistry:
                 instance_id=iid, model=record.model, gpu=record.gpu, pool=record.pool,
                 tp=record.tp, url=record.url, draining=record.draining,
                 cordoned=record.cordoned)  # updated_s 0: no load yet
+            if self._shared is not None:
+                self._shared.refresh(iid, self._states[iid])
             self._snapshot = tuple(self._states.values())
             event = "added"
         else:

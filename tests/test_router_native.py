@@ -86,7 +86,7 @@ def test_native_router_answers_like_the_plain_one_in_the_same_process(cache_dir:
         engine.terminate()
         engine.wait(10)
     # execve: the process that printed its pid is the one started (signals reach it).
-    found = re.search(r"\(pid (\d+)\)", output)
+    found = re.search(r"\(byte path: mypyc; pid (\d+)\)", output)
     assert found is not None and int(found.group(1)) == router.pid, output
     assert "compiled" not in output  # the prebuilt folder was used, not a new build
 
@@ -96,3 +96,58 @@ def test_a_failed_build_says_why_and_leaves_nothing(tmp_path: Path, monkeypatch:
     with pytest.raises(native.NativeBuildError, match="C compiler"):
         native.build(tmp_path)
     assert list(tmp_path.iterdir()) == []  # neither the keyed folder nor the work folder is left
+
+
+def _byte_path_of(config: Path, cwd: Path, env: dict[str, str], *flags: str) -> str:
+    """What the router says it runs ('mypyc' or 'python'), after it answered a request."""
+    router = subprocess.Popen([sys.executable, "-m", "cli.main", "router", "--config", str(config), *flags],
+                              cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert router.stdout is not None
+        seen = []
+        found = None
+        while found is None and len(seen) < 200:
+            line = router.stdout.readline()
+            assert line, "".join(seen)  # exited before it listened
+            seen.append(line)
+            found = re.search(r"listening on .*\(byte path: (\w+); pid (\d+)\)", line)
+        assert found is not None, "".join(seen)
+        assert int(found.group(2)) == router.pid
+        port = yaml.safe_load(config.read_text())["listen"]["port"]
+        answer = _wait_answer(f"http://127.0.0.1:{port}/v1/completions", router,
+                              {"model": "m", "prompt": "hello", "max_tokens": 4})
+        assert answer.status_code == 200, answer.text
+        return found.group(1)
+    finally:
+        router.terminate()
+        router.communicate(timeout=20)
+
+
+def test_the_router_runs_a_cached_build_by_default_and_plain_python_otherwise(cache_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    engine_port, router_port = free_port(), free_port()
+    engine = subprocess.Popen([sys.executable, str(REPO / "bench" / "peers" / "fake_engine.py"), "--port",
+                               str(engine_port), "--model", "m"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    config = tmp_path / "router.yaml"
+    config.write_text(yaml.safe_dump({
+        "listen": {"host": "127.0.0.1", "port": router_port},
+        "store": f"file://{tmp_path / 'state.db'}",
+        "discovery": {"static": [{"url": f"http://127.0.0.1:{engine_port}", "model": "m", "gpu": "A100-80GB"}]},
+    }))
+    xdg = tmp_path / "xdg"
+    (xdg / "tokenyard").mkdir(parents=True)
+    (xdg / "tokenyard" / "router-native").symlink_to(cache_dir)
+    env = {k: v for k, v in os.environ.items() if k not in (native.MODE_ENV, native.ROOT_ENV)}
+    cached = dict(env, XDG_CACHE_HOME=str(xdg))
+    try:
+        assert _byte_path_of(config, tmp_path, cached) == "mypyc"  # found in the cache: used
+        assert _byte_path_of(config, tmp_path, cached, "--no-native") == "python"
+        assert _byte_path_of(config, tmp_path, dict(cached, **{native.MODE_ENV: "off"})) == "python"
+        # No build for these sources in the cache: plain Python, and nothing is built.
+        empty = tmp_path / "empty-xdg"
+        empty.mkdir()
+        assert _byte_path_of(config, tmp_path, dict(env, XDG_CACHE_HOME=str(empty))) == "python"
+        assert not (empty / "tokenyard").exists()
+    finally:
+        engine.terminate()
+        engine.wait(10)
