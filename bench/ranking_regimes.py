@@ -20,6 +20,10 @@ Setups (llama-3-8b on A100-80GB, Azure conversation trace lengths unless said):
   its 11 text models (tokens by the Tekken tokenizer), Poisson arrivals (seeded), each request
   scored by a ranker trained without those prompts (`--rank-model`, a `--no-refit` model);
   its learned rows use that ranker, not the noise model.
+- `v1-a100`, `v1-a10g`, `v1-a10g-fleet`: vLLM V1's defaults (`V1_ENGINE`: 256 seats, 2,048
+  batched tokens, KV from GPU memory) on one A100-80GB (seat-limited), one A10G (2,633 KV
+  blocks: KV-limited) and four A10G behind the admission queue (saturated at
+  `V1_FLEET_QUEUED` requests waiting in an engine); engines order by the policy's priority.
 
 Predictions elsewhere come from `sim.rank_noise` at `--tau` (the ranker's held-out tau);
 the oracle is tau = 1. Load = arrival rate over the capacity of the same setup under FCFS,
