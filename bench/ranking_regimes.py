@@ -20,6 +20,10 @@ Setups (llama-3-8b on A100-80GB, Azure conversation trace lengths unless said):
   its 11 text models (tokens by the Tekken tokenizer), Poisson arrivals (seeded), each request
   scored by a ranker trained without those prompts (`--rank-model`, a `--no-refit` model);
   its learned rows use that ranker, not the noise model.
+- `v1-a100`, `v1-a10g`, `v1-a10g-fleet`: vLLM V1's defaults (`V1_ENGINE`: 256 seats, 2,048
+  batched tokens, KV from GPU memory) on one A100-80GB (seat-limited), one A10G (2,633 KV
+  blocks: KV-limited) and four A10G behind the admission queue (saturated at
+  `V1_FLEET_QUEUED` requests waiting in an engine); engines order by the policy's priority.
 
 Predictions elsewhere come from `sim.rank_noise` at `--tau` (the ranker's held-out tau);
 the oracle is tau = 1. Load = arrival rate over the capacity of the same setup under FCFS,
@@ -59,7 +63,13 @@ OVERLOAD_RPS = 200.0
 KV_LIMITED_BLOCKS = 1500
 GUARD_SWEEP_LOAD = 0.95
 GUARD_SWEEP_S: tuple[float | None, ...] = (15.0, 30.0, 60.0, 120.0, 240.0, None)
-SETUPS = ("batch8", "kv-limited", "fleet-admission", "alpaca-batch8", "alpaca-fleet")
+SETUPS = ("batch8", "kv-limited", "fleet-admission", "alpaca-batch8", "alpaca-fleet", "v1-a100", "v1-a10g", "v1-a10g-fleet")
+# vLLM V1's own defaults for an OpenAI-compatible server on these GPUs (max_num_seqs 256,
+# max_num_batched_tokens 2048, gpu_memory_utilization 0.9, KV blocks from the memory left
+# after the weights), its admission (no preemption to admit), `--scheduling-policy priority`
+V1_ENGINE: dict[str, Any] = {"max_num_seqs": 256, "max_num_batched_tokens": 2048, "gpu_memory_utilization": 0.9}
+V1_GPU = {"v1-a100": "A100-80GB", "v1-a10g": "A10G", "v1-a10g-fleet": "A10G"}
+V1_FLEET_QUEUED = 5  # the router holds a request once every instance has this many waiting
 
 
 def cluster(setup: str, policy: Any, admit_preemption: bool = False) -> Any:
@@ -67,6 +77,8 @@ def cluster(setup: str, policy: Any, admit_preemption: bool = False) -> Any:
     queue's sort (the fleets). `admit_preemption`: engines that order by priority preempt
     a lower-priority running request to admit a waiting one (vLLM V0's priority
     scheduler; the engine option `admit_preemption`); default vLLM V1's admission."""
+    if setup.startswith("v1-"):
+        return _v1_cluster(setup, policy)
     batch8 = setup.endswith("batch8")
     engine: dict[str, Any] = {"max_num_seqs": 8 if batch8 else 64, "max_num_batched_tokens": 4096}
     if setup == "kv-limited":  # 1,500 blocks of 16 tokens: ~17 Azure conversations (1,420 tokens each)
@@ -91,6 +103,31 @@ def cluster(setup: str, policy: Any, admit_preemption: bool = False) -> Any:
     return parse_cluster({
         "default_model": "llama-3-8b",
         "pools": [{"name": "a100", "gpu": "A100-80GB", "model": "llama-3-8b", "count": count, "engine": engine}],
+        "policy": document,
+    }, f"bench/ranking_regimes.py {setup}")
+
+
+def _v1_cluster(setup: str, policy: Any) -> Any:
+    """vLLM V1 defaults (`V1_ENGINE`) on one engine, or four behind the router's admission
+    queue: an instance is saturated once `V1_FLEET_QUEUED` requests wait in its engine (a
+    queue-depth signal, as llm-d's saturation detector), then requests wait in the router,
+    released in `queue.sort` order; engines order their own queues by the same rank."""
+    fleet = setup.endswith("fleet")
+    document: dict[str, Any] = {
+        "version": 1,
+        "profiles": {"default": {"scorers": ["least_outstanding"], "picker": "max_score"}},
+        "affinity": {"enabled": False},
+        "queue": {"sort": policy if fleet else "fcfs", "engine_priority": policy},
+    }
+    if fleet:
+        document["admission"] = {
+            "enabled": True, "max_queue_depth": 100_000, "default_queue_timeout_ms": 3_600_000,
+            "saturation": {"max_queued_per_instance": V1_FLEET_QUEUED, "max_outstanding_per_instance": None},
+        }
+    return parse_cluster({
+        "default_model": "llama-3-8b",
+        "pools": [{"name": "v1", "gpu": V1_GPU[setup], "model": "llama-3-8b", "count": 4 if fleet else 1,
+                   "engine": dict(V1_ENGINE)}],
         "policy": document,
     }, f"bench/ranking_regimes.py {setup}")
 

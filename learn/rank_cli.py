@@ -20,14 +20,15 @@ MAX_SCORE_LINE_BYTES = 4 << 20
 
 def register_train(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "rank", help="train the output-length ranker (LightGBM lambdarank) and report Kendall's tau",
+        "rank", help="train the output-length ranker (LightGBM) and report Kendall's tau",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--data", action="append", type=Path, default=None,
                         help=f"data folder (../shared/data or a part of it) or router .jsonl log; repeatable "
                              f"(default: {DEFAULT_DATA})")
     parser.add_argument("--out", type=Path, required=True, help="model file to write (.json, or .json.gz)")
-    parser.add_argument("--objective", choices=["lambdarank", "regression"], default="lambdarank")
+    parser.add_argument("--objective", choices=["regression", "lambdarank"], default="regression",
+                        help="booster objective: L2 regression on ln(1 + output tokens), or lambdarank")
     parser.add_argument("--trees", type=int, default=300, help="boosting rounds")
     parser.add_argument("--leaves", type=int, default=31)
     parser.add_argument("--test-fraction", type=float, default=0.2, help="share of distinct prompts held out")

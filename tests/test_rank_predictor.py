@@ -190,7 +190,7 @@ def test_train_cli_retrains_from_a_request_log(tmp_path: Path, capsys: pytest.Ca
     assert "held-out prompts: model" in printed and out.exists()
     tau = float(printed.split("held-out prompts: model")[1].split()[0])
     assert tau > 0.35
-    assert load_rank_model(out).meta["objective"] == "lambdarank"
+    assert load_rank_model(out).meta["objective"] == "regression"  # the default objective
 
 
 def test_train_cli_bad_data_says_where(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,7 +9,7 @@ A model is two layers over `scheduler.predictors.features`:
 2. a per-model verbosity prior: the mean ln(1 + output tokens) of each model in training
    (a table keyed by `features.model_key`; NaN for a model not in it, which the booster
    learned to handle from models hidden from the table in training);
-3. a LightGBM booster (lambdarank, or a regression baseline) over the dense features plus
+3. a LightGBM booster (L2 regression on ln(1 + tokens), or lambdarank) over the dense features plus
    those two numbers.
 
 Its raw output is mapped by a monotone linear calibration onto ln(1 + output tokens), so
