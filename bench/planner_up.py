@@ -27,7 +27,6 @@ import json
 import math
 import random
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -181,11 +180,18 @@ def run_fleet(label: str, plan: dict[str, Any], pairs: list[tuple[int, int]], ar
         if r.get("instance"):
             pool = r["instance"].rsplit("-", 1)[0]
             by_pool[pool] = by_pool.get(pool, 0) + 1
+    # The share of these requests the plan's table sends to each pool (its rows: the
+    # router looks a request up by its prompt length; weighted rows are split by a hash).
+    import bisect
+
+    table = plan["routing"]["default"]
+    rows_by_input = {row["input"]: row["pools"] for row in table["rows"]}
     planned: dict[str, float] = {}
-    total_rate = sum(b["rate_rps"] for b in plan["buckets"])
-    for b in plan["buckets"]:
-        for pool, share in b["pools"].items():
-            planned[pool] = planned.get(pool, 0.0) + share * b["rate_rps"] / total_rate
+    for n_in, _ in pairs:
+        weights = rows_by_input.get(bisect.bisect_right(table["input_edges"], n_in) - 1, {})
+        total = sum(weights.values()) or 1.0
+        for pool, weight in weights.items():
+            planned[pool] = planned.get(pool, 0.0) + weight / total / len(pairs)
 
     def pct(values: list[float], q: float) -> float:
         values = sorted(values)

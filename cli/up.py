@@ -157,7 +157,7 @@ def plan_fleet(path: str, model: str, slo_class: str | None) -> PlanFleet:
         parsed = RoutingTable.from_dict(routing[name], f"{path}: routing.{name}")
     except PlanError as exc:
         raise ValueError(str(exc)) from exc
-    started = {spec.pool for spec in specs}
+    started = {spec.pool for spec in specs if spec.pool}
     routed = {pool for weights in [*parsed.cells.values(), *parsed.rows.values()] for pool, _ in weights}
     if routed - started:
         raise ValueError(f"{path}: routing.{name} routes to pool(s) {sorted(routed - started)} that have no "
