@@ -411,7 +411,7 @@ async def up(args: argparse.Namespace) -> int:
               f"  request records (one JSON line per request, no prompt text): {state_dir / 'records.jsonl'}\n",
               flush=True)
 
-        body = {"model": specs[0].model, "messages": [{"role": "user", "content": "Say hello to Tokenyard."}],
+        body = {"model": specs[0].model if plan is not None else "llama-3-8b", "messages": [{"role": "user", "content": "Say hello to Tokenyard."}],
                 "max_tokens": 16}
         async with httpx.AsyncClient(timeout=60.0) as client:
             response = await client.post(server.url + "/v1/chat/completions", json=body)
