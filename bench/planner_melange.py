@@ -91,9 +91,10 @@ def workloads(count: int) -> dict[str, list[TraceRequest]]:
 
 def run(rates: list[float], tpots_ms: list[float], ttft_ms: float, count: int, cache_dir: str,
         edges: tuple[tuple[int, ...], tuple[int, ...]], names: list[str],
-        rank_tau: float | None = None) -> list[dict[str, Any]]:
+        rank_tau: float | None = None, factors_file: str | None = None) -> list[dict[str, Any]]:
     """`rank_tau`: the mixes route on predicted output lengths of that quality (Kendall tau;
-    1 = exact; sim.rank_noise's model), the single types as before (one type: nothing to route)."""
+    1 = exact; sim.rank_noise's model), the single types as before (one type: nothing to route).
+    `factors_file`: engine-model factors (`tokenyard plan --factors`) instead of the packaged fit."""
     from scheduler.catalog import default_catalog
     from scheduler.types import SloClass
     from sim.capacity import CapacityCache
@@ -101,6 +102,11 @@ def run(rates: list[float], tpots_ms: list[float], ttft_ms: float, count: int, c
     from sim.plan_workload import PlanInputs, Workload
     from sim.rank_noise import noise_sd_for_tau
 
+    factors = None
+    if factors_file is not None:
+        from scheduler.engine_model import load_factors_file
+
+        factors = load_factors_file(factors_file)
     catalog = default_catalog()
     cache = CapacityCache(cache_dir)
     model = catalog.model("llama-2-7b")
@@ -116,7 +122,7 @@ def run(rates: list[float], tpots_ms: list[float], ttft_ms: float, count: int, c
             noise_sd = 0.0 if rank_tau >= 1 else noise_sd_for_tau([r.output_tokens for r in requests], rank_tau)
         for tpot in tpots_ms:
             slos = {"default": SloClass("default", ttft_ms, tpot)}
-            base = PlanInputs(catalog, model, melange, (1,), slos, 0.95)
+            base = PlanInputs(catalog, model, melange, (1,), slos, 0.95, factors=factors)
             for rate in rates:
                 row: dict[str, Any] = {"workload": name, "tpot_ms": tpot, "ttft_ms": ttft_ms, "rate_rps": rate}
                 fleets: list[tuple[str, tuple[Any, ...]]] = [("mix", melange), ("mix+L40S", with_l40s),
@@ -157,12 +163,14 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    combos = sorted({(p["workload"], p["tpot_ms"]) for p in points}, key=lambda c: (c[0], -c[1]))
-    fig, axes = plt.subplots(2, 3, figsize=(12.6, 6.8), squeeze=False)
+    names = sorted({p["workload"] for p in points})
+    tpots = sorted({p["tpot_ms"] for p in points}, reverse=True)
+    fig, axes = plt.subplots(len(tpots), len(names), figsize=(4.2 * len(names), 3.2 * len(tpots) + 0.6),
+                             squeeze=False)
     fleets = ["mix", "mix+L40S", *MELANGE_GPUS, "L40S"]
     colors = {fleet: plt.get_cmap("tab10")(k) for k, fleet in enumerate(fleets)}
-    for n, (workload, tpot) in enumerate(combos[:6]):
-        ax = axes[n % 2][n // 2]
+    for n, (workload, tpot) in enumerate((w, t) for t in tpots for w in names):
+        ax = axes[n // len(names)][n % len(names)]
         rows = sorted((p for p in points if (p["workload"], p["tpot_ms"]) == (workload, tpot)),
                       key=lambda p: p["rate_rps"])
         for fleet in fleets:
@@ -181,7 +189,7 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
         ax.grid(alpha=0.3, which="both")
     handles = {h.get_label(): h for ax in axes.flat for h in ax.get_lines()}
     fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=4, fontsize=8)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.tight_layout(rect=(0, 0.6 / (3.2 * len(tpots) + 0.6), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
@@ -199,6 +207,7 @@ def main() -> None:
     parser.add_argument("--rank-tau", type=float, default=None,
                         help="mixes route on predicted output lengths of this Kendall tau (1: exact); "
                              "default: by input length only")
+    parser.add_argument("--factors", default=None, help="engine-model factors file (default: the packaged fit)")
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "tokenyard" / "capacity"))
     parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "planner_melange.json"))
     parser.add_argument("--plot-from", nargs="+", metavar="JSON", help="only draw the plot from results files")
@@ -212,8 +221,9 @@ def main() -> None:
     edges = (INPUT_EDGES, OUTPUT_EDGES) if args.edges == "fine" else (DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES)
     started = time.perf_counter()
     points = run([float(r) for r in args.rates.split(",")], [float(t) for t in args.tpot_ms.split(",")],
-                 args.ttft_ms, args.requests, args.cache_dir, edges, args.workloads.split(","), args.rank_tau)
-    doc = {"edges": {"input": list(edges[0]), "output": list(edges[1])}, "rank_tau": args.rank_tau, "points": points,
+                 args.ttft_ms, args.requests, args.cache_dir, edges, args.workloads.split(","), args.rank_tau,
+                 args.factors)
+    doc = {"factors": args.factors, "edges": {"input": list(edges[0]), "output": list(edges[1])}, "rank_tau": args.rank_tau, "points": points,
            "wall_s": round(time.perf_counter() - started, 1)}
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {args.out}")

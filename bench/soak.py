@@ -140,7 +140,7 @@ def growth(samples: list[dict[str, float]], key: str) -> float:
 async def soak(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from cli.up import DEFAULT_FLEET, Fleet, _free_port, router_document
+    from cli.up import DEFAULT_FLEET, Fleet, router_document
     from router.app import Router
     from router.auth import write_token_file
     from router.config import parse_router_config
@@ -154,7 +154,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         await fleet.start(60)
         write_token_file(state_dir / "control-tokens.yaml")
         doc = router_document(fleet.entries, "127.0.0.1", 0, f"file://{state_dir}/state.db",
-                              {"host": "127.0.0.1", "port": _free_port("127.0.0.1"),
+                              {"host": "127.0.0.1", "port": 0,
                                "tokens_file": str(state_dir / "control-tokens.yaml")},
                               worker_token_file=str(fleet.worker_token_file))
         server = RouterServer(Router(parse_router_config(doc, "soak.yaml"), store=open_store(doc["store"])))

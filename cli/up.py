@@ -20,6 +20,12 @@ Ports: every listener binds port 0 itself and reports what it got (engines throu
 `--ready-file`, the control server through its `bound_port`), so no port is picked here
 and then bound later by someone else: between a pick and a bind another process (or the
 next pick, which may hand out the same port once the probe socket is closed) can take it.
+
+`--plan PLAN.json` (a `tokenyard plan --out` file) starts the plan's fleet instead: each
+pool's instances as emulated engines of its GPU type and TP degree, one model
+(`--plan-model`), and the router dispatching through the plan's routing table (the
+`length_bucket` filter, docs/planner.md), so a planned fleet can be measured live
+(bench/planner_up.py).
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ class EngineSpec:
     model: str
     gpu: str
     tier: str
+    tp: int = 1
+    pool: str | None = None  # default: "<tier>-<gpu>"
 
 
 DEFAULT_FLEET = (
@@ -72,7 +80,96 @@ def register(subparsers: Any) -> None:
                         help="learned_rank: rank model file (default: the ranker shipped in the package)")
     parser.add_argument("--smoke", action="store_true", help="send one request, then stop everything and exit")
     parser.add_argument("--ready-timeout-s", type=float, default=60.0, help="how long engines may take to start")
+    parser.add_argument("--plan", default=None, metavar="PLAN.json",
+                        help="start this plan's fleet (a `tokenyard plan --out` file: its pools' instances as "
+                             "emulated engines) and route by its routing table, instead of the default fleet")
+    parser.add_argument("--plan-model", default="llama-3-8b", help="--plan: the model every engine serves")
+    parser.add_argument("--plan-class", default=None,
+                        help="--plan: the SLO class whose routing table to use (default: the plan's only one, "
+                             "or 'default')")
     parser.set_defaults(handler=run_up)
+
+
+MAX_PLAN_INSTANCES = 16  # engine processes on one machine
+MAX_PLAN_BYTES = 4 << 20
+
+
+@dataclass(frozen=True)
+class PlanFleet:
+    specs: tuple[EngineSpec, ...]
+    table: dict[str, Any]  # the routing table (RoutingTable.as_dict())
+    usd_per_hour: float
+
+
+def plan_fleet(path: str, model: str, slo_class: str | None) -> PlanFleet:
+    """The engines and routing table of a `tokenyard plan --out` file; a ValueError that
+    names the file and the field for anything this cannot start."""
+    import json
+
+    from scheduler.catalog import CatalogError, default_catalog
+    from scheduler.planner.problem import PlanError
+    from scheduler.planner.routing import RoutingTable
+
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_PLAN_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the plan ({exc.strerror or exc})") from exc
+    if len(raw) > MAX_PLAN_BYTES:
+        raise ValueError(f"{path}: larger than {MAX_PLAN_BYTES} bytes; expected a `tokenyard plan --out` file")
+    try:
+        doc = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not JSON ({exc}); expected a `tokenyard plan --out` file") from exc
+    pools = doc.get("pools") if isinstance(doc, dict) else None
+    if not isinstance(pools, list) or not pools:
+        raise ValueError(f"{path}: pools: expected a non-empty list of {{name, gpu, tp, instances}}")
+    catalog = default_catalog()
+    try:
+        catalog.model(model)
+    except CatalogError as exc:
+        raise ValueError(f"--plan-model: {exc}") from exc
+    specs: list[EngineSpec] = []
+    for k, pool in enumerate(pools):
+        where = f"{path}: pools[{k}]"
+        if not isinstance(pool, dict) or not isinstance(pool.get("name"), str) or not pool["name"] or \
+                not isinstance(pool.get("gpu"), str):
+            raise ValueError(f"{where}: expected {{name: str, gpu: str, tp: int, instances: int}}")
+        tp, instances = pool.get("tp", 1), pool.get("instances")
+        if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1 or \
+                not isinstance(instances, int) or isinstance(instances, bool) or instances < 0:
+            raise ValueError(f"{where}: expected tp >= 1 and instances >= 0 (integers), got tp={tp!r}, "
+                             f"instances={instances!r}")
+        try:
+            catalog.gpu(pool["gpu"])
+        except CatalogError as exc:
+            raise ValueError(f"{where}.gpu: {exc}") from exc
+        for n in range(instances):
+            specs.append(EngineSpec(f"{pool['name']}-{n}", model, pool["gpu"], "llm", tp, pool["name"]))
+    if not specs:
+        raise ValueError(f"{path}: pools: no instances to start")
+    if len(specs) > MAX_PLAN_INSTANCES:
+        raise ValueError(f"{path}: {len(specs)} instances; at most {MAX_PLAN_INSTANCES} engine processes start on "
+                         "one machine (plan a smaller rate)")
+    routing = doc.get("routing")
+    if not isinstance(routing, dict) or not routing:
+        raise ValueError(f"{path}: routing: expected {{slo_class: routing table}} (tokenyard plan --out)")
+    name = slo_class or (next(iter(routing)) if len(routing) == 1 else "default")
+    if name not in routing:
+        raise ValueError(f"{path}: routing: no table for class {name!r}; the plan has {sorted(routing)} "
+                         "(--plan-class)")
+    try:
+        parsed = RoutingTable.from_dict(routing[name], f"{path}: routing.{name}")
+    except PlanError as exc:
+        raise ValueError(str(exc)) from exc
+    started = {spec.pool for spec in specs if spec.pool}
+    routed = {pool for weights in [*parsed.cells.values(), *parsed.rows.values()] for pool, _ in weights}
+    if routed - started:
+        raise ValueError(f"{path}: routing.{name} routes to pool(s) {sorted(routed - started)} that have no "
+                         f"instances in pools ({sorted(started)})")
+    table = parsed.as_dict()
+    usd = doc.get("usd_per_hour", doc.get("cost", 0.0))
+    return PlanFleet(tuple(specs), table, float(usd) if isinstance(usd, (int, float)) else 0.0)
 
 
 def read_ready_file(path: Path, instance_id: str) -> dict[str, Any] | None:
@@ -130,7 +227,7 @@ class Fleet:
             log_file = (logs / f"{spec.instance_id}.log").open("ab")
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "cli.main", "--log-format", "json", "engine", "--gpu", spec.gpu,
-                "--model", spec.model, "--host", "127.0.0.1", "--port", "0", "--grpc-port", "0",
+                "--model", spec.model, "--tp", str(spec.tp), "--host", "127.0.0.1", "--port", "0", "--grpc-port", "0",
                 "--ready-file", str(ready_file),
                 "--instance-id", spec.instance_id, "--time-scale", str(self.time_scale),
                 "--scheduling-policy", "priority", "--worker-token-file", str(self.worker_token_file),
@@ -159,7 +256,7 @@ class Fleet:
                                            f"{logs / (spec.instance_id + '.log')}")
                     await asyncio.sleep(0.1)
                 self.entries.append({"id": spec.instance_id, "url": bound["url"], "model": spec.model,
-                                     "gpu": spec.gpu, "pool": f"{spec.tier}-{spec.gpu}",
+                                     "gpu": spec.gpu, "pool": spec.pool or f"{spec.tier}-{spec.gpu}",
                                      "grpc": f"127.0.0.1:{bound['grpc_port']}", "labels": {"tier": spec.tier}})
 
     async def stop(self) -> None:
@@ -183,7 +280,8 @@ class Fleet:
 def router_document(entries: list[dict[str, Any]], host: str, port: int, store_url: str,
                     control: dict[str, Any] | None = None, admission: bool = True,
                     worker_token_file: str | None = None, records_path: str | None = None,
-                    queue_sort: Any = "slo_priority", rank_model: str | None = None) -> dict[str, Any]:
+                    queue_sort: Any = "slo_priority", rank_model: str | None = None,
+                    plan_table: dict[str, Any] | None = None) -> dict[str, Any]:
     """The router config `tokenyard up` runs (also written to <state-dir>/router.yaml).
 
     `control`: the Admin + Picker section (loopback, a tokens_file written for this run).
@@ -191,7 +289,9 @@ def router_document(entries: list[dict[str, Any]], host: str, port: int, store_u
     `records_path`: the request records (router/records.py; no prompt text), which
     `tokenyard calibrate --from`, `train rank --data` and `policy apply --dry-run=server` read.
     `queue_sort`: the admission queue's release order; a `learned_rank` sort also turns the
-    ranker on (`rank_model`, None = the shipped one)."""
+    ranker on (`rank_model`, None = the shipped one). `plan_table`: a plan's routing table; every
+    request then goes through the `length_bucket` filter (a plan's fleet serves one model, so
+    there are no tiers, and requests without an SLO class take `default`)."""
     doc: dict[str, Any] = {
         "listen": {"host": host, "port": port},
         "store": store_url,
@@ -223,6 +323,14 @@ def router_document(entries: list[dict[str, Any]], host: str, port: int, store_u
         "tiers": {"alias": "auto", "small_model": "qwen2.5-1.5b", "large_model": "llama-3-8b",
                   "policy": "load_aware", "default": {"quality_target": 0.9, "quality_floor": 0.5}},
     }
+    if plan_table is not None:
+        doc["policy"]["profiles"]["plan"] = {
+            "filters": ["model", "healthy", "not_draining", "not_cordoned", {"length_bucket": {"table": plan_table}},
+                        "kv_room"],
+            "scorers": ["least_outstanding"]}
+        doc["policy"]["selection"] = {"default": "plan"}
+        doc["anonymous"] = {"slo_class": "default"}
+        del doc["tiers"]
     sort_name = queue_sort if isinstance(queue_sort, str) else next(iter(queue_sort), "")
     if sort_name == "learned_rank":
         doc["rank"] = {"model": rank_model}
@@ -241,10 +349,12 @@ def _queue_sort(args: argparse.Namespace) -> Any:
     return args.queue_sort
 
 
-def _examples(url: str) -> str:
+def _examples(url: str, plan_model: str | None = None) -> str:
+    models = (f"model: {plan_model}, each request in the pool the plan's routing table gives its lengths"
+              if plan_model else "models: qwen2.5-1.5b = SLM tier, llama-3-8b = LLM tier,\n"
+              "  auto = either, chosen per request by the tier predictor and the tiers' load")
     return f"""
-Tokenyard is up: {url}  (OpenAI-compatible; models: qwen2.5-1.5b = SLM tier, llama-3-8b = LLM tier,
-  auto = either, chosen per request by the tier predictor and the tiers' load)
+Tokenyard is up: {url}  (OpenAI-compatible; {models})
 
   curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{{"model": "llama-3-8b", "messages": [{{"role": "user", "content": "Hello!"}}], "max_tokens": 32}}'
@@ -281,15 +391,26 @@ async def up(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     store_url = "file://" + str(state_dir / "state.db")
-    fleet = Fleet(DEFAULT_FLEET, state_dir, args.time_scale)
+    plan = None
+    if args.plan is not None:
+        try:
+            plan = plan_fleet(args.plan, args.plan_model, args.plan_class)
+        except ValueError as exc:
+            print(f"tokenyard up: --plan: {exc}", file=sys.stderr)
+            return 2
+    specs = plan.specs if plan is not None else DEFAULT_FLEET
+    fleet = Fleet(specs, state_dir, args.time_scale)
     server: RouterServer | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        print(f"starting {len(DEFAULT_FLEET)} emulated engines: "
-              + ", ".join(f"{s.model} on {s.gpu}" for s in DEFAULT_FLEET), flush=True)
+        print(f"starting {len(specs)} emulated engines: "
+              + ", ".join(f"{s.model} on {s.gpu}" + (f" TP{s.tp}" if s.tp > 1 else "") for s in specs), flush=True)
+        if plan is not None:
+            print(f"the plan's fleet ({args.plan}, ${plan.usd_per_hour:.2f}/h), routed by its routing table",
+                  flush=True)
         await fleet.start(args.ready_timeout_s)
         # The control plane is on, on loopback, with a fresh admin token for this run only
         # (0600 file under the state dir): the operator's tools read it from there.
@@ -300,7 +421,8 @@ async def up(args: argparse.Namespace) -> int:
         doc = router_document(fleet.entries, args.host, args.port, store_url, control,
                               admission=args.admission == "on", worker_token_file=str(fleet.worker_token_file),
                               records_path=str(state_dir / "records.jsonl"),
-                              queue_sort=_queue_sort(args), rank_model=args.rank_model)
+                              queue_sort=_queue_sort(args), rank_model=args.rank_model,
+                              plan_table=plan.table if plan is not None else None)
         (state_dir / "router.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
         config = parse_router_config(doc, str(state_dir / "router.yaml"))
         store = open_store(store_url)
@@ -315,7 +437,7 @@ async def up(args: argparse.Namespace) -> int:
         control["port"] = int(router.control_server.bound_port)
         doc["listen"]["port"] = server.port  # the bound one, when --port 0
         (state_dir / "router.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
-        print(_examples(server.url), flush=True)
+        print(_examples(server.url, specs[0].model if plan is not None else None), flush=True)
         print(f"  control (Admin + Picker gRPC): 127.0.0.1:{control['port']}, bearer token in {tokens_file}",
               flush=True)
         print(f"  point the CLI at it: tokenyard context set local --address 127.0.0.1:{control['port']} "
@@ -324,7 +446,7 @@ async def up(args: argparse.Namespace) -> int:
               f"  request records (one JSON line per request, no prompt text): {state_dir / 'records.jsonl'}\n",
               flush=True)
 
-        body = {"model": "llama-3-8b", "messages": [{"role": "user", "content": "Say hello to Tokenyard."}],
+        body = {"model": specs[0].model if plan is not None else "llama-3-8b", "messages": [{"role": "user", "content": "Say hello to Tokenyard."}],
                 "max_tokens": 16}
         async with httpx.AsyncClient(timeout=60.0) as client:
             response = await client.post(server.url + "/v1/chat/completions", json=body)

@@ -253,3 +253,94 @@ def test_engine_on_a_taken_port_fails_clearly_and_writes_no_ready_file(tmp_path:
     assert code == 1, err
     assert "tokenyard engine:" in err and str(port) in err, err
     assert not (tmp_path / "ready.json").exists()
+
+def _plan_doc(a10g_instances: int = 2, gpu: str = "A10G") -> dict[str, object]:
+    """A `tokenyard plan --out` document: prompts under 64 tokens to the L4 pool, longer ones
+    to the A10G pool."""
+    return {"usd_per_hour": 0.70 + 1.01 * a10g_instances, "pools": [
+        {"name": "l4-tp1", "gpu": "L4", "tp": 1, "instances": 1},
+        {"name": "a10g-tp1", "gpu": gpu, "tp": 1, "instances": a10g_instances}],
+        "routing": {"default": {"input_edges": [0, 64, 100000], "output_edges": [0, 100000], "cells": [],
+                                "rows": [{"input": 0, "pools": {"l4-tp1": 1.0}},
+                                         {"input": 1, "pools": {"a10g-tp1": 1.0}}],
+                                "output_source": "max_output_tokens"}}}
+
+
+def test_up_plan_starts_the_planned_fleet_and_routes_by_its_table(tmp_path: Path) -> None:
+    """`--plan`: one engine per planned instance (its GPU type, pool and model), and the router
+    sends each request to the pool the plan's routing table gives its prompt length."""
+    import json
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(_plan_doc()))
+    proc = _start(tmp_path, "--plan", str(plan), "--plan-model", "llama-2-7b")
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("first request answered"):
+                break
+        out = "".join(lines)
+        url = re.search(r"Tokenyard is up: (http://127\.0\.0\.1:\d+)", out)
+        assert url is not None, _why_not_up(out, tmp_path)
+        assert "the plan's fleet" in out and "$2.72/h" in out, out
+        config = yaml.safe_load((tmp_path / "state" / "router.yaml").read_text())
+        engines = {(e["id"], e["gpu"], e["pool"], e["model"]) for e in config["discovery"]["static"]}
+        assert engines == {("l4-tp1-0", "L4", "l4-tp1", "llama-2-7b"), ("a10g-tp1-0", "A10G", "a10g-tp1", "llama-2-7b"),
+                           ("a10g-tp1-1", "A10G", "a10g-tp1", "llama-2-7b")}
+        assert "tiers" not in config and config["policy"]["selection"] == {"default": "plan"}
+        served: dict[str, set[str]] = {"short": set(), "long": set()}
+        for n in range(6):
+            for kind, words in (("short", 10), ("long", 200)):
+                reply = httpx.post(url.group(1) + "/v1/completions", timeout=30, json={
+                    "model": "llama-2-7b", "prompt": " ".join(["tok"] * words) + f" {n}", "max_tokens": 3})
+                assert reply.status_code == 200, reply.text
+                served[kind].add(reply.headers["x-tokenyard-instance"])
+        assert served["short"] == {"l4-tp1-0"}, served
+        assert served["long"] <= {"a10g-tp1-0", "a10g-tp1-1"} and served["long"], served
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_up_plan_refuses_what_it_cannot_start(tmp_path: Path) -> None:
+    import json
+
+    import pytest
+
+    from cli.up import MAX_PLAN_INSTANCES, plan_fleet
+
+    def write(doc: object) -> str:
+        path = tmp_path / "p.json"
+        path.write_text(json.dumps(doc))
+        return str(path)
+
+    with pytest.raises(ValueError, match=r"pools\[1\]\.gpu: unknown GPU 'B300'"):
+        plan_fleet(write(_plan_doc(gpu="B300")), "llama-2-7b", None)
+    with pytest.raises(ValueError, match=f"at most {MAX_PLAN_INSTANCES} engine processes"):
+        plan_fleet(write(_plan_doc(a10g_instances=MAX_PLAN_INSTANCES)), "llama-2-7b", None)
+    with pytest.raises(ValueError, match=r"routes to pool\(s\) \['a10g-tp1'\] that have no instances"):
+        plan_fleet(write(_plan_doc(a10g_instances=0)), "llama-2-7b", None)
+    with pytest.raises(ValueError, match=r"no table for class 'batch'"):
+        plan_fleet(write(_plan_doc()), "llama-2-7b", "batch")
+    with pytest.raises(ValueError, match="--plan-model: unknown model"):
+        plan_fleet(write(_plan_doc()), "no-such-model", None)
+    with pytest.raises(ValueError, match="not JSON"):
+        (tmp_path / "bad.json").write_text("{")
+        plan_fleet(str(tmp_path / "bad.json"), "llama-2-7b", None)
+    fleet = plan_fleet(write(_plan_doc()), "llama-2-7b", None)
+    assert [(s.instance_id, s.gpu, s.pool) for s in fleet.specs] == [
+        ("l4-tp1-0", "L4", "l4-tp1"), ("a10g-tp1-0", "A10G", "a10g-tp1"), ("a10g-tp1-1", "A10G", "a10g-tp1")]
+    # The command says what is wrong and starts nothing.
+    result = subprocess.run(_command(tmp_path / "state", "--plan", write({"pools": []}), "--smoke"),
+                            capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert result.returncode == 2 and "--plan" in result.stderr and "pools: expected a non-empty list" in result.stderr
+    assert not (tmp_path / "state" / "logs").exists()
