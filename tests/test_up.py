@@ -37,6 +37,25 @@ def _why_not_up(out: str, tmp_path: Path) -> str:
     return "\n".join(parts)
 
 
+def _read_until_up(proc: subprocess.Popen[str], tmp_path: Path) -> tuple[str, re.Match[str]]:
+    """`up`'s output until its first request is answered (90 s at most), and the match of
+    its front-door URL; fails with why it did not come up."""
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("first request answered"):
+            break
+    out = "".join(lines)
+    url = re.search(r"Tokenyard is up: (http://127\.0\.0\.1:\d+)", out)
+    assert url is not None, _why_not_up(out, tmp_path)
+    return out, url
+
+
 def test_up_smoke_starts_the_fleet_answers_and_exits(tmp_path: Path) -> None:
     result = subprocess.run(_command(tmp_path / "state", "--smoke"), capture_output=True, text=True, timeout=120,
                             cwd=REPO_ROOT)
@@ -61,19 +80,7 @@ def test_up_smoke_starts_the_fleet_answers_and_exits(tmp_path: Path) -> None:
 def test_up_stays_up_until_ctrl_c_and_stops_everything(tmp_path: Path) -> None:
     proc = _start(tmp_path)
     try:
-        lines: list[str] = []
-        deadline = time.monotonic() + 90
-        assert proc.stdout is not None
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("first request answered"):
-                break
-        out = "".join(lines)
-        url = re.search(r"Tokenyard is up: (http://127\.0\.0\.1:\d+)", out)
-        assert url is not None, _why_not_up(out, tmp_path)
+        out, url = _read_until_up(proc, tmp_path)
         models = httpx.get(url.group(1) + "/v1/models", timeout=10).json()
         assert sorted(m["id"] for m in models["data"]) == ["auto", "llama-3-8b", "qwen2.5-1.5b"]  # + the tier alias
         engines = [entry["url"] for entry in
@@ -135,19 +142,7 @@ def test_up_with_learned_rank_scores_requests_and_passes_known_lengths(tmp_path:
     through the router, as bench/ranking_up.py replays prompts with known answer lengths."""
     proc = _start(tmp_path, "--queue-sort", "learned_rank", "--rank-max-wait-s", "12")
     try:
-        assert proc.stdout is not None
-        lines: list[str] = []
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("first request answered"):
-                break
-        out = "".join(lines)
-        url = re.search(r"Tokenyard is up: (http://127\.0\.0\.1:\d+)", out)
-        assert url is not None, _why_not_up(out, tmp_path)
+        out, url = _read_until_up(proc, tmp_path)
         config = yaml.safe_load((tmp_path / "state" / "router.yaml").read_text())
         assert config["policy"]["queue"]["sort"] == {"learned_rank": {"max_wait_s": 12.0}}
         assert config["rank"] == {"model": None}
@@ -275,19 +270,7 @@ def test_up_plan_starts_the_planned_fleet_and_routes_by_its_table(tmp_path: Path
     plan.write_text(json.dumps(_plan_doc()))
     proc = _start(tmp_path, "--plan", str(plan), "--plan-model", "llama-2-7b")
     try:
-        assert proc.stdout is not None
-        lines: list[str] = []
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("first request answered"):
-                break
-        out = "".join(lines)
-        url = re.search(r"Tokenyard is up: (http://127\.0\.0\.1:\d+)", out)
-        assert url is not None, _why_not_up(out, tmp_path)
+        out, url = _read_until_up(proc, tmp_path)
         assert "the plan's fleet" in out and "$2.72/h" in out, out
         config = yaml.safe_load((tmp_path / "state" / "router.yaml").read_text())
         engines = {(e["id"], e["gpu"], e["pool"], e["model"]) for e in config["discovery"]["static"]}
