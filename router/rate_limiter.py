@@ -143,8 +143,9 @@ return {allowed, string.format('%.17g', wait)}
 class RedisRateLimiter:
     """Buckets in Redis under the store's prefix (`rl:<tenant>`), one script call per check."""
 
-    def __init__(self, store: RedisStateStore) -> None:
+    def __init__(self, store: RedisStateStore, timeout_s: float = 1.0) -> None:
         self.store = store
+        self.timeout_s = timeout_s  # past it a check admits (fails open), as when Redis is down
         self._take = store._redis.register_script(_TAKE_LUA)
         self._acquire = store._redis.register_script(_ACQUIRE_LUA)
 
@@ -155,7 +156,7 @@ class RedisRateLimiter:
             args += [bucket, repr(limit.capacity), repr(limit.refill_per_s), repr(float(costs.get(bucket, 0.0)))]
         try:
             allowed, wait = await asyncio.wait_for(
-                self._take(keys=[f"{self.store.prefix}rl:{tenant}"], args=args), timeout=1.0)
+                self._take(keys=[f"{self.store.prefix}rl:{tenant}"], args=args), timeout=self.timeout_s)
         except Exception as exc:  # Redis down or slow: admit (see the module docstring)
             _warnings.warning("rate-limit:unavailable", "rate limit store unavailable; admitting",
                               extra={"tenant": tenant, "error": str(exc)})
@@ -166,7 +167,7 @@ class RedisRateLimiter:
         try:
             taken = await asyncio.wait_for(self._acquire(
                 keys=[f"{self.store.prefix}inflight:{tenant}"],
-                args=[max_concurrent, max(1, int(lease_s * 1000)), request_id]), timeout=1.0)
+                args=[max_concurrent, max(1, int(lease_s * 1000)), request_id]), timeout=self.timeout_s)
         except Exception as exc:  # as for the buckets: admit while Redis is away
             _warnings.warning("rate-limit:unavailable", "rate limit store unavailable; admitting",
                               extra={"tenant": tenant, "error": str(exc)})
@@ -175,7 +176,8 @@ class RedisRateLimiter:
 
     async def release(self, tenant: str, request_id: str) -> None:
         try:
-            await asyncio.wait_for(self.store._redis.zrem(f"{self.store.prefix}inflight:{tenant}", request_id), 1.0)
+            await asyncio.wait_for(self.store._redis.zrem(f"{self.store.prefix}inflight:{tenant}", request_id),
+                                   self.timeout_s)
         except Exception as exc:  # the lease frees the slot anyway
             _warnings.warning("rate-limit:release", "could not release a concurrency slot; its lease will",
                               extra={"tenant": tenant, "error": str(exc)})

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -30,16 +29,11 @@ from router.app import Router
 from router.config import parse_router_config
 from router.extproc import ExtProcServer, ExtProcSettings, start_extproc_server
 from scheduler.shedding import ShedPolicy
+from tests.conftest import free_port
 from tests.test_router_support import emulated_engine
 
 MODEL = "llama-3-8b"
 ENVOY = shutil.which("envoy", path=str(Path(sys.executable).parent)) or shutil.which("envoy")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def envoy_config(listen_port: int, admin_port: int, picker_port: int | None, engine_ports: list[int],

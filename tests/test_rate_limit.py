@@ -82,7 +82,9 @@ async def test_lua_bucket_gives_the_pure_functions_verdicts(redis_store: RedisSt
 async def test_shared_limit_holds_across_two_replicas_under_concurrent_load(redis_store: RedisStateStore) -> None:
     other = RedisStateStore(redis_store.url, prefix=redis_store.prefix)  # a second replica's connection
     try:
-        replicas = [RedisRateLimiter(redis_store), RedisRateLimiter(other)]
+        # A check past its timeout admits (fails open, by design); on a loaded box 200
+        # concurrent checks can all pass 1 s, so this test of the shared bucket gives them 60 s.
+        replicas = [RedisRateLimiter(redis_store, timeout_s=60.0), RedisRateLimiter(other, timeout_s=60.0)]
         limits = {"requests": RateLimit.per_minute(50)}
         results = await asyncio.gather(*(replicas[i % 2].check("acme", limits, {"requests": 1})
                                          for i in range(200)))
@@ -92,6 +94,21 @@ async def test_shared_limit_holds_across_two_replicas_under_concurrent_load(redi
         assert (await replicas[1].check("globex", limits, {"requests": 1}))[0]
     finally:
         await other.close()
+
+
+async def test_a_check_past_its_timeout_admits() -> None:
+    """A store that accepts the connection and never answers: the check admits after its timeout."""
+    silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    store = RedisStateStore(f"redis://127.0.0.1:{port}/0", prefix="x:")
+    try:
+        limiter = RedisRateLimiter(store, timeout_s=0.2)
+        started = asyncio.get_running_loop().time()
+        assert await limiter.check("a", {"requests": RateLimit.per_minute(1)}, {"requests": 1}) == (True, 0.0)
+        assert asyncio.get_running_loop().time() - started < 30  # it did not wait on the socket's own timeout
+    finally:
+        await store.close()
+        silent.close()
 
 
 async def test_local_limiter_and_redis_down_admits() -> None:
