@@ -40,7 +40,7 @@ def _attainment(summary: dict[str, Any], slo_class: str | None) -> float | None:
 def replay_policy_change(trace_path: str, name: str, spec: dict[str, Any] | None, cluster_path: str | None,
                          limit: int) -> dict[str, Any]:
     """Replay a trace file; see `replay_requests`."""
-    from cli.admin import EXIT_INVALID, CliError
+    from cli.admin_errors import EXIT_INVALID, CliError
     from sim.cli import TraceOptions
 
     try:
@@ -56,7 +56,7 @@ async def fetch_recent_records(client: Any, window_s: float, max_records: int) -
     """(records, truncated, source) of the router's last `window_s` (Admin RecentRecords)."""
     import grpc
 
-    from cli.admin import EXIT_INVALID, CliError, rpc_exit_code
+    from cli.admin_errors import EXIT_INVALID, CliError, rpc_exit_code
     from tokenyard.v1 import admin_pb2
 
     rows: list[dict[str, Any]] = []
@@ -108,7 +108,7 @@ def records_requests(rows: Sequence[dict[str, Any]]) -> tuple[list[Any], int]:
 
 def replay_records(rows: Sequence[dict[str, Any]], label: str, name: str, spec: dict[str, Any] | None,
                    cluster_path: str | None, *, truncated: bool = False) -> dict[str, Any]:
-    from cli.admin import EXIT_INVALID, CliError
+    from cli.admin_errors import EXIT_INVALID, CliError
 
     requests, left_out = records_requests(rows)
     if not requests:
@@ -126,7 +126,7 @@ def replay_requests(requests: list[Any], label: str, name: str, spec: dict[str, 
     """Simulate baseline and candidate; print and return both summaries' key figures."""
     from tqdm import tqdm
 
-    from cli.admin import EXIT_INVALID, CliError
+    from cli.admin_errors import EXIT_INVALID, CliError
     from scheduler.policy_document import load_policy_document
     from sim.cluster import load_cluster
     from sim.report import summarize

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cli.admin import (
+from cli.admin_errors import (
     EXIT_CONFLICT,
     EXIT_DECLINED,
     EXIT_DENIED,

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from cli.admin import EXIT_NOT_FOUND, EXIT_REFUSED
+from cli.admin_errors import EXIT_NOT_FOUND, EXIT_REFUSED
 from cli.main import main
 from router.auth import write_token_file
 from router.state import InstanceRecord, cordon_note

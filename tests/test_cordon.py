@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cli.admin import EXIT_DENIED, EXIT_NOT_FOUND, EXIT_USAGE
+from cli.admin_errors import EXIT_DENIED, EXIT_NOT_FOUND, EXIT_USAGE
 from router.config import parse_router_config
 from router.controlplane import parse_config
 from router.controlplane_cli import build

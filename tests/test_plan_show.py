@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-from cli.admin import EXIT_DENIED, EXIT_NOT_FOUND, EXIT_REFUSED, plan_dict
+from cli.admin import plan_dict
+from cli.admin_errors import EXIT_DENIED, EXIT_NOT_FOUND, EXIT_REFUSED
 from router.controlplane import ControlPlane, PrintActuator, parse_config
 from router.plan_record import PLAN_KEY, PLAN_TTL_S, plan_message
 from router.workload_recorder import STORE_KEY_PREFIX
