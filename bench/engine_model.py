@@ -30,16 +30,14 @@ from sim.calibrate import (
     ENGINE_SPECIFIC_SOURCES,
     HELD_OUT_EVERY,
     SAME_SILICON,
-    FitResult,
     FitShape,
-    Observation,
     Predictor,
     calibrate,
     default_data_dir,
     format_factors,
     plot_fit,
-    quantile,
 )
+from sim.calibrate_data import FitResult, Observation, quantile
 
 BEFORE_FACTORS = Path(__file__).resolve().parent / "data" / "perf_factors_before_i10.json"
 TARGET_MEDIAN_APE_PCT = 10.0

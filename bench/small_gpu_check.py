@@ -38,7 +38,8 @@ DATA = Path(os.environ.get("TOKENYARD_SHARED_DATA", REPO.parent / "shared" / "da
 
 from scheduler.catalog import GpuSpec, default_catalog  # noqa: E402
 from scheduler.engine_model import EngineModel, PerfFactors, fitted_factors  # noqa: E402
-from sim.calibrate import VIDUR_LINEAR_OPS, _read_csv  # noqa: E402
+from sim.calibrate import VIDUR_LINEAR_OPS  # noqa: E402
+from sim.calibrate_data import read_csv  # noqa: E402
 
 # NVIDIA A40 data sheet: 48 GB GDDR6 at 696 GB/s, 149.7 TFLOPS dense FP16/BF16 tensor.
 A40 = GpuSpec("A40", 48, 149.7, 696, "pcie", 32, 0.0)
@@ -50,7 +51,7 @@ def a40_rows() -> list[tuple[int, int, float]]:
     path = DATA / "perf" / "vidur" / "profiling" / "compute" / "a40" / "meta-llama" / "Llama-2-7b-hf" / "mlp.csv"
     samples: dict[tuple[int, int], list[float]] = defaultdict(list)
     columns = [f"time_stats.{op}.median" for op in VIDUR_LINEAR_OPS]
-    for row in _read_csv(path, [*columns, "num_tensor_parallel_workers", "num_tokens"]):
+    for row in read_csv(path, [*columns, "num_tensor_parallel_workers", "num_tokens"]):
         ms = sum(float(row[c]) for c in columns)
         samples[(int(row["num_tensor_parallel_workers"]), int(row["num_tokens"]))].append(ms / 1e3)
     return sorted((tp, n, statistics.median(v)) for (tp, n), v in samples.items())

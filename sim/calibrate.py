@@ -30,7 +30,6 @@ The file written (`scheduler/perf_factors.json` by default) is what `EngineModel
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import math
@@ -40,12 +39,13 @@ import sys
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from scheduler.catalog import Catalog, CatalogError, GpuSpec, ModelSpec, default_catalog
 from scheduler.engine_model import BatchShape, EngineModel, PerfFactors
+from sim.calibrate_data import FitResult, Observation, read_csv
 from sim.calibrate_report import format_error_table, format_factors, plot_fit
 
 __all__ = ["format_error_table", "format_factors", "plot_fit"]  # re-exported: bench/ and tests use them here
@@ -151,45 +151,8 @@ def default_data_dir() -> Path:
     return Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-@dataclass(frozen=True, slots=True)
-class Observation:
-    """One measured configuration: `measured` is seconds, or tokens/s for `throughput`."""
-
-    source: str
-    quantity: str
-    gpu: str
-    model: str
-    tp: int
-    key: str  # human-readable configuration, unique within the source
-    measured: float
-    num_tokens: int = 0  # linear_op_time
-    num_bytes: int = 0  # allreduce_time
-    prompt_tokens: int = 0
-    batch_size: int = 0
-    context_tokens: int = 0  # decode_time_per_token: mean context per sequence
-    output_tokens: float = 0  # throughput; serving_tpot: mean output tokens
-    held_out: bool = False
-    running_seqs: float = 0.0  # serving_tpot: mean running batch
-    group: str = ""  # cross-validation unit where it is not the configuration (mlenergy: the model)
-
-
 # ---------------------------------------------------------------------------------------
 # Loading
-
-
-def _read_csv(path: Path, required: Iterable[str] = ()) -> list[dict[str, str]]:
-    """Rows of a CSV file; a missing file or missing columns is an error naming both."""
-    try:
-        with path.open(newline="") as handle:
-            reader = csv.DictReader(handle)
-            rows = list(reader)
-            columns = set(reader.fieldnames or ())
-    except OSError as exc:
-        raise FileNotFoundError(f"{path}: cannot read measurements ({exc.strerror or exc})") from exc
-    missing = sorted(set(required) - columns)
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
-    return rows
 
 
 def split_held_out(observations: list[Observation], fold: int = HELD_OUT_EVERY - 1) -> list[Observation]:
@@ -224,7 +187,7 @@ def vidur_compute_observations(data_dir: Path) -> list[Observation]:
             if model is None:
                 continue
             columns = [f"time_stats.{op}.median" for op in VIDUR_LINEAR_OPS]
-            for row in _read_csv(path, [*columns, "num_tensor_parallel_workers", "num_tokens"]):
+            for row in read_csv(path, [*columns, "num_tensor_parallel_workers", "num_tokens"]):
                 ms = sum(float(row[f"time_stats.{op}.median"]) for op in VIDUR_LINEAR_OPS)
                 key = (gpu, model, int(row["num_tensor_parallel_workers"]), int(row["num_tokens"]))
                 samples[key].append(ms / 1e3)
@@ -247,7 +210,7 @@ def vidur_network_observations(data_dir: Path) -> list[Observation]:
         if not path.exists():
             continue
         samples: dict[tuple[int, int], list[float]] = defaultdict(list)
-        for row in _read_csv(path, ["num_workers", "devices_per_node", "size", "time_stats.all_reduce.median"]):
+        for row in read_csv(path, ["num_workers", "devices_per_node", "size", "time_stats.all_reduce.median"]):
             workers = int(row["num_workers"])
             # One node only: TP across nodes is not what an engine instance does.
             if workers != int(row["devices_per_node"]) or workers < 2:
@@ -263,7 +226,7 @@ def vidur_network_observations(data_dir: Path) -> list[Observation]:
 
 
 def splitwise_observations(data_dir: Path) -> list[Observation]:
-    rows = _read_csv(
+    rows = read_csv(
         data_dir / "perf" / "splitwise_sim" / "perf_model.csv",
         ["model", "hardware", "tensor_parallel", "prompt_size", "batch_size", "token_size", "prompt_time", "token_time"],
     )
@@ -304,7 +267,7 @@ def splitwise_observations(data_dir: Path) -> list[Observation]:
 def trtllm_observations(data_dir: Path) -> list[Observation]:
     """TensorRT-LLM max-throughput figures usable as a check: H100/H200, FP8 or BF16, and a
     model whose architecture is in the catalog (Llama 3.1/3.3 share Llama 3's layers)."""
-    rows = _read_csv(
+    rows = read_csv(
         data_dir / "perf" / "trtllm_perf_overview" / "derived_trtllm_throughput.csv",
         ["model", "gpu", "tp", "pp", "precision", "isl", "osl", "total_output_tok_per_s"],
     )
@@ -436,47 +399,6 @@ def modelled_max_throughput(engine: EngineModel, input_tokens: int, output_token
 
 # ---------------------------------------------------------------------------------------
 # Fitting
-
-
-@dataclass(slots=True)
-class FitResult:
-    factors: dict[str, PerfFactors]  # per GPU name, plus "*"
-    observations: list[Observation]
-    predictions: list[float]
-    cost: dict[str, float] = field(default_factory=dict)  # per GPU: final least-squares cost
-    # Per GPU: the factors of the older engine Splitwise measured (ENGINE_SPECIFIC_SOURCES).
-    engine_specific: dict[str, PerfFactors] = field(default_factory=dict)
-
-    def errors(self) -> list[dict[str, Any]]:
-        """Absolute percentage error per (source, quantity, split): median, p90, count."""
-        groups: dict[tuple[str, str, str], list[float]] = defaultdict(list)
-        for obs, pred in zip(self.observations, self.predictions, strict=True):
-            split = "held-out" if obs.held_out else "train"
-            groups[(obs.source, obs.quantity, split)].append(abs(pred - obs.measured) / obs.measured * 100)
-        table = []
-        for (source, quantity, split), values in sorted(groups.items()):
-            values.sort()
-            table.append({
-                "source": source, "quantity": quantity, "split": split, "count": len(values),
-                "median_ape_pct": round(quantile(values, 0.5), 2),
-                "p90_ape_pct": round(quantile(values, 0.9), 2),
-            })
-        return table
-
-    def median_error(self, quantity: str, split: str = "held-out", source: str | None = None) -> float:
-        for row in self.errors():
-            if row["quantity"] == quantity and row["split"] == split and source in (None, row["source"]):
-                return float(row["median_ape_pct"])
-        raise KeyError(f"no {split} observations of {quantity}")
-
-
-def quantile(sorted_values: Sequence[float], q: float) -> float:
-    if not sorted_values:
-        return math.nan
-    position = q * (len(sorted_values) - 1)
-    low = math.floor(position)
-    high = min(low + 1, len(sorted_values) - 1)
-    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
 
 
 # CPU-side factors are the engine's, not the chip's (the ML.ENERGY runs used one vLLM on A100

@@ -25,6 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 from scheduler.catalog import Catalog
+from sim.calibrate_data import read_csv
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +66,11 @@ def mlenergy_rows(
     """One dict per usable row: gpu, model (catalog names), tp, task, running_seqs,
     output_tokens, prompt_tokens, tpot_s, max_batch. Rows with PP > 1, unknown names or
     non-positive figures are skipped (and counted in the log)."""
-    from sim.calibrate import _read_csv  # one CSV reader with the one error format
-
     rows: list[dict[str, float | str | int]] = []
     skipped: Counter[str] = Counter()
     for task, path in task_files(data_dir):
         prompt = prompt_tokens if prompt_tokens is not None else TASK_PROMPT_TOKENS.get(task, DEFAULT_PROMPT_TOKENS)
-        for row in _read_csv(path, REQUIRED_COLUMNS):
+        for row in read_csv(path, REQUIRED_COLUMNS):
             gpu = gpu_from_device_name(row["gpu"])
             model = catalog.find_model(row["model"])
             if gpu is None or model is None:

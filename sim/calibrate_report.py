@@ -6,13 +6,10 @@ import math
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from scheduler.engine_model import PerfFactors
-
-if TYPE_CHECKING:
-    from sim.calibrate import FitResult, Observation
-
+from sim.calibrate_data import FitResult, Observation
 
 SOURCE_COLOURS = {
     ("vidur", "linear_op_time"): "tab:blue",

@@ -14,12 +14,12 @@ from scheduler.engine_model import PerfFactors, load_factors_file
 from sim.calibrate import (
     CHIP_FIXED_FACTORS,
     HELD_OUT_EVERY,
-    FitResult,
     Predictor,
     calibrate,
     load_observations,
     write_json_atomically,
 )
+from sim.calibrate_data import FitResult
 
 TARGET_MEDIAN_APE_PCT = 15.0
 # Splitwise is held out by (model, TP): the fit predicts a configuration it never saw.
