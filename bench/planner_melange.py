@@ -17,7 +17,10 @@ Arrivals are Poisson (Mélange's load generator too). Mélange has no TTFT SLO; 
 Each workload x SLO x rate: the cheapest verified fleet of each single GPU type, the
 Tokenyard mix over Mélange's four types, and the mix with our catalog's L40S added (the
 type that makes our default-setting savings small). Every plan is verified in the
-simulator (plan_and_verify, as bench/planner.py's `fleets`).
+simulator (plan_and_verify, as bench/planner.py's `fleets`). `--no-l40s` keeps to the
+paper's four types. Each point also records `same_table`: the first plan's problem solved
+by input, by cell, by Mélange's own slice ILP and as the fluid bound (`same_table`'s
+docstring), so what the formulation leaves on the table shows on the same capacities.
 
     nice -n 10 python bench/planner_melange.py --cache-dir /tmp/i12_mcache --out bench/planner_melange.json
 """
