@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import random
+import itertools
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,13 +30,11 @@ from typing import Any
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.loopback_load import offer_poisson, start_up, stop_up  # noqa: E402
+
 TTFT_SLO_S, TPOT_SLO_S = 1.0, 0.1
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def one(client: httpx.AsyncClient, url: str, max_tokens: int, out: list[dict[str, Any]]) -> None:
@@ -66,53 +62,19 @@ async def one(client: httpx.AsyncClient, url: str, max_tokens: int, out: list[di
     out.append(row)
 
 
-async def offer_load(url: str, rate: float, duration_s: float, max_tokens: int, seed: int) -> list[dict[str, Any]]:
-    rng = random.Random(seed)
-    out: list[dict[str, Any]] = []
-    tasks = []
-    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(120.0), limits=limits) as client:
-        t0 = time.monotonic()
-        next_s = 0.0
-        while next_s < duration_s:
-            delay = t0 + next_s - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.ensure_future(one(client, url, max_tokens, out)))
-            next_s += rng.expovariate(rate)
-        await asyncio.gather(*tasks)
-    return out
-
-
 def run(admission: str, args: argparse.Namespace) -> dict[str, Any]:
     state = Path(tempfile.mkdtemp(prefix=f"admission_up_{admission}_"))
-    port = free_port()
-    log = (state / "up.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "--log-level", "warning", "up", "--port",
-                             str(port), "--state-dir", str(state), "--time-scale", str(args.time_scale),
-                             "--admission", admission], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/v1/models", timeout=2).status_code == 200 and \
-                        "llama-3-8b" in httpx.get(url + "/v1/models", timeout=2).text:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"tokenyard up did not start: {(state / 'up.log').read_text()[-800:]}")
-            time.sleep(0.5)
-        rows = asyncio.run(offer_load(url, args.rate, args.duration_s, args.max_tokens, args.seed))
-    finally:
-        proc.terminate()
+        proc, url, log = start_up(["--state-dir", str(state), "--time-scale", str(args.time_scale),
+                                   "--admission", admission], state / "up.log", "llama-3-8b")
         try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+            rows, _ = asyncio.run(offer_poisson(
+                itertools.repeat(None), args.rate, args.seed,
+                lambda client, _item, out: one(client, url, args.max_tokens, out),
+                timeout_s=120.0, duration_s=args.duration_s))
+        finally:
+            stop_up(proc, log)
+    finally:
         shutil.rmtree(state, ignore_errors=True)
     answered = [r for r in rows if "ttft_s" in r]
     ttft = sorted(r["ttft_s"] for r in answered)

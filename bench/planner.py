@@ -112,6 +112,9 @@ def _ortools_solve(problem: PlanProblem) -> float:
     return float(solver.Objective().Value())
 
 
+SOLVE_TARGET_S = 2.0
+
+
 def part_solver() -> dict[str, Any]:
     out: dict[str, Any] = {}
     for seed in (0, 1, 2):
@@ -130,6 +133,10 @@ def part_solver() -> dict[str, Any]:
             entry = out.setdefault(name, {"best_s": [], "usd_per_hour": []})
             entry["best_s"].append(round(min(times), 4))
             entry["usd_per_hour"].append(round(cost, 4))
+    highs = out.get("scipy-highs")
+    if isinstance(highs, dict):  # the target: a solve under 2 s at this size
+        highs["target_s"] = SOLVE_TARGET_S
+        highs["target_over_slowest_seed"] = round(SOLVE_TARGET_S / max(highs["best_s"]), 1)
     print("solver choice (10x10 buckets x 7 GPU types, best of 3):", json.dumps(out))
     return out
 

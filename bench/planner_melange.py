@@ -17,7 +17,10 @@ Arrivals are Poisson (Mélange's load generator too). Mélange has no TTFT SLO; 
 Each workload x SLO x rate: the cheapest verified fleet of each single GPU type, the
 Tokenyard mix over Mélange's four types, and the mix with our catalog's L40S added (the
 type that makes our default-setting savings small). Every plan is verified in the
-simulator (plan_and_verify, as bench/planner.py's `fleets`).
+simulator (plan_and_verify, as bench/planner.py's `fleets`). `--no-l40s` keeps to the
+paper's four types. Each point also records `same_table`: the first plan's problem solved
+by input, by cell, by Mélange's own slice ILP and as the fluid bound (`same_table`'s
+docstring), so what the formulation leaves on the table shows on the same capacities.
 
     nice -n 10 python bench/planner_melange.py --cache-dir /tmp/i12_mcache --out bench/planner_melange.json
 """
@@ -91,10 +94,11 @@ def workloads(count: int) -> dict[str, list[TraceRequest]]:
 
 def run(rates: list[float], tpots_ms: list[float], ttft_ms: float, count: int, cache_dir: str,
         edges: tuple[tuple[int, ...], tuple[int, ...]], names: list[str],
-        rank_tau: float | None = None, factors_file: str | None = None) -> list[dict[str, Any]]:
+        rank_tau: float | None = None, factors_file: str | None = None, l40s: bool = True) -> list[dict[str, Any]]:
     """`rank_tau`: the mixes route on predicted output lengths of that quality (Kendall tau;
     1 = exact; sim.rank_noise's model), the single types as before (one type: nothing to route).
-    `factors_file`: engine-model factors (`tokenyard plan --factors`) instead of the packaged fit."""
+    `factors_file`: engine-model factors (`tokenyard plan --factors`) instead of the packaged fit.
+    `l40s`: also plan the mix with our catalog's L40S and the L40S-only fleet (not in the paper)."""
     from scheduler.catalog import default_catalog
     from scheduler.types import SloClass
     from sim.capacity import CapacityCache
@@ -125,8 +129,9 @@ def run(rates: list[float], tpots_ms: list[float], ttft_ms: float, count: int, c
             base = PlanInputs(catalog, model, melange, (1,), slos, 0.95, factors=factors)
             for rate in rates:
                 row: dict[str, Any] = {"workload": name, "tpot_ms": tpot, "ttft_ms": ttft_ms, "rate_rps": rate}
-                fleets: list[tuple[str, tuple[Any, ...]]] = [("mix", melange), ("mix+L40S", with_l40s),
-                                                             *[(g.name, (g,)) for g in with_l40s]]
+                fleets: list[tuple[str, tuple[Any, ...]]] = (
+                    [("mix", melange), ("mix+L40S", with_l40s), *[(g.name, (g,)) for g in with_l40s]] if l40s
+                    else [("mix", melange), *[(g.name, (g,)) for g in melange]])
                 for fleet, gpus in fleets:
                     started = time.perf_counter()
                     fleet_inputs = dataclasses.replace(base, gpus=gpus,
@@ -136,6 +141,8 @@ def run(rates: list[float], tpots_ms: list[float], ttft_ms: float, count: int, c
                     except PlanError as exc:
                         row[fleet] = {"error": str(exc)[:120]}
                         continue
+                    if fleet == "mix":
+                        row["same_table"] = same_table(verified.problem)
                     row[fleet] = {"usd_per_hour": round(verified.plan.usd_per_hour, 3),
                                   "accepted": verified.accepted, "plans": verified.tries,
                                   "attainment": round(min(verified.attainment.values()), 4),
@@ -146,14 +153,57 @@ def run(rates: list[float], tpots_ms: list[float], ttft_ms: float, count: int, c
                     best = min(singles, key=lambda g: singles[g])
                     row["best_single"] = best
                     row["saving_vs_best_single"] = round(1 - row["mix"]["usd_per_hour"] / singles[best], 4)
-                all_singles = {g.name: row[g.name]["usd_per_hour"] for g in with_l40s if row[g.name].get("accepted")}
-                if all_singles and row["mix+L40S"].get("accepted"):
+                all_singles = {g.name: row[g.name]["usd_per_hour"] for g in with_l40s
+                               if g.name in row and row[g.name].get("accepted")}
+                if l40s and all_singles and row["mix+L40S"].get("accepted"):
                     best = min(all_singles, key=lambda g: all_singles[g])
                     row["best_single_with_l40s"] = best
                     row["saving_with_l40s"] = round(1 - row["mix+L40S"]["usd_per_hour"] / all_singles[best], 4)
                 print(json.dumps(row), flush=True)
                 points.append(row)
     return points
+
+
+def same_table(problem: Any, slice_factors: tuple[int, ...] = (4, 8)) -> dict[str, Any]:
+    """Solve-only costs ($/h) on the first plan's own problem (its capacity table, burst-sized
+    rate and 10% headroom; verification's extra headroom removed): Tokenyard's solve routed
+    by input (what is verified), by (input, output) cell, Mélange's own slice ILP on the same
+    table (capacities x (1 - headroom), as `scheduler.planner.melange.melange_baseline`
+    solves it; Mélange's README recommends slice factor 4), the fluid bound (every bucket on
+    its cheapest type in any fraction, no integrality: no planner beats it on this table),
+    and the cheapest single type. Whatever the formulation leaves on the table shows here."""
+    from bench.planner_routing import _fluid
+    from scheduler.planner.melange import MelangeConfig, melange_baseline
+    from scheduler.planner.solver import single_type_plans, solve
+
+    first = dataclasses.replace(problem, headroom_by_pool={})
+    out: dict[str, Any] = {"route_by_input": round(solve(first).usd_per_hour, 3),
+                           "route_by_cell": round(solve(dataclasses.replace(first, route_by_input=False)).usd_per_hour, 3)}
+    rows = 1 + max(b.row for b in first.buckets)
+    cols = 1 + max(b.col for b in first.buckets)
+    total = sum(b.rate_rps for b in first.buckets)
+    grid = [[0.0] * cols for _ in range(rows)]
+    for b in first.buckets:
+        grid[b.row][b.col] += b.rate_rps / total
+    usable = 1.0 - first.headroom_fraction
+    tputs = []
+    for option in first.options:
+        table = [[0.0] * cols for _ in range(rows)]
+        for k, b in enumerate(first.buckets):
+            table[b.row][b.col] = option.capacity_rps[k] * usable
+        tputs.append(tuple(tuple(r) for r in table))
+    for factor in slice_factors:
+        config = MelangeConfig(tuple(o.gpu for o in first.options), tuple(o.usd_per_hour for o in first.options),
+                               tuple(tputs), tuple(tuple(r) for r in grid), total, factor)
+        out[f"melange_ilp_slice{factor}"] = round(melange_baseline(config).usd_per_hour, 3)
+    fluid = _fluid(first)
+    out["fluid_usd_per_hour"] = round(fluid["mix_usd_h_per_rps"] * total / usable, 3)
+    # the same bound against the best single type also in any fraction (no integer rounding)
+    out["fluid_saving_vs_fluid_single"] = fluid["saving"]
+    out["fluid_best_single"] = fluid["best_single"]
+    singles = {g: p.usd_per_hour for g, p in single_type_plans(first).items() if not isinstance(p, PlanError)}
+    out["best_single_usd_per_hour"] = round(min(singles.values()), 3) if singles else None
+    return out
 
 
 def plot(points: list[dict[str, Any]], path: Path) -> None:
@@ -174,8 +224,8 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
         rows = sorted((p for p in points if (p["workload"], p["tpot_ms"]) == (workload, tpot)),
                       key=lambda p: p["rate_rps"])
         for fleet in fleets:
-            xs = [p["rate_rps"] for p in rows if p[fleet].get("accepted")]
-            ys = [p[fleet]["usd_per_hour"] for p in rows if p[fleet].get("accepted")]
+            xs = [p["rate_rps"] for p in rows if p.get(fleet, {}).get("accepted")]
+            ys = [p[fleet]["usd_per_hour"] for p in rows if p.get(fleet, {}).get("accepted")]
             if xs:
                 label = {"mix": "Tokenyard mix (Mélange's 4 types)", "mix+L40S": "Tokenyard mix + L40S"}.get(
                     fleet, f"{fleet} only")
@@ -208,6 +258,8 @@ def main() -> None:
                         help="mixes route on predicted output lengths of this Kendall tau (1: exact); "
                              "default: by input length only")
     parser.add_argument("--factors", default=None, help="engine-model factors file (default: the packaged fit)")
+    parser.add_argument("--no-l40s", action="store_true",
+                        help="only Mélange's four types (skip the mix with L40S and the L40S-only fleet)")
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "tokenyard" / "capacity"))
     parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "planner_melange.json"))
     parser.add_argument("--plot-from", nargs="+", metavar="JSON", help="only draw the plot from results files")
@@ -222,7 +274,7 @@ def main() -> None:
     started = time.perf_counter()
     points = run([float(r) for r in args.rates.split(",")], [float(t) for t in args.tpot_ms.split(",")],
                  args.ttft_ms, args.requests, args.cache_dir, edges, args.workloads.split(","), args.rank_tau,
-                 args.factors)
+                 args.factors, l40s=not args.no_l40s)
     doc = {"factors": args.factors, "edges": {"input": list(edges[0]), "output": list(edges[1])}, "rank_tau": args.rank_tau, "points": points,
            "wall_s": round(time.perf_counter() - started, 1)}
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")

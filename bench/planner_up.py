@@ -27,7 +27,6 @@ import json
 import math
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.admission_up import free_port  # noqa: E402
+from bench.loopback_load import offer_poisson, start_up, stop_up  # noqa: E402
 from bench.planner_melange import INPUT_EDGES, MELANGE_GPUS, OUTPUT_EDGES, workloads  # noqa: E402
 
 MODEL = "llama-2-7b"
@@ -119,56 +118,23 @@ async def one(client: httpx.AsyncClient, url: str, n_in: int, n_out: int, out: l
     out.append(row)
 
 
-async def offer(url: str, pairs: list[tuple[int, int]], rate: float, seed: int) -> tuple[list[dict[str, Any]], float]:
-    rng = random.Random(seed)
-    out: list[dict[str, Any]] = []
-    tasks = []
-    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(REQUEST_TIMEOUT_S), limits=limits) as client:
-        t0 = time.monotonic()
-        next_s = 0.0
-        for n_in, n_out in pairs:
-            delay = t0 + next_s - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.ensure_future(one(client, url, n_in, n_out, out)))
-            next_s += rng.expovariate(rate)
-        await asyncio.gather(*tasks)
-        return out, time.monotonic() - t0
-
-
 def run_fleet(label: str, plan: dict[str, Any], pairs: list[tuple[int, int]], args: argparse.Namespace) -> dict[str, Any]:
     state = Path(tempfile.mkdtemp(prefix="planner_up_"))
     plan_path = state / "plan.json"
     plan_path.write_text(json.dumps(plan))
-    port = free_port()
-    log = (state / "up.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "--log-level", "warning", "up", "--port", str(port),
-                             "--state-dir", str(state / "up"), "--time-scale", str(args.time_scale),
-                             "--admission", "off", "--plan", str(plan_path), "--plan-model", MODEL],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if MODEL in httpx.get(url + "/v1/models", timeout=2).text:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"tokenyard up did not start: {(state / 'up.log').read_text()[-1500:]}")
-            time.sleep(0.5)
-        time.sleep(2.0)  # the router's first load reports from every engine
-        rows, span_s = asyncio.run(offer(url, pairs, args.rate / args.time_scale, args.seed))
-    finally:
-        proc.terminate()
+        proc, url, log = start_up(["--state-dir", str(state / "up"), "--time-scale", str(args.time_scale),
+                                   "--admission", "off", "--plan", str(plan_path), "--plan-model", MODEL],
+                                  state / "up.log", MODEL, timeout_s=180, log_tail_chars=1500)
         try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+            time.sleep(2.0)  # the router's first load reports from every engine
+            rows, span_s = asyncio.run(offer_poisson(
+                pairs, args.rate / args.time_scale, args.seed,
+                lambda client, pair, out: one(client, url, pair[0], pair[1], out),
+                timeout_s=REQUEST_TIMEOUT_S, max_connections=1000))
+        finally:
+            stop_up(proc, log)
+    finally:
         shutil.rmtree(state, ignore_errors=True)
     ttft_slo, tpot_slo = args.ttft_ms / 1e3 * args.time_scale, args.tpot_ms / 1e3 * args.time_scale
     done = [r for r in rows if "ttft_s" in r]

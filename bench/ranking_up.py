@@ -33,7 +33,6 @@ import math
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +44,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.admission_up import free_port  # noqa: E402
+from bench.loopback_load import offer_poisson, start_up, stop_up  # noqa: E402
 
 GENERATOR = "Meta-Llama-3-8B-Instruct"
 MAX_PROMPTS = 10_000
@@ -106,58 +105,18 @@ async def one(client: httpx.AsyncClient, url: str, item: dict[str, Any], max_tok
     out.append(row)
 
 
-async def offer_load(url: str, items: list[dict[str, Any]], rate: float, max_tokens: int,
-                     seed: int) -> tuple[list[dict[str, Any]], float]:
-    rng = random.Random(seed)
-    out: list[dict[str, Any]] = []
-    tasks = []
-    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(REQUEST_TIMEOUT_S), limits=limits) as client:
-        t0 = time.monotonic()
-        next_s = 0.0
-        for item in items:
-            delay = t0 + next_s - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.ensure_future(one(client, url, item, max_tokens, out)))
-            next_s += rng.expovariate(rate)
-        await asyncio.gather(*tasks)
-        span_s = time.monotonic() - t0
-    return out, span_s
-
-
-def start_up(state: Path, args: argparse.Namespace, extra: list[str]) -> tuple[subprocess.Popen[bytes], str, Any]:
-    port = free_port()
-    log = (state / "up.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "--log-level", "warning", "up", "--port", str(port),
-                             "--state-dir", str(state), "--time-scale", str(args.time_scale), *extra],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if "llama-3-8b" in httpx.get(url + "/v1/models", timeout=2).text:
-                return proc, url, log
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"tokenyard up did not start: {(state / 'up.log').read_text()[-800:]}")
-        time.sleep(0.5)
-
-
 def run(label: str, extra: list[str], items: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     state = Path(tempfile.mkdtemp(prefix="ranking_up_"))
-    proc, url, log = start_up(state, args, extra)
     try:
-        rows, span_s = asyncio.run(offer_load(url, items, args.rate, args.max_tokens, args.seed))
-    finally:
-        proc.terminate()
+        proc, url, log = start_up(["--state-dir", str(state), "--time-scale", str(args.time_scale), *extra],
+                                  state / "up.log", "llama-3-8b")
         try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+            rows, span_s = asyncio.run(offer_poisson(
+                items, args.rate, args.seed, lambda client, item, out: one(client, url, item, args.max_tokens, out),
+                timeout_s=REQUEST_TIMEOUT_S))
+        finally:
+            stop_up(proc, log)
+    finally:
         shutil.rmtree(state, ignore_errors=True)
     done = [r for r in rows if "e2e_s" in r]
     statuses: dict[str, int] = {}
