@@ -25,12 +25,20 @@ ranker was trained on the AlpacaEval, GSM8K and MT-Bench prompts' answer lengths
 MMLU's figure of that row is held out from it); then the stumps blended with the length
 prior ("longer prompts go large") at weights 0 to 1, and the weight a nested split of the
 training tasks picks (what the packaged model ships: `learn.tier.TrainParams`).
+
+`--priors` (instead of the table): the fifth round. The stumps blended with other priors
+(log words, the stem without the answer choices, log words minus the distinct-word share),
+with the k single-feature priors that rank best on the training rows (chosen per fold, so
+blind to the test tasks), stumps on the statistics without the keyword cues, and stumps
+boosted from the length prior instead of blended with it; then the nested choice among
+all of them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections import Counter
@@ -44,8 +52,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from learn.tier_data import LabelledPrompt, read_any  # noqa: E402
-from learn.tier_metrics import summary  # noqa: E402
-from scheduler.predictors.tier import text_stats  # noqa: E402
+from learn.tier_metrics import apgr, routing_curve, summary  # noqa: E402
+from scheduler.predictors.tier import STAT_NAMES, text_stats  # noqa: E402
 
 SHARED = Path(os.environ.get("TOKENYARD_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 EARLIER_FEATURES = 18  # STAT_NAMES before the difficulty and shape cues were appended
@@ -223,6 +231,116 @@ def length_prior_blends(data: Data, report: Callable[[str, np.ndarray], None], s
     report("nested: the weight picked on the training tasks", chosen)
 
 
+# --priors: the fifth round (docs/benchmarks.md, "Tier routing"). Every prior is "higher
+# value -> large tier": minus the z-scored feature(s), z-scores from the training rows.
+PRIORS: dict[str, tuple[tuple[str, int], ...]] = {
+    "log_chars": (("log_chars", 1),),  # the shipped prior
+    "log_words": (("log_words", 1),),
+    "stem_chars": (("stem_chars", 1),),
+    "log_words - distinct_word_share": (("log_words", 1), ("distinct_word_share", -1)),
+}
+PRIOR_WEIGHTS = (0.2, 0.4, 0.6)
+GENERIC = tuple(i for i, name in enumerate(STAT_NAMES) if not name.startswith("cue_"))
+
+
+def _fast_mean_apgr(data: Data, index: np.ndarray, scores: np.ndarray) -> float:
+    """Mean APGR over the benchmarks of `index` without the random router's figures (inner loops)."""
+    values = []
+    for bench in sorted(set(data.bench[index].tolist())):
+        mask = data.bench[index] == bench
+        values.append(apgr(routing_curve(scores[mask], data.q_small[index][mask], data.q_large[index][mask])))
+    return float(np.mean(values))
+
+
+def _z(values: np.ndarray, train: np.ndarray, test: np.ndarray) -> np.ndarray:
+    return np.asarray((values[test] - values[train].mean()) / (values[train].std() + 1e-12))
+
+
+def _stumps_z(data: Data, columns: tuple[int, ...] | None, train: np.ndarray, test: np.ndarray,
+              init: tuple[np.ndarray, np.ndarray] | None = None, rounds: tuple[int, ...] = (600,)) -> list[np.ndarray]:
+    """The default's stumps on `columns` (all if None): z-scored logits (or raw scores from `init`)."""
+    import lightgbm
+
+    x = data.stats if columns is None else data.stats[:, list(columns)]
+    params = {"objective": "cross_entropy", "num_leaves": 2, "learning_rate": 0.03, "min_data_in_leaf": 40,
+              "feature_fraction": 0.8, "bagging_fraction": 0.8, "bagging_freq": 1, "verbose": -1, "seed": 0,
+              "num_threads": 1, "deterministic": True}
+    dataset = lightgbm.Dataset(x[train], data.q_small[train], weight=data.weight[train],
+                               init_score=None if init is None else init[0])
+    booster = lightgbm.train(params, dataset, num_boost_round=max(rounds))
+    if init is not None:
+        return [init[1] + booster.predict(x[test], num_iteration=r, raw_score=True) for r in rounds]
+    fit, out = booster.predict(x[train], raw_score=True), booster.predict(x[test], raw_score=True)
+    return [np.asarray((out - fit.mean()) / fit.std())]
+
+
+def _best_single_priors(data: Data, train: np.ndarray, k: int) -> list[tuple[int, int]]:
+    """The k (column, sign) whose prior alone ranks best on the training rows (mean over their
+    benchmarks): a prior chosen without looking at the test tasks."""
+    found = []
+    for j in range(data.stats.shape[1]):
+        if data.stats[train, j].std() > 1e-9:
+            for sign in (1, -1):
+                found.append((_fast_mean_apgr(data, train, -sign * data.stats[train, j]), j, sign))
+    chosen: list[tuple[int, int]] = []
+    for _, j, sign in sorted(found, reverse=True):
+        if all(j != c for c, _ in chosen):
+            chosen.append((j, sign))
+    return chosen[:k]
+
+
+def _prior_family(data: Data, train: np.ndarray, test: np.ndarray) -> dict[str, np.ndarray]:
+    """Every fifth-round candidate's scores on `test`, fitted on `train` (shared fits)."""
+    out: dict[str, np.ndarray] = {}
+    column = {name: j for j, name in enumerate(STAT_NAMES)}
+    trees = _stumps_z(data, None, train, test)[0]
+    generic = _stumps_z(data, GENERIC, train, test)[0]
+    for name, terms in PRIORS.items():
+        prior = -sum(sign * _z(data.stats[:, column[f]], train, test) for f, sign in terms)
+        for w in PRIOR_WEIGHTS:
+            out[f"stumps + prior {name}, weight {w}"] = (1 - w) * trees + w * prior
+            if name == "log_chars":
+                out[f"stumps on the {len(GENERIC)} non-keyword statistics + prior log_chars, weight {w}"] = (
+                    (1 - w) * generic + w * prior)
+    best = _best_single_priors(data, train, 4)
+    for k in (1, 2, 4):
+        prior = -sum(sign * _z(data.stats[:, j], train, test) for j, sign in best[:k]) / np.sqrt(k)
+        for w in PRIOR_WEIGHTS:
+            out[f"stumps + the {k} best single-feature priors on the training rows, weight {w}"] = (
+                (1 - w) * trees + w * prior)
+    # Boosting from the length prior (the trees learn what it misses) instead of blending with it.
+    length_train, length_test = _z(data.stats[:, 0], train, train), _z(data.stats[:, 0], train, test)
+    mean = float(np.average(data.q_small[train], weights=data.weight[train]))
+    slope = -float(np.polyfit(length_train, data.q_small[train], 1, w=data.weight[train])[0]) / max(1e-6, mean * (1 - mean))
+    base = math.log(mean / (1 - mean))
+    init = (base - abs(slope) * length_train, base - abs(slope) * length_test)
+    for rounds, scores in zip((150, 600), _stumps_z(data, None, train, test, init, (150, 600)), strict=True):
+        out[f"stumps boosted from the length prior, {rounds} rounds"] = scores
+    return out
+
+
+def prior_round(data: Data, report: Callable[[str, np.ndarray], None], say: Callable[[str], None]) -> None:
+    """Each candidate by task, then the nested choice among all of them on the training tasks."""
+    fixed: dict[str, np.ndarray] = {}
+    chosen = np.zeros(len(data.tasks))
+    for k, (train, test) in enumerate(_folds(data.tasks, 5)):
+        outer = _prior_family(data, train, test)
+        for name, scores in outer.items():
+            fixed.setdefault(name, np.zeros(len(data.tasks)))[test] = scores
+        inner: dict[str, np.ndarray] = {}
+        for inner_train, inner_test in _folds(data.tasks[train], 4):
+            for name, scores in _prior_family(data, train[inner_train], train[inner_test]).items():
+                inner.setdefault(name, np.zeros(len(train)))[inner_test] = scores
+        scored = {name: _fast_mean_apgr(data, train, scores) for name, scores in inner.items()}
+        picked = max(scored, key=lambda name: scored[name])
+        chosen[test] = outer[picked]
+        say(f"  outer fold {k + 1}: picked {picked} (inner {scored[picked]:.3f}); "
+            f"best single priors there: {[(STAT_NAMES[j], s) for j, s in _best_single_priors(data, train, 4)]}")
+    for name, scores in fixed.items():
+        report(name, scores)
+    report("nested: the candidate picked on the training tasks", chosen)
+
+
 def nested(data: Data, variants: dict[str, Variant], say: Callable[[str], None]) -> tuple[np.ndarray, list[str]]:
     """Outer by-task folds; in each, the variant an inner task split of its training tasks picks."""
     oof = np.zeros(len(data.tasks))
@@ -247,6 +365,9 @@ def main() -> int:
     parser.add_argument("--nested", action="store_true", help="also run the two nested selections (minutes)")
     parser.add_argument("--beyond", action="store_true",
                         help="also the variants past one tree model: two heads, bagging, exemplars")
+    parser.add_argument("--priors", action="store_true",
+                        help="instead: the fifth round, priors other than the prompt length, boosting from it, "
+                             "stumps without the keyword cues, and the nested choice among them (3 min)")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     rows: list[LabelledPrompt] = []
@@ -262,7 +383,9 @@ def main() -> int:
         print(f"{name:<55} mean {mean:.3f}  " + "  ".join(f"{b} {v:.3f}" for b, v in per.items()), flush=True)
 
     print(f"{len(rows)} prompts; by-task APGR (5 folds over task groups; random router 0.5)")
-    if args.beyond:  # the reference row, then the rest (the table above is the same as without it)
+    if args.priors:
+        prior_round(data, report, print)
+    elif args.beyond:  # the reference row, then the rest (the table above is the same as without it)
         beyond(data, report)
         length_prior_blends(data, report, print)
     else:
