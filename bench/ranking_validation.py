@@ -17,9 +17,14 @@ Variants (`--variants`, comma-separated):
 - `gauss`: the booster's target is each model's ln tokens mapped to normal quantiles of
   its within-model rank, rescaled to the model's mean and spread (order within a model
   kept, heavy tails tamed);
-- `heads+gauss`: both.
+- `heads+gauss`: both;
+- `add`: no main booster: the model prior plus a prompt stage, a small booster fit on one
+  row per distinct prompt (its dense features without model cues, and its out-of-fold text
+  score) onto the prompt's mean model-demeaned ln tokens;
+- `stack`: the shipped pipeline with that prompt stage's out-of-fold output as one more
+  booster input (fit per prompt, it cannot memorise a prompt from its ~200 answers).
 
-    nice -n 19 python bench/ranking_validation.py --data ../shared/data --variants base,heads --seeds 0,1
+    nice -n 19 python bench/ranking_validation.py --data ../shared/data --variants base,stack --seeds 0,1,2,3,4
 """
 
 from __future__ import annotations
@@ -227,23 +232,11 @@ def fit_and_score(train: Sequence[Example], val: Sequence[Example], variant: str
         stage_train = prompt_stage_oof(train, oof[:, 0], seed, args)
         stage_val = _prompt_booster(train, oof[:, 0], seed, args).predict(
             _prompt_features(val, val_heads[:, 0]), num_threads=2)
-        if "blend" in variant:
-            booster = lightgbm.train({"objective": "regression", "learning_rate": config.learning_rate,
-                                      "num_leaves": args.leaves, "min_child_samples": args.min_child,
-                                      "feature_fraction": 0.9, "bagging_fraction": 0.8, "bagging_freq": 1,
-                                      "seed": seed, "verbose": -1, "num_threads": 2},
-                                     lightgbm.Dataset(x_train, _log_tokens(train)), num_boost_round=args.trees)
-            prior_val = prior_column(val, table)
-            additive = np.where(np.isnan(prior_val), np.nanmean(prior_val), prior_val) + stage_val
-            return 0.5 * np.asarray(booster.predict(x_val, num_threads=2)) + 0.5 * additive
         if "add" in variant:
             prior_val = prior_column(val, table)
             return np.where(np.isnan(prior_val), np.nanmean(prior_val), prior_val) + stage_val
         x_train = np.column_stack([x_train, stage_train])
         x_val = np.column_stack([x_val, stage_val])
-    if variant == "ridge_add":
-        prior_val = prior_column(val, table)
-        return np.where(np.isnan(prior_val), np.nanmean(prior_val), prior_val) + val_heads[:, 0]
     y = _gauss_target(train) if "gauss" in variant else _log_tokens(train)
     params: dict[str, Any] = {
         "objective": "regression", "learning_rate": config.learning_rate, "num_leaves": args.leaves,
