@@ -241,7 +241,7 @@ def fit_and_score(train: Sequence[Example], val: Sequence[Example], variant: str
     params: dict[str, Any] = {
         "objective": "regression", "learning_rate": config.learning_rate, "num_leaves": args.leaves,
         "min_child_samples": args.min_child, "feature_fraction": 0.9, "bagging_fraction": 0.8,
-        "bagging_freq": 1, "seed": seed, "verbose": -1, "num_threads": 2,
+        "bagging_freq": 1, "seed": seed, "verbose": -1, "num_threads": 2, "extra_trees": args.extra_trees,
     }
     booster = lightgbm.train(params, lightgbm.Dataset(x_train, y), num_boost_round=args.trees)
     return np.asarray(booster.predict(x_val, num_threads=2))
@@ -254,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--variants", default="base,heads")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--trees", type=int, default=300)
+    parser.add_argument("--extra-trees", action="store_true", help="LightGBM extra_trees (random split thresholds)")
     parser.add_argument("--leaves", type=int, default=31)
     parser.add_argument("--min-child", type=int, default=40)
     parser.add_argument("--prompt-trees", type=int, default=300)
