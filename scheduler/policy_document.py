@@ -48,13 +48,8 @@ from scheduler.migration import (
     MigrationPolicyError,
     build_migration_policy,
 )
-from scheduler.queueing import (
-    QueuePolicy,
-    QueuePolicyError,
-    QueueSort,
-    build_queue_policy,
-    build_queue_sort,
-)
+from scheduler.queue_orders import build_queue_policy, build_queue_sort
+from scheduler.queueing import QueuePolicy, QueuePolicyError, QueueSort
 from scheduler.tier_document import TiersSpec, check_tiers
 from scheduler.types import SloClass
 

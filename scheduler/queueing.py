@@ -11,12 +11,13 @@ Policies register by name, like dispatch parts, and are chosen in config:
 `needs_engine_priority` tells drivers whether the engines must run with
 `scheduling_policy=priority`; with `fcfs` every request gets 0 and engines stay FCFS.
 A learned length-rank policy (shortest predicted job first with a starvation guard) is
-one more module registering itself here.
+one more module registering itself here (scheduler.rank_queue); scheduler.queue_orders
+builds a policy or a sort by name from every module that registers one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -77,11 +78,6 @@ class SloPriority(QueuePolicy):
 
     def priority(self, request: RequestInfo, slo_class: SloClass | None, now_s: float) -> int:
         return self.unknown_priority if slo_class is None else slo_class.priority
-
-
-def build_queue_policy(spec: str | Mapping[str, Any] | None, where: str = "queue.policy") -> QueuePolicy:
-    """`fcfs`, or `{slo_priority: {unknown_priority: 1}}`; None means fcfs."""
-    return _build_named(QUEUE_POLICIES, "queue policy", spec, where)
 
 
 # --- Admission-queue order (the router-side queue of held requests) -----------------------
@@ -151,39 +147,3 @@ class SloPrioritySort(QueueSort):
     def key(self, item: QueuedRequest, now_s: float) -> tuple[float, ...]:
         prio = self.unknown_priority if item.slo_class is None else item.slo_class.priority
         return (float(prio), float(item.seq))
-
-
-def build_queue_sort(spec: str | Mapping[str, Any] | None, where: str = "queue.sort") -> QueueSort:
-    """`fcfs`, or `{slo_priority: {unknown_priority: 1}}`; None means fcfs."""
-    return _build_named(QUEUE_SORTS, "queue sort", spec, where)
-
-
-_Part = TypeVar("_Part")
-
-
-def _build_named(registry: Mapping[str, type[_Part]], kind: str, spec: str | Mapping[str, Any] | None,
-                 where: str) -> _Part:
-    """A registered part given as `name` or `{name: {param: value}}` (None: fcfs)."""
-    if spec is None:
-        spec = "fcfs"
-    if isinstance(spec, str):
-        name, params = spec, {}
-    elif isinstance(spec, Mapping) and len(spec) == 1:
-        name, raw = next(iter(spec.items()))
-        if raw is not None and not isinstance(raw, Mapping):
-            raise QueuePolicyError(f"{where}.{name}: expected a mapping of parameters, got {raw!r}")
-        params = dict(raw or {})
-    else:
-        raise QueuePolicyError(f"{where}: expected a {kind} name or {{name: params}}, got {spec!r}")
-    cls = registry.get(str(name))
-    if cls is None:
-        raise QueuePolicyError(f"{where}: unknown {kind} {name!r}; known: {', '.join(sorted(registry))}")
-    try:
-        return cls(**params)
-    except TypeError as exc:
-        raise QueuePolicyError(f"{where}: {exc}") from exc
-
-
-# Queue orders in other modules register on import; imported last, so that what they take
-# from this module exists (shortest-predicted-first with a starvation guard, input length).
-from scheduler import rank_queue as _rank_queue  # noqa: E402,F401

@@ -64,7 +64,8 @@ from scheduler.engine_model import (
     factors_from_table,
 )
 from scheduler.policy_document import PolicyDocument, PolicyDocumentError, load_policy_document
-from scheduler.queueing import QueuePolicy, QueuePolicyError, build_queue_policy
+from scheduler.queue_orders import build_queue_policy
+from scheduler.queueing import QueuePolicy, QueuePolicyError
 from scheduler.types import SloClass
 from sim.engine_core import EngineConfig, EngineConfigError
 from tokenyard.config import (

@@ -17,7 +17,8 @@ from scheduler.dispatch import (
     Scorer,
     build_policy,
 )
-from scheduler.queueing import QueuePolicyError, build_queue_policy
+from scheduler.queue_orders import build_queue_policy
+from scheduler.queueing import QueuePolicyError
 from scheduler.types import InstanceState, NoInstanceAvailable, RequestInfo, SloClass
 
 MODEL = "llama-3-8b"

@@ -6,13 +6,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from scheduler.queue_orders import build_queue_policy
 from scheduler.queueing import (
     QUEUE_POLICIES,
     QUEUE_SORTS,
     QueuedRequest,
     QueuePolicyError,
     QueueSort,
-    build_queue_policy,
 )
 from scheduler.rank_queue import CLASS_STRIDE, LearnedRankPriority, LearnedRankSort
 from scheduler.types import RequestInfo, SloClass

@@ -15,7 +15,7 @@ from router.config import parse_router_config
 from router.rank import RankSettings, RequestRanker, completion_tokens
 from router.records import RecordsSettings
 from scheduler.predictors.features import FEATURE_SPEC_VERSION
-from scheduler.queueing import build_queue_policy
+from scheduler.queue_orders import build_queue_policy
 from scheduler.rank_queue import CLASS_STRIDE
 from scheduler.types import RequestInfo
 from tests.test_router_support import fake_engines, running_router
