@@ -172,7 +172,6 @@ def same_table(problem: Any, slice_factors: tuple[int, ...] = (4, 8)) -> dict[st
     solves it; Mélange's README recommends slice factor 4), the fluid bound (every bucket on
     its cheapest type in any fraction, no integrality: no planner beats it on this table),
     and the cheapest single type. Whatever the formulation leaves on the table shows here."""
-    from bench.planner_routing import _fluid
     from scheduler.planner.melange import MelangeConfig, melange_baseline
     from scheduler.planner.solver import single_type_plans, solve
 
@@ -196,7 +195,7 @@ def same_table(problem: Any, slice_factors: tuple[int, ...] = (4, 8)) -> dict[st
         config = MelangeConfig(tuple(o.gpu for o in first.options), tuple(o.usd_per_hour for o in first.options),
                                tuple(tputs), tuple(tuple(r) for r in grid), total, factor)
         out[f"melange_ilp_slice{factor}"] = round(melange_baseline(config).usd_per_hour, 3)
-    fluid = _fluid(first)
+    fluid = fluid_bound(first)
     out["fluid_usd_per_hour"] = round(fluid["mix_usd_h_per_rps"] * total / usable, 3)
     # the same bound against the best single type also in any fraction (no integer rounding)
     out["fluid_saving_vs_fluid_single"] = fluid["saving"]
@@ -243,6 +242,26 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
+
+
+def fluid_bound(problem: Any) -> dict[str, Any]:
+    """$/h per req/s: best type per bucket in any fraction vs each single type."""
+    total = sum(b.rate_rps for b in problem.buckets)
+    per_type: dict[str, float] = {}
+    mix = 0.0
+    for k, bucket in enumerate(problem.buckets):
+        costs = {o.gpu: o.usd_per_hour / o.capacity_rps[k] for o in problem.options if o.capacity_rps[k] > 0}
+        if not costs:
+            continue
+        mix += bucket.rate_rps / total * min(costs.values())
+        for option in problem.options:
+            per_type[option.gpu] = per_type.get(option.gpu, 0.0) + bucket.rate_rps / total * costs.get(
+                option.gpu, float("inf"))
+    finite = {g: v for g, v in per_type.items() if v != float("inf")}
+    best = min(finite, key=lambda g: finite[g])
+    return {"mix_usd_h_per_rps": round(mix, 4), "best_single": best,
+            "best_single_usd_h_per_rps": round(finite[best], 4), "saving": round(1 - mix / finite[best], 4),
+            "saving_vs_worst": round(1 - mix / max(finite.values()), 4)}
 
 
 def main() -> None:

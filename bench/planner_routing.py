@@ -33,7 +33,7 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench.planner_melange import INPUT_EDGES, MELANGE_GPUS, OUTPUT_EDGES, workloads  # noqa: E402
+from bench.planner_melange import INPUT_EDGES, MELANGE_GPUS, OUTPUT_EDGES, fluid_bound, workloads  # noqa: E402
 from scheduler.planner.problem import PlanError  # noqa: E402
 
 
@@ -137,7 +137,7 @@ def run(rates: list[float], tpots_ms: list[float], ttft_ms: float, count: int, c
                     row[f"saving_{key}"] = round(1 - row[key]["usd_per_hour"] / singles[best], 4)
                 if rate == rates[0]:
                     row["efficiency"] = _efficiency(by_input)
-                    row["fluid"] = _fluid(by_input)
+                    row["fluid"] = fluid_bound(by_input)
                 print(json.dumps({k: v for k, v in row.items() if k != "efficiency"}), flush=True)
                 points.append(row)
     return points
@@ -153,26 +153,6 @@ def _efficiency(problem: Any) -> list[dict[str, Any]]:
         out.append({"bucket": bucket.label, "share": round(bucket.rate_rps / total, 3),
                     "rps_per_usd_h": {o.gpu: round(o.capacity_rps[k] / o.usd_per_hour, 2) for o in problem.options}})
     return out
-
-
-def _fluid(problem: Any) -> dict[str, Any]:
-    """$/h per req/s: best type per bucket in any fraction vs each single type."""
-    total = sum(b.rate_rps for b in problem.buckets)
-    per_type: dict[str, float] = {}
-    mix = 0.0
-    for k, bucket in enumerate(problem.buckets):
-        costs = {o.gpu: o.usd_per_hour / o.capacity_rps[k] for o in problem.options if o.capacity_rps[k] > 0}
-        if not costs:
-            continue
-        mix += bucket.rate_rps / total * min(costs.values())
-        for option in problem.options:
-            per_type[option.gpu] = per_type.get(option.gpu, 0.0) + bucket.rate_rps / total * costs.get(
-                option.gpu, float("inf"))
-    finite = {g: v for g, v in per_type.items() if v != float("inf")}
-    best = min(finite, key=lambda g: finite[g])
-    return {"mix_usd_h_per_rps": round(mix, 4), "best_single": best,
-            "best_single_usd_h_per_rps": round(finite[best], 4), "saving": round(1 - mix / finite[best], 4),
-            "saving_vs_worst": round(1 - mix / max(finite.values()), 4)}
 
 
 def main() -> None:
