@@ -79,22 +79,23 @@ MAX_BUFFERED_RESPONSE_BYTES = 1 << 20
 CLIENT_GONE_STATUS = 499  # nginx's code for "the client closed the request", in metrics only
 
 
-class _PrioritizedBody(bytes):
-    """The upstream body with `priority` set, able to give the same body without it (built
-    only when an engine refuses priorities, not per request)."""
+class _UpstreamBody:
+    """The body forwarded to engines; with `priority` set (`doc` holds the document), the
+    same body without it is built only when an engine refuses priorities, not per request.
+    A plain wrapper, not a `bytes` subclass: mypyc compiles this module (router/native.py)
+    and cannot subclass `bytes`."""
 
-    doc: dict[str, Any]
-    _plain: bytes | None
+    __slots__ = ("data", "doc", "_plain")
 
-    def __new__(cls, data: bytes, doc: dict[str, Any]) -> _PrioritizedBody:
-        obj = super().__new__(cls, data)
-        obj.doc = doc
-        obj._plain = None
-        return obj
+    def __init__(self, data: bytes, doc: dict[str, Any] | None) -> None:
+        self.data = data
+        self.doc = doc  # None: no priority in it
+        self._plain: bytes | None = None
 
     def plain(self) -> bytes:
         if self._plain is None:
-            self._plain = orjson.dumps({k: v for k, v in self.doc.items() if k != "priority"})
+            doc = self.doc or {}
+            self._plain = orjson.dumps({k: v for k, v in doc.items() if k != "priority"})
         return self._plain
 
 
@@ -493,9 +494,9 @@ class Router:
         rid_header = [(b"x-request-id", request_id.encode("latin-1"))]
         try:
             tenant = self.tenants.authenticate(authorization)
-        except AuthError as exc:
+        except AuthError as refused:  # one name per exception type in a function: mypyc types each name once
             self.metrics.request_done("unknown", "", 401)
-            await self._send_json(send, 401, error_body(401, str(exc), code="invalid_api_key"), rid_header)
+            await self._send_json(send, 401, error_body(401, str(refused), code="invalid_api_key"), rid_header)
             return
         limit = self.config.max_request_bytes
         if content_length is not None and content_length.isdigit() and int(content_length) > limit:
@@ -512,13 +513,14 @@ class Router:
         try:
             body = orjson.loads(raw)
             validate(body, chat, raw)
-        except orjson.JSONDecodeError as exc:
+        except orjson.JSONDecodeError as not_json:
             self.metrics.request_done(tenant.name, "", 400)
-            await self._send_json(send, 400, error_body(400, f"invalid JSON in the request body: {exc}"), rid_header)
+            await self._send_json(send, 400, error_body(400, f"invalid JSON in the request body: {not_json}"),
+                                  rid_header)
             return
-        except BadRequest as exc:
+        except BadRequest as invalid:
             self.metrics.request_done(tenant.name, "", 400)
-            await self._send_json(send, 400, error_body(400, str(exc), param=exc.param), rid_header)
+            await self._send_json(send, 400, error_body(400, str(invalid), param=invalid.param), rid_header)
             return
         if tenant.rate_limits and await refuse_over_limits(self, send, tenant, body, rid_header):
             return
@@ -548,9 +550,7 @@ class Router:
             # The operator's policy decides queue order: a client cannot jump the queue by
             # sending its own `priority`.
             body["priority"] = self.dispatcher.priority(info, tenant)
-        upstream_body = orjson.dumps(body)
-        if body.get("priority", 0) != 0:
-            upstream_body = _PrioritizedBody(upstream_body, body)
+        upstream_body = _UpstreamBody(orjson.dumps(body), body if body.get("priority", 0) != 0 else None)
         stream = body.get("stream") is True
         deadline_s = started_s + self.config.deadline_s(tenant.slo_class, stream, info.max_output_tokens)
         reserved = None
@@ -566,13 +566,14 @@ class Router:
             t0 = time.perf_counter()
             decision = await self.dispatcher.decide(info, policy, explain)
             self.metrics.decide_seconds.observe(time.perf_counter() - t0)
-        except NoInstanceAvailable as exc:
+        except NoInstanceAvailable as unplaceable:
             if self.admission is not None:
                 self.admission.unreserve(reserved)
             self._counted_at_hold.discard(info.request_id)
-            status = await self._refuse_unplaceable(send, exc, info, tenant, chat, rid_header)
+            status = await self._refuse_unplaceable(send, unplaceable, info, tenant, chat, rid_header)
             if self.records is not None:
-                self.records.refused(self, info, tenant, started_s, body, stream, status, f"no instance: {exc}")
+                self.records.refused(self, info, tenant, started_s, body, stream, status,
+                                     f"no instance: {unplaceable}")
             return
         if decision.explanation is not None:
             explained = orjson.dumps(decision.explanation.to_dict())
@@ -722,7 +723,7 @@ class Router:
         return _Budget(first_byte_s, last_byte_s,
                        float(getattr(slo_class, "stall_timeout_s", None) or DEFAULT_STALL_TIMEOUT_S))
 
-    async def _forward(self, send: Send, receive: Receive, path: str, upstream_body: bytes, headers: bytes,
+    async def _forward(self, send: Send, receive: Receive, path: str, upstream_body: _UpstreamBody, headers: bytes,
                        stream: bool, info: RequestInfo, policy: Any, decision: Any, tenant: Tenant,
                        budget: _Budget, started_s: float, rid_header: list[tuple[bytes, bytes]],
                        hand_over: Callable[[], None] = lambda: None) -> None:
@@ -785,15 +786,16 @@ class Router:
             502, f"no engine answered after {attempts} attempt(s): {detail}", code="upstream_unavailable"),
             rid_header)
 
-    async def _attempt(self, send: Send, receive: Receive, record: InstanceRecord, path: str, upstream_body: bytes,
+    async def _attempt(self, send: Send, receive: Receive, record: InstanceRecord, path: str,
+                       upstream_body: _UpstreamBody,
                        headers: bytes, stream: bool, timeout_s: float, info: RequestInfo, tenant: Tenant,
                        budget: _Budget, started_s: float, rid_header: list[tuple[bytes, bytes]]) -> str | None:
         """One try on one instance. None: the client got an answer; else why it failed
         before anything reached the client (retryable)."""
         instance_id = record.instance_id
         attempt_ends_s = time.monotonic() + timeout_s
-        payload = upstream_body
-        if isinstance(upstream_body, _PrioritizedBody) and instance_id in self._no_priority:
+        payload = upstream_body.data
+        if upstream_body.doc is not None and instance_id in self._no_priority:
             payload = upstream_body.plain()
         response: Upstream | None = None
         try:
@@ -817,10 +819,10 @@ class Router:
                 if not complete and response.status != 200:
                     response.abort()
                     raise UpstreamError("protocol", f"error answer (HTTP {response.status}) over {limit} bytes")
-        except ValueError as exc:  # a URL the engine client cannot speak (https://): fail over, never a 500
-            self.health.on_failure(instance_id, str(exc))
+        except ValueError as bad_url:  # a URL the engine client cannot speak (https://): fail over, never a 500
+            self.health.on_failure(instance_id, str(bad_url))
             self.metrics.child(self.metrics.attempts, instance_id, "unsupported_url").inc()
-            return str(exc)
+            return str(bad_url)
         except UpstreamError as exc:
             if exc.kind != "timeout" or time.monotonic() < attempt_ends_s - 0.001 or \
                     self.config.first_byte_timeout_s is not None:
@@ -850,7 +852,7 @@ class Router:
                 except UpstreamError as exc:
                     self.metrics.child(self.metrics.attempts, instance_id, exc.kind).inc()
                     return f"after a migration: {exc}"
-            if (response.status == 400 and isinstance(payload, _PrioritizedBody)
+            if (response.status == 400 and upstream_body.doc is not None and payload is upstream_body.data
                     and b"riority scheduling is not enabled" in body):
                 # vLLM refuses a non-zero priority unless it runs --scheduling-policy priority:
                 # remember that this engine runs FCFS and send it requests without one.

@@ -1,13 +1,16 @@
-"""The router's byte path compiled with mypyc: the HTTP server and the engine client.
+"""The router's byte path compiled with mypyc: the HTTP server, the engine client and the request path.
 
-`tokenyard/asgi_server.py` (the front door's HTTP/1.1 server) and `router/proxy.py` (the
-keep-alive engine client) are fully typed Python; mypyc compiles them to C extension
-modules. Measured in instructions per request (bench/router_instructions.py, docs/benchmarks.md
-"Router data path"): 11-14% fewer per non-streaming request through the router. Everything
-else (the decision layer, the request path in router/app.py) stays plain Python.
+`tokenyard/asgi_server.py` (the front door's HTTP/1.1 server), `router/proxy.py` (the
+keep-alive engine client) and `router/app.py` (the request path: authentication,
+validation, dispatch, forwarding, relaying) are fully typed Python; mypyc compiles them to
+C extension modules. Measured in instructions per request (bench/router_instructions.py,
+docs/benchmarks.md "Router data path"): 11-14% fewer per non-streaming request with the
+first two; router/app.py added in issue #17's s11 round (docs/benchmarks.md, issue 17).
+Everything else (the decision layer, discovery, the state store) stays plain Python, and
+modules outside the three are taken as untyped by the build (`follow_imports = skip`).
 
 `build()` (tokenyard/native_build.py) copies the `router` and `tokenyard` packages into a cache folder keyed by the
-SHA-256 of their sources, the Python and the mypy version, compiles the two modules there,
+SHA-256 of their sources, the Python and the mypy version, compiles the three modules there,
 and returns that folder; `tokenyard router --native` then replaces its own process
 (`os.execve`, same pid, so signals and supervisors see one process) with one that has the
 folder first on the import path. The plain modules remain the reference and the fallback:
@@ -31,10 +34,11 @@ from pathlib import Path
 from tokenyard.native_build import NativeBuild
 from tokenyard.native_build import NativeBuildError as NativeBuildError  # raised by build()
 
-COMPILED = ("tokenyard/asgi_server.py", "router/proxy.py")
+COMPILED = ("tokenyard/asgi_server.py", "router/proxy.py", "router/app.py")
 ROOT_ENV = "TOKENYARD_ROUTER_NATIVE_ROOT"  # set in the process re-run on the compiled modules
 MODE_ENV = "TOKENYARD_ROUTER_NATIVE"  # on | off | auto (the default): what `--native` defaults to
-BUILD = NativeBuild(packages=("router", "tokenyard"), compiled=COMPILED, cache_name="router-native")
+BUILD = NativeBuild(packages=("router", "tokenyard"), compiled=COMPILED, cache_name="router-native",
+                    follow_imports="skip")
 
 
 # The module's interface is the build's: `build(cache_dir=None, *, quiet=True)` returns the

@@ -1,8 +1,8 @@
 """`tokenyard router --native` (router/native.py): the byte path compiled with mypyc serves
 the same answers, in the same process (execve), and never from a stale build.
 
-The build is real: mypyc compiles tokenyard/asgi_server.py and router/proxy.py with the
-machine's C compiler into a temporary cache folder (10-30 s), once for this module. The
+The build is real: mypyc compiles tokenyard/asgi_server.py, router/proxy.py and router/app.py
+with the machine's C compiler into a temporary cache folder (about a minute), once for this module. The
 engine is bench/peers/fake_engine.py on loopback, the router a real process."""
 
 from __future__ import annotations
@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -32,6 +34,35 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    """A fake engine on loopback and a router config in `tmp_path` serving it: (config, router port)."""
+    engine_port, router_port = free_port(), free_port()
+    engine = subprocess.Popen([sys.executable, str(REPO / "bench" / "peers" / "fake_engine.py"), "--port",
+                               str(engine_port), "--model", "m"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    config = tmp_path / "router.yaml"
+    config.write_text(yaml.safe_dump({
+        "listen": {"host": "127.0.0.1", "port": router_port},
+        "store": f"file://{tmp_path / 'state.db'}",
+        "discovery": {"static": [{"url": f"http://127.0.0.1:{engine_port}", "model": "m", "gpu": "A100-80GB"}]},
+    }))
+    try:
+        yield config, router_port
+    finally:
+        engine.terminate()
+        engine.wait(10)
+
+
+def _xdg_holding(cache_dir: Path, xdg: Path) -> Path:
+    """`xdg` set up as an XDG_CACHE_HOME whose router build cache is `cache_dir` (the
+    prebuilt folder is found through the default cache dir)."""
+    (xdg / "tokenyard").mkdir(parents=True, exist_ok=True)
+    link = xdg / "tokenyard" / "router-native"
+    if not link.exists():
+        link.symlink_to(cache_dir)
+    return xdg
+
+
 def _wait_answer(url: str, proc: subprocess.Popen[str], body: dict[str, object]) -> httpx.Response:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -43,30 +74,20 @@ def _wait_answer(url: str, proc: subprocess.Popen[str], body: dict[str, object])
     raise AssertionError("the router did not answer within 60 s")
 
 
-def test_the_build_is_keyed_by_the_sources_and_compiles_both_modules(cache_dir: Path) -> None:
+def test_the_build_is_keyed_by_the_sources_and_compiles_its_modules(cache_dir: Path) -> None:
     root = cache_dir / native.build_key()
     assert native.compiled_in(root)
     assert native.build(cache_dir) == root  # found, not rebuilt
-    suffix = next(p.name for p in (root / "router").glob("proxy.*") if not p.name.endswith(".py"))
-    assert suffix.endswith(".so")
+    for module in ("router/proxy", "router/app", "tokenyard/asgi_server"):
+        folder, name = module.split("/")
+        built = [p.name for p in (root / folder).glob(f"{name}.*") if not p.name.endswith(".py")]
+        assert built and built[0].endswith(".so"), (module, built)
 
 
-def test_native_router_answers_like_the_plain_one_in_the_same_process(cache_dir: Path, tmp_path: Path) -> None:
-    engine_port, router_port = free_port(), free_port()
-    engine = subprocess.Popen([sys.executable, str(REPO / "bench" / "peers" / "fake_engine.py"), "--port",
-                               str(engine_port), "--model", "m"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    config = tmp_path / "router.yaml"
-    config.write_text(yaml.safe_dump({
-        "listen": {"host": "127.0.0.1", "port": router_port},
-        "store": f"file://{tmp_path / 'state.db'}",
-        "discovery": {"static": [{"url": f"http://127.0.0.1:{engine_port}", "model": "m", "gpu": "A100-80GB"}]},
-    }))
-    env = dict(os.environ, XDG_CACHE_HOME=str(cache_dir.parent / "xdg"))
-    # The prebuilt folder is found through the default cache dir: point it there.
-    (cache_dir.parent / "xdg" / "tokenyard").mkdir(parents=True, exist_ok=True)
-    link = cache_dir.parent / "xdg" / "tokenyard" / "router-native"
-    if not link.exists():
-        link.symlink_to(cache_dir)
+def test_native_router_answers_like_the_plain_one_in_the_same_process(cache_dir: Path, tmp_path: Path,
+                                                                      fleet: tuple[Path, int]) -> None:
+    config, router_port = fleet
+    env = dict(os.environ, XDG_CACHE_HOME=str(_xdg_holding(cache_dir, cache_dir.parent / "xdg")))
     router = subprocess.Popen([sys.executable, "-m", "cli.main", "router", "--config", str(config), "--native"],
                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -80,11 +101,14 @@ def test_native_router_answers_like_the_plain_one_in_the_same_process(cache_dir:
         events = [json.loads(line[6:]) for line in streamed.text.splitlines()
                   if line.startswith("data: {")]
         assert events, streamed.text
+        # A request the parser refuses is a 400 in the compiled server too (it once raised
+        # a TypeError there: mypyc checked the parser's error against a narrowed type).
+        with socket.create_connection(("127.0.0.1", router_port), timeout=5) as raw:
+            raw.sendall(b"N0T-A-METHOD / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert raw.recv(65536).startswith(b"HTTP/1.1 400 "), "no 400 for a malformed request"
     finally:
         router.terminate()
         output, _ = router.communicate(timeout=20)
-        engine.terminate()
-        engine.wait(10)
     # execve: the process that printed its pid is the one started (signals reach it).
     found = re.search(r"\(byte path: mypyc; pid (\d+)\)", output)
     assert found is not None and int(found.group(1)) == router.pid, output
@@ -123,31 +147,16 @@ def _byte_path_of(config: Path, cwd: Path, env: dict[str, str], *flags: str) -> 
         router.communicate(timeout=20)
 
 
-def test_the_router_runs_a_cached_build_by_default_and_plain_python_otherwise(cache_dir: Path,
-                                                                              tmp_path: Path) -> None:
-    engine_port, router_port = free_port(), free_port()
-    engine = subprocess.Popen([sys.executable, str(REPO / "bench" / "peers" / "fake_engine.py"), "--port",
-                               str(engine_port), "--model", "m"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    config = tmp_path / "router.yaml"
-    config.write_text(yaml.safe_dump({
-        "listen": {"host": "127.0.0.1", "port": router_port},
-        "store": f"file://{tmp_path / 'state.db'}",
-        "discovery": {"static": [{"url": f"http://127.0.0.1:{engine_port}", "model": "m", "gpu": "A100-80GB"}]},
-    }))
-    xdg = tmp_path / "xdg"
-    (xdg / "tokenyard").mkdir(parents=True)
-    (xdg / "tokenyard" / "router-native").symlink_to(cache_dir)
+def test_the_router_runs_a_cached_build_by_default_and_plain_python_otherwise(cache_dir: Path, tmp_path: Path,
+                                                                              fleet: tuple[Path, int]) -> None:
+    config, _ = fleet
     env = {k: v for k, v in os.environ.items() if k not in (native.MODE_ENV, native.ROOT_ENV)}
-    cached = dict(env, XDG_CACHE_HOME=str(xdg))
-    try:
-        assert _byte_path_of(config, tmp_path, cached) == "mypyc"  # found in the cache: used
-        assert _byte_path_of(config, tmp_path, cached, "--no-native") == "python"
-        assert _byte_path_of(config, tmp_path, dict(cached, **{native.MODE_ENV: "off"})) == "python"
-        # No build for these sources in the cache: plain Python, and nothing is built.
-        empty = tmp_path / "empty-xdg"
-        empty.mkdir()
-        assert _byte_path_of(config, tmp_path, dict(env, XDG_CACHE_HOME=str(empty))) == "python"
-        assert not (empty / "tokenyard").exists()
-    finally:
-        engine.terminate()
-        engine.wait(10)
+    cached = dict(env, XDG_CACHE_HOME=str(_xdg_holding(cache_dir, tmp_path / "xdg")))
+    assert _byte_path_of(config, tmp_path, cached) == "mypyc"  # found in the cache: used
+    assert _byte_path_of(config, tmp_path, cached, "--no-native") == "python"
+    assert _byte_path_of(config, tmp_path, dict(cached, **{native.MODE_ENV: "off"})) == "python"
+    # No build for these sources in the cache: plain Python, and nothing is built.
+    empty = tmp_path / "empty-xdg"
+    empty.mkdir()
+    assert _byte_path_of(config, tmp_path, dict(env, XDG_CACHE_HOME=str(empty))) == "python"
+    assert not (empty / "tokenyard").exists()

@@ -188,16 +188,18 @@ class Http1Protocol(asyncio.Protocol):
                 raise self._reject
             if self.in_head and self.head_bytes > self.limits.max_head_bytes:
                 raise _Reject(431, f"request head exceeds {self.limits.max_head_bytes} bytes")
-        except _Reject as exc:
-            self._write_error(exc.status, str(exc))
+        except _Reject as rejected:
+            self._write_error(rejected.status, str(rejected))
         except httptools.HttpParserUpgrade:
             self._write_error(400, "protocol upgrades are not supported")
-        except httptools.HttpParserError as exc:
-            cause = self._reject or exc.__context__
+        except httptools.HttpParserError as parse_error:
+            # Its own name: mypyc gives one name one type in a function, and as `exc` (a
+            # `_Reject` above) the compiled build raised TypeError on the parser's error.
+            cause = self._reject or parse_error.__context__
             if isinstance(cause, _Reject):
                 self._write_error(cause.status, str(cause))
             else:
-                self._write_error(400, f"malformed HTTP request: {exc}")
+                self._write_error(400, f"malformed HTTP request: {parse_error}")
 
     def pause_writing(self) -> None:
         if self.writable is None or self.writable.done():
