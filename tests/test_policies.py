@@ -9,14 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.dispatch import (
-    ClusterView,
-    DispatchContext,
-    DispatchPolicy,
-    PolicyConfigError,
-    Scorer,
-    build_policy,
-)
+from scheduler.dispatch import ClusterView, DispatchPolicy, build_policy
+from scheduler.dispatch_parts import DispatchContext, PolicyConfigError, Scorer
 from scheduler.queueing import QueuePolicyError, build_queue_policy
 from scheduler.types import InstanceState, NoInstanceAvailable, RequestInfo, SloClass
 
