@@ -47,7 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scheduler.dispatch import PolicyConfigError, build_policy
+from scheduler.dispatch import build_policy
+from scheduler.dispatch_parts import PolicyConfigError
 from scheduler.policy_document import PolicyDocument, PolicyDocumentError, load_policy_document
 from scheduler.types import SloClass
 from tokenyard.config import (

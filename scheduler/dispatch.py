@@ -5,7 +5,8 @@ A `DispatchPolicy` is assembled from config (names and parameters) and answers
 report outcomes back through `on_dispatch` / `on_finish`, so stateful policies
 (round-robin, affinity tables) see the same events live and simulated.
 
-A new policy is one new module in `scheduler/policies/` that registers itself:
+A new policy is one new module in `scheduler/policies/` that registers itself with the
+decorators of `scheduler.dispatch_parts` (where the part base classes and the registry live):
 
     @register_scorer("least_outstanding")
     class LeastOutstanding(Scorer): ...
@@ -27,10 +28,23 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, ClassVar, Protocol, TypeVar, get_type_hints
+from typing import Any, Protocol, TypeVar, get_type_hints
 
 import pydantic
 
+from scheduler.dispatch_parts import (
+    FILTERS,
+    PICKERS,
+    SCORERS,
+    DispatchContext,
+    Filter,
+    Picker,
+    PolicyConfigError,
+    Scorer,
+    register_filter,
+    register_picker,
+    register_scorer,
+)
 from scheduler.types import (
     Decision,
     Explanation,
@@ -42,11 +56,33 @@ from scheduler.types import (
 
 log = logging.getLogger(__name__)
 
+# The plugin contract of docs/plugins.md stays importable from here for out-of-tree plugins
+# written against it; in-tree code imports it from `scheduler.dispatch_parts`.
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "FILTERS",
+    "PICKERS",
+    "SCORERS",
+    "ClusterView",
+    "DispatchContext",
+    "DispatchPolicy",
+    "Filter",
+    "Picker",
+    "PluginObserver",
+    "PolicyConfigError",
+    "Scorer",
+    "build_policy",
+    "check_params",
+    "clamp_unit",
+    "format_validation_error",
+    "params_model",
+    "register_builtins",
+    "register_filter",
+    "register_picker",
+    "register_scorer",
+]
+
 ENTRY_POINT_GROUP = "tokenyard.policies"
-
-
-class PolicyConfigError(ValueError):
-    """Unknown policy name or bad parameters; the message lists what is allowed."""
 
 
 @dataclass(slots=True)
@@ -60,158 +96,6 @@ class ClusterView:
     # the result of the leading `static` filters is reused between decisions. None: the
     # driver promises nothing (filters run every time).
     membership_version: int | None = None
-
-
-@dataclass(slots=True)
-class DispatchContext:
-    """Per-decision inputs that are not instance load: clock and a seeded RNG."""
-
-    now_s: float
-    rng: random.Random
-    # True when the candidates are the policy's cached result of the static filters: the
-    # same list object, unchanged, for as long as the cluster's membership version holds
-    # (parts may key caches on the list's identity then).
-    candidates_stable: bool = False
-
-
-class Filter:
-    """Removes instances that must not receive the request."""
-
-    name: ClassVar[str] = ""
-    # Whether this part reads the load fields that change while an engine decodes an
-    # unchanged batch (`kv_blocks_used`, `kv_usage`, `kv_blocks_free`, `tokens_in_flight`,
-    # `updated_s`). The simulator keeps those exact inside fast-forwarded stretches only
-    # for policies with a part that reads them; a new part is assumed to (True).
-    reads_progress: ClassVar[bool] = True
-    # True: `keep` depends only on the request's model and the instance's id, model,
-    # health, draining and cordoned flags (what `ClusterView.membership_version` covers).
-    static: ClassVar[bool] = False
-
-    def __init__(self, **params: Any) -> None:
-        if params:
-            raise PolicyConfigError(f"filter {self.name!r} takes no parameters, got {sorted(params)}")
-
-    def keep(self, request: RequestInfo, instance: InstanceState, ctx: DispatchContext) -> bool:
-        raise NotImplementedError
-
-    def keep_all(
-        self, request: RequestInfo, instances: list[InstanceState], ctx: DispatchContext
-    ) -> list[InstanceState]:
-        """The instances `keep` keeps, in order. Built-ins override it with one comprehension
-        (the per-instance call dominates a decision on a large fleet); an override must
-        return exactly what this loop returns."""
-        keep = self.keep
-        return [inst for inst in instances if keep(request, inst, ctx)]
-
-
-class Scorer:
-    """Scores an instance for a request in [0, 1]; higher is better. Scores are combined by
-    weight. A scorer that does not promise [0, 1] leaves `normalized` False and its scores
-    are clamped to it."""
-
-    name: ClassVar[str] = ""
-    normalized: ClassVar[bool] = False
-    # Whether this part reads the load fields that change while an engine decodes an
-    # unchanged batch (`kv_blocks_used`, `kv_usage`, `kv_blocks_free`, `tokens_in_flight`,
-    # `updated_s`). The simulator keeps those exact inside fast-forwarded stretches only
-    # for policies with a part that reads them; a new part is assumed to (True).
-    reads_progress: ClassVar[bool] = True
-
-    def __init__(self, **params: Any) -> None:
-        if params:
-            raise PolicyConfigError(f"scorer {self.name!r} takes no parameters, got {sorted(params)}")
-
-    def score(self, request: RequestInfo, instance: InstanceState, ctx: DispatchContext) -> float:
-        raise NotImplementedError
-
-    def score_all(
-        self, request: RequestInfo, instances: list[InstanceState], ctx: DispatchContext
-    ) -> list[float]:
-        """`score` of every instance, in order; an override must return exactly these values."""
-        score = self.score
-        return [score(request, inst, ctx) for inst in instances]
-
-    def on_dispatch(self, request: RequestInfo, instance_id: str) -> None:
-        """The driver sent `request` to `instance_id`."""
-
-    def on_finish(self, request: RequestInfo, instance_id: str) -> None:
-        """`request` finished (or failed) on `instance_id`."""
-
-
-class Picker:
-    """Orders the scored candidates; the first is chosen, the rest are fallbacks."""
-
-    name: ClassVar[str] = ""
-    # Whether this part reads the load fields that change while an engine decodes an
-    # unchanged batch (`kv_blocks_used`, `kv_usage`, `kv_blocks_free`, `tokens_in_flight`,
-    # `updated_s`). The simulator keeps those exact inside fast-forwarded stretches only
-    # for policies with a part that reads them; a new part is assumed to (True).
-    reads_progress: ClassVar[bool] = True
-
-    def __init__(self, **params: Any) -> None:
-        if params:
-            raise PolicyConfigError(f"picker {self.name!r} takes no parameters, got {sorted(params)}")
-
-    def order(
-        self,
-        request: RequestInfo,
-        scored: list[tuple[InstanceState, float]],
-        ctx: DispatchContext,
-    ) -> list[InstanceState]:
-        raise NotImplementedError
-
-    def rank(
-        self,
-        request: RequestInfo,
-        instances: list[InstanceState],
-        scores: list[float],
-        ctx: DispatchContext,
-    ) -> list[int]:
-        """`order` as positions into `instances` (scores[k] is instances[k]'s). Pickers that
-        can order without building (instance, score) pairs override it; an override must
-        give the order `order` gives and the same side effects (RNG draws, state)."""
-        ordered = self.order(request, list(zip(instances, scores, strict=True)), ctx)
-        position = {id(inst): k for k, inst in enumerate(instances)}
-        return [position[id(inst)] for inst in ordered]
-
-    def on_dispatch(self, request: RequestInfo, instance_id: str) -> None:
-        """The driver sent `request` to `instance_id`."""
-
-
-FILTERS: dict[str, type[Filter]] = {}
-SCORERS: dict[str, type[Scorer]] = {}
-PICKERS: dict[str, type[Picker]] = {}
-
-_F = TypeVar("_F", bound=type[Filter])
-_S = TypeVar("_S", bound=type[Scorer])
-_P = TypeVar("_P", bound=type[Picker])
-
-
-def register_filter(name: str) -> Callable[[_F], _F]:
-    def wrap(cls: _F) -> _F:
-        cls.name = name
-        FILTERS[name] = cls
-        return cls
-
-    return wrap
-
-
-def register_scorer(name: str) -> Callable[[_S], _S]:
-    def wrap(cls: _S) -> _S:
-        cls.name = name
-        SCORERS[name] = cls
-        return cls
-
-    return wrap
-
-
-def register_picker(name: str) -> Callable[[_P], _P]:
-    def wrap(cls: _P) -> _P:
-        cls.name = name
-        PICKERS[name] = cls
-        return cls
-
-    return wrap
 
 
 class PluginObserver(Protocol):

@@ -35,12 +35,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from scheduler.dispatch import (
-    DispatchPolicy,
-    PolicyConfigError,
-    build_policy,
-    format_validation_error,
-)
+from scheduler.dispatch import DispatchPolicy, build_policy, format_validation_error
+from scheduler.dispatch_parts import PolicyConfigError
 from scheduler.migration import (
     MIGRATION_POLICIES,
     RETIRED_PARAMS,

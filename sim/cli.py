@@ -369,7 +369,7 @@ def register(subparsers: Any) -> None:
 
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
-    from scheduler.dispatch import PolicyConfigError
+    from scheduler.dispatch_parts import PolicyConfigError
     from sim.traces import TraceError
     from tokenyard.config import ConfigError
 

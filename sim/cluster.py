@@ -55,7 +55,8 @@ from scheduler.catalog import (
     default_catalog,
     extend_catalog,
 )
-from scheduler.dispatch import DispatchPolicy, PolicyConfigError, build_policy
+from scheduler.dispatch import DispatchPolicy, build_policy
+from scheduler.dispatch_parts import PolicyConfigError
 from scheduler.engine_model import (
     NO_FRONT_END,
     EngineModel,

@@ -49,7 +49,8 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import tokenyard
-from sim.emulated_engine import EmulatedEngine, EngineDeadError, EngineRequestError, RequestHandle
+from sim.emulated_engine import EmulatedEngine, EngineDeadError, EngineRequestError
+from sim.request_handle import RequestHandle
 from sim.textgen import (
     ChatFormatError,
     count_tokens,

@@ -19,11 +19,11 @@ from orjson import loads as orjson_loads
 
 from sim.engine_core import EngineRequest, RequestStatus
 from sim.migration_worker import MigrationAborted, RequestKV, RequestState
+from sim.request_handle import RequestHandle
 from sim.textgen import OutputText
 from tokenyard.v1 import worker_pb2 as pb
 
 if TYPE_CHECKING:
-    from sim.emulated_engine import RequestHandle
     from sim.engine_core import EngineCore
     from sim.worker_grpc import LoadChangeNotifier
 
@@ -158,8 +158,6 @@ class EngineMigration:
         req.first_token_s = req.last_token_s = now
         self.core.adopt(req, reserved_blocks)
         offset = int(state.get("text_offset", 0))
-        from sim.emulated_engine import RequestHandle
-
         handle = RequestHandle(request_id, begin.prompt_tokens, req.output_tokens, begin.max_tokens,
                                begin.priority, now, OutputText.resumed(kv.seed, offset + commit.tokens_generated))
         handle.text_seed = kv.seed

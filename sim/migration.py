@@ -29,14 +29,25 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from scheduler.migration import MigrationCandidate, MigrationLoad, MigrationOrder, MigrationPolicy
 from sim.engine_core import RequestStatus
+from sim.sim_instance import SimInstance, SimRequest
 
 if TYPE_CHECKING:
     from scheduler.policy_document import MigrationSpec
-    from sim.simulator import Simulation, _Instance, _SimRequest
+
+
+class MigrationHost(Protocol):
+    """What `MigrationDriver` reads and drives of a `sim.simulator.Simulation` (named by
+    shape, not imported: the simulator imports this module to make its driver)."""
+
+    now_s: float
+    instances: list[SimInstance]
+    by_id: dict[str, SimInstance]
+
+    def _start_iteration(self, inst: SimInstance, now: float) -> None: ...
 
 
 class MigrationConfigError(ValueError):
@@ -81,9 +92,9 @@ def migration_from_document(spec: MigrationSpec) -> MigrationSimConfig | None:
 @dataclass(slots=True, eq=False)
 class _Move:
     order: MigrationOrder
-    req: _SimRequest
-    source: _Instance
-    destination: _Instance
+    req: SimRequest
+    source: SimInstance
+    destination: SimInstance
     reserved_blocks: int
     started_s: float
     copied_tokens: int  # context tokens whose KV is at the destination (full blocks)
@@ -114,7 +125,7 @@ class MigrationStats:
 class MigrationDriver:
     """Runs the migration policy on a `Simulation`'s instances (see the module docstring)."""
 
-    def __init__(self, sim: Simulation, config: MigrationSimConfig) -> None:
+    def __init__(self, sim: MigrationHost, config: MigrationSimConfig) -> None:
         self.sim = sim
         self.config = config
         self.policy = config.policy
@@ -154,7 +165,7 @@ class MigrationDriver:
         heapq.heappush(self.events, (at_s, self.seq, kind, move))
 
     # ------------------------------------------------------------ policy
-    def _load(self, inst: _Instance) -> MigrationLoad:
+    def _load(self, inst: SimInstance) -> MigrationLoad:
         core = inst.core
         head = core.waiting_blocks if self.config.queued_demand == "all" else core.head_of_line_blocks
         high = sum(1 for r in core.running if r.priority < self.high_priority_below) if self.high_priority_below else 0
@@ -182,7 +193,7 @@ class MigrationDriver:
             self._start(order, now_s)
 
     # ------------------------------------------------------------ a move
-    def _bytes(self, inst: _Instance, tokens: int) -> float:
+    def _bytes(self, inst: SimInstance, tokens: int) -> float:
         return float(tokens * inst.pool.model.kv_bytes_per_token)
 
     def _start(self, order: MigrationOrder, now_s: float) -> None:
@@ -201,7 +212,7 @@ class MigrationDriver:
         self.stats.started += 1
         self._push(now_s + self._stage_s(source, full_tokens), "stage", move)
 
-    def _stage_s(self, inst: _Instance, tokens: int) -> float:
+    def _stage_s(self, inst: SimInstance, tokens: int) -> float:
         nbytes = self._bytes(inst, tokens)
         self.stats.bytes_copied += nbytes
         return nbytes / self.config.bytes_per_s + self.config.stage_rtt_s

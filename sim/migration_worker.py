@@ -32,7 +32,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
@@ -40,7 +40,7 @@ from tokenyard.v1 import worker_pb2, worker_pb2_grpc
 from tokenyard.worker_auth import worker_channel
 
 if TYPE_CHECKING:
-    from sim.emulated_engine import EmulatedEngine
+    from scheduler.engine_model import EngineModel
 
 log = logging.getLogger(__name__)
 
@@ -183,10 +183,58 @@ def out_params(request: worker_pb2.MigrateOutRequest) -> OutParams:
     )
 
 
+class MigrationEngine(Protocol):
+    """What `MigrationService` reads and calls of its engine: `sim.emulated_engine.EmulatedEngine`
+    and its `sim.engine_migration.EngineMigration` steps (named by shape, not imported: the
+    engine imports this module to serve the migration RPCs)."""
+
+    @property
+    def instance_id(self) -> str: ...
+
+    @property
+    def engine_model(self) -> EngineModel: ...
+
+    @property
+    def block_size(self) -> int: ...
+
+    @property
+    def kv_wire_bytes_per_token(self) -> int: ...
+
+    @property
+    def draining(self) -> bool: ...
+
+    @property
+    def running(self) -> bool: ...
+
+    def notify_load_changed(self) -> None: ...
+
+    def migration_candidate_problem(self, request_id: str) -> str | None: ...
+
+    def migration_candidates(self, limit: int, busy: set[str]) -> list[Any]: ...
+
+    def migration_state(self, request_id: str) -> RequestState: ...
+
+    def migration_suspend(self, request_id: str) -> RequestState: ...
+
+    def migration_resume(self, request_id: str) -> None: ...
+
+    def migration_release(self, request_id: str, destination: dict[str, Any]) -> None: ...
+
+    def migration_seed(self, engine_state: bytes) -> int: ...
+
+    def migration_reserve(self, begin: pb.MigrateInBegin) -> int: ...
+
+    def migration_unreserve(self, blocks: int) -> None: ...
+
+    def migration_adopt(
+        self, begin: pb.MigrateInBegin, commit: pb.MigrateInCommit, kv: RequestKV, reserved_blocks: int
+    ) -> str: ...
+
+
 class MigrationService:
     """The migration RPCs over one emulated engine (source and destination roles)."""
 
-    def __init__(self, engine: EmulatedEngine, *, max_concurrent: int = 2) -> None:
+    def __init__(self, engine: MigrationEngine, *, max_concurrent: int = 2) -> None:
         self.engine = engine
         self.max_concurrent = max_concurrent
         self.records: OrderedDict[str, MigrationRecord] = OrderedDict()

@@ -1,7 +1,7 @@
 """The simulator's hot modules compiled with mypyc: same source, about 1.5x faster.
 
-`sim/kv_cache.py`, `sim/engine_types.py`, `sim/engine_fast.py`, `sim/engine_core.py` and
-`sim/simulator.py` are fully typed Python;
+`sim/kv_cache.py`, `sim/engine_types.py`, `sim/engine_fast.py`, `sim/engine_core.py`,
+`sim/sim_instance.py` and `sim/simulator.py` are fully typed Python;
 mypyc (part of mypy) compiles them to C extension modules. `build()` (tokenyard/native_build.py) copies the `sim` package into a
 cache folder keyed by the sources' SHA-256, the Python version and the mypy version,
 compiles the modules there and returns that folder; putting it first on the import path makes
@@ -27,7 +27,9 @@ from pathlib import Path
 from tokenyard.native_build import NativeBuild
 from tokenyard.native_build import NativeBuildError as NativeBuildError  # raised by build()
 
-COMPILED = ("kv_cache.py", "engine_types.py", "engine_fast.py", "engine_core.py", "simulator.py")
+COMPILED = (
+    "kv_cache.py", "engine_types.py", "engine_fast.py", "engine_core.py", "sim_instance.py", "simulator.py",
+)
 ROOT_ENV = "TOKENYARD_NATIVE_ROOT"  # set in a process re-run on the compiled modules
 BUILD = NativeBuild(packages=("sim",), compiled=tuple(f"sim/{name}" for name in COMPILED), cache_name="native")
 

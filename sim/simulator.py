@@ -34,22 +34,22 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Protocol
 
 from scheduler.admission import AdmissionQueue, Offer, Verdict
 from scheduler.dispatch import ClusterView, DispatchPolicy
-from scheduler.engine_model import EngineModel, FrontEndCost
+from scheduler.engine_model import FrontEndCost
 from scheduler.layer import DecisionLayer, group_by_model
 from scheduler.prefill_rate import note_dispatch
 from scheduler.queueing import QueuedRequest
 from scheduler.session_affinity import InMemoryAffinity, can_own, follow, resolve_affinity
 from scheduler.tiers import TierChoice, TierRouter
-from scheduler.types import Decision, InstanceState, NoInstanceAvailable, RequestInfo, SloClass
-from sim.cluster import ClusterSpec, PoolSpec
-from sim.engine_core import Batch, DecodeRun, EngineCore, EngineRequest
+from scheduler.types import Decision, NoInstanceAvailable, RequestInfo, SloClass
+from sim.cluster import ClusterSpec
 from sim.migration import MigrationDriver, MigrationSimConfig, migration_from_document
-from sim.records import InstanceStats, RequestRecord, SimResult, TimelineSample
+from sim.records import RequestRecord, SimResult, TimelineSample
+from sim.sim_instance import SimInstance, SimRequest
 from sim.tier_noise import TierNoise
 from sim.tier_scores import TierScorer, tier_router_for, tier_scorer
 from sim.workload import TraceRequest
@@ -60,60 +60,6 @@ ProgressFn = Callable[[float, int, int], None]
 
 _PROGRESS_EVERY_EVENTS = 2048  # check the wall clock this often
 _PROGRESS_MIN_WALL_S = 0.25  # and report at most this often
-
-
-@dataclass(slots=True, eq=False)
-class _SimRequest(EngineRequest):
-    """An engine request with what the driver needs to record it and report its finish."""
-
-    trace: TraceRequest | None = None
-    info: RequestInfo | None = None
-    slo: SloClass | None = None
-    policy: DispatchPolicy | None = None
-    instance: _Instance | None = None
-    dispatch_s: float = 0.0
-
-
-class _Instance:
-    """One engine instance: its core, the load snapshot dispatch sees, and its stats."""
-
-    __slots__ = (
-        "index", "pool", "core", "state", "stats", "batch", "run", "iter_start_s", "version",
-        "next_change_s", "kv_block_s",
-    )
-
-    def __init__(self, index: int, instance_id: str, pool: PoolSpec, model: EngineModel) -> None:
-        self.index = index
-        self.pool = pool
-        self.core = EngineCore(model, pool.engine)
-        self.state = InstanceState(
-            instance_id=instance_id,
-            model=pool.model.name,
-            gpu=pool.gpu.name,
-            pool=pool.name,
-            tp=pool.tp,
-            url=f"sim://{instance_id}",
-            kv_blocks_total=self.core.num_kv_blocks,
-            block_size_tokens=pool.engine.block_size,
-        )
-        self.stats = InstanceStats(
-            instance_id=instance_id,
-            pool=pool.name,
-            gpu=pool.gpu.name,
-            model=pool.model.name,
-            tp=pool.tp,
-            usd_per_hour=pool.usd_per_hour,
-        )
-        self.batch: Batch | None = None  # the iteration in flight (step mode)
-        self.run: DecodeRun | None = None  # the run in flight (fast-forward)
-        self.iter_start_s = 0.0
-        self.version = 0  # bumps when the scheduled end event is replaced
-        self.next_change_s = math.inf  # inside a run: when the observable load next changes
-        self.kv_block_s = 0.0  # integral of KV blocks used over time
-
-    @property
-    def busy(self) -> bool:
-        return self.batch is not None or self.run is not None
 
 
 class Waker(Protocol):
@@ -178,11 +124,11 @@ class Simulation:
         self.fast_forward = fast_forward and migration is None  # moves change batches mid-step
         self.total_requests = total_requests
         self.live_load = cluster.load_refresh_s <= 0
-        self.instances: list[_Instance] = []
+        self.instances: list[SimInstance] = []
         for pool in cluster.pools:
             model = pool.engine_model()  # one per pool: its cores share the model's caches
             for instance_id in pool.instance_ids():
-                self.instances.append(_Instance(len(self.instances), instance_id, pool, model))
+                self.instances.append(SimInstance(len(self.instances), instance_id, pool, model))
         self.by_id = {inst.state.instance_id: inst for inst in self.instances}
         for instance_id in cluster.cordoned:
             self.by_id[instance_id].state.cordoned = True
@@ -191,9 +137,9 @@ class Simulation:
         # sees the new flags.
         self.view = ClusterView([inst.state for inst in self.instances], membership_version=0)
         self.groups = group_by_model(self.view.instances)  # stable tuples: the static-filter cache holds
-        self.in_runs: dict[int, _Instance] = {}  # instances inside a fast-forward run
+        self.in_runs: dict[int, SimInstance] = {}  # instances inside a fast-forward run
         self.next_run_change_s = math.inf  # earliest next_change_s over in_runs (or earlier)
-        self.heap: list[tuple[float, int, _Instance, int]] = []
+        self.heap: list[tuple[float, int, SimInstance, int]] = []
         self.seq = 0
         self.now_s = 0.0
         self.records: list[RequestRecord] = []
@@ -437,7 +383,7 @@ class Simulation:
             if found is None:
                 raise KeyError(f"the dispatch policy chose an unknown instance {instance_id!r}")
             inst = found
-            req = _SimRequest(
+            req = SimRequest(
                 request_id=trace.request_id,
                 prompt_tokens=trace.input_tokens,
                 output_tokens=trace.output_tokens,
@@ -541,7 +487,7 @@ class Simulation:
         )
 
     # ------------------------------------------------------------ iterations
-    def _start_iteration(self, inst: _Instance, now: float) -> None:
+    def _start_iteration(self, inst: SimInstance, now: float) -> None:
         core = inst.core
         fast_forward = self.fast_forward
         batch = core.schedule_fast() if fast_forward else core.schedule()
@@ -576,7 +522,7 @@ class Simulation:
                 state.waiting = core.num_waiting
                 state.kv_blocks_queued = core.waiting_blocks
 
-    def _cut_run(self, inst: _Instance, now: float) -> None:
+    def _cut_run(self, inst: SimInstance, now: float) -> None:
         """A request arrived while `inst` was inside a run: the next schedule must see it."""
         run = inst.run
         assert run is not None
@@ -587,7 +533,7 @@ class Simulation:
             self.seq += 1
             heapq.heappush(self.heap, (run.end_s, self.seq, inst, inst.version))
 
-    def _iteration_end(self, inst: _Instance, now: float) -> None:
+    def _iteration_end(self, inst: SimInstance, now: float) -> None:
         core = inst.core
         run = inst.run
         if run is not None:
@@ -608,7 +554,7 @@ class Simulation:
             state = inst.state
             instance_id = state.instance_id
             for req in out.finished:
-                assert isinstance(req, _SimRequest)
+                assert isinstance(req, SimRequest)
                 self._record(req, inst)
                 state.router_inflight -= 1
                 assert req.policy is not None and req.info is not None
@@ -620,7 +566,7 @@ class Simulation:
         if out.finished and self.held:
             self._release_queue(now)  # capacity freed
 
-    def _record(self, req: _SimRequest, inst: _Instance) -> None:
+    def _record(self, req: SimRequest, inst: SimInstance) -> None:
         self.finished += 1
         trace = req.trace
         info = req.info
@@ -651,7 +597,7 @@ class Simulation:
         )
 
     # ------------------------------------------------------ load snapshots
-    def _publish(self, inst: _Instance, at_s: float | None = None) -> None:
+    def _publish(self, inst: SimInstance, at_s: float | None = None) -> None:
         """Copy the engine's load into the snapshot dispatch reads (at `at_s` inside a run)."""
         state = inst.state
         core = inst.core

@@ -9,14 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.dispatch import (
-    ClusterView,
-    DispatchContext,
-    DispatchPolicy,
-    PolicyConfigError,
-    Scorer,
-    build_policy,
-)
+from scheduler.dispatch import ClusterView, DispatchPolicy, build_policy
+from scheduler.dispatch_parts import DispatchContext, PolicyConfigError, Scorer
 from scheduler.queue_orders import build_queue_policy
 from scheduler.queueing import QueuePolicyError
 from scheduler.types import InstanceState, NoInstanceAvailable, RequestInfo, SloClass

@@ -10,15 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from router.config import load_router_config, parse_router_config
-from scheduler.dispatch import (
-    SCORERS,
-    ClusterView,
-    DispatchContext,
-    PolicyConfigError,
-    build_policy,
-    params_model,
-    register_builtins,
-)
+from scheduler.dispatch import ClusterView, build_policy, params_model, register_builtins
+from scheduler.dispatch_parts import SCORERS, DispatchContext, PolicyConfigError
 from scheduler.layer import DecisionLayer
 from scheduler.policy_document import PolicyDocument, PolicyDocumentError, load_policy_document
 from scheduler.types import InstanceState, RequestInfo
@@ -209,7 +202,7 @@ def test_builtin_scores_are_in_unit_interval(instances: list[InstanceState], pro
 
 
 def test_unnormalised_scorer_is_clamped_and_decision_explains_itself() -> None:
-    from scheduler.dispatch import Scorer, register_scorer
+    from scheduler.dispatch_parts import Scorer, register_scorer
 
     @register_scorer("test_raw_outstanding")
     class RawOutstanding(Scorer):
@@ -258,7 +251,7 @@ def test_observer_sees_every_part() -> None:
 
 def test_params_model_is_typed() -> None:
     register_builtins(entry_points=False)
-    from scheduler.dispatch import PICKERS
+    from scheduler.dispatch_parts import PICKERS
 
     fields = params_model(PICKERS["prefix_affinity"]).model_fields
     assert fields["capacity_blocks"].annotation is int and fields["load_factor"].annotation is float

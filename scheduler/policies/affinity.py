@@ -21,7 +21,7 @@ import math
 from bisect import bisect_left
 from collections import OrderedDict
 
-from scheduler.dispatch import DispatchContext, Picker, PolicyConfigError, register_picker
+from scheduler.dispatch_parts import DispatchContext, Picker, PolicyConfigError, register_picker
 from scheduler.policies.spread import by_score
 from scheduler.types import InstanceState, RequestInfo
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from scheduler.dispatch import DispatchContext, Filter, Picker, register_filter, register_picker
+from scheduler.dispatch_parts import (
+    DispatchContext,
+    Filter,
+    Picker,
+    register_filter,
+    register_picker,
+)
 from scheduler.types import InstanceState, RequestInfo
 
 

@@ -19,11 +19,10 @@ publishes in the state store, the simulator from its own control loop's plan.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
-from scheduler.dispatch import (
+from scheduler.dispatch_parts import (
     DispatchContext,
-    DispatchPolicy,
     Filter,
     PolicyConfigError,
     register_filter,
@@ -70,7 +69,14 @@ class LengthBucket(Filter):
         return instances
 
 
-def set_routing_table(policy: DispatchPolicy, table: RoutingTable) -> int:
+class FilteredPolicy(Protocol):
+    """What `set_routing_table` reads of a `scheduler.dispatch.DispatchPolicy`: its filters
+    (named by shape, not imported: that module imports the policies to register them)."""
+
+    filters: list[Filter]
+
+
+def set_routing_table(policy: FilteredPolicy, table: RoutingTable) -> int:
     """Give every `length_bucket` filter of `policy` the new table (the next decision uses
     it; the filter is not static, so no cached candidate list holds the old one). Returns
     how many filters took it (0: the policy routes by no plan)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from scheduler.dispatch import DispatchContext, Scorer, register_scorer
+from scheduler.dispatch_parts import DispatchContext, Scorer, register_scorer
 from scheduler.types import InstanceState, RequestInfo
 
 

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from scheduler.catalog import Catalog, CatalogError, default_catalog
-from scheduler.dispatch import DispatchContext, PolicyConfigError, Scorer, register_scorer
+from scheduler.dispatch_parts import DispatchContext, PolicyConfigError, Scorer, register_scorer
 from scheduler.engine_model import EngineModel
 from scheduler.types import InstanceState, RequestInfo
 

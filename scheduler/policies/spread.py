@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from bisect import bisect_right
 
-from scheduler.dispatch import DispatchContext, Picker, Scorer, register_picker, register_scorer
+from scheduler.dispatch_parts import (
+    DispatchContext,
+    Picker,
+    Scorer,
+    register_picker,
+    register_scorer,
+)
 from scheduler.types import InstanceState, RequestInfo
 
 

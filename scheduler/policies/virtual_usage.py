@@ -14,7 +14,7 @@ instance that migration has just emptied of decodes, although its queue is long.
 
 from __future__ import annotations
 
-from scheduler.dispatch import DispatchContext, Scorer, register_scorer
+from scheduler.dispatch_parts import DispatchContext, Scorer, register_scorer
 from scheduler.types import InstanceState, RequestInfo
 
 

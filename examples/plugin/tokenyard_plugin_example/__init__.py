@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pydantic
 
-from scheduler.dispatch import DispatchContext, Scorer, register_scorer
+from scheduler.dispatch_parts import DispatchContext, Scorer, register_scorer
 from scheduler.types import InstanceState, RequestInfo
 
 
