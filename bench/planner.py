@@ -19,6 +19,12 @@ Parts (all by default; `--parts` picks some):
   the autoscaler on simulated time vs the static fleet sized for the peak; also with the
   plan re-solved every 300 s (the routing table follows), and with every pool allowed to
   scale to zero (the first requests after the gap held until a cold start is done).
+- `day`: a day's rate series (ServeGen's deepseek-r1 day: the sum of its clients' rates per
+  10-minute window, scaled to `--day-mean-rps`) on the conversation trace's length mix.
+  (1) The planner's day schedule (one plan per window) and its cost against a static
+  peak-sized fleet; (2) a day's trace (Poisson arrivals at each window's rate, lengths drawn
+  from the whole conversation trace) replayed on the verified peak-sized fleet, static and
+  with the autoscaler in the loop (cold starts), with cost and SLO attainment.
 
     nice -n 10 python bench/planner.py                       # everything (~15 min on 1 core)
     nice -n 10 python bench/planner.py --parts solver,melange
@@ -40,6 +46,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 DATA = Path(os.environ.get("TOKENYARD_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 AZURE = DATA / "traces" / "azure_llm_2023"
+SERVEGEN_DAY = DATA / "traces" / "servegen" / "reason" / "deepseek-r1"
 
 from scheduler.planner.problem import PlanError, PlanProblem, PoolOption, grid_buckets  # noqa: E402
 from scheduler.planner.solver import solve  # noqa: E402
@@ -347,6 +354,110 @@ def part_autoscale(cache_dir: str) -> dict[str, Any]:
     return out
 
 
+# -- a day: the schedule, and the autoscaler on a day's trace -----------------------------------
+
+def servegen_day_rates(folder: Path) -> tuple[list[float], float]:
+    """ServeGen's day as one rate series: the sum over its clients of each 10-minute window's
+    rate (`chunk-<client>-trace.csv`: timestamp_s, rate_rps, ...), and the window length."""
+    import csv
+
+    total: dict[float, float] = {}
+    files = sorted(folder.glob("chunk-*-trace.csv"))
+    if not files:
+        raise SystemExit(f"{folder}: no chunk-<client>-trace.csv files (ServeGen's day; TOKENYARD_SHARED_DATA?)")
+    for path in files:
+        with path.open() as handle:
+            for row in csv.reader(handle):
+                if row:
+                    total[float(row[0])] = total.get(float(row[0]), 0.0) + float(row[1] or 0.0)
+    starts = sorted(total)
+    return [total[t] for t in starts], starts[1] - starts[0]
+
+
+def day_trace(rates: list[float], step_s: float, lengths: list[tuple[int, int]], seed: int = 0) -> list[Any]:
+    """Poisson arrivals at `rates[k]` in window k, each request's lengths drawn from `lengths`."""
+    from sim.workload import TraceRequest
+
+    rng = random.Random(seed)
+    out: list[TraceRequest] = []
+    for k, rate in enumerate(rates):
+        t, end = k * step_s, (k + 1) * step_s
+        while rate > 0:
+            t += rng.expovariate(rate)
+            if t >= end:
+                break
+            n_in, n_out = lengths[rng.randrange(len(lengths))]
+            out.append(TraceRequest(f"d{len(out)}", t, n_in, n_out))
+    return out
+
+
+def part_day(cache_dir: str, mean_rps: float, hours: float, window_s: float) -> dict[str, Any]:
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from test_plan_autoscale import CONFIG  # the loop settings the autoscale part and its test use
+
+    from scheduler.catalog import default_catalog
+    from scheduler.planner.schedule import day_schedule
+    from scheduler.types import SloClass
+    from sim.capacity import CapacityCache
+    from sim.plan_autoscale import autoscale_from_plan
+    from sim.plan_run import _classes_for, plan_and_verify
+    from sim.plan_workload import PlanInputs, Workload, build_problem, plan_cluster
+    from sim.report import summarize
+    from sim.simulator import simulate
+    from sim.traces import read_trace
+
+    started = time.perf_counter()
+    raw, step_s = servegen_day_rates(SERVEGEN_DAY)
+    raw = raw[:max(1, int(round(hours * 3600 / step_s)))]
+    scale = mean_rps / (sum(raw) / len(raw))
+    rates = [r * scale for r in raw]
+    conv = read_trace(AZURE / "AzureLLMInferenceTrace_conv.csv").requests()
+    planned_on = [r for r in conv if r.arrival_s < window_s]  # the fleets part's conv workload
+    workload = Workload.from_requests(planned_on)
+    catalog = default_catalog()
+    ttft, tpot = SLOS["strict"]
+    slos = {"default": SloClass("default", ttft, tpot)}
+    inputs = PlanInputs(catalog, catalog.model("llama-3-8b"), tuple(sorted(catalog.gpus.values(), key=lambda g: g.usd_per_hour)),
+                        (1,), slos, 0.95)
+    cache = CapacityCache(cache_dir)
+    problem, _ = build_problem(workload, None, dataclasses.replace(inputs, slo_classes=_classes_for(workload, slos)), cache)
+    schedule = day_schedule(problem, rates, step_s)
+    print(f"day schedule: ${schedule.scheduled_usd:.2f} vs ${schedule.static_peak_usd:.2f} static peak "
+          f"({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+    # A day's trace on the verified peak-sized fleet, static and autoscaled.
+    requests = day_trace(rates, step_s, [(r.input_tokens, r.output_tokens) for r in conv])
+    verified = plan_and_verify(workload, planned_on, max(rates), inputs, cache)
+    plan = verified.plan
+    horizon_s = len(rates) * step_s
+    static = summarize(simulate(plan_cluster(plan, inputs, workload, slos), requests), slos)
+    print(f"static fleet simulated ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+    config = dataclasses.replace(CONFIG, min_replicas={next(iter(plan.instances())): 1})
+    run = autoscale_from_plan(verified, inputs, workload, requests, config, until_s=horizon_s)
+    auto = summarize(run.result, slos)
+    replicas: dict[str, list[int]] = {}
+    for event in run.events:
+        replicas.setdefault(event.pool, []).append(event.replicas)
+    out = {"rate_source": "ServeGen reason/deepseek-r1, sum of clients per window",
+           "windows": len(rates), "step_s": step_s, "mean_rps": round(mean_rps, 3), "peak_rps": round(max(rates), 3),
+           "min_rps": round(min(rates), 3), "requests": len(requests), "slo_ms": [ttft, tpot],
+           "schedule": {"scheduled_usd": round(schedule.scheduled_usd, 2),
+                        "static_peak_usd": round(schedule.static_peak_usd, 2),
+                        "saving": round(1 - schedule.scheduled_usd / schedule.static_peak_usd, 4),
+                        "peak_plan": schedule.peak_plan.instances(),
+                        "distinct_fleets": len({tuple(sorted(s.plan.instances().items())) for s in schedule.steps})},
+           "verified_peak_plan": {"instances": plan.instances(), "usd_per_hour": round(plan.usd_per_hour, 3),
+                                  "accepted": verified.accepted, "burst_factor": round(verified.burst_factor, 3)},
+           "static_usd": round(plan.usd_per_hour * horizon_s / 3600.0, 2),
+           "static_attainment": round(static["slo"]["default"]["both_attainment"], 4),
+           "autoscaled_usd": round(run.usd, 2), "autoscaled_attainment": round(auto["slo"]["default"]["both_attainment"], 4),
+           "scale_events": len(run.events), "reversals_within_dwell": run.reversals(config.dwell_s),
+           "aborted": run.aborted, "rejected": auto["rejected"], "static_rejected": static["rejected"],
+           "replicas_range": {pool: [min(v), max(v)] for pool, v in replicas.items()},
+           "wall_s": round(time.perf_counter() - started, 1)}
+    print("day:", json.dumps(out))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="solver,melange,fleets,autoscale")
@@ -358,6 +469,9 @@ def main() -> None:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--rank-tau", type=float, default=None,
                         help="fleets: also the mix routed on predicted output lengths of this Kendall tau")
+    parser.add_argument("--day-mean-rps", type=float, default=3.0,
+                        help="day: the day's rate series scaled to this mean (req/s)")
+    parser.add_argument("--day-hours", type=float, default=24.0, help="day: the first this many hours of the day")
     parser.add_argument("--plot-from", metavar="JSON", help="only redraw the plot from a results file")
     args = parser.parse_args()
     if args.plot_from:
@@ -380,6 +494,8 @@ def main() -> None:
             plot_fleets(points, REPO_ROOT / "docs" / "img" / "planner_cost_vs_rate.png")
     if "autoscale" in parts:
         results["autoscale"] = part_autoscale(args.cache_dir)
+    if "day" in parts:
+        results["day"] = part_day(args.cache_dir, args.day_mean_rps, args.day_hours, args.window_s)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {args.out}")
 

@@ -14,68 +14,21 @@ exits with status 2 and one line saying which constraint failed and the nearest 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
+from sim.plan_args import (
+    EXIT_BAD_INPUT,
+    NativeStdoutToStderr,
+    UsageError,
+    emit,
+    load_doc,
+    parse_pairs,
+)
+
 log = logging.getLogger(__name__)
-
-EXIT_BAD_INPUT = 2
-EXIT_NOT_VERIFIED = 3
-
-
-class UsageError(ValueError):
-    """A bad flag value: the message names the flag and what was expected."""
-
-
-def _pairs(text: str | None, option: str, kind: Callable[[str], Any]) -> dict[str, Any]:
-    """`NAME=VALUE,NAME=VALUE` as a dict."""
-    out: dict[str, Any] = {}
-    for part in (text or "").split(","):
-        if not part.strip():
-            continue
-        name, sep, value = part.partition("=")
-        if not sep or not name.strip():
-            raise UsageError(f"{option}: expected NAME=VALUE[,NAME=VALUE], got {part!r}")
-        try:
-            out[name.strip()] = kind(value.strip())
-        except ValueError:
-            raise UsageError(f"{option}: bad value {value!r} for {name.strip()!r}") from None
-    return out
-
-
-def _numbers(text: str, option: str, kind: Callable[[str], Any] = float) -> list[Any]:
-    try:
-        values = [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"{option}: expected comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise UsageError(f"{option}: expected at least one number")
-    return values
-
-
-def _slo_classes(specs: list[str] | None) -> dict[str, Any]:
-    from scheduler.types import SloClass
-    from tokenyard.config import DEFAULT_SLO_CLASSES
-
-    if not specs:
-        return dict(DEFAULT_SLO_CLASSES)
-    out = {}
-    for spec in specs:
-        name, sep, rest = spec.partition("=")
-        ttft, sep2, tpot = rest.partition(":")
-        try:
-            ttft_ms, tpot_ms = float(ttft), float(tpot)
-        except ValueError:
-            raise UsageError(f"--slo: expected CLASS=TTFT_MS:TPOT_MS (e.g. default=1000:100), got {spec!r}") from None
-        if not (sep and sep2 and name) or ttft_ms <= 0 or tpot_ms <= 0:
-            raise UsageError(f"--slo: expected CLASS=TTFT_MS:TPOT_MS with positive numbers, got {spec!r}")
-        out[name] = SloClass(name, ttft_ms, tpot_ms)
-    return out
 
 
 def register(subparsers: Any) -> None:
@@ -163,7 +116,7 @@ def _guarded(body: Callable[[], int], command: str) -> int:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     def body() -> int:
-        with _NativeStdoutToStderr() as redirect:
+        with NativeStdoutToStderr() as redirect:
             args.stdout_redirect = redirect
             return _plan(args)
 
@@ -172,59 +125,6 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _cmd_apply(args: argparse.Namespace) -> int:
     return _guarded(lambda: _apply(args), "plan apply")
-
-
-class _NativeStdoutToStderr:
-    """While solving, the C-level stdout goes to stderr: HiGHS 1.12 prints a stray debug line
-    ("HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();") to stdout
-    whatever its output options (ERGO-Code/HiGHS#2783), which would corrupt `--json`.
-    `restore()` (called before printing the result) puts stdout back."""
-
-    def __init__(self) -> None:
-        self.saved: int | None = None
-
-    def __enter__(self) -> _NativeStdoutToStderr:
-        try:
-            sys.stdout.flush()
-            self.saved = os.dup(1)
-            os.dup2(2, 1)
-        except OSError:  # no usable fds (embedded use): leave stdout alone
-            self.saved = None
-        return self
-
-    def restore(self) -> None:
-        if self.saved is not None:
-            sys.stdout.flush()
-            os.dup2(self.saved, 1)
-            os.close(self.saved)
-            self.saved = None
-
-    def __exit__(self, *exc: object) -> None:
-        self.restore()
-
-
-def _emit(args: argparse.Namespace, doc: Mapping[str, Any], text: str) -> None:
-    redirect = getattr(args, "stdout_redirect", None)
-    if redirect is not None:
-        redirect.restore()
-    if args.out:
-        from sim.report import write_json
-
-        write_json(doc, args.out)
-    print(json.dumps(doc, indent=2) if args.json else text)
-
-
-def _load_doc(path: str) -> Any:
-    from tokenyard.config import load_yaml
-
-    if path.endswith(".json"):
-        try:
-            return json.loads(Path(path).read_text())
-        except OSError as exc:
-            raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from None
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
-    return load_yaml(path)  # YAML is a superset of JSON
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -242,7 +142,7 @@ def _plan_melange(args: argparse.Namespace) -> int:
     from scheduler.planner.melange import melange_baseline, melange_problem, parse_melange_config
     from scheduler.planner.solver import solve
 
-    config = parse_melange_config(_load_doc(args.melange_config), args.melange_config)
+    config = parse_melange_config(load_doc(args.melange_config), args.melange_config)
     plan = solve(melange_problem(config, continuous=args.continuous))
     doc: dict[str, Any] = {name: plan.instances().get(name, 0) for name in config.gpu_names}
     doc["cost"] = round(plan.usd_per_hour, 6)
@@ -252,20 +152,20 @@ def _plan_melange(args: argparse.Namespace) -> int:
         base = melange_baseline(config)
         doc["melange_baseline"] = {**base.counts, "cost": round(base.usd_per_hour, 6), "solve_s": base.solve_s}
         text += f" (Mélange's formulation: ${base.usd_per_hour:.2f}/h)"
-    _emit(args, doc, text)
+    emit(args, doc, text)
     return 0
 
 
 def _apply(args: argparse.Namespace) -> int:
     from scheduler.planner.actuator import DryRunActuator, apply_plan, plan_steps
 
-    doc = _load_doc(args.plan)
+    doc = load_doc(args.plan)
     pools = doc.get("pools") if isinstance(doc, Mapping) else None
     if not isinstance(pools, list) or not all(isinstance(p, Mapping) and isinstance(p.get("name"), str)
                                               and isinstance(p.get("instances"), int) for p in pools):
         raise UsageError(f"{args.plan}: expected a plan JSON with pools: [{{name, instances}}] (tokenyard plan --out)")
     target = {p["name"]: int(p["instances"]) for p in pools}
-    current = _pairs(args.current, "--current", int)
+    current = parse_pairs(args.current, "--current", int)
     if not args.dry_run:
         raise UsageError("plan apply: only --dry-run is available here; the Kubernetes actuator applies plans "
                          "in a cluster")

@@ -17,6 +17,15 @@ from scheduler.planner.problem import Plan, PlanError, PlanProblem
 from scheduler.planner.solver import solve
 from scheduler.types import SloClass
 from sim.capacity import CapacityCache, default_cache_dir
+from sim.plan_args import (
+    EXIT_NOT_VERIFIED,
+    UsageError,
+    emit,
+    load_doc,
+    parse_numbers,
+    parse_pairs,
+    parse_slo_classes,
+)
 from sim.plan_workload import (
     DEFAULT_INPUT_EDGES,
     DEFAULT_OUTPUT_EDGES,
@@ -162,7 +171,6 @@ def _histogram_workload(doc: Any, source: str) -> Workload:
 
 def _inputs(args: argparse.Namespace) -> PlanInputs:
     from scheduler.catalog import CatalogError, default_catalog, extend_catalog
-    from sim.plan_cli import UsageError, _numbers, _pairs, _slo_classes
     from tokenyard.config import load_yaml
 
     catalog = default_catalog()
@@ -174,10 +182,10 @@ def _inputs(args: argparse.Namespace) -> PlanInputs:
             sorted(catalog.gpus.values(), key=lambda g: g.usd_per_hour))
     except CatalogError as exc:
         raise UsageError(f"--gpus: {exc}") from None
-    tps = tuple(_numbers(args.tp, "--tp", int))
+    tps = tuple(parse_numbers(args.tp, "--tp", int))
     if any(t < 1 for t in tps):
         raise UsageError(f"--tp: expected positive integers, got {args.tp}")
-    availability = _pairs(args.availability, "--availability", int)
+    availability = parse_pairs(args.availability, "--availability", int)
     for name in availability:
         catalog.gpu(name)
     availability = {catalog.gpu(n).name: v for n, v in availability.items()}
@@ -195,18 +203,17 @@ def _inputs(args: argparse.Namespace) -> PlanInputs:
             factors = load_factors_file(args.factors)
         except ValueError as exc:
             raise UsageError(f"--factors: {exc}") from None
-    return PlanInputs(catalog, model, gpus, tps, _slo_classes(args.slo), args.attainment, availability,
+    return PlanInputs(catalog, model, gpus, tps, parse_slo_classes(args.slo), args.attainment, availability,
                       args.headroom, args.min_replicas, route_by_input=args.route_by == "input", factors=factors)
 
 
 def _workload(args: argparse.Namespace) -> tuple[Workload, list[TraceRequest] | None]:
-    from sim.plan_cli import UsageError, _load_doc, _numbers
     from sim.traces import read_trace
 
-    in_edges = tuple(_numbers(args.input_edges, "--input-edges", int)) if args.input_edges else DEFAULT_INPUT_EDGES
-    out_edges = tuple(_numbers(args.output_edges, "--output-edges", int)) if args.output_edges else DEFAULT_OUTPUT_EDGES
+    in_edges = tuple(parse_numbers(args.input_edges, "--input-edges", int)) if args.input_edges else DEFAULT_INPUT_EDGES
+    out_edges = tuple(parse_numbers(args.output_edges, "--output-edges", int)) if args.output_edges else DEFAULT_OUTPUT_EDGES
     if args.histogram:
-        return _histogram_workload(_load_doc(args.histogram), args.histogram), None
+        return _histogram_workload(load_doc(args.histogram), args.histogram), None
     window = None
     if args.window:
         start, sep, end = args.window.partition(":")
@@ -263,8 +270,6 @@ def _rates_text(spec: str) -> str:
 def _rank_noise_sd(args: argparse.Namespace, workload: Workload, requests: Sequence[TraceRequest] | None) -> float | None:
     """--route-by predicted: the predictor's noise (sim.rank_noise's model), from --rank-noise-sd or
     from --rank-tau on the workload's own output lengths."""
-    from sim.plan_cli import UsageError
-
     tau, sd = getattr(args, "rank_tau", None), getattr(args, "rank_noise_sd", None)
     if args.route_by != "predicted":
         if tau is not None or sd is not None:
@@ -289,8 +294,6 @@ def _rank_noise_sd(args: argparse.Namespace, workload: Workload, requests: Seque
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from sim.plan_cli import EXIT_NOT_VERIFIED, UsageError, _emit, _numbers
-
     if args.rate is not None and not (args.rate > 0 and math.isfinite(args.rate)):
         raise UsageError(f"--rate: expected a positive number of requests per second, got {args.rate}")
     if args.verify and args.histogram:
@@ -304,7 +307,7 @@ def run_plan(args: argparse.Namespace) -> int:
         if args.rates:
             from scheduler.planner.schedule import day_schedule
 
-            rates = _numbers(_rates_text(args.rates), "--rates")
+            rates = parse_numbers(_rates_text(args.rates), "--rates")
             problem, _ = build_problem(workload, None, dataclasses.replace(
                 inputs, slo_classes=_classes_for(workload, inputs.slo_classes)), cache, progress, on_total)
             bar.close()
@@ -314,7 +317,7 @@ def run_plan(args: argparse.Namespace) -> int:
                               f"for a static peak fleet"] +
                              [f"  t={s.start_s:>7.0f}s {s.rate_rps:>7.2f} req/s: ${s.plan.usd_per_hour:.2f}/h "
                               f"{s.plan.instances()}" for s in schedule.steps])
-            _emit(args, doc, text)
+            emit(args, doc, text)
             return 0
         verified = plan_and_verify(workload, requests, args.rate, inputs, cache,
                                    max(1, args.verify_tries) if args.verify else 0, progress, on_total,
@@ -334,7 +337,7 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.verify:
         doc["verified"] = {"accepted": verified.accepted, "attainment": verified.attainment,
                            "target": inputs.attainment, "plans_tried": verified.tries}
-    _emit(args, doc, _text(plan, verified if args.verify else None))
+    emit(args, doc, _text(plan, verified if args.verify else None))
     if args.verify and not verified.accepted:
         print(f"tokenyard plan: error: verification: SLO attainment {verified.attainment} is below the target "
               f"{inputs.attainment} after {verified.tries} plan(s); raise --headroom or --verify-tries",
