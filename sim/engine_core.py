@@ -25,7 +25,7 @@ from collections import OrderedDict
 
 from scheduler.engine_model import EngineModel
 from sim import engine_fast as fast
-from sim.engine_fast import DecodeRun
+from sim.engine_fast import DecodeRun, EngineCoreBase
 from sim.engine_types import (
     Batch,
     EngineConfig,
@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 
-class EngineCore:
+class EngineCore(EngineCoreBase):
     """Continuous batching with KV blocks, prefix caching, chunked prefill and preemption."""
 
     def __init__(self, model: EngineModel, config: EngineConfig | None = None) -> None:
@@ -68,10 +68,10 @@ class EngineCore:
         # The KV block pool and prefix cache (sim/kv_cache.py); this class decides who
         # holds how many blocks, the manager counts them.
         self.kv = KVBlockManager(capacity, self.config.block_size, self.config.enable_prefix_caching)
-        self._waiting: list[tuple[tuple[float, ...], EngineRequest]] = []  # heap
-        self.running: list[EngineRequest] = []
+        self._waiting = []  # heap
+        self.running = []
         self._seq = itertools.count()
-        self.requests: dict[str, EngineRequest] = {}
+        self.requests = {}
         self.suspended: dict[str, EngineRequest] = {}  # by request id (also in `requests`)
         # Counters, exported by drivers as metrics.
         self.prefix_cache_queries_tokens = 0
@@ -89,16 +89,6 @@ class EngineCore:
         self._tick = 0  # fast-path steps completed
         self._last_step_end_s = 0.0
         self._reset_cohort()
-
-    def _reset_cohort(self) -> None:
-        """No cohort: the step path's state (every request's progress in its fields)."""
-        self._fast = False  # the cohort is formed (every running request is in it or in _prefilling)
-        self._prefilling: list[EngineRequest] = []  # running, not in the cohort (running order)
-        self._finish_heap: list[tuple[int, int, EngineRequest]] = []  # (finish tick, run pos, req)
-        self._residue_counts = [0] * self.config.block_size  # members by (computed - tick) % bs
-        self._cohort_base_sum = 0  # sum of members' computed - tick
-        self._cohort_size = 0
-        self._cohort_last_pos = -1  # latest admission position among members (an upper bound)
 
     # ----------------------------------------------------------------- queues
     def _wait_key(self, req: EngineRequest) -> tuple[float, ...]:
@@ -275,22 +265,11 @@ class EngineCore:
     def _blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.config.block_size)
 
-    def _shared_blocks(self, req: EngineRequest) -> int:
-        return self.kv.shared_blocks(req.shared_hashes)
-
-    def _held_blocks(self, req: EngineRequest) -> int:
-        """KV blocks `req` holds: its own and the cached prefix blocks it references."""
-        return req.own_blocks + (self.kv.shared_blocks(req.shared_hashes) if req.shared_hashes else 0)
-
     def _allocate(self, blocks: int) -> bool:
         return self.kv.allocate(blocks)
 
     def _evict_one(self) -> None:
         self.kv.evict_one()
-
-    def _release(self, req: EngineRequest) -> None:
-        self.kv.release(req.own_blocks, req.shared_hashes)
-        req.own_blocks = 0
 
     def _lookup_prefix(self, req: EngineRequest) -> None:
         """On admission: reference the cached leading prefix blocks, skip computing them."""

@@ -1,8 +1,9 @@
 """The engine core's fast path: an exact fast-forward of decoding, for the simulator.
 
-Functions over an `EngineCore` (sim/engine_core.py, whose methods `schedule_fast`,
-`plan_decode_run`, `complete_run` and `sync` call them): the lazy decoding cohort, the
-fast-path step, and the `DecodeRun` that applies k decode steps at once.
+Functions over an `EngineCoreBase` (declared here; `EngineCore` in sim/engine_core.py
+derives from it, and its methods `schedule_fast`, `plan_decode_run`, `complete_run` and
+`sync` call them): the lazy decoding cohort, the fast-path step, and the `DecodeRun` that
+applies k decode steps at once.
 
 When a just-scheduled batch decodes (or finishes the prompts of) the same sequences that
 later steps will decode, and nothing can change it for a while, `plan_decode_run(core,
@@ -34,13 +35,10 @@ import itertools
 import math
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from scheduler.engine_model import EngineModel
-from sim.engine_types import Batch, EngineRequest, RequestStatus, StepOutput
-
-if TYPE_CHECKING:
-    from sim.engine_core import EngineCore
+from sim.engine_types import Batch, EngineConfig, EngineRequest, RequestStatus, StepOutput
+from sim.kv_cache import KVBlockManager
 
 
 @dataclass(slots=True)
@@ -156,6 +154,71 @@ DECODE_LINES: weakref.WeakKeyDictionary[object, dict[int, tuple[float, float] | 
 )
 
 
+class EngineCoreBase:
+    """What the fast path reads and writes of an engine core: `EngineCore`'s state, the
+    helpers both paths share, and the step-path methods the fast path falls back to.
+
+    `EngineCore` (sim/engine_core.py) derives from it and sets every attribute in its
+    `__init__`. Declared here so that the functions below are typed (and compiled by mypyc
+    to direct attribute reads) against the core without importing the module that calls
+    them."""
+
+    model: EngineModel
+    config: EngineConfig
+    kv: KVBlockManager
+    max_model_len: int
+    running: list[EngineRequest]
+    requests: dict[str, EngineRequest]
+    iterations_total: int
+    _waiting: list[tuple[tuple[float, ...], EngineRequest]]  # heap
+    _decode_lines: dict[int, tuple[float, float] | tuple[()]]
+    _in_step: bool
+    _tick: int
+    _last_step_end_s: float
+    _fast: bool
+    _prefilling: list[EngineRequest]
+    _finish_heap: list[tuple[int, int, EngineRequest]]
+    _residue_counts: list[int]
+    _cohort_base_sum: int
+    _cohort_size: int
+    _cohort_last_pos: int
+
+    def _reset_cohort(self) -> None:
+        """No cohort: the step path's state (every request's progress in its fields)."""
+        self._fast = False  # the cohort is formed (every running request is in it or in _prefilling)
+        self._prefilling = []  # running, not in the cohort (running order)
+        self._finish_heap = []  # (finish tick, run pos, req)
+        self._residue_counts = [0] * self.config.block_size  # members by (computed - tick) % bs
+        self._cohort_base_sum = 0  # sum of members' computed - tick
+        self._cohort_size = 0
+        self._cohort_last_pos = -1  # latest admission position among members (an upper bound)
+
+    def _shared_blocks(self, req: EngineRequest) -> int:
+        return self.kv.shared_blocks(req.shared_hashes)
+
+    def _held_blocks(self, req: EngineRequest) -> int:
+        """KV blocks `req` holds: its own and the cached prefix blocks it references."""
+        return req.own_blocks + (self.kv.shared_blocks(req.shared_hashes) if req.shared_hashes else 0)
+
+    def _release(self, req: EngineRequest) -> None:
+        self.kv.release(req.own_blocks, req.shared_hashes)
+        req.own_blocks = 0
+
+    # The step path (EngineCore's).
+    def schedule(self) -> Batch:
+        raise NotImplementedError
+
+    def _admit(
+        self, scheduled: list[tuple[EngineRequest, int]], budget: int, preempted: list[EngineRequest]
+    ) -> list[tuple[EngineRequest, int]]:
+        raise NotImplementedError
+
+    def _apply_chunk(
+        self, req: EngineRequest, new: int, end_s: float, tokens: list[EngineRequest], first: list[EngineRequest]
+    ) -> bool:
+        raise NotImplementedError
+
+
 def decode_line(model: EngineModel, n: int, max_model_len: int) -> tuple[float, float] | tuple[()]:
     """(t0, slope) of a pure decode step of n sequences, checked against the model's
     `iteration_time_s` over the context range; () if the model does not promise a line
@@ -171,12 +234,12 @@ def decode_line(model: EngineModel, n: int, max_model_len: int) -> tuple[float, 
     return t0, slope
 
 
-def cohort_tokens(core: EngineCore) -> int:
+def cohort_tokens(core: EngineCoreBase) -> int:
     """Tokens of the cohort's members (prompt + generated = computed + 1 each)."""
     return core._cohort_base_sum + core._cohort_size * (core._tick + 1)
 
 
-def join(core: EngineCore, req: EngineRequest, tick: int) -> None:
+def join(core: EngineCoreBase, req: EngineRequest, tick: int) -> None:
     """`req` decodes from the step after `tick` on: it holds ceil(computed / bs) blocks
     and computed == prompt + generated - 1."""
     req._in_cohort = True
@@ -191,7 +254,7 @@ def join(core: EngineCore, req: EngineRequest, tick: int) -> None:
     heapq.heappush(core._finish_heap, (req.output_tokens - gen_base, req._run_pos, req))
 
 
-def write_progress(core: EngineCore, req: EngineRequest) -> None:
+def write_progress(core: EngineCoreBase, req: EngineRequest) -> None:
     """Write a cohort member's progress (tokens, KV blocks, last token time) into it."""
     generated = req._gen_base + core._tick
     if generated != req.generated_tokens:
@@ -204,7 +267,7 @@ def write_progress(core: EngineCore, req: EngineRequest) -> None:
     req.own_blocks = -(-held_tokens // core.config.block_size) - shared
 
 
-def leave_cohort(core: EngineCore, req: EngineRequest) -> None:
+def leave_cohort(core: EngineCoreBase, req: EngineRequest) -> None:
     """Take one member out of the cohort (finish, abort, preemption); its progress is written."""
     write_progress(core, req)
     base = req.prompt_tokens + req._gen_base - 1
@@ -214,7 +277,7 @@ def leave_cohort(core: EngineCore, req: EngineRequest) -> None:
     req._in_cohort = False  # its heap entry is now stale (skipped when it comes up)
 
 
-def sync(core: EngineCore) -> None:
+def sync(core: EngineCoreBase) -> None:
     """Write the cohort's progress into its requests (for readers of request fields)."""
     if core._fast:
         for req in core.running:
@@ -222,7 +285,7 @@ def sync(core: EngineCore) -> None:
                 write_progress(core, req)
 
 
-def enter_fast(core: EngineCore) -> bool:
+def enter_fast(core: EngineCoreBase) -> bool:
     """Form the cohort from the running requests; False (and no change) if a decoding
     request holds more KV blocks than its tokens need (then the exact step path runs)."""
     bs = core.config.block_size
@@ -245,7 +308,7 @@ def enter_fast(core: EngineCore) -> bool:
     return True
 
 
-def leave_fast(core: EngineCore) -> None:
+def leave_fast(core: EngineCoreBase) -> None:
     """Write every member's progress back and dissolve the cohort."""
     if not core._fast:
         return
@@ -258,7 +321,7 @@ def leave_fast(core: EngineCore) -> None:
     core._reset_cohort()
 
 
-def schedule_fast(core: EngineCore) -> Batch:
+def schedule_fast(core: EngineCoreBase) -> Batch:
     """The batch `schedule()` would return, with the same state changes, at a cost that
     does not grow with the running decoders (see the module docstring).
 
@@ -344,7 +407,7 @@ def schedule_fast(core: EngineCore) -> Batch:
 
 
 def plan_decode_run(
-    core: EngineCore, batch: Batch, start_s: float, max_steps: int | None = None
+    core: EngineCoreBase, batch: Batch, start_s: float, max_steps: int | None = None
 ) -> DecodeRun | None:
     """If `batch` (just returned by `schedule_fast`, starting at `start_s`) begins a
     stretch of steps that all decode the same sequences, describe the longest such
@@ -443,7 +506,7 @@ def plan_decode_run(
     return run
 
 
-def complete_run(core: EngineCore, run: DecodeRun, end_s: float) -> StepOutput:
+def complete_run(core: EngineCoreBase, run: DecodeRun, end_s: float) -> StepOutput:
     """Apply all `run.steps` steps of a run ending at `end_s`: the state, counters and
     token times are those of as many `complete`/`schedule` rounds. `tokens` and
     `first_tokens` list the requests of step 0 outside the cohort that emitted a token
@@ -454,7 +517,7 @@ def complete_run(core: EngineCore, run: DecodeRun, end_s: float) -> StepOutput:
 
 
 def complete_fast(
-    core: EngineCore, batch: Batch, steps: int, end_s: float, first_end_s: float, later_blocks: int
+    core: EngineCoreBase, batch: Batch, steps: int, end_s: float, first_end_s: float, later_blocks: int
 ) -> StepOutput:
     if batch.empty:
         core.iterations_total += 1
