@@ -354,6 +354,8 @@ class MigrationService:
                 except grpc.aio.AioRpcError as exc:
                     raise MigrationAborted(pb.DESTINATION_UNREACHABLE, f"destination: {exc.code().name}: "
                                                                        f"{exc.details()}") from None
+                except asyncio.InvalidStateError as exc:  # grpc: the RPC already ended (destination gone)
+                    raise MigrationAborted(pb.DESTINATION_UNREACHABLE, f"destination stream: {exc}") from None
                 if answer is grpc.aio.EOF:
                     raise MigrationAborted(pb.DESTINATION_UNREACHABLE, "the destination closed the stream")
                 if answer.state == pb.ABORTED:
@@ -367,7 +369,9 @@ class MigrationService:
             async def send(chunk: worker_pb2.MigrateInChunk) -> None:
                 try:
                     await call.write(chunk)
-                except (grpc.aio.AioRpcError, grpc.aio.UsageError) as exc:
+                except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+                    # InvalidStateError: grpc's "RPC already finished", a write after the
+                    # destination ended the stream (it died or was stopped).
                     raise MigrationAborted(pb.DESTINATION_UNREACHABLE, f"destination stream: {exc}") from None
 
             await self._fault("source:begin", record.migration_id)
