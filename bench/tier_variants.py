@@ -32,6 +32,15 @@ with the k single-feature priors that rank best on the training rows (chosen per
 blind to the test tasks), stumps on the statistics without the keyword cues, and stumps
 boosted from the length prior instead of blended with it; then the nested choice among
 all of them.
+
+`--rank-prior` (instead of the table): the sixth round. The output-length ranker's predicted
+answer length (mean over 8 models of its prior table) and its spread over those models, as
+two more stump inputs and as a prior blended with the stumps (alone and with the length
+prior), the shipped form in the same run, and the nested choice among them. The ranker is
+retrained per outer fold by `learn.rank.fit_model` without the length examples of that
+fold's held-out prompts (about 2 min a fold; `--rank-cache DIR` keeps the cues), so the
+outer figures are clean; `--rank-leaky` repeats the rows with the packaged ranker, which
+was trained on the AlpacaEval, GSM8K and MT-Bench prompts.
 """
 
 from __future__ import annotations
@@ -115,10 +124,20 @@ def _fit_score(data: Data, variant: Variant, train: np.ndarray, test: np.ndarray
     return sign * np.asarray(booster.predict(x[test]))
 
 
+FOLD_SEED: list[int | None] = [None]  # --fold-seed: None is GroupKFold's size-balanced folds (every round's)
+
+
 def _folds(groups: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """k folds over task groups: GroupKFold's, or with --fold-seed the tasks dealt at random."""
     from sklearn.model_selection import GroupKFold
 
-    return list(GroupKFold(k).split(np.zeros(len(groups)), groups=groups))
+    if FOLD_SEED[0] is None:
+        return list(GroupKFold(k).split(np.zeros(len(groups)), groups=groups))
+    names = sorted(set(groups.tolist()))
+    order = np.random.default_rng(FOLD_SEED[0]).permutation(len(names))
+    fold_of = {names[j]: i % k for i, j in enumerate(order)}
+    assigned = np.array([fold_of[g] for g in groups.tolist()])
+    return [(np.flatnonzero(assigned != f), np.flatnonzero(assigned == f)) for f in range(k)]
 
 
 def by_task(data: Data, variant: Variant) -> np.ndarray:
@@ -395,7 +414,8 @@ def _fold_rank_columns(data: Data, say: Callable[[str], None], cache: Path | Non
     examples: list[Any] = []
     out = []
     for k, (_, test) in enumerate(_folds(data.tasks, 5)):
-        path = None if cache is None else cache / f"rank_fold{k}.npy"
+        seed = "" if FOLD_SEED[0] is None else f"_seed{FOLD_SEED[0]}"
+        path = None if cache is None else cache / f"rank_fold{k}{seed}.npy"
         if path is not None and path.exists():
             out.append(np.load(path))
             continue
@@ -509,8 +529,11 @@ def main() -> int:
                         help="with --rank-prior: also the same rows with the packaged ranker (not held out)")
     parser.add_argument("--rank-cache", type=Path,
                         help="with --rank-prior: keep the per-fold ranker cues here (.npy) and reuse them")
+    parser.add_argument("--fold-seed", type=int,
+                        help="deal the tasks to folds at random with this seed (default: GroupKFold's folds)")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
+    FOLD_SEED[0] = args.fold_seed
     rows: list[LabelledPrompt] = []
     for folder in ("routing", "lengths"):
         rows.extend(read_any(SHARED / folder)[0])
