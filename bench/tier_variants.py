@@ -528,7 +528,8 @@ def main() -> int:
     parser.add_argument("--rank-leaky", action="store_true",
                         help="with --rank-prior: also the same rows with the packaged ranker (not held out)")
     parser.add_argument("--rank-cache", type=Path,
-                        help="with --rank-prior: keep the per-fold ranker cues here (.npy) and reuse them")
+                        help="with --rank-prior: keep the per-fold ranker cues here (.npy) and reuse them "
+                             "(keyed by fold and --fold-seed only: empty it when the data changes)")
     parser.add_argument("--fold-seed", type=int,
                         help="deal the tasks to folds at random with this seed (default: GroupKFold's folds)")
     parser.add_argument("--json", help="write the figures here")
