@@ -32,6 +32,15 @@ with the k single-feature priors that rank best on the training rows (chosen per
 blind to the test tasks), stumps on the statistics without the keyword cues, and stumps
 boosted from the length prior instead of blended with it; then the nested choice among
 all of them.
+
+`--rank-prior` (instead of the table): the sixth round. The output-length ranker's predicted
+answer length (mean over 8 models of its prior table) and its spread over those models, as
+two more stump inputs and as a prior blended with the stumps (alone and with the length
+prior), the shipped form in the same run, and the nested choice among them. The ranker is
+retrained per outer fold by `learn.rank.fit_model` without the length examples of that
+fold's held-out prompts (about 2 min a fold; `--rank-cache DIR` keeps the cues), so the
+outer figures are clean; `--rank-leaky` repeats the rows with the packaged ranker, which
+was trained on the AlpacaEval, GSM8K and MT-Bench prompts.
 """
 
 from __future__ import annotations
@@ -70,6 +79,7 @@ class Data:
         counts = Counter(self.bench.tolist())
         self.weight = np.array([len(rows) / len(counts) / counts[b] for b in self.bench])
         self.texts = [r.prompt[:8000] for r in rows]
+        self.prompts = [r.prompt for r in rows]
 
     def mean_apgr(self, index: np.ndarray, scores: np.ndarray) -> tuple[float, dict[str, float]]:
         per = {}
@@ -114,10 +124,20 @@ def _fit_score(data: Data, variant: Variant, train: np.ndarray, test: np.ndarray
     return sign * np.asarray(booster.predict(x[test]))
 
 
+FOLD_SEED: list[int | None] = [None]  # --fold-seed: None is GroupKFold's size-balanced folds (every round's)
+
+
 def _folds(groups: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """k folds over task groups: GroupKFold's, or with --fold-seed the tasks dealt at random."""
     from sklearn.model_selection import GroupKFold
 
-    return list(GroupKFold(k).split(np.zeros(len(groups)), groups=groups))
+    if FOLD_SEED[0] is None:
+        return list(GroupKFold(k).split(np.zeros(len(groups)), groups=groups))
+    names = sorted(set(groups.tolist()))
+    order = np.random.default_rng(FOLD_SEED[0]).permutation(len(names))
+    fold_of = {names[j]: i % k for i, j in enumerate(order)}
+    assigned = np.array([fold_of[g] for g in groups.tolist()])
+    return [(np.flatnonzero(assigned != f), np.flatnonzero(assigned == f)) for f in range(k)]
 
 
 def by_task(data: Data, variant: Variant) -> np.ndarray:
@@ -341,6 +361,140 @@ def prior_round(data: Data, report: Callable[[str, np.ndarray], None], say: Call
     report("nested: the candidate picked on the training tasks", chosen)
 
 
+# --rank-prior: the sixth round. The output-length ranker's prediction as a difficulty cue.
+# Clean by construction: for each outer fold a ranker is trained with `learn.rank.fit_model`
+# (the shipped pipeline and settings) on every length example except those whose prompt is
+# in that fold's held-out tasks (AlpacaEval, GSM8K and MT-Bench prompts are in both data
+# sets), and it scores the fold's training and held-out rows. The inner (choice) loop reads
+# the same outer-fold ranker, which saw the inner held-out tasks' prompts: that can only bias
+# the choice towards the ranker cues, never the outer figure. `--rank-leaky` adds the same
+# rows with the packaged ranker (trained on all of them) for comparison.
+RANK_WEIGHTS = (0.2, 0.4, 0.6)
+RANK_SPREAD_MODELS = 8  # the ranker's per-model scores: models at these quantiles of its prior table
+
+
+def _prompt_match_keys(data: Data, examples: list[Any]) -> list[set[str]]:
+    """For each tier row, the ranker `prompt_key`s it shares its prompt with: the row's
+    normalised prompt equals, or (an MT-Bench later turn) starts with, the example's instruction."""
+    from learn.rank_data import _prompt_key
+
+    by_text: dict[str, set[str]] = {}
+    for example in examples:
+        if example.source in ("alpaca", "gsm8k", "mt_bench_turn1", "alpaca_words"):
+            by_text.setdefault(_prompt_key(example.features.instruction_text), set()).add(example.prompt_key)
+    lengths = sorted({len(k) for k in by_text})
+    out = []
+    for prompt in data.prompts:
+        key = _prompt_key(prompt)
+        found: set[str] = set()
+        for n in lengths:
+            if n > len(key):
+                break
+            if n == len(key) or key[n] == " ":
+                found |= by_text.get(key[:n], set())
+        out.append(found)
+    return out
+
+
+def _rank_columns(model: Any, prompts: list[str]) -> np.ndarray:
+    """(mean, spread) over models of a ranker's predicted ln(1 + output tokens) per prompt."""
+    table = sorted(model.model_prior.items(), key=lambda kv: kv[1])
+    models = [table[int(q * (len(table) - 1))][0] for q in np.linspace(0.1, 0.9, RANK_SPREAD_MODELS)]
+    per_model = np.column_stack([
+        model.score_batch([{"messages": [{"role": "user", "content": p}], "model": m} for p in prompts])
+        for m in models])
+    return np.column_stack([per_model.mean(axis=1), per_model.std(axis=1)])
+
+
+def _fold_rank_columns(data: Data, say: Callable[[str], None], cache: Path | None) -> list[np.ndarray]:
+    """One (n_rows, 2) ranker-cue matrix per outer fold, from a ranker blind to that fold's tasks."""
+    from learn.rank import TrainConfig, fit_model
+    from learn.rank_data import load_examples
+
+    examples: list[Any] = []
+    out = []
+    for k, (_, test) in enumerate(_folds(data.tasks, 5)):
+        seed = "" if FOLD_SEED[0] is None else f"_seed{FOLD_SEED[0]}"
+        path = None if cache is None else cache / f"rank_fold{k}{seed}.npy"
+        if path is not None and path.exists():
+            out.append(np.load(path))
+            continue
+        if not examples:
+            say("  reading the length examples (tokenising the answers, ~1 min)")
+            examples, _ = load_examples([SHARED / "lengths", SHARED / "routing"])
+            matches = _prompt_match_keys(data, examples)
+            say(f"  {sum(1 for m in matches if m)} of {len(matches)} tier prompts are also ranker prompts")
+        held_out = set().union(*(matches[i] for i in test))
+        train = [e for e in examples if e.prompt_key not in held_out]
+        say(f"  outer fold {k + 1}: ranker on {len(train)} of {len(examples)} length examples "
+            f"({len(held_out)} held-out prompts excluded), ~2 min")
+        columns = _rank_columns(fit_model(train, TrainConfig(refit_all=False)), data.prompts)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, columns)
+        out.append(columns)
+    return out
+
+
+def _rank_family(data: Data, rank: np.ndarray, train: np.ndarray, test: np.ndarray) -> dict[str, np.ndarray]:
+    """The sixth-round candidates on `test`, fitted on `train`; `rank` holds (mean, spread)."""
+    out: dict[str, np.ndarray] = {}
+    trees = _stumps_z(data, None, train, test)[0]
+    with_rank = Data.__new__(Data)
+    with_rank.__dict__.update(data.__dict__)  # the same rows, two more columns
+    with_rank.stats = np.column_stack([data.stats, rank])
+    trees_rank = _stumps_z(with_rank, None, train, test)[0]
+    length = -_z(data.stats[:, 0], train, test)
+    answer = -_z(rank[:, 0], train, test)
+    spread = -_z(rank[:, 1], train, test)
+    out["the ranker's predicted answer length alone"] = answer
+    for w in RANK_WEIGHTS:
+        out[f"stumps + prior log_chars, weight {w} (the shipped form)"] = (1 - w) * trees + w * length
+        out[f"stumps + prior predicted answer length, weight {w}"] = (1 - w) * trees + w * answer
+        out[f"stumps + prior log_chars and answer length, weight {w}"] = (
+            (1 - w) * trees + w * (length + answer) / np.sqrt(2))
+        out[f"stumps + prior log_chars, answer length and spread, weight {w}"] = (
+            (1 - w) * trees + w * (length + answer + spread) / np.sqrt(3))
+        out[f"stumps with the ranker's mean and spread as features + prior log_chars, weight {w}"] = (
+            (1 - w) * trees_rank + w * length)
+    return out
+
+
+def rank_round(data: Data, report: Callable[[str, np.ndarray], None], say: Callable[[str], None],
+               cache: Path | None, leaky: bool) -> None:
+    """Each candidate by task with a clean ranker per outer fold, then the nested choice."""
+    folds = _fold_rank_columns(data, say, cache)
+    runs = [("", folds)]
+    if leaky:
+        from scheduler.predictors.rank import load_rank_model
+
+        say("  scoring with the packaged ranker (it saw the AlpacaEval, GSM8K and MT-Bench prompts)")
+        packaged = _rank_columns(load_rank_model(), data.prompts)
+        runs.append(("[leaky: packaged ranker] ", [packaged] * len(folds)))
+    for tag, columns in runs:
+        fixed: dict[str, np.ndarray] = {}
+        chosen = np.zeros(len(data.tasks))
+        baseline = np.zeros(len(data.tasks))  # the same choice among the shipped form's weights only
+        for k, (train, test) in enumerate(_folds(data.tasks, 5)):
+            for name, scores in _rank_family(data, columns[k], train, test).items():
+                fixed.setdefault(name, np.zeros(len(data.tasks)))[test] = scores
+            inner: dict[str, np.ndarray] = {}
+            for inner_train, inner_test in _folds(data.tasks[train], 4):
+                for name, scores in _rank_family(data, columns[k], train[inner_train], train[inner_test]).items():
+                    inner.setdefault(name, np.zeros(len(train)))[inner_test] = scores
+            scored = {name: _fast_mean_apgr(data, train, scores) for name, scores in inner.items()}
+            picked = max(scored, key=lambda name: scored[name])
+            shipped_form = max((n for n in scored if n.endswith("(the shipped form)")), key=lambda n: scored[n])
+            chosen[test] = fixed[picked][test]
+            baseline[test] = fixed[shipped_form][test]
+            say(f"  {tag}outer fold {k + 1}: picked {picked} (inner {scored[picked]:.3f}); "
+                f"among the shipped form only: {shipped_form} (inner {scored[shipped_form]:.3f})")
+        for name, scores in fixed.items():
+            report(tag + name, scores)
+        report(tag + "nested: the candidate picked on the training tasks", chosen)
+        report(tag + "nested among the shipped form's weights only (the baseline)", baseline)
+
+
 def nested(data: Data, variants: dict[str, Variant], say: Callable[[str], None]) -> tuple[np.ndarray, list[str]]:
     """Outer by-task folds; in each, the variant an inner task split of its training tasks picks."""
     oof = np.zeros(len(data.tasks))
@@ -368,8 +522,19 @@ def main() -> int:
     parser.add_argument("--priors", action="store_true",
                         help="instead: the fifth round, priors other than the prompt length, boosting from it, "
                              "stumps without the keyword cues, and the nested choice among them (3 min)")
+    parser.add_argument("--rank-prior", action="store_true",
+                        help="instead: the sixth round, the output-length ranker's prediction as a feature and "
+                             "as a prior, a ranker retrained per outer fold without its held-out prompts (~15 min)")
+    parser.add_argument("--rank-leaky", action="store_true",
+                        help="with --rank-prior: also the same rows with the packaged ranker (not held out)")
+    parser.add_argument("--rank-cache", type=Path,
+                        help="with --rank-prior: keep the per-fold ranker cues here (.npy) and reuse them "
+                             "(keyed by fold and --fold-seed only: empty it when the data changes)")
+    parser.add_argument("--fold-seed", type=int,
+                        help="deal the tasks to folds at random with this seed (default: GroupKFold's folds)")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
+    FOLD_SEED[0] = args.fold_seed
     rows: list[LabelledPrompt] = []
     for folder in ("routing", "lengths"):
         rows.extend(read_any(SHARED / folder)[0])
@@ -383,7 +548,9 @@ def main() -> int:
         print(f"{name:<55} mean {mean:.3f}  " + "  ".join(f"{b} {v:.3f}" for b, v in per.items()), flush=True)
 
     print(f"{len(rows)} prompts; by-task APGR (5 folds over task groups; random router 0.5)")
-    if args.priors:
+    if args.rank_prior:
+        rank_round(data, report, print, args.rank_cache, args.rank_leaky)
+    elif args.priors:
         prior_round(data, report, print)
     elif args.beyond:  # the reference row, then the rest (the table above is the same as without it)
         beyond(data, report)
