@@ -10,8 +10,11 @@
    classes into the length-bucket grid of `input_edges` x `output_edges` (coarser than
    the routers' buckets is fine: every inner edge must be one of theirs);
 2. every `resolve_interval_s` (and at the first tick) re-solves the pool plan from those
-   rates (`scheduler.planner.solver.solve`: which share of each bucket goes to which pool);
-   a solve that fails keeps the previous plan (logged, rate-limited); a new plan's routing
+   rates (`scheduler.planner.solver.solve`: which share of each bucket goes to which pool)
+   and keeps the current plan or switches to the new one
+   (`scheduler.planner.autoscale.keep_or_switch`: a plan on other pools must be cheaper by
+   `autoscaler.switch_margin`, unless the current one cannot carry the load); a solve that
+   fails keeps the previous plan (logged, rate-limited); an adopted plan's routing
    table goes to the store (`router.plan_routing`), where every router's `length_bucket`
    filter picks it up, so dispatch follows the resized fleet. With `route_by: predicted`
    the solve is on routing keys (input row x the routers' ranker's predicted output
@@ -62,8 +65,10 @@ from router.state import InstanceRecord, StateStore
 from router.workload_recorder import DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES, read_workload
 from scheduler.planner.autoscale import (
     AutoscalerConfig,
+    PlanChoice,
     PoolObservation,
     decide_targets,
+    keep_or_switch,
     pool_loads,
 )
 from scheduler.planner.fleet import LiveInstance, last_request_by_pool, pool_step
@@ -134,7 +139,8 @@ _TOP_KEYS = ("store", "pools", "input_edges", "output_edges", "models", "headroo
              "drain_grace_s", "scrape_timeout_s", "autoscaler", "actuator", "kubernetes", "leader_election",
              "metrics", "route_by", "rank_tau", "rank_noise_sd")
 _POOL_KEYS = ("name", "gpu", "tp", "usd_per_hour", "capacity_rps", "min_replicas", "max_replicas", "deployment")
-_AUTOSCALER_KEYS = ("interval_s", "window_s", "headroom", "scale_down_headroom", "dwell_s", "idle_s", "max_step")
+_AUTOSCALER_KEYS = ("interval_s", "window_s", "headroom", "scale_down_headroom", "dwell_s", "idle_s", "max_step",
+                    "switch_margin")
 
 
 def _edges(raw: Any, where: str) -> tuple[int, ...]:
@@ -404,6 +410,7 @@ class ControlPlane:
         self._routing_version = 0
         self.rank_noise_sd: float | None = None  # the prediction noise the latest keyed solve planned for
         self.plan_rank_noise_sd: float | None = None  # ... and the one `plan` was solved with (a failed solve keeps it)
+        self.plan_choices: list[tuple[float, PlanChoice]] = []  # the latest re-solves' keep/switch (bounded)
 
     # -- inputs ---------------------------------------------------------------------------
     def _grid(self, merged: Mapping[str, LengthHistogram], now_s: float) -> tuple[list[float], dict[int, float]]:
@@ -451,17 +458,26 @@ class ControlPlane:
         try:
             problem = PlanProblem(buckets, options, headroom_fraction=self.config.headroom,
                                   routing_keys=self._routing_keys(buckets))
-            self.plan = solve(problem, time_limit_s=10.0)
-            self.solved_s = now_s
-            self.plan_rank_noise_sd = self.rank_noise_sd if problem.routing_keys is not None else None
+            candidate = solve(problem, time_limit_s=10.0)
         except PlanError as exc:
             self._warn.warning("solve", "re-solving the pool plan failed; keeping the previous plan",
                                extra={"error": str(exc)})
             self._count("solve_errors")
             return
-        log.info("pool plan re-solved", extra={"usd_per_hour": round(self.plan.usd_per_hour, 4),
-                                               "instances": self.plan.instances(), "solve_s": round(self.plan.solve_s, 3),
+        choice = keep_or_switch(self.plan, candidate, problem, self.config.autoscaler)
+        self.plan_choices.append((now_s, choice))
+        del self.plan_choices[:-100]
+        if self.metrics is not None:
+            self.metrics.plan_decisions.labels(choice.reason).inc()
+        log.info("pool plan re-solved", extra={"decision": choice.reason, "usd_per_hour": round(candidate.usd_per_hour, 4),
+                                               "current_usd_per_hour": round(choice.keep_usd_per_hour, 4),
+                                               "instances": candidate.instances(), "solve_s": round(candidate.solve_s, 3),
                                                "route_by": self.config.route_by, "rank_noise_sd": self.rank_noise_sd})
+        if not choice.adopted:
+            return  # the current plan stands: same shares, same routing table
+        self.plan = choice.plan
+        self.solved_s = now_s
+        self.plan_rank_noise_sd = self.rank_noise_sd if problem.routing_keys is not None else None
         if self.metrics is not None:
             self.metrics.plan_usd_per_hour.set(self.plan.usd_per_hour)
 

@@ -56,6 +56,7 @@ class ControlPlaneMetrics:
     ticks: Any = field(init=False)
     tick_errors: Any = field(init=False)
     solve_errors: Any = field(init=False)
+    plan_decisions: Any = field(init=False)
 
     def __post_init__(self) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -75,6 +76,9 @@ class ControlPlaneMetrics:
         self.ticks = Counter(p + "ticks", "Control rounds completed while leading", registry=r)
         self.tick_errors = Counter(p + "tick_errors", "Control rounds that failed", registry=r)
         self.solve_errors = Counter(p + "solve_errors", "Plan re-solves that failed", registry=r)
+        self.plan_decisions = Counter(p + "plan_decisions", "Re-solves by what became of the plan (first, same_pools, "
+                                      "uncovered, cheaper: adopted; kept: the current plan stands)", ["decision"],
+                                      registry=r)
 
 
 def kube_api_client(api_url: str | None) -> Any:

@@ -14,9 +14,10 @@ records that no request ran on an instance after it was stopped. Ticks after the
 arrival run to `until_s`, so an idle tail scales down too.
 
 With `resolve_interval_s` the loop re-solves the plan from the window's rates, as the
-live control plane does, and hands the new routing table to the dispatch policy's
-`length_bucket` filter (`scheduler.policies.length_bucket.set_routing_table`), so the
-routing follows the fleet. With `hold_until_ready` (the default) the cluster's policy
+live control plane does, keeps the current plan or switches to the new one by the same
+`keep_or_switch` call (the hysteresis on the pool set, `AutoscalerConfig.switch_margin`),
+and hands an adopted plan's routing table to the dispatch policy's `length_bucket` filter
+(`scheduler.policies.length_bucket.set_routing_table`), so the routing follows the fleet. With `hold_until_ready` (the default) the cluster's policy
 document enables the admission queue's scale-from-zero hold
 (`AdmissionSpec.hold_until_ready`): a request that finds every instance of its model
 down waits, bounded by the queue depth and `hold_timeout_s`, until a cold start is done,
@@ -36,8 +37,10 @@ from scheduler.dispatch import ClusterView, DispatchPolicy
 from scheduler.planner.autoscale import (
     AutoscalerConfig,
     InstanceView,
+    PlanChoice,
     PoolObservation,
     decide_targets,
+    keep_or_switch,
     pool_loads,
     reconcile,
 )
@@ -81,6 +84,7 @@ class PlanChange:
     usd_per_hour: float
     filters_updated: int  # length_bucket filters that took its routing table
     table: RoutingTable
+    pool_swap: bool = False  # its pool set differs from the plan it replaced
 
 
 class AutoscaledDispatch:
@@ -118,7 +122,8 @@ class AutoscaledDispatch:
         self.problem = problem
         self.resolve_interval_s = resolve_interval_s
         self.last_solve_s = -math.inf
-        self.plan_changes: list[PlanChange] = []
+        self.plan_changes: list[PlanChange] = []  # re-solved plans adopted
+        self.plan_choices: list[tuple[float, PlanChoice]] = []  # every re-solve's keep_or_switch
         self.pool_sizes = {p.name: p.count for p in cluster.pools}
         self._wake_s = math.inf  # the next tick or cold-start end
 
@@ -192,8 +197,9 @@ class AutoscaledDispatch:
         self._wake_s = min(self.next_tick_s, *starting) if starting else self.next_tick_s
 
     def _resolve(self, t: float, rates: Mapping[int, float]) -> None:
-        """Re-solve the plan from the window's rates (the live control plane's `_resolve`)
-        and give the dispatch policy its routing table; a failed solve keeps the plan."""
+        """Re-solve the plan from the window's rates (the live control plane's `_resolve`),
+        keep it or switch to it (`keep_or_switch`, the hysteresis on the pool set) and give
+        the dispatch policy an adopted plan's routing table; a failed solve keeps the plan."""
         assert self.problem is not None
         self.last_solve_s = t
         if not rates:
@@ -201,14 +207,20 @@ class AutoscaledDispatch:
         buckets = tuple(dataclasses.replace(b, rate_rps=rates.get(k, 0.0)) for k, b in enumerate(self.plan.buckets))
         options = tuple(dataclasses.replace(o, max_replicas=self.pool_sizes[o.name])
                         for o in self.problem.options if o.name in self.pool_sizes)
+        problem = dataclasses.replace(self.problem, buckets=buckets, options=options)
         try:
-            plan = solve(dataclasses.replace(self.problem, buckets=buckets, options=options), time_limit_s=10.0)
+            candidate = solve(problem, time_limit_s=10.0)
         except PlanError:
             return
-        self.plan = plan
-        table = table_from_plan(plan, self.edges[0], self.edges[1], buckets[0].slo_class)
+        choice = keep_or_switch(self.plan, candidate, problem, self.config)
+        self.plan_choices.append((t, choice))
+        if not choice.adopted:
+            return
+        self.plan = choice.plan
+        table = table_from_plan(self.plan, self.edges[0], self.edges[1], buckets[0].slo_class)
         updated = set_routing_table(self.inner, table)
-        self.plan_changes.append(PlanChange(t, plan.instances(), plan.usd_per_hour, updated, table))
+        self.plan_changes.append(PlanChange(t, self.plan.instances(), self.plan.usd_per_hour, updated, table,
+                                            choice.pool_swap))
 
     def _tick(self, t: float) -> None:
         while self.window and self.window[0][0] < t - self.config.window_s:
@@ -299,7 +311,13 @@ class AutoscaleRun:
     usd: float  # billed instance-hours x price
     horizon_s: tuple[float, float]
     aborted: int  # requests that ran on an instance after it was stopped (must be 0)
-    plan_changes: list[PlanChange] = field(default_factory=list)  # re-solves (resolve_interval_s)
+    plan_changes: list[PlanChange] = field(default_factory=list)  # re-solved plans adopted (resolve_interval_s)
+    plan_choices: list[tuple[float, PlanChoice]] = field(default_factory=list)  # every re-solve's keep/switch
+
+    @property
+    def pool_swaps(self) -> int:
+        """Adopted re-solves that changed the fleet's pool set (a swap, an added or a dropped pool)."""
+        return sum(change.pool_swap for change in self.plan_changes)
 
     def reversals(self, within_s: float) -> int:
         """Scale-direction reversals of a pool within `within_s` of its previous change: flapping."""
@@ -374,7 +392,7 @@ def simulate_autoscaled(cluster: ClusterSpec, requests: Sequence[TraceRequest], 
     usd = sum((stop - begin) / 3600.0 * price[i.pool]
               for i in wrapper.instances.values() for begin, stop in i.intervals)
     return AutoscaleRun(result, wrapper.events, intervals, usd, (start, end), check_no_aborts(result, intervals),
-                        wrapper.plan_changes)
+                        wrapper.plan_changes, wrapper.plan_choices)
 
 
 def autoscale_from_plan(verified: Verified, inputs: PlanInputs, workload: Workload, requests: Sequence[TraceRequest],

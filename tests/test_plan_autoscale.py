@@ -16,6 +16,8 @@ from scheduler.planner.autoscale import (
     InstanceView,
     PoolObservation,
     decide_targets,
+    keep_cost_usd_per_hour,
+    keep_or_switch,
     pool_loads,
     reconcile,
 )
@@ -78,6 +80,94 @@ def test_reconcile_drains_before_it_removes() -> None:
     assert reconcile([*draining[:1], InstanceView("b", "draining", 0), draining[2]], 1).remove == ("b",)
     assert reconcile(draining, 3) == reconcile(draining, 3).__class__(start=("c",), undrain=("b",))
     assert pool_loads({0: 4.0}, [{"p": 0.5, "q": 0.5}], {"p": [2.0], "q": [4.0]}) == {"p": 1.0, "q": 0.5}
+
+
+# -- keep_or_switch: hysteresis on the re-solved plan's pool set -------------------------------
+
+def _two_pools(rates: list[float], l4_max: int | None = None) -> PlanProblem:
+    """Short requests (bucket 0: 1 req/s per $1 "l4", 5 per $4 "big") and long ones (bucket
+    1: only "big", 5 req/s); no headroom, so instance counts are ceil(load)."""
+    buckets = grid_buckets([0, 1024, 8192], [0, 8192], [[rates[0]], [rates[1]]])
+    return PlanProblem(buckets, (PoolOption("l4", "L4", 1, 1.0, (1.0, 0.0), max_replicas=l4_max),
+                                 PoolOption("big", "A100-80GB", 1, 4.0, (5.0, 5.0))))
+
+
+def _margin(margin: float) -> AutoscalerConfig:
+    return dataclasses.replace(CONFIG, switch_margin=margin)
+
+
+def test_a_swap_needs_the_margin_and_exactly_the_margin_keeps() -> None:
+    current = solve(_two_pools([4.0, 0.0]))
+    assert current.instances() == {"l4": 4}  # $4 against one big at $4: the solver's tie
+    problem = _two_pools([5.0, 0.0])
+    candidate = solve(problem)
+    assert candidate.instances() == {"big": 1} and candidate.usd_per_hour == 4.0
+    assert keep_cost_usd_per_hour(current, problem) == 5.0  # the current shares at this load: 5 l4
+    kept = keep_or_switch(current, candidate, problem, _margin(0.2))  # $4 is exactly 20% below $5: not more
+    assert kept.reason == "kept" and kept.plan is current and not kept.adopted and not kept.pool_swap
+    switched = keep_or_switch(current, candidate, problem, _margin(0.19))
+    assert switched.reason == "cheaper" and switched.plan is candidate and switched.pool_swap
+    assert keep_or_switch(current, candidate, problem, _margin(0.0)).reason == "cheaper"
+    assert keep_or_switch(None, candidate, problem, _margin(0.2)).reason == "first"  # nothing to keep
+
+
+def test_the_same_pools_are_re_balanced_without_the_margin() -> None:
+    current = solve(_two_pools([4.0, 0.0]))
+    problem = _two_pools([2.0, 0.0])
+    choice = keep_or_switch(current, solve(problem), problem, _margin(0.9))
+    assert choice.reason == "same_pools" and choice.plan.instances() == {"l4": 2}
+    assert choice.adopted and not choice.pool_swap
+
+
+def test_coverage_beats_cost() -> None:
+    current = solve(_two_pools([4.0, 0.0]))
+    # A new bucket the current plan routes nowhere (long prompts: only "big" serves them).
+    problem = _two_pools([4.0, 1.0])
+    candidate = solve(problem)
+    assert keep_cost_usd_per_hour(current, problem) == math.inf
+    choice = keep_or_switch(current, candidate, problem, _margin(0.99))
+    assert choice.reason == "uncovered" and choice.plan is candidate and choice.pool_swap
+    # A load the current pool cannot reach within its maximum: 5 l4 needed, 4 allowed.
+    capped = _two_pools([5.0, 0.0], l4_max=4)
+    assert keep_cost_usd_per_hour(current, capped) == math.inf
+    assert keep_or_switch(current, solve(capped), capped, _margin(0.99)).reason == "uncovered"
+    # ... or a GPU type past its availability, or a pool that is no option any more.
+    scarce = dataclasses.replace(problem, buckets=capped.buckets, availability_gpus={"L4": 4})
+    assert keep_cost_usd_per_hour(current, scarce) == math.inf
+    assert keep_cost_usd_per_hour(current, dataclasses.replace(capped, options=capped.options[1:])) == math.inf
+    # Within its maximum the same load is a matter of cost again.
+    assert keep_or_switch(current, solve(_two_pools([5.0, 0.0], l4_max=5)), _two_pools([5.0, 0.0], l4_max=5),
+                          _margin(0.2)).reason == "kept"
+
+
+def test_a_pool_drop_needs_the_margin_too() -> None:
+    """Both pools (long requests on "big", the short ones' rest on l4), then the short
+    traffic falls: one big carries everything at $4 against $5 for the current shares."""
+    current = solve(_two_pools([3.0, 4.0]))
+    assert current.instances() == {"l4": 2, "big": 1}
+    problem = _two_pools([1.0, 4.0])
+    candidate = solve(problem)
+    assert candidate.instances() == {"big": 1}
+    assert keep_cost_usd_per_hour(current, problem) == 5.0  # 1 l4 + 1 big on the current shares
+    assert keep_or_switch(current, candidate, problem, _margin(0.25)).reason == "kept"
+    dropped = keep_or_switch(current, candidate, problem, _margin(0.1))
+    assert dropped.reason == "cheaper" and dropped.pool_swap
+
+
+def test_a_bucket_the_candidate_leaves_out_is_no_fault_of_the_current_plan() -> None:
+    current = solve(_two_pools([4.0, 0.0]))
+    problem = _two_pools([5.0, 1.0])
+    # A keyed candidate that leaves the long bucket out (as scheduler.planner.predicted does
+    # with slivers): the current plan is then judged on the short bucket alone.
+    sliver = dataclasses.replace(solve(_two_pools([5.0, 0.0])), buckets=problem.buckets)
+    assert keep_or_switch(current, sliver, problem, _margin(0.2)).reason == "kept"
+
+
+@pytest.mark.parametrize("margin", [1.0, -0.1, math.nan, 1.5])
+def test_switch_margin_is_validated(margin: float) -> None:
+    with pytest.raises(PlanError, match=r"switch_margin: expected a fraction in \[0, 1\)"):
+        _margin(margin).validate()
+    _margin(0.0).validate()
 
 
 def _day(seed: int = 3) -> list[TraceRequest]:
@@ -228,3 +318,31 @@ def test_routing_table_follows_the_re_solved_plan() -> None:
     fixed = simulate_autoscaled(cluster, requests, plan, capacity, [0, 8192], [0, 8192], SCALE_CONFIG,
                                 cold_start_s=30.0, initial={"l4": 1})
     assert not fixed.plan_changes and all(r.pool == "l4" for r in fixed.result.records if not r.rejected)
+
+
+def test_the_simulated_loop_keeps_a_near_tie_plan_and_flaps_without_the_margin() -> None:
+    """2.5 req/s of short requests: 5 or 6 L4s ($3.50 or $4.20/h, as the window's estimate
+    falls) against one A100 ($3.67/h). Without a margin the re-solves swap the fleet back and
+    forth; with the default 0.2 it stays on its L4s (every re-solve kept or re-balanced), and
+    the traffic with it."""
+    options = {"l4": ("L4", 0.5, 12), "a100": ("A100-80GB", 6.0, 3)}
+    cluster, problem, plan = _controlled(options, 0.4)
+    requests = _phases([(0, 300, 0.4), (300, 1500, 2.5)], seed=5)
+    capacity = {name: (cap,) for name, (_, cap, _) in options.items()}
+    runs = {}
+    for margin in (0.0, 0.2):
+        config = dataclasses.replace(SCALE_CONFIG, switch_margin=margin)
+        runs[margin] = simulate_autoscaled(cluster, requests, plan, capacity, [0, 8192], [0, 8192], config,
+                                           cold_start_s=30.0, initial={"l4": 1}, problem=problem,
+                                           resolve_interval_s=60.0)
+        assert runs[margin].aborted == 0
+        assert len(runs[margin].plan_choices) >= 20  # every re-solve decided, adopted or not
+    flapping = runs[0.0]
+    assert flapping.pool_swaps >= 2, [(t, c.reason, c.plan.instances()) for t, c in flapping.plan_choices]
+    steady = runs[0.2]
+    reasons = {c.reason for _, c in steady.plan_choices}
+    assert steady.pool_swaps == 0 and "kept" in reasons and reasons <= {"kept", "same_pools"}
+    assert all(c.instances.keys() == {"l4"} for c in steady.plan_changes)
+    assert all(r.pool == "l4" for r in steady.result.records if not r.rejected)
+    # A kept plan hands no routing table out: only the adopted ones did.
+    assert len(steady.plan_changes) == sum(c.adopted for _, c in steady.plan_choices) < len(steady.plan_choices)
