@@ -209,6 +209,9 @@ def test_flapping_input_does_not_flap_the_fleet(tmp_path: Path) -> None:
     ({"pools": [{"name": "a", "gpu": "A10G", "usd_per_hour": 1.0, "capacity_rps": [[1.0, 2.0]]}]},
      "cp.yaml: pools[0].capacity_rps[0]: expected 1 req/s values"),
     ({"autoscaler": {"headroom": 0.5, "scale_down_headroom": 0.2}}, "cp.yaml: autoscaler: expected 0 <= headroom"),
+    ({"autoscaler": {"switch_margin": 1.0}}, "cp.yaml: autoscaler: switch_margin: expected a fraction in [0, 1)"),
+    ({"autoscaler": {"switch_margin": -0.1}}, "cp.yaml: autoscaler: switch_margin: expected a fraction in [0, 1)"),
+    ({"autoscaler": {"switch_margin": "high"}}, "cp.yaml: autoscaler.switch_margin: expected a number, got 'high'"),
     ({"actuator": "helm"}, "cp.yaml: actuator: expected one of kubernetes, print"),
     ({"pools": [{"name": "a", "gpu": "A10G", "usd_per_hour": 1.0, "capacity_rps": [[1.0]]}]},
      "no Deployment for pool(s) a"),
@@ -336,5 +339,58 @@ def test_traffic_after_an_idle_start_scales_up_without_waiting_for_the_resolve(t
         await put_histogram(store, now[0], 3.0, range(1, 3), slot_s=10.0)  # 3 req/s: 1.5 instances
         assert (await plane.tick())["a10g"] == 2 and plane.plan is not None  # at once, from zero
         await store.close()
+
+    asyncio.run(main())
+
+
+def _near_tie_doc(margin: float) -> dict[str, Any]:
+    """Short requests only: 1 L4 per 0.5 req/s ($0.70/h) or 1 A100 per 6 req/s ($3.67/h)."""
+    return doc(actuator="print", resolve_interval_s=60.0, headroom=0.1,
+               pools=[{"name": "l4", "gpu": "L4", "usd_per_hour": 0.7, "capacity_rps": [[0.5]], "max_replicas": 12},
+                      {"name": "a100", "gpu": "A100-80GB", "usd_per_hour": 3.67, "capacity_rps": [[6.0]],
+                       "max_replicas": 3}],
+               autoscaler={"interval_s": 60.0, "window_s": 60.0, "dwell_s": 120.0, "idle_s": 120.0,
+                           "switch_margin": margin})
+
+
+def test_a_re_solve_keeps_the_pools_unless_the_new_plan_is_cheaper_by_the_margin(tmp_path: Path) -> None:
+    """0.4 req/s plans one L4; at 2.6 req/s the re-solve prefers one A100 ($3.67/h) to the six
+    L4s ($4.20/h) the current plan needs: 12.6% cheaper. With switch_margin 0.2 the control
+    plane keeps its L4 plan (no new routing table; the target decision sizes the L4 pool),
+    with 0.1 it switches and publishes the A100 routing; past the L4 pool's maximum (12) it
+    switches whatever the margin."""
+    async def run(margin: float, rates: list[float], name: str) -> ControlPlane:
+        config = parse_config(_near_tie_doc(margin), "cp.yaml")
+        assert config.autoscaler.switch_margin == margin
+        store = FileStateStore(tmp_path / f"{name}.db")
+        now = [1_800_000_000.0]
+        metrics = ControlPlaneMetrics()
+        plane = ControlPlane(config, store, PrintActuator({"l4": 1, "a100": 0}, emit=lambda _: None),
+                             clock=lambda: now[0], metrics=metrics)
+        for rate in rates:
+            await put_histogram(store, now[0], rate, range(1, 7), slot_s=10.0)
+            await plane.tick()
+            now[0] += 60.0
+        await store.close()
+        plane.close()
+        return plane
+
+    async def main() -> None:
+        kept = await run(0.2, [0.4, 2.6, 2.6], "kept")
+        assert [c.reason for _, c in kept.plan_choices] == ["first", "kept", "kept"]
+        assert kept.plan is not None and kept.plan.instances() == {"l4": 1}  # the first plan, still in force
+        assert kept.plan_choices[1][1].keep_usd_per_hour == pytest.approx(4.2)
+        assert [a for _, _, a, _ in kept.actions].count("routing") == 1  # only the first plan went out
+        targets = [d for _, pool, a, d in kept.actions if a == "target" and pool == "l4"]
+        assert targets and all(t["to"] > t["from"] for t in targets)  # type: ignore[index]  # the L4 pool grows
+        assert not [d for _, pool, a, d in kept.actions if a == "target" and pool == "a100"]
+        assert kept.metrics.plan_decisions.labels("kept")._value.get() == 2
+        switched = await run(0.1, [0.4, 2.6], "switched")
+        assert [c.reason for _, c in switched.plan_choices] == ["first", "cheaper"]
+        assert switched.plan is not None and switched.plan.instances() == {"a100": 1}
+        assert [a for _, _, a, _ in switched.actions].count("routing") == 2
+        forced = await run(0.9, [0.4, 6.0], "forced")  # 6 req/s: 12 L4 at most carry 5.4 at headroom 0.1
+        assert [c.reason for _, c in forced.plan_choices] == ["first", "uncovered"]
+        assert forced.plan is not None and "a100" in forced.plan.instances()
 
     asyncio.run(main())

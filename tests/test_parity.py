@@ -12,6 +12,11 @@ scale-from-zero hold), queue sorts, tier policies and contracts, prompts and sco
 loads, and cordons instances: the router through its registry's cordon (as Admin
 CordonInstance sets it), the simulator through `Simulation.set_cordoned`, one of them
 midway through the sequence.
+
+The control loop too: the router's control plane (a router's workload histogram in the
+store, `ControlPlane.tick`) and the simulator's loop (arrivals, `AutoscaledDispatch._tick`),
+fed the same windows over the same pools, keep or switch every re-solved plan alike
+(`keep_or_switch`, `autoscaler.switch_margin`) and hand out the same routing tables.
 """
 
 from __future__ import annotations
@@ -390,3 +395,140 @@ def test_router_and_simulator_order_the_same_migrations(params: dict[str, Any], 
     router_orders = router_policy.assign(loads, listed, 16)
     sim_orders = sim_policy.plan(loads, lambda iid: candidates[iid], 16)
     assert router_orders == sim_orders, (params, loads)
+
+
+# ------------------------------------------------------------------------------ control loop
+# The router's control plane (router/controlplane.py: a store histogram -> tick -> _resolve)
+# and the simulator's loop (sim/plan_autoscale.py: arrivals -> _tick -> _resolve) fed the
+# same windows keep or switch the re-solved plan alike (scheduler.planner.autoscale.keep_or_switch).
+LOOP_EDGES = ([0, 1024, 8192], [0, 256, 8192])  # 4 buckets
+LOOP_WINDOW_S = 64.0  # a power of two: both drivers' rates (count / 64, and 64 additions of 1/64) are exact
+LOOP_GPUS = {"l4": ("L4", 0.7), "a10g": ("A10G", 1.01), "a100": ("A100-80GB", 3.67)}
+
+loop_specs = st.fixed_dictionaries({
+    "margin": st.sampled_from([0.0, 0.05, 0.1, 0.2, 0.5]),
+    "headroom": st.sampled_from([0.0, 0.1, 0.2]),
+    # req/s one instance sustains per bucket (0: it cannot meet the SLO), and its maximum
+    "l4": st.tuples(st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0]), min_size=4, max_size=4), st.sampled_from([2, 4, 12])),
+    "a10g": st.tuples(st.lists(st.sampled_from([0.0, 0.7, 1.5]), min_size=4, max_size=4), st.sampled_from([2, 8])),
+    "a100": st.tuples(st.lists(st.sampled_from([3.0, 6.0]), min_size=4, max_size=4), st.sampled_from([1, 4])),
+})
+# arrivals per bucket in each 64 s window; the first one (a new leader's first plan) short requests only
+# (long prompts, buckets 2 and 3, are rarer: the near-ties between pools are in the short ones)
+_short = st.sampled_from([0, 10, 26, 64, 166, 300])
+_long = st.sampled_from([0, 0, 0, 10, 64])
+loop_windows = st.tuples(st.sampled_from([10, 26, 64]).map(lambda n: [n, 0, 0, 0]), st.lists(
+    st.tuples(_short, _short, _long, _long).map(list), min_size=1, max_size=6),
+).map(lambda drawn: [drawn[0], *drawn[1]])
+
+
+def _loop_drivers(spec: dict[str, Any], first: list[int], state_dir: Path) -> tuple[Any, Any, Any]:
+    """A control plane and a simulated loop over the same pools; the simulated one starts
+    from the plan the control plane adopts on the first window (a new leader has none)."""
+    from router.controlplane import ControlPlane, PrintActuator, parse_config
+    from scheduler.catalog import default_catalog
+    from scheduler.planner.autoscale import AutoscalerConfig
+    from scheduler.planner.problem import PlanProblem, PoolOption, grid_buckets
+    from scheduler.planner.routing import table_from_plan
+    from scheduler.planner.solver import solve
+    from sim.cluster import ClusterSpec, PoolSpec
+    from sim.engine_core import EngineConfig
+    from sim.plan_autoscale import AutoscaledDispatch
+
+    loop = {"interval_s": LOOP_WINDOW_S, "window_s": LOOP_WINDOW_S, "switch_margin": spec["margin"]}
+    pools = [{"name": name, "gpu": LOOP_GPUS[name][0], "usd_per_hour": LOOP_GPUS[name][1],
+              "capacity_rps": [caps[:2], caps[2:]], "max_replicas": count}
+             for name, (caps, count) in ((n, spec[n]) for n in LOOP_GPUS)]
+    config = parse_config({"store": "file:///unused", "input_edges": LOOP_EDGES[0], "output_edges": LOOP_EDGES[1],
+                           "pools": pools, "headroom": spec["headroom"], "resolve_interval_s": LOOP_WINDOW_S,
+                           "actuator": "print", "autoscaler": loop, "metrics": {"port": None}}, "parity.yaml")
+    plane = ControlPlane(config, FileStateStore(state_dir / "cp.db"), PrintActuator({}, emit=lambda _: None))
+    options = tuple(PoolOption(p.name, p.gpu, p.tp, p.usd_per_hour, p.capacity_rps, max_replicas=p.max_replicas)
+                    for p in config.pools)
+    rates = [[first[0] / LOOP_WINDOW_S, first[1] / LOOP_WINDOW_S], [first[2] / LOOP_WINDOW_S, first[3] / LOOP_WINDOW_S]]
+    problem = PlanProblem(grid_buckets(*LOOP_EDGES, rates), options, headroom_fraction=spec["headroom"])
+    plan = solve(problem)
+    catalog = default_catalog()
+    model = catalog.model("llama-3-8b")
+    cluster = ClusterSpec(pools=tuple(PoolSpec(p.name, catalog.gpu(p.gpu), model, 1, p.max_replicas, EngineConfig())
+                                      for p in config.pools),
+                          dispatch={"filters": ["model", "healthy", {"length_bucket": {
+                              "table": table_from_plan(plan, *LOOP_EDGES).as_dict()}}],
+                              "scorers": ["least_outstanding"], "picker": "max_score"}, default_model=model.name)
+    assert isinstance(config.autoscaler, AutoscalerConfig) and config.autoscaler.switch_margin == spec["margin"]
+    lengths: dict[str, tuple[int, int]] = {}
+    loop_sim = AutoscaledDispatch(cluster.build_dispatch(), cluster, plan, {p.name: p.capacity_rps for p in config.pools},
+                                  LOOP_EDGES[0], LOOP_EDGES[1], config.autoscaler, 30.0,
+                                  plan.instances(), lengths, problem, LOOP_WINDOW_S)
+    return plane, loop_sim, plan
+
+
+async def _run_control_loop_parity(spec: dict[str, Any], windows: list[list[int]], state_dir: Path) -> list[str]:
+    """Both drivers through their own inputs and ticks; returns the decisions after the first window."""
+    from router.workload_recorder import STORE_KEY_PREFIX
+    from scheduler.planner.histogram import LengthHistogram
+
+    base_s = 1_800_000_000.0  # a multiple of the slot
+    slot_s = 8.0
+    plane, loop_sim, first_plan = _loop_drivers(spec, windows[0], state_dir)
+    now = [base_s]
+    plane.clock = lambda: now[0]
+    loop_sim.last_solve_s = base_s  # the simulated loop was given the first window's plan
+    try:
+        for w, counts in enumerate(windows):
+            now[0] = t = base_s + w * LOOP_WINDOW_S
+            # The control plane: one router's histogram with these counts over the window's whole slots.
+            hist = LengthHistogram(tuple(LOOP_EDGES[0]), tuple(LOOP_EDGES[1]), slot_s, 60)
+            arrivals: list[tuple[int, int]] = []
+            for k, count in enumerate(counts):
+                row, col = divmod(k, 2)
+                for n in range(count):
+                    cell = (int((t - LOOP_WINDOW_S) // slot_s) + n % 8, "default", row, col)
+                    hist.counts[cell] = hist.counts.get(cell, 0) + 1
+                arrivals.extend((k, n) for n in range(count))
+            await plane.store.put_load(STORE_KEY_PREFIX + "r0", {"models": {"llama-3-8b": hist.as_dict()}}, ttl_s=600)
+            await plane.tick()
+            if w == 0:
+                assert plane.plan is not None and plane.plan.instances() == first_plan.instances()
+                continue
+            # The simulated loop: the same arrivals, spread over [t - window, t), the first at its start.
+            for n, (k, _) in enumerate(arrivals):
+                row, col = divmod(k, 2)
+                request_id = f"w{w}-{n}"
+                loop_sim.lengths[request_id] = (LOOP_EDGES[0][row] + 1, LOOP_EDGES[1][col] + 1)  # type: ignore[index]
+                loop_sim._observe(RequestInfo(request_id, "llama-3-8b", LOOP_EDGES[0][row] + 1),
+                                  t - LOOP_WINDOW_S + n * LOOP_WINDOW_S / len(arrivals))
+            loop_sim._tick(t)
+        live = [(c.reason, c.plan.instances()) for _, c in plane.plan_choices[1:]]
+        simulated = [(c.reason, c.plan.instances()) for _, c in loop_sim.plan_choices]
+        assert live == simulated, (spec, windows)
+        assert plane.plan is not None and plane.plan.instances() == loop_sim.plan.instances()
+        routing = [a for _, _, a, _ in plane.actions if a == "routing"]
+        assert len(routing) - 1 == len(loop_sim.plan_changes)  # an adopted plan's table went out in both
+        return [reason for reason, _ in live]
+    finally:
+        await plane.store.close()
+        plane.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(spec=loop_specs, windows=loop_windows)
+def test_router_and_simulator_keep_or_switch_the_re_solved_plan_alike(spec: dict[str, Any],
+                                                                      windows: list[list[int]]) -> None:
+    with tempfile.TemporaryDirectory() as state_dir:
+        asyncio.run(_run_control_loop_parity(spec, windows, Path(state_dir)))
+
+
+def test_control_loop_parity_sees_every_decision() -> None:
+    """A fixed sequence through both drivers: short requests at a near-tie between L4s and an
+    A100 (kept at margin 0.2), the same pools re-balanced, then long prompts the L4 plan
+    cannot serve (switched at once); at margin 0 the near-tie switches."""
+    spec = {"margin": 0.2, "headroom": 0.1, "l4": ([0.5, 0.5, 0.0, 0.0], 12), "a10g": ([0.0, 0.0, 0.0, 0.0], 2),
+            "a100": ([6.0, 6.0, 3.0, 3.0], 4)}
+    windows = [[26, 0, 0, 0], [166, 0, 0, 0], [64, 0, 0, 0], [166, 0, 64, 0]]
+    with tempfile.TemporaryDirectory() as state_dir:
+        assert asyncio.run(_run_control_loop_parity(spec, windows, Path(state_dir))) == ["kept", "same_pools",
+                                                                                        "uncovered"]
+    with tempfile.TemporaryDirectory() as state_dir:
+        assert asyncio.run(_run_control_loop_parity({**spec, "margin": 0.0}, windows[:2], Path(state_dir))) == \
+            ["cheaper"]
