@@ -470,7 +470,9 @@ class ControlPlane:
         if self.metrics is not None:
             self.metrics.plan_decisions.labels(choice.reason).inc()
         log.info("pool plan re-solved", extra={"decision": choice.reason, "usd_per_hour": round(candidate.usd_per_hour, 4),
-                                               "current_usd_per_hour": round(choice.keep_usd_per_hour, 4),
+                                               # inf: it cannot carry the load; nan: no current plan
+                                               "current_usd_per_hour": round(choice.keep_usd_per_hour, 4)
+                                               if math.isfinite(choice.keep_usd_per_hour) else None,
                                                "instances": candidate.instances(), "solve_s": round(candidate.solve_s, 3),
                                                "route_by": self.config.route_by, "rank_noise_sd": self.rank_noise_sd})
         if not choice.adopted:
