@@ -38,10 +38,12 @@ moves traffic at once (the routing table) onto pools that must grow, with cold s
 while the pools losing it drain and are billed until they are empty; a drop spares the cold
 start of a new GPU type but not the growth of the pools that take its traffic, nor the cold
 start of the dropped type when the load brings it back. On the synthetic hour of
-docs/benchmarks.md ("(issue 12, stop 23)") the near-ties were exactly this: 5x L4 at
-$3.50/h against 1x A100 at $3.67/h, a saving a swap in either direction does not pay for.
-A drop whose saving is below the margin leaves the pool in the plan, where a load that no
-longer reaches it sends it to its minimum after `idle_s` anyway.
+docs/benchmarks.md ("Hysteresis on the re-solved plan (issue 12, stop 23)") the re-solves
+without a margin swapped 6x L4 ($4.20/h at that load) for 1x A100 ($3.67/h, 12.6% less)
+and back for 5x L4 ($3.50/h, 4.6% less): $3.89 for the hour against $3.18 with the
+default margin of 0.2, which swaps nothing there (0.1 still swaps twice). A drop whose
+saving is below the margin keeps the pool and its shares; a pool whose buckets see no more
+traffic goes to its minimum after `idle_s` without any plan change.
 """
 
 from __future__ import annotations
