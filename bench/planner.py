@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import random
 import sys
@@ -343,9 +344,11 @@ def part_autoscale(cache_dir: str) -> dict[str, Any]:
                           "reversals_within_dwell": variant.reversals(cfg.dwell_s),
                           "switch_margin": cfg.switch_margin, "plan_changes": len(variant.plan_changes),
                           "re_solves": len(variant.plan_choices), "pool_swaps": variant.pool_swaps,
-                          # per re-solve: t, decision, the plan run, the candidate's and the current plan's $/h
+                          # per re-solve: t, decision, the plan run, the candidate's $/h and the best
+                          # plan's on the current pools (null: same pools, or they cannot carry the load)
                           "plans": [[round(t), c.reason, c.plan.instances(), round(c.candidate_usd_per_hour, 2),
-                                     round(c.keep_usd_per_hour, 2)] for t, c in variant.plan_choices],
+                                     round(c.keep_usd_per_hour, 2) if math.isfinite(c.keep_usd_per_hour) else None]
+                                    for t, c in variant.plan_choices],
                           "routing_updates": sum(c.filters_updated for c in variant.plan_changes),
                           "max_ttft_after_gap_s": round(max(((r.first_token_s or 0.0) - r.arrival_s for r in held), default=0.0), 2)}
     hours = (run.horizon_s[1] - run.horizon_s[0]) / 3600.0

@@ -11,11 +11,11 @@
    the routers' buckets is fine: every inner edge must be one of theirs);
 2. every `resolve_interval_s` (and at the first tick) re-solves the pool plan from those
    rates (`scheduler.planner.solver.solve`: which share of each bucket goes to which pool)
-   and keeps the current plan or switches to the new one
+   and switches to it or stays on the current plan's pools
    (`scheduler.planner.autoscale.keep_or_switch`: a plan on other pools must be cheaper by
-   `autoscaler.switch_margin`, unless the current one cannot carry the load); a solve that
-   fails keeps the previous plan (logged, rate-limited); an adopted plan's routing
-   table goes to the store (`router.plan_routing`), where every router's `length_bucket`
+   `autoscaler.switch_margin` than the best plan on the current ones, unless those cannot
+   carry the load); a solve that fails keeps the previous plan (logged, rate-limited); the
+   chosen plan's routing table goes to the store (`router.plan_routing`), where every router's `length_bucket`
    filter picks it up, so dispatch follows the resized fleet. With `route_by: predicted`
    the solve is on routing keys (input row x the routers' ranker's predicted output
    column, its quality from `rank_tau` or `rank_noise_sd`: scheduler.planner.predicted,
@@ -469,14 +469,12 @@ class ControlPlane:
         del self.plan_choices[:-100]
         if self.metrics is not None:
             self.metrics.plan_decisions.labels(choice.reason).inc()
-        log.info("pool plan re-solved", extra={"decision": choice.reason, "usd_per_hour": round(candidate.usd_per_hour, 4),
-                                               # inf: it cannot carry the load; nan: no current plan
-                                               "current_usd_per_hour": round(choice.keep_usd_per_hour, 4)
-                                               if math.isfinite(choice.keep_usd_per_hour) else None,
-                                               "instances": candidate.instances(), "solve_s": round(candidate.solve_s, 3),
+        log.info("pool plan re-solved", extra={"decision": choice.reason, "instances": choice.plan.instances(),
+                                               "usd_per_hour": round(choice.plan.usd_per_hour, 4),
+                                               "candidate": candidate.instances(),
+                                               "candidate_usd_per_hour": round(candidate.usd_per_hour, 4),
+                                               "solve_s": round(candidate.solve_s, 3),
                                                "route_by": self.config.route_by, "rank_noise_sd": self.rank_noise_sd})
-        if not choice.adopted:
-            return  # the current plan stands: same shares, same routing table
         self.plan = choice.plan
         self.solved_s = now_s
         self.plan_rank_noise_sd = self.rank_noise_sd if problem.routing_keys is not None else None

@@ -14,9 +14,9 @@ records that no request ran on an instance after it was stopped. Ticks after the
 arrival run to `until_s`, so an idle tail scales down too.
 
 With `resolve_interval_s` the loop re-solves the plan from the window's rates, as the
-live control plane does, keeps the current plan or switches to the new one by the same
+live control plane does, switches to the new plan or stays on the current plan's pools by the same
 `keep_or_switch` call (the hysteresis on the pool set, `AutoscalerConfig.switch_margin`),
-and hands an adopted plan's routing table to the dispatch policy's `length_bucket` filter
+and hands the chosen plan's routing table to the dispatch policy's `length_bucket` filter
 (`scheduler.policies.length_bucket.set_routing_table`), so the routing follows the fleet. With `hold_until_ready` (the default) the cluster's policy
 document enables the admission queue's scale-from-zero hold
 (`AdmissionSpec.hold_until_ready`): a request that finds every instance of its model
@@ -122,7 +122,7 @@ class AutoscaledDispatch:
         self.problem = problem
         self.resolve_interval_s = resolve_interval_s
         self.last_solve_s = -math.inf
-        self.plan_changes: list[PlanChange] = []  # re-solved plans adopted
+        self.plan_changes: list[PlanChange] = []  # the plan chosen at each re-solve
         self.plan_choices: list[tuple[float, PlanChoice]] = []  # every re-solve's keep_or_switch
         self.pool_sizes = {p.name: p.count for p in cluster.pools}
         self._wake_s = math.inf  # the next tick or cold-start end
@@ -198,8 +198,9 @@ class AutoscaledDispatch:
 
     def _resolve(self, t: float, rates: Mapping[int, float]) -> None:
         """Re-solve the plan from the window's rates (the live control plane's `_resolve`),
-        keep it or switch to it (`keep_or_switch`, the hysteresis on the pool set) and give
-        the dispatch policy an adopted plan's routing table; a failed solve keeps the plan."""
+        switch to it or stay on the current pools (`keep_or_switch`, the hysteresis on the
+        pool set) and give the dispatch policy the chosen plan's routing table; a failed
+        solve keeps the plan."""
         assert self.problem is not None
         self.last_solve_s = t
         if not rates:
@@ -214,8 +215,6 @@ class AutoscaledDispatch:
             return
         choice = keep_or_switch(self.plan, candidate, problem, self.config)
         self.plan_choices.append((t, choice))
-        if not choice.adopted:
-            return
         self.plan = choice.plan
         table = table_from_plan(self.plan, self.edges[0], self.edges[1], buckets[0].slo_class)
         updated = set_routing_table(self.inner, table)
@@ -311,7 +310,7 @@ class AutoscaleRun:
     usd: float  # billed instance-hours x price
     horizon_s: tuple[float, float]
     aborted: int  # requests that ran on an instance after it was stopped (must be 0)
-    plan_changes: list[PlanChange] = field(default_factory=list)  # re-solved plans adopted (resolve_interval_s)
+    plan_changes: list[PlanChange] = field(default_factory=list)  # the plan chosen at each re-solve (resolve_interval_s)
     plan_choices: list[tuple[float, PlanChoice]] = field(default_factory=list)  # every re-solve's keep/switch
 
     @property

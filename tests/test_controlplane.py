@@ -355,10 +355,10 @@ def _near_tie_doc(margin: float) -> dict[str, Any]:
 
 def test_a_re_solve_keeps_the_pools_unless_the_new_plan_is_cheaper_by_the_margin(tmp_path: Path) -> None:
     """0.4 req/s plans one L4; at 2.6 req/s the re-solve prefers one A100 ($3.67/h) to the six
-    L4s ($4.20/h) the current plan needs: 12.6% cheaper. With switch_margin 0.2 the control
-    plane keeps its L4 plan (no new routing table; the target decision sizes the L4 pool),
-    with 0.1 it switches and publishes the A100 routing; past the L4 pool's maximum (12) it
-    switches whatever the margin."""
+    L4s ($4.20/h) the best plan on the current pool needs: 12.6% cheaper. With switch_margin
+    0.2 the control plane stays on the L4 pool (its routing tables name only L4; the target
+    decision sizes the pool), with 0.1 it switches and publishes the A100 routing; past the L4
+    pool's maximum (12) it switches whatever the margin."""
     async def run(margin: float, rates: list[float], name: str) -> ControlPlane:
         config = parse_config(_near_tie_doc(margin), "cp.yaml")
         assert config.autoscaler.switch_margin == margin
@@ -378,9 +378,11 @@ def test_a_re_solve_keeps_the_pools_unless_the_new_plan_is_cheaper_by_the_margin
     async def main() -> None:
         kept = await run(0.2, [0.4, 2.6, 2.6], "kept")
         assert [c.reason for _, c in kept.plan_choices] == ["first", "kept", "kept"]
-        assert kept.plan is not None and kept.plan.instances() == {"l4": 1}  # the first plan, still in force
+        assert kept.plan is not None and kept.plan.instances() == {"l4": 6}  # the L4 pool at this load
         assert kept.plan_choices[1][1].keep_usd_per_hour == pytest.approx(4.2)
-        assert [a for _, _, a, _ in kept.actions].count("routing") == 1  # only the first plan went out
+        assert kept.plan_choices[1][1].candidate_usd_per_hour == pytest.approx(3.67)
+        routed = [d for _, _, a, d in kept.actions if a == "routing"]
+        assert len(routed) == 3 and all(d["instances"].keys() == {"l4"} for d in routed)  # type: ignore[index]
         targets = [d for _, pool, a, d in kept.actions if a == "target" and pool == "l4"]
         assert targets and all(t["to"] > t["from"] for t in targets)  # type: ignore[index]  # the L4 pool grows
         assert not [d for _, pool, a, d in kept.actions if a == "target" and pool == "a100"]
