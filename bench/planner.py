@@ -17,8 +17,9 @@ Parts (all by default; `--parts` picks some):
   docs/img/planner_cost_vs_rate.png.
 - `autoscale`: a synthetic day (ramp, plateau, idle gap, ramp) on the planned pools with
   the autoscaler on simulated time vs the static fleet sized for the peak; also with the
-  plan re-solved every 300 s (the routing table follows; at the default switch_margin 0.2,
-  and at 0.1 and 0 for contrast: the pool swaps each makes), and with every pool allowed to
+  plan re-solved every 300 s (the routing table follows; at the default switch_margin 0.2
+  and switch_dwell_s 1800, and with the margin alone, the dwell alone and neither for
+  contrast: the pool swaps each makes), and with every pool allowed to
   scale to zero (the first requests after the gap held until a cold start is done).
 - `day`: a day's rate series (ServeGen's deepseek-r1 day: the sum of its clients' rates per
   10-minute window, scaled to `--day-mean-rps`) on the conversation trace's length mix.
@@ -330,9 +331,14 @@ def part_autoscale(cache_dir: str) -> dict[str, Any]:
     naive_summary = summarize(naive.result, slos)
     variants = {}
     resolve = {"resolve_interval_s": 300.0}
-    for name, kwargs, cfg in (("resolve_300s", resolve, config),  # switch_margin 0.2, the default
-                              ("resolve_300s_margin_0.1", resolve, dataclasses.replace(config, switch_margin=0.1)),
-                              ("resolve_300s_margin_0", resolve, dataclasses.replace(config, switch_margin=0.0)),
+    # The defaults (switch_margin 0.2, switch_dwell_s 1800); the margin alone (0.1, no dwell); the
+    # dwell alone (no margin); neither (main's behaviour before the hysteresis).
+    for name, kwargs, cfg in (("resolve_300s", resolve, config),
+                              ("resolve_300s_margin_0.1", resolve,
+                               dataclasses.replace(config, switch_margin=0.1, switch_dwell_s=0.0)),
+                              ("resolve_300s_dwell_only", resolve, dataclasses.replace(config, switch_margin=0.0)),
+                              ("resolve_300s_margin_0", resolve,
+                               dataclasses.replace(config, switch_margin=0.0, switch_dwell_s=0.0)),
                               ("to_zero_held", {}, dataclasses.replace(config, min_replicas={})),
                               ("to_zero_not_held", {"hold_until_ready": False}, dataclasses.replace(config, min_replicas={}))):
         variant = autoscale_from_plan(verified, inputs, workload, requests, cfg, until_s=3600.0, **kwargs)
@@ -342,7 +348,8 @@ def part_autoscale(cache_dir: str) -> dict[str, Any]:
         variants[name] = {"usd": round(variant.usd, 3), "attainment": round(got["slo"]["default"]["both_attainment"], 4),
                           "rejected": got["rejected"], "aborted": variant.aborted, "scale_events": len(variant.events),
                           "reversals_within_dwell": variant.reversals(cfg.dwell_s),
-                          "switch_margin": cfg.switch_margin, "plan_changes": len(variant.plan_changes),
+                          "switch_margin": cfg.switch_margin, "switch_dwell_s": cfg.switch_dwell_s,
+                          "plan_changes": len(variant.plan_changes),
                           "re_solves": len(variant.plan_choices), "pool_swaps": variant.pool_swaps,
                           # per re-solve: t, decision, the plan run, the candidate's $/h and the best
                           # plan's on the current pools (null: same pools, or they cannot carry the load)

@@ -140,7 +140,7 @@ _TOP_KEYS = ("store", "pools", "input_edges", "output_edges", "models", "headroo
              "metrics", "route_by", "rank_tau", "rank_noise_sd")
 _POOL_KEYS = ("name", "gpu", "tp", "usd_per_hour", "capacity_rps", "min_replicas", "max_replicas", "deployment")
 _AUTOSCALER_KEYS = ("interval_s", "window_s", "headroom", "scale_down_headroom", "dwell_s", "idle_s", "max_step",
-                    "switch_margin")
+                    "switch_margin", "switch_dwell_s")
 
 
 def _edges(raw: Any, where: str) -> tuple[int, ...]:
@@ -411,6 +411,7 @@ class ControlPlane:
         self.rank_noise_sd: float | None = None  # the prediction noise the latest keyed solve planned for
         self.plan_rank_noise_sd: float | None = None  # ... and the one `plan` was solved with (a failed solve keeps it)
         self.plan_choices: list[tuple[float, PlanChoice]] = []  # the latest re-solves' keep/switch (bounded)
+        self.last_pool_change_s = -math.inf  # when a re-solve last changed the pool set (switch_dwell_s)
 
     # -- inputs ---------------------------------------------------------------------------
     def _grid(self, merged: Mapping[str, LengthHistogram], now_s: float) -> tuple[list[float], dict[int, float]]:
@@ -464,8 +465,10 @@ class ControlPlane:
                                extra={"error": str(exc)})
             self._count("solve_errors")
             return
-        choice = keep_or_switch(self.plan, candidate, problem, self.config.autoscaler)
+        choice = keep_or_switch(self.plan, candidate, problem, self.config.autoscaler, now_s - self.last_pool_change_s)
         self.plan_choices.append((now_s, choice))
+        if choice.pool_swap:
+            self.last_pool_change_s = now_s
         del self.plan_choices[:-100]
         if self.metrics is not None:
             self.metrics.plan_decisions.labels(choice.reason).inc()

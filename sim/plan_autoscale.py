@@ -124,6 +124,7 @@ class AutoscaledDispatch:
         self.last_solve_s = -math.inf
         self.plan_changes: list[PlanChange] = []  # the plan chosen at each re-solve
         self.plan_choices: list[tuple[float, PlanChoice]] = []  # every re-solve's keep_or_switch
+        self.last_pool_change_s = -math.inf  # when a re-solve last changed the pool set (switch_dwell_s)
         self.pool_sizes = {p.name: p.count for p in cluster.pools}
         self._wake_s = math.inf  # the next tick or cold-start end
 
@@ -213,8 +214,12 @@ class AutoscaledDispatch:
             candidate = solve(problem, time_limit_s=10.0)
         except PlanError:
             return
-        choice = keep_or_switch(self.plan, candidate, problem, self.config)
+        choice = keep_or_switch(self.plan, candidate, problem, self.config, t - self.last_pool_change_s)
         self.plan_choices.append((t, choice))
+        if choice.pool_swap:
+            self.last_pool_change_s = t
+        if choice.plan is self.plan:
+            return  # held: the plan and its routing table stand (the live loop publishes nothing either)
         self.plan = choice.plan
         table = table_from_plan(self.plan, self.edges[0], self.edges[1], buckets[0].slo_class)
         updated = set_routing_table(self.inner, table)

@@ -212,6 +212,7 @@ def test_flapping_input_does_not_flap_the_fleet(tmp_path: Path) -> None:
     ({"autoscaler": {"switch_margin": 1.0}}, "cp.yaml: autoscaler: switch_margin: expected a fraction in [0, 1)"),
     ({"autoscaler": {"switch_margin": -0.1}}, "cp.yaml: autoscaler: switch_margin: expected a fraction in [0, 1)"),
     ({"autoscaler": {"switch_margin": "high"}}, "cp.yaml: autoscaler.switch_margin: expected a number, got 'high'"),
+    ({"autoscaler": {"switch_dwell_s": -5}}, "cp.yaml: autoscaler: switch_dwell_s: expected seconds >= 0"),
     ({"actuator": "helm"}, "cp.yaml: actuator: expected one of kubernetes, print"),
     ({"pools": [{"name": "a", "gpu": "A10G", "usd_per_hour": 1.0, "capacity_rps": [[1.0]]}]},
      "no Deployment for pool(s) a"),
@@ -359,8 +360,10 @@ def test_a_re_solve_keeps_the_pools_unless_the_new_plan_is_cheaper_by_the_margin
     0.2 the control plane stays on the L4 pool (its routing tables name only L4; the target
     decision sizes the pool), with 0.1 it switches and publishes the A100 routing; past the L4
     pool's maximum (12) it switches whatever the margin."""
-    async def run(margin: float, rates: list[float], name: str) -> ControlPlane:
-        config = parse_config(_near_tie_doc(margin), "cp.yaml")
+    async def run(margin: float, rates: list[float], name: str, dwell_s: float = 0.0) -> ControlPlane:
+        raw = _near_tie_doc(margin)
+        raw["autoscaler"]["switch_dwell_s"] = dwell_s
+        config = parse_config(raw, "cp.yaml")
         assert config.autoscaler.switch_margin == margin
         store = FileStateStore(tmp_path / f"{name}.db")
         now = [1_800_000_000.0]
@@ -391,6 +394,10 @@ def test_a_re_solve_keeps_the_pools_unless_the_new_plan_is_cheaper_by_the_margin
         assert [c.reason for _, c in switched.plan_choices] == ["first", "cheaper"]
         assert switched.plan is not None and switched.plan.instances() == {"a100": 1}
         assert [a for _, _, a, _ in switched.actions].count("routing") == 2
+        # With a dwell on the pool set, the way back to L4 a round after the swap waits.
+        held = await run(0.1, [0.4, 2.6, 0.4], "held", dwell_s=3600.0)
+        assert [c.reason for _, c in held.plan_choices] == ["first", "cheaper", "held"]
+        assert held.plan is not None and held.plan.instances() == {"a100": 1}  # its shares still carry 0.4 req/s
         forced = await run(0.9, [0.4, 6.0], "forced")  # 6 req/s: 12 L4 at most carry 5.4 at headroom 0.1
         assert [c.reason for _, c in forced.plan_choices] == ["first", "uncovered"]
         assert forced.plan is not None and "a100" in forced.plan.instances()

@@ -16,7 +16,8 @@ midway through the sequence.
 The control loop too: the router's control plane (a router's workload histogram in the
 store, `ControlPlane.tick`) and the simulator's loop (arrivals, `AutoscaledDispatch._tick`),
 fed the same windows over the same pools, keep or switch every re-solved plan alike
-(`keep_or_switch`, `autoscaler.switch_margin`) and hand out the same routing tables.
+(`keep_or_switch`, `autoscaler.switch_margin` and `switch_dwell_s`, each driver keeping its
+own time of the last pool-set change) and hand out the same routing tables.
 """
 
 from __future__ import annotations
@@ -407,6 +408,7 @@ LOOP_GPUS = {"l4": ("L4", 0.7), "a10g": ("A10G", 1.01), "a100": ("A100-80GB", 3.
 
 loop_specs = st.fixed_dictionaries({
     "margin": st.sampled_from([0.0, 0.05, 0.1, 0.2, 0.5]),
+    "dwell_s": st.sampled_from([0.0, 0.0, 100.0, 1000.0]),  # windows are 64 s apart
     "headroom": st.sampled_from([0.0, 0.1, 0.2]),
     # req/s one instance sustains per bucket (0: it cannot meet the SLO), and its maximum
     "l4": st.tuples(st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0]), min_size=4, max_size=4), st.sampled_from([2, 4, 12])),
@@ -435,7 +437,8 @@ def _loop_drivers(spec: dict[str, Any], first: list[int], state_dir: Path) -> tu
     from sim.engine_core import EngineConfig
     from sim.plan_autoscale import AutoscaledDispatch
 
-    loop = {"interval_s": LOOP_WINDOW_S, "window_s": LOOP_WINDOW_S, "switch_margin": spec["margin"]}
+    loop = {"interval_s": LOOP_WINDOW_S, "window_s": LOOP_WINDOW_S, "switch_margin": spec["margin"],
+            "switch_dwell_s": spec.get("dwell_s", 0.0)}
     pools = [{"name": name, "gpu": LOOP_GPUS[name][0], "usd_per_hour": LOOP_GPUS[name][1],
               "capacity_rps": [caps[:2], caps[2:]], "max_replicas": count}
              for name, (caps, count) in ((n, spec[n]) for n in LOOP_GPUS)]

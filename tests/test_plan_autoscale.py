@@ -170,6 +170,33 @@ def test_a_pure_drop_is_taken_without_the_margin() -> None:
     assert keep_or_switch(dropped.plan, solve(back), back, _margin(0.9)).reason == "kept"
 
 
+def test_the_dwell_holds_the_pool_set_unless_the_load_forces_a_change() -> None:
+    dwell = dataclasses.replace(CONFIG, switch_margin=0.1, switch_dwell_s=600.0)
+    current = solve(_two_pools([4.0, 0.0]))
+    problem = _two_pools([5.0, 0.0])
+    candidate = solve(problem)  # one big, 20% below the 5 l4 the current pool needs
+    held = keep_or_switch(current, candidate, problem, dwell, since_pool_change_s=300.0)
+    assert held.reason == "held" and held.plan is current and not held.pool_swap
+    assert keep_or_switch(current, candidate, problem, dwell, since_pool_change_s=600.0).reason == "cheaper"
+    # A drop is held too while the current shares carry the load...
+    both = solve(_two_pools([3.0, 4.0]))
+    fallen = _two_pools([1.0, 4.0])
+    assert keep_or_switch(both, solve(fallen), fallen, dwell, since_pool_change_s=0.0).reason == "held"
+    # ... but coverage is not: long prompts the l4 pool cannot serve switch at once.
+    longer = _two_pools([4.0, 1.0])
+    assert keep_or_switch(current, solve(longer), longer, dwell, since_pool_change_s=0.0).reason == "uncovered"
+    # A bucket the current shares miss, on pools that serve it: re-balanced on them, not swapped.
+    only_long = solve(_two_pools([0.0, 4.0]))
+    mixed = _two_pools([1.2, 4.0])
+    assert keep_or_switch(only_long, solve(mixed), mixed, dwell, since_pool_change_s=0.0).reason == "kept"
+
+
+@pytest.mark.parametrize("dwell", [-1.0, math.inf, math.nan])
+def test_switch_dwell_is_validated(dwell: float) -> None:
+    with pytest.raises(PlanError, match=r"switch_dwell_s: expected seconds >= 0"):
+        dataclasses.replace(CONFIG, switch_dwell_s=dwell).validate()
+
+
 @pytest.mark.parametrize("margin", [1.0, -0.1, math.nan, 1.5])
 def test_switch_margin_is_validated(margin: float) -> None:
     with pytest.raises(PlanError, match=r"switch_margin: expected a fraction in \[0, 1\)"):
@@ -329,16 +356,16 @@ def test_routing_table_follows_the_re_solved_plan() -> None:
 
 def test_the_simulated_loop_keeps_a_near_tie_plan_and_flaps_without_the_margin() -> None:
     """2.5 req/s of short requests: 5 or 6 L4s ($3.50 or $4.20/h, as the window's estimate
-    falls) against one A100 ($3.67/h). Without a margin the re-solves swap the fleet back and
-    forth; with the default 0.2 it stays on its L4s (every re-solve kept or re-balanced), and
-    the traffic with it."""
+    falls) against one A100 ($3.67/h). Without a margin (nor a dwell) the re-solves swap the
+    fleet back and forth; with the default 0.2 it stays on its L4s (every re-solve kept or
+    re-balanced), and the traffic with it; a dwell alone spaces the swaps out."""
     options = {"l4": ("L4", 0.5, 12), "a100": ("A100-80GB", 6.0, 3)}
     cluster, problem, plan = _controlled(options, 0.4)
     requests = _phases([(0, 300, 0.4), (300, 1500, 2.5)], seed=5)
     capacity = {name: (cap,) for name, (_, cap, _) in options.items()}
     runs = {}
     for margin in (0.0, 0.2):
-        config = dataclasses.replace(SCALE_CONFIG, switch_margin=margin)
+        config = dataclasses.replace(SCALE_CONFIG, switch_margin=margin, switch_dwell_s=0.0)  # the margin alone
         runs[margin] = simulate_autoscaled(cluster, requests, plan, capacity, [0, 8192], [0, 8192], config,
                                            cold_start_s=30.0, initial={"l4": 1}, problem=problem,
                                            resolve_interval_s=60.0)
@@ -353,3 +380,10 @@ def test_the_simulated_loop_keeps_a_near_tie_plan_and_flaps_without_the_margin()
     assert all(r.pool == "l4" for r in steady.result.records if not r.rejected)
     # Every re-solve hands its chosen plan's routing table out (re-balanced on the L4s).
     assert len(steady.plan_changes) == len(steady.plan_choices)
+    # No margin but a 600 s dwell on the pool set: fewer swaps, never two within 600 s.
+    dwell = dataclasses.replace(SCALE_CONFIG, switch_margin=0.0, switch_dwell_s=600.0)
+    held = simulate_autoscaled(cluster, requests, plan, capacity, [0, 8192], [0, 8192], dwell, cold_start_s=30.0,
+                               initial={"l4": 1}, problem=problem, resolve_interval_s=60.0)
+    swaps = [t for t, c in held.plan_choices if c.pool_swap]
+    assert 1 <= len(swaps) < flapping.pool_swaps and "held" in {c.reason for _, c in held.plan_choices}
+    assert all(b - a >= 600.0 for a, b in zip(swaps, swaps[1:], strict=False)) and held.aborted == 0

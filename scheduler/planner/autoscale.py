@@ -78,6 +78,8 @@ class AutoscalerConfig:
     max_replicas: Mapping[str, int] = field(default_factory=dict)  # pool -> maximum (default: none)
     # A re-solved plan on other pools must cost less than (1 - switch_margin) x the current one
     switch_margin: float = 0.2
+    # After a change of the pool set, none but a forced one (coverage) for this long
+    switch_dwell_s: float = 1800.0
 
     def validate(self) -> None:
         if self.interval_s <= 0 or self.window_s <= 0:
@@ -90,6 +92,9 @@ class AutoscalerConfig:
         if not (isinstance(self.switch_margin, int | float) and 0 <= self.switch_margin < 1):
             raise PlanError("autoscaler: switch_margin: expected a fraction in [0, 1) (how much cheaper a re-solved "
                             f"plan on other pools must be than the current one), got {self.switch_margin!r}")
+        if not (isinstance(self.switch_dwell_s, int | float) and 0 <= self.switch_dwell_s < math.inf):
+            raise PlanError("autoscaler: switch_dwell_s: expected seconds >= 0 (how long a pool set stays after it "
+                            f"changed, unless it cannot carry the load), got {self.switch_dwell_s!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +184,7 @@ def reconcile(instances: Sequence[InstanceView], target: int) -> Actions:
     return Actions(tuple(start), tuple(undrain), tuple(drain), remove)
 
 
-PlanReason = Literal["first", "same_pools", "uncovered", "cheaper", "kept", "dropped"]
+PlanReason = Literal["first", "same_pools", "uncovered", "cheaper", "kept", "dropped", "held"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,15 +209,47 @@ def plan_pools(plan: Plan) -> frozenset[str]:
     return frozenset(plan.instances())
 
 
+def carries(plan: Plan, problem: PlanProblem) -> bool:
+    """Whether `plan`'s own shares carry `problem`'s rates: every bucket with traffic has a
+    share, on pools that are options and serve it, each pool within its `max_replicas` at
+    the planner's headroom, each GPU type within its availability."""
+    if len(plan.shares) != len(problem.buckets):
+        return False
+    options = {o.name: o for o in problem.options}
+    loads: dict[str, float] = {}
+    for k, bucket in enumerate(problem.buckets):
+        if bucket.rate_rps <= 0:
+            continue
+        if not plan.shares[k]:
+            return False
+        for pool, share in plan.shares[k].items():
+            option = options.get(pool)
+            if option is None or option.capacity_rps[k] <= 0:
+                return False
+            loads[pool] = loads.get(pool, 0.0) + bucket.rate_rps * share / option.capacity_rps[k]
+    gpus: dict[str, int] = {}
+    for pool, load in loads.items():
+        option = options[pool]
+        count = max(_needed(load, problem.headroom_for(pool)), option.min_replicas)
+        if option.max_replicas is not None and count > option.max_replicas:
+            return False
+        gpus[option.gpu] = gpus.get(option.gpu, 0) + count * option.tp
+    return all(used <= problem.availability_gpus.get(gpu, used) for gpu, used in gpus.items())
+
+
 def keep_or_switch(current: Plan | None, candidate: Plan, problem: PlanProblem, config: AutoscalerConfig,
-                   time_limit_s: float = 10.0) -> PlanChoice:
+                   since_pool_change_s: float = math.inf, time_limit_s: float = 10.0) -> PlanChoice:
     """Run the re-solved `candidate` (solved from `problem`, the window's rates) or stay on
-    the `current` plan's pools: the hysteresis on the pool set in the module docstring."""
+    the `current` plan's pools: the hysteresis on the pool set in the module docstring.
+    `since_pool_change_s`: how long ago the pool set last changed (the dwell)."""
     if current is None:
         return PlanChoice(candidate, "first", math.nan, candidate.usd_per_hour)
     pools = plan_pools(current)
     if plan_pools(candidate) == pools:
         return PlanChoice(candidate, "same_pools", math.nan, candidate.usd_per_hour)
+    held = since_pool_change_s < config.switch_dwell_s
+    if held and carries(current, problem):
+        return PlanChoice(current, "held", math.nan, candidate.usd_per_hour)
     on_current = dataclasses.replace(problem, options=tuple(o for o in problem.options if o.name in pools))
     try:
         if not on_current.options:
@@ -220,7 +257,7 @@ def keep_or_switch(current: Plan | None, candidate: Plan, problem: PlanProblem, 
         keep = solve(on_current, time_limit_s=time_limit_s)
     except PlanError:
         return PlanChoice(candidate, "uncovered", math.inf, candidate.usd_per_hour)
-    if candidate.usd_per_hour < (1.0 - config.switch_margin) * keep.usd_per_hour:
+    if not held and candidate.usd_per_hour < (1.0 - config.switch_margin) * keep.usd_per_hour:
         return PlanChoice(candidate, "cheaper", keep.usd_per_hour, candidate.usd_per_hour)
     return PlanChoice(keep, "kept" if plan_pools(keep) == pools else "dropped", keep.usd_per_hour,
                       candidate.usd_per_hour)
