@@ -13,9 +13,10 @@
    rates (`scheduler.planner.solver.solve`: which share of each bucket goes to which pool)
    and switches to it or stays on the current plan's pools
    (`scheduler.planner.autoscale.keep_or_switch`: a plan on other pools must be cheaper by
-   `autoscaler.switch_margin` than the best plan on the current ones, unless those cannot
-   carry the load); a solve that fails keeps the previous plan (logged, rate-limited); the
-   chosen plan's routing table goes to the store (`router.plan_routing`), where every router's `length_bucket`
+   `autoscaler.switch_margin` than the best plan on the current ones, and none comes
+   within `autoscaler.switch_dwell_s` of the last pool-set change, unless those cannot
+   carry the load); a solve that fails keeps the previous plan (logged, rate-limited); a
+   newly chosen plan's routing table goes to the store (`router.plan_routing`), where every router's `length_bucket`
    filter picks it up, so dispatch follows the resized fleet. With `route_by: predicted`
    the solve is on routing keys (input row x the routers' ranker's predicted output
    column, its quality from `rank_tau` or `rank_noise_sd`: scheduler.planner.predicted,

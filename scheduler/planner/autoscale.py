@@ -46,6 +46,14 @@ either: the way back is an add, which pays the margin. The same holds when the c
 is a swap refused by the margin and the best plan on the current pools leaves one of them
 out (`dropped`).
 
+A margin damps near-ties, not the integer steps of a small fleet whose load crosses the
+capacity of a mixed set of pools (1x A10G + 1x L40S against 2x L40S on the ServeGen day:
+24% apart, each way in turn). So a pool set also has a dwell, `switch_dwell_s`: within it
+after a change of the pool set, a candidate on other pools is `held` (the current plan
+runs on, shares and routing table unchanged) as long as the current plan's own shares
+carry the load (`carries`); when they do not, the best plan on the current pools runs
+(which may still drop a pool), and when the current pools cannot carry it, the candidate.
+
 On the synthetic hour of docs/benchmarks.md ("Hysteresis on the re-solved plan (issue 12,
 stop 23)") the re-solves without a margin swapped 6x L4 ($4.20/h at that load) for 1x
 A100 ($3.67/h, 12.6% less) and back for 5x L4 ($3.50/h, 4.6% less): $3.89 for the hour
