@@ -479,6 +479,8 @@ class ControlPlane:
                                                "candidate_usd_per_hour": round(candidate.usd_per_hour, 4),
                                                "solve_s": round(candidate.solve_s, 3),
                                                "route_by": self.config.route_by, "rank_noise_sd": self.rank_noise_sd})
+        if choice.plan is self.plan:
+            return  # held: the plan, its solve time and its routing table stand
         self.plan = choice.plan
         self.solved_s = now_s
         self.plan_rank_noise_sd = self.rank_noise_sd if problem.routing_keys is not None else None

@@ -398,6 +398,8 @@ def test_a_re_solve_keeps_the_pools_unless_the_new_plan_is_cheaper_by_the_margin
         held = await run(0.1, [0.4, 2.6, 0.4], "held", dwell_s=3600.0)
         assert [c.reason for _, c in held.plan_choices] == ["first", "cheaper", "held"]
         assert held.plan is not None and held.plan.instances() == {"a100": 1}  # its shares still carry 0.4 req/s
+        assert held.solved_s == 1_800_000_060.0  # when the A100 plan was solved, not the held round
+        assert [a for _, _, a, _ in held.actions].count("routing") == 2  # nothing published for the held one
         forced = await run(0.9, [0.4, 6.0], "forced")  # 6 req/s: 12 L4 at most carry 5.4 at headroom 0.1
         assert [c.reason for _, c in forced.plan_choices] == ["first", "uncovered"]
         assert forced.plan is not None and "a100" in forced.plan.instances()
