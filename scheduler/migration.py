@@ -10,7 +10,10 @@ requests of the chosen sources only:
    decodes (the head among them) to grow into: `guard_blocks_per_decode` (1) per decode,
    at least `preempt_guard_blocks` (admitting a head that leaves less only trades a wait
    for preemptions: a batch of n decodes needs about n / block_size new blocks a step),
-   plus headroom kept for its high-priority requests; with nothing queued, the blocks
+   plus headroom kept for its high-priority requests (`headroom`: the one definition in
+   scheduler/priority_headroom.py, which dispatch's `least_virtual_usage` counts too,
+   drivers counting `high_priority_running` from each instance's reported
+   `running_by_priority`); with nothing queued, the blocks
    its decodes lack to keep that guard (the engine would soon preempt one and recompute
    its whole context later). A draining instance is a source while anything runs on it
    (everything leaves before scale-down); a cordoned one keeps its requests. Sources go
