@@ -73,7 +73,7 @@ def profiles(draw: st.DrawFn) -> dict[str, Any]:
     weighted = [{name: {"weight": draw(st.sampled_from([0.1, 0.5, 1.0, 2.0]))}} for name in scorers]
     for part in weighted:  # its own priority headroom, else the migration section's
         if "least_virtual_usage" in part and draw(st.booleans()):
-            part["least_virtual_usage"].update(priority_headroom_blocks=draw(st.sampled_from([0, 24, 300])),
+            part["least_virtual_usage"].update(priority_headroom_blocks=draw(st.sampled_from([0, 300, 5000])),
                                                high_priority_below=draw(st.integers(0, 3)))
     filters: list[Any] = ["model", "healthy", "not_draining", "not_cordoned"] + (
         ["kv_room"] if draw(st.booleans()) else [])
@@ -109,7 +109,7 @@ def documents(draw: st.DrawFn) -> dict[str, Any]:
         "tiers": draw(tier_sections()),
         # The priority headroom of virtual usage (least_virtual_usage reads it too); no loop.
         "migration": {"enabled": False, "params": {
-            "priority_headroom_blocks": draw(st.sampled_from([0, 0, 16, 200])),
+            "priority_headroom_blocks": draw(st.sampled_from([0, 16, 400, 5000])),
             "high_priority_below": draw(st.integers(0, 3))}},
     }
 
