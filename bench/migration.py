@@ -10,6 +10,8 @@
                                      # the last two with and without migration, on the
                                      # conv and code traces, 8 and 16 instances, loads
                                      # x1.0-1.5 per instance (20 points, ~10 min)
+    python bench/migration.py headroom  # the priority headroom of virtual usage with a
+                                     # share of high-priority requests: p99 TTFT per class
 
 live: two emulated engines with their Worker gRPC services on
 127.0.0.1; a streamed completion with a prompt of N tokens decodes on the source; after a
@@ -37,6 +39,14 @@ per instance (arrivals x load x instances / 8, `--requests-per-instance` each); 
 line per point (p50/p99 TTFT and TPOT, preemptions, moves per policy) and, for each
 policy with migration, the geometric mean over the points of each baseline's p99 TTFT
 over its p99 TTFT (and at how many points it is >= 5x).
+
+headroom: the `sim` fleet and trace with VU dispatch + migration, `--share` of the
+requests (seeded) `interactive` (priority 0) and the rest `default` (priority 1), the
+engines scheduling by priority. Variants: no high-priority class; interactive requests
+high priority (`high_priority_below: 1`) with no headroom; then each `--headrooms` H:
+H blocks kept per running interactive request (scheduler/priority_headroom.py) in both
+dispatch and migration. A line per variant: p50/p99 TTFT overall and per class,
+preemptions, moves.
 """
 
 from __future__ import annotations
@@ -208,6 +218,64 @@ def run_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def headroom_row(args: argparse.Namespace, instances: int, load: float, below: int, blocks: int) -> dict[str, Any]:
+    """One `headroom` variant (see the module docstring)."""
+    import dataclasses
+    import random
+
+    from scheduler.migration import build_migration_policy
+    from sim.cluster import parse_cluster
+    from sim.migration import MigrationSimConfig
+    from sim.simulator import Simulation
+    from sim.traces import read_trace
+
+    headroom = {"priority_headroom_blocks": blocks, "high_priority_below": below}
+    cluster = parse_cluster({
+        "default_model": "llama-3-8b",
+        "pools": [{"name": "l4", "gpu": "L4", "model": "llama-3-8b", "count": instances,
+                   "engine": {"max_num_seqs": 128, "max_num_batched_tokens": 4096}}],
+        "dispatch": {"filters": ["model"], "scorers": [{"least_virtual_usage": headroom}], "picker": "max_score"},
+        "slo_classes": {"interactive": {"ttft_ms": 1000, "tpot_ms": 200, "priority": 0},
+                        "default": {"ttft_ms": 3000, "tpot_ms": 200, "priority": 1}},
+        "queue": {"policy": "slo_priority"},
+    }, "bench/migration.py headroom")
+    requests = args.requests_per_instance * instances
+    rng = random.Random(args.seed)
+    trace = [dataclasses.replace(t, slo_class="interactive" if rng.random() < args.share else "default")
+             for t in read_trace(args.trace, rate_scale=load * instances / 8, limit=requests)]
+    policy = build_migration_policy({"policy": "llumnix", "preempt_guard_blocks": args.guard,
+                                     "destination_reserve_blocks": args.reserve, "min_usage_gap": args.gap,
+                                     "guard_blocks_per_decode": args.guard_per_decode, **headroom})
+    config = MigrationSimConfig(policy=policy, link_gbps=args.link_gbps, interval_s=args.interval_s)
+    sim = Simulation(cluster, total_requests=requests, migration=config, fast_forward=True)
+    result = sim.run(trace)
+    slo_class = {t.request_id: t.slo_class for t in trace}
+    ttft: dict[str, list[float]] = {"interactive": [], "default": []}
+    for record in result.records:
+        if record.first_token_s is not None:
+            ttft[slo_class[record.request_id]].append(record.first_token_s - record.arrival_s)
+    every = sorted(ttft["interactive"] + ttft["default"])
+    row: dict[str, Any] = {"instances": instances, "load": load, "high_priority_below": below,
+                           "priority_headroom_blocks": blocks, "ttft_p50_ms": round(_pct(every, 0.5)),
+                           "ttft_p99_ms": round(_pct(every, 0.99))}
+    for name, values in ttft.items():
+        values.sort()
+        row[f"{name}_ttft_p50_ms"] = round(_pct(values, 0.5))
+        row[f"{name}_ttft_p99_ms"] = round(_pct(values, 0.99))
+    row["preemptions"] = sum(i.preemptions for i in result.instances)
+    row["moves"] = sim.migration.stats.committed if sim.migration is not None else 0
+    return row
+
+
+def run_headroom(args: argparse.Namespace) -> int:
+    variants = [(0, 0), (1, 0)] + [(1, int(h)) for h in args.headrooms.split(",") if h]
+    for point in args.points.split(","):
+        instances, load = point.split(":")
+        for below, blocks in variants:
+            print(json.dumps(headroom_row(args, int(instances), float(load), below, blocks)), flush=True)
+    return 0
+
+
 def _trace(name: str) -> Path:
     files = {"conv": AZURE_CONV, "code": AZURE_CONV.with_name("AzureLLMInferenceTrace_code.csv")}
     return files[name] if name in files else Path(name)
@@ -231,7 +299,14 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--no-least-load-migration", action="store_true",
                        help="leave out least-load + migration")
     sweep.add_argument("--json", default="", help="also write the per-point lines to this JSONL file")
-    for p in (sim, sweep):
+    headroom = sub.add_parser("headroom", help="the priority headroom with a share of high-priority requests")
+    headroom.add_argument("--trace", default=str(AZURE_CONV))
+    headroom.add_argument("--points", default="8:1.3,8:1.4,16:1.4", help="instances:load, comma-separated")
+    headroom.add_argument("--requests-per-instance", type=int, default=250)
+    headroom.add_argument("--share", type=float, default=0.2, help="share of requests in the interactive class")
+    headroom.add_argument("--headrooms", default="4,16,64", help="priority_headroom_blocks values, comma-separated")
+    headroom.add_argument("--seed", type=int, default=1, help="seeds which requests are interactive")
+    for p in (sim, sweep, headroom):
         p.add_argument("--link-gbps", type=float, default=100.0)
         p.add_argument("--interval-s", type=float, default=0.05)
         p.add_argument("--scorer", default="least_kv", help="the least-load scorer (least_kv or least_outstanding)")
@@ -247,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.what == "sim":
         return run_sim(args)
+    if args.what == "headroom":
+        return run_headroom(args)
     if args.what == "sweep":
         return run_sweep(args)
     return asyncio.run(run_live(args))

@@ -45,6 +45,7 @@ from scheduler.migration import (
     operator_choice,
     pick_destination,
 )
+from scheduler.priority_headroom import PriorityHeadroom
 from scheduler.types import InstanceState
 from tokenyard.v1 import worker_pb2
 
@@ -85,11 +86,13 @@ class MoveOutcome:
 MAX_OPERATOR_CANDIDATES = 256  # a named request is looked for among this many running ones
 
 
-def load_of(state: InstanceState, *, draining: bool, migrating: bool) -> MigrationLoad:
+def load_of(state: InstanceState, *, draining: bool, migrating: bool, headroom: PriorityHeadroom) -> MigrationLoad:
     """An instance's migration load from what the router knows of it. The head-of-line
     demand is estimated as one average running request's blocks when requests wait (the
     Worker status has no per-request queue), bounded by the whole queued demand when the
-    engine reports it (`kv_blocks_queued`; exact with one request waiting)."""
+    engine reports it (`kv_blocks_queued`; exact with one request waiting). High-priority
+    running requests are counted by the policy's `headroom` from the engine's
+    `running_by_priority` (none when it does not report them)."""
     bs = max(1, state.block_size_tokens)
     head = 0
     if state.waiting > 0:
@@ -101,8 +104,8 @@ def load_of(state: InstanceState, *, draining: bool, migrating: bool) -> Migrati
     return MigrationLoad(
         instance_id=state.instance_id, model=state.model, kv_blocks_total=state.kv_blocks_total,
         kv_blocks_used=state.kv_blocks_used, head_of_line_blocks=head, waiting=state.waiting,
-        running=state.running, draining=draining or state.draining, migrating=migrating,
-        cordoned=state.cordoned)
+        running=state.running, high_priority_running=headroom.high_priority_running(state.running_by_priority),
+        draining=draining or state.draining, migrating=migrating, cordoned=state.cordoned)
 
 
 class MigrationLoop:
@@ -156,7 +159,7 @@ class MigrationLoop:
         self.stats.ticks += 1
         records = {r.instance_id: r for r in self.registry.records() if r.grpc_address}
         loads = [load_of(state, draining=records[state.instance_id].draining,
-                         migrating=state.instance_id in self.busy)
+                         migrating=state.instance_id in self.busy, headroom=self.policy.headroom)
                  for state in self.registry.instances() if state.instance_id in records and state.healthy]
         # Step 1: the policy names the sources; their running requests are listed (in
         # parallel); step 2: the policy assigns each a request and a destination.
@@ -216,12 +219,15 @@ class MigrationLoop:
         for iid in (source_id, destination_id):
             if iid in self.busy:
                 raise MigrationRefused(f"instance {iid!r} is in a move already (one at a time); retry when it ends")
-        loads = {s.instance_id: load_of(s, draining=records[s.instance_id].draining, migrating=s.instance_id in self.busy)
+        headroom = self.policy.headroom
+        loads = {s.instance_id: load_of(s, draining=records[s.instance_id].draining, migrating=s.instance_id in self.busy,
+                                        headroom=headroom)
                  for s in states.values() if s.instance_id in records and records[s.instance_id].grpc_address
                  and s.healthy}
-        source_load = load_of(states[source_id], draining=source.draining, migrating=False)
+        source_load = load_of(states[source_id], draining=source.draining, migrating=False, headroom=headroom)
         if destination_id:
-            destination = loads.get(destination_id) or load_of(states[destination_id], draining=False, migrating=False)
+            destination = loads.get(destination_id) or load_of(states[destination_id], draining=False, migrating=False,
+                                                               headroom=headroom)
         else:
             found = pick_destination(source_load, list(loads.values()))
             if found is None:

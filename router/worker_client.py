@@ -25,7 +25,8 @@ from typing import TypeVar
 
 import grpc
 
-from scheduler.types import InstanceState
+from scheduler.priority_headroom import MAX_PRIORITY_CLASSES
+from scheduler.types import InstanceState, RunningByPriority
 from tokenyard.v1 import worker_pb2, worker_pb2_grpc
 from tokenyard.worker_auth import worker_channel
 
@@ -48,6 +49,20 @@ def apply_description(state: InstanceState, description: worker_pb2.EngineDescri
         state.kv_blocks_total = description.num_kv_blocks
 
 
+def running_by_priority_of(snapshot: worker_pb2.LoadSnapshot) -> RunningByPriority | None:
+    """The snapshot's running requests per priority class, None when it does not say (an
+    engine that does not know them; the priority headroom then counts none) or names more
+    than MAX_PRIORITY_CLASSES classes (a bound on what a peer can make the router keep)."""
+    if not snapshot.HasField("running_by_priority"):
+        return None
+    requests = snapshot.running_by_priority.requests
+    if len(requests) > MAX_PRIORITY_CLASSES:
+        log.warning("load snapshot names too many priority classes; counting no priority headroom",
+                    extra={"instance": snapshot.instance_id, "classes": len(requests)})
+        return None
+    return tuple(sorted((priority, count) for priority, count in requests.items() if count))
+
+
 def apply_snapshot(state: InstanceState, snapshot: worker_pb2.LoadSnapshot, now_s: float,
                    router_draining: bool = False) -> None:
     """Copy one load snapshot into an InstanceState; `router_inflight` is the router's own.
@@ -65,6 +80,7 @@ def apply_snapshot(state: InstanceState, snapshot: worker_pb2.LoadSnapshot, now_
     state.tokens_in_flight = snapshot.tokens_in_flight
     # An engine that does not report its queued demand leaves it unset: estimated then.
     state.kv_blocks_queued = snapshot.kv_blocks_queued if snapshot.HasField("kv_blocks_queued") else None
+    state.running_by_priority = running_by_priority_of(snapshot)
     state.draining = snapshot.draining or router_draining
     state.healthy = True
     state.updated_s = now_s

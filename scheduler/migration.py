@@ -10,7 +10,10 @@ requests of the chosen sources only:
    decodes (the head among them) to grow into: `guard_blocks_per_decode` (1) per decode,
    at least `preempt_guard_blocks` (admitting a head that leaves less only trades a wait
    for preemptions: a batch of n decodes needs about n / block_size new blocks a step),
-   plus headroom kept for its high-priority requests; with nothing queued, the blocks
+   plus headroom kept for its high-priority requests (`headroom`: the one definition in
+   scheduler/priority_headroom.py, which dispatch's `least_virtual_usage` counts too,
+   drivers counting `high_priority_running` from each instance's reported
+   `running_by_priority`); with nothing queued, the blocks
    its decodes lack to keep that guard (the engine would soon preempt one and recompute
    its whole context later). A draining instance is a source while anything runs on it
    (everything leaves before scale-down); a cordoned one keeps its requests. Sources go
@@ -53,6 +56,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, TypeVar
 
+from scheduler.priority_headroom import NO_HEADROOM, PriorityHeadroom, PriorityHeadroomError
+
 
 class MigrationPolicyError(ValueError):
     """Unknown migration policy or a bad parameter; the message says which and what is allowed."""
@@ -69,7 +74,9 @@ class MigrationLoad:
     head_of_line_blocks: int = 0  # KV blocks the first queued request needs to be admitted
     waiting: int = 0
     running: int = 0
-    high_priority_running: int = 0  # running requests of a priority class that keeps headroom
+    # Running requests of a priority class that keeps headroom (the policy's `headroom`
+    # counts them from the instance's `running_by_priority`).
+    high_priority_running: int = 0
     draining: bool = False
     migrating: bool = False  # a migration in or out is in flight
     cordoned: bool = False  # takes no new work, so no request moves in (its own stay put)
@@ -107,6 +114,9 @@ class MigrationPolicy:
     """Chooses pairs of instances, then a request for each pair."""
 
     name: ClassVar[str] = ""
+    # What the policy's load measure keeps free for high-priority requests; drivers count
+    # `MigrationLoad.high_priority_running` with it (`headroom.high_priority_running`).
+    headroom: PriorityHeadroom = NO_HEADROOM
 
     def pairs(self, loads: Sequence[MigrationLoad]) -> list[MigrationPair]:
         raise NotImplementedError
@@ -204,9 +214,11 @@ class BlockedHeadRelief(MigrationPolicy):
         self.preempt_guard_blocks = _count("preempt_guard_blocks", preempt_guard_blocks)
         self.destination_reserve_blocks = _count("destination_reserve_blocks", destination_reserve_blocks)
         self.min_usage_gap = _fraction("min_usage_gap", min_usage_gap)
-        self.priority_headroom_blocks = _count("priority_headroom_blocks", priority_headroom_blocks)
-        if isinstance(high_priority_below, bool) or not isinstance(high_priority_below, int):
-            raise MigrationPolicyError(f"migration.high_priority_below: expected an integer, got {high_priority_below!r}")
+        try:
+            self.headroom = PriorityHeadroom(priority_headroom_blocks, high_priority_below)
+        except PriorityHeadroomError as exc:
+            raise MigrationPolicyError(f"migration.{exc}") from None
+        self.priority_headroom_blocks = priority_headroom_blocks
         self.high_priority_below = high_priority_below
         self.max_context_tokens = _count("max_context_tokens", max_context_tokens)
         self.grow_room_blocks = _count("grow_room_blocks", grow_room_blocks)
@@ -217,8 +229,7 @@ class BlockedHeadRelief(MigrationPolicy):
         """Virtual KV usage as a fraction of the instance's blocks (inf when draining)."""
         if load.draining:
             return math.inf
-        virtual = (load.kv_blocks_used + load.head_of_line_blocks
-                   + self.priority_headroom_blocks * load.high_priority_running)
+        virtual = load.kv_blocks_used + load.head_of_line_blocks + self.headroom.blocks(load.high_priority_running)
         return virtual / max(1, load.kv_blocks_total)
 
     def guard_blocks(self, load: MigrationLoad, more_running: int = 0) -> int:
@@ -244,8 +255,7 @@ class BlockedHeadRelief(MigrationPolicy):
         if head <= 0 and load.running <= 0:
             return 0
         free = load.kv_blocks_total - load.kv_blocks_used
-        need = (head + self.guard_blocks(load, 1 if head > 0 else 0)
-                + self.priority_headroom_blocks * load.high_priority_running)
+        need = head + self.guard_blocks(load, 1 if head > 0 else 0) + self.headroom.blocks(load.high_priority_running)
         return max(0, need - free)
 
     def room_blocks(self, load: MigrationLoad) -> int:

@@ -220,17 +220,23 @@ class PolicyDocument(_Strict):
 
     def profile_config(self, name: str) -> dict[str, Any]:
         """`build_policy` config of a profile, `slo_headroom` given the document's TTFT
-        targets unless the profile names its own."""
+        targets and `least_virtual_usage` the migration section's priority headroom
+        (`priority_headroom_blocks`, `high_priority_below`: dispatch and migration balance
+        one measure, scheduler/priority_headroom.py), unless the profile names its own."""
         spec = self.profiles[name]
-        ttft = {cls: c.ttft_ms for cls, c in self.slo_classes.items()}
+        given: dict[str, dict[str, Any]] = {
+            "slo_headroom": {"ttft_slo_ms": {cls: c.ttft_ms for cls, c in self.slo_classes.items()}},
+            "least_virtual_usage": {"priority_headroom_blocks": self.migration.params.priority_headroom_blocks,
+                                    "high_priority_below": self.migration.params.high_priority_below},
+        }
         scorers: list[Any] = []
         for part in spec.scorers:
-            if part == "slo_headroom":
-                part = {"slo_headroom": {}}
-            if isinstance(part, dict) and "slo_headroom" in part:
-                params = dict(part["slo_headroom"] or {})
-                params.setdefault("ttft_slo_ms", ttft)
-                part = {"slo_headroom": params}
+            if isinstance(part, str) and part in given:
+                part = {part: {}}
+            if isinstance(part, dict) and len(part) == 1:
+                (scorer, raw), = part.items()
+                if scorer in given and (raw is None or isinstance(raw, Mapping)):
+                    part = {scorer: {**given[scorer], **(raw or {})}}
             scorers.append(part)
         config: dict[str, Any] = {"filters": list(spec.filters), "scorers": scorers, "picker": spec.picker}
         if spec.seed is not None:

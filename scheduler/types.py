@@ -6,6 +6,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import overload
 
+# (priority, running requests) pairs, by priority, of the classes with requests running
+# (scheduler/priority_headroom.py reads them).
+RunningByPriority = tuple[tuple[int, int], ...]
+
 
 @dataclass(frozen=True, slots=True)
 class RequestInfo:
@@ -54,6 +58,10 @@ class InstanceState:
     # `kv_blocks_used` does not show. None: the driver does not know it (a vLLM /metrics
     # scrape); a scorer then estimates it from `waiting`.
     kv_blocks_queued: int | None = None
+    # Running requests per priority class (lower runs earlier): what the priority headroom
+    # of virtual usage counts (scheduler/priority_headroom.py). None: the driver does not
+    # know it (a vLLM /metrics scrape); no headroom is counted then.
+    running_by_priority: RunningByPriority | None = None
     updated_s: float = 0.0
     # Prompt tokens/s the driver has dispatched to the instance, as of `prefill_rate_at_s`
     # (an exponentially decayed rate: scheduler/prefill_rate.py reads and updates it).

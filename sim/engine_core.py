@@ -24,6 +24,8 @@ import itertools
 from collections import OrderedDict
 
 from scheduler.engine_model import EngineModel
+from scheduler.priority_headroom import running_by_priority
+from scheduler.types import RunningByPriority
 from sim import engine_fast as fast
 from sim.engine_fast import DecodeRun, EngineCoreBase
 from sim.engine_types import (
@@ -225,6 +227,12 @@ class EngineCore(EngineCoreBase):
         """KV blocks every queued request needs to be admitted (the queued demand)."""
         bs = self.config.block_size
         return sum(-(-(r.num_tokens - r.computed_tokens) // bs) for _, r in self._waiting)
+
+    @property
+    def running_by_priority(self) -> RunningByPriority:
+        """The running requests counted per priority class (what drivers publish for the
+        priority headroom of virtual usage)."""
+        return running_by_priority(r.priority for r in self.running)
 
     @property
     def num_waiting(self) -> int:

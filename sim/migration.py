@@ -134,7 +134,6 @@ class MigrationDriver:
         self.seq = 0
         self.busy: set[str] = set()  # instances in a migration
         self.stats = MigrationStats()
-        self.high_priority_below = int(getattr(config.policy, "high_priority_below", 0))
 
     # ------------------------------------------------------------ loop hook
     def advance(self, next_event_s: float) -> bool:
@@ -168,7 +167,8 @@ class MigrationDriver:
     def _load(self, inst: SimInstance) -> MigrationLoad:
         core = inst.core
         head = core.waiting_blocks if self.config.queued_demand == "all" else core.head_of_line_blocks
-        high = sum(1 for r in core.running if r.priority < self.high_priority_below) if self.high_priority_below else 0
+        headroom = self.policy.headroom  # counted as the router counts an engine's report
+        high = headroom.high_priority_running(core.running_by_priority) if headroom.active else 0
         return MigrationLoad(
             instance_id=inst.state.instance_id, model=inst.state.model, kv_blocks_total=core.num_kv_blocks,
             kv_blocks_used=core.kv_blocks_used, head_of_line_blocks=head, waiting=core.num_waiting,

@@ -521,6 +521,7 @@ class Simulation:
                 state.running = len(core.running)
                 state.waiting = core.num_waiting
                 state.kv_blocks_queued = core.waiting_blocks
+                state.running_by_priority = core.running_by_priority
 
     def _cut_run(self, inst: SimInstance, now: float) -> None:
         """A request arrived while `inst` was inside a run: the next schedule must see it."""
@@ -605,6 +606,7 @@ class Simulation:
         state.running = len(core.running)
         state.waiting = core.num_waiting
         state.kv_blocks_queued = core.waiting_blocks
+        state.running_by_priority = core.running_by_priority
         if not self.publish_progress:
             return  # no policy reads KV use, tokens in flight or the snapshot time
         if run is not None:

@@ -108,6 +108,7 @@ class LoadInfo:
     migrations_in: int = 0
     kv_blocks_reserved_for_migration: int = 0
     kv_blocks_queued: int | None = None  # None: unknown (the snapshot leaves the field unset)
+    running_by_priority: tuple[tuple[int, int], ...] | None = None  # (priority, running); None: unknown
 
     @classmethod
     def of_core(cls, core: EngineCore, draining: bool, *, migrations_out: int = 0, migrations_in: int = 0,
@@ -128,6 +129,7 @@ class LoadInfo:
             migrations_in=migrations_in,
             kv_blocks_reserved_for_migration=kv_blocks_reserved_for_migration,
             kv_blocks_queued=core.waiting_blocks,
+            running_by_priority=core.running_by_priority,
         )
 
 
@@ -304,6 +306,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             migrations_in=load.migrations_in,
             kv_blocks_reserved_for_migration=load.kv_blocks_reserved_for_migration,
             kv_blocks_queued=load.kv_blocks_queued,
+            running_by_priority=None if load.running_by_priority is None else worker_pb2.RunningByPriority(
+                requests=dict(load.running_by_priority)),
         )
 
     async def Describe(  # noqa: N802 (gRPC method name)

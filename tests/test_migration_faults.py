@@ -259,9 +259,15 @@ async def test_a_thousand_migrations_with_faults_lose_or_repeat_no_token() -> No
     fault_free_committed = sum(s == "COMMITTED" for s, _ in fault_free)
     assert fault_free_committed >= len(fault_free) / 4, collections.Counter(fault_free)
     # Each commit is followed by the client once, but for streams cut by a stopped engine
-    # between the source's COMMITTED and the client reading the move.
-    assert committed - KILLS * CONCURRENT_STREAMS <= splicer.stats.migrations_spliced <= committed, \
-        (committed, splicer.stats)
+    # between the source's COMMITTED and the client reading the move, and for moves whose
+    # source was stopped after it handed the request over (the client follows the move)
+    # but before its controller read the COMMITTED answer (the RPC fails instead: at most
+    # the moves in flight at a stop, one per controller; 292 spliced against 291 counted
+    # commits in one run of 26 on the loaded box).
+    lost_answers = outcomes.get("UNAVAILABLE", 0) + outcomes.get("CANCELLED", 0)
+    assert lost_answers <= KILLS * CONTROLLERS, outcomes
+    assert committed - KILLS * CONCURRENT_STREAMS <= splicer.stats.migrations_spliced <= committed + lost_answers, \
+        (committed, lost_answers, splicer.stats, outcomes)
     assert splicer.stats.failovers >= KILLS, splicer.stats
     assert completed >= 200
     assert PLAIN["answered"] >= 50 and PLAIN["followed"] >= 20, PLAIN  # non-streamed requests moved too

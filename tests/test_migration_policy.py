@@ -19,6 +19,7 @@ from scheduler.migration import (
     MigrationPolicyError,
     build_migration_policy,
 )
+from scheduler.priority_headroom import NO_HEADROOM, PriorityHeadroom
 from scheduler.types import InstanceState
 from sim.engine_http import EngineServer
 from tests.test_migration import MODEL, engine
@@ -224,12 +225,24 @@ def test_virtual_usage_dispatch_prefers_the_instance_with_the_shorter_queue() ->
 def test_load_of_estimates_queued_demand_from_what_the_router_sees() -> None:
     state = InstanceState(instance_id="a", model=MODEL, running=4, waiting=2, tokens_in_flight=4000,
                           kv_blocks_used=300, kv_blocks_total=400, block_size_tokens=16)
-    assert load_of(state, draining=False, migrating=False).head_of_line_blocks == 63  # 1000 tokens / 16
+
+    def load(headroom: PriorityHeadroom = NO_HEADROOM) -> MigrationLoad:
+        return load_of(state, draining=False, migrating=False, headroom=headroom)
+
+    assert load().head_of_line_blocks == 63  # 1000 tokens / 16
     # An engine that reports its queued demand bounds the head's: it cannot need more.
     state.kv_blocks_queued = 20
-    assert load_of(state, draining=False, migrating=False).head_of_line_blocks == 20
+    assert load().head_of_line_blocks == 20
     state.waiting, state.kv_blocks_queued = 1, 90  # one request queued: its blocks are the whole demand
-    assert load_of(state, draining=False, migrating=False).head_of_line_blocks == 90
+    assert load().head_of_line_blocks == 90
+    # High-priority running requests: counted from the engine's report by the policy's
+    # threshold; none when the engine does not report them.
+    headroom = PriorityHeadroom(blocks_per_request=10, high_priority_below=1)
+    assert load(headroom).high_priority_running == 0
+    state.running_by_priority = ((-1, 1), (0, 2), (1, 1))
+    assert load(headroom).high_priority_running == 3
+    assert NO_HEADROOM.blocks(load().high_priority_running) == 0  # no headroom kept by default
+    assert load(PriorityHeadroom(10, high_priority_below=2)).high_priority_running == 4
 
 
 def test_virtual_usage_counts_the_queued_demand_the_driver_reports() -> None:
@@ -253,6 +266,136 @@ def test_virtual_usage_counts_the_queued_demand_the_driver_reports() -> None:
     # A reported 0 with requests waiting (all admitted since the last snapshot) is taken as it is.
     assert virtual_usage(InstanceState(instance_id="x", model=MODEL, running=2, waiting=4, kv_blocks_used=100,
                                        kv_blocks_total=1000, kv_blocks_queued=0)) == pytest.approx(0.1)
+
+
+def test_virtual_usage_keeps_headroom_for_high_priority_requests_in_dispatch_and_migration() -> None:
+    """One headroom term (scheduler/priority_headroom.py) in both consumers: dispatch's
+    `least_virtual_usage` and the migration policy's measure and deficit."""
+    from scheduler.dispatch import ClusterView, build_policy
+    from scheduler.policies.virtual_usage import virtual_usage
+    from scheduler.types import RequestInfo
+
+    # "interactive" runs 4 requests of priority 0 and holds fewer blocks; "batch" runs 4
+    # of priority 2. Without headroom "interactive" is the lighter; with 50 blocks kept per
+    # high-priority request (priority < 1) it counts 200 more and the arrival goes to "batch".
+    interactive = InstanceState(instance_id="interactive", model=MODEL, running=4, kv_blocks_used=400,
+                                kv_blocks_total=1000, kv_blocks_queued=0, running_by_priority=((0, 4),))
+    batch = InstanceState(instance_id="batch", model=MODEL, running=4, kv_blocks_used=500, kv_blocks_total=1000,
+                          kv_blocks_queued=0, running_by_priority=((2, 4),))
+    headroom = PriorityHeadroom(blocks_per_request=50, high_priority_below=1)
+    assert virtual_usage(interactive) == pytest.approx(0.4)
+    assert virtual_usage(interactive, headroom) == pytest.approx(0.6)
+    assert virtual_usage(batch, headroom) == pytest.approx(0.5)
+    request = RequestInfo("r", MODEL, 100)
+    plain = build_policy({"filters": ["model"], "scorers": ["least_virtual_usage"]})
+    kept = build_policy({"filters": ["model"], "scorers": [
+        {"least_virtual_usage": {"priority_headroom_blocks": 50, "high_priority_below": 1}}]})
+    assert plain.decide(ClusterView([interactive, batch]), request).instance_ids[0] == "interactive"
+    assert kept.decide(ClusterView([interactive, batch]), request).instance_ids[0] == "batch"
+    # Unknown counts (a /metrics scrape) keep no headroom: today's measure.
+    interactive.running_by_priority = None
+    assert virtual_usage(interactive, headroom) == pytest.approx(0.4)
+    # The migration policy reads the same term: its virtual usage and its deficit.
+    policy = BlockedHeadRelief(priority_headroom_blocks=50, high_priority_below=1, preempt_guard_blocks=0,
+                               guard_blocks_per_decode=0)
+    assert policy.headroom == headroom
+    load = MigrationLoad("i", MODEL, 1000, 400, running=4, high_priority_running=4)
+    assert policy.virtual_usage(load) == pytest.approx(0.6)
+    assert policy.deficit_blocks(MigrationLoad("i", MODEL, 1000, 850, running=4, high_priority_running=4)) == 50
+
+
+def test_the_policy_document_gives_dispatch_the_migration_sections_headroom() -> None:
+    from scheduler.policy_document import PolicyDocumentError, load_policy_document
+
+    params = {"priority_headroom_blocks": 32, "high_priority_below": 1}
+    doc = load_policy_document({"migration": {"params": params}, "profiles": {
+        "default": {"scorers": ["least_virtual_usage"]},
+        "own": {"scorers": [{"least_virtual_usage": {"weight": 2, "priority_headroom_blocks": 8}}]}}})
+    policies = doc.build_profiles()
+    assert policies["default"].scorers[0][0].headroom == PriorityHeadroom(32, 1)  # type: ignore[attr-defined]
+    assert policies["own"].scorers[0][0].headroom == PriorityHeadroom(8, 1)  # type: ignore[attr-defined]
+    assert doc.migration.build_policy().headroom == PriorityHeadroom(32, 1)
+    # The default document keeps no headroom anywhere (the measure before the term).
+    default = load_policy_document({"profiles": {"default": {"scorers": ["least_virtual_usage"]}}})
+    assert default.build_profiles()["default"].scorers[0][0].headroom == NO_HEADROOM  # type: ignore[attr-defined]
+    bad = [({"scorers": [{"least_virtual_usage": {"priority_headroom_blocks": -1}}]},
+            "profiles.default.scorers[0].least_virtual_usage.priority_headroom_blocks: Input should be greater"),
+           ({"scorers": [{"least_virtual_usage": {"high_priority_below": "high"}}]},
+            "profiles.default.scorers[0].least_virtual_usage.high_priority_below: Input should be a valid integer"),
+           ({"scorers": [{"least_virtual_usage": {"headroom": 4}}]},
+            "least_virtual_usage.headroom: unknown key; allowed: high_priority_below, priority_headroom_blocks")]
+    for profile, message in bad:
+        with pytest.raises(PolicyDocumentError) as info:
+            load_policy_document({"profiles": {"default": profile}})
+        assert message in str(info.value), str(info.value)
+    with pytest.raises(PolicyDocumentError, match=r"migration\.params\.priority_headroom_blocks"):
+        load_policy_document({"migration": {"params": {"priority_headroom_blocks": -4}}})
+
+
+def test_the_simulator_publishes_priority_counts_and_its_dispatch_keeps_the_headroom() -> None:
+    """The simulator's driver side of the headroom: every decision sees each instance's
+    running requests per priority class (as its core has them), and with a headroom set
+    the same trace is placed differently."""
+    import random
+
+    from scheduler.dispatch import ClusterView, DispatchPolicy
+    from scheduler.types import Decision, RequestInfo
+    from sim.cluster import parse_cluster
+    from sim.simulator import Simulation
+    from sim.workload import TraceRequest
+
+    rng = random.Random(7)
+    trace = [TraceRequest(f"r{i}", i * 0.05, rng.randint(50, 900), rng.randint(20, 200),
+                          slo_class=rng.choice(["interactive", "batch"])) for i in range(300)]
+
+    def placed(headroom_blocks: int) -> tuple[list[str], list[tuple[int, Any]]]:
+        engine = {"block_size": 16, "max_num_seqs": 16, "num_kv_blocks": 600}
+        doc = {"pools": [{"name": "a", "gpu": "L4", "model": MODEL, "count": 3, "engine": engine}],
+               "load_refresh_s": 0,
+               "policy": {"queue": {"engine_priority": "slo_priority"}, "window": {"max_candidates": 0},
+                          "profiles": {"default": {"scorers": ["least_virtual_usage"]}},
+                          "migration": {"params": {"priority_headroom_blocks": headroom_blocks,
+                                                   "high_priority_below": 1}}}}
+        spec = parse_cluster(doc, "headroom.yaml")
+        seen: list[tuple[int, Any]] = []
+        chosen: list[str] = []
+
+        class Recording(DispatchPolicy):
+            def decide(self, view: ClusterView, request: RequestInfo) -> Decision:
+                seen.extend((s.running, s.running_by_priority) for s in view.instances)
+                decision = super().decide(view, request)
+                chosen.append(decision.instance_id)
+                return decision
+
+        built = spec.build_dispatch(seed=1)
+        result = Simulation(spec, seed=1, policy=Recording(built.filters, built.scorers, built.picker, seed=1)).run(trace)
+        assert len(result.records) == len(trace)
+        return chosen, seen
+
+    plain, seen = placed(0)
+    # The counts describe the running batch the decision sees, both classes among them.
+    bad = [(running, counts) for running, counts in seen
+           if (counts is None and running) or sum(n for _, n in counts or ()) != running]
+    assert not bad, bad[:5]
+    assert any(dict(counts or ()).get(0, 0) and dict(counts or ()).get(2, 0) for _, counts in seen)
+    kept, _ = placed(40)
+    assert kept != plain  # 40 blocks per running interactive request move arrivals elsewhere
+
+
+def test_the_router_reads_the_priority_counts_of_a_snapshot_within_bounds() -> None:
+    from router.worker_client import running_by_priority_of
+    from scheduler.priority_headroom import MAX_PRIORITY_CLASSES
+    from tokenyard.v1 import worker_pb2
+
+    assert running_by_priority_of(worker_pb2.LoadSnapshot(running=3)) is None  # not reported
+    reported = worker_pb2.LoadSnapshot(running=3, running_by_priority=worker_pb2.RunningByPriority(
+        requests={2: 1, -1: 2, 5: 0}))
+    assert running_by_priority_of(reported) == ((-1, 2), (2, 1))
+    assert running_by_priority_of(worker_pb2.LoadSnapshot(
+        running_by_priority=worker_pb2.RunningByPriority())) == ()  # reported: nothing running
+    flood = worker_pb2.LoadSnapshot(running_by_priority=worker_pb2.RunningByPriority(
+        requests={k: 1 for k in range(MAX_PRIORITY_CLASSES + 1)}))
+    assert running_by_priority_of(flood) is None
 
 
 async def test_the_router_loop_drains_an_instance_by_moving_its_stream() -> None:

@@ -77,6 +77,10 @@ TABLES = [  # what a plan and its re-solved successor might route
 def profiles(draw: st.DrawFn) -> dict[str, Any]:
     scorers = draw(st.lists(st.sampled_from(SCORERS), unique=True, max_size=3))
     weighted = [{name: {"weight": draw(st.sampled_from([0.1, 0.5, 1.0, 2.0]))}} for name in scorers]
+    for part in weighted:  # its own priority headroom, else the migration section's
+        if "least_virtual_usage" in part and draw(st.booleans()):
+            part["least_virtual_usage"].update(priority_headroom_blocks=draw(st.sampled_from([0, 300, 5000])),
+                                               high_priority_below=draw(st.integers(0, 3)))
     filters: list[Any] = ["model", "healthy", "not_draining", "not_cordoned"] + (
         ["kv_room"] if draw(st.booleans()) else [])
     if draw(st.booleans()):
@@ -109,6 +113,10 @@ def documents(draw: st.DrawFn) -> dict[str, Any]:
         "admission": {"enabled": True, "max_queue_depth": draw(st.sampled_from([0, 2, 5])), "saturation": saturation,
                       "hold_until_ready": draw(st.booleans())},
         "tiers": draw(tier_sections()),
+        # The priority headroom of virtual usage (least_virtual_usage reads it too); no loop.
+        "migration": {"enabled": False, "params": {
+            "priority_headroom_blocks": draw(st.sampled_from([0, 16, 400, 5000])),
+            "high_priority_below": draw(st.integers(0, 3))}},
     }
 
 
@@ -135,6 +143,9 @@ loads = st.fixed_dictionaries({
     # The queued demand in KV blocks, as the simulator and a Worker status stream report it;
     # None as a /metrics scrape leaves it (estimated from `waiting`).
     "queued": st.one_of(st.none(), st.integers(0, 600)),
+    # Running requests per priority class, as the simulator's cores and a Worker status
+    # stream report them; None as a /metrics scrape leaves them (no headroom counted).
+    "by_priority": st.sampled_from([None, (), ((0, 2),), ((0, 1), (2, 3)), ((1, 4),), ((-1, 1), (1, 2))]),
     "prefill_tokens_per_s": st.sampled_from([0.0, 500.0, 20000.0]),  # as of t = 0
 })
 
@@ -164,6 +175,7 @@ def _set_load(state: InstanceState, load: dict[str, Any], kv_total: int) -> None
     state.kv_blocks_total = kv_total
     state.kv_blocks_used = int(load["kv"] * kv_total)
     state.kv_blocks_queued = load.get("queued")
+    state.running_by_priority = load.get("by_priority")
     state.healthy, state.draining = load["healthy"], load["draining"]
     state.prefill_tokens_per_s, state.prefill_rate_at_s = load.get("prefill_tokens_per_s", 0.0), 0.0
 
@@ -360,14 +372,16 @@ async def _release_draws_nothing() -> None:
 migration_params = st.fixed_dictionaries({
     "preempt_guard_blocks": st.integers(0, 40), "destination_reserve_blocks": st.integers(0, 80),
     "min_usage_gap": st.sampled_from([0.0, 0.02, 0.2]), "grow_room_blocks": st.integers(0, 8),
-    "high_priority_below": st.integers(0, 2), "max_context_tokens": st.sampled_from([0, 2048, 32768]),
+    "high_priority_below": st.integers(0, 2), "priority_headroom_blocks": st.sampled_from([0, 8, 64]),
+    "max_context_tokens": st.sampled_from([0, 2048, 32768]),
     "guard_blocks_per_decode": st.sampled_from([0.0, 0.5, 1.0, 2.5]),
 })
 migration_loads = st.lists(st.tuples(
     st.integers(0, 1000), st.integers(0, 400), st.integers(0, 3), st.integers(0, 64),
     st.sampled_from([False, False, False, True]), st.sampled_from([False, False, True]),
     st.sampled_from([False, False, False, True]), st.sampled_from(["llama-3-8b", "llama-3-8b", "qwen2.5-1.5b"]),
-    st.lists(st.tuples(st.integers(1, 6000), st.integers(0, 3)), max_size=5)), min_size=1, max_size=8)
+    st.lists(st.tuples(st.integers(1, 6000), st.integers(0, 3)), max_size=5),
+    st.sampled_from([None, (), ((0, 1),), ((0, 2), (2, 1)), ((1, 3),)])), min_size=1, max_size=8)
 
 
 @settings(max_examples=60, deadline=None)
@@ -385,17 +399,25 @@ def test_router_and_simulator_order_the_same_migrations(params: dict[str, Any], 
     router = Router(parse_router_config({"policy": {"migration": section}}, "parity.yaml"))
     assert sim.migration is not None and router.migration is not None
     assert router.migration.interval_s == sim.migration.config.interval_s
-    loads = [MigrationLoad(f"i{k}", model, 1000, used, head_of_line_blocks=head, waiting=waiting, running=running,
-                           high_priority_running=min(running, 1), draining=draining, migrating=migrating,
-                           cordoned=cordoned)
-             for k, (used, head, waiting, running, draining, migrating, cordoned, model, _) in enumerate(raw)]
-    candidates = {f"i{k}": [MigrationCandidate(f"i{k}-{j}", tokens, priority) for j, (tokens, priority)
-                            in enumerate(cands)] for k, (*_, cands) in enumerate(raw)}
     router_policy, sim_policy = router.migration.policy, sim.migration.policy
-    listed = {iid: candidates[iid] for iid in router_policy.sources(loads)}
-    router_orders = router_policy.assign(loads, listed, 16)
-    sim_orders = sim_policy.plan(loads, lambda iid: candidates[iid], 16)
-    assert router_orders == sim_orders, (params, loads)
+    # Each driver counts the high-priority running requests with its own policy's headroom
+    # (the router from a Worker snapshot's counts, the simulator from its core's).
+    assert router_policy.headroom == sim_policy.headroom
+
+    def loads_for(policy: Any) -> list[MigrationLoad]:
+        return [MigrationLoad(f"i{k}", model, 1000, used, head_of_line_blocks=head, waiting=waiting, running=running,
+                              high_priority_running=policy.headroom.high_priority_running(counts),
+                              draining=draining, migrating=migrating, cordoned=cordoned)
+                for k, (used, head, waiting, running, draining, migrating, cordoned, model, _, counts)
+                in enumerate(raw)]
+
+    candidates = {f"i{k}": [MigrationCandidate(f"i{k}-{j}", tokens, priority) for j, (tokens, priority)
+                            in enumerate(cands)] for k, (*_, cands, _) in enumerate(raw)}
+    router_loads, sim_loads = loads_for(router_policy), loads_for(sim_policy)
+    listed = {iid: candidates[iid] for iid in router_policy.sources(router_loads)}
+    router_orders = router_policy.assign(router_loads, listed, 16)
+    sim_orders = sim_policy.plan(sim_loads, lambda iid: candidates[iid], 16)
+    assert router_orders == sim_orders, (params, router_loads)
 
 
 # ------------------------------------------------------------------------------ control loop

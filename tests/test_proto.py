@@ -156,14 +156,18 @@ def test_contract_shape() -> None:
         instance_id="a", sequence=7, running=3, waiting=2, kv_blocks_used=40, kv_blocks_total=100,
         block_size_tokens=16, tokens_in_flight=600, preemptions_total=1,
         prefix_cache_hit_tokens_total=32, prefix_cache_query_tokens_total=64, draining=True,
+        kv_blocks_queued=0, running_by_priority=worker_pb2.RunningByPriority(requests={0: 1, 2: 2}),
     )
-    assert worker_pb2.LoadSnapshot.FromString(snapshot.SerializeToString()) == snapshot
+    back = worker_pb2.LoadSnapshot.FromString(snapshot.SerializeToString())
+    assert back == snapshot and back.HasField("kv_blocks_queued") and back.HasField("running_by_priority")
+    assert not worker_pb2.LoadSnapshot.FromString(worker_pb2.LoadSnapshot(running=1).SerializeToString()).HasField(
+        "running_by_priority")  # unset stays unset: the router counts no headroom then
 
 
-@pytest.mark.parametrize(("message", "first_free"), [("EngineDescription", 22), ("LoadSnapshot", 24)])
+@pytest.mark.parametrize(("message", "first_free"), [("EngineDescription", 22), ("LoadSnapshot", 25)])
 def test_migration_fields_take_the_numbers_kept_for_them(message: str, first_free: int) -> None:
-    """The migration fields use 20-21 (EngineDescription) and 20-23 (LoadSnapshot, 23:
-    kv_blocks_queued); what is left of 20-29 stays reserved."""
+    """The migration fields use 20-21 (EngineDescription) and 20-24 (LoadSnapshot, 23:
+    kv_blocks_queued, 24: running_by_priority); what is left of 20-29 stays reserved."""
     from tokenyard.v1 import worker_pb2
 
     file = descriptor_pb2.FileDescriptorProto()

@@ -273,7 +273,7 @@ async def test_client_turns_snapshots_into_instance_state(served: tuple[EngineCo
         assert client.description is not None and client.description.num_kv_blocks == BLOCKS
 
         for i in range(5):
-            backend.add_request(EngineRequest(f"c{i}", prompt_tokens=200, output_tokens=50))
+            backend.add_request(EngineRequest(f"c{i}", prompt_tokens=200, output_tokens=50, priority=i % 2 * 2))
         backend.schedule()
         await until(lambda: state.running == core.num_running and state.waiting == core.num_waiting
                     and state.kv_blocks_used == core.kv_blocks_used, "the state to match the core")
@@ -282,6 +282,9 @@ async def test_client_turns_snapshots_into_instance_state(served: tuple[EngineCo
         assert state.tokens_in_flight == core.tokens_in_flight == 800
         # The queued demand travels too: the one waiting 200-token prompt needs 13 blocks.
         assert state.kv_blocks_queued == core.waiting_blocks == 13
+        # So do the running requests per priority class (the priority headroom's count):
+        # c0 and c2 of priority 0, c1 and c3 of priority 2; c4 waits.
+        assert state.running_by_priority == core.running_by_priority == ((0, 2), (2, 2))
         assert state.kv_usage == pytest.approx(52 / 64)
         assert state.router_inflight == 7  # the router's own count is not overwritten
         assert state.outstanding == 7
@@ -381,6 +384,7 @@ async def test_client_drops_a_silent_stream_and_reconnects() -> None:
         await until(lambda: client.connections >= 3, "two reconnections after silent streams")
         assert state.kv_blocks_used == 2 and state.gpu == "L4"
         assert state.kv_blocks_queued is None  # a backend that does not know it leaves it unset
+        assert state.running_by_priority is None  # the same for the priority counts
     finally:
         await client.stop()
         await server.stop(None)

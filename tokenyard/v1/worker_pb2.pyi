@@ -109,7 +109,7 @@ class StatusRequest(_message.Message):
     def __init__(self, interval_ms: _Optional[int] = ..., min_change_interval_ms: _Optional[int] = ...) -> None: ...
 
 class LoadSnapshot(_message.Message):
-    __slots__ = ("instance_id", "sequence", "timestamp_unix_ms", "running", "waiting", "kv_blocks_used", "kv_blocks_total", "block_size_tokens", "tokens_in_flight", "preemptions_total", "prefix_cache_hit_tokens_total", "prefix_cache_query_tokens_total", "draining", "incarnation_id", "migrations_out", "migrations_in", "kv_blocks_reserved_for_migration", "kv_blocks_queued")
+    __slots__ = ("instance_id", "sequence", "timestamp_unix_ms", "running", "waiting", "kv_blocks_used", "kv_blocks_total", "block_size_tokens", "tokens_in_flight", "preemptions_total", "prefix_cache_hit_tokens_total", "prefix_cache_query_tokens_total", "draining", "incarnation_id", "migrations_out", "migrations_in", "kv_blocks_reserved_for_migration", "kv_blocks_queued", "running_by_priority")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +128,7 @@ class LoadSnapshot(_message.Message):
     MIGRATIONS_IN_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_RESERVED_FOR_MIGRATION_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_QUEUED_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_BY_PRIORITY_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     sequence: int
     timestamp_unix_ms: int
@@ -146,7 +147,21 @@ class LoadSnapshot(_message.Message):
     migrations_in: int
     kv_blocks_reserved_for_migration: int
     kv_blocks_queued: int
-    def __init__(self, instance_id: _Optional[str] = ..., sequence: _Optional[int] = ..., timestamp_unix_ms: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., block_size_tokens: _Optional[int] = ..., tokens_in_flight: _Optional[int] = ..., preemptions_total: _Optional[int] = ..., prefix_cache_hit_tokens_total: _Optional[int] = ..., prefix_cache_query_tokens_total: _Optional[int] = ..., draining: _Optional[bool] = ..., incarnation_id: _Optional[str] = ..., migrations_out: _Optional[int] = ..., migrations_in: _Optional[int] = ..., kv_blocks_reserved_for_migration: _Optional[int] = ..., kv_blocks_queued: _Optional[int] = ...) -> None: ...
+    running_by_priority: RunningByPriority
+    def __init__(self, instance_id: _Optional[str] = ..., sequence: _Optional[int] = ..., timestamp_unix_ms: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., block_size_tokens: _Optional[int] = ..., tokens_in_flight: _Optional[int] = ..., preemptions_total: _Optional[int] = ..., prefix_cache_hit_tokens_total: _Optional[int] = ..., prefix_cache_query_tokens_total: _Optional[int] = ..., draining: _Optional[bool] = ..., incarnation_id: _Optional[str] = ..., migrations_out: _Optional[int] = ..., migrations_in: _Optional[int] = ..., kv_blocks_reserved_for_migration: _Optional[int] = ..., kv_blocks_queued: _Optional[int] = ..., running_by_priority: _Optional[_Union[RunningByPriority, _Mapping]] = ...) -> None: ...
+
+class RunningByPriority(_message.Message):
+    __slots__ = ("requests",)
+    class RequestsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.ScalarMap[int, int]
+    def __init__(self, requests: _Optional[_Mapping[int, int]] = ...) -> None: ...
 
 class MigrateOutRequest(_message.Message):
     __slots__ = ("migration_id", "request_id", "destination_instance_id", "destination_address", "max_stages", "stop_copy_max_blocks", "stage_timeout_ms", "deadline_ms", "attach_timeout_ms")
