@@ -497,7 +497,20 @@ def main() -> None:
                     REPO_ROOT / "docs" / "img" / "planner_cost_vs_rate.png")
         return
     parts = set(args.parts.split(","))
+    known = {"solver", "melange", "fleets", "autoscale", "day"}
+    if parts - known:
+        parser.error(f"--parts: unknown part(s) {', '.join(sorted(parts - known))}; expected some of {', '.join(sorted(known))}")
+    # The parts not run this time keep their last results: the file holds every part.
+    out = Path(args.out)
     results: dict[str, Any] = {}
+    if out.exists():
+        try:
+            previous = json.loads(out.read_text())
+        except json.JSONDecodeError as exc:
+            parser.error(f"--out {out}: not a JSON results file ({exc}); move it away or pick another path")
+        if not isinstance(previous, dict):
+            parser.error(f"--out {out}: expected a JSON object of parts, got {type(previous).__name__}")
+        results.update(previous)
     if "solver" in parts:
         results["solver"] = part_solver()
     if "melange" in parts:
@@ -514,8 +527,10 @@ def main() -> None:
         results["autoscale"] = part_autoscale(args.cache_dir)
     if "day" in parts:
         results["day"] = part_day(args.cache_dir, args.day_mean_rps, args.day_hours, args.window_s)
-    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    tmp.replace(out)  # atomic: an interrupted run leaves the last complete file
+    print(f"wrote {args.out} (updated: {', '.join(sorted(parts))})")
 
 
 if __name__ == "__main__":
