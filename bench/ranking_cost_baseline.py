@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,8 +29,8 @@ from scheduler.predictors.features import (
     _WORD_TASKS,
     _WORD_UNITS,
     RequestFeatures,
-    _chat_structure,
     _clip,
+    _content_text,
     _model_features,
     _number,
     model_key,
@@ -50,6 +51,42 @@ _DROP_CODE = str.maketrans("", "", _CODE_SYMBOLS)
 _TOKEN = re.compile(r"(?u)\b\w\w+\b")
 _ASCII_NON_WORD_TO_SPACE = str.maketrans({chr(c): " " for c in range(128) if not (chr(c).isalnum() or chr(c) == "_")})
 _INDEX_CACHE_MAX = 200_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Chat:
+    instruction: str
+    context_chars: int
+    system_chars: int
+    user_turns: int
+    assistant_turns: int
+    prior_assistant_chars: int
+
+
+def _chat_structure(record: Mapping[str, Any]) -> _Chat:
+    prompt = record.get("prompt")
+    if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+        prompt = "\n".join(prompt)
+    if isinstance(prompt, str):
+        return _Chat(prompt, 0, 0, 1, 0, 0)
+    messages = record.get("messages")
+    if not isinstance(messages, Sequence) or isinstance(messages, str):
+        return _Chat("", 0, 0, 0, 0, 0)
+    texts: list[tuple[str, str]] = []
+    for message in messages:
+        if isinstance(message, Mapping):
+            texts.append((str(message.get("role", "user")), _content_text(message.get("content"))))
+    last_user = max((i for i, (role, _) in enumerate(texts) if role == "user"), default=-1)
+    instruction = texts[last_user][1] if last_user >= 0 else (texts[-1][1] if texts else "")
+    before = texts[:last_user] if last_user >= 0 else texts[:-1]
+    return _Chat(
+        instruction=instruction,
+        context_chars=sum(len(t) for _, t in before),
+        system_chars=sum(len(t) for role, t in texts if role in ("system", "developer")),
+        user_turns=sum(1 for role, _ in texts if role == "user"),
+        assistant_turns=sum(1 for role, _ in before if role == "assistant"),
+        prior_assistant_chars=sum(len(t) for role, t in before if role == "assistant"),
+    )
 
 
 def _task_and_format(cue_words: list[str], lower: str) -> list[float]:

@@ -147,3 +147,37 @@ def test_substring_scan_refuses_bad_needles() -> None:
         SubstringScan([b"json", b"json"])
     with pytest.raises(ValueError, match="distinct, non-empty ASCII"):
         SubstringScan(["é".encode()])
+
+
+def _plain_chat(messages: list[Any]) -> dict[str, float]:
+    """The chat-structure features as feature spec 3 defines them, computed the plain way."""
+    turns = [(str(m.get("role", "user")), F._content_text(m.get("content"))) for m in messages if isinstance(m, dict)]
+    users = [i for i, (role, _) in enumerate(turns) if role == "user"]
+    last = users[-1] if users else -1
+    instruction = turns[last][1] if users else (turns[-1][1] if turns else "")
+    before = turns[:last] if users else turns[:-1]
+    return {
+        "log_instruction_chars": math.log1p(len(instruction)),
+        "log_context_chars": math.log1p(sum(len(t) for _, t in before)),
+        "log_system_chars": math.log1p(sum(len(t) for role, t in turns if role in ("system", "developer"))),
+        "n_user_turns": float(min(len(users), 50)),
+        "n_assistant_turns": float(min(sum(1 for role, _ in before if role == "assistant"), 50)),
+        "log_prior_assistant_chars": math.log1p(sum(len(t) for role, t in before if role == "assistant")),
+        "log_input_tokens": math.log1p((len(instruction) + sum(len(t) for _, t in before)) / 4.0),
+    }
+
+
+_MESSAGE = st.fixed_dictionaries(
+    {"content": st.one_of(st.text(max_size=30), st.none(),
+                          st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]),
+                                                          "text": st.text(max_size=10)}), max_size=3))},
+    optional={"role": st.sampled_from(["user", "assistant", "system", "developer", "tool", ""])},
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_MESSAGE | st.just("not a message"), max_size=8))
+def test_chat_structure_features_equal_the_plain_reference(messages: list[Any]) -> None:
+    dense = dict(zip(F.DENSE_FEATURE_NAMES, F.request_features({"messages": messages}).dense, strict=True))
+    plain = _plain_chat(messages)
+    assert {name: dense[name] for name in plain} == plain

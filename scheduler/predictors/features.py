@@ -190,21 +190,43 @@ _CODE_SYMBOLS = "{}();=<>[]_#/\\*&|$"
 # costs a third to a half of the str one, and the counts stay exact: in UTF-8 an ASCII byte
 # only ever encodes that ASCII character, every byte of any other character is >= 0x80).
 # `encode` with surrogatepass: a lone surrogate (JSON allows "\ud800") is just bytes >= 0x80.
-_DIGIT_BYTES, _UPPER_BYTES, _CODE_BYTES = b"0123456789", b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", _CODE_SYMBOLS.encode()
 # `_WORD.findall(lower)`: [a-z] bytes kept, every other byte to a space, then split
 _LETTERS_ONLY = bytes(c if 97 <= c <= 122 else 32 for c in range(256))
-# `len(text.split())` of an ASCII text: str whitespace to b" ", the rest to b"x", count b" x"
-_SPACE_OR_OTHER = bytes(32 if chr(c).isspace() else 120 for c in range(128)) + b"x" * 128
-# `_DIGITS` of an ASCII text, run over its characters' classes: digits to b"d", the letters its
-# lookahead accepts (either case) to b"a", other \w to b"w", \s and "-" to b"s", the rest to
-# b" "; the same pattern over those classes matches the same spans, and its search for a
-# literal "d" runs in C (~2.5 us against ~14 us for `_DIGITS` on a 1,600-character text,
-# which scans for \d position by position; issue 11, stop 23)
-_NUMBER_CLASSES = bytes(
-    100 if ch.isdigit() else 97 if ch.isalpha() and ch.lower() in "bceilnpqrstvw" else 119
-    if ch.isalnum() or ch == "_" else 115 if ch.isspace() or ch == "-" else 32
-    for ch in map(chr, range(128))) + b" " * 128
-_DIGITS_OF_CLASSES = re.compile(rb"d(?<![daw]d)d{0,4}(?=[as])")
+
+
+def _character_class(c: int) -> int:
+    ch = chr(c)
+    if c >= 128:
+        return ord(".")
+    if ch.isdigit():
+        return ord("d")
+    if ch.isalpha():  # `_DIGITS`' lookahead accepts these letters (either case) after a number
+        follows = ch.lower() in "bceilnpqrstvw"
+        return ord(("A" if follows else "U") if ch.isupper() else ("a" if follows else "w"))
+    if ch == "_":
+        return ord("_")
+    if ch == "\n":
+        return ord("n")
+    if ch.isspace():
+        return ord(" ")
+    if ch == "-":
+        return ord("h")
+    if ch == "?":
+        return ord("q")
+    return ord("c") if ch in _CODE_SYMBOLS else ord(".")
+
+
+# One translation of the text's bytes to a class per character (bytes >= 0x80 to "."), then
+# single-byte counts: digits "d", uppercase "A" + "U", code symbols "c" + "_", newlines "n",
+# question marks "q" (ASCII characters only, so these are exact for any text); and for an
+# ASCII text whitespace-separated words (str whitespace to b" ", the rest to b"x", count
+# b" x") and `_DIGITS`' numbers: the same pattern over the classes matches the same spans,
+# and its search for a literal "d" runs in C (~2.5 us against ~14 us for `_DIGITS` on a
+# 1,600-character text, which scans for \d position by position). Seven translations and
+# counts before (issue 11, stop 23).
+_CLASSES = bytes(map(_character_class, range(256)))
+_SPACE_OR_OTHER = bytes(32 if c in b" n" else 120 for c in range(256))
+_DIGITS_OF_CLASSES = re.compile(rb"d(?<![daAwU_]d)d{0,4}(?=[aA nh])")
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,7 +258,7 @@ def _content_text(content: Any) -> str:
     return ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Chat:
     instruction: str  # the last user turn (or the whole completion prompt)
     context_chars: int  # everything before it, system prompt included
@@ -259,17 +281,24 @@ def _chat_structure(record: Mapping[str, Any]) -> _Chat:
     for message in messages:
         if isinstance(message, Mapping):
             texts.append((str(message.get("role", "user")), _content_text(message.get("content"))))
-    last_user = max((i for i, (role, _) in enumerate(texts) if role == "user"), default=-1)
+    last_user = -1
+    for i, (role, _) in enumerate(texts):
+        if role == "user":
+            last_user = i
     instruction = texts[last_user][1] if last_user >= 0 else (texts[-1][1] if texts else "")
-    before = texts[:last_user] if last_user >= 0 else texts[:-1]
-    return _Chat(
-        instruction=instruction,
-        context_chars=sum(len(t) for _, t in before),
-        system_chars=sum(len(t) for role, t in texts if role in ("system", "developer")),
-        user_turns=sum(1 for role, _ in texts if role == "user"),
-        assistant_turns=sum(1 for role, _ in before if role == "assistant"),
-        prior_assistant_chars=sum(len(t) for role, t in before if role == "assistant"),
-    )
+    chat = _Chat(instruction, 0, 0, 0, 0, 0)
+    n_before = last_user if last_user >= 0 else len(texts) - 1  # the turns before the instruction
+    for i, (role, text) in enumerate(texts):
+        if role == "user":
+            chat.user_turns += 1
+        elif role in ("system", "developer"):
+            chat.system_chars += len(text)
+        if i < n_before:
+            chat.context_chars += len(text)
+            if role == "assistant":
+                chat.assistant_turns += 1
+                chat.prior_assistant_chars += len(text)
+    return chat
 
 
 def _number(record: Mapping[str, Any], key: str, default: float) -> float:
@@ -308,12 +337,12 @@ def _model_features(model: str) -> tuple[float, ...]:
     return (math.log1p(min(params_b, 10_000.0)), is_chat, *families)
 
 
-def _requested_count(text: str, raw: bytes) -> tuple[float, float, float]:
+def _requested_count(text: str, classes: bytes | None) -> tuple[float, float, float]:
     """(log of the largest explicit count asked for, unit is text length, unit is items).
-    `raw`: the text's UTF-8 bytes."""
+    `classes`: the `_CLASSES` of an ASCII text, None for another."""
     best, words, items = 0, 0.0, 0.0
-    if len(raw) == len(text):  # ASCII: `_DIGITS` over the character classes, in C
-        spans: Any = (m.span() for m in _DIGITS_OF_CLASSES.finditer(raw.translate(_NUMBER_CLASSES)))
+    if classes is not None:  # `_DIGITS` over the character classes, in C
+        spans: Any = (m.span() for m in _DIGITS_OF_CLASSES.finditer(classes))
     else:
         spans = (m.span() for m in _DIGITS.finditer(text))
     for start, end in spans:
@@ -353,17 +382,19 @@ def request_features(record: Mapping[str, Any]) -> RequestFeatures:
     text = _clip(chat.instruction)
     n = max(1, len(text))
     raw = text.encode("utf-8", "surrogatepass")
-    digits = len(raw) - len(raw.translate(None, _DIGIT_BYTES))
-    uppers = len(raw) - len(raw.translate(None, _UPPER_BYTES))
-    code = len(raw) - len(raw.translate(None, _CODE_BYTES))
-    n_words = (b" " + raw.translate(_SPACE_OR_OTHER)).count(b" x") if len(raw) == len(text) else len(text.split())
+    is_ascii = len(raw) == len(text)
+    classes = raw.translate(_CLASSES)
+    digits = classes.count(b"d")
+    uppers = classes.count(b"A") + classes.count(b"U")
+    code = classes.count(b"c") + classes.count(b"_")
+    n_words = (b" " + classes.translate(_SPACE_OR_OTHER)).count(b" x") if is_ascii else len(text.split())
     input_tokens = _number(record, "input_tokens", -1.0)
     if input_tokens < 0:  # ~4 characters per token for English BPE vocabularies
         input_tokens = (len(chat.instruction) + chat.context_chars) / 4.0
     max_tokens = _number(record, "max_tokens", _number(record, "max_completion_tokens", 0.0))
     # no number without a digit (\d is wider than 0-9 outside ASCII)
     count, unit_words, unit_items = (
-        _requested_count(text, raw) if digits or len(raw) != len(text) else (0.0, 0.0, 0.0))
+        _requested_count(text, classes if is_ascii else None) if digits or not is_ascii else (0.0, 0.0, 0.0))
     lower = text.lower()
     lower_raw = lower.encode("utf-8", "surrogatepass")
     words = lower_raw.translate(_LETTERS_ONLY).split()
@@ -378,8 +409,8 @@ def request_features(record: Mapping[str, Any]) -> RequestFeatures:
         math.log1p(chat.context_chars),
         math.log1p(chat.system_chars),
         math.log1p(n_words),
-        math.log1p(text.count("\n")),
-        float(min(text.count("?"), 20)),
+        math.log1p(classes.count(b"n")),
+        float(min(classes.count(b"q"), 20)),
         digits / n,
         code / n,
         1.0 if "```" in text else 0.0,
