@@ -82,14 +82,11 @@ _TOKEN = re.compile(r"(?u)\b\w\w+\b")  # scikit-learn's default token_pattern
 # characters, which no \w run crosses, so the tokens are the regex's over the whole text.
 _WORD_BYTES_OR_SPACE = bytes(c if c >= 128 or chr(c).isalnum() or c == 95 else 32 for c in range(256))
 _INDEX_CACHE_MAX = 200_000
-# up to this many grams a `collections.Counter` of their buckets costs less than sorting them
-# in numpy (~10 more numpy calls); above it, with hundreds of distinct buckets, more (issue 11)
-_FEW_GRAMS = 128
 
 Gram = bytes | tuple[bytes, bytes]  # a token, or two adjacent tokens (the bigram "a b")
-# The cache holds each gram's bucket as 4 bytes (int32, little-endian): the buckets of a text
-# are then one `b"".join` and one `np.frombuffer`, where `np.fromiter` over Python ints cost
-# ~190 instructions a gram (callgrind, issue 11 stop 23)
+# The cache holds each gram's bucket as 4 bytes (int32, little-endian): the distinct buckets
+# of a text are then one `b"".join` and one `np.frombuffer`, where `np.fromiter` over Python
+# ints cost ~190 instructions a bucket (callgrind, issue 11 stop 23)
 _BUCKET = struct.Struct("<i")
 _BUCKET_DTYPE = np.dtype("<i4")
 
@@ -118,11 +115,14 @@ class HashedTextLayer:
     weight and an idf; an unseen bucket has weight 0 and `idf_unseen`, which still counts in
     the norm. Tokens are UTF-8 bytes (`text_tokens`), a bigram is the pair of its tokens:
     the gram -> bucket cache (bounded) is looked up without building the bigram's string
-    (`b" ".join` is built, and hashed, only on a miss). The buckets of all grams go into one
-    numpy array, sorted, counted per bucket, and weighted in numpy over dense (weight, idf)
-    tables. Measured against the previous version (str tokens, joined bigrams,
-    `collections.Counter`): 2x less thread CPU on a 1,600-character answer
-    (`bench/ranking.py --predictor`, issue 11 stop 23)."""
+    (`b" ".join` is built, and hashed, only on a miss); `collections.Counter` (C) counts the
+    buckets, and the per-bucket arithmetic runs in numpy over dense (weight, idf) tables.
+    Counting by a numpy sort instead was ~10% faster for a 1,600-character answer with warm
+    caches but slower for a repetitive prompt, and slower for both when run after other work
+    (the cold-cache case a router's worker thread is in): the Counter took 6-15% less thread
+    CPU p50 there (issue 11, stop 23). Against the previous version (str tokens, joined bigrams, `np.fromiter` over ints):
+    `bench/ranking.py --predictor` prints the ratio.
+    """
 
     __slots__ = ("weights", "idf", "idf_unseen", "bias", "_index", "_murmur")
 
@@ -165,27 +165,11 @@ class HashedTextLayer:
         tokens = text_tokens(text.lower())
         if not tokens:
             return self.bias
-        n = 2 * len(tokens) - 1
         get = self._index.__getitem__
         try:
-            grams: Iterable[bytes] = chain(map(get, tokens), map(get, zip(tokens, tokens[1:], strict=False)))
-            if n <= _FEW_GRAMS:
-                return self._weigh_counted(Counter(grams))
-            joined = b"".join(grams)
+            counts = Counter(chain(map(get, tokens), map(get, zip(tokens, tokens[1:], strict=False))))
         except KeyError:  # some gram not hashed yet
-            grams = self._buckets_cold(tokens)
-            if n <= _FEW_GRAMS:
-                return self._weigh_counted(Counter(grams))
-            joined = b"".join(grams)
-        # count per bucket by sorting: fewer calls than a Counter of hundreds of distinct keys
-        buckets = np.sort(np.frombuffer(joined, dtype=_BUCKET_DTYPE))
-        first = np.empty(n, dtype=np.bool_)
-        first[0] = True
-        np.not_equal(buckets[1:], buckets[:-1], out=first[1:])
-        starts = np.flatnonzero(first)
-        return self._weigh(buckets[starts], np.diff(starts, append=n))
-
-    def _weigh_counted(self, counts: Counter[bytes]) -> float:
+            counts = Counter(self._buckets_cold(tokens))
         return self._weigh(np.frombuffer(b"".join(counts), dtype=_BUCKET_DTYPE),
                            np.fromiter(counts.values(), dtype=np.intp, count=len(counts)))
 
