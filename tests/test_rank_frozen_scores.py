@@ -1,12 +1,12 @@
 """The shipped ranker's scores on real prompts, frozen: every feature value, the text layer's
 output and the score of 339 requests built from ../shared/data (AlpacaEval instructions and
-answers, MT-Bench two-turn chats with a system prompt, GSM8K, MMLU; 12 to ~7,000 characters,
-ASCII and not, clipped and not) must equal what the scoring code computed before the
+answers, MT-Bench two-turn chats with a system prompt, GSM8K, MMLU; instructions of 17 to
+5,575 characters, 27 not ASCII, 26 clipped) must equal what the scoring code computed before the
 issue-11 cost work (main at 0eec9b5) to 1e-9, and the dense features bit for bit.
 
 The expected values live in tests/data/rank_scores_spec3.json, written by
 
-    TOKENYARD_SHARED_DATA=../shared/data python tests/test_rank_frozen_scores.py --write
+    TOKENYARD_SHARED_DATA=../shared/data PYTHONPATH=. python tests/test_rank_frozen_scores.py --write
 
 from the code they freeze; regenerate only when the feature spec or the shipped model
 changes on purpose (and say so in the commit)."""
