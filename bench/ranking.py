@@ -2,7 +2,7 @@
 simulator on the Azure conversation trace; and the ranker's cost per request.
 
     python bench/ranking.py [--requests 3000] [--max-num-seqs 64] [--tau 0.37] [--guard-s 60]
-    python bench/ranking.py --predictor      # scoring cost: one request, one core
+    python bench/ranking.py --predictor      # scoring cost: one request, one core, against the path before issue 11
     python bench/ranking.py --cap-study      # a lower batch cap to make a queue for SJF: does it pay?
 
 Output lengths come from the trace; predictions from `sim.rank_noise` at the Kendall tau
@@ -202,19 +202,39 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def predictor_cost(model_path: Path | None, samples: int) -> None:
+def _real_prompts(data: Path) -> list[str]:
+    """Two real prompts of ~1,600 characters (AlpacaEval answers used as texts to summarise,
+    one ASCII, one not), when the shared data is there: the synthetic 1,562-character prompt
+    repeats one sentence, which flatters the n-gram counting."""
+    path = data / "lengths" / "alpaca_eval" / "model_outputs" / "gpt4_1106_preview" / "model_outputs.json"
+    if not path.is_file():
+        return []
+    answers = [a["output"] for a in json.loads(path.read_text(encoding="utf-8"))]
+    pick = [next(a for a in answers if a.isascii() == ascii_only and 1400 < len(a) < 1800) for ascii_only in (True, False)]
+    return ["Summarise the following answer in three bullets.\n\n" + a for a in pick]
+
+
+def predictor_cost(model_path: Path | None, samples: int, data: Path) -> None:
     """Scoring one request on one core: wall time, and the thread's CPU time (what the
-    scoring costs a core, robust to a box shared with other jobs), for the fast path and
-    for scikit-learn's HashingVectorizer path (the baseline) in the same run."""
+    scoring costs a core, robust to a box shared with other jobs), for `score()` and, in the
+    same run and interleaved call by call, for the path before the issue-11 cost work
+    (bench/ranking_cost_baseline.py, the same features and scores) and for scikit-learn's
+    HashingVectorizer path."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from ranking_cost_baseline import BaselineScorer
+
     from scheduler.predictors.rank import load_rank_model
 
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     model = load_rank_model(model_path)
+    before = BaselineScorer(model)
     texts = ["What is the capital of France?",
              "Write a detailed, 800-word blog post about a trip to Japan, with headings and tips. " * 3,
-             "Summarise the following report.\n" + "The quarterly revenue grew by 4% while costs fell. " * 30]
+             "Summarise the following report.\n" + "The quarterly revenue grew by 4% while costs fell. " * 30,
+             *_real_prompts(data)]
     records: list[dict[str, Any]] = [{"messages": [{"role": "user", "content": t}], "model": "llama-3-8b", "max_tokens": 512} for t in texts]
+    print(f"box load average at start: {' / '.join(f'{x:.2f}' for x in os.getloadavg())} (1 / 5 / 15 min)")
 
     def library_path(record: dict[str, Any]) -> None:
         row = model.design_matrix([record])[0]  # dense features, text layer, model prior
@@ -222,40 +242,62 @@ def predictor_cost(model_path: Path | None, samples: int) -> None:
             np.array([row[:-2]]), model.text_scores([record["messages"][0]["content"]]), np.array([row[-1:]]),
         ]), num_threads=1)
 
+    paths = {"score": model.score, "before": before.score}
     for record in records:
-        wall: dict[str, list[float]] = {"fast": [], "library": []}
-        cpu: dict[str, list[float]] = {"fast": [], "library": []}
+        assert before.score(record) == model.score(record)  # the same number, or the ratio means nothing
+        # after other work: scikit-learn's path runs before every timed call (caches cold-ish,
+        # as on a router's worker thread between requests), for both paths alike
+        cold: dict[str, list[float]] = {name: [] for name in paths}
+        wall: list[float] = []
+        library: list[float] = []
         for _ in range(samples):
-            for name in ("fast", "library"):
-                c0, t0 = time.thread_time_ns(), time.perf_counter_ns()
-                if name == "fast":
-                    model.score(record)
-                else:
-                    library_path(record)
-                wall[name].append((time.perf_counter_ns() - t0) / 1000)
-                cpu[name].append((time.thread_time_ns() - c0) / 1000)
-        f = np.percentile(cpu["fast"], [50, 99])
-        lib = np.percentile(cpu["library"], [50, 99])
-        w = np.percentile(wall["fast"], [50, 99])
-        chars = len(record["messages"][0]["content"])
-        print(f"{chars:>5} chars: score() CPU p50 {f[0]:.0f} us p99 {f[1]:.0f} us (wall p50 {w[0]:.0f} p99 {w[1]:.0f}); "
-              f"scikit-learn hashing path CPU p50 {lib[0]:.0f} us p99 {lib[1]:.0f} us; ratio {lib[0] / f[0]:.2f}x")
+            for name, path in paths.items():
+                c0 = time.thread_time_ns()
+                library_path(record)
+                c1, t1 = time.thread_time_ns(), time.perf_counter_ns()
+                path(record)
+                cold[name].append((time.thread_time_ns() - c1) / 1000)
+                library.append((c1 - c0) / 1000)
+                if name == "score":
+                    wall.append((time.perf_counter_ns() - t1) / 1000)
+        # back to back: blocks of 50 calls of one path, then of the other (caches warm)
+        warm: dict[str, list[float]] = {name: [] for name in paths}
+        for _ in range(max(1, samples // 50)):
+            for name, path in paths.items():
+                for _ in range(50):
+                    c0 = time.thread_time_ns()
+                    path(record)
+                    warm[name].append((time.thread_time_ns() - c0) / 1000)
+        (f, b), (wf, wb) = ([np.percentile(t[name], [50, 99]) for name in paths] for t in (cold, warm))
+        w, lib = np.percentile(wall, [50, 99]), np.percentile(library, 50)
+        text = record["messages"][0]["content"]
+        kind = "" if text.isascii() else ", not ASCII"
+        print(f"{len(text):>5} chars{kind}: after other work score() CPU p50 {f[0]:.0f} us p99 {f[1]:.0f} us (wall p50 "
+              f"{w[0]:.0f} p99 {w[1]:.0f}), before p50 {b[0]:.0f} p99 {b[1]:.0f}, before/score() {b[0] / f[0]:.2f}x / "
+              f"{b[1] / f[1]:.2f}x; back to back score() p50 {wf[0]:.0f} p99 {wf[1]:.0f}, before p50 {wb[0]:.0f} p99 "
+              f"{wb[1]:.0f}, {wb[0] / wf[0]:.2f}x / {wb[1] / wf[1]:.2f}x; scikit-learn hashing path CPU p50 {lib:.0f} us")
     # the loop above hashes each n-gram once and then hits the gram -> bucket cache; a prompt
     # never seen before pays murmurhash for each of its n-grams
     layer = model._text_layer
     assert layer is not None
-    cold: list[float] = []
-    for _ in range(max(1, samples // 4)):
-        layer._index.clear()
+    for record in records[2:]:
+        fresh: dict[str, list[float]] = {"score": [], "before": []}
+        for _ in range(max(1, samples // 4)):
+            for name, cache in (("score", layer._index), ("before", before.text_layer._index)):
+                cache.clear()
+                c0 = time.thread_time_ns()
+                paths[name](record)
+                fresh[name].append((time.thread_time_ns() - c0) / 1000)
+        (p50, p99), (b50, b99) = (np.percentile(fresh[name], [50, 99]) for name in fresh)
+        print(f"{len(record['messages'][0]['content']):>5} chars, n-gram cache cleared before each call: score() CPU p50 "
+              f"{p50:.0f} us p99 {p99:.0f} us; before p50 {b50:.0f} us p99 {b99:.0f} us ({b50 / p50:.2f}x / {b99 / p99:.2f}x)")
+    batch = records[:3] * 100
+    for name, score_all in (("score_batch", model.score_batch),
+                            ("before (one at a time)", lambda rs: [before.score(r) for r in rs])):
         c0 = time.thread_time_ns()
-        model.score(records[-1])
-        cold.append((time.thread_time_ns() - c0) / 1000)
-    p50, p99 = np.percentile(cold, [50, 99])
-    print(f"{len(texts[-1]):>5} chars, n-gram cache cleared before each call: score() CPU p50 {p50:.0f} us p99 {p99:.0f} us")
-    batch = records * 100
-    c0 = time.thread_time_ns()
-    model.score_batch(batch)
-    print(f"score_batch of {len(batch)}: {(time.thread_time_ns() - c0) / len(batch) / 1000:.0f} us CPU per request")
+        score_all(batch)
+        print(f"{name} of {len(batch)}: {(time.thread_time_ns() - c0) / len(batch) / 1000:.0f} us CPU per request")
+    print(f"box load average at end: {' / '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 def main() -> int:
@@ -279,7 +321,7 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=2000)
     args = parser.parse_args()
     if args.predictor:
-        predictor_cost(args.model, args.samples)
+        predictor_cost(args.model, args.samples, args.data)
         return 0
     if args.cap_study:
         cap_study(args)

@@ -1,7 +1,8 @@
 """The fast scoring path (`RankModel.score`) against a straightforward reference: the text
 layer by scikit-learn, the booster by `Booster.predict`, and the features that the fast path
-computes differently (word split, number + unit scan, brevity regex, cue-word counts,
-cached model-name features) recomputed the plain way, as feature spec 3 defines them."""
+computes differently (word split and count, number + unit scan, brevity regex, cue-word and
+format-cue counts, character-class fractions, cached model-name features) recomputed the
+plain way, as feature spec 3 defines them; `SubstringScan` against `bytes.count`."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 
 from scheduler.predictors import features as F
 from scheduler.predictors.rank import RankModel, load_rank_model
+from scheduler.predictors.substrings import SubstringScan
 
 _PLAIN_DIGITS = re.compile(r"\b\d{1,5}")
 _PLAIN_BREVITY = re.compile(
@@ -46,6 +48,13 @@ def _plain_changed_features(text: str, model: str) -> dict[str, float]:
            "starts_with_task_verb": float(first in F._TASK_VERBS)}
     for name, vocab in F._TASK_WORDS.items():
         out[f"task_{name}"] = float(min(10, sum(1 for w in words if w in vocab)))
+    for name, cues in F._FORMAT_CUES.items():
+        out[f"format_{name}"] = float(min(10, sum(lower.count(cue) for cue in cues)))
+    n = max(1, len(text))
+    out["instruction_words_log"] = math.log1p(len(text.split()))
+    out["digit_fraction"] = sum(c in "0123456789" for c in text) / n
+    out["upper_fraction"] = sum("A" <= c <= "Z" for c in text) / n
+    out["code_symbol_fraction"] = sum(c in "{}();=<>[]_#/\\*&|$" for c in text) / n
     name = model.lower()
     match = F._PARAMS_B.search(name)
     out["model_log_params_b"] = math.log1p(min(float(match.group(1)) if match else 0.0, 10_000.0))
@@ -91,11 +100,20 @@ def test_fast_score_equals_the_plain_reference(model: RankModel) -> None:
         assert model.score(record) == pytest.approx(_plain_score(model, record), abs=1e-9), prompt
 
 
-@settings(max_examples=80, deadline=None)
-@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=400)
-       | st.lists(st.sampled_from(["write", "7", "words", "list", "12-items", "Brief", "code", "é", "yes or no",
-                                   "step by step", "a", "Why", "-", "json"]), max_size=60).map(" ".join),
-       st.sampled_from(_MODELS))
+_PIECES = ["write", "7", "words", "list", "12-items", "Brief", "code", "é", "yes or no", "step by step", "a", "Why",
+           "-", "json", "step-by-step by step", "no explanationo explanation", "ſhort", "İn a word", "ıtems", "K",
+           "\ud800", "Just the", "tl;dr", "TLDR", "123456", "5\tpages", "٣ words", "in detail", "csvcsv", "long",
+           "belong", "fully", "a number", "which one", "only answer", "concisely", "Summarize", "5-steps", "x2",
+           "\u2019s", "\n", "```", "(", "?", "ONE SENTENCE", "one line", "at least", "__", "3B", "tabletable"]
+_TEXTS = (st.text(alphabet=st.characters(codec="utf-8"), max_size=400)
+          | st.text(alphabet=st.characters(), max_size=60)  # lone surrogates too
+          | st.lists(st.sampled_from(_PIECES), max_size=60).map(" ".join)
+          | st.lists(st.sampled_from(_PIECES), min_size=60, max_size=400).map(" ".join)  # the numpy scan
+          | st.lists(st.sampled_from(_PIECES), max_size=200).map("".join))
+
+
+@settings(max_examples=200, deadline=None)
+@given(_TEXTS, st.sampled_from(_MODELS))
 def test_fast_score_equals_the_plain_reference_on_any_text(model: RankModel, text: str, name: str) -> None:
     record = {"prompt": text, "model": name}
     assert model.score(record) == pytest.approx(_plain_score(model, record), abs=1e-9)
@@ -108,3 +126,58 @@ def test_fast_score_equals_the_plain_reference_on_held_out_prompts(model: RankMo
     for i, row in enumerate(rows):
         record = {"prompt": row["instruction"], "model": _MODELS[i % 6]}
         assert model.score(record) == pytest.approx(_plain_score(model, record), abs=1e-9), row["instruction"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["json", "step by step", "step", " by ", "-", "csv", "no explanation", "n", "o ",
+                                 "long", "x", "\u00e9", "\u2019", "aaaa", "aa"]), max_size=300).map("".join))
+def test_substring_scan_counts_as_bytes_count(text: str) -> None:
+    needles = [b"json", b"step by step", b"step-by-step", b"csv", b"no explanation", b"long", b"aaa", b"aaaa"]
+    scan = SubstringScan(needles, keep_positions=[0, 4, 6])
+    data = text.encode()
+    counts, kept = scan.scan(data)
+    assert counts == [data.count(n) for n in needles]
+    want = sorted(((i, m.start()) for i in (0, 4, 6) for m in re.finditer(b"(?=" + re.escape(needles[i]) + b")", data)),
+                  key=lambda hit: hit[1])
+    assert sorted(kept, key=lambda hit: (hit[1], hit[0])) == sorted(want, key=lambda hit: (hit[1], hit[0]))
+
+
+def test_substring_scan_refuses_bad_needles() -> None:
+    with pytest.raises(ValueError, match="distinct, non-empty ASCII"):
+        SubstringScan([b"json", b"json"])
+    with pytest.raises(ValueError, match="distinct, non-empty ASCII"):
+        SubstringScan(["é".encode()])
+
+
+def _plain_chat(messages: list[Any]) -> dict[str, float]:
+    """The chat-structure features as feature spec 3 defines them, computed the plain way."""
+    turns = [(str(m.get("role", "user")), F._content_text(m.get("content"))) for m in messages if isinstance(m, dict)]
+    users = [i for i, (role, _) in enumerate(turns) if role == "user"]
+    last = users[-1] if users else -1
+    instruction = turns[last][1] if users else (turns[-1][1] if turns else "")
+    before = turns[:last] if users else turns[:-1]
+    return {
+        "log_instruction_chars": math.log1p(len(instruction)),
+        "log_context_chars": math.log1p(sum(len(t) for _, t in before)),
+        "log_system_chars": math.log1p(sum(len(t) for role, t in turns if role in ("system", "developer"))),
+        "n_user_turns": float(min(len(users), 50)),
+        "n_assistant_turns": float(min(sum(1 for role, _ in before if role == "assistant"), 50)),
+        "log_prior_assistant_chars": math.log1p(sum(len(t) for role, t in before if role == "assistant")),
+        "log_input_tokens": math.log1p((len(instruction) + sum(len(t) for _, t in before)) / 4.0),
+    }
+
+
+_MESSAGE = st.fixed_dictionaries(
+    {"content": st.one_of(st.text(max_size=30), st.none(),
+                          st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]),
+                                                          "text": st.text(max_size=10)}), max_size=3))},
+    optional={"role": st.sampled_from(["user", "assistant", "system", "developer", "tool", ""])},
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_MESSAGE | st.just("not a message"), max_size=8))
+def test_chat_structure_features_equal_the_plain_reference(messages: list[Any]) -> None:
+    dense = dict(zip(F.DENSE_FEATURE_NAMES, F.request_features({"messages": messages}).dense, strict=True))
+    plain = _plain_chat(messages)
+    assert {name: dense[name] for name in plain} == plain
