@@ -366,6 +366,7 @@ class Router:
         # An updated record with a new URL simply gets a new pool (pools are per URL).
         if event == "removed":
             self.health.forget(record.instance_id)
+            self._attempts_ok.pop(record.instance_id, None)  # a fleet that churns pods must not grow it
             if not any(r.url == record.url for r in self.registry.records()):
                 self.pools.drop(record.url)  # requests in flight to it finish first
 
