@@ -99,6 +99,22 @@ class _UpstreamBody:
         return self._plain
 
 
+class _Hold:
+    """A provisional in-flight count on an instance (`registry.inflight_started` already
+    called), ended once: by `_forward`'s first attempt, or when the request ends first."""
+
+    __slots__ = ("registry", "instance_id")
+
+    def __init__(self, registry: InstanceRegistry, instance_id: str) -> None:
+        self.registry = registry
+        self.instance_id: str | None = instance_id
+
+    def __call__(self) -> None:
+        if self.instance_id is not None:
+            self.registry.inflight_finished(self.instance_id)
+            self.instance_id = None
+
+
 class Router:
     """The ASGI app plus what it needs: registry, store, dispatcher, health, load."""
 
@@ -110,6 +126,14 @@ class Router:
         self.metrics = RouterMetrics()
         self.metrics.expose_instance_inflight(
             lambda: [(state.instance_id, state.router_inflight) for state in self.registry.instances()])
+        # The metric children every answered request updates, bound here: each
+        # `metrics.child(...)` or `inc()` is a Python call from the compiled request path,
+        # a dict hit in it is not (bench/router_instructions.py, issue #17 stop 23).
+        self._inflight_gauge = self.metrics.inflight.unlabelled()
+        self._decide_hist = self.metrics.decide_seconds.unlabelled()
+        self._answered: dict[tuple[str, str, int], Any] = {}  # (tenant, model, status) -> requests child
+        self._first_byte: dict[tuple[str, str], Any] = {}  # (tenant, model) -> first-byte histogram child
+        self._attempts_ok: dict[str, Any] = {}  # instance -> attempts{outcome="ok"} child
         self.dispatcher = Dispatcher(config, self.registry, store, seed=seed)
         if config.plugin_sample_every:
             self.dispatcher.layer.set_observer(PluginMetrics(self.metrics, config.plugin_sample_every))
@@ -342,6 +366,7 @@ class Router:
         # An updated record with a new URL simply gets a new pool (pools are per URL).
         if event == "removed":
             self.health.forget(record.instance_id)
+            self._attempts_ok.pop(record.instance_id, None)  # a fleet that churns pods must not grow it
             if not any(r.url == record.url for r in self.registry.records()):
                 self.pools.drop(record.url)  # requests in flight to it finish first
 
@@ -544,6 +569,7 @@ class Router:
         tenant.retry_budget.on_request()
         policy = self.dispatcher.policies[self.dispatcher.policy_name(tenant)]
         info = self.dispatcher.request_info(body, chat, tenant, request_id, session_id)
+        awaited_nothing = self.ranker is None and self.admission is None
         if self.ranker is not None:
             info = await self.ranker.annotate(info, body)
         if self.config.forward_priority:
@@ -564,8 +590,15 @@ class Router:
                 return
         try:
             t0 = time.perf_counter()
-            decision = await self.dispatcher.decide(info, policy, explain)
-            self.metrics.decide_seconds.observe(time.perf_counter() - t0)
+            dispatcher = self.dispatcher
+            if info.session_id is None or not dispatcher.affinity_active:
+                # Nothing to await without session affinity: no coroutine for the decision.
+                # The model's candidates read above still hold unless the ranker or the
+                # admission queue awaited since (membership may have changed meanwhile).
+                decision = dispatcher.decide_local(info, policy, explain, candidates if awaited_nothing else None)
+            else:
+                decision = await dispatcher.decide(info, policy, explain)
+            self._decide_hist.observe(time.perf_counter() - t0)
         except NoInstanceAvailable as unplaceable:
             if self.admission is not None:
                 self.admission.unreserve(reserved)
@@ -583,27 +616,25 @@ class Router:
         if output_tokens:
             headers += b"X-Tokenyard-Output-Tokens: " + output_tokens + b"\r\n"
         budget = self._budget(tenant, info, started_s, deadline_s, None if stream else deadline_s)
-        self.metrics.inflight.inc()
+        inflight_gauge = self._inflight_gauge
+        inflight_gauge.value += 1
+        extensions = scope.get("extensions") or {}
+        gone = extensions.get("tokenyard.disconnected")
         # The request counts as in flight on its pick from now until _forward counts its
         # first attempt: under a server without the disconnect future _forward runs as a
         # task (so a client leaving can cancel it), and without this the requests arriving
         # before that task starts would all see the instance free (the admission queue's
-        # saturation check reads these counts).
+        # saturation check reads these counts). Run inline (the built-in server), _forward
+        # counts its first attempt before anything else runs: no provisional count then,
+        # unless admission reserved one.
         held = reserved
-        if held is None:
+        if held is None and gone is None:
             held = decision.instance_id
             self.registry.inflight_started(held)
-
-        def hand_over() -> None:
-            nonlocal held
-            if held is not None:
-                self.registry.inflight_finished(held)
-                held = None
-
+        hold = _Hold(self.registry, held) if held is not None else None
         meter = self._meter(send)
         client_left = False
         try:
-            gone = scope.get("extensions", {}).get("tokenyard.disconnected")
             if gone is not None:
                 # The built-in server resolves `gone` when the client's connection goes: its
                 # callback cancels this very task, so forwarding runs inline, with no task
@@ -611,19 +642,20 @@ class Router:
                 # were ~8% of the router's profile; bench/router_instructions.py, #17).
                 client_left = await self._forward_inline(gone, self._forward(
                     meter or send, receive, path, upstream_body, headers, stream, info, policy, decision, tenant,
-                    budget, started_s, rid_header, hand_over))
+                    budget, started_s, rid_header, hold), extensions.get("tokenyard.task"))
             else:
                 forward = asyncio.ensure_future(self._forward(
                     meter or send, receive, path, upstream_body, headers, stream, info, policy, decision, tenant,
-                    budget, started_s, rid_header, hand_over))
+                    budget, started_s, rid_header, hold))
                 client_left = not await _unless_client_leaves(forward, receive)
             if client_left:
                 # The client left: the attempt was cancelled, which closed the engine
                 # connection, and the engine cancels the request (both modes).
                 self.metrics.request_done(tenant.name, info.model, CLIENT_GONE_STATUS)
         finally:
-            hand_over()  # cancelled before it started
-            self.metrics.inflight.dec()
+            if hold is not None:
+                hold()  # cancelled before it started
+            inflight_gauge.value -= 1
             if info.request_id in self._counted_at_hold:
                 self._counted_at_hold.discard(info.request_id)  # counted as demand when it was held
             elif meter is not None and self.workload is not None:
@@ -634,12 +666,17 @@ class Router:
                 self.admission.release()  # capacity freed: held requests may go
 
     @staticmethod
-    async def _forward_inline(gone: asyncio.Future[None], work: Coroutine[Any, Any, None]) -> bool:
+    async def _forward_inline(gone: asyncio.Future[None], work: Coroutine[Any, Any, None],
+                              task: asyncio.Task[Any] | None = None) -> bool:
         """Run `work` in this task; True when the client left first (`gone` resolved), which
         cancelled it: the attempt's CancelledError closed the engine connection, and the
-        engine cancels the request. A cancellation of the task from elsewhere propagates."""
-        task = asyncio.current_task()
-        assert task is not None
+        engine cancels the request. A cancellation of the task from elsewhere propagates.
+        `task`: this task, as the server names it (scope extension `tokenyard.task`): in
+        Python 3.11 `asyncio.current_task()` is a Python call and a getpid() syscall per
+        request (strace, docs/benchmarks.md issue 17)."""
+        if task is None:
+            task = asyncio.current_task()
+            assert task is not None
         state = [False, False]  # [work over, client left]
 
         def on_gone(_: asyncio.Future[None]) -> None:
@@ -726,9 +763,10 @@ class Router:
     async def _forward(self, send: Send, receive: Receive, path: str, upstream_body: _UpstreamBody, headers: bytes,
                        stream: bool, info: RequestInfo, policy: Any, decision: Any, tenant: Tenant,
                        budget: _Budget, started_s: float, rid_header: list[tuple[bytes, bytes]],
-                       hand_over: Callable[[], None] = lambda: None) -> None:
+                       hand_over: Callable[[], None] | None = None) -> None:
         """Try the decision's instances in order. `hand_over` ends the caller's provisional
-        in-flight count; it is called once the first attempt is counted (or none will be)."""
+        in-flight count (None: there is none); it is called once the first attempt is
+        counted (or none will be)."""
         config = self.config
         failures: list[str] = []
         attempts = 0
@@ -756,7 +794,8 @@ class Router:
             if config.first_byte_timeout_s is not None and config.first_byte_timeout_s < timeout_s:
                 timeout_s = config.first_byte_timeout_s
             self.registry.inflight_started(instance_id, info.input_tokens)
-            hand_over()
+            if hand_over is not None:
+                hand_over()
             policy.on_dispatch(info, instance_id)
             try:
                 outcome = await self._attempt(send, receive, record, path, upstream_body, headers, stream, timeout_s,
@@ -834,14 +873,21 @@ class Router:
                 response.abort()
             raise
         self.health.on_success(instance_id)
-        self.metrics.child(self.metrics.attempts, instance_id, "ok").inc()
-        self.metrics.child(self.metrics.first_byte, tenant.name, info.model).observe(
-            time.monotonic() - started_s)
+        attempts_ok = self._attempts_ok.get(instance_id)
+        if attempts_ok is None:
+            attempts_ok = self._attempts_ok[instance_id] = self.metrics.child(self.metrics.attempts, instance_id, "ok")
+        attempts_ok.value += 1
+        first_byte_key = (tenant.name, info.model)
+        first_byte = self._first_byte.get(first_byte_key)
+        if first_byte is None:
+            first_byte = self._first_byte[first_byte_key] = self.metrics.child(self.metrics.first_byte,
+                                                                               *first_byte_key)
+        first_byte.observe(time.monotonic() - started_s)
         instance_header = (b"x-tokenyard-instance", instance_id.encode("latin-1"))
         if not (stream and response.status == 200):
             if not complete:
                 await self._relay_body(send, response, parts, budget, instance_id, [rid_header[0], instance_header])
-                self.metrics.request_done(tenant.name, info.model, response.status)
+                self._count_answer(tenant.name, info.model, response.status)
                 return None
             body = b"".join(parts)
             if response.status == 200 and response.header(MIGRATED_HEADER) is not None:
@@ -869,11 +915,19 @@ class Router:
                 (b"content-type", content_type), (b"content-length", str(len(body)).encode()),
                 *rid_header, instance_header]})
             await send({"type": "http.response.body", "body": body})
-            self.metrics.request_done(tenant.name, info.model, response.status)
+            self._count_answer(tenant.name, info.model, response.status)
             return None
         await self._relay(send, response, first, instance_id, budget, [*rid_header, instance_header])
-        self.metrics.request_done(tenant.name, info.model, 200)
+        self._count_answer(tenant.name, info.model, 200)
         return None
+
+    def _count_answer(self, tenant: str, model: str, status: int) -> None:
+        """`metrics.request_done` for an answered request, through a child bound here."""
+        key = (tenant, model, status)
+        child = self._answered.get(key)
+        if child is None:
+            child = self._answered[key] = self.metrics.child(self.metrics.requests, tenant, model, str(status))
+        child.value += 1
 
     async def _relay_body(self, send: Send, response: Any, parts: list[bytes], budget: _Budget, instance_id: str,
                           extra_headers: list[tuple[bytes, bytes]]) -> None:

@@ -99,6 +99,9 @@ class Dispatcher:
         self.max_candidates = self.layer.max_candidates
         self.affinity_enabled = config.policy.affinity.enabled
         self.affinity_ttl_s = config.policy.affinity.ttl_s
+        # Whether `decide` may consult the store for a session's owner; when not (or the
+        # request has no session), `decide_local` is the whole decision and needs no await.
+        self.affinity_active = store is not None and self.affinity_enabled
         self._snapshot: Sequence[InstanceState] | None = None
         self._by_model: dict[str, tuple[InstanceState, ...]] = {}
         self._models: list[str] = []
@@ -172,14 +175,18 @@ class Dispatcher:
         return self._index().get(model.lower(), ())
 
     # -- decisions ----------------------------------------------------------------------
-    def decide_local(self, info: RequestInfo, policy: DispatchPolicy, explain: bool = False) -> Decision:
-        """The policy's decision over this model's instances (pure CPU, no I/O)."""
-        return self.layer.decide(policy, self.candidates(info.model), info, time.monotonic(),
-                                 fallback=self.registry.instances(), explain=explain)
+    def decide_local(self, info: RequestInfo, policy: DispatchPolicy, explain: bool = False,
+                     group: Sequence[InstanceState] | None = None) -> Decision:
+        """The policy's decision over this model's instances (pure CPU, no I/O). `group`:
+        `candidates(info.model)` when the caller has just read it (nothing ran since)."""
+        if group is None:
+            group = self.candidates(info.model)
+        return self.layer.decide(policy, group, info, time.monotonic(), fallback=self.registry.instances(),
+                                 explain=explain)
 
     async def decide(self, info: RequestInfo, policy: DispatchPolicy, explain: bool = False) -> Decision:
         decision = self.decide_local(info, policy, explain)
-        if info.session_id is None or self.store is None or not self.affinity_enabled:
+        if info.session_id is None or not self.affinity_active:
             return decision
         return await self._apply_affinity(info, decision)
 

@@ -126,7 +126,10 @@ class Http1Protocol(asyncio.Protocol):
         self.disconnected: asyncio.Future[None] = self.loop.create_future()
         # Resolved when the client's connection is gone: an app can watch it with a
         # done-callback instead of a task blocked in receive() (router/app.py does).
-        self.extensions = {"tokenyard.disconnected": self.disconnected}
+        # `tokenyard.task` (set when the connection's first request starts) is the task
+        # the app runs in, awaited there, never spawned: an app that cancels it need not
+        # ask `asyncio.current_task()` per request.
+        self.extensions: dict[str, Any] = {"tokenyard.disconnected": self.disconnected}
         self.writable: asyncio.Future[None] | None = None
         # One lazily re-armed timer per connection (see _arm): the current limit is a
         # deadline (loop time) and a callback; the timer handle is not replaced per request.
@@ -279,6 +282,7 @@ class Http1Protocol(asyncio.Protocol):
             self.transport.pause_reading()  # a client pipelining without reading answers
         if self.worker is None:
             self.worker = self.loop.create_task(self._serve())
+            self.extensions["tokenyard.task"] = self.worker
         elif self.wakeup is not None and not self.wakeup.done():
             self.wakeup.set_result(None)
 
@@ -483,7 +487,9 @@ def _response_head(status: int, headers: Any, keep_alive: bool, http10: bool) ->
     for name, value in headers:
         if len(name) == 14 and name.lower() == b"content-length":  # no lower() for the others
             has_length = True
-        lines.append(name + b": " + value + b"\r\n")
+        # Four parts for the one join below, not three concatenations (each a new bytes)
+        # per header.
+        lines.extend((name, b": ", value, b"\r\n"))
     chunked = False
     if not has_length:
         if http10:  # no chunked framing for HTTP/1.0: the close delimits the body

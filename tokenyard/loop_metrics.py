@@ -158,6 +158,12 @@ class LoopGauge(_Family):
         assert self._unlabelled is not None, f"{self.name} has labels: use labels(...).set()"
         self._unlabelled.value = float(value)
 
+    def unlabelled(self) -> _GaugeChild:
+        """The one child of a gauge without labels, for a caller to keep (a bound child:
+        `value` updated in place, no method call per update)."""
+        assert self._unlabelled is not None, f"{self.name} has labels: use labels(...)"
+        return self._unlabelled
+
     def collect(self) -> GaugeMetricFamily:
         family = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
         children = self.items() if self.labelnames else [((), self._unlabelled)]
@@ -190,6 +196,12 @@ class LoopHistogram(_Family):
     def observe(self, amount: float) -> None:
         assert self._unlabelled is not None, f"{self.name} has labels: use labels(...).observe()"
         self._unlabelled.observe(amount)
+
+    def unlabelled(self) -> _HistogramChild:
+        """The one child of a histogram without labels, for a caller to keep (one call per
+        observation instead of two)."""
+        assert self._unlabelled is not None, f"{self.name} has labels: use labels(...)"
+        return self._unlabelled
 
     def collect(self) -> HistogramMetricFamily:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
