@@ -68,8 +68,8 @@ from scheduler.planner.autoscale import (
     AutoscalerConfig,
     PlanChoice,
     PoolObservation,
+    PoolSetSwitch,
     decide_targets,
-    keep_or_switch,
     pool_loads,
 )
 from scheduler.planner.fleet import LiveInstance, last_request_by_pool, pool_step
@@ -411,8 +411,7 @@ class ControlPlane:
         self._routing_version = 0
         self.rank_noise_sd: float | None = None  # the prediction noise the latest keyed solve planned for
         self.plan_rank_noise_sd: float | None = None  # ... and the one `plan` was solved with (a failed solve keeps it)
-        self.plan_choices: list[tuple[float, PlanChoice]] = []  # the latest re-solves' keep/switch (bounded)
-        self.last_pool_change_s = -math.inf  # when a re-solve last changed the pool set (switch_dwell_s)
+        self.switch = PoolSetSwitch(config.autoscaler, keep=100)  # the re-solves' keep/switch (the latest 100)
 
     # -- inputs ---------------------------------------------------------------------------
     def _grid(self, merged: Mapping[str, LengthHistogram], now_s: float) -> tuple[list[float], dict[int, float]]:
@@ -448,6 +447,11 @@ class ControlPlane:
         # slot, so a pool at zero starts now rather than a whole slot later.
         return [r if r > 0 else f for r, f in zip(rates, fresh, strict=True)], seen
 
+    @property
+    def plan_choices(self) -> list[tuple[float, PlanChoice]]:
+        """The re-solves' keep/switch choices (`PoolSetSwitch.choices`)."""
+        return self.switch.choices
+
     def _resolve(self, rates: Sequence[float], now_s: float) -> None:
         cols = len(self.config.output_edges) - 1
         grid = [list(rates[r * cols:(r + 1) * cols]) for r in range(len(self.config.input_edges) - 1)]
@@ -466,11 +470,7 @@ class ControlPlane:
                                extra={"error": str(exc)})
             self._count("solve_errors")
             return
-        choice = keep_or_switch(self.plan, candidate, problem, self.config.autoscaler, now_s - self.last_pool_change_s)
-        self.plan_choices.append((now_s, choice))
-        if choice.pool_swap:
-            self.last_pool_change_s = now_s
-        del self.plan_choices[:-100]
+        choice = self.switch.choose(self.plan, candidate, problem, now_s)
         if self.metrics is not None:
             self.metrics.plan_decisions.labels(choice.reason).inc()
         log.info("pool plan re-solved", extra={"decision": choice.reason, "instances": choice.plan.instances(),

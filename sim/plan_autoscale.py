@@ -39,8 +39,8 @@ from scheduler.planner.autoscale import (
     InstanceView,
     PlanChoice,
     PoolObservation,
+    PoolSetSwitch,
     decide_targets,
-    keep_or_switch,
     pool_loads,
     reconcile,
 )
@@ -123,8 +123,7 @@ class AutoscaledDispatch:
         self.resolve_interval_s = resolve_interval_s
         self.last_solve_s = -math.inf
         self.plan_changes: list[PlanChange] = []  # the plan chosen at each re-solve
-        self.plan_choices: list[tuple[float, PlanChoice]] = []  # every re-solve's keep_or_switch
-        self.last_pool_change_s = -math.inf  # when a re-solve last changed the pool set (switch_dwell_s)
+        self.switch = PoolSetSwitch(config)  # every re-solve's keep_or_switch
         self.pool_sizes = {p.name: p.count for p in cluster.pools}
         self._wake_s = math.inf  # the next tick or cold-start end
 
@@ -197,6 +196,11 @@ class AutoscaledDispatch:
         starting = [i.ready_s for i in self.instances.values() if i.state == "starting"]
         self._wake_s = min(self.next_tick_s, *starting) if starting else self.next_tick_s
 
+    @property
+    def plan_choices(self) -> list[tuple[float, PlanChoice]]:
+        """The re-solves' keep/switch choices (`PoolSetSwitch.choices`)."""
+        return self.switch.choices
+
     def _resolve(self, t: float, rates: Mapping[int, float]) -> None:
         """Re-solve the plan from the window's rates (the live control plane's `_resolve`),
         switch to it or stay on the current pools (`keep_or_switch`, the hysteresis on the
@@ -214,10 +218,7 @@ class AutoscaledDispatch:
             candidate = solve(problem, time_limit_s=10.0)
         except PlanError:
             return
-        choice = keep_or_switch(self.plan, candidate, problem, self.config, t - self.last_pool_change_s)
-        self.plan_choices.append((t, choice))
-        if choice.pool_swap:
-            self.last_pool_change_s = t
+        choice = self.switch.choose(self.plan, candidate, problem, t)
         if choice.plan is self.plan:
             return  # held: the plan and its routing table stand (the live loop publishes nothing either)
         self.plan = choice.plan
@@ -396,7 +397,7 @@ def simulate_autoscaled(cluster: ClusterSpec, requests: Sequence[TraceRequest], 
     usd = sum((stop - begin) / 3600.0 * price[i.pool]
               for i in wrapper.instances.values() for begin, stop in i.intervals)
     return AutoscaleRun(result, wrapper.events, intervals, usd, (start, end), check_no_aborts(result, intervals),
-                        wrapper.plan_changes, wrapper.plan_choices)
+                        wrapper.plan_changes, wrapper.switch.choices)
 
 
 def autoscale_from_plan(verified: Verified, inputs: PlanInputs, workload: Workload, requests: Sequence[TraceRequest],

@@ -269,3 +269,26 @@ def keep_or_switch(current: Plan | None, candidate: Plan, problem: PlanProblem, 
         return PlanChoice(candidate, "cheaper", keep.usd_per_hour, candidate.usd_per_hour)
     return PlanChoice(keep, "kept" if plan_pools(keep) == pools else "dropped", keep.usd_per_hour,
                       candidate.usd_per_hour)
+
+
+class PoolSetSwitch:
+    """`keep_or_switch` with what it needs between re-solves, kept once for both drivers:
+    when the pool set last changed (the dwell's clock) and the re-solves' choices
+    (`keep`: the latest this many; None: all, as a simulated run reports them)."""
+
+    def __init__(self, config: AutoscalerConfig, keep: int | None = None) -> None:
+        self.config = config
+        self.keep = keep
+        self.last_pool_change_s = -math.inf
+        self.choices: list[tuple[float, PlanChoice]] = []
+
+    def choose(self, current: Plan | None, candidate: Plan, problem: PlanProblem, now_s: float,
+               time_limit_s: float = 10.0) -> PlanChoice:
+        """The re-solve at `now_s`: `keep_or_switch`, recorded, the dwell's clock moved on a swap."""
+        choice = keep_or_switch(current, candidate, problem, self.config, now_s - self.last_pool_change_s, time_limit_s)
+        self.choices.append((now_s, choice))
+        if self.keep is not None:
+            del self.choices[:-self.keep]
+        if choice.pool_swap:
+            self.last_pool_change_s = now_s
+        return choice
