@@ -27,10 +27,13 @@ import grpc
 
 from scheduler.priority_headroom import MAX_PRIORITY_CLASSES
 from scheduler.types import InstanceState, RunningByPriority
+from tokenyard.logs import RateLimitedLog
 from tokenyard.v1 import worker_pb2, worker_pb2_grpc
 from tokenyard.worker_auth import worker_channel
 
 log = logging.getLogger(__name__)
+# Per instance at most one warning a minute: an engine repeats a bad field in every snapshot.
+_bad_snapshot = RateLimitedLog(log, interval_s=60.0)
 
 T = TypeVar("T")
 
@@ -57,8 +60,10 @@ def running_by_priority_of(snapshot: worker_pb2.LoadSnapshot) -> RunningByPriori
         return None
     requests = snapshot.running_by_priority.requests
     if len(requests) > MAX_PRIORITY_CLASSES:
-        log.warning("load snapshot names too many priority classes; counting no priority headroom",
-                    extra={"instance": snapshot.instance_id, "classes": len(requests)})
+        _bad_snapshot.warning(f"priority-classes:{snapshot.instance_id}",
+                              "load snapshot names too many priority classes; counting no priority headroom",
+                              extra={"instance": snapshot.instance_id, "classes": len(requests),
+                                     "limit": MAX_PRIORITY_CLASSES})
         return None
     return tuple(sorted((priority, count) for priority, count in requests.items() if count))
 
