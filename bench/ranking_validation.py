@@ -22,7 +22,14 @@ Variants (`--variants`, comma-separated):
   row per distinct prompt (its dense features without model cues, and its out-of-fold text
   score) onto the prompt's mean model-demeaned ln tokens;
 - `stack`: the shipped pipeline with that prompt stage's out-of-fold output as one more
-  booster input (fit per prompt, it cannot memorise a prompt from its ~200 answers).
+  booster input (fit per prompt, it cannot memorise a prompt from its ~200 answers);
+- `z` (issue 11, stop 24): the text layer's target is each model's ln tokens standardised
+  within the model (z-score), averaged per prompt, instead of demeaned: a model whose
+  lengths spread widely no longer dominates the per-prompt mean;
+- `pw` / `pw1` (stop 24): booster rows weighted by (answers to the prompt) ** -0.5 / ** -1,
+  so the ~200 answers of one AlpacaEval prompt do not outweigh a GSM8K prompt's two by 100x
+  and a leaf of the booster's dense-feature trees cannot be one memorised prompt's rows;
+  combine with `+` (`z+pw`).
 
     nice -n 19 python bench/ranking_validation.py --data ../shared/data --variants base,stack --seeds 0,1,2,3,4
 """
@@ -49,6 +56,7 @@ from learn.rank import (  # noqa: E402
     kendall_tau,
     model_prior_table,
     prior_column,
+    prompt_weights,
     split_by_prompt,
 )
 from learn.rank_data import Example, load_examples  # noqa: E402
@@ -71,6 +79,15 @@ def _demeaned(examples: Sequence[Example]) -> np.ndarray:
     out = np.empty_like(y)
     for idx in _by_model(examples).values():
         out[idx] = y[idx] - y[idx].mean()
+    return out
+
+
+def _zscored(examples: Sequence[Example]) -> np.ndarray:
+    """Each model's ln tokens standardised (mean 0, spread 1 within the model)."""
+    y = _log_tokens(examples)
+    out = np.empty_like(y)
+    for idx in _by_model(examples).values():
+        out[idx] = (y[idx] - y[idx].mean()) / max(1e-6, float(y[idx].std()))
     return out
 
 
@@ -105,6 +122,8 @@ def head_targets(examples: Sequence[Example], heads: Sequence[str]) -> list[np.n
     for head in heads:
         if head == "mean":
             out.append(demeaned)
+        elif head == "zmean":
+            out.append(_zscored(examples))
         elif head == "pct":
             out.append(_percentile(examples))
         elif head == "verbose":
@@ -221,7 +240,8 @@ def fit_and_score(train: Sequence[Example], val: Sequence[Example], variant: str
                   config: TrainConfig, args: argparse.Namespace) -> np.ndarray:
     import lightgbm
 
-    heads = ["mean", "pct", "verbose", "terse"] if "heads" in variant else ["mean"]
+    first = "zmean" if "z" in variant.split("+") else "mean"
+    heads = [first, "pct", "verbose", "terse"] if "heads" in variant else [first]
     oof = out_of_fold(train, heads, config.ridge_alpha, seed)
     table = model_prior_table(train)
     x_train = np.column_stack([design_matrix(train, oof[:, 0], prior_column(train, table, seed)), oof[:, 1:]])
@@ -243,7 +263,10 @@ def fit_and_score(train: Sequence[Example], val: Sequence[Example], variant: str
         "min_child_samples": args.min_child, "feature_fraction": 0.9, "bagging_fraction": 0.8,
         "bagging_freq": 1, "seed": seed, "verbose": -1, "num_threads": 2, "extra_trees": args.extra_trees,
     }
-    booster = lightgbm.train(params, lightgbm.Dataset(x_train, y), num_boost_round=args.trees)
+    tokens = variant.split("+")
+    power = 0.5 if "pw" in tokens else 1.0 if "pw1" in tokens else 0.0
+    weight = prompt_weights(train, power) if power else None
+    booster = lightgbm.train(params, lightgbm.Dataset(x_train, y, weight=weight), num_boost_round=args.trees)
     return np.asarray(booster.predict(x_val, num_threads=2))
 
 
