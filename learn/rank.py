@@ -227,7 +227,7 @@ def prompt_weights(examples: Sequence[Example], power: float) -> np.ndarray:
     for e in examples:
         counts[e.prompt_key] += 1
     w = np.array([counts[e.prompt_key] ** -power for e in examples], dtype=np.float64)
-    return w * (len(w) / w.sum())
+    return np.asarray(w * (len(w) / w.sum()), dtype=np.float64)
 
 
 def _rank_labels(values: np.ndarray) -> np.ndarray:

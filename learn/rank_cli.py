@@ -69,11 +69,12 @@ def _train(args: argparse.Namespace) -> int:
     from learn.rank_data import RankDataError, load_examples
 
     paths = args.data or [Path(DEFAULT_DATA)]
-    weight = {} if args.prompt_weight is None and args.objective == "regression" else {
-        "prompt_weight": 0.0 if args.prompt_weight is None else args.prompt_weight}
+    prompt_weight = args.prompt_weight
+    if prompt_weight is None:  # TrainConfig's default; lambdarank takes no weights
+        prompt_weight = TrainConfig().prompt_weight if args.objective == "regression" else 0.0
     try:
         config = TrainConfig(
-            **weight, objective=args.objective, n_estimators=args.trees, num_leaves=args.leaves,
+            prompt_weight=prompt_weight, objective=args.objective, n_estimators=args.trees, num_leaves=args.leaves,
             test_fraction=args.test_fraction, seed=args.seed, refit_all=not args.no_refit,
             unseen_models=tuple(m for m in args.unseen_models.split(",") if m),
         )
