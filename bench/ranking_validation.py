@@ -29,7 +29,11 @@ Variants (`--variants`, comma-separated):
 - `pw` / `pw1` (stop 24): booster rows weighted by (answers to the prompt) ** -0.5 / ** -1,
   so the ~200 answers of one AlpacaEval prompt do not outweigh a GSM8K prompt's two by 100x
   and a leaf of the booster's dense-feature trees cannot be one memorised prompt's rows;
-  combine with `+` (`z+pw`).
+  combine with `+` (`z+pw`);
+- `fam` (stop 24): per-model-family targets: one more text head per family with enough
+  models (llama, gpt, mistral, claude, qwen, gemma, and the rest as "other"), each fit on
+  the model-demeaned lengths of its family's answers only; the booster gets the head of
+  the request's own family as one more input.
 
     nice -n 19 python bench/ranking_validation.py --data ../shared/data --variants base,stack --seeds 0,1,2,3,4
 """
@@ -112,6 +116,15 @@ def _gauss_target(examples: Sequence[Example]) -> np.ndarray:
     return out
 
 
+# model families with enough models in the data for a head of their own; the rest: "other"
+FAMILY_HEADS = ("llama", "gpt", "mistral", "claude", "qwen", "gemma")
+
+
+def family_of(model: str) -> str:
+    name = model.lower()
+    return next((f for f in FAMILY_HEADS if f in name), "other")
+
+
 def head_targets(examples: Sequence[Example], heads: Sequence[str]) -> list[np.ndarray]:
     """Per-example values whose per-prompt mean each text head regresses on (NaN = not used)."""
     demeaned = _demeaned(examples)
@@ -124,6 +137,10 @@ def head_targets(examples: Sequence[Example], heads: Sequence[str]) -> list[np.n
             out.append(demeaned)
         elif head == "zmean":
             out.append(_zscored(examples))
+        elif head.startswith("fam:"):
+            family = head[4:]
+            inside = np.array([family_of(e.features.model) == family for e in examples])
+            out.append(np.where(inside, demeaned, np.nan))
         elif head == "pct":
             out.append(_percentile(examples))
         elif head == "verbose":
@@ -158,6 +175,10 @@ class Heads:
         self.biases: list[float] = []
         for values in head_targets(examples, heads):
             ok = ~np.isnan(values)
+            if not ok.any():  # a family absent from this training part: its head predicts 0
+                self.coefs.append(np.zeros(x.shape[1]))
+                self.biases.append(0.0)
+                continue
             sums = np.bincount(prompt_of[ok], values[ok], minlength=len(keys))
             n = np.bincount(prompt_of[ok], minlength=len(keys)).astype(np.float64)
             have = n > 0
@@ -242,10 +263,21 @@ def fit_and_score(train: Sequence[Example], val: Sequence[Example], variant: str
 
     first = "zmean" if "z" in variant.split("+") else "mean"
     heads = [first, "pct", "verbose", "terse"] if "heads" in variant else [first]
+    families = "fam" in variant.split("+")
+    if families:
+        heads = [first, *(f"fam:{f}" for f in (*FAMILY_HEADS, "other"))]
     oof = out_of_fold(train, heads, config.ridge_alpha, seed)
     table = model_prior_table(train)
-    x_train = np.column_stack([design_matrix(train, oof[:, 0], prior_column(train, table, seed)), oof[:, 1:]])
     val_heads = Heads(train, heads, config.ridge_alpha).scores(val)
+    if families:  # one extra column: the head of the example's own family
+        order = [*FAMILY_HEADS, "other"]
+
+        def own(scores: np.ndarray, part: Sequence[Example]) -> np.ndarray:
+            pick = np.array([1 + order.index(family_of(e.features.model)) for e in part])
+            return np.column_stack([scores[:, 0], scores[np.arange(len(part)), pick]])
+
+        oof, val_heads = own(oof, train), own(val_heads, val)
+    x_train = np.column_stack([design_matrix(train, oof[:, 0], prior_column(train, table, seed)), oof[:, 1:]])
     x_val = np.column_stack([design_matrix(val, val_heads[:, 0], prior_column(val, table)), val_heads[:, 1:]])
     staged = "stack" in variant or "add" in variant
     if staged:
