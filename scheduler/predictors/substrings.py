@@ -8,10 +8,10 @@ a hand-written scan (4-byte anchors hashed over numpy windows, each candidate co
 `bytes.startswith`; a 42-alternative regex as the short texts' "any hit?" gate). Measured
 (`bench/substring_scan.py`, issue 11 stop 24, docs/benchmarks.md: the 42 needles, the
 2,384 lowercased instructions `request_features` scans from ../shared/data, one process,
-thread CPU time) the library takes 0.19-0.22x of the hand-written scan's time below 1,024
-bytes and 0.39x above, and `request_features` as a whole 0.68x; pyahocorasick (C) took
-0.36-0.51x below 1,024 bytes and 1.14x above (its build searches `str`, so the bytes are
-decoded first).
+thread CPU time; two runs) the library takes 0.16-0.22x of the hand-written scan's time
+below 1,024 bytes and 0.32-0.39x above, and `request_features` as a whole 0.68-0.69x;
+pyahocorasick (C) took 0.33-0.51x below 1,024 bytes and 0.80-1.14x above (its build
+searches `str`, so the bytes are decoded first).
 
 `scan(data)` gives exactly `data.count(s)` for each string (non-overlapping, leftmost first)
 and every position `data.find(s, i)` finds for the strings whose positions are kept;
