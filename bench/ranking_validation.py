@@ -22,7 +22,18 @@ Variants (`--variants`, comma-separated):
   row per distinct prompt (its dense features without model cues, and its out-of-fold text
   score) onto the prompt's mean model-demeaned ln tokens;
 - `stack`: the shipped pipeline with that prompt stage's out-of-fold output as one more
-  booster input (fit per prompt, it cannot memorise a prompt from its ~200 answers).
+  booster input (fit per prompt, it cannot memorise a prompt from its ~200 answers);
+- `z` (issue 11, stop 24): the text layer's target is each model's ln tokens standardised
+  within the model (z-score), averaged per prompt, instead of demeaned: a model whose
+  lengths spread widely no longer dominates the per-prompt mean;
+- `pw` / `pw1` (stop 24): booster rows weighted by (answers to the prompt) ** -0.5 / ** -1,
+  so the ~200 answers of one AlpacaEval prompt do not outweigh a GSM8K prompt's two by 100x
+  and a leaf of the booster's dense-feature trees cannot be one memorised prompt's rows;
+  combine with `+` (`z+pw`);
+- `fam` (stop 24): per-model-family targets: one more text head per family with enough
+  models (llama, gpt, mistral, claude, qwen, gemma, and the rest as "other"), each fit on
+  the model-demeaned lengths of its family's answers only; the booster gets the head of
+  the request's own family as one more input.
 
     nice -n 19 python bench/ranking_validation.py --data ../shared/data --variants base,stack --seeds 0,1,2,3,4
 """
@@ -49,6 +60,7 @@ from learn.rank import (  # noqa: E402
     kendall_tau,
     model_prior_table,
     prior_column,
+    prompt_weights,
     split_by_prompt,
 )
 from learn.rank_data import Example, load_examples  # noqa: E402
@@ -74,6 +86,15 @@ def _demeaned(examples: Sequence[Example]) -> np.ndarray:
     return out
 
 
+def _zscored(examples: Sequence[Example]) -> np.ndarray:
+    """Each model's ln tokens standardised (mean 0, spread 1 within the model)."""
+    y = _log_tokens(examples)
+    out = np.empty_like(y)
+    for idx in _by_model(examples).values():
+        out[idx] = (y[idx] - y[idx].mean()) / max(1e-6, float(y[idx].std()))
+    return out
+
+
 def _percentile(examples: Sequence[Example]) -> np.ndarray:
     from scipy.stats import rankdata
 
@@ -95,6 +116,15 @@ def _gauss_target(examples: Sequence[Example]) -> np.ndarray:
     return out
 
 
+# model families with enough models in the data for a head of their own; the rest: "other"
+FAMILY_HEADS = ("llama", "gpt", "mistral", "claude", "qwen", "gemma")
+
+
+def family_of(model: str) -> str:
+    name = model.lower()
+    return next((f for f in FAMILY_HEADS if f in name), "other")
+
+
 def head_targets(examples: Sequence[Example], heads: Sequence[str]) -> list[np.ndarray]:
     """Per-example values whose per-prompt mean each text head regresses on (NaN = not used)."""
     demeaned = _demeaned(examples)
@@ -105,6 +135,12 @@ def head_targets(examples: Sequence[Example], heads: Sequence[str]) -> list[np.n
     for head in heads:
         if head == "mean":
             out.append(demeaned)
+        elif head == "zmean":
+            out.append(_zscored(examples))
+        elif head.startswith("fam:"):
+            family = head[4:]
+            inside = np.array([family_of(e.features.model) == family for e in examples])
+            out.append(np.where(inside, demeaned, np.nan))
         elif head == "pct":
             out.append(_percentile(examples))
         elif head == "verbose":
@@ -139,6 +175,10 @@ class Heads:
         self.biases: list[float] = []
         for values in head_targets(examples, heads):
             ok = ~np.isnan(values)
+            if not ok.any():  # a family absent from this training part: its head predicts 0
+                self.coefs.append(np.zeros(x.shape[1]))
+                self.biases.append(0.0)
+                continue
             sums = np.bincount(prompt_of[ok], values[ok], minlength=len(keys))
             n = np.bincount(prompt_of[ok], minlength=len(keys)).astype(np.float64)
             have = n > 0
@@ -221,11 +261,23 @@ def fit_and_score(train: Sequence[Example], val: Sequence[Example], variant: str
                   config: TrainConfig, args: argparse.Namespace) -> np.ndarray:
     import lightgbm
 
-    heads = ["mean", "pct", "verbose", "terse"] if "heads" in variant else ["mean"]
+    first = "zmean" if "z" in variant.split("+") else "mean"
+    heads = [first, "pct", "verbose", "terse"] if "heads" in variant else [first]
+    families = "fam" in variant.split("+")
+    if families:
+        heads = [first, *(f"fam:{f}" for f in (*FAMILY_HEADS, "other"))]
     oof = out_of_fold(train, heads, config.ridge_alpha, seed)
     table = model_prior_table(train)
-    x_train = np.column_stack([design_matrix(train, oof[:, 0], prior_column(train, table, seed)), oof[:, 1:]])
     val_heads = Heads(train, heads, config.ridge_alpha).scores(val)
+    if families:  # one extra column: the head of the example's own family
+        order = [*FAMILY_HEADS, "other"]
+
+        def own(scores: np.ndarray, part: Sequence[Example]) -> np.ndarray:
+            pick = np.array([1 + order.index(family_of(e.features.model)) for e in part])
+            return np.column_stack([scores[:, 0], scores[np.arange(len(part)), pick]])
+
+        oof, val_heads = own(oof, train), own(val_heads, val)
+    x_train = np.column_stack([design_matrix(train, oof[:, 0], prior_column(train, table, seed)), oof[:, 1:]])
     x_val = np.column_stack([design_matrix(val, val_heads[:, 0], prior_column(val, table)), val_heads[:, 1:]])
     staged = "stack" in variant or "add" in variant
     if staged:
@@ -243,7 +295,10 @@ def fit_and_score(train: Sequence[Example], val: Sequence[Example], variant: str
         "min_child_samples": args.min_child, "feature_fraction": 0.9, "bagging_fraction": 0.8,
         "bagging_freq": 1, "seed": seed, "verbose": -1, "num_threads": 2, "extra_trees": args.extra_trees,
     }
-    booster = lightgbm.train(params, lightgbm.Dataset(x_train, y), num_boost_round=args.trees)
+    tokens = variant.split("+")
+    power = 0.5 if "pw" in tokens else 1.0 if "pw1" in tokens else 0.0
+    weight = prompt_weights(train, power) if power else None
+    booster = lightgbm.train(params, lightgbm.Dataset(x_train, y, weight=weight), num_boost_round=args.trees)
     return np.asarray(booster.predict(x_val, num_threads=2))
 
 

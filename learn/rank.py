@@ -15,7 +15,10 @@ Pipeline (the model it builds is described in `scheduler.predictors.rank`):
    the booster trains, so the booster learns to rank requests to a model without a prior;
 3. the booster: LightGBM `regression` (L2 on ln(1 + tokens); the default since issue 11's
    fourth round: higher held-out tau than lambdarank on the same split and ~8x cheaper to
-   train), or `lambdarank` over query groups of 64 (per model, plus mixed-model groups so
+   train), each row weighted by 1 / (answers to its prompt), so that every distinct prompt
+   weighs the same (`prompt_weight`, since stop 24: an AlpacaEval prompt's ~200 answers are
+   one observation of what its wording asks for, and no leaf can be one prompt's rows), or
+   `lambdarank` (unweighted) over query groups of 64 (per model, plus mixed-model groups so
    that model cues matter too), labels = the within-group rank in 32 bins, linear gains;
 4. a monotone linear calibration of the raw score onto ln(1 + tokens);
 5. the report: Kendall's tau overall and the mean over random same-model batches of 32 and
@@ -58,6 +61,10 @@ class TrainConfig:
     test_fraction: float = 0.2
     unseen_models: tuple[str, ...] = ("gpt-4o-2024-05-13", "Meta-Llama-3-70B-Instruct", "gemma-2b-it")
     group_size: int = 64
+    # booster rows weighted by (answers to the row's prompt) ** -prompt_weight (regression):
+    # 0 = every answer counts the same, 1 = every distinct prompt does; 1 since issue 11 stop
+    # 24 (chosen on a validation split of the training prompts, docs/ranking.md)
+    prompt_weight: float = 1.0
     seed: int = 0
     refit_all: bool = True
 
@@ -66,6 +73,11 @@ class TrainConfig:
             raise ValueError(f"objective: expected one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"test_fraction: expected a number in (0, 1), got {self.test_fraction}")
+        if not 0.0 <= self.prompt_weight <= 1.0:
+            raise ValueError(f"prompt_weight: expected a number in [0, 1], got {self.prompt_weight}")
+        if self.prompt_weight and self.objective != "regression":
+            raise ValueError(f"prompt_weight: only the regression objective takes prompt weights, "
+                             f"got {self.prompt_weight} with objective {self.objective!r} (use 0)")
         if self.n_estimators < 1 or self.num_leaves < 2 or self.group_size < 2:
             raise ValueError("n_estimators >= 1, num_leaves >= 2 and group_size >= 2 are required")
 
@@ -206,6 +218,18 @@ def query_groups(examples: Sequence[Example], group_size: int, seed: int) -> lis
     return [g for g in groups if len(g) > 1]
 
 
+def prompt_weights(examples: Sequence[Example], power: float) -> np.ndarray:
+    """Per-example weights (answers to the example's prompt) ** -power, scaled to mean 1.
+    With power 1 each distinct prompt weighs the same in the booster, however many models
+    answered it: the ~200 answers of one AlpacaEval prompt are one observation of what its
+    wording asks for, not 200, and a leaf cannot be one memorised prompt's rows."""
+    counts: dict[str, int] = defaultdict(int)
+    for e in examples:
+        counts[e.prompt_key] += 1
+    w = np.array([counts[e.prompt_key] ** -power for e in examples], dtype=np.float64)
+    return np.asarray(w * (len(w) / w.sum()), dtype=np.float64)
+
+
 def _rank_labels(values: np.ndarray) -> np.ndarray:
     order = np.argsort(np.argsort(values, kind="stable"), kind="stable")
     return (order * _RANK_BINS // len(values)).astype(np.int32)
@@ -231,7 +255,8 @@ def train_booster(
         data = lightgbm.Dataset(features[index], labels, group=[len(g) for g in groups])
     else:
         params.update(objective="regression")
-        data = lightgbm.Dataset(features, y)
+        weight = prompt_weights(examples, config.prompt_weight) if config.prompt_weight else None
+        data = lightgbm.Dataset(features, y, weight=weight)
     callbacks = [lambda env: on_iteration()] if on_iteration else []
     return lightgbm.train(params, data, num_boost_round=config.n_estimators, callbacks=callbacks)
 
@@ -378,7 +403,7 @@ def train_and_report(
     if config.refit_all:
         model = fit_model(examples, config, on_iteration)
     model.meta = {
-        "objective": config.objective, "tokenizer": data_info.get("tokenizer"),
+        "objective": config.objective, "prompt_weight": config.prompt_weight, "tokenizer": data_info.get("tokenizer"),
         "sources": data_info.get("sources"), "held_out_tau": report.held_out_prompts.get("model"),
         "unseen_model_tau": report.unseen_models.get("model"), "refit_all": config.refit_all,
     }

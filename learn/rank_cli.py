@@ -31,6 +31,9 @@ def register_train(subparsers: Any) -> None:
                         help="booster objective: L2 regression on ln(1 + output tokens), or lambdarank")
     parser.add_argument("--trees", type=int, default=300, help="boosting rounds")
     parser.add_argument("--leaves", type=int, default=31)
+    parser.add_argument("--prompt-weight", type=float, default=None,
+                        help="weight booster rows by (answers to the prompt) ** -W, 0..1 (regression only; "
+                             "default: 1, each distinct prompt weighs the same; 0 with lambdarank)")
     parser.add_argument("--test-fraction", type=float, default=0.2, help="share of distinct prompts held out")
     parser.add_argument("--unseen-models", default="gpt-4o-2024-05-13,Meta-Llama-3-70B-Instruct,gemma-2b-it",
                         help="comma-separated models held out of training entirely")
@@ -66,9 +69,12 @@ def _train(args: argparse.Namespace) -> int:
     from learn.rank_data import RankDataError, load_examples
 
     paths = args.data or [Path(DEFAULT_DATA)]
+    prompt_weight = args.prompt_weight
+    if prompt_weight is None:  # TrainConfig's default; lambdarank takes no weights
+        prompt_weight = TrainConfig().prompt_weight if args.objective == "regression" else 0.0
     try:
         config = TrainConfig(
-            objective=args.objective, n_estimators=args.trees, num_leaves=args.leaves,
+            prompt_weight=prompt_weight, objective=args.objective, n_estimators=args.trees, num_leaves=args.leaves,
             test_fraction=args.test_fraction, seed=args.seed, refit_all=not args.no_refit,
             unseen_models=tuple(m for m in args.unseen_models.split(",") if m),
         )

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cli.main import main
-from learn.rank import TrainConfig, fit_model, kendall_tau, split_by_prompt
+from learn.rank import TrainConfig, fit_model, kendall_tau, prompt_weights, split_by_prompt
 from learn.rank_data import Example, RankDataError, load_examples
 from scheduler.predictors.features import (
     DENSE_FEATURE_NAMES,
@@ -168,6 +168,41 @@ def test_the_default_ranker_ships_small_and_ranks_plain_cases() -> None:
     long = {"messages": [{"role": "user", "content": "Write a 1000-word short story about a dragon who learns to cook."}]}
     short = {"messages": [{"role": "user", "content": "What is 7 times 8? Reply with just the number."}]}
     assert model.score(long) > model.score(short)
+
+
+def test_prompt_weights_give_every_prompt_the_same_weight() -> None:
+    examples = _examples(60)
+    # one prompt answered by 50 models, as an AlpacaEval prompt is, among prompts answered once
+    crowd = [Example(examples[0].features, 10 + k, "crowded prompt", f"model-{k}", "test") for k in range(50)]
+    pool = crowd + examples[1:]
+    w = prompt_weights(pool, 1.0)
+    assert w.mean() == pytest.approx(1.0)
+    assert w[:50].sum() == pytest.approx(w[50])  # its 50 answers together weigh one single answer
+    assert np.all(prompt_weights(pool, 0.0) == 1.0)
+    half = prompt_weights(pool, 0.5)
+    assert half[:50].sum() / half[50] == pytest.approx(50 ** 0.5)
+
+
+def test_prompt_weight_is_checked() -> None:
+    with pytest.raises(ValueError, match="prompt_weight: expected a number in \\[0, 1\\], got 2"):
+        TrainConfig(prompt_weight=2.0)
+    with pytest.raises(ValueError, match="only the regression objective takes prompt weights"):
+        TrainConfig(objective="lambdarank", prompt_weight=1.0)
+    assert TrainConfig(objective="lambdarank", prompt_weight=0.0).prompt_weight == 0.0
+
+
+def test_train_cli_lambdarank_trains_unweighted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    log = tmp_path / "live.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in _records(200)))
+    out = tmp_path / "model.json"
+    code = main(["train", "rank", "--data", str(log), "--out", str(out), "--trees", "5", "--leaves", "4",
+                 "--unseen-models", "", "--no-refit", "--objective", "lambdarank"])
+    assert code == 0, capsys.readouterr().err
+    assert load_rank_model(out).meta["prompt_weight"] == 0.0
+    code = main(["train", "rank", "--data", str(log), "--out", str(out), "--objective", "lambdarank",
+                 "--prompt-weight", "1"])
+    assert code == 2
+    assert "only the regression objective takes prompt weights" in capsys.readouterr().err
 
 
 def test_split_never_shares_a_prompt() -> None:
