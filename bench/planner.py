@@ -42,6 +42,7 @@ import os
 import random
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -545,8 +546,9 @@ def part_day_resolve(cache_dir: str, mean_rps: float, hours: float, window_s: fl
         out[name] = {"usd": round(run.usd, 2), "attainment": round(got["slo"]["default"]["both_attainment"], 4),
                      "pool_swaps": run.pool_swaps, "re_solves": len(run.plan_choices), "decisions": reasons,
                      "scale_events": len(run.events), "aborted": run.aborted, "rejected": got["rejected"],
-                     "rejected_reasons": sorted({r.reject_reason for r in rejected}),
-                     "rejected_input_tokens": sorted({r.input_tokens + r.output_tokens for r in rejected})[:20],
+                     # per reason (the first instance's, without the request id): how many
+                     "rejected_reasons": dict(Counter(r.reject_reason.split("; ")[0].split(": ")[-1]
+                                                      for r in rejected).most_common(5)),
                      "swaps": _swap_log(run)[:40], "wall_s": round(time.perf_counter() - t0, 1)}
         print(f"day_resolve {name}: {json.dumps({k: v for k, v in out[name].items() if k != 'swaps'})}",
               file=sys.stderr)

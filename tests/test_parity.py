@@ -17,7 +17,8 @@ The control loop too: the router's control plane (a router's workload histogram 
 store, `ControlPlane.tick`) and the simulator's loop (arrivals, `AutoscaledDispatch._tick`),
 fed the same windows over the same pools, keep or switch every re-solved plan alike
 (`keep_or_switch`, `autoscaler.switch_margin` and `switch_dwell_s`, each driver keeping its
-own time of the last pool-set change) and hand out the same routing tables.
+own time of the last pool-set change; the pools' `min_replicas` as floors the re-solve
+plans with, `PoolSetSwitch.resolve`) and hand out the same routing tables.
 """
 
 from __future__ import annotations
@@ -436,6 +437,8 @@ loop_specs = st.fixed_dictionaries({
     "l4": st.tuples(st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0]), min_size=4, max_size=4), st.sampled_from([2, 4, 12])),
     "a10g": st.tuples(st.lists(st.sampled_from([0.0, 0.7, 1.5]), min_size=4, max_size=4), st.sampled_from([2, 8])),
     "a100": st.tuples(st.lists(st.sampled_from([3.0, 6.0]), min_size=4, max_size=4), st.sampled_from([1, 4])),
+    # each pool's min_replicas: the loop's floor, which both drivers' re-solves plan with
+    "floors": st.fixed_dictionaries({name: st.sampled_from([0, 0, 1]) for name in ("l4", "a10g", "a100")}),
 })
 # arrivals per bucket in each 64 s window; the first one (a new leader's first plan) short requests only
 # (long prompts, buckets 2 and 3, are rarer: the near-ties between pools are in the short ones)
@@ -451,7 +454,7 @@ def _loop_drivers(spec: dict[str, Any], first: list[int], state_dir: Path) -> tu
     from the plan the control plane adopts on the first window (a new leader has none)."""
     from router.controlplane import ControlPlane, PrintActuator, parse_config
     from scheduler.catalog import default_catalog
-    from scheduler.planner.autoscale import AutoscalerConfig
+    from scheduler.planner.autoscale import AutoscalerConfig, with_floors
     from scheduler.planner.problem import PlanProblem, PoolOption, grid_buckets
     from scheduler.planner.routing import table_from_plan
     from scheduler.planner.solver import solve
@@ -461,8 +464,9 @@ def _loop_drivers(spec: dict[str, Any], first: list[int], state_dir: Path) -> tu
 
     loop = {"interval_s": LOOP_WINDOW_S, "window_s": LOOP_WINDOW_S, "switch_margin": spec["margin"],
             "switch_dwell_s": spec.get("dwell_s", 0.0)}
+    floors = spec.get("floors", {})
     pools = [{"name": name, "gpu": LOOP_GPUS[name][0], "usd_per_hour": LOOP_GPUS[name][1],
-              "capacity_rps": [caps[:2], caps[2:]], "max_replicas": count}
+              "capacity_rps": [caps[:2], caps[2:]], "max_replicas": count, "min_replicas": floors.get(name, 0)}
              for name, (caps, count) in ((n, spec[n]) for n in LOOP_GPUS)]
     config = parse_config({"store": "file:///unused", "input_edges": LOOP_EDGES[0], "output_edges": LOOP_EDGES[1],
                            "pools": pools, "headroom": spec["headroom"], "resolve_interval_s": LOOP_WINDOW_S,
@@ -472,7 +476,7 @@ def _loop_drivers(spec: dict[str, Any], first: list[int], state_dir: Path) -> tu
                     for p in config.pools)
     rates = [[first[0] / LOOP_WINDOW_S, first[1] / LOOP_WINDOW_S], [first[2] / LOOP_WINDOW_S, first[3] / LOOP_WINDOW_S]]
     problem = PlanProblem(grid_buckets(*LOOP_EDGES, rates), options, headroom_fraction=spec["headroom"])
-    plan = solve(problem)
+    plan = solve(with_floors(problem, config.autoscaler))  # the control plane's first plan: with its floors
     catalog = default_catalog()
     model = catalog.model("llama-3-8b")
     cluster = ClusterSpec(pools=tuple(PoolSpec(p.name, catalog.gpu(p.gpu), model, 1, p.max_replicas, EngineConfig())

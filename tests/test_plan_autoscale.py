@@ -15,10 +15,12 @@ from scheduler.planner.autoscale import (
     AutoscalerConfig,
     InstanceView,
     PoolObservation,
+    PoolSetSwitch,
     decide_targets,
     keep_or_switch,
     pool_loads,
     reconcile,
+    with_floors,
 )
 from scheduler.planner.problem import Plan, PlanError, PlanProblem, PoolOption, grid_buckets
 from scheduler.planner.routing import table_from_plan
@@ -189,6 +191,54 @@ def test_the_dwell_holds_the_pool_set_unless_the_load_forces_a_change() -> None:
     only_long = solve(_two_pools([0.0, 4.0]))
     mixed = _two_pools([1.2, 4.0])
     assert keep_or_switch(only_long, solve(mixed), mixed, dwell, since_pool_change_s=0.0).reason == "kept"
+
+
+def test_a_floored_pool_is_planned_with_not_around() -> None:
+    """The loop keeps l4 at one instance whatever the plan says. Without the floor the
+    re-solve at a low short-prompt rate drops l4 (one big carries everything) while its
+    instance runs on, billed, routed nothing; with it the plan counts that instance, pays
+    for it and routes the short prompts to it, and the pool set does not change."""
+    config = dataclasses.replace(CONFIG, switch_margin=0.2, switch_dwell_s=0.0, min_replicas={"l4": 1})
+    switch = PoolSetSwitch(config)
+    current = switch.resolve(None, _two_pools([3.0, 4.0]), 0.0).plan
+    assert current.instances() == {"l4": 2, "big": 1}
+    fallen = _two_pools([1.0, 4.0])
+    assert solve(fallen).instances() == {"big": 1}  # what the floor-blind solve plans
+    choice = switch.resolve(current, fallen, 300.0)
+    assert choice.reason == "same_pools" and not choice.pool_swap
+    assert choice.plan.instances() == {"l4": 1, "big": 1} and choice.plan.usd_per_hour == 5.0  # the floor is paid
+    assert choice.plan.shares[0] == {"l4": 1.0}  # ... and used
+    assert choice.candidate is not None and choice.candidate.instances() == {"l4": 1, "big": 1}
+    # No traffic l4 serves at all: it is still in the plan, priced, at its floor.
+    only_long = switch.resolve(choice.plan, _two_pools([0.0, 4.0]), 600.0)
+    assert only_long.plan.instances() == {"l4": 1, "big": 1} and only_long.reason == "same_pools"
+    # A floor above a pool's maximum is capped as decide_targets caps it.
+    capped = with_floors(_two_pools([1.0, 4.0], l4_max=0), dataclasses.replace(config, min_replicas={"l4": 3}))
+    assert [o.floor_replicas for o in capped.options] == [0, 0]
+
+
+def test_the_floors_spare_capacity_takes_the_traffic_first() -> None:
+    """Two l4 at their floor carry 2 of the 3 req/s of short prompts; the long ones need a
+    big, whose spare capacity could take all the short ones at the same instance cost (the
+    solve alone returned that: the floored l4 idle). The floors' second solve fills the
+    paid-for l4 first, so the big pool is sized on less load."""
+    problem = with_floors(_two_pools([3.0, 1.0]), dataclasses.replace(CONFIG, min_replicas={"l4": 2}))
+    plan = solve(problem)
+    assert plan.instances() == {"l4": 2, "big": 1} and plan.usd_per_hour == 6.0
+    assert plan.shares[0] == pytest.approx({"l4": 2 / 3, "big": 1 / 3}) and plan.shares[1] == {"big": 1.0}
+    loads = {p.name: p.load_instances for p in plan.pools}
+    assert loads["l4"] == pytest.approx(2.0) and loads["big"] == pytest.approx(0.4)
+
+
+def test_a_floor_the_limits_cannot_hold_is_a_clear_error() -> None:
+    floored = dataclasses.replace(_two_pools([1.0, 4.0]).options[0], floor_replicas=3, max_replicas=2)
+    problem = dataclasses.replace(_two_pools([1.0, 4.0]), options=(floored, _two_pools([0, 0]).options[1]))
+    with pytest.raises(PlanError, match=r"pool l4: floor_replicas 3: expected 0 to max_replicas \(2\)"):
+        solve(problem)
+    scarce = dataclasses.replace(problem, options=(dataclasses.replace(floored, max_replicas=None),
+                                                   problem.options[1]), availability_gpus={"L4": 2})
+    with pytest.raises(PlanError, match=r"availability: pool l4's floor of 3 instance\(s\) needs 3 L4 GPUs, the limit is 2"):
+        solve(scarce)
 
 
 @pytest.mark.parametrize("dwell", [-1.0, math.inf, math.nan])

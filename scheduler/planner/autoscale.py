@@ -54,6 +54,17 @@ runs on, shares and routing table unchanged) as long as the current plan's own s
 carry the load (`carries`); when they do not, the best plan on the current pools runs
 (which may still drop a pool), and when the current pools cannot carry it, the candidate.
 
+Floors. A pool's `min_replicas` is an instance the loop keeps whatever the plan routes to
+it, so the re-solve plans with it rather than around it (`with_floors`): every plan holds
+the pool's floor, priced, and the solver routes to that capacity before it buys more
+(scheduler.planner.solver, the floors' second solve). A floored pool runs in every plan,
+so it is part of the pool set the hysteresis compares (`running_pools`), and the plan on
+the current pools always includes it. Before this, on the ServeGen day of
+docs/benchmarks.md the A10G floor was billed all day while the re-solved plans routed
+nothing to it, and the swaps between 1x A10G + 1x L40S and 2x L40S were the A10G pool
+emptied and filled again while its instance ran on. `PoolSetSwitch.resolve` applies the
+floors and solves, so both drivers get them from the same call.
+
 On the synthetic hour of docs/benchmarks.md ("Hysteresis on the re-solved plan (issue 12,
 stop 23)") the re-solves without a margin swapped 6x L4 ($4.20/h at that load) for 1x
 A100 ($3.67/h, 12.6% less) and back for 5x L4 ($3.50/h, 4.6% less): $3.89 for the hour
@@ -205,6 +216,7 @@ class PlanChoice:
     # nan: no current plan, or the candidate is on the same pools)
     keep_usd_per_hour: float
     candidate_usd_per_hour: float
+    candidate: Plan | None = None  # the re-solve's own plan (`PoolSetSwitch.resolve` sets it)
 
     @property
     def pool_swap(self) -> bool:
@@ -215,6 +227,28 @@ class PlanChoice:
 def plan_pools(plan: Plan) -> frozenset[str]:
     """The pools a plan runs (instances > 0)."""
     return frozenset(plan.instances())
+
+
+def floored_pools(problem: PlanProblem) -> frozenset[str]:
+    """The pools the fleet runs whatever the plan (a floor above 0)."""
+    return frozenset(o.name for o in problem.options if o.floor_replicas > 0)
+
+
+def running_pools(plan: Plan, problem: PlanProblem) -> frozenset[str]:
+    """The pools the fleet runs under `plan`: its own and the floored ones."""
+    return plan_pools(plan) | floored_pools(problem)
+
+
+def with_floors(problem: PlanProblem, config: AutoscalerConfig) -> PlanProblem:
+    """`problem` with each pool's `config.min_replicas` as its floor (capped at the pool's
+    `max_replicas`, as `decide_targets` caps it): the instances the loop keeps anyway."""
+    options = []
+    for option in problem.options:
+        floor = config.min_replicas.get(option.name, 0)
+        if option.max_replicas is not None:
+            floor = min(floor, option.max_replicas)
+        options.append(dataclasses.replace(option, floor_replicas=max(0, floor)))
+    return dataclasses.replace(problem, options=tuple(options))
 
 
 def carries(plan: Plan, problem: PlanProblem) -> bool:
@@ -236,9 +270,11 @@ def carries(plan: Plan, problem: PlanProblem) -> bool:
                 return False
             loads[pool] = loads.get(pool, 0.0) + bucket.rate_rps * share / option.capacity_rps[k]
     gpus: dict[str, int] = {}
+    for pool in floored_pools(problem):  # run whatever the shares say
+        loads.setdefault(pool, 0.0)
     for pool, load in loads.items():
         option = options[pool]
-        count = max(_needed(load, problem.headroom_for(pool)), option.min_replicas)
+        count = max(_needed(load, problem.headroom_for(pool)), option.min_replicas, option.floor_replicas)
         if option.max_replicas is not None and count > option.max_replicas:
             return False
         gpus[option.gpu] = gpus.get(option.gpu, 0) + count * option.tp
@@ -252,8 +288,8 @@ def keep_or_switch(current: Plan | None, candidate: Plan, problem: PlanProblem, 
     `since_pool_change_s`: how long ago the pool set last changed (the dwell)."""
     if current is None:
         return PlanChoice(candidate, "first", math.nan, candidate.usd_per_hour)
-    pools = plan_pools(current)
-    if plan_pools(candidate) == pools:
+    pools = running_pools(current, problem)  # a floored pool runs whatever the plan routes to it
+    if running_pools(candidate, problem) == pools:
         return PlanChoice(candidate, "same_pools", math.nan, candidate.usd_per_hour)
     held = since_pool_change_s < config.switch_dwell_s
     if held and carries(current, problem):
@@ -267,7 +303,7 @@ def keep_or_switch(current: Plan | None, candidate: Plan, problem: PlanProblem, 
         return PlanChoice(candidate, "uncovered", math.inf, candidate.usd_per_hour)
     if not held and candidate.usd_per_hour < (1.0 - config.switch_margin) * keep.usd_per_hour:
         return PlanChoice(candidate, "cheaper", keep.usd_per_hour, candidate.usd_per_hour)
-    return PlanChoice(keep, "kept" if plan_pools(keep) == pools else "dropped", keep.usd_per_hour,
+    return PlanChoice(keep, "kept" if running_pools(keep, problem) == pools else "dropped", keep.usd_per_hour,
                       candidate.usd_per_hour)
 
 
@@ -282,10 +318,20 @@ class PoolSetSwitch:
         self.last_pool_change_s = -math.inf
         self.choices: list[tuple[float, PlanChoice]] = []
 
+    def resolve(self, current: Plan | None, problem: PlanProblem, now_s: float,
+                time_limit_s: float = 10.0) -> PlanChoice:
+        """A re-solve at `now_s` from `problem` (the window's rates, the pools' options): the
+        loop's floors applied (`with_floors`), solved, and `choose`n. Both drivers call this;
+        PlanError when the solve fails (the driver keeps its plan)."""
+        floored = with_floors(problem, self.config)
+        candidate = solve(floored, time_limit_s=time_limit_s)
+        return self.choose(current, candidate, floored, now_s, time_limit_s)
+
     def choose(self, current: Plan | None, candidate: Plan, problem: PlanProblem, now_s: float,
                time_limit_s: float = 10.0) -> PlanChoice:
         """The re-solve at `now_s`: `keep_or_switch`, recorded, the dwell's clock moved on a swap."""
-        choice = keep_or_switch(current, candidate, problem, self.config, now_s - self.last_pool_change_s, time_limit_s)
+        choice = dataclasses.replace(keep_or_switch(current, candidate, problem, self.config,
+                                                    now_s - self.last_pool_change_s, time_limit_s), candidate=candidate)
         self.choices.append((now_s, choice))
         if self.keep is not None:
             del self.choices[:-self.keep]
