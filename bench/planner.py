@@ -543,9 +543,19 @@ def part_day_resolve(cache_dir: str, mean_rps: float, hours: float, window_s: fl
         for _, choice in run.plan_choices:
             reasons[choice.reason] = reasons.get(choice.reason, 0) + 1
         rejected = [r for r in run.result.records if r.rejected]
+        price = {name: usd for name, usd in ((o.name, o.usd_per_hour) for o in verified.problem.options)}
+        usd_by_pool: dict[str, float] = {}
+        for instance_id, spans in run.instance_intervals.items():
+            pool = instance_id.rsplit("-", 1)[0]
+            usd_by_pool[pool] = usd_by_pool.get(pool, 0.0) + sum(b - a for a, b in spans) / 3600.0 * price[pool]
+        replicas: dict[str, list[int]] = {}
+        for event in run.events:
+            replicas.setdefault(event.pool, []).append(event.replicas)
         out[name] = {"usd": round(run.usd, 2), "attainment": round(got["slo"]["default"]["both_attainment"], 4),
                      "pool_swaps": run.pool_swaps, "re_solves": len(run.plan_choices), "decisions": reasons,
                      "scale_events": len(run.events), "aborted": run.aborted, "rejected": got["rejected"],
+                     "usd_by_pool": {p: round(v, 2) for p, v in sorted(usd_by_pool.items()) if v > 0},
+                     "replicas_range": {p: [min(v), max(v)] for p, v in sorted(replicas.items())},
                      # per reason (the first instance's, without the request id): how many
                      "rejected_reasons": dict(Counter(r.reject_reason.split("; ")[0].split(": ")[-1]
                                                       for r in rejected).most_common(5)),

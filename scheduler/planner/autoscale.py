@@ -51,8 +51,14 @@ capacity of a mixed set of pools (1x A10G + 1x L40S against 2x L40S on the Serve
 24% apart, each way in turn). So a pool set also has a dwell, `switch_dwell_s`: within it
 after a change of the pool set, a candidate on other pools is `held` (the current plan
 runs on, shares and routing table unchanged) as long as the current plan's own shares
-carry the load (`carries`); when they do not, the best plan on the current pools runs
-(which may still drop a pool), and when the current pools cannot carry it, the candidate.
+carry the load (`carries`); when they do not, the best plan that keeps every current pool
+(each at one instance at least) runs (`kept`), and only when no such plan exists the best
+plan on the current pools (which may drop one) or, when they cannot carry the load at
+all, the candidate. On the ServeGen day (before the floors) the current shares stopped
+carrying the load 28 times within the dwell, 27 of them for one request in a bucket that
+had had no traffic at the last solve (1 request in the 120 s window, 0.008 req/s), once for
+a pool past its maximum; the best plan on the current pools then dropped a pool 11 times,
+10 of them 30-810 s after the pool set last changed (docs/benchmarks.md).
 
 Floors. A pool's `min_replicas` is an instance the loop keeps whatever the plan routes to
 it, so the re-solve plans with it rather than around it (`with_floors`): every plan holds
@@ -203,7 +209,7 @@ def reconcile(instances: Sequence[InstanceView], target: int) -> Actions:
     return Actions(tuple(start), tuple(undrain), tuple(drain), remove)
 
 
-PlanReason = Literal["first", "same_pools", "uncovered", "cheaper", "kept", "dropped", "held"]
+PlanReason = Literal["first", "same_pools", "steady", "uncovered", "cheaper", "kept", "dropped", "held"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,34 +257,52 @@ def with_floors(problem: PlanProblem, config: AutoscalerConfig) -> PlanProblem:
     return dataclasses.replace(problem, options=tuple(options))
 
 
-def carries(plan: Plan, problem: PlanProblem) -> bool:
-    """Whether `plan`'s own shares carry `problem`'s rates: every bucket with traffic has a
-    share, on pools that are options and serve it, each pool within its `max_replicas` at
-    the planner's headroom, each GPU type within its availability."""
+def at_loop_headroom(problem: PlanProblem, config: AutoscalerConfig) -> PlanProblem:
+    """`problem` with each pool's headroom at least the loop's `headroom`: the loop scales a
+    pool up once its load passes that, so the plan's instance counts, and the costs the
+    solve compares, are the ones the loop will run."""
+    headroom = {o.name: max(problem.headroom_for(o.name), config.headroom) for o in problem.options}
+    return dataclasses.replace(problem, headroom_by_pool=headroom)
+
+
+def carried_usd_per_hour(plan: Plan, problem: PlanProblem) -> float:
+    """What `plan`'s own shares cost at `problem`'s rates (each pool at the instances its
+    load needs at the planner's headroom, its minimum or its floor), or inf when they do not
+    carry them: a bucket with traffic and no share, a share on a pool that is no option or
+    does not serve the bucket, a pool past its `max_replicas`, a GPU type past its availability."""
     if len(plan.shares) != len(problem.buckets):
-        return False
+        return math.inf
     options = {o.name: o for o in problem.options}
     loads: dict[str, float] = {}
     for k, bucket in enumerate(problem.buckets):
         if bucket.rate_rps <= 0:
             continue
         if not plan.shares[k]:
-            return False
+            return math.inf
         for pool, share in plan.shares[k].items():
             option = options.get(pool)
             if option is None or option.capacity_rps[k] <= 0:
-                return False
+                return math.inf
             loads[pool] = loads.get(pool, 0.0) + bucket.rate_rps * share / option.capacity_rps[k]
     gpus: dict[str, int] = {}
     for pool in floored_pools(problem):  # run whatever the shares say
         loads.setdefault(pool, 0.0)
+    usd = 0.0
     for pool, load in loads.items():
         option = options[pool]
         count = max(_needed(load, problem.headroom_for(pool)), option.min_replicas, option.floor_replicas)
         if option.max_replicas is not None and count > option.max_replicas:
-            return False
+            return math.inf
         gpus[option.gpu] = gpus.get(option.gpu, 0) + count * option.tp
-    return all(used <= problem.availability_gpus.get(gpu, used) for gpu, used in gpus.items())
+        usd += count * option.usd_per_hour
+    if not all(used <= problem.availability_gpus.get(gpu, used) for gpu, used in gpus.items()):
+        return math.inf
+    return usd
+
+
+def carries(plan: Plan, problem: PlanProblem) -> bool:
+    """Whether `plan`'s own shares carry `problem`'s rates (`carried_usd_per_hour` is finite)."""
+    return math.isfinite(carried_usd_per_hour(plan, problem))
 
 
 def keep_or_switch(current: Plan | None, candidate: Plan, problem: PlanProblem, config: AutoscalerConfig,
@@ -290,11 +314,26 @@ def keep_or_switch(current: Plan | None, candidate: Plan, problem: PlanProblem, 
         return PlanChoice(candidate, "first", math.nan, candidate.usd_per_hour)
     pools = running_pools(current, problem)  # a floored pool runs whatever the plan routes to it
     if running_pools(candidate, problem) == pools:
-        return PlanChoice(candidate, "same_pools", math.nan, candidate.usd_per_hour)
+        # New shares move load between running pools: the one gaining it scales up at once,
+        # the one losing it only after its dwell. So the current shares stay while they
+        # carry the load and the candidate does not beat their cost by the margin.
+        staying = carried_usd_per_hour(current, problem)
+        if config.switch_margin > 0 and candidate.usd_per_hour >= (1.0 - config.switch_margin) * staying:
+            return PlanChoice(current, "steady", staying, candidate.usd_per_hour)
+        return PlanChoice(candidate, "same_pools", staying, candidate.usd_per_hour)
     held = since_pool_change_s < config.switch_dwell_s
     if held and carries(current, problem):
         return PlanChoice(current, "held", math.nan, candidate.usd_per_hour)
     on_current = dataclasses.replace(problem, options=tuple(o for o in problem.options if o.name in pools))
+    if held:  # the current shares miss the load: re-balance, but on every current pool
+        keeping = dataclasses.replace(on_current, options=tuple(
+            dataclasses.replace(o, floor_replicas=max(o.floor_replicas, 1)) for o in on_current.options))
+        try:
+            rebalanced = solve(keeping, time_limit_s=time_limit_s)
+        except PlanError:
+            pass  # not without dropping one (or not at all): as outside the dwell
+        else:
+            return PlanChoice(rebalanced, "kept", rebalanced.usd_per_hour, candidate.usd_per_hour)
     try:
         if not on_current.options:
             raise PlanError("none of the current plan's pools is an option any more")
@@ -321,11 +360,18 @@ class PoolSetSwitch:
     def resolve(self, current: Plan | None, problem: PlanProblem, now_s: float,
                 time_limit_s: float = 10.0) -> PlanChoice:
         """A re-solve at `now_s` from `problem` (the window's rates, the pools' options): the
-        loop's floors applied (`with_floors`), solved, and `choose`n. Both drivers call this;
-        PlanError when the solve fails (the driver keeps its plan)."""
+        loop's floors applied (`with_floors`), at the loop's headroom (`at_loop_headroom`;
+        when no plan fits the pools' maxima there, at the planner's own), solved, and
+        `choose`n. Both drivers call this; PlanError when the solve fails (the driver keeps
+        its plan)."""
         floored = with_floors(problem, self.config)
-        candidate = solve(floored, time_limit_s=time_limit_s)
-        return self.choose(current, candidate, floored, now_s, time_limit_s)
+        sized = at_loop_headroom(floored, self.config)
+        try:
+            candidate = solve(sized, time_limit_s=time_limit_s)
+        except PlanError:  # e.g. pools past their maximum at the loop's headroom: at the planner's own
+            sized = floored
+            candidate = solve(sized, time_limit_s=time_limit_s)
+        return self.choose(current, candidate, sized, now_s, time_limit_s)
 
     def choose(self, current: Plan | None, candidate: Plan, problem: PlanProblem, now_s: float,
                time_limit_s: float = 10.0) -> PlanChoice:
