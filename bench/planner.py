@@ -28,6 +28,11 @@ Parts (all by default; `--parts` picks some):
   from the whole conversation trace) replayed on the verified peak-sized fleet, static and
   with the autoscaler in the loop (cold starts), with cost and SLO attainment.
 
+- `day_resolve`: the `day` part's loop with the plan re-solved every 300 s (as the control
+  plane does), against the same loop on the fixed plan: cost (and per pool), attainment,
+  pool swaps, every decision's count, rejections by reason (`--day-resolve-settings`:
+  fixed, defaults, neither; ~5 min for the three after a cached capacity table).
+
     nice -n 10 python bench/planner.py                       # everything (~15 min on 1 core)
     nice -n 10 python bench/planner.py --parts solver,melange
 """

@@ -15,7 +15,8 @@ arrival run to `until_s`, so an idle tail scales down too.
 
 With `resolve_interval_s` the loop re-solves the plan from the window's rates, as the
 live control plane does, switches to the new plan or stays on the current plan's pools by the same
-`keep_or_switch` call (the hysteresis on the pool set, `AutoscalerConfig.switch_margin`),
+`PoolSetSwitch.resolve` call (the loop's floors and headroom in the solve, then
+`keep_or_switch`: the hysteresis on the pool set, `AutoscalerConfig.switch_margin`),
 and hands the chosen plan's routing table to the dispatch policy's `length_bucket` filter
 (`scheduler.policies.length_bucket.set_routing_table`), so the routing follows the fleet. With `hold_until_ready` (the default) the cluster's policy
 document enables the admission queue's scale-from-zero hold

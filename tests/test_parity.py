@@ -433,7 +433,9 @@ loop_specs = st.fixed_dictionaries({
     "margin": st.sampled_from([0.0, 0.05, 0.1, 0.2, 0.5]),
     "dwell_s": st.sampled_from([0.0, 0.0, 100.0, 1000.0]),  # windows are 64 s apart
     "headroom": st.sampled_from([0.0, 0.1, 0.2]),
-    "loop_headroom": st.sampled_from([0.0, 0.2, 0.3]),  # the autoscaler's: the re-solve plans at the larger
+    # the autoscaler's band: the re-solve plans at the larger of its top and the planner's headroom
+    "loop_headroom": st.sampled_from([0.0, 0.2, 0.3]),
+    "loop_down_headroom": st.sampled_from([0.3, 0.5]),
     # req/s one instance sustains per bucket (0: it cannot meet the SLO), and its maximum
     "l4": st.tuples(st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0]), min_size=4, max_size=4), st.sampled_from([2, 4, 12])),
     "a10g": st.tuples(st.lists(st.sampled_from([0.0, 0.7, 1.5]), min_size=4, max_size=4), st.sampled_from([2, 8])),
@@ -463,7 +465,8 @@ def _loop_drivers(spec: dict[str, Any], first: list[int], state_dir: Path) -> tu
     from sim.plan_autoscale import AutoscaledDispatch
 
     loop = {"interval_s": LOOP_WINDOW_S, "window_s": LOOP_WINDOW_S, "switch_margin": spec["margin"],
-            "switch_dwell_s": spec.get("dwell_s", 0.0), "headroom": spec.get("loop_headroom", spec["headroom"])}
+            "switch_dwell_s": spec.get("dwell_s", 0.0), "headroom": spec.get("loop_headroom", spec["headroom"]),
+            "scale_down_headroom": spec.get("loop_down_headroom", spec.get("loop_headroom", spec["headroom"]))}
     floors = spec.get("floors", {})
     pools = [{"name": name, "gpu": LOOP_GPUS[name][0], "usd_per_hour": LOOP_GPUS[name][1],
               "capacity_rps": [caps[:2], caps[2:]], "max_replicas": count, "min_replicas": floors.get(name, 0)}
@@ -524,7 +527,7 @@ async def _run_control_loop_parity(spec: dict[str, Any], windows: list[list[int]
             for n, (k, _) in enumerate(arrivals):
                 row, col = divmod(k, 2)
                 request_id = f"w{w}-{n}"
-                loop_sim.lengths[request_id] = (LOOP_EDGES[0][row] + 1, LOOP_EDGES[1][col] + 1)  # type: ignore[index]
+                loop_sim.lengths[request_id] = (LOOP_EDGES[0][row] + 1, LOOP_EDGES[1][col] + 1)
                 loop_sim._observe(RequestInfo(request_id, "llama-3-8b", LOOP_EDGES[0][row] + 1),
                                   t - LOOP_WINDOW_S + n * LOOP_WINDOW_S / len(arrivals))
             loop_sim._tick(t)

@@ -213,7 +213,8 @@ def test_a_floored_pool_is_planned_with_not_around() -> None:
     re-solve at a low short-prompt rate drops l4 (one big carries everything) while its
     instance runs on, billed, routed nothing; with it the plan counts that instance, pays
     for it and routes the short prompts to it, and the pool set does not change."""
-    config = dataclasses.replace(CONFIG, headroom=0.0, switch_margin=0.2, switch_dwell_s=0.0, min_replicas={"l4": 1})
+    config = dataclasses.replace(CONFIG, headroom=0.0, scale_down_headroom=0.0, switch_margin=0.2, switch_dwell_s=0.0,
+                                 min_replicas={"l4": 1})
     switch = PoolSetSwitch(config)
     current = switch.resolve(None, _two_pools([3.0, 4.0]), 0.0).plan
     assert current.instances() == {"l4": 2, "big": 1}
@@ -230,14 +231,19 @@ def test_a_floored_pool_is_planned_with_not_around() -> None:
     only_long = switch.resolve(choice.plan, _two_pools([0.0, 4.0]), 600.0)
     assert only_long.candidate is not None and only_long.candidate.instances() == {"l4": 1, "big": 1}
     assert not only_long.pool_swap
-    # The loop's headroom is the plan's: 1.4 req/s on l4 at 30% is 2 instances, not 1.
-    loop = dataclasses.replace(config, headroom=0.3, min_replicas={})
-    assert PoolSetSwitch(loop).resolve(None, _two_pools([1.4, 0.0]), 0.0).plan.instances() == {"l4": 2}
-    assert at_loop_headroom(_two_pools([1.4, 0.0]), loop).headroom_for("l4") == 0.3
-    # ... unless no plan fits the pools' maxima there: then at the planner's own (2 l4 at most).
-    capped = _two_pools([1.9, 0.0], l4_max=2)
-    capped = dataclasses.replace(capped, options=capped.options[:1])
+    # The re-solve plans at the loop's scale-down headroom: 1.4 req/s on l4 at 50% is 3 instances.
+    loop = dataclasses.replace(config, headroom=0.3, scale_down_headroom=0.5, min_replicas={})
+    only_l4 = dataclasses.replace(_two_pools([1.4, 0.0]), options=_two_pools([0, 0]).options[:1])
+    assert PoolSetSwitch(loop).resolve(None, only_l4, 0.0).plan.instances() == {"l4": 3}
+    assert at_loop_headroom(only_l4, 0.5).headroom_for("l4") == 0.5
+    # ... at its scale-up headroom when no plan fits the pools' maxima there (1.4 / 0.7 = 2) ...
+    capped = dataclasses.replace(only_l4, options=(dataclasses.replace(only_l4.options[0], max_replicas=2),))
     assert PoolSetSwitch(loop).resolve(None, capped, 0.0).plan.instances() == {"l4": 2}
+    # ... then at the planner's own (no headroom: 1.9 req/s on 2 l4).
+    tight = dataclasses.replace(capped, buckets=_two_pools([1.9, 0.0]).buckets)
+    assert PoolSetSwitch(loop).resolve(None, tight, 0.0).plan.instances() == {"l4": 2}
+    with pytest.raises(PlanError):  # and nowhere past that
+        PoolSetSwitch(loop).resolve(None, dataclasses.replace(capped, buckets=_two_pools([2.1, 0.0]).buckets), 0.0)
     # A floor above a pool's maximum is capped as decide_targets caps it.
     capped = with_floors(_two_pools([1.0, 4.0], l4_max=0), dataclasses.replace(config, min_replicas={"l4": 3}))
     assert [o.floor_replicas for o in capped.options] == [0, 0]
@@ -465,8 +471,9 @@ def test_the_simulated_loop_keeps_a_near_tie_plan_and_flaps_without_the_margin()
     capacity = {name: (cap,) for name, (_, cap, _) in options.items()}
     runs = {}
     for margin in (0.0, 0.2):
-        # the margin alone; no loop headroom, so the plan's costs are the near tie above
-        config = dataclasses.replace(SCALE_CONFIG, headroom=0.0, switch_margin=margin, switch_dwell_s=0.0)
+        # the margin alone; no loop headroom nor band, so the plan's costs are the near tie above
+        config = dataclasses.replace(SCALE_CONFIG, headroom=0.0, scale_down_headroom=0.0, switch_margin=margin,
+                                     switch_dwell_s=0.0)
         runs[margin] = simulate_autoscaled(cluster, requests, plan, capacity, [0, 8192], [0, 8192], config,
                                            cold_start_s=30.0, initial={"l4": 1}, problem=problem,
                                            resolve_interval_s=60.0)
@@ -482,7 +489,8 @@ def test_the_simulated_loop_keeps_a_near_tie_plan_and_flaps_without_the_margin()
     # Every re-solve but a steady one hands its chosen plan's routing table out (re-balanced on the L4s).
     assert len(steady.plan_changes) == sum(c.reason != "steady" for _, c in steady.plan_choices)
     # No margin but a 600 s dwell on the pool set: fewer swaps, never two within 600 s.
-    dwell = dataclasses.replace(SCALE_CONFIG, headroom=0.0, switch_margin=0.0, switch_dwell_s=600.0)
+    dwell = dataclasses.replace(SCALE_CONFIG, headroom=0.0, scale_down_headroom=0.0, switch_margin=0.0,
+                                switch_dwell_s=600.0)
     held = simulate_autoscaled(cluster, requests, plan, capacity, [0, 8192], [0, 8192], dwell, cold_start_s=30.0,
                                initial={"l4": 1}, problem=problem, resolve_interval_s=60.0)
     swaps = [t for t, c in held.plan_choices if c.pool_swap]
