@@ -249,6 +249,20 @@ def test_a_floored_pool_is_planned_with_not_around() -> None:
     assert [o.floor_replicas for o in capped.options] == [0, 0]
 
 
+def test_a_pool_past_its_maximum_only_at_the_scale_down_headroom_is_not_left() -> None:
+    """The re-solve prices pools at the loop's scale-down headroom; 3 req/s on l4 (max 4)
+    need 6 there but 4 at the loop's scale-up headroom, which is what the loop runs: the
+    current pool is kept, not swapped for "uncovered"."""
+    loop = dataclasses.replace(CONFIG, headroom=0.2, scale_down_headroom=0.5, switch_margin=0.2, min_replicas={})
+    current = solve(_two_pools([2.0, 0.0], l4_max=4))
+    assert current.instances() == {"l4": 2}
+    choice = PoolSetSwitch(loop).resolve(current, _two_pools([3.0, 0.0], l4_max=4), 300.0)
+    assert choice.reason != "uncovered" and not choice.pool_swap and choice.plan.instances().keys() == {"l4"}
+    # Past it at every headroom, the planner's own (0) included: a real coverage failure.
+    over = PoolSetSwitch(loop).resolve(current, _two_pools([4.5, 0.0], l4_max=4), 300.0)
+    assert over.reason == "uncovered" and over.plan.instances() == {"big": 1}
+
+
 def test_the_floors_spare_capacity_takes_the_traffic_first() -> None:
     """Two l4 at their floor carry 2 of the 3 req/s of short prompts; the long ones need a
     big, whose spare capacity could take all the short ones at the same instance cost (the

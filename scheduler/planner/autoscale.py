@@ -358,9 +358,10 @@ class PoolSetSwitch:
     def resolve(self, current: Plan | None, problem: PlanProblem, now_s: float,
                 time_limit_s: float = 10.0) -> PlanChoice:
         """A re-solve at `now_s` from `problem` (the window's rates, the pools' options): the
-        loop's floors applied (`with_floors`), each pool at the loop's `scale_down_headroom`
-        (when no plan fits the pools' maxima there, its `headroom`, then the planner's own),
-        solved, and `choose`n. Both drivers call this; PlanError when the solve fails (the
+        loop's floors applied (`with_floors`), each pool at the loop's `scale_down_headroom`,
+        solved, and decided (`keep_or_switch`); when no plan fits the pools' maxima there, or
+        the current pools do not (`uncovered`), the same at the loop's `headroom`, then at the
+        planner's own. Both drivers call this; PlanError when the solve fails (the
         driver keeps its plan).
 
         Why the scale-down headroom: the loop adds an instance once a pool's load passes
@@ -372,22 +373,31 @@ class PoolSetSwitch:
         (99.97 / 99.96 / 99.95% attainment) against $110.21 on the fixed plan. One day's
         measurement: the band, not the day, is the reason, but the figure is that day's."""
         floored = with_floors(problem, self.config)
-        tries = [at_loop_headroom(floored, h) for h in (self.config.scale_down_headroom, self.config.headroom)]
-        for sized in (*tries, floored):
+        ladder = (at_loop_headroom(floored, self.config.scale_down_headroom),
+                  at_loop_headroom(floored, self.config.headroom), floored)
+        since_s = now_s - self.last_pool_change_s
+        for sized in ladder:
+            last = sized is ladder[-1]
             try:
                 candidate = solve(sized, time_limit_s=time_limit_s)
             except PlanError:  # e.g. pools past their maximum at that headroom: the next, smaller one
-                if sized is floored:
+                if last:
                     raise
                 continue
-            return self.choose(current, candidate, sized, now_s, time_limit_s)
-        raise AssertionError("unreachable: the last try raises")
+            choice = keep_or_switch(current, candidate, sized, self.config, since_s, time_limit_s)
+            # The current pools past their maximum at a headroom larger than the loop needs
+            # is no reason to leave them: "uncovered" must hold at the next, smaller one too.
+            if choice.reason != "uncovered" or last:
+                return self._record(dataclasses.replace(choice, candidate=candidate), now_s)
+        raise AssertionError("unreachable: the last rung returns or raises")
 
     def choose(self, current: Plan | None, candidate: Plan, problem: PlanProblem, now_s: float,
                time_limit_s: float = 10.0) -> PlanChoice:
         """The re-solve at `now_s`: `keep_or_switch`, recorded, the dwell's clock moved on a swap."""
-        choice = dataclasses.replace(keep_or_switch(current, candidate, problem, self.config,
-                                                    now_s - self.last_pool_change_s, time_limit_s), candidate=candidate)
+        choice = keep_or_switch(current, candidate, problem, self.config, now_s - self.last_pool_change_s, time_limit_s)
+        return self._record(dataclasses.replace(choice, candidate=candidate), now_s)
+
+    def _record(self, choice: PlanChoice, now_s: float) -> PlanChoice:
         self.choices.append((now_s, choice))
         if self.keep is not None:
             del self.choices[:-self.keep]
