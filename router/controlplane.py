@@ -16,7 +16,8 @@
    `autoscaler.switch_margin` than the best plan on the current ones, and none comes
    within `autoscaler.switch_dwell_s` of the last pool-set change, unless those cannot
    carry the load; `PoolSetSwitch.resolve`, with each pool's `min_replicas` as a floor
-   the solve counts, priced and routed to, since the loop keeps it anyway); a solve that
+   the solve counts, priced and routed to, since the loop keeps it anyway, and each pool
+   priced at the loop's `scale_down_headroom`); a solve that
    fails keeps the previous plan (logged, rate-limited); a
    newly chosen plan's routing table goes to the store (`router.plan_routing`), where every router's `length_bucket`
    filter picks it up, so dispatch follows the resized fleet. With `route_by: predicted`

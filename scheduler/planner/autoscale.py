@@ -19,11 +19,16 @@ that are still draining, then starts new ones (ready after the cold start); a sc
 drains the emptiest ready instances; a draining instance is removed only once nothing is
 in flight on it, so a scale-down never aborts a request.
 
-Every `resolve_interval_s` the driver also re-solves the plan from the window's rates and
-asks `keep_or_switch` which plan to run (hysteresis on the plan's pool set, `switch_margin`):
+Every `resolve_interval_s` the driver also re-solves the plan from the window's rates
+(`PoolSetSwitch.resolve`: the loop's floors and band in the solve, below) and asks
+`keep_or_switch` which plan to run (hysteresis on the plan's pool set, `switch_margin`):
 
-- a candidate on the same pools as the current plan is run (its shares are the optimum
-  at this load; no pool starts or empties because of it);
+- a candidate on the same pools as the current plan is run (no pool starts or empties
+  because of it) when it costs less than `1 - switch_margin` times what the current
+  plan's own shares need at this load (`carried_usd_per_hour`), or when those shares do
+  not carry it; otherwise the current plan stays (`steady`). New shares move load between
+  running pools: the pool that gains it scales up at once, the one that loses it scales
+  down only after its dwell and past the band, so for a while both are sized for it;
 - otherwise the same problem is solved on the current plan's pools only (what staying on
   them costs at this load, on the same footing as the candidate). The candidate replaces
   the current pools only when it costs less than `1 - switch_margin` times that, or at
@@ -69,7 +74,10 @@ the current pools always includes it. Before this, on the ServeGen day of
 docs/benchmarks.md the A10G floor was billed all day while the re-solved plans routed
 nothing to it, and the swaps between 1x A10G + 1x L40S and 2x L40S were the A10G pool
 emptied and filled again while its instance ran on. `PoolSetSwitch.resolve` applies the
-floors and solves, so both drivers get them from the same call.
+floors and solves, so both drivers get them from the same call. It also prices each pool at
+the loop's `scale_down_headroom` (the loop releases an instance only once the load fits
+there, so that is the size a pool whose load moves runs at), falling back to `headroom`
+and then the planner's own when the pools' maxima do not fit there (see `resolve`).
 
 On the synthetic hour of docs/benchmarks.md ("Hysteresis on the re-solved plan (issue 12,
 stop 23)") the re-solves without a margin swapped 6x L4 ($4.20/h at that load) for 1x
