@@ -118,7 +118,7 @@ class ControlPlaneConfig:
     input_edges: tuple[int, ...] = DEFAULT_INPUT_EDGES
     output_edges: tuple[int, ...] = DEFAULT_OUTPUT_EDGES
     models: tuple[str, ...] = ()  # whose workload counts (empty: every model)
-    headroom: float = 0.2  # the planner's (the autoscaler has its own band)
+    headroom: float = 0.2  # the planner's; a re-solve prices pools at max(this, autoscaler.scale_down_headroom)
     resolve_interval_s: float = 300.0
     drain_grace_s: float = 10.0
     scrape_timeout_s: float = 2.0
