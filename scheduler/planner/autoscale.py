@@ -227,7 +227,8 @@ class PlanChoice:
     plan: Plan
     reason: PlanReason
     # the best plan on the current plan's pools at this load (inf: they cannot carry it;
-    # nan: no current plan, or the candidate is on the same pools)
+    # nan: no current plan, or held); for a candidate on the same pools, what the current
+    # plan's own shares cost at this load (inf: they do not carry it)
     keep_usd_per_hour: float
     candidate_usd_per_hour: float
     candidate: Plan | None = None  # the re-solve's own plan (`PoolSetSwitch.resolve` sets it)
