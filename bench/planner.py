@@ -28,6 +28,11 @@ Parts (all by default; `--parts` picks some):
   from the whole conversation trace) replayed on the verified peak-sized fleet, static and
   with the autoscaler in the loop (cold starts), with cost and SLO attainment.
 
+- `day_resolve`: the `day` part's loop with the plan re-solved every 300 s (as the control
+  plane does), against the same loop on the fixed plan: cost (and per pool), attainment,
+  pool swaps, every decision's count, rejections by reason (`--day-resolve-settings`:
+  fixed, defaults, neither; ~5 min for the three after a cached capacity table).
+
     nice -n 10 python bench/planner.py                       # everything (~15 min on 1 core)
     nice -n 10 python bench/planner.py --parts solver,melange
 """
@@ -42,6 +47,7 @@ import os
 import random
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -409,22 +415,16 @@ def day_trace(rates: list[float], step_s: float, lengths: list[tuple[int, int]],
     return out
 
 
-def part_day(cache_dir: str, mean_rps: float, hours: float, window_s: float) -> dict[str, Any]:
-    sys.path.insert(0, str(REPO_ROOT / "tests"))
-    from test_plan_autoscale import CONFIG  # the loop settings the autoscale part and its test use
-
+def _day_setup(cache_dir: str, mean_rps: float, hours: float, window_s: float) -> dict[str, Any]:
+    """What the `day` and `day_resolve` parts share: the day's rates and trace, the
+    planner's inputs and the verified peak-sized plan."""
     from scheduler.catalog import default_catalog
-    from scheduler.planner.schedule import day_schedule
     from scheduler.types import SloClass
     from sim.capacity import CapacityCache
-    from sim.plan_autoscale import autoscale_from_plan
-    from sim.plan_run import _classes_for, plan_and_verify
-    from sim.plan_workload import PlanInputs, Workload, build_problem, plan_cluster
-    from sim.report import summarize
-    from sim.simulator import simulate
+    from sim.plan_run import plan_and_verify
+    from sim.plan_workload import PlanInputs, Workload
     from sim.traces import read_trace
 
-    started = time.perf_counter()
     raw, step_s = servegen_day_rates(SERVEGEN_DAY)
     raw = raw[:max(1, int(round(hours * 3600 / step_s)))]
     scale = mean_rps / (sum(raw) / len(raw))
@@ -438,13 +438,34 @@ def part_day(cache_dir: str, mean_rps: float, hours: float, window_s: float) -> 
     inputs = PlanInputs(catalog, catalog.model("llama-3-8b"), tuple(sorted(catalog.gpus.values(), key=lambda g: g.usd_per_hour)),
                         (1,), slos, 0.95)
     cache = CapacityCache(cache_dir)
-    problem, _ = build_problem(workload, None, dataclasses.replace(inputs, slo_classes=_classes_for(workload, slos)), cache)
+    requests = day_trace(rates, step_s, [(r.input_tokens, r.output_tokens) for r in conv])
+    return {"rates": rates, "step_s": step_s, "workload": workload, "planned_on": planned_on, "slos": slos,
+            "inputs": inputs, "cache": cache, "requests": requests, "slo_ms": [ttft, tpot],
+            "verify": lambda: plan_and_verify(workload, planned_on, max(rates), inputs, cache)}
+
+
+def part_day(cache_dir: str, mean_rps: float, hours: float, window_s: float) -> dict[str, Any]:
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from test_plan_autoscale import CONFIG  # the loop settings the autoscale part and its test use
+
+    from scheduler.planner.schedule import day_schedule
+    from sim.plan_autoscale import autoscale_from_plan
+    from sim.plan_run import _classes_for
+    from sim.plan_workload import build_problem, plan_cluster
+    from sim.report import summarize
+    from sim.simulator import simulate
+
+    started = time.perf_counter()
+    day = _day_setup(cache_dir, mean_rps, hours, window_s)
+    rates, step_s, workload, inputs, slos = day["rates"], day["step_s"], day["workload"], day["inputs"], day["slos"]
+    problem, _ = build_problem(workload, None, dataclasses.replace(inputs, slo_classes=_classes_for(workload, slos)),
+                               day["cache"])
     schedule = day_schedule(problem, rates, step_s)
     print(f"day schedule: ${schedule.scheduled_usd:.2f} vs ${schedule.static_peak_usd:.2f} static peak "
           f"({time.perf_counter() - started:.0f} s)", file=sys.stderr)
     # A day's trace on the verified peak-sized fleet, static and autoscaled.
-    requests = day_trace(rates, step_s, [(r.input_tokens, r.output_tokens) for r in conv])
-    verified = plan_and_verify(workload, planned_on, max(rates), inputs, cache)
+    requests = day["requests"]
+    verified = day["verify"]()
     plan = verified.plan
     horizon_s = len(rates) * step_s
     static = summarize(simulate(plan_cluster(plan, inputs, workload, slos), requests), slos)
@@ -455,6 +476,7 @@ def part_day(cache_dir: str, mean_rps: float, hours: float, window_s: float) -> 
     replicas: dict[str, list[int]] = {}
     for event in run.events:
         replicas.setdefault(event.pool, []).append(event.replicas)
+    ttft, tpot = day["slo_ms"]
     out = {"rate_source": "ServeGen reason/deepseek-r1, sum of clients per window",
            "windows": len(rates), "step_s": step_s, "mean_rps": round(mean_rps, 3), "peak_rps": round(max(rates), 3),
            "min_rps": round(min(rates), 3), "requests": len(requests), "slo_ms": [ttft, tpot],
@@ -476,6 +498,80 @@ def part_day(cache_dir: str, mean_rps: float, hours: float, window_s: float) -> 
     return out
 
 
+def _swap_log(run: Any) -> list[list[Any]]:
+    """Each adopted pool-set change: [t, reason, the fleet it runs, seconds since the previous change]."""
+    out: list[list[Any]] = []
+    last = -math.inf
+    for t, choice in run.plan_choices:
+        if choice.pool_swap:
+            out.append([round(t), choice.reason, choice.plan.instances(),
+                        round(t - last) if math.isfinite(last) else None])
+            last = t
+    return out
+
+
+def part_day_resolve(cache_dir: str, mean_rps: float, hours: float, window_s: float,
+                     settings: list[str]) -> dict[str, Any]:
+    """The `day` part's loop with the plan re-solved every 300 s, against the same loop on
+    the fixed plan: cost, attainment, pool swaps, rejections (the figures of docs/benchmarks.md
+    "The ServeGen day with re-solves"). `settings`: some of `fixed` (no re-solve),
+    `defaults` (switch_margin 0.2, switch_dwell_s 1800), `neither` (margin 0, dwell 0)."""
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from test_plan_autoscale import CONFIG  # the loop settings the autoscale part and its test use
+
+    from sim.plan_autoscale import autoscale_from_plan
+    from sim.report import summarize
+
+    started = time.perf_counter()
+    day = _day_setup(cache_dir, mean_rps, hours, window_s)
+    verified = day["verify"]()
+    plan = verified.plan
+    horizon_s = len(day["rates"]) * day["step_s"]
+    print(f"day_resolve: verified plan {plan.instances()} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+    floor = {next(iter(plan.instances())): 1}  # as the `day` part: the plan's first pool kept at one instance
+    config = dataclasses.replace(CONFIG, min_replicas=floor)
+    variants = {"fixed": (config, None), "defaults": (config, 300.0),
+                "neither": (dataclasses.replace(config, switch_margin=0.0, switch_dwell_s=0.0), 300.0)}
+    unknown = set(settings) - set(variants)
+    if unknown:
+        raise SystemExit(f"--day-resolve-settings: unknown {sorted(unknown)}; expected some of {sorted(variants)}")
+    out: dict[str, Any] = {"requests": len(day["requests"]), "windows": len(day["rates"]),
+                           "mean_rps": round(mean_rps, 3), "plan": plan.instances(), "floor": floor,
+                           "resolve_interval_s": 300.0}
+    for name in settings:
+        cfg, resolve_s = variants[name]
+        t0 = time.perf_counter()
+        run = autoscale_from_plan(verified, day["inputs"], day["workload"], day["requests"], cfg, until_s=horizon_s,
+                                  resolve_interval_s=resolve_s)
+        got = summarize(run.result, day["slos"])
+        reasons: dict[str, int] = {}
+        for _, choice in run.plan_choices:
+            reasons[choice.reason] = reasons.get(choice.reason, 0) + 1
+        rejected = [r for r in run.result.records if r.rejected]
+        price = {name: usd for name, usd in ((o.name, o.usd_per_hour) for o in verified.problem.options)}
+        usd_by_pool: dict[str, float] = {}
+        for instance_id, spans in run.instance_intervals.items():
+            pool = instance_id.rsplit("-", 1)[0]
+            usd_by_pool[pool] = usd_by_pool.get(pool, 0.0) + sum(b - a for a, b in spans) / 3600.0 * price[pool]
+        replicas: dict[str, list[int]] = {}
+        for event in run.events:
+            replicas.setdefault(event.pool, []).append(event.replicas)
+        out[name] = {"usd": round(run.usd, 2), "attainment": round(got["slo"]["default"]["both_attainment"], 4),
+                     "pool_swaps": run.pool_swaps, "re_solves": len(run.plan_choices), "decisions": reasons,
+                     "scale_events": len(run.events), "aborted": run.aborted, "rejected": got["rejected"],
+                     "usd_by_pool": {p: round(v, 2) for p, v in sorted(usd_by_pool.items()) if v > 0},
+                     "replicas_range": {p: [min(v), max(v)] for p, v in sorted(replicas.items())},
+                     # per reason (the first instance's, without the request id): how many
+                     "rejected_reasons": dict(Counter(r.reject_reason.split("; ")[0].split(": ")[-1]
+                                                      for r in rejected).most_common(5)),
+                     "swaps": _swap_log(run)[:40], "wall_s": round(time.perf_counter() - t0, 1)}
+        print(f"day_resolve {name}: {json.dumps({k: v for k, v in out[name].items() if k != 'swaps'})}",
+              file=sys.stderr)
+    out["wall_s"] = round(time.perf_counter() - started, 1)
+    print("day_resolve:", json.dumps(out))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="solver,melange,fleets,autoscale")
@@ -490,6 +586,8 @@ def main() -> None:
     parser.add_argument("--day-mean-rps", type=float, default=3.0,
                         help="day: the day's rate series scaled to this mean (req/s)")
     parser.add_argument("--day-hours", type=float, default=24.0, help="day: the first this many hours of the day")
+    parser.add_argument("--day-resolve-settings", default="fixed,defaults",
+                        help="day_resolve: some of fixed, defaults, neither")
     parser.add_argument("--plot-from", metavar="JSON", help="only redraw the plot from a results file")
     args = parser.parse_args()
     if args.plot_from:
@@ -497,7 +595,7 @@ def main() -> None:
                     REPO_ROOT / "docs" / "img" / "planner_cost_vs_rate.png")
         return
     parts = set(args.parts.split(","))
-    known = {"solver", "melange", "fleets", "autoscale", "day"}
+    known = {"solver", "melange", "fleets", "autoscale", "day", "day_resolve"}
     if parts - known:
         parser.error(f"--parts: unknown part(s) {', '.join(sorted(parts - known))}; expected some of {', '.join(sorted(known))}")
     # The parts not run this time keep their last results: the file holds every part.
@@ -527,6 +625,9 @@ def main() -> None:
         results["autoscale"] = part_autoscale(args.cache_dir)
     if "day" in parts:
         results["day"] = part_day(args.cache_dir, args.day_mean_rps, args.day_hours, args.window_s)
+    if "day_resolve" in parts:
+        results["day_resolve"] = part_day_resolve(args.cache_dir, args.day_mean_rps, args.day_hours, args.window_s,
+                                                  args.day_resolve_settings.split(","))
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(results, indent=1) + "\n")
     tmp.replace(out)  # atomic: an interrupted run leaves the last complete file

@@ -15,7 +15,10 @@
    (`scheduler.planner.autoscale.keep_or_switch`: a plan on other pools must be cheaper by
    `autoscaler.switch_margin` than the best plan on the current ones, and none comes
    within `autoscaler.switch_dwell_s` of the last pool-set change, unless those cannot
-   carry the load); a solve that fails keeps the previous plan (logged, rate-limited); a
+   carry the load; `PoolSetSwitch.resolve`, with each pool's `min_replicas` as a floor
+   the solve counts, priced and routed to, since the loop keeps it anyway, and each pool
+   priced at the loop's `scale_down_headroom`); a solve that
+   fails keeps the previous plan (logged, rate-limited); a
    newly chosen plan's routing table goes to the store (`router.plan_routing`), where every router's `length_bucket`
    filter picks it up, so dispatch follows the resized fleet. With `route_by: predicted`
    the solve is on routing keys (input row x the routers' ranker's predicted output
@@ -86,7 +89,6 @@ from scheduler.planner.problem import (
     grid_buckets,
 )
 from scheduler.planner.routing import table_from_plan
-from scheduler.planner.solver import solve
 from tokenyard.config import ConfigError, check_keys, get, load_yaml
 from tokenyard.logs import RateLimitedLog
 
@@ -116,7 +118,7 @@ class ControlPlaneConfig:
     input_edges: tuple[int, ...] = DEFAULT_INPUT_EDGES
     output_edges: tuple[int, ...] = DEFAULT_OUTPUT_EDGES
     models: tuple[str, ...] = ()  # whose workload counts (empty: every model)
-    headroom: float = 0.2  # the planner's (the autoscaler has its own band)
+    headroom: float = 0.2  # the planner's; a re-solve prices pools at max(this, autoscaler.scale_down_headroom)
     resolve_interval_s: float = 300.0
     drain_grace_s: float = 10.0
     scrape_timeout_s: float = 2.0
@@ -464,13 +466,15 @@ class ControlPlane:
         try:
             problem = PlanProblem(buckets, options, headroom_fraction=self.config.headroom,
                                   routing_keys=self._routing_keys(buckets))
-            candidate = solve(problem, time_limit_s=10.0)
+            # the pools' min_replicas are the loop's floors: the solve plans with them (with_floors)
+            choice = self.switch.resolve(self.plan, problem, now_s)
         except PlanError as exc:
             self._warn.warning("solve", "re-solving the pool plan failed; keeping the previous plan",
                                extra={"error": str(exc)})
             self._count("solve_errors")
             return
-        choice = self.switch.choose(self.plan, candidate, problem, now_s)
+        candidate = choice.candidate
+        assert candidate is not None  # resolve sets it
         if self.metrics is not None:
             self.metrics.plan_decisions.labels(choice.reason).inc()
         log.info("pool plan re-solved", extra={"decision": choice.reason, "instances": choice.plan.instances(),

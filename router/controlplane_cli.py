@@ -76,7 +76,7 @@ class ControlPlaneMetrics:
         self.ticks = Counter(p + "ticks", "Control rounds completed while leading", registry=r)
         self.tick_errors = Counter(p + "tick_errors", "Control rounds that failed", registry=r)
         self.solve_errors = Counter(p + "solve_errors", "Plan re-solves that failed", registry=r)
-        self.plan_decisions = Counter(p + "plan_decisions", "Re-solves by decision (first, same_pools, kept, held: the "
+        self.plan_decisions = Counter(p + "plan_decisions", "Re-solves by decision (first, same_pools, steady, kept, held: the "
                                       "pool set stays; uncovered, cheaper, dropped: it changes)", ["decision"],
                                       registry=r)
 

@@ -15,7 +15,8 @@ arrival run to `until_s`, so an idle tail scales down too.
 
 With `resolve_interval_s` the loop re-solves the plan from the window's rates, as the
 live control plane does, switches to the new plan or stays on the current plan's pools by the same
-`keep_or_switch` call (the hysteresis on the pool set, `AutoscalerConfig.switch_margin`),
+`PoolSetSwitch.resolve` call (the loop's floors and headroom in the solve, then
+`keep_or_switch`: the hysteresis on the pool set, `AutoscalerConfig.switch_margin`),
 and hands the chosen plan's routing table to the dispatch policy's `length_bucket` filter
 (`scheduler.policies.length_bucket.set_routing_table`), so the routing follows the fleet. With `hold_until_ready` (the default) the cluster's policy
 document enables the admission queue's scale-from-zero hold
@@ -46,7 +47,6 @@ from scheduler.planner.autoscale import (
 )
 from scheduler.planner.problem import Plan, PlanError, PlanProblem, bucket_of
 from scheduler.planner.routing import RoutingTable, table_from_plan
-from scheduler.planner.solver import solve
 from scheduler.policies.length_bucket import set_routing_table
 from scheduler.policy_document import load_policy_document
 from scheduler.types import Decision, RequestInfo
@@ -214,11 +214,10 @@ class AutoscaledDispatch:
         options = tuple(dataclasses.replace(o, max_replicas=self.pool_sizes[o.name])
                         for o in self.problem.options if o.name in self.pool_sizes)
         problem = dataclasses.replace(self.problem, buckets=buckets, options=options)
-        try:
-            candidate = solve(problem, time_limit_s=10.0)
+        try:  # the loop's floors (min_replicas) are applied there, as in the live loop
+            choice = self.switch.resolve(self.plan, problem, t)
         except PlanError:
             return
-        choice = self.switch.choose(self.plan, candidate, problem, t)
         if choice.plan is self.plan:
             return  # held: the plan and its routing table stand (the live loop publishes nothing either)
         self.plan = choice.plan

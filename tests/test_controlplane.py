@@ -350,8 +350,9 @@ def _near_tie_doc(margin: float) -> dict[str, Any]:
                pools=[{"name": "l4", "gpu": "L4", "usd_per_hour": 0.7, "capacity_rps": [[0.5]], "max_replicas": 12},
                       {"name": "a100", "gpu": "A100-80GB", "usd_per_hour": 3.67, "capacity_rps": [[6.0]],
                        "max_replicas": 3}],
+               # the loop's headroom (and band) as the planner's: the re-solve plans at the larger
                autoscaler={"interval_s": 60.0, "window_s": 60.0, "dwell_s": 120.0, "idle_s": 120.0,
-                           "switch_margin": margin})
+                           "headroom": 0.1, "scale_down_headroom": 0.1, "switch_margin": margin})
 
 
 def test_a_re_solve_keeps_the_pools_unless_the_new_plan_is_cheaper_by_the_margin(tmp_path: Path) -> None:

@@ -17,7 +17,8 @@ The control loop too: the router's control plane (a router's workload histogram 
 store, `ControlPlane.tick`) and the simulator's loop (arrivals, `AutoscaledDispatch._tick`),
 fed the same windows over the same pools, keep or switch every re-solved plan alike
 (`keep_or_switch`, `autoscaler.switch_margin` and `switch_dwell_s`, each driver keeping its
-own time of the last pool-set change) and hand out the same routing tables.
+own time of the last pool-set change; the pools' `min_replicas` as floors the re-solve
+plans with, `PoolSetSwitch.resolve`) and hand out the same routing tables.
 """
 
 from __future__ import annotations
@@ -432,10 +433,15 @@ loop_specs = st.fixed_dictionaries({
     "margin": st.sampled_from([0.0, 0.05, 0.1, 0.2, 0.5]),
     "dwell_s": st.sampled_from([0.0, 0.0, 100.0, 1000.0]),  # windows are 64 s apart
     "headroom": st.sampled_from([0.0, 0.1, 0.2]),
+    # the autoscaler's band: the re-solve plans at the larger of its top and the planner's headroom
+    "loop_headroom": st.sampled_from([0.0, 0.2, 0.3]),
+    "loop_down_headroom": st.sampled_from([0.3, 0.5]),
     # req/s one instance sustains per bucket (0: it cannot meet the SLO), and its maximum
     "l4": st.tuples(st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0]), min_size=4, max_size=4), st.sampled_from([2, 4, 12])),
     "a10g": st.tuples(st.lists(st.sampled_from([0.0, 0.7, 1.5]), min_size=4, max_size=4), st.sampled_from([2, 8])),
     "a100": st.tuples(st.lists(st.sampled_from([3.0, 6.0]), min_size=4, max_size=4), st.sampled_from([1, 4])),
+    # each pool's min_replicas: the loop's floor, which both drivers' re-solves plan with
+    "floors": st.fixed_dictionaries({name: st.sampled_from([0, 0, 1]) for name in ("l4", "a10g", "a100")}),
 })
 # arrivals per bucket in each 64 s window; the first one (a new leader's first plan) short requests only
 # (long prompts, buckets 2 and 3, are rarer: the near-ties between pools are in the short ones)
@@ -451,18 +457,19 @@ def _loop_drivers(spec: dict[str, Any], first: list[int], state_dir: Path) -> tu
     from the plan the control plane adopts on the first window (a new leader has none)."""
     from router.controlplane import ControlPlane, PrintActuator, parse_config
     from scheduler.catalog import default_catalog
-    from scheduler.planner.autoscale import AutoscalerConfig
+    from scheduler.planner.autoscale import AutoscalerConfig, PoolSetSwitch
     from scheduler.planner.problem import PlanProblem, PoolOption, grid_buckets
     from scheduler.planner.routing import table_from_plan
-    from scheduler.planner.solver import solve
     from sim.cluster import ClusterSpec, PoolSpec
     from sim.engine_core import EngineConfig
     from sim.plan_autoscale import AutoscaledDispatch
 
     loop = {"interval_s": LOOP_WINDOW_S, "window_s": LOOP_WINDOW_S, "switch_margin": spec["margin"],
-            "switch_dwell_s": spec.get("dwell_s", 0.0)}
+            "switch_dwell_s": spec.get("dwell_s", 0.0), "headroom": spec.get("loop_headroom", spec["headroom"]),
+            "scale_down_headroom": spec.get("loop_down_headroom", spec.get("loop_headroom", spec["headroom"]))}
+    floors = spec.get("floors", {})
     pools = [{"name": name, "gpu": LOOP_GPUS[name][0], "usd_per_hour": LOOP_GPUS[name][1],
-              "capacity_rps": [caps[:2], caps[2:]], "max_replicas": count}
+              "capacity_rps": [caps[:2], caps[2:]], "max_replicas": count, "min_replicas": floors.get(name, 0)}
              for name, (caps, count) in ((n, spec[n]) for n in LOOP_GPUS)]
     config = parse_config({"store": "file:///unused", "input_edges": LOOP_EDGES[0], "output_edges": LOOP_EDGES[1],
                            "pools": pools, "headroom": spec["headroom"], "resolve_interval_s": LOOP_WINDOW_S,
@@ -472,7 +479,7 @@ def _loop_drivers(spec: dict[str, Any], first: list[int], state_dir: Path) -> tu
                     for p in config.pools)
     rates = [[first[0] / LOOP_WINDOW_S, first[1] / LOOP_WINDOW_S], [first[2] / LOOP_WINDOW_S, first[3] / LOOP_WINDOW_S]]
     problem = PlanProblem(grid_buckets(*LOOP_EDGES, rates), options, headroom_fraction=spec["headroom"])
-    plan = solve(problem)
+    plan = PoolSetSwitch(config.autoscaler).resolve(None, problem, 0.0).plan  # the control plane's first plan
     catalog = default_catalog()
     model = catalog.model("llama-3-8b")
     cluster = ClusterSpec(pools=tuple(PoolSpec(p.name, catalog.gpu(p.gpu), model, 1, p.max_replicas, EngineConfig())
@@ -520,7 +527,7 @@ async def _run_control_loop_parity(spec: dict[str, Any], windows: list[list[int]
             for n, (k, _) in enumerate(arrivals):
                 row, col = divmod(k, 2)
                 request_id = f"w{w}-{n}"
-                loop_sim.lengths[request_id] = (LOOP_EDGES[0][row] + 1, LOOP_EDGES[1][col] + 1)  # type: ignore[index]
+                loop_sim.lengths[request_id] = (LOOP_EDGES[0][row] + 1, LOOP_EDGES[1][col] + 1)
                 loop_sim._observe(RequestInfo(request_id, "llama-3-8b", LOOP_EDGES[0][row] + 1),
                                   t - LOOP_WINDOW_S + n * LOOP_WINDOW_S / len(arrivals))
             loop_sim._tick(t)
@@ -546,13 +553,14 @@ def test_router_and_simulator_keep_or_switch_the_re_solved_plan_alike(spec: dict
 
 def test_control_loop_parity_sees_every_decision() -> None:
     """A fixed sequence through both drivers: short requests at a near-tie between L4s and an
-    A100 (kept at margin 0.2), the same pools re-balanced, then long prompts the L4 plan
-    cannot serve (switched at once); at margin 0 the near-tie switches."""
+    A100 (kept at margin 0.2), the same pools on their current shares (steady: a re-balance
+    would save nothing), then long prompts the L4 plan cannot serve (switched at once); at
+    margin 0 the near-tie switches."""
     spec = {"margin": 0.2, "headroom": 0.1, "l4": ([0.5, 0.5, 0.0, 0.0], 12), "a10g": ([0.0, 0.0, 0.0, 0.0], 2),
             "a100": ([6.0, 6.0, 3.0, 3.0], 4)}
     windows = [[26, 0, 0, 0], [166, 0, 0, 0], [64, 0, 0, 0], [166, 0, 64, 0]]
     with tempfile.TemporaryDirectory() as state_dir:
-        assert asyncio.run(_run_control_loop_parity(spec, windows, Path(state_dir))) == ["kept", "same_pools",
+        assert asyncio.run(_run_control_loop_parity(spec, windows, Path(state_dir))) == ["kept", "steady",
                                                                                         "uncovered"]
     with tempfile.TemporaryDirectory() as state_dir:
         assert asyncio.run(_run_control_loop_parity({**spec, "margin": 0.0}, windows[:2], Path(state_dir))) == \

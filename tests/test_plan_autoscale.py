@@ -15,10 +15,13 @@ from scheduler.planner.autoscale import (
     AutoscalerConfig,
     InstanceView,
     PoolObservation,
+    PoolSetSwitch,
+    at_loop_headroom,
     decide_targets,
     keep_or_switch,
     pool_loads,
     reconcile,
+    with_floors,
 )
 from scheduler.planner.problem import Plan, PlanError, PlanProblem, PoolOption, grid_buckets
 from scheduler.planner.routing import table_from_plan
@@ -110,13 +113,27 @@ def test_a_swap_needs_the_margin_and_exactly_the_margin_keeps() -> None:
     assert keep_or_switch(None, candidate, problem, _margin(0.2)).reason == "first"  # nothing to keep
 
 
-def test_the_same_pools_are_re_balanced_without_the_margin() -> None:
+def test_the_same_pools_are_re_balanced_only_when_that_beats_the_current_shares() -> None:
+    """New shares on the same pools move load from one running pool to another, which
+    scales up at once while the other waits out its dwell: they are taken when cheaper by
+    the margin than what the current shares need at this load, or at margin 0."""
     current = solve(_two_pools([4.0, 0.0]))
     problem = _two_pools([2.0, 0.0])
     candidate = solve(problem)
-    choice = keep_or_switch(current, candidate, problem, _margin(0.9))
+    choice = keep_or_switch(current, candidate, problem, _margin(0.0))
     assert choice.reason == "same_pools" and choice.plan is candidate and choice.plan.instances() == {"l4": 2}
     assert not choice.pool_swap
+    steady = keep_or_switch(current, candidate, problem, _margin(0.2))  # the same $2 on the current shares
+    assert steady.reason == "steady" and steady.plan is current and steady.keep_usd_per_hour == 2.0
+    assert not steady.pool_swap
+    # Shares that route load to the dear pool: at 3 + 4.5 req/s the current ones need 2 l4 and
+    # 2 big ($10), the candidate's 3 l4 and 1 big ($7): 30% cheaper, re-balanced.
+    both = solve(_two_pools([3.0, 4.0]))
+    assert both.shares[0] == pytest.approx({"l4": 2 / 3, "big": 1 / 3})
+    heavier = _two_pools([3.0, 4.5])
+    rebalanced = keep_or_switch(both, solve(heavier), heavier, _margin(0.2))
+    assert rebalanced.reason == "same_pools" and rebalanced.keep_usd_per_hour == 10.0
+    assert rebalanced.plan.usd_per_hour == 7.0
 
 
 def test_coverage_beats_cost() -> None:
@@ -189,6 +206,109 @@ def test_the_dwell_holds_the_pool_set_unless_the_load_forces_a_change() -> None:
     only_long = solve(_two_pools([0.0, 4.0]))
     mixed = _two_pools([1.2, 4.0])
     assert keep_or_switch(only_long, solve(mixed), mixed, dwell, since_pool_change_s=0.0).reason == "kept"
+
+
+def test_a_floored_pool_is_planned_with_not_around() -> None:
+    """The loop keeps l4 at one instance whatever the plan says. Without the floor the
+    re-solve at a low short-prompt rate drops l4 (one big carries everything) while its
+    instance runs on, billed, routed nothing; with it the plan counts that instance, pays
+    for it and routes the short prompts to it, and the pool set does not change."""
+    config = dataclasses.replace(CONFIG, headroom=0.0, scale_down_headroom=0.0, switch_margin=0.2, switch_dwell_s=0.0,
+                                 min_replicas={"l4": 1})
+    switch = PoolSetSwitch(config)
+    current = switch.resolve(None, _two_pools([3.0, 4.0]), 0.0).plan
+    assert current.instances() == {"l4": 2, "big": 1}
+    fallen = _two_pools([1.0, 4.0])
+    assert solve(fallen).instances() == {"big": 1}  # what the floor-blind solve plans
+    choice = switch.resolve(current, fallen, 300.0)
+    assert choice.reason in ("same_pools", "steady") and not choice.pool_swap
+    assert choice.candidate is not None and choice.candidate.usd_per_hour == 5.0  # the floor is paid
+    choice = dataclasses.replace(choice, plan=choice.candidate)
+    assert choice.plan.instances() == {"l4": 1, "big": 1}
+    assert choice.plan.shares[0] == {"l4": 1.0}  # ... and used
+    assert choice.candidate is not None and choice.candidate.instances() == {"l4": 1, "big": 1}
+    # No traffic l4 serves at all: it is still in the plan, priced, at its floor.
+    only_long = switch.resolve(choice.plan, _two_pools([0.0, 4.0]), 600.0)
+    assert only_long.candidate is not None and only_long.candidate.instances() == {"l4": 1, "big": 1}
+    assert not only_long.pool_swap
+    # The re-solve plans at the loop's scale-down headroom: 1.4 req/s on l4 at 50% is 3 instances.
+    loop = dataclasses.replace(config, headroom=0.3, scale_down_headroom=0.5, min_replicas={})
+    only_l4 = dataclasses.replace(_two_pools([1.4, 0.0]), options=_two_pools([0, 0]).options[:1])
+    assert PoolSetSwitch(loop).resolve(None, only_l4, 0.0).plan.instances() == {"l4": 3}
+    assert at_loop_headroom(only_l4, 0.5).headroom_for("l4") == 0.5
+    # ... at its scale-up headroom when no plan fits the pools' maxima there (1.4 / 0.7 = 2) ...
+    capped = dataclasses.replace(only_l4, options=(dataclasses.replace(only_l4.options[0], max_replicas=2),))
+    assert PoolSetSwitch(loop).resolve(None, capped, 0.0).plan.instances() == {"l4": 2}
+    # ... then at the planner's own (no headroom: 1.9 req/s on 2 l4).
+    tight = dataclasses.replace(capped, buckets=_two_pools([1.9, 0.0]).buckets)
+    assert PoolSetSwitch(loop).resolve(None, tight, 0.0).plan.instances() == {"l4": 2}
+    with pytest.raises(PlanError):  # and nowhere past that
+        PoolSetSwitch(loop).resolve(None, dataclasses.replace(capped, buckets=_two_pools([2.1, 0.0]).buckets), 0.0)
+    # A floor above a pool's maximum is capped as decide_targets caps it.
+    capped = with_floors(_two_pools([1.0, 4.0], l4_max=0), dataclasses.replace(config, min_replicas={"l4": 3}))
+    assert [o.floor_replicas for o in capped.options] == [0, 0]
+
+
+def test_a_pool_past_its_maximum_only_at_the_scale_down_headroom_is_not_left() -> None:
+    """The re-solve prices pools at the loop's scale-down headroom; 3 req/s on l4 (max 4)
+    need 6 there but 4 at the loop's scale-up headroom, which is what the loop runs: the
+    current pool is kept, not swapped for "uncovered"."""
+    loop = dataclasses.replace(CONFIG, headroom=0.2, scale_down_headroom=0.5, switch_margin=0.2, min_replicas={})
+    current = solve(_two_pools([2.0, 0.0], l4_max=4))
+    assert current.instances() == {"l4": 2}
+    choice = PoolSetSwitch(loop).resolve(current, _two_pools([3.0, 0.0], l4_max=4), 300.0)
+    assert choice.reason != "uncovered" and not choice.pool_swap and choice.plan.instances().keys() == {"l4"}
+    # Past it at every headroom, the planner's own (0) included: a real coverage failure.
+    over = PoolSetSwitch(loop).resolve(current, _two_pools([4.5, 0.0], l4_max=4), 300.0)
+    assert over.reason == "uncovered" and over.plan.instances() == {"big": 1}
+
+
+def test_the_floors_spare_capacity_takes_the_traffic_first() -> None:
+    """Two l4 at their floor carry 2 of the 3 req/s of short prompts; the long ones need a
+    big, whose spare capacity could take all the short ones at the same instance cost (the
+    solve alone returned that: the floored l4 idle). The floors' second solve fills the
+    paid-for l4 first, so the big pool is sized on less load."""
+    problem = with_floors(_two_pools([3.0, 1.0]), dataclasses.replace(CONFIG, headroom=0.0, min_replicas={"l4": 2}))
+    plan = solve(problem)
+    assert plan.instances() == {"l4": 2, "big": 1} and plan.usd_per_hour == 6.0
+    assert plan.shares[0] == pytest.approx({"l4": 2 / 3, "big": 1 / 3}) and plan.shares[1] == {"big": 1.0}
+    loads = {p.name: p.load_instances for p in plan.pools}
+    assert loads["l4"] == pytest.approx(2.0) and loads["big"] == pytest.approx(0.4)
+
+
+def test_a_floor_the_limits_cannot_hold_is_a_clear_error() -> None:
+    floored = dataclasses.replace(_two_pools([1.0, 4.0]).options[0], floor_replicas=3, max_replicas=2)
+    problem = dataclasses.replace(_two_pools([1.0, 4.0]), options=(floored, _two_pools([0, 0]).options[1]))
+    with pytest.raises(PlanError, match=r"pool l4: floor_replicas 3: expected 0 to max_replicas \(2\)"):
+        solve(problem)
+    scarce = dataclasses.replace(problem, options=(dataclasses.replace(floored, max_replicas=None),
+                                                   problem.options[1]), availability_gpus={"L4": 2})
+    with pytest.raises(PlanError, match=r"availability: pool l4's floor of 3 instance\(s\) needs 3 L4 GPUs, the limit is 2"):
+        solve(scarce)
+
+
+def _three_rows(rates: list[float]) -> PlanProblem:
+    """Short prompts (l4 1 req/s, big 5), long and longest ones (only big, 5 req/s)."""
+    buckets = grid_buckets([0, 1024, 4096, 8192], [0, 8192], [[r] for r in rates])
+    return PlanProblem(buckets, (PoolOption("l4", "L4", 1, 1.0, (1.0, 0.0, 0.0)),
+                                 PoolOption("big", "A100-80GB", 1, 4.0, (5.0, 5.0, 5.0))))
+
+
+def test_within_the_dwell_a_request_in_a_new_bucket_re_balances_without_dropping_a_pool() -> None:
+    """The ServeGen day's drops right after an add: one request in a bucket that had no
+    traffic at the last solve, so the current shares do not carry the window; the best
+    plan on the current pools alone would drop l4, cold-started moments ago."""
+    dwell = dataclasses.replace(CONFIG, switch_margin=0.2, switch_dwell_s=1800.0)
+    current = solve(_three_rows([3.0, 4.0, 0.0]))
+    assert current.instances() == {"l4": 2, "big": 1} and not current.shares[2]
+    problem = _three_rows([0.5, 3.5, 0.1])  # the longest prompts: one request in the window
+    candidate = solve(problem)
+    assert candidate.instances() == {"big": 1}
+    choice = keep_or_switch(current, candidate, problem, dwell, since_pool_change_s=90.0)
+    assert choice.reason == "kept" and not choice.pool_swap
+    assert choice.plan.instances() == {"l4": 1, "big": 1} and choice.plan.shares[2] == {"big": 1.0}
+    # After the dwell the drop is taken, as any drop is.
+    assert keep_or_switch(current, candidate, problem, dwell, since_pool_change_s=1800.0).reason == "dropped"
 
 
 @pytest.mark.parametrize("dwell", [-1.0, math.inf, math.nan])
@@ -365,7 +485,9 @@ def test_the_simulated_loop_keeps_a_near_tie_plan_and_flaps_without_the_margin()
     capacity = {name: (cap,) for name, (_, cap, _) in options.items()}
     runs = {}
     for margin in (0.0, 0.2):
-        config = dataclasses.replace(SCALE_CONFIG, switch_margin=margin, switch_dwell_s=0.0)  # the margin alone
+        # the margin alone; no loop headroom nor band, so the plan's costs are the near tie above
+        config = dataclasses.replace(SCALE_CONFIG, headroom=0.0, scale_down_headroom=0.0, switch_margin=margin,
+                                     switch_dwell_s=0.0)
         runs[margin] = simulate_autoscaled(cluster, requests, plan, capacity, [0, 8192], [0, 8192], config,
                                            cold_start_s=30.0, initial={"l4": 1}, problem=problem,
                                            resolve_interval_s=60.0)
@@ -375,13 +497,14 @@ def test_the_simulated_loop_keeps_a_near_tie_plan_and_flaps_without_the_margin()
     assert flapping.pool_swaps >= 2, [(t, c.reason, c.plan.instances()) for t, c in flapping.plan_choices]
     steady = runs[0.2]
     reasons = {c.reason for _, c in steady.plan_choices}
-    assert steady.pool_swaps == 0 and "kept" in reasons and reasons <= {"kept", "same_pools"}
+    assert steady.pool_swaps == 0 and "kept" in reasons and reasons <= {"kept", "same_pools", "steady"}
     assert all(c.instances.keys() == {"l4"} for c in steady.plan_changes)
     assert all(r.pool == "l4" for r in steady.result.records if not r.rejected)
-    # Every re-solve hands its chosen plan's routing table out (re-balanced on the L4s).
-    assert len(steady.plan_changes) == len(steady.plan_choices)
+    # Every re-solve but a steady one hands its chosen plan's routing table out (re-balanced on the L4s).
+    assert len(steady.plan_changes) == sum(c.reason != "steady" for _, c in steady.plan_choices)
     # No margin but a 600 s dwell on the pool set: fewer swaps, never two within 600 s.
-    dwell = dataclasses.replace(SCALE_CONFIG, switch_margin=0.0, switch_dwell_s=600.0)
+    dwell = dataclasses.replace(SCALE_CONFIG, headroom=0.0, scale_down_headroom=0.0, switch_margin=0.0,
+                                switch_dwell_s=600.0)
     held = simulate_autoscaled(cluster, requests, plan, capacity, [0, 8192], [0, 8192], dwell, cold_start_s=30.0,
                                initial={"l4": 1}, problem=problem, resolve_interval_s=60.0)
     swaps = [t for t, c in held.plan_choices if c.pool_swap]

@@ -40,7 +40,9 @@ def _config(output_edges: list[int], capacity: dict[str, list[float]], **extra: 
     return parse_config({
         "store": "file:///unused", "input_edges": INPUT_EDGES, "output_edges": output_edges, "pools": pools,
         "actuator": "print", "resolve_interval_s": 0.001, "headroom": 0.0, "route_by": "predicted",
-        "autoscaler": {"interval_s": 10.0, "window_s": 20.0, "dwell_s": 3600.0, "idle_s": 3600.0},
+        # no loop band: the re-solve prices pools at the planner's headroom, as these cases assume
+        "autoscaler": {"interval_s": 10.0, "window_s": 20.0, "dwell_s": 3600.0, "idle_s": 3600.0, "headroom": 0.0,
+                       "scale_down_headroom": 0.0},
         "metrics": {"port": None}, **extra}, "cp.yaml")
 
 

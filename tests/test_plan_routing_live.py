@@ -48,7 +48,9 @@ def test_router_follows_the_control_planes_re_solved_plan(tmp_path: Path) -> Non
         "store": "file:///unused", **ONE_BUCKET, "actuator": "print", "resolve_interval_s": 0.001, "headroom": 0.0,
         "pools": [{"name": "small", "gpu": "L4", "usd_per_hour": 0.70, "capacity_rps": [[0.5]], "max_replicas": 12},
                   {"name": "big", "gpu": "A100-80GB", "usd_per_hour": 3.67, "capacity_rps": [[6.0]], "max_replicas": 3}],
-        "autoscaler": {"interval_s": 10.0, "window_s": 20.0, "dwell_s": 3600.0, "idle_s": 3600.0},
+        # no loop band: the re-solve prices pools at the planner's headroom, as this case assumes
+        "autoscaler": {"interval_s": 10.0, "window_s": 20.0, "dwell_s": 3600.0, "idle_s": 3600.0, "headroom": 0.0,
+                       "scale_down_headroom": 0.0},
         "metrics": {"port": None}}, "cp.yaml")
     now = [1_800_000_000.0]
     first_table = {**ONE_BUCKET, "cells": [], "rows": [{"input": 0, "pools": {"big": 1.0}}]}

@@ -19,11 +19,16 @@ that are still draining, then starts new ones (ready after the cold start); a sc
 drains the emptiest ready instances; a draining instance is removed only once nothing is
 in flight on it, so a scale-down never aborts a request.
 
-Every `resolve_interval_s` the driver also re-solves the plan from the window's rates and
-asks `keep_or_switch` which plan to run (hysteresis on the plan's pool set, `switch_margin`):
+Every `resolve_interval_s` the driver also re-solves the plan from the window's rates
+(`PoolSetSwitch.resolve`: the loop's floors and band in the solve, below) and asks
+`keep_or_switch` which plan to run (hysteresis on the plan's pool set, `switch_margin`):
 
-- a candidate on the same pools as the current plan is run (its shares are the optimum
-  at this load; no pool starts or empties because of it);
+- a candidate on the same pools as the current plan is run (no pool starts or empties
+  because of it) when it costs less than `1 - switch_margin` times what the current
+  plan's own shares need at this load (`carried_usd_per_hour`), or when those shares do
+  not carry it; otherwise the current plan stays (`steady`). New shares move load between
+  running pools: the pool that gains it scales up at once, the one that loses it scales
+  down only after its dwell and past the band, so for a while both are sized for it;
 - otherwise the same problem is solved on the current plan's pools only (what staying on
   them costs at this load, on the same footing as the candidate). The candidate replaces
   the current pools only when it costs less than `1 - switch_margin` times that, or at
@@ -51,8 +56,28 @@ capacity of a mixed set of pools (1x A10G + 1x L40S against 2x L40S on the Serve
 24% apart, each way in turn). So a pool set also has a dwell, `switch_dwell_s`: within it
 after a change of the pool set, a candidate on other pools is `held` (the current plan
 runs on, shares and routing table unchanged) as long as the current plan's own shares
-carry the load (`carries`); when they do not, the best plan on the current pools runs
-(which may still drop a pool), and when the current pools cannot carry it, the candidate.
+carry the load (`carries`); when they do not, the best plan that keeps every current pool
+(each at one instance at least) runs (`kept`), and only when no such plan exists the best
+plan on the current pools (which may drop one) or, when they cannot carry the load at
+all, the candidate. On the ServeGen day (before the floors) the current shares stopped
+carrying the load 28 times within the dwell, 27 of them for one request in a bucket that
+had had no traffic at the last solve (1 request in the 120 s window, 0.008 req/s), once for
+a pool past its maximum; the best plan on the current pools then dropped a pool 11 times,
+10 of them 30-810 s after the pool set last changed (docs/benchmarks.md).
+
+Floors. A pool's `min_replicas` is an instance the loop keeps whatever the plan routes to
+it, so the re-solve plans with it rather than around it (`with_floors`): every plan holds
+the pool's floor, priced, and the solver routes to that capacity before it buys more
+(scheduler.planner.solver, the floors' second solve). A floored pool runs in every plan,
+so it is part of the pool set the hysteresis compares (`running_pools`), and the plan on
+the current pools always includes it. Before this, on the ServeGen day of
+docs/benchmarks.md the A10G floor was billed all day while the re-solved plans routed
+nothing to it, and the swaps between 1x A10G + 1x L40S and 2x L40S were the A10G pool
+emptied and filled again while its instance ran on. `PoolSetSwitch.resolve` applies the
+floors and solves, so both drivers get them from the same call. It also prices each pool at
+the loop's `scale_down_headroom` (the loop releases an instance only once the load fits
+there, so that is the size a pool whose load moves runs at), falling back to `headroom`
+and then the planner's own when the pools' maxima do not fit there (see `resolve`).
 
 On the synthetic hour of docs/benchmarks.md ("Hysteresis on the re-solved plan (issue 12,
 stop 23)") the re-solves without a margin swapped 6x L4 ($4.20/h at that load) for 1x
@@ -192,7 +217,7 @@ def reconcile(instances: Sequence[InstanceView], target: int) -> Actions:
     return Actions(tuple(start), tuple(undrain), tuple(drain), remove)
 
 
-PlanReason = Literal["first", "same_pools", "uncovered", "cheaper", "kept", "dropped", "held"]
+PlanReason = Literal["first", "same_pools", "steady", "uncovered", "cheaper", "kept", "dropped", "held"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,9 +227,11 @@ class PlanChoice:
     plan: Plan
     reason: PlanReason
     # the best plan on the current plan's pools at this load (inf: they cannot carry it;
-    # nan: no current plan, or the candidate is on the same pools)
+    # nan: no current plan, or held); for a candidate on the same pools, what the current
+    # plan's own shares cost at this load (inf: they do not carry it)
     keep_usd_per_hour: float
     candidate_usd_per_hour: float
+    candidate: Plan | None = None  # the re-solve's own plan (`PoolSetSwitch.resolve` sets it)
 
     @property
     def pool_swap(self) -> bool:
@@ -217,32 +244,72 @@ def plan_pools(plan: Plan) -> frozenset[str]:
     return frozenset(plan.instances())
 
 
-def carries(plan: Plan, problem: PlanProblem) -> bool:
-    """Whether `plan`'s own shares carry `problem`'s rates: every bucket with traffic has a
-    share, on pools that are options and serve it, each pool within its `max_replicas` at
-    the planner's headroom, each GPU type within its availability."""
+def floored_pools(problem: PlanProblem) -> frozenset[str]:
+    """The pools the fleet runs whatever the plan (a floor above 0)."""
+    return frozenset(o.name for o in problem.options if o.floor_replicas > 0)
+
+
+def running_pools(plan: Plan, problem: PlanProblem) -> frozenset[str]:
+    """The pools the fleet runs under `plan`: its own and the floored ones."""
+    return plan_pools(plan) | floored_pools(problem)
+
+
+def with_floors(problem: PlanProblem, config: AutoscalerConfig) -> PlanProblem:
+    """`problem` with each pool's `config.min_replicas` as its floor (capped at the pool's
+    `max_replicas`, as `decide_targets` caps it): the instances the loop keeps anyway."""
+    options = []
+    for option in problem.options:
+        floor = config.min_replicas.get(option.name, 0)
+        if option.max_replicas is not None:
+            floor = min(floor, option.max_replicas)
+        options.append(dataclasses.replace(option, floor_replicas=max(0, floor)))
+    return dataclasses.replace(problem, options=tuple(options))
+
+
+def at_loop_headroom(problem: PlanProblem, headroom: float) -> PlanProblem:
+    """`problem` with each pool's headroom at least `headroom` (the loop's)."""
+    by_pool = {o.name: max(problem.headroom_for(o.name), headroom) for o in problem.options}
+    return dataclasses.replace(problem, headroom_by_pool=by_pool)
+
+
+def carried_usd_per_hour(plan: Plan, problem: PlanProblem) -> float:
+    """What `plan`'s own shares cost at `problem`'s rates (each pool at the instances its
+    load needs at the planner's headroom, its minimum or its floor), or inf when they do not
+    carry them: a bucket with traffic and no share, a share on a pool that is no option or
+    does not serve the bucket, a pool past its `max_replicas`, a GPU type past its availability."""
     if len(plan.shares) != len(problem.buckets):
-        return False
+        return math.inf
     options = {o.name: o for o in problem.options}
     loads: dict[str, float] = {}
     for k, bucket in enumerate(problem.buckets):
         if bucket.rate_rps <= 0:
             continue
         if not plan.shares[k]:
-            return False
+            return math.inf
         for pool, share in plan.shares[k].items():
             option = options.get(pool)
             if option is None or option.capacity_rps[k] <= 0:
-                return False
+                return math.inf
             loads[pool] = loads.get(pool, 0.0) + bucket.rate_rps * share / option.capacity_rps[k]
     gpus: dict[str, int] = {}
+    for pool in floored_pools(problem):  # run whatever the shares say
+        loads.setdefault(pool, 0.0)
+    usd = 0.0
     for pool, load in loads.items():
         option = options[pool]
-        count = max(_needed(load, problem.headroom_for(pool)), option.min_replicas)
+        count = max(_needed(load, problem.headroom_for(pool)), option.min_replicas, option.floor_replicas)
         if option.max_replicas is not None and count > option.max_replicas:
-            return False
+            return math.inf
         gpus[option.gpu] = gpus.get(option.gpu, 0) + count * option.tp
-    return all(used <= problem.availability_gpus.get(gpu, used) for gpu, used in gpus.items())
+        usd += count * option.usd_per_hour
+    if not all(used <= problem.availability_gpus.get(gpu, used) for gpu, used in gpus.items()):
+        return math.inf
+    return usd
+
+
+def carries(plan: Plan, problem: PlanProblem) -> bool:
+    """Whether `plan`'s own shares carry `problem`'s rates (`carried_usd_per_hour` is finite)."""
+    return math.isfinite(carried_usd_per_hour(plan, problem))
 
 
 def keep_or_switch(current: Plan | None, candidate: Plan, problem: PlanProblem, config: AutoscalerConfig,
@@ -252,13 +319,28 @@ def keep_or_switch(current: Plan | None, candidate: Plan, problem: PlanProblem, 
     `since_pool_change_s`: how long ago the pool set last changed (the dwell)."""
     if current is None:
         return PlanChoice(candidate, "first", math.nan, candidate.usd_per_hour)
-    pools = plan_pools(current)
-    if plan_pools(candidate) == pools:
-        return PlanChoice(candidate, "same_pools", math.nan, candidate.usd_per_hour)
+    pools = running_pools(current, problem)  # a floored pool runs whatever the plan routes to it
+    if running_pools(candidate, problem) == pools:
+        # New shares move load between running pools: the one gaining it scales up at once,
+        # the one losing it only after its dwell. So the current shares stay while they
+        # carry the load and the candidate does not beat their cost by the margin.
+        staying = carried_usd_per_hour(current, problem)
+        if config.switch_margin > 0 and candidate.usd_per_hour >= (1.0 - config.switch_margin) * staying:
+            return PlanChoice(current, "steady", staying, candidate.usd_per_hour)
+        return PlanChoice(candidate, "same_pools", staying, candidate.usd_per_hour)
     held = since_pool_change_s < config.switch_dwell_s
     if held and carries(current, problem):
         return PlanChoice(current, "held", math.nan, candidate.usd_per_hour)
     on_current = dataclasses.replace(problem, options=tuple(o for o in problem.options if o.name in pools))
+    if held:  # the current shares miss the load: re-balance, but on every current pool
+        keeping = dataclasses.replace(on_current, options=tuple(
+            dataclasses.replace(o, floor_replicas=max(o.floor_replicas, 1)) for o in on_current.options))
+        try:
+            rebalanced = solve(keeping, time_limit_s=time_limit_s)
+        except PlanError:
+            pass  # not without dropping one (or not at all): as outside the dwell
+        else:
+            return PlanChoice(rebalanced, "kept", rebalanced.usd_per_hour, candidate.usd_per_hour)
     try:
         if not on_current.options:
             raise PlanError("none of the current plan's pools is an option any more")
@@ -267,7 +349,7 @@ def keep_or_switch(current: Plan | None, candidate: Plan, problem: PlanProblem, 
         return PlanChoice(candidate, "uncovered", math.inf, candidate.usd_per_hour)
     if not held and candidate.usd_per_hour < (1.0 - config.switch_margin) * keep.usd_per_hour:
         return PlanChoice(candidate, "cheaper", keep.usd_per_hour, candidate.usd_per_hour)
-    return PlanChoice(keep, "kept" if plan_pools(keep) == pools else "dropped", keep.usd_per_hour,
+    return PlanChoice(keep, "kept" if running_pools(keep, problem) == pools else "dropped", keep.usd_per_hour,
                       candidate.usd_per_hour)
 
 
@@ -282,10 +364,49 @@ class PoolSetSwitch:
         self.last_pool_change_s = -math.inf
         self.choices: list[tuple[float, PlanChoice]] = []
 
+    def resolve(self, current: Plan | None, problem: PlanProblem, now_s: float,
+                time_limit_s: float = 10.0) -> PlanChoice:
+        """A re-solve at `now_s` from `problem` (the window's rates, the pools' options): the
+        loop's floors applied (`with_floors`), each pool at the loop's `scale_down_headroom`,
+        solved, and decided (`keep_or_switch`); when no plan fits the pools' maxima there, or
+        the current pools do not (`uncovered`), the same at the loop's `headroom`, then at the
+        planner's own. Both drivers call this; PlanError when the solve fails (the
+        driver keeps its plan).
+
+        Why the scale-down headroom: the loop adds an instance once a pool's load passes
+        `headroom` but releases one only once the load fits at `scale_down_headroom`, so a
+        pool whose load moves runs near the larger size, and a plan priced at the smaller
+        one favours fleets the loop then runs bigger. On the ServeGen day (docs/benchmarks.md,
+        stop 24) the plans priced at `headroom` (0.3) held 28.1 A10G-hours where the loop ran
+        41.0; re-solving at 0.3 / 0.4 / 0.5 cost $118.83 / $113.77 / $109.06 for the day
+        (99.97 / 99.96 / 99.95% attainment) against $110.21 on the fixed plan. One day's
+        measurement: the band, not the day, is the reason, but the figure is that day's."""
+        floored = with_floors(problem, self.config)
+        ladder = (at_loop_headroom(floored, self.config.scale_down_headroom),
+                  at_loop_headroom(floored, self.config.headroom), floored)
+        since_s = now_s - self.last_pool_change_s
+        for sized in ladder:
+            last = sized is ladder[-1]
+            try:
+                candidate = solve(sized, time_limit_s=time_limit_s)
+            except PlanError:  # e.g. pools past their maximum at that headroom: the next, smaller one
+                if last:
+                    raise
+                continue
+            choice = keep_or_switch(current, candidate, sized, self.config, since_s, time_limit_s)
+            # The current pools past their maximum at a headroom larger than the loop needs
+            # is no reason to leave them: "uncovered" must hold at the next, smaller one too.
+            if choice.reason != "uncovered" or last:
+                return self._record(dataclasses.replace(choice, candidate=candidate), now_s)
+        raise AssertionError("unreachable: the last rung returns or raises")
+
     def choose(self, current: Plan | None, candidate: Plan, problem: PlanProblem, now_s: float,
                time_limit_s: float = 10.0) -> PlanChoice:
         """The re-solve at `now_s`: `keep_or_switch`, recorded, the dwell's clock moved on a swap."""
         choice = keep_or_switch(current, candidate, problem, self.config, now_s - self.last_pool_change_s, time_limit_s)
+        return self._record(dataclasses.replace(choice, candidate=candidate), now_s)
+
+    def _record(self, choice: PlanChoice, now_s: float) -> PlanChoice:
         self.choices.append((now_s, choice))
         if self.keep is not None:
             del self.choices[:-self.keep]

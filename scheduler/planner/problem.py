@@ -67,6 +67,10 @@ class PoolOption:
     capacity_rps: tuple[float, ...]
     min_replicas: int = 0  # when the pool is used at all (availability); 0/1: no minimum
     max_replicas: int | None = None
+    # Instances the fleet runs whatever the plan routes to them (the autoscaler's minimum,
+    # `AutoscalerConfig.min_replicas`): every plan holds at least this many, paid for, and
+    # the solver routes to them (scheduler.planner.solver); 0: none.
+    floor_replicas: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +130,10 @@ class PlanProblem:
                                 f"{len(self.buckets)} buckets")
             if option.usd_per_hour < 0 or any(c < 0 for c in option.capacity_rps):
                 raise PlanError(f"pool {option.name}: expected a non-negative cost and capacities")
+            if option.floor_replicas < 0 or (option.max_replicas is not None
+                                             and option.floor_replicas > option.max_replicas):
+                raise PlanError(f"pool {option.name}: floor_replicas {option.floor_replicas}: expected 0 to "
+                                f"max_replicas ({option.max_replicas}); lower the pool's minimum or raise its maximum")
         for key in self.routing_keys or ():
             for k, fraction in key.members:
                 if not 0 <= k < len(self.buckets) or not 0.0 < fraction <= 1.0 + 1e-9:

@@ -9,6 +9,15 @@ holding given fractions of the true buckets the predictor sends there). Minimise
     sum_g x[g, p] sum_{k in g} f_gk rate_k / cap[p, k] <= (1 - headroom) n[p]   every pool
     sum_{p of type t} tp_p n[p] <= available GPUs of type t       availability
     n[p] = 0 or min_replicas_p <= n[p] <= max_replicas_p         (semi-integer variables)
+    n[p] >= floor_replicas_p                          pools the fleet runs anyway (plain integers)
+
+A pool with a floor (instances the autoscaler keeps whatever the plan says) is paid for in
+every plan, so the program counts its cost and may use its capacity. Many share splits then
+cost the same (the floor's capacity is free up to its size), so a second, continuous solve
+with the instance counts fixed picks among them the one the fleet pays least for when it is
+sized to its load: minimise sum_p cost_p e[p] with e[p] >= load_p / (1 - headroom_p) -
+floor_p, e[p] >= 0 (each pool's instance-equivalents beyond its floor). Without it the
+floor's share is whatever vertex HiGHS returns, often none (`_fill_floors`).
 
 Continuous shares make this a relaxation of Mélange's slice formulation (slices of 1/s of
 a bucket are the shares k/s), so it is never costlier than Mélange at any slice factor
@@ -119,6 +128,22 @@ def _replica_bounds(problem: PlanProblem, layout: _Layout) -> list[tuple[int, in
         if option.max_replicas is not None:
             upper = min(upper, option.max_replicas)
         limit = problem.availability_gpus.get(option.gpu)
+        if option.floor_replicas > 0:  # runs whatever the plan routes to it
+            lower = max(option.floor_replicas, option.min_replicas)
+            upper = max(upper, lower)
+            if option.max_replicas is not None:
+                upper = min(upper, option.max_replicas)
+            if limit is not None and lower * option.tp > limit:
+                raise PlanError(f"availability: pool {option.name}'s floor of {lower} instance(s) needs "
+                                f"{lower * option.tp} {option.gpu} GPUs, the limit is {limit}; lower its minimum "
+                                f"or raise the limit to {lower * option.tp}")
+            if limit is not None:
+                upper = min(upper, limit // option.tp)
+            if upper < lower:
+                raise PlanError(f"pool {option.name}: its floor of {lower} instance(s) is above its max_replicas "
+                                f"{option.max_replicas}; lower the minimum or raise the maximum")
+            bounds.append((lower, upper))
+            continue
         if limit is not None:
             upper = min(upper, limit // option.tp)
         lower = max(1, option.min_replicas)
@@ -126,7 +151,18 @@ def _replica_bounds(problem: PlanProblem, layout: _Layout) -> list[tuple[int, in
     return bounds
 
 
+_Rows = tuple[list[int], list[int], list[float], list[float], list[float]]  # row, col, value, lower, upper
+
+
 def _constraints(problem: PlanProblem, layout: _Layout, availability_slack: bool) -> list[LinearConstraint]:
+    rows, cols, vals, lower, upper = _constraint_rows(problem, layout, availability_slack)
+    gpu_types = {o.gpu for o in problem.options if o.gpu in problem.availability_gpus}
+    width = layout.size + (len(gpu_types) if availability_slack else 0)
+    matrix = coo_array((vals, (rows, cols)), shape=(len(lower), width)).tocsr()
+    return [LinearConstraint(matrix, np.array(lower), np.array(upper))]
+
+
+def _constraint_rows(problem: PlanProblem, layout: _Layout, availability_slack: bool) -> _Rows:
     rows: list[int] = []
     cols: list[int] = []
     vals: list[float] = []
@@ -163,9 +199,7 @@ def _constraints(problem: PlanProblem, layout: _Layout, availability_slack: bool
         if availability_slack:
             entries.append((layout.size + t, -1.0))
         add_row(entries, -np.inf, float(problem.availability_gpus[gpu]))
-    width = layout.size + (len(gpu_types) if availability_slack else 0)
-    matrix = coo_array((vals, (rows, cols)), shape=(len(lower), width)).tocsr()
-    return [LinearConstraint(matrix, np.array(lower), np.array(upper))]
+    return rows, cols, vals, lower, upper
 
 
 def _run_milp(problem: PlanProblem, layout: _Layout, bounds_n: list[tuple[int, int]],
@@ -184,8 +218,9 @@ def _run_milp(problem: PlanProblem, layout: _Layout, bounds_n: list[tuple[int, i
     for p, (lo, hi) in enumerate(bounds_n):
         lower[p], upper[p] = (lo, hi) if hi > 0 else (0, 0)
         # Semi-integer: 0, or an integer in [lo, hi]; that is how min_replicas applies
-        # only to pools the plan uses, without a binary "used" variable per pool.
-        integrality[p] = 3 if hi > 0 else 1
+        # only to pools the plan uses, without a binary "used" variable per pool. A
+        # floored pool is a plain integer in [floor, hi]: it is never 0.
+        integrality[p] = 3 if hi > 0 and problem.options[p].floor_replicas <= 0 else 1
     if problem.slice_factor is not None:
         upper[layout.n_options: layout.size] = problem.slice_factor
         integrality[layout.n_options: layout.size] = 1
@@ -197,6 +232,40 @@ def _run_milp(problem: PlanProblem, layout: _Layout, bounds_n: list[tuple[int, i
     if result.x is None or result.status not in (0, 1):  # 1: time limit with a feasible point
         return None
     return np.asarray(result.x)
+
+
+def _fill_floors(problem: PlanProblem, layout: _Layout, x: np.ndarray, time_limit_s: float) -> np.ndarray:
+    """The cheapest plan's instance counts with the shares that load the pools beyond their
+    floors least, priced (the module docstring's second solve); `x` when that solve fails."""
+    counts = np.round(x[: layout.n_options])
+    n_e = layout.n_options
+    width = layout.size + n_e
+    rows, cols, vals, lower, upper = _constraint_rows(problem, layout, False)
+    for p, option in enumerate(problem.options):  # load_p / (1 - h_p) - e_p <= floor_p
+        r = len(lower)
+        usable = 1.0 - problem.headroom_for(option.name)
+        for k, (g, q) in enumerate(layout.pairs):
+            if q == p:
+                rows.append(r)
+                cols.append(layout.n_options + k)
+                vals.append(_load_per_share(problem, layout.groups[g], option) / usable)
+        rows.append(r)
+        cols.append(layout.size + p)
+        vals.append(-1.0)
+        lower.append(-np.inf)
+        upper.append(float(option.floor_replicas))
+    constraint = LinearConstraint(coo_array((vals, (rows, cols)), shape=(len(lower), width)).tocsr(),
+                                  np.array(lower), np.array(upper))
+    cost = np.zeros(width)
+    cost[layout.size:] = [o.usd_per_hour for o in problem.options]
+    lo = np.zeros(width)
+    hi = np.concatenate([counts, np.ones(layout.size - layout.n_options), np.full(n_e, np.inf)])
+    lo[: layout.n_options] = counts
+    result = milp(cost, integrality=np.zeros(width), bounds=Bounds(lo, hi), constraints=[constraint],
+                  options={"time_limit": time_limit_s, "disp": False})
+    if result.x is None or result.status != 0:
+        return x
+    return np.asarray(result.x)[: layout.size]
 
 
 def _availability_error(problem: PlanProblem, layout: _Layout, bounds_unlimited: list[tuple[int, int]],
@@ -227,6 +296,8 @@ def solve(problem: PlanProblem, time_limit_s: float = 30.0) -> Plan:
         if problem.availability_gpus:
             raise _availability_error(problem, layout, _replica_bounds(unlimited, layout), time_limit_s)
         raise PlanError("plan: the solver found no feasible allocation (check max_replicas)")
+    if any(o.floor_replicas > 0 for o in problem.options) and problem.slice_factor is None:
+        x = _fill_floors(problem, layout, x, time_limit_s)
     plan = _plan_from(problem, layout, x, time.perf_counter() - started)
     if problem.routing_keys is not None:
         plan = _no_worse_than_rows(problem, plan, time_limit_s, started)
