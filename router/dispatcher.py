@@ -46,11 +46,11 @@ AFFINITY_CACHE_S = 2.0
 AFFINITY_CACHE_ENTRIES = 100_000
 
 
-# RequestInfo is a frozen dataclass: its generated __init__ sets each of its 11 fields with
-# a Python-level `object.__setattr__`, ~18,000 instructions a request in the compiled router
-# (callgrind, bench/router_instructions.py, docs/benchmarks.md issue 17 stop 24). The same
-# object.__setattr__ calls made from this compiled module cost a fraction of that. Only
-# while the fields are these: a field added to RequestInfo falls back to its constructor.
+# RequestInfo is a frozen dataclass: its generated __init__, a Python frame, sets each of its
+# 11 fields with `object.__setattr__`: ~20,000 instructions a request in the compiled router,
+# against ~12,000 for the same calls made from this compiled module (callgrind of
+# bench/router_instructions.py's load, docs/benchmarks.md issue 17 stop 24). Only while the
+# fields are these: a field added to RequestInfo falls back to its constructor.
 _REQUEST_FIELDS = ("request_id", "model", "input_tokens", "max_output_tokens", "tenant", "slo_class", "session_id",
                    "prefix_hashes", "predicted_rank", "p_small_ok", "arrival_s")
 _FAST_REQUEST_INFO = tuple(f.name for f in dataclasses.fields(RequestInfo)) == _REQUEST_FIELDS

@@ -175,10 +175,11 @@ def _last_match(pattern: re.Pattern[bytes], key: bytes, tail: bytes) -> int | No
 
 def _number_after(data: bytes, at: int) -> int | None:
     """N when `data[at:]` starts with `\\s*:\\s*N` (N: ASCII digits), else None: the regex
-    `_PROMPT`/`_COMPLETION` past its key, as a byte loop. Compiled, it takes the two
-    regex matches per answer (~9,500 instructions with their match objects) down to a
-    few hundred (callgrind, bench/router_instructions.py; docs/benchmarks.md, issue 17
-    stop 24); tests/test_controlplane_workload.py compares it with the regex."""
+    `_PROMPT`/`_COMPLETION` past its key, as a byte loop. Compiled, `UsageMeter.usage`
+    went from ~12,900 to ~7,300 instructions per answer with it (two regex matches and
+    their match objects replaced; callgrind of bench/router_instructions.py's load,
+    docs/benchmarks.md issue 17 stop 24); tests/test_controlplane_workload.py compares
+    it with the regex."""
     end = len(data)
     i = _skip_space(data, at, end)
     if i >= end or data[i] != 58:  # ':'
