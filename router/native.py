@@ -1,16 +1,22 @@
-"""The router's byte path compiled with mypyc: the HTTP server, the engine client and the request path.
+"""The router's byte path compiled with mypyc: the HTTP server, the engine client, the request path and the router modules it calls per request.
 
 `tokenyard/asgi_server.py` (the front door's HTTP/1.1 server), `router/proxy.py` (the
 keep-alive engine client) and `router/app.py` (the request path: authentication,
 validation, dispatch, forwarding, relaying) are fully typed Python; mypyc compiles them to
-C extension modules. Measured in instructions per request (bench/router_instructions.py,
-docs/benchmarks.md "Router data path"): 11-14% fewer per non-streaming request with the
-first two; router/app.py added in issue #17's s11 round (docs/benchmarks.md, issue 17).
+C extension modules, and with them the router modules the request path calls per request
+(tenants, validation, dispatcher, registry, health, metrics, loop metrics, workload
+recorder), so those calls are native calls. Measured in instructions per request
+(bench/router_instructions.py, docs/benchmarks.md "Router data path"): 11-14% fewer per
+non-streaming request with the first two; router/app.py added in issue #17's s11 round;
+the eight others in stop 24, 0.885 of the three-module build's instructions at c=32.
 Everything else (the decision layer, discovery, the state store) stays plain Python, and
-modules outside the three are taken as untyped by the build (`follow_imports = skip`).
+modules outside these are taken as untyped by the build (`follow_imports = skip`), except
+prometheus_client, whose `Collector` two compiled classes subclass (see
+tokenyard/native_build.py `followed`: over an unanalysed base mypyc builds a class that
+crashes on attribute lookup).
 
 `build()` (tokenyard/native_build.py) copies the `router` and `tokenyard` packages into a cache folder keyed by the
-SHA-256 of their sources, the Python and the mypy version, compiles the three modules there,
+SHA-256 of their sources, the Python and the mypy version, compiles the modules there,
 and returns that folder; `tokenyard router --native` then replaces its own process
 (`os.execve`, same pid, so signals and supervisors see one process) with one that has the
 folder first on the import path. The plain modules remain the reference and the fallback:
@@ -34,11 +40,14 @@ from pathlib import Path
 from tokenyard.native_build import NativeBuild
 from tokenyard.native_build import NativeBuildError as NativeBuildError  # raised by build()
 
-COMPILED = ("tokenyard/asgi_server.py", "router/proxy.py", "router/app.py")
+COMPILED = ("tokenyard/asgi_server.py", "router/proxy.py", "router/app.py",
+            # What the request path calls per request (issue #17, stop 24):
+            "router/tenants.py", "router/validation.py", "router/dispatcher.py", "router/registry.py",
+            "router/health.py", "router/metrics.py", "tokenyard/loop_metrics.py", "router/workload_recorder.py")
 ROOT_ENV = "TOKENYARD_ROUTER_NATIVE_ROOT"  # set in the process re-run on the compiled modules
 MODE_ENV = "TOKENYARD_ROUTER_NATIVE"  # on | off | auto (the default): what `--native` defaults to
 BUILD = NativeBuild(packages=("router", "tokenyard"), compiled=COMPILED, cache_name="router-native",
-                    follow_imports="skip")
+                    follow_imports="skip", followed=("prometheus_client",))
 
 
 # The module's interface is the build's: `build(cache_dir=None, *, quiet=True)` returns the

@@ -67,6 +67,15 @@ class TenantTable:
             for key in keys:
                 self._by_key[key] = tenant
         self.anonymous = anonymous
+        # The exact header value `Bearer KEY` of each configured key, for one dict hit on the
+        # usual header instead of decode, partition, lower and two strips: 0.10 against 0.30 us
+        # per call in plain Python (timeit, docs/benchmarks.md issue 17 stop 24; the
+        # instruction benchmark runs without configured keys, so it does not show this).
+        # Only keys that header parses back to: latin-1, no surrounding whitespace.
+        self._by_header: dict[bytes, Tenant] = {}
+        for key, tenant in self._by_key.items():
+            if key and key == key.strip() and all(ord(c) < 256 for c in key):
+                self._by_header[b"Bearer " + key.encode("latin-1")] = tenant
         # Keys created through the Admin service (router/keys.py KeyCache.tenant_for).
         self.stored_lookup: Callable[[str], str | None] | None = None
         if anonymous is not None:
@@ -84,6 +93,9 @@ class TenantTable:
             if self.anonymous is not None:
                 return self.anonymous
             raise AuthError("missing API key: send 'Authorization: Bearer <key>'")
+        found = self._by_header.get(authorization)
+        if found is not None:
+            return found
         value = authorization.decode("latin-1")
         scheme, _, key = value.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():

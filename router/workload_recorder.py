@@ -166,11 +166,39 @@ def _last_match(pattern: re.Pattern[bytes], key: bytes, tail: bytes) -> int | No
     at = tail.rfind(key)
     if at < 0:
         return None
-    found = pattern.match(tail, at)
+    found = _number_after(tail, at + len(key))
     if found is not None:
-        return int(found.group(1))
+        return found
     every = pattern.findall(tail, 0, at)
     return int(every[-1]) if every else None
+
+
+def _number_after(data: bytes, at: int) -> int | None:
+    """N when `data[at:]` starts with `\\s*:\\s*N` (N: ASCII digits), else None: the regex
+    `_PROMPT`/`_COMPLETION` past its key, as a byte loop. Compiled, `UsageMeter.usage`
+    went from ~12,900 to ~7,300 instructions per answer with it (two regex matches and
+    their match objects replaced; callgrind of bench/router_instructions.py's load,
+    docs/benchmarks.md issue 17 stop 24); tests/test_controlplane_workload.py compares
+    it with the regex."""
+    end = len(data)
+    i = _skip_space(data, at, end)
+    if i >= end or data[i] != 58:  # ':'
+        return None
+    i = _skip_space(data, i + 1, end)
+    start = i
+    while i < end and 48 <= data[i] <= 57:
+        i += 1
+    return int(data[start:i]) if i > start else None
+
+
+def _skip_space(data: bytes, i: int, end: int) -> int:
+    """Past the ASCII whitespace at `data[i:]` (what `\\s` matches in a bytes pattern)."""
+    while i < end:
+        byte = data[i]
+        if byte != 32 and not 9 <= byte <= 13:
+            break
+        i += 1
+    return i
 
 
 class WorkloadRecorder:

@@ -16,9 +16,12 @@ import pytest
 
 from router.state import FileStateStore, InstanceRecord
 from router.workload_recorder import (
+    _COMPLETION,
+    _PROMPT,
     STORE_KEY_PREFIX,
     UsageMeter,
     WorkloadRecorder,
+    _last_match,
     merge_documents,
     read_workload,
 )
@@ -86,6 +89,28 @@ def test_usage_meter_reads_usage_and_counts_stream_events() -> None:
         assert len(stream.tail) <= 2048 and len(sent) == 11  # everything passed through
 
     asyncio.run(main())
+
+
+def test_usage_numbers_are_read_as_the_regex_reads_them() -> None:
+    """`_last_match` reads the number after the key with a byte loop (`_number_after`), not
+    the regex: the same answer for every spacing, digit run and malformed tail."""
+    import random
+
+    rng = random.Random(7)
+    pieces = [b" ", b"\t", b"\n", b"\r", b"\x0b", b"\x0c", b":", b"0", b"7", b"12", b"-", b"x", b'"', b",", b"}",
+              b"\xa0", b"\x85", b'"completion_tokens"', b'"prompt_tokens"']
+    tails = [b'{"usage": {"prompt_tokens": 812, "completion_tokens": 33}}', b'"completion_tokens":', b"",
+             b'"completion_tokens" : \n 0042}', b'"completion_tokens": 5, "completion_tokens": x',
+             b'"completion_tokens"\xa0: 5']
+    tails += [b"".join(rng.choice(pieces) for _ in range(rng.randrange(1, 14))) for _ in range(4000)]
+    for tail in tails:
+        for pattern, key in ((_COMPLETION, b'"completion_tokens"'), (_PROMPT, b'"prompt_tokens"')):
+            at = tail.rfind(key)
+            found = pattern.match(tail, at) if at >= 0 else None
+            every = pattern.findall(tail, 0, at) if at >= 0 else []
+            expected = (int(found.group(1)) if found is not None else int(every[-1]) if every else None) \
+                if at >= 0 else None
+            assert _last_match(pattern, key, tail) == expected, tail
 
 
 def test_recorder_is_bounded_and_drops_old_slots(tmp_path: Path) -> None:

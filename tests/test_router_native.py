@@ -1,8 +1,9 @@
 """`tokenyard router --native` (router/native.py): the byte path compiled with mypyc serves
 the same answers, in the same process (execve), and never from a stale build.
 
-The build is real: mypyc compiles tokenyard/asgi_server.py, router/proxy.py and router/app.py
-with the machine's C compiler into a temporary cache folder (about a minute), once for this module. The
+The build is real: mypyc compiles the modules of `router.native.COMPILED` (the server, the
+engine client, the request path and the router modules it calls per request) with the
+machine's C compiler into a temporary cache folder (about a minute), once for this module. The
 engine is bench/peers/fake_engine.py on loopback, the router a real process."""
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ def test_the_build_is_keyed_by_the_sources_and_compiles_its_modules(cache_dir: P
     root = cache_dir / native.build_key()
     assert native.compiled_in(root)
     assert native.build(cache_dir) == root  # found, not rebuilt
-    for module in ("router/proxy", "router/app", "tokenyard/asgi_server"):
-        folder, name = module.split("/")
+    for module in native.COMPILED:
+        folder, name = module[:-3].split("/")
         built = [p.name for p in (root / folder).glob(f"{name}.*") if not p.name.endswith(".py")]
         assert built and built[0].endswith(".so"), (module, built)
 
@@ -106,13 +107,60 @@ def test_native_router_answers_like_the_plain_one_in_the_same_process(cache_dir:
         with socket.create_connection(("127.0.0.1", router_port), timeout=5) as raw:
             raw.sendall(b"N0T-A-METHOD / HTTP/1.1\r\nHost: x\r\n\r\n")
             assert raw.recv(65536).startswith(b"HTTP/1.1 400 "), "no 400 for a malformed request"
+        # The scrape walks the compiled collectors (tokenyard/loop_metrics.py, router/metrics.py):
+        # a build that laid them out over an unanalysed base class failed here with a
+        # SystemError from CPython's dict code (issue #17, stop 24).
+        scraped = httpx.get(f"http://127.0.0.1:{router_port}/metrics", timeout=5)
+        assert scraped.status_code == 200, scraped.text
+        assert re.search(r'tokenyard_router_requests_total\{code="200",model="m",tenant="[^"]*"\} 2\.0',
+                         scraped.text), scraped.text
+        assert 'tokenyard_router_upstream_attempts_total{instance="' in scraped.text
+        assert "tokenyard_router_decide_seconds_count 2.0" in scraped.text
     finally:
         router.terminate()
         output, _ = router.communicate(timeout=20)
+    assert router.returncode == 0, output  # a clean exit on SIGTERM (that broken build also segfaulted at exit)
     # execve: the process that printed its pid is the one started (signals reach it).
     found = re.search(r"\(byte path: mypyc; pid (\d+)\)", output)
     assert found is not None and int(found.group(1)) == router.pid, output
     assert "compiled" not in output  # the prebuilt folder was used, not a new build
+
+
+def _subclassing_package(root: Path) -> None:
+    """A package whose compiled module subclasses a class of a module mypyc does not analyse
+    (follow_imports = skip): the construct that crashed the first eight-module build."""
+    (root / "pkg").mkdir()
+    (root / "pkg" / "__init__.py").write_text("")
+    (root / "pkg" / "base.py").write_text("from abc import ABC\n\n\nclass Base(ABC):\n    pass\n")
+    (root / "pkg" / "child.py").write_text(
+        "from pkg.base import Base\n\n\nclass Child(Base):\n    def __init__(self) -> None:\n"
+        "        self.families: list[int] = [1, 2]\n\n    def describe(self) -> int:\n        return 3\n")
+
+
+def test_a_compiled_class_over_an_unanalysed_base_fails_the_build_or_works(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokenyard import native_build
+
+    project = tmp_path / "project"
+    project.mkdir()
+    _subclassing_package(project)
+    monkeypatch.setattr(native_build, "REPO_ROOT", project)
+    skipped = native_build.NativeBuild(packages=("pkg",), compiled=("pkg/child.py",), cache_name="t",
+                                       follow_imports="skip")
+    with pytest.raises(native_build.NativeBuildError, match=r'child.py:4: error: Class cannot subclass "Base"'):
+        skipped.build(tmp_path / "cache-skip")
+    assert not any((tmp_path / "cache-skip").iterdir())  # no half-built folder left
+    followed = native_build.NativeBuild(packages=("pkg",), compiled=("pkg/child.py",), cache_name="t",
+                                        follow_imports="skip", followed=("pkg.base",))
+    root = followed.build(tmp_path / "cache-followed")
+    probe = ("import pkg.child; c = pkg.child.Child(); "
+             "assert pkg.child.__file__.endswith('.so') and c.families == [1, 2]; "
+             # Lookups through the generic path (what prometheus_client's registry does):
+             # over the broken layout they read an attribute slot as the instance dict.
+             "print(getattr(c, 'describe')(), hasattr(c, 'absent'), type(getattr(c, '__dict__', None)).__name__)")
+    done = subprocess.run([sys.executable, "-P", "-c", probe], cwd=root, env=dict(os.environ, PYTHONPATH=str(root)),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.split()[:2] == ["3", "False"], done.stdout + done.stderr
 
 
 def test_a_failed_build_says_why_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

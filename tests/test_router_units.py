@@ -12,12 +12,12 @@ import pytest
 
 from router.app import Router
 from router.config import parse_router_config
-from router.dispatcher import Dispatcher, prefix_hashes
+from router.dispatcher import Dispatcher, new_request_info, prefix_hashes
 from router.load import UNKNOWN_KV_BLOCKS, LoadMonitor, parse_vllm_metrics
 from router.metrics import RouterMetrics
 from router.registry import InstanceRegistry
 from router.state import InstanceRecord, open_store
-from router.tenants import Tenant
+from router.tenants import AuthError, Tenant, TenantTable
 from scheduler.dispatch import ClusterView, build_policy
 from scheduler.types import InstanceState, RequestInfo
 from tests.conftest import REPO_ROOT
@@ -143,6 +143,50 @@ def test_dispatcher_window_falls_back_to_a_full_scan_and_indexes_by_model() -> N
         assert dispatcher.decide_local(info, dispatcher.policies["default"]).instance_ids == ("i099",)
     assert dispatcher.models() == ["llama-3-8b", "qwen2.5-1.5b"]
     assert dispatcher.serves("LLAMA-3-8B") and not dispatcher.serves("gpt-4")
+
+
+def test_new_request_info_builds_what_the_dataclass_constructor_builds() -> None:
+    """The router's RequestInfo without the frozen dataclass's __init__: equal, same hash,
+    every field set (a field added to RequestInfo and not to the fast path fails here)."""
+    import dataclasses
+
+    args = ("r1", "m", 12, None, "t", "batch", "s", (1, 2), 3.5)
+    fast = new_request_info(*args)
+    slow = RequestInfo(request_id="r1", model="m", input_tokens=12, max_output_tokens=None, tenant="t",
+                       slo_class="batch", session_id="s", prefix_hashes=(1, 2), arrival_s=3.5)
+    assert type(fast) is RequestInfo and fast == slow and hash(fast) == hash(slow)
+    assert dataclasses.asdict(fast) == dataclasses.asdict(slow)
+    assert [f.name for f in dataclasses.fields(RequestInfo)] == [
+        "request_id", "model", "input_tokens", "max_output_tokens", "tenant", "slo_class", "session_id",
+        "prefix_hashes", "predicted_rank", "p_small_ok", "arrival_s"]
+    assert dataclasses.replace(fast, predicted_rank=0.5).predicted_rank == 0.5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.model = "other"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("anonymous", [False, True])
+def test_authenticate_by_the_exact_header_answers_as_the_parsed_lookup(anonymous: bool) -> None:
+    """TenantTable's dict of exact `Bearer KEY` headers gives what parsing the header gives."""
+    keys = {"a": ["sk-a", " sk-pad ", "sk-\u00e9", "sk-\u20ac", "sk two"], "b": ["sk-b", "sk-\u00a0"]}
+    headers = [None, b"", b"Bearer", b"Bearer ", b"Bearer sk-a", b"bearer sk-a", b"BEARER  sk-a ", b"Bearer sk-b",
+               b"Bearer sk-pad", b"Bearer  sk-pad ", b"Bearer sk-\xe9", b"Bearer sk-\xe2\x82\xac", b"Bearer sk two",
+               b"Bearer sk-\xa0", b"Bearer sk-", b"Basic sk-a", b"Bearer sk-c", b"Bearer\tsk-a"]
+
+    def table() -> TenantTable:
+        return TenantTable([(Tenant(name), list(names)) for name, names in keys.items()],
+                           anonymous=Tenant("anon") if anonymous else None)
+
+    fast, parsed = table(), table()
+    parsed._by_header.clear()
+    assert fast._by_header  # the fast path is there to compare
+    for header in headers:
+        answers = []
+        for tenants in (fast, parsed):
+            try:
+                answers.append(tenants.authenticate(header).name)
+            except AuthError as refused:
+                answers.append(f"refused: {refused}")
+        assert answers[0] == answers[1], header
 
 
 def test_prefix_hashes_are_stable_and_shared_by_shared_prefixes() -> None:

@@ -42,6 +42,13 @@ class NativeBuild:
     # imports most of the project and its typed dependencies, whose analysis took mypyc
     # over 7 CPU minutes on the 2-core box, against about 40 s with "skip" (issue #17).
     follow_imports: str = "silent"
+    # Packages analysed ("silent") even when `follow_imports` is "skip": those whose classes a
+    # compiled module subclasses. mypyc lays a class over an unanalysed (Any) base out as a
+    # native class with no room for the base's instance `__dict__`, yet the type inherits the
+    # base's `__dictoffset__`: attribute lookups then read a slot of the object as the dict
+    # (`SystemError: Objects/dictobject.c:1778: bad argument to internal function`, or a
+    # segfault), mypyc/mypyc#1200. Found in issue #17, stop 24, with `LoopMetrics(Collector)`.
+    followed: tuple[str, ...] = ()
 
     def default_cache_dir(self) -> Path:
         base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -86,14 +93,22 @@ class NativeBuild:
                 shutil.copytree(REPO_ROOT / package, work / package,
                                 ignore=shutil.ignore_patterns("__pycache__", "*.so"))
             config = work / "mypy.ini"
-            config.write_text(f"[mypy]\nignore_missing_imports = True\nfollow_imports = {self.follow_imports}\n")
+            # disallow_subclassing_any: a compiled class over an unanalysed base (above) fails
+            # the build with mypy's "Class cannot subclass ... (has type Any)", naming the class,
+            # instead of building a module that crashes when used.
+            sections = "".join(f"[mypy-{name},{name}.*]\nfollow_imports = silent\n" for name in self.followed)
+            config.write_text(f"[mypy]\nignore_missing_imports = True\nfollow_imports = {self.follow_imports}\n"
+                              f"disallow_subclassing_any = True\n{sections}")
             command = [sys.executable, "-m", "mypyc", "--config-file", str(config), *self.compiled]
             done = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=self.timeout_s)
             if done.returncode != 0 or not self.compiled_in(work):
-                tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+                lines = (done.stdout + done.stderr).strip().splitlines()
+                tail = "\n".join(lines[-15:])
+                typed = [line for line in lines if ": error: " in line and line.split(":", 1)[0].endswith(".py")]
+                why = ("mypy's analysis refused the sources (first error: " + typed[0] + ")" if typed else
+                       "it needs a C compiler and the Python headers")
                 raise NativeBuildError(
-                    f"mypyc could not compile {names} (exit {done.returncode}); it needs a C "
-                    f"compiler and the Python headers. Its last output:\n{tail}"
+                    f"mypyc could not compile {names} (exit {done.returncode}); {why}. Its last output:\n{tail}"
                 )
             shutil.rmtree(work / "build", ignore_errors=True)
             try:
