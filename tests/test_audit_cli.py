@@ -62,3 +62,29 @@ def test_up_help_counts_the_gpu_types_it_starts(capsys: pytest.CaptureFixture[st
     assert code == 0
     words = {1: "one", 2: "two", 3: "three", 4: "four"}
     assert f"{words[len({s.gpu for s in DEFAULT_FLEET})]} GPU types" in " ".join(out.split())
+
+
+# -- YAML files, tokenyard config ----------------------------------------------------------
+
+EXAMPLE_ROUTER = Path(__file__).resolve().parents[1] / "router" / "examples" / "production.yaml"
+
+
+def test_a_binary_yaml_file_is_a_config_error_naming_it(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    bad = tmp_path / "bin.yaml"
+    bad.write_bytes(b"\xff\xfe listen: 1\n")
+    code, _, err = _run(capsys, "config", "check", str(bad))
+    assert code == 2
+    _one_clear_line(err, str(bad), "not UTF-8 text", "expected a YAML file")
+
+
+@pytest.mark.parametrize("where", ["file/x.yaml", "missing/dir/x.yaml", "folder"])
+def test_config_migrate_out_that_cannot_be_written_is_one_line(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, where: str) -> None:
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "folder").mkdir()
+    out = tmp_path / where
+    code, _, err = _run(capsys, "config", "migrate", str(EXAMPLE_ROUTER), "--out", str(out))
+    assert code == 2
+    _one_clear_line(err, "--out", str(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"]
+    assert list((tmp_path / "folder").iterdir()) == []

@@ -29,9 +29,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read one YAML mapping; a missing file, bad syntax or a non-mapping is a ConfigError."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(str(path), f"cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), f"not UTF-8 text (byte {exc.start}: {exc.reason}); expected a YAML file") from exc
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
