@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import itertools
 import logging
+import math
 import os
 import sys
 import time
@@ -248,8 +249,10 @@ def _parse_clients(text: str | None) -> tuple[int, ...] | None:
 
 
 def _trace_options(args: argparse.Namespace, rate_scale: float | None = None) -> TraceOptions:
-    if args.rate_scale <= 0:
+    if not (args.rate_scale > 0 and math.isfinite(args.rate_scale)):
         raise UsageError(f"--rate-scale: expected a positive number, got {args.rate_scale}")
+    if not (args.timeline_interval > 0 and math.isfinite(args.timeline_interval)):
+        raise UsageError(f"--timeline-interval: expected a positive number of seconds, got {args.timeline_interval}")
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit: expected a positive number of requests, got {args.limit}")
     return TraceOptions(
@@ -373,7 +376,7 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from sim.traces import TraceError
     from tokenyard.config import ConfigError
 
-    return (ConfigError, TraceError, PolicyConfigError, UsageError, ValueError, FileNotFoundError)
+    return (ConfigError, TraceError, PolicyConfigError, UsageError, ValueError, OSError)
 
 
 def _fail(command: str, exc: BaseException) -> int:
@@ -423,6 +426,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from sim.report import (
+        check_output_path,
         format_summary,
         plot_latency_cdfs,
         plot_load_over_time,
@@ -433,6 +437,11 @@ def _run(args: argparse.Namespace) -> int:
     trace = _trace_options(args)
     if args.records and Path(args.records).suffix.lower() not in (".parquet", ".csv"):
         raise UsageError(f"--records: expected a file ending in .parquet or .csv, got {args.records!r}")
+    check_output_path(args.out, "--out", folder=True)  # before the run, not after it
+    if args.summary_json:
+        check_output_path(args.summary_json, "--summary-json")
+    if args.records:
+        check_output_path(args.records, "--records")
     job = SimJob(cluster_path=args.cluster, trace=trace, policy=args.policy, seed=args.seed,
                  timeline_interval_s=args.timeline_interval, label=args.policy or "", rank_tau=args.rank_tau, factors_path=args.factors,
                  model=args.model, tier_auc=args.tier_auc, tier_small_ok_share=args.tier_small_ok_share)
@@ -500,9 +509,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from sim.report import comparison_table, plot_latency_cdfs, write_json
+    from sim.report import check_output_path, comparison_table, plot_latency_cdfs, write_json
 
     trace = _trace_options(args)
+    check_output_path(args.out, "--out", folder=True)
     policies: list[str | None] = list(args.policy) if args.policy else [None]
     if args.workers < 1:
         raise UsageError(f"--workers: expected at least 1, got {args.workers}")
@@ -561,8 +571,9 @@ def sweep_jobs(args: argparse.Namespace) -> list[SimJob]:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from sim.report import comparison_table, plot_sweep, write_json
+    from sim.report import check_output_path, comparison_table, plot_sweep, write_json
 
+    check_output_path(args.out, "--out", folder=True)
     ray: ModuleType | None = None
     if args.ray is not None:
         try:

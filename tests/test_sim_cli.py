@@ -152,3 +152,41 @@ def test_errors_exit_2_with_one_line_and_nothing_written(shared_data, tmp_path, 
                  "--no-progress", "--no-plots"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["requests"] == 1 and summary["trace"]["skipped"] == {"bad_number": 1}
+
+
+@pytest.mark.parametrize(("command", "option", "where"), [
+    ("run", "--out", "file"),  # --out is a file
+    ("run", "--out", "file/sub"),  # --out under a file
+    ("run", "--summary-json", "file/s.json"),
+    ("run", "--records", "file/r.parquet"),
+    ("run", "--summary-json", "folder"),  # a folder where the file goes
+    ("compare", "--out", "file"),
+    ("sweep", "--out", "file"),
+])
+def test_an_output_that_cannot_be_written_is_refused_before_the_run(shared_data, tmp_path, capsys,
+                                                                    command, option, where):
+    """Was an OSError traceback after the whole simulation had run (audit, stop 24)."""
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "folder").mkdir()
+    argv = ["sim", command, CLUSTER, "--trace", str(shared_data / CONV), "--limit", "20", "--no-progress",
+            "--no-plots"]
+    if option != "--out":
+        argv += ["--out", str(tmp_path / "out")]
+    argv += [option, str(tmp_path / where)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "simulation finished" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"tokenyard sim {command}: error: {option} {tmp_path / where}: "), line
+    assert "expected" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"]
+
+
+@pytest.mark.parametrize(("option", "value"), [("--rate-scale", "nan"), ("--rate-scale", "inf"),
+                                               ("--timeline-interval", "0"), ("--timeline-interval", "nan")])
+def test_non_finite_or_zero_numbers_name_their_flag(shared_data, tmp_path, capsys, option, value):
+    argv = ["sim", "run", CLUSTER, "--trace", str(shared_data / CONV), "--limit", "20", "--no-progress",
+            "--out", str(tmp_path / "out"), option, value]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"tokenyard sim run: error: {option}: expected")
+    assert not (tmp_path / "out").exists()
