@@ -121,7 +121,7 @@ def prometheus_samples(path: Path) -> list[ServingSample]:
     files = _scrape_files(path)
     if len(files) < 2:
         raise CalibrationDataError(f"{path}: a Prometheus series needs at least 2 scrapes (files *.prom / *.txt "
-                                   "in one folder, in scrape order); found {len(files)}")
+                                   f"/ *.metrics in one folder, in scrape order); found {len(files)}")
     scrapes = [_parse_prometheus_text(f.read_text(), str(f)) for f in files]
     if _first(scrapes[0], "tpot", "_count") is None:
         names = ", ".join(PROMETHEUS_NAMES["tpot"])

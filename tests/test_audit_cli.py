@@ -88,3 +88,55 @@ def test_config_migrate_out_that_cannot_be_written_is_one_line(
     _one_clear_line(err, "--out", str(out))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"]
     assert list((tmp_path / "folder").iterdir()) == []
+
+
+# -- tokenyard calibrate, tokenyard model predict -------------------------------------------
+
+
+def test_calibrate_from_a_folder_without_scrapes_says_how_many_it_found(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    (tmp_path / "notes.md").write_text("no scrapes here")
+    code, _, err = _run(capsys, "calibrate", "--from", str(tmp_path), "--gpu", "H100-80GB", "--model", "llama-3.1-8b")
+    assert code == 2
+    _one_clear_line(err, str(tmp_path), "at least 2 scrapes", "found 0")
+    assert "{" not in err  # the count was an uninterpolated "{len(files)}"
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--gpu", "H100-80GB"], "--gpu: only with --from PATH"),
+    (["--tp", "2"], "--tp: only with --from PATH"),
+    (["--from", "x.jsonl", "--gpu", "H100-80GB", "--model", "llama-3.1-8b", "--plot", "p.png"],
+     "--plot: not with --from"),
+])
+def test_calibrate_flags_that_would_be_ignored_are_errors(
+        capsys: pytest.CaptureFixture[str], argv: list[str], needle: str) -> None:
+    code, _, err = _run(capsys, "calibrate", *argv)
+    assert code == 2
+    _one_clear_line(err, needle)
+
+
+def test_calibrate_write_that_cannot_be_written_is_refused_before_the_fit(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    code, out, err = _run(capsys, "calibrate", "--data", str(tmp_path), "--write", str(tmp_path / "file" / "f.json"))
+    assert code == 2 and out == ""
+    _one_clear_line(err, "--write", "is a file")
+
+
+def test_model_predict_refuses_a_context_past_the_models_and_says_whether_the_batch_fits(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    code, _, err = _run(capsys, "model", "predict", "--gpu", "H100-80GB", "--model", "llama-3-70b", "--tp", "4",
+                        "--context", "99999")
+    assert code == 2
+    _one_clear_line(err, "--context", "at most 8192 tokens", "99999")
+    code, out, _ = _run(capsys, "model", "predict", "--gpu", "H100-80GB", "--model", "llama-3-70b", "--tp", "4",
+                        "--batch", "320", "--context", "8192", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["fits"] is True
+    assert report["batch_kv_tokens"] == 320 * 8192 > report["kv_capacity_tokens"]
+    assert report["batch_fits_kv"] is False
+    code, out, _ = _run(capsys, "model", "predict", "--gpu", "H100-80GB", "--model", "llama-3-70b", "--tp", "4",
+                        "--batch", "320", "--context", "8192")
+    assert "batch's KV (320 x 8192)" in out and "does not fit" in out
