@@ -298,6 +298,13 @@ def run_plan(args: argparse.Namespace) -> int:
         raise UsageError(f"--rate: expected a positive number of requests per second, got {args.rate}")
     if args.verify and args.histogram:
         raise UsageError("--verify replays requests: give --trace (a histogram has none)")
+    if args.rates and args.rate is not None:
+        raise UsageError("--rate and --rates: give one (--rate plans for one rate, --rates for a day's series)")
+    if args.rates and args.verify:
+        raise UsageError("--verify: not with --rates (a day's schedule is sized, not replayed); verify one step "
+                         "with --rate R --verify")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit: expected a positive number of requests, got {args.limit}")
     inputs = _inputs(args)
     workload, requests = _workload(args)
     inputs = dataclasses.replace(inputs, rank_noise_sd=_rank_noise_sd(args, workload, requests))
