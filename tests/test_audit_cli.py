@@ -140,3 +140,53 @@ def test_model_predict_refuses_a_context_past_the_models_and_says_whether_the_ba
     code, out, _ = _run(capsys, "model", "predict", "--gpu", "H100-80GB", "--model", "llama-3-70b", "--tp", "4",
                         "--batch", "320", "--context", "8192")
     assert "batch's KV (320 x 8192)" in out and "does not fit" in out
+
+
+# -- the admin CLI (no control plane needed: each is refused before the first call) -------
+
+
+@pytest.fixture
+def _admin_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    token = tmp_path / "token"
+    token.write_text("t0123456789abcdef0123\n")
+    monkeypatch.setenv("TOKENYARD_CONTEXTS", str(tmp_path / "contexts.yaml"))
+    policy = tmp_path / "acme.yaml"
+    policy.write_text("name: acme\nspec: {slo_class: interactive}\n")
+    # port 1: nothing listens, so a command that reached the network would exit 7 instead
+    return ["--address", "127.0.0.1:1", "--token-file", str(token), "--timeout-s", "2"]
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["policy", "get", "acme", "--version", "-1"], "--version: expected an integer >= 1"),
+    (["policy", "history", "acme", "--limit", "-5"], "--limit: expected an integer >= 1"),
+    (["policy", "rollback", "acme", "--to", "0", "--reason", "r"], "--to: expected an integer >= 1"),
+    (["policy", "list", "--timeout-s", "0"], "--timeout-s: expected a number of seconds > 0"),
+    (["policy", "list", "--timeout-s", "nan"], "--timeout-s: expected a number of seconds > 0"),
+])
+def test_admin_out_of_range_numbers_are_usage_errors(capsys: pytest.CaptureFixture[str], _admin_target: list[str],
+                                                     argv: list[str], needle: str) -> None:
+    """--version -1 / --limit -5 were a protobuf 'Value out of range' traceback; --timeout-s 0
+    was 'Deadline Exceeded' (exit 7) as if the control plane were down."""
+    code, _, err = _run(capsys, *argv, *_admin_target)
+    assert code == 2
+    _one_clear_line(err, needle)
+
+
+@pytest.mark.parametrize("extra", [["--dry-run", "--trace", "t.csv"], ["--window", "30m", "--reason", "r", "--yes"],
+                                   ["--cluster", "c.yaml", "--reason", "r", "--yes"],
+                                   ["--dry-run=client", "--sim-requests", "10"]])
+def test_policy_apply_replay_flags_without_dry_run_server_are_refused(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, _admin_target: list[str], extra: list[str]) -> None:
+    """They were silently ignored: `--dry-run --trace FILE` replayed nothing, and `--window 30m`
+    beside a real apply stored the policy as if no flag had been given."""
+    code, _, err = _run(capsys, "policy", "apply", "-f", str(tmp_path / "acme.yaml"), *extra, *_admin_target)
+    assert code == 2
+    _one_clear_line(err, "only with --dry-run=server")
+
+
+def test_policy_apply_bad_window_is_refused_before_any_call(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, _admin_target: list[str]) -> None:
+    code, out, err = _run(capsys, "policy", "apply", "-f", str(tmp_path / "acme.yaml"), "--dry-run=server",
+                          "--window", "abc", *_admin_target)
+    assert code == 2 and out == ""  # no diff printed first: the window was checked after it
+    _one_clear_line(err, "--window", "expected a duration like 1h")
