@@ -147,7 +147,17 @@ def _print_metrics(held_out: dict[str, dict[str, dict[str, float]]], n_rows: int
 
 
 def _read_records(handle: Any, where: str) -> Any:
-    for lineno, line in enumerate(handle, 1):
+    lineno = 0
+    lines = iter(handle)
+    while True:
+        try:
+            line = next(lines)
+        except StopIteration:
+            return
+        except UnicodeDecodeError as exc:
+            after = f" after line {lineno}" if lineno else ""
+            raise ValueError(f"{where}: not UTF-8 text{after} ({exc.reason}); expected JSON lines") from exc
+        lineno += 1
         if len(line) > MAX_INPUT_LINE_BYTES:
             raise ValueError(f"{where}:{lineno}: line longer than {MAX_INPUT_LINE_BYTES} bytes")
         if not line.strip():
@@ -158,7 +168,24 @@ def _read_records(handle: Any, where: str) -> Any:
             raise ValueError(f"{where}:{lineno}: not JSON ({exc.msg})") from exc
         if not isinstance(record, dict) or not ("prompt" in record or "messages" in record):
             raise ValueError(f"{where}:{lineno}: expected an object with 'prompt' or 'messages'")
+        problem = _prompt_problem(record)
+        if problem:
+            raise ValueError(f"{where}:{lineno}: {problem}")
         yield record
+
+
+def _prompt_problem(record: dict[str, Any]) -> str | None:
+    """What is wrong with a record's prompt, or None: a number or an object as `prompt`
+    would otherwise be scored as an empty prompt."""
+    if "prompt" in record:
+        prompt = record["prompt"]
+        if isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt)):
+            return None
+        return f"prompt: expected a string or a list of strings, got {type(prompt).__name__}"
+    messages = record["messages"]
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        return "messages: expected a list of {role, content} objects"
+    return None
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -194,9 +221,26 @@ def _score(args: argparse.Namespace) -> int:
     text = "".join(lines)
     if args.output == "-":
         sys.stdout.write(text)
-    else:
+        return 0
+    try:
         _write_atomic(Path(args.output), text)
+    except OSError as exc:
+        print(f"tokenyard tier score: --output {args.output}: cannot write ({_why_unwritable(Path(args.output), exc)}); "
+              "expected a file path in a writable folder", file=sys.stderr)
+        return 2
     return 0
+
+
+def _why_unwritable(path: Path, exc: OSError) -> str:
+    """mkdir under a file says 'File exists'; name the file instead."""
+    if path.is_dir():
+        return "it is a folder"
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is a file"
+    return exc.strerror or str(exc)
 
 
 def _score_batch(predictor: Any, batch: list[dict[str, Any]], prompt_text: Any) -> list[str]:

@@ -190,3 +190,34 @@ def test_policy_apply_bad_window_is_refused_before_any_call(
                           "--window", "abc", *_admin_target)
     assert code == 2 and out == ""  # no diff printed first: the window was checked after it
     _one_clear_line(err, "--window", "expected a duration like 1h")
+
+
+# -- tokenyard tier score -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("content", "needle"), [
+    (b'{"prompt": 5}\n', "in.jsonl:1: prompt: expected a string or a list of strings, got int"),
+    (b'{"prompt": "ok"}\n{"messages": "hi"}\n', "in.jsonl:2: messages: expected a list of {role, content}"),
+    (b'\xff\xfe{"prompt": "x"}\n', "in.jsonl: not UTF-8 text (invalid start byte); expected JSON lines"),
+])
+def test_tier_score_bad_records_name_the_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                              content: bytes, needle: str) -> None:
+    """A number as the prompt was scored as an empty prompt; a binary file was a bare
+    "'utf-8' codec can't decode" without the file."""
+    (tmp_path / "in.jsonl").write_bytes(content)
+    code, out, err = _run(capsys, "tier", "score", "--input", str(tmp_path / "in.jsonl"))
+    assert code == 2 and out == ""
+    _one_clear_line(err, needle)
+
+
+@pytest.mark.parametrize(("where", "why"), [("file/x.jsonl", "file is a file"), ("folder", "it is a folder")])
+def test_tier_score_output_that_cannot_be_written_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                              where: str, why: str) -> None:
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "in.jsonl").write_text('{"prompt": "What is 2+2?"}\n')
+    code, _, err = _run(capsys, "tier", "score", "--input", str(tmp_path / "in.jsonl"), "--output",
+                        str(tmp_path / where))
+    assert code == 2
+    _one_clear_line(err, f"--output {tmp_path / where}: cannot write", why)
+    assert list((tmp_path / "folder").iterdir()) == []
