@@ -26,8 +26,8 @@ def register(subparsers: Any) -> None:
                              "per instance together (a mapped table, router/shared_inflight.py), each scrapes for "
                              "itself, and they share membership, affinity and policies through the store")
     parser.add_argument("--native", action=argparse.BooleanOptionalAction, default=None,
-                        help="run the byte path (HTTP server, engine client) compiled with mypyc: 11-14%% fewer "
-                             "instructions per request; --native builds it once into ~/.cache/tokenyard/router-native "
+                        help="run the byte path (HTTP server, request path router/app.py, engine client) compiled "
+                             "with mypyc: ~16-23%% fewer instructions per request (docs/benchmarks.md); --native builds it once into ~/.cache/tokenyard/router-native "
                              "(needs a C compiler), --no-native runs plain Python; unset: compiled when a build for "
                              "these sources is already cached, else plain (env TOKENYARD_ROUTER_NATIVE=on|off|auto; "
                              "router/native.py)")
@@ -35,8 +35,9 @@ def register(subparsers: Any) -> None:
                         help="also serve the Envoy ext_proc endpoint picker (Gateway API Inference Extension "
                              "protocol, router/extproc.py) and gRPC health on this port")
     parser.add_argument("--extproc-host", default="127.0.0.1",
-                        help="listen address of the ext_proc picker (loopback unless set; the picker port has no "
-                             "token check, so expose it only behind a NetworkPolicy)")
+                        help="listen address of the ext_proc picker (loopback unless set); off loopback the "
+                             "gateway must send a bearer token (--extproc-tokens-file, or the control section's), "
+                             "unless --extproc-allow-unauthenticated")
     parser.add_argument("--extproc-tokens-file", default=None,
                         help="bearer tokens the gateway must send to the picker (router/auth.py tokens_file "
                              "format; role picker); default: the control section's tokens when it has them")

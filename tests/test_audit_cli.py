@@ -221,3 +221,49 @@ def test_tier_score_output_that_cannot_be_written_is_one_line(capsys: pytest.Cap
     assert code == 2
     _one_clear_line(err, f"--output {tmp_path / where}: cannot write", why)
     assert list((tmp_path / "folder").iterdir()) == []
+
+
+# -- --help -------------------------------------------------------------------------------
+
+
+def _all_parsers() -> list[tuple[str, object]]:
+    import argparse
+
+    from cli.main import build_parser
+
+    found: list[tuple[str, object]] = []
+
+    def walk(name: str, parser: argparse.ArgumentParser) -> None:
+        found.append((name, parser))
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    walk(f"{name} {sub_name}", sub)
+
+    walk("tokenyard", build_parser())
+    return found
+
+
+def test_no_help_text_shows_a_meaningless_or_second_default() -> None:
+    """ArgumentDefaultsHelpFormatter appended "(default: None)" to 30-odd options, also after
+    a help text that had said its default ("(default: --model) (default: None)")."""
+    import re
+
+    for name, parser in _all_parsers():
+        text = " ".join(parser.format_help().split())  # type: ignore[attr-defined]
+        assert "(default: None)" not in text and "(default: False)" not in text, name
+        for action in parser._actions:  # type: ignore[attr-defined]
+            rendered = parser._get_formatter()._expand_help(action) if action.help else ""  # type: ignore[attr-defined]
+            assert len(re.findall(r"\(default", rendered)) <= 1, (name, rendered)
+
+
+def test_router_help_quotes_the_native_figure_the_readme_quotes() -> None:
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    figure = re.search(r"~(\d+-\d+)% fewer instructions per request", readme)
+    assert figure is not None
+    helps = dict(_all_parsers())
+    text = " ".join(helps["tokenyard router"].format_help().split())  # type: ignore[attr-defined]
+    assert f"~{figure.group(1)}% fewer instructions per request" in text
+    assert "no token check" not in text  # the picker port has had a token check since the tokens file
