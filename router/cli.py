@@ -172,13 +172,29 @@ def run_router(args: argparse.Namespace) -> int:
         print(f"tokenyard router: --workers: expected an integer >= 1, got {args.workers}", file=sys.stderr)
         return 2
     extproc = None
-    if args.extproc_port is not None:
+    if args.extproc_port is None:
+        # The picker's flags without the picker: say so rather than ignore them.
+        stray = [flag for flag, given in (
+            ("--extproc-host", args.extproc_host != "127.0.0.1"),
+            ("--extproc-tokens-file", args.extproc_tokens_file is not None),
+            ("--extproc-allow-unauthenticated", args.extproc_allow_unauthenticated),
+            ("--extproc-shed-outstanding", args.extproc_shed_outstanding != 0),
+            ("--extproc-shed-priority", args.extproc_shed_priority != 2)) if given]
+        if stray:
+            print(f"tokenyard router: {', '.join(stray)}: only with --extproc-port PORT (they configure the "
+                  "ext_proc endpoint picker)", file=sys.stderr)
+            return 2
+    else:
         from router.extproc import ExtProcSettings
         from scheduler.shedding import ShedPolicy
 
-        if not 0 <= args.extproc_port <= 65535 or args.extproc_shed_outstanding < 0:
-            print("tokenyard router: --extproc-port: expected 0-65535 and --extproc-shed-outstanding >= 0, got "
-                  f"{args.extproc_port} and {args.extproc_shed_outstanding}", file=sys.stderr)
+        if not 0 <= args.extproc_port <= 65535:
+            print(f"tokenyard router: --extproc-port: expected a port 0-65535 (0: any free port), got "
+                  f"{args.extproc_port}", file=sys.stderr)
+            return 2
+        if args.extproc_shed_outstanding < 0:
+            print("tokenyard router: --extproc-shed-outstanding: expected a count >= 0 (0: never shed), got "
+                  f"{args.extproc_shed_outstanding}", file=sys.stderr)
             return 2
         from router.auth import TokenTable
 

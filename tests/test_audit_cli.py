@@ -267,3 +267,33 @@ def test_router_help_quotes_the_native_figure_the_readme_quotes() -> None:
     text = " ".join(helps["tokenyard router"].format_help().split())  # type: ignore[attr-defined]
     assert f"~{figure.group(1)}% fewer instructions per request" in text
     assert "no token check" not in text  # the picker port has had a token check since the tokens file
+
+
+# -- tokenyard router ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    (["--extproc-shed-outstanding", "3"], "--extproc-shed-outstanding: only with --extproc-port PORT"),
+    (["--extproc-host", "0.0.0.0", "--extproc-allow-unauthenticated"],
+     "--extproc-host, --extproc-allow-unauthenticated: only with --extproc-port PORT"),
+    (["--extproc-port", "70000"], "--extproc-port: expected a port 0-65535 (0: any free port), got 70000"),
+    (["--extproc-port", "0", "--extproc-shed-outstanding", "-1"],
+     "--extproc-shed-outstanding: expected a count >= 0 (0: never shed), got -1"),
+])
+def test_router_picker_flags_are_checked_and_not_ignored(tmp_path: Path, extra: list[str], needle: str) -> None:
+    """The picker's flags without --extproc-port were ignored (a router "shedding at 3"
+    shed nothing); a bad port and a bad count shared one message naming both."""
+    import os
+    import subprocess
+    import sys
+
+    config = tmp_path / "r.yaml"
+    config.write_text("listen: {host: 127.0.0.1, port: 0}\n"
+                      "discovery: {static: [{id: e0, url: 'http://127.0.0.1:9', model: llama-3-8b}]}\n")
+    env = {**os.environ, "TOKENYARD_ROUTER_NATIVE": "off",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run([sys.executable, "-m", "cli.main", "router", "--config", str(config),
+                             "--store", f"file://{tmp_path / 'state.db'}", *extra],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 2, result.stderr
+    _one_clear_line(result.stderr, needle)
