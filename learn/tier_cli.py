@@ -95,6 +95,19 @@ def _train(args: argparse.Namespace) -> int:
     if not 0.0 <= margin <= 1.0:
         print(f"tokenyard train tier: --margin: expected a number in [0, 1], got {margin}", file=sys.stderr)
         return 2
+    if not 0.0 <= args.length_prior_weight <= 1.0:
+        print(f"tokenyard train tier: --length-prior-weight: expected a number in [0, 1], got "
+              f"{args.length_prior_weight}", file=sys.stderr)
+        return 2
+    # Outputs that cannot be written are refused before training, not after it (and not
+    # after --out was written, leaving a model without its --report).
+    for option, value, folder in (("--out", args.out, False), ("--report", args.report, False),
+                                  ("--plots", args.plots, True)):
+        problem = _unwritable(Path(value), folder) if value else None
+        if problem:
+            print(f"tokenyard train tier: {option} {value}: cannot write ({problem}); expected "
+                  f"{'a folder path' if folder else 'a file path'} in a writable folder", file=sys.stderr)
+            return 2
     rows = []
     dropped = 0
     sources = args.data or _shared_default()
@@ -231,16 +244,23 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _why_unwritable(path: Path, exc: OSError) -> str:
-    """mkdir under a file says 'File exists'; name the file instead."""
-    if path.is_dir():
-        return "it is a folder"
-    parent = path.absolute().parent
+def _unwritable(path: Path, folder: bool = False) -> str | None:
+    """Why `path` (a file, or a folder with `folder`) cannot be written, or None."""
+    if path.exists() and path.is_dir() != folder:
+        return "it is a file" if folder else "it is a folder"
+    parent = (path if folder else path.parent).absolute()
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
         return f"{parent} is a file"
-    return exc.strerror or str(exc)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable"
+    return None
+
+
+def _why_unwritable(path: Path, exc: OSError) -> str:
+    """mkdir under a file says 'File exists'; name the file instead."""
+    return _unwritable(path) or exc.strerror or str(exc)
 
 
 def _score_batch(predictor: Any, batch: list[dict[str, Any]], prompt_text: Any) -> list[str]:

@@ -297,3 +297,28 @@ def test_router_picker_flags_are_checked_and_not_ignored(tmp_path: Path, extra: 
                             capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 2, result.stderr
     _one_clear_line(result.stderr, needle)
+
+
+# -- tokenyard train tier -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    (["--out", "{tmp}/file/x.json"], "--out {tmp}/file/x.json: cannot write ({tmp}/file is a file)"),
+    (["--out", "{tmp}/m.json", "--report", "{tmp}/file/r.json"], "--report {tmp}/file/r.json: cannot write"),
+    (["--out", "{tmp}/m.json", "--plots", "{tmp}/file"], "--plots {tmp}/file: cannot write (it is a file)"),
+    (["--out", "{tmp}/m.json", "--length-prior-weight", "2"], "--length-prior-weight: expected a number in [0, 1]"),
+])
+def test_train_tier_refuses_unwritable_outputs_and_bad_weights_before_training(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, extra: list[str], needle: str) -> None:
+    """Were a FileExistsError traceback after the training (with --report, after --out had
+    been written); the weight's error came after loading the data and named no flag."""
+    (tmp_path / "file").write_text("x")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(f'{{"prompt": "question {i}", "small_ok": {str(i % 2 == 0).lower()}}}\n'
+                            for i in range(40)))
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in extra]
+    code, _, err = _run(capsys, "train", "tier", "--data", str(data), *argv)
+    assert code == 2
+    _one_clear_line(err, needle.replace("{tmp}", str(tmp_path)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "file"]
+    assert "fit/s" not in err  # no training started (its progress bar)
