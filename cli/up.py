@@ -141,7 +141,7 @@ def plan_fleet(path: str, model: str, slo_class: str | None) -> PlanFleet:
     names the file and the field for anything this cannot start."""
     import json
 
-    from scheduler.catalog import CatalogError, default_catalog
+    from scheduler.catalog import CatalogError, default_catalog, tensor_parallel_problem
     from scheduler.planner.problem import PlanError
     from scheduler.planner.routing import RoutingTable
 
@@ -161,7 +161,7 @@ def plan_fleet(path: str, model: str, slo_class: str | None) -> PlanFleet:
         raise ValueError(f"{path}: pools: expected a non-empty list of {{name, gpu, tp, instances}}")
     catalog = default_catalog()
     try:
-        catalog.model(model)
+        model_spec = catalog.model(model)
     except CatalogError as exc:
         raise ValueError(f"--plan-model: {exc}") from exc
     specs: list[EngineSpec] = []
@@ -179,6 +179,9 @@ def plan_fleet(path: str, model: str, slo_class: str | None) -> PlanFleet:
             catalog.gpu(pool["gpu"])
         except CatalogError as exc:
             raise ValueError(f"{where}.gpu: {exc}") from exc
+        tp_problem = tensor_parallel_problem(model_spec, tp)
+        if tp_problem:
+            raise ValueError(f"{where}.tp: {tp_problem} (--plan-model)")
         for n in range(instances):
             specs.append(EngineSpec(f"{pool['name']}-{n}", model, pool["gpu"], "llm", tp, pool["name"]))
     if not specs:

@@ -43,7 +43,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from scheduler.catalog import Catalog, CatalogError, GpuSpec, ModelSpec, default_catalog
+from scheduler.catalog import Catalog, CatalogError, GpuSpec, ModelSpec, default_catalog, tensor_parallel_problem
 from scheduler.engine_model import BatchShape, EngineModel, PerfFactors
 from sim.calibrate_data import FitResult, Observation, read_csv
 from sim.calibrate_report import format_error_table, format_factors, plot_fit
@@ -639,6 +639,9 @@ def _cmd_calibrate_from(args: argparse.Namespace) -> int:
     try:
         catalog = default_catalog()
         gpu, model = catalog.gpu(args.gpu), catalog.model(args.model)
+        tp_problem = tensor_parallel_problem(model, tp)
+        if tp_problem:
+            raise CatalogError(f"--tp: {tp_problem}")
         engine = EngineModel(gpu, model, tp=tp, factors=factors_for(gpu))
         samples = [s for path in args.from_paths for s in read_samples(Path(path))]
         fit = fit_deployment(engine, samples)
@@ -736,6 +739,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             return 2
     if args.context < 1:
         print(f"error: --context must be >= 1 token, got {args.context}", file=sys.stderr)
+        return 2
+    tp_problem = tensor_parallel_problem(model, args.tp)
+    if tp_problem:
+        print(f"error: --tp: {tp_problem}", file=sys.stderr)
         return 2
     if args.context > model.max_context_tokens:
         print(f"error: --context: {model.name} takes at most {model.max_context_tokens} tokens per sequence "

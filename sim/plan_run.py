@@ -170,7 +170,7 @@ def _histogram_workload(doc: Any, source: str) -> Workload:
 
 
 def _inputs(args: argparse.Namespace) -> PlanInputs:
-    from scheduler.catalog import CatalogError, default_catalog, extend_catalog
+    from scheduler.catalog import CatalogError, default_catalog, extend_catalog, tensor_parallel_problem
     from tokenyard.config import load_yaml
 
     catalog = default_catalog()
@@ -185,6 +185,10 @@ def _inputs(args: argparse.Namespace) -> PlanInputs:
     tps = tuple(parse_numbers(args.tp, "--tp", int))
     if any(t < 1 for t in tps):
         raise UsageError(f"--tp: expected positive integers, got {args.tp}")
+    for t in tps:
+        tp_problem = tensor_parallel_problem(model, t)
+        if tp_problem:
+            raise UsageError(f"--tp: {tp_problem}")
     availability = parse_pairs(args.availability, "--availability", int)
     for name in availability:
         catalog.gpu(name)

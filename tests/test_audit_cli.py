@@ -322,3 +322,37 @@ def test_train_tier_refuses_unwritable_outputs_and_bad_weights_before_training(
     _one_clear_line(err, needle.replace("{tmp}", str(tmp_path)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "file"]
     assert "fit/s" not in err  # no training started (its progress bar)
+
+
+# -- tensor-parallel degrees vLLM refuses -------------------------------------------------
+
+
+def test_tensor_parallel_problem_follows_vllms_head_rule() -> None:
+    from scheduler.catalog import default_catalog, tensor_parallel_problem
+
+    llama = default_catalog().model("llama-3-8b")  # 32 attention heads
+    assert [tp for tp in range(1, 17) if tensor_parallel_problem(llama, tp) is None] == [1, 2, 4, 8, 16]
+    problem = tensor_parallel_problem(llama, 3)
+    assert problem is not None and "32 attention heads" in problem and "tp 3" in problem
+
+
+@pytest.mark.parametrize("argv", [
+    ["model", "predict", "--gpu", "H100-80GB", "--model", "llama-3-70b", "--tp", "3"],
+    ["engine", "--tp", "3", "--port", "0"],
+    ["plan", "--trace", "unused.csv", "--rate", "2", "--tp", "1,3", "--no-progress"],
+])
+def test_a_tp_that_does_not_divide_the_heads_is_refused(capsys: pytest.CaptureFixture[str],
+                                                        argv: list[str]) -> None:
+    """Was accepted: model predict priced 3 GPUs, and an engine served at tp 3, both for a
+    configuration vLLM will not start."""
+    code, _, err = _run(capsys, *argv)
+    assert code == 2
+    _one_clear_line(err, "attention heads, which tp 3 does not divide")
+
+
+def test_a_cluster_pool_with_such_a_tp_is_a_config_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    cluster = tmp_path / "c.yaml"
+    cluster.write_text("pools:\n  - {name: a, gpu: A100-80GB, model: llama-3-8b, tp: 3, count: 1}\n")
+    code, _, err = _run(capsys, "config", "check", str(cluster))
+    assert code == 2
+    _one_clear_line(err, "c.yaml: pools[0].tp: llama-3-8b has 32 attention heads")
