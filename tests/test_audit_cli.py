@@ -356,3 +356,24 @@ def test_a_cluster_pool_with_such_a_tp_is_a_config_error(capsys: pytest.CaptureF
     code, _, err = _run(capsys, "config", "check", str(cluster))
     assert code == 2
     _one_clear_line(err, "c.yaml: pools[0].tp: llama-3-8b has 32 attention heads")
+
+
+# -- docs ---------------------------------------------------------------------------------
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def test_the_ranking_docs_cluster_snippet_is_a_current_cluster_file(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """docs/ranking.md showed the older dialect (`queue: {policy: ...}`), which a cluster file
+    with a `policy:` document refuses ("the policy document replaces this key")."""
+    text = (DOCS / "ranking.md").read_text()
+    start = text.index("In a simulator cluster file")
+    block = text[start:].split("\n\n")[1]
+    snippet = "\n".join(line[4:] for line in block.splitlines())
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text("pools:\n  - {name: a, gpu: A100-80GB, model: llama-3-8b, count: 1}\n" + snippet + "\n")
+    code, out, err = _run(capsys, "config", "check", str(cluster))
+    assert code == 0, err
+    assert "(policy document)" in out
+    assert "with `queue: {policy: {learned_rank: {max_wait_s: 60}}}` in `cluster.yaml`" not in " ".join(text.split())
