@@ -377,3 +377,25 @@ def test_the_ranking_docs_cluster_snippet_is_a_current_cluster_file(
     assert code == 0, err
     assert "(policy document)" in out
     assert "with `queue: {policy: {learned_rank: {max_wait_s: 60}}}` in `cluster.yaml`" not in " ".join(text.split())
+
+
+# -- python -m router.k8s_loopback ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("argv", "content", "needle"), [
+    (["--port", "70000"], None, "--port: expected a TCP port 0-65535"),
+    (["--objects", "{file}"], b"- resource: pods\n  object: {a: 1\n  x: [\n", "objects.yaml:"),
+    (["--objects", "{file}"], b"\xff\xfe- resource: pods\n", "not UTF-8 text"),
+])
+def test_k8s_loopback_bad_input_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                            argv: list[str], content: bytes | None, needle: str) -> None:
+    """--port 70000 was an OverflowError traceback; a YAML error printed four lines."""
+    from router.k8s_loopback import main as loopback_main
+
+    objects = tmp_path / "objects.yaml"
+    if content is not None:
+        objects.write_bytes(content)
+    assert loopback_main([a.replace("{file}", str(objects)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert needle in err

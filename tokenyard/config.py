@@ -25,6 +25,14 @@ class ConfigError(ValueError):
         self.problem = problem
 
 
+def yaml_error(path: str | Path, exc: Exception) -> ConfigError:
+    """A YAML syntax error as one line: `file:line:column: invalid YAML: problem`."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+    problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+    return ConfigError(where, f"invalid YAML: {problem}")
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read one YAML mapping; a missing file, bad syntax or a non-mapping is a ConfigError."""
     path = Path(path)
@@ -37,10 +45,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(where, f"invalid YAML: {problem}") from exc
+        raise yaml_error(path, exc) from exc
     if doc is None:
         return {}
     if not isinstance(doc, dict):
