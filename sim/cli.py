@@ -472,12 +472,27 @@ def _run(args: argparse.Namespace) -> int:
         written.append(plot_latency_cdfs({label: outcome.result}, out / "latency_cdfs.png"))
         written.append(plot_load_over_time(outcome.result, out / "load_over_time.png"))
     print(format_summary(summary))
+    reasons = rejection_reasons(outcome.result.records)
+    if reasons:
+        print("rejected: " + "; ".join(f"{n} x {reason}" for reason, n in reasons))
     counts = outcome.trace_counts
     if counts["skipped_total"]:
         print(f"trace: skipped {counts['skipped_total']} row(s): "
               + ", ".join(f"{k} {v}" for k, v in sorted(counts["skipped"].items())))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def rejection_reasons(records: Iterable[Any], shown: int = 3) -> list[tuple[str, int]]:
+    """Why requests were refused, most common first (at most `shown`, each reason cut at
+    160 characters): the summary counts rejections, this says what they were."""
+    counts: dict[str, int] = {}
+    for record in records:
+        if record.rejected:
+            reason = record.reject_reason or "no reason recorded"
+            reason = reason if len(reason) <= 160 else reason[:157] + "..."
+            counts[reason] = counts.get(reason, 0) + 1
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:shown]
 
 
 def _map_jobs(jobs: Sequence[SimJob], workers: int, label: str, progress: bool) -> list[JobOutcome]:

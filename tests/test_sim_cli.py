@@ -190,3 +190,14 @@ def test_non_finite_or_zero_numbers_name_their_flag(shared_data, tmp_path, capsy
     assert main(argv) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"tokenyard sim run: error: {option}: expected")
     assert not (tmp_path / "out").exists()
+
+
+def test_run_says_why_requests_were_rejected(tmp_path, capsys):
+    """The summary said "1 rejected" and nothing more; the reason was only in the records."""
+    trace = tmp_path / "t.csv"
+    trace.write_text("arrival_s,input_tokens,output_tokens\n0,100,5\n1,20000,5\n2,100,5\n")
+    assert main(["sim", "run", CLUSTER, "--trace", str(trace), "--out", str(tmp_path / "out"), "--no-progress",
+                 "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("rejected: "))
+    assert line.startswith("rejected: 1 x no instance can take it") and "maximum context length" in line
