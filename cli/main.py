@@ -45,7 +45,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _use_help_formatter(parser: argparse.ArgumentParser) -> None:
-    if issubclass(parser.formatter_class, argparse.ArgumentDefaultsHelpFormatter):
+    formatter = parser.formatter_class
+    if isinstance(formatter, type) and issubclass(formatter, argparse.ArgumentDefaultsHelpFormatter):
         parser.formatter_class = HelpFormatter
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):

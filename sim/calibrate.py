@@ -43,7 +43,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from scheduler.catalog import Catalog, CatalogError, GpuSpec, ModelSpec, default_catalog, tensor_parallel_problem
+from scheduler.catalog import (
+    Catalog,
+    CatalogError,
+    GpuSpec,
+    ModelSpec,
+    default_catalog,
+    tensor_parallel_problem,
+)
 from scheduler.engine_model import BatchShape, EngineModel, PerfFactors
 from sim.calibrate_data import FitResult, Observation, read_csv
 from sim.calibrate_report import format_error_table, format_factors, plot_fit

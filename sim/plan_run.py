@@ -170,7 +170,12 @@ def _histogram_workload(doc: Any, source: str) -> Workload:
 
 
 def _inputs(args: argparse.Namespace) -> PlanInputs:
-    from scheduler.catalog import CatalogError, default_catalog, extend_catalog, tensor_parallel_problem
+    from scheduler.catalog import (
+        CatalogError,
+        default_catalog,
+        extend_catalog,
+        tensor_parallel_problem,
+    )
     from tokenyard.config import load_yaml
 
     catalog = default_catalog()
