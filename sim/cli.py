@@ -356,6 +356,9 @@ def register(subparsers: Any) -> None:
     sweep.add_argument("cluster", metavar="CLUSTER.yaml")
     _add_trace_arguments(sweep, rate_scale=False)
     sweep.add_argument("--rate-scales", default="1", metavar="X,X", help="arrival-rate scales, e.g. 1,2,4")
+    # Without this, argparse took `--rate-scale 2` (run's and compare's flag) as an
+    # abbreviation of --rate-scales, silently replacing a --rate-scales given before it.
+    sweep.add_argument("--rate-scale", dest="single_rate_scale", default=None, help=argparse.SUPPRESS)
     sweep.add_argument("--pool-counts", action="append", default=[], metavar="POOL=N,N",
                        help="instance counts to try for a pool, e.g. a100=1,2,4 (repeat for more pools)")
     sweep.add_argument("--policy", metavar="NAME", help="dispatch preset for every point")
@@ -565,6 +568,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def sweep_jobs(args: argparse.Namespace) -> list[SimJob]:
+    if getattr(args, "single_rate_scale", None) is not None:
+        raise UsageError("--rate-scale: sweep takes --rate-scales X,X,... (the grid's rates; e.g. --rate-scales "
+                         f"{args.single_rate_scale})")
     rates = _parse_float_list(args.rate_scales, "--rate-scales")
     pool_grid = _parse_pool_counts(args.pool_counts)
     names = [name for name, _ in pool_grid]

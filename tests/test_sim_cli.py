@@ -201,3 +201,13 @@ def test_run_says_why_requests_were_rejected(tmp_path, capsys):
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if line.startswith("rejected: "))
     assert line.startswith("rejected: 1 x no instance can take it") and "maximum context length" in line
+
+
+def test_sweep_refuses_rate_scale_instead_of_taking_it_for_rate_scales(shared_data, tmp_path, capsys):
+    """argparse read `--rate-scale 2` as an abbreviation of --rate-scales and ran x2 only,
+    dropping the --rate-scales 1,4 given before it."""
+    assert main(["sim", "sweep", CLUSTER, "--trace", str(shared_data / CONV), "--limit", "20", "--rate-scales", "1,4",
+                 "--rate-scale", "2", "--no-progress", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--rate-scale: sweep takes --rate-scales" in err[0]
+    assert not (tmp_path / "out").exists()
