@@ -399,3 +399,24 @@ def test_k8s_loopback_bad_input_is_one_line(capsys: pytest.CaptureFixture[str], 
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert needle in err
+
+
+@pytest.mark.parametrize(("name", "content", "needle"), [
+    ("r.jsonl", b'{"a": 1}\n{not json\n', "r.jsonl:2: not JSON"),
+    ("r.jsonl", b'[1, 2]\n', "r.jsonl:1: expected a JSON object"),
+    ("r.csv", b"arrival_s,x\n\xff\xfe,1\n", "r.csv: not UTF-8 text"),
+    ("r.parquet", b"x", "r.parquet: not a readable Parquet file"),
+    ("r.jsonl", b'{"first_token_s": 1, "finish_s": 2, "input_tokens": 3, "output_tokens": 4, "instance_id": "a", '
+                b'"arrival_s": 0}\n{"finish_s": 2}\n', "r.jsonl: record 2 lacks first_token_s"),
+    ("r.jsonl", b'{"first_token_s": null, "finish_s": 2, "input_tokens": 3, "output_tokens": 4, "instance_id": "a", '
+                b'"arrival_s": 0}\n', "streamed answers only"),
+])
+def test_calibrate_from_bad_records_name_the_file_and_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                           name: str, content: bytes, needle: str) -> None:
+    """A malformed JSON line, a binary file, a bad Parquet file and a record lacking a column
+    were tracebacks (JSONDecodeError, UnicodeDecodeError, ArrowInvalid, KeyError)."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    code, _, err = _run(capsys, "calibrate", "--from", str(path), "--gpu", "A100-80GB", "--model", "llama-3-8b")
+    assert code == 2
+    _one_clear_line(err, needle)
