@@ -160,13 +160,17 @@ def prometheus_range_samples(document: Mapping[str, Any], where: str) -> list[Se
     if not isinstance(result, list):
         raise CalibrationDataError(f"{where}: expected a Prometheus query_range answer with data.result")
     by_time: dict[float, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    for series in result:
-        labels = series.get("metric", {})
-        name = str(labels.get("__name__", ""))
-        if "le" in labels:
-            name += f"{{le={labels['le']}}}"
-        for t, value in series.get("values", []):
-            by_time[float(t)][name] += float(value)
+    for index, series in enumerate(result):
+        try:
+            labels = series.get("metric", {})
+            name = str(labels.get("__name__", ""))
+            if "le" in labels:
+                name += f"{{le={labels['le']}}}"
+            for t, value in series.get("values", []):
+                by_time[float(t)][name] += float(value)
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise CalibrationDataError(f"{where}: data.result[{index}]: expected {{metric: {{__name__, ...}}, "
+                                       f"values: [[time, \"value\"], ...]}} ({exc})") from exc
     scrapes = [by_time[t] for t in sorted(by_time)]
     if len(scrapes) < 2:
         raise CalibrationDataError(f"{where}: a Prometheus series needs at least 2 time points; found {len(scrapes)}")
@@ -194,7 +198,11 @@ def bench_serve_samples(document: Mapping[str, Any], where: str) -> list[Serving
 def guidellm_samples(document: Mapping[str, Any], where: str) -> list[ServingSample]:
     """guidellm report JSON: one sample per benchmark (rate) of `benchmarks[].metrics`."""
     samples = []
-    for index, bench in enumerate(document.get("benchmarks") or []):
+    benchmarks = document.get("benchmarks") or []
+    if not isinstance(benchmarks, list):
+        raise CalibrationDataError(f"{where}: benchmarks: expected a list of guidellm benchmarks, got "
+                                   f"{type(benchmarks).__name__}")
+    for index, bench in enumerate(benchmarks):
         metrics = bench.get("metrics", {}) if isinstance(bench, Mapping) else {}
 
         def mean(name: str, metrics: Mapping[str, Any] = metrics) -> float:

@@ -420,3 +420,18 @@ def test_calibrate_from_bad_records_name_the_file_and_line(capsys: pytest.Captur
     code, _, err = _run(capsys, "calibrate", "--from", str(path), "--gpu", "A100-80GB", "--model", "llama-3-8b")
     assert code == 2
     _one_clear_line(err, needle)
+
+
+@pytest.mark.parametrize(("content", "needle"), [
+    ('{"benchmarks": 5}', "j.json: benchmarks: expected a list of guidellm benchmarks, got int"),
+    ('{"data": {"result": [5]}}', "j.json: data.result[0]: expected {metric"),
+    ('{"data": {"result": [{"metric": {}, "values": [["a", "b"]]}]}}', "j.json: data.result[0]: expected {metric"),
+])
+def test_calibrate_from_malformed_result_json_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                          content: str, needle: str) -> None:
+    """Were TypeError / AttributeError / ValueError tracebacks."""
+    path = tmp_path / "j.json"
+    path.write_text(content)
+    code, _, err = _run(capsys, "calibrate", "--from", str(path), "--gpu", "A100-80GB", "--model", "llama-3-8b")
+    assert code == 2
+    _one_clear_line(err, needle)
