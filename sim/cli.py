@@ -475,6 +475,13 @@ def _run(args: argparse.Namespace) -> int:
         written.append(plot_latency_cdfs({label: outcome.result}, out / "latency_cdfs.png"))
         written.append(plot_load_over_time(outcome.result, out / "load_over_time.png"))
     print(format_summary(summary))
+    unknown = sorted(set(summary["slo"]) - set(outcome.slo_classes))
+    if unknown and outcome.slo_classes:
+        fallback = ("the targets of class 'default'" if "default" in outcome.slo_classes
+                    else "no targets (the cluster has no class 'default')")
+        print(f"note: the trace names SLO class(es) {', '.join(map(repr, unknown))} that the cluster's policy "
+              f"document does not define ({', '.join(sorted(outcome.slo_classes))}); their requests were "
+              f"measured against {fallback}")
     reasons = rejection_reasons(outcome.result.records)
     if reasons:
         print("rejected: " + "; ".join(f"{n} x {reason}" for reason, n in reasons))

@@ -211,3 +211,14 @@ def test_sweep_refuses_rate_scale_instead_of_taking_it_for_rate_scales(shared_da
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--rate-scale: sweep takes --rate-scales" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_run_notes_trace_slo_classes_the_cluster_does_not_define(tmp_path, capsys):
+    """A misspelt class in the trace was measured against 'default' without a word."""
+    trace = tmp_path / "t.csv"
+    trace.write_text("arrival_s,input_tokens,output_tokens,slo_class\n0,100,5,interactiv\n1,100,5,default\n")
+    assert main(["sim", "run", CLUSTER, "--trace", str(trace), "--out", str(tmp_path / "out"), "--no-progress",
+                 "--no-plots"]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and "'interactiv'" in notes[0] and "class 'default'" in notes[0]
+    assert "'default'," not in notes[0].split("define")[0]  # a known class is not listed as unknown
