@@ -762,7 +762,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         try:
             table = load_factors_file(args.factors)
         except (OSError, ValueError) as exc:
-            print(f"error: {args.factors}: {exc}", file=sys.stderr)
+            print(f"error: --factors: {exc}", file=sys.stderr)
             return 2
         factors = table.get(gpu.name.lower(), table["*"])
     engine = EngineModel(gpu, model, tp=args.tp, factors=factors)
