@@ -246,7 +246,10 @@ def read_policy_file(path: str) -> tuple[str, dict[str, Any]]:
     try:
         name, spec = parse_document(docs[0], path)
     except PolicySpecError as exc:
-        raise CliError(EXIT_INVALID, str(exc)) from None
+        message = str(exc)
+        if message.startswith(f"{path}."):  # "acme.yaml.spec.ttft.ms: ..." -> "acme.yaml: spec.ttft.ms: ..."
+            message = f"{path}: {message[len(path) + 1:]}"
+        raise CliError(EXIT_INVALID, message) from None
     return name, spec_dict(spec)
 
 
@@ -326,7 +329,14 @@ def cmd_policy_apply(args: argparse.Namespace) -> int:
     def build(**kw: Any) -> Any:
         return admin_pb2.ApplyPolicyRequest(name=name, spec_json=json.dumps(spec), reason=reason, **kw)
 
-    return run_with_client(args, lambda c: _write(args, c, "ApplyPolicy", build, name, f"apply policy {name}?"))
+    try:
+        return run_with_client(args, lambda c: _write(args, c, "ApplyPolicy", build, name, f"apply policy {name}?"))
+    except CliError as exc:
+        # The server checks the spec against the router's policy document and answers with
+        # the key path ("spec.slo_class: unknown SLO class ..."): say which file it is in.
+        if exc.code == EXIT_INVALID and str(exc).startswith(("spec.", "name")):
+            raise CliError(EXIT_INVALID, f"{args.file}: {exc}") from None
+        raise
 
 
 def required_reason(args: argparse.Namespace) -> str:
