@@ -110,6 +110,20 @@ def read_token(path: str) -> str:
     return token
 
 
+def check_address(address: str, where: str) -> str:
+    """HOST:PORT (or [IPv6]:PORT) with a port 1-65535, or a gRPC target with a scheme
+    (`dns:///...`, `unix:...`) passed as it is. gRPC takes a port past 65535 modulo 65536
+    (127.0.0.1:99999 dialled 34463), and a missing port means 443."""
+    if ":" in address.split("/", 1)[0] and address.split(":", 1)[0] in ("dns", "unix", "unix-abstract", "ipv4",
+                                                                          "ipv6", "vsock"):
+        return address
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise CliError(EXIT_USAGE, f"{where}: expected HOST:PORT with a port 1-65535 (e.g. 127.0.0.1:50051), "
+                                   f"got {address!r}")
+    return address
+
+
 def resolve_target(args: argparse.Namespace) -> Target:
     doc = load_contexts(contexts_path())
     name = args.context or doc.get("current")
@@ -124,6 +138,7 @@ def resolve_target(args: argparse.Namespace) -> Target:
     if not address or not token_file:
         raise CliError(EXIT_USAGE, "no control plane: pass --address and --token-file, or `tokenyard context set` "
                                    "one and `tokenyard context use` it (`tokenyard up` prints the command)")
+    check_address(str(address), "--address" if args.address else f"context {name}: address")
     return Target(str(address), read_token(str(token_file)), args.ca_file or ctx.get("ca_file"),
                   ctx.get("server_name"))
 
@@ -635,6 +650,7 @@ def cmd_context(args: argparse.Namespace) -> int:
                 ctx[key] = str(Path(value).resolve()) if key in ("token_file", "ca_file") else value
         if not ctx.get("address") or not ctx.get("token_file"):
             raise CliError(EXIT_USAGE, f"context {args.name}: --address and --token-file are required")
+        check_address(str(ctx["address"]), "--address")
         read_token(ctx["token_file"])  # a context that cannot authenticate is refused now
         doc["contexts"][args.name] = ctx
         doc["current"] = doc.get("current") or args.name

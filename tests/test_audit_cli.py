@@ -435,3 +435,18 @@ def test_calibrate_from_malformed_result_json_is_one_line(capsys: pytest.Capture
     code, _, err = _run(capsys, "calibrate", "--from", str(path), "--gpu", "A100-80GB", "--model", "llama-3-8b")
     assert code == 2
     _one_clear_line(err, needle)
+
+
+@pytest.mark.parametrize("address", ["notanaddress", "127.0.0.1:99999", "127.0.0.1:", ":50051", "127.0.0.1:0"])
+def test_context_and_address_need_host_and_port(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                _admin_target: list[str], address: str) -> None:
+    """`context set --address 127.0.0.1:99999` was saved, and gRPC then dialled port 34463
+    (99999 mod 65536); a missing port dialled 443."""
+    token = tmp_path / "token"
+    code, _, err = _run(capsys, "context", "set", "x", "--address", address, "--token-file", str(token))
+    assert code == 2
+    _one_clear_line(err, "--address: expected HOST:PORT with a port 1-65535", repr(address))
+    assert not (tmp_path / "contexts.yaml").exists()
+    code, _, err = _run(capsys, "policy", "list", "--address", address, "--token-file", str(token))
+    assert code == 2
+    _one_clear_line(err, "--address: expected HOST:PORT")
