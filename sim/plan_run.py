@@ -152,7 +152,12 @@ def _histogram_workload(doc: Any, source: str) -> Workload:
         raise PlanError(f"{source}: expected rates: [[req/s]], or shares: [[...]] with total_rate")
     if (not isinstance(grid, list) or len(grid) != len(edges[0]) - 1
             or not all(isinstance(r, list) and len(r) == len(edges[1]) - 1 for r in grid)):
-        raise PlanError(f"{source}: the rate grid must be {len(edges[0]) - 1} rows x {len(edges[1]) - 1} columns")
+        key = "rates" if "rates" in doc else "shares"
+        rows, cols = len(edges[0]) - 1, len(edges[1]) - 1
+        shape = (f"{len(grid)} rows of {sorted({len(r) if isinstance(r, list) else 0 for r in grid})} values"
+                 if isinstance(grid, list) else type(grid).__name__)
+        raise PlanError(f"{source}: {key}: expected {rows} row(s) (one per input bucket of input_edges) of {cols} "
+                        f"value(s) (one per output bucket of output_edges), got {shape}")
     work = Workload(edges[0], edges[1], duration_s=1.0)
     for i, row in enumerate(grid):
         for j, value in enumerate(row):

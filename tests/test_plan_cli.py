@@ -218,3 +218,15 @@ def test_apply_refuses_negative_current_replicas(tmp_path: Path, capsys: pytest.
     assert len(err.splitlines()) == 1 and "--current: expected replica counts >= 0" in err, err
     assert main(["plan", "apply", "--plan", str(plan)]) == 2
     assert "tokenyard controlplane" in capsys.readouterr().err
+
+
+def test_a_histogram_of_the_wrong_shape_says_which_key_and_what_it_got(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Said only "the rate grid must be 1 rows x 1 columns"."""
+    histogram = tmp_path / "h.yaml"
+    histogram.write_text("input_edges: [0, 100]\noutput_edges: [0, 50]\nrates: [[1, 2]]\n")
+    assert main(["plan", "--histogram", str(histogram), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "h.yaml: rates: expected 1 row(s) (one per input bucket of input_edges) of 1 value(s)" in err
+    assert "got 1 rows of [2] values" in err
