@@ -403,6 +403,9 @@ def _parse_pool(raw: Any, where: str, catalog: Catalog, queue_needs_priority: bo
     tp_problem = tensor_parallel_problem(model, tp)
     if tp_problem:
         raise ConfigError(f"{where}.tp", tp_problem)
+    if engine.max_model_len is not None and engine.max_model_len > model.max_context_tokens:
+        raise ConfigError(f"{engine_where}.max_model_len", f"expected at most {model.name}'s context length "
+                                                           f"({model.max_context_tokens} tokens), got {engine.max_model_len}")
     pool = PoolSpec(name, gpu, model, tp, count, engine, utilization)
     if engine.num_kv_blocks is None and pool.engine_model().kv_capacity_blocks(engine.block_size) <= 0:
         raise ConfigError(

@@ -450,3 +450,17 @@ def test_context_and_address_need_host_and_port(capsys: pytest.CaptureFixture[st
     code, _, err = _run(capsys, "policy", "list", "--address", address, "--token-file", str(token))
     assert code == 2
     _one_clear_line(err, "--address: expected HOST:PORT")
+
+
+def test_a_max_model_len_past_the_models_context_is_refused(capsys: pytest.CaptureFixture[str],
+                                                            tmp_path: Path) -> None:
+    """Was accepted (vLLM refuses it): the engine then admitted prompts the model cannot take."""
+    code, _, err = _run(capsys, "engine", "--port", "0", "--max-model-len", "999999")
+    assert code == 2
+    _one_clear_line(err, "max_model_len 999999 is longer than llama-3-8b's context length (8192 tokens)")
+    cluster = tmp_path / "c.yaml"
+    cluster.write_text("pools:\n  - {name: a, gpu: A100-80GB, model: llama-3-8b, count: 1, "
+                       "engine: {max_model_len: 99999}}\n")
+    code, _, err = _run(capsys, "config", "check", str(cluster))
+    assert code == 2
+    _one_clear_line(err, "c.yaml: pools[0].engine.max_model_len: expected at most llama-3-8b's context length")
