@@ -110,6 +110,20 @@ def read_token(path: str) -> str:
     return token
 
 
+def check_address(address: str, where: str) -> str:
+    """HOST:PORT (or [IPv6]:PORT) with a port 1-65535, or a gRPC target with a scheme
+    (`dns:///...`, `unix:...`) passed as it is. gRPC takes a port past 65535 modulo 65536
+    (127.0.0.1:99999 dialled 34463), and a missing port means 443."""
+    if ":" in address.split("/", 1)[0] and address.split(":", 1)[0] in ("dns", "unix", "unix-abstract", "ipv4",
+                                                                          "ipv6", "vsock"):
+        return address
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise CliError(EXIT_USAGE, f"{where}: expected HOST:PORT with a port 1-65535 (e.g. 127.0.0.1:50051), "
+                                   f"got {address!r}")
+    return address
+
+
 def resolve_target(args: argparse.Namespace) -> Target:
     doc = load_contexts(contexts_path())
     name = args.context or doc.get("current")
@@ -124,6 +138,7 @@ def resolve_target(args: argparse.Namespace) -> Target:
     if not address or not token_file:
         raise CliError(EXIT_USAGE, "no control plane: pass --address and --token-file, or `tokenyard context set` "
                                    "one and `tokenyard context use` it (`tokenyard up` prints the command)")
+    check_address(str(address), "--address" if args.address else f"context {name}: address")
     return Target(str(address), read_token(str(token_file)), args.ca_file or ctx.get("ca_file"),
                   ctx.get("server_name"))
 
@@ -246,7 +261,10 @@ def read_policy_file(path: str) -> tuple[str, dict[str, Any]]:
     try:
         name, spec = parse_document(docs[0], path)
     except PolicySpecError as exc:
-        raise CliError(EXIT_INVALID, str(exc)) from None
+        message = str(exc)
+        if message.startswith(f"{path}."):  # "acme.yaml.spec.ttft.ms: ..." -> "acme.yaml: spec.ttft.ms: ..."
+            message = f"{path}: {message[len(path) + 1:]}"
+        raise CliError(EXIT_INVALID, message) from None
     return name, spec_dict(spec)
 
 
@@ -296,9 +314,10 @@ async def print_simulation(args: argparse.Namespace, client: Client, name: str, 
     if args.trace:
         replay_policy_change(args.trace, name, spec, args.cluster, args.sim_requests or 2000)
         return
-    window_s = parse_window(args.window)
+    window = args.window or "1h"
+    window_s = parse_window(window)
     rows, truncated, source = await fetch_recent_records(client, window_s, args.sim_requests or 20000)
-    replay_records(rows, f"the router's records of the last {args.window} ({source})", name, spec, args.cluster,
+    replay_records(rows, f"the router's records of the last {window} ({source})", name, spec, args.cluster,
                    truncated=truncated)
 
 
@@ -325,10 +344,18 @@ def cmd_policy_apply(args: argparse.Namespace) -> int:
     def build(**kw: Any) -> Any:
         return admin_pb2.ApplyPolicyRequest(name=name, spec_json=json.dumps(spec), reason=reason, **kw)
 
-    return run_with_client(args, lambda c: _write(args, c, "ApplyPolicy", build, name, f"apply policy {name}?"))
+    try:
+        return run_with_client(args, lambda c: _write(args, c, "ApplyPolicy", build, name, f"apply policy {name}?"))
+    except CliError as exc:
+        # The server checks the spec against the router's policy document and answers with
+        # the key path ("spec.slo_class: unknown SLO class ..."): say which file it is in.
+        if exc.code == EXIT_INVALID and str(exc).startswith(("spec.", "name")):
+            raise CliError(EXIT_INVALID, f"{args.file}: {exc}") from None
+        raise
 
 
 def required_reason(args: argparse.Namespace) -> str:
+    check_dry_run_flags(args)
     reason = (args.reason or "").strip()
     if not reason and args.dry_run == "none":
         raise CliError(EXIT_USAGE, "--reason is required: say why the policy changes (it is kept in the history)")
@@ -623,6 +650,7 @@ def cmd_context(args: argparse.Namespace) -> int:
                 ctx[key] = str(Path(value).resolve()) if key in ("token_file", "ca_file") else value
         if not ctx.get("address") or not ctx.get("token_file"):
             raise CliError(EXIT_USAGE, f"context {args.name}: --address and --token-file are required")
+        check_address(str(ctx["address"]), "--address")
         read_token(ctx["token_file"])  # a context that cannot authenticate is refused now
         doc["contexts"][args.name] = ctx
         doc["current"] = doc.get("current") or args.name
@@ -643,6 +671,44 @@ def cmd_context(args: argparse.Namespace) -> int:
 
 
 # -- the argparse tree --------------------------------------------------------------------
+def _at_least_one(text: str) -> int:
+    """An integer >= 1 for argparse (versions, limits): a negative one used to reach the
+    protobuf encoder and die there with a traceback."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """A deadline for argparse: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}") from None
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+SERVER_DRY_RUN_FLAGS = (("--trace", "trace"), ("--window", "window"), ("--cluster", "cluster"),
+                        ("--sim-requests", "sim_requests"))
+
+
+def check_dry_run_flags(args: argparse.Namespace) -> None:
+    """The replay's flags mean something only with --dry-run=server: refuse them elsewhere
+    (they were silently ignored, so a plain --dry-run "with --trace" replayed nothing), and
+    check --window before the first call."""
+    given = [flag for flag, dest in SERVER_DRY_RUN_FLAGS if getattr(args, dest, None) is not None]
+    if given and args.dry_run != "server":
+        raise CliError(EXIT_USAGE, f"{', '.join(given)}: only with --dry-run=server (the replay in the simulator)")
+    if args.dry_run == "server" and args.window is not None:
+        parse_window(args.window)
+
+
 def _common() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument("--context", help="context of the context file to use (default: its current one)")
@@ -650,7 +716,7 @@ def _common() -> argparse.ArgumentParser:
     parent.add_argument("--token-file", help="file holding the bearer token (overrides the context)")
     parent.add_argument("--ca-file", help="CA certificate of a TLS control plane (overrides the context)")
     parent.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
-    parent.add_argument("--timeout-s", type=float, default=10.0, help="deadline of each call (default: 10)")
+    parent.add_argument("--timeout-s", type=_seconds, default=10.0, help="deadline of each call (default: 10)")
     return parent
 
 
@@ -662,11 +728,11 @@ def _write_flags(parser: argparse.ArgumentParser) -> None:
                              "the router's recent traffic (or --trace) in the simulator under the new policy")
     parser.add_argument("--trace", help="with --dry-run=server: a trace file to replay instead of the router's "
                                         "request records")
-    parser.add_argument("--window", default="1h",
+    parser.add_argument("--window", default=None,
                         help="with --dry-run=server: how much of the router's recent traffic to replay (default 1h)")
     parser.add_argument("--cluster", help="with --dry-run=server: a cluster YAML for the simulator (default: a "
                                           "small one)")
-    parser.add_argument("--sim-requests", type=int, default=None,
+    parser.add_argument("--sim-requests", type=_at_least_one, default=None,
                         help="with --dry-run=server: at most this many requests (default: 2000 of --trace, the "
                              "newest 20000 records)")
 
@@ -684,18 +750,18 @@ def register(subparsers: Any) -> None:
     p.set_defaults(handler=handle(cmd_policy_diff))
     p = sub.add_parser("get", parents=[common], help="a tenant's policy (-o yaml: a file `apply` takes back)")
     p.add_argument("name")
-    p.add_argument("--version", type=int, help="an older version (default: the current one)")
+    p.add_argument("--version", type=_at_least_one, help="an older version (default: the current one)")
     p.set_defaults(handler=handle(cmd_policy_get))
     p = sub.add_parser("list", parents=[common], help="every tenant's current policy")
     p.set_defaults(handler=handle(cmd_policy_list))
     p = sub.add_parser("history", parents=[common], help="who changed a policy, when, why and how")
     p.add_argument("name")
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--limit", type=_at_least_one, default=20, help="the newest N versions (default 20)")
     p.add_argument("--diffs", action="store_true", help="print each version's diff under the table")
     p.set_defaults(handler=handle(cmd_policy_history))
     p = sub.add_parser("rollback", parents=[common], help="a new version equal to an old one")
     p.add_argument("name")
-    p.add_argument("--to", type=int, required=True, help="the version to restore")
+    p.add_argument("--to", type=_at_least_one, required=True, help="the version to restore")
     _write_flags(p)
     p.set_defaults(handler=handle(cmd_policy_rollback))
     p = sub.add_parser("delete", parents=[common], help="delete a tenant's policy (kept in the history)")

@@ -107,7 +107,15 @@ def run_migrate(args: argparse.Namespace) -> int:
     if out.resolve() == Path(args.file).resolve():
         print("tokenyard config migrate: --out: refusing to overwrite the file being migrated", file=sys.stderr)
         return EXIT_BAD_INPUT
-    fd, tmp = tempfile.mkstemp(dir=out.resolve().parent, prefix=f".{out.name}.", suffix=".tmp")
+    if out.is_dir():
+        print(f"tokenyard config migrate: --out {out}: is a folder; expected a file path", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        fd, tmp = tempfile.mkstemp(dir=out.resolve().parent, prefix=f".{out.name}.", suffix=".tmp")
+    except OSError as exc:
+        print(f"tokenyard config migrate: --out {out}: cannot write there ({exc.strerror or exc}); expected a "
+              "file in an existing, writable folder", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)

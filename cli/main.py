@@ -32,6 +32,28 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's default-appending formatter, without its noise: no "(default: None)" or
+    "(default: False)", and nothing appended to a help text that already names its
+    default (it wrote "(default: --model) (default: None)")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text.lower() or action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action)
+
+
+def _use_help_formatter(parser: argparse.ArgumentParser) -> None:
+    formatter = parser.formatter_class
+    if isinstance(formatter, type) and issubclass(formatter, argparse.ArgumentDefaultsHelpFormatter):
+        parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _use_help_formatter(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tokenyard",
@@ -44,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
+    _use_help_formatter(parser)
     return parser
 
 

@@ -31,6 +31,7 @@ pool's instances as emulated engines of its GPU type and TP degree, one model
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,39 @@ class EngineSpec:
     pool: str | None = None  # default: "<tier>-<gpu>"
 
 
+def _non_negative_float(text: str) -> float:
+    """A finite number >= 0 for argparse (an error naming the value otherwise)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """A finite number > 0 for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    """A TCP port for argparse, checked before any engine starts."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a TCP port 1-65535 (0: any free port), got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port 1-65535 (0: any free port), got {value}")
+    return value
+
+
 DEFAULT_FLEET = (
     EngineSpec("slm-l4-0", "qwen2.5-1.5b", "L4", "slm"),
     EngineSpec("llm-a100-0", "llama-3-8b", "A100-80GB", "llm"),
@@ -58,15 +92,15 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "up",
         help="start the embedded default fleet: emulated engines, router, scheduler, file store",
-        description="Start emulated engines of two GPU types and two model tiers behind the router, with the "
+        description="Start emulated engines of three GPU types and two model tiers behind the router, with the "
                     "file-backed store under --state-dir; print how to call it, send one request, and stay up "
                     "until Ctrl-C (or exit after the request with --smoke).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--host", default="127.0.0.1", help="router listen address")
-    parser.add_argument("--port", type=int, default=8000, help="router port (0: any free port)")
+    parser.add_argument("--port", type=_port, default=8000, help="router port (0: any free port)")
     parser.add_argument("--state-dir", default=".tokenyard", help="where the store and generated config live")
-    parser.add_argument("--time-scale", type=float, default=1.0,
+    parser.add_argument("--time-scale", type=_non_negative_float, default=1.0,
                         help="engine speed: 1 = the modelled GPU speed, 0 = no latency")
     parser.add_argument("--admission", choices=["on", "off"], default="on",
                         help="the router's admission queue (flow control) in the generated policy document")
@@ -74,12 +108,13 @@ def register(subparsers: Any) -> None:
                         help="the order the admission queue releases held requests in; learned_rank scores each "
                              "request with the output-length ranker (shortest predicted first, within SLO class, "
                              "with a starvation guard of --rank-max-wait-s) (docs/ranking.md)")
-    parser.add_argument("--rank-max-wait-s", type=float, default=30.0,
+    parser.add_argument("--rank-max-wait-s", type=_positive_float, default=30.0,
                         help="learned_rank: a request held this long is released before any shorter one")
     parser.add_argument("--rank-model", default=None,
                         help="learned_rank: rank model file (default: the ranker shipped in the package)")
     parser.add_argument("--smoke", action="store_true", help="send one request, then stop everything and exit")
-    parser.add_argument("--ready-timeout-s", type=float, default=60.0, help="how long engines may take to start")
+    parser.add_argument("--ready-timeout-s", type=_positive_float, default=60.0,
+                        help="how long engines may take to start")
     parser.add_argument("--plan", default=None, metavar="PLAN.json",
                         help="start this plan's fleet (a `tokenyard plan --out` file: its pools' instances as "
                              "emulated engines) and route by its routing table, instead of the default fleet")
@@ -106,7 +141,7 @@ def plan_fleet(path: str, model: str, slo_class: str | None) -> PlanFleet:
     names the file and the field for anything this cannot start."""
     import json
 
-    from scheduler.catalog import CatalogError, default_catalog
+    from scheduler.catalog import CatalogError, default_catalog, tensor_parallel_problem
     from scheduler.planner.problem import PlanError
     from scheduler.planner.routing import RoutingTable
 
@@ -126,7 +161,7 @@ def plan_fleet(path: str, model: str, slo_class: str | None) -> PlanFleet:
         raise ValueError(f"{path}: pools: expected a non-empty list of {{name, gpu, tp, instances}}")
     catalog = default_catalog()
     try:
-        catalog.model(model)
+        model_spec = catalog.model(model)
     except CatalogError as exc:
         raise ValueError(f"--plan-model: {exc}") from exc
     specs: list[EngineSpec] = []
@@ -144,6 +179,9 @@ def plan_fleet(path: str, model: str, slo_class: str | None) -> PlanFleet:
             catalog.gpu(pool["gpu"])
         except CatalogError as exc:
             raise ValueError(f"{where}.gpu: {exc}") from exc
+        tp_problem = tensor_parallel_problem(model_spec, tp)
+        if tp_problem:
+            raise ValueError(f"{where}.tp: {tp_problem} (--plan-model)")
         for n in range(instances):
             specs.append(EngineSpec(f"{pool['name']}-{n}", model, pool["gpu"], "llm", tp, pool["name"]))
     if not specs:
@@ -343,6 +381,18 @@ def router_document(entries: list[dict[str, Any]], host: str, port: int, store_u
     return doc
 
 
+def _write_text_atomically(path: Path, text: str) -> None:
+    """Beside it, then renamed: a reader (`tokenyard config check`, the operator) never sees
+    half a router.yaml."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _queue_sort(args: argparse.Namespace) -> Any:
     if args.queue_sort == "learned_rank":
         return {"learned_rank": {"max_wait_s": args.rank_max_wait_s}}
@@ -389,7 +439,16 @@ async def up(args: argparse.Namespace) -> int:
     for name in ("httpx", "uvicorn.error"):
         logging.getLogger(name).setLevel(logging.WARNING)
     state_dir = Path(args.state_dir).resolve()
-    state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        probe = state_dir / f".write-probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        print(f"tokenyard up: --state-dir {args.state_dir}: cannot create or write the folder "
+              f"({exc.strerror or exc}); expected a writable folder for the store and the generated config",
+              file=sys.stderr)
+        return 2
     store_url = "file://" + str(state_dir / "state.db")
     plan = None
     if args.plan is not None:
@@ -423,7 +482,7 @@ async def up(args: argparse.Namespace) -> int:
                               records_path=str(state_dir / "records.jsonl"),
                               queue_sort=_queue_sort(args), rank_model=args.rank_model,
                               plan_table=plan.table if plan is not None else None)
-        (state_dir / "router.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+        _write_text_atomically(state_dir / "router.yaml", yaml.safe_dump(doc, sort_keys=False))
         config = parse_router_config(doc, str(state_dir / "router.yaml"))
         store = open_store(store_url)
         # This fleet is the whole fleet: forget instances a previous run left in the store.
@@ -436,7 +495,7 @@ async def up(args: argparse.Namespace) -> int:
         await server.start()
         control["port"] = int(router.control_server.bound_port)
         doc["listen"]["port"] = server.port  # the bound one, when --port 0
-        (state_dir / "router.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+        _write_text_atomically(state_dir / "router.yaml", yaml.safe_dump(doc, sort_keys=False))
         print(_examples(server.url, specs[0].model if plan is not None else None), flush=True)
         print(f"  control (Admin + Picker gRPC): 127.0.0.1:{control['port']}, bearer token in {tokens_file}",
               flush=True)

@@ -95,6 +95,19 @@ def _train(args: argparse.Namespace) -> int:
     if not 0.0 <= margin <= 1.0:
         print(f"tokenyard train tier: --margin: expected a number in [0, 1], got {margin}", file=sys.stderr)
         return 2
+    if not 0.0 <= args.length_prior_weight <= 1.0:
+        print(f"tokenyard train tier: --length-prior-weight: expected a number in [0, 1], got "
+              f"{args.length_prior_weight}", file=sys.stderr)
+        return 2
+    # Outputs that cannot be written are refused before training, not after it (and not
+    # after --out was written, leaving a model without its --report).
+    for option, value, folder in (("--out", args.out, False), ("--report", args.report, False),
+                                  ("--plots", args.plots, True)):
+        problem = _unwritable(Path(value), folder) if value else None
+        if problem:
+            print(f"tokenyard train tier: {option} {value}: cannot write ({problem}); expected "
+                  f"{'a folder path' if folder else 'a file path'} in a writable folder", file=sys.stderr)
+            return 2
     rows = []
     dropped = 0
     sources = args.data or _shared_default()
@@ -147,7 +160,17 @@ def _print_metrics(held_out: dict[str, dict[str, dict[str, float]]], n_rows: int
 
 
 def _read_records(handle: Any, where: str) -> Any:
-    for lineno, line in enumerate(handle, 1):
+    lineno = 0
+    lines = iter(handle)
+    while True:
+        try:
+            line = next(lines)
+        except StopIteration:
+            return
+        except UnicodeDecodeError as exc:
+            after = f" after line {lineno}" if lineno else ""
+            raise ValueError(f"{where}: not UTF-8 text{after} ({exc.reason}); expected JSON lines") from exc
+        lineno += 1
         if len(line) > MAX_INPUT_LINE_BYTES:
             raise ValueError(f"{where}:{lineno}: line longer than {MAX_INPUT_LINE_BYTES} bytes")
         if not line.strip():
@@ -158,7 +181,24 @@ def _read_records(handle: Any, where: str) -> Any:
             raise ValueError(f"{where}:{lineno}: not JSON ({exc.msg})") from exc
         if not isinstance(record, dict) or not ("prompt" in record or "messages" in record):
             raise ValueError(f"{where}:{lineno}: expected an object with 'prompt' or 'messages'")
+        problem = _prompt_problem(record)
+        if problem:
+            raise ValueError(f"{where}:{lineno}: {problem}")
         yield record
+
+
+def _prompt_problem(record: dict[str, Any]) -> str | None:
+    """What is wrong with a record's prompt, or None: a number or an object as `prompt`
+    would otherwise be scored as an empty prompt."""
+    if "prompt" in record:
+        prompt = record["prompt"]
+        if isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt)):
+            return None
+        return f"prompt: expected a string or a list of strings, got {type(prompt).__name__}"
+    messages = record["messages"]
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        return "messages: expected a list of {role, content} objects"
+    return None
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -194,9 +234,33 @@ def _score(args: argparse.Namespace) -> int:
     text = "".join(lines)
     if args.output == "-":
         sys.stdout.write(text)
-    else:
+        return 0
+    try:
         _write_atomic(Path(args.output), text)
+    except OSError as exc:
+        print(f"tokenyard tier score: --output {args.output}: cannot write ({_why_unwritable(Path(args.output), exc)}); "
+              "expected a file path in a writable folder", file=sys.stderr)
+        return 2
     return 0
+
+
+def _unwritable(path: Path, folder: bool = False) -> str | None:
+    """Why `path` (a file, or a folder with `folder`) cannot be written, or None."""
+    if path.exists() and path.is_dir() != folder:
+        return "it is a file" if folder else "it is a folder"
+    parent = (path if folder else path.parent).absolute()
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is a file"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable"
+    return None
+
+
+def _why_unwritable(path: Path, exc: OSError) -> str:
+    """mkdir under a file says 'File exists'; name the file instead."""
+    return _unwritable(path) or exc.strerror or str(exc)
 
 
 def _score_batch(predictor: Any, batch: list[dict[str, Any]], prompt_text: Any) -> list[str]:

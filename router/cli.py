@@ -26,8 +26,8 @@ def register(subparsers: Any) -> None:
                              "per instance together (a mapped table, router/shared_inflight.py), each scrapes for "
                              "itself, and they share membership, affinity and policies through the store")
     parser.add_argument("--native", action=argparse.BooleanOptionalAction, default=None,
-                        help="run the byte path (HTTP server, engine client) compiled with mypyc: 11-14%% fewer "
-                             "instructions per request; --native builds it once into ~/.cache/tokenyard/router-native "
+                        help="run the byte path (HTTP server, request path router/app.py, engine client) compiled "
+                             "with mypyc: ~16-23%% fewer instructions per request (docs/benchmarks.md); --native builds it once into ~/.cache/tokenyard/router-native "
                              "(needs a C compiler), --no-native runs plain Python; unset: compiled when a build for "
                              "these sources is already cached, else plain (env TOKENYARD_ROUTER_NATIVE=on|off|auto; "
                              "router/native.py)")
@@ -35,8 +35,9 @@ def register(subparsers: Any) -> None:
                         help="also serve the Envoy ext_proc endpoint picker (Gateway API Inference Extension "
                              "protocol, router/extproc.py) and gRPC health on this port")
     parser.add_argument("--extproc-host", default="127.0.0.1",
-                        help="listen address of the ext_proc picker (loopback unless set; the picker port has no "
-                             "token check, so expose it only behind a NetworkPolicy)")
+                        help="listen address of the ext_proc picker (loopback unless set); off loopback the "
+                             "gateway must send a bearer token (--extproc-tokens-file, or the control section's), "
+                             "unless --extproc-allow-unauthenticated")
     parser.add_argument("--extproc-tokens-file", default=None,
                         help="bearer tokens the gateway must send to the picker (router/auth.py tokens_file "
                              "format; role picker); default: the control section's tokens when it has them")
@@ -171,13 +172,29 @@ def run_router(args: argparse.Namespace) -> int:
         print(f"tokenyard router: --workers: expected an integer >= 1, got {args.workers}", file=sys.stderr)
         return 2
     extproc = None
-    if args.extproc_port is not None:
+    if args.extproc_port is None:
+        # The picker's flags without the picker: say so rather than ignore them.
+        stray = [flag for flag, given in (
+            ("--extproc-host", args.extproc_host != "127.0.0.1"),
+            ("--extproc-tokens-file", args.extproc_tokens_file is not None),
+            ("--extproc-allow-unauthenticated", args.extproc_allow_unauthenticated),
+            ("--extproc-shed-outstanding", args.extproc_shed_outstanding != 0),
+            ("--extproc-shed-priority", args.extproc_shed_priority != 2)) if given]
+        if stray:
+            print(f"tokenyard router: {', '.join(stray)}: only with --extproc-port PORT (they configure the "
+                  "ext_proc endpoint picker)", file=sys.stderr)
+            return 2
+    else:
         from router.extproc import ExtProcSettings
         from scheduler.shedding import ShedPolicy
 
-        if not 0 <= args.extproc_port <= 65535 or args.extproc_shed_outstanding < 0:
-            print("tokenyard router: --extproc-port: expected 0-65535 and --extproc-shed-outstanding >= 0, got "
-                  f"{args.extproc_port} and {args.extproc_shed_outstanding}", file=sys.stderr)
+        if not 0 <= args.extproc_port <= 65535:
+            print(f"tokenyard router: --extproc-port: expected a port 0-65535 (0: any free port), got "
+                  f"{args.extproc_port}", file=sys.stderr)
+            return 2
+        if args.extproc_shed_outstanding < 0:
+            print("tokenyard router: --extproc-shed-outstanding: expected a count >= 0 (0: never shed), got "
+                  f"{args.extproc_shed_outstanding}", file=sys.stderr)
             return 2
         from router.auth import TokenTable
 

@@ -246,6 +246,9 @@ def _parse(doc: Mapping[str, Any], env: Mapping[str, str]) -> ControlPlaneConfig
         else None)
     if not config.headroom < 1:
         raise ConfigError("headroom", f"expected a fraction in [0, 1), got {config.headroom}")
+    if config.metrics_port is not None and config.metrics_port > 65535:
+        raise ConfigError("metrics.port", f"expected a TCP port 0-65535 (null: no metrics server), "
+                                          f"got {config.metrics_port}")
     config = _route_by(doc, config)
     if config.actuator == "kubernetes":
         from router.k8s_scale import parse_deployments

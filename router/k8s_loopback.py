@@ -733,15 +733,17 @@ def load_objects(path: str) -> list[tuple[str, dict[str, Any]]]:
     """A YAML list of `{resource: pods|endpointslices, object: {...}}`; errors name the entry."""
     import yaml
 
-    from tokenyard.config import ConfigError
+    from tokenyard.config import ConfigError, yaml_error
 
     try:
-        with open(path) as fh:
+        with open(path, encoding="utf-8") as fh:
             doc = yaml.safe_load(fh)
     except OSError as exc:
         raise ConfigError(path, f"cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, f"not UTF-8 text ({exc.reason}); expected a YAML file") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(path, f"invalid YAML: {exc}") from exc
+        raise yaml_error(path, exc) from exc
     if not isinstance(doc, list):
         raise ConfigError(path, "expected a list of {resource, object}")
     out = []
@@ -763,17 +765,24 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="python -m router.k8s_loopback",
-        description="Serve a loopback Kubernetes API (pods, endpointslices; list + watch) for "
-                    "trying Kubernetes discovery without a cluster.")
+        description=f"Serve a loopback Kubernetes API ({', '.join(KINDS)}; list + watch) for "
+                    "trying Kubernetes discovery, leader election and scaling without a cluster.")
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
-    parser.add_argument("--objects", help="YAML list of {resource: pods|endpointslices, object: {...}}")
+    parser.add_argument("--objects", help=f"YAML list of {{resource: {'|'.join(KINDS)}, object: {{...}}}}")
     args = parser.parse_args(argv)
     try:
         objects = load_objects(args.objects) if args.objects else []
     except ConfigError as exc:
         print(f"k8s_loopback: {exc}", file=sys.stderr)
         return 2
-    api = LoopbackKubeAPI(port=args.port)
+    if not 0 <= args.port <= 65535:
+        print(f"k8s_loopback: --port: expected a TCP port 0-65535 (0: a free one), got {args.port}", file=sys.stderr)
+        return 2
+    try:
+        api = LoopbackKubeAPI(port=args.port)
+    except OSError as exc:
+        print(f"k8s_loopback: --port {args.port}: cannot listen on 127.0.0.1 ({exc.strerror or exc})", file=sys.stderr)
+        return 2
     for resource, obj in objects:
         api.apply(resource, obj)
     api.start()

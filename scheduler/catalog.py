@@ -135,6 +135,17 @@ _BUILTIN_MODELS: tuple[ModelSpec, ...] = (
 )
 
 
+def tensor_parallel_problem(model: ModelSpec, tp: int) -> str | None:
+    """Why `model` cannot run at tensor-parallel degree `tp`, or None: vLLM shards the
+    attention heads over the GPUs and refuses a degree that does not divide their number."""
+    heads = model.num_attention_heads
+    if tp >= 1 and heads % tp == 0:
+        return None
+    fits = [d for d in (1, 2, 4, 8, 16) if heads % d == 0]
+    return (f"{model.name} has {heads} attention heads, which tp {tp} does not divide (vLLM refuses it); "
+            f"expected one of {', '.join(map(str, fits))}")
+
+
 def normalise_model_id(name: str) -> str:
     """The lookup key of a model name or HuggingFace id: lower case, organisation and the
     instruction-tuning / packaging suffixes dropped (`meta-llama/Llama-3.1-8B-Instruct` ->

@@ -124,6 +124,11 @@ class BatchShape:
 def _parse_factors_document(raw: Any, where: str) -> dict[str, PerfFactors]:
     if not isinstance(raw, dict) or not isinstance(raw.get("gpus", {}), dict):
         raise ValueError(f"{where}: expected an object with 'gpus' (name -> factors) and 'default'")
+    if not raw.get("gpus") and "default" not in raw:
+        # Without either, every GPU would take bare PerfFactors(): neither this file's fit
+        # nor the packaged one, silently.
+        raise ValueError(f"{where}: no factors in it (neither 'gpus' nor 'default'); expected a file written by "
+                         "`tokenyard calibrate --write`")
     table = {
         str(name).lower(): PerfFactors.from_mapping(values, f"{where}: gpus.{name}")
         for name, values in raw.get("gpus", {}).items()

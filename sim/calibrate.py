@@ -43,7 +43,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from scheduler.catalog import Catalog, CatalogError, GpuSpec, ModelSpec, default_catalog
+from scheduler.catalog import (
+    Catalog,
+    CatalogError,
+    GpuSpec,
+    ModelSpec,
+    default_catalog,
+    tensor_parallel_problem,
+)
 from scheduler.engine_model import BatchShape, EngineModel, PerfFactors
 from sim.calibrate_data import FitResult, Observation, read_csv
 from sim.calibrate_report import format_error_table, format_factors, plot_fit
@@ -632,13 +639,17 @@ def _cmd_calibrate_from(args: argparse.Namespace) -> int:
     if not args.gpu or not args.model:
         print("error: --from needs the deployment it measured: --gpu and --model (and --tp if not 1)", file=sys.stderr)
         return 2
-    if args.tp < 1:
-        print(f"error: --tp must be >= 1, got {args.tp}", file=sys.stderr)
+    tp = 1 if args.tp is None else args.tp
+    if tp < 1:
+        print(f"error: --tp must be >= 1, got {tp}", file=sys.stderr)
         return 2
     try:
         catalog = default_catalog()
         gpu, model = catalog.gpu(args.gpu), catalog.model(args.model)
-        engine = EngineModel(gpu, model, tp=args.tp, factors=factors_for(gpu))
+        tp_problem = tensor_parallel_problem(model, tp)
+        if tp_problem:
+            raise CatalogError(f"--tp: {tp_problem}")
+        engine = EngineModel(gpu, model, tp=tp, factors=factors_for(gpu))
         samples = [s for path in args.from_paths for s in read_samples(Path(path))]
         fit = fit_deployment(engine, samples)
     except (CatalogError, CalibrationDataError, OSError) as exc:
@@ -658,7 +669,37 @@ def _cmd_calibrate_from(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate_usage_error(args: argparse.Namespace) -> str | None:
+    """Flag combinations that would be silently ignored, and outputs that cannot be
+    written (refused before the fit, not after it)."""
+    from sim.report import check_output_path
+
+    if args.from_paths:
+        stray = [flag for flag, value in (("--data", args.data), ("--plot", args.plot)) if value]
+        if stray:
+            return (f"{', '.join(stray)}: not with --from (--from fits one deployment from its own measurements; "
+                    "--data and --plot belong to the fit on the shared data)")
+    else:
+        stray = [flag for flag, value in (("--gpu", args.gpu), ("--model", args.model), ("--tp", args.tp))
+                 if value is not None]
+        if stray:
+            return (f"{', '.join(stray)}: only with --from PATH (they name the deployment it measured); without "
+                    "--from, calibrate fits every GPU type of the shared data")
+    try:
+        if args.write:
+            check_output_path(args.write, "--write")
+        if args.plot:
+            check_output_path(args.plot, "--plot")
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
+    problem = _calibrate_usage_error(args)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if args.from_paths:
         return _cmd_calibrate_from(args)
     data_dir = Path(args.data) if args.data else default_data_dir()
@@ -706,6 +747,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.context < 1:
         print(f"error: --context must be >= 1 token, got {args.context}", file=sys.stderr)
         return 2
+    tp_problem = tensor_parallel_problem(model, args.tp)
+    if tp_problem:
+        print(f"error: --tp: {tp_problem}", file=sys.stderr)
+        return 2
+    if args.context > model.max_context_tokens:
+        print(f"error: --context: {model.name} takes at most {model.max_context_tokens} tokens per sequence "
+              f"(its context length), got {args.context}", file=sys.stderr)
+        return 2
     factors = None
     if args.factors:
         from scheduler.engine_model import load_factors_file
@@ -713,7 +762,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         try:
             table = load_factors_file(args.factors)
         except (OSError, ValueError) as exc:
-            print(f"error: {args.factors}: {exc}", file=sys.stderr)
+            print(f"error: --factors: {exc}", file=sys.stderr)
             return 2
         factors = table.get(gpu.name.lower(), table["*"])
     engine = EngineModel(gpu, model, tp=args.tp, factors=factors)
@@ -731,6 +780,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         "kv_capacity_tokens": engine.kv_capacity_tokens(),
         "kv_capacity_blocks": engine.kv_capacity_blocks(16),
         "fits": engine.fits(),
+        "batch_kv_tokens": args.batch * args.context,
+        "batch_fits_kv": args.batch * args.context <= engine.kv_capacity_tokens(),
         "usd_per_hour": gpu.usd_per_hour * args.tp,
     }
     if args.json:
@@ -743,7 +794,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
           f"  ({report['decode_tokens_per_s']:.0f} tokens/s)")
     print(f"  KV capacity                     {report['kv_capacity_tokens']:10d} tokens"
           f" = {report['kv_capacity_blocks']} blocks of 16")
-    print(f"  fits                            {'yes' if report['fits'] else 'no'}")
+    print(f"  batch's KV ({args.batch} x {args.context})".ljust(32) + f"{report['batch_kv_tokens']:10d} tokens: "
+          + ("fits" if report["batch_fits_kv"] else "does not fit (the weights leave no room)"
+             if report["kv_capacity_tokens"] == 0 else "does not fit (fewer or shorter sequences run at once)"))
+    print(f"  fits (weights + one sequence)   {'yes' if report['fits'] else 'no'}")
     print(f"  cost                            {report['usd_per_hour']:10.2f} $/hour")
     return 0
 
@@ -769,7 +823,7 @@ def register(subparsers: Any) -> None:
              "guidellm result JSON, or request records (.csv/.parquet/.jsonl); needs --gpu and --model")
     calibrate_parser.add_argument("--gpu", help="--from: the deployment's GPU type, e.g. H100-80GB")
     calibrate_parser.add_argument("--model", help="--from: the deployment's model (catalog name or HF id)")
-    calibrate_parser.add_argument("--tp", type=int, default=1, help="--from: tensor-parallel degree (default 1)")
+    calibrate_parser.add_argument("--tp", type=int, default=None, help="--from: tensor-parallel degree (default 1)")
     calibrate_parser.set_defaults(handler=_cmd_calibrate)
 
     model_parser = subparsers.add_parser("model", help="query the engine performance model")
@@ -779,7 +833,8 @@ def register(subparsers: Any) -> None:
         help="modelled prefill / decode time, KV capacity and cost of one engine instance",
         description="Print the engine model's prefill time (one prompt of --context tokens, and "
                     "--batch of them), decode time per token at --batch sequences of --context "
-                    "tokens, KV capacity, whether the model fits, and $/hour.",
+                    "tokens, KV capacity and whether the batch's KV cache fits in it, whether the "
+                    "weights fit with room for one sequence, and $/hour.",
     )
     predict.add_argument("--gpu", required=True, help="GPU name, e.g. A100-80GB (case-insensitive)")
     predict.add_argument("--model", required=True, help="model name, e.g. llama-3-8b (or the name for --hf-config)")

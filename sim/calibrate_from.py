@@ -121,7 +121,7 @@ def prometheus_samples(path: Path) -> list[ServingSample]:
     files = _scrape_files(path)
     if len(files) < 2:
         raise CalibrationDataError(f"{path}: a Prometheus series needs at least 2 scrapes (files *.prom / *.txt "
-                                   "in one folder, in scrape order); found {len(files)}")
+                                   f"/ *.metrics in one folder, in scrape order); found {len(files)}")
     scrapes = [_parse_prometheus_text(f.read_text(), str(f)) for f in files]
     if _first(scrapes[0], "tpot", "_count") is None:
         names = ", ".join(PROMETHEUS_NAMES["tpot"])
@@ -160,13 +160,17 @@ def prometheus_range_samples(document: Mapping[str, Any], where: str) -> list[Se
     if not isinstance(result, list):
         raise CalibrationDataError(f"{where}: expected a Prometheus query_range answer with data.result")
     by_time: dict[float, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    for series in result:
-        labels = series.get("metric", {})
-        name = str(labels.get("__name__", ""))
-        if "le" in labels:
-            name += f"{{le={labels['le']}}}"
-        for t, value in series.get("values", []):
-            by_time[float(t)][name] += float(value)
+    for index, series in enumerate(result):
+        try:
+            labels = series.get("metric", {})
+            name = str(labels.get("__name__", ""))
+            if "le" in labels:
+                name += f"{{le={labels['le']}}}"
+            for t, value in series.get("values", []):
+                by_time[float(t)][name] += float(value)
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise CalibrationDataError(f"{where}: data.result[{index}]: expected {{metric: {{__name__, ...}}, "
+                                       f"values: [[time, \"value\"], ...]}} ({exc})") from exc
     scrapes = [by_time[t] for t in sorted(by_time)]
     if len(scrapes) < 2:
         raise CalibrationDataError(f"{where}: a Prometheus series needs at least 2 time points; found {len(scrapes)}")
@@ -194,7 +198,11 @@ def bench_serve_samples(document: Mapping[str, Any], where: str) -> list[Serving
 def guidellm_samples(document: Mapping[str, Any], where: str) -> list[ServingSample]:
     """guidellm report JSON: one sample per benchmark (rate) of `benchmarks[].metrics`."""
     samples = []
-    for index, bench in enumerate(document.get("benchmarks") or []):
+    benchmarks = document.get("benchmarks") or []
+    if not isinstance(benchmarks, list):
+        raise CalibrationDataError(f"{where}: benchmarks: expected a list of guidellm benchmarks, got "
+                                   f"{type(benchmarks).__name__}")
+    for index, bench in enumerate(benchmarks):
         metrics = bench.get("metrics", {}) if isinstance(bench, Mapping) else {}
 
         def mean(name: str, metrics: Mapping[str, Any] = metrics) -> float:
@@ -221,16 +229,40 @@ def guidellm_samples(document: Mapping[str, Any], where: str) -> list[ServingSam
 
 
 def _record_rows(path: Path) -> list[Mapping[str, Any]]:
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+    """The rows of a records file; a CalibrationDataError naming the file (and the line)
+    for one that is not UTF-8, a JSON line that does not parse or is not an object, or a
+    file pyarrow cannot read."""
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
 
-        return list(pq.read_table(path).to_pylist())
-    if path.suffix in (".jsonl", ".ndjson"):
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    import csv
+            try:
+                return list(pq.read_table(path).to_pylist())
+            except pa.ArrowException as exc:
+                raise CalibrationDataError(f"{path}: not a readable Parquet file ({exc})") from exc
+        if path.suffix in (".jsonl", ".ndjson"):
+            rows: list[Mapping[str, Any]] = []
+            for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise CalibrationDataError(f"{path}:{lineno}: not JSON ({exc.msg}); expected one request "
+                                               "record (a JSON object) per line") from exc
+                if not isinstance(row, Mapping):
+                    raise CalibrationDataError(f"{path}:{lineno}: expected a JSON object (one request record), "
+                                               f"got {type(row).__name__}")
+                rows.append(row)
+            return rows
+        import csv
 
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
+        with path.open(newline="", encoding="utf-8") as handle:
+            return list(csv.DictReader(handle))
+    except UnicodeDecodeError as exc:
+        raise CalibrationDataError(f"{path}: not UTF-8 text ({exc.reason}); expected request records "
+                                   "(.csv, .jsonl or .parquet)") from exc
 
 
 def records_samples(path: Path, bins: int = 12) -> list[ServingSample]:
@@ -241,7 +273,11 @@ def records_samples(path: Path, bins: int = 12) -> list[ServingSample]:
     if rows and any(k not in rows[0] for k in needed):
         raise CalibrationDataError(f"{path}: request records need columns {', '.join(needed)}")
     spans: dict[str, list[tuple[float, float, float, float, float]]] = defaultdict(list)
-    for row in rows:
+    for index, row in enumerate(rows):
+        missing = [k for k in needed if k not in row]
+        if missing:
+            raise CalibrationDataError(f"{path}: record {index + 1} lacks {', '.join(missing)}; request records "
+                                       f"need columns {', '.join(needed)}")
         try:
             first, finish = float(row["first_token_s"]), float(row["finish_s"])
             arrival, prompt, output = float(row["arrival_s"]), float(row["input_tokens"]), float(row["output_tokens"])
@@ -256,7 +292,11 @@ def records_samples(path: Path, bins: int = 12) -> list[ServingSample]:
             per_request.append((overlap / (finish - first), (finish - first) / (output - 1), first - arrival,
                                 prompt, output))
     if not per_request:
-        raise CalibrationDataError(f"{path}: no finished requests with more than one output token")
+        no_first = sum(1 for row in rows if row.get("first_token_s") in (None, ""))
+        hint = (f" ({no_first} of {len(rows)} records have no first_token_s: a router records it for streamed "
+                "answers only, so calibrate from streamed traffic)" if no_first else "")
+        raise CalibrationDataError(f"{path}: no finished requests with a first token time and more than one "
+                                   f"output token{hint}")
     per_request.sort()
     size = max(1, len(per_request) // bins)
     samples = []

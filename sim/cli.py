@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import itertools
 import logging
+import math
 import os
 import sys
 import time
@@ -248,8 +249,10 @@ def _parse_clients(text: str | None) -> tuple[int, ...] | None:
 
 
 def _trace_options(args: argparse.Namespace, rate_scale: float | None = None) -> TraceOptions:
-    if args.rate_scale <= 0:
+    if not (args.rate_scale > 0 and math.isfinite(args.rate_scale)):
         raise UsageError(f"--rate-scale: expected a positive number, got {args.rate_scale}")
+    if not (args.timeline_interval > 0 and math.isfinite(args.timeline_interval)):
+        raise UsageError(f"--timeline-interval: expected a positive number of seconds, got {args.timeline_interval}")
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit: expected a positive number of requests, got {args.limit}")
     return TraceOptions(
@@ -353,6 +356,9 @@ def register(subparsers: Any) -> None:
     sweep.add_argument("cluster", metavar="CLUSTER.yaml")
     _add_trace_arguments(sweep, rate_scale=False)
     sweep.add_argument("--rate-scales", default="1", metavar="X,X", help="arrival-rate scales, e.g. 1,2,4")
+    # Without this, argparse took `--rate-scale 2` (run's and compare's flag) as an
+    # abbreviation of --rate-scales, silently replacing a --rate-scales given before it.
+    sweep.add_argument("--rate-scale", dest="single_rate_scale", default=None, help=argparse.SUPPRESS)
     sweep.add_argument("--pool-counts", action="append", default=[], metavar="POOL=N,N",
                        help="instance counts to try for a pool, e.g. a100=1,2,4 (repeat for more pools)")
     sweep.add_argument("--policy", metavar="NAME", help="dispatch preset for every point")
@@ -373,7 +379,7 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from sim.traces import TraceError
     from tokenyard.config import ConfigError
 
-    return (ConfigError, TraceError, PolicyConfigError, UsageError, ValueError, FileNotFoundError)
+    return (ConfigError, TraceError, PolicyConfigError, UsageError, ValueError, OSError)
 
 
 def _fail(command: str, exc: BaseException) -> int:
@@ -423,6 +429,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from sim.report import (
+        check_output_path,
         format_summary,
         plot_latency_cdfs,
         plot_load_over_time,
@@ -433,6 +440,11 @@ def _run(args: argparse.Namespace) -> int:
     trace = _trace_options(args)
     if args.records and Path(args.records).suffix.lower() not in (".parquet", ".csv"):
         raise UsageError(f"--records: expected a file ending in .parquet or .csv, got {args.records!r}")
+    check_output_path(args.out, "--out", folder=True)  # before the run, not after it
+    if args.summary_json:
+        check_output_path(args.summary_json, "--summary-json")
+    if args.records:
+        check_output_path(args.records, "--records")
     job = SimJob(cluster_path=args.cluster, trace=trace, policy=args.policy, seed=args.seed,
                  timeline_interval_s=args.timeline_interval, label=args.policy or "", rank_tau=args.rank_tau, factors_path=args.factors,
                  model=args.model, tier_auc=args.tier_auc, tier_small_ok_share=args.tier_small_ok_share)
@@ -463,12 +475,34 @@ def _run(args: argparse.Namespace) -> int:
         written.append(plot_latency_cdfs({label: outcome.result}, out / "latency_cdfs.png"))
         written.append(plot_load_over_time(outcome.result, out / "load_over_time.png"))
     print(format_summary(summary))
+    unknown = sorted(set(summary["slo"]) - set(outcome.slo_classes))
+    if unknown and outcome.slo_classes:
+        fallback = ("the targets of class 'default'" if "default" in outcome.slo_classes
+                    else "no targets (the cluster has no class 'default')")
+        print(f"note: the trace names SLO class(es) {', '.join(map(repr, unknown))} that the cluster's policy "
+              f"document does not define ({', '.join(sorted(outcome.slo_classes))}); their requests were "
+              f"measured against {fallback}")
+    reasons = rejection_reasons(outcome.result.records)
+    if reasons:
+        print("rejected: " + "; ".join(f"{n} x {reason}" for reason, n in reasons))
     counts = outcome.trace_counts
     if counts["skipped_total"]:
         print(f"trace: skipped {counts['skipped_total']} row(s): "
               + ", ".join(f"{k} {v}" for k, v in sorted(counts["skipped"].items())))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def rejection_reasons(records: Iterable[Any], shown: int = 3) -> list[tuple[str, int]]:
+    """Why requests were refused, most common first (at most `shown`, each reason cut at
+    160 characters): the summary counts rejections, this says what they were."""
+    counts: dict[str, int] = {}
+    for record in records:
+        if record.rejected:
+            reason = record.reject_reason or "no reason recorded"
+            reason = reason if len(reason) <= 160 else reason[:157] + "..."
+            counts[reason] = counts.get(reason, 0) + 1
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:shown]
 
 
 def _map_jobs(jobs: Sequence[SimJob], workers: int, label: str, progress: bool) -> list[JobOutcome]:
@@ -500,9 +534,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from sim.report import comparison_table, plot_latency_cdfs, write_json
+    from sim.report import check_output_path, comparison_table, plot_latency_cdfs, write_json
 
     trace = _trace_options(args)
+    check_output_path(args.out, "--out", folder=True)
     policies: list[str | None] = list(args.policy) if args.policy else [None]
     if args.workers < 1:
         raise UsageError(f"--workers: expected at least 1, got {args.workers}")
@@ -540,6 +575,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def sweep_jobs(args: argparse.Namespace) -> list[SimJob]:
+    if getattr(args, "single_rate_scale", None) is not None:
+        raise UsageError("--rate-scale: sweep takes --rate-scales X,X,... (the grid's rates; e.g. --rate-scales "
+                         f"{args.single_rate_scale})")
     rates = _parse_float_list(args.rate_scales, "--rate-scales")
     pool_grid = _parse_pool_counts(args.pool_counts)
     names = [name for name, _ in pool_grid]
@@ -561,8 +599,9 @@ def sweep_jobs(args: argparse.Namespace) -> list[SimJob]:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from sim.report import comparison_table, plot_sweep, write_json
+    from sim.report import check_output_path, comparison_table, plot_sweep, write_json
 
+    check_output_path(args.out, "--out", folder=True)
     ray: ModuleType | None = None
     if args.ray is not None:
         try:

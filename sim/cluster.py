@@ -54,6 +54,7 @@ from scheduler.catalog import (
     ModelSpec,
     default_catalog,
     extend_catalog,
+    tensor_parallel_problem,
 )
 from scheduler.dispatch import DispatchPolicy, build_policy
 from scheduler.dispatch_parts import PolicyConfigError
@@ -399,6 +400,12 @@ def _parse_pool(raw: Any, where: str, catalog: Catalog, queue_needs_priority: bo
     utilization = get(engine_raw, "gpu_memory_utilization", float, engine_where, default=0.9)
     if not 0.0 < utilization <= 1.0:
         raise ConfigError(f"{engine_where}.gpu_memory_utilization", f"expected a number in (0, 1], got {utilization}")
+    tp_problem = tensor_parallel_problem(model, tp)
+    if tp_problem:
+        raise ConfigError(f"{where}.tp", tp_problem)
+    if engine.max_model_len is not None and engine.max_model_len > model.max_context_tokens:
+        raise ConfigError(f"{engine_where}.max_model_len", f"expected at most {model.name}'s context length "
+                                                           f"({model.max_context_tokens} tokens), got {engine.max_model_len}")
     pool = PoolSpec(name, gpu, model, tp, count, engine, utilization)
     if engine.num_kv_blocks is None and pool.engine_model().kv_capacity_blocks(engine.block_size) <= 0:
         raise ConfigError(

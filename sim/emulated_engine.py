@@ -48,7 +48,7 @@ from prometheus_client.core import (
 from prometheus_client.utils import floatToGoString
 
 import tokenyard
-from scheduler.catalog import Catalog, default_catalog
+from scheduler.catalog import Catalog, CatalogError, default_catalog, tensor_parallel_problem
 from scheduler.engine_model import EngineModel, factors_from_table, load_factors_file
 from sim.engine_core import (
     Batch,
@@ -298,6 +298,9 @@ class EmulatedEngine(EngineMigration):
         catalog = catalog or default_catalog()
         gpu = catalog.gpu(config.gpu)
         model = catalog.model(config.model)
+        tp_problem = tensor_parallel_problem(model, config.tp)
+        if tp_problem:
+            raise CatalogError(tp_problem)
         factors = None
         if config.factors_file:
             factors = factors_from_table(load_factors_file(config.factors_file), gpu)

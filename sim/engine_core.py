@@ -67,6 +67,11 @@ class EngineCore(EngineCoreBase):
             )
         self.num_kv_blocks = capacity
         self.max_model_len = self.config.max_model_len or model.model.max_context_tokens
+        if self.max_model_len > model.model.max_context_tokens:  # vLLM refuses it too
+            raise EngineConfigError(
+                f"max_model_len {self.max_model_len} is longer than {model.model.name}'s context length "
+                f"({model.model.max_context_tokens} tokens); expected at most that"
+            )
         # The KV block pool and prefix cache (sim/kv_cache.py); this class decides who
         # holds how many blocks, the manager counts them.
         self.kv = KVBlockManager(capacity, self.config.block_size, self.config.enable_prefix_caching)

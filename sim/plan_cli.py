@@ -91,7 +91,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--out", metavar="FILE", help="also write the plan JSON here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     sub = parser.add_subparsers(dest="plan_command", metavar="SUBCOMMAND")
-    apply = sub.add_parser("apply", help="apply a plan's replica counts (drain before removing)")
+    apply = sub.add_parser(
+        "apply", help="apply a plan's replica counts (drain before removing)",
+        description="Print the steps that take the fleet from --current replicas to the plan's: scale-ups "
+                    "first, then each scale-down after a drain of the instances it removes, with the kubectl "
+                    "commands. Only --dry-run is available here; `tokenyard controlplane` carries a plan out "
+                    "in a cluster (docs/planner.md).")
     apply.add_argument("--plan", required=True, metavar="FILE", help="a plan JSON written by --out")
     apply.add_argument("--current", metavar="POOL=N,...", help="current replicas (dry run; default: none)")
     apply.add_argument("--dry-run", action="store_true", help="print the steps and commands, change nothing")
@@ -131,6 +136,13 @@ def _plan(args: argparse.Namespace) -> int:
     sources = [s for s in (args.melange_config, args.trace, args.histogram) if s]
     if len(sources) != 1:
         raise UsageError("expected exactly one of --melange-config, --trace, --histogram")
+    if args.out:
+        from sim.report import check_output_path
+
+        try:
+            check_output_path(args.out, "--out")  # before the solve, not after it
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     if args.melange_config:
         return _plan_melange(args)
     from sim.plan_run import run_plan
@@ -166,9 +178,12 @@ def _apply(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.plan}: expected a plan JSON with pools: [{{name, instances}}] (tokenyard plan --out)")
     target = {p["name"]: int(p["instances"]) for p in pools}
     current = parse_pairs(args.current, "--current", int)
+    negative = {name: n for name, n in current.items() if n < 0}
+    if negative:
+        raise UsageError(f"--current: expected replica counts >= 0, got {negative}")
     if not args.dry_run:
-        raise UsageError("plan apply: only --dry-run is available here; the Kubernetes actuator applies plans "
-                         "in a cluster")
+        raise UsageError("plan apply: only --dry-run is available here; `tokenyard controlplane` (docs/planner.md) "
+                         "carries a plan out in a cluster")
     actuator = DryRunActuator(replicas=dict(current), namespace=args.namespace)
     steps = plan_steps(current, target)
     apply_plan(actuator, target)

@@ -152,7 +152,12 @@ def _histogram_workload(doc: Any, source: str) -> Workload:
         raise PlanError(f"{source}: expected rates: [[req/s]], or shares: [[...]] with total_rate")
     if (not isinstance(grid, list) or len(grid) != len(edges[0]) - 1
             or not all(isinstance(r, list) and len(r) == len(edges[1]) - 1 for r in grid)):
-        raise PlanError(f"{source}: the rate grid must be {len(edges[0]) - 1} rows x {len(edges[1]) - 1} columns")
+        key = "rates" if "rates" in doc else "shares"
+        rows, cols = len(edges[0]) - 1, len(edges[1]) - 1
+        shape = (f"{len(grid)} rows of {sorted({len(r) if isinstance(r, list) else 0 for r in grid})} values"
+                 if isinstance(grid, list) else type(grid).__name__)
+        raise PlanError(f"{source}: {key}: expected {rows} row(s) (one per input bucket of input_edges) of {cols} "
+                        f"value(s) (one per output bucket of output_edges), got {shape}")
     work = Workload(edges[0], edges[1], duration_s=1.0)
     for i, row in enumerate(grid):
         for j, value in enumerate(row):
@@ -170,7 +175,12 @@ def _histogram_workload(doc: Any, source: str) -> Workload:
 
 
 def _inputs(args: argparse.Namespace) -> PlanInputs:
-    from scheduler.catalog import CatalogError, default_catalog, extend_catalog
+    from scheduler.catalog import (
+        CatalogError,
+        default_catalog,
+        extend_catalog,
+        tensor_parallel_problem,
+    )
     from tokenyard.config import load_yaml
 
     catalog = default_catalog()
@@ -185,6 +195,10 @@ def _inputs(args: argparse.Namespace) -> PlanInputs:
     tps = tuple(parse_numbers(args.tp, "--tp", int))
     if any(t < 1 for t in tps):
         raise UsageError(f"--tp: expected positive integers, got {args.tp}")
+    for t in tps:
+        tp_problem = tensor_parallel_problem(model, t)
+        if tp_problem:
+            raise UsageError(f"--tp: {tp_problem}")
     availability = parse_pairs(args.availability, "--availability", int)
     for name in availability:
         catalog.gpu(name)
@@ -298,6 +312,13 @@ def run_plan(args: argparse.Namespace) -> int:
         raise UsageError(f"--rate: expected a positive number of requests per second, got {args.rate}")
     if args.verify and args.histogram:
         raise UsageError("--verify replays requests: give --trace (a histogram has none)")
+    if args.rates and args.rate is not None:
+        raise UsageError("--rate and --rates: give one (--rate plans for one rate, --rates for a day's series)")
+    if args.rates and args.verify:
+        raise UsageError("--verify: not with --rates (a day's schedule is sized, not replayed); verify one step "
+                         "with --rate R --verify")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit: expected a positive number of requests, got {args.limit}")
     inputs = _inputs(args)
     workload, requests = _workload(args)
     inputs = dataclasses.replace(inputs, rank_noise_sd=_rank_noise_sd(args, workload, requests))

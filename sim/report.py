@@ -41,6 +41,28 @@ def _umask() -> int:
     return current
 
 
+def check_output_path(path: str | Path, option: str, *, folder: bool = False) -> None:
+    """Refuse, before any work, an output that cannot be written: a ValueError naming the
+    option, the path and what was expected (a file where a folder must go, a folder where
+    the file goes, a folder that cannot be written). Missing folders are fine: they are
+    created when the output is written."""
+    target = Path(path)
+    if target.exists():
+        if folder and not target.is_dir():
+            raise ValueError(f"{option} {path}: is a file; expected a folder (created if missing)")
+        if not folder and target.is_dir():
+            raise ValueError(f"{option} {path}: is a folder; expected a file path")
+    existing = (target if folder else target.parent).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{option} {path}: {existing} is a file, so no folder can be made there; expected a path "
+                         "under a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: cannot write in {existing} (permission denied); expected a writable "
+                         "folder")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it is renamed to `path`, on any

@@ -50,6 +50,11 @@ from sim.workload import TraceRequest
 
 FORMATS = ("azure", "mooncake", "burstgpt", "servegen", "plain_csv", "plain_jsonl")
 
+# A token count above this is a corrupt cell, not a request: no model's context comes near it
+# (the catalog's longest is 131,072), and the simulator charges front-end time per prompt
+# token, so a row claiming 10^14 tokens arrived 2 simulated years later and the run sampled
+# its timeline every 10 s all the way there (minutes of wall time for one bad cell).
+MAX_TRACE_TOKENS = 100_000_000
 MOONCAKE_BLOCK_TOKENS = 512  # Mooncake's hash_ids each cover 512 prompt tokens
 SERVEGEN_WINDOW_S = 600.0  # ServeGen's trace rows are ten-minute windows
 
@@ -399,6 +404,9 @@ def _tokens(text: Any, column: str, allow_zero: bool = False) -> int:
         raise _BadRow(column, f"expected a non-negative token count, got {value}", "negative_tokens")
     if value == 0 and not allow_zero:
         raise _BadRow(column, "expected at least 1 token, got 0", "zero_tokens")
+    if value > MAX_TRACE_TOKENS:
+        raise _BadRow(column, f"expected a token count <= {MAX_TRACE_TOKENS:,} (no model's context is longer), "
+                              f"got {value:,}", "too_many_tokens")
     return value
 
 

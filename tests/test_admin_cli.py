@@ -186,16 +186,16 @@ async def test_bad_input_clear_errors_and_codes(plane: Plane, capsys: pytest.Cap
     cases = [
         (policy_file(tmp, "y.yaml", "name: acme\nspec: {slo_class: [\n"), "y.yaml:3:1: not valid YAML"),
         (policy_file(tmp, "k.yaml", {"name": "acme", "spec": {"ttft_ms": 5}}),
-         "k.yaml.spec.ttft_ms: unknown key; allowed: slo_class, ttft, tpot, priority, profile, rate_limits"),
-        (policy_file(tmp, "n.yaml", {"spec": {}}), "n.yaml.name: required"),
+         "k.yaml: spec.ttft_ms: unknown key; allowed: slo_class, ttft, tpot, priority, profile, rate_limits"),
+        (policy_file(tmp, "n.yaml", {"spec": {}}), "n.yaml: name: required"),
         (policy_file(tmp, "m.yaml", "name: a\n---\nname: b\n"), "expected one policy document"),
         (str(tmp / "absent.yaml"), "absent.yaml: cannot read: No such file or directory"),
         (policy_file(tmp, "big.yaml", "#" * (2 << 20)), "a policy file is at most 1048576"),
         # Valid shape, but names the router does not know: the server refuses with the path.
         (policy_file(tmp, "c.yaml", {"name": "acme", "spec": {"slo_class": "gold"}}),
-         "spec.slo_class: unknown SLO class 'gold'; known: batch, default, interactive"),
+         "c.yaml: spec.slo_class: unknown SLO class 'gold'; known: batch, default, interactive"),
         (policy_file(tmp, "p.yaml", {"name": "acme", "spec": {"profile": "fastest"}}),
-         "spec.profile: unknown dispatch profile 'fastest'; known: default, headroom"),
+         "p.yaml: spec.profile: unknown dispatch profile 'fastest'; known: default, headroom"),
     ]
     for path, message in cases:
         code, out, err = await cli(capsys, "policy", "apply", "-f", path, "--reason", "r", "-y", *flags)
@@ -248,7 +248,7 @@ def test_installed_binary_exit_code_and_completion(tmp_path: Path) -> None:
     done = subprocess.run([str(exe), "policy", "apply", "-f", str(bad), "--reason", "r", "--address", "127.0.0.1:1",
                            "--token-file", str(token)], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == EXIT_INVALID
-    assert "bad.yaml.spec.priority: Input should be a valid integer" in done.stderr
+    assert "bad.yaml: spec.priority: Input should be a valid integer" in done.stderr
     piped = subprocess.run([str(exe), "policy", "diff", "-f", "-", "--address", "127.0.0.1:1", "--token-file",
                             str(token)], input="name: acme\nspec: {slo_class: 3.5.x: y}\n", capture_output=True,
                            text=True, env=env, timeout=60)

@@ -218,6 +218,8 @@ def test_flapping_input_does_not_flap_the_fleet(tmp_path: Path) -> None:
      "no Deployment for pool(s) a"),
     ({"input_edges": [0, 0]}, "cp.yaml: input_edges: expected increasing edges"),
     ({"surprise": 1}, "unknown key(s) surprise"),
+    # was accepted, then an OverflowError traceback when the metrics server bound it
+    ({"metrics": {"port": 99999}}, "cp.yaml: metrics.port: expected a TCP port 0-65535"),
 ])
 def test_bad_config_is_one_clear_line(over: dict[str, Any], needle: str) -> None:
     with pytest.raises(ConfigError) as caught:

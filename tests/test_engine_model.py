@@ -155,6 +155,11 @@ def test_explicit_factors_override_and_validation(tmp_path: Path) -> None:
     path.write_text(json.dumps({"gpus": {"L4": {"memory_efficiency": -1}}}))
     with pytest.raises(ValueError, match=r"gpus\.L4\.memory_efficiency: expected a non-negative number"):
         load_factors_file(str(path))
+    # A JSON object with no factors gave every GPU bare PerfFactors(): neither a fit nor the packaged one.
+    for empty in ({"x": 1}, {"gpus": {}}):
+        path.write_text(json.dumps(empty))
+        with pytest.raises(ValueError, match=r"no factors in it \(neither 'gpus' nor 'default'\)"):
+            load_factors_file(str(path))
 
 
 def test_moe_weight_reads_follow_the_expected_distinct_experts() -> None:

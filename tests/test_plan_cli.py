@@ -186,3 +186,47 @@ def test_factors_file_changes_the_capacities(tmp_path: Path, capsys: pytest.Capt
     assert main([*base, "--factors", str(factors)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--factors" in err and "not JSON" in err, err
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    (["--rate", "5", "--rates", "1,2"], "--rate and --rates: give one"),
+    (["--rates", "1,2", "--verify"], "--verify: not with --rates"),
+    (["--rate", "5", "--limit", "0"], "--limit: expected a positive number"),
+    (["--rate", "5", "--out", "{tmp}/file/plan.json"], "is a file, so no folder can be made there"),
+    (["--rate", "5", "--out", "{tmp}"], "--out {tmp}: is a folder; expected a file path"),
+])
+def test_flags_that_make_no_sense_together_or_cannot_be_written_are_refused_before_the_solve(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], expected: str) -> None:
+    """Were silently ignored (--rate beside --rates, --verify beside --rates), or an OSError
+    after the solve ('[Errno 17] File exists') (audit, stop 24)."""
+    trace = _trace(tmp_path / "trace.csv", n=80)
+    (tmp_path / "file").write_text("x")
+    args = ["plan", "--trace", str(trace), "--gpus", "L4,A100-80GB", "--input-edges", "0,1024",
+            "--output-edges", "0,128", "--cache-dir", str(tmp_path / "cache"), "--no-progress",
+            *[a.replace("{tmp}", str(tmp_path)) for a in extra]]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected.replace("{tmp}", str(tmp_path)) in err, err
+    assert not (tmp_path / "cache").exists()  # nothing was measured
+
+
+def test_apply_refuses_negative_current_replicas(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"pools": [{"name": "l4-tp1", "instances": 2}]}))
+    assert main(["plan", "apply", "--plan", str(plan), "--dry-run", "--current", "l4-tp1=-3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--current: expected replica counts >= 0" in err, err
+    assert main(["plan", "apply", "--plan", str(plan)]) == 2
+    assert "tokenyard controlplane" in capsys.readouterr().err
+
+
+def test_a_histogram_of_the_wrong_shape_says_which_key_and_what_it_got(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Said only "the rate grid must be 1 rows x 1 columns"."""
+    histogram = tmp_path / "h.yaml"
+    histogram.write_text("input_edges: [0, 100]\noutput_edges: [0, 50]\nrates: [[1, 2]]\n")
+    assert main(["plan", "--histogram", str(histogram), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "h.yaml: rates: expected 1 row(s) (one per input bucket of input_edges) of 1 value(s)" in err
+    assert "got 1 rows of [2] values" in err

@@ -152,3 +152,73 @@ def test_errors_exit_2_with_one_line_and_nothing_written(shared_data, tmp_path, 
                  "--no-progress", "--no-plots"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["requests"] == 1 and summary["trace"]["skipped"] == {"bad_number": 1}
+
+
+@pytest.mark.parametrize(("command", "option", "where"), [
+    ("run", "--out", "file"),  # --out is a file
+    ("run", "--out", "file/sub"),  # --out under a file
+    ("run", "--summary-json", "file/s.json"),
+    ("run", "--records", "file/r.parquet"),
+    ("run", "--summary-json", "folder"),  # a folder where the file goes
+    ("compare", "--out", "file"),
+    ("sweep", "--out", "file"),
+])
+def test_an_output_that_cannot_be_written_is_refused_before_the_run(shared_data, tmp_path, capsys,
+                                                                    command, option, where):
+    """Was an OSError traceback after the whole simulation had run (audit, stop 24)."""
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "folder").mkdir()
+    argv = ["sim", command, CLUSTER, "--trace", str(shared_data / CONV), "--limit", "20", "--no-progress",
+            "--no-plots"]
+    if option != "--out":
+        argv += ["--out", str(tmp_path / "out")]
+    argv += [option, str(tmp_path / where)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "simulation finished" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"tokenyard sim {command}: error: {option} {tmp_path / where}: "), line
+    assert "expected" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"]
+
+
+@pytest.mark.parametrize(("option", "value"), [("--rate-scale", "nan"), ("--rate-scale", "inf"),
+                                               ("--timeline-interval", "0"), ("--timeline-interval", "nan")])
+def test_non_finite_or_zero_numbers_name_their_flag(shared_data, tmp_path, capsys, option, value):
+    argv = ["sim", "run", CLUSTER, "--trace", str(shared_data / CONV), "--limit", "20", "--no-progress",
+            "--out", str(tmp_path / "out"), option, value]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"tokenyard sim run: error: {option}: expected")
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_says_why_requests_were_rejected(tmp_path, capsys):
+    """The summary said "1 rejected" and nothing more; the reason was only in the records."""
+    trace = tmp_path / "t.csv"
+    trace.write_text("arrival_s,input_tokens,output_tokens\n0,100,5\n1,20000,5\n2,100,5\n")
+    assert main(["sim", "run", CLUSTER, "--trace", str(trace), "--out", str(tmp_path / "out"), "--no-progress",
+                 "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("rejected: "))
+    assert line.startswith("rejected: 1 x no instance can take it") and "maximum context length" in line
+
+
+def test_sweep_refuses_rate_scale_instead_of_taking_it_for_rate_scales(shared_data, tmp_path, capsys):
+    """argparse read `--rate-scale 2` as an abbreviation of --rate-scales and ran x2 only,
+    dropping the --rate-scales 1,4 given before it."""
+    assert main(["sim", "sweep", CLUSTER, "--trace", str(shared_data / CONV), "--limit", "20", "--rate-scales", "1,4",
+                 "--rate-scale", "2", "--no-progress", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--rate-scale: sweep takes --rate-scales" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_notes_trace_slo_classes_the_cluster_does_not_define(tmp_path, capsys):
+    """A misspelt class in the trace was measured against 'default' without a word."""
+    trace = tmp_path / "t.csv"
+    trace.write_text("arrival_s,input_tokens,output_tokens,slo_class\n0,100,5,interactiv\n1,100,5,default\n")
+    assert main(["sim", "run", CLUSTER, "--trace", str(trace), "--out", str(tmp_path / "out"), "--no-progress",
+                 "--no-plots"]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and "'interactiv'" in notes[0] and "class 'default'" in notes[0]
+    assert "'default'," not in notes[0].split("define")[0]  # a known class is not listed as unknown

@@ -293,3 +293,19 @@ def test_streaming_does_not_read_past_the_limit(tmp_path):
     first = next(iterator)
     assert first.arrival_s == 0 and trace.counts.rows_read == 1
     assert len(list(iterator)) == 9
+
+
+def test_an_absurd_token_count_is_a_bad_row_not_a_run_of_years(tmp_path):
+    """A cell of 10^20 tokens was read as a request: the simulator charged its front-end time
+    per prompt token (years of simulated time) and sampled its timeline all the way there."""
+    import pytest
+
+    from sim.traces import MAX_TRACE_TOKENS, TraceError, read_trace
+
+    path = tmp_path / "t.csv"
+    path.write_text(f"arrival_s,input_tokens,output_tokens\n0,10,5\n1,{10**20},5\n2,{MAX_TRACE_TOKENS},5\n")
+    with pytest.raises(TraceError, match=r"t\.csv:3: column 'input_tokens': expected a token count <= 100,000,000"):
+        list(read_trace(path))
+    path.write_text(f"arrival_s,input_tokens,output_tokens\n0,10,5\n1,10,{10**20}\n2,{MAX_TRACE_TOKENS},5\n")
+    with pytest.raises(TraceError, match="output_tokens"):
+        list(read_trace(path))

@@ -25,20 +25,27 @@ class ConfigError(ValueError):
         self.problem = problem
 
 
+def yaml_error(path: str | Path, exc: Exception) -> ConfigError:
+    """A YAML syntax error as one line: `file:line:column: invalid YAML: problem`."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+    problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+    return ConfigError(where, f"invalid YAML: {problem}")
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read one YAML mapping; a missing file, bad syntax or a non-mapping is a ConfigError."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(str(path), f"cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), f"not UTF-8 text (byte {exc.start}: {exc.reason}); expected a YAML file") from exc
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(where, f"invalid YAML: {problem}") from exc
+        raise yaml_error(path, exc) from exc
     if doc is None:
         return {}
     if not isinstance(doc, dict):
