@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from learn.score_input import read_records, why_unwritable, write_atomic
+
 DEFAULT_DATA = "../shared/data"
-MAX_SCORE_LINE_BYTES = 4 << 20
 
 
 def register_train(subparsers: Any) -> None:
@@ -139,7 +140,7 @@ def _score(args: argparse.Namespace) -> int:
         print(f"tokenyard rank score: --input {args.input}: {exc.strerror}", file=sys.stderr)
         return 2
     try:
-        records = _read_records(source, str(args.input))
+        records = list(read_records(source, str(args.input)))
     except ValueError as exc:
         print(f"tokenyard rank score: {exc}", file=sys.stderr)
         return 2
@@ -157,9 +158,12 @@ def _score(args: argparse.Namespace) -> int:
             lines.append(json.dumps(row))
     text = "\n".join(lines) + ("\n" if lines else "")
     if args.output:
-        tmp = args.output.with_name(args.output.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(args.output)
+        try:
+            write_atomic(args.output, text)
+        except OSError as exc:
+            print(f"tokenyard rank score: --output {args.output}: cannot write ({why_unwritable(args.output, exc)}); "
+                  "expected a file path in a writable folder", file=sys.stderr)
+            return 2
     else:
         sys.stdout.write(text)
     return 0
@@ -169,20 +173,3 @@ def _expm1(value: float) -> float:
     import math
 
     return math.expm1(min(value, 50.0))
-
-
-def _read_records(source: Any, where: str) -> list[dict[str, Any]]:
-    records: list[dict[str, Any]] = []
-    for number, line in enumerate(source, 1):
-        if len(line) > MAX_SCORE_LINE_BYTES:
-            raise ValueError(f"{where}:{number}: line longer than {MAX_SCORE_LINE_BYTES} bytes")
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as exc:
-            raise ValueError(f"{where}:{number}: not JSON: {exc}") from exc
-        if not isinstance(record, dict) or not ("prompt" in record or "messages" in record):
-            raise ValueError(f"{where}:{number}: expected an object with \"prompt\" or \"messages\"")
-        records.append(record)
-    return records

@@ -7,12 +7,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from learn.score_input import read_records, why_unwritable, write_atomic
+
 DEFAULT_DATA = ("../shared/data/routing", "../shared/data/lengths")
-MAX_INPUT_LINE_BYTES = 4 * 1024 * 1024
 
 
 def _shared_default() -> list[str]:
@@ -63,21 +63,6 @@ def register(subparsers: Any) -> None:
     score.add_argument("--batch", type=int, default=256, help="records scored together")
     score.set_defaults(handler=_score)
     tier.set_defaults(handler=lambda args: (tier.print_help(), 2)[1])
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a model file is for every reader
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -136,9 +121,9 @@ def _train(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"tokenyard train tier: {exc}", file=sys.stderr)
             return 2
-    _write_atomic(Path(args.out), json.dumps(doc, separators=(",", ":")))
+    write_atomic(Path(args.out), json.dumps(doc, separators=(",", ":")))
     if args.report:
-        _write_atomic(Path(args.report), json.dumps(doc["trained"], indent=1))
+        write_atomic(Path(args.report), json.dumps(doc["trained"], indent=1))
     if args.plots:
         from learn.tier_plots import write_plots
 
@@ -157,48 +142,6 @@ def _print_metrics(held_out: dict[str, dict[str, dict[str, float]]], n_rows: int
         for bench, m in by.items():
             print(f"{split:<13}{bench:<13}{int(m['n']):>7}{m['apgr']:>7.3f}{m['cpt50']:>7.3f}"
                   f"{m['cpt80']:>7.3f}{m['aiq']:>7.3f}{m['random_aiq']:>8.3f}")
-
-
-def _read_records(handle: Any, where: str) -> Any:
-    lineno = 0
-    lines = iter(handle)
-    while True:
-        try:
-            line = next(lines)
-        except StopIteration:
-            return
-        except UnicodeDecodeError as exc:
-            after = f" after line {lineno}" if lineno else ""
-            raise ValueError(f"{where}: not UTF-8 text{after} ({exc.reason}); expected JSON lines") from exc
-        lineno += 1
-        if len(line) > MAX_INPUT_LINE_BYTES:
-            raise ValueError(f"{where}:{lineno}: line longer than {MAX_INPUT_LINE_BYTES} bytes")
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}:{lineno}: not JSON ({exc.msg})") from exc
-        if not isinstance(record, dict) or not ("prompt" in record or "messages" in record):
-            raise ValueError(f"{where}:{lineno}: expected an object with 'prompt' or 'messages'")
-        problem = _prompt_problem(record)
-        if problem:
-            raise ValueError(f"{where}:{lineno}: {problem}")
-        yield record
-
-
-def _prompt_problem(record: dict[str, Any]) -> str | None:
-    """What is wrong with a record's prompt, or None: a number or an object as `prompt`
-    would otherwise be scored as an empty prompt."""
-    if "prompt" in record:
-        prompt = record["prompt"]
-        if isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt)):
-            return None
-        return f"prompt: expected a string or a list of strings, got {type(prompt).__name__}"
-    messages = record["messages"]
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        return "messages: expected a list of {role, content} objects"
-    return None
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -222,7 +165,7 @@ def _score(args: argparse.Namespace) -> int:
     try:
         with source:
             batch: list[dict[str, Any]] = []
-            for record in _read_records(source, args.input):
+            for record in read_records(source, args.input):
                 batch.append(record)
                 if len(batch) >= args.batch:
                     lines.extend(_score_batch(predictor, batch, prompt_text))
@@ -236,9 +179,9 @@ def _score(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         return 0
     try:
-        _write_atomic(Path(args.output), text)
+        write_atomic(Path(args.output), text)
     except OSError as exc:
-        print(f"tokenyard tier score: --output {args.output}: cannot write ({_why_unwritable(Path(args.output), exc)}); "
+        print(f"tokenyard tier score: --output {args.output}: cannot write ({why_unwritable(Path(args.output), exc)}); "
               "expected a file path in a writable folder", file=sys.stderr)
         return 2
     return 0
@@ -256,11 +199,6 @@ def _unwritable(path: Path, folder: bool = False) -> str | None:
     if not os.access(parent, os.W_OK | os.X_OK):
         return f"{parent} is not writable"
     return None
-
-
-def _why_unwritable(path: Path, exc: OSError) -> str:
-    """mkdir under a file says 'File exists'; name the file instead."""
-    return _unwritable(path) or exc.strerror or str(exc)
 
 
 def _score_batch(predictor: Any, batch: list[dict[str, Any]], prompt_text: Any) -> list[str]:

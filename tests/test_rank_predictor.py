@@ -256,6 +256,42 @@ def test_rank_score_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert f"{source}:2: expected an object" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("content", "expected"), [
+    (b'{"prompt": 5}\n', ":1: prompt: expected a string or a list of strings, got int"),
+    (b'{"messages": "hi"}\n', ":1: messages: expected a list of {role, content} objects"),
+    (b'\xff\xfe\x00binary', ": not UTF-8 text (invalid start byte); expected JSON lines"),
+    (b'{"prompt": "' + b"a" * 300 + b'"}', ":1: line longer than 200 characters"),
+])
+def test_rank_score_cli_refuses_bad_records(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch, content: bytes, expected: str) -> None:
+    """A bad record is one line naming the file and the line (a number as `prompt` was scored
+    as an empty prompt; binary input was a bare codec message), and no output is written."""
+    import learn.score_input
+
+    monkeypatch.setattr(learn.score_input, "MAX_LINE_CHARS", 200)
+    monkeypatch.setattr(learn.score_input.read_records, "__defaults__", (200,))
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(content)
+    out = tmp_path / "scores.jsonl"
+    assert main(["rank", "score", "--input", str(source), "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"tokenyard rank score: {source}{expected}", err
+    assert not out.exists()
+
+
+def test_rank_score_cli_unwritable_output_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An --output under a file or onto a folder is one line naming why (was a traceback)."""
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"prompt": "hello"}\n')
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for output, why in ((blocker / "scores.jsonl", f"{blocker} is a file"), (tmp_path, "it is a folder")):
+        assert main(["rank", "score", "--input", str(source), "--output", str(output)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and f"--output {output}: cannot write ({why})" in err, err
+    assert blocker.read_text() == "x"
+
+
 def test_model_prior_orders_a_verbose_model_after_a_terse_one() -> None:
     from learn.rank import _hidden_from_prior
 
