@@ -55,6 +55,7 @@ from router.tenants import AuthError, Tenant
 from router.validation import BadRequest, validate
 from scheduler.shedding import ShedPolicy, should_shed
 from scheduler.types import NoInstanceAvailable, RequestInfo
+from tokenyard.grpc_limits import server_options
 from tokenyard.worker_auth import is_loopback
 
 if TYPE_CHECKING:
@@ -452,8 +453,9 @@ async def start_extproc_server(router: Router, host: str, port: int,
                       "tokens (--extproc-tokens-file, or the control section's tokens) or, behind a "
                       "NetworkPolicy that admits only the gateway, --extproc-allow-unauthenticated")
     max_message = router.config.max_request_bytes + 64 * 1024
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message),
-                                      ("grpc.max_send_message_length", max_message)],
+    # No max_concurrent_streams: a gateway multiplexes every request's exchange on few connections.
+    server = grpc.aio.server(options=server_options(("grpc.max_receive_message_length", max_message),
+                                                    ("grpc.max_send_message_length", max_message)),
                              interceptors=interceptors)
     pb_grpc.add_ExternalProcessorServicer_to_server(EndpointPicker(router, settings), server)
     health_servicer = health.aio.HealthServicer()
