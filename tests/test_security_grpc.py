@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
+import orjson
 import pytest
 
 from router.admin_grpc import start_control_server
@@ -177,3 +178,57 @@ async def test_a_source_that_stops_sending_loses_its_reservation() -> None:
             assert answer.state == worker_pb2.ABORTED and answer.error == worker_pb2.TIMEOUT
             assert "not committed within 0.6 s" in answer.error_message
             assert service.reserved_blocks() == 0
+
+
+async def test_a_decided_ext_proc_exchange_held_open_ends_at_the_requests_deadline() -> None:
+    """A gateway (or anything on the loopback picker port) that never finishes a decided
+    exchange used to hold the chosen instance's in-flight count for ever, steering every
+    other request away from it; now the exchange ends at the front door's deadline."""
+    from tests.test_extproc_grpc import Stream, chat, headers, picker
+    from tests.test_extproc_grpc import body as ext_body
+
+    doc = {"deadlines_ms": {"default": 300}, "slo_classes": {"default": {"ttft_ms": 100, "tpot_ms": 50}}}
+    async with picker(**doc) as (router, channel):
+        stream = Stream(channel)
+        stream.send(headers(authorization="Bearer anything"), ext_body(chat(), True))  # max_tokens 4
+        await stream.read(2)  # the decision and the body
+        t0 = time.monotonic()
+        assert sum(s.router_inflight for s in router.registry.instances()) == 1
+        deadline_s = router.config.deadline_s("default", False, 4)
+        assert 0.6 < deadline_s < 1.0
+        while sum(s.router_inflight for s in router.registry.instances()) and time.monotonic() - t0 < 3:
+            await asyncio.sleep(0.05)
+        assert sum(s.router_inflight for s in router.registry.instances()) == 0  # ... and never sent a response
+        assert time.monotonic() - t0 < deadline_s + 0.5
+        assert await stream._next(1) is grpc.aio.EOF  # the picker ended the stream
+        assert 'code="504"' in router.metrics.render().decode()
+
+
+async def test_a_decided_ext_proc_stream_is_bounded_by_the_stall_timeout_once_it_answers() -> None:
+    import dataclasses
+
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+    from tests.test_extproc_grpc import MODEL, Stream, headers, picker
+    from tests.test_extproc_grpc import body as ext_body
+
+    async with picker(deadlines_ms={"default": 300}) as (router, channel):
+        classes = router.config.slo_classes
+        classes["default"] = dataclasses.replace(classes["default"], stall_timeout_ms=900)
+        stream = Stream(channel)
+        raw = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True})
+        stream.send(headers(authorization="Bearer anything"), ext_body(raw, True))
+        await stream.read(2)
+        stream.send(pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(
+            headers=[base_pb2.HeaderValue(key=":status", raw_value=b"200")]))))
+        await stream.read(1)
+        t0 = time.monotonic()
+        for _ in range(4):  # chunks within the stall timeout keep it going past the first-byte deadline
+            await asyncio.sleep(0.25)
+            stream.send(pb.ProcessingRequest(response_body=pb.HttpBody(body=b"data: {}\n\n", end_of_stream=False)))
+            await stream.read(1)
+        assert sum(s.router_inflight for s in router.registry.instances()) == 1
+        assert await stream._next(3) is grpc.aio.EOF  # then a stall: ended after 0.9 s of silence
+        assert 0.8 < time.monotonic() - t0 - 1.0 < 1.5
+        assert sum(s.router_inflight for s in router.registry.instances()) == 0
