@@ -41,6 +41,7 @@ from router.registry import InstanceRegistry
 from router.state import InstanceRecord, StateStore, StateStoreError, store_unavailable
 from scheduler.tiers import TierChoice
 from scheduler.types import Decision, RequestInfo, SloClass
+from tokenyard.grpc_limits import server_options
 from tokenyard.v1 import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -391,8 +392,9 @@ async def start_control_server(
     server = grpc.aio.server(
         interceptors=[AuthInterceptor(tokens, reviewer=auth.load_reviewer())],
         # Bounded input: a control message is small; 1 MiB is far above any real one.
-        options=[("grpc.so_reuseport", 1 if reuse_port else 0), ("grpc.max_receive_message_length", 1 << 20),
-                 ("grpc.max_concurrent_streams", 256)])
+        # Connection limits: tokenyard/grpc_limits.py (a peer that never calls is never refused).
+        options=server_options(("grpc.so_reuseport", 1 if reuse_port else 0),
+                               ("grpc.max_receive_message_length", 1 << 20), ("grpc.max_concurrent_streams", 256)))
     admin_pb2_grpc.add_AdminServicer_to_server(  # type: ignore[no-untyped-call]  # generated grpc module, unannotated
         AdminService(registry, store, registration, slo_classes=slo_classes,
                      dispatch_policies=dispatch_policies, desired_pool_sizes=desired_pool_sizes,

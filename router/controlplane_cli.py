@@ -187,6 +187,34 @@ async def run_plane(plane: Any, elector: Any, stop: asyncio.Event) -> None:
         plane.close()
 
 
+async def serve_metrics(host: str, port: int, registry: Any, limits: Any = None) -> Any:
+    """`GET /metrics` of `registry` on Tokenyard's one HTTP server (tokenyard/asgi_server.py),
+    bounded like the front door: prometheus_client's own server (a thread per connection,
+    no read timeout) held a thread for every connection that sent half a request head, for
+    as long as it stayed open (100 such connections: 100 threads, still there 15 s later;
+    tests/test_security_http.py). Returns the started `Http1Server` (its `port` is bound)."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    from tokenyard.asgi_server import Http1Limits, Http1Server
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["method"] == "GET" and scope["path"] in ("/metrics", "/"):
+            status, body, kind = 200, generate_latest(registry), CONTENT_TYPE_LATEST.encode()
+        else:
+            status, body, kind = 404, b"not found: GET /metrics\n", b"text/plain"
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", kind), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    # A scrape is a GET: no body, few connections (Prometheus replicas, an operator's curl).
+    server = Http1Server(app, host, port, limits=limits or Http1Limits(max_body_bytes=0, max_connections=64),
+                         name="control-plane metrics")
+    await server.start()
+    return server
+
+
 def run_command(args: argparse.Namespace) -> int:
     from router.controlplane import load_config
     from router.state import StateStoreError, open_store
@@ -207,10 +235,14 @@ def run_command(args: argparse.Namespace) -> int:
             print(f"tokenyard controlplane: store {config.store_url}: {exc}", file=sys.stderr)
             return 2
         metrics = ControlPlaneMetrics()
+        metrics_server = None
         if config.metrics_port is not None and not args.once:
-            from prometheus_client import start_http_server
-
-            start_http_server(config.metrics_port, addr=config.metrics_host, registry=metrics.registry)
+            try:
+                metrics_server = await serve_metrics(config.metrics_host, config.metrics_port, metrics.registry)
+            except OSError as exc:
+                await store.close()
+                print(f"tokenyard controlplane: metrics: {exc}", file=sys.stderr)
+                return 2
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -221,6 +253,8 @@ def run_command(args: argparse.Namespace) -> int:
             plane = await serve(config, store, stop, once=args.once, dry_run=args.dry_run, metrics=metrics)
         finally:
             await store.close()
+            if metrics_server is not None:
+                await metrics_server.stop(1.0)
         if args.once:
             for _t_s, pool, action, detail in plane.actions:
                 print(f"{pool}: {action} {detail}")

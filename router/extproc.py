@@ -48,6 +48,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from router.app import DEFAULT_STALL_TIMEOUT_S
 from router.auth import AuthInterceptor
 from router.errors import error_body
 from router.picker_grpc import address_of
@@ -55,6 +56,7 @@ from router.tenants import AuthError, Tenant
 from router.validation import BadRequest, validate
 from scheduler.shedding import ShedPolicy, should_shed
 from scheduler.types import NoInstanceAvailable, RequestInfo
+from tokenyard.grpc_limits import server_options
 from tokenyard.worker_auth import is_loopback
 
 if TYPE_CHECKING:
@@ -193,6 +195,9 @@ class _Exchange:
         self.done = False
         self.refused = False  # answered by the picker itself: the exchange is over
         self.allowed: set[str] | None = None  # the gateway's subset hint, from whichever message had it
+        self.answer_by_s: float | None = None  # a decided request's deadline (monotonic); None: none set
+        self.stream = False
+        self.stall_s: float | None = None  # longest gap between a stream's messages once it answers
 
     # -- request side -------------------------------------------------------------------
     async def on_message(self, request: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
@@ -315,6 +320,13 @@ class _Exchange:
             message = "no ready endpoint in the gateway's subset" if allowed is not None else "no ready endpoint"
             raise Refused(503, error_body(503, message, code="no_instance_available"), message)
         self.decided = True
+        # The front door's bounds (router/app.py): one deadline from admission to the first
+        # byte of a stream (the last byte otherwise), then the class's stall timeout
+        # between a stream's chunks.
+        self.stream = body.get("stream") is True
+        self.answer_by_s = self.started_s + self.router.config.deadline_s(tenant.slo_class, self.stream,
+                                                                          info.max_output_tokens)
+        self.stall_s = float(dispatcher.slo_class(tenant).stall_timeout_s or DEFAULT_STALL_TIMEOUT_S)
         self._count_start(self.primary)
         self.router.metrics.inflight.inc()
         return destination_responses(endpoints, bytes(self.body), body_done, rewritten)
@@ -322,6 +334,8 @@ class _Exchange:
     # -- response side ------------------------------------------------------------------
     def _on_response_headers(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse:
         headers = _header_map(request.response_headers)
+        if self.stream:  # the first byte is here: from now on the stall timeout bounds the stream
+            self.answer_by_s = None
         status = headers.get(":status", "0")
         self.status = int(status) if status.isdigit() else 0
         served = served_endpoint(request)
@@ -409,8 +423,20 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  
         try:
             while True:
                 try:
-                    if exchange.decided:
-                        request = await anext(requests)
+                    if exchange.decided and exchange.answer_by_s is None and exchange.stall_s is None:
+                        request = await anext(requests)  # a bodyless request: the gateway's own timeouts
+                    elif exchange.decided:
+                        left_s = (exchange.stall_s or 0.0) if exchange.answer_by_s is None else \
+                            max(0.0, exchange.answer_by_s - time.monotonic())
+                        try:
+                            request = await asyncio.wait_for(anext(requests), left_s)
+                        except TimeoutError:
+                            # Past its deadline: end the exchange (the gateway fails the request)
+                            # and release the instance's in-flight count it held.
+                            exchange.status = 504
+                            log.warning("ext_proc exchange past its deadline; ended", extra={
+                                "instance_id": exchange.primary or "", "status": 504})
+                            return
                     else:
                         request = await asyncio.wait_for(anext(requests), max(0.0, deadline_s - time.monotonic()))
                 except StopAsyncIteration:
@@ -452,8 +478,9 @@ async def start_extproc_server(router: Router, host: str, port: int,
                       "tokens (--extproc-tokens-file, or the control section's tokens) or, behind a "
                       "NetworkPolicy that admits only the gateway, --extproc-allow-unauthenticated")
     max_message = router.config.max_request_bytes + 64 * 1024
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message),
-                                      ("grpc.max_send_message_length", max_message)],
+    # No max_concurrent_streams: a gateway multiplexes every request's exchange on few connections.
+    server = grpc.aio.server(options=server_options(("grpc.max_receive_message_length", max_message),
+                                                    ("grpc.max_send_message_length", max_message)),
                              interceptors=interceptors)
     pb_grpc.add_ExternalProcessorServicer_to_server(EndpointPicker(router, settings), server)
     health_servicer = health.aio.HealthServicer()

@@ -748,11 +748,11 @@ class EngineServer:
     async def _start_grpc(self, port: int) -> None:
         import grpc
 
-        from sim.worker_grpc import MESSAGE_SIZE_OPTIONS, add_worker_servicer
+        from sim.worker_grpc import add_worker_servicer, worker_server_options
         from tokenyard.worker_auth import check_bind, server_interceptors
 
         check_bind(self.host, self.worker_token)  # before binding: never open unauthenticated
-        server = grpc.aio.server(options=MESSAGE_SIZE_OPTIONS, interceptors=server_interceptors(self.worker_token))
+        server = grpc.aio.server(options=worker_server_options(), interceptors=server_interceptors(self.worker_token))
         add_worker_servicer(server, self.engine)
         address = f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
         try:

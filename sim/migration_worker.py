@@ -50,6 +50,13 @@ MAX_MESSAGE_DATA_BYTES = 3 << 20  # under gRPC's default 4 MiB receive limit, wi
 MAX_ID_CHARS = 128
 MAX_ENGINE_STATE_BYTES = 64 << 10
 FINISHED_KEPT = 64  # finished migrations ListMigrations still lists
+# A destination's bounds on one MigrateIn stream, so that a source that stops sending
+# (hostile, SIGSTOPped, partitioned without a TCP reset) cannot hold its KV reservation
+# and migration slot for ever (measured: both held indefinitely before, 257 blocks per
+# stalled stream). The longest gap a well-behaved source leaves is one stage timeout
+# (at most 60 s, `out_params`), its whole run one deadline (at most 600 s).
+MIGRATE_IN_IDLE_S = 60.0
+MIGRATE_IN_LIFETIME_S = 600.0
 _MASK64 = (1 << 64) - 1
 
 FaultHook = Callable[[str, str], Awaitable[None]]  # (step, migration id)
@@ -234,9 +241,14 @@ class MigrationEngine(Protocol):
 class MigrationService:
     """The migration RPCs over one emulated engine (source and destination roles)."""
 
-    def __init__(self, engine: MigrationEngine, *, max_concurrent: int = 2) -> None:
+    def __init__(self, engine: MigrationEngine, *, max_concurrent: int = 2,
+                 idle_timeout_s: float = MIGRATE_IN_IDLE_S, max_lifetime_s: float = MIGRATE_IN_LIFETIME_S) -> None:
         self.engine = engine
         self.max_concurrent = max_concurrent
+        # The destination's own bounds on a MigrateIn stream: its reservation must not
+        # outlive a source that stops sending (see MIGRATE_IN_IDLE_S).
+        self.idle_timeout_s = idle_timeout_s
+        self.max_lifetime_s = max_lifetime_s
         self.records: OrderedDict[str, MigrationRecord] = OrderedDict()
         self.fault_hook: FaultHook | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -492,6 +504,10 @@ class MigrationService:
         record: MigrationRecord | None = None
         committed = False
         iterator = chunks.__aiter__()
+        # The source's deadline when it sent one (grpc cancels the call then), else ours.
+        client_left_s = context.time_remaining()
+        lifetime_s = self.max_lifetime_s if client_left_s is None else min(client_left_s, self.max_lifetime_s)
+        ends_at = time.monotonic() + lifetime_s
 
         def result(state: int, **extra: Any) -> worker_pb2.MigrateInResult:
             return pb.MigrateInResult(migration_id=record.migration_id if record else "", state=state,  # type: ignore[arg-type]
@@ -502,13 +518,19 @@ class MigrationService:
             getter = asyncio.ensure_future(iterator.__anext__())
             getter.add_done_callback(_retrieve)
             waiter = asyncio.ensure_future(record.abort_requested.wait())
+            left_s = ends_at - time.monotonic()
             try:
-                done, _ = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait({getter, waiter}, timeout=max(0.0, min(self.idle_timeout_s, left_s)),
+                                             return_when=asyncio.FIRST_COMPLETED)
             finally:
                 waiter.cancel()
             if getter not in done:
                 getter.cancel()
-                raise MigrationAborted(pb.ABORTED_BY_REQUEST, "aborted by request at the destination")
+                if waiter in done:
+                    raise MigrationAborted(pb.ABORTED_BY_REQUEST, "aborted by request at the destination")
+                if left_s <= self.idle_timeout_s:
+                    raise MigrationAborted(pb.TIMEOUT, f"the migration was not committed within {lifetime_s:g} s")
+                raise MigrationAborted(pb.TIMEOUT, f"no message from the source within {self.idle_timeout_s:g} s")
             try:
                 return getter.result()
             except StopAsyncIteration:
@@ -516,9 +538,11 @@ class MigrationService:
 
         try:
             try:
-                first = await iterator.__anext__()
+                first = await asyncio.wait_for(iterator.__anext__(), min(self.idle_timeout_s, lifetime_s))
             except StopAsyncIteration:
                 return  # the source went away before it said anything
+            except TimeoutError:
+                return  # it never said anything: nothing was reserved, the stream just ends
             if first.WhichOneof("chunk") != "begin":
                 raise MigrationAborted(pb.INCOMPATIBLE, "the first MigrateIn message must be begin")
             begin = first.begin

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import grpc
 
 import tokenyard
+from tokenyard.grpc_limits import server_options
 from tokenyard.v1 import worker_pb2, worker_pb2_grpc
 from tokenyard.worker_auth import check_bind, server_interceptors
 
@@ -46,6 +47,12 @@ DEFAULT_MIN_CHANGE_INTERVAL_MS = 10
 ENGINE_KIND_EMULATED = "tokenyard-emulated"
 # KV blocks travel in MigrateIn messages of up to ~3 MiB (sim/migration_worker.py).
 MESSAGE_SIZE_OPTIONS = [("grpc.max_receive_message_length", 8 << 20)]
+
+
+def worker_server_options() -> list[tuple[str, Any]]:
+    """A Worker server's options: the message size above and the connection limits
+    (handshake, idle, count) of tokenyard/grpc_limits.py."""
+    return server_options(*MESSAGE_SIZE_OPTIONS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,7 +443,7 @@ async def start_worker_server(
     the grace period ends (clients see CANCELLED or UNAVAILABLE and reconnect).
     """
     check_bind(host, token)
-    server = grpc.aio.server(options=MESSAGE_SIZE_OPTIONS, interceptors=server_interceptors(token))
+    server = grpc.aio.server(options=worker_server_options(), interceptors=server_interceptors(token))
     add_worker_servicer(server, backend)
     address = f"{host}:{port}"
     try:

@@ -56,6 +56,11 @@ def test_the_deployment_runs_controlplane_with_the_config_it_renders(chart: Any)
     engines_from = one(docs, "NetworkPolicy", "ty-tokenyard-engines")["spec"]["ingress"][0]["from"]
     assert any(f.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component") == "controlplane"
                for f in engines_from)
+    # Its own pod admits only scrapes, on the metrics port (which has no authentication).
+    own = one(docs, "NetworkPolicy", "ty-tokenyard-controlplane")["spec"]
+    assert own["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "controlplane"
+    assert own["policyTypes"] == ["Ingress"] and [rule["ports"] for rule in own["ingress"]] == [
+        [{"port": "metrics", "protocol": "TCP"}]]
     external = render(chart, {"pools": POOLS, "controlPlane": CONTROL_PLANE,
                               "redis": {"bundled": {"enabled": False}, "external": {"url": "redis://ext:6379/0"}}})
     ext_env = _env(one(external, "Deployment", "ty-tokenyard-controlplane"))
