@@ -147,7 +147,7 @@ def run_router(args: argparse.Namespace) -> int:
             except OSError as exc:  # the plain modules are the fallback
                 print(f"tokenyard router: the compiled byte path in {found} did not start ({exc}); "
                       "running plain Python", file=sys.stderr)
-    from router.config import default_store_url, load_router_config
+    from router.config import check_front_door, default_store_url, load_router_config
     from tokenyard.config import ConfigError
 
     try:
@@ -157,6 +157,11 @@ def run_router(args: argparse.Namespace) -> int:
         return 2
     if args.host is not None:
         config.host = args.host
+        try:
+            check_front_door(config)
+        except ConfigError as exc:
+            print(f"tokenyard router: --host {args.host}: {exc}", file=sys.stderr)
+            return 2
     if args.port is not None:
         config.port = args.port
     if args.store is not None:

@@ -3,7 +3,8 @@
 Every error names the file, the key path and what was expected (tokenyard/config.py);
 nothing starts from a file that failed to validate. Shape, all keys optional:
 
-    listen: {host: 127.0.0.1, port: 8000}
+    listen: {host: 127.0.0.1, port: 8000}   # off loopback with no tenant keys: refused unless
+                                            # allow_anonymous: true (serve anyone on purpose)
     store: file:///abs/path/state.json      # or redis://host:6379/0?prefix=ty
     control: {host: 127.0.0.1, port: 50051, # gRPC Admin + Picker services; bearer tokens,
               tokens_file: tokens.yaml}     # TLS, CIDRs: router/auth.py
@@ -60,6 +61,7 @@ from tokenyard.config import (
     parse_slo_classes,
     router_dialect_to_policy,
 )
+from tokenyard.worker_auth import is_loopback
 
 DEFAULT_POLICY: dict[str, Any] = {"filters": ["model", "healthy", "not_draining", "not_cordoned"], "scorers": ["least_outstanding"]}
 TOP_KEYS = ("listen", "store", "control", "limits", "slo_classes", "tenants", "anonymous", "policies",
@@ -98,6 +100,7 @@ class RouterConfig:
     source: str = "<defaults>"
     host: str = "127.0.0.1"
     port: int = 8000
+    allow_anonymous_off_loopback: bool = False  # listen.allow_anonymous: see check_front_door
     store_url: str | None = None
     control_host: str | None = None
     control_port: int | None = None
@@ -148,6 +151,21 @@ class RouterConfig:
         return first_byte_s + 2.0 * tpot_s * (max_output_tokens or 2048)
 
 
+def check_front_door(cfg: RouterConfig) -> None:
+    """Refuse a front door off loopback that would serve anyone: no tenant has an API key
+    and requests without one are admitted (the anonymous tenant), unless the config says so
+    on purpose (`listen.allow_anonymous: true`, as the Helm chart sets it behind its
+    NetworkPolicy). Run again after a `--host` override. ConfigError naming the fixes."""
+    if is_loopback(cfg.host) or cfg.anonymous_slo_class is None or cfg.allow_anonymous_off_loopback:
+        return
+    if any(t.api_keys for t in cfg.tenants):
+        return  # anonymous kept on purpose (`anonymous: {...}` with keys configured)
+    raise ConfigError(f"{cfg.source}: listen.host",
+                      f"{cfg.host} is not a loopback address and no tenant has an API key, so anyone who "
+                      "reaches it is served; expected tenants with api_keys, `anonymous: false`, a loopback "
+                      "host, or `listen: {allow_anonymous: true}` to serve without keys on purpose")
+
+
 def load_router_config(path: str | Path) -> RouterConfig:
     doc = load_yaml(path)
     if not doc:
@@ -173,9 +191,10 @@ def parse_router_config(doc: dict[str, Any], source: str = "<config>", base_dir:
         document = load_policy(doc["policy"], source, base_dir)
 
     listen = _section(doc, "listen", source)
-    check_keys(listen, ("host", "port"), at("listen"))
+    check_keys(listen, ("host", "port", "allow_anonymous"), at("listen"))
     cfg.host = get(listen, "host", str, at("listen"), default=cfg.host)
     cfg.port = _port(listen, at("listen"), cfg.port)
+    cfg.allow_anonymous_off_loopback = get(listen, "allow_anonymous", bool, at("listen"), default=False)
 
     if "store" in doc:
         store = get(doc, "store", str, source)
@@ -206,6 +225,7 @@ def parse_router_config(doc: dict[str, Any], source: str = "<config>", base_dir:
     policy_names = sorted(cfg.policies)
     _parse_tenants(cfg, doc, source, classes, policy_names, document)
     _parse_rest(cfg, doc, source, classes)
+    check_front_door(cfg)
     if document is None:
         try:
             document = load_policy_document(router_dialect_to_policy(

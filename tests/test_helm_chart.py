@@ -27,6 +27,7 @@ from router.app import Router
 from router.config import parse_router_config
 from router.http_server import RouterServer
 from router.k8s_loopback import LoopbackKubeAPI, make_endpoint_slice
+from tokenyard.config import ConfigError
 
 CHART = Path(__file__).resolve().parents[1] / "deploy" / "helm" / "tokenyard"
 KUBE_VERSION = "1.35.0"  # a current release whose schemas kubernetes-validate ships
@@ -195,6 +196,12 @@ def test_values_reach_the_config_the_router_parses(chart: Any) -> None:
     changed = render(chart, {"router": {"port": 9100}, "config": {"retries": {"max_attempts": 5}}})
     cfg2 = parse_router_config(router_config(changed), "router.yaml")
     assert (cfg2.port, cfg2.max_attempts, cfg2.control_port) == (9100, 5, None)
+    # No tenant keys by default: the chart says on purpose that its 0.0.0.0 front door serves
+    # keyless requests (behind its NetworkPolicy); with allowAnonymous false the router refuses.
+    assert cfg2.tenants == [] and cfg2.anonymous_slo_class == "default" and cfg2.allow_anonymous_off_loopback
+    closed = render(chart, {"router": {"allowAnonymous": False}})
+    with pytest.raises(ConfigError, match="router.yaml: listen.host: 0.0.0.0 is not a loopback address"):
+        parse_router_config(router_config(closed), "router.yaml")
     ports = container(one(changed, "Deployment", "ty-tokenyard-router"), "router")["ports"]
     assert ports == [{"name": "http", "containerPort": 9100, "protocol": "TCP"}]
     # The config's checksum rolls the pods when (and only when) the config changes.

@@ -10,6 +10,7 @@ import ipaddress
 import logging
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -248,3 +249,30 @@ def test_rate_limited_log_counts_what_it_held_back(caplog: pytest.LogCaptureFixt
     for key in ("a", "b", "c"):  # keys are bounded: the oldest is forgotten
         limited.info(key, "x")
     assert len(limited._last) == 2
+
+
+def test_front_door_off_loopback_without_keys_is_refused_unless_said_on_purpose(tmp_path: Path) -> None:
+    """A router on 0.0.0.0 with no tenant keys would serve anyone as the anonymous tenant:
+    refused unless `listen.allow_anonymous: true`, keys, or `anonymous: false` say otherwise."""
+    from router.config import parse_router_config
+
+    with pytest.raises(ConfigError, match=r"r.yaml: listen.host: 0.0.0.0 is not a loopback address and no tenant"):
+        parse_router_config({"listen": {"host": "0.0.0.0"}}, "r.yaml")
+    with pytest.raises(ConfigError, match="listen.host: :: is not a loopback"):
+        parse_router_config({"listen": {"host": "::"}, "anonymous": {"slo_class": "default"}}, "r.yaml")
+    assert parse_router_config({"listen": {"host": "127.0.0.1"}}, "r.yaml").anonymous_slo_class == "default"
+    assert parse_router_config({"listen": {"host": "0.0.0.0", "allow_anonymous": True}}, "r.yaml").host == "0.0.0.0"
+    assert parse_router_config({"listen": {"host": "0.0.0.0"}, "anonymous": False}, "r.yaml").anonymous_slo_class is None
+    keyed = parse_router_config({"listen": {"host": "0.0.0.0"}, "tenants": {"a": {"api_keys": ["sk-a"]}}}, "r.yaml")
+    assert keyed.anonymous_slo_class is None
+    with pytest.raises(ConfigError, match="r.yaml: listen.allow_anonymous: expected true or false"):
+        parse_router_config({"listen": {"host": "0.0.0.0", "allow_anonymous": "yes"}}, "r.yaml")
+    # `tokenyard router --host` re-checks after the override, before anything binds.
+    config = tmp_path / "router.yaml"
+    config.write_text("listen: {host: 127.0.0.1, port: 8000}\n")
+    result = subprocess.run([sys.executable, "-m", "cli.main", "router", "--config", str(config), "--no-native",
+                             "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 2, result.stderr
+    assert "tokenyard router: --host 0.0.0.0:" in result.stderr and "allow_anonymous" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -6,7 +6,7 @@ here: it carries the Redis password, so the router gets it as `--store $(TOKENYA
 from a Secret (templates/router.yaml).
 */}}
 {{- define "tokenyard.routerConfig" -}}
-{{- $doc := dict "listen" (dict "host" "0.0.0.0" "port" (int .Values.router.port)) }}
+{{- $doc := dict "listen" (dict "host" "0.0.0.0" "port" (int .Values.router.port) "allow_anonymous" (.Values.router.allowAnonymous | default false)) }}
 {{- if .Values.router.control.enabled }}
 {{- $control := dict "host" "0.0.0.0" "port" (int .Values.router.control.port) "tokens_dir" "/etc/tokenyard/control-tokens" }}
 {{- if .Values.router.control.tlsSecret }}
