@@ -395,3 +395,36 @@ def test_client_rejects_bad_arguments() -> None:
         WorkerClient("localhost")
     with pytest.raises(ValueError, match="interval_ms"):
         WorkerClient("127.0.0.1:1", interval_ms=5)
+
+
+async def test_status_streams_past_the_cap_are_refused() -> None:
+    """A caller holding Status streams open cannot grow the engine's fan-out without bound:
+    past `max_status_streams` a new stream is RESOURCE_EXHAUSTED; one closes, one opens."""
+    backend = EngineCoreBackend(make_core(), "a100-1")
+    server = grpc.aio.server()
+    servicer = add_worker_servicer(server, backend)
+    servicer.max_status_streams = 2
+    port = free_port()
+    assert server.add_insecure_port(f"127.0.0.1:{port}") == port
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = worker_pb2_grpc.WorkerStub(channel)
+            held = [stub.Status(worker_pb2.StatusRequest(interval_ms=20)) for _ in range(2)]
+            for call in held:
+                await read_until(call, lambda s: True)
+            refused = stub.Status(worker_pb2.StatusRequest(interval_ms=20))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await asyncio.wait_for(refused.read(), WAIT_S)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "at most 2" in (err.value.details() or "")
+            assert servicer.open_streams == 2
+            held[0].cancel()
+            await until(lambda: servicer.open_streams == 1, "the server to notice the cancel")
+            again = stub.Status(worker_pb2.StatusRequest(interval_ms=20))
+            await read_until(again, lambda s: True)
+            assert servicer.open_streams == 2
+            for call in (held[1], again):
+                call.cancel()
+    finally:
+        await server.stop(None)
