@@ -208,3 +208,91 @@ def test_the_router_runs_a_cached_build_by_default_and_plain_python_otherwise(ca
     empty.mkdir()
     assert _byte_path_of(config, tmp_path, dict(env, XDG_CACHE_HOME=str(empty))) == "python"
     assert not (empty / "tokenyard").exists()
+
+
+# Run against the compiled decision layer (scheduler/layer.py, scheduler/dispatch.py in the
+# build): what docs/plugins.md promises a plugin, and what tests and the simulator do with
+# these classes (subclass DispatchPolicy, override decide with the older signature, give a
+# subclass's instance attributes, subclass DecisionLayer).
+_PLUGIN_PROBE = """
+import json
+import pydantic
+import scheduler.dispatch as dispatch
+import scheduler.layer as layer
+from scheduler.dispatch import ClusterView, DispatchPolicy, Scorer, build_policy, register_scorer
+from scheduler.layer import DecisionLayer
+from scheduler.policy_document import load_policy_document
+from scheduler.types import Decision, InstanceState, RequestInfo
+
+class PreferPool(Scorer):  # the example plugin of docs/plugins.md, interpreted
+    normalized = True
+    reads_progress = False
+
+    class Params(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(extra="forbid")
+        pool: str
+        elsewhere: float = 0.0
+
+    def __init__(self, pool: str, elsewhere: float = 0.0) -> None:
+        self.pool, self.elsewhere = pool, elsewhere
+
+    def score(self, request, instance, ctx):
+        return 1.0 if instance.pool == self.pool else self.elsewhere
+
+register_scorer("probe_prefer_pool")(PreferPool)
+
+class Recording(DispatchPolicy):  # the older decide(view, request), as tests/test_simulator.py has
+    def decide(self, view, request):
+        self.seen.append(len(view.instances))
+        return super().decide(view, request)
+
+class PinnedLayer(DecisionLayer):
+    def profile(self, request, pinned=None):
+        self.asked += 1
+        return super().profile(request, "gpu_pool")
+
+group = [InstanceState(f"i{k}", "m", pool="h100" if k == 2 else "a100", running=k % 2) for k in range(4)]
+request = RequestInfo("r1", "m", 10)
+doc = load_policy_document({"profiles": {
+    "default": {"scorers": ["least_outstanding"]},
+    "gpu_pool": {"scorers": [{"probe_prefer_pool": {"pool": "h100", "weight": 1.0}},
+                             {"least_outstanding": {"weight": 0.1}}]}}})
+pinned = PinnedLayer(doc)
+pinned.asked = 0
+chosen = pinned.decide(pinned.profile(request), group, request, 0.0).instance_id
+explained = pinned.decide(pinned.profile(request), group, request, 0.0, explain=True)
+built = build_policy({"scorers": [{"probe_prefer_pool": {"pool": "h100"}}]})
+recording = Recording(built.filters, built.scorers, built.picker, seed=3)
+recording.seen = []
+overridden = DecisionLayer(doc, override=recording)
+via_override = overridden.decide(overridden.profile(request), group, request, 0.0).instance_id
+try:
+    build_policy({"scorers": [{"probe_prefer_pool": {"pool": 3}}]}, where="p")
+    refused = ""
+except dispatch.PolicyConfigError as exc:
+    refused = str(exc)
+print(json.dumps({
+    "compiled": [m.__file__.endswith(".so") for m in (dispatch, layer)],
+    "chosen": chosen, "asked": pinned.asked, "explained": explained.explanation.candidates[0][0],
+    "via_override": via_override, "seen": recording.seen,
+    "reads_progress": [recording.reads_progress, built.reads_progress], "refused": refused,
+    "subclass_of": isinstance(recording, DispatchPolicy),
+}))
+"""
+
+
+def test_plugins_and_subclasses_work_against_the_compiled_decision_layer(cache_dir: Path, tmp_path: Path) -> None:
+    root = cache_dir / native.build_key()
+    done = subprocess.run([sys.executable, "-P", "-c", _PLUGIN_PROBE], cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(REPO)])),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["compiled"] == [True, True], seen  # the compiled modules were the ones imported
+    # The interpreted scorer decided (i2 is the one h100), through the interpreted layer subclass.
+    assert seen["chosen"] == "i2" and seen["explained"] == "i2" and seen["asked"] == 2, seen
+    # The interpreted DispatchPolicy subclass's decide(view, request) was called by the compiled layer.
+    assert seen["via_override"] == "i2" and seen["seen"] == [4], seen
+    # A subclass overriding decide may read anything; the built policy's parts say what they read.
+    assert seen["reads_progress"] == [True, False] and seen["subclass_of"], seen
+    assert seen["refused"].startswith("p.scorers[0].probe_prefer_pool.pool: Input should be a valid string"), seen
