@@ -45,7 +45,8 @@ COMPILED = ("tokenyard/asgi_server.py", "router/proxy.py", "router/app.py",
             "router/tenants.py", "router/validation.py", "router/dispatcher.py", "router/registry.py",
             "router/health.py", "router/metrics.py", "tokenyard/loop_metrics.py", "router/workload_recorder.py",
             # The decision layer the request path calls (issue #17, stop 24, s13-dp2):
-            "scheduler/layer.py", "scheduler/dispatch.py")
+            "scheduler/layer.py", "scheduler/dispatch.py", "scheduler/dispatch_parts.py",
+            "scheduler/policies/basic.py", "scheduler/policies/load.py")
 ROOT_ENV = "TOKENYARD_ROUTER_NATIVE_ROOT"  # set in the process re-run on the compiled modules
 MODE_ENV = "TOKENYARD_ROUTER_NATIVE"  # on | off | auto (the default): what `--native` defaults to
 BUILD = NativeBuild(packages=("router", "tokenyard", "scheduler"), compiled=COMPILED, cache_name="router-native",

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -80,7 +81,7 @@ def test_the_build_is_keyed_by_the_sources_and_compiles_its_modules(cache_dir: P
     assert native.compiled_in(root)
     assert native.build(cache_dir) == root  # found, not rebuilt
     for module in native.COMPILED:
-        folder, name = module[:-3].split("/")
+        folder, _, name = module[:-3].rpartition("/")
         built = [p.name for p in (root / folder).glob(f"{name}.*") if not p.name.endswith(".py")]
         assert built and built[0].endswith(".so"), (module, built)
 
@@ -271,8 +272,21 @@ try:
     refused = ""
 except dispatch.PolicyConfigError as exc:
     refused = str(exc)
+import scheduler.dispatch_parts as parts
+import scheduler.policies.basic as basic
+import scheduler.policies.load as load
+from scheduler.dispatch import FILTERS, PICKERS, SCORERS, params_model
+params = {kind + "." + name: sorted(params_model(cls).model_fields)
+          for kind, table in (("filter", FILTERS), ("scorer", SCORERS), ("picker", PICKERS))
+          for name, cls in sorted(table.items())}
+try:
+    build_policy({"picker": {"max_score": {"x": 1}}}, where="p")
+    refused_picker = ""
+except dispatch.PolicyConfigError as exc:
+    refused_picker = str(exc)
 print(json.dumps({
-    "compiled": [m.__file__.endswith(".so") for m in (dispatch, layer)],
+    "compiled": [m.__file__.endswith(".so") for m in (dispatch, layer, parts, basic, load)],
+    "params": params, "refused_picker": refused_picker,
     "chosen": chosen, "asked": pinned.asked, "explained": explained.explanation.candidates[0][0],
     "via_override": via_override, "seen": recording.seen,
     "reads_progress": [recording.reads_progress, built.reads_progress], "refused": refused,
@@ -281,14 +295,24 @@ print(json.dumps({
 """
 
 
-def test_plugins_and_subclasses_work_against_the_compiled_decision_layer(cache_dir: Path, tmp_path: Path) -> None:
-    root = cache_dir / native.build_key()
+def _probe(tmp_path: Path, *first: Path) -> dict[str, Any]:
     done = subprocess.run([sys.executable, "-P", "-c", _PLUGIN_PROBE], cwd=tmp_path,
-                          env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(REPO)])),
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join([*map(str, first), str(REPO)])),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
-    seen = json.loads(done.stdout.strip().splitlines()[-1])
-    assert seen["compiled"] == [True, True], seen  # the compiled modules were the ones imported
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def test_plugins_and_subclasses_work_against_the_compiled_decision_layer(cache_dir: Path, tmp_path: Path) -> None:
+    seen = _probe(tmp_path, cache_dir / native.build_key())
+    plain = _probe(tmp_path)
+    assert seen["compiled"] == [True] * 5 and plain["compiled"] == [False] * 5, (seen, plain)
+    # Everything the probe saw is what plain Python sees: the decisions, and every registered
+    # part's parameter class (derived from `__init__` for the parts without a `Params`:
+    # a compiled `__init__` has no signature to read, and the compiled parts take none).
+    assert seen == {**plain, "compiled": seen["compiled"]}
+    assert seen["params"]["picker.max_score"] == [] and seen["params"]["scorer.slo_headroom"], seen["params"]
+    assert seen["refused_picker"].startswith("p.picker.max_score.x: unknown key"), seen
     # The interpreted scorer decided (i2 is the one h100), through the interpreted layer subclass.
     assert seen["chosen"] == "i2" and seen["explained"] == "i2" and seen["asked"] == 2, seen
     # The interpreted DispatchPolicy subclass's decide(view, request) was called by the compiled layer.
