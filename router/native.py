@@ -9,7 +9,16 @@ recorder), so those calls are native calls. Measured in instructions per request
 (bench/router_instructions.py, docs/benchmarks.md "Router data path"): 11-14% fewer per
 non-streaming request with the first two; router/app.py added in issue #17's s11 round;
 the eight others in stop 24, 0.885 of the three-module build's instructions at c=32.
-Everything else (the decision layer, discovery, the state store) stays plain Python, and
+The decision layer the request path calls is compiled too (scheduler/layer.py, dispatch.py,
+dispatch_parts.py and the default profile's parts, policies/basic.py and policies/load.py;
+docs/benchmarks.md "The decision layer compiled"): the same source the simulator runs plain,
+so the copy of `scheduler` in the build is what the compiled router imports. Their classes
+are open to interpreted subclasses (`mypyc_attr(allow_interpreted_subclasses=True)`):
+plugins subclass Filter, Scorer and Picker, tests and the simulator DispatchPolicy. A
+compiled part's `__init__` has no signature to read, so one that takes parameters must
+declare its `Params` (the compiled ones take none; tests/test_router_native.py compares
+every part's parameter class with plain Python's).
+Everything else (the other policies, discovery, the state store) stays plain Python, and
 modules outside these are taken as untyped by the build (`follow_imports = skip`), except
 prometheus_client, whose `Collector` two compiled classes subclass (see
 tokenyard/native_build.py `followed`: over an unanalysed base mypyc builds a class that
@@ -43,10 +52,13 @@ from tokenyard.native_build import NativeBuildError as NativeBuildError  # raise
 COMPILED = ("tokenyard/asgi_server.py", "router/proxy.py", "router/app.py",
             # What the request path calls per request (issue #17, stop 24):
             "router/tenants.py", "router/validation.py", "router/dispatcher.py", "router/registry.py",
-            "router/health.py", "router/metrics.py", "tokenyard/loop_metrics.py", "router/workload_recorder.py")
+            "router/health.py", "router/metrics.py", "tokenyard/loop_metrics.py", "router/workload_recorder.py",
+            # The decision layer the request path calls (issue #17, stop 24, s13-dp2):
+            "scheduler/layer.py", "scheduler/dispatch.py", "scheduler/dispatch_parts.py",
+            "scheduler/policies/basic.py", "scheduler/policies/load.py")
 ROOT_ENV = "TOKENYARD_ROUTER_NATIVE_ROOT"  # set in the process re-run on the compiled modules
 MODE_ENV = "TOKENYARD_ROUTER_NATIVE"  # on | off | auto (the default): what `--native` defaults to
-BUILD = NativeBuild(packages=("router", "tokenyard"), compiled=COMPILED, cache_name="router-native",
+BUILD = NativeBuild(packages=("router", "tokenyard", "scheduler"), compiled=COMPILED, cache_name="router-native",
                     follow_imports="skip", followed=("prometheus_client",))
 
 

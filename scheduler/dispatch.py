@@ -84,7 +84,23 @@ __all__ = [
 
 ENTRY_POINT_GROUP = "tokenyard.policies"
 
+_C = TypeVar("_C")
 
+
+
+def _no_mypyc_attr(*_args: object, **_kwargs: object) -> Callable[[_C], _C]:
+    return lambda cls: cls
+
+
+# mypyc reads the decorator at compile time (and a compiled class does not call it); plain
+# Python without mypy installed gets a decorator that does nothing.
+try:
+    from mypy_extensions import mypyc_attr
+except ImportError:  # pragma: no cover - mypy is a dev dependency
+    mypyc_attr = _no_mypyc_attr
+
+
+@mypyc_attr(allow_interpreted_subclasses=True)
 @dataclass(slots=True)
 class ClusterView:
     """Everything a dispatch decision may look at: instances and the driver's clock."""
@@ -218,6 +234,8 @@ def format_validation_error(
     return text
 
 
+# Compiled in the router's --native build (router/native.py); plugins and tests subclass it.
+@mypyc_attr(allow_interpreted_subclasses=True)
 @dataclass(slots=True)
 class DispatchPolicy:
     """filter -> score -> pick, assembled from registered parts."""

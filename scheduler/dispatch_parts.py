@@ -17,11 +17,26 @@ from typing import Any, ClassVar, TypeVar
 
 from scheduler.types import InstanceState, RequestInfo
 
+_C = TypeVar("_C")
+
+
+def _no_mypyc_attr(*_args: object, **_kwargs: object) -> Callable[[_C], _C]:
+    return lambda cls: cls
+
+
+# mypyc reads the decorator at compile time (and a compiled class does not call it); plain
+# Python without mypy installed gets a decorator that does nothing.
+try:
+    from mypy_extensions import mypyc_attr
+except ImportError:  # pragma: no cover - mypy is a dev dependency
+    mypyc_attr = _no_mypyc_attr
+
 
 class PolicyConfigError(ValueError):
     """Unknown policy name or bad parameters; the message lists what is allowed."""
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 @dataclass(slots=True)
 class DispatchContext:
     """Per-decision inputs that are not instance load: clock and a seeded RNG."""
@@ -34,6 +49,8 @@ class DispatchContext:
     candidates_stable: bool = False
 
 
+# Compiled in the router's --native build (router/native.py): plugins subclass it.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Filter:
     """Removes instances that must not receive the request."""
 
@@ -64,6 +81,8 @@ class Filter:
         return [inst for inst in instances if keep(request, inst, ctx)]
 
 
+# Compiled in the router's --native build (router/native.py): plugins subclass it.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Scorer:
     """Scores an instance for a request in [0, 1]; higher is better. Scores are combined by
     weight. A scorer that does not promise [0, 1] leaves `normalized` False and its scores
@@ -98,6 +117,8 @@ class Scorer:
         """`request` finished (or failed) on `instance_id`."""
 
 
+# Compiled in the router's --native build (router/native.py): plugins subclass it.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Picker:
     """Orders the scored candidates; the first is chosen, the rest are fallbacks."""
 

@@ -16,7 +16,8 @@ mostly-draining fleet still finds its healthy instances.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from scheduler.admission import AdmissionQueue, SaturationDetector
 from scheduler.dispatch import ClusterView, DispatchPolicy, PluginObserver
@@ -24,6 +25,21 @@ from scheduler.planner.routing import RoutingTable
 from scheduler.policy_document import PolicyDocument
 from scheduler.queueing import QueuePolicy, QueueSort
 from scheduler.types import Decision, InstanceState, NoInstanceAvailable, RequestInfo, SloClass
+
+_C = TypeVar("_C")
+
+
+
+def _no_mypyc_attr(*_args: object, **_kwargs: object) -> Callable[[_C], _C]:
+    return lambda cls: cls
+
+
+# mypyc reads the decorator at compile time (and a compiled class does not call it); plain
+# Python without mypy installed gets a decorator that does nothing.
+try:
+    from mypy_extensions import mypyc_attr
+except ImportError:  # pragma: no cover - mypy is a dev dependency
+    mypyc_attr = _no_mypyc_attr
 
 
 def group_by_model(instances: Sequence[InstanceState]) -> dict[str, tuple[InstanceState, ...]]:
@@ -42,6 +58,8 @@ def window_of(group: Sequence[InstanceState], limit: int, start: int) -> Sequenc
     return window
 
 
+# Compiled in the router's --native build (router/native.py); drivers and tests may subclass it.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class DecisionLayer:
     """Profiles, window, engine priority and queue order from one `PolicyDocument`."""
 

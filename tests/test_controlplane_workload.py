@@ -137,3 +137,18 @@ def test_recorder_is_bounded_and_drops_old_slots(tmp_path: Path) -> None:
         await store.close()
 
     asyncio.run(main())
+
+
+def test_the_recorders_bucket_search_is_the_planners() -> None:
+    import random
+
+    from router.workload_recorder import _bucket_of
+    from scheduler.planner.problem import bucket_of
+
+    rng = random.Random(17)
+    for _ in range(2000):
+        edges = tuple(rng.randint(-50, 5000) for _ in range(rng.randint(2, 9)))
+        if rng.random() < 0.8:
+            edges = tuple(sorted(edges))  # the usual case; unsorted ones must agree too
+        for tokens in (rng.randint(-100, 6000), edges[0], edges[-1], edges[len(edges) // 2] - 1, 10**30):
+            assert _bucket_of(edges, tokens) == bucket_of(edges, tokens), (edges, tokens)

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -80,7 +81,7 @@ def test_the_build_is_keyed_by_the_sources_and_compiles_its_modules(cache_dir: P
     assert native.compiled_in(root)
     assert native.build(cache_dir) == root  # found, not rebuilt
     for module in native.COMPILED:
-        folder, name = module[:-3].split("/")
+        folder, _, name = module[:-3].rpartition("/")
         built = [p.name for p in (root / folder).glob(f"{name}.*") if not p.name.endswith(".py")]
         assert built and built[0].endswith(".so"), (module, built)
 
@@ -208,3 +209,114 @@ def test_the_router_runs_a_cached_build_by_default_and_plain_python_otherwise(ca
     empty.mkdir()
     assert _byte_path_of(config, tmp_path, dict(env, XDG_CACHE_HOME=str(empty))) == "python"
     assert not (empty / "tokenyard").exists()
+
+
+# Run against the compiled decision layer (scheduler/layer.py, scheduler/dispatch.py in the
+# build): what docs/plugins.md promises a plugin, and what tests and the simulator do with
+# these classes (subclass DispatchPolicy, override decide with the older signature, give a
+# subclass's instance attributes, subclass DecisionLayer).
+_PLUGIN_PROBE = """
+import json
+import pydantic
+import scheduler.dispatch as dispatch
+import scheduler.layer as layer
+from scheduler.dispatch import ClusterView, DispatchPolicy, Scorer, build_policy, register_scorer
+from scheduler.layer import DecisionLayer
+from scheduler.policy_document import load_policy_document
+from scheduler.types import Decision, InstanceState, RequestInfo
+
+class PreferPool(Scorer):  # the example plugin of docs/plugins.md, interpreted
+    normalized = True
+    reads_progress = False
+
+    class Params(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(extra="forbid")
+        pool: str
+        elsewhere: float = 0.0
+
+    def __init__(self, pool: str, elsewhere: float = 0.0) -> None:
+        self.pool, self.elsewhere = pool, elsewhere
+
+    def score(self, request, instance, ctx):
+        return 1.0 if instance.pool == self.pool else self.elsewhere
+
+register_scorer("probe_prefer_pool")(PreferPool)
+
+class Recording(DispatchPolicy):  # the older decide(view, request), as tests/test_simulator.py has
+    def decide(self, view, request):
+        self.seen.append(len(view.instances))
+        return super().decide(view, request)
+
+class PinnedLayer(DecisionLayer):
+    def profile(self, request, pinned=None):
+        self.asked += 1
+        return super().profile(request, "gpu_pool")
+
+group = [InstanceState(f"i{k}", "m", pool="h100" if k == 2 else "a100", running=k % 2) for k in range(4)]
+request = RequestInfo("r1", "m", 10)
+doc = load_policy_document({"profiles": {
+    "default": {"scorers": ["least_outstanding"]},
+    "gpu_pool": {"scorers": [{"probe_prefer_pool": {"pool": "h100", "weight": 1.0}},
+                             {"least_outstanding": {"weight": 0.1}}]}}})
+pinned = PinnedLayer(doc)
+pinned.asked = 0
+chosen = pinned.decide(pinned.profile(request), group, request, 0.0).instance_id
+explained = pinned.decide(pinned.profile(request), group, request, 0.0, explain=True)
+built = build_policy({"scorers": [{"probe_prefer_pool": {"pool": "h100"}}]})
+recording = Recording(built.filters, built.scorers, built.picker, seed=3)
+recording.seen = []
+overridden = DecisionLayer(doc, override=recording)
+via_override = overridden.decide(overridden.profile(request), group, request, 0.0).instance_id
+try:
+    build_policy({"scorers": [{"probe_prefer_pool": {"pool": 3}}]}, where="p")
+    refused = ""
+except dispatch.PolicyConfigError as exc:
+    refused = str(exc)
+import scheduler.dispatch_parts as parts
+import scheduler.policies.basic as basic
+import scheduler.policies.load as load
+from scheduler.dispatch import FILTERS, PICKERS, SCORERS, params_model
+params = {kind + "." + name: sorted(params_model(cls).model_fields)
+          for kind, table in (("filter", FILTERS), ("scorer", SCORERS), ("picker", PICKERS))
+          for name, cls in sorted(table.items())}
+try:
+    build_policy({"picker": {"max_score": {"x": 1}}}, where="p")
+    refused_picker = ""
+except dispatch.PolicyConfigError as exc:
+    refused_picker = str(exc)
+print(json.dumps({
+    "compiled": [m.__file__.endswith(".so") for m in (dispatch, layer, parts, basic, load)],
+    "params": params, "refused_picker": refused_picker,
+    "chosen": chosen, "asked": pinned.asked, "explained": explained.explanation.candidates[0][0],
+    "via_override": via_override, "seen": recording.seen,
+    "reads_progress": [recording.reads_progress, built.reads_progress], "refused": refused,
+    "subclass_of": isinstance(recording, DispatchPolicy),
+}))
+"""
+
+
+def _probe(tmp_path: Path, *first: Path) -> dict[str, Any]:
+    done = subprocess.run([sys.executable, "-P", "-c", _PLUGIN_PROBE], cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join([*map(str, first), str(REPO)])),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def test_plugins_and_subclasses_work_against_the_compiled_decision_layer(cache_dir: Path, tmp_path: Path) -> None:
+    seen = _probe(tmp_path, cache_dir / native.build_key())
+    plain = _probe(tmp_path)
+    assert seen["compiled"] == [True] * 5 and plain["compiled"] == [False] * 5, (seen, plain)
+    # Everything the probe saw is what plain Python sees: the decisions, and every registered
+    # part's parameter class (derived from `__init__` for the parts without a `Params`:
+    # a compiled `__init__` has no signature to read, and the compiled parts take none).
+    assert seen == {**plain, "compiled": seen["compiled"]}
+    assert seen["params"]["picker.max_score"] == [] and seen["params"]["scorer.slo_headroom"], seen["params"]
+    assert seen["refused_picker"].startswith("p.picker.max_score.x: unknown key"), seen
+    # The interpreted scorer decided (i2 is the one h100), through the interpreted layer subclass.
+    assert seen["chosen"] == "i2" and seen["explained"] == "i2" and seen["asked"] == 2, seen
+    # The interpreted DispatchPolicy subclass's decide(view, request) was called by the compiled layer.
+    assert seen["via_override"] == "i2" and seen["seen"] == [4], seen
+    # A subclass overriding decide may read anything; the built policy's parts say what they read.
+    assert seen["reads_progress"] == [True, False] and seen["subclass_of"], seen
+    assert seen["refused"].startswith("p.scorers[0].probe_prefer_pool.pool: Input should be a valid string"), seen

@@ -11,8 +11,13 @@ from scheduler.dispatch_parts import (
 )
 from scheduler.types import InstanceState, RequestInfo
 
+try:  # see scheduler/dispatch_parts.py
+    from mypy_extensions import mypyc_attr
+except ImportError:  # pragma: no cover - mypy is a dev dependency
+    from scheduler.dispatch_parts import _no_mypyc_attr as mypyc_attr
 
-@register_filter("model")
+
+@mypyc_attr(allow_interpreted_subclasses=True)
 class ServesModel(Filter):
     """Keeps instances serving the requested model (case-insensitive)."""
 
@@ -31,7 +36,7 @@ class ServesModel(Filter):
         return [inst for inst in instances if inst.model == wanted or inst.model.lower() == model]
 
 
-@register_filter("healthy")
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Healthy(Filter):
     reads_progress = False
     static = True
@@ -45,7 +50,7 @@ class Healthy(Filter):
         return [inst for inst in instances if inst.healthy]
 
 
-@register_filter("not_draining")
+@mypyc_attr(allow_interpreted_subclasses=True)
 class NotDraining(Filter):
     """A draining or terminating instance finishes its running requests but gets no new ones."""
 
@@ -61,7 +66,7 @@ class NotDraining(Filter):
         return [inst for inst in instances if not inst.draining]
 
 
-@register_filter("not_cordoned")
+@mypyc_attr(allow_interpreted_subclasses=True)
 class NotCordoned(Filter):
     """A cordoned instance (`tokenyard instances cordon`) keeps its running requests and
     gets no new ones; unlike draining, nothing is moved off it and no scale-down counts it."""
@@ -78,7 +83,7 @@ class NotCordoned(Filter):
         return [inst for inst in instances if not inst.cordoned]
 
 
-@register_filter("kv_room")
+@mypyc_attr(allow_interpreted_subclasses=True)
 class HasKvRoom(Filter):
     """Keeps instances with free KV blocks for the prompt (unknown capacity passes)."""
 
@@ -89,7 +94,7 @@ class HasKvRoom(Filter):
         return instance.kv_blocks_free >= needed
 
 
-@register_picker("max_score")
+@mypyc_attr(allow_interpreted_subclasses=True)
 class MaxScore(Picker):
     """Highest score first; ties broken by instance id so decisions are reproducible."""
 
@@ -134,3 +139,13 @@ class MaxScore(Picker):
             if ctx.candidates_stable:
                 self._last_instances, self._last_by_id = instances, by_id
         return sorted(by_id, key=scores.__getitem__, reverse=True)
+
+
+# Registered after the classes, not by a class decorator: mypyc compiles a decorated class
+# as a plain Python class (the router's --native build, router/native.py).
+register_filter("model")(ServesModel)
+register_filter("healthy")(Healthy)
+register_filter("not_draining")(NotDraining)
+register_filter("not_cordoned")(NotCordoned)
+register_filter("kv_room")(HasKvRoom)
+register_picker("max_score")(MaxScore)

@@ -5,8 +5,13 @@ from __future__ import annotations
 from scheduler.dispatch_parts import DispatchContext, Scorer, register_scorer
 from scheduler.types import InstanceState, RequestInfo
 
+try:  # see scheduler/dispatch_parts.py
+    from mypy_extensions import mypyc_attr
+except ImportError:  # pragma: no cover - mypy is a dev dependency
+    from scheduler.dispatch_parts import _no_mypyc_attr as mypyc_attr
 
-@register_scorer("least_outstanding")
+
+@mypyc_attr(allow_interpreted_subclasses=True)
 class LeastOutstanding(Scorer):
     """Fewer requests on the instance (scraped or router-side, whichever is larger) is better:
     1 / (1 + outstanding), so an idle instance scores 1 and the score halves by the first
@@ -27,3 +32,8 @@ class LeastOutstanding(Scorer):
                           else inst.router_inflight))
             for inst in instances
         ]
+
+
+# Registered after the classes, not by a class decorator: mypyc compiles a decorated class
+# as a plain Python class (the router's --native build, router/native.py).
+register_scorer("least_outstanding")(LeastOutstanding)
