@@ -26,9 +26,10 @@ def register(subparsers: Any) -> None:
                              "per instance together (a mapped table, router/shared_inflight.py), each scrapes for "
                              "itself, and they share membership, affinity and policies through the store")
     parser.add_argument("--native", action=argparse.BooleanOptionalAction, default=None,
-                        help="run the byte path (HTTP server, request path router/app.py, engine client and the router "
-                             "modules the request path calls) compiled with mypyc: ~32%% fewer instructions per "
-                             "non-streaming request (docs/benchmarks.md); --native builds it once into ~/.cache/tokenyard/router-native "
+                        help="run the byte path (HTTP server, request path router/app.py, engine client, the router "
+                             "modules the request path calls and the decision layer's default path) compiled with "
+                             "mypyc: ~40%% fewer instructions per non-streaming request than plain Python "
+                             "(docs/benchmarks.md); --native builds it once into ~/.cache/tokenyard/router-native "
                              "(needs a C compiler), --no-native runs plain Python; unset: compiled when a build for "
                              "these sources is already cached, else plain (env TOKENYARD_ROUTER_NATIVE=on|off|auto; "
                              "router/native.py)")
