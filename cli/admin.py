@@ -50,6 +50,7 @@ from cli.admin_errors import (
     CliError,
     rpc_exit_code,
 )
+from tokenyard import arg_types
 
 MAX_FILE_BYTES = 1 << 20  # a policy file is a few hundred bytes; refuse anything absurd
 
@@ -671,29 +672,6 @@ def cmd_context(args: argparse.Namespace) -> int:
 
 
 # -- the argparse tree --------------------------------------------------------------------
-def _at_least_one(text: str) -> int:
-    """An integer >= 1 for argparse (versions, limits): a negative one used to reach the
-    protobuf encoder and die there with a traceback."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    """A deadline for argparse: a finite number of seconds > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}") from None
-    if not (0 < value < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
-    return value
-
-
 SERVER_DRY_RUN_FLAGS = (("--trace", "trace"), ("--window", "window"), ("--cluster", "cluster"),
                         ("--sim-requests", "sim_requests"))
 
@@ -716,7 +694,7 @@ def _common() -> argparse.ArgumentParser:
     parent.add_argument("--token-file", help="file holding the bearer token (overrides the context)")
     parent.add_argument("--ca-file", help="CA certificate of a TLS control plane (overrides the context)")
     parent.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
-    parent.add_argument("--timeout-s", type=_seconds, default=10.0, help="deadline of each call (default: 10)")
+    parent.add_argument("--timeout-s", type=arg_types.seconds, default=10.0, help="deadline of each call (default: 10)")
     return parent
 
 
@@ -732,7 +710,7 @@ def _write_flags(parser: argparse.ArgumentParser) -> None:
                         help="with --dry-run=server: how much of the router's recent traffic to replay (default 1h)")
     parser.add_argument("--cluster", help="with --dry-run=server: a cluster YAML for the simulator (default: a "
                                           "small one)")
-    parser.add_argument("--sim-requests", type=_at_least_one, default=None,
+    parser.add_argument("--sim-requests", type=arg_types.at_least_one, default=None,
                         help="with --dry-run=server: at most this many requests (default: 2000 of --trace, the "
                              "newest 20000 records)")
 
@@ -750,18 +728,18 @@ def register(subparsers: Any) -> None:
     p.set_defaults(handler=handle(cmd_policy_diff))
     p = sub.add_parser("get", parents=[common], help="a tenant's policy (-o yaml: a file `apply` takes back)")
     p.add_argument("name")
-    p.add_argument("--version", type=_at_least_one, help="an older version (default: the current one)")
+    p.add_argument("--version", type=arg_types.at_least_one, help="an older version (default: the current one)")
     p.set_defaults(handler=handle(cmd_policy_get))
     p = sub.add_parser("list", parents=[common], help="every tenant's current policy")
     p.set_defaults(handler=handle(cmd_policy_list))
     p = sub.add_parser("history", parents=[common], help="who changed a policy, when, why and how")
     p.add_argument("name")
-    p.add_argument("--limit", type=_at_least_one, default=20, help="the newest N versions (default 20)")
+    p.add_argument("--limit", type=arg_types.at_least_one, default=20, help="the newest N versions (default 20)")
     p.add_argument("--diffs", action="store_true", help="print each version's diff under the table")
     p.set_defaults(handler=handle(cmd_policy_history))
     p = sub.add_parser("rollback", parents=[common], help="a new version equal to an old one")
     p.add_argument("name")
-    p.add_argument("--to", type=_at_least_one, required=True, help="the version to restore")
+    p.add_argument("--to", type=arg_types.at_least_one, required=True, help="the version to restore")
     _write_flags(p)
     p.set_defaults(handler=handle(cmd_policy_rollback))
     p = sub.add_parser("delete", parents=[common], help="delete a tenant's policy (kept in the history)")

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tokenyard import arg_types
+
 
 @dataclass(frozen=True)
 class EngineSpec:
@@ -46,39 +48,6 @@ class EngineSpec:
     tier: str
     tp: int = 1
     pool: str | None = None  # default: "<tier>-<gpu>"
-
-
-def _non_negative_float(text: str) -> float:
-    """A finite number >= 0 for argparse (an error naming the value otherwise)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not (value >= 0 and value != float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    """A finite number > 0 for argparse."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not (value > 0 and value != float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
-
-
-def _port(text: str) -> int:
-    """A TCP port for argparse, checked before any engine starts."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a TCP port 1-65535 (0: any free port), got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a TCP port 1-65535 (0: any free port), got {value}")
-    return value
 
 
 DEFAULT_FLEET = (
@@ -98,9 +67,9 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--host", default="127.0.0.1", help="router listen address")
-    parser.add_argument("--port", type=_port, default=8000, help="router port (0: any free port)")
+    parser.add_argument("--port", type=arg_types.port, default=8000, help="router port (0: any free port)")
     parser.add_argument("--state-dir", default=".tokenyard", help="where the store and generated config live")
-    parser.add_argument("--time-scale", type=_non_negative_float, default=1.0,
+    parser.add_argument("--time-scale", type=arg_types.non_negative_float, default=1.0,
                         help="engine speed: 1 = the modelled GPU speed, 0 = no latency")
     parser.add_argument("--admission", choices=["on", "off"], default="on",
                         help="the router's admission queue (flow control) in the generated policy document")
@@ -108,12 +77,12 @@ def register(subparsers: Any) -> None:
                         help="the order the admission queue releases held requests in; learned_rank scores each "
                              "request with the output-length ranker (shortest predicted first, within SLO class, "
                              "with a starvation guard of --rank-max-wait-s) (docs/ranking.md)")
-    parser.add_argument("--rank-max-wait-s", type=_positive_float, default=30.0,
+    parser.add_argument("--rank-max-wait-s", type=arg_types.positive_float, default=30.0,
                         help="learned_rank: a request held this long is released before any shorter one")
     parser.add_argument("--rank-model", default=None,
                         help="learned_rank: rank model file (default: the ranker shipped in the package)")
     parser.add_argument("--smoke", action="store_true", help="send one request, then stop everything and exit")
-    parser.add_argument("--ready-timeout-s", type=_positive_float, default=60.0,
+    parser.add_argument("--ready-timeout-s", type=arg_types.positive_float, default=60.0,
                         help="how long engines may take to start")
     parser.add_argument("--plan", default=None, metavar="PLAN.json",
                         help="start this plan's fleet (a `tokenyard plan --out` file: its pools' instances as "

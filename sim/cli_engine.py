@@ -16,26 +16,7 @@ import argparse
 from typing import Any
 
 from sim.textgen import DEFAULT_OUTPUT_LEN_DIST, OutputLengthDist, OutputLengthError
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {value}")
-    return value
+from tokenyard import arg_types
 
 
 def _time_scale(text: str) -> float:
@@ -68,12 +49,12 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--gpu", default="A100-80GB", help="GPU type from the catalog, e.g. A100-80GB, H100-80GB, L4")
     parser.add_argument("--model", default="llama-3-8b", help="model from the catalog, e.g. llama-3-8b, qwen2.5-7b")
-    parser.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel degree")
+    parser.add_argument("--tp", type=arg_types.at_least_one, default=1, help="tensor-parallel degree")
     parser.add_argument("--served-model-name", default=None,
                         help="the model name clients send and /v1/models lists (default: --model)")
     parser.add_argument("--host", default="127.0.0.1", help="HTTP listen address")
-    parser.add_argument("--port", type=_port, default=8000, help="HTTP port (0: any free port)")
-    parser.add_argument("--grpc-port", type=_port, default=None,
+    parser.add_argument("--port", type=arg_types.port, default=8000, help="HTTP port (0: any free port)")
+    parser.add_argument("--grpc-port", type=arg_types.port, default=None,
                         help="also serve the Worker gRPC service on this port (0: any free port)")
     parser.add_argument("--ready-file", default=None, metavar="PATH",
                         help="once listening, write {\"url\", \"port\", \"grpc_port\", \"instance_id\", \"pid\"} "
@@ -87,13 +68,13 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--factors", metavar="JSON", default=None,
                         help="engine-model factors written by `tokenyard calibrate --write` "
                              "(default: the packaged scheduler/perf_factors.json)")
-    parser.add_argument("--max-num-seqs", type=_positive_int, default=256, help="most sequences in one batch")
-    parser.add_argument("--max-num-batched-tokens", type=_positive_int, default=8192,
+    parser.add_argument("--max-num-seqs", type=arg_types.at_least_one, default=256, help="most sequences in one batch")
+    parser.add_argument("--max-num-batched-tokens", type=arg_types.at_least_one, default=8192,
                         help="most tokens (prefill + decode) in one iteration")
-    parser.add_argument("--num-kv-blocks", type=_positive_int, default=None,
+    parser.add_argument("--num-kv-blocks", type=arg_types.at_least_one, default=None,
                         help="KV-cache blocks (default: what fits in GPU memory after the weights)")
-    parser.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV block")
-    parser.add_argument("--max-model-len", type=_positive_int, default=None,
+    parser.add_argument("--block-size", type=arg_types.at_least_one, default=16, help="tokens per KV block")
+    parser.add_argument("--max-model-len", type=arg_types.at_least_one, default=None,
                         help="longest prompt + output (default: the model's context length)")
     parser.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
     parser.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
@@ -107,7 +88,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of generated text and output lengths")
     parser.add_argument("--time-scale", type=_time_scale, default=1.0,
                         help="multiplies modelled iteration times; 0 runs iterations back to back")
-    parser.add_argument("--max-request-body-bytes", type=_positive_int, default=16 << 20,
+    parser.add_argument("--max-request-body-bytes", type=arg_types.at_least_one, default=16 << 20,
                         help="larger request bodies get 413")
     parser.set_defaults(handler=run_engine)
 
