@@ -84,20 +84,10 @@ __all__ = [
 
 ENTRY_POINT_GROUP = "tokenyard.policies"
 
-_C = TypeVar("_C")
-
-
-
-def _no_mypyc_attr(*_args: object, **_kwargs: object) -> Callable[[_C], _C]:
-    return lambda cls: cls
-
-
-# mypyc reads the decorator at compile time (and a compiled class does not call it); plain
-# Python without mypy installed gets a decorator that does nothing.
-try:
+try:  # see scheduler/dispatch_parts.py
     from mypy_extensions import mypyc_attr
 except ImportError:  # pragma: no cover - mypy is a dev dependency
-    mypyc_attr = _no_mypyc_attr
+    from scheduler.dispatch_parts import _no_mypyc_attr as mypyc_attr
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)

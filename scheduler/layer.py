@@ -16,8 +16,7 @@ mostly-draining fleet still finds its healthy instances.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TypeVar
+from collections.abc import Sequence
 
 from scheduler.admission import AdmissionQueue, SaturationDetector
 from scheduler.dispatch import ClusterView, DispatchPolicy, PluginObserver
@@ -26,20 +25,10 @@ from scheduler.policy_document import PolicyDocument
 from scheduler.queueing import QueuePolicy, QueueSort
 from scheduler.types import Decision, InstanceState, NoInstanceAvailable, RequestInfo, SloClass
 
-_C = TypeVar("_C")
-
-
-
-def _no_mypyc_attr(*_args: object, **_kwargs: object) -> Callable[[_C], _C]:
-    return lambda cls: cls
-
-
-# mypyc reads the decorator at compile time (and a compiled class does not call it); plain
-# Python without mypy installed gets a decorator that does nothing.
-try:
+try:  # see scheduler/dispatch_parts.py
     from mypy_extensions import mypyc_attr
 except ImportError:  # pragma: no cover - mypy is a dev dependency
-    mypyc_attr = _no_mypyc_attr
+    from scheduler.dispatch_parts import _no_mypyc_attr as mypyc_attr
 
 
 def group_by_model(instances: Sequence[InstanceState]) -> dict[str, tuple[InstanceState, ...]]:
