@@ -17,7 +17,6 @@ split; its test split is never read here).
 from __future__ import annotations
 
 import argparse
-import pickle
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
@@ -28,10 +27,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ranking_validation import _demeaned, fit_and_score  # noqa: E402
+from ranking_validation import _demeaned, cached_examples, fit_and_score, validation_split  # noqa: E402
 
-from learn.rank import TrainConfig, batch_tau, kendall_tau, model_prior_table, split_by_prompt  # noqa: E402
-from learn.rank_data import Example, load_examples  # noqa: E402
+from learn.rank import TrainConfig, batch_tau, kendall_tau, model_prior_table  # noqa: E402
+from learn.rank_data import Example  # noqa: E402
 
 
 def _bootstrap_sd(pred: np.ndarray, val: Sequence[Example], draws: int, seed: int) -> float:
@@ -75,16 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--bootstrap", type=int, default=200)
     args = parser.parse_args(argv)
-    if args.cache and args.cache.exists():
-        examples = pickle.loads(args.cache.read_bytes())
-    else:
-        examples, _ = load_examples([args.data])
-        if args.cache:
-            args.cache.write_bytes(pickle.dumps(examples))
+    examples = cached_examples(args.data, args.cache)
     config = TrainConfig()
-    outer = split_by_prompt(examples, config)  # its test split is never read here
-    inner = split_by_prompt(outer.train, TrainConfig(seed=config.seed + 100, unseen_models=()))
-    train, val = inner.train, inner.test
+    train, val = validation_split(examples)
     actual = np.array([e.output_tokens for e in val], dtype=np.float64)
     print(f"validation: {len(train)} train / {len(val)} validation examples, "
           f"{len({e.prompt_key for e in train})} / {len({e.prompt_key for e in val})} prompts", flush=True)

@@ -16,7 +16,6 @@ models of the tau among that model's requests: what one engine's queue sees).
 from __future__ import annotations
 
 import argparse
-import pickle
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
@@ -25,9 +24,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ranking_validation import cached_examples  # noqa: E402
 
 from learn.rank import TrainConfig, design_matrix, kendall_tau, prior_column, split_by_prompt  # noqa: E402
-from learn.rank_data import Example, load_examples  # noqa: E402
+from learn.rank_data import Example  # noqa: E402
 from scheduler.predictors.rank import RankModel, load_rank_model  # noqa: E402
 
 
@@ -57,12 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=None, help="pickle of the loaded examples (read or written)")
     parser.add_argument("--draws", type=int, default=200)
     args = parser.parse_args(argv)
-    if args.cache and args.cache.exists():
-        examples = pickle.loads(args.cache.read_bytes())
-    else:
-        examples, _ = load_examples([args.data])
-        if args.cache:
-            args.cache.write_bytes(pickle.dumps(examples))
+    examples = cached_examples(args.data, args.cache)
     for path in (args.a, args.b):
         if load_rank_model(path).meta.get("refit_all", False):
             raise SystemExit(f"{path}: refit on all the data (its held-out prompts were trained on); use --no-refit")

@@ -67,6 +67,28 @@ from learn.rank_data import Example, load_examples  # noqa: E402
 from scheduler.predictors.features import DENSE_FEATURE_NAMES, hashing_vectorizer, tfidf  # noqa: E402
 
 
+def cached_examples(data: Path, cache: Path | None) -> list[Example]:
+    """The examples under `data`, read from (or written to) the pickle `cache` when given:
+    a bench's own scratch file, never a file from elsewhere (pickle runs code on load)."""
+    if cache and cache.exists():
+        loaded: list[Example] = pickle.loads(cache.read_bytes())
+        return loaded
+    examples, _ = load_examples([data])
+    if cache:
+        cache.write_bytes(pickle.dumps(examples))
+    return examples
+
+
+def validation_split(examples: Sequence[Example]) -> tuple[list[Example], list[Example]]:
+    """(train, validation): the training split of `tokenyard train rank`'s own split by
+    prompt (same seed, same unseen models), split again by prompt; its test split is never
+    read, so a choice made on the validation split can be reported on the test split."""
+    config = TrainConfig()
+    outer = split_by_prompt(examples, config)
+    inner = split_by_prompt(outer.train, TrainConfig(seed=config.seed + 100, unseen_models=()))
+    return list(inner.train), list(inner.test)
+
+
 def _log_tokens(examples: Sequence[Example]) -> np.ndarray:
     return np.log1p(np.array([e.output_tokens for e in examples], dtype=np.float64))
 
@@ -316,16 +338,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prompt-leaves", type=int, default=7)
     parser.add_argument("--prompt-min-child", type=int, default=20)
     args = parser.parse_args(argv)
-    if args.cache and args.cache.exists():
-        examples = pickle.loads(args.cache.read_bytes())
-    else:
-        examples, _ = load_examples([args.data])
-        if args.cache:
-            args.cache.write_bytes(pickle.dumps(examples))
+    examples = cached_examples(args.data, args.cache)
     config = TrainConfig()
-    outer = split_by_prompt(examples, config)  # its test split is never read here
-    inner = split_by_prompt(outer.train, TrainConfig(seed=config.seed + 100, unseen_models=()))
-    train, val = inner.train, inner.test
+    train, val = validation_split(examples)
     actual = np.array([e.output_tokens for e in val], dtype=np.float64)
     print(f"validation: {len(train)} train / {len(val)} validation examples "
           f"({len({e.prompt_key for e in val})} validation prompts)", flush=True)
