@@ -57,12 +57,14 @@ from router.validation import BadRequest, validate
 from scheduler.shedding import ShedPolicy, should_shed
 from scheduler.types import NoInstanceAvailable, RequestInfo
 from tokenyard.grpc_limits import server_options
+from tokenyard.logs import RateLimitedLog
 from tokenyard.worker_auth import is_loopback
 
 if TYPE_CHECKING:
     from router.app import Router
 
 log = logging.getLogger(__name__)
+_past_deadline_log = RateLimitedLog(log, interval_s=10.0)  # a client holding exchanges open sets the pace
 
 DESTINATION_KEY = "x-gateway-destination-endpoint"
 SERVED_KEY = "x-gateway-destination-endpoint-served"
@@ -434,8 +436,8 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  
                             # Past its deadline: end the exchange (the gateway fails the request)
                             # and release the instance's in-flight count it held.
                             exchange.status = 504
-                            log.warning("ext_proc exchange past its deadline; ended", extra={
-                                "instance_id": exchange.primary or "", "status": 504})
+                            _past_deadline_log.warning(exchange.primary or "", "ext_proc exchange past its deadline; ended",
+                                                       extra={"instance_id": exchange.primary or "", "status": 504})
                             return
                     else:
                         request = await asyncio.wait_for(anext(requests), max(0.0, deadline_s - time.monotonic()))
