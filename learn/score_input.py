@@ -80,14 +80,22 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def why_unwritable(path: Path, exc: OSError) -> str:
-    """Why `path` could not be written, in words (mkdir under a file says 'File exists';
-    name the file instead)."""
-    if path.is_dir():
-        return "it is a folder"
-    parent = path.absolute().parent
+def unwritable(path: Path, folder: bool = False) -> str | None:
+    """Why `path` (a file, or a folder with `folder`) cannot be written, in words, or None.
+    Missing folders are fine: they are made when the output is written."""
+    if path.exists() and path.is_dir() != folder:
+        return "it is a file" if folder else "it is a folder"
+    parent = (path if folder else path.parent).absolute()
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
         return f"{parent} is a file"
-    return exc.strerror or str(exc)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable"
+    return None
+
+
+def why_unwritable(path: Path, exc: OSError) -> str:
+    """Why writing `path` failed with `exc`, in words (mkdir under a file says 'File
+    exists'; name the file instead)."""
+    return unwritable(path) or exc.strerror or str(exc)

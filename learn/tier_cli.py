@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from learn.score_input import read_records, why_unwritable, write_atomic
+from learn.score_input import read_records, unwritable, why_unwritable, write_atomic
 
 DEFAULT_DATA = ("../shared/data/routing", "../shared/data/lengths")
 
@@ -88,7 +88,7 @@ def _train(args: argparse.Namespace) -> int:
     # after --out was written, leaving a model without its --report).
     for option, value, folder in (("--out", args.out, False), ("--report", args.report, False),
                                   ("--plots", args.plots, True)):
-        problem = _unwritable(Path(value), folder) if value else None
+        problem = unwritable(Path(value), folder) if value else None
         if problem:
             print(f"tokenyard train tier: {option} {value}: cannot write ({problem}); expected "
                   f"{'a folder path' if folder else 'a file path'} in a writable folder", file=sys.stderr)
@@ -185,20 +185,6 @@ def _score(args: argparse.Namespace) -> int:
               "expected a file path in a writable folder", file=sys.stderr)
         return 2
     return 0
-
-
-def _unwritable(path: Path, folder: bool = False) -> str | None:
-    """Why `path` (a file, or a folder with `folder`) cannot be written, or None."""
-    if path.exists() and path.is_dir() != folder:
-        return "it is a file" if folder else "it is a folder"
-    parent = (path if folder else path.parent).absolute()
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        return f"{parent} is a file"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"{parent} is not writable"
-    return None
 
 
 def _score_batch(predictor: Any, batch: list[dict[str, Any]], prompt_text: Any) -> list[str]:
