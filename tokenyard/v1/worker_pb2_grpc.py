@@ -82,7 +82,9 @@ class WorkerStub:
     cancellation) and resumes the request: ABORTED with DESTINATION_UNREACHABLE /
     TIMEOUT. The source never releases before it has read COMMITTED.
     - source dies: the destination sees MigrateIn break before Commit and frees
-    everything. A client's stream breaks; the router re-submits the request as a
+    everything. A source that stops sending without breaking the stream is treated
+    the same after the destination's own bounds (60 s without a message, 600 s in
+    all, or the call's deadline when shorter): ABORTED with TIMEOUT. A client's stream breaks; the router re-submits the request as a
     continuation elsewhere (mid-stream failover, router/splice.py). A non-streamed
     request has sent the client nothing yet: the router's ordinary retry runs it
     again elsewhere.
@@ -206,7 +208,9 @@ class WorkerServicer:
     cancellation) and resumes the request: ABORTED with DESTINATION_UNREACHABLE /
     TIMEOUT. The source never releases before it has read COMMITTED.
     - source dies: the destination sees MigrateIn break before Commit and frees
-    everything. A client's stream breaks; the router re-submits the request as a
+    everything. A source that stops sending without breaking the stream is treated
+    the same after the destination's own bounds (60 s without a message, 600 s in
+    all, or the call's deadline when shorter): ABORTED with TIMEOUT. A client's stream breaks; the router re-submits the request as a
     continuation elsewhere (mid-stream failover, router/splice.py). A non-streamed
     request has sent the client nothing yet: the router's ordinary retry runs it
     again elsewhere.
@@ -393,7 +397,9 @@ class Worker:
     cancellation) and resumes the request: ABORTED with DESTINATION_UNREACHABLE /
     TIMEOUT. The source never releases before it has read COMMITTED.
     - source dies: the destination sees MigrateIn break before Commit and frees
-    everything. A client's stream breaks; the router re-submits the request as a
+    everything. A source that stops sending without breaking the stream is treated
+    the same after the destination's own bounds (60 s without a message, 600 s in
+    all, or the call's deadline when shorter): ABORTED with TIMEOUT. A client's stream breaks; the router re-submits the request as a
     continuation elsewhere (mid-stream failover, router/splice.py). A non-streamed
     request has sent the client nothing yet: the router's ordinary retry runs it
     again elsewhere.
